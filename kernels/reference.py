@@ -1,0 +1,74 @@
+"""Plain PyTorch references for every op in `kernels.ops`.
+
+These are the semantics of the authors' code, written the way the authors wrote them, so that the
+fp32 parity fixtures reproduce bit-for-bit-close. Fused backends are tested against these (and
+against float64 versions of these) in tests/.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    # Reference RMSNorm: statistics in fp32, cast back, then the learnable weight.
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return out * weight if weight is not None else out
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-6):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def norm(x, weight, eps: float, kind: str):
+    if kind == "rms":
+        return rms_norm(x, weight, eps)
+    if kind == "layer":
+        return layer_norm(x, weight, None, eps)
+    raise ValueError(f"unknown norm kind {kind!r} (expected 'rms' or 'layer')")
+
+
+def modulate(x, shift, scale):
+    # x: (B, N, C); shift/scale: (B, C) broadcast over tokens; shift may be None (wo_shift).
+    out = x * (1 + scale.unsqueeze(1))
+    return out + shift.unsqueeze(1) if shift is not None else out
+
+
+def norm_modulate(x, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
+    return modulate(norm(x, weight, eps, kind), shift, scale)
+
+
+def gated_residual(x, gate, y):
+    return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
+    """h = x + gate*y; out = modulate(norm(h)). Returns (h, out): the op that joins two block halves."""
+    h = gated_residual(x, gate, y)
+    return h, norm_modulate(h, weight, shift, scale, eps, kind)
+
+
+def swiglu(x12):
+    # Packed w12 output: first half is the gate input (silu), second half the value.
+    a, b = x12.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+def rotate_half(x):
+    # Adjacent pairs (2i, 2i+1) -> (-x[2i+1], x[2i]) as in the reference (EVA) RoPE.
+    x = x.unflatten(-1, (-1, 2))
+    x1, x2 = x.unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rope(x, cos, sin):
+    # x: (B, H, N, D); cos/sin: (N, D).
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_qk(q, k, cos, sin):
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
+def attention(q, k, v):
+    # (B, H, N, D) layout, no mask, default scale 1/sqrt(D).
+    return F.scaled_dot_product_attention(q, k, v)
