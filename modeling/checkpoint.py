@@ -1,0 +1,139 @@
+"""Loaders for the released checkpoint formats, and our own format (safetensors + JSON config).
+
+Released LightningDiT: {"model": {"module.<key>": ...}, "ema": {<key>: ...}} (inference uses "ema").
+Released VA-VAE tokenizer: {"state_dict": {...}} with encoder.*, decoder.*, quant_conv.*, post_quant_conv.*
+plus training-only entries (linear_proj.*, loss.*, foundation_model.*) that are ignored.
+A checkpoint that does not fit the model is refused with every missing, unexpected and mis-shaped key
+listed; nothing is loaded in that case.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+VAVAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+class CheckpointMismatchError(RuntimeError):
+    pass
+
+
+def _read(path_or_dict):
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = Path(path_or_dict)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def check_state_dict(model, state_dict, what="checkpoint"):
+    """Raise CheckpointMismatchError listing every problem; return None when the keys and shapes fit."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                       for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or misshaped:
+        lines = [f"{what} does not fit the model configuration; nothing was loaded."]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                lines.append(f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+def load_state_dict_strict(model, state_dict, what="checkpoint"):
+    check_state_dict(model, state_dict, what)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def dit_state_dict(ckpt, weights="ema"):
+    """Extract the DiT weights from a released-format dict ("ema" or "model"), or accept a bare state dict."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if "ema" in ckpt or "model" in ckpt:
+        if weights not in ckpt:
+            raise CheckpointMismatchError(f"checkpoint has no {weights!r} entry (has: {sorted(ckpt)[:10]})")
+        sd = ckpt[weights]
+    else:
+        sd = ckpt
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_dit_checkpoint(path_or_dict, model, weights="ema"):
+    """Load released LightningDiT weights into `model` ("ema" preferred; "model" strips `module.`)."""
+    sd = dit_state_dict(_read(path_or_dict), weights)
+    return load_state_dict_strict(model, sd, f"LightningDiT checkpoint ({weights})")
+
+
+def vavae_state_dict(ckpt):
+    sd = ckpt.get("state_dict", ckpt)
+    return {k: v for k, v in sd.items() if k.startswith(VAVAE_PREFIXES)}
+
+
+def load_vavae_checkpoint(path_or_dict, model):
+    """Load a tokenizer checkpoint ({"state_dict": ...}); non-autoencoder keys are ignored."""
+    return load_state_dict_strict(model, vavae_state_dict(_read(path_or_dict)), "VA-VAE checkpoint")
+
+
+def to_reference_dit_format(model_state, ema_state):
+    """Our weights -> the released format the authors' scripts load."""
+    return {"model": {f"module.{k}": v for k, v in model_state.items()}, "ema": dict(ema_state)}
+
+
+# ----------------------------------------------------------------------------- our format
+
+def _kind_of(model):
+    from .lightningdit import LightningDiT
+    from .vavae import AutoencoderKL
+    if isinstance(model, LightningDiT):
+        return "lightningdit"
+    if isinstance(model, AutoencoderKL):
+        return "vavae"
+    raise TypeError(f"save_pretrained supports LightningDiT and AutoencoderKL, got {type(model).__name__}")
+
+
+def save_pretrained(model, config, directory, extra=None):
+    """Write `model.safetensors` + `config.json` ({"kind", "config", **extra}) atomically into `directory`."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kind = _kind_of(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
+    meta = {"kind": kind, "config": _jsonable(config), **(extra or {})}
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / "config.json")
+    return directory
+
+
+def build_model(kind, config):
+    from .lightningdit import LightningDiT
+    from .vavae import AutoencoderKL
+    if kind == "lightningdit":
+        return LightningDiT(**config)
+    if kind == "vavae":
+        return AutoencoderKL(**config)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def load_pretrained(directory, device="cpu"):
+    """Rebuild the model from `config.json` and load `model.safetensors` (strict)."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    model = build_model(meta["kind"], meta["config"])
+    load_state_dict_strict(model, load_file(str(directory / "model.safetensors")), f"{directory}")
+    return model.to(device)
+
+
+def _jsonable(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}

@@ -1,0 +1,387 @@
+"""LightningDiT: DiT with SwiGLU, RMSNorm, 2D RoPE and optional qk-norm.
+
+Module and parameter names follow the authors' code, so released checkpoints load as they are.
+Every memory-bound op goes through `kernels.ops`; which backend runs (reference PyTorch, Triton,
+CUDA extension) is chosen there, not here.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import ops
+
+
+# ----------------------------------------------------------------------------- embedders
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch, then flatten to tokens (timm's PatchEmbed)."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t in [0, 1] (unscaled), layout [cos, sin], then an MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row (index num_classes) for the null class used by guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, generator=None):
+        drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train, generator=None):
+        if train and self.dropout_prob > 0:
+            labels = self.token_drop(labels, generator)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------- positional encodings
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """MAE/DiT fixed 2D sin-cos table, (grid_size**2, embed_dim); first half encodes rows' w-coordinate grid."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_h = _1d_sincos(embed_dim // 2, grid[0])
+    emb_w = _1d_sincos(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def _1d_sincos(embed_dim, pos):
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+class VisionRotaryEmbeddingFast(nn.Module):
+    """2D RoPE tables as the reference (EVA) builds them: per axis `dim` channels, angles repeated twice
+    (interleaved pairs); the first `dim` channels of a head follow the row index, the last `dim` the column.
+    The tables are persistent buffers (`feat_rope.freqs_cos/sin`), as in released checkpoints."""
+
+    def __init__(self, dim, seq_len, theta=10000):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        t = torch.arange(seq_len).float()
+        freqs = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)  # (S, dim)
+        rows = freqs[:, None, :].expand(seq_len, seq_len, dim)
+        cols = freqs[None, :, :].expand(seq_len, seq_len, dim)
+        freqs = torch.cat([rows, cols], dim=-1).reshape(seq_len * seq_len, 2 * dim)
+        self.register_buffer("freqs_cos", freqs.cos())
+        self.register_buffer("freqs_sin", freqs.sin())
+
+
+# ----------------------------------------------------------------------------- norms
+
+class RMSNorm(nn.Module):
+    """RMSNorm(eps 1e-6, learnable weight), statistics in fp32, cast back (the reference's)."""
+
+    kind = "rms"
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNormNoAffine(nn.Module):
+    """LayerNorm(eps 1e-6) without affine parameters: no state-dict keys."""
+
+    kind = "layer"
+    weight = None
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return ops.layer_norm(x, None, None, self.eps)
+
+
+class QKLayerNorm(nn.LayerNorm):
+    """qk-norm without RMSNorm: LayerNorm(head_dim) with affine and the default eps 1e-5."""
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def block_norm(dim, use_rmsnorm):
+    return RMSNorm(dim) if use_rmsnorm else LayerNormNoAffine(dim)
+
+
+# ----------------------------------------------------------------------------- block parts
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qk_norm=False, use_rmsnorm=False):
+        super().__init__()
+        assert dim % num_heads == 0, "hidden_size must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim) if use_rmsnorm else QKLayerNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim) if use_rmsnorm else QKLayerNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = ops.rope_qk(q, k, rope.freqs_cos, rope.freqs_sin)
+        x = ops.attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.w12 = nn.Linear(in_features, 2 * hidden_features)
+        self.w3 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.w3(ops.swiglu(self.w12(x)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, the non-SwiGLU MLP."""
+
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class LightningDiTBlock(nn.Module):
+    """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x)))."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_qknorm=False, use_swiglu=True,
+                 use_rmsnorm=True, wo_shift=False):
+        super().__init__()
+        self.norm1 = block_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
+        self.norm2 = block_norm(hidden_size, use_rmsnorm)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = SwiGLUFFN(hidden_size, int(2 / 3 * mlp_hidden)) if use_swiglu else Mlp(hidden_size, mlp_hidden)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
+
+    def forward(self, x, c, rope=None):
+        mod = self.adaLN_modulation(c)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        n1, n2 = self.norm1, self.norm2
+        h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind)
+        x, h = ops.gated_residual_norm_modulate(x, gate_msa, self.attn(h, rope), n2.weight, shift_mlp, scale_mlp,
+                                                n2.eps, n2.kind)
+        return ops.gated_residual(x, gate_mlp, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels, use_rmsnorm=True):
+        super().__init__()
+        self.norm_final = block_norm(hidden_size, use_rmsnorm)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        n = self.norm_final
+        return self.linear(ops.norm_modulate(x, n.weight, shift, scale, n.eps, n.kind))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class LightningDiT(nn.Module):
+    def __init__(self, input_size=32, patch_size=2, in_channels=32, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False, use_qknorm=False,
+                 use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_checkpoint=False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+                           use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rope=use_rope,
+                           use_rmsnorm=use_rmsnorm, wo_shift=wo_shift)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.feat_rope = (VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, input_size // patch_size)
+                          if use_rope else None)
+        self.blocks = nn.ModuleList([
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # The reference's init: xavier linears, zero adaLN and output layer, fixed sin-cos pos_embed.
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        if self.pos_embed.device.type != "meta":
+            pe = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+            self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, generator=None):
+        """x: (B, C, H, W) latents; t: (B,) in [0, 1], 0 = noise, 1 = data; y: (B,) labels (num_classes = null).
+        `generator` drives label dropout in train mode (so a trainer can make it reproducible)."""
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator)
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)
+        x = self.unpatchify(self.final_layer(x, c))
+        if self.learn_sigma:
+            x = x[:, : self.in_channels]
+        return x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval_start=0.0, guidance="all"):
+        """Classifier-free guidance on a batch [cond half; null half] sharing the first half's latents.
+
+        guidance="reference": the authors' behaviour, guiding latent channels 0..2 only (channels 3.. keep
+        the plain conditional / unconditional outputs). guidance="all": standard guidance on every channel.
+        Guidance is off (the conditional output is returned for both halves' guided channels) where
+        t < cfg_interval_start; t is taken per sample, so no host synchronisation happens here.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        if guidance == "reference":
+            guided, rest = out[:, :3], out[:, 3:]
+        elif guidance == "all":
+            guided, rest = out, out[:, :0]
+        else:
+            raise ValueError(f"guidance must be 'all' or 'reference', got {guidance!r}")
+        cond, uncond = guided.chunk(2, dim=0)
+        mixed = uncond + cfg_scale * (cond - uncond)
+        on = (t[: len(half)] >= cfg_interval_start).view(-1, 1, 1, 1)
+        half_out = torch.where(on, mixed, cond)
+        return torch.cat([torch.cat([half_out, half_out], dim=0), rest], dim=1)
+
+    def flops_per_sample(self, train=True):
+        """Matmul + attention FLOPs for one sample (2 per multiply-add); training = 3x forward."""
+        cfg = self.config
+        d, L = cfg["hidden_size"], cfg["depth"]
+        n = self.x_embedder.num_patches
+        mlp_hidden = int(d * cfg["mlp_ratio"])
+        mlp = 3 * d * int(2 / 3 * mlp_hidden) if cfg["use_swiglu"] else 2 * d * mlp_hidden
+        per_token = L * (4 * d * d + mlp)  # qkv + proj + MLP
+        per_token += self.patch_size ** 2 * (self.in_channels + self.out_channels) * d  # patch embed + final linear
+        attn = L * 2 * n * n * d  # QK^T and AV
+        cond = L * d * d * (4 if cfg["wo_shift"] else 6) + 2 * d * d + 256 * d + d * d  # adaLN + embedders
+        fwd = 2 * (per_token * n + attn + cond)
+        return 3 * fwd if train else fwd
+
+
+# ----------------------------------------------------------------------------- sizes
+
+LIGHTNINGDIT_SIZES = {
+    "B/1": dict(depth=12, hidden_size=768, patch_size=1, num_heads=12),
+    "B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "XL/1": dict(depth=28, hidden_size=1152, patch_size=1, num_heads=16),
+    "XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "1p0B/1": dict(depth=24, hidden_size=1536, patch_size=1, num_heads=24),
+    "1p0B/2": dict(depth=24, hidden_size=1536, patch_size=2, num_heads=24),
+    "1p6B/1": dict(depth=28, hidden_size=1792, patch_size=1, num_heads=28),
+    "1p6B/2": dict(depth=28, hidden_size=1792, patch_size=2, num_heads=28),
+}
+
+
+def build_lightningdit(size: str, **kwargs) -> LightningDiT:
+    """`build_lightningdit("XL/1", input_size=16, in_channels=32, num_classes=1000)`; also accepts
+    the reference's names ("LightningDiT-XL/1")."""
+    key = size.removeprefix("LightningDiT-")
+    if key not in LIGHTNINGDIT_SIZES:
+        raise ValueError(f"unknown LightningDiT size {size!r}; known: {sorted(LIGHTNINGDIT_SIZES)}")
+    return LightningDiT(**{**LIGHTNINGDIT_SIZES[key], **kwargs})
