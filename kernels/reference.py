@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
-    # Reference RMSNorm: statistics in fp32, cast back, then the learnable weight.
-    xf = x.float()
+    # Reference RMSNorm: statistics in (at least) fp32, cast back, then the learnable weight.
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 stats; float64 stays float64
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out * weight if weight is not None else out
 

@@ -24,8 +24,10 @@ def path_sample(x1, x0, t):
 
 def flow_loss_terms(v, ut):
     """Per-sample (mse, cos) between predicted velocity v and target ut, both (B, C, ...)."""
-    mse = (v.float() - ut.float()).pow(2).mean(dim=tuple(range(1, v.ndim)))
-    cos = (1 - F.cosine_similarity(v.float(), ut.float(), dim=1)).mean(dim=tuple(range(1, v.ndim - 1)))
+    dtype = torch.promote_types(v.dtype, torch.float32)  # low precision is upcast; float64 stays float64
+    v, ut = v.to(dtype), ut.to(dtype)
+    mse = (v - ut).pow(2).mean(dim=tuple(range(1, v.ndim)))
+    cos = (1 - F.cosine_similarity(v, ut, dim=1)).mean(dim=tuple(range(1, v.ndim - 1)))
     return mse, cos
 
 

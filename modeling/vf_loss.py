@@ -19,7 +19,8 @@ def vf_loss(z_proj, aux_feature, m1=0.5, m2=0.25, cos_weight=1.0, distmat_weight
     if z_proj.shape != aux_feature.shape:
         raise ValueError(f"z_proj {tuple(z_proj.shape)} and aux_feature {tuple(aux_feature.shape)} must match "
                          "(resize the features to the latent grid first)")
-    zf, ff = z_proj.float(), aux_feature.float()
+    dtype = torch.promote_types(z_proj.dtype, torch.float32)  # upcast bf16/fp16, keep float64
+    zf, ff = z_proj.to(dtype), aux_feature.to(dtype)
     z_n = F.normalize(zf.flatten(2), dim=1)
     f_n = F.normalize(ff.flatten(2), dim=1)
     z_gram = torch.einsum("bci,bcj->bij", z_n, z_n)

@@ -1,0 +1,163 @@
+"""Parity tool: recompute every reference fixture in a folder and compare.
+
+    python -m bench.parity ../shared/parity [--backend reference|triton|cuda|auto] [--rtol 1e-4 --atol 1e-5]
+
+For every NAME in DIR/configs.json: build the model from its constructor arguments, load DIR/NAME.pt through
+the public loaders, recompute every output stored in DIR/NAME_io.pt that applies, print max abs / rel errors,
+and exit 1 on any mismatch beyond tolerance (or any fixture that could not be checked).
+"""
+import argparse
+import inspect
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import kernels
+from modeling.checkpoint import load_dit_checkpoint, load_vavae_checkpoint
+from modeling.flow import flow_loss
+from modeling.lightningdit import LightningDiT
+from modeling.sampling import sample, time_grid
+from modeling.vavae import AutoencoderKL
+from modeling.vf_loss import vf_loss
+
+
+def _ctor_args(cls, cfg):
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in cfg.items() if k in params}
+
+
+def check_lightningdit(dir_, name, cfg, io):
+    model = LightningDiT(**_ctor_args(LightningDiT, cfg)).eval()
+    ckpt = torch.load(dir_ / f"{name}.pt", map_location="cpu", weights_only=False)
+    rows = []
+    with torch.no_grad():
+        for weights in ("ema", "model"):
+            if f"out_{weights}" in io:
+                load_dit_checkpoint(ckpt, model, weights)
+                rows.append((f"forward ({weights})", model(io["x"], io["t"], io["y"]), io[f"out_{weights}"]))
+        load_dit_checkpoint(ckpt, model, "ema")
+        for key in sorted(io):
+            m = re.fullmatch(r"cfg_t(.+)_out", key)
+            if m:
+                p = f"cfg_t{m.group(1)}_"
+                out = model.forward_with_cfg(io[p + "x"], io[p + "t"], io[p + "y"], float(io["cfg_scale"]),
+                                             float(io["cfg_interval_start"]), guidance="reference")
+                rows.append((f"guidance t={m.group(1)} (reference mode)", out, io[key]))
+        if "loss_x1" in io:
+            r = flow_loss(model, io["loss_x1"], io["loss_y"], t=io["loss_t"], x0=io["loss_x0"])
+            for term, key in (("mse", "loss_mse"), ("cos", "loss_cos"), ("loss", "loss_total")):
+                if key in io:
+                    rows.append((f"loss {term}", r[term], io[key]))
+        if "sample_z" in io:
+            steps, shift = int(io["sample_steps"]), float(io["sample_shift"])
+            out, traj = sample(model, io["sample_z"], io["sample_y"], steps=steps, shift=shift,
+                               cfg_scale=float(io["sample_cfg_scale"]),
+                               cfg_interval_start=float(io["sample_cfg_interval_start"]),
+                               guidance="reference", return_trajectory=True)
+            rows.append((f"Euler sample ({steps} pts, shift {shift:g}, cfg)", out, io["sample_out"]))
+            if "sample_trajectory" in io:
+                rows.append(("Euler trajectory", traj, io["sample_trajectory"]))
+            if "sample_nocfg_out" in io:
+                rows.append(("Euler sample (no cfg, no shift)",
+                             sample(model, io["sample_z"], io["sample_y"], steps=steps, shift=1.0), io["sample_nocfg_out"]))
+        for key in sorted(io):
+            m = re.fullmatch(r"grid(\d+)_shift([0-9.]+)", key)
+            if m:
+                rows.append((f"time grid {m.group(1)} shift {m.group(2)}",
+                             time_grid(int(m.group(1)), float(m.group(2))), io[key]))
+    return rows
+
+
+def check_vavae(dir_, name, cfg, io):
+    model = AutoencoderKL(**_ctor_args(AutoencoderKL, cfg)).eval()
+    load_vavae_checkpoint(dir_ / f"{name}.pt", model)
+    rows = []
+    with torch.no_grad():
+        if "images" in io:
+            post = model.encode(io["images"])
+            for attr, key in (("mean", "posterior_mean"), ("logvar", "posterior_logvar")):
+                if key in io:
+                    rows.append((f"posterior {attr}", getattr(post, attr), io[key]))
+            if "kl" in io:
+                rows.append(("kl", post.kl(), io["kl"]))
+        if "z" in io and "decoded" in io:
+            rows.append(("decode", model.decode(io["z"]), io["decoded"]))
+    return rows
+
+
+def check_vf_loss(dir_, name, cfg, io):
+    rows = []
+    for key in sorted(io):
+        m = re.fullmatch(r"(mcos|mdms)_m([0-9.]+)", key)
+        if m:
+            margin = float(m.group(2))
+            r = vf_loss(io["z_proj"], io["aux_feature"], m1=margin, m2=margin)
+            rows.append((f"{m.group(1)} margin {margin}", r[m.group(1)], io[key]))
+    return rows
+
+
+CHECKS = {"lightningdit": check_lightningdit, "vavae": check_vavae, "vf_loss": check_vf_loss}
+
+
+def compare(out, ref, rtol, atol):
+    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    if out.shape != ref.shape:
+        return float("inf"), float("inf"), False
+    if out.numel() == 0:
+        return 0.0, 0.0, True
+    err = (out - ref).abs()
+    ok = bool(torch.all(err <= atol + rtol * ref.abs()) and torch.isfinite(out).all())
+    rel = (err.norm() / ref.norm().clamp_min(1e-30)).item()  # normwise relative error
+    return err.max().item(), rel, ok
+
+
+def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout):
+    dir_ = Path(dir_)
+    configs = json.loads((dir_ / "configs.json").read_text())
+    failures = 0
+    print(f"{'fixture':<18} {'check':<44} {'max abs':>10} {'norm rel':>10}  ok", file=out)
+    for name, cfg in configs.items():
+        io_path = dir_ / f"{name}_io.pt"
+        kind = cfg.get("kind")
+        if kind not in CHECKS or not io_path.is_file():
+            print(f"{name:<18} {'(cannot check: kind ' + str(kind) + ', io ' + str(io_path.is_file()) + ')':<44}"
+                  f" {'-':>10} {'-':>10}  FAIL", file=out)
+            failures += 1
+            continue
+        io = torch.load(io_path, map_location="cpu", weights_only=False)
+        try:
+            rows = CHECKS[kind](dir_, name, cfg, io)
+        except Exception as e:  # a fixture that cannot be recomputed is a failure, with the reason
+            print(f"{name:<18} ERROR {type(e).__name__}: {e}", file=out)
+            failures += 1
+            continue
+        if not rows:
+            print(f"{name:<18} {'(no comparable outputs in io file)':<44} {'-':>10} {'-':>10}  FAIL", file=out)
+            failures += 1
+        for label, o, r in rows:
+            abs_err, rel_err, ok = compare(o, r, rtol, atol)
+            failures += not ok
+            print(f"{name:<18} {label:<44} {abs_err:>10.2e} {rel_err:>10.2e}  {'ok' if ok else 'FAIL'}", file=out)
+    print(f"kernels: {kernels.describe()}", file=out)
+    print(f"{'all within' if not failures else str(failures) + ' outside'} rtol {rtol}, atol {atol}", file=out)
+    return failures
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--rtol", type=float, default=1e-4)
+    ap.add_argument("--atol", type=float, default=1e-5)
+    ap.add_argument("--backend", default=None, help="kernels backend to force (reference, triton, cuda, auto)")
+    args = ap.parse_args(argv)
+    if args.backend:
+        kernels.set_backend(args.backend)
+    torch.set_grad_enabled(False)
+    sys.exit(1 if run(args.dir, args.rtol, args.atol) else 0)
+
+
+if __name__ == "__main__":
+    main()
