@@ -1,0 +1,294 @@
+"""Latent store and loader for DiT training.
+
+Storage is the reference's shard format (LightningDiT extract_features.py), so either side can read the
+other's files: DIR/latents_rank{r:02d}_shard{s:03d}.safetensors with `latents`, `latents_flip` (the
+encoding of the mirrored image), `labels`, plus DIR/latents_stats.pt {"mean", "std"} of shape (1,C,1,1).
+Samples are numbered in sorted file-name order, as the reference's ImgLatentDataset does.
+
+The reference opens a safetensors file per sample. Here every shard is memory-mapped once (a safetensors
+file is a JSON header followed by the raw C-contiguous arrays) and a batch is a few `np.take` gathers
+straight into the output buffer: un-flipped samples first, flipped ones after, grouped by shard.
+"""
+import json
+import logging
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SHARD_GLOB = "*.safetensors"
+SHARD_RE = re.compile(r"latents_rank(\d+)_shard(\d+)\.safetensors$")
+STATS_FILE = "latents_stats.pt"
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+
+
+def shard_name(rank, shard):
+    return f"latents_rank{rank:02d}_shard{shard:03d}.safetensors"
+
+
+def safetensors_header(path):
+    """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + n
+
+
+def _memmap(path, info, data_start, key):
+    if info["dtype"] not in _NP_DTYPES:
+        raise ValueError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: {key} size does not match its shape {shape}")
+    if os.path.getsize(path) < data_start + end:
+        raise ValueError(f"{path}: file is truncated ({key} ends past the end of the file)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+
+
+class LatentStore:
+    """All shards of a latent directory, memory-mapped. `gather` reads a batch."""
+
+    def __init__(self, directory, files, latents, latents_flip, labels, stored_dtype):
+        self.directory = Path(directory)
+        self.files = files
+        self._latents = latents            # per-shard memmaps
+        self._latents_flip = latents_flip
+        self.labels = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels])
+        self.stored_dtype = stored_dtype   # "F32" or "BF16" (raw uint16 on disk)
+        sizes = [len(lab) for lab in labels]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.latent_shape = tuple(latents[0].shape[1:])
+        self._stats = None
+
+    @classmethod
+    def open(cls, directory):
+        directory = Path(directory)
+        files = sorted(directory.glob(SHARD_GLOB))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors latent shards in {directory}")
+        latents, flips, labels, dtypes = [], [], [], set()
+        for path in files:
+            header, _, start = safetensors_header(path)
+            missing = {"latents", "latents_flip", "labels"} - set(header)
+            if missing:
+                raise KeyError(f"{path}: missing {sorted(missing)} (reference shard format needs "
+                               "latents, latents_flip, labels)")
+            lat = _memmap(path, header["latents"], start, "latents")
+            flip = _memmap(path, header["latents_flip"], start, "latents_flip")
+            lab = _memmap(path, header["labels"], start, "labels")
+            if flip.shape != lat.shape or lab.shape != lat.shape[:1]:
+                raise ValueError(f"{path}: latents {lat.shape}, latents_flip {flip.shape}, labels {lab.shape}")
+            if latents and lat.shape[1:] != latents[0].shape[1:]:
+                raise ValueError(f"{path}: latent shape {lat.shape[1:]} differs from {latents[0].shape[1:]}")
+            dtypes.add(header["latents"]["dtype"])
+            dtypes.add(header["latents_flip"]["dtype"])
+            latents.append(lat)
+            flips.append(flip)
+            labels.append(lab)
+        if len(dtypes) != 1 or next(iter(dtypes)) not in ("F32", "BF16"):
+            raise ValueError(f"{directory}: latents must all be F32 or all BF16, found {sorted(dtypes)}")
+        store = cls(directory, files, latents, flips, labels, dtypes.pop())
+        log.info("latent store %s: %d samples %s (%s) in %d shards", directory, store.num_samples,
+                 store.latent_shape, store.stored_dtype, len(files))
+        return store
+
+    @property
+    def num_samples(self):
+        return int(self.offsets[-1])
+
+    @property
+    def stats(self):
+        """(mean, std), each float32 (1, C, 1, 1): latents_stats.pt, computed and saved if missing."""
+        if self._stats is None:
+            path = self.directory / STATS_FILE
+            if path.is_file():
+                s = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                s = compute_stats(self)
+                save_stats(s, path)
+                log.info("latent stats computed and saved to %s", path)
+            self._stats = (s["mean"].float(), s["std"].float())
+        return self._stats
+
+    def gather(self, indices, flip=None):
+        """Samples `indices` (int array), from latents_flip where `flip` is True.
+
+        Returns (latents float32 (B, C, H, W), labels int64 (B,), order) where the batch is laid out
+        un-flipped first, then flipped, each grouped by shard: row j holds sample indices[order[j]].
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        flip = np.zeros(len(indices), bool) if flip is None else np.asarray(flip, bool)
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        order = np.lexsort((indices, shard, flip))  # sorted by (flip, shard, index): contiguous runs
+        idx, sh, fl = indices[order], shard[order], flip[order]
+        local = idx - self.offsets[sh]
+        raw_dtype = np.uint16 if self.stored_dtype == "BF16" else np.float32
+        out = np.empty((len(idx),) + self.latent_shape, dtype=raw_dtype)
+        bounds = np.flatnonzero(np.diff(sh) | np.diff(fl.astype(np.int64))) + 1
+        starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(idx)]])
+        for a, b in zip(starts, ends) if len(idx) else ():
+            src = (self._latents_flip if fl[a] else self._latents)[sh[a]]
+            np.take(src, local[a:b], axis=0, out=out[a:b], mode="clip")
+        lat = torch.from_numpy(out)
+        if self.stored_dtype == "BF16":
+            lat = lat.view(torch.bfloat16).float()
+        return lat, torch.from_numpy(self.labels[idx]), order
+
+
+def compute_stats(store, max_samples=10000, seed=0):
+    """The reference's compute_latent_stats: up to 10000 random samples of `latents` (not the flips),
+    mean and (unbiased) std over batch, height and width, keepdim -> (1, C, 1, 1). Seeded here."""
+    n = min(max_samples, store.num_samples)
+    idx = np.random.default_rng(seed).choice(store.num_samples, n, replace=False)
+    lat, _, _ = store.gather(idx)
+    return {"mean": lat.mean(dim=[0, 2, 3], keepdim=True), "std": lat.std(dim=[0, 2, 3], keepdim=True)}
+
+
+def save_stats(stats, path):
+    tmp = str(path) + ".tmp"
+    torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
+    os.replace(tmp, path)
+
+
+class EpochSampler:
+    """Which samples each rank reads, batch by batch, deterministically from (seed, epoch).
+
+    Epoch e is a permutation of all samples (numpy PCG64 seeded with (seed, e)); global batch g is the
+    slice [g*B*W, (g+1)*B*W) and rank r takes its B-sized part, so ranks never overlap and a run can
+    resume on a different world size at a global-batch boundary. The flip choice of a sample depends
+    on its position in the epoch's permutation only. drop_last=False wraps around to fill the last
+    global batch (as DistributedSampler pads).
+    """
+
+    def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, drop_last=True, shuffle=True,
+                 flip_prob=0.0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last, self.shuffle, self.flip_prob = drop_last, shuffle, flip_prob
+        self.global_batch = batch_size * world_size
+        full, rest = divmod(num_samples, self.global_batch)
+        self.batches_per_epoch = full + (0 if drop_last or rest == 0 else 1)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples < one global batch ({batch_size} x {world_size} ranks)"
+                             " with drop_last")
+
+    def epoch_plan(self, epoch):
+        """(indices, flips) of the whole epoch in global order, length batches_per_epoch * B * W."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        perm = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        flips = rng.random(self.num_samples) < self.flip_prob
+        need = self.batches_per_epoch * self.global_batch
+        if need > self.num_samples:
+            perm, flips = np.resize(perm, need), np.resize(flips, need)
+        return perm[:need], flips[:need]
+
+    def rank_batch(self, plan, g):
+        lo = g * self.global_batch + self.rank * self.batch_size
+        return plan[0][lo: lo + self.batch_size], plan[1][lo: lo + self.batch_size]
+
+
+class LatentLoader:
+    """Batches (latents float32 (B,C,H,W) un-normalised, labels int64 (B,)) for one rank.
+
+    Each `for batch in loader` runs the rest of the current epoch, then moves to the next epoch.
+    `state_dict()` after any batch and `load_state_dict()` in a new process continue exactly with the
+    next batch. The next batch is gathered in a background thread while the current one is used.
+    """
+
+    def __init__(self, store, batch_size, seed=0, rank=0, world_size=1, flip_prob=0.5, drop_last=True,
+                 shuffle=True, prefetch=True):
+        self.store = store
+        self.sampler = EpochSampler(store.num_samples, batch_size, seed, rank, world_size, drop_last, shuffle,
+                                    flip_prob)
+        self.prefetch = prefetch
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def __len__(self):
+        return self.sampler.batches_per_epoch
+
+    def __iter__(self):
+        plan = self.sampler.epoch_plan(self.epoch)
+        start = self.batch_in_epoch
+
+        def load(g):
+            idx, flip = self.sampler.rank_batch(plan, g)
+            lat, lab, _ = self.store.gather(idx, flip)
+            return lat, lab
+
+        if not self.prefetch:
+            for g in range(start, len(self)):
+                batch = load(g)
+                self.batch_in_epoch = g + 1
+                yield batch
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                nxt = pool.submit(load, start) if start < len(self) else None
+                for g in range(start, len(self)):
+                    batch = nxt.result()
+                    nxt = pool.submit(load, g + 1) if g + 1 < len(self) else None
+                    self.batch_in_epoch = g + 1
+                    yield batch
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self):
+        s = self.sampler
+        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * s.global_batch, "seed": s.seed,
+                "num_samples": s.num_samples, "flip_prob": s.flip_prob, "shuffle": s.shuffle,
+                "drop_last": s.drop_last}
+
+    def load_state_dict(self, state):
+        s = self.sampler
+        for key in ("seed", "num_samples", "flip_prob", "shuffle", "drop_last"):
+            if state[key] != getattr(s, key):
+                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {getattr(s, key)!r}: "
+                                 "the data order would not continue")
+        g, rest = divmod(state["samples_in_epoch"], s.global_batch)
+        if rest:
+            raise ValueError(f"saved position {state['samples_in_epoch']} is not a multiple of the global "
+                             f"batch {s.global_batch} (batch size x world size changed)")
+        self.epoch, self.batch_in_epoch = state["epoch"], g
+
+
+class ReferenceLatentReader:
+    """The reference ImgLatentDataset's access pattern (one safe_open per sample, flip with p=0.5, no
+    normalisation here): the baseline the loader benchmark and tests compare against."""
+
+    def __init__(self, directory, seed=0):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.index = []
+        for path in sorted(Path(directory).glob(SHARD_GLOB)):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                n = f.get_slice("labels").get_shape()[0]
+            self.index += [(str(path), i) for i in range(n)]
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, idx):
+        return self.get(idx)
+
+    def get(self, idx, flip=None):
+        path, i = self.index[idx]
+        if flip is None:
+            flip = self.rng.uniform(0, 1) > 0.5
+        with self._safe_open(path, framework="pt", device="cpu") as f:
+            feature = f.get_slice("latents_flip" if flip else "latents")[i: i + 1]
+            label = f.get_slice("labels")[i: i + 1]
+        return feature.squeeze(0), label.squeeze(0)

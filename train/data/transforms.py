@@ -1,0 +1,46 @@
+"""PIL image transforms with the reference's exact arithmetic.
+
+- `center_crop_arr`: the ADM center crop LightningDiT's extraction uses (BOX halving while the short side
+  is >= 2x the target, BICUBIC to the target short side, center crop with floor offsets).
+- `resize_shorter_random_crop`: the VA-VAE training view (short side to `size`, random `size` crop,
+  random horizontal flip), with the randomness passed in so a loader can seed it per sample.
+- `to_tensor`: uint8 HWC -> float CHW in [-1, 1] = Normalize(0.5, 0.5) after ToTensor.
+"""
+import numpy as np
+import torch
+from PIL import Image
+
+
+def open_rgb(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM / LightningDiT center crop -> uint8 array (image_size, image_size, 3)."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def resize_shorter_random_crop(pil_image, size, u_x, u_y, flip):
+    """Short side -> size (BICUBIC), crop at fractions (u_x, u_y) of the slack, optional mirror."""
+    w, h = pil_image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    arr = np.asarray(pil_image.resize((nw, nh), resample=Image.BICUBIC))
+    x0 = int(u_x * (nw - size + 1)) if nw > size else 0
+    y0 = int(u_y * (nh - size + 1)) if nh > size else 0
+    arr = arr[y0: y0 + size, x0: x0 + size]
+    return arr[:, ::-1] if flip else arr
+
+
+def to_tensor(arr):
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], exactly (x / 255 - 0.5) / 0.5."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return x.sub_(0.5).div_(0.5)
