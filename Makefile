@@ -1,0 +1,19 @@
+# make test   -- the test suite exactly as CI runs it (creates .venv on first use)
+# make demo   -- the main job on the embedded default (small real run on CPU, < 10 minutes)
+# make parity -- recompute the reference fixtures in ../shared/parity
+PY := .venv/bin/python
+
+.PHONY: venv test demo parity
+venv: .venv/.installed
+.venv/.installed: requirements/cpu.txt requirements/nodeps.txt setup.py
+	bash scripts/setup_venv.sh
+	touch $@
+
+test: venv
+	$(PY) -m pytest -m "not gpu" -q
+
+demo: venv
+	$(PY) -m bench.demo
+
+parity: venv
+	$(PY) -m bench.parity ../shared/parity
