@@ -124,3 +124,27 @@ def test_precision_recall_matches_brute_force_with_blocking():
     assert 0 < p < 1 and 0 < r < 1
     assert precision_recall(ref, ref) == (1.0, 1.0)
     assert precision_recall(ref, sam + 100.0) == (0.0, 0.0)
+
+
+def _photo_pair():
+    import skimage.data
+
+    img = skimage.data.astronaut()[100:164, 150:230].copy()  # 64 x 80, not square on purpose
+    rng = np.random.default_rng(0)
+    noisy = np.clip(img.astype(np.float64) + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+    return img, noisy
+
+
+def test_psnr_ssim_match_skimage_on_a_real_photo():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from bench.eval.tokenizer_metrics import psnr, ssim
+
+    img, noisy = _photo_pair()
+    a, b = torch.from_numpy(img[None]), torch.from_numpy(noisy[None])
+    assert float(psnr(a, b)) == pytest.approx(peak_signal_noise_ratio(img, noisy, data_range=255), rel=1e-10)
+    ref = structural_similarity(img, noisy, data_range=255, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
+    assert float(ssim(a, b)) == pytest.approx(ref, rel=1e-7)
+    assert float(ssim(a, a)) == pytest.approx(1.0)
+    assert 0.2 < ref < 0.95
