@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .sampler import EpochSampler, ResumableLoader
+
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "*.safetensors"
@@ -162,105 +164,37 @@ def save_stats(stats, path):
     os.replace(tmp, path)
 
 
-class EpochSampler:
-    """Which samples each rank reads, batch by batch, deterministically from (seed, epoch).
-
-    Epoch e is a permutation of all samples (numpy PCG64 seeded with (seed, e)); global batch g is the
-    slice [g*B*W, (g+1)*B*W) and rank r takes its B-sized part, so ranks never overlap and a run can
-    resume on a different world size at a global-batch boundary. The flip choice of a sample depends
-    on its position in the epoch's permutation only. drop_last=False wraps around to fill the last
-    global batch (as DistributedSampler pads).
-    """
-
-    def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, drop_last=True, shuffle=True,
-                 flip_prob=0.0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.drop_last, self.shuffle, self.flip_prob = drop_last, shuffle, flip_prob
-        self.global_batch = batch_size * world_size
-        full, rest = divmod(num_samples, self.global_batch)
-        self.batches_per_epoch = full + (0 if drop_last or rest == 0 else 1)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples < one global batch ({batch_size} x {world_size} ranks)"
-                             " with drop_last")
-
-    def epoch_plan(self, epoch):
-        """(indices, flips) of the whole epoch in global order, length batches_per_epoch * B * W."""
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        perm = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
-        flips = rng.random(self.num_samples) < self.flip_prob
-        need = self.batches_per_epoch * self.global_batch
-        if need > self.num_samples:
-            perm, flips = np.resize(perm, need), np.resize(flips, need)
-        return perm[:need], flips[:need]
-
-    def rank_batch(self, plan, g):
-        lo = g * self.global_batch + self.rank * self.batch_size
-        return plan[0][lo: lo + self.batch_size], plan[1][lo: lo + self.batch_size]
-
-
-class LatentLoader:
+class LatentLoader(ResumableLoader):
     """Batches (latents float32 (B,C,H,W) un-normalised, labels int64 (B,)) for one rank.
 
-    Each `for batch in loader` runs the rest of the current epoch, then moves to the next epoch.
-    `state_dict()` after any batch and `load_state_dict()` in a new process continue exactly with the
-    next batch. The next batch is gathered in a background thread while the current one is used.
+    Each `for batch in loader` runs the rest of the current epoch, then moves to the next epoch;
+    `state_dict()` / `load_state_dict()` resume exactly with the next batch. The next batch is gathered
+    in a background thread while the current one is used (numpy copies release the GIL).
     """
 
     def __init__(self, store, batch_size, seed=0, rank=0, world_size=1, flip_prob=0.5, drop_last=True,
                  shuffle=True, prefetch=True):
+        super().__init__(EpochSampler(store.num_samples, batch_size, seed, rank, world_size, drop_last, shuffle,
+                                      flip_prob))
         self.store = store
-        self.sampler = EpochSampler(store.num_samples, batch_size, seed, rank, world_size, drop_last, shuffle,
-                                    flip_prob)
         self.prefetch = prefetch
-        self.epoch, self.batch_in_epoch = 0, 0
 
-    def __len__(self):
-        return self.sampler.batches_per_epoch
-
-    def __iter__(self):
-        plan = self.sampler.epoch_plan(self.epoch)
-        start = self.batch_in_epoch
-
+    def _batches(self, plan, start):
         def load(g):
             idx, flip = self.sampler.rank_batch(plan, g)
             lat, lab, _ = self.store.gather(idx, flip)
             return lat, lab
 
+        n = len(self)
         if not self.prefetch:
-            for g in range(start, len(self)):
-                batch = load(g)
-                self.batch_in_epoch = g + 1
+            yield from (load(g) for g in range(start, n))
+            return
+        with ThreadPoolExecutor(1) as pool:
+            nxt = pool.submit(load, start) if start < n else None
+            for g in range(start, n):
+                batch = nxt.result()
+                nxt = pool.submit(load, g + 1) if g + 1 < n else None
                 yield batch
-        else:
-            with ThreadPoolExecutor(1) as pool:
-                nxt = pool.submit(load, start) if start < len(self) else None
-                for g in range(start, len(self)):
-                    batch = nxt.result()
-                    nxt = pool.submit(load, g + 1) if g + 1 < len(self) else None
-                    self.batch_in_epoch = g + 1
-                    yield batch
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def state_dict(self):
-        s = self.sampler
-        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * s.global_batch, "seed": s.seed,
-                "num_samples": s.num_samples, "flip_prob": s.flip_prob, "shuffle": s.shuffle,
-                "drop_last": s.drop_last}
-
-    def load_state_dict(self, state):
-        s = self.sampler
-        for key in ("seed", "num_samples", "flip_prob", "shuffle", "drop_last"):
-            if state[key] != getattr(s, key):
-                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {getattr(s, key)!r}: "
-                                 "the data order would not continue")
-        g, rest = divmod(state["samples_in_epoch"], s.global_batch)
-        if rest:
-            raise ValueError(f"saved position {state['samples_in_epoch']} is not a multiple of the global "
-                             f"batch {s.global_batch} (batch size x world size changed)")
-        self.epoch, self.batch_in_epoch = state["epoch"], g
 
 
 class ReferenceLatentReader:

@@ -34,13 +34,12 @@ def resize_shorter_random_crop(pil_image, size, u_x, u_y, flip):
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     arr = np.asarray(pil_image.resize((nw, nh), resample=Image.BICUBIC))
-    x0 = int(u_x * (nw - size + 1)) if nw > size else 0
-    y0 = int(u_y * (nh - size + 1)) if nh > size else 0
+    x0, y0 = round(u_x * (nw - size)), round(u_y * (nh - size))  # DALI's crop_pos convention
     arr = arr[y0: y0 + size, x0: x0 + size]
     return arr[:, ::-1] if flip else arr
 
 
 def to_tensor(arr):
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], exactly (x / 255 - 0.5) / 0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
     return x.sub_(0.5).div_(0.5)

@@ -1,0 +1,93 @@
+"""python -m train.data {embedded,scan,extract,stats} ... -- see docs/data.md."""
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _vae(path, config_json):
+    from modeling.checkpoint import load_pretrained, load_vavae_checkpoint
+    from modeling.vavae import AutoencoderKL
+
+    if os.path.isdir(path):
+        return load_pretrained(path)
+    config = json.loads(config_json) if config_json else {}
+    return load_vavae_checkpoint(path, AutoencoderKL(**config))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("embedded", help="write the embedded scikit-image ImageFolder (smoke-scale ImageNet stand-in)")
+    e.add_argument("out")
+    e.add_argument("--size", type=int, default=128)
+    e.add_argument("--per-class", type=int, default=24)
+    e.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("scan", help="decode every image once; write the clean file list (resumable)")
+    s.add_argument("root")
+    s.add_argument("--out", help="output folder (default: ROOT.scan beside ROOT)")
+    s.add_argument("--workers", type=int, default=None)
+
+    x = sub.add_parser("extract", help="VA-VAE latents of every image and its mirror, sharded, resumable")
+    x.add_argument("data", help="a scan folder (files.tsv) or an ImageFolder root")
+    x.add_argument("out")
+    x.add_argument("--vae", required=True, help="tokenizer checkpoint ({'state_dict'}) or a save_pretrained folder")
+    x.add_argument("--vae-config", help="AutoencoderKL kwargs as JSON (default: f16d32)")
+    x.add_argument("--image-size", type=int, default=256)
+    x.add_argument("--batch-size", type=int, default=64)
+    x.add_argument("--shard-size", type=int, default=10000)
+    x.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="storage dtype (bf16 halves it)")
+    x.add_argument("--backend", choices=["pil", "dali"], default="pil",
+                   help="pil = the reference's exact center crop (default); dali = GPU/CPU decode, approximate")
+    x.add_argument("--dali-device", choices=["auto", "gpu", "cpu"], default="auto")
+    x.add_argument("--workers", type=int, default=4)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--amp", choices=["bf16"], default=None, help="encode under autocast (default fp32)")
+    x.add_argument("--device", default=None)
+    x.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    x.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+
+    st = sub.add_parser("stats", help="(re)compute latents_stats.pt of a latent folder as the reference does")
+    st.add_argument("dir")
+
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    if args.cmd == "embedded":
+        from .embedded import write_embedded
+
+        write_embedded(args.out, size=args.size, per_class=args.per_class, seed=args.seed)
+    elif args.cmd == "scan":
+        from .files import scan
+
+        print(json.dumps(scan(args.root, args.out, workers=args.workers)))
+    elif args.cmd == "extract":
+        from .extract import extract_latents
+        from .files import load_file_list
+
+        device = args.device
+        if device is None and args.world_size > 1:
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
+                torch.cuda.set_device(device)
+        result = extract_latents(_vae(args.vae, args.vae_config), load_file_list(args.data), args.out,
+                                 image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
+                                 world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
+                                 store_dtype=args.dtype, backend=args.backend, dali_device=args.dali_device,
+                                 num_workers=args.workers, device=device, amp=args.amp)
+        print(json.dumps(result | {"rank": args.rank}))
+    elif args.cmd == "stats":
+        from .latents import LatentStore, STATS_FILE, compute_stats, save_stats
+
+        stats = compute_stats(LatentStore.open(args.dir))
+        save_stats(stats, os.path.join(args.dir, STATS_FILE))
+        print(json.dumps({k: v.flatten().tolist() for k, v in stats.items()}))
+
+
+if __name__ == "__main__":
+    main()

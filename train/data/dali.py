@@ -1,0 +1,114 @@
+"""DALI image pipeline: JPEG decode on the GPU ("mixed") or, without a GPU, DALI's CPU mode.
+
+The sample order, flips and crop positions come from Python (`EpochSampler`, `crop_params`) through an
+external source, so a DALI run reads exactly what the PIL loader reads and resumes the same way. Only
+the resize filter differs from PIL (see docs/data.md). One undecodable file stops a DALI pipeline:
+feed it the clean list written by `python -m train.data scan`.
+"""
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .images import VIEWS, crop_params
+from .sampler import EpochSampler, ResumableLoader
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"
+
+
+def dali_available():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(device="auto"):
+    """'gpu' or 'cpu' for a request of 'gpu', 'cpu' or 'auto'; a request that cannot run raises."""
+    if device not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"DALI device must be auto, gpu or cpu, got {device!r}")
+    if not dali_available():
+        raise RuntimeError(f"the DALI image pipeline was requested but nvidia-dali is not installed ({INSTALL_HINT})"
+                           "; use backend='pil' for the PIL path")
+    has_gpu = torch.cuda.is_available()
+    if device == "gpu" and not has_gpu:
+        raise RuntimeError("GPU DALI decoding was requested but no CUDA GPU is visible; use dali_device='cpu' "
+                           "(DALI CPU mode) or backend='pil'")
+    return "gpu" if device == "gpu" or (device == "auto" and has_gpu) else "cpu"
+
+
+def build_pipeline(source, size, view, device, batch_size, num_threads, seed):
+    """source yields (encoded bytes, labels, crop_pos_x, crop_pos_y, mirror) lists, one batch at a time."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=seed,
+                  device_id=torch.cuda.current_device() if device == "gpu" else None)
+    def pipe():
+        jpegs, labels, pos_x, pos_y, mirror = fn.external_source(
+            source=source, num_outputs=5, batch=True,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        # Short side -> size with an antialiased bicubic filter (PIL's BICUBIC is antialiased too).
+        images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(
+            images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+            mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout="CHW")
+        return images, labels
+
+    return pipe()
+
+
+class DALIImageLoader(ResumableLoader):
+    """Same interface and sample plan as PILImageLoader; decodes with DALI."""
+
+    backend = "dali"
+
+    def __init__(self, files, size, batch_size, view="train", seed=0, rank=0, world_size=1, device="auto",
+                 num_threads=None, drop_last=True, shuffle=True, flip_prob=None):
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        self.device = resolve_device(device)
+        flip_prob = (0.5 if view == "train" else 0.0) if flip_prob is None else flip_prob
+        super().__init__(EpochSampler(len(files), batch_size, seed, rank, world_size, drop_last, shuffle,
+                                      flip_prob))
+        self.files, self.size, self.view, self.seed = files, size, view, seed
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        log.info("image loader: DALI %s decode (%s), %s view, %d threads", self.device,
+                 "decoders.image device=mixed" if self.device == "gpu" else "CPU mode, device_id=None", view,
+                 self.num_threads)
+
+    def _source(self, plan, start):
+        for g in range(start, len(self)):
+            idx, flip = self.sampler.rank_batch(plan, g)
+            enc, pos_x, pos_y = [], [], []
+            for i in idx:
+                with open(self.files.abspath(i), "rb") as f:
+                    enc.append(np.frombuffer(f.read(), dtype=np.uint8))
+                u = crop_params(self.seed, self.epoch, i) if self.view == "train" else (0.5, 0.5)
+                pos_x.append(np.float32(u[0]))
+                pos_y.append(np.float32(u[1]))
+            yield (enc, [np.array(self.files.labels[i], np.int64) for i in idx], pos_x, pos_y,
+                   [np.int32(f) for f in flip])
+
+    def _batches(self, plan, start):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        pipe = build_pipeline(self._source(plan, start), self.size, self.view, self.device,
+                              self.sampler.batch_size, self.num_threads, self.seed + self.epoch)
+        pipe.build()
+        for _ in range(start, len(self)):
+            try:
+                images, labels = pipe.run()
+            except RuntimeError as e:
+                raise RuntimeError(f"DALI failed to decode a batch ({e}); feed the clean list of "
+                                   "`python -m train.data scan ROOT`") from e
+            images = images.as_tensor()
+            if self.device == "gpu":
+                x = torch.empty(images.shape(), dtype=torch.float32, device=torch.cuda.current_device())
+                feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream())
+            else:
+                x = torch.from_numpy(np.array(images))
+            yield x, torch.from_numpy(np.array(labels.as_tensor())).reshape(-1)

@@ -1,0 +1,164 @@
+"""Latent extraction: every image and its mirror image through the VA-VAE encoder, `posterior.sample()`.
+
+As LightningDiT's extract_features.py: rank r takes samples r, r+W, r+2W, ... of the file list (no
+padding, so nothing is duplicated), writes shards DIR/latents_rank{r:02d}_shard{s:03d}.safetensors with
+`latents`, `latents_flip`, `labels` (+ `indices`, the file-list positions), and the per-channel stats
+latents_stats.pt when the last shard of all ranks is in place. Resumable: a complete shard is skipped;
+a shard is written to a .tmp file and renamed, so a killed run leaves no half shard, only a .tmp that the
+rerun overwrites. The posterior noise of shard s of rank r comes from a generator seeded with
+(seed, rank, s), so a rerun reproduces every shard bit for bit on the same machine and settings.
+"""
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import FileList
+from .latents import LatentStore, compute_stats, safetensors_header, save_stats, shard_name, STATS_FILE
+
+log = logging.getLogger(__name__)
+STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def rank_indices(num_files, rank, world_size):
+    return np.arange(rank, num_files, world_size)
+
+
+def num_shards(num_files, rank, world_size, shard_size):
+    return math.ceil(len(rank_indices(num_files, rank, world_size)) / shard_size)
+
+
+def shard_seed(seed, rank, shard):
+    return int(np.random.SeedSequence([seed, rank, shard]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def shard_complete(path, n):
+    """True if `path` is a whole shard of n samples (a torn or foreign file is redone)."""
+    try:
+        header, _, start = safetensors_header(path)
+        end = max(info["data_offsets"][1] for info in header.values())
+        return header["labels"]["shape"] == [n] and os.path.getsize(path) >= start + end
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _check_run_config(out_dir, config):
+    """Refuse to mix shards written with other settings into one folder."""
+    path = out_dir / "extract.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{out_dir} holds an extraction with other settings {diff} (old, new); "
+                             "use a new output folder")
+    else:
+        tmp = Path(str(path) + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(config, indent=1))
+        os.replace(tmp, path)
+
+
+def _image_loader(files, image_size, batch_size, backend, dali_device, num_workers):
+    """The center view, in file-list order, no shuffling; the last batch wraps (trimmed by the caller)."""
+    from .images import build_image_loader
+
+    kw = dict(shuffle=False, drop_last=False, flip_prob=0.0, view="center")
+    if backend == "dali":
+        return build_image_loader(files, image_size, batch_size, backend="dali", dali_device=dali_device, **kw)
+    return build_image_loader(files, image_size, batch_size, backend=backend, num_workers=num_workers, **kw)
+
+
+@torch.no_grad()
+def extract_latents(vae, files: FileList, out_dir, image_size=256, batch_size=64, rank=0, world_size=1, seed=0,
+                    shard_size=10000, store_dtype="fp32", backend="pil", dali_device="auto", num_workers=4,
+                    device=None, amp=None, progress=True):
+    """Encode this rank's part of `files` into out_dir. Returns {"written", "skipped", "stats"}."""
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_run_config(out_dir, {"num_files": len(files), "classes": files.classes, "image_size": image_size,
+                                "world_size": world_size, "shard_size": shard_size, "seed": seed,
+                                "store_dtype": store_dtype, "backend": backend, "amp": amp})
+    vae = vae.to(device).eval()
+    mine = rank_indices(len(files), rank, world_size)
+    shards = [mine[i: i + shard_size] for i in range(0, len(mine), shard_size)]
+    todo = [s for s, idx in enumerate(shards) if not shard_complete(out_dir / shard_name(rank, s), len(idx))]
+    log.info("extract rank %d/%d: %d images in %d shards (%d done), %s decode, view=center %dpx, store %s, "
+             "device %s%s", rank, world_size, len(mine), len(shards), len(shards) - len(todo), backend,
+             image_size, store_dtype, device, f", autocast {amp}" if amp else "")
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="extract", unit="img", dynamic_ncols=True)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext())
+    for s in todo:
+        idx = shards[s]
+        sub = FileList(files.root, [files.paths[i] for i in idx], [files.labels[i] for i in idx], files.classes)
+        gen = torch.Generator(device).manual_seed(shard_seed(seed, rank, s))
+        lat, lat_flip, labels = [], [], []
+        t0, n = time.perf_counter(), 0
+        for x, y in _image_loader(sub, image_size, batch_size, backend, dali_device, num_workers):
+            x, y = x[: len(idx) - n], y[: len(idx) - n]  # the wrapped tail of the last batch
+            x = x.to(device, non_blocking=True)
+            with autocast:
+                z = vae.encode(torch.cat([x, torch.flip(x, dims=[3])])).sample(generator=gen)
+            z = z.float().to(STORE_DTYPES[store_dtype]).cpu()
+            lat.append(z[: len(x)])
+            lat_flip.append(z[len(x):])
+            labels.append(y.long().cpu())
+            n += len(x)
+            if bar is not None:
+                bar.update(len(x))
+            if n >= len(idx):
+                break
+        lat = torch.cat(lat)
+        _write_shard(out_dir / shard_name(rank, s), lat, torch.cat(lat_flip), torch.cat(labels),
+                     torch.from_numpy(idx.astype(np.int64)), seed)
+        dt = time.perf_counter() - t0
+        log.info("extract rank %d shard %d: %d images (x2 with the mirror) in %.1fs, %.1f img/s", rank, s, n, dt,
+                 n / dt)
+    if bar is not None:
+        bar.close()
+    stats = finalize_stats(out_dir, len(files), world_size, shard_size, recompute=bool(todo))
+    return {"written": len(todo), "skipped": len(shards) - len(todo), "stats": stats is not None}
+
+
+def _write_shard(path, latents, latents_flip, labels, indices, seed):
+    from safetensors.torch import save_file
+
+    tmp = str(path) + ".tmp"
+    save_file({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels,
+               "indices": indices}, tmp,
+              metadata={"total_size": f"{latents.shape[0]}", "dtype": f"{latents.dtype}", "device": "cpu",
+                        "seed": f"{seed}"})
+    os.replace(tmp, path)
+
+
+def finalize_stats(out_dir, num_files, world_size, shard_size, recompute=True):
+    """When every rank's shards are in place, compute latents_stats.pt as the reference does."""
+    out_dir = Path(out_dir)
+    for r in range(world_size):
+        n = len(rank_indices(num_files, r, world_size))
+        for s in range(num_shards(num_files, r, world_size, shard_size)):
+            if not shard_complete(out_dir / shard_name(r, s), min(shard_size, n - s * shard_size)):
+                log.info("stats wait for rank %d shard %d; the last rank to finish writes %s", r, s, STATS_FILE)
+                return None
+    path = out_dir / STATS_FILE
+    if recompute or not path.is_file():
+        stats = compute_stats(LatentStore.open(out_dir))
+        save_stats(stats, path)
+        log.info("latent stats (%s): mean %s, std %s", path, _fmt(stats["mean"]), _fmt(stats["std"]))
+    return torch.load(path, weights_only=True)
+
+
+def _fmt(t):
+    v = t.flatten().tolist()
+    return "[" + ", ".join(f"{x:.3f}" for x in v[:4]) + (", ...]" if len(v) > 4 else "]")
