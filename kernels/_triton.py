@@ -1,0 +1,40 @@
+"""Shared helpers for the Triton kernels: availability, the interpreter switch, launch sizes."""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: the triton backend reports itself unavailable
+    triton = tl = None
+
+
+def interpreting() -> bool:
+    # Read when the kernels are decorated: set TRITON_INTERPRET=1 before importing kernels.* on a CPU.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Can the Triton kernels run on x's device (a GPU, or the CPU under TRITON_INTERPRET=1)?"""
+    return triton is not None and (x.is_cuda or interpreting())
+
+
+def block_size(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def row_warps(block: int) -> int:
+    # One program per row of `block` elements: 8 warps keep 16-byte loads per thread at hidden 1152-4096.
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (rows, C) with unit column stride, copying only when no such view exists."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def vec_rows(t: torch.Tensor) -> torch.Tensor:
+    """A per-sample (B, C) vector (shift/scale/gate, often a strided chunk of the adaLN output)."""
+    return t if t.stride(-1) == 1 else t.contiguous()

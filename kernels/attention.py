@@ -1,0 +1,114 @@
+"""Attention entry point: one call, the fastest available implementation for the device and head_dim.
+
+Candidates on CUDA: FlashAttention-3 (`flash_attn_interface`, Hopper), FlashAttention-2 (`flash_attn`),
+and torch SDPA with the cuDNN, flash or memory-efficient kernel; on the CPU, torch SDPA (its own CPU
+flash or math kernel). The first eager call for a (device, head_dim, dtype, shape) times every candidate
+that runs (forward + backward, CUDA events, median of a few) and keeps the fastest; head_dim 72 is padded
+internally by some of them, which is why this is measured rather than assumed. Under torch.compile
+without a prior measurement the static order below is used. Force one with VAVAE_ATTENTION=<name> or
+`set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
+`kernels.describe()["ops"]["attention"]` says which one ran.
+
+Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)).
+"""
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .backend import BackendUnavailable, record
+
+_SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+CHOICES = ("fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
+_state = {"forced": os.environ.get("VAVAE_ATTENTION") or None}
+_chosen = {}    # key -> choice
+_measured = {}  # key -> {choice: ms or error string}
+
+
+def set_attention(name):
+    """Force one implementation (a name from CHOICES), or None to measure and pick."""
+    if name is not None and name not in CHOICES:
+        raise ValueError(f"unknown attention implementation {name!r}; choose from {CHOICES}")
+    _state["forced"] = name
+    _chosen.clear()
+
+
+def installed():
+    return {"fa3": importlib.util.find_spec("flash_attn_interface") is not None,
+            "fa2": importlib.util.find_spec("flash_attn") is not None}
+
+
+def measurements():
+    return {str(k): v for k, v in _measured.items()}
+
+
+def _run(choice, q, k, v):
+    if choice in _SDPA:
+        with sdpa_kernel(_SDPA[choice]):
+            return F.scaled_dot_product_attention(q, k, v)
+    if choice == "fa3":
+        from flash_attn_interface import flash_attn_func
+    else:
+        from flash_attn import flash_attn_func
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, N, H, D) layout
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _candidates(q):
+    have = installed()
+    flash_dtypes = (torch.float16, torch.bfloat16)
+    out = [c for c in ("fa3", "fa2") if have[c] and q.dtype in flash_dtypes]
+    return out + ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math"]
+
+
+def _time_ms(choice, q, k, v, reps=5):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _run(choice, q, k, v).backward(grad)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:  # the first runs pay for kernel selection and workspace allocation
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _choose(q, k, v):
+    key = (str(q.device), q.shape[-1], q.dtype, tuple(q.shape))
+    if key in _chosen:
+        return _chosen[key]
+    if torch.compiler.is_compiling():  # no timing inside a trace: the static order, first that can run
+        return _candidates(q)[0] if q.shape[-1] % 8 == 0 else "sdpa-efficient"
+    results = {}
+    for c in _candidates(q):
+        try:
+            results[c] = _time_ms(c, q, k, v)
+        except Exception as e:  # a candidate that cannot run this shape/dtype (e.g. head_dim unsupported)
+            results[c] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    timed = {c: t for c, t in results.items() if isinstance(t, float)}
+    _measured[key] = results
+    _chosen[key] = min(timed, key=timed.get)
+    return _chosen[key]
+
+
+def attention(q, k, v):
+    forced = _state["forced"]
+    if not q.is_cuda:
+        if forced not in (None, "sdpa-math"):
+            raise BackendUnavailable(f"attention {forced!r} needs a CUDA tensor; on the CPU only sdpa-math runs")
+        choice = forced or "sdpa-cpu"
+        record("attention", choice)
+        return F.scaled_dot_product_attention(q, k, v) if choice == "sdpa-cpu" else _run(choice, q, k, v)
+    if forced in ("fa3", "fa2") and not installed()[forced]:
+        raise BackendUnavailable(f"attention {forced!r} requested but its package is not installed "
+                                 f"({'flash_attn_interface' if forced == 'fa3' else 'flash_attn'})")
+    choice = forced or _choose(q, k, v)
+    record("attention", choice)
+    return _run(choice, q, k, v)

@@ -1,0 +1,63 @@
+"""Loader of the optional CUDA extension `kernels._vavae_cuda` (sources in kernels/csrc, built by
+setup.py or CMakeLists.txt). `status()` says whether it is usable and, if not, why."""
+import importlib
+
+import torch
+
+_state = {}
+
+
+def _load():
+    if "mod" not in _state:
+        try:
+            _state["mod"] = importlib.import_module("kernels._vavae_cuda")
+            _state["why"] = ""
+        except ImportError as e:
+            _state["mod"] = None
+            _state["why"] = (f"CUDA extension not built ({e}); build it with `pip install -e .` on a machine "
+                             f"with nvcc and a CUDA torch, or `python kernels/build_ext.py`")
+    return _state["mod"]
+
+
+def status():
+    """(usable, reason-if-not)."""
+    if _load() is None:
+        return False, _state["why"]
+    if not torch.cuda.is_available():
+        return False, "CUDA extension built but no CUDA device is available"
+    return True, ""
+
+
+def _check_layout(*tensors):
+    for t in tensors:
+        if t is not None and (t.data_ptr() % 16 or (t.dim() == 2 and t.stride(0) % (16 // t.element_size()))):
+            raise ValueError("CUDA fused_norm needs 16-byte aligned rows; use the triton backend for this input")
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps, rms):
+    # Weight/bias are per-channel vectors: cast them to x's dtype (tiny) so one kernel covers autocast.
+    weight = weight.to(x.dtype) if weight is not None else None
+    bias = bias.to(x.dtype) if bias is not None else None
+    tv = gate.dtype if gate is not None else scale.dtype if scale is not None else x.dtype
+    shift = shift.to(tv) if shift is not None else None
+    scale = scale.to(tv) if scale is not None else None
+    if out.dtype != x.dtype or (gate is not None and (h.dtype != x.dtype or y.dtype != tv)):
+        raise ValueError(f"CUDA fused_norm: unsupported dtype mix (x {x.dtype}, out {out.dtype}); use triton")
+    _check_layout(x, gate, y, weight, bias, shift, scale)
+    _load().norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps, rms, _stream())
+
+
+def norm_bwd(dout, dh, xin, gate, y, weight, bias, scale, mean, rstd, dx, dy, pw, pb, psh, psc, pg, N, R, rms,
+             has_shift):
+    weight = weight.to(xin.dtype) if weight is not None else None
+    bias = bias.to(xin.dtype) if bias is not None else None
+    tv = gate.dtype if gate is not None else scale.dtype if scale is not None else xin.dtype
+    scale = scale.to(tv) if scale is not None else None
+    dout, dh = dout.to(xin.dtype), dh.to(xin.dtype) if dh is not None else None
+    _check_layout(dout, dh, xin, gate, y, weight, bias, scale)
+    _load().norm_bwd(dout, dh, xin, gate, y, weight, bias, scale, mean, rstd, dx, dy,
+                     pw, pb, psh, psc, pg, N, R, rms, has_shift, _stream())
