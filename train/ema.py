@@ -1,0 +1,60 @@
+"""Exponential moving average of the weights, kept in fp32, correct under every ZeRO stage.
+
+Under ZeRO-3 each rank holds only a shard of every parameter, so the update gathers the full
+parameters (deepspeed.zero.GatheredParameters) a group at a time; every rank keeps the full fp32 EMA
+so that any rank can evaluate or export it. Parameters are matched by name, so the EMA's state dict
+has the plain model keys (the reference's "ema" entry).
+"""
+import contextlib
+
+import torch
+
+
+def _gathered(params):
+    """Context that materialises ZeRO-3 partitioned parameters (a no-op for ordinary tensors)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _param_groups(module, group_size):
+    named = [(n, p) for n, p in module.named_parameters()]
+    for i in range(0, len(named), group_size):
+        yield named[i:i + group_size]
+
+
+class EMA:
+    def __init__(self, module, decay=0.9999, group_size=16):
+        self.decay = decay
+        self.group_size = group_size  # parameters gathered at once under ZeRO-3 (bounds peak memory)
+        self.shadow = {}
+        for group in _param_groups(module, group_size):
+            with _gathered([p for _, p in group]):
+                for name, p in group:
+                    self.shadow[name] = p.detach().float().clone()
+
+    @torch.no_grad()
+    def update(self, module):
+        for group in _param_groups(module, self.group_size):
+            with _gathered([p for _, p in group]):
+                for name, p in group:
+                    self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)  # as the reference
+
+    def state_dict(self):
+        return {k: v.clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state):
+        missing, unexpected = set(self.shadow) - set(state), set(state) - set(self.shadow)
+        if missing or unexpected:
+            raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+    def full_state_dict(self, module):
+        """EMA weights plus the model's buffers (pos_embed, rope tables): a loadable model state dict."""
+        sd = {k: v.clone() for k, v in self.shadow.items()}
+        for name, b in module.named_buffers():
+            sd.setdefault(name, b.detach().clone())
+        return sd

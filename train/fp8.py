@@ -1,0 +1,114 @@
+"""FP8 training for the LightningDiT blocks: Transformer Engine or torchao float8.
+
+Only the blocks' big matmuls run in FP8 (attn.qkv, attn.proj, mlp.w12, mlp.w3); the embedders, adaLN and
+the final layer stay in bf16, as they are small and precision sensitive. Parameter names do not change,
+so checkpoints keep the reference keys. FP8 state lives in the modules' state dicts (TE's delayed-scaling
+amax history is its `_extra_state`; torchao's tensorwise dynamic scaling keeps none), so the DeepSpeed
+checkpoint carries it.
+
+    apply_fp8(model, backend="torchao")           # GPU suite / trainer
+    with fp8_context(backend, recipe): loss = ...  # TE needs fp8_autocast around the forward
+
+Asked for without the library, or on hardware without FP8 (compute capability < 8.9), this raises
+FP8Unavailable with the reason. torchao also runs on the CPU (emulated through torch's CPU _scaled_mm;
+useful for tests, not for speed) only when `allow_cpu=True`.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+
+FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
+RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp")}
+
+
+class FP8Unavailable(RuntimeError):
+    pass
+
+
+def _is_fp8_layer(name):
+    return name.startswith("blocks.") and name.split(".", 2)[-1] in FP8_LAYERS
+
+
+def default_recipe(backend):
+    return RECIPES[backend][0]
+
+
+def check_fp8(backend, device, allow_cpu=False):
+    """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description."""
+    if backend not in RECIPES:
+        raise FP8Unavailable(f"unknown FP8 backend {backend!r}; choose one of {sorted(RECIPES)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise FP8Unavailable(f"FP8 needs an Ada/Hopper or newer GPU (compute capability >= 8.9); "
+                                 f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}. "
+                                 f"Set fp8.backend: none to train in bf16.")
+        where = f"{torch.cuda.get_device_name(device)} (sm{cap[0]}{cap[1]})"
+    elif backend == "torchao" and allow_cpu:
+        where = "CPU emulation (tests only, not fast)"
+    else:
+        raise FP8Unavailable(f"FP8 ({backend}) needs an FP8-capable CUDA GPU and this process runs on {device}. "
+                             f"Set fp8.backend: none to train without FP8.")
+    if backend == "te":
+        try:
+            import transformer_engine.pytorch as te
+        except Exception as e:  # ImportError, or TE's own errors when no driver is present
+            raise FP8Unavailable(f"fp8.backend: te needs Transformer Engine (pip install transformer_engine[pytorch]); "
+                                 f"importing it failed: {e}") from None
+        return f"transformer_engine {getattr(te, '__version__', '?')} on {where}"
+    try:
+        import torchao
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception as e:
+        raise FP8Unavailable(f"fp8.backend: torchao needs torchao (pip install torchao==0.18.0); "
+                             f"importing it failed: {e}") from None
+    return f"torchao {torchao.__version__} float8 on {where}"
+
+
+def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False):
+    """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8 training; returns model."""
+    recipe = recipe or default_recipe(backend)
+    device = next(model.parameters()).device
+    check_fp8(backend, device, allow_cpu)
+    if recipe not in RECIPES[backend]:
+        raise FP8Unavailable(f"recipe {recipe!r} is not a {backend} recipe; choose one of {RECIPES[backend]}")
+    for name, m in model.named_modules():
+        if _is_fp8_layer(name) and isinstance(m, nn.Linear) and (m.in_features % 16 or m.out_features % 16):
+            raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
+                                 f"dimensions divisible by 16")
+    if backend == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        return convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                                          module_filter_fn=lambda m, name: _is_fp8_layer(name))
+    import transformer_engine.pytorch as te
+    for name, m in list(model.named_modules()):
+        if not (_is_fp8_layer(name) and isinstance(m, nn.Linear)):
+            continue
+        new = te.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        params_dtype=m.weight.dtype, device=m.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def te_recipe(recipe):
+    from transformer_engine.common import recipe as r
+    if recipe == "delayed":
+        return r.DelayedScaling(fp8_format=r.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    if recipe == "current":
+        return r.Float8CurrentScaling()
+    return r.MXFP8BlockScaling()
+
+
+def fp8_context(backend, recipe=None):
+    """The forward-pass context: TE's fp8_autocast for backend 'te', nothing otherwise."""
+    if backend != "te":
+        return contextlib.nullcontext()
+    import transformer_engine.pytorch as te
+    return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(recipe or default_recipe("te")))

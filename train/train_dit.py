@@ -1,0 +1,396 @@
+"""LightningDiT trainer on the DeepSpeed engine (rectified flow, logit-normal t, cosine velocity loss).
+
+    python -m train.train_dit --config configs/dit_tiny_cpu.yaml                      # 1 process (CPU or GPU)
+    torchrun --nproc_per_node 8 -m train.train_dit --config configs/dit_xl1_64ep.yaml  # one node
+    deepspeed --hostfile hosts --num_gpus 8 train/train_dit.py --config configs/dit_xl1_64ep.yaml
+
+As a library: `train(cfg, eval_fn=None)`; `eval_fn(ema_model, step) -> dict` is called every
+`eval.every` steps on every rank (it may do distributed work) and its metrics are logged with the
+wall-clock time and images seen. One optimizer step = global_batch images = batch_per_gpu x world x
+accumulation. A step whose loss or gradient norm is not finite is skipped (no weight, optimizer or EMA
+update) and counted; `train.max_bad_steps` in a row save a checkpoint and stop the run.
+"""
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import kernels
+from modeling.checkpoint import save_pretrained, to_reference_dit_format
+from modeling.flow import flow_loss
+from modeling.lightningdit import LightningDiT
+
+from . import fp8 as fp8_lib
+from .checkpoint import CheckpointManager, atomic_torch_save
+from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
+from .distributed import all_reduce_mean, barrier, init_distributed
+from .dit_config import DiTTrainConfig
+from .ema import EMA, _gathered
+from .logging_utils import MetricsLogger, ProfileWindow, nvtx, set_nvtx
+
+log = logging.getLogger("train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the run was checkpointed before stopping."""
+
+
+# ----------------------------------------------------------------------------- data
+
+class SyntheticLatents:
+    """Deterministic random latents + labels (throughput runs and tests); same interface as LatentLoader."""
+
+    def __init__(self, batch_size, channels, size, num_classes, seed=0, rank=0, world_size=1):
+        self.shape = (batch_size, channels, size, size)
+        self.num_classes, self.seed, self.rank, self.world_size = num_classes, seed, rank, world_size
+        self.position = 0  # batches served by this rank
+        g = torch.Generator().manual_seed(seed)
+        self.stats = (torch.randn(1, channels, 1, 1, generator=g), torch.rand(1, channels, 1, 1, generator=g) + 0.5)
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.position)) & (2 ** 62))
+            mean, std = self.stats
+            lat = torch.randn(self.shape, generator=g) * std + mean
+            lab = torch.randint(0, self.num_classes, (self.shape[0],), generator=g)
+            self.position += 1
+            yield lat, lab
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def build_loader(cfg, rank, world_size):
+    d, m = cfg.data, cfg.model
+    if d.source == "synthetic":
+        loader = SyntheticLatents(cfg.train.batch_per_gpu, m.in_channels, m.input_size, m.num_classes,
+                                  cfg.train.seed, rank, world_size)
+        return loader, loader.stats
+    from .data.latents import LatentLoader, LatentStore
+    store = LatentStore.open(d.path)
+    loader = LatentLoader(store, cfg.train.batch_per_gpu, seed=cfg.train.seed, rank=rank, world_size=world_size,
+                          flip_prob=d.flip_prob)
+    return loader, store.stats
+
+
+def forever(loader):
+    """Endless batches; a LatentLoader moves to its next epoch each time its iterator ends."""
+    while True:
+        yield from loader
+
+
+# ----------------------------------------------------------------------------- engine
+
+def deepspeed_config(cfg, world_size):
+    t, o = cfg.train, cfg.optim
+    per_step = t.batch_per_gpu * world_size
+    if t.global_batch % per_step:
+        raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of batch_per_gpu x world size "
+                          f"= {t.batch_per_gpu} x {world_size}")
+    ds = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.batch_per_gpu,
+        "gradient_accumulation_steps": t.global_batch // per_step,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 10 ** 9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    ds.update(t.deepspeed)
+    return ds
+
+
+def build_model(cfg, device):
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    return LightningDiT(**cfg.model.kwargs()).to(device)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def full_state_dict(module):
+    """The module's full fp32 state dict on the CPU (gathers ZeRO-3 partitions)."""
+    params = list(module.parameters())
+    with _gathered(params):
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class Trainer:
+    def __init__(self, cfg: DiTTrainConfig, eval_fn=None):
+        import deepspeed
+
+        self.cfg, self.eval_fn = cfg, eval_fn
+        self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self.device = self.info.device
+        set_nvtx(cfg.profile.nvtx)
+        random.seed(cfg.train.seed + self.info.rank)
+        np.random.seed(cfg.train.seed + self.info.rank)
+        torch.manual_seed(cfg.train.seed + self.info.rank)
+
+        model = build_model(cfg, self.device)
+        self.fp8_desc = "off"
+        if cfg.fp8.backend != "none":
+            self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu)
+            fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
+        self.flops_per_image = model.flops_per_sample(train=True)
+        self.ema = EMA(model, cfg.train.ema_decay)
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=self.device.type == "cuda")
+        self.ds_config = deepspeed_config(cfg, self.info.world_size)
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.optimizer = optimizer
+
+        self.loader, (mean, std) = build_loader(cfg, self.info.rank, self.info.world_size)
+        self.mean, self.std = mean.to(self.device), std.to(self.device)
+        # All noise, time and label-dropout draws come from this generator: checkpointed, so resume is exact.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 100_003 + self.info.rank)
+
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+        self.step, self.skipped_steps, self.bad_streak, self._window_start = 0, 0, 0, 0
+        if cfg.checkpoint.resume == "auto":
+            self.resume()
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self):
+        cfg, engine = self.cfg, self.engine
+        sums = torch.zeros(3, device=self.device)  # loss, mse, cos over the micro-batches
+        applied, grad_norm = False, float("nan")
+        for _ in range(self.grad_accum):
+            with nvtx("data"):
+                lat, y = next(self.batches)
+                lat = (lat.to(self.device, non_blocking=True) - self.mean) / self.std * cfg.data.latent_multiplier
+                y = y.to(self.device, non_blocking=True)
+            with nvtx("forward"), torch.autocast(self.device.type, torch.bfloat16,
+                                                 enabled=cfg.train.precision == "bf16"), \
+                    fp8_lib.fp8_context(cfg.fp8.backend, cfg.fp8.recipe):
+                out = flow_loss(engine, lat, y, time_dist=cfg.train.time_dist,
+                                use_cosine_loss=cfg.train.use_cosine_loss, generator=self.generator,
+                                label_generator=self.generator)
+            loss = out["loss"]
+            # A non-finite loss poisons every gradient, so the step is skipped below without a host sync here.
+            poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))  # x1.0 is bit-exact
+            loss = loss * poison
+            sums += torch.stack([loss.detach(), out["mse"].detach().mean(), out["cos"].detach().mean()])
+            with nvtx("backward"):
+                engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                with nvtx("optimizer"):
+                    applied, grad_norm = self.optimizer_step()
+            else:
+                engine.step()  # DeepSpeed counts micro-steps; no update here
+        if applied:
+            with nvtx("ema"):
+                self.ema.update(engine.module)
+        return sums / self.grad_accum, applied, grad_norm
+
+    def optimizer_step(self):
+        engine = self.engine
+        lr = self.cfg.optim.lr * min(1.0, (self.step + 1) / max(1, self.cfg.optim.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed applies any gradient; check the (already all-reduced) norm ourselves.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            applied = bool(torch.isfinite(grad_norm))
+            if not applied:
+                for p in engine.module.parameters():
+                    p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
+            engine.step()
+            return applied, float(grad_norm)
+        engine.step()  # ZeRO 1-3 skip the update themselves when the global gradient norm is not finite
+        norm = engine.get_global_grad_norm()
+        return engine.was_step_applied(), float("nan") if norm is None else float(norm)
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self):
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(cfg.logging.dir) / "config.yaml")
+        metrics = MetricsLogger(cfg.logging.dir, info.is_main, cfg.logging.tensorboard, cfg.logging.progress_bar,
+                                cfg.train.steps, self.step)
+        self.batches = forever(self.loader)
+        profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps)
+        log.info("world %d, grad accumulation %d, ZeRO %d, precision %s, FP8 %s, kernels %s, %.2f GFLOP/img",
+                 info.world_size, self.grad_accum, cfg.train.zero_stage, cfg.train.precision, self.fp8_desc,
+                 kernels.describe(), self.flops_per_image / 1e9)
+        window_sums, window_steps, t0, start_time = torch.zeros(3, device=self.device), 0, time.time(), time.time()
+        last_norm = float("nan")
+        try:
+            while self.step < cfg.train.steps:
+                profile.before_step(self.step)
+                sums, applied, grad_norm = self.train_step()
+                profile.after_step(self.step)
+                self.step += 1
+                if applied:
+                    self.bad_streak = 0
+                    window_sums += sums
+                    window_steps += 1
+                    last_norm = grad_norm
+                else:
+                    self.skipped_steps += 1
+                    self.bad_streak += 1
+                    log.warning("step %d skipped: non-finite loss or gradient norm (%d in a row, %d in total)",
+                                self.step, self.bad_streak, self.skipped_steps)
+                    if self.bad_streak >= cfg.train.max_bad_steps:
+                        self.save()
+                        raise NonFiniteError(
+                            f"{self.bad_streak} non-finite steps in a row at step {self.step}; checkpoint saved in "
+                            f"{self.ckpt.step_dir(self.step)}. Lower optim.lr, check the data, or resume from an "
+                            f"earlier checkpoint.")
+                metrics.advance()
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps:
+                    dt = time.time() - t0
+                    mean = all_reduce_mean(window_sums / max(1, window_steps)).tolist()
+                    img_s = (self.step - self._window_start) * cfg.train.global_batch / max(dt, 1e-9)
+                    metrics.log(self.step, {
+                        "loss": mean[0], "mse": mean[1], "cos": mean[2], "grad_norm": last_norm,
+                        "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_s,
+                        "tflops_per_gpu": img_s * self.flops_per_image / info.world_size / 1e12,
+                        "skipped_steps": self.skipped_steps, "images_seen": self.step * cfg.train.global_batch,
+                        "eta_s": (cfg.train.steps - self.step) * dt / max(1, self.step - self._window_start)})
+                    window_sums.zero_()
+                    window_steps, t0, self._window_start = 0, time.time(), self.step
+                if self.eval_fn is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate(metrics, start_time)
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
+                    self.save()
+            if cfg.checkpoint.export_reference:
+                self.export()
+        finally:
+            metrics.close()
+        return self
+
+    def evaluate(self, metrics, start_time):
+        model = LightningDiT(**self.cfg.model.kwargs()).to(self.device)
+        model.load_state_dict(self.ema.full_state_dict(model), strict=False)
+        model.eval()
+        with torch.no_grad():
+            result = self.eval_fn(model, self.step) or {}
+        metrics.log(self.step, {**{f"eval/{k}": v for k, v in result.items()},
+                                "wall_clock_s": time.time() - start_time,
+                                "images_seen": self.step * self.cfg.train.global_batch})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self):
+        """Model + optimizer (DeepSpeed, every rank's shard), EMA, every rank's RNG/generator/data position,
+        step and config, written under a temp name and committed atomically by rank 0."""
+        info = self.info
+        tmp = self.ckpt.begin(self.step, info.is_main)
+        barrier()
+        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
+                           "loader": self.loader.state_dict()}, tmp / f"rank_{info.rank:05d}.pt")
+        if info.is_main:
+            atomic_torch_save({"step": self.step, "ema": self.ema.state_dict(), "config": to_dict(self.cfg),
+                               "world_size": info.world_size, "skipped_steps": self.skipped_steps,
+                               "bad_streak": self.bad_streak, "fp8": self.fp8_desc}, tmp / "trainer.pt")
+        barrier()
+        if info.is_main:
+            self.ckpt.commit(self.step)
+            log.info("checkpoint saved: %s", self.ckpt.step_dir(self.step))
+        barrier()
+
+    def resume(self):
+        latest = self.ckpt.latest()
+        if latest is None:
+            return
+        step, path = latest
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        saved = from_dict(DiTTrainConfig, state["config"])
+        for section in ("model", "fp8"):
+            if getattr(saved, section) != getattr(self.cfg, section):
+                raise ConfigError(f"cannot resume from {path}: its {section} config differs from this run's "
+                                  f"({to_dict(getattr(saved, section))} vs {to_dict(getattr(self.cfg, section))})")
+        if state["world_size"] != self.info.world_size or saved.train.global_batch != self.cfg.train.global_batch:
+            raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks with "
+                              f"global batch {saved.train.global_batch}; this run has {self.info.world_size} ranks "
+                              f"and global batch {self.cfg.train.global_batch}")
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        self.ema.load_state_dict(state["ema"])
+        mine = torch.load(path / f"rank_{self.info.rank:05d}.pt", weights_only=False)
+        set_rng_state(mine["rng"])
+        self.generator.set_state(mine["generator"])
+        self.loader.load_state_dict(mine["loader"])
+        self.step, self.skipped_steps, self.bad_streak = step, state["skipped_steps"], state["bad_streak"]
+        self._window_start = step
+        log.info("resumed from %s at step %d", path, step)
+
+    def export(self):
+        """Reference format ({"model": module.*, "ema": ...}) and safetensors (EMA weights) in the run dir."""
+        model_state = full_state_dict(self.engine.module)
+        if not self.info.is_main:
+            return
+        out = Path(self.cfg.logging.dir)
+        ema_state = self.ema.full_state_dict(self.engine.module)
+        atomic_torch_save(to_reference_dit_format(model_state, ema_state), out / "final_reference.pt")
+        model = LightningDiT(**self.cfg.model.kwargs())
+        model.load_state_dict({k: v for k, v in ema_state.items() if k in model.state_dict()})
+        save_pretrained(model, self.cfg.model.kwargs(), out / "pretrained_ema")
+        log.info("exported %s and %s", out / "final_reference.pt", out / "pretrained_ema")
+
+
+def train(cfg: DiTTrainConfig, eval_fn=None):
+    """Train (or resume) the run described by `cfg`; returns the Trainer (step, ema, engine)."""
+    trainer = Trainer(cfg, eval_fn)
+    return trainer.fit()
+
+
+def main(argv=None):
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(DiTTrainConfig, args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        train(cfg)
+    except (ConfigError, fp8_lib.FP8Unavailable, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
