@@ -1,0 +1,88 @@
+"""The VA-VAE training objective: LDM's LPIPSWithDiscriminator plus the VF loss, same functions.
+
+Generator (autoencoder) step, per batch of B images x and reconstructions x':
+    rec   = |x - x'| + perceptual_weight * LPIPS(x, x')          (per pixel; LPIPS broadcast)
+    nll   = sum(rec / exp(logvar) + logvar) / B                   (logvar: a scalar, init 0)
+    kl    = sum(KL(q(z|x) || N(0, I))) / B
+    loss  = nll + kl_weight * kl
+          + w_vf * vf(z', f)                                      (w_vf adaptive on encoder.conv_out.weight)
+          + w_d * disc_factor * (-mean D(x'))                     (w_d adaptive on decoder.conv_out.weight;
+                                                                   disc_factor = 0 before disc_start)
+Discriminator step: disc_factor * hinge(D(x), D(x')) on detached images.
+
+Module names match the reference (`loss.logvar`, `loss.discriminator.main.*`,
+`loss.perceptual_loss.*`) so its checkpoints' `loss.*` entries load here.
+Like the reference optimizer, `logvar` is a parameter that the trainer does not optimise.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modeling.discriminator import NLayerDiscriminator, adaptive_gan_weight, adopt_weight, hinge_d_loss, vanilla_d_loss
+from modeling.lpips import LPIPS
+from modeling.vf_loss import adaptive_vf_weight, vf_loss
+
+
+class VAVAELoss(nn.Module):
+    def __init__(self, disc_start=5001, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0,
+                 disc_loss="hinge", disc_ndf=64, disc_layers=3, logvar_init=0.0, lpips_weights=None,
+                 vf_weight=0.1, adaptive_vf=True, cos_margin=0.5, distmat_margin=0.25, cos_weight=1.0,
+                 distmat_weight=1.0):
+        super().__init__()
+        if disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        self.disc_start, self.kl_weight, self.disc_weight = disc_start, kl_weight, disc_weight
+        self.disc_factor, self.perceptual_weight = disc_factor, perceptual_weight
+        self.vf_weight, self.adaptive_vf = vf_weight, adaptive_vf
+        self.cos_margin, self.distmat_margin = cos_margin, distmat_margin
+        self.cos_weight, self.distmat_weight = cos_weight, distmat_weight
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)))
+        self.perceptual_loss = LPIPS(lpips_weights) if perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(3, disc_ndf, disc_layers)
+        self.d_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+
+    def gan_active(self, global_step):
+        return adopt_weight(self.disc_factor, global_step, threshold=self.disc_start) > 0
+
+    def generator_loss(self, inputs, recon, posterior, global_step, dec_last_layer, z_proj=None, aux_feature=None,
+                       enc_last_layer=None):
+        """(loss, logs) for the autoencoder step; logs hold detached scalars."""
+        B = inputs.shape[0]
+        rec = (inputs.float() - recon.float()).abs()
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(inputs.contiguous(), recon.contiguous()).float()
+            rec = rec + self.perceptual_weight * p_loss
+        nll = rec / torch.exp(self.logvar) + self.logvar
+        nll_loss = nll.sum() / B
+        kl_loss = posterior.kl().float().sum() / B
+        loss = nll_loss + self.kl_weight * kl_loss
+        logs = {"nll": nll_loss, "rec": rec.mean(), "kl": kl_loss, "logvar": self.logvar}
+        if self.perceptual_loss is not None:
+            logs["lpips"] = p_loss.mean()
+
+        if z_proj is not None:
+            if aux_feature.shape[-2:] != z_proj.shape[-2:]:  # e.g. a substitute with another stride
+                aux_feature = F.interpolate(aux_feature.float(), size=z_proj.shape[-2:], mode="bilinear",
+                                            align_corners=False)
+            vf = vf_loss(z_proj, aux_feature, self.cos_margin, self.distmat_margin, self.cos_weight,
+                         self.distmat_weight)
+            w_vf = (adaptive_vf_weight(nll_loss, vf["loss"], enc_last_layer, self.vf_weight) if self.adaptive_vf
+                    else torch.tensor(self.vf_weight))
+            loss = loss + w_vf * vf["loss"]
+            logs.update(vf=vf["loss"], vf_mcos=vf["mcos"], vf_mdms=vf["mdms"], vf_weight=w_vf)
+
+        if self.gan_active(global_step):
+            g_loss = -self.discriminator(recon.contiguous()).float().mean()
+            d_weight = adaptive_gan_weight(nll_loss, g_loss, dec_last_layer, self.disc_weight)
+            loss = loss + d_weight * self.disc_factor * g_loss
+            logs.update(g=g_loss, d_weight=d_weight)
+        logs["loss"] = loss
+        return loss, {k: v.detach().float() for k, v in logs.items()}
+
+    def discriminator_loss(self, inputs, recon, global_step):
+        logits_real = self.discriminator(inputs.contiguous().detach()).float()
+        logits_fake = self.discriminator(recon.contiguous().detach()).float()
+        factor = adopt_weight(self.disc_factor, global_step, threshold=self.disc_start)
+        d_loss = factor * self.d_loss(logits_real, logits_fake)
+        return d_loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
+                        "logits_fake": logits_fake.detach().mean()}
