@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from modeling.checkpoint import load_vavae_checkpoint
 from modeling.foundation import build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
@@ -232,8 +233,7 @@ def trainable_state(vae, linear_proj, loss):
 
 
 def load_trainable_state(sd, vae, linear_proj, loss, strict_extras=True):
-    vae.load_state_dict({k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.",
-                                                                       "post_quant_conv."))})
+    load_vavae_checkpoint({"state_dict": sd}, vae)
     if linear_proj is not None and "linear_proj.weight" in sd:
         linear_proj.load_state_dict({"weight": sd["linear_proj.weight"]})
     elif linear_proj is not None and strict_extras:

@@ -1,0 +1,179 @@
+"""LPIPS, PatchGAN, foundation models and the VA-VAE objective (small shapes, real weights where shipped)."""
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+
+from modeling.discriminator import NLayerDiscriminator, adaptive_gan_weight, hinge_d_loss
+from modeling.foundation import (FoundationModelUnavailable, VisionTransformer, build_foundation,
+                                 load_efficientnet_lite0)
+from modeling.lpips import LPIPS
+from modeling.vavae import AutoencoderKL
+from train.vae_losses import VAVAELoss
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    return LPIPS()
+
+
+def photo(size=64, name="astronaut"):
+    img = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def test_lpips_zero_symmetric_ordering_and_grad(lpips):
+    x = photo(64)
+    y = photo(64, "chelsea")
+    assert lpips(x, x).abs().max() < 1e-6
+    torch.testing.assert_close(lpips(x, y), lpips(y, x))
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    noisy = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    d_blur, d_noise, d_other = lpips(x, blur).item(), lpips(x, noisy).item(), lpips(x, y).item()
+    assert 0 < d_blur < d_noise, (d_blur, d_noise)
+    assert d_blur < d_other
+    r = blur.clone().requires_grad_(True)
+    lpips(x, r).sum().backward()
+    assert r.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_lpips_keys_follow_taming(lpips):
+    keys = set(lpips.state_dict())
+    assert {"scaling_layer.shift", "net.slice1.0.weight", "net.slice5.28.bias", "lin4.model.1.weight"} <= keys
+    assert lpips.lin0.model[1].weight.shape == (1, 64, 1, 1)
+
+
+def test_lpips_missing_weights_file():
+    with pytest.raises(FileNotFoundError, match="no/such/vgg"):
+        LPIPS("/no/such/vgg16.ckpt")
+
+
+def test_discriminator_layout_and_hinge():
+    d = NLayerDiscriminator()
+    keys = list(d.state_dict())
+    assert keys[0] == "main.0.weight" and "main.11.weight" in keys and "main.3.running_mean" in keys
+    assert "main.2.bias" not in keys  # convs before BatchNorm have no bias, as in taming
+    assert d(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.75))
+
+
+def tiny_setup(perceptual_weight=0.0, **kw):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
+                        z_channels=4, embed_dim=4)
+    loss = VAVAELoss(perceptual_weight=perceptual_weight, disc_ndf=8, **kw)
+    return vae, loss, photo(32).repeat(2, 1, 1, 1)
+
+
+def test_generator_loss_matches_ldm_formula():
+    vae, loss, x = tiny_setup(disc_start=0, disc_weight=0.5, kl_weight=1e-6)
+    with torch.no_grad():
+        loss.logvar.fill_(0.3)
+    post = vae.encode(x)
+    recon = vae.decode(post.mean)
+    last = vae.decoder.conv_out.weight
+    total, logs = loss.generator_loss(x, recon, post, 10, last)
+    nll = ((x - recon).abs() / torch.exp(torch.tensor(0.3)) + 0.3).sum() / 2
+    kl = post.kl().sum() / 2
+    g = -loss.discriminator(recon).mean()
+    gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, last, retain_graph=True)[0].norm()
+    d_w = (gn / (gg + 1e-4)).clamp(0, 1e4) * 0.5
+    torch.testing.assert_close(total, nll + 1e-6 * kl + d_w * g, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logs["d_weight"], d_w.detach())
+    assert adaptive_gan_weight(nll, g, last, 0.5).requires_grad is False
+
+
+def test_disc_start_switches_gan_terms():
+    vae, loss, x = tiny_setup(disc_start=5)
+    post = vae.encode(x)
+    recon = vae.decode(post.sample())
+    _, before = loss.generator_loss(x, recon, post, 4, vae.decoder.conv_out.weight)
+    _, after = loss.generator_loss(x, recon, post, 5, vae.decoder.conv_out.weight)
+    assert "g" not in before and "g" in after
+    assert loss.discriminator_loss(x, recon, 4)[0].item() == 0.0
+    assert loss.discriminator_loss(x, recon, 5)[0].item() > 0.0
+
+
+def test_vf_term_adaptive_weight_and_resize():
+    vae, loss, x = tiny_setup(disc_start=10**9, vf_weight=0.1, cos_margin=0.0, distmat_margin=0.0)
+    post = vae.encode(x)
+    z = post.sample()
+    proj = torch.nn.Conv2d(4, 16, 1, bias=False)
+    aux = torch.randn(2, 16, 4, 4)  # a coarser feature grid than the 16x16 latent: resized
+    total, logs = loss.generator_loss(x, vae.decode(z), post, 0, vae.decoder.conv_out.weight, proj(z), aux,
+                                      vae.encoder.conv_out.weight)
+    assert logs["vf"] > 0 and logs["vf_weight"] > 0
+    total.backward()
+    assert proj.weight.grad.abs().sum() > 0
+
+
+def test_lpips_term_enters_rec(lpips):
+    vae, loss, x = tiny_setup(perceptual_weight=1.0, disc_start=10**9)
+    post = vae.encode(x)
+    recon = vae.decode(post.mean)
+    _, logs = loss.generator_loss(x, recon, post, 0, vae.decoder.conv_out.weight)
+    expect = ((x - recon).abs() + lpips(x, recon)).sum() / 2
+    torch.testing.assert_close(logs["nll"], expect.detach(), rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- foundation models
+
+def test_real_foundation_refuses_without_weights(tmp_path):
+    missing = str(tmp_path / "dinov2_vitl14.pth")
+    with pytest.raises(FoundationModelUnavailable, match="dinov2_vitl14.pth") as e:
+        build_foundation("dinov2_vitl14", missing)
+    assert "allow_substitute=true" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "random_tiny"])
+def test_substitute_needs_opt_in(name):
+    with pytest.raises(FoundationModelUnavailable, match="allow_substitute"):
+        build_foundation(name)
+
+
+def test_efficientnet_lite0_real_weights_see_a_cat():
+    net = load_efficientnet_lite0().eval()
+    x = photo(224, "chelsea")
+    with torch.no_grad():
+        assert net.classify(x).argmax().item() in (281, 282, 283, 284, 285)  # ImageNet cat classes
+    fm = build_foundation("efficientnet_lite0", allow_substitute=True, input_size=256)
+    feats = fm(photo(128, "chelsea"))
+    assert feats.shape == (1, 1280, 8, 8) and not feats.requires_grad
+
+
+def tiny_vit_spec(**kw):
+    return dict(patch_size=14, embed_dim=64, depth=2, num_heads=4, pos_grid=37, layer_scale=True) | kw
+
+
+def test_vit_loads_timm_layout_and_resamples_positions(tmp_path, monkeypatch):
+    import modeling.foundation as fnd
+    monkeypatch.setitem(fnd.VIT_SPECS, "dinov2_vitl14", tiny_vit_spec())
+    src = VisionTransformer(**tiny_vit_spec())
+    for p in src.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    sd["mask_token"] = torch.zeros(1, 64)  # official DINOv2 file entry, ignored
+    path = tmp_path / "dinov2.pth"
+    torch.save(sd, path)
+    fm = build_foundation("dinov2_vitl14", str(path))
+    assert fm.input_size == 224 and fm.feature_dim == 64  # the reference resize; width from the spec table
+    x = photo(256)
+    f = fm(x)
+    assert f.shape == (1, 64, 16, 16)
+    # the same function by hand: resize to 224, timm's antialiased bicubic grid resampling
+    x224 = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    grid = src.pos_embed[:, 1:].reshape(1, 37, 37, 64).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True).flatten(2).transpose(1, 2)
+    t = torch.cat([src.cls_token, src.patch_embed.proj(x224).flatten(2).transpose(1, 2)], 1)
+    t = t + torch.cat([src.pos_embed[:, :1], grid], 1)
+    for blk in src.blocks:
+        t = blk(t)
+    ref = src.norm(t)[:, 1:].transpose(1, 2).reshape(1, 64, 16, 16)
+    torch.testing.assert_close(f, ref.detach(), rtol=1e-4, atol=1e-5)
+    sd.pop("blocks.1.ls2.gamma")
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="ls2.gamma"):
+        build_foundation("dinov2_vitl14", str(path))
