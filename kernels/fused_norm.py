@@ -259,10 +259,10 @@ def _(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms, b
     per_sample = gate is not None or has_shift or scale is not None
     _, C, _, B = _geometry(xin, per_sample)
     e = xin.new_empty(0)
-    like = lambda t: torch.empty_like(t) if t is not None else e  # noqa: E731
-    dy = torch.empty_like(y) if gate is not None else e
+    like = lambda t: t.new_empty(t.shape) if t is not None else e  # noqa: E731  (contiguous, as the kernels write)
+    dy = y.new_empty(y.shape) if gate is not None else e
     dshift = xin.new_empty((B, C), dtype=dout.dtype) if has_shift else e
-    return (torch.empty_like(xin), dy, like(gate), like(weight), like(bias), dshift, like(scale))
+    return (xin.new_empty(xin.shape), dy, like(gate), like(weight), like(bias), dshift, like(scale))
 
 
 def _setup(ctx, inputs, output):
@@ -278,6 +278,8 @@ def _backward(ctx, dh, dout, dmean, drstd):
     xin, gate, y, weight, bias, scale, mean, rstd = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(xin)
+    if dh is not None and gate is None:  # h is an empty placeholder without a residual
+        dh = None
     dx, dy, dgate, dweight, dbias, dshift, dscale = norm_bwd(
         dout, dh, xin, gate, y, weight, bias, ctx.has_shift, scale, mean, rstd, ctx.rms, ctx.backend)
     x_dtype, shift_dtype = ctx.dtypes

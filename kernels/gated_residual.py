@@ -89,7 +89,7 @@ def gated_residual_bwd(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, T
 
 @gated_residual_bwd.register_fake
 def _(dout, gate, y):
-    return torch.empty_like(y), torch.empty_like(gate)
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
 def _setup(ctx, inputs, output):

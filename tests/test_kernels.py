@@ -1,0 +1,239 @@
+"""Triton kernels vs float64 references (CPU: TRITON_INTERPRET=1), custom-op checks, backend switch,
+torch.compile(fullgraph=True) of a LightningDiT block, and the parity fixture on the fused path.
+
+Shapes are small (the interpreter is slow) but awkward: hidden 1152, head_dim 72, token counts that are
+not a multiple of the kernels' blocks (37), batch 1.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import BackendUnavailable, ops, reference  # noqa: E402
+from kernels import fused_norm, gated_residual, rope, swiglu  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def leaves(*shapes_dtypes):
+    return [torch.randn(s, device=DEV, dtype=d).requires_grad_() for s, d in shapes_dtypes]
+
+
+def check(fused_fn, ref_fn, inputs, dtype):
+    """Forward outputs and input grads of fused_fn(inputs) vs ref_fn on float64 copies of the inputs."""
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    out, ref = fused_fn(*inputs), ref_fn(*ref_inputs)
+    out, ref = (out if isinstance(out, tuple) else (out,)), (ref if isinstance(ref, tuple) else (ref,))
+    grads_out = [torch.randn_like(r) for r in ref]
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and torch.isfinite(o).all()
+        assert rel_err(o, r) < TOL[dtype], f"forward rel err {rel_err(o, r):.2e}"
+    g = torch.autograd.grad([(o.double() * go).sum() for o, go in zip(out, grads_out)], inputs)
+    gr = torch.autograd.grad([(r * go).sum() for r, go in zip(ref, grads_out)], ref_inputs)
+    for i, (a, b) in enumerate(zip(g, gr)):
+        assert a.dtype == inputs[i].dtype and torch.isfinite(a).all()
+        assert rel_err(a, b) < TOL[dtype] * 2, f"grad {i} rel err {rel_err(a, b):.2e}"
+
+
+# ----------------------------------------------------------------------------- the norm family
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("B,N,C", [(2, 37, 1152), (1, 5, 40)])
+def test_norm_modulate(kind, B, N, C):
+    x, w, mod = leaves(((B, N, C), torch.float32), ((C,), torch.float32), ((B, 6 * C), torch.float32))
+    if kind == "layer":  # the model's LayerNorm has no affine
+        fn = lambda x, w, m: fused_norm.norm_modulate(x, None, m[:, :C], m[:, C:2 * C], 1e-6, kind)  # noqa
+        rf = lambda x, w, m: reference.norm_modulate(x, None, m[:, :C], m[:, C:2 * C], 1e-6, kind) + 0 * w.sum()  # noqa
+        check(lambda x, m: fn(x, None, m), lambda x, m: rf(x, torch.zeros(1, dtype=x.dtype), m), [x, mod],
+              torch.float32)
+    else:  # shift/scale are strided chunks of the adaLN output, as in the model
+        check(lambda x, w, m: fused_norm.norm_modulate(x, w, m[:, :C], m[:, C:2 * C], 1e-6, kind),
+              lambda x, w, m: reference.norm_modulate(x, w, m[:, :C], m[:, C:2 * C], 1e-6, kind),
+              [x, w, mod], torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("wo_shift", [False, True])
+def test_gated_residual_norm_modulate(kind, wo_shift):
+    B, N, C = 2, 37, 1152
+    x, y, w, mod = leaves(((B, N, C), torch.float32), ((B, N, C), torch.float32), ((C,), torch.float32),
+                          ((B, 6 * C), torch.float32))
+
+    def call(impl, x, y, w, m):
+        shift = None if wo_shift else m[:, :C]
+        return impl.gated_residual_norm_modulate(x, m[:, 2 * C:3 * C], y, w if kind == "rms" else None, shift,
+                                                 m[:, C:2 * C], 1e-6, kind)
+    inputs = [x, y, w, mod] if kind == "rms" else [x, y, mod]
+    if kind == "rms":
+        check(lambda *a: call(fused_norm, *a), lambda *a: call(reference, *a), inputs, torch.float32)
+    else:
+        check(lambda x, y, m: call(fused_norm, x, y, None, m), lambda x, y, m: call(reference, x, y, None, m),
+              inputs, torch.float32)
+
+
+def test_norm_family_bf16_and_autocast_dtypes():
+    B, N, C = 1, 37, 1152
+    x, y, w, mod = leaves(((B, N, C), torch.bfloat16), ((B, N, C), torch.bfloat16), ((C,), torch.bfloat16),
+                          ((B, 6 * C), torch.bfloat16))
+    call = lambda impl: lambda x, y, w, m: impl.gated_residual_norm_modulate(  # noqa: E731
+        x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms")
+    check(call(fused_norm), call(reference), [x, y, w, mod], torch.bfloat16)
+    # autocast's mix: fp32 residual stream and weight, bf16 branch output and adaLN vectors
+    x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
+    h, out = fused_norm.gated_residual_norm_modulate(x32, mod[:, :C], y, w32, None, mod[:, C:2 * C])
+    rh, rout = reference.gated_residual_norm_modulate(x32, mod[:, :C], y, w32, None, mod[:, C:2 * C])
+    assert h.dtype == rh.dtype == torch.float32 and out.dtype == rout.dtype
+    assert rel_err(out, rout) < 1e-2
+
+
+def test_rms_norm_and_qk_layer_norm_on_head_views():
+    B, H, N, D = 1, 2, 37, 72
+    qkv = torch.randn(B, N, 3, H, D, device=DEV).requires_grad_()
+    w, b = leaves(((D,), torch.float32), ((D,), torch.float32))
+    q = lambda t: t.permute(2, 0, 3, 1, 4)[0]  # noqa: E731  (B, H, N, D) strided view, as in Attention
+    check(lambda t, w: fused_norm.rms_norm(q(t), w, 1e-6), lambda t, w: reference.rms_norm(q(t), w, 1e-6),
+          [qkv, w], torch.float32)
+    check(lambda t, w, b: fused_norm.layer_norm(q(t), w, b, 1e-5),
+          lambda t, w, b: reference.layer_norm(q(t), w, b, 1e-5), [qkv, w, b], torch.float32)
+
+
+# ----------------------------------------------------------------------------- elementwise ops
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual(dtype):
+    B, N, C = 2, 37, 1152
+    x, y, mod = leaves(((B, N, C), dtype), ((B, N, C), dtype), ((B, 6 * C), dtype))
+    check(lambda x, y, m: gated_residual.gated_residual(x, m[:, 5 * C:], y),
+          lambda x, y, m: reference.gated_residual(x, m[:, 5 * C:], y), [x, y, mod], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(dtype):
+    (x12,) = leaves(((1, 37, 2 * 3072), dtype))  # XL/1: hidden int(2/3 * 4 * 1152) = 3072
+    check(swiglu.swiglu, reference.swiglu, [x12], dtype)
+
+
+@pytest.mark.parametrize("D", [72, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_qk(D, dtype):
+    from modeling.lightningdit import VisionRotaryEmbeddingFast
+    B, H, side = 1, 2, 6
+    N = side * side + 1  # 37 tokens: not a multiple of the kernel's token block
+    tables = VisionRotaryEmbeddingFast(D // 2, side + 1)
+    cos, sin = tables.freqs_cos[:N].to(DEV), tables.freqs_sin[:N].to(DEV)
+    (qkv,) = leaves(((B, N, 3, H, D), dtype))
+    split = lambda t: t.permute(2, 0, 3, 1, 4).unbind(0)[:2]  # noqa: E731  strided q, k views
+    check(lambda t: rope.rope_qk(*split(t), cos, sin),
+          lambda t: reference.rope_qk(*split(t), cos.double(), sin.double()), [qkv], dtype)
+
+
+# ----------------------------------------------------------------------------- custom-op contract
+
+def _opcheck_cases():
+    B, N, C = 1, 3, 16
+    r = lambda *s: torch.randn(*s, device=DEV)  # noqa: E731
+    mod = r(B, 6 * C)
+    x, y, w = r(B, N, C).requires_grad_(), r(B, N, C).requires_grad_(), r(C).requires_grad_()
+    g, sh, sc = (mod[:, i * C:(i + 1) * C].clone().requires_grad_() for i in range(3))
+    q, k = r(B, 2, 4, 8).requires_grad_(), r(B, 2, 4, 8).requires_grad_()
+    return [
+        (torch.ops.vavae.norm_fwd.default, (x, g, y, w, None, sh, sc, 1e-6, True, "triton")),
+        (torch.ops.vavae.norm_fwd.default, (x, None, None, None, None, None, sc, 1e-6, False, "triton")),
+        (torch.ops.vavae.gated_residual.default, (x, g, y)),
+        (torch.ops.vavae.swiglu.default, (r(B, N, 2 * C).requires_grad_(),)),
+        (torch.ops.vavae.rope_qk.default, (q, k, r(4, 8), r(4, 8), False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- backend switch
+
+def test_backend_resolution_and_errors(monkeypatch):
+    x = torch.randn(1, 3, 8)
+    kernels.set_backend("auto")
+    ops.rms_norm(x, None)
+    if not x.is_cuda and DEV == "cpu":
+        assert kernels.describe()["ops"]["rms_norm"] == "reference"  # auto never picks the interpreter
+    kernels.set_backend("cuda")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        ops.rms_norm(x, None)
+    kernels.set_backend("triton")
+    monkeypatch.setattr("kernels._triton.interpreting", lambda: False)
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        ops.swiglu(x)
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.set_backend("fast")
+
+
+def test_attention_reports_its_choice():
+    q, k, v = (torch.randn(1, 2, 37, 72) for _ in range(3))
+    out = ops.attention(q, k, v)
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+    assert kernels.describe()["ops"]["attention"] == "sdpa-cpu"
+    from kernels import attention
+    attention.set_attention("fa3")
+    try:
+        with pytest.raises(BackendUnavailable):
+            ops.attention(q, k, v)
+    finally:
+        attention.set_attention(None)
+
+
+# ----------------------------------------------------------------------------- the model on the fused path
+
+def test_compiled_block_fullgraph_matches_reference(tmp_path, monkeypatch):
+    from modeling.lightningdit import LightningDiTBlock, VisionRotaryEmbeddingFast
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    block = LightningDiTBlock(144, 2, use_qknorm=True).to(DEV)  # head_dim 72 as XL
+    for p in block.parameters():  # the zero adaLN init would hide the modulate/gate paths
+        torch.nn.init.normal_(p, std=0.05)
+    tables = VisionRotaryEmbeddingFast(36, 5).to(DEV)
+    x, c = torch.randn(2, 25, 144, device=DEV), torch.randn(2, 144, device=DEV)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: any graph break raises
+    out = compiled(x, c, tables)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), list(block.parameters()))
+    assert set(kernels.describe()["ops"].values()) >= {"triton"}
+    kernels.set_backend("reference")
+    ref = block(x, c, tables)
+    ref_grads = torch.autograd.grad((ref * g).sum(), list(block.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_parity_fixture_on_fused_path(parity_dir, parity_configs):
+    from modeling.checkpoint import load_dit_checkpoint
+    from modeling.lightningdit import LightningDiT
+    cfg = {k: v for k, v in parity_configs["lightningdit_b"].items() if k != "kind"}  # head_dim 72, qk-norm
+    model = LightningDiT(**cfg).eval()
+    load_dit_checkpoint(str(parity_dir / "lightningdit_b.pt"), model, weights="ema")
+    io = torch.load(parity_dir / "lightningdit_b_io.pt", weights_only=False)
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["y"])
+    assert kernels.describe()["ops"]["gated_residual_norm_modulate"] == "triton"
+    torch.testing.assert_close(out, io["out_ema"], rtol=1e-4, atol=1e-5)
