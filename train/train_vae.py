@@ -341,8 +341,9 @@ def train(cfg: VAVAEConfig):
     metrics_file = open(out / "metrics.jsonl", "a")
     while step < max_steps:
         dataset.epoch = batches.epoch
+        # its own generator: building a loader must not draw from the global RNG (resume is bit-exact)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                            collate_fn=collate_images, persistent_workers=False)
+                            collate_fn=collate_images, generator=torch.Generator().manual_seed(t.seed + batches.epoch))
         for images, n_bad in loader:
             batches.start += 1
             bad_images += n_bad
