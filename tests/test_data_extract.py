@@ -138,3 +138,13 @@ def test_resume_after_kill_is_identical(setup, tmp_path):
     sa = torch.load(out / "latents_stats.pt", weights_only=True)
     sb = torch.load(fresh / "latents_stats.pt", weights_only=True)
     assert torch.equal(sa["mean"], sb["mean"]) and torch.equal(sa["std"], sb["std"])
+
+
+def test_compare_paths_reports_small_moves(setup):
+    from train.data.compare import compare_paths
+
+    _, files, vae = setup
+    res = compare_paths(vae, files, image_size=SIZE, batch_size=7, dali_device="cpu", num_workers=0)
+    d, b = res["dali_vs_pil"], res["bf16_vs_fp32"]
+    assert 0 < d["latent_rel_l2_diff_mean"] < 0.2 and d["std_max_rel_diff"] < 0.1  # 48px -> 32px: resized
+    assert 0 < b["latent_rel_l2_diff_max"] < 5e-3 and b["mean_max_abs_diff"] < 1e-3

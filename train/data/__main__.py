@@ -1,4 +1,4 @@
-"""python -m train.data {embedded,scan,extract,stats} ... -- see docs/data.md."""
+"""python -m train.data {embedded,scan,extract,compare,stats} ... -- see docs/data.md."""
 import argparse
 import json
 import logging
@@ -50,6 +50,15 @@ def main(argv=None):
     x.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     x.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
 
+    c = sub.add_parser("compare", help="latent stats: DALI vs PIL crop, bf16 vs fp32 storage (same noise)")
+    c.add_argument("data")
+    c.add_argument("--vae", required=True)
+    c.add_argument("--vae-config")
+    c.add_argument("--image-size", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--dali-device", choices=["auto", "gpu", "cpu"], default="auto")
+    c.add_argument("--device", default=None)
+
     st = sub.add_parser("stats", help="(re)compute latents_stats.pt of a latent folder as the reference does")
     st.add_argument("dir")
 
@@ -81,6 +90,13 @@ def main(argv=None):
                                  store_dtype=args.dtype, backend=args.backend, dali_device=args.dali_device,
                                  num_workers=args.workers, device=device, amp=args.amp)
         print(json.dumps(result | {"rank": args.rank}))
+    elif args.cmd == "compare":
+        from .compare import compare_paths
+        from .files import load_file_list
+
+        print(json.dumps(compare_paths(_vae(args.vae, args.vae_config), load_file_list(args.data),
+                                       image_size=args.image_size, batch_size=args.batch_size,
+                                       dali_device=args.dali_device, device=args.device), indent=1))
     elif args.cmd == "stats":
         from .latents import LatentStore, STATS_FILE, compute_stats, save_stats
 
