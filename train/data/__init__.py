@@ -1,0 +1,1 @@
+"""Data pipelines: scan, image loaders (PIL / DALI), latent extraction, latent store + loader. See docs/data.md."""
