@@ -100,7 +100,8 @@ def deepspeed_config(cfg, world_size):
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.batch_per_gpu,
         "gradient_accumulation_steps": t.global_batch // per_step,
-        "gradient_clipping": o.grad_clip,
+        # Without ZeRO the trainer clips itself (it checks the norm first, see optimizer_step).
+        "gradient_clipping": o.grad_clip if t.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -219,9 +220,12 @@ class Trainer:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             applied = bool(torch.isfinite(grad_norm))
-            if not applied:
-                for p in engine.module.parameters():
+            clip = self.cfg.optim.grad_clip
+            for p in engine.module.parameters():
+                if not applied:
                     p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
+                elif p.grad is not None and clip > 0:
+                    p.grad.mul_(torch.clamp(clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
             engine.step()
             return applied, float(grad_norm)
         engine.step()  # ZeRO 1-3 skip the update themselves when the global gradient norm is not finite

@@ -1,0 +1,75 @@
+"""The DiT trainer in-process (1 CPU process, DeepSpeed + gloo): non-finite steps are skipped without touching
+weights, optimizer or EMA under every ZeRO stage, K in a row stop the run with a checkpoint; FP8 (torchao,
+CPU emulation) trains; the reference-format export loads with modeling.checkpoint."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling.checkpoint import load_dit_checkpoint
+from modeling.lightningdit import LightningDiT
+from train.checkpoint import CheckpointManager
+from train.config import load_config
+from train.dit_config import DiTTrainConfig
+from train.train_dit import NonFiniteError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+
+
+def tiny_cfg(tmp_path, *overrides):
+    return load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", [
+        f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}", "logging.progress_bar=false",
+        "logging.tensorboard=false", "logging.every=1", *overrides])
+
+
+class PoisonOddBatches:
+    """Wraps a loader: every second micro-batch has a NaN, so every step (2 micro-batches) is bad."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for i, (lat, lab) in enumerate(self.loader):
+            if i % 2:
+                lat = lat.clone()
+                lat[0, 0, 0, 0] = float("nan")
+            yield lat, lab
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_non_finite_steps_are_skipped_then_stop_with_checkpoint(tmp_path, zero_stage):
+    cfg = tiny_cfg(tmp_path, f"train.zero_stage={zero_stage}", "train.max_bad_steps=3", "train.steps=10")
+    trainer = Trainer(cfg)
+    params0 = {k: v.clone() for k, v in trainer.ema.full_state_dict(trainer.engine.module).items()}
+    trainer.loader = PoisonOddBatches(trainer.loader)
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row at step 3; checkpoint saved"):
+        trainer.fit()
+    assert trainer.skipped_steps == 3
+    from train.train_dit import full_state_dict
+    after = full_state_dict(trainer.engine.module)
+    for k, v in params0.items():  # neither the weights nor the EMA moved
+        assert torch.equal(after[k], v), k
+        assert torch.equal(trainer.ema.full_state_dict(trainer.engine.module)[k], v), k
+    assert CheckpointManager(cfg.checkpoint.dir).latest()[0] == 3
+
+
+def test_fp8_torchao_trains_and_export_loads(tmp_path):
+    cfg = tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=torchao", "fp8.allow_cpu=true",
+                   "train.steps=3", "train.zero_stage=2")
+    trainer = Trainer(cfg).fit()
+    assert trainer.step == 3 and trainer.skipped_steps == 0 and "torchao" in trainer.fp8_desc
+    model = LightningDiT(**cfg.model.kwargs())
+    load_dit_checkpoint(str(tmp_path / "final_reference.pt"), model, weights="ema")
+    ema = trainer.ema.state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_fp8_refused_on_cpu_before_training(tmp_path):
+    from train.fp8 import FP8Unavailable
+    with pytest.raises(FP8Unavailable, match="Transformer Engine|FP8-capable CUDA GPU"):
+        Trainer(tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=te"))
