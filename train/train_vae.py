@@ -415,10 +415,30 @@ def train(cfg: VAVAEConfig):
             batches.epoch, batches.start = batches.epoch + 1, 0
     metrics_file.close()
     export_tokenizer(out / "tokenizer.pt", vae, linear_proj, loss_fn)
-    log.info("done: step %d, %d non-finite steps skipped, %d unreadable images; tokenizer -> %s", step,
-             nonfinite_total, bad_images, out / "tokenizer.pt")
-    return {"step": step, "nonfinite_skipped": nonfinite_total, "bad_images": bad_images,
+    psnr = reconstruction_report(vae, dataset, device, out / "reconstructions.png")
+    log.info("done: step %d, %d non-finite steps skipped, %d unreadable images, reconstruction PSNR %.2f dB "
+             "(%s); tokenizer -> %s", step, nonfinite_total, bad_images, psnr, out / "reconstructions.png",
+             out / "tokenizer.pt")
+    return {"step": step, "nonfinite_skipped": nonfinite_total, "bad_images": bad_images, "psnr": psnr,
             "tokenizer": str(out / "tokenizer.pt")}
+
+
+@torch.no_grad()
+def reconstruction_report(vae, dataset, device, png_path, n=8):
+    """PSNR of posterior-mean reconstructions of the first n images, and a grid (top: input, bottom: output)."""
+    from PIL import Image
+    dataset.epoch = 0
+    x = torch.stack([im for im in (dataset[i] for i in range(min(n, len(dataset)))) if im is not None]).to(device)
+    vae.eval()
+    recon = vae.decode(vae.encode(x).mode())
+    vae.train()
+    to_u8 = lambda t: torch.clamp(127.5 * t.float() + 128.0, 0, 255).to(torch.uint8)  # noqa: E731 (reference rounding)
+    a, b = to_u8(x), to_u8(recon)
+    mse = ((a.float() - b.float()) ** 2).mean(dim=(1, 2, 3))
+    psnr = (10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).mean().item()
+    grid = torch.cat([torch.cat(list(a), dim=2), torch.cat(list(b), dim=2)], dim=1)  # (3, 2H, nW)
+    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(png_path)
+    return psnr
 
 
 def main(argv=None):
