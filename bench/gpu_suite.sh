@@ -14,8 +14,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the m
 fi
 if [[ " $* " != *" --cpu-smoke "* ]]; then
   start=$(date +%s)
-  timeout 240 python kernels/build_ext.py > "$OUT/build_ext.log" 2>&1 \
+  MAX_JOBS=${MAX_JOBS:-16} timeout 150 python kernels/build_ext.py > "$OUT/build_ext.log" 2>&1 \
     && echo "[suite] CUDA extension built in $(( $(date +%s) - start )) s" \
     || echo "[suite] CUDA extension build failed or skipped (see $OUT/build_ext.log): $(tail -n 3 "$OUT/build_ext.log")"
 fi
-timeout 470 python bench/gpu_suite.py --out "$OUT" "$@"
+timeout 430 python bench/gpu_suite.py --out "$OUT" "$@"

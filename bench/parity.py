@@ -29,9 +29,9 @@ def _ctor_args(cls, cfg):
     return {k: v for k, v in cfg.items() if k in params}
 
 
-def check_lightningdit(dir_, name, cfg, io):
-    model = LightningDiT(**_ctor_args(LightningDiT, cfg)).eval()
-    ckpt = torch.load(dir_ / f"{name}.pt", map_location="cpu", weights_only=False)
+def check_lightningdit(dir_, name, cfg, io, device="cpu"):
+    model = LightningDiT(**_ctor_args(LightningDiT, cfg)).eval().to(device)
+    ckpt = torch.load(dir_ / f"{name}.pt", map_location=device, weights_only=False)
     rows = []
     with torch.no_grad():
         for weights in ("ema", "model"):
@@ -71,9 +71,9 @@ def check_lightningdit(dir_, name, cfg, io):
     return rows
 
 
-def check_vavae(dir_, name, cfg, io):
-    model = AutoencoderKL(**_ctor_args(AutoencoderKL, cfg)).eval()
-    load_vavae_checkpoint(dir_ / f"{name}.pt", model)
+def check_vavae(dir_, name, cfg, io, device="cpu"):
+    model = AutoencoderKL(**_ctor_args(AutoencoderKL, cfg)).eval().to(device)
+    load_vavae_checkpoint(torch.load(dir_ / f"{name}.pt", map_location=device, weights_only=False), model)
     rows = []
     with torch.no_grad():
         if "images" in io:
@@ -88,7 +88,7 @@ def check_vavae(dir_, name, cfg, io):
     return rows
 
 
-def check_vf_loss(dir_, name, cfg, io):
+def check_vf_loss(dir_, name, cfg, io, device="cpu"):
     rows = []
     for key in sorted(io):
         m = re.fullmatch(r"(mcos|mdms)_m([0-9.]+)", key)
@@ -114,7 +114,7 @@ def compare(out, ref, rtol, atol):
     return err.max().item(), rel, ok
 
 
-def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout):
+def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
     dir_ = Path(dir_)
     configs = json.loads((dir_ / "configs.json").read_text())
     failures = 0
@@ -127,9 +127,9 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout):
                   f" {'-':>10} {'-':>10}  FAIL", file=out)
             failures += 1
             continue
-        io = torch.load(io_path, map_location="cpu", weights_only=False)
+        io = torch.load(io_path, map_location=device, weights_only=False)
         try:
-            rows = CHECKS[kind](dir_, name, cfg, io)
+            rows = CHECKS[kind](dir_, name, cfg, io, device)
         except Exception as e:  # a fixture that cannot be recomputed is a failure, with the reason
             print(f"{name:<18} ERROR {type(e).__name__}: {e}", file=out)
             failures += 1
@@ -141,7 +141,7 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout):
             abs_err, rel_err, ok = compare(o, r, rtol, atol)
             failures += not ok
             print(f"{name:<18} {label:<44} {abs_err:>10.2e} {rel_err:>10.2e}  {'ok' if ok else 'FAIL'}", file=out)
-    print(f"kernels: {kernels.describe()}", file=out)
+    print(f"device: {device}; kernels: {kernels.describe()['ops']}", file=out)
     print(f"{'all within' if not failures else str(failures) + ' outside'} rtol {rtol}, atol {atol}", file=out)
     return failures
 
@@ -152,11 +152,15 @@ def main(argv=None):
     ap.add_argument("--rtol", type=float, default=1e-4)
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--backend", default=None, help="kernels backend to force (reference, triton, cuda, auto)")
+    ap.add_argument("--device", default="cpu", help="run the models on this device (fp32), e.g. cuda")
     args = ap.parse_args(argv)
     if args.backend:
         kernels.set_backend(args.backend)
     torch.set_grad_enabled(False)
-    sys.exit(1 if run(args.dir, args.rtol, args.atol) else 0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
+        torch.backends.cudnn.allow_tf32 = False
+    sys.exit(1 if run(args.dir, args.rtol, args.atol, device=args.device) else 0)
 
 
 if __name__ == "__main__":
