@@ -1,0 +1,144 @@
+"""An offline metric for the embedded default: a small CNN classifier trained on the dataset's real crops.
+
+The embedded dataset has no Inception-scale reference, so the demo's convergence curve uses this
+classifier instead: `class_acc` = fraction of generated samples classified as the label they were
+generated for (chance = 1 / num_classes), and `fd` = Frechet distance between the classifier's
+penultimate-layer features (128-d) of the samples and of the real images (robust float64 form of
+bench.eval.fid). It measures "does a sample look like its class", not ImageNet FID.
+
+    clf, info = train_classifier(images, labels, num_classes)    # uint8 (N, H, W, 3), a few seconds
+    ref = clf.reference_stats(images)
+    clf.evaluate(samples, sample_labels, ref) -> {"class_acc": ..., "fd": ...}
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fid import FIDStatistics
+
+INPUT = 32
+
+
+def _to_input(images):
+    """uint8 (B, H, W, 3) -> float (B, 3, 32, 32) in [-1, 1] (area resize: no aliasing)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x if x.shape[-1] == INPUT else F.interpolate(x, size=(INPUT, INPUT), mode="area")
+
+
+class SmallClassifier(nn.Module):
+    def __init__(self, num_classes, width=32, feat_dim=128):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, feat_dim]
+        layers = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(feat_dim, num_classes)
+        self.num_classes = num_classes
+
+    def features(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, images, batch_size=256):
+        """uint8 images -> (logits, features) as float64 numpy arrays."""
+        self.eval()
+        logits, feats = [], []
+        for i in range(0, len(images), batch_size):
+            f = self.features(_to_input(images[i:i + batch_size]))
+            feats.append(f.double())
+            logits.append(self.head(f).double())
+        return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+
+    def reference_stats(self, images):
+        return FIDStatistics.from_features(self.predict(images)[1])
+
+    def evaluate(self, images, labels, ref_stats):
+        logits, feats = self.predict(images)
+        acc = float((logits.argmax(1) == np.asarray(labels)).mean())
+        return {"class_acc": acc, "fd": FIDStatistics.from_features(feats).frechet_distance(ref_stats)}
+
+
+def _augment(x, g):
+    """Random resized crop (scale 0.5-1, via an affine grid), mirror, brightness/contrast and blur: the
+    classifier should judge content, not the exact crop or the decoder's softness."""
+    b = x.shape[0]
+    scale = torch.empty(b).uniform_(0.7, 1.0, generator=g)
+    tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - scale)
+    ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - scale)
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale * flip, scale, tx, ty
+    x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
+    x = x * torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g) + torch.empty(b, 1, 1, 1).uniform_(
+        -0.15, 0.15, generator=g)
+    blur = torch.rand(b, generator=g) < 0.5
+    if blur.any():
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None]) / 16
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
+    return x.clamp(-1, 1)
+
+
+def train_classifier(images, labels, num_classes, steps=200, batch_size=32, lr=2e-3, holdout=0.2, seed=0,
+                     progress=True):
+    """Train on (1 - holdout) of the real images; report accuracy on the held-out rest.
+
+    Returns (classifier, {"holdout_acc", "train_images", "holdout_images"}).
+    """
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    perm = torch.randperm(len(labels), generator=g)
+    n_hold = int(math.floor(holdout * len(labels)))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    x_all = _to_input(images)
+    clf = SmallClassifier(num_classes)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    clf.train()
+    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+        idx = train[torch.randint(len(train), (batch_size,), generator=g)]
+        loss = F.cross_entropy(clf(_augment(x_all[idx], g)), labels[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval()
+    info = {"train_images": int(len(train)), "holdout_images": int(n_hold)}
+    if n_hold:
+        logits, _ = clf.predict(np.asarray(images)[hold.numpy()])
+        info["holdout_acc"] = float((logits.argmax(1) == labels[hold].numpy()).mean())
+    return clf, info
+
+
+def load_image_folder(root, size=None):
+    """An ImageFolder (root/<class>/*.jpg) -> (uint8 (N, H, W, 3), labels (N,), class names)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class folders")
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(im))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels), classes
