@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete OUT first")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--per-class", type=int, default=24, help="crops per class in the embedded dataset")
-    p.add_argument("--vae-steps", type=int, default=200)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: configs/vavae_tiny_cpu.yaml's max_steps")
     p.add_argument("--dit-steps", type=int, default=600)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-hidden", type=int, default=128)
@@ -81,9 +81,11 @@ def stage_vae(a, out, data_root):
 
     vae_dir = out / "vae"
     if not (vae_dir / "tokenizer.pt").exists():
-        cfg = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", [
-            "data.source=folder", f"data.root={data_root}", "data.num_workers=0", f"train.out_dir={vae_dir}",
-            f"train.max_steps={a.vae_steps}", f"model.resolution={a.image_size}", f"train.seed={a.seed}"])
+        overrides = ["data.source=folder", f"data.root={data_root}", "data.num_workers=0", f"train.out_dir={vae_dir}",
+                     f"model.resolution={a.image_size}", f"train.seed={a.seed}"]
+        if a.vae_steps is not None:
+            overrides.append(f"train.max_steps={a.vae_steps}")
+        train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
         train(cfg)
     return load_vae(a, vae_dir)
 
