@@ -110,8 +110,9 @@ def _compile_blocks(model, smoke):
     return model
 
 
-def train_throughput(smoke, mode, batch, fp8=False):
-    """img/s of full training steps (forward, flow loss, backward, AdamW) in bf16 autocast."""
+def build_train_step(smoke, mode, batch, fp8=False):
+    """(step_fn, model, fp8_backend) for one full training step (forward, flow loss, backward, AdamW) in bf16
+    autocast; mode in eager / compiled (reference ops) and fused / fused+compiled (kernels' auto backend)."""
     from modeling.flow import flow_loss
     from modeling.lightningdit import LightningDiT, build_lightningdit
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -123,25 +124,29 @@ def train_throughput(smoke, mode, batch, fp8=False):
     else:
         model = build_lightningdit("XL/1", input_size=16, in_channels=32, num_classes=1000).to(dev)
     model.train()
-    fp8_backend = None
-    if fp8:
-        fp8_backend = _apply_fp8(model)
+    fp8_backend = _apply_fp8(model) if fp8 else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    fwd = model
     if "compiled" in mode:
-        fwd = _compile_blocks(model, smoke)
+        _compile_blocks(model, smoke)
     C, S = model.in_channels, model.config["input_size"]
     x1 = torch.randn(batch, C, S, S, device=dev)
     y = torch.randint(0, model.num_classes, (batch,), device=dev)
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = flow_loss(fwd, x1, y)["loss"]
+            loss = flow_loss(model, x1, y)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    return step, model, fp8_backend
+
+
+def train_throughput(smoke, mode, batch, fp8=False):
+    """img/s of full training steps (forward, flow loss, backward, AdamW) in bf16 autocast."""
+    step, model, fp8_backend = build_train_step(smoke, mode, batch, fp8)
+    dev = next(model.parameters()).device.type
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     warm, reps = (1, 1) if smoke else (3, 8)
@@ -161,7 +166,7 @@ def train_throughput(smoke, mode, batch, fp8=False):
     out = {"batch": batch, "img_per_s": batch / dt, "step_ms": dt * 1e3, "TFLOPs": flops / 1e12,
            "kernels": kernels.describe()["ops"], "fp8": fp8_backend,
            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None}
-    del model, opt, fwd
+    del model, step
     kernels.set_backend("auto")
     return out
 

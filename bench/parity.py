@@ -103,7 +103,7 @@ CHECKS = {"lightningdit": check_lightningdit, "vavae": check_vavae, "vf_loss": c
 
 
 def compare(out, ref, rtol, atol):
-    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    out, ref = torch.as_tensor(out).detach().cpu().double(), torch.as_tensor(ref).detach().cpu().double()
     if out.shape != ref.shape:
         return float("inf"), float("inf"), False
     if out.numel() == 0:

@@ -66,6 +66,11 @@ def _candidates(q):
 
 
 def _time_ms(choice, q, k, v, reps=5):
+    with torch.enable_grad():  # the choice is for training (forward + backward), also when called under no_grad
+        return _time_fwd_bwd_ms(choice, q, k, v, reps)
+
+
+def _time_fwd_bwd_ms(choice, q, k, v, reps):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
     times = []
@@ -85,7 +90,9 @@ def _choose(q, k, v):
     if key in _chosen:
         return _chosen[key]
     if torch.compiler.is_compiling():  # no timing inside a trace: the static order, first that can run
-        return _candidates(q)[0] if q.shape[-1] % 8 == 0 else "sdpa-efficient"
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8:
+            return "sdpa-efficient"  # the only fused SDPA kernel that takes fp32 and any head_dim
+        return _candidates(q)[0]
     results = {}
     for c in _candidates(q):
         try:
@@ -94,6 +101,8 @@ def _choose(q, k, v):
             results[c] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     timed = {c: t for c, t in results.items() if isinstance(t, float)}
     _measured[key] = results
+    if not timed:
+        raise BackendUnavailable(f"no attention implementation runs for {key}: {results}")
     _chosen[key] = min(timed, key=timed.get)
     return _chosen[key]
 

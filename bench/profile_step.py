@@ -1,0 +1,151 @@
+"""Where does a LightningDiT-XL/1 training step spend its GPU time?
+
+    python -m bench.profile_step --mode fused+compiled --batch 256 --out DIR
+
+Profiles a few training steps (bench.gpu_suite.build_train_step) with torch.profiler and groups the CUDA
+kernel time into matmul / attention / fused-glue / optimizer / other; also times attention at the real shape
+for every SDPA backend (and with head_dim zero-padded, scale kept) and the block's GEMM shapes.
+Writes DIR/profile_step.json and prints a short table. `--smoke` runs tiny shapes on the CPU.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+CATEGORIES = (  # first match wins; lower-case substrings of kernel names
+    ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa", "mha")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "scaled_mm", "float8")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "vavae", "_rope", "_swiglu", "_gated", "_fwd_kernel", "_bwd_kernel")),
+    ("inductor fusions", ("triton_",)),
+)
+
+
+def categorize(name):
+    n = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other (eager elementwise, copies, reductions)"
+
+
+def profile_training(mode, batch, steps, smoke):
+    from bench.gpu_suite import build_train_step
+    from torch.profiler import ProfilerActivity, profile
+    step, model, _ = build_train_step(smoke, mode, batch)
+    for _ in range(3):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and not smoke else [])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    use_cuda = ProfilerActivity.CUDA in acts
+    kernels_ = {}
+    for e in prof.key_averages():
+        t = (e.device_time_total if use_cuda else e.self_cpu_time_total) / 1e3 / steps  # ms per step
+        if use_cuda and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
+            continue
+        if t > 0:
+            kernels_[e.key] = kernels_.get(e.key, 0.0) + t
+    if use_cuda:  # only kernels (device-side events); drop the CPU-op rows that also carry device time
+        kernels_ = {k: v for k, v in kernels_.items() if not k.startswith(("aten::", "autograd::", "Optimizer",
+                                                                             "ProfilerStep", "cudaLaunch", "Torch-Compiled",
+                                                                             "CompiledFunction", "## ", "vavae::"))}
+    cats = {}
+    for k, v in kernels_.items():
+        cats[categorize(k)] = cats.get(categorize(k), 0.0) + v
+    top = sorted(kernels_.items(), key=lambda kv: -kv[1])[:30]
+    return {"mode": mode, "batch": batch, "ms_per_step_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "total_kernel_ms_per_step": sum(kernels_.values()), "top_kernels_ms_per_step": top}
+
+
+def _bench(fn, smoke):
+    if smoke or not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def attention_shapes(batch, smoke):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    B, H, N, D = (2, 2, 16, 72) if smoke else (batch, 16, 256, 72)
+    flops = 4 * B * H * N * N * D * 3.5  # forward 4*B*H*N^2*D, backward ~2.5x
+    out = {}
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for pad in (D, 80, 128):
+        q, k, v = (torch.randn(B, H, N, pad, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn(B, H, N, pad, device=dev, dtype=torch.bfloat16)
+        for name, be in backends.items():
+            def fb():
+                with sdpa_kernel(be):
+                    F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(D)).backward(g)
+            try:
+                ms = _bench(fb, smoke)
+                out[f"{name} head_dim {pad}"] = {"fwd_bwd_ms": ms, "TFLOPs_at_72": flops / ms / 1e9}
+            except Exception as e:
+                out[f"{name} head_dim {pad}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return out
+
+
+def gemm_shapes(batch, smoke):
+    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    T = 64 if smoke else batch * 256
+    shapes = {"qkv 1152->3456": (1152, 3456), "proj 1152->1152": (1152, 1152), "w12 1152->6144": (1152, 6144),
+              "w3 3072->1152": (3072, 1152), "adaLN 1152->6912 (B rows)": (1152, 6912)}
+    out = {}
+    for name, (k, n) in shapes.items():
+        m = batch if "adaLN" in name else T
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        ms = _bench(lambda: F.linear(a, w), smoke)
+        out[name] = {"ms": ms, "TFLOPs": 2 * m * k * n / ms / 1e9}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="fused+compiled")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    batch = 2 if a.smoke else a.batch
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    for name, fn in (("attention", lambda: attention_shapes(batch, a.smoke)),
+                     ("gemm", lambda: gemm_shapes(batch, a.smoke)),
+                     ("profile", lambda: profile_training(a.mode, batch, a.steps, a.smoke))):
+        try:
+            res[name] = fn()
+        except Exception as e:
+            res[name] = f"ERROR {type(e).__name__}: {e}"
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "profile_step.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    p = res.get("profile")
+    if isinstance(p, dict):
+        print(f"== {p['mode']} batch {p['batch']}: {p['total_kernel_ms_per_step']:.1f} ms of kernels per step")
+        for cat, ms in p["ms_per_step_by_category"].items():
+            print(f"  {cat:45s} {ms:8.1f} ms")
+        for k, ms in p["top_kernels_ms_per_step"][:15]:
+            print(f"  {ms:8.2f} ms  {k[:110]}")
+    else:
+        print("profile:", p)
+    for sec in ("attention", "gemm"):
+        if isinstance(res.get(sec), dict):
+            for k, v in res[sec].items():
+                print(f"{sec}: {k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()
