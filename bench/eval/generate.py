@@ -41,10 +41,11 @@ def _chunk_path(work, start):
 @torch.no_grad()
 def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, steps=250, method="euler",
              shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", class_balanced=True, seed=0,
-             rank=0, world_size=1, device="cpu", progress=True):
+             rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0):
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
-    latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None.
+    latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
+    trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
     """
     from tqdm import tqdm
@@ -74,6 +75,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         y = labels[idx].to(device)
         x = sample(dit, z, y, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                    cfg_interval_start=cfg_interval_start, guidance=guidance, generator=gen)
+        x = x / latent_multiplier
         if latent_stats is not None:
             x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
         images = vae.decode_to_images(x).cpu().numpy()
@@ -117,6 +119,7 @@ def main(argv=None):
     p.add_argument("vae_dir")
     p.add_argument("out_npz")
     p.add_argument("--latent-stats", default=None, help="latents_stats.pt of the extraction")
+    p.add_argument("--latent-multiplier", type=float, default=1.0, help="the trainer's data.latent_multiplier")
     p.add_argument("--num-samples", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=250)
@@ -133,7 +136,7 @@ def main(argv=None):
     stats = torch.load(a.latent_stats, map_location="cpu") if a.latent_stats else None
     out = generate(load_pretrained(a.dit_dir), load_pretrained(a.vae_dir), a.out_npz, a.num_samples, stats,
                    a.batch_size, a.steps, a.method, a.shift, a.cfg_scale, a.cfg_interval_start, a.guidance,
-                   not a.random_labels, a.seed, rank, world, device)
+                   not a.random_labels, a.seed, rank, world, device, latent_multiplier=a.latent_multiplier)
     print(f"wrote {out}" if out else f"rank {rank} done; the last rank to finish writes {a.out_npz}")
 
 
