@@ -231,8 +231,15 @@ def main():
         s.result["sections"]["train_fp8+fused+compiled"] = f"torchao not importable: {type(e).__name__}: {e}"
     else:
         s.section("train_fp8+fused+compiled", _train_fit, a.cpu_smoke, "fused+compiled", batch, True)
+    s.section("profile_fused+compiled", _profile, a.cpu_smoke, batch)
     s.save()
     print_table(s.result)
+
+
+def _profile(smoke, batch):
+    from bench.profile_step import attention_shapes, gemm_shapes, profile_training
+    return {"profile": profile_training("fused+compiled", batch, 2, smoke),
+            "attention_at_batch": attention_shapes(batch, smoke), "gemm_at_batch": gemm_shapes(batch, smoke)}
 
 
 def _train_fit(smoke, mode, batch, fp8=False):
@@ -271,6 +278,9 @@ def print_table(r):
         if k.startswith("train_") and isinstance(v, dict):
             print(f"{k:28s} batch {v['batch']:4d}  {v['img_per_s']:8.1f} img/s  {v['TFLOPs']:6.1f} TFLOP/s  "
                   f"peak {v['peak_mem_GiB'] or 0:.1f} GiB")
+    prof = (sec.get("profile_fused+compiled") or {}).get("profile") or {}
+    for cat, ms in (prof.get("ms_per_step_by_category") or {}).items():
+        print(f"profile: {cat:45s} {ms:8.1f} ms/step")
     for k, v in r["errors"].items():
         print(f"ERROR {k}: {v.splitlines()[0][:150]}")
     if r["skipped_for_time"]:

@@ -14,36 +14,41 @@ from torch import Tensor
 from . import _triton
 from ._triton import tl, triton
 
-BLOCK_N = 16
+BLOCK_N = 32  # tokens per program
 
 
 @triton.jit
 def _rope_kernel(Q, sqb, sqh, sqn, K, skb, skh, skn, COS, SIN, QO, KO, H, N, D,
-                 TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+                 TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Each token's D channels are contiguous in q/k (and in the tables): load whole rows (coalesced,
+    # vectorisable) and fetch each channel's pair partner d^1 from the same cache lines.
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p = tl.arange(0, BLOCK_P)
-    mask = (n[:, None] < N) & (p[None, :] < D // 2)
-    ev = n[:, None] * D + 2 * p[None, :]  # even channel of each pair in the (N, D) tables / outputs
-    ce = tl.load(COS + ev, mask=mask, other=0.0).to(tl.float32)
-    co = tl.load(COS + ev + 1, mask=mask, other=0.0).to(tl.float32)
-    se = tl.load(SIN + ev, mask=mask, other=0.0).to(tl.float32)
-    so = tl.load(SIN + ev + 1, mask=mask, other=0.0).to(tl.float32)
-    if TRANSPOSE:  # [[ce, -se], [so, co]]^T = [[ce, so], [-se, co]]
-        se, so = -so, -se
-    out_base = bh * N * D
+    d = tl.arange(0, BLOCK_D)
+    mask = (n[:, None] < N) & (d[None, :] < D)
+    tab = n[:, None] * D + d[None, :]
+    c = tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32)
+    even = (d % 2) == 0
+    # forward: out[d] = x[d] cos[d] + sign[d] x[d^1] sin[d], sign = -1 on even d (rotate_half)
+    # transposed (backward): out[d] = x[d] cos[d] - sign[d] x[d^1] sin[d^1]
+    if TRANSPOSE:
+        s = tl.load(SIN + n[:, None] * D + (d[None, :] ^ 1), mask=mask, other=0.0).to(tl.float32)
+        s = tl.where(even[None, :], s, -s)
+    else:
+        s = tl.where(even[None, :], -s, s)
+    out_off = bh * N * D + tab
     for which in tl.static_range(2):
         if which == 0:
             X, sb, sh, sn, O = Q, sqb, sqh, sqn, QO
         else:
             X, sb, sh, sn, O = K, skb, skh, skn, KO
-        src = b * sb + h * sh + n[:, None] * sn + 2 * p[None, :]
-        xe = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
-        xo = tl.load(X + src + 1, mask=mask, other=0.0).to(tl.float32)
-        tl.store(O + out_base + ev, (xe * ce - xo * se).to(O.dtype.element_ty), mask=mask)
-        tl.store(O + out_base + ev + 1, (xo * co + xe * so).to(O.dtype.element_ty), mask=mask)
+        row = X + b * sb + h * sh + n[:, None] * sn
+        x = tl.load(row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(row + (d[None, :] ^ 1), mask=mask, other=0.0).to(tl.float32)
+        tl.store(O + out_off, (x * c + xp * s).to(O.dtype.element_ty), mask=mask)
 
 
 def _check(q, k, cos, sin):
@@ -69,7 +74,7 @@ def rope_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, transpose: bool) 
         q, k, cos, sin = _unit_d(q), _unit_d(k), cos.contiguous(), sin.contiguous()
         _rope_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2), cos, sin, qo, ko,
-            H, N, D, TRANSPOSE=transpose, BLOCK_N=BLOCK_N, BLOCK_P=_triton.block_size(D // 2), num_warps=4)
+            H, N, D, TRANSPOSE=transpose, BLOCK_N=BLOCK_N, BLOCK_D=_triton.block_size(D), num_warps=4)
     return qo, ko
 
 
