@@ -73,3 +73,26 @@ def test_fp8_refused_on_cpu_before_training(tmp_path):
     from train.fp8 import FP8Unavailable
     with pytest.raises(FP8Unavailable, match="Transformer Engine|FP8-capable CUDA GPU"):
         Trainer(tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=te"))
+
+
+def test_compiled_blocks_and_kernel_backend_from_config(tmp_path):
+    """train.compile=blocks compiles every block (same losses as eager on the CPU reference ops);
+    train.kernels picks the backend and an unavailable one is refused before training."""
+    import kernels
+    eager = Trainer(tiny_cfg(tmp_path / "a", "train.steps=2", "train.zero_stage=0"))
+    eager.fit()
+    compiled = Trainer(tiny_cfg(tmp_path / "b", "train.steps=2", "train.zero_stage=0", "train.compile=blocks",
+                                "train.kernels=reference"))
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
+               for b in compiled.engine.module.blocks)
+    compiled.fit()
+    a = {k: v for k, v in eager.ema.full_state_dict(eager.engine.module).items()}
+    b = compiled.ema.full_state_dict(compiled.engine.module)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert kernels.get_backend() == "reference"
+    kernels.set_backend("auto")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(kernels.BackendUnavailable):
+            Trainer(tiny_cfg(tmp_path / "c", "train.steps=1", "train.kernels=triton")).fit()
+        kernels.set_backend("auto")

@@ -94,6 +94,8 @@ class TrainConfig:
     use_cosine_loss: bool = True
     seed: int = 0
     max_bad_steps: int = 5              # non-finite loss/grad-norm steps in a row before stopping
+    kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"  # kernels.ops backend (see docs/kernels.md)
+    compile: Literal["none", "blocks"] = "none"   # blocks: torch.compile each block (one shared graph)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
 
     def validate(self):

@@ -150,11 +150,15 @@ class Trainer:
         np.random.seed(cfg.train.seed + self.info.rank)
         torch.manual_seed(cfg.train.seed + self.info.rank)
 
+        kernels.set_backend(cfg.train.kernels)
         model = build_model(cfg, self.device)
         self.fp8_desc = "off"
         if cfg.fp8.backend != "none":
             self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu)
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
+        if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
+            for block in model.blocks:
+                block.compile(fullgraph=True)
         self.flops_per_image = model.flops_per_sample(train=True)
         self.ema = EMA(model, cfg.train.ema_decay)
 
@@ -243,8 +247,10 @@ class Trainer:
                                 cfg.train.steps, self.step)
         self.batches = forever(self.loader)
         profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps)
-        log.info("world %d, grad accumulation %d, ZeRO %d, precision %s, FP8 %s, kernels %s, %.2f GFLOP/img",
+        log.info("world %d, grad accumulation %d, ZeRO %d, precision %s, FP8 %s, compile %s, kernels %s, "
+                 "%.2f GFLOP/img",
                  info.world_size, self.grad_accum, cfg.train.zero_stage, cfg.train.precision, self.fp8_desc,
+                 cfg.train.compile,
                  kernels.describe(), self.flops_per_image / 1e9)
         window_sums, window_steps, t0, start_time = torch.zeros(3, device=self.device), 0, time.time(), time.time()
         last_norm = float("nan")
