@@ -16,11 +16,13 @@ deleted only after the pointer moved on.
 """
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 POINTER = "latest.json"
@@ -35,14 +37,15 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` so a reader sees either the old file or the complete new one."""
+def _atomic_write(path, write):
+    """Call write(file) on a temp file beside `path`, fsync, rename over `path`: a reader (or a crash at
+    any instant) sees either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,24 +54,29 @@ def atomic_write_bytes(path, data: bytes):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(obj, path):
     """torch.save with the same guarantee as atomic_write_bytes (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def rng_state():
+    """Every host-side RNG this process uses (python, numpy, torch CPU, all CUDA devices)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def fsync_tree(root):

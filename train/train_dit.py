@@ -27,7 +27,7 @@ from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
 
 from . import fp8 as fp8_lib
-from .checkpoint import CheckpointManager, atomic_torch_save
+from .checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .dit_config import DiTTrainConfig
@@ -113,19 +113,6 @@ def deepspeed_config(cfg, world_size):
 def build_model(cfg, device):
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     return LightningDiT(**cfg.model.kwargs()).to(device)
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def full_state_dict(module):

@@ -5,11 +5,9 @@ loop (autoencoder step, discriminator step) -> checkpoints -> export of the refe
 The staged recipe of the paper is three runs, each starting from the previous export (`train.init_from`).
 """
 import argparse
-import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -25,7 +23,7 @@ from modeling.checkpoint import load_vavae_checkpoint
 from modeling.foundation import build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
-from train.checkpoint import CheckpointManager, atomic_torch_save
+from train.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from train.config import add_config_args, config_from_args, dump_config, require, to_dict
 from train.vae_losses import VAVAELoss
 
@@ -257,19 +255,6 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 class NonFiniteLossError(RuntimeError):
