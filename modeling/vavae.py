@@ -69,7 +69,24 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    pass
+    """A container with the reference's attribute names (block / attn / downsample, or block_1 / attn_1 / ...)."""
+
+
+def _res_level(block_in, block_out, n_blocks, with_attn, dropout):
+    """n_blocks ResnetBlocks (each followed by an AttnBlock when with_attn), as one encoder/decoder level."""
+    level = _Level()
+    level.block = nn.ModuleList([ResnetBlock(block_in if i == 0 else block_out, block_out, dropout)
+                                 for i in range(n_blocks)])
+    level.attn = nn.ModuleList([AttnBlock(block_out) for _ in range(n_blocks)] if with_attn else [])
+    return level
+
+
+def _mid(channels, dropout):
+    mid = _Level()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
 
 
 class Encoder(nn.Module):
@@ -83,23 +100,14 @@ class Encoder(nn.Module):
         curr_res = resolution
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            level = _Level()
-            level.block, level.attn = block, attn
+            level = _res_level(block_in, block_out, num_res_blocks, curr_res in attn_resolutions, dropout)
+            block_in = block_out
             if i_level != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
-        self.mid = _Level()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = _mid(block_in, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
@@ -125,21 +133,12 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _Level()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = _mid(block_in, dropout)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            level = _Level()
-            level.block, level.attn = block, attn
+            level = _res_level(block_in, block_out, num_res_blocks + 1, curr_res in attn_resolutions, dropout)
+            block_in = block_out
             if i_level != 0:
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
