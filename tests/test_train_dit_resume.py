@@ -76,3 +76,33 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     # the EMA moved away from the raw weights (it is updated, and differently from the model)
     k = "blocks.0.attn.qkv.weight"
     assert not torch.equal(ref_a["ema"][k], ref_a["model"]["module." + k])
+
+
+@pytest.mark.slow
+def test_lost_rank_exits_non_zero_promptly(tmp_path):
+    """One worker of a 2-process run dies (SIGKILL): the run must end with a non-zero exit, not hang."""
+    import psutil
+    run_dir = tmp_path / "lost"
+    cmd = _cmd(run_dir)
+    cmd = [c for c in cmd if not c.startswith("train.steps=")] + ["train.steps=100000", "dist.timeout_s=30"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert p.poll() is None, "the run ended before training started"
+            time.sleep(0.1)
+        assert metrics.exists(), "training did not start"
+        workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "train.train_dit" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in workers]
+        killed_at = time.time()
+        workers[1].send_signal(signal.SIGKILL)
+        rc = p.wait(timeout=120)
+        assert rc != 0
+        assert time.time() - killed_at < 90, "the surviving rank took too long to stop"
+        time.sleep(1)
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker was left running"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
