@@ -120,7 +120,7 @@ def evaluate_npz(ref_npz, sample_npz, inception=None, device="cpu", batch_size=6
     """The ADM evaluator's numbers for two npz batches (arr_0 = uint8 NHWC images)."""
     from tqdm import tqdm
 
-    from .inception import load_inception
+    from .inception import PT_INCEPTION_NAME, load_inception
     from .precision_recall import precision_recall
 
     model, backend = load_inception(inception, device=device)
@@ -134,6 +134,9 @@ def evaluate_npz(ref_npz, sample_npz, inception=None, device="cpu", batch_size=6
         ref_stats = (FIDStatistics.from_features(ref["pool"]), FIDStatistics.from_features(ref["spatial"]))
     sam_stats = (FIDStatistics.from_features(sam["pool"]), FIDStatistics.from_features(sam["spatial"]))
     prec, rec = precision_recall(ref["pool"], sam["pool"])
+    if "logits" not in sam:
+        print("Inception Score not computed: these Inception weights have no softmax layer (fid-helper port); "
+              f"use {PT_INCEPTION_NAME} for IS")
     return {
         "inception_backend": backend,
         "num_samples": int(len(sample_images)),
@@ -154,7 +157,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size)
+    from .inception import InceptionWeightsMissing
+
+    try:
+        res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size)
+    except InceptionWeightsMissing as e:
+        raise SystemExit(f"error: {e}") from None
     for k, v in res.items():
         print(f"{k}: {v}")
     if a.json:
