@@ -89,7 +89,6 @@ def stage_vae(a, out, data_root):
                      f"model.resolution={a.image_size}", f"train.seed={a.seed}", f"train.max_steps={a.vae_steps}",
                      "loss.disc_start=1000000000", *a.vae_set]
         train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
-        train(cfg)
     return load_vae(a, vae_dir)
 
 
