@@ -176,7 +176,7 @@ def benchmark(case, warmup=3, iters=10, peak_tflops=None):
 
 def markdown(report):
     env = report["environment"]
-    lines = [f"# LightningDiT throughput", "",
+    lines = ["# LightningDiT throughput", "",
              f"- device: {env['device']}; peak: {report['peak']}",
              f"- commit: {env['commit']}{' (dirty)' if env['dirty'] else ''}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",

@@ -1,5 +1,4 @@
 """FID / sFID / IS / precision-recall against the ADM evaluator's formulas and exact answers."""
-import os
 import warnings
 
 import numpy as np
