@@ -9,8 +9,10 @@ venv: .venv/.installed
 	bash scripts/setup_venv.sh
 	touch $@
 
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on 2 shared cores
+# where tests start subprocesses (DeepSpeed ranks, the demo's stages)
 test: venv
-	$(PY) -m pytest -m "not gpu" -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not gpu" -q
 
 demo: venv
 	$(PY) -m bench.demo

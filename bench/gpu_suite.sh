@@ -8,14 +8,15 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export OUT="${OUT:-bench/results/tmp}"
 mkdir -p "$OUT"
+PY="${PYTHON:-python3}"  # the interpreter that has torch (CI passes its venv's)
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/vavae_inductor}"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the machine (e.g. torchao)
-  pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 if [[ " $* " != *" --cpu-smoke "* ]]; then
   start=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-16} timeout 150 python kernels/build_ext.py > "$OUT/build_ext.log" 2>&1 \
+  MAX_JOBS=${MAX_JOBS:-16} timeout 150 "$PY" kernels/build_ext.py > "$OUT/build_ext.log" 2>&1 \
     && echo "[suite] CUDA extension built in $(( $(date +%s) - start )) s" \
     || echo "[suite] CUDA extension build failed or skipped (see $OUT/build_ext.log): $(tail -n 3 "$OUT/build_ext.log")"
 fi
-timeout 430 python bench/gpu_suite.py --out "$OUT" "$@"
+timeout 430 "$PY" bench/gpu_suite.py --out "$OUT" "$@"

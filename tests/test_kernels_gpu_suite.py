@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_cpu_smoke(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "PYTHONPATH": str(REPO),
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     res = subprocess.run(["bash", "bench/gpu_suite.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=240)
