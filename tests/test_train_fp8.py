@@ -63,3 +63,16 @@ def test_torchao_converts_block_linears_and_round_trips(tmp_path):
     plain.eval()
     ref = plain(x, t, y)
     assert (again(x, t, y) - ref).norm() / ref.norm() < 0.1
+
+
+def test_fp8_vs_bf16_loss_curves_agree(tmp_path):
+    """bench.fp8_compare: same seed, same draws, FP8 (torchao, CPU emulation here) vs bf16 through the real
+    trainer; the curves must agree, and differ at all (FP8 really ran)."""
+    import json
+
+    from bench.fp8_compare import main
+    assert main(["--steps", "16", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "fp8_compare.json").read_text())
+    assert r["agree"] and r["steps"] == 16 and "torchao" in r["fp8"]
+    assert r["bf16_losses"] != r["fp8_losses"] and r["max_step_rel_diff"] < 0.05
+    assert (tmp_path / "fp8_compare.png").stat().st_size > 0

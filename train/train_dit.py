@@ -240,6 +240,7 @@ class Trainer:
                  cfg.train.compile,
                  kernels.describe(), self.flops_per_image / 1e9)
         window_sums, window_steps, t0, start_time = torch.zeros(3, device=self.device), 0, time.time(), time.time()
+        self._paused = 0.0  # seconds spent in evaluation and checkpointing: not training time
         last_norm = float("nan")
         try:
             while self.step < cfg.train.steps:
@@ -265,7 +266,7 @@ class Trainer:
                             f"earlier checkpoint.")
                 metrics.advance()
                 if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps:
-                    dt = time.time() - t0
+                    dt = time.time() - t0 - self._window_paused()
                     mean = all_reduce_mean(window_sums / max(1, window_steps)).tolist()
                     img_s = (self.step - self._window_start) * cfg.train.global_batch / max(dt, 1e-9)
                     metrics.log(self.step, {
@@ -276,15 +277,23 @@ class Trainer:
                         "eta_s": (cfg.train.steps - self.step) * dt / max(1, self.step - self._window_start)})
                     window_sums.zero_()
                     window_steps, t0, self._window_start = 0, time.time(), self.step
+                paused_from = time.time()
                 if self.eval_fn is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate(metrics, start_time)
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
                     self.save()
+                self._paused += time.time() - paused_from
             if cfg.checkpoint.export_reference:
                 self.export()
         finally:
             metrics.close()
         return self
+
+    def _window_paused(self):
+        """Paused seconds since the last metrics line (then reset): img/s counts training time only."""
+        paused = self._paused - getattr(self, "_paused_logged", 0.0)
+        self._paused_logged = self._paused
+        return paused
 
     def evaluate(self, metrics, start_time):
         model = LightningDiT(**self.cfg.model.kwargs()).to(self.device)
@@ -293,7 +302,7 @@ class Trainer:
         with torch.no_grad():
             result = self.eval_fn(model, self.step) or {}
         metrics.log(self.step, {**{f"eval/{k}": v for k, v in result.items()},
-                                "wall_clock_s": time.time() - start_time,
+                                "wall_clock_s": time.time() - start_time - self._paused,  # training time
                                 "images_seen": self.step * self.cfg.train.global_batch})
 
     # ------------------------------------------------------------------ checkpoints

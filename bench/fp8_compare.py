@@ -1,0 +1,90 @@
+"""FP8 vs bf16: the same DiT run (same seed, data, noise and time draws) trained twice through the real
+trainer, once in bf16 autocast and once with FP8 linears on top, and the two loss curves compared.
+
+    python -m bench.fp8_compare --steps 200 --out runs/fp8_compare                 # tiny model, CPU or GPU
+    python -m bench.fp8_compare --config configs/dit_b1.yaml --steps 2000 --fp8-backend te --set data.path=LAT
+
+On the CPU, torchao's FP8 is emulated (`fp8.allow_cpu`): the numerics are FP8's, the speed is not.
+Writes OUT/fp8_compare.json and OUT/fp8_compare.png; exits 1 when the curves disagree: the mean loss
+over the last quarter of the steps differs by more than --rtol (relative).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_one(config, out_dir, steps, overrides):
+    from train.config import load_config
+    from train.dit_config import DiTTrainConfig
+    from train.train_dit import Trainer
+    cfg = load_config(DiTTrainConfig, config, [
+        f"train.steps={steps}", f"checkpoint.dir={out_dir}/ckpt", f"checkpoint.every={steps}",
+        "checkpoint.resume=never", "checkpoint.export_reference=false", f"logging.dir={out_dir}",
+        "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false", *overrides])
+    trainer = Trainer(cfg).fit()
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [losses[s] for s in sorted(losses)], trainer.fp8_desc
+
+
+def compare(bf16, fp8, rtol):
+    n = min(len(bf16), len(fp8))
+    tail = max(1, n // 4)
+    mean_a, mean_b = sum(bf16[n - tail:n]) / tail, sum(fp8[n - tail:n]) / tail
+    rel = abs(mean_b - mean_a) / abs(mean_a)
+    step_rel = [abs(b - a) / abs(a) for a, b in zip(bf16[:n], fp8[:n])]
+    return {"steps": n, "tail_steps": tail, "bf16_tail_mean": mean_a, "fp8_tail_mean": mean_b,
+            "tail_rel_diff": rel, "max_step_rel_diff": max(step_rel), "first_loss": bf16[0],
+            "agree": rel <= rtol}
+
+
+def plot(bf16, fp8, path, label):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(bf16) + 1), bf16, label="bf16 autocast", lw=1.2)
+    ax.plot(range(1, len(fp8) + 1), fp8, label=f"bf16 + FP8 ({label})", lw=1.2, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mse + cos)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs/dit_tiny_cpu.yaml"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--fp8-backend", choices=["torchao", "te"], default="torchao")
+    ap.add_argument("--rtol", type=float, default=0.05)
+    ap.add_argument("--out", default="runs/fp8_compare")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
+    a = ap.parse_args(argv)
+    import torch
+    out = Path(a.out)
+    # FP8 needs linear sizes divisible by 16: the tiny config's 64-wide model becomes 96 wide.
+    common = ["train.precision=bf16", *(["model.hidden_size=96"] if a.config.endswith("dit_tiny_cpu.yaml") else []),
+              *a.set]
+    fp8_extra = [f"fp8.backend={a.fp8_backend}"]
+    if not torch.cuda.is_available():
+        fp8_extra.append("fp8.allow_cpu=true")
+    bf16, _ = run_one(a.config, out / "bf16", a.steps, common)
+    fp8, desc = run_one(a.config, out / "fp8", a.steps, common + fp8_extra)
+    res = {**compare(bf16, fp8, a.rtol), "fp8": desc, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "config": a.config, "overrides": common, "bf16_losses": bf16, "fp8_losses": fp8}
+    (out / "fp8_compare.json").write_text(json.dumps(res, indent=1))
+    plot(bf16, fp8, out / "fp8_compare.png", desc)
+    print(f"bf16 vs FP8 ({desc}, {res['device']}): last-{res['tail_steps']}-step mean loss "
+          f"{res['bf16_tail_mean']:.4f} vs {res['fp8_tail_mean']:.4f} (rel diff {res['tail_rel_diff']:.2%}; "
+          f"first loss {res['first_loss']:.3f}) -> {'agree' if res['agree'] else 'DISAGREE'}; {out}/fp8_compare.png")
+    return 0 if res["agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
