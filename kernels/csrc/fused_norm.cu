@@ -14,6 +14,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "fused_norm.h"
+
 namespace vavae {
 
 __device__ __forceinline__ float to_f(float v) { return v; }
