@@ -66,3 +66,11 @@ def test_xl1_config_is_the_paper_recipe():
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-4, (0.9, 0.95), 0.0)
     assert cfg.train.precision == "bf16" and cfg.train.ema_decay == 0.9999
     assert cfg.train.time_dist == "logit_normal" and cfg.train.use_cosine_loss
+    # the authors' released configs set no max_grad_norm (no clipping) and run 128 per GPU on 8 GPUs
+    assert cfg.optim.grad_clip == 0.0
+    assert cfg.train.batch_per_gpu == 128 and cfg.train.global_batch // (8 * cfg.train.batch_per_gpu) == 1
+
+
+@pytest.mark.parametrize("name", ["dit_xl1_64ep", "dit_b1", "dit_l2"])
+def test_recipe_configs_do_not_clip(name):
+    assert load_config(DiTTrainConfig, REPO / f"configs/{name}.yaml").optim.grad_clip == 0.0

@@ -73,7 +73,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0               # linear warmup; the paper uses a constant lr
-    grad_clip: float = 1.0              # max global grad norm (0 = off)
+    grad_clip: float = 0.0              # max global grad norm; 0 = off (the reference does not clip)
 
     def validate(self):
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")

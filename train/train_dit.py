@@ -103,6 +103,14 @@ def deepspeed_config(cfg, world_size):
         # Without ZeRO the trainer clips itself (it checks the norm first, see optimizer_step).
         "gradient_clipping": o.grad_clip if t.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
+        # bf16 autocast is applied by the engine itself, inside its forward. An autocast opened around
+        # engine(...) is switched OFF there on a GPU (DeepSpeed warns "torch.autocast is enabled outside
+        # DeepSpeed but disabled within the DeepSpeed engine"), which silently trained in fp32.
+        # lower_precision_safe_modules=[]: no parameter gets a bf16 communication dtype, so gradients are
+        # reduced and stored in fp32 next to the fp32 master weights, as in the reference (bf16 autocast
+        # on fp32 weights through accelerate/DDP).
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
@@ -110,9 +118,44 @@ def deepspeed_config(cfg, world_size):
     return ds
 
 
+class PrecisionProbe:
+    """Refuses to train when `precision: bf16` but the engine's forward computes in fp32 (a DeepSpeed config
+    that disables autocast inside the engine did exactly that, silently). It watches the output dtype of
+    the time embedder's first Linear, which runs inside the engine's forward and outside the compiled
+    blocks (a hook there causes no recompilation), for the first micro-step, then removes itself."""
+
+    def __init__(self, module, precision):
+        self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.seen, self.handle = None, None
+        linear = module.t_embedder.mlp[0]
+        self.handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, mod, inputs, output):
+        self.seen = output.dtype
+
+    def check(self):
+        if self.handle is None:
+            return
+        self.handle.remove()
+        self.handle = None
+        if self.seen != self.expected:
+            raise RuntimeError(f"train.precision asks for {self.expected} matmuls but the model's Linear layers "
+                               f"computed in {self.seen} inside the DeepSpeed engine; check the DeepSpeed config "
+                               f"(torch_autocast section) and any train.deepspeed overrides")
+
+
 def build_model(cfg, device):
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     return LightningDiT(**cfg.model.kwargs()).to(device)
+
+
+def peak_memory(device):
+    """Peak memory of this process so far: the CUDA caching allocator's peaks on a GPU, max RSS on the CPU."""
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    import resource
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def full_state_dict(module):
@@ -162,6 +205,8 @@ class Trainer:
         # All noise, time and label-dropout draws come from this generator: checkpointed, so resume is exact.
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 100_003 + self.info.rank)
 
+        self._probe = PrecisionProbe(self.engine.module, cfg.train.precision)
+
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
         self.step, self.skipped_steps, self.bad_streak, self._window_start = 0, 0, 0, 0
         if cfg.checkpoint.resume == "auto":
@@ -170,6 +215,8 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def train_step(self):
+        """One optimizer step (grad_accum micro-batches): returns (loss/mse/cos sums on the device, applied,
+        grad norm). The only host synchronisation is DeepSpeed's finite-norm check at the optimizer step."""
         cfg, engine = self.cfg, self.engine
         sums = torch.zeros(3, device=self.device)  # loss, mse, cos over the micro-batches
         applied, grad_norm = False, float("nan")
@@ -178,12 +225,12 @@ class Trainer:
                 lat, y = next(self.batches)
                 lat = (lat.to(self.device, non_blocking=True) - self.mean) / self.std * cfg.data.latent_multiplier
                 y = y.to(self.device, non_blocking=True)
-            with nvtx("forward"), torch.autocast(self.device.type, torch.bfloat16,
-                                                 enabled=cfg.train.precision == "bf16"), \
-                    fp8_lib.fp8_context(cfg.fp8.backend, cfg.fp8.recipe):
+            # No autocast here: the engine applies it inside its forward (see deepspeed_config).
+            with nvtx("forward"), fp8_lib.fp8_context(cfg.fp8.backend, cfg.fp8.recipe):
                 out = flow_loss(engine, lat, y, time_dist=cfg.train.time_dist,
                                 use_cosine_loss=cfg.train.use_cosine_loss, generator=self.generator,
                                 label_generator=self.generator)
+            self._probe.check()  # first micro-step only: the engine's forward really ran in bf16
             loss = out["loss"]
             # A non-finite loss poisons every gradient, so the step is skipped below without a host sync here.
             poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))  # x1.0 is bit-exact
@@ -274,6 +321,7 @@ class Trainer:
                         "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_s,
                         "tflops_per_gpu": img_s * self.flops_per_image / info.world_size / 1e12,
                         "skipped_steps": self.skipped_steps, "images_seen": self.step * cfg.train.global_batch,
+                        **peak_memory(self.device),
                         "eta_s": (cfg.train.steps - self.step) * dt / max(1, self.step - self._window_start)})
                     window_sums.zero_()
                     window_steps, t0, self._window_start = 0, time.time(), self.step
