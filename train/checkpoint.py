@@ -13,20 +13,138 @@ therefore leaves either the old pointer (old checkpoint intact) or the new one (
 complete). "Latest" is the step number in the pointer, never file size or mtime; without a readable
 pointer the highest complete `step_*` directory is used. Old checkpoints beyond `keep_last` are
 deleted only after the pointer moved on.
+
+Hardening against careless or hostile input (issue 12):
+- Every file a trainer reads back goes through `safe_torch_load` (weights_only=True): resume state holds
+  tensors and plain types only (`rng_state` stores numpy's state as a tensor; old files with a numpy array
+  still load, with numpy's array reconstruction allow-listed and nothing else). `deepspeed_safe_load()`
+  makes DeepSpeed's own `load_checkpoint` load that way too.
+- `RunLock` (`CheckpointManager.acquire()`): one run per checkpoint folder. An advisory `flock` on
+  `run.lock`, which records the owner's host, pid and start time; the kernel drops the lock when the owner
+  dies, so a crashed run's lock is detected as stale and taken over with a warning.
+- `check_writable(dir)` before training starts; a full disk is reported as `DiskFullError` naming the path.
+- Each committed step directory carries `COMPLETE.json` (every file and its size). `latest_valid()` skips a
+  checkpoint that is truncated or incomplete (with a warning) and returns the newest complete one.
+- Pruning renames a directory to `step_N.deleting` (atomic) before deleting it: a kill mid-prune never leaves
+  a half-deleted checkpoint that looks complete; leftovers are removed by the next save.
+- Written files get the usual permissions (0666 & ~umask), not mkstemp's 0600.
 """
+import contextlib
+import errno
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from modeling.safe_load import (CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError,  # noqa: F401
+                                numpy_array_globals, safe_torch_load)
+
+log = logging.getLogger("train")
+
 POINTER = "latest.json"
+MANIFEST = "COMPLETE.json"
+LOCK_FILE = "run.lock"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class DiskFullError(OSError):
+    """A write failed because the filesystem is full (the message names the path and the free space)."""
+
+
+class NotWritableError(OSError):
+    """A folder a run must write to cannot be written (checked before training starts)."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the checkpoint folder (the message names its host and pid)."""
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _free_bytes(path):
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "No space left")
+
+
+def as_disk_full(exc, path):
+    """DiskFullError for `exc` if it is a failed write to a full disk (ENOSPC, or torch's zip writer's
+    "unexpected pos" after a short write), else None."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    is_enospc = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not is_enospc and not (isinstance(exc, (RuntimeError, OSError)) and any(k in str(exc) for k in _WRITE_FAILED)):
+        return None
+    free = _free_bytes(path)
+    what = "disk full" if is_enospc or (free is not None and free < (64 << 20)) else \
+        "write failed (disk full or I/O error)"
+    err = DiskFullError(errno.ENOSPC, f"{what} while writing {path}: {_fmt_bytes(free)} free on that filesystem; "
+                                      "free some space (or point the run at another disk) and resume")
+    return err
+
+
+@contextlib.contextmanager
+def disk_full_errors(path):
+    """Re-raise a failed write below `path` (e.g. DeepSpeed's save_checkpoint) as DiskFullError."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- translated only when it is a failed write
+        full = as_disk_full(e, path)
+        if full is None or full is e:
+            raise
+        raise full from None
+
+
+def check_writable(path, what="folder"):
+    """Create `path` if needed and write, fsync and delete a probe file in it; NotWritableError or
+    DiskFullError (one line, naming the folder) otherwise. Call before training starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        full = as_disk_full(e, path)
+        if full is not None:
+            raise full from None
+        raise NotWritableError(e.errno, f"{what} {path} is not writable ({e.strerror or e}); fix its permissions "
+                                        "or choose another folder") from None
+    return path
 
 
 def _fsync_dir(path):
@@ -44,14 +162,18 @@ def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = as_disk_full(e, path) if isinstance(e, Exception) else None
+        if full is not None and full is not e:
+            raise full from None
         raise
     _fsync_dir(path.parent)
 
@@ -66,17 +188,75 @@ def atomic_torch_save(obj, path):
 
 
 def rng_state():
-    """Every host-side RNG this process uses (python, numpy, torch CPU, all CUDA devices)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every host-side RNG this process uses (python, numpy, torch CPU, all CUDA devices), as tensors and
+    plain types only, so that it loads with torch.load(weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"format": 2, "python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    """Restore `rng_state()`; also the older format (numpy's state tuple with an ndarray)."""
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = s["numpy"]
+    if isinstance(n, dict):
+        key = n["key"].numpy() if isinstance(n["key"], torch.Tensor) else np.asarray(n["key"])
+        np.random.set_state(("MT19937", key.astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:
+        np.random.set_state(n)
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_state(path, what="resume state"):
+    """A trainer state file (trainer.pt, rank_*.pt, state.pt) loaded with weights_only=True. numpy's array
+    reconstruction is allow-listed (and nothing else) so that checkpoints written before the RNG state was
+    stored as tensors still resume. One-line CheckpointLoadError / FileNotFoundError naming the file."""
+    return safe_torch_load(path, what, allow=numpy_array_globals())
+
+
+def deepspeed_allowed_globals():
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints (loss scaler, ZeRO stage enum,
+    fragment addresses), allow-listed by class: none of them runs code when rebuilt."""
+    found = []
+    for mod, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler", "LossScalerBase")),
+                       ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                       ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+                       ("deepspeed.runtime.zero.offload_config", ("OffloadDeviceEnum",))):
+        try:
+            module = __import__(mod, fromlist=list(names))
+        except ImportError:
+            continue
+        found += [getattr(module, n) for n in names if hasattr(module, n)]
+    return found + numpy_array_globals()
+
+
+@contextlib.contextmanager
+def deepspeed_safe_load(what="DeepSpeed checkpoint file"):
+    """Inside this block every torch.load (DeepSpeed's checkpoint engines call it with weights_only=False)
+    loads with weights_only=True and DeepSpeed's own types allow-listed; a file that asks for anything else
+    raises UnsafeCheckpointError naming it, a truncated one CorruptCheckpointError. Use around
+    `engine.load_checkpoint(...)`; not thread-safe (it swaps torch.load for the duration)."""
+    allow = deepspeed_allowed_globals()
+    real = torch.load
+
+    def guarded(f, map_location=None, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return safe_torch_load(f, what, map_location=map_location, allow=allow)
+        kwargs.pop("weights_only", None)
+        with torch.serialization.safe_globals(allow):
+            return real(f, map_location, *args, weights_only=True, **kwargs)
+
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def fsync_tree(root):
@@ -90,6 +270,185 @@ def fsync_tree(root):
                 os.close(fd)
         _fsync_dir(dirpath)
 
+
+# ----------------------------------------------------------------------------- one run per folder
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Advisory lock on a checkpoint folder: `acquire()` or RunLockedError naming the other run.
+
+    `flock` on ROOT/run.lock (held for the life of the process; the kernel releases it when the process dies,
+    however it dies), and the file records {"host", "pid", "started", "argv"} for the error message. Found
+    unlocked but naming another owner: that run ended without releasing (a crash, a kill) -- a stale lock,
+    taken over with a warning. Where the filesystem has no flock, the record alone decides: same host and a
+    dead pid is stale; another host is refused (delete the file once you know that run is gone).
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.path = self.root / LOCK_FILE
+        self._fd = None
+        self.took_over = None  # the stale owner record, when one was replaced
+
+    @staticmethod
+    def _me():
+        import sys
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "argv": " ".join(sys.argv)[:300]}
+
+    def _read_owner(self, fd):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 1 << 16).decode(errors="replace").strip()
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def describe(owner):
+        if not owner:
+            return "another run"
+        return (f"the run started {owner.get('started', '?')} on host {owner.get('host', '?')} "
+                f"(pid {owner.get('pid', '?')}{', ' + owner['argv'] if owner.get('argv') else ''})")
+
+    def acquire(self):
+        import fcntl
+        if self._fd is not None:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                have_flock = True
+            except BlockingIOError:
+                raise RunLockedError(
+                    f"checkpoint folder {self.root} is in use by {self.describe(self._read_owner(fd))}; stop that "
+                    f"run first or give this one another checkpoint folder ({self.path})") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                    raise
+                have_flock = False
+            me = self._me()
+            owner = self._read_owner(fd)
+            if owner and (owner.get("host"), owner.get("pid")) != (me["host"], me["pid"]):
+                if not have_flock and (owner.get("host") != me["host"] or _pid_alive(int(owner.get("pid", -1)))):
+                    raise RunLockedError(
+                        f"checkpoint folder {self.root} is recorded as in use by {self.describe(owner)} and this "
+                        f"filesystem cannot tell whether that run is alive; if it is gone, delete {self.path}")
+                self.took_over = owner
+                log.warning("checkpoint folder %s: taking over the stale lock of %s (that run ended without "
+                            "releasing it)", self.root, self.describe(owner))
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Clear the record and drop the lock (the file stays: deleting it would race with a new owner)."""
+        if self._fd is None:
+            return
+        import fcntl
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def acquire_run_lock(root, is_main=True):
+    """Rank 0 takes the RunLock of `root`; with torch.distributed initialised every rank learns the outcome,
+    so a refused run stops on all ranks with the same RunLockedError. Returns the lock on rank 0, else None."""
+    import torch.distributed as dist
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(root).acquire()
+        except (RunLockedError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        kind, _, msg = error.partition(": ")
+        raise (RunLockedError if kind == "RunLockedError" else NotWritableError)(msg)
+    return lock
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+def config_changes(saved, current, prefix=""):
+    """['section.key: old -> new', ...] between two plain config dicts (e.g. the one a checkpoint embeds and
+    this run's `to_dict(cfg)`)."""
+    out = []
+    for k in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_config(saved, current, path, refuse=(), warn=(), ignore=()):
+    """Compare the config stored in checkpoint `path` with this run's. A change under a `refuse` prefix
+    raises ResumeConfigError listing every change; under a `warn` prefix it is logged as a WARNING (each
+    key: old -> new) and returned. Keys under `ignore` (e.g. "checkpoint.", "logging.") are not reported."""
+    changes = [c for c in config_changes(saved, current) if not any(c.startswith(p) for p in ignore)]
+    hard = [c for c in changes if any(c.startswith(p) for p in refuse)]
+    if hard:
+        raise ResumeConfigError(f"cannot resume from {path}: settings changed since it was written: "
+                                + "; ".join(hard))
+    soft = [c for c in changes if any(c.startswith(p) for p in warn)]
+    for c in soft:
+        log.warning("resuming %s with a changed setting: %s (the run continues with the new value; resume is "
+                    "no longer exact)", path, c)
+    return soft
+
+
+class ResumeConfigError(ValueError):
+    """The checkpoint was written with settings this run cannot continue."""
+
+
+# ----------------------------------------------------------------------------- the manager
 
 class CheckpointManager:
     """Directory-per-step checkpoints with an atomic pointer and keep-last-k.
@@ -111,14 +470,20 @@ class CheckpointManager:
     def tmp_dir(self, step):
         return self.root / f"step_{step:07d}.tmp"
 
+    def acquire(self):
+        """Take the folder's RunLock (see RunLock); keep the returned lock for the life of the run."""
+        self.lock = RunLock(self.root).acquire()
+        return self.lock
+
     def begin(self, step, is_main=True):
         """Return the temp directory to write step `step` into."""
         tmp = self.tmp_dir(step)
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step_*.tmp"):  # a writer killed mid-save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+            for stale in list(self.root.glob("step_*.tmp")) + list(self.root.glob("step_*.deleting")):
+                shutil.rmtree(stale, ignore_errors=True)  # a writer killed mid-save / mid-prune
+            with disk_full_errors(tmp):
+                tmp.mkdir()
         return tmp
 
     def commit(self, step):
@@ -126,14 +491,99 @@ class CheckpointManager:
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         if not tmp.is_dir():
             raise FileNotFoundError(f"no checkpoint being written for step {step}: {tmp} is missing")
-        fsync_tree(tmp)
+        with disk_full_errors(tmp):
+            fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=0).encode())
         if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
+            self._delete(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         atomic_write_bytes(self.root / POINTER, json.dumps({"step": step, "dir": final.name}).encode())
         self._prune()
         return final
+
+    def verify(self, path):
+        """None if the checkpoint directory `path` is complete, else the reason (one line). Cheap: sizes from
+        COMPLETE.json (older checkpoints have none) and the zip directory at the end of every .pt file, which
+        a truncated file lacks; the tensors are not read."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            manifest = None
+        except (OSError, ValueError) as e:
+            return f"{path / MANIFEST} is unreadable ({e})"
+        if manifest is not None:
+            for rel, size in manifest.get("files", {}).items():
+                f = path / rel
+                if not f.is_file():
+                    return f"{f} is missing"
+                if f.stat().st_size != size:
+                    return f"{f} has {f.stat().st_size} bytes, {size} were written"
+        for f in sorted(path.rglob("*.pt")):
+            try:
+                with zipfile.ZipFile(f) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                return f"{f} is truncated or corrupt ({e})"
+        return None
+
+    def candidates(self):
+        """(step, dir) of every complete-looking checkpoint, newest first: the pointer's, then the others."""
+        out = []
+        try:
+            ptr = json.loads((self.root / POINTER).read_text())
+            path = self.root / ptr["dir"]
+            if path.is_dir() and int(ptr["step"]) >= 0:
+                out.append((int(ptr["step"]), path))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        out += [(s, self.step_dir(s)) for s in reversed(self.steps()) if all(s != o[0] for o in out)]
+        return out
+
+    def latest_valid(self):
+        """(step, dir) of the newest checkpoint that `verify` finds complete, or None when there is no
+        checkpoint at all. A newer broken one is skipped with a WARNING naming it and why; if every one is
+        broken, CorruptCheckpointError (nothing is started over silently)."""
+        found = self.candidates()
+        problems = []
+        for step, path in found:
+            reason = self.verify(path)
+            if reason is None:
+                if problems:
+                    log.warning("resuming from %s (step %d) instead: the newer checkpoint(s) are broken: %s",
+                                path, step, "; ".join(problems))
+                return step, path
+            problems.append(reason)
+            log.warning("checkpoint %s is broken (%s); trying the previous one", path, reason)
+        if found:
+            raise CorruptCheckpointError(f"no complete checkpoint in {self.root}: " + "; ".join(problems))
+        return None
+
+    def load_latest(self, load_fn):
+        """Call `load_fn(step, dir)` on the newest complete checkpoint; if it raises CorruptCheckpointError (a
+        file that reads back corrupt), warn and go on to the previous one. Returns (step, dir, result) or
+        None when the folder has no checkpoint."""
+        found = self.candidates()
+        problems = []
+        for step, path in found:
+            reason = self.verify(path)
+            if reason is None:
+                try:
+                    result = load_fn(step, path)
+                except CorruptCheckpointError as e:
+                    reason = str(e)
+                else:
+                    if problems:
+                        log.warning("resumed from %s (step %d) instead of newer broken checkpoint(s): %s", path,
+                                    step, "; ".join(problems))
+                    return step, path, result
+            problems.append(reason)
+            log.warning("checkpoint %s is broken (%s); trying the previous one", path, reason)
+        if found:
+            raise CorruptCheckpointError(f"no complete checkpoint in {self.root}: " + "; ".join(problems))
+        return None
 
     def steps(self):
         """Steps with a complete checkpoint directory, ascending."""
@@ -158,8 +608,20 @@ class CheckpointManager:
         steps = self.steps()
         return (steps[-1], self.step_dir(steps[-1])) if steps else None
 
+    def _delete(self, path):
+        """Rename out of the `step_N` namespace first (atomic), then delete: a kill at any instant leaves
+        either the whole checkpoint or a `.deleting` leftover that no reader takes for a checkpoint."""
+        doomed = path.with_name(path.name + ".deleting")
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        _fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def _prune(self):
+        for leftover in self.root.glob("step_*.deleting"):
+            shutil.rmtree(leftover, ignore_errors=True)
         if self.keep_last is None:
             return
         for step in self.steps()[:-self.keep_last]:
-            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+            self._delete(self.step_dir(step))

@@ -1,0 +1,277 @@
+"""Issue 12, checkpoints: resume state loads with weights_only=True, one run per checkpoint folder (lock with
+stale-lock detection), the folder is checked writable up front, a full disk says so, a corrupt latest
+checkpoint falls back to the newest complete one, pruning is crash-safe, files are not 0600, and DeepSpeed's
+own loader is made safe."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint as ck
+from train.checkpoint import (CheckpointManager, CorruptCheckpointError, DiskFullError, NotWritableError,
+                              ResumeConfigError, RunLock, RunLockedError, UnsafeCheckpointError, atomic_torch_save,
+                              check_resume_config, check_writable, load_state, rng_state, set_rng_state)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _draws():
+    return (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(1).item())
+
+
+def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    atomic_torch_save({"rng": rng_state()}, tmp_path / "rank_00000.pt")
+    expected = _draws()
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rank_00000.pt") == []
+    state = torch.load(tmp_path / "rank_00000.pt", weights_only=True)  # no allow-list needed
+    set_rng_state(state["rng"])
+    assert _draws() == expected
+
+
+def test_old_rng_format_still_resumes_but_nothing_else_is_admitted(tmp_path):
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": None}
+    torch.save({"rng": old}, tmp_path / "old.pt")
+    expected = _draws()
+    set_rng_state(load_state(tmp_path / "old.pt")["rng"])
+    assert _draws() == expected
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_state_refuses_code_and_names_the_file(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"rng": _Payload(marker)}, tmp_path / "trainer.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"trainer\.pt.*posix\.system|trainer\.pt.*system"):
+        load_state(tmp_path / "trainer.pt", "trainer state")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from train.checkpoint import CheckpointManager
+mgr = CheckpointManager({root!r})
+mgr.acquire()  # held while mgr lives
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(root):
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER.format(repo=str(REPO), root=str(root))],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_run_on_a_folder_is_refused_naming_the_first_then_a_crashed_owner_is_stale(tmp_path):
+    root = tmp_path / "ckpt"
+    holder = _hold_lock(root)
+    try:
+        with pytest.raises(RunLockedError) as e:
+            CheckpointManager(root).acquire()
+        msg = str(e.value)
+        assert f"pid {holder.pid}" in msg and socket.gethostname() in msg and str(root) in msg and "\n" not in msg
+        # nothing of the live run was touched: its record is intact
+        assert json.loads((root / "run.lock").read_text())["pid"] == holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = CheckpointManager(root).acquire()  # the kernel dropped the dead run's flock: stale, taken over
+    assert lock.took_over["pid"] == holder.pid
+    assert json.loads((root / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert (root / "run.lock").read_text() == ""  # released cleanly: the next run takes it silently
+    again = RunLock(root).acquire()
+    assert again.took_over is None
+    again.release()
+
+
+def test_lock_without_flock_refuses_a_record_from_another_host(tmp_path, monkeypatch):
+    import fcntl
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "run.lock").write_text(json.dumps({"host": "other-node-17", "pid": 4242, "started": "x"}))
+
+    def no_flock(fd, op):
+        raise OSError(38, "Function not implemented")  # ENOSYS, as on a filesystem mounted without flock
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunLockedError, match="other-node-17.*pid 4242.*delete"):
+        RunLock(root).acquire()
+    (root / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 17, "started": "x"}))
+    lock = RunLock(root).acquire()  # same host, dead pid: stale
+    assert lock.took_over["pid"] == 2 ** 22 + 17
+    lock.release()
+
+
+def test_unwritable_checkpoint_folder_is_found_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(NotWritableError, match=r"a_file/ckpt.*not writable") as e:
+        check_writable(blocker / "ckpt", "checkpoint folder")
+    assert "\n" not in str(e.value)
+    assert check_writable(tmp_path / "new" / "ckpt") == tmp_path / "new" / "ckpt"
+    assert list((tmp_path / "new" / "ckpt").iterdir()) == []  # the probe is gone
+
+
+def test_full_disk_is_reported_as_such(tmp_path, monkeypatch):
+    real_mkstemp = ck.tempfile.mkstemp
+
+    def on_dev_full(dir=None, prefix=None, suffix=None):  # the temp file's writes hit a really full device
+        fd, name = real_mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+    monkeypatch.setattr(ck.tempfile, "mkstemp", on_dev_full)
+    with pytest.raises(DiskFullError, match=r"(disk full|no space).*trainer\.pt") as e:
+        atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "trainer.pt")
+    assert "unexpected pos" not in str(e.value)
+    assert not (tmp_path / "trainer.pt").exists() and not list(tmp_path.glob(".trainer.pt.*"))
+    # DeepSpeed's own save writes by path: the same translation around it
+    with pytest.raises(DiskFullError, match="full"):
+        with ck.disk_full_errors(tmp_path):
+            torch.save({"w": torch.zeros(100_000)}, "/dev/full")
+
+
+def test_checkpoint_files_are_not_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_torch_save({"a": 1}, tmp_path / "x.pt")
+        ck.atomic_write_bytes(tmp_path / "latest.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "latest.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- recovery
+
+def _save(mgr, step):
+    d = mgr.begin(step)
+    atomic_torch_save({"step": step, "w": torch.full((1000,), float(step))}, d / "trainer.pt")
+    atomic_torch_save({"r": step}, d / "rank_00000.pt")
+    return mgr.commit(step)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, caplog):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    for s in (10, 20, 30):
+        _save(mgr, s)
+    f = tmp_path / "step_0000030" / "trainer.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a torn copy / a bad disk block
+    with caplog.at_level("WARNING"):
+        step, path = mgr.latest_valid()
+    assert (step, path.name) == (20, "step_0000020")
+    assert "step_0000030" in caplog.text and "trainer.pt" in caplog.text
+    # a missing file is caught too (COMPLETE.json lists every file)
+    (tmp_path / "step_0000020" / "rank_00000.pt").unlink()
+    assert mgr.latest_valid()[0] == 10
+    # every one broken: refused, not silently restarted
+    (tmp_path / "step_0000010" / "trainer.pt").write_bytes(b"\0" * 10)
+    with pytest.raises(CorruptCheckpointError, match="no complete checkpoint"):
+        mgr.latest_valid()
+
+
+def test_load_latest_falls_back_when_a_file_reads_back_corrupt(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    _save(mgr, 1), _save(mgr, 2)
+
+    def load(step, path):
+        if step == 2:
+            raise CorruptCheckpointError(f"{path}/trainer.pt is corrupt")
+        return load_state(path / "trainer.pt")["step"]
+    assert mgr.load_latest(load)[::2] == (1, 1)
+    assert CheckpointManager(tmp_path / "empty").load_latest(load) is None
+
+
+def test_a_kill_during_pruning_never_leaves_a_half_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    _save(mgr, 1)
+    real_rmtree = ck.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # deletes one file, then the process "dies"
+        next(p for p in Path(path).rglob("*.pt")).unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _save(mgr, 2)
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    assert mgr.steps() == [2]  # the half-deleted step 1 is not a checkpoint any more
+    assert mgr.latest_valid()[0] == 2
+    _save(CheckpointManager(tmp_path, keep_last=1), 3)  # the next save clears the leftover
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_0000003"]
+
+
+def test_resume_config_changes_are_refused_or_warned_by_key(caplog):
+    saved = {"model": {"depth": 2}, "train": {"seed": 0, "steps": 10}, "data": {"path": "a"},
+             "optim": {"lr": 1e-4}, "logging": {"dir": "x"}}
+    now = {"model": {"depth": 2}, "train": {"seed": 1, "steps": 20}, "data": {"path": "b"},
+           "optim": {"lr": 2e-4}, "logging": {"dir": "y"}}
+    with caplog.at_level("WARNING"):
+        changed = check_resume_config(saved, now, "ck/step_1", warn=("train.seed", "data.", "optim."),
+                                      ignore=("logging.", "train.steps"))
+    assert changed == ["data.path: 'a' -> 'b'", "optim.lr: 0.0001 -> 0.0002", "train.seed: 0 -> 1"]
+    assert "train.seed: 0 -> 1" in caplog.text and "logging" not in caplog.text
+    with pytest.raises(ResumeConfigError, match=r"train\.seed: 0 -> 1"):
+        check_resume_config(saved, now, "ck/step_1", refuse=("model.", "train.seed"))
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's own loader
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_resume_loads_safely_and_refuses_code(tmp_path, zero_stage):
+    from train.config import load_config
+    from train.dit_config import DiTTrainConfig
+    from train.train_dit import Trainer
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", [
+        f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}", "logging.progress_bar=false",
+        "logging.tensorboard=false", "train.steps=1", "checkpoint.every=1", f"train.zero_stage={zero_stage}",
+        "checkpoint.export_reference=false", "checkpoint.resume=never"])
+    trainer = Trainer(cfg).fit()
+    path = tmp_path / "ckpt" / "step_0000001"
+    files = sorted((path / "deepspeed").glob("*.pt"))
+    assert any("optim_states" in f.name for f in files) and any("model_states" in f.name for f in files)
+    with ck.deepspeed_safe_load():  # the genuine checkpoint loads (DeepSpeed's types are allow-listed)
+        load_path, _ = trainer.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+    assert load_path is not None
+    marker = tmp_path / "ran"
+    for victim in files:
+        good = victim.read_bytes()
+        payload = torch.load(victim, weights_only=False)
+        payload["evil"] = _Payload(marker)
+        torch.save(payload, victim)
+        with pytest.raises(UnsafeCheckpointError, match=victim.name):
+            with ck.deepspeed_safe_load():
+                trainer.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        assert not marker.exists()
+        victim.write_bytes(good)
+    from modeling.safe_load import _torch_load
+    assert torch.load is _torch_load  # the guard put the real torch.load back
+    # sanity: without the guard the planted file does run its payload (the test above can fail)
+    payload = torch.load(files[0], weights_only=False)
+    payload["evil"] = _Payload(marker)
+    torch.save(payload, files[0])
+    torch.load(files[0], weights_only=False)
+    assert marker.exists()
