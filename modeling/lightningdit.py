@@ -14,6 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import ops
 
+from .hub import HubMixin
+
 
 # ----------------------------------------------------------------------------- embedders
 
@@ -246,7 +248,7 @@ class FinalLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
-class LightningDiT(nn.Module):
+class LightningDiT(nn.Module, HubMixin):
     def __init__(self, input_size=32, patch_size=2, in_channels=32, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False, use_qknorm=False,
                  use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_checkpoint=False):

@@ -6,9 +6,45 @@ model calls for Euler. Classifier-free guidance follows LightningDiT.forward_wit
 is below `cfg_interval_start` the unconditional half is not computed at all. The grid lives on the
 host, so deciding that needs no device synchronisation.
 """
+import contextlib
+import copy
+import logging
 import math
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# The authors' sampling settings for each released checkpoint (configs/reproductions/*.yaml of their code):
+# Euler ODE, 250 grid points, timestep shift 0.3, guidance only on latent channels 0..2 ("reference").
+# Their cfg scales were tuned for that 3-channel guidance; all-channel guidance ("all") needs its own scale.
+_PAPER = dict(method="euler", steps=250, shift=0.3, guidance="reference")
+SAMPLING_PRESETS = {
+    "lightningdit-xl-imagenet256-800ep": {
+        "settings": dict(_PAPER, cfg_scale=6.7, cfg_interval_start=0.125),
+        "training_config": "hustvl/LightningDiT configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_cfg.yaml "
+                           "(800 epochs; paper FID-50k 1.35 with these settings)"},
+    "lightningdit-xl-imagenet256-64ep": {
+        "settings": dict(_PAPER, cfg_scale=10.0, cfg_interval_start=0.10),
+        "training_config": "hustvl/LightningDiT configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg.yaml "
+                           "(64 epochs; paper FID-50k 2.11 with these settings)"},
+}
+PRESET_ALIASES = {"800ep": "lightningdit-xl-imagenet256-800ep", "64ep": "lightningdit-xl-imagenet256-64ep"}
+
+
+def preset_for_name(name):
+    """The preset whose released file this is (by file or folder name), or None."""
+    stem = str(name).replace("\\", "/").rstrip("/").split("/")[-1]
+    stem = stem.rsplit(".", 1)[0] if stem.endswith((".pt", ".pth", ".safetensors")) else stem
+    return stem if stem in SAMPLING_PRESETS else None
+
+
+def preset_settings(name):
+    """The sampling settings (method, steps, shift, cfg_scale, cfg_interval_start, guidance) of a preset."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in SAMPLING_PRESETS:
+        raise ValueError(f"unknown sampling preset {name!r}; known: {sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
+    return dict(SAMPLING_PRESETS[key]["settings"])
 
 
 def timestep_shift(t, s):
@@ -89,3 +125,219 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
     g2 = 2 * diffusion_norm * t0 * (1 - t0)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + drift * dt + math.sqrt(g2 * dt) * noise
+
+
+# ----------------------------------------------------------------------------- the fast sampling path
+#
+# `Sampler` is what bench.eval.generate, the training-time evaluation and the speed benchmark call: one
+# object per (model, settings), reused for every batch. fp32 + eager computes exactly `sample` (tested
+# bit-for-bit); the fast options change how, not what, is computed:
+#   precision  "fp32" | "bf16" (autocast on the fp32 weights, as training) | "bf16-weights" (a bf16 copy)
+#              -- the ODE state, the time grid, the guidance mix and the Euler update stay fp32;
+#   compile    "none" | "blocks" (torch.compile of each block, static shapes: one graph per batch shape)
+#              | "model" (torch.compile of the whole forward, static shapes);
+#   cudagraphs "off" | "on" | "auto" (on where the device is CUDA and the method is Euler): the guided and
+#              the unguided Euler step are each captured once per batch size and replayed, so a step
+#              costs one launch. An explicit request that cannot run is an error, never a fallback.
+
+PRECISIONS = ("fp32", "bf16", "bf16-weights")
+COMPILE_MODES = ("none", "blocks", "model")
+CUDAGRAPH_MODES = ("off", "on", "auto")
+
+
+class SamplerUnavailable(RuntimeError):
+    """An explicitly requested sampling path cannot run here."""
+
+
+def _shared_copy(model):
+    """A structural copy of `model` whose parameters and buffers are the original tensors (no memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def autocast_context(device, precision):
+    """bf16 autocast for precision 'bf16' (weight cast cache off: required under CUDA graph capture)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+class Sampler:
+    """Euler (or another method) on the shifted grid with guidance, in the precision / compile / CUDA graph
+    mode asked for. `sampler(z, y)` -> final latents (fp32, on z's device); `sampler.describe()` says what ran.
+    """
+
+    def __init__(self, model, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
+                 guidance="all", precision="fp32", compile="none", cudagraphs="off", device=None,
+                 static_batch=None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if cudagraphs not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraphs must be one of {CUDAGRAPH_MODES}, got {cudagraphs!r}")
+        if guidance not in ("all", "reference"):
+            raise ValueError(f"guidance must be 'all' or 'reference', got {guidance!r}")
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2 (grid points; steps - 1 model calls), got {steps}")
+        self.device = torch.device(device if device is not None else next(model.parameters()).device)
+        self.steps, self.method, self.shift = steps, method, shift
+        self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
+        self.precision, self.compile_mode = precision, compile
+        if cudagraphs == "on":
+            if self.device.type != "cuda":
+                raise SamplerUnavailable(f"CUDA graphs were requested but the sampler runs on {self.device}; "
+                                         "use cudagraphs='auto' or 'off'")
+            if method != "euler":
+                raise SamplerUnavailable(f"CUDA graphs are implemented for the Euler sampler, not {method!r}")
+        if compile != "none" and method != "euler":
+            raise SamplerUnavailable(f"compile={compile!r} is implemented for the Euler sampler, not {method!r}")
+        self.use_graphs = cudagraphs == "on" or (cudagraphs == "auto" and self.device.type == "cuda"
+                                                 and method == "euler")
+        self.num_classes = model.num_classes
+        model = model.eval()
+        if precision == "bf16-weights":
+            model = copy.deepcopy(model).to(torch.bfloat16)
+        elif compile != "none":
+            model = _shared_copy(model)  # compile a copy: the caller's model object stays as it was
+        if compile == "blocks":
+            for block in model.blocks:
+                block.compile(dynamic=False)
+            self.forward = model
+        elif compile == "model":
+            self.forward = torch.compile(model, dynamic=False)
+        else:
+            self.forward = model
+        self.model = model
+        grid = time_grid(steps, shift, dtype=torch.float64).tolist()
+        self.grid = grid
+        self.guided = [cfg_scale != 1.0 and t >= cfg_interval_start for t in grid[:-1]]
+        self._grid_dev = torch.tensor(grid[:-1], dtype=torch.float32, device=self.device)
+        self._dt_dev = torch.tensor([b - a for a, b in zip(grid[:-1], grid[1:])], dtype=torch.float32,
+                                    device=self.device)
+        self.static_batch = static_batch
+        self._graphs = {}
+        self._logged = False
+
+    # ------------------------------------------------------------------ what ran
+    def describe(self):
+        return {"method": self.method, "steps": self.steps, "shift": self.shift, "cfg_scale": self.cfg_scale,
+                "cfg_interval_start": self.cfg_interval_start, "guidance": self.guidance,
+                "precision": self.precision, "compile": self.compile_mode,
+                "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
+                "guided_steps": sum(self.guided), "model_calls": len(self.grid) - 1,
+                "static_batch": self.static_batch}
+
+    # ------------------------------------------------------------------ the velocity
+    def _model_out(self, x, t, y):
+        """The model's velocity in fp32 for fp32 state x, (B,) times t, labels y."""
+        if self.precision == "bf16-weights":
+            return self.forward(x.to(torch.bfloat16), t, y).float()
+        with autocast_context(self.device, self.precision):
+            out = self.forward(x, t, y)
+        return out.float()
+
+    def velocity(self, x, t, y, y_null, guided):
+        """v(x, t): conditional where not guided; else LightningDiT.forward_with_cfg's mix (t >= interval
+        start), computed from an fp32 copy of the model output. t: (B,) on the device."""
+        if not guided:
+            return self._model_out(x, t, y)
+        out = self._model_out(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        if self.guidance == "reference":  # the authors' code guides latent channels 0..2 only
+            g, rest = out[:, :3], out[:, 3:]
+        else:
+            g, rest = out, out[:, :0]
+        cond, uncond = g.chunk(2, dim=0)
+        mixed = uncond + self.cfg_scale * (cond - uncond)
+        return torch.cat([mixed, rest[: len(x)]], dim=1)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(self, z, y, generator=None):
+        if not self._logged:
+            log.info("sampler: %s", self.describe())
+            self._logged = True
+        z = z.to(self.device, torch.float32)
+        y = y.to(self.device)
+        n = len(z)
+        if self.method != "euler":
+            with autocast_context(self.device, self.precision):
+                return sample(self.model, z, y, steps=self.steps, method=self.method, shift=self.shift,
+                              cfg_scale=self.cfg_scale, cfg_interval_start=self.cfg_interval_start,
+                              guidance=self.guidance, generator=generator).float()
+        if (self.use_graphs or self.compile_mode != "none") and self.static_batch is None:
+            self.static_batch = n  # one static shape: smaller batches are padded to it
+        if self.static_batch is not None and n < self.static_batch:
+            pad = self.static_batch - n
+            z = torch.cat([z, z.new_zeros((pad, *z.shape[1:]))])
+            y = torch.cat([y, y.new_zeros(pad)])
+        elif self.static_batch is not None and n > self.static_batch:
+            raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
+        x = self._run_graphed(z, y) if self.use_graphs else self._run_eager(z, y)
+        return x[:n]
+
+    def _run_eager(self, z, y):
+        y_null = torch.full_like(y, self.num_classes)
+        x = z
+        for i, (t0, t1) in enumerate(zip(self.grid[:-1], self.grid[1:])):
+            t = torch.full((len(x),), t0, device=x.device, dtype=torch.float32)
+            x = x + (t1 - t0) * self.velocity(x, t, y, y_null, self.guided[i])
+        return x
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _capture(self, n, shape):
+        dev = self.device
+        st = {"x": torch.zeros((n, *shape), device=dev), "y": torch.zeros(n, dtype=torch.long, device=dev),
+              "y_null": torch.full((n,), self.num_classes, dtype=torch.long, device=dev),
+              "t": torch.zeros((), device=dev), "dt": torch.zeros((), device=dev)}
+
+        def step(guided):
+            v = self.velocity(st["x"], st["t"].expand(n), st["y"], st["y_null"], guided)
+            st["x"].copy_(st["x"] + st["dt"] * v)
+
+        kinds = sorted(set(self.guided))
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: compilation, autotuning, attention choice happen here
+            for guided in kinds:
+                st["t"].fill_(0.5)
+                for _ in range(3):
+                    step(guided)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graphs, pool = {}, None
+        for guided in kinds:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                step(guided)
+            pool = g.pool()
+            graphs[guided] = g
+        torch.cuda.synchronize(dev)
+        return st, graphs
+
+    def _run_graphed(self, z, y):
+        n = len(z)
+        if n not in self._graphs:
+            self._graphs = {n: self._capture(n, tuple(z.shape[1:]))}  # one batch size held at a time
+        st, graphs = self._graphs[n]
+        st["x"].copy_(z)
+        st["y"].copy_(y)
+        for i, guided in enumerate(self.guided):
+            st["t"].copy_(self._grid_dev[i])
+            st["dt"].copy_(self._dt_dev[i])
+            graphs[guided].replay()
+        return st["x"].clone()
+
+
+@torch.no_grad()
+def decode_images(vae, latents, precision="fp32", batch_size=None):
+    """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' decode under bf16 autocast
+    (GroupNorm and the final clamp stay fp32)."""
+    dev = latents.device
+    prec = "bf16" if precision in ("bf16", "bf16-weights") else "fp32"
+    bs = batch_size or len(latents)
+    out = []
+    for i in range(0, len(latents), bs):
+        with autocast_context(dev, prec):
+            out.append(vae.decode_to_images(latents[i:i + bs]))
+    return torch.cat(out)

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hub import HubMixin
+
 VAVAE_F16D32 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
                     z_channels=32, embed_dim=32, in_channels=3, out_ch=3, dropout=0.0)
 
@@ -181,7 +183,7 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(nn.Module, HubMixin):
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
                  z_channels=32, embed_dim=32, in_channels=3, out_ch=3, dropout=0.0):
         super().__init__()

@@ -1,0 +1,283 @@
+"""Hub-style weights: `from_pretrained(folder | hub id | released .pt)`, `save_pretrained`, `push_to_hub`.
+
+LightningDiT and AutoencoderKL inherit `HubMixin`, which is huggingface_hub's `PyTorchModelHubMixin`
+with our own file handling:
+
+- a folder holds `model.safetensors`, `config.json` (the constructor arguments at the top level, as
+  the hub mixin writes them, plus `"kind"`, the training config and the parity status) and a model
+  card `README.md` that names both;
+- `from_pretrained` reads such a folder, a hub repo id (`local_files_only=True` / HF_HUB_OFFLINE=1
+  use the local cache only), our previous folders (`{"kind", "config": {...}}` config.json), and the
+  authors' released checkpoint files (`.pt` with "ema"/"model" or "state_dict"; the architecture is
+  read from the weights' shapes, so no size has to be given);
+- weights are loaded strictly: a missing, unexpected or mis-shaped key is an error that lists them.
+
+Without huggingface_hub installed (e.g. a bare GPU machine) the same methods work for local folders
+and released files; `push_to_hub` and hub ids then say that huggingface_hub is needed.
+"""
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+LIBRARY = "vavae-lightningdit"
+PAPER_URL = "https://arxiv.org/abs/2501.01423"
+REFERENCE_URL = "https://github.com/hustvl/LightningDiT"
+DEFAULT_PARITY = ("architecture and every loader are checked against fixtures made by running the authors' "
+                  "code (python -m bench.parity ../shared/parity: fp32, rtol 1e-4, atol 1e-5); the weights "
+                  "themselves were not re-evaluated by this export")
+# keys of config.json that are not constructor arguments
+META_KEYS = ("kind", "training_config", "parity", "source", "sampling", "format")
+
+try:  # optional at import time: the GPU machines run without it
+    from huggingface_hub import PyTorchModelHubMixin as _HFBase
+    from huggingface_hub import hf_hub_download as _hf_hub_download
+    HAVE_HF = True
+except ImportError:  # pragma: no cover - exercised only where huggingface_hub is absent
+    _HFBase, _hf_hub_download, HAVE_HF = object, None, False
+
+
+def _jsonable(value):
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def model_kind(model_or_cls):
+    name = model_or_cls.__name__ if isinstance(model_or_cls, type) else type(model_or_cls).__name__
+    from .lightningdit import LightningDiT
+    from .vavae import AutoencoderKL
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    if issubclass(cls, LightningDiT):
+        return "lightningdit"
+    if issubclass(cls, AutoencoderKL):
+        return "vavae"
+    raise TypeError(f"hub format supports LightningDiT and AutoencoderKL, got {name}")
+
+
+def class_for_kind(kind):
+    from .lightningdit import LightningDiT
+    from .vavae import AutoencoderKL
+    classes = {"lightningdit": LightningDiT, "vavae": AutoencoderKL}
+    if kind not in classes:
+        raise ValueError(f"config.json: unknown model kind {kind!r} (known: {sorted(classes)})")
+    return classes[kind]
+
+
+def architecture_of(config):
+    """Constructor arguments from a config.json dict, in either our current or our previous layout."""
+    if "config" in config and isinstance(config["config"], dict) and "kind" in config:  # previous layout
+        return dict(config["config"])
+    return {k: v for k, v in config.items() if k not in META_KEYS}
+
+
+def model_card(kind, arch, training_config=None, parity=None, source=None, sampling=None):
+    """The README.md of a saved model: what it is, how it was trained, and its parity status."""
+    from huggingface_hub import ModelCard, ModelCardData  # only called where huggingface_hub exists
+    what = {"lightningdit": "LightningDiT (class-conditional latent diffusion transformer, rectified flow)",
+            "vavae": "VA-VAE tokenizer (AutoencoderKL, latent space aligned with a vision foundation model)"}[kind]
+    data = ModelCardData(library_name=LIBRARY, license="mit", tags=[LIBRARY, kind, "pytorch_model_hub_mixin"])
+    lines = [f"# {what}", "",
+             f"Saved by [{LIBRARY}]; architecture as the authors' code ({REFERENCE_URL}), paper: {PAPER_URL}.", "",
+             "## Load", "", "```python",
+             f"from modeling import {'LightningDiT' if kind == 'lightningdit' else 'AutoencoderKL'}",
+             f"model = {'LightningDiT' if kind == 'lightningdit' else 'AutoencoderKL'}.from_pretrained(\"PATH_OR_REPO_ID\")",
+             "```", "", "## Architecture", "", "```json", json.dumps(_jsonable(arch), indent=2, sort_keys=True), "```",
+             "", "## Training config", ""]
+    if training_config is None:
+        lines.append("not recorded")
+    elif isinstance(training_config, str):
+        lines.append(training_config)
+    else:
+        lines += ["```json", json.dumps(_jsonable(training_config), indent=2, sort_keys=True), "```"]
+    if source:
+        lines += ["", "## Source", "", "```json", json.dumps(_jsonable(source), indent=2, sort_keys=True), "```"]
+    if sampling:
+        lines += ["", "## Sampling settings (the authors' for this checkpoint)", "", "```json",
+                  json.dumps(_jsonable(sampling), indent=2, sort_keys=True), "```"]
+    lines += ["", "## Parity status", "", parity or DEFAULT_PARITY, ""]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines))
+
+
+def _write_atomic(path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_folder(model, directory, arch=None, training_config=None, parity=None, source=None, sampling=None,
+                extra=None):
+    """Write model.safetensors + config.json (+ README.md where huggingface_hub is installed) atomically."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kind = model_kind(model)
+    arch = _jsonable(arch if arch is not None else model.config)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    meta = {"kind": kind, **arch, "training_config": _jsonable(training_config),
+            "parity": parity or DEFAULT_PARITY}
+    if source is not None:
+        meta["source"] = _jsonable(source)
+    if sampling is not None:
+        meta["sampling"] = _jsonable(sampling)
+    meta.update(_jsonable(extra or {}))
+    _write_atomic(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    if HAVE_HF:
+        card = model_card(kind, arch, training_config, meta["parity"], source, sampling)
+        _write_atomic(directory / CARD_NAME, lambda p: p.write_text(str(card)))
+    return directory
+
+
+def read_config(directory):
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a saved model folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_folder(cls, directory, config=None, device="cpu", **overrides):
+    """Build `cls` from a folder's config.json and load model.safetensors strictly."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import load_state_dict_strict
+    directory = Path(directory)
+    config = read_config(directory) if config is None else config
+    kind = config.get("kind")
+    if kind is not None and kind != model_kind(cls):
+        raise ValueError(f"{directory / CONFIG_NAME}: holds a {kind!r} model, not a {model_kind(cls)!r}")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found")
+    model = cls(**{**architecture_of(config), **overrides})
+    load_state_dict_strict(model, load_file(str(weights)), str(weights))
+    return model.to(device).eval()
+
+
+class HubMixin(_HFBase):
+    """from_pretrained / save_pretrained / push_to_hub for our models (see the module docstring)."""
+
+    if HAVE_HF:
+        def __init_subclass__(cls, **kwargs):
+            kwargs.setdefault("library_name", LIBRARY)
+            kwargs.setdefault("repo_url", REFERENCE_URL)
+            kwargs.setdefault("paper_url", PAPER_URL)
+            kwargs.setdefault("license", "mit")
+            super().__init_subclass__(**kwargs)
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, save_directory, *, training_config=None, parity=None, source=None, sampling=None,
+                        config=None, push_to_hub=False, repo_id=None, **push_kwargs):
+        """model.safetensors + config.json + README.md (model card) in `save_directory`; `config` overrides
+        the constructor arguments recorded (default: the model's own)."""
+        save_folder(self, save_directory, arch=config, training_config=training_config, parity=parity,
+                    source=source, sampling=sampling)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs)
+        return None
+
+    def push_to_hub(self, repo_id, *, training_config=None, parity=None, commit_message="Upload with vavae-lightningdit",
+                    private=None, token=None, branch=None, create_pr=None, **_):
+        """Save into a temporary folder and upload it as one commit (huggingface_hub's HfApi)."""
+        if not HAVE_HF:
+            raise RuntimeError("push_to_hub needs huggingface_hub (pip install huggingface_hub)")
+        import tempfile
+
+        from huggingface_hub import HfApi
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, training_config=training_config, parity=parity)
+            return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr)
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, device="cpu", weights="ema", revision=None,
+                        cache_dir=None, force_download=False, local_files_only=False, token=None, **overrides):
+        """A saved folder, a hub repo id, or a released checkpoint file (.pt / .pth / .safetensors state dict).
+
+        weights: "ema" (default) or "model" for released LightningDiT files. `overrides` replace
+        constructor arguments (e.g. use_checkpoint=True)."""
+        src = str(pretrained_model_name_or_path)
+        if os.path.isdir(src):
+            return load_folder(cls, src, device=device, **overrides)
+        if os.path.isfile(src):
+            from .convert import load_released
+            model, _ = load_released(src, kind=model_kind(cls), weights=weights, **overrides)
+            return model.to(device).eval()
+        if not HAVE_HF:
+            raise FileNotFoundError(f"{src}: no such folder or file (hub ids need huggingface_hub)")
+        if src.startswith((".", "/", "~")) or src.endswith((".pt", ".pth", ".safetensors", ".ckpt")):
+            raise FileNotFoundError(f"{src}: no such folder or file")
+        dl = dict(repo_id=src, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                  local_files_only=local_files_only, token=token)
+        config_file = _hf_hub_download(filename=CONFIG_NAME, **dl)
+        _hf_hub_download(filename=WEIGHTS_NAME, **dl)
+        return load_folder(cls, Path(config_file).parent, device=device, **overrides)
+
+    # the hub mixin calls these from its own helpers; keep them consistent with the methods above
+    def _save_pretrained(self, save_directory):
+        save_folder(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False, local_files_only=False,
+                         token=None, map_location="cpu", **overrides):
+        overrides.pop("config", None)
+        return cls.from_pretrained(model_id, device=map_location, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only, token=token,
+                                   **overrides)
+
+
+# ----------------------------------------------------------------------------- latent statistics
+
+STATS_NAME = "latents_stats.safetensors"
+
+
+def save_latent_stats(path, mean, std):
+    """{"mean", "std"} float32 (1, C, 1, 1) as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st = {"mean": torch.as_tensor(mean).float().reshape(1, -1, 1, 1).contiguous(),
+          "std": torch.as_tensor(std).float().reshape(1, -1, 1, 1).contiguous()}
+    if st["mean"].shape != st["std"].shape:
+        raise ValueError(f"latent stats: mean {tuple(st['mean'].shape)} and std {tuple(st['std'].shape)} differ")
+    _write_atomic(path, lambda p: save_file(st, str(p)))
+    return path
+
+
+def load_latent_stats(path):
+    """{"mean", "std"} (1, C, 1, 1) float32 from latents_stats.safetensors, the released latents_stats.pt
+    (read with weights_only=True), or a model folder holding latents_stats.safetensors."""
+    import torch
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"latent statistics not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        st = load_file(str(path))
+    else:
+        from .safe_load import safe_torch_load
+        st = safe_torch_load(path, "latent statistics")  # weights_only=True
+    if not isinstance(st, dict) or "mean" not in st or "std" not in st:
+        raise ValueError(f"{path}: expected keys 'mean' and 'std', got {sorted(st) if isinstance(st, dict) else type(st).__name__}")
+    mean, std = (torch.as_tensor(st[k]).float() for k in ("mean", "std"))
+    if mean.numel() != std.numel():
+        raise ValueError(f"{path}: 'mean' has {mean.numel()} values, 'std' {std.numel()}")
+    return {"mean": mean.reshape(1, -1, 1, 1), "std": std.reshape(1, -1, 1, 1)}

@@ -1,0 +1,172 @@
+"""Hub-style weights (huggingface_hub's model mixin), offline; released files and previous folders still load."""
+import json
+import socket
+
+import pytest
+import torch
+
+from modeling import AutoencoderKL, LightningDiT, load_dit_checkpoint, load_vavae_checkpoint
+from modeling.checkpoint import CheckpointMismatchError
+from modeling.convert import convert, infer_dit_config, infer_vavae_config
+from modeling.convert import main as convert_main
+from modeling.hub import load_latent_stats, save_latent_stats
+
+TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+TINY_VAE = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, z_channels=4, embed_dim=4)
+
+
+def _rand(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_save_and_load_both_models_through_the_mixin(tmp_path, no_network):
+    from huggingface_hub import ModelHubMixin
+    dit, vae = _rand(LightningDiT(**TINY, use_qknorm=True)), _rand(AutoencoderKL(**TINY_VAE))
+    assert isinstance(dit, ModelHubMixin) and isinstance(vae, ModelHubMixin)
+    dit.save_pretrained(tmp_path / "dit", training_config={"optim": {"lr": 2e-4}})
+    vae.save_pretrained(tmp_path / "vae", training_config="configs/vavae_tiny_cpu.yaml")
+    for name in ("dit", "vae"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    cfg = json.loads((tmp_path / "dit" / "config.json").read_text())
+    assert cfg["kind"] == "lightningdit" and cfg["hidden_size"] == 32 and cfg["use_qknorm"] is True
+    card = (tmp_path / "vae" / "README.md").read_text()
+    assert "configs/vavae_tiny_cpu.yaml" in card and "Parity status" in card and "bench.parity" in card
+    assert '"lr": 0.0002' in (tmp_path / "dit" / "README.md").read_text()
+    dit2 = LightningDiT.from_pretrained(tmp_path / "dit")
+    vae2 = AutoencoderKL.from_pretrained(str(tmp_path / "vae"))
+    assert _same(dit, dit2) and _same(vae, vae2) and not dit2.training
+    assert dit2.config == dit.config
+    with pytest.raises(ValueError, match="holds a 'vavae' model"):
+        LightningDiT.from_pretrained(tmp_path / "vae")
+
+
+def test_hub_id_from_the_local_cache_offline(tmp_path, monkeypatch, no_network):
+    """A hub repo id resolves from a populated cache with local_files_only (what HF_HUB_OFFLINE=1 gives)."""
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    dit = _rand(LightningDiT(**TINY))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-dit"
+    dit.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = LightningDiT.from_pretrained("someone/tiny-dit", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert _same(dit, loaded)
+    with pytest.raises(Exception, match="(?i)offline|local|cannot find|not found"):
+        LightningDiT.from_pretrained("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    seen = {}
+
+    class Repo:
+        repo_id = "me/tiny"
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        seen["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+        seen["config"] = json.loads((__import__("pathlib").Path(folder_path) / "config.json").read_text())
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: Repo())
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert _rand(LightningDiT(**TINY)).push_to_hub("me/tiny", training_config="x.yaml") == "commit-url"
+    assert seen["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert seen["config"]["training_config"] == "x.yaml"
+
+
+def test_previous_folder_layout_still_loads(tmp_path):
+    """Folders written before the hub format ({"kind", "config": {...}} config.json) load unchanged."""
+    from safetensors.torch import save_file
+
+    from modeling import load_pretrained
+    dit = _rand(LightningDiT(**TINY))
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"))
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"kind": "lightningdit", "config": dict(dit.config)}))
+    assert _same(dit, LightningDiT.from_pretrained(tmp_path / "old"))
+    assert _same(dit, load_pretrained(tmp_path / "old"))
+
+
+def test_released_files_load_without_a_size(parity_dir, parity_configs):
+    for name in ("lightningdit_a", "lightningdit_b"):
+        c = {k: v for k, v in parity_configs[name].items() if k != "kind"}
+        ref = load_dit_checkpoint(parity_dir / f"{name}.pt", LightningDiT(**c))
+        got = LightningDiT.from_pretrained(parity_dir / f"{name}.pt")
+        assert _same(ref, got) and {k: got.config[k] for k in c} == c
+        raw = LightningDiT.from_pretrained(parity_dir / f"{name}.pt", weights="model")
+        assert not _same(ref, raw)  # the raw weights differ from the EMA on purpose
+    vae = AutoencoderKL.from_pretrained(parity_dir / "vavae_a.pt")
+    v = parity_configs["vavae_a"]
+    ref = load_vavae_checkpoint(parity_dir / "vavae_a.pt", AutoencoderKL(
+        ch=v["ch"], ch_mult=v["ch_mult"], num_res_blocks=v["num_res_blocks"], attn_resolutions=v["attn_resolutions"],
+        resolution=v["resolution"], z_channels=v["z_channels"], embed_dim=v["embed_dim"]))
+    assert _same(ref, vae)
+
+
+def test_inferred_architectures_cover_the_flags():
+    for flags in (dict(use_qknorm=True), dict(use_swiglu=False, use_rmsnorm=False), dict(wo_shift=True),
+                  dict(learn_sigma=True, patch_size=2, input_size=8)):
+        m = LightningDiT(**{**TINY, **flags})
+        got = infer_dit_config(m.state_dict())
+        assert {k: got[k] for k in m.config} == m.config, flags
+    m = LightningDiT(**TINY, use_rope=False)
+    with pytest.raises(ValueError, match="num_heads"):
+        infer_dit_config(m.state_dict())
+    assert infer_dit_config(m.state_dict(), num_heads=2)["num_heads"] == 2
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), resolution=64,
+                        z_channels=4, embed_dim=4)
+    got = infer_vavae_config(vae.state_dict(), resolution=64)
+    assert got["ch_mult"] == [1, 2, 2] and got["attn_resolutions"] == [16] and got["num_res_blocks"] == 2
+
+
+def test_convert_cli_and_latent_stats(tmp_path, parity_dir):
+    stats = {"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}
+    torch.save(stats, tmp_path / "latents_stats.pt")
+    # a released file name gets the authors' sampling preset and training config
+    released = tmp_path / "lightningdit-xl-imagenet256-64ep.pt"
+    released.write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
+    convert_main([str(released), str(tmp_path / "dit"), "--latent-stats", str(tmp_path / "latents_stats.pt")])
+    cfg = json.loads((tmp_path / "dit" / "config.json").read_text())
+    assert cfg["sampling"] == {"preset": "lightningdit-xl-imagenet256-64ep", "method": "euler", "steps": 250,
+                               "shift": 0.3, "cfg_scale": 10.0, "cfg_interval_start": 0.10, "guidance": "reference"}
+    assert "64ep_cfg.yaml" in cfg["training_config"] and len(cfg["source"]["sha256"]) == 64
+    st = load_latent_stats(tmp_path / "dit")  # latents_stats.safetensors beside the weights
+    assert torch.equal(st["mean"], stats["mean"]) and torch.equal(st["std"], stats["std"])
+    convert(tmp_path / "latents_stats.pt", tmp_path / "s.safetensors")
+    assert torch.equal(load_latent_stats(tmp_path / "s.safetensors")["std"], stats["std"])
+    save_latent_stats(tmp_path / "t.safetensors", stats["mean"].flatten(), stats["std"].flatten())
+    assert load_latent_stats(tmp_path / "t.safetensors")["mean"].shape == (1, 32, 1, 1)
+    with pytest.raises(SystemExit, match="not a 'vavae'"):
+        convert_main([str(released), str(tmp_path / "x"), "--kind", "vavae"])
+    torch.save({"mean": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt.*'mean' and 'std'"):
+        load_latent_stats(tmp_path / "bad.pt")
+
+
+def test_folder_that_does_not_fit_is_refused_with_the_keys(tmp_path):
+    dit = _rand(LightningDiT(**TINY))
+    dit.save_pretrained(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg["depth"] = 3
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatchError, match="missing key.*blocks.2"):
+        LightningDiT.from_pretrained(tmp_path / "d")
