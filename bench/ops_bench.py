@@ -2,11 +2,13 @@
 
 For each op and implementation: forward and forward+backward time (median), GB/s over the fewest bytes
 the op must move (each input read once, each output written once), and the forward's relative error vs
-the fp32 reference. `python -m bench.ops_bench [--smoke]` prints a table; bench/gpu_suite.py calls run().
+the fp32 reference. `python -m bench.ops_bench [--smoke] [--out runs/bench/ops]` prints the results and writes
+them as OUT.json with a bar chart of GB/s per op and implementation beside it (OUT.png); bench/gpu_suite.py
+calls run().
 """
-import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,7 +74,7 @@ def run(smoke=False, dtype=torch.bfloat16, copy_gbs=None):
         ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
         results[name] = {}
         for impl, activate in _impls(device, smoke).items():
-            if impl == "cuda" and name not in kernels.backend.CUDA_OPS:
+            if impl == "cuda" and "cuda" not in kernels.backend.implementations()[name]:
                 continue
             row = {}
             try:
@@ -125,8 +127,23 @@ def attention_bench(smoke, device, dtype):
     return {"chosen": kernels.describe()["ops"].get("attention"), "candidates": meas}
 
 
+def main(argv=None):
+    from bench.plots import plot_ops
+    from train.config import cli_parser
+
+    p = cli_parser("bench.ops_bench", __doc__)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the plumbing, times nothing)")
+    p.add_argument("--out", default="runs/bench/ops", help="output path without suffix: .json and .png are written")
+    a = p.parse_args(argv)
+    results = run(a.smoke)
+    print(json.dumps(results, indent=1))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot_ops(results, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return results
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--smoke", action="store_true")
-    a = p.parse_args()
-    print(json.dumps(run(a.smoke), indent=1))
+    main()

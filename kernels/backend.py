@@ -5,22 +5,34 @@ name in {"auto", "reference", "triton", "cuda"}:
 - "reference": the plain PyTorch ops of kernels/reference.py everywhere.
 - "triton": the Triton kernels (kernels/*.py); needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU.
 - "cuda": the CUDA extension (kernels/csrc) for the ops it has (the norm family), Triton for the rest.
-- "auto": "cuda" where the extension is built and the tensor is on CUDA, else "triton" for CUDA tensors,
-  else "reference".
+- "auto": on a CUDA tensor, the fastest measured choice per op: inside a torch.compile trace the reference
+  op for the ops in COMPILED_PREFERS_REFERENCE (inductor fuses it with its neighbours, and measured faster
+  than our kernel at LightningDiT-XL shapes), else the CUDA extension where built, else Triton;
+  on the CPU, the reference.
 An explicitly requested backend that cannot run raises BackendUnavailable (never a silent fallback).
-`kernels.describe()` reports what actually ran per op (and which attention implementation).
+`resolve(op, x)` returns the function that implements `op` for x; `kernels.describe()` reports what ran.
+Each op module exports its implementations as `IMPLS = {backend: {op: function}}`.
 """
 import logging
 import os
+
+import torch
 
 from . import reference
 
 log = logging.getLogger("kernels")
 _BACKENDS = ("auto", "reference", "triton", "cuda")
-CUDA_OPS = ("rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate")
+OPS = ("rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate", "gated_residual", "swiglu",
+       "rope_qk", "attention")
+# Under torch.compile on a GPU, `auto` traces the reference for these ops: inductor's fusion of the reference
+# was faster than our kernels fwd+bwd at XL/1 batch-256 shapes on an H200 (bench/results/2026-11-26_h200.md:
+# rms_norm 1192 vs 766 GB/s, norm_modulate 621 vs 569, gated_residual_norm_modulate 1675 vs 1221,
+# gated_residual 1888 vs 991, rope_qk 551 vs 358); swiglu stays on Triton (2435 vs 2019).
+COMPILED_PREFERS_REFERENCE = frozenset({"rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate",
+                                        "gated_residual", "rope_qk"})
 _state = {"name": os.environ.get("VAVAE_KERNELS", "auto")}
-_used = {}  # op name -> backend name actually used last
-_impls = {}
+_used = {}  # op name -> what actually ran last
+_table = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -60,23 +72,38 @@ def cuda_status(x=None):
     return ok, reason
 
 
-def _impl(name):
-    if name not in _impls:
-        from .fused import Fused
-        _impls[name] = Fused(name)
-    return _impls[name]
+def implementations():
+    """{op: {backend: function}} gathered from the op modules' IMPLS (attention: its own chooser)."""
+    if not _table:
+        from . import attention, fused_norm, gated_residual, rope, swiglu
+        table = {op: {"reference": getattr(reference, op)} for op in OPS}
+        for module in (fused_norm, gated_residual, rope, swiglu):
+            for backend, fns in module.IMPLS.items():
+                for op, fn in fns.items():
+                    table[op][backend] = fn
+        table["attention"]["triton"] = table["attention"]["cuda"] = attention.attention
+        _table.update(table)
+    return _table
+
+
+def _auto(op, x):
+    if not x.is_cuda:
+        return "reference", "reference"
+    if op in COMPILED_PREFERS_REFERENCE and torch.compiler.is_compiling():
+        return "reference", "reference (inductor)"
+    if "cuda" in implementations()[op] and op != "attention" and cuda_status(x)[0]:
+        return "cuda", "cuda"
+    if triton_status(x)[0]:
+        return "triton", "triton"
+    return "reference", "reference"
 
 
 def resolve(op: str, x):
-    """Return the object implementing `op` for tensor x under the active backend."""
-    name = _state["name"]
+    """The function implementing `op` for tensor x under the active backend."""
+    name = label = _state["name"]
+    impls = implementations()[op]
     if name == "auto":
-        if x.is_cuda and op in CUDA_OPS and cuda_status(x)[0]:
-            name = "cuda"
-        elif x.is_cuda and triton_status(x)[0]:
-            name = "triton"
-        else:
-            name = "reference"
+        name, label = _auto(op, x)
     elif name == "triton":
         ok, reason = triton_status(x)
         if not ok:
@@ -85,18 +112,17 @@ def resolve(op: str, x):
         ok, reason = cuda_status(x)
         if not ok:
             raise BackendUnavailable(f"kernels backend 'cuda' requested for {op}: {reason}")
-        if op not in CUDA_OPS:  # ops without a CUDA kernel run their Triton kernel (reported as such)
+        if "cuda" not in impls:  # ops without a CUDA kernel run their Triton kernel (reported as such)
             ok, reason = triton_status(x)
             if not ok:
                 raise BackendUnavailable(f"kernels backend 'cuda' runs {op} with Triton: {reason}")
-            name = "triton"
-    if op != "attention":  # attention records the implementation it picks itself
-        _used[op] = name
-    if name == "reference":
-        if op == "attention":
+            name = label = "triton"
+    if op == "attention":  # the fused attention records the implementation it picks itself
+        if name == "reference":
             _used[op] = "reference-sdpa"
-        return reference
-    return _impl(name)
+    else:
+        _used[op] = label
+    return impls[name]
 
 
 def describe() -> dict:

@@ -153,12 +153,9 @@ def _empty(x):
     return x.new_empty(0)
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- launches (one per backend)
 
-@torch.library.custom_op("vavae::norm_fwd", mutates_args=())
-def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
-             bias: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor], eps: float, rms: bool,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd_impl(backend, x, gate, y, weight, bias, shift, scale, eps, rms):
     """Returns (h, out, mean, rstd); h is empty without a residual, mean is empty for RMSNorm."""
     per_sample = gate is not None or shift is not None or scale is not None
     rows, C, N, B = _geometry(x, per_sample)
@@ -193,8 +190,7 @@ def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Opt
     return h, out, mean, rstd
 
 
-@norm_fwd.register_fake
-def _(x, gate, y, weight, bias, shift, scale, eps, rms, backend):
+def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms):
     rows = x.numel() // x.shape[-1]
     h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale)
     h = x.new_empty(x.shape, dtype=h_dtype) if gate is not None else x.new_empty(0)
@@ -202,11 +198,7 @@ def _(x, gate, y, weight, bias, shift, scale, eps, rms, backend):
     return h, x.new_empty(x.shape, dtype=out_dtype), mean, x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("vavae::norm_bwd", mutates_args=())
-def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Tensor], y: Optional[Tensor],
-             weight: Optional[Tensor], bias: Optional[Tensor], has_shift: bool, scale: Optional[Tensor],
-             mean: Tensor, rstd: Tensor, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                         Tensor, Tensor]:
+def _bwd_impl(backend, dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
     """Returns (dx, dy, dgate, dweight, dbias, dshift, dscale); grads of absent inputs are empty.
     xin is h (with a residual) or x; dx is the grad of h/x in xin's dtype."""
     per_sample = gate is not None or has_shift or scale is not None
@@ -254,8 +246,7 @@ def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Ten
     return dx, dy, dgate, dweight, dbias, dshift, dscale
 
 
-@norm_bwd.register_fake
-def _(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms, backend):
+def _bwd_fake(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
     per_sample = gate is not None or has_shift or scale is not None
     _, C, _, B = _geometry(xin, per_sample)
     e = xin.new_empty(0)
@@ -266,31 +257,54 @@ def _(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms, b
 
 
 def _setup(ctx, inputs, output):
-    x, gate, y, weight, bias, shift, scale, eps, rms, backend = inputs
+    x, gate, y, weight, bias, shift, scale, eps, rms = inputs
     h, out, mean, rstd = output
     xin = h if gate is not None else x
     ctx.save_for_backward(xin, gate, y, weight, bias, scale, mean, rstd)
-    ctx.rms, ctx.backend, ctx.has_shift = rms, backend, shift is not None
+    ctx.rms, ctx.has_shift = rms, shift is not None
     ctx.dtypes = (x.dtype, None if shift is None else shift.dtype)
 
 
-def _backward(ctx, dh, dout, dmean, drstd):
-    xin, gate, y, weight, bias, scale, mean, rstd = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(xin)
-    if dh is not None and gate is None:  # h is an empty placeholder without a residual
-        dh = None
-    dx, dy, dgate, dweight, dbias, dshift, dscale = norm_bwd(
-        dout, dh, xin, gate, y, weight, bias, ctx.has_shift, scale, mean, rstd, ctx.rms, ctx.backend)
-    x_dtype, shift_dtype = ctx.dtypes
-    has_res = gate is not None
-    return (dx.to(x_dtype), dgate if has_res else None, dy if has_res else None,
-            dweight if weight is not None else None, dbias if bias is not None else None,
-            dshift.to(shift_dtype) if ctx.has_shift else None, dscale if scale is not None else None,
-            None, None, None)
+def _register(backend):
+    """The custom ops `vavae::norm_fwd_<backend>` / `vavae::norm_bwd_<backend>` (fake + autograd)."""
+
+    @torch.library.custom_op(f"vavae::norm_fwd_{backend}", mutates_args=())
+    def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
+                 rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _fwd_impl(backend, x, gate, y, weight, bias, shift, scale, eps, rms)
+
+    @torch.library.custom_op(f"vavae::norm_bwd_{backend}", mutates_args=())
+    def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Tensor], y: Optional[Tensor],
+                 weight: Optional[Tensor], bias: Optional[Tensor], has_shift: bool, scale: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor]:
+        return _bwd_impl(backend, dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms)
+
+    norm_fwd.register_fake(_fwd_fake)
+    norm_bwd.register_fake(_bwd_fake)
+
+    def backward(ctx, dh, dout, dmean, drstd):
+        xin, gate, y, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(xin)
+        if dh is not None and gate is None:  # h is an empty placeholder without a residual
+            dh = None
+        dx, dy, dgate, dweight, dbias, dshift, dscale = norm_bwd(
+            dout, dh, xin, gate, y, weight, bias, ctx.has_shift, scale, mean, rstd, ctx.rms)
+        x_dtype, shift_dtype = ctx.dtypes
+        has_res = gate is not None
+        return (dx.to(x_dtype), dgate if has_res else None, dy if has_res else None,
+                dweight if weight is not None else None, dbias if bias is not None else None,
+                dshift.to(shift_dtype) if ctx.has_shift else None, dscale if scale is not None else None,
+                None, None)
+
+    norm_fwd.register_autograd(backward, setup_context=_setup)
+    return norm_fwd
 
 
-norm_fwd.register_autograd(_backward, setup_context=_setup)
+norm_fwd_triton = _register("triton")
+norm_fwd_cuda = _register("cuda")
 
 
 # ----------------------------------------------------------------------------- the ops (kernels.ops signatures)
@@ -301,18 +315,27 @@ def _kind(kind):
     return kind == "rms"
 
 
-def rms_norm(x, weight, eps=1e-6, backend="triton"):
-    return norm_fwd(x, None, None, weight, None, None, None, eps, True, backend)[1]
+def _ops(norm_fwd):
+    """The four kernels.ops entry points on one backend's custom op."""
+
+    def rms_norm(x, weight, eps=1e-6):
+        return norm_fwd(x, None, None, weight, None, None, None, eps, True)[1]
+
+    def layer_norm(x, weight=None, bias=None, eps=1e-6):
+        return norm_fwd(x, None, None, weight, bias, None, None, eps, False)[1]
+
+    def norm_modulate(x, weight, shift, scale, eps=1e-6, kind="rms"):
+        return norm_fwd(x, None, None, weight, None, shift, scale, eps, _kind(kind))[1]
+
+    def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps=1e-6, kind="rms"):
+        h, out, _, _ = norm_fwd(x, gate, y, weight, None, shift, scale, eps, _kind(kind))
+        return h, out
+
+    return {"rms_norm": rms_norm, "layer_norm": layer_norm, "norm_modulate": norm_modulate,
+            "gated_residual_norm_modulate": gated_residual_norm_modulate}
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-6, backend="triton"):
-    return norm_fwd(x, None, None, weight, bias, None, None, eps, False, backend)[1]
-
-
-def norm_modulate(x, weight, shift, scale, eps=1e-6, kind="rms", backend="triton"):
-    return norm_fwd(x, None, None, weight, None, shift, scale, eps, _kind(kind), backend)[1]
-
-
-def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps=1e-6, kind="rms", backend="triton"):
-    h, out, _, _ = norm_fwd(x, gate, y, weight, None, shift, scale, eps, _kind(kind), backend)
-    return h, out
+IMPLS = {"triton": _ops(norm_fwd_triton), "cuda": _ops(norm_fwd_cuda)}
+# The Triton versions under their op names (tests and benchmarks call them directly).
+rms_norm, layer_norm, norm_modulate, gated_residual_norm_modulate = (
+    IMPLS["triton"][k] for k in ("rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate"))

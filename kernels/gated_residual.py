@@ -109,3 +109,6 @@ gated_residual_op.register_autograd(_backward, setup_context=_setup)
 
 def gated_residual(x, gate, y):
     return gated_residual_op(x, gate, y)
+
+
+IMPLS = {"triton": {"gated_residual": gated_residual}}  # this op's implementation per kernels backend

@@ -65,7 +65,27 @@ def rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+class _RoPE(torch.autograd.Function):
+    """`rope` with its backward written out: rotate_half is antisymmetric (R^T = -R), so
+    dx = g*cos - rotate_half(g*sin), the same products and sum autograd forms (bitwise equal in fp32), as one
+    pointwise expression. Autograd's own backward of unflatten/unbind/stack is several strided passes that
+    inductor fused poorly (RoPE fwd+bwd 551 GB/s compiled on an H200, against 3766 forward only)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return (g * cos - rotate_half(g * sin)).to(ctx.x_dtype), None, None
+
+
 def rope_qk(q, k, cos, sin):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not (cos.requires_grad or sin.requires_grad):
+        return _RoPE.apply(q, cos, sin), _RoPE.apply(k, cos, sin)
     return rope(q, cos, sin), rope(k, cos, sin)
 
 

@@ -106,3 +106,6 @@ rope_qk_op.register_autograd(_backward, setup_context=_setup)
 
 def rope_qk(q, k, cos, sin):
     return rope_qk_op(q, k, cos, sin, False)
+
+
+IMPLS = {"triton": {"rope_qk": rope_qk}}  # this op's implementation per kernels backend

@@ -93,3 +93,6 @@ swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 def swiglu(x12):
     return swiglu_op(x12)
+
+
+IMPLS = {"triton": {"swiglu": swiglu}}  # this op's implementation per kernels backend

@@ -154,8 +154,8 @@ def _opcheck_cases():
     g, sh, sc = (mod[:, i * C:(i + 1) * C].clone().requires_grad_() for i in range(3))
     q, k = r(B, 2, 4, 8).requires_grad_(), r(B, 2, 4, 8).requires_grad_()
     return [
-        (torch.ops.vavae.norm_fwd.default, (x, g, y, w, None, sh, sc, 1e-6, True, "triton")),
-        (torch.ops.vavae.norm_fwd.default, (x, None, None, None, None, None, sc, 1e-6, False, "triton")),
+        (torch.ops.vavae.norm_fwd_triton.default, (x, g, y, w, None, sh, sc, 1e-6, True)),
+        (torch.ops.vavae.norm_fwd_triton.default, (x, None, None, None, None, None, sc, 1e-6, False)),
         (torch.ops.vavae.gated_residual.default, (x, g, y)),
         (torch.ops.vavae.swiglu.default, (r(B, N, 2 * C).requires_grad_(),)),
         (torch.ops.vavae.rope_qk.default, (q, k, r(4, 8), r(4, 8), False)),
@@ -185,6 +185,59 @@ def test_backend_resolution_and_errors(monkeypatch):
         ops.swiglu(x)
     with pytest.raises(ValueError, match="unknown kernels backend"):
         kernels.set_backend("fast")
+
+
+def test_resolve_returns_each_backends_function():
+    from kernels import backend, fused_norm, gated_residual, rope, swiglu
+    x = torch.randn(1, 3, 8)
+    kernels.set_backend("triton")
+    assert backend.resolve("rms_norm", x) is fused_norm.IMPLS["triton"]["rms_norm"]
+    assert backend.resolve("swiglu", x) is swiglu.swiglu and backend.resolve("rope_qk", x) is rope.rope_qk
+    assert backend.resolve("gated_residual", x) is gated_residual.gated_residual
+    kernels.set_backend("reference")
+    assert backend.resolve("norm_modulate", x) is reference.norm_modulate
+    # every backend registers its own custom op (no backend string inside one op)
+    assert hasattr(torch.ops.vavae, "norm_fwd_triton") and hasattr(torch.ops.vavae, "norm_fwd_cuda")
+
+
+def test_auto_policy_under_compile(monkeypatch):
+    """auto on a CUDA tensor: inside a torch.compile trace the reference for the ops inductor fuses faster
+    (reported as such), our kernel otherwise; outside a trace our kernels."""
+    from types import SimpleNamespace
+    from kernels import backend
+    cuda_like = SimpleNamespace(is_cuda=True, device="cuda:0")
+    monkeypatch.setattr(backend, "cuda_status", lambda x=None: (False, "not built"))
+    monkeypatch.setattr("kernels._triton.runs_on", lambda x: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backend._auto("rope_qk", cuda_like) == ("reference", "reference (inductor)")
+    assert backend._auto("norm_modulate", cuda_like) == ("reference", "reference (inductor)")
+    assert backend._auto("swiglu", cuda_like) == ("triton", "triton")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert backend._auto("rope_qk", cuda_like) == ("triton", "triton")
+    assert backend._auto("rope_qk", torch.randn(1)) == ("reference", "reference")  # CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_rope_backward_is_autograds(dtype):
+    """The reference RoPE's written-out backward equals autograd of the plain formula: bitwise in fp32 and
+    float64 (the same products summed in the same order), with bf16 inputs and fp32 tables too."""
+    from modeling.lightningdit import VisionRotaryEmbeddingFast
+    t = VisionRotaryEmbeddingFast(36, 5)
+    cos, sin = t.freqs_cos.to(dtype), t.freqs_sin.to(dtype)
+    for xdtype in (dtype, torch.bfloat16):
+        q = torch.randn(2, 3, 25, 72, dtype=xdtype, requires_grad=True)
+        k = torch.randn(2, 3, 25, 72, dtype=xdtype, requires_grad=True)
+        g = torch.randn(2, 3, 25, 72, dtype=torch.promote_types(xdtype, dtype))
+        oq, ok = reference.rope_qk(q, k, cos, sin)
+        gq, gk = torch.autograd.grad((oq * g).sum() + (ok * g).sum(), [q, k])
+        pq, pk = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
+        rq, rk = torch.autograd.grad((pq * g).sum() + (pk * g).sum(), [q, k])
+        assert torch.equal(oq, pq) and torch.equal(ok, pk)
+        assert gq.dtype == xdtype
+        if xdtype == dtype:
+            assert torch.equal(gq, rq) and torch.equal(gk, rk)
+        else:  # one rounding to bf16 instead of autograd's two: within bf16 resolution
+            assert rel_err(gq, rq) < 8e-3 and rel_err(gk, rk) < 8e-3
 
 
 def test_attention_reports_its_choice():

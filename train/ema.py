@@ -25,9 +25,9 @@ def _param_groups(module, group_size):
 
 
 class EMA:
-    def __init__(self, module, decay=0.9999, group_size=16):
+    def __init__(self, module, decay=0.9999, group_size=64):
         self.decay = decay
-        self.group_size = group_size  # parameters gathered at once under ZeRO-3 (bounds peak memory)
+        self.group_size = group_size  # parameters per update launch; gathered at once under ZeRO-3 (bounds peak memory)
         self.shadow = {}
         for group in _param_groups(module, group_size):
             with _gathered([p for _, p in group]):
@@ -38,8 +38,10 @@ class EMA:
     def update(self, module):
         for group in _param_groups(module, self.group_size):
             with _gathered([p for _, p in group]):
-                for name, p in group:
-                    self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)  # as the reference
+                # shadow = shadow * decay + p * (1 - decay), as the reference, one fused launch per group
+                shadows = [self.shadow[name] for name, _ in group]
+                torch._foreach_mul_(shadows, self.decay)
+                torch._foreach_add_(shadows, [p.detach().float() for _, p in group], alpha=1.0 - self.decay)
 
     def state_dict(self):
         return {k: v.clone() for k, v in self.shadow.items()}
