@@ -20,7 +20,7 @@ from modeling.checkpoint import load_dit_checkpoint, load_vavae_checkpoint
 from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
 from modeling.sampling import sample, time_grid
-from modeling.vavae import AutoencoderKL
+from modeling.vavae import AutoencoderKL, VAVAEModelConfig
 from modeling.vf_loss import vf_loss
 
 
@@ -72,7 +72,7 @@ def check_lightningdit(dir_, name, cfg, io, device="cpu"):
 
 
 def check_vavae(dir_, name, cfg, io, device="cpu"):
-    model = AutoencoderKL(**_ctor_args(AutoencoderKL, cfg)).eval().to(device)
+    model = AutoencoderKL(VAVAEModelConfig(**_ctor_args(VAVAEModelConfig, cfg))).eval().to(device)
     load_vavae_checkpoint(torch.load(dir_ / f"{name}.pt", map_location=device, weights_only=False), model)
     rows = []
     with torch.no_grad():

@@ -117,11 +117,11 @@ def save_pretrained(model, config, directory, extra=None):
 
 def build_model(kind, config):
     from .lightningdit import LightningDiT
-    from .vavae import AutoencoderKL
+    from .vavae import AutoencoderKL, VAVAEModelConfig
     if kind == "lightningdit":
         return LightningDiT(**config)
     if kind == "vavae":
-        return AutoencoderKL(**config)
+        return AutoencoderKL(VAVAEModelConfig(**config))
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -136,4 +136,7 @@ def load_pretrained(directory, device="cpu"):
 
 
 def _jsonable(cfg):
+    import dataclasses
+    if dataclasses.is_dataclass(cfg):  # e.g. AutoencoderKL.config (VAVAEModelConfig)
+        cfg = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}

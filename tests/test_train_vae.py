@@ -1,56 +1,96 @@
-"""The VA-VAE trainer end to end on the CPU: a few steps with a substitute foundation model."""
+"""The VA-VAE trainer end to end on the CPU (in-process, 1 DeepSpeed process, gloo): a few steps with a
+substitute foundation model; resume, non-finite guard, ZeRO stages, configs and checkpoints of the first trainer,
+the CLI."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from modeling.checkpoint import load_vavae_checkpoint
 from modeling.foundation import FoundationModelUnavailable
-from modeling.vavae import AutoencoderKL
+from modeling.vavae import AutoencoderKL, VAVAEModelConfig
 from train import train_vae
-from train.config import load_config
-from train.train_vae import VAVAEConfig, main, train
+from train.config import ConfigError, from_dict, load_config
+from train.guard import NonFiniteError
+from train.train_vae import Trainer, main, train
+from train.vae_config import VAVAETrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+TINY_MODEL = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 32,
+              "z_channels": 4, "embed_dim": 4}
 
 
-def tiny_cfg(out, **overrides):
+def tiny_data(out, **overrides):
     data = {
-        "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 32,
-                  "z_channels": 4, "embed_dim": 4},
+        "model": dict(TINY_MODEL),
         "foundation": {"name": "random_tiny", "allow_substitute": True},
-        "loss": {"disc_start": 2, "disc_ndf": 8, "perceptual_weight": 1.0},
+        "loss": {"disc_start": 2, "disc_ndf": 8, "perceptual_weight": 0.0},
         "data": {"source": "skimage", "num_samples": 6, "num_workers": 0},
-        "train": {"out_dir": str(out), "batch_size": 2, "max_steps": 4, "ckpt_every": 2, "log_every": 1},
+        "train": {"batch_per_gpu": 2, "steps": 4},
+        "checkpoint": {"every": 2},
+        "logging": {"dir": str(out), "every": 1, "tensorboard": False, "progress_bar": False},
     }
     for k, v in overrides.items():
         sec, key = k.split(".")
         data[sec][key] = v
-    from train.config import from_dict
-    return from_dict(VAVAEConfig, data)
+    return data
+
+
+def tiny_cfg(out, **overrides):
+    return from_dict(VAVAETrainConfig, tiny_data(out, **overrides))
 
 
 def tokenizer(out):
     return torch.load(out / "tokenizer.pt", weights_only=False)["state_dict"]
 
 
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_runs_resumes_bit_exact_and_exports(tmp_path):
-    full = train(tiny_cfg(tmp_path / "a"))
-    assert full["step"] == 4 and full["nonfinite_skipped"] == 0
-    train(tiny_cfg(tmp_path / "b", **{"train.max_steps": 2}))   # "killed" after the step-2 checkpoint
-    train(tiny_cfg(tmp_path / "b"))                              # resumes from it, crosses an epoch
+    full = train(tiny_cfg(tmp_path / "a", **{"loss.perceptual_weight": 1.0}))
+    assert full["step"] == 4 and full["skipped_steps"] == 0
+    train(tiny_cfg(tmp_path / "b", **{"train.steps": 2, "loss.perceptual_weight": 1.0}))  # "killed" at step 2
+    train(tiny_cfg(tmp_path / "b", **{"loss.perceptual_weight": 1.0}))   # resumes from it, crosses an epoch
     a, b = tokenizer(tmp_path / "a"), tokenizer(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert "linear_proj.weight" in a and "loss.logvar" in a and "loss.discriminator.main.0.weight" in a
-    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
-                        z_channels=4, embed_dim=4)
-    load_vavae_checkpoint(str(tmp_path / "a" / "tokenizer.pt"), vae)
-    logs = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert "g" not in logs[1] and "g" in logs[2] and "d_loss" in logs[2]   # GAN from disc_start = 2
-    assert all(r["vf_weight"] > 0 for r in logs)
+    assert not any(k.startswith("loss.perceptual_loss.") for k in a)
+    load_vavae_checkpoint(str(tmp_path / "a" / "tokenizer.pt"), AutoencoderKL(VAVAEModelConfig(**TINY_MODEL)))
+    logs_a, logs_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert "g" not in logs_a[1] and "g" in logs_a[2] and "d_loss" in logs_a[2]   # GAN from disc_start = 2
+    assert all(r["vf_weight"] > 0 and r["lpips"] > 0 for r in logs_a)
+    keys = [k for k in logs_a[3] if k not in ("time", "img_per_s", "eta_s", "peak_rss_gib")]
+    assert [r["loss"] for r in logs_a] == [r["loss"] for r in logs_b]
+    assert [[r.get(k) for k in keys] for r in logs_a[2:]] == [[r.get(k) for k in keys] for r in logs_b[2:]]
+    assert (tmp_path / "a" / "reconstructions.png").is_file() and full["psnr"] > 0
 
 
-def test_nonfinite_step_is_skipped_and_counted_bf16(tmp_path, monkeypatch):
+def test_zero_stages_train_the_same(tmp_path):
+    """ZeRO 0 (the trainer checks the gradient itself) and ZeRO 2 (DeepSpeed's partitioned optimizer) give the
+    same losses and weights: the adaptive weights' autograd.grad inside the forward does not disturb ZeRO's
+    gradient hooks."""
+    runs = {}
+    for stage in (0, 2):
+        out = tmp_path / f"z{stage}"
+        train(tiny_cfg(out, **{"train.zero_stage": stage, "train.steps": 3}))
+        runs[stage] = (metrics(out), tokenizer(out))
+    (m0, w0), (m2, w2) = runs[0], runs[2]
+    for r0, r2 in zip(m0, m2):
+        for k in ("loss", "nll", "vf", "vf_weight"):
+            assert r0[k] == pytest.approx(r2[k], rel=1e-5, abs=1e-6), k
+    for k in w0:
+        torch.testing.assert_close(w0[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_step_is_skipped_and_counted_bf16(tmp_path, monkeypatch, zero_stage):
     orig = train_vae.VAVAELoss.generator_loss
 
     def poisoned(self, inputs, recon, posterior, global_step, *a, **kw):
@@ -58,10 +98,35 @@ def test_nonfinite_step_is_skipped_and_counted_bf16(tmp_path, monkeypatch):
         return (loss * float("nan") if global_step == 1 else loss), logs
 
     monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss", poisoned)
-    res = train(tiny_cfg(tmp_path, **{"train.max_steps": 3, "train.precision": "bf16"}))
-    assert res["step"] == 3 and res["nonfinite_skipped"] == 1
+    res = train(tiny_cfg(tmp_path, **{"train.steps": 3, "train.precision": "bf16", "train.zero_stage": zero_stage,
+                                      "loss.disc_start": 0}))
+    assert res["step"] == 3 and res["skipped_steps"] == 1
     sd = tokenizer(tmp_path)
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    logs = metrics(tmp_path)
+    assert logs[1]["skipped_steps"] == 1 and "loss" not in logs[1]  # the skipped step logs no loss terms
+
+
+def test_skipped_step_changes_nothing(tmp_path, monkeypatch):
+    """A poisoned step leaves both models and both optimizers exactly as they were."""
+    orig = train_vae.VAVAELoss.generator_loss
+    monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss",
+                        lambda self, *a, **kw: (lambda r: (r[0] * float("nan"), r[1]))(orig(self, *a, **kw)))
+    trainer = Trainer(tiny_cfg(tmp_path, **{"loss.disc_start": 0}))
+    trainer.batches = train_vae.forever(trainer.loader)
+    before = {k: v.clone() for k, v in trainer_state(trainer).items()}
+    applied, _ = trainer.train_step(trainer.next_batch())
+    assert not applied
+    after = trainer_state(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not trainer.engine_ae.optimizer.state  # Adam never stepped
+
+
+def trainer_state(trainer):
+    """Every trained parameter (BatchNorm statistics move in any forward, as in the reference)."""
+    sd = {f"ae.{k}": v.detach() for k, v in trainer.engine_ae.module.named_parameters()}
+    sd.update({f"d.{k}": v.detach() for k, v in trainer.engine_d.module.named_parameters()})
+    return sd
 
 
 def test_repeated_nonfinite_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
@@ -72,9 +137,10 @@ def test_repeated_nonfinite_aborts_with_checkpoint_intact(tmp_path, monkeypatch)
         return (loss * float("nan") if global_step >= 2 else loss), logs
 
     monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss", poisoned)
-    with pytest.raises(train_vae.NonFiniteLossError, match="consecutive"):
-        train(tiny_cfg(tmp_path, **{"train.max_steps": 10, "train.max_consecutive_nonfinite": 2}))
-    assert (tmp_path / "checkpoints" / "step_0000002" / "state.pt").is_file()
+    with pytest.raises(NonFiniteError, match="in a row"):
+        train(tiny_cfg(tmp_path, **{"train.steps": 10, "train.max_bad_steps": 2}))
+    assert (tmp_path / "checkpoints" / "step_0000002" / "trainer.pt").is_file()   # periodic
+    assert (tmp_path / "checkpoints" / "step_0000004" / "trainer.pt").is_file()   # saved before stopping
 
 
 def test_refuses_real_model_without_weights(tmp_path):
@@ -85,18 +151,99 @@ def test_refuses_real_model_without_weights(tmp_path):
 
 
 def test_shipped_configs_are_the_paper_recipe():
-    stages = [load_config(VAVAEConfig, f"configs/vavae_f16d32_stage{i}.yaml") for i in (1, 2, 3)]
+    stages = [load_config(VAVAETrainConfig, REPO / f"configs/vavae_f16d32_stage{i}.yaml") for i in (1, 2, 3)]
     assert [(s.loss.vf_weight, s.loss.cos_margin, s.loss.distmat_margin, s.train.epochs) for s in stages] == \
         [(0.5, 0.0, 0.0, 100), (0.1, 0.0, 0.0, 15), (0.1, 0.5, 0.25, 15)]
     for s in stages:
         assert (s.optim.lr, s.optim.betas, s.loss.kl_weight, s.loss.disc_start) == (1e-4, (0.5, 0.9), 1e-6, 5001)
         assert (s.loss.disc_loss, s.loss.perceptual_weight, s.foundation.name) == ("hinge", 1.0, "dinov2_vitl14")
-        assert s.model.ch_mult == (1, 1, 2, 2, 4) and s.model.z_channels == 32
+        assert s.model.to_dict() == VAVAEModelConfig().to_dict() and s.train.precision == "fp32" and s.train.batch_per_gpu == 16
     assert stages[1].train.init_from.endswith("stage1/tokenizer.pt")
-    tiny = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml")
+    tiny = load_config(VAVAETrainConfig, REPO / "configs/vavae_tiny_cpu.yaml")
     assert tiny.foundation.allow_substitute and tiny.foundation.name == "efficientnet_lite0"
 
 
+# ----------------------------------------------------------------------------- the first trainer's files
+
+OLD_YAML = """\
+model: {ch: 32, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], resolution: 32}
+foundation: {name: random_tiny, allow_substitute: true}
+loss: {disc_start: 1000, perceptual_weight: 0.0, disc_ndf: 8}
+optim: {lr: 4.0e-4, grad_clip: null}
+data: {source: skimage, num_samples: 8, num_workers: 0}
+train: {out_dir: OUT, batch_size: 2, max_steps: 3, log_every: 1, ckpt_every: 2, keep_last: 2,
+        max_consecutive_nonfinite: 7, device: cpu, precision: fp32}
+"""
+
+
+def test_first_trainer_config_converts_on_read(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text(OLD_YAML.replace("OUT", str(tmp_path / "run")))
+    cfg = load_config(VAVAETrainConfig, path)
+    assert (cfg.logging.dir, cfg.train.batch_per_gpu, cfg.train.steps, cfg.logging.every) == \
+        (str(tmp_path / "run"), 2, 3, 1)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.train.max_bad_steps) == (2, 2, 7)
+    assert cfg.dist.backend == "gloo" and cfg.optim.grad_clip == 0.0
+    assert cfg.checkpoint_dir() == tmp_path / "run" / "checkpoints"   # where the first trainer put them
+    assert "'train.out_dir' is now 'logging.dir'" in caplog.text
+    with pytest.raises(ConfigError, match="both 'train.max_steps'"):
+        load_config(VAVAETrainConfig, path, ["train.steps=5"])
+
+
+def old_checkpoint(tmp_path):
+    """A run directory as the first VA-VAE trainer left it (step_*/state.pt), with known weights."""
+    vae = AutoencoderKL(VAVAEModelConfig(**TINY_MODEL))
+    torch.manual_seed(3)
+    weights = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in vae.state_dict().items()}
+    weights["linear_proj.weight"] = torch.randn(64, 4, 1, 1)
+    weights["loss.logvar"] = torch.tensor(0.0)
+    d = tmp_path / "old_run" / "checkpoints" / "step_0000002"
+    d.mkdir(parents=True)
+    torch.save({"weights": weights, "opt_ae": {}, "opt_d": {}, "step": 2, "epoch": 0, "batch_in_epoch": 2,
+                "nonfinite_skipped": 0, "rng": None, "config": {}}, d / "state.pt")
+    (d.parent / "latest.json").write_text(json.dumps({"step": 2, "dir": d.name}))
+    return d, weights
+
+
+def test_first_trainer_checkpoint_loads_as_init_and_refuses_inexact_resume(tmp_path):
+    d, weights = old_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="train.init_from="):
+        train(tiny_cfg(tmp_path / "old_run"))
+    trainer = Trainer(tiny_cfg(tmp_path / "new_run", **{"train.init_from": str(d / "state.pt")}))
+    assert torch.equal(trainer.vae.encoder.conv_in.weight.detach(), weights["encoder.conv_in.weight"])
+    assert torch.equal(trainer.linear_proj.weight.detach(), weights["linear_proj.weight"])
+
+
+def test_init_from_tokenizer_export(tmp_path):
+    train(tiny_cfg(tmp_path / "s1", **{"train.steps": 1}))
+    trainer = Trainer(tiny_cfg(tmp_path / "s2", **{"train.init_from": str(tmp_path / "s1" / "tokenizer.pt")}))
+    sd = tokenizer(tmp_path / "s1")
+    assert torch.equal(trainer.vae.decoder.conv_out.weight.detach(), sd["decoder.conv_out.weight"])
+    assert torch.equal(trainer.loss_fn.discriminator.main[0].weight.detach(), sd["loss.discriminator.main.0.weight"])
+
+
+# ----------------------------------------------------------------------------- the CLI
+
 def test_cli_print_config(capsys):
-    main(["--config", "configs/vavae_tiny_cpu.yaml", "--set", "train.max_steps=7", "--print-config"])
-    assert "max_steps: 7" in capsys.readouterr().out
+    assert main(["--config", str(REPO / "configs/vavae_tiny_cpu.yaml"), "--set", "train.steps=7",
+                 "--print-config"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train.stepz=3"], "'train.stepz'"),
+    (["train.zero_stage=3"], "train.zero_stage"),
+    (["model.ch=48"], "ch=48"),
+])
+def test_cli_config_error_is_one_line_exit_2(capsys, args, needle):
+    assert main(["--config", str(REPO / "configs/vavae_tiny_cpu.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_cli_missing_foundation_weights_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["--config", str(REPO / "configs/vavae_f16d32_stage1.yaml"), f"logging.dir={tmp_path}",
+               "foundation.weights=/nonexistent/dinov2.pth", "data.source=skimage", "model.ch=32",
+               "logging.tensorboard=false", "logging.progress_bar=false"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "/nonexistent/dinov2.pth" in err

@@ -125,7 +125,10 @@ def _build(cls, data, path=""):
 
 
 def from_dict(cls, data):
-    """Build and validate schema `cls` from a plain dict (e.g. a config stored in a checkpoint)."""
+    """Build and validate schema `cls` from a plain dict (e.g. a config stored in a checkpoint). A schema may
+    define a static `upgrade(data) -> data` that renames keys of older versions first (convert on read)."""
+    if hasattr(cls, "upgrade"):
+        data = cls.upgrade(data)
     return _build(cls, data or {})
 
 

