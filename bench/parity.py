@@ -19,6 +19,7 @@ import kernels
 from modeling.checkpoint import load_dit_checkpoint, load_vavae_checkpoint
 from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
+from modeling.safe_load import safe_torch_load
 from modeling.sampling import sample, time_grid
 from modeling.vavae import AutoencoderKL, VAVAEModelConfig
 from modeling.vf_loss import vf_loss
@@ -31,7 +32,7 @@ def _ctor_args(cls, cfg):
 
 def check_lightningdit(dir_, name, cfg, io, device="cpu"):
     model = LightningDiT(**_ctor_args(LightningDiT, cfg)).eval().to(device)
-    ckpt = torch.load(dir_ / f"{name}.pt", map_location=device, weights_only=False)
+    ckpt = safe_torch_load(dir_ / f"{name}.pt", "parity checkpoint", map_location=device)
     rows = []
     with torch.no_grad():
         for weights in ("ema", "model"):
@@ -73,7 +74,7 @@ def check_lightningdit(dir_, name, cfg, io, device="cpu"):
 
 def check_vavae(dir_, name, cfg, io, device="cpu"):
     model = AutoencoderKL(VAVAEModelConfig(**_ctor_args(VAVAEModelConfig, cfg))).eval().to(device)
-    load_vavae_checkpoint(torch.load(dir_ / f"{name}.pt", map_location=device, weights_only=False), model)
+    load_vavae_checkpoint(safe_torch_load(dir_ / f"{name}.pt", "parity checkpoint", map_location=device), model)
     rows = []
     with torch.no_grad():
         if "images" in io:
@@ -116,7 +117,13 @@ def compare(out, ref, rtol, atol):
 
 def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
     dir_ = Path(dir_)
-    configs = json.loads((dir_ / "configs.json").read_text())
+    try:
+        configs = json.loads((dir_ / "configs.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{dir_ / 'configs.json'}: cannot read the fixture list "
+                                f"({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(configs, dict):
+        raise FileNotFoundError(f"{dir_ / 'configs.json'}: expected a mapping of fixture name -> config")
     failures = 0
     print(f"{'fixture':<18} {'check':<44} {'max abs':>10} {'norm rel':>10}  ok", file=out)
     for name, cfg in configs.items():
@@ -127,8 +134,8 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
                   f" {'-':>10} {'-':>10}  FAIL", file=out)
             failures += 1
             continue
-        io = torch.load(io_path, map_location=device, weights_only=False)
         try:
+            io = safe_torch_load(io_path, "parity fixture", map_location=device)
             rows = CHECKS[kind](dir_, name, cfg, io, device)
         except Exception as e:  # a fixture that cannot be recomputed is a failure, with the reason
             print(f"{name:<18} ERROR {type(e).__name__}: {e}", file=out)
@@ -156,11 +163,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.backend:
         kernels.set_backend(args.backend)
-    torch.set_grad_enabled(False)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
         torch.backends.cudnn.allow_tf32 = False
-    sys.exit(1 if run(args.dir, args.rtol, args.atol, device=args.device) else 0)
+    try:
+        with torch.no_grad():  # (a context: main() called in-process leaves grad mode as it was)
+            failures = run(args.dir, args.rtol, args.atol, device=args.device)
+    except FileNotFoundError as e:  # a user mistake: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

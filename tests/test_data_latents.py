@@ -128,7 +128,7 @@ def test_bad_store_errors(tmp_path):
         LatentStore.open(tmp_path)
     save_file({"latents": torch.zeros(2, C, H, W), "labels": torch.zeros(2, dtype=torch.int64)},
               str(tmp_path / shard_name(0, 0)))
-    with pytest.raises(KeyError, match="latents_flip"):
+    with pytest.raises(ValueError, match="latents_flip"):
         LatentStore.open(tmp_path)
     write_reference_shards(tmp_path, [5])
     path = tmp_path / shard_name(0, 0)

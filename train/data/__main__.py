@@ -12,12 +12,22 @@ def _vae(path, config_json):
 
     if os.path.isdir(path):
         return load_pretrained(path)
-    config = json.loads(config_json) if config_json else {}
-    return load_vavae_checkpoint(path, AutoencoderKL(**config))
+    from train.config import ConfigError
+    try:
+        config = json.loads(config_json) if config_json else {}
+        model = AutoencoderKL(**config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--vae-config {config_json!r}: {e}") from None
+    return load_vavae_checkpoint(path, model)
 
 
 def main(argv=None):
+    from train.errors import user_errors
+
+    from .transforms import MAX_ASPECT, MAX_PIXELS
+
     p = argparse.ArgumentParser(prog="python -m train.data", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("embedded", help="write the embedded scikit-image ImageFolder (smoke-scale ImageNet stand-in)")
@@ -30,6 +40,10 @@ def main(argv=None):
     s.add_argument("root")
     s.add_argument("--out", help="output folder (default: ROOT.scan beside ROOT)")
     s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="images with more pixels are listed in bad.tsv (decoding them could exhaust memory)")
+    s.add_argument("--max-aspect", type=float, default=MAX_ASPECT,
+                   help="images whose long side exceeds this many short sides are listed in bad.tsv")
 
     x = sub.add_parser("extract", help="VA-VAE latents of every image and its mirror, sharded, resumable")
     x.add_argument("data", help="a scan folder (files.tsv) or an ImageFolder root")
@@ -64,45 +78,47 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    with user_errors(args.debug):  # a user mistake: one line naming the file, exit 2
 
-    if args.cmd == "embedded":
-        from .embedded import write_embedded
+        if args.cmd == "embedded":
+            from .embedded import write_embedded
 
-        write_embedded(args.out, size=args.size, per_class=args.per_class, seed=args.seed)
-    elif args.cmd == "scan":
-        from .files import scan
+            write_embedded(args.out, size=args.size, per_class=args.per_class, seed=args.seed)
+        elif args.cmd == "scan":
+            from .files import scan
 
-        print(json.dumps(scan(args.root, args.out, workers=args.workers)))
-    elif args.cmd == "extract":
-        from .extract import extract_latents
-        from .files import load_file_list
+            print(json.dumps(scan(args.root, args.out, workers=args.workers, max_pixels=args.max_pixels,
+                              max_aspect=args.max_aspect)))
+        elif args.cmd == "extract":
+            from .extract import extract_latents
+            from .files import load_file_list
 
-        device = args.device
-        if device is None and args.world_size > 1:
-            import torch
+            device = args.device
+            if device is None and args.world_size > 1:
+                import torch
 
-            if torch.cuda.is_available():
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
-                torch.cuda.set_device(device)
-        result = extract_latents(_vae(args.vae, args.vae_config), load_file_list(args.data), args.out,
-                                 image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
-                                 world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
-                                 store_dtype=args.dtype, backend=args.backend, dali_device=args.dali_device,
-                                 num_workers=args.workers, device=device, amp=args.amp)
-        print(json.dumps(result | {"rank": args.rank}))
-    elif args.cmd == "compare":
-        from .compare import compare_paths
-        from .files import load_file_list
+                if torch.cuda.is_available():
+                    device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
+                    torch.cuda.set_device(device)
+            result = extract_latents(_vae(args.vae, args.vae_config), load_file_list(args.data), args.out,
+                                     image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
+                                     world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
+                                     store_dtype=args.dtype, backend=args.backend, dali_device=args.dali_device,
+                                     num_workers=args.workers, device=device, amp=args.amp)
+            print(json.dumps(result | {"rank": args.rank}))
+        elif args.cmd == "compare":
+            from .compare import compare_paths
+            from .files import load_file_list
 
-        print(json.dumps(compare_paths(_vae(args.vae, args.vae_config), load_file_list(args.data),
-                                       image_size=args.image_size, batch_size=args.batch_size,
-                                       dali_device=args.dali_device, device=args.device), indent=1))
-    elif args.cmd == "stats":
-        from .latents import LatentStore, STATS_FILE, compute_stats, save_stats
+            print(json.dumps(compare_paths(_vae(args.vae, args.vae_config), load_file_list(args.data),
+                                           image_size=args.image_size, batch_size=args.batch_size,
+                                           dali_device=args.dali_device, device=args.device), indent=1))
+        elif args.cmd == "stats":
+            from .latents import LatentStore, STATS_FILE, compute_stats, save_stats
 
-        stats = compute_stats(LatentStore.open(args.dir))
-        save_stats(stats, os.path.join(args.dir, STATS_FILE))
-        print(json.dumps({k: v.flatten().tolist() for k, v in stats.items()}))
+            stats = compute_stats(LatentStore.open(args.dir))
+            save_stats(stats, os.path.join(args.dir, STATS_FILE))
+            print(json.dumps({k: v.flatten().tolist() for k, v in stats.items()}))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import DataError
 from .files import FileList
 from .latents import LatentStore, compute_stats, safetensors_header, save_stats, shard_name, STATS_FILE
 
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _file_list_digest(files):
+    """sha256 of the (path, label) list: a changed scan (files added, dropped, relabelled) is another dataset."""
+    import hashlib
+    h = hashlib.sha256()
+    for p, y in zip(files.paths, files.labels):
+        h.update(os.fsencode(p) + b"\0" + str(int(y)).encode() + b"\n")
+    return h.hexdigest()
 
 
 def rank_indices(num_files, rank, world_size):
@@ -48,15 +58,50 @@ def shard_complete(path, n):
         return False
 
 
+def tokenizer_fingerprint(vae):
+    """{"sha256": hash of every weight (name, dtype, shape, bytes) and the config, "config": ..., "params"}:
+    the provenance extract.json records, so latents from two tokenizers are never mixed."""
+    import dataclasses
+    import hashlib
+    cfg = getattr(vae, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    cfg = json.loads(json.dumps(cfg, default=str)) if cfg is not None else None
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    n = 0
+    for name, t in sorted(vae.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        n += t.numel()
+    return {"sha256": h.hexdigest(), "config": cfg, "params": n}
+
+
+def _describe_diff(key, old, new):
+    if key == "tokenizer" and isinstance(old, dict) and isinstance(new, dict):
+        return f"tokenizer {str(old.get('sha256'))[:12]}... vs {str(new.get('sha256'))[:12]}..."
+    if key == "tokenizer" and old is None:
+        return "tokenizer not recorded (made before provenance was kept, or elsewhere)"
+    return f"{key} {old!r} vs {new!r}"
+
+
 def _check_run_config(out_dir, config):
-    """Refuse to mix shards written with other settings into one folder."""
+    """Refuse to mix shards written with other settings (tokenizer, image size, dtype, crop, ...) into one
+    folder; the first run records them in extract.json."""
     path = out_dir / "extract.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise DataError(f"{path}: unreadable extraction manifest ({e}); use a new output folder") from None
+        diff = [_describe_diff(k, old.get(k), v) for k, v in config.items() if old.get(k) != v]
         if diff:
-            raise ValueError(f"{out_dir} holds an extraction with other settings {diff} (old, new); "
-                             "use a new output folder")
+            raise DataError(f"{out_dir} holds an extraction with other settings (recorded vs now: "
+                            f"{'; '.join(diff)}); use a new output folder")
+    elif any(out_dir.glob("*.safetensors")) or (out_dir / STATS_FILE).exists():
+        raise DataError(f"{out_dir} already holds latents with no extract.json (made elsewhere, or the manifest was "
+                        "deleted): their tokenizer and settings are unknown, so nothing is added; use a new output "
+                        "folder")
     else:
         tmp = Path(str(path) + f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(config, indent=1))
@@ -85,7 +130,10 @@ def extract_latents(vae, files: FileList, out_dir, image_size=256, batch_size=64
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _check_run_config(out_dir, {"num_files": len(files), "classes": files.classes, "image_size": image_size,
                                 "world_size": world_size, "shard_size": shard_size, "seed": seed,
-                                "store_dtype": store_dtype, "backend": backend, "amp": amp})
+                                "store_dtype": store_dtype, "backend": backend, "amp": amp,
+                                "crop": "center, ADM center_crop_arr" if backend == "pil" else
+                                "center, DALI bicubic resize + center crop", "mirror": True,
+                                "files": _file_list_digest(files), "tokenizer": tokenizer_fingerprint(vae)})
     vae = vae.to(device).eval()
     mine = rank_indices(len(files), rank, world_size)
     shards = [mine[i: i + shard_size] for i in range(0, len(mine), shard_size)]
@@ -110,6 +158,12 @@ def extract_latents(vae, files: FileList, out_dir, image_size=256, batch_size=64
             x = x.to(device, non_blocking=True)
             with autocast:
                 z = vae.encode(torch.cat([x, torch.flip(x, dims=[3])])).sample(generator=gen)
+            finite = torch.isfinite(z.float().flatten(1)).all(dim=1)
+            if not finite.all():
+                bad = sorted({int(j) % len(x) for j in torch.nonzero(~finite).flatten().tolist()})
+                names = [sub.abspath(n + j) for j in bad[:3]]
+                raise DataError(f"the tokenizer gave non-finite latents for {len(bad)} image(s): {', '.join(names)}"
+                                f"{' ...' if len(bad) > 3 else ''}; nothing was written for shard {s}")
             z = z.float().to(STORE_DTYPES[store_dtype]).cpu()
             lat.append(z[: len(x)])
             lat_flip.append(z[len(x):])

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from . import DataError
+from .transforms import MAX_ASPECT, MAX_PIXELS, check_size
+
 log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder extensions (lower-case match), so class mapping and order are the reference's.
@@ -34,24 +37,58 @@ class FileList:
         return os.path.join(self.root, self.paths[i])
 
     def write(self, out_dir):
-        """files.tsv (relpath<TAB>label) + classes.json + root.txt, written atomically."""
+        """files.tsv (relpath<TAB>label, the path escaped by `encode_path`) + classes.json + root.txt (the
+        root, escaped the same way) + format.json, written atomically."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out_dir / "format.json", json.dumps({"version": FORMAT_VERSION, "paths": PATH_ENCODING}))
         _atomic_write(out_dir / "classes.json", json.dumps(self.classes, indent=0))
-        _atomic_write(out_dir / "root.txt", str(Path(self.root).resolve()) + "\n")
-        _atomic_write(out_dir / "files.tsv", "".join(f"{p}\t{y}\n" for p, y in zip(self.paths, self.labels)))
+        _atomic_write(out_dir / "root.txt", encode_path(str(Path(self.root).resolve())) + "\n")
+        _atomic_write(out_dir / "files.tsv", "".join(f"{encode_path(p)}\t{y}\n" for p, y in zip(self.paths, self.labels)))
 
     @classmethod
     def read(cls, scan_dir, root=None):
         scan_dir = Path(scan_dir)
-        classes = json.loads((scan_dir / "classes.json").read_text())
-        root = Path(root) if root is not None else Path((scan_dir / "root.txt").read_text().strip())
+        try:
+            fmt = json.loads((scan_dir / "format.json").read_text()) if (scan_dir / "format.json").is_file() else {}
+            classes = json.loads((scan_dir / "classes.json").read_text())
+        except ValueError as e:
+            raise DataError(f"{scan_dir}: unreadable scan folder ({e}); run the scan again") from None
+        decode = decode_path if fmt.get("version", 1) >= 2 else (lambda p: p)  # v1: raw paths
+        if root is None:
+            root = decode((scan_dir / "root.txt").read_text(encoding="utf-8").rstrip("\n"))
         paths, labels = [], []
-        for line in (scan_dir / "files.tsv").read_text().splitlines():
-            p, y = line.rsplit("\t", 1)
-            paths.append(p)
+        for n, line in enumerate((scan_dir / "files.tsv").read_text(encoding="utf-8").split("\n"), 1):
+            if not line:
+                continue
+            p, sep, y = line.rpartition("\t")
+            if not sep or not y.lstrip("-").isdigit() or not 0 <= int(y) < len(classes):
+                raise DataError(f"{scan_dir / 'files.tsv'} line {n}: expected PATH<TAB>LABEL with a label in "
+                                f"0..{len(classes) - 1}, got {line[:80]!r}")
+            paths.append(decode(p))
             labels.append(int(y))
-        return cls(root, paths, labels, classes)
+        return cls(Path(root), paths, labels, classes)
+
+
+FORMAT_VERSION = 2
+PATH_ENCODING = "percent-escaped: '%', control and other unprintable characters, undecodable bytes"
+
+
+def encode_path(path):
+    """A file name as one line of text that `decode_path` maps back exactly, whatever it holds (tabs, newlines,
+    bytes that are not UTF-8). Printable characters other than '%' are kept as they are."""
+    out = []
+    for ch in path:
+        if ch != "%" and ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append(ch)
+        else:
+            out.append("".join(f"%{b:02X}" for b in os.fsencode(ch)))
+    return "".join(out)
+
+
+def decode_path(text):
+    from urllib.parse import unquote_to_bytes
+    return os.fsdecode(unquote_to_bytes(text))
 
 
 def find_classes(root):
@@ -61,17 +98,61 @@ def find_classes(root):
     return classes
 
 
-def image_folder(root):
-    """The file list torchvision.datasets.ImageFolder(root) would build, unchecked, same order."""
+def image_folder(root, skipped=None):
+    """The file list torchvision.datasets.ImageFolder(root) would build, unchecked, same order -- except that
+    every real file is listed once: symlinked directories are followed but never twice (a symlink loop ends),
+    a symlink to a file or folder elsewhere inside ROOT is not listed (the file is listed at its own path, with
+    its own class), and a second link to the same outside file is dropped. What was left out goes to
+    `skipped` (a list of (path, reason)) when given."""
     root = Path(root)
     classes = find_classes(root)
-    paths, labels = [], []
+    real_root = os.path.realpath(root)
+    paths, labels, seen_files, seen_dirs = [], [], set(), set()
+    skipped = [] if skipped is None else skipped
+
+    def inside_root(real):
+        return real == real_root or real.startswith(real_root + os.sep)
+
     for label, name in enumerate(classes):
-        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
+        top = os.path.join(root, name)
+        if os.path.islink(top) and inside_root(os.path.realpath(top)):
+            skipped.append((name, "link to a folder inside the dataset"))
+            continue
+        for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+            real_dir = os.path.realpath(dirpath)
+            if real_dir in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real_dir)
+            keep = []
+            for d in sorted(dirnames):
+                full = os.path.join(dirpath, d)
+                real = os.path.realpath(full)
+                rel = os.path.relpath(full, root)
+                if real in seen_dirs or real_dir.startswith(real + os.sep) or real == real_dir:
+                    skipped.append((rel, "symlink loop or a folder already listed"))
+                elif os.path.islink(full) and inside_root(real):
+                    skipped.append((rel, "link to a folder inside the dataset (listed at its own path)"))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep  # os.walk descends into these, in sorted order
             for fname in sorted(fnames):
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.relpath(os.path.join(dirpath, fname), root))
+                if not fname.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                full = os.path.join(dirpath, fname)
+                rel = os.path.relpath(full, root)
+                real = os.path.realpath(full)
+                if os.path.islink(full) and inside_root(real):
+                    skipped.append((rel, "link to a file inside the dataset (listed at its own path)"))
+                elif real in seen_files:
+                    skipped.append((rel, "the same file is already listed"))
+                else:
+                    seen_files.add(real)
+                    paths.append(rel)
                     labels.append(label)
+    if skipped:
+        log.warning("%s: %d entries not listed (symlink loops / duplicate links), e.g. %s: %s", root, len(skipped),
+                    *skipped[0])
     return FileList(root, paths, labels, classes)
 
 
@@ -90,13 +171,17 @@ def load_file_list(data):
 _JPEG_EXT = (".jpg", ".jpeg")
 
 
-def check_image(path):
-    """Decode one file fully. Returns (status, note): status 'ok' or 'bad'; note says what is odd."""
+def check_image(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
+    """Decode one file fully. Returns (status, note): status 'ok' or 'bad'; note says what is odd. An image
+    outside the size bounds is 'bad' without being decoded (its header is enough)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             fmt, mode = im.format, im.mode
+            reason = check_size(im.size, max_pixels, max_aspect)
+            if reason:
+                return "bad", f"too large or elongated: {reason}"
             im.load()  # full decode: a truncated file raises here (PIL's LOAD_TRUNCATED_IMAGES is off)
             im.convert("RGB")
     except Exception as e:  # noqa: BLE001 -- any decode failure means "bad file", the reason is kept
@@ -112,24 +197,37 @@ def check_image(path):
 
 
 def _check(args):
-    rel, path = args
-    status, note = check_image(path)
+    rel, path, max_pixels, max_aspect = args
+    status, note = check_image(path, max_pixels, max_aspect)
     return rel, status, note
 
 
-def scan(root, out_dir=None, workers=None, chunksize=16, progress=True):
+def scan(root, out_dir=None, workers=None, chunksize=16, progress=True, max_pixels=MAX_PIXELS,
+         max_aspect=MAX_ASPECT):
     """Check every image under root once; write the clean list to out_dir (default: ROOT.scan beside root).
 
-    Resumable: results are appended to out_dir/scan.partial.jsonl as they come; a rerun checks only the
-    files not in it (a torn last line is ignored). Returns a dict of counts.
+    Images with more than `max_pixels` pixels or a long side above `max_aspect` short sides are bad (listed in
+    bad.tsv with the reason, never decoded). Symlink loops and duplicate links are not followed twice
+    (skipped.tsv). Resumable: results are appended to out_dir/scan.partial.jsonl as they come; a rerun checks
+    only the files not in it (a torn last line is ignored; changed limits start over). Returns a dict of counts.
     """
     root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
     out_dir = Path(out_dir) if out_dir else root.with_name(root.name + ".scan")
     out_dir.mkdir(parents=True, exist_ok=True)
-    listing = image_folder(root)
+    skipped = []
+    listing = image_folder(root, skipped)
     partial = out_dir / "scan.partial.jsonl"
+    settings = {"max_pixels": max_pixels, "max_aspect": max_aspect}
+    settings_file = out_dir / "scan.settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings and partial.is_file():
+        log.warning("scan %s: limits changed since the partial results (%s -> %s); checking every file again",
+                    root, settings_file.read_text().strip(), settings)
+        partial.unlink()
+    _atomic_write(settings_file, json.dumps(settings))
     done = _read_partial(partial)
-    todo = [(p, os.path.join(root, p)) for p in listing.paths if p not in done]
+    todo = [(p, os.path.join(root, p), max_pixels, max_aspect) for p in listing.paths if p not in done]
     log.info("scan %s: %d files, %d already checked, %d to check", root, len(listing), len(done), len(todo))
     if todo:
         workers = workers or os.cpu_count() or 1
@@ -151,9 +249,10 @@ def scan(root, out_dir=None, workers=None, chunksize=16, progress=True):
     bad = [(p, done[p][1]) for p in listing.paths if done[p][0] == "bad"]
     notes = [(p, done[p][1]) for p in listing.paths if done[p][0] == "ok" and done[p][1]]
     clean.write(out_dir)
-    _atomic_write(out_dir / "bad.tsv", "".join(f"{p}\t{r}\n" for p, r in bad))
-    _atomic_write(out_dir / "notes.tsv", "".join(f"{p}\t{r}\n" for p, r in notes))
-    counts = {"files": len(listing), "ok": len(clean), "bad": len(bad), "noted": len(notes),
+    _atomic_write(out_dir / "bad.tsv", "".join(f"{encode_path(p)}\t{r}\n" for p, r in bad))
+    _atomic_write(out_dir / "notes.tsv", "".join(f"{encode_path(p)}\t{r}\n" for p, r in notes))
+    _atomic_write(out_dir / "skipped.tsv", "".join(f"{encode_path(p)}\t{r}\n" for p, r in skipped))
+    counts = {"files": len(listing), "ok": len(clean), "bad": len(bad), "noted": len(notes), "skipped": len(skipped),
               "classes": len(listing.classes),
               "empty_classes": [c for i, c in enumerate(listing.classes) if i not in set(clean.labels)]}
     for kind in sorted({k for _, r in notes for k in r.split(",")}):
@@ -188,7 +287,7 @@ def _end_with_newline(path):
 
 def _atomic_write(path, text):
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

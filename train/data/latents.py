@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling.safe_load import safe_torch_load
+
+from . import DataError
 from .sampler import EpochSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
@@ -34,28 +37,49 @@ def shard_name(rank, shard):
     return f"latents_rank{rank:02d}_shard{shard:03d}.safetensors"
 
 
+_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+
+
 def safetensors_header(path):
-    """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data)."""
+    """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data).
+    A file that is not a safetensors file raises DataError naming it (never OverflowError / MemoryError)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise DataError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", head)
-        header = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        if n > min(size - 8, _HEADER_LIMIT):
+            raise DataError(f"{path}: not a safetensors file (header length {n} does not fit the file's {size} "
+                            "bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: not a safetensors file (header is not a mapping)")
     meta = header.pop("__metadata__", None) or {}
+    for key, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise DataError(f"{path}: not a safetensors file (bad entry for {key!r})")
     return header, meta, 8 + n
 
 
 def _memmap(path, info, data_start, key):
-    if info["dtype"] not in _NP_DTYPES:
-        raise ValueError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+    if info.get("dtype") not in _NP_DTYPES:
+        raise DataError(f"{path}: {key} has unsupported dtype {info.get('dtype')}")
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
     dtype = np.dtype(_NP_DTYPES[info["dtype"]])
-    if end - begin != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{path}: {key} size does not match its shape {shape}")
+    if end - begin != int(np.prod(shape, dtype=object)) * dtype.itemsize:
+        raise DataError(f"{path}: {key} size does not match its shape {shape}")
     if os.path.getsize(path) < data_start + end:
-        raise ValueError(f"{path}: file is truncated ({key} ends past the end of the file)")
+        raise DataError(f"{path}: file is truncated ({key} ends past the end of the file)")
     return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
 
@@ -73,9 +97,12 @@ class LatentStore:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.latent_shape = tuple(latents[0].shape[1:])
         self._stats = None
+        self.manifest = None  # extract.json of the folder (None for shards made elsewhere)
 
     @classmethod
-    def open(cls, directory):
+    def open(cls, directory, latent_shape=None, num_classes=None):
+        """Memory-map every shard of `directory`. With `latent_shape` (C, H, W) and/or `num_classes`, also
+        `check` that the latents fit the model (DataError otherwise)."""
         directory = Path(directory)
         files = sorted(directory.glob(SHARD_GLOB))
         if not files:
@@ -85,26 +112,63 @@ class LatentStore:
             header, _, start = safetensors_header(path)
             missing = {"latents", "latents_flip", "labels"} - set(header)
             if missing:
-                raise KeyError(f"{path}: missing {sorted(missing)} (reference shard format needs "
-                               "latents, latents_flip, labels)")
+                raise DataError(f"{path}: missing {sorted(missing)} (reference shard format needs "
+                                "latents, latents_flip, labels)")
             lat = _memmap(path, header["latents"], start, "latents")
             flip = _memmap(path, header["latents_flip"], start, "latents_flip")
             lab = _memmap(path, header["labels"], start, "labels")
-            if flip.shape != lat.shape or lab.shape != lat.shape[:1]:
-                raise ValueError(f"{path}: latents {lat.shape}, latents_flip {flip.shape}, labels {lab.shape}")
+            if flip.shape != lat.shape or lab.shape != lat.shape[:1] or lat.ndim != 4:
+                raise DataError(f"{path}: latents {lat.shape}, latents_flip {flip.shape}, labels {lab.shape} (expected "
+                                "(N, C, H, W) twice and (N,))")
+            if header["labels"]["dtype"] not in ("I64", "I32"):
+                raise DataError(f"{path}: labels must be integers, found {header['labels']['dtype']}")
             if latents and lat.shape[1:] != latents[0].shape[1:]:
-                raise ValueError(f"{path}: latent shape {lat.shape[1:]} differs from {latents[0].shape[1:]}")
+                raise DataError(f"{path}: latent shape {lat.shape[1:]} differs from {latents[0].shape[1:]} in "
+                                f"{files[0]}")
             dtypes.add(header["latents"]["dtype"])
             dtypes.add(header["latents_flip"]["dtype"])
             latents.append(lat)
             flips.append(flip)
             labels.append(lab)
         if len(dtypes) != 1 or next(iter(dtypes)) not in ("F32", "BF16"):
-            raise ValueError(f"{directory}: latents must all be F32 or all BF16, found {sorted(dtypes)}")
+            raise DataError(f"{directory}: latents must all be F32 or all BF16, found {sorted(dtypes)}")
         store = cls(directory, files, latents, flips, labels, dtypes.pop())
+        manifest = directory / "extract.json"
+        try:
+            store.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{manifest}: unreadable extraction manifest ({e})") from None
         log.info("latent store %s: %d samples %s (%s) in %d shards", directory, store.num_samples,
                  store.latent_shape, store.stored_dtype, len(files))
+        if latent_shape is not None or num_classes is not None:
+            store.check(latent_shape, num_classes)
         return store
+
+    def check(self, latent_shape=None, num_classes=None):
+        """Refuse (DataError naming the folder / shard) latents that do not fit the model: shape (C, H, W)
+        other than `latent_shape`, labels outside 0..num_classes-1, or a manifest that disagrees with the
+        shards. Cheap (labels only); the DiT trainer calls it before training starts."""
+        where = self.directory
+        if self.manifest and self.manifest.get("latent_shape") and \
+                tuple(self.manifest["latent_shape"]) != self.latent_shape:
+            raise DataError(f"{where}: shards hold {self.latent_shape} latents but extract.json records "
+                            f"{tuple(self.manifest['latent_shape'])}")
+        if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
+            made = ""
+            if self.manifest and self.manifest.get("tokenizer"):
+                made = (f" (extracted at {self.manifest.get('image_size')} px with tokenizer "
+                        f"{str(self.manifest['tokenizer'].get('sha256', '?'))[:12]})")
+            raise DataError(f"{where}: latents are {self.latent_shape} (channels, height, width){made}; the model "
+                            f"expects {tuple(latent_shape)} (model.in_channels, model.input_size)")
+        if num_classes is not None and self.num_samples:
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            if lo < 0 or hi >= num_classes:
+                bad = int(np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))[0])
+                shard = int(np.searchsorted(self.offsets, bad, side="right") - 1)
+                raise DataError(f"{self.files[shard]}: label {int(self.labels[bad])} at sample "
+                                f"{bad - int(self.offsets[shard])} is outside 0..{num_classes - 1} "
+                                f"(model.num_classes={num_classes}; labels range {lo}..{hi})")
+        return self
 
     @property
     def num_samples(self):
@@ -116,7 +180,15 @@ class LatentStore:
         if self._stats is None:
             path = self.directory / STATS_FILE
             if path.is_file():
-                s = torch.load(path, map_location="cpu", weights_only=True)
+                s = safe_torch_load(path, "latent stats")
+                if not isinstance(s, dict) or not all(isinstance(s.get(k), torch.Tensor) for k in ("mean", "std")):
+                    raise DataError(f"{path}: expected tensors 'mean' and 'std'")
+                if s["mean"].numel() != self.latent_shape[0] or s["std"].numel() != self.latent_shape[0]:
+                    raise DataError(f"{path}: stats for {s['mean'].numel()} channels, the latents have "
+                                    f"{self.latent_shape[0]}")
+                if not (torch.isfinite(s["mean"]).all() and torch.isfinite(s["std"]).all() and (s["std"] > 0).all()):
+                    raise DataError(f"{path}: mean / std are not finite (or std <= 0); delete it and run "
+                                    f"`python -m train.data stats {self.directory}`")
             else:
                 s = compute_stats(self)
                 save_stats(s, path)
@@ -154,7 +226,16 @@ def compute_stats(store, max_samples=10000, seed=0):
     mean and (unbiased) std over batch, height and width, keepdim -> (1, C, 1, 1). Seeded here."""
     n = min(max_samples, store.num_samples)
     idx = np.random.default_rng(seed).choice(store.num_samples, n, replace=False)
-    lat, _, _ = store.gather(idx)
+    lat, _, order = store.gather(idx)
+    finite = torch.isfinite(lat.flatten(1)).all(dim=1)
+    if not finite.all():
+        bad = sorted(int(idx[order[j]]) for j in torch.nonzero(~finite).flatten().tolist())
+        where = []
+        for i in bad[:5]:
+            shard = int(np.searchsorted(store.offsets, i, side="right") - 1)
+            where.append(f"{store.files[shard].name} index {i - int(store.offsets[shard])}")
+        raise DataError(f"{store.directory}: {len(bad)} of the {n} latents sampled for the stats are not finite "
+                        f"(NaN/inf): {', '.join(where)}{' ...' if len(bad) > 5 else ''}; re-extract those shards")
     return {"mean": lat.mean(dim=[0, 2, 3], keepdim=True), "std": lat.std(dim=[0, 2, 3], keepdim=True)}
 
 
