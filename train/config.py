@@ -116,12 +116,43 @@ def _build(cls, data, path=""):
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{key}'")
     obj = cls(**kwargs)
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        value = getattr(obj, name)
+        if name not in data and dataclasses.is_dataclass(value):
+            _validate_tree(value, key)  # a section the YAML omits is validated like one it names
+        if hints[name] is int and (name == "every" or name.endswith("_every")):
+            _check_interval(key, value, f.default)
     if hasattr(obj, "validate"):
         try:
             obj.validate()
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     return obj
+
+
+def _check_interval(key, value, default):
+    """`every` / `*_every` fields count steps between events: >= 1, or >= 0 where the default is 0 (0 = never)."""
+    lowest = 0 if default == 0 else 1
+    require(value >= lowest, f"{key}: must be >= {lowest} (steps between events{'; 0 = never' if lowest == 0 else ''}),"
+                             f" got {value}")
+
+
+def _validate_tree(obj, path):
+    """Run the validation `_build` runs, on a dataclass built from defaults (nested sections first)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{path}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, key)
+        if hints.get(f.name) is int and (f.name == "every" or f.name.endswith("_every")):
+            _check_interval(key, value, f.default)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def from_dict(cls, data):

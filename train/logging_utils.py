@@ -7,12 +7,42 @@ or NVTX is switched off). `ProfileWindow` calls cudaProfilerStart/Stop around a 
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("train")
+
+
+def repair_jsonl(path):
+    """Drop a torn tail (a last line without its newline, or that does not parse: a run killed mid-write)
+    from a JSON-lines file, so appending continues on a clean line. Returns the number of bytes dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = len(data)
+        while keep:
+            start = data.rfind(b"\n", 0, keep - 1) + 1
+            line = data[start:keep]
+            if line.endswith(b"\n") and line.strip():
+                try:
+                    json.loads(line)
+                    break
+                except ValueError:
+                    pass
+            elif line.endswith(b"\n"):  # an empty line
+                break
+            keep = start  # torn (no newline) or unparsable: drop it and look at the line before
+        if keep < len(data):
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+            log.warning("%s: dropped a torn last record (%d bytes) left by an interrupted run", path, len(data) - keep)
+    return len(data) - keep
 
 
 class MetricsLogger:
@@ -24,6 +54,7 @@ class MetricsLogger:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        repair_jsonl(directory / "metrics.jsonl")  # a run killed mid-line: drop the torn tail before appending
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
