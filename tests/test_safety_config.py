@@ -1,0 +1,92 @@
+"""Issue 12, config and CLI errors: a section the YAML omits is validated too, interval fields must be >= 1
+(or >= 0 where 0 means never), user mistakes are one line with exit status 2 (a traceback only with --debug),
+and metrics.jsonl is repaired (torn tail dropped) before a resumed run appends to it."""
+import json
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from train.config import ConfigError, load_config, require
+from train.dit_config import DiTTrainConfig
+from train.errors import user_errors
+from train.logging_utils import MetricsLogger, repair_jsonl
+
+
+@dataclass
+class Inner:
+    size: int = 0
+    ckpt_every: int = 100
+    eval_every: int = 0
+
+    def validate(self):
+        require(self.size > 0, "size must be > 0")
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=lambda: Inner(size=3))
+    other: Inner = field(default_factory=Inner)
+
+
+def test_an_omitted_section_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="other: size must be > 0"):
+        load_config(Outer, None, ["inner.size=1"])
+    assert load_config(Outer, None, ["other.size=2"]).inner.size == 3  # a valid default section passes
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    # the DiT schema from an empty YAML: refused at once (it used to build XL/1 for 34 s, then a TypeError)
+    with pytest.raises(ConfigError, match="data.*needs data.path"):
+        load_config(DiTTrainConfig, empty)
+
+
+def test_interval_fields(tmp_path):
+    with pytest.raises(ConfigError, match=r"logging\.every: must be >= 1.*got 0"):
+        load_config(DiTTrainConfig, None, ["data.source=synthetic", "logging.every=0"])
+    assert load_config(DiTTrainConfig, None, ["data.source=synthetic", "eval.every=0"]).eval.every == 0
+    with pytest.raises(ConfigError, match=r"eval\.every: must be >= 0"):
+        load_config(DiTTrainConfig, None, ["data.source=synthetic", "eval.every=-5"])
+    with pytest.raises(ConfigError, match=r"inner\.ckpt_every: must be >= 1"):
+        load_config(Outer, None, ["other.size=1", "inner.size=1", "inner.ckpt_every=0"])
+    assert load_config(Outer, None, ["other.size=1", "inner.size=1", "inner.eval_every=0"]).inner.eval_every == 0
+
+
+def test_user_errors_are_one_line_exit_2_unless_debug(capsys):
+    def fail():
+        raise ConfigError("optim.lr: expected a number, got 'fast'")
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            fail()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: optim.lr: expected a number, got 'fast'\n"
+    with pytest.raises(ConfigError):  # --debug: the traceback
+        with user_errors(debug=True):
+            fail()
+    with pytest.raises(ZeroDivisionError):  # a bug is never disguised as a user mistake
+        with user_errors():
+            1 / 0
+
+
+def test_metrics_jsonl_torn_tail_is_dropped_before_appending(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(good) + '\n{"step": 4, "lo')  # killed mid-write
+    logger = MetricsLogger(tmp_path, tensorboard=False, progress_bar=False)
+    logger.log(4, {"loss": 0.25})
+    logger.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # a torn line that did get its newline (two writers interleaved) is dropped too; clean files are untouched
+    path.write_text(good[0] + "\n" + '{"step": 2, "lo{"step": 2}\n')
+    assert repair_jsonl(path) > 0 and path.read_text() == good[0] + "\n"
+    assert repair_jsonl(path) == 0 and repair_jsonl(tmp_path / "absent.jsonl") == 0
+
+
+def test_train_data_debug_flag_shows_the_traceback(tmp_path, capsys):
+    from train.data.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["stats", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "stats", str(tmp_path / "nowhere")])
+    assert sys.exc_info() == (None, None, None)
