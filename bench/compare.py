@@ -1,49 +1,81 @@
-"""Two configurations in one process, interleaved (A, B, A, B, ...), and the speed ratio B / A.
+"""Two trainer configurations in one process, interleaved (A, B, A, B, ...), and the speed ratio B / A.
 
-    python -m bench.compare --model XL/1 --batch-size 32 --a eager --b fused+compiled --rounds 5
+    python -m bench.compare --config configs/dit_xl1_64ep.yaml --batch-size 64 --a reference+compiled \
+        --b auto+compiled --rounds 5
 
-Interleaving puts clock drift, thermal state and neighbours' load on both sides equally; the ratio is
-the median of the per-round ratios (img/s of B over img/s of A). Options as bench.throughput.
+Both sides are `train.train_dit.Trainer`s built from the same config (synthetic latents) with the backend
+specs of bench.throughput; each round times `iters` steps of A, then of B. Interleaving puts clock drift,
+thermal state and neighbours' load on both sides equally; the ratio is the median of the per-round ratios
+(img/s of B over img/s of A). Both trainers live in this process at once: pick a batch size at which two fit.
 """
-import argparse
 import statistics
+import tempfile
 
 import torch
 
-from .throughput import Case, common_args, environment, peak_for, write_report
+import kernels
+
+from .throughput import (REPO, build_trainer, environment, parse_spec, peak_for, time_trainer_steps,
+                         write_report)
 
 
-def compare(case_a, case_b, rounds=5, iters=5, warmup=2, peak_tflops=None):
-    case_a.run(warmup)
-    case_b.run(warmup)
-    times = {"a": [], "b": []}
-    ratios, order = [], []
-    for _ in range(rounds):
-        ta = case_a.run(iters)
-        tb = case_b.run(iters)
-        order += ["a", "b"]
-        times["a"] += ta
-        times["b"] += tb
-        ratios.append(statistics.median(ta) / statistics.median(tb))
-    return {"a": case_a.result(times["a"], peak_tflops), "b": case_b.result(times["b"], peak_tflops),
-            "ratio_b_over_a": statistics.median(ratios), "round_ratios": ratios, "order": order}
+def _row(name, spec, trainer, batch, times, peak):
+    sec = statistics.median(times)
+    img_s = batch * trainer.info.world_size / sec
+    tflops = img_s * trainer.flops_per_image / trainer.info.world_size / 1e12
+    return {"name": name, "mode": "train", "backend": spec, "batch_size": batch, "median_s": sec, "times_s": times,
+            "img_per_s": img_s, "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
+            "mfu": tflops / peak if peak else None, "kernels_backend": trainer.cfg.train.kernels,
+            "kernels": kernels.describe(), "fp8": trainer.fp8_desc, "peak_rss_gib": float("nan")}
+
+
+def compare(config, spec_a, spec_b, batch, rounds=5, iters=5, warmup=2, overrides=(), peak=None):
+    with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
+        trainers = {"a": build_trainer(config, [*parse_spec(spec_a), *overrides], batch, tmp_a),
+                    "b": build_trainer(config, [*parse_spec(spec_b), *overrides], batch, tmp_b)}
+        times, ratios, order = {"a": [], "b": []}, [], []
+
+        def run(side, n):
+            trainer = trainers[side]
+            kernels.set_backend(trainer.cfg.train.kernels)  # the switch is global; each side sets its own
+            return time_trainer_steps(trainer, 0, n)[0]
+
+        run("a", warmup)
+        run("b", warmup)
+        for _ in range(rounds):
+            ta, tb = run("a", iters), run("b", iters)
+            order += ["a", "b"]
+            times["a"] += ta
+            times["b"] += tb
+            ratios.append(statistics.median(ta) / statistics.median(tb))
+        rows = {s: _row(f"{spec} bs{batch} train", spec, trainers[s], batch, times[s], peak)
+                for s, spec in (("a", spec_a), ("b", spec_b))}
+    return {"a": rows["a"], "b": rows["b"], "ratio_b_over_a": statistics.median(ratios), "round_ratios": ratios,
+            "order": order}
 
 
 def main(argv=None):
-    p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--a", default="eager", help="backend spec of A")
-    p.add_argument("--b", default="fused", help="backend spec of B")
+    from train.config import cli_parser
+
+    p = cli_parser("bench.compare", __doc__)
+    p.add_argument("--config", default=str(REPO / "configs/dit_xl1_64ep.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer config override for both sides (repeatable)")
+    p.add_argument("--a", default="reference+compiled", help="backend spec of A")
+    p.add_argument("--b", default="auto+compiled", help="backend spec of B")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
-    p.set_defaults(out="runs/bench/compare", iters=5, warmup=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--device", default=None, help=None)
+    p.add_argument("--out", default="runs/bench/compare")
     a = p.parse_args(argv)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     peak, peak_desc = peak_for(a)
-    cfg = a.cfg_scale if a.cfg_scale is not None else 1.0
-    from .throughput import case_kwargs
-    case_a = Case(**case_kwargs(a, a.a, a.batch_size, cfg))
-    case_b = Case(**case_kwargs(a, a.b, a.batch_size, cfg))
-    res = compare(case_a, case_b, a.rounds, a.iters, a.warmup, peak)
-    report = {"environment": environment(torch.device(a.device)), "peak": peak_desc, "peak_tflops": peak,
+    res = compare(a.config, a.a, a.b, a.batch_size, a.rounds, a.iters, a.warmup, a.overrides, peak)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak,
               "results": [res["a"], res["b"]], "ratio_b_over_a": res["ratio_b_over_a"],
               "round_ratios": res["round_ratios"], "order": res["order"]}
     for f in write_report(report, a.out):

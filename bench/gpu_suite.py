@@ -1,22 +1,37 @@
-"""The GPU suite (bench/gpu_suite.sh runs it): environment, ceilings, GPU tests, per-op bandwidth,
-LightningDiT-XL/1 training throughput for eager / compiled / fused / fused+compiled (+ FP8), one JSON.
+"""The GPU suite (bench/gpu_suite.sh runs it): environment, ceilings, GPU tests, fp32 parity on the GPU, the
+LightningDiT-XL/1 trainer's throughput through the code users run, op bandwidths, and the other engineers'
+GPU benchmarks, into one JSON.
 
-Every section runs under try/except and records its error; a global budget stops starting new sections
-after --budget seconds. `--cpu-smoke` runs every section on the CPU with tiny shapes (tests use it).
+Training numbers come only from the trainer: `python -m train.train_dit` as a user launches it (its own
+metrics.jsonl: img/s, peak memory) and bench.throughput's cases, which time `Trainer.train_step` in a fresh
+process per case. Every section runs under try/except and records its error; a global budget stops starting
+new sections after --budget seconds (recorded in skipped_for_time). `--part A` runs the training sections,
+`--part B` the extra benchmarks (sampling, VA-VAE, profiler check), `all` both. `--cpu-smoke` runs every
+section on the CPU with tiny shapes (tests use it).
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 import kernels
 
 T0 = time.time()
+REPO = Path(__file__).resolve().parents[1]
+XL_CONFIG = "configs/dit_xl1_64ep.yaml"
+TINY_CONFIG = "configs/dit_tiny_cpu.yaml"
+# (backend spec, batch): the headline (auto kernels + per-block compile), the reference-ops baseline (the
+# authors' model code path: their blocks are @torch.compile'd reference ops), and FP8, at 256 and 128.
+TRAIN_CASES = [("auto+compiled", 256), ("reference+compiled", 256), ("auto+compiled+fp8", 256),
+               ("auto+compiled", 128), ("reference+compiled", 128), ("auto+compiled+fp8", 128)]
+SMOKE_OVERRIDES = ["train.precision=bf16", "train.zero_stage=0", "train.compile_backend=eager"]  # CPU: no C++ builds
 
 
 class Suite:
@@ -57,11 +72,23 @@ def environment():
     except ImportError:
         tv = "not installed"
     have = lambda m: "installed" if importlib.util.find_spec(m) else "not installed"  # noqa: E731
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
-            "cuda_ext": cuda_ext.status()[1] or "built",
-            "flash_attn (FA2)": have("flash_attn"), "flash_attn_interface (FA3)": have("flash_attn_interface"),
-            "transformer_engine": have("transformer_engine"), "torchao": have("torchao")}
+    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
+           "cuda_ext": cuda_ext.status()[1] or "built",
+           "flash_attn (FA2)": have("flash_attn"), "flash_attn_interface (FA3)": have("flash_attn_interface"),
+           "transformer_engine": have("transformer_engine"), "torchao": have("torchao"),
+           "deepspeed": have("deepspeed"), "nvidia.dali": have("nvidia.dali"),
+           "nsys": shutil.which("nsys") or "not on PATH", "ncu": shutil.which("ncu") or "not on PATH"}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count)
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=REPO).stdout.strip()
+    except OSError:
+        env["commit"] = os.environ.get("SUITE_COMMIT", "")
+    env["commit"] = env["commit"] or os.environ.get("SUITE_COMMIT", "unknown")
+    return env
 
 
 def ceilings(smoke):
@@ -74,7 +101,24 @@ def ceilings(smoke):
     m = 256 if smoke else 8192
     x, y = (torch.randn(m, m, device=dev, dtype=torch.bfloat16) for _ in range(2))
     mm_ms = bench_ms(lambda: x @ y, smoke)
+    del a, b, x, y
     return {"copy_GBps": 2 * n / ms / 1e6, "bf16_matmul_TFLOPs": 2 * m ** 3 / mm_ms / 1e9}
+
+
+def wait_for_extension(smoke):
+    """The shell script builds the extension in the background; wait for it (its log says how it went)."""
+    done = os.path.join(os.environ.get("OUT", "."), "build_ext.done")
+    if smoke or not os.environ.get("SUITE_BUILD_BG"):
+        return {"status": "not built in the background"}
+    t = time.time()
+    while not os.path.exists(done) and time.time() - t < 240:
+        time.sleep(1)
+    rc = open(done).read().strip() if os.path.exists(done) else "timeout"
+    import importlib
+    from kernels import cuda_ext
+    cuda_ext._state.clear()
+    importlib.invalidate_caches()
+    return {"build_rc": rc, "waited_s": round(time.time() - t, 1), "cuda_ext": cuda_ext.status()[1] or "built"}
 
 
 def gpu_tests(smoke):
@@ -83,7 +127,7 @@ def gpu_tests(smoke):
     else:
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "tests/test_kernels_gpu.py",
                "tests/test_kernels.py", "-p", "no:cacheprovider"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=REPO)
     return {"returncode": res.returncode, "tail": res.stdout[-1500:] + res.stderr[-500:]}
 
 
@@ -94,195 +138,161 @@ def parity_on_gpu(smoke):
         return {"status": f"not run: no fixtures at {pdir} (set VAVAE_PARITY_DIR)"}
     dev = "cpu" if smoke else "cuda"
     out = {}
-    for backend in ("reference", "triton", "cuda") if not smoke else ("reference",):
+    for backend in ("reference", "triton", "cuda", "auto") if not smoke else ("reference",):
         res = subprocess.run([sys.executable, "-m", "bench.parity", pdir, "--device", dev, "--backend", backend],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
         lines = (res.stdout + res.stderr).strip().splitlines()
-        out[backend] = {"returncode": res.returncode, "last": lines[-1:] if lines else [],
+        out[backend] = {"returncode": res.returncode, "verdict": [l for l in lines if l.startswith("all within")
+                                                                  or "mismatch" in l.lower()][-1:],
                         "failures": [l for l in lines if "FAIL" in l or "ERROR" in l][:10]}
     return out
 
 
-def _compile_blocks(model, smoke):
-    """torchtitan-style: compile each block (one shared graph for all identical blocks; fast to build)."""
-    for block in model.blocks:
-        block.compile(backend="eager" if smoke else "inductor", fullgraph=True)
-    return model
+def train_case(smoke, spec, batch, profile_steps=0):
+    """One bench.throughput case (Trainer.train_step) in a fresh process."""
+    from bench.throughput import run_train_case_subprocess
+    config = TINY_CONFIG if smoke else XL_CONFIG
+    overrides = SMOKE_OVERRIDES + (["fp8.allow_cpu=true", "model.hidden_size=48"] if "fp8" in spec else []) \
+        if smoke else []
+    row = run_train_case_subprocess(REPO / config, spec, 2 if smoke else batch, overrides,
+                                    warmup=1 if smoke else 3, iters=1 if smoke else 8, timeout=300,
+                                    profile_steps=(1 if smoke else profile_steps))
+    if "error" in row:
+        raise RuntimeError(row["error"] + "\n" + row.get("log_tail", ""))
+    row.pop("times_s", None)
+    row["kernels_ran"] = row.pop("kernels", {}).get("ops", {})
+    return row
 
 
-def build_train_step(smoke, mode, batch, fp8=False):
-    """(step_fn, model, fp8_backend) for one full training step (forward, flow loss, backward, AdamW) in bf16
-    autocast; mode in eager / compiled (reference ops) and fused / fused+compiled (kernels' auto backend)."""
-    from modeling.flow import flow_loss
-    from modeling.lightningdit import LightningDiT, build_lightningdit
-    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    kernels.set_backend("reference" if mode in ("eager", "compiled") else ("triton" if smoke else "auto"))
-    torch.manual_seed(0)
-    if smoke:
-        model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=144, depth=1, num_heads=2,
-                             num_classes=10).to(dev)
-    else:
-        model = build_lightningdit("XL/1", input_size=16, in_channels=32, num_classes=1000).to(dev)
-    model.train()
-    fp8_backend = _apply_fp8(model) if fp8 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    if "compiled" in mode:
-        _compile_blocks(model, smoke)
-    C, S = model.in_channels, model.config["input_size"]
-    x1 = torch.randn(batch, C, S, S, device=dev)
-    y = torch.randint(0, model.num_classes, (batch,), device=dev)
-
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = flow_loss(model, x1, y)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step, model, fp8_backend
+def trainer_cli(smoke, batch=256, steps=20):
+    """The user's command, unchanged but for synthetic data, steps and where it writes."""
+    run = Path("/dev/shm" if os.path.isdir("/dev/shm") and not smoke else os.environ.get("OUT", "/tmp")) / "suite_cli"
+    shutil.rmtree(run, ignore_errors=True)
+    config = TINY_CONFIG if smoke else XL_CONFIG
+    batch, steps = (2, 4) if smoke else (batch, steps)
+    cmd = [sys.executable, "-m", "train.train_dit", "--config", config, "data.source=synthetic",
+           f"train.global_batch={batch}", f"train.batch_per_gpu={batch}", f"train.steps={steps}",
+           f"logging.every={steps // 2}", f"logging.dir={run}", f"checkpoint.dir={run}/ckpt",
+           "checkpoint.export_reference=false", "logging.progress_bar=false", *(SMOKE_OVERRIDES if smoke else [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    t = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+    wall = time.time() - t
+    log = (res.stdout + res.stderr).splitlines()
+    warnings = [l for l in log if "WARNING" in l or "warn" in l.lower()]
+    if res.returncode:
+        raise RuntimeError(f"rc {res.returncode}: " + "\n".join(log[-20:]))
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steady = lines[-1]  # the second window: compile and warm-up are in the first
+    shutil.rmtree(run, ignore_errors=True)
+    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1), "batch": batch,
+            "img_per_s_last_window": steady.get("img_per_s"), "img_per_s_first_window": lines[0].get("img_per_s"),
+            "tflops_per_gpu": steady.get("tflops_per_gpu"), "peak_mem_gib": steady.get("peak_mem_gib"),
+            "peak_rss_gib": steady.get("peak_rss_gib"),
+            "peak_reserved_gib": steady.get("peak_reserved_gib"), "loss": steady.get("loss"),
+            "startup_log": [l for l in log if "precision" in l or "kernels" in l][:3],
+            "warnings": warnings[:20]}
 
 
-def train_throughput(smoke, mode, batch, fp8=False):
-    """img/s of full training steps (forward, flow loss, backward, AdamW) in bf16 autocast."""
-    step, model, fp8_backend = build_train_step(smoke, mode, batch, fp8)
-    dev = next(model.parameters()).device.type
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    warm, reps = (1, 1) if smoke else (3, 8)
-    for _ in range(warm):
-        loss = step()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}")
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / reps
-    flops = model.flops_per_sample(train=True) * batch / dt
-    out = {"batch": batch, "img_per_s": batch / dt, "step_ms": dt * 1e3, "TFLOPs": flops / 1e12,
-           "kernels": kernels.describe()["ops"], "fp8": fp8_backend,
-           "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None}
-    del model, step
-    kernels.set_backend("auto")
-    return out
+def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
+    """An engineer's GPU benchmark command (its JSON goes to $OUT); records rc, time and the output tail."""
+    cmd = smoke_cmd if smoke else cmd
+    if cmd is None:
+        return {"status": "no CPU smoke for this command"}
+    t = time.time()
+    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    tail = (res.stdout + res.stderr).strip().splitlines()[-25:]
+    if res.returncode:
+        raise RuntimeError(f"{name}: rc {res.returncode}\n" + "\n".join(tail))
+    return {"command": cmd, "seconds": round(time.time() - t, 1), "tail": tail}
 
 
-def _apply_fp8(model):
-    try:
-        from train.fp8 import apply_fp8
-    except ImportError:
-        apply_fp8 = None
-    if apply_fp8 is not None:
-        apply_fp8(model, backend="torchao")
-        return "train.fp8.apply_fp8(torchao)"
-    from torchao.float8 import convert_to_float8_training
-    for block in model.blocks:
-        convert_to_float8_training(block)
-    return "torchao.float8.convert_to_float8_training(blocks)"
-
-
-def find_batch(suite, smoke, mode):
-    """Largest batch of 128/256 whose fused training step fits (fused uses the least memory)."""
-    tried = {}
-    best = None
-    for b in ((2,) if smoke else (128, 256)):
-        try:
-            tried[b] = train_throughput(smoke, mode, b)
-            best = b
-        except torch.OutOfMemoryError:
-            tried[b] = "out of memory"
-            break
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    if best is None:
-        raise RuntimeError(f"no batch fits: {tried}")
-    return {"batch": best, "tried": tried}
+# Other engineers' GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its
+# own JSON under $OUT. Filled in as they land.
+EXTRA_COMMANDS = {}
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
-    p.add_argument("--budget", type=float, default=390.0, help="seconds after which no new section starts")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new section starts")
+    p.add_argument("--part", choices=["A", "B", "all"], default="all")
     p.add_argument("--cpu-smoke", action="store_true", help="every section, tiny shapes, on the CPU")
     a = p.parse_args()
-    s = Suite(a.out, a.budget, a.cpu_smoke)
+    smoke = a.cpu_smoke
+    s = Suite(a.out, a.budget, smoke)
     s.result["environment"] = s.section("environment", environment)
-    ceil = s.section("ceilings", ceilings, a.cpu_smoke) or {}
-    s.section("gpu_tests", gpu_tests, a.cpu_smoke)
-    s.section("parity_fp32", parity_on_gpu, a.cpu_smoke)
-    from bench import ops_bench
-    s.section("ops", ops_bench.run, a.cpu_smoke, torch.bfloat16, ceil.get("copy_GBps"))
-    search = s.section("batch_search", find_batch, s, a.cpu_smoke, "fused") or {}
-    batch = search.get("batch", 2 if a.cpu_smoke else 64)
-    peak = ceil.get("bf16_matmul_TFLOPs")
-    for mode in ("fused", "fused+compiled", "compiled", "eager"):  # headline comparison first
-        r = s.section(f"train_{mode}", _train_fit, a.cpu_smoke, mode, batch)
-        if r and peak:
-            r["MFU_vs_measured_matmul"] = r["TFLOPs"] / peak
-            r["MFU_vs_989_dense_bf16"] = r["TFLOPs"] / 989.0
-    try:
-        import torchao  # noqa: F401
-    except Exception as e:  # ImportError, or a torchao built for another torch
-        s.result["sections"]["train_fp8+fused+compiled"] = f"torchao not importable: {type(e).__name__}: {e}"
-    else:
-        s.section("train_fp8+fused+compiled", _train_fit, a.cpu_smoke, "fused+compiled", batch, True)
-    s.section("profile_fused+compiled", _profile, a.cpu_smoke, batch)
+    s.result["part"] = a.part
+    if a.part in ("A", "all"):
+        ceil = s.section("ceilings", ceilings, smoke) or {}
+        peak = ceil.get("bf16_matmul_TFLOPs")
+        cases = TRAIN_CASES[:2] if smoke else TRAIN_CASES
+        first, rest = cases[0], cases[1:]
+        _train(s, smoke, first, peak, profile_steps=2)  # the headline, with a kernel-time profile
+        s.section("build_ext", wait_for_extension, smoke)
+        s.section("gpu_tests", gpu_tests, smoke)
+        s.section("parity_fp32", parity_on_gpu, smoke)
+        for case in rest[:2]:
+            _train(s, smoke, case, peak)
+        s.section("trainer_cli_bs256", trainer_cli, smoke)
+        for case in rest[2:]:
+            _train(s, smoke, case, peak)
+        from bench import ops_bench
+        s.section("ops", ops_bench.run, smoke, torch.bfloat16, ceil.get("copy_GBps"))
+    if a.part in ("B", "all"):
+        for name, (cmd, timeout, smoke_cmd) in EXTRA_COMMANDS.items():
+            s.section(name, command, name, cmd, timeout, smoke_cmd, smoke)
     s.save()
     print_table(s.result)
 
 
-def _profile(smoke, batch):
-    from bench.profile_step import attention_shapes, gemm_shapes, profile_training
-    return {"profile": profile_training("fused+compiled", batch, 2, smoke),
-            "attention_at_batch": attention_shapes(batch, smoke), "gemm_at_batch": gemm_shapes(batch, smoke)}
-
-
-def _train_fit(smoke, mode, batch, fp8=False):
-    """Train at `batch`, halving on out-of-memory (the reference eager path needs more memory)."""
-    while True:
-        try:
-            return train_throughput(smoke, mode, batch, fp8)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch <= 8:
-                raise
-            batch //= 2
+def _train(s, smoke, case, peak, profile_steps=0):
+    spec, batch = case
+    r = s.section(f"train {spec} bs{batch}", train_case, smoke, spec, batch, profile_steps)
+    if r and peak:
+        r["fraction_of_measured_matmul"] = r["tflops"] / peak
+    return r
 
 
 def print_table(r):
     sec = r["sections"]
     env = sec.get("environment") or {}
     print("\n==== GPU suite:", env.get("device"), "torch", env.get("torch"), "triton", env.get("triton"),
-          "cuda_ext:", str(env.get("cuda_ext"))[:40])
+          "commit", str(env.get("commit"))[:10], "cuda_ext:", str((sec.get("build_ext") or {}).get("cuda_ext"))[:40])
     c = sec.get("ceilings") or {}
-    print(f"copy {c.get('copy_GBps', 0):.0f} GB/s | bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+    if c:
+        print(f"copy {c.get('copy_GBps', 0):.0f} GB/s | bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
     for b, row in (sec.get("parity_fp32") or {}).items():
         if isinstance(row, dict) and "returncode" in row:
-            print(f"parity fp32 ({b}): rc {row['returncode']} {row['last']}")
+            print(f"parity fp32 ({b}): rc {row['returncode']} {row['verdict']} {row['failures'][:2]}")
     t = sec.get("gpu_tests") or {}
-    print("gpu tests rc:", t.get("returncode"), (t.get("tail") or "").strip().splitlines()[-1:] )
+    if t:
+        print("gpu tests rc:", t.get("returncode"), (t.get("tail") or "").strip().splitlines()[-1:])
     for op, impls in (sec.get("ops") or {}).items():
         if op == "attention":
             print(f"attention: chose {impls.get('chosen')}")
             continue
         cells = []
         for impl, row in impls.items():
-            cells.append(f"{impl} {'ERR' if 'error' in row else '%.0f/%.0f GB/s' % (row['fwd_GBps'], row['fwd_bwd_GBps'])}")
-        print(f"{op:30s} " + " | ".join(cells))
+            cells.append(f"{impl} {'ERR' if 'error' in row else '%.0f/%.0f' % (row['fwd_GBps'], row['fwd_bwd_GBps'])}")
+        print(f"{op:28s} GB/s fwd/fwd+bwd: " + " | ".join(cells))
+    cli = sec.get("trainer_cli_bs256")
+    if cli:
+        print(f"trainer CLI bs{cli['batch']}: {cli['img_per_s_last_window']:.1f} img/s (last window), "
+              f"peak {cli['peak_mem_gib'] or 0:.1f} GiB, warnings {len(cli['warnings'])}")
     for k, v in sec.items():
-        if k.startswith("train_") and isinstance(v, dict):
-            print(f"{k:28s} batch {v['batch']:4d}  {v['img_per_s']:8.1f} img/s  {v['TFLOPs']:6.1f} TFLOP/s  "
-                  f"peak {v['peak_mem_GiB'] or 0:.1f} GiB")
-    prof = (sec.get("profile_fused+compiled") or {}).get("profile") or {}
-    for cat, ms in (prof.get("ms_per_step_by_category") or {}).items():
-        print(f"profile: {cat:45s} {ms:8.1f} ms/step")
+        if k.startswith("train ") and isinstance(v, dict):
+            ran = ",".join(sorted(set(v.get("kernels_ran", {}).values())))
+            print(f"{k:32s} {v['img_per_s']:8.1f} img/s  {v['tflops']:6.1f} TFLOP/s  peak "
+                  f"{v.get('peak_memory_gib', v.get('peak_rss_gib', 0)):.1f} GiB  fp8 {v['fp8'][:20]}  [{ran}]")
+            for cat, ms in ((v.get("profile") or {}).get("ms_per_step_by_category") or {}).items():
+                print(f"    profile: {cat:45s} {ms:8.1f} ms/step")
+    for name in EXTRA_COMMANDS:
+        if name in sec and sec[name]:
+            print(f"{name}: {sec[name].get('seconds')} s; " + " | ".join(sec[name].get("tail", [])[-3:]))
     for k, v in r["errors"].items():
-        print(f"ERROR {k}: {v.splitlines()[0][:150]}")
+        print(f"ERROR {k}: {v.splitlines()[0][:200]}")
     if r["skipped_for_time"]:
         print("skipped for time:", r["skipped_for_time"])
 

@@ -1,13 +1,13 @@
 """Where does a LightningDiT-XL/1 training step spend its GPU time?
 
-    python -m bench.profile_step --mode fused+compiled --batch 256 --out DIR
+    python -m bench.profile_step --config configs/dit_xl1_64ep.yaml --spec auto+compiled --batch 256 --out DIR
 
-Profiles a few training steps (bench.gpu_suite.build_train_step) with torch.profiler and groups the CUDA
-kernel time into matmul / attention / fused-glue / optimizer / other; also times attention at the real shape
+Profiles a few steps of the trainer (train.train_dit.Trainer.train_step, synthetic latents, the config's
+settings with bench.throughput's backend spec) with torch.profiler and groups the CUDA kernel time into
+matmul / attention / fused-glue / inductor / optimizer / other; also times attention at the real shape
 for every SDPA backend (and with head_dim zero-padded, scale kept) and the block's GEMM shapes.
 Writes DIR/profile_step.json and prints a short table. `--smoke` runs tiny shapes on the CPU.
 """
-import argparse
 import json
 import math
 import os
@@ -32,29 +32,29 @@ def categorize(name):
     return "other (eager elementwise, copies, reductions)"
 
 
-def profile_training(mode, batch, steps, smoke):
-    from bench.gpu_suite import build_train_step
+def profile_trainer(trainer, steps=2, warmup=3):
+    """torch.profiler over `steps` calls of the trainer's own step (Trainer.train_step), kernel time grouped
+    by CATEGORIES; on the CPU the CPU time of the ops instead."""
     from torch.profiler import ProfilerActivity, profile
-    step, model, _ = build_train_step(smoke, mode, batch)
-    for _ in range(3):
-        step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and not smoke else [])
-    if torch.cuda.is_available():
+    for _ in range(warmup):
+        trainer.train_step()
+    cuda = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
         torch.cuda.synchronize()
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            step()
-        if torch.cuda.is_available():
+            trainer.train_step()
+        if cuda:
             torch.cuda.synchronize()
-    use_cuda = ProfilerActivity.CUDA in acts
     kernels_ = {}
     for e in prof.key_averages():
-        t = (e.device_time_total if use_cuda else e.self_cpu_time_total) / 1e3 / steps  # ms per step
-        if use_cuda and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
+        t = (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps  # ms per step
+        if cuda and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
             continue
         if t > 0:
             kernels_[e.key] = kernels_.get(e.key, 0.0) + t
-    if use_cuda:  # only kernels (device-side events); drop the CPU-op rows that also carry device time
+    if cuda:  # only kernels (device-side events); drop the CPU-op rows that also carry device time
         kernels_ = {k: v for k, v in kernels_.items() if not k.startswith(("aten::", "autograd::", "Optimizer",
                                                                              "ProfilerStep", "cudaLaunch", "Torch-Compiled",
                                                                              "CompiledFunction", "## ", "vavae::"))}
@@ -62,8 +62,20 @@ def profile_training(mode, batch, steps, smoke):
     for k, v in kernels_.items():
         cats[categorize(k)] = cats.get(categorize(k), 0.0) + v
     top = sorted(kernels_.items(), key=lambda kv: -kv[1])[:30]
-    return {"mode": mode, "batch": batch, "ms_per_step_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+    return {"batch": trainer.cfg.train.batch_per_gpu, "kernels": trainer.cfg.train.kernels,
+            "compile": trainer.cfg.train.compile, "fp8": trainer.fp8_desc,
+            "ms_per_step_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "total_kernel_ms_per_step": sum(kernels_.values()), "top_kernels_ms_per_step": top}
+
+
+def profile_training(config, spec, batch, steps, overrides=()):
+    """Build the trainer for a bench.throughput backend spec and profile its step."""
+    import tempfile
+
+    from bench.throughput import build_trainer, parse_spec
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(config, [*parse_spec(spec), *overrides], batch, tmp)
+        return {"spec": spec, **profile_trainer(trainer, steps)}
 
 
 def _bench(fn, smoke):
@@ -112,19 +124,23 @@ def gemm_shapes(batch, smoke):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="fused+compiled")
+def main(argv=None):
+    from train.config import cli_parser
+
+    ap = cli_parser("bench.profile_step", __doc__)
+    ap.add_argument("--config", default="configs/dit_xl1_64ep.yaml")
+    ap.add_argument("--spec", default="auto+compiled", help="bench.throughput backend spec")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
     ap.add_argument("--smoke", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     batch = 2 if a.smoke else a.batch
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     for name, fn in (("attention", lambda: attention_shapes(batch, a.smoke)),
                      ("gemm", lambda: gemm_shapes(batch, a.smoke)),
-                     ("profile", lambda: profile_training(a.mode, batch, a.steps, a.smoke))):
+                     ("profile", lambda: profile_training(
+                         "configs/dit_tiny_cpu.yaml" if a.smoke else a.config, a.spec, batch, a.steps))):
         try:
             res[name] = fn()
         except Exception as e:
@@ -134,7 +150,7 @@ def main():
             json.dump(res, f, indent=1, default=str)
     p = res.get("profile")
     if isinstance(p, dict):
-        print(f"== {p['mode']} batch {p['batch']}: {p['total_kernel_ms_per_step']:.1f} ms of kernels per step")
+        print(f"== {p['spec']} batch {p['batch']}: {p['total_kernel_ms_per_step']:.1f} ms of kernels per step")
         for cat, ms in p["ms_per_step_by_category"].items():
             print(f"  {cat:45s} {ms:8.1f} ms")
         for k, ms in p["top_kernels_ms_per_step"][:15]:

@@ -1,37 +1,54 @@
-"""Training-step and sampling throughput of LightningDiT across backends and batch sizes.
+"""LightningDiT throughput through the code users run: the trainer's step, and the sampler `generate` uses.
 
-    python -m bench.throughput --model XL/1 --batch-sizes 16,32 --backends eager,compiled,fused,fused+fp8
+    python -m bench.throughput --config configs/dit_xl1_64ep.yaml --batch-sizes 128,256 \
+        --backends auto+compiled,reference+compiled,auto+compiled+fp8
     python -m bench.throughput --mode sample --model XL/1 --batch-sizes 64 --sample-steps 250 --cfg-scale 4
 
-A backend spec joins any of: `eager` (nothing), `compiled` (torch.compile), `fused` (kernels backend
-"cuda" if the extension is built, else "triton"; override with --kernels), `fp8` (torchao float8 on
-the blocks' linears). A part that cannot run raises; nothing falls back silently. Train mode times
-one optimizer step (flow loss forward + backward + AdamW) on random latents, no data loading and no
-DeepSpeed; sample mode times `modeling.sampling.sample` for N grid points, with and without guidance.
-FLOPs come from `model.flops_per_sample()` (XL/1: ~712 GFLOP per image per training step); MFU is
-TFLOP/s over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown with the
-device, library versions, commit, and `kernels.describe()` -- the backend that actually ran.
-Per-op kernel timings: bench/ops_bench.py.
+Train mode builds `train.train_dit.Trainer` from the config (synthetic latents, `train.batch_per_gpu` = the
+batch size, no accumulation) and times `Trainer.train_step`: the DeepSpeed engine with its bf16 autocast, the
+flow loss, backward, the optimizer (ZeRO stage from the config), the non-finite guard, EMA and metrics.
+A backend spec is shorthand for trainer config switches, joined with '+':
+  eager -> train.compile=none      compiled -> train.compile=blocks
+  auto / reference / triton / cuda -> train.kernels   fused -> train.kernels=cuda if built, else triton
+  fp8 -> fp8.backend=torchao       zero0 .. zero3 -> train.zero_stage
+Anything else goes through `--set key=value` (e.g. --set train.precision=fp32). Each case runs in a fresh
+process (its own CUDA memory, compile state and DeepSpeed engine); a part that cannot run fails the case with
+its error, nothing falls back silently. Several GPUs: `torchrun --nproc_per_node N -m bench.throughput
+--in-process ...` (every rank runs the cases in its own process; img/s counts all ranks).
+Sample mode times `modeling.sampling.sample` for N grid points, with and without guidance.
+FLOPs come from `model.flops_per_sample()` (XL/1: ~712 GFLOP per image per training step); MFU is TFLOP/s
+over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown with the device, library
+versions, commit, peak memory and `kernels.describe()` -- what actually ran.
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import kernels
-from modeling.flow import flow_loss
 from modeling.lightningdit import LIGHTNINGDIT_SIZES, LightningDiT, build_lightningdit
 from modeling.sampling import sample
 
+REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-SPEC_PARTS = ("eager", "compiled", "fused", "fp8")
+SPEC_PARTS = {
+    "eager": ("train.compile=none",), "compiled": ("train.compile=blocks",),
+    "auto": ("train.kernels=auto",), "reference": ("train.kernels=reference",),
+    "triton": ("train.kernels=triton",), "cuda": ("train.kernels=cuda",), "fused": (),  # resolved at run time
+    "fp8": ("fp8.backend=torchao",),
+    "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
+    "zero3": ("train.zero_stage=3",),
+}
 
 
 def device_peak_tflops(device):
@@ -48,7 +65,7 @@ def environment(device):
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                                  cwd=REPO).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
@@ -64,107 +81,175 @@ def environment(device):
 
 
 def parse_spec(spec):
+    """'auto+compiled+fp8' -> trainer config overrides (ValueError on an unknown part)."""
     parts = spec.split("+")
     bad = [p for p in parts if p not in SPEC_PARTS]
     if bad:
-        raise ValueError(f"unknown backend part(s) {bad} in {spec!r}; join any of {SPEC_PARTS} with '+'")
-    return set(parts)
+        raise ValueError(f"unknown backend part(s) {bad} in {spec!r}; join any of {sorted(SPEC_PARTS)} with '+'")
+    overrides = [o for p in parts for o in SPEC_PARTS[p]]
+    if "fused" in parts:
+        overrides.append("train.kernels=" + ("cuda" if kernels.backend.cuda_status()[0] else "triton"))
+    return overrides
 
+
+def _memory(device):
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+# ----------------------------------------------------------------------------- train mode: the trainer's step
+
+def build_trainer(config, overrides, batch_size, workdir):
+    """A Trainer on synthetic latents at micro-batch `batch_size` (global = batch_size x world, no
+    accumulation), writing only under `workdir`."""
+    from train.config import load_config
+    from train.dit_config import DiTTrainConfig
+    from train.train_dit import Trainer, forever
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(DiTTrainConfig, config, [
+        "data.source=synthetic", f"train.batch_per_gpu={batch_size}", f"train.global_batch={batch_size * world}",
+        "checkpoint.resume=never", f"checkpoint.dir={workdir}/ckpt", f"logging.dir={workdir}",
+        "logging.tensorboard=false", "logging.progress_bar=false", *overrides])
+    trainer = Trainer(cfg)
+    trainer.batches = forever(trainer.loader)
+    return trainer
+
+
+def time_trainer_steps(trainer, warmup, iters):
+    """Seconds per optimizer step, each step timed from the host after the previous one finished on the
+    device (train_step itself syncs once, in DeepSpeed's finite-norm check)."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    losses = []
+    for _ in range(warmup):
+        trainer.train_step()
+    sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sums, applied, _ = trainer.train_step()
+        sync()
+        times.append(time.perf_counter() - t)
+        losses.append(float(sums[0]))
+        if not applied:
+            raise FloatingPointError(f"a timed step was skipped (non-finite loss {losses[-1]})")
+    return times, losses
+
+
+def run_train_case(config, spec, batch_size, extra_overrides=(), warmup=3, iters=10, peak_tflops=None,
+                   profile_steps=0):
+    """One training case in this process; returns its result row (with a kernel-time profile of
+    `profile_steps` further steps when > 0)."""
+    overrides = [*parse_spec(spec), *extra_overrides]
+    with tempfile.TemporaryDirectory(prefix="vavae_bench_") as tmp:
+        trainer = build_trainer(config, overrides, batch_size, tmp)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        times, losses = time_trainer_steps(trainer, warmup, iters)
+        sec = statistics.median(times)
+        img_s = batch_size * trainer.info.world_size / sec
+        cfg = trainer.cfg
+        tflops = img_s * trainer.flops_per_image / trainer.info.world_size / 1e12
+        label = cfg.model.size if cfg.model.size != "custom" else "custom"
+        prof = {}
+        if profile_steps:
+            from bench.profile_step import profile_trainer
+            prof = {"profile": profile_trainer(trainer, profile_steps, warmup=0)}
+        return {**prof, "name": f"{label} {spec} bs{batch_size} train", "mode": "train", "model": label, "backend": spec,
+                "batch_size": batch_size, "overrides": overrides, "precision": cfg.train.precision,
+                "zero_stage": cfg.train.zero_stage, "compile": cfg.train.compile, "world_size": trainer.info.world_size,
+                "median_s": sec, "times_s": times, "losses": losses, "img_per_s": img_s,
+                "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
+                "mfu": tflops / peak_tflops if peak_tflops else None, **_memory(trainer.device),
+                "kernels_backend": cfg.train.kernels, "kernels": kernels.describe(), "fp8": trainer.fp8_desc}
+
+
+def run_train_case_subprocess(config, spec, batch_size, extra_overrides=(), warmup=3, iters=10, peak_tflops=None,
+                              timeout=None, profile_steps=0):
+    """run_train_case in a fresh interpreter; an error (e.g. out of memory) becomes the row's 'error'."""
+    args = json.dumps(dict(config=str(config), spec=spec, batch_size=batch_size, extra_overrides=list(extra_overrides),
+                           warmup=warmup, iters=iters, peak_tflops=peak_tflops, profile_steps=profile_steps))
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, "-m", "bench.throughput", "--run-case", args, "--case-out", out.name]
+        try:
+            # a fresh single process: no rank / rendezvous variables inherited from this one
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"name": f"{spec} bs{batch_size} train", "backend": spec, "batch_size": batch_size,
+                    "error": f"timed out after {timeout} s"}
+        text = Path(out.name).read_text()
+    if res.returncode or not text:
+        tail = (res.stdout + res.stderr).strip().splitlines()
+        err = next((l for l in reversed(tail) if "Error" in l or "error" in l), tail[-1] if tail else "no output")
+        return {"name": f"{spec} bs{batch_size} train", "backend": spec, "batch_size": batch_size,
+                "error": err[:500], "log_tail": "\n".join(tail[-15:])}
+    return json.loads(text)
+
+
+# ----------------------------------------------------------------------------- sample mode
 
 def build_model(model, device, **overrides):
     if model in LIGHTNINGDIT_SIZES:
-        return build_lightningdit(model, **overrides).to(device)
+        return build_lightningdit(model, input_size=16, in_channels=32, **overrides).to(device)
     return LightningDiT(**json.loads(model), **overrides).to(device)  # a JSON dict of constructor kwargs
 
 
-class Case:
-    """One benchmark configuration: a model, a backend spec, a batch size, a mode. `run(n)` -> seconds."""
+class SampleCase:
+    """`modeling.sampling.sample` for N grid points at one batch size; run(n) -> seconds per call."""
 
-    def __init__(self, model="XL/1", backend="eager", batch_size=32, mode="train", precision="bf16",
-                 sample_steps=250, cfg_scale=1.0, cfg_interval_start=0.0, kernels_backend=None,
-                 device="cuda", allow_cpu_fp8=False, seed=0):
+    def __init__(self, model="XL/1", backend="eager", batch_size=32, precision="bf16", sample_steps=250,
+                 cfg_scale=1.0, cfg_interval_start=0.0, device="cuda", seed=0):
         label = model if model in LIGHTNINGDIT_SIZES else "custom"
-        self.name = f"{label} {backend} bs{batch_size} {mode}" + (f" cfg{cfg_scale:g}" if mode == "sample" else "")
-        self.model_spec, self.mode, self.batch_size, self.precision = model, mode, batch_size, precision
+        self.name = f"{label} {backend} bs{batch_size} sample cfg{cfg_scale:g}"
+        self.model_spec, self.batch_size, self.precision, self.spec = model, batch_size, precision, backend
         self.sample_steps, self.cfg_scale, self.cfg_interval_start = sample_steps, cfg_scale, cfg_interval_start
         self.device = torch.device(device)
-        self.spec = backend
-        parts = parse_spec(backend)
-        fused_default = "cuda" if kernels.backend.cuda_status()[0] else "triton"
-        self.kernels_backend = kernels_backend or (fused_default if "fused" in parts else "reference")
+        parts = set(backend.split("+"))
+        bad = parts - {"eager", "compiled", "auto", "reference", "triton", "cuda", "fused"}
+        if bad:
+            raise ValueError(f"unknown backend part(s) {sorted(bad)} in {backend!r} for sample mode")
+        fused = "cuda" if kernels.backend.cuda_status()[0] else "triton"
+        self.kernels_backend = next((p for p in ("auto", "reference", "triton", "cuda") if p in parts),
+                                    fused if "fused" in parts else "reference")
         kernels.set_backend(self.kernels_backend)
         torch.manual_seed(seed)
-        self.model = build_model(model, self.device)
-        self.fp8 = "off"
-        if "fp8" in parts:
-            from train import fp8
-            self.fp8 = fp8.check_fp8("torchao", self.device, allow_cpu_fp8)
-            fp8.apply_fp8(self.model, "torchao", allow_cpu=allow_cpu_fp8)
-        self.flops_per_image = self.model.flops_per_sample(train=mode == "train")
+        self.model = build_model(model, self.device).eval()
+        calls = (sample_steps - 1) * (2 if cfg_scale != 1.0 else 1)
+        self.flops_per_image = self.model.flops_per_sample(train=False) * calls
         self.fn = torch.compile(self.model) if "compiled" in parts else self.model
         g = torch.Generator(self.device).manual_seed(seed)
         m = self.model
         size = m.x_embedder.grid_size * m.x_embedder.patch_size[0]
         self.x = torch.randn(batch_size, m.in_channels, size, size, device=self.device, generator=g)
         self.y = torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=g)
-        if mode == "train":
-            self.model.train()
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
-        elif mode == "sample":
-            self.model.eval()
-            calls = (sample_steps - 1) * (2 if cfg_scale != 1.0 else 1)
-            self.flops_per_image *= calls
-        else:
-            raise ValueError(f"mode must be 'train' or 'sample', got {mode!r}")
-        self.kernels_used = {}
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-
-    def _once(self):
-        if self.mode == "train":
-            with self._autocast():
-                loss = flow_loss(self.fn, self.x, self.y)["loss"]
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        else:
-            with self._autocast():
-                sample(self.fn, self.x, self.y, steps=self.sample_steps, cfg_scale=self.cfg_scale,
-                       cfg_interval_start=self.cfg_interval_start)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def run(self, iters):
-        """Time `iters` iterations (each synchronised); returns per-iteration seconds."""
-        kernels.set_backend(self.kernels_backend)  # the switch is global: compare mode alternates cases
+        kernels.set_backend(self.kernels_backend)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         times = []
         for _ in range(iters):
-            self._sync()
+            sync()
             t = time.perf_counter()
-            self._once()
-            self._sync()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                sample(self.fn, self.x, self.y, steps=self.sample_steps, cfg_scale=self.cfg_scale,
+                       cfg_interval_start=self.cfg_interval_start)
+            sync()
             times.append(time.perf_counter() - t)
-        self.kernels_used = kernels.describe()
         return times
 
     def result(self, times, peak_tflops):
         sec = statistics.median(times)
         img_s = self.batch_size / sec
         tflops = img_s * self.flops_per_image / 1e12
-        if self.device.type == "cuda":
-            mem = {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30}
-        else:
-            mem = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-        return {"name": self.name, "model": self.model_spec, "mode": self.mode, "backend": self.spec, "batch_size": self.batch_size,
-                "precision": self.precision, "sample_steps": self.sample_steps if self.mode == "sample" else None,
-                "cfg_scale": self.cfg_scale if self.mode == "sample" else None,
-                "median_s": sec, "times_s": times, "img_per_s": img_s,
+        return {"name": self.name, "mode": "sample", "model": self.model_spec, "backend": self.spec,
+                "batch_size": self.batch_size, "precision": self.precision, "sample_steps": self.sample_steps,
+                "cfg_scale": self.cfg_scale, "median_s": sec, "times_s": times, "img_per_s": img_s,
                 "gflop_per_img": self.flops_per_image / 1e9, "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None, **mem,
-                "kernels_backend": self.kernels_backend, "kernels": self.kernels_used, "fp8": self.fp8}
+                "mfu": tflops / peak_tflops if peak_tflops else None, **_memory(self.device),
+                "kernels_backend": self.kernels_backend, "kernels": kernels.describe(), "fp8": "off"}
 
 
 def benchmark(case, warmup=3, iters=10, peak_tflops=None):
@@ -173,6 +258,8 @@ def benchmark(case, warmup=3, iters=10, peak_tflops=None):
         torch.cuda.reset_peak_memory_stats(case.device)
     return case.result(case.run(iters), peak_tflops)
 
+
+# ----------------------------------------------------------------------------- reports and CLI
 
 def markdown(report):
     env = report["environment"]
@@ -183,6 +270,9 @@ def markdown(report):
              "| case | kernels (ran) | fp8 | img/s | ms/iter | GFLOP/img | TFLOP/s | MFU | memory GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | - | - | error: {r['error'][:80]} | | | | | |")
+            continue
         ran = ",".join(sorted(set(r["kernels"].get("ops", {}).values()))) or "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
@@ -200,56 +290,85 @@ def write_report(report, out):
 
 
 def common_args(p):
-    p.add_argument("--model", default="XL/1", help="a size (XL/1, B/2, ...) or a JSON dict of LightningDiT kwargs")
     p.add_argument("--mode", choices=["train", "sample"], default="train")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--config", default=str(REPO / "configs/dit_xl1_64ep.yaml"),
+                   help="train mode: the trainer config the cases start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="train mode: extra trainer config override for every case (repeatable)")
+    p.add_argument("--model", default="XL/1", help="sample mode: a size (XL/1, B/2, ...) or a JSON dict of kwargs")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="sample mode")
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="sample mode: guidance scale of the guided run (an unguided run is always added)")
     p.add_argument("--cfg-interval-start", type=float, default=0.0)
-    p.add_argument("--kernels", default=None, help="kernels backend for 'fused' (default: cuda if built, else triton)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--allow-cpu-fp8", action="store_true", help="run torchao FP8 emulated on the CPU (tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sample mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
+    p.add_argument("--in-process", action="store_true", help="train mode: run the cases in this process")
+    p.add_argument("--case-timeout", type=float, default=None, help="train mode: seconds per case")
     p.add_argument("--out", default="runs/bench/throughput", help="output path without suffix (.json/.md)")
     return p
-
-
-def case_kwargs(a, backend, batch_size, cfg_scale=1.0):
-    return dict(model=a.model, backend=backend, batch_size=batch_size, mode=a.mode, precision=a.precision,
-                sample_steps=a.sample_steps, cfg_scale=cfg_scale, cfg_interval_start=a.cfg_interval_start,
-                kernels_backend=a.kernels, device=a.device, allow_cpu_fp8=a.allow_cpu_fp8)
 
 
 def peak_for(a):
     if a.peak_tflops:
         return a.peak_tflops, f"user-given {a.peak_tflops:g} TFLOP/s"
-    return device_peak_tflops(torch.device(a.device))
+    return device_peak_tflops(torch.device("cuda" if torch.cuda.is_available() else a.device))
+
+
+def print_row(r):
+    if "error" in r:
+        print(f"{r['name']}: ERROR {r['error'][:200]}", flush=True)
+        return
+    mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
+    print(f"{r['name']}: {r['img_per_s']:.2f} img/s, {r['tflops']:.2f} TFLOP/s"
+          + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "") + f", peak {mem:.1f} GiB"
+          + f", kernels {r['kernels_backend']} ({','.join(sorted(set(r['kernels'].get('ops', {}).values())))})"
+          + (f", fp8 {r['fp8']}" if r["fp8"] != "off" else ""), flush=True)
 
 
 def main(argv=None):
-    p = common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--backends", default="eager", help="comma-separated backend specs, e.g. eager,compiled,fused+fp8")
+    from train.config import cli_parser
+    p = common_args(cli_parser("bench.throughput", __doc__))
+    p.add_argument("--backends", default="auto+compiled",
+                   help="comma-separated backend specs, e.g. auto+compiled,reference+compiled,auto+compiled+fp8")
     p.add_argument("--batch-sizes", default="32")
+    p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.run_case:  # a child process of run_train_case_subprocess
+        kw = json.loads(a.run_case)
+        row = run_train_case(**kw)
+        Path(a.case_out).write_text(json.dumps(row, default=str))
+        return row
     peak, peak_desc = peak_for(a)
-    cfgs = [1.0] + ([a.cfg_scale] if a.mode == "sample" and a.cfg_scale not in (None, 1.0) else [])
     results = []
     for backend in a.backends.split(","):
         for bs in [int(b) for b in a.batch_sizes.split(",")]:
-            for cfg in cfgs:
-                case = Case(**case_kwargs(a, backend, bs, cfg))
+            if a.mode == "train":
+                if a.in_process:
+                    r = run_train_case(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak)
+                else:
+                    r = run_train_case_subprocess(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak,
+                                                  a.case_timeout)
+                print_row(r)
+                results.append(r)
+                continue
+            for cfg in [1.0] + ([a.cfg_scale] if a.cfg_scale not in (None, 1.0) else []):
+                case = SampleCase(model=a.model, backend=backend, batch_size=bs, precision=a.precision,
+                                  sample_steps=a.sample_steps, cfg_scale=cfg, cfg_interval_start=a.cfg_interval_start,
+                                  device=a.device)
                 r = benchmark(case, a.warmup, a.iters, peak)
-                print(f"{r['name']}: {r['img_per_s']:.2f} img/s, {r['tflops']:.2f} TFLOP/s"
-                      + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "") + f", kernels {r['kernels_backend']}")
+                print_row(r)
                 results.append(r)
                 del case
-    report = {"environment": environment(torch.device(a.device)), "peak": peak_desc, "peak_tflops": peak,
-              "results": results}
-    for f in write_report(report, a.out):
-        print(f"wrote {f}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak, "mode": a.mode,
+              "config": a.config if a.mode == "train" else None, "results": results}
+    if int(os.environ.get("RANK", "0")) == 0:
+        for f in write_report(report, a.out):
+            print(f"wrote {f}")
     return report
 
 

@@ -1,12 +1,18 @@
-"""bench.throughput / bench.compare on a tiny model: the report says what ran, refusals are clear."""
+"""bench.throughput / bench.compare time the trainer's own step (Trainer.train_step) on the tiny config; the
+report says what ran, backend specs map to trainer config switches, refusals are clear."""
 import json
+from pathlib import Path
 
 import pytest
 
 import kernels
+from bench import throughput
 from bench.compare import main as compare_main
-from bench.throughput import Case, benchmark, main as throughput_main, parse_spec
+from bench.throughput import SampleCase, benchmark, main as throughput_main, parse_spec
+from train.train_dit import Trainer
 
+REPO = Path(__file__).resolve().parents[1]
+TINY_CFG = str(REPO / "configs/dit_tiny_cpu.yaml")
 TINY = json.dumps(dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                        num_classes=3))
 
@@ -18,50 +24,77 @@ def _restore_backend():
     kernels.set_backend(before)
 
 
-def test_train_and_sample_report(tmp_path):
-    report = throughput_main(["--model", TINY, "--batch-sizes", "2,3", "--precision", "fp32", "--warmup", "1",
-                              "--iters", "2", "--device", "cpu", "--out", str(tmp_path / "t")])
+@pytest.fixture
+def count_train_steps(monkeypatch):
+    calls = []
+    real = Trainer.train_step
+
+    def counted(self):
+        calls.append(self.cfg.train.batch_per_gpu)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    return calls
+
+
+def test_spec_maps_to_trainer_switches():
+    assert parse_spec("reference+compiled+zero0") == ["train.kernels=reference", "train.compile=blocks",
+                                                      "train.zero_stage=0"]
+    assert parse_spec("auto+compiled+fp8") == ["train.kernels=auto", "train.compile=blocks", "fp8.backend=torchao"]
+    assert parse_spec("fused")[0] in ("train.kernels=triton", "train.kernels=cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        parse_spec("eager+turbo")
+
+
+def test_train_mode_times_the_trainers_step(tmp_path, count_train_steps):
+    report = throughput_main(["--config", TINY_CFG, "--batch-sizes", "2,3", "--backends", "eager+zero0",
+                              "--warmup", "1", "--iters", "2", "--in-process", "--out", str(tmp_path / "t")])
+    assert count_train_steps == [2, 2, 2, 3, 3, 3]  # warmup + iters, through Trainer.train_step
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
     assert [r["batch_size"] for r in saved["results"]] == [2, 3]
     for r in saved["results"]:
-        assert r["kernels_backend"] == "reference" and r["kernels"]["ops"]  # ops that actually ran
-        assert set(r["kernels"]["ops"].values()) <= {"reference", "reference-sdpa"}
+        assert r["zero_stage"] == 0 and r["compile"] == "none" and r["precision"] == "fp32"  # tiny config's
+        assert set(r["kernels"]["ops"].values()) <= {"reference", "reference-sdpa"}  # what actually ran
         assert r["img_per_s"] > 0 and len(r["times_s"]) == 2 and r["mfu"] is None
-    assert saved["environment"]["versions"]["torch"] and "commit" in saved["environment"]
-    assert "| custom eager bs2 train |" in (tmp_path / "t.md").read_text()
+        assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
+        assert r["peak_rss_gib"] > 0
+    assert saved["environment"]["versions"]["deepspeed"] and "commit" in saved["environment"]
+    assert "| custom eager+zero0 bs2 train |" in (tmp_path / "t.md").read_text()
 
-    guided = Case(model=TINY, mode="sample", batch_size=2, sample_steps=4, cfg_scale=3.0, precision="fp32",
-                  device="cpu")
-    plain = Case(model=TINY, mode="sample", batch_size=2, sample_steps=4, precision="fp32", device="cpu")
+
+def test_subprocess_case_and_its_errors(tmp_path, monkeypatch):
+    """The default: each case in a fresh process; a case that cannot run is an error row, not a number."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    report = throughput_main(["--config", TINY_CFG, "--batch-sizes", "2", "--backends", "eager,triton",
+                              "--set", "train.zero_stage=0", "--warmup", "0", "--iters", "1",
+                              "--out", str(tmp_path / "s")])
+    ok, refused = report["results"]
+    assert ok["img_per_s"] > 0 and ok["overrides"][-1] == "train.zero_stage=0"
+    assert "error" in refused and "triton" in refused["error"].lower() and "img_per_s" not in refused
+    assert "error:" in (tmp_path / "s.md").read_text()
+
+
+def test_fp8_case_records_what_ran(tmp_path):
+    row = throughput.run_train_case(TINY_CFG, "eager+fp8", 2, ["model.hidden_size=48", "train.zero_stage=0",
+                                                             "train.precision=bf16", "fp8.allow_cpu=true"],
+                                    warmup=0, iters=1)
+    assert "torchao" in row["fp8"] and "CPU emulation" in row["fp8"] and row["precision"] == "bf16"
+    with pytest.raises(Exception, match="FP8"):  # no silent CPU emulation
+        throughput.run_train_case(TINY_CFG, "eager+fp8", 2, ["model.hidden_size=48"], warmup=0, iters=1)
+
+
+def test_sample_mode():
+    guided = SampleCase(model=TINY, batch_size=2, sample_steps=4, cfg_scale=3.0, precision="fp32", device="cpu")
+    plain = SampleCase(model=TINY, batch_size=2, sample_steps=4, precision="fp32", device="cpu")
     # 3 model calls per image, doubled by guidance
     assert guided.flops_per_image == 2 * plain.flops_per_image == 6 * plain.model.flops_per_sample(train=False)
     assert benchmark(guided, warmup=0, iters=1)["img_per_s"] > 0
 
 
-def test_fused_on_cpu_refuses_instead_of_falling_back(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # test_kernels sets it for the session on CPU machines
-    case = Case(model=TINY, backend="fused", batch_size=2, precision="fp32", device="cpu")
-    assert case.kernels_backend in ("triton", "cuda")
-    with pytest.raises(kernels.BackendUnavailable):
-        benchmark(case, warmup=0, iters=1)
-    with pytest.raises(ValueError, match="unknown backend"):
-        parse_spec("eager+turbo")
-
-
-def test_compare_interleaves_and_reports_ratio(tmp_path):
-    report = compare_main(["--model", TINY, "--a", "eager", "--b", "eager", "--batch-size", "2", "--precision",
-                           "fp32", "--rounds", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
-                           "--out", str(tmp_path / "c")])
+def test_compare_interleaves_trainers_and_reports_ratio(tmp_path, count_train_steps):
+    report = compare_main(["--config", TINY_CFG, "--a", "eager+zero0", "--b", "reference+zero0", "--batch-size", "2",
+                           "--rounds", "2", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "c")])
     assert report["order"] == ["a", "b", "a", "b"] and len(report["round_ratios"]) == 2
-    assert report["ratio_b_over_a"] > 0
+    assert len(count_train_steps) == 4 and report["ratio_b_over_a"] > 0
     assert len(report["results"]) == 2 and (tmp_path / "c.md").exists()
-
-
-def test_fp8_case_records_what_ran():
-    model = json.dumps(dict(input_size=4, patch_size=1, in_channels=4, hidden_size=48, depth=1, num_heads=2,
-                            num_classes=3))
-    with pytest.raises(Exception, match="FP8"):
-        Case(model=model, backend="fp8", batch_size=2, device="cpu")  # no silent CPU emulation
-    r = benchmark(Case(model=model, backend="fp8", batch_size=2, device="cpu", allow_cpu_fp8=True), 0, 1)
-    assert "torchao" in r["fp8"] and "CPU emulation" in r["fp8"]

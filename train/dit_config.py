@@ -96,6 +96,7 @@ class TrainConfig:
     max_bad_steps: int = 5              # non-finite loss/grad-norm steps in a row before stopping
     kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"  # kernels.ops backend (see docs/kernels.md)
     compile: Literal["none", "blocks"] = "none"   # blocks: torch.compile each block (one shared graph)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile backend (eager: debug/CI)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
 
     def validate(self):

@@ -188,7 +188,7 @@ class Trainer:
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
-                block.compile(fullgraph=True)
+                block.compile(backend=cfg.train.compile_backend, fullgraph=True)
         self.flops_per_image = model.flops_per_sample(train=True)
         self.ema = EMA(model, cfg.train.ema_decay)
 
