@@ -275,3 +275,54 @@ def test_deepspeed_resume_loads_safely_and_refuses_code(tmp_path, zero_stage):
     torch.save(payload, files[0])
     torch.load(files[0], weights_only=False)
     assert marker.exists()
+
+
+def test_a_new_trainer_in_the_same_process_takes_the_lock_over(tmp_path):
+    first = CheckpointManager(tmp_path)
+    first.prepare()
+    second = CheckpointManager(tmp_path)
+    second.prepare(writable=[tmp_path / "logs"])  # e.g. train, then resume, in one test process
+    assert second.lock.held and not first.lock.held and (tmp_path / "logs").is_dir()
+    second.release()
+    assert (tmp_path / "run.lock").read_text() == ""
+
+
+def _rank_prepare(rank, root, port, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        CheckpointManager(root).prepare(is_main=rank == 0)
+        results.put((rank, "acquired"))
+    except (RunLockedError, NotWritableError) as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["locked", "unwritable"])
+def test_every_rank_stops_with_the_same_error(tmp_path, case):
+    import torch.multiprocessing as mp
+    if case == "locked":
+        root = tmp_path / "ckpt"
+        holder = _hold_lock(root)
+    else:
+        (tmp_path / "file").write_text("")
+        root, holder = tmp_path / "file" / "ckpt", None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    try:
+        procs = [ctx.Process(target=_rank_prepare, args=(r, str(root), port, results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        got = dict(results.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(60)
+    finally:
+        if holder is not None:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    kind = "RunLockedError" if case == "locked" else "NotWritableError"
+    assert got[0] == got[1] and got[0].startswith(kind) and str(root) in got[0], got

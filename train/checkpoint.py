@@ -40,6 +40,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -325,6 +326,13 @@ class RunLock:
         if self._fd is not None:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        earlier = _HELD.get(key)
+        earlier = earlier() if earlier is not None else None
+        if earlier is not None and earlier.held:  # a new trainer in this process (e.g. train, then resume)
+            log.warning("checkpoint folder %s: taking the lock over from an earlier trainer in this process",
+                        self.root)
+            earlier.release()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             try:
@@ -356,6 +364,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD[key] = weakref.ref(self)
         return self
 
     def release(self):
@@ -390,13 +399,20 @@ class RunLock:
                 pass
 
 
-def acquire_run_lock(root, is_main=True):
-    """Rank 0 takes the RunLock of `root`; with torch.distributed initialised every rank learns the outcome,
-    so a refused run stops on all ranks with the same RunLockedError. Returns the lock on rank 0, else None."""
+_HELD = {}  # realpath of a lock file -> weakref to the RunLock this process holds on it
+
+
+def acquire_run_lock(root, is_main=True, writable=()):
+    """Before training: rank 0 checks that `root` (and the folders in `writable`, e.g. the logging dir) can be
+    written and takes the RunLock of `root`; with torch.distributed initialised every rank learns the outcome,
+    so a refused run stops on all ranks with the same one-line error (RunLockedError, NotWritableError or
+    DiskFullError). Returns the lock on rank 0 (keep it for the life of the run), else None."""
     import torch.distributed as dist
     lock, error = None, None
     if is_main:
         try:
+            for folder in (root, *writable):
+                check_writable(folder, "checkpoint folder" if folder == root else "folder")
             lock = RunLock(root).acquire()
         except (RunLockedError, OSError) as e:
             error = f"{type(e).__name__}: {e}"
@@ -408,7 +424,7 @@ def acquire_run_lock(root, is_main=True):
         if lock is not None:
             lock.release()
         kind, _, msg = error.partition(": ")
-        raise (RunLockedError if kind == "RunLockedError" else NotWritableError)(msg)
+        raise {"RunLockedError": RunLockedError, "DiskFullError": DiskFullError}.get(kind, NotWritableError)(msg)
     return lock
 
 
@@ -474,6 +490,18 @@ class CheckpointManager:
         """Take the folder's RunLock (see RunLock); keep the returned lock for the life of the run."""
         self.lock = RunLock(self.root).acquire()
         return self.lock
+
+    def prepare(self, is_main=True, writable=()):
+        """What a trainer calls before building anything big: the folder (and `writable`) checked writable and
+        its RunLock taken by rank 0, the outcome shared with every rank (see acquire_run_lock)."""
+        self.lock = acquire_run_lock(self.root, is_main, writable)
+        return self.lock
+
+    def release(self):
+        """Give the folder's lock back (the end of a run)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def begin(self, step, is_main=True):
         """Return the temp directory to write step `step` into."""
