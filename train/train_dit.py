@@ -11,6 +11,7 @@ accumulation. A step whose loss or gradient norm is not finite is skipped (no we
 update) and counted; `train.max_bad_steps` in a row save a checkpoint and stop the run.
 """
 import argparse
+import copy
 import logging
 import random
 import sys
@@ -209,6 +210,7 @@ class Trainer:
 
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
         self.step, self.skipped_steps, self.bad_streak, self._window_start = 0, 0, 0, 0
+        self._prefetched = None  # (next micro-batch on the device, loader state before it)
         if cfg.checkpoint.resume == "auto":
             self.resume()
 
@@ -216,15 +218,14 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step (grad_accum micro-batches): returns (loss/mse/cos sums on the device, applied,
-        grad norm). The only host synchronisation is DeepSpeed's finite-norm check at the optimizer step."""
+        grad norm as a device tensor). The only host synchronisation is the finite-norm check at the optimizer
+        step (DeepSpeed's under ZeRO 1-3, ours without ZeRO); the next micro-batch is fetched and copied while
+        the backward runs, so the GPU does not wait for the data after that check."""
         cfg, engine = self.cfg, self.engine
         sums = torch.zeros(3, device=self.device)  # loss, mse, cos over the micro-batches
-        applied, grad_norm = False, float("nan")
+        applied, grad_norm = False, None
         for _ in range(self.grad_accum):
-            with nvtx("data"):
-                lat, y = next(self.batches)
-                lat = (lat.to(self.device, non_blocking=True) - self.mean) / self.std * cfg.data.latent_multiplier
-                y = y.to(self.device, non_blocking=True)
+            lat, y = self._next_batch()
             # No autocast here: the engine applies it inside its forward (see deepspeed_config).
             with nvtx("forward"), fp8_lib.fp8_context(cfg.fp8.backend, cfg.fp8.recipe):
                 out = flow_loss(engine, lat, y, time_dist=cfg.train.time_dist,
@@ -238,6 +239,7 @@ class Trainer:
             sums += torch.stack([loss.detach(), out["mse"].detach().mean(), out["cos"].detach().mean()])
             with nvtx("backward"):
                 engine.backward(loss)
+            self._prefetch()
             if engine.is_gradient_accumulation_boundary():
                 with nvtx("optimizer"):
                     applied, grad_norm = self.optimizer_step()
@@ -248,6 +250,31 @@ class Trainer:
                 self.ema.update(engine.module)
         return sums / self.grad_accum, applied, grad_norm
 
+    # ------------------------------------------------------------------ data
+
+    def _fetch(self):
+        with nvtx("data"):
+            lat, y = next(self.batches)
+            lat = (lat.to(self.device, non_blocking=True) - self.mean) / self.std * self.cfg.data.latent_multiplier
+            return lat, y.to(self.device, non_blocking=True)
+
+    def _prefetch(self):
+        """Fetch the next micro-batch now; remember the loader state before it, which is what a checkpoint
+        saves (the batch is not consumed yet, so a resumed run draws it again)."""
+        state = copy.deepcopy(self.loader.state_dict())
+        self._prefetched = (self._fetch(), state)
+
+    def _next_batch(self):
+        if self._prefetched is None:
+            return self._fetch()
+        batch, self._prefetched = self._prefetched[0], None
+        return batch
+
+    def _loader_state(self):
+        return self._prefetched[1] if self._prefetched is not None else self.loader.state_dict()
+
+    # ------------------------------------------------------------------ optimizer
+
     def optimizer_step(self):
         engine = self.engine
         lr = self.cfg.optim.lr * min(1.0, (self.step + 1) / max(1, self.cfg.optim.warmup_steps))
@@ -256,19 +283,19 @@ class Trainer:
         if engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed applies any gradient; check the (already all-reduced) norm ourselves.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
             applied = bool(torch.isfinite(grad_norm))
             clip = self.cfg.optim.grad_clip
-            for p in engine.module.parameters():
-                if not applied:
+            if not applied:
+                for p in engine.module.parameters():
                     p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
-                elif p.grad is not None and clip > 0:
-                    p.grad.mul_(torch.clamp(clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
+            elif clip > 0:
+                torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
             engine.step()
-            return applied, float(grad_norm)
+            return applied, grad_norm
         engine.step()  # ZeRO 1-3 skip the update themselves when the global gradient norm is not finite
         norm = engine.get_global_grad_norm()
-        return engine.was_step_applied(), float("nan") if norm is None else float(norm)
+        return engine.was_step_applied(), norm
 
     # ------------------------------------------------------------------ loop
 
@@ -279,6 +306,9 @@ class Trainer:
             dump_config(cfg, Path(cfg.logging.dir) / "config.yaml")
         metrics = MetricsLogger(cfg.logging.dir, info.is_main, cfg.logging.tensorboard, cfg.logging.progress_bar,
                                 cfg.train.steps, self.step)
+        if self._prefetched is not None:  # a batch fetched by an earlier train_step: draw it again
+            self.loader.load_state_dict(self._prefetched[1])
+            self._prefetched = None
         self.batches = forever(self.loader)
         profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps)
         log.info("world %d, grad accumulation %d, ZeRO %d, precision %s, FP8 %s, compile %s, kernels %s, "
@@ -288,7 +318,7 @@ class Trainer:
                  kernels.describe(), self.flops_per_image / 1e9)
         window_sums, window_steps, t0, start_time = torch.zeros(3, device=self.device), 0, time.time(), time.time()
         self._paused = 0.0  # seconds spent in evaluation and checkpointing: not training time
-        last_norm = float("nan")
+        last_norm = None  # a device tensor (or DeepSpeed's float); read on the host only when logged
         try:
             while self.step < cfg.train.steps:
                 profile.before_step(self.step)
@@ -317,7 +347,8 @@ class Trainer:
                     mean = all_reduce_mean(window_sums / max(1, window_steps)).tolist()
                     img_s = (self.step - self._window_start) * cfg.train.global_batch / max(dt, 1e-9)
                     metrics.log(self.step, {
-                        "loss": mean[0], "mse": mean[1], "cos": mean[2], "grad_norm": last_norm,
+                        "loss": mean[0], "mse": mean[1], "cos": mean[2],
+                        "grad_norm": float("nan") if last_norm is None else float(last_norm),
                         "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_s,
                         "tflops_per_gpu": img_s * self.flops_per_image / info.world_size / 1e12,
                         "skipped_steps": self.skipped_steps, "images_seen": self.step * cfg.train.global_batch,
@@ -363,7 +394,7 @@ class Trainer:
         barrier()
         self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
-                           "loader": self.loader.state_dict()}, tmp / f"rank_{info.rank:05d}.pt")
+                           "loader": self._loader_state()}, tmp / f"rank_{info.rank:05d}.pt")
         if info.is_main:
             atomic_torch_save({"step": self.step, "ema": self.ema.state_dict(), "config": to_dict(self.cfg),
                                "world_size": info.world_size, "skipped_steps": self.skipped_steps,
