@@ -30,13 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from modeling.checkpoint import CheckpointMismatchError, load_vavae_checkpoint
+from modeling.checkpoint import load_vavae_checkpoint
 from modeling.foundation import FoundationModelUnavailable, build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
 
-from .checkpoint import CheckpointManager, atomic_torch_save, load_state, rng_state, set_rng_state
-from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
+from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
+                         rng_state, set_rng_state)
+from .config import ConfigError, add_config_args, config_from_args, dump_config, to_dict
+from .errors import add_debug_arg, one_line, user_error_types
 from .data.sampler import EpochSampler, ResumableLoader
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
@@ -313,6 +315,9 @@ class Trainer:
         self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.device = device = self.info.device
         set_nvtx(True)
+        # one run per checkpoint folder (rank 0's lock, the outcome shared), both folders writable
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
+        self.ckpt.prepare(self.info.is_main, writable=(cfg.logging.dir,))
 
         vae, foundation, linear_proj, loss_fn = build_models(cfg)
         if t.init_from:
@@ -357,7 +362,6 @@ class Trainer:
         self.loader = build_loader(cfg, self.info.rank, self.info.world_size, device)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = t.steps if t.steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.step = 0
         log.info("VA-VAE %.1fM params, discriminator %.1fM, foundation %s (%s), world %d x batch %d, ZeRO %d, "
@@ -460,6 +464,7 @@ class Trainer:
                              img.shape[0], out / "reconstructions.png")
         finally:
             metrics.close()
+            self.ckpt.release()
         log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
         return result
 
@@ -489,10 +494,12 @@ class Trainer:
         barrier()
 
     def resume(self):
-        latest = self.ckpt.latest()
-        if latest is None:
-            return
-        step, path = latest
+        """Continue from the newest complete checkpoint (an incomplete or corrupt newer one is skipped with a
+        warning by CheckpointManager.load_latest); returns its step or None."""
+        found = self.ckpt.load_latest(self._load)
+        return None if found is None else found[0]
+
+    def _load(self, step, path):
         if not (path / "trainer.pt").is_file():
             if (path / "state.pt").is_file():
                 raise ConfigError(f"{path} was written by the first (single-process) VA-VAE trainer and cannot be "
@@ -500,18 +507,22 @@ class Trainer:
                                   f"train.init_from={path / 'state.pt'} and another logging.dir")
             raise ConfigError(f"{path} has no trainer.pt: not a VA-VAE checkpoint")
         state = load_state(path / "trainer.pt", "VA-VAE trainer state")
-        saved = from_dict(VAVAETrainConfig, state["config"])
-        if saved.model != self.cfg.model or saved.foundation.name != self.cfg.foundation.name:
-            raise ConfigError(f"cannot resume from {path}: its model / foundation config differs from this run's")
-        if state["world_size"] != self.info.world_size or saved.train.batch_per_gpu != self.cfg.train.batch_per_gpu:
-            raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks x batch "
-                              f"{saved.train.batch_per_gpu}; this run has {self.info.world_size} x "
-                              f"{self.cfg.train.batch_per_gpu}")
-        for engine, tag in ((self.engine_ae, "autoencoder"), (self.engine_d, "discriminator")):
-            load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load the {tag} checkpoint in {path}")
+        saved = VAVAETrainConfig.upgrade(state["config"])
+        check_resume_config(saved, to_dict(self.cfg), path,
+                            refuse=("model.", "foundation.name", "foundation.input_size", "foundation.normalize",
+                                    "train.batch_per_gpu", "train.seed", "data.source", "data.num_samples"),
+                            warn=("loss.", "optim.", "train.precision", "train.zero_stage", "foundation.dtype",
+                                  "data.backend", "data.root"),
+                            ignore=("checkpoint.", "logging.", "dist.", "train.steps", "train.epochs"))
+        if state["world_size"] != self.info.world_size:
+            raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks, this "
+                              f"run has {self.info.world_size}")
+        with deepspeed_safe_load():
+            for engine, tag in ((self.engine_ae, "autoencoder"), (self.engine_d, "discriminator")):
+                load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load the {tag} checkpoint in {path}")
         mine = load_state(path / f"rank_{self.info.rank:05d}.pt", "VA-VAE rank state")
         set_rng_state(mine["rng"])
         self.generator.set_state(mine["generator"])
@@ -523,6 +534,7 @@ class Trainer:
         self.guard.load_state_dict(state["guard"])
         self.step = step
         log.info("resumed from %s at step %d", path, step)
+        return step
 
     def export(self):
         """LOGGING_DIR/tokenizer.pt in the reference format (rank 0); returns its path."""
@@ -559,6 +571,7 @@ def train(cfg: VAVAETrainConfig):
 def main(argv=None):
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(VAVAETrainConfig, args)
@@ -571,8 +584,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         train(cfg)
-    except (ConfigError, FoundationModelUnavailable, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (*user_error_types(), FoundationModelUnavailable) as e:  # the input is wrong: one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
