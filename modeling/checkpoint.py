@@ -113,20 +113,10 @@ def _kind_of(model):
 
 
 def save_pretrained(model, config, directory, extra=None):
-    """Write `model.safetensors` + `config.json` ({"kind", "config", **extra}) atomically into `directory`."""
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    kind = _kind_of(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / "model.safetensors")
-    meta = {"kind": kind, "config": _jsonable(config), **(extra or {})}
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / "config.json")
-    return directory
+    """Write the hub layout (modeling.hub: model.safetensors + config.json with the constructor arguments
+    `config` at the top level + model card) atomically into `directory`; `extra` is kept under "extra"."""
+    from .hub import save_folder
+    return save_folder(model, directory, arch=config, extra={"extra": extra} if extra else None)
 
 
 def build_model(kind, config):
@@ -140,13 +130,11 @@ def build_model(kind, config):
 
 
 def load_pretrained(directory, device="cpu"):
-    """Rebuild the model from `config.json` and load `model.safetensors` (strict)."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    meta = json.loads((directory / "config.json").read_text())
-    model = build_model(meta["kind"], meta["config"])
-    load_state_dict_strict(model, load_file(str(directory / "model.safetensors")), f"{directory}")
-    return model.to(device)
+    """Rebuild the model a folder holds (config.json in the hub layout or our previous {"kind", "config"} one)
+    and load model.safetensors strictly."""
+    from .hub import class_for_kind, load_folder, read_config
+    meta = read_config(directory)
+    return load_folder(class_for_kind(meta.get("kind")), directory, config=meta, device=device)
 
 
 def _jsonable(cfg):

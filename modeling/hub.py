@@ -30,7 +30,7 @@ DEFAULT_PARITY = ("architecture and every loader are checked against fixtures ma
                   "code (python -m bench.parity ../shared/parity: fp32, rtol 1e-4, atol 1e-5); the weights "
                   "themselves were not re-evaluated by this export")
 # keys of config.json that are not constructor arguments
-META_KEYS = ("kind", "training_config", "parity", "source", "sampling", "format")
+META_KEYS = ("kind", "training_config", "parity", "source", "sampling", "format", "extra")
 
 try:  # optional at import time: the GPU machines run without it
     from huggingface_hub import PyTorchModelHubMixin as _HFBase
@@ -239,6 +239,31 @@ class HubMixin(_HFBase):
         return cls.from_pretrained(model_id, device=map_location, revision=revision, cache_dir=cache_dir,
                                    force_download=force_download, local_files_only=local_files_only, token=token,
                                    **overrides)
+
+
+def stored_metadata(src, **hub_kwargs):
+    """config.json of a saved folder or hub repo (cache / download), or {} for a released file, whose
+    sampling settings are then those of the preset named like the file (if any)."""
+    from .sampling import SAMPLING_PRESETS, preset_for_name
+    src = str(src)
+    if os.path.isdir(src):
+        return read_config(src)
+    if os.path.isfile(src):
+        name = preset_for_name(src)
+        return {"sampling": {"preset": name, **SAMPLING_PRESETS[name]["settings"]}} if name else {}
+    if not HAVE_HF:
+        return {}
+    return read_config(Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent)
+
+
+def model_folder(src, **hub_kwargs):
+    """The local folder of a saved model (a folder, or a hub repo's cached snapshot), or None for a file."""
+    src = str(src)
+    if os.path.isdir(src):
+        return Path(src)
+    if os.path.isfile(src) or not HAVE_HF:
+        return None
+    return Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent
 
 
 # ----------------------------------------------------------------------------- latent statistics

@@ -1,63 +1,89 @@
-"""Sample images from a LightningDiT checkpoint (released format or ours) and a VA-VAE tokenizer.
+"""Sample a labelled grid from a LightningDiT (our folder, a hub id, or a released .pt) and a VA-VAE tokenizer.
 
-    python -m modeling.sample_images --dit lightningdit-xl-imagenet256-800ep.pt --size XL/1 \
-        --vae vavae-imagenet256-f16d32-dinov2.pt --stats latents_stats.pt --labels 207 360 387 974 \
-        --steps 250 --shift 0.3 --cfg-scale 6.7 --cfg-interval-start 0.125 --out samples.png
+    python -m modeling.sample_images --dit lightningdit-xl-imagenet256-800ep.pt \
+        --vae vavae-imagenet256-f16d32-dinov2.pt --stats latents_stats.pt --labels 207 360 387 974 --out samples.png
 
-The DiT produces normalised latents; they are mapped back with the stored per-channel statistics
+A released file named as the authors' (or a folder converted from one by modeling.convert) samples with
+the authors' settings for it (Euler, 250 points, shift 0.3, their cfg scale and interval, guidance on
+latent channels 0..2); --preset names them explicitly, and any flag given overrides them. The DiT
+produces normalised latents; they are mapped back with the per-channel statistics
 (z = x * std / multiplier + mean) before decoding, as the reference does.
 """
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_dit_checkpoint, load_pretrained, load_vavae_checkpoint
-from .lightningdit import build_lightningdit
-from .sampling import sample
-from .vavae import VAVAE_F16D32, AutoencoderKL
+from .checkpoint import CheckpointMismatchError
+from .hub import STATS_NAME, model_folder, stored_metadata
+from .hub import load_latent_stats as _read_stats
+from .lightningdit import LightningDiT, build_lightningdit
+from .safe_load import CheckpointLoadError
+from .sampling import Sampler, decode_images
+from .vavae import AutoencoderKL
 
 
 def load_dit(path, size=None, input_size=16, in_channels=32, num_classes=1000, weights="ema", **flags):
-    """Our format (a directory) or a released checkpoint file (then `size` names the architecture)."""
-    path = Path(path)
-    if path.is_dir():
-        return load_pretrained(path)
-    if size is None:
-        raise ValueError("a released checkpoint file needs --size (e.g. XL/1) to build the model")
-    model = build_lightningdit(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **flags)
-    return load_dit_checkpoint(path, model, weights)
+    """Our folder, a hub id, or a released checkpoint file (its architecture is read from the weights; a
+    given `size` is checked against them)."""
+    model = LightningDiT.from_pretrained(path, weights=weights, **flags)
+    if size is not None and Path(str(path)).is_file():
+        want = build_lightningdit(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                  **flags).config
+        diff = {k: (want[k], model.config[k]) for k in want if want[k] != model.config[k]}
+        if diff:
+            raise CheckpointMismatchError(f"{path} is not a {size} model with input_size {input_size}, "
+                                          f"{in_channels} channels, {num_classes} classes: (asked, file) {diff}")
+    return model
 
 
 def load_vae(path, **config):
-    path = Path(path)
-    if path.is_dir():
-        return load_pretrained(path)
-    return load_vavae_checkpoint(path, AutoencoderKL(**{**VAVAE_F16D32, **config}))
+    """Our folder, a hub id, or a tokenizer checkpoint ({"state_dict"}; architecture read from the weights)."""
+    return AutoencoderKL.from_pretrained(path, **config)
 
 
 def load_latent_stats(path, channels):
+    """(mean, std), each (1, C, 1, 1): latents_stats.safetensors / .pt, or a folder holding the former;
+    None gives unnormalised latents (zeros / ones)."""
     if path is None:
         return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
-    stats = torch.load(path, map_location="cpu", weights_only=False)
-    return stats["mean"].reshape(1, -1, 1, 1), stats["std"].reshape(1, -1, 1, 1)
+    st = _read_stats(path)
+    mean, std = st["mean"], st["std"]
+    if mean.shape[1] != channels:
+        raise ValueError(f"latent stats {path} have {mean.shape[1]} channels, the DiT has {channels}")
+    return mean, std
+
+
+def default_stats_path(dit_src):
+    """latents_stats.safetensors stored beside a converted DiT (modeling.convert --latent-stats), or None."""
+    folder = model_folder(dit_src)
+    return folder / STATS_NAME if folder is not None and (folder / STATS_NAME).is_file() else None
 
 
 @torch.no_grad()
 def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
-             guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu"):
-    """uint8 images (B, H, W, 3) for class `labels`."""
+             guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
+             compile="none", cudagraphs="off", progress=False, return_sampler=False):
+    """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses."""
+    bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside 0..{dit.num_classes - 1} (index {dit.num_classes} is the "
+                         "null class used by guidance, not a class)")
+    if steps < 2:
+        raise ValueError(f"steps={steps}: the time grid needs at least 2 points (steps - 1 model calls)")
     dit, vae = dit.to(device).eval(), vae.to(device).eval()
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     c, s = dit.in_channels, dit.config["input_size"]
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
-    x = sample(dit, z, y, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
-               cfg_interval_start=cfg_interval_start, guidance=guidance, generator=g)
+    sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
+                      cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
+                      compile=compile, cudagraphs=cudagraphs, device=device)
+    x = sampler(z, y, generator=g, progress=progress)
     latents = x * std.to(device) / latent_multiplier + mean.to(device)
-    return vae.decode_to_images(latents)
+    images = decode_images(vae, latents, precision)
+    return (images, sampler) if return_sampler else images
 
 
 def save_grid(images, path, ncol=None):
@@ -75,34 +101,46 @@ def save_grid(images, path, ncol=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dit", required=True, help="released .pt or our pretrained directory")
-    ap.add_argument("--size", default=None, help="architecture for a released file, e.g. XL/1")
-    ap.add_argument("--input-size", type=int, default=16)
-    ap.add_argument("--in-channels", type=int, default=32)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--weights", choices=["ema", "model"], default="ema")
-    ap.add_argument("--vae", required=True, help="tokenizer .pt ({'state_dict'}) or our pretrained directory")
-    ap.add_argument("--stats", default=None, help="latents_stats.pt (mean/std); omit for unnormalised latents")
+    from train.config import cli_parser  # (the one parser style of every command)
+
+    from .sampling import add_sampling_args, settings_from_args
+    ap = cli_parser("modeling.sample_images", __doc__)
+    ap.add_argument("--dit", required=True, help="our folder, a hub repo id, or a released .pt")
+    ap.add_argument("--size", default=None, help="optional check for a released file, e.g. XL/1 (the architecture "
+                                                 "is read from the weights)")
+    ap.add_argument("--input-size", type=int, default=16, help="with --size: the expected latent side")
+    ap.add_argument("--in-channels", type=int, default=32, help="with --size: the expected latent channels")
+    ap.add_argument("--num-classes", type=int, default=1000, help="with --size: the expected class count")
+    ap.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a released DiT")
+    ap.add_argument("--vae", required=True, help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
+    ap.add_argument("--stats", default=None, help="latents_stats .pt / .safetensors (default: the one stored beside "
+                                                  "a converted DiT; none: unnormalised latents)")
+    ap.add_argument("--latent-multiplier", type=float, default=1.0, help="the trainer's data.latent_multiplier")
     ap.add_argument("--labels", type=int, nargs="+", required=True)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5", "euler_maruyama"])
-    ap.add_argument("--shift", type=float, default=0.3)
-    ap.add_argument("--cfg-scale", type=float, default=1.0)
-    ap.add_argument("--cfg-interval-start", type=float, default=0.0)
-    ap.add_argument("--guidance", choices=["all", "reference"], default="all",
-                    help="all: standard guidance on every latent channel; reference: the authors' channels 0..2 only")
+    add_sampling_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--out", default="samples.png")
     a = ap.parse_args(argv)
-    dit = load_dit(a.dit, a.size, a.input_size, a.in_channels, a.num_classes, a.weights)
-    vae = load_vae(a.vae)
-    mean, std = load_latent_stats(a.stats, dit.in_channels)
-    images = generate(dit, vae, a.labels, mean, std, a.steps, a.shift, a.cfg_scale, a.cfg_interval_start,
-                      a.guidance, a.method, a.seed, device=a.device)
-    print(f"wrote {save_grid(images, a.out)} ({len(a.labels)} images, {a.steps}-point {a.method} grid, "
-          f"shift {a.shift}, cfg {a.cfg_scale} from t>={a.cfg_interval_start}, guidance={a.guidance})")
+    try:  # a bad file or value: one line naming it, exit 2
+        settings, sources = settings_from_args(a, stored_metadata(a.dit).get("sampling"))
+        if settings["steps"] < 2:
+            raise ValueError(f"--steps {settings['steps']}: the time grid needs at least 2 points")
+        dit = load_dit(a.dit, a.size, a.input_size, a.in_channels, a.num_classes, a.weights)
+        vae = load_vae(a.vae)
+        stats = a.stats if a.stats is not None else default_stats_path(a.dit)
+        mean, std = load_latent_stats(stats, dit.in_channels)
+        images, sampler = generate(dit, vae, a.labels, mean, std, seed=a.seed, latent_multiplier=a.latent_multiplier,
+                                   device=a.device, precision=a.precision, compile=a.compile,
+                                   cudagraphs=a.cudagraphs, progress=not a.no_progress, return_sampler=True,
+                                   **settings)
+    except (ValueError, FileNotFoundError, CheckpointMismatchError, CheckpointLoadError, RuntimeError) as e:
+        ap.exit(2, f"error: {' '.join(str(e).split())}\n")
+    d = sampler.describe()
+    print(f"wrote {save_grid(images, a.out)} ({len(a.labels)} images; " + ", ".join(
+        f"{k}={settings[k]} ({sources[k]})" for k in settings) + f"; {d['precision']}, compile={d['compile']}, "
+        f"CUDA graphs {d['cudagraphs']}, latent stats {stats or 'none'})")
 
 
 if __name__ == "__main__":

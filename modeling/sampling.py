@@ -39,6 +39,25 @@ def preset_for_name(name):
     return stem if stem in SAMPLING_PRESETS else None
 
 
+SETTING_KEYS = ("method", "steps", "shift", "cfg_scale", "cfg_interval_start", "guidance")
+DEFAULT_SETTINGS = dict(method="euler", steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all")
+
+
+def resolve_settings(explicit=None, preset=None, stored=None):
+    """Sampling settings and where each came from: explicit values (None = not given) win over the named
+    preset, which wins over the settings stored with the model (config.json "sampling" or a released
+    file's name), which win over DEFAULT_SETTINGS. Returns (settings, {key: source})."""
+    layers = [("default", DEFAULT_SETTINGS), ("stored with the model", stored or {}),
+              (f"preset {preset}", preset_settings(preset) if preset else {}),
+              ("given", {k: v for k, v in (explicit or {}).items() if v is not None})]
+    out, src = {}, {}
+    for name, layer in layers:
+        for k in SETTING_KEYS:
+            if k in layer:
+                out[k], src[k] = layer[k], name
+    return out, src
+
+
 def preset_settings(name):
     """The sampling settings (method, steps, shift, cfg_scale, cfg_interval_start, guidance) of a preset."""
     key = PRESET_ALIASES.get(name, name)
@@ -253,7 +272,8 @@ class Sampler:
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def __call__(self, z, y, generator=None):
+    def __call__(self, z, y, generator=None, progress=False):
+        """Final latents for noise z (B, C, H, W) and labels y (B,); progress: a tqdm bar over the steps."""
         if not self._logged:
             log.info("sampler: %s", self.describe())
             self._logged = True
@@ -273,13 +293,18 @@ class Sampler:
             y = torch.cat([y, y.new_zeros(pad)])
         elif self.static_batch is not None and n > self.static_batch:
             raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
-        x = self._run_graphed(z, y) if self.use_graphs else self._run_eager(z, y)
+        steps = range(len(self.grid) - 1)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+        x = self._run_graphed(z, y, steps) if self.use_graphs else self._run_eager(z, y, steps)
         return x[:n]
 
-    def _run_eager(self, z, y):
+    def _run_eager(self, z, y, steps):
         y_null = torch.full_like(y, self.num_classes)
         x = z
-        for i, (t0, t1) in enumerate(zip(self.grid[:-1], self.grid[1:])):
+        for i in steps:
+            t0, t1 = self.grid[i], self.grid[i + 1]
             t = torch.full((len(x),), t0, device=x.device, dtype=torch.float32)
             x = x + (t1 - t0) * self.velocity(x, t, y, y_null, self.guided[i])
         return x
@@ -315,17 +340,17 @@ class Sampler:
         torch.cuda.synchronize(dev)
         return st, graphs
 
-    def _run_graphed(self, z, y):
+    def _run_graphed(self, z, y, steps):
         n = len(z)
         if n not in self._graphs:
             self._graphs = {n: self._capture(n, tuple(z.shape[1:]))}  # one batch size held at a time
         st, graphs = self._graphs[n]
         st["x"].copy_(z)
         st["y"].copy_(y)
-        for i, guided in enumerate(self.guided):
+        for i in steps:
             st["t"].copy_(self._grid_dev[i])
             st["dt"].copy_(self._dt_dev[i])
-            graphs[guided].replay()
+            graphs[self.guided[i]].replay()
         return st["x"].clone()
 
 
@@ -341,3 +366,39 @@ def decode_images(vae, latents, precision="fp32", batch_size=None):
         with autocast_context(dev, prec):
             out.append(vae.decode_to_images(latents[i:i + bs]))
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- shared CLI arguments
+
+def add_sampling_args(p, fast_default=False):
+    """The sampler settings and execution flags of modeling.sample_images and bench.eval.generate.
+
+    Sampler settings default to None = "not given": then --preset, else the settings stored with the model
+    (a converted released checkpoint carries the authors'), else DEFAULT_SETTINGS."""
+    g = p.add_argument_group("sampler settings (not given: --preset, else stored with the model, else "
+                             + ", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items()) + ")")
+    g.add_argument("--preset", default=None,
+                   help="the authors' settings for a released checkpoint: " + ", ".join(
+                       sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)))
+    g.add_argument("--method", default=None, choices=["euler", "heun", "dopri5", "euler_maruyama"])
+    g.add_argument("--steps", type=int, default=None, help="grid points (steps - 1 Euler model calls)")
+    g.add_argument("--shift", type=float, default=None, help="timestep shift s*t/(1+(s-1)*t)")
+    g.add_argument("--cfg-scale", type=float, default=None)
+    g.add_argument("--cfg-interval-start", type=float, default=None, help="no guidance for t below this")
+    g.add_argument("--guidance", choices=["all", "reference"], default=None,
+                   help="reference: the authors' guidance of latent channels 0..2 only (their cfg scales were "
+                        "tuned for it); all: standard guidance on every channel (needs its own cfg scale)")
+    x = p.add_argument_group("execution")
+    x.add_argument("--precision", choices=PRECISIONS, default="bf16-weights" if fast_default else "fp32",
+                   help="bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; the ODE state stays fp32")
+    x.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                   help="torch.compile with static shapes: each block, or the whole forward")
+    x.add_argument("--cudagraphs", choices=CUDAGRAPH_MODES, default="auto",
+                   help="capture each Euler step as a CUDA graph (auto: on CUDA; on: error where impossible)")
+    return p
+
+
+def settings_from_args(a, stored=None):
+    """(settings, sources) from parsed add_sampling_args flags and the model's stored "sampling" dict."""
+    explicit = {k: getattr(a, k) for k in SETTING_KEYS}
+    return resolve_settings(explicit, a.preset, stored)

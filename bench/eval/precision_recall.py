@@ -16,29 +16,44 @@ def _pairwise_sq_dists(u, v):
     return (nu - 2 * u @ v.t() + nv).clamp_min(0.0)
 
 
-def manifold_radii(features, k=3, row_batch=10000, col_batch=10000):
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    radii = torch.empty(len(f))
-    for r in range(0, len(f), row_batch):
+def _bar(total, desc, progress):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="block", disable=not progress, leave=False)
+
+
+def manifold_radii(features, k=3, row_batch=10000, col_batch=10000, device="cpu", progress=False):
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(device)
+    radii = torch.empty(len(f), device=device)
+    rows_total = range(0, len(f), row_batch)
+    bar = _bar(len(rows_total), "precision/recall radii", progress)
+    for r in rows_total:
         rows = f[r:r + row_batch]
         d = torch.cat([_pairwise_sq_dists(rows, f[c:c + col_batch]) for c in range(0, len(f), col_batch)], 1)
         radii[r:r + row_batch] = d.kthvalue(k + 1, dim=1).values
+        bar.update(1)
+    bar.close()
     return radii
 
 
-def precision_recall(ref_features, sample_features, k=3, row_batch=10000, col_batch=10000):
-    """(precision, recall) of samples against references, ADM's compute_prec_recall."""
-    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32)
-    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32)
+def precision_recall(ref_features, sample_features, k=3, row_batch=10000, col_batch=10000, device="cpu",
+                     progress=False):
+    """(precision, recall) of samples against references, ADM's compute_prec_recall (on `device`; kthvalue
+    on CUDA and the CPU give the same radii)."""
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32).to(device)
+    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32).to(device)
     if len(ref) <= k or len(sam) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per set")
-    r_ref = manifold_radii(ref, k, row_batch, col_batch)
-    r_sam = manifold_radii(sam, k, row_batch, col_batch)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool)  # ref inside the sample manifold -> recall
-    sam_in = torch.zeros(len(sam), dtype=torch.bool)  # sample inside the ref manifold -> precision
-    for i in range(0, len(ref), row_batch):
+    r_ref = manifold_radii(ref, k, row_batch, col_batch, device, progress)
+    r_sam = manifold_radii(sam, k, row_batch, col_batch, device, progress)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)  # ref inside the sample manifold -> recall
+    sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)  # sample inside the ref manifold -> precision
+    rows = range(0, len(ref), row_batch)
+    bar = _bar(len(rows), "precision/recall", progress)
+    for i in rows:
         for j in range(0, len(sam), col_batch):
             d = _pairwise_sq_dists(ref[i:i + row_batch], sam[j:j + col_batch])
             ref_in[i:i + row_batch] |= (d <= r_sam[None, j:j + col_batch]).any(1)
             sam_in[j:j + col_batch] |= (d <= r_ref[i:i + row_batch, None]).any(0)
+        bar.update(1)
+    bar.close()
     return float(sam_in.double().mean()), float(ref_in.double().mean())

@@ -7,10 +7,10 @@ sigma=1.5, use_sample_covariance=False) and torchmetrics' SSIM. LPIPS is modelin
 on [-1, 1] images. rFID is the Frechet distance between Inception pool3 statistics of the originals
 and of their reconstructions.
 
-CLI: python -m bench.eval.tokenizer_metrics VAE_DIR IMAGES.npz [--limit N] [--no-lpips] [--no-rfid]
-(VAE_DIR from modeling.checkpoint.save_pretrained; IMAGES.npz arr_0 = uint8 (N, H, W, 3)).
+CLI: python -m bench.eval.tokenizer_metrics VAE IMAGES.npz [--limit N] [--no-lpips] [--no-rfid]
+(VAE: our folder, a hub repo id, or a tokenizer .pt such as the released vavae-imagenet256-f16d32-dinov2.pt
+or a trainer's tokenizer.pt; IMAGES.npz arr_0 = uint8 (N, H, W, 3)).
 """
-import argparse
 import json
 
 import numpy as np
@@ -92,10 +92,12 @@ def reconstruction_metrics(vae, images, batch_size=16, device="cpu", lpips=None,
 
 
 def main(argv=None):
-    from modeling.checkpoint import load_pretrained
+    from modeling import AutoencoderKL
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("vae_dir")
+    from train.config import cli_parser
+
+    p = cli_parser("bench.eval.tokenizer_metrics", __doc__)
+    p.add_argument("vae", help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
     p.add_argument("images_npz")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
@@ -105,6 +107,10 @@ def main(argv=None):
     p.add_argument("--no-rfid", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    try:
+        vae = AutoencoderKL.from_pretrained(a.vae)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        p.exit(2, f"error: {' '.join(str(e).split())}\n")
     with np.load(a.images_npz) as z:
         images = z["arr_0"][: a.limit]
     lp = None
@@ -116,7 +122,7 @@ def main(argv=None):
         from .inception import load_inception
         inc, backend = load_inception(a.inception, device=a.device)
         print(f"inception: {backend}")
-    res, _ = reconstruction_metrics(load_pretrained(a.vae_dir), images, a.batch_size, a.device, lp, inc)
+    res, _ = reconstruction_metrics(vae, images, a.batch_size, a.device, lp, inc)
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:

