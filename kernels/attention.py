@@ -5,7 +5,8 @@ and torch SDPA with the cuDNN, flash or memory-efficient kernel; on the CPU, tor
 flash or math kernel). The first eager call for a (device, head_dim, dtype, shape) times every candidate
 that runs (forward + backward, CUDA events, median of a few) and keeps the fastest; head_dim 72 is padded
 internally by some of them, which is why this is measured rather than assumed. Under torch.compile
-without a prior measurement the static order below is used. Force one with VAVAE_ATTENTION=<name> or
+without a prior measurement: FlashAttention if installed, else plain SDPA ("sdpa": PyTorch picks its
+kernel per call, after autocast's cast). Force one with VAVAE_ATTENTION=<name> or
 `set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
 `kernels.describe()["ops"]["attention"]` says which one ran.
 
@@ -22,7 +23,7 @@ from .backend import BackendUnavailable, record
 
 _SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
          "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
-CHOICES = ("fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
+CHOICES = ("fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa")
 _state = {"forced": os.environ.get("VAVAE_ATTENTION") or None}
 _chosen = {}    # key -> choice
 _measured = {}  # key -> {choice: ms or error string}
@@ -45,7 +46,13 @@ def measurements():
     return {str(k): v for k, v in _measured.items()}
 
 
+def _autocast_dtype(q):
+    return torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else None
+
+
 def _run(choice, q, k, v):
+    if choice == "sdpa":  # PyTorch's own choice among its fused kernels, per call
+        return F.scaled_dot_product_attention(q, k, v)
     if choice in _SDPA:
         with sdpa_kernel(_SDPA[choice]):
             return F.scaled_dot_product_attention(q, k, v)
@@ -89,10 +96,14 @@ def _choose(q, k, v):
     key = (str(q.device), q.shape[-1], q.dtype, tuple(q.shape))
     if key in _chosen:
         return _chosen[key]
-    if torch.compiler.is_compiling():  # no timing inside a trace: the static order, first that can run
-        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8:
-            return "sdpa-efficient"  # the only fused SDPA kernel that takes fp32 and any head_dim
-        return _candidates(q)[0]
+    if torch.compiler.is_compiling():
+        # No timing inside a trace, and the dtype seen here is not the one attention runs in: under bf16
+        # autocast the reference RoPE hands over fp32 q/k (fp32 tables), which SDPA casts to bf16 itself. A
+        # static choice made from q.dtype pinned the slow memory-efficient kernel there (H200, XL/1 batch 256:
+        # attention 104 ms/step against 47). So: FlashAttention when installed and q is already 16-bit,
+        # else SDPA with PyTorch's own per-call kernel selection, which sees the cast inputs.
+        have = _candidates(q)
+        return have[0] if have[0] in ("fa3", "fa2") else "sdpa"
     results = {}
     for c in _candidates(q):
         try:
@@ -118,6 +129,12 @@ def attention(q, k, v):
     if forced in ("fa3", "fa2") and not installed()[forced]:
         raise BackendUnavailable(f"attention {forced!r} requested but its package is not installed "
                                  f"({'flash_attn_interface' if forced == 'fa3' else 'flash_attn'})")
+    if not torch.compiler.is_compiling():  # (a trace cannot query autocast; SDPA casts there itself)
+        dtype = _autocast_dtype(q)
+        if dtype is not None and q.dtype != dtype:
+            # what SDPA's autocast would do, done first: the choice is timed and made on the 16-bit inputs
+            # attention really runs on (fp32 q/k come from the reference RoPE's fp32 tables)
+            q, k, v = (t.to(dtype) for t in (q, k, v))
     choice = forced or _choose(q, k, v)
     record("attention", choice)
     return _run(choice, q, k, v)

@@ -240,6 +240,21 @@ def test_reference_rope_backward_is_autograds(dtype):
             assert rel_err(gq, rq) < 8e-3 and rel_err(gk, rk) < 8e-3
 
 
+def test_attention_choice_under_compile_is_not_pinned_by_the_traced_dtype(monkeypatch):
+    """Inside a trace q may be fp32 (reference RoPE, fp32 tables) although autocast runs attention in bf16:
+    the static choice must not pin the fp32-capable memory-efficient kernel (measured 2.2x slower on an
+    H200); it leaves the pick to SDPA, or FlashAttention when installed."""
+    from kernels import attention
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.randn(2, 4, 16, 72)
+    attention._chosen.clear()
+    assert attention._choose(q, q, q) == "sdpa"
+    monkeypatch.setattr(attention, "installed", lambda: {"fa3": True, "fa2": False})
+    assert attention._choose(q.bfloat16(), q, q) == "fa3"
+    out = attention._run("sdpa", q, q, q)
+    torch.testing.assert_close(out, reference.attention(q, q, q))
+
+
 def test_attention_reports_its_choice():
     q, k, v = (torch.randn(1, 2, 37, 72) for _ in range(3))
     out = ops.attention(q, k, v)

@@ -54,7 +54,11 @@ def init_distributed(backend="auto", timeout_s=600) -> DistInfo:
 
 def barrier():
     if dist.is_initialized():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            # name the device: without it torch warns at every barrier that it guesses the current one
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
