@@ -272,7 +272,7 @@ class RandomTiny(nn.Module):
         self.conv2 = nn.Conv2d(32, 64, 4, 4)
         with torch.no_grad():
             for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.1))
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * (0.5 if p.ndim > 1 else 0.1))
 
     def forward(self, x):
         return self.conv2(F.gelu(self.conv1(x)))
@@ -333,8 +333,13 @@ def build_foundation(name, weights=None, allow_substitute=False, input_size="def
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(1234)
                 net = VisionTransformer(**VIT_SPECS["dinov2_vitl14"])
-                for p in net.parameters():
-                    torch.nn.init.normal_(p, 0.0, 0.02)
+                for name, p in net.named_parameters():  # timm-like: N(0, 0.02) weights, zero biases, unit norms
+                    if name.endswith("bias"):
+                        torch.nn.init.zeros_(p)
+                    elif p.ndim == 1:
+                        torch.nn.init.ones_(p)
+                    else:
+                        torch.nn.init.normal_(p, 0.0, 0.02)
             feature_dim, default_size = VIT_SPECS["dinov2_vitl14"]["embed_dim"], 224
         else:
             net, feature_dim, default_size = RandomTiny(), 64, None

@@ -92,11 +92,12 @@ class LPIPS(nn.Module):
         self.net = VGG16Slices()
         for k, c in enumerate(_CHANNELS):
             setattr(self, f"lin{k}", NetLinLayer(c))
-        if weights_path == "random":
+        if weights_path == "random":  # He-normal convolutions, zero biases: activations stay O(1)
             g = torch.Generator().manual_seed(1234)
             with torch.no_grad():
                 for p in self.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    std = (2.0 / p[0].numel()) ** 0.5 if p.ndim > 1 else 0.0
+                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
         else:
             self.load_weights(weights_path or default_lpips_weights())
         self.eval().requires_grad_(False)

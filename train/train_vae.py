@@ -319,16 +319,18 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
         self.ckpt.prepare(self.info.is_main, writable=(cfg.logging.dir,))
 
-        vae, foundation, linear_proj, loss_fn = build_models(cfg)
+        with torch.device(device):  # built where they run (a ViT-L initialises in seconds on a CPU)
+            vae, foundation, linear_proj, loss_fn = build_models(cfg)
         if t.init_from:
             load_trainable_state(read_init_weights(t.init_from), vae, linear_proj, loss_fn, strict_extras=False)
             log.info("initialised from %s", t.init_from)
         loss_fn.logvar.requires_grad_(False)  # as the reference: a parameter no optimizer updates
         fdtype = {"auto": torch.bfloat16 if t.precision == "bf16" else torch.float32, "bf16": torch.bfloat16,
                   "fp32": torch.float32}[cfg.foundation.dtype]
-        mf = torch.channels_last if t.channels_last else torch.preserve_format
-        vae.to(device, memory_format=mf)
-        loss_fn.to(device, memory_format=mf)
+        # train.channels_last: the images enter NHWC and cuDNN keeps the activations NHWC through every conv;
+        # the weights stay contiguous (DeepSpeed broadcasts and ZeRO flattens them as plain tensors).
+        vae.to(device)
+        loss_fn.to(device)
         if linear_proj is not None:
             linear_proj.to(device)
         if foundation is not None:

@@ -108,7 +108,7 @@ class TrainConfig:
     init_from: Optional[str] = None        # tokenizer.pt of the previous stage (reference format), or a
     #                                        run checkpoint's state.pt (weights only)
     max_bad_steps: int = 20                # non-finite steps in a row before stopping (with a checkpoint)
-    channels_last: bool = False            # NHWC activations for the convolutions (faster on GPUs)
+    channels_last: bool = False            # NHWC images and activations for the convolutions (faster on GPUs)
     compile: Literal["none", "modules"] = "none"   # modules: torch.compile encoder, decoder, discriminator, LPIPS
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
 

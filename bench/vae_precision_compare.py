@@ -1,0 +1,97 @@
+"""bf16 vs fp32 for the VA-VAE: the same run (same seed, images, posterior samples) trained twice through the
+real trainer (train.train_vae.Trainer), once in fp32 (the authors' precision) and once with train.precision=bf16,
+and the loss curves compared.
+
+    python -m bench.vae_precision_compare --steps 200 --out runs/vae_precision          # tiny CPU config
+    python -m bench.vae_precision_compare --config configs/vavae_f16d32_stage1.yaml --steps 2000 \\
+        --set data.root=SCAN --set foundation.weights=dinov2_vitl14.pth                  # the paper's model, GPU
+
+Compared: `rec` (per-pixel L1 + LPIPS, the reconstruction objective) and `vf` (the VF loss) per step, and the
+mean of each over the last quarter of the steps. Writes OUT/precision_compare.json and .png; exits 1 when the
+tail means differ by more than --rtol (relative).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("rec", "vf")
+
+
+def run_one(config, out_dir, steps, overrides):
+    from train.config import load_config
+    from train.train_vae import Trainer
+    from train.vae_config import VAVAETrainConfig
+    cfg = load_config(VAVAETrainConfig, config, [
+        f"train.steps={steps}", f"checkpoint.every={steps}", "checkpoint.resume=never",
+        "checkpoint.export_reference=false", f"logging.dir={out_dir}", "logging.every=1",
+        "logging.progress_bar=false", "logging.tensorboard=false", "logging.reconstructions=false", *overrides])
+    Trainer(cfg).fit()
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {m: [r[m] for r in rows if m in r] for m in METRICS + ("loss",)}
+
+
+def compare(a, b, rtol):
+    res = {}
+    for m in METRICS:
+        x, y = a[m], b[m]
+        n = min(len(x), len(y))
+        if n == 0:
+            continue
+        tail = max(1, n // 4)
+        ma, mb = sum(x[n - tail:n]) / tail, sum(y[n - tail:n]) / tail
+        res[m] = {"steps": n, "tail_steps": tail, "fp32_tail_mean": ma, "bf16_tail_mean": mb,
+                  "tail_rel_diff": abs(mb - ma) / max(abs(ma), 1e-12),
+                  "max_step_rel_diff": max(abs(q - p) / max(abs(p), 1e-12) for p, q in zip(x[:n], y[:n])),
+                  "first": x[0]}
+    res["agree"] = bool(res) and all(r["tail_rel_diff"] <= rtol for k, r in res.items() if k in METRICS)
+    return res
+
+
+def plot(a, b, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.5))
+    for ax, m in zip(axes, METRICS):
+        ax.plot(range(1, len(a[m]) + 1), a[m], label="fp32", lw=1.2)
+        ax.plot(range(1, len(b[m]) + 1), b[m], label="bf16 autocast", lw=1.2, ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel(m)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.vae_precision_compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs/vavae_tiny_cpu.yaml"), help="VA-VAE trainer config")
+    ap.add_argument("--steps", type=int, default=200, help="steps of each run (default 200)")
+    ap.add_argument("--rtol", type=float, default=0.05, help="allowed relative difference of the tail means")
+    ap.add_argument("--out", default="runs/vae_precision_compare", help="output folder")
+    ap.add_argument("--set", action="append", default=[], help="config override for both runs (repeatable)")
+    a = ap.parse_args(argv)
+    import torch
+    out = Path(a.out)
+    fp32 = run_one(a.config, out / "fp32", a.steps, ["train.precision=fp32", *a.set])
+    bf16 = run_one(a.config, out / "bf16", a.steps, ["train.precision=bf16", *a.set])
+    res = {**compare(fp32, bf16, a.rtol), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "config": a.config, "overrides": a.set, "fp32": fp32, "bf16": bf16}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision_compare.json").write_text(json.dumps(res, indent=1))
+    plot(fp32, bf16, out / "precision_compare.png")
+    for m in METRICS:
+        if m in res:
+            r = res[m]
+            print(f"{m}: last-{r['tail_steps']}-step mean fp32 {r['fp32_tail_mean']:.4f} vs bf16 {r['bf16_tail_mean']:.4f} "
+                  f"(rel diff {r['tail_rel_diff']:.2%}; largest single-step diff {r['max_step_rel_diff']:.2%})")
+    print(f"bf16 vs fp32 ({res['device']}): {'agree' if res['agree'] else 'DISAGREE'} (rtol {a.rtol}); "
+          f"{out}/precision_compare.png")
+    return 0 if res["agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
