@@ -333,8 +333,8 @@ def build_foundation(name, weights=None, allow_substitute=False, input_size="def
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(1234)
                 net = VisionTransformer(**VIT_SPECS["dinov2_vitl14"])
-                for name, p in net.named_parameters():  # timm-like: N(0, 0.02) weights, zero biases, unit norms
-                    if name.endswith("bias"):
+                for pname, p in net.named_parameters():  # timm-like: N(0, 0.02) weights, zero biases, unit norms
+                    if pname.endswith("bias"):
                         torch.nn.init.zeros_(p)
                     elif p.ndim == 1:
                         torch.nn.init.ones_(p)

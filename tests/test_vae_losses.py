@@ -177,3 +177,16 @@ def test_vit_loads_timm_layout_and_resamples_positions(tmp_path, monkeypatch):
     torch.save(sd, path)
     with pytest.raises(ValueError, match="ls2.gamma"):
         build_foundation("dinov2_vitl14", str(path))
+
+
+def test_random_vitl14_is_a_labelled_dinov2_shaped_substitute():
+    """The benchmarks' VF target: DINOv2 ViT-L/14's shape and input handling, random weights; only with
+    allow_substitute, and named as what it is (a shadowed variable once named it 'norm.bias')."""
+    with pytest.raises(FoundationModelUnavailable, match="allow_substitute"):
+        build_foundation("random_vitl14")
+    fm = build_foundation("random_vitl14", allow_substitute=True)
+    assert (fm.name, fm.feature_dim, fm.input_size) == ("random_vitl14", 1024, 224)
+    assert sum(p.numel() for p in fm.parameters()) > 300e6 and not any(p.requires_grad for p in fm.parameters())
+    with torch.no_grad():
+        feats = fm(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert feats.shape == (1, 1024, 16, 16) and torch.isfinite(feats).all() and feats.std() > 0.1
