@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Prepare what the GPU machine needs beside the working tree (it has torch 2.11 + Triton 3.6, no internet):
-#   .whl/     torchao (FP8 row of the suite) for Python 3.12 / manylinux x86-64
+# Prepare what the GPU machine needs beside the working tree (it has torch 2.11 + Triton 3.6 and most of the
+# scientific stack, Python 3.12, no internet):
+#   .whl/     DeepSpeed 0.19.8 and the pure-Python / manylinux packages it needs that the machine lacks
+#             (hjson, pydantic + pydantic-core, annotated-types, typing-inspection, typing-extensions),
+#             torchao 0.18.0 (FP8 rows)
 #   .parity/  a copy of ../shared/parity (the fp32 GPU parity section reads $VAVAE_PARITY_DIR)
 # Both are git-ignored; carry them with the run. Then, on the machine:
-#   VAVAE_PARITY_DIR=$PWD/.parity OUT=$OUT bash bench/gpu_suite.sh --budget 300
+#   VAVAE_PARITY_DIR=$PWD/.parity OUT=$OUT bash bench/gpu_suite.sh --part A
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.parity/' .git/info/exclude 2>/dev/null || echo '/.parity/' >> .git/info/exclude
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+rm -rf .whl && mkdir -p .whl
+PIP="${PIP:-python3 -m pip}"
+$PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-  -d .whl torchao==0.18.0
+  --platform manylinux2014_x86_64 -d .whl \
+  torchao==0.18.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+  typing-inspection==0.4.5 typing-extensions==4.16.0   # the set that ran the trainer on an H200, 2026-11-26
+$PIP wheel -q --no-deps -w .whl deepspeed==0.19.8
 rm -rf .parity && cp -r ../shared/parity .parity && chmod -R u+w .parity
-du -sh .whl .parity
+ls .whl; du -sh .whl .parity
