@@ -287,42 +287,44 @@ def test_a_new_trainer_in_the_same_process_takes_the_lock_over(tmp_path):
     assert (tmp_path / "run.lock").read_text() == ""
 
 
-def _rank_prepare(rank, root, port, results):
+def _rank_prepare(rank, roots, port, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        CheckpointManager(root).prepare(is_main=rank == 0)
-        results.put((rank, "acquired"))
-    except (RunLockedError, NotWritableError) as e:
-        results.put((rank, f"{type(e).__name__}: {e}"))
+        for root in roots:
+            try:
+                CheckpointManager(root).prepare(is_main=rank == 0)
+                results.put((rank, root, "acquired"))
+            except (RunLockedError, NotWritableError) as e:
+                results.put((rank, root, f"{type(e).__name__}: {e}"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["locked", "unwritable"])
-def test_every_rank_stops_with_the_same_error(tmp_path, case):
+def test_every_rank_stops_with_the_same_error(tmp_path):
+    """2 ranks (gloo): rank 0 finds the folder locked by another run / not writable; both ranks raise the
+    same one-line error (none is left waiting in a collective)."""
     import torch.multiprocessing as mp
-    if case == "locked":
-        root = tmp_path / "ckpt"
-        holder = _hold_lock(root)
-    else:
-        (tmp_path / "file").write_text("")
-        root, holder = tmp_path / "file" / "ckpt", None
+    locked = tmp_path / "ckpt"
+    holder = _hold_lock(locked)
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "file" / "ckpt"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn")  # (not fork: this pytest process may hold a process group of its own)
     results = ctx.Queue()
     try:
-        procs = [ctx.Process(target=_rank_prepare, args=(r, str(root), port, results)) for r in range(2)]
+        procs = [ctx.Process(target=_rank_prepare, args=(r, [str(locked), str(unwritable)], port, results))
+                 for r in range(2)]
         for p in procs:
             p.start()
-        got = dict(results.get(timeout=120) for _ in procs)
+        got = {(r, root): msg for r, root, msg in (results.get(timeout=120) for _ in range(4))}
         for p in procs:
             p.join(60)
     finally:
-        if holder is not None:
-            holder.send_signal(signal.SIGKILL)
-            holder.wait()
-    kind = "RunLockedError" if case == "locked" else "NotWritableError"
-    assert got[0] == got[1] and got[0].startswith(kind) and str(root) in got[0], got
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    for root, kind in ((locked, "RunLockedError"), (unwritable, "NotWritableError")):
+        a, b = got[0, str(root)], got[1, str(root)]
+        assert a == b and a.startswith(kind) and str(root) in a, (a, b)
