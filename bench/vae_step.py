@@ -176,7 +176,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     ap.add_argument("--extract-batch", type=int, default=64, help="source images per extraction batch (0: skip)")
-    ap.add_argument("--budget-s", type=float, default=85.0, help="stop starting new measurements after this")
+    ap.add_argument("--budget-s", type=float, default=75.0,
+                    help="no measurement starts that would end after this many seconds from the start")
     ap.add_argument("--set", action="append", default=[], help="extra trainer config override (e.g. tiny shapes)")
     a = ap.parse_args(argv)
     t_start = time.time()
@@ -237,10 +238,17 @@ def main(argv=None):
         for mode in [m for m in ("fp32", ours) if m in trainers]:
             if a.max_batch <= a.batch:
                 break
-            trainer, best, b = trainers[mode], None, a.batch * 2
+            trainer, best, b = trainers[mode], result["modes"][mode][f"batch_{a.batch}"], a.batch * 2
+            n_big = max(2, a.steps // 2)
             while b <= a.max_batch and not over_budget(f"{mode} batch {b}"):
+                # predicted time of this measurement (1 warm-up + n_big steps, linear in the batch)
+                predicted = best.get("step_ms", 0) / 1000 * b / best["batch"] * (1 + n_big)
+                if time.time() - t_start + predicted > a.budget_s:
+                    result["skipped"].append(f"{mode} batch {b}: would end after the {a.budget_s:.0f}s budget "
+                                             f"(~{predicted:.0f}s)")
+                    break
                 try:
-                    r = time_steps(trainer, b, 1, max(2, a.steps // 2))
+                    r = time_steps(trainer, b, 1, n_big)
                 except RuntimeError as e:
                     if not is_oom(e):
                         raise
@@ -250,7 +258,7 @@ def main(argv=None):
                     break
                 print(f"{mode:16s} batch {b:4d}: {r}", flush=True)
                 best, b = r, b * 2
-            if best is not None:
+            if "img_per_s" in best:
                 result["modes"][mode]["largest"] = best
 
         b8 = {m: result["modes"][m][f"batch_{a.batch}"].get("img_per_s") for m in result["modes"]}

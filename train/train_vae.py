@@ -282,13 +282,13 @@ def deepspeed_config(cfg: VAVAETrainConfig, world_size):
 
 
 class PrecisionProbe:
-    """Refuses to go on when train.precision=bf16 but the decoder's first conv computed in fp32 inside the
-    engine (or the reverse): watches the first forward, then removes itself."""
+    """Refuses to go on when train.precision=bf16 but post_quant_conv (inside the engine's forward, outside the
+    compiled encoder / decoder) computed in fp32 (or the reverse): watches the first forward, then goes."""
 
     def __init__(self, vae, precision):
         self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
         self.seen = None
-        self.handle = vae.decoder.conv_in.register_forward_hook(self._hook)
+        self.handle = vae.post_quant_conv.register_forward_hook(self._hook)
 
     def _hook(self, mod, inputs, output):
         self.seen = output.dtype
@@ -299,7 +299,7 @@ class PrecisionProbe:
         self.handle.remove()
         self.handle = None
         if self.seen != self.expected:
-            raise RuntimeError(f"train.precision asks for {self.expected} convolutions but the decoder computed in "
+            raise RuntimeError(f"train.precision asks for {self.expected} convolutions but the VAE computed in "
                                f"{self.seen} inside the DeepSpeed engine; check the torch_autocast section of "
                                f"the DeepSpeed config and any train.deepspeed overrides")
 
