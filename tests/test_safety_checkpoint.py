@@ -289,7 +289,9 @@ def test_a_new_trainer_in_the_same_process_takes_the_lock_over(tmp_path):
 
 def _rank_prepare(rank, roots, port, results):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from datetime import timedelta
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=300))
     try:
         for root in roots:
             try:
@@ -319,9 +321,9 @@ def test_every_rank_stops_with_the_same_error(tmp_path):
                  for r in range(2)]
         for p in procs:
             p.start()
-        got = {(r, root): msg for r, root, msg in (results.get(timeout=120) for _ in range(4))}
+        got = {(r, root): msg for r, root, msg in (results.get(timeout=600) for _ in range(4))}  # (loaded CI)
         for p in procs:
-            p.join(60)
+            p.join(120)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
