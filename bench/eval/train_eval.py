@@ -129,11 +129,12 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         reference = reference_from_npz(s.ref_batch, features, with_images=s.precision_recall)
     elif isinstance(reference, FIDStatistics):
         reference = {"pool": reference, "spatial": None, "pool_features": None}
-    rank, world = _dist()
     state = {}
 
-    def setup(model):
+    def setup(model):  # on the first call: the process group exists by then (the trainer initialises it)
         from modeling.sampling import Sampler
+        rank, world = _dist()
+        state.update(rank=rank, world=world)
         labels = sample_labels(s.num_samples, model.num_classes, s.seed, class_balanced=True)
         mine = list(range(rank, s.num_samples, world))
         size = model.x_embedder.grid_size * model.x_embedder.patch_size[0]
@@ -150,6 +151,7 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         t0 = time.time()
         if not state:
             setup(model)
+        rank, world = state["rank"], state["world"]
         model = model.to(device).eval()
         sampler = state["make_sampler"](model)
         images, feats = [], []
