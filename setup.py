@@ -46,6 +46,22 @@ setup(
         "data": ["nvidia-dali-cuda130==2.4.0", "pillow>=10", "scikit-image>=0.22"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
+    # vavae-train-dit, vavae-train-vae, vavae-data, vavae-sample, ... = python -m <module> (train/cli.py)
+    entry_points={"console_scripts": [
+        "vavae-train-dit = train.cli:train_dit",
+        "vavae-train-vae = train.cli:train_vae",
+        "vavae-data = train.cli:data",
+        "vavae-sample = train.cli:sample",
+        "vavae-generate = train.cli:generate",
+        "vavae-fid = train.cli:fid",
+        "vavae-tokenizer-metrics = train.cli:tokenizer_metrics",
+        "vavae-parity = train.cli:parity",
+        "vavae-throughput = train.cli:throughput",
+        "vavae-compare = train.cli:compare",
+        "vavae-curves = train.cli:curves",
+        "vavae-ops-bench = train.cli:ops_bench",
+        "vavae-demo = train.cli:demo",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

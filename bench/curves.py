@@ -7,7 +7,6 @@ Reads each run's `metrics.jsonl` (train.logging_utils.MetricsLogger): training l
 `wall_clock_s` and `images_seen`. One figure shows images per second, the metric against wall-clock and
 the metric against images seen, so "as good per image and faster per second" reads at a glance.
 """
-import argparse
 import base64
 import html
 import io
@@ -119,7 +118,9 @@ def _fmt(v):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+
+    p = cli_parser("bench.curves", __doc__)
     p.add_argument("runs", nargs="+", help="training run directories (with metrics.jsonl)")
     p.add_argument("--metric", default="eval/fd", help="the eval metric to plot (as logged: eval/<name>)")
     p.add_argument("--out", default="runs/curves/report.html")

@@ -8,7 +8,6 @@ On the CPU, torchao's FP8 is emulated (`fp8.allow_cpu`): the numerics are FP8's,
 Writes OUT/fp8_compare.json and OUT/fp8_compare.png; exits 1 when the curves disagree: the mean loss
 over the last quarter of the steps differs by more than --rtol (relative).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -58,7 +57,9 @@ def plot(bf16, fp8, path, label):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+
+    ap = cli_parser("bench.fp8_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/dit_tiny_cpu.yaml"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--fp8-backend", choices=["torchao", "te"], default="torchao")

@@ -6,7 +6,6 @@ Without --dir it writes synthetic shards in the reference format (32x16x16 laten
 into a temporary folder. Both readers run on warm page cache (one untimed pass first). Prints one JSON
 line: samples/s of LatentLoader (one process, prefetch thread) and of the reference-style reader.
 """
-import argparse
 import json
 import tempfile
 import time
@@ -50,8 +49,10 @@ def bench_reference(directory, num_reads):
     return len(idx) / (time.perf_counter() - t0)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    from train.config import cli_parser
+
+    p = cli_parser("bench.loader_bench", __doc__)
     p.add_argument("--dir", help="an existing latent folder (reference shard format)")
     p.add_argument("--num-samples", type=int, default=8192)
     p.add_argument("--shard-size", type=int, default=2048)
@@ -59,7 +60,7 @@ def main():
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--reference-reads", type=int, default=2000)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.dir

@@ -6,7 +6,6 @@ For every NAME in DIR/configs.json: build the model from its constructor argumen
 the public loaders, recompute every output stored in DIR/NAME_io.pt that applies, print max abs / rel errors,
 and exit 1 on any mismatch beyond tolerance (or any fixture that could not be checked).
 """
-import argparse
 import inspect
 import json
 import re
@@ -154,7 +153,9 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+
+    ap = cli_parser("bench.parity", __doc__)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--rtol", type=float, default=1e-4)
     ap.add_argument("--atol", type=float, default=1e-5)

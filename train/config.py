@@ -7,6 +7,11 @@ dataclass may define `validate(self)` for value checks (ranges, choices, cross-f
 `require(cond, msg)` inside it. `dump_config` writes the resolved config (the run directory keeps it,
 checkpoints embed it).
 
+The schema documents itself: the comment after a field (`lr: float = 2e-4   # peak learning rate`) is
+its help text. `add_config_args` puts every key with its type, default and comment, and the files in
+configs/ that fit the schema, into the trainer's `--help` (read from the source with ast + tokenize).
+`cli_parser("bench.x")` is the parser of every other `python -m` command (defaults shown).
+
 Supported field types: bool, int, float, str, Optional[X], Literal[...], tuple[X, ...], list[X],
 dict (free-form, e.g. extra DeepSpeed settings) and nested dataclasses.
 """
@@ -163,15 +168,17 @@ def from_dict(cls, data):
     return _build(cls, data or {})
 
 
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg):
     """The config as plain YAML-able Python (tuples become lists)."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+    return _plain(dataclasses.asdict(cfg))
 
 
 # ----------------------------------------------------------------------------- YAML + overrides
@@ -230,13 +237,251 @@ def dump_config(cfg, path=None):
     return text
 
 
-def add_config_args(parser: argparse.ArgumentParser):
-    """--config FILE, --set k=v (repeatable), and bare k=v arguments."""
-    parser.add_argument("--config", help="YAML config file")
+# ----------------------------------------------------------------------------- self-documenting commands
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option shows its default (None, meaning "not set", is left out); descriptions and epilogs keep
+    their line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CliParser(argparse.ArgumentParser):
+    """ArgumentParser with HelpFormatter; an option added without help text still shows its default.
+    Sub-commands (`add_subparsers().add_parser`) are CliParsers too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def format_help(self):
+        for a in self._actions:
+            if a.help is None and a.option_strings and a.default not in (None, argparse.SUPPRESS):
+                a.help = "(default: %(default)s)"
+        return super().format_help()
+
+
+def cli_parser(module, description=None, **kwargs):
+    """The parser of a `python -m MODULE` command: that name as prog, every default shown."""
+    return CliParser(prog=f"python -m {module}", description=description, **kwargs)
+
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def field_comments(cls):
+    """{field name: its source comment} for a dataclass, read from the class source with ast + tokenize.
+
+    The comment of a field is the trailing comment on its statement's lines (continued by comment-only
+    lines aligned with it below), or else the comment-only lines directly above it. Inherited fields keep
+    their base class's comment."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in a REPL / exec: no source, no comments
+            continue
+        comments = {}  # line -> (column where the text starts, text)
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                body = tok.string[1:]
+                comments[tok.start[0]] = (tok.start[1] + 1 + len(body) - len(body.lstrip()), body.strip())
+        lines = src.splitlines()
+        body = ast.parse(src).body[0].body
+        used = set()  # comment lines already given to a field
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            text = [c[1] for c in own]
+            if own:  # comment-only continuation lines, their text aligned with the trailing comment's
+                n, col = node.end_lineno + 1, own[-1][0]
+                while n in comments and comments[n][0] == col and lines[n - 1].lstrip().startswith("#"):
+                    text.append(comments[n][1])
+                    used.add(n)
+                    n += 1
+            else:  # comment lines directly above
+                n = node.lineno - 1
+                while n in comments and n not in used and lines[n - 1].lstrip().startswith("#"):
+                    text.insert(0, comments[n][1])
+                    n -= 1
+            docs[node.target.id] = " ".join(t for t in text if t)
+    return docs
+
+
+def _type_text(tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(_value_text(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return "[" + ", ".join(_type_text(a) for a in args) + "]"
+        return f"[{_type_text(args[0]) if args else 'any'}, ...]"
+    if tp is dict or origin is dict:
+        return "mapping"
+    if tp is typing.Any:
+        return "any"
+    return _type_name(tp)
+
+
+def _value_text(v):
+    if isinstance(v, str):
+        return v if v and v.strip() == v and yaml.safe_load(v) == v else repr(v)
+    if isinstance(v, (list, tuple, dict)) or v is None or isinstance(v, bool):
+        return yaml.safe_dump(_plain(v), default_flow_style=True).strip().removesuffix("...").strip()
+    return str(v)
+
+
+def schema_keys(cls, prefix=""):
+    """[(dotted key, type text, default text, comment)] for every leaf key of a schema, in field order."""
+    hints, docs, rows = typing.get_type_hints(cls), field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += schema_keys(tp, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = _value_text(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _value_text(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, _type_text(tp), default, docs.get(f.name, "")))
+    return rows
+
+
+def _keys_fit(cls, data):
+    """True when every key of the nested mapping `data` names a field of schema `cls` (values unchecked)."""
+    if not isinstance(data, dict):
+        return False
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k, v in data.items():
+        if k not in names:
+            return False
+        if dataclasses.is_dataclass(hints[k]) and not _keys_fit(hints[k], v):
+            return False
+    return True
+
+
+def shipped_configs(cls, configs_dir=None):
+    """[(path, first comment line)] of the YAML files in configs/ whose keys all belong to schema `cls`."""
+    out = []
+    for path in sorted(Path(configs_dir or CONFIGS_DIR).glob("*.y*ml")):
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if hasattr(cls, "upgrade") and isinstance(data, dict):  # older key names, renamed on read
+            try:
+                data = cls.upgrade(data)
+            except Exception:  # noqa: BLE001 (a file the schema cannot read is simply not listed)
+                continue
+        if data and _keys_fit(cls, data):
+            out.append((path, _first_sentence(path.read_text())))
+    return out
+
+
+def _first_sentence(text, limit=150):
+    """The first sentence of a YAML file's leading comment block."""
+    block = []
+    for ln in text.splitlines():
+        if not ln.startswith("#"):
+            break
+        block.append(ln.lstrip("#").strip())
+    words = " ".join(b for b in block if b)
+    end = words.find(". ")
+    first = words if end < 0 else words[:end + 1]
+    if len(first) > limit and ": " in first:
+        first = first[:first.index(": ")]
+    return first if len(first) <= limit else first[:limit - 3].rstrip() + "..."
+
+
+def schema_help(cls, configs_dir=None, width=120):
+    """The --help epilog of a trainer: every config key (type, default, comment) and the shipped configs."""
+    rows = schema_keys(cls)
+    kw = max(len(r[0]) for r in rows)
+    tw = min(max(len(r[1]) for r in rows), 28)
+    lines = ["config keys (in a --config YAML file, or KEY=VALUE / --set KEY=VALUE on the command line):",
+             f"  {'key':<{kw}}  {'type':<{tw}}  default",
+             ]
+    section = None
+    for key, tp, default, doc in rows:
+        sec = key.rsplit(".", 1)[0] if "." in key else ""
+        if sec != section:
+            section = sec
+            lines.append("")
+        head = f"  {key:<{kw}}  {tp:<{tw}}  {default}"
+        if not doc:
+            lines.append(head)
+        elif len(head) + 4 + len(doc) <= width and len(tp) <= tw:
+            lines.append(f"{head}  # {doc}")
+        else:
+            lines += [head, f"  {'':<{kw}}  # {doc}"]
+    configs = shipped_configs(cls, configs_dir)
+    if configs:
+        lines += ["", "configs shipped in configs/ (--config FILE):"]
+        pw = max(len(_display_path(p)) for p, _ in configs)
+        lines += [f"  {_display_path(p):<{pw}}  {first}".rstrip() for p, first in configs]
+    return "\n".join(lines)
+
+
+def _display_path(path):
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _caller_schema(globs):
+    """The top-level schema of the calling module: its one dataclass whose every field is a section."""
+    def is_root(v):
+        if not (isinstance(v, type) and dataclasses.is_dataclass(v)):
+            return False
+        hints = typing.get_type_hints(v)
+        fields = dataclasses.fields(v)
+        return bool(fields) and all(dataclasses.is_dataclass(hints[f.name]) for f in fields)
+    found = {v for v in globs.values() if is_root(v)}
+    return found.pop() if len(found) == 1 else None
+
+
+def add_config_args(parser: argparse.ArgumentParser, schema=None, configs_dir=None):
+    """--config FILE, --set k=v (repeatable), and bare k=v arguments; and a --help that documents them.
+
+    `schema` (the trainer's top-level dataclass; default: the one top-level schema of the calling
+    module) puts every key with its type, default and source comment, and the YAML files of configs/
+    that fit it, into the help. A parser built with the default prog gets `python -m <calling module>`
+    as its name, and every option shows its default."""
+    import os
+    import sys
+
+    caller = sys._getframe(1).f_globals
+    schema = schema or _caller_schema(caller)
+    spec = caller.get("__spec__")
+    if spec is not None and parser.prog == os.path.basename(sys.argv[0]):
+        parser.prog = f"python -m {spec.name}"
+    parser.formatter_class = HelpFormatter
+    if schema is not None and not parser.epilog:
+        parser.epilog = schema_help(schema, configs_dir)
+    parser.add_argument("--config", help="YAML config file (see the list below)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides")
+    parser.add_argument("extra", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides")
     return parser
 
 

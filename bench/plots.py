@@ -1,0 +1,116 @@
+"""Plots written beside the benchmarks' JSON (matplotlib, Agg, PNG).
+
+    plot_throughput(report, "runs/bench/throughput.png")   # bench.throughput's report dict (or its JSON file)
+    plot_ops(results, "runs/bench/ops.png")                 # bench.ops_bench.run()'s dict (or its JSON file)
+
+Each returns the path it wrote. Cases that failed (an "error" entry) are left out of the bars and listed
+under the figure, so a missing bar never reads as a slow one.
+"""
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _load(obj):
+    if isinstance(obj, (str, Path)):
+        return json.loads(Path(obj).read_text())
+    return obj
+
+
+def _save(fig, path, rect=(0, 0, 1, 1)):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(report, path):
+    """bench.throughput report -> PNG: img/s per case (bars grouped by batch size, one colour per backend),
+    with MFU / TFLOP/s written on each bar; the title names the device, the peak and the commit."""
+    import textwrap
+
+    report = _load(report)
+    rows = report.get("results") or []
+    if not rows:
+        raise ValueError("throughput report has no results to plot")
+    errors = [f"{r.get('name', r.get('backend'))}: {r['error']}" for r in rows if "error" in r]
+    results = [dict(r, mode=r.get("mode", report.get("mode", "train"))) for r in rows if "error" not in r]
+    if not results:
+        raise ValueError("throughput report has no successful results to plot: " + "; ".join(errors)[:300])
+    env = report.get("environment", {})
+    groups = sorted({(r["mode"], r["batch_size"], r.get("cfg_scale")) for r in results},
+                    key=lambda g: (g[0], g[1], g[2] or 0))
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) * max(1, len(backends)) ** 0.5 + 2), 4.2))
+    for j, backend in enumerate(backends):
+        xs, ys, notes = [], [], []
+        for i, g in enumerate(groups):
+            r = next((r for r in results if (r["mode"], r["batch_size"], r.get("cfg_scale")) == g
+                      and r["backend"] == backend), None)
+            if r is None:
+                continue
+            xs.append(i + (j - (len(backends) - 1) / 2) * width)
+            ys.append(r["img_per_s"])
+            notes.append(f"{100 * r['mfu']:.0f}% MFU" if r.get("mfu") else f"{r['tflops']:.2g} TFLOP/s")
+        bars = ax.bar(xs, ys, width, label=backend, color=f"C{j}")
+        for b, note in zip(bars, notes):
+            ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    labels = [f"{mode} bs {bs}" + (f"\ncfg {cfg:g}" if mode == "sample" and cfg not in (None, 1.0) else "")
+              for mode, bs, cfg in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    model = ", ".join(sorted({str(r["model"]) for r in results}))
+    commit = f"{env.get('commit', '?')}{' (dirty)' if env.get('dirty') else ''}"
+    ax.set(ylabel="images / s", title=f"LightningDiT {model} on {env.get('device', '?')}\n"
+                                     f"peak: {report.get('peak', '?')}; commit {commit}")
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if errors:
+        shown = [textwrap.shorten(e, 110) for e in errors[:4]] + ([f"... and {len(errors) - 4} more"]
+                                                                  if len(errors) > 4 else [])
+        fig.text(0.01, 0.005, "failed:\n" + "\n".join(shown), fontsize=6, va="bottom")
+        return _save(fig, path, rect=(0, 0.04 + 0.04 * len(shown), 1, 1))
+    return _save(fig, path)
+
+
+def plot_ops(results, path, metric="fwd_bwd_GBps"):
+    """bench.ops_bench results -> PNG: GB/s per op (`metric`: fwd_GBps or fwd_bwd_GBps), one bar per
+    implementation that ran; errors are listed under the plot."""
+    import textwrap
+
+    results = _load(results)
+    ops = [k for k, v in results.items() if k != "attention" and isinstance(v, dict)]
+    errors = [f"{op}/{impl}: {row.get('error', 'no ' + metric)}" for op in ops for impl, row in results[op].items()
+              if "error" in row or metric not in row]
+    impls = list(dict.fromkeys(impl for op in ops for impl, row in results[op].items()
+                               if "error" not in row and metric in row))
+    if not ops or not impls:
+        raise ValueError(f"ops benchmark results have no successful {metric} rows to plot")
+    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(ops) + 2), 4.6))
+    for j, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, op in enumerate(ops):
+            row = results[op].get(impl)
+            if row is not None and "error" not in row and metric in row:
+                xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                ys.append(row[metric])
+        ax.bar(xs, ys, width, label=impl, color=f"C{j}")
+    ax.set_xticks(range(len(ops)), [o.replace("_", "\n") for o in ops], fontsize=7)
+    ax.set(ylabel=metric.replace("_GBps", " GB/s").replace("_", "+"), title=f"memory-bound ops: {metric}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if errors:
+        shown = [textwrap.shorten(e, 110) for e in errors[:4]] + ([f"... and {len(errors) - 4} more"]
+                                                                  if len(errors) > 4 else [])
+        fig.text(0.01, 0.005, "not run:\n" + "\n".join(shown), fontsize=6, va="bottom")
+        return _save(fig, path, rect=(0, 0.04 + 0.03 * len(shown), 1, 1))
+    return _save(fig, path)
