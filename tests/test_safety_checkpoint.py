@@ -73,7 +73,7 @@ from train.checkpoint import CheckpointManager
 mgr = CheckpointManager({root!r})
 mgr.acquire()  # held while mgr lives
 print("locked", flush=True)
-time.sleep(120)
+time.sleep(3600)  # killed by the test
 """
 
 
