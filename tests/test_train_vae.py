@@ -247,3 +247,58 @@ def test_cli_missing_foundation_weights_is_one_line_exit_2(tmp_path, capsys):
                "logging.tensorboard=false", "logging.progress_bar=false"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "/nonexistent/dinov2.pth" in err
+
+
+# ----------------------------------------------------------------------------- image folders (PIL, DALI)
+
+def image_folder(root, n=8, size=40):
+    """An ImageFolder of small JPEGs (crops of a real photo), two classes."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    photo = skimage.data.astronaut()
+    for i in range(n):
+        d = root / f"class_{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        y, x = 20 * i, 15 * i
+        Image.fromarray(np.ascontiguousarray(photo[y:y + size + 8, x:x + size])).save(d / f"img_{i}.jpg", quality=90)
+    return root
+
+
+def folder_cfg(out, root, **overrides):
+    return tiny_cfg(out, **{"data.source": "folder", "data.root": str(root), "data.num_workers": 0,
+                            "train.steps": 2, "checkpoint.every": 2, **overrides})
+
+
+def test_folder_auto_decodes_with_pil_on_the_cpu(tmp_path, caplog):
+    root = image_folder(tmp_path / "images")
+    caplog.set_level("INFO")
+    res = train(folder_cfg(tmp_path / "run", root))
+    assert res["step"] == 2 and res["psnr"] > 0
+    assert "data.backend=auto -> PIL (the reference crop): no GPU" in caplog.text
+
+
+def test_folder_dali_cpu_mode_reads_the_scan(tmp_path):
+    from train.data.dali import dali_available
+    from train.data.files import scan
+    assert dali_available(), "nvidia-dali is part of the CI environment (scripts/setup_venv.sh)"
+    root = image_folder(tmp_path / "images")
+    with pytest.raises(ConfigError, match="files.tsv"):
+        Trainer(folder_cfg(tmp_path / "r0", root, **{"data.backend": "dali", "data.dali_device": "cpu"}))
+    scan(root, tmp_path / "scan", workers=1, progress=False)
+    trainer = Trainer(folder_cfg(tmp_path / "r1", tmp_path / "scan",
+                                 **{"data.backend": "dali", "data.dali_device": "cpu"}))
+    assert trainer.loader.backend == "dali"
+    assert trainer.fit()["step"] == 2
+
+
+def test_corrupt_image_is_a_one_line_error(tmp_path, capsys):
+    root = image_folder(tmp_path / "images")
+    (root / "class_0" / "img_0.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rc = main(["--config", str(REPO / "configs/vavae_tiny_cpu.yaml"), *[f"{k}={v}" for k, v in {
+        "model.ch": 32, "model.ch_mult": "[1,2]", "model.resolution": 32, "foundation.name": "random_tiny",
+        "foundation.input_size": "null", "data.source": "folder", "data.root": root, "data.num_workers": 0,
+        "train.steps": 8, "train.batch_per_gpu": 8, "logging.dir": tmp_path / "run",
+        "logging.progress_bar": "false", "logging.tensorboard": "false"}.items()]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "img_0.jpg" in err and "scan" in err

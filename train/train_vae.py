@@ -39,6 +39,7 @@ from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_conf
                          rng_state, set_rng_state)
 from .config import ConfigError, add_config_args, config_from_args, dump_config, to_dict
 from .errors import add_debug_arg, one_line, user_error_types
+from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
@@ -158,7 +159,8 @@ def preview_images(cfg, loader, n=8):
     if isinstance(loader, SyntheticImages):
         return None
     from .data.images import ImageDataset
-    ds = ImageDataset(loader.files, cfg.model.resolution, view="center", seed=cfg.train.seed)
+    files = loader.files if hasattr(loader, "files") else loader.dataset.files  # DALI / PIL loader
+    ds = ImageDataset(files, cfg.model.resolution, view="center", seed=cfg.train.seed)
     return torch.stack([ds[(i, 0, False)][0] for i in range(min(n, len(ds)))])
 
 
@@ -411,7 +413,12 @@ class Trainer:
         return applied, logs
 
     def next_batch(self):
-        x, _ = next(self.batches)
+        try:
+            x, _ = next(self.batches)
+        except RuntimeError as e:  # an undecodable file (train.data names it): the input is wrong, not the code
+            if "decode" not in str(e):
+                raise
+            raise DataError(f"{one_line(e)} (the last checkpoint in {self.ckpt.root} is intact)") from None
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
