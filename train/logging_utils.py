@@ -1,17 +1,27 @@
-"""Observability: JSON-lines + TensorBoard metrics, a progress bar, NVTX ranges and an nsys capture window.
+"""Observability: JSON-lines + TensorBoard (+ optional Weights & Biases) metrics, a progress bar, NVTX ranges,
+an nsys capture window and torch.profiler traces.
 
-Only rank 0 writes. `nvtx("forward")` marks a range in Nsight Systems timelines (free when CUDA is absent
-or NVTX is switched off). `ProfileWindow` calls cudaProfilerStart/Stop around a step range, for
-`nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`.
+Only rank 0 writes metrics. `nvtx("forward")` marks a range in Nsight Systems timelines (free when CUDA is
+absent or NVTX is switched off). `ProfileWindow` calls cudaProfilerStart/Stop around a step range, for
+`nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`, and with `torch_trace=True` also
+records that window with torch.profiler: a Chrome / Perfetto trace per rank (open in chrome://tracing or
+ui.perfetto.dev), its op table, and on a GPU a CUDA memory snapshot (drag into pytorch.org/memory_viz).
+
+W&B (`wandb=True`) needs `pip install wandb` and no account in offline mode (the default): the run is written
+under DIR/wandb and can be uploaded later with `wandb sync DIR/wandb/offline-run-*`. Asked for but not
+installed: `LoggerUnavailable`, on every rank, before anything is written.
 """
 import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError
 
 log = logging.getLogger("train")
 
@@ -45,11 +55,64 @@ def repair_jsonl(path):
     return len(data) - keep
 
 
+class LoggerUnavailable(ConfigError):
+    """A logger was requested (e.g. logging.wandb=true) whose package is not installed."""
+
+
+def _require_wandb():
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module object without a spec (e.g. a stub) counts as installed
+        found = True
+    if not found:
+        raise LoggerUnavailable("logging.wandb=true needs the wandb package, which is not installed "
+                                "(pip install wandb; offline mode needs no account)")
+    import wandb
+
+    return wandb
+
+
+class WandbLogger:
+    """One W&B run per training run directory: its id is kept in DIR/wandb_run_id so a resumed run continues
+    the same W&B run. Only numbers are logged (as TensorBoard); `step` is the optimizer step."""
+
+    def __init__(self, directory, project="vavae-lightningdit", mode="offline", name=None, config=None):
+        wandb = _require_wandb()
+        directory = Path(directory)
+        id_file = directory / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # [a-z0-9], as W&B's
+        # console="off": W&B would otherwise wrap sys.stdout / sys.stderr (the progress bar, the caller's own
+        # output capture); the trainer's log lines are in its own files
+        self.run = wandb.init(project=project, name=name or directory.name, id=run_id, resume="allow",
+                              dir=str(directory), mode=mode, config=config or {},
+                              settings=wandb.Settings(console="off"))
+        id_file.write_text(run_id)
+        log.info("W&B run %s (%s mode) in %s", run_id, mode, directory / "wandb")
+
+    def log(self, step, metrics):
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers:
+            self.run.log(numbers, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
 class MetricsLogger:
+    """metrics.jsonl (always), TensorBoard, W&B and a progress bar, written by rank 0 (`enabled`).
+
+    wandb: False (off) or True; wandb_project / wandb_mode ("offline" | "online") / wandb_config (the
+    resolved config as a dict, stored with the run) go to `WandbLogger`."""
+
     def __init__(self, directory, enabled=True, tensorboard=True, progress_bar=True, total_steps=None,
-                 initial_step=0):
+                 initial_step=0, wandb=False, wandb_project="vavae-lightningdit", wandb_mode="offline",
+                 wandb_config=None):
         self.enabled = enabled
-        self.tb = self.bar = self.jsonl = None
+        self.tb = self.bar = self.jsonl = self.wandb = None
+        if wandb:
+            _require_wandb()  # every rank refuses, not only the one that writes
         if not enabled:
             return
         directory = Path(directory)
@@ -59,6 +122,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(directory / "tensorboard"))
+        if wandb:
+            self.wandb = WandbLogger(directory, wandb_project, wandb_mode, config=wandb_config)
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
@@ -72,6 +137,8 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, metrics)
         if self.bar is not None and "img_per_s" in metrics:
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                  img_s=f"{metrics['img_per_s']:.1f}", refresh=False)
@@ -85,6 +152,9 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()
 
@@ -102,25 +172,88 @@ def nvtx(name):
 
 
 class ProfileWindow:
-    """cudaProfilerStart before step `start`, cudaProfilerStop after `num_steps` steps (CUDA only)."""
+    """cudaProfilerStart before step `start`, cudaProfilerStop after `num_steps` steps (CUDA only), for nsys.
 
-    def __init__(self, start=-1, num_steps=10):
+    torch_trace=True also records the window with torch.profiler (CPU ops, and CUDA kernels on a GPU) and
+    writes, per rank, TRACE_DIR/trace_rank{R}.json (Chrome / Perfetto trace), TRACE_DIR/ops_rank{R}.txt
+    (op table by total time) and on a GPU TRACE_DIR/memory_snapshot_rank{R}.pickle (allocator history of
+    the window: pytorch.org/memory_viz). `close()` finishes a window that the run ended inside."""
+
+    def __init__(self, start=-1, num_steps=10, torch_trace=False, trace_dir="traces", rank=None):
         self.start, self.stop = start, start + num_steps
         self.active = False
+        self.torch_trace, self.trace_dir = torch_trace, Path(trace_dir)
+        self.rank = rank
+        self._prof = None
+        self._memory = False
+        self.written = []
+
+    def _rank(self):
+        if self.rank is not None:
+            return self.rank
+        import torch.distributed as dist
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def before_step(self, step):
-        if step == self.start and torch.cuda.is_available():
+        if step != self.start:
+            return
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStart()
             self.active = True
             log.info("profiler window opened at step %d", step)
+        if self.torch_trace:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            if torch.cuda.is_available():
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
+                self._memory = True
+            self._prof = profile(activities=activities, record_shapes=True, profile_memory=True)
+            self._prof.__enter__()
+            log.info("torch.profiler trace opened at step %d (%s)", step, ", ".join(a.name for a in activities))
 
     def after_step(self, step):
-        if self.active and step + 1 >= self.stop:
+        if step + 1 < self.stop:
+            return
+        if self.active:
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStop()
             self.active = False
             log.info("profiler window closed after step %d", step)
+        self._finish_trace(step)
+
+    def close(self):
+        """End a window the run did not reach the end of (its traces are still written)."""
+        if self.active:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            self.active = False
+        self._finish_trace(None)
+
+    def _finish_trace(self, step):
+        if self._prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        rank = self._rank()
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.trace_dir / f"trace_rank{rank}.json"
+        prof.export_chrome_trace(str(trace))
+        table = self.trace_dir / f"ops_rank{rank}.txt"
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table.write_text(prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
+        self.written = [trace, table]
+        if self._memory:
+            snap = self.trace_dir / f"memory_snapshot_rank{rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(snap))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self._memory = False
+            self.written.append(snap)
+        log.info("torch.profiler window %s: wrote %s", f"ended after step {step}" if step is not None else "closed",
+                 ", ".join(str(p) for p in self.written))
 
 
 def peak_memory(device):
