@@ -30,6 +30,7 @@ def _rel(a, b):
 def fixture_rows(parity_dir, precisions=FAST_PRECISIONS, device="cpu", compile="none", cudagraphs="off"):
     """Per fixture: fp32 max abs error vs the fixture's sample_out, and each precision's per-sample rel. error."""
     from modeling import LightningDiT
+    from modeling.safe_load import safe_torch_load
     from modeling.sampling import Sampler
     parity_dir = Path(parity_dir)
     configs = json.loads((parity_dir / "configs.json").read_text())
@@ -38,7 +39,7 @@ def fixture_rows(parity_dir, precisions=FAST_PRECISIONS, device="cpu", compile="
         if cfg.get("kind") != "lightningdit":
             continue
         model = LightningDiT.from_pretrained(parity_dir / f"{name}.pt").to(device)
-        io = torch.load(parity_dir / f"{name}_io.pt", weights_only=False)  # fixture data (see its README)
+        io = safe_torch_load(parity_dir / f"{name}_io.pt", "parity fixture")  # weights_only=True (see its README)
         kw = dict(steps=int(io["sample_steps"]), shift=float(io["sample_shift"]),
                   cfg_scale=float(io["sample_cfg_scale"]), cfg_interval_start=float(io["sample_cfg_interval_start"]),
                   guidance="reference", device=device)

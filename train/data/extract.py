@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling.safe_load import safe_torch_load
+
 from . import DataError
 from .files import FileList
 from .latents import LatentStore, compute_stats, safetensors_header, save_stats, shard_name, STATS_FILE
@@ -210,7 +212,7 @@ def finalize_stats(out_dir, num_files, world_size, shard_size, recompute=True):
         stats = compute_stats(LatentStore.open(out_dir))
         save_stats(stats, path)
         log.info("latent stats (%s): mean %s, std %s", path, _fmt(stats["mean"]), _fmt(stats["std"]))
-    return torch.load(path, weights_only=True)
+    return safe_torch_load(path, "latent stats")
 
 
 def _fmt(t):
