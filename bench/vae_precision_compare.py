@@ -10,7 +10,6 @@ Compared: `rec` (per-pixel L1 + LPIPS, the reconstruction objective) and `vf` (t
 mean of each over the last quarter of the steps. Writes OUT/precision_compare.json and .png; exits 1 when the
 tail means differ by more than --rtol (relative).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -66,10 +65,10 @@ def plot(a, b, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.vae_precision_compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+    ap = cli_parser("bench.vae_precision_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/vavae_tiny_cpu.yaml"), help="VA-VAE trainer config")
-    ap.add_argument("--steps", type=int, default=200, help="steps of each run (default 200)")
+    ap.add_argument("--steps", type=int, default=200, help="steps of each run")
     ap.add_argument("--rtol", type=float, default=0.05, help="allowed relative difference of the tail means")
     ap.add_argument("--out", default="runs/vae_precision_compare", help="output folder")
     ap.add_argument("--set", action="append", default=[], help="config override for both runs (repeatable)")

@@ -22,7 +22,6 @@ timed in fp32 and in bf16 autocast; its img/s counts source images (two latents 
 JSON: device, torch, commit, every mode's img/s / step ms / peak memory per batch, the speedups, extraction
 img/s, and anything skipped (the --budget-s wall-clock budget, an out-of-memory batch).
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -167,8 +166,8 @@ def time_extraction(trainer, batch, bf16, steps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.vae_step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from train.config import cli_parser
+    ap = cli_parser("bench.vae_step", __doc__)
     ap.add_argument("--out", default="runs/vae_step.json", help="JSON result file")
     ap.add_argument("--modes", default="fp32,bf16,bf16_cl", help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--batch", type=int, default=8, help="the per-GPU batch every mode is timed at")
