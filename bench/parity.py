@@ -6,6 +6,7 @@ For every NAME in DIR/configs.json: build the model from its constructor argumen
 the public loaders, recompute every output stored in DIR/NAME_io.pt that applies, print max abs / rel errors,
 and exit 1 on any mismatch beyond tolerance (or any fixture that could not be checked).
 """
+import dataclasses
 import inspect
 import json
 import re
@@ -17,7 +18,7 @@ import torch
 import kernels
 from modeling.checkpoint import load_dit_checkpoint, load_vavae_checkpoint
 from modeling.flow import flow_loss
-from modeling.lightningdit import LightningDiT
+from modeling.lightningdit import LightningDiT, LightningDiTConfig
 from modeling.safe_load import safe_torch_load
 from modeling.sampling import sample, time_grid
 from modeling.vavae import AutoencoderKL, VAVAEModelConfig
@@ -25,7 +26,11 @@ from modeling.vf_loss import vf_loss
 
 
 def _ctor_args(cls, cfg):
-    params = inspect.signature(cls.__init__).parameters
+    """The entries of a fixture's configs.json that the model takes (the fixtures also name e.g. 'kind')."""
+    if cls is LightningDiT:
+        params = {f.name for f in dataclasses.fields(LightningDiTConfig)}
+    else:
+        params = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in cfg.items() if k in params}
 
 

@@ -4,6 +4,7 @@ Module and parameter names follow the authors' code, so released checkpoints loa
 Every memory-bound op goes through `kernels.ops`; which backend runs (reference PyTorch, Triton,
 CUDA extension) is chosen there, not here.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -248,37 +249,93 @@ class FinalLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+@dataclasses.dataclass
+class LightningDiTConfig:
+    """Every architecture setting of LightningDiT, written once: the constructor, `model.config`, the DiT
+    trainer's `model:` section (train/dit_config.py extends it with a size preset) and config.json of our saved
+    folders all use this. Defaults are the reference constructor's; `from_size("XL/1", ...)` applies a preset."""
+    input_size: int = 32                # latent side in tokens x patch (256 px through an f16 tokenizer: 16)
+    patch_size: int = 2
+    in_channels: int = 32               # latent channels
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0              # MLP width / hidden (SwiGLU uses 2/3 of it, as the reference)
+    class_dropout_prob: float = 0.1     # label dropout in training; > 0 adds the null-class embedding row
+    num_classes: int = 1000
+    learn_sigma: bool = False           # doubles the output channels (only the first half is returned)
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False              # adaLN without shift (4 instead of 6 modulation vectors)
+    use_checkpoint: bool = False        # activation checkpointing per block in training (memory, not architecture)
+
+    @classmethod
+    def from_size(cls, size: str, **overrides):
+        """`from_size("XL/1", input_size=16)`; also accepts the reference's names ("LightningDiT-XL/1")."""
+        key = size.removeprefix("LightningDiT-")
+        if key not in LIGHTNINGDIT_SIZES:
+            raise ValueError(f"unknown LightningDiT size {size!r}; known: {sorted(LIGHTNINGDIT_SIZES)}")
+        return cls(**{**LIGHTNINGDIT_SIZES[key], **overrides})
+
+    def validate(self):
+        """ValueError naming the first bad setting."""
+        if min(self.input_size, self.patch_size, self.in_channels, self.hidden_size, self.depth, self.num_heads,
+               self.num_classes) <= 0:
+            raise ValueError("input_size, patch_size, in_channels, hidden_size, depth, num_heads and num_classes "
+                             "must be > 0")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.use_rope and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"2D RoPE needs a head_dim divisible by 4 (two axes of channel pairs); "
+                             f"hidden_size / num_heads = {self.hidden_size // self.num_heads}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob {self.class_dropout_prob} must be in [0, 1)")
+
+    def to_dict(self):
+        """The constructor arguments (what config.json stores)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LightningDiTConfig)}
+
+
 class LightningDiT(nn.Module, HubMixin):
-    def __init__(self, input_size=32, patch_size=2, in_channels=32, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False, use_qknorm=False,
-                 use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, use_checkpoint=False):
+    """`LightningDiT(LightningDiTConfig(...))`; keyword arguments (the config's fields, e.g.
+    `LightningDiT(**LIGHTNINGDIT_SIZES["XL/1"], input_size=16)`) are a shorthand for the same dataclass.
+    `model.config` is the dataclass."""
+
+    def __init__(self, config: LightningDiTConfig = None, /, **kwargs):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
-        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
-                           use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rope=use_rope,
-                           use_rmsnorm=use_rmsnorm, wo_shift=wo_shift)
+        if config is None:
+            config = LightningDiTConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a LightningDiTConfig or keyword arguments, not both")
+        elif not isinstance(config, LightningDiTConfig):
+            raise TypeError(f"config must be a LightningDiTConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = c = config
+        input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
+        num_heads, num_classes, mlp_ratio = c.num_heads, c.num_classes, c.mlp_ratio
         self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if c.learn_sigma else in_channels
+        self.learn_sigma = c.learn_sigma
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
+        self.use_checkpoint = c.use_checkpoint
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, c.class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.feat_rope = (VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, input_size // patch_size)
-                          if use_rope else None)
+                          if c.use_rope else None)
         self.blocks = nn.ModuleList([
-            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
-            for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, c.use_qknorm, c.use_swiglu, c.use_rmsnorm, c.wo_shift)
+            for _ in range(c.depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, c.use_rmsnorm)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -353,14 +410,14 @@ class LightningDiT(nn.Module, HubMixin):
     def flops_per_sample(self, train=True):
         """Matmul + attention FLOPs for one sample (2 per multiply-add); training = 3x forward."""
         cfg = self.config
-        d, L = cfg["hidden_size"], cfg["depth"]
+        d, L = cfg.hidden_size, cfg.depth
         n = self.x_embedder.num_patches
-        mlp_hidden = int(d * cfg["mlp_ratio"])
-        mlp = 3 * d * int(2 / 3 * mlp_hidden) if cfg["use_swiglu"] else 2 * d * mlp_hidden
+        mlp_hidden = int(d * cfg.mlp_ratio)
+        mlp = 3 * d * int(2 / 3 * mlp_hidden) if cfg.use_swiglu else 2 * d * mlp_hidden
         per_token = L * (4 * d * d + mlp)  # qkv + proj + MLP
         per_token += self.patch_size ** 2 * (self.in_channels + self.out_channels) * d  # patch embed + final linear
         attn = L * 2 * n * n * d  # QK^T and AV
-        cond = L * d * d * (4 if cfg["wo_shift"] else 6) + 2 * d * d + 256 * d + d * d  # adaLN + embedders
+        cond = L * d * d * (4 if cfg.wo_shift else 6) + 2 * d * d + 256 * d + d * d  # adaLN + embedders
         fwd = 2 * (per_token * n + attn + cond)
         return 3 * fwd if train else fwd
 
@@ -383,7 +440,4 @@ LIGHTNINGDIT_SIZES = {
 def build_lightningdit(size: str, **kwargs) -> LightningDiT:
     """`build_lightningdit("XL/1", input_size=16, in_channels=32, num_classes=1000)`; also accepts
     the reference's names ("LightningDiT-XL/1")."""
-    key = size.removeprefix("LightningDiT-")
-    if key not in LIGHTNINGDIT_SIZES:
-        raise ValueError(f"unknown LightningDiT size {size!r}; known: {sorted(LIGHTNINGDIT_SIZES)}")
-    return LightningDiT(**{**LIGHTNINGDIT_SIZES[key], **kwargs})
+    return LightningDiT(LightningDiTConfig.from_size(size, **kwargs))

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointMismatchError
 from .hub import STATS_NAME, model_folder, stored_metadata
 from .hub import load_latent_stats as _read_stats
-from .lightningdit import LightningDiT, build_lightningdit
+from .lightningdit import LightningDiT, LightningDiTConfig
 from .safe_load import CheckpointLoadError
 from .sampling import Sampler, decode_images
 from .vavae import AutoencoderKL
@@ -29,9 +29,10 @@ def load_dit(path, size=None, input_size=16, in_channels=32, num_classes=1000, w
     given `size` is checked against them)."""
     model = LightningDiT.from_pretrained(path, weights=weights, **flags)
     if size is not None and Path(str(path)).is_file():
-        want = build_lightningdit(size, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                  **flags).config
-        diff = {k: (want[k], model.config[k]) for k in want if want[k] != model.config[k]}
+        want = LightningDiTConfig.from_size(size, input_size=input_size, in_channels=in_channels,
+                                            num_classes=num_classes, **flags).to_dict()
+        got = model.config.to_dict()
+        diff = {k: (want[k], got[k]) for k in want if want[k] != got[k] and k != "use_checkpoint"}
         if diff:
             raise CheckpointMismatchError(f"{path} is not a {size} model with input_size {input_size}, "
                                           f"{in_channels} channels, {num_classes} classes: (asked, file) {diff}")
@@ -74,7 +75,7 @@ def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, c
         raise ValueError(f"steps={steps}: the time grid needs at least 2 points (steps - 1 model calls)")
     dit, vae = dit.to(device).eval(), vae.to(device).eval()
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
-    c, s = dit.in_channels, dit.config["input_size"]
+    c, s = dit.in_channels, dit.config.input_size
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
     sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,

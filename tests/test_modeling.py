@@ -37,7 +37,7 @@ def test_param_counts_every_size(size):
 
 def test_reference_names_accepted_and_unknown_refused():
     with torch.device("meta"):
-        assert build_lightningdit("LightningDiT-B/2", input_size=16).config["hidden_size"] == 768
+        assert build_lightningdit("LightningDiT-B/2", input_size=16).config.hidden_size == 768
     with pytest.raises(ValueError, match="unknown LightningDiT size"):
         build_lightningdit("XXL/1")
 

@@ -63,7 +63,7 @@ def test_fp8_torchao_trains_and_export_loads(tmp_path):
                    "train.steps=3", "train.zero_stage=2")
     trainer = Trainer(cfg).fit()
     assert trainer.step == 3 and trainer.skipped_steps == 0 and "torchao" in trainer.fp8_desc
-    model = LightningDiT(**cfg.model.kwargs())
+    model = LightningDiT(cfg.model.architecture())
     load_dit_checkpoint(str(tmp_path / "final_reference.pt"), model, weights="ema")
     ema = trainer.ema.state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())

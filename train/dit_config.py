@@ -3,53 +3,46 @@ for how files and `--set section.key=value` overrides are read and validated."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from modeling.lightningdit import LIGHTNINGDIT_SIZES
+from modeling.lightningdit import LIGHTNINGDIT_SIZES, LightningDiTConfig
 
-from .config import require
+from .config import ConfigError, require
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(LightningDiTConfig):
+    """The `model:` section: LightningDiTConfig (modeling/lightningdit.py documents every field) with a size
+    preset and the trainer's defaults (XL/1 on 16x16 latents). With a size, hidden_size/depth/num_heads/
+    patch_size come from LIGHTNINGDIT_SIZES (set them only with size: custom)."""
     size: str = "XL/1"                  # a LIGHTNINGDIT_SIZES key, or "custom" (then hidden_size/depth/...)
     input_size: int = 16                # latent side (256 px / f16)
-    in_channels: int = 32
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    use_qknorm: bool = False
-    use_swiglu: bool = True
-    use_rope: bool = True
-    use_rmsnorm: bool = True
-    wo_shift: bool = False
-    use_checkpoint: bool = False        # activation checkpointing per block
     hidden_size: Optional[int] = None   # only with size: custom
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
 
     def validate(self):
-        custom = (self.hidden_size, self.depth, self.num_heads, self.patch_size)
+        shape = ("hidden_size", "depth", "num_heads", "patch_size")
         if self.size == "custom":
-            require(all(v is not None for v in custom),
+            require(all(getattr(self, k) is not None for k in shape),
                     "size: custom needs hidden_size, depth, num_heads and patch_size")
-            require(self.hidden_size % self.num_heads == 0, "hidden_size must be divisible by num_heads")
         else:
             require(self.size in LIGHTNINGDIT_SIZES,
                     f"size {self.size!r} is unknown; choose one of {sorted(LIGHTNINGDIT_SIZES)} or 'custom'")
-            require(all(v is None for v in custom), "hidden_size/depth/num_heads/patch_size need size: custom")
-        require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob must be in [0, 1)")
-        require(self.input_size > 0 and self.in_channels > 0 and self.num_classes > 0, "sizes must be positive")
+            preset = LIGHTNINGDIT_SIZES[self.size]
+            given = {k: getattr(self, k) for k in shape if getattr(self, k) is not None}
+            require(all(v == preset[k] for k, v in given.items()),
+                    f"{sorted(given)} need size: custom (size {self.size} sets {preset})")
+            for k in shape:  # resolve the preset: the section is then a complete LightningDiTConfig
+                setattr(self, k, preset[k])
+        try:
+            LightningDiTConfig.validate(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
-    def kwargs(self):
-        kw = dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                  class_dropout_prob=self.class_dropout_prob, use_qknorm=self.use_qknorm,
-                  use_swiglu=self.use_swiglu, use_rope=self.use_rope, use_rmsnorm=self.use_rmsnorm,
-                  wo_shift=self.wo_shift, use_checkpoint=self.use_checkpoint)
-        if self.size == "custom":
-            kw.update(hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
-                      patch_size=self.patch_size)
-        else:
-            kw.update(LIGHTNINGDIT_SIZES[self.size])
-        return kw
+    def architecture(self):
+        """The plain LightningDiTConfig this section describes (what the model and its saved config hold)."""
+        self.validate()
+        return LightningDiTConfig(**self.to_dict())
 
 
 @dataclass

@@ -147,7 +147,7 @@ class PrecisionProbe:
 
 def build_model(cfg, device):
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    return LightningDiT(**cfg.model.kwargs()).to(device)
+    return LightningDiT(cfg.model.architecture()).to(device)
 
 
 def peak_memory(device):
@@ -375,7 +375,7 @@ class Trainer:
         return paused
 
     def evaluate(self, metrics, start_time):
-        model = LightningDiT(**self.cfg.model.kwargs()).to(self.device)
+        model = LightningDiT(self.cfg.model.architecture()).to(self.device)
         model.load_state_dict(self.ema.full_state_dict(model), strict=False)
         model.eval()
         with torch.no_grad():
@@ -441,9 +441,9 @@ class Trainer:
         out = Path(self.cfg.logging.dir)
         ema_state = self.ema.full_state_dict(self.engine.module)
         atomic_torch_save(to_reference_dit_format(model_state, ema_state), out / "final_reference.pt")
-        model = LightningDiT(**self.cfg.model.kwargs())
+        model = LightningDiT(self.cfg.model.architecture())
         model.load_state_dict({k: v for k, v in ema_state.items() if k in model.state_dict()})
-        save_pretrained(model, self.cfg.model.kwargs(), out / "pretrained_ema")
+        save_pretrained(model, model.config.to_dict(), out / "pretrained_ema")
         log.info("exported %s and %s", out / "final_reference.pt", out / "pretrained_ema")
 
 
