@@ -173,7 +173,8 @@ def trainer_cli(smoke, batch=256, steps=20):
     cmd = [sys.executable, "-m", "train.train_dit", "--config", config, "data.source=synthetic",
            f"train.global_batch={batch}", f"train.batch_per_gpu={batch}", f"train.steps={steps}",
            f"logging.every={steps // 2}", f"logging.dir={run}", f"checkpoint.dir={run}/ckpt",
-           "checkpoint.export_reference=false", "logging.progress_bar=false", *(SMOKE_OVERRIDES if smoke else [])]
+           "checkpoint.export_reference=false", "logging.progress_bar=false", "eval.every=0",
+           *(SMOKE_OVERRIDES if smoke else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     t = time.time()

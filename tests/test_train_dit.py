@@ -49,7 +49,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint(tmp_path, zero_s
     trainer.loader = PoisonOddBatches(trainer.loader)
     with pytest.raises(NonFiniteError, match="3 non-finite steps in a row at step 3; checkpoint saved"):
         trainer.fit()
-    assert trainer.skipped_steps == 3
+    assert trainer.guard.skipped_steps == 3
     from train.train_dit import full_state_dict
     after = full_state_dict(trainer.engine.module)
     for k, v in params0.items():  # neither the weights nor the EMA moved
@@ -62,7 +62,7 @@ def test_fp8_torchao_trains_and_export_loads(tmp_path):
     cfg = tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=torchao", "fp8.allow_cpu=true",
                    "train.steps=3", "train.zero_stage=2")
     trainer = Trainer(cfg).fit()
-    assert trainer.step == 3 and trainer.skipped_steps == 0 and "torchao" in trainer.fp8_desc
+    assert trainer.step == 3 and trainer.guard.skipped_steps == 0 and "torchao" in trainer.fp8_desc
     model = LightningDiT(cfg.model.architecture())
     load_dit_checkpoint(str(tmp_path / "final_reference.pt"), model, weights="ema")
     ema = trainer.ema.state_dict()
@@ -96,3 +96,33 @@ def test_compiled_blocks_and_kernel_backend_from_config(tmp_path):
         with pytest.raises(kernels.BackendUnavailable):
             Trainer(tiny_cfg(tmp_path / "c", "train.steps=1", "train.kernels=triton")).fit()
         kernels.set_backend("auto")
+
+
+def test_eval_keys_wired_from_the_cli(tmp_path, parity_dir):
+    """`eval.every` from the command line: the trainer's CLI builds the FID hook (bench/eval/train_eval.py) from the
+    eval.* keys and logs eval/fid with images seen and training wall-clock (what bench.curves plots)."""
+    import json
+
+    import numpy as np
+
+    from modeling.convert import main as convert_main
+    from train.train_dit import main
+    convert_main([str(parity_dir / "vavae_a.pt"), str(tmp_path / "vae")])  # f16d32 layout, 32 latent channels
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8))
+    rc = main(["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), f"checkpoint.dir={tmp_path}/ckpt",
+               f"logging.dir={tmp_path}/run", "logging.progress_bar=false", "logging.tensorboard=false",
+               "train.steps=2", "train.zero_stage=0", "eval.every=2", "eval.num_samples=4", "eval.batch_size=4",
+               "eval.steps=3", "eval.precision=fp32", f"eval.vae={tmp_path}/vae", f"eval.ref_batch={ref}",
+               "eval.precision_recall=false", "eval.grid=0", "checkpoint.export_reference=false"])
+    assert rc == 0
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ev = [l for l in lines if "eval/fid" in l]
+    assert len(ev) == 1 and ev[0]["step"] == 2 and np.isfinite(ev[0]["eval/fid"])
+    assert ev[0]["images_seen"] == 2 * 16 and ev[0]["wall_clock_s"] > 0
+
+
+def test_eval_needs_a_reference_batch():
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="ref_batch"):
+        load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", ["eval.every=5"])

@@ -3,6 +3,7 @@ for how files and `--set section.key=value` overrides are read and validated."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from bench.eval.train_eval import EvalSettings
 from modeling.lightningdit import LIGHTNINGDIT_SIZES, LightningDiTConfig
 
 from .config import ConfigError, require
@@ -134,8 +135,15 @@ class LoggingConfig:
 
 
 @dataclass
-class EvalConfig:
-    every: int = 0                      # steps between eval_fn calls (0 = never)
+class EvalConfig(EvalSettings):
+    """The `eval:` section: FID (and precision/recall) of fixed-seed, class-balanced EMA samples every
+    `eval.every` steps, against an ADM reference batch; bench/eval/train_eval.py documents every field."""
+
+    def validate(self):
+        try:
+            EvalSettings.validate(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -29,27 +29,32 @@ def poison(loss):
 def engine_step(engine, grad_clip=0.0):
     """DeepSpeed optimizer step that is skipped when the global gradient norm is not finite.
 
-    Returns (applied, grad_norm). Without ZeRO, DeepSpeed applies any gradient: the (already all-reduced)
-    gradients are checked and clipped here (`torch.nn.utils.clip_grad_norm_` arithmetic); the DeepSpeed
-    config's `gradient_clipping` must then be 0. ZeRO 1-3 skip the update themselves on a non-finite norm
-    and clip with the config's `gradient_clipping`."""
+    Returns (applied, grad_norm), grad_norm a 0-dim fp32 tensor on the parameters' device: read it on the
+    host only when logging (float() waits for the step to finish). Without ZeRO, DeepSpeed applies any
+    gradient: the (already all-reduced) gradients are checked and clipped here (`clip_grad_norm_`
+    arithmetic, with foreach kernels); the DeepSpeed config's `gradient_clipping` must then be 0. ZeRO 1-3
+    skip the update themselves on a non-finite norm and clip with the config's `gradient_clipping`. The one
+    host synchronisation is the finite check (ours without ZeRO, DeepSpeed's with it)."""
+    device = next(engine.module.parameters()).device
     if engine.zero_optimization_stage() == 0:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        if not params:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not grads:
             engine.step()
-            return True, 0.0
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            return True, torch.zeros((), device=device)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         applied = bool(torch.isfinite(grad_norm))
-        for p in params:
-            if not applied:
+        if not applied:
+            for p in engine.module.parameters():
                 p.grad = None  # Adam(W) leaves a parameter without a gradient (and its state) untouched
-            elif grad_clip > 0:
-                p.grad.mul_(torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))
+        elif grad_clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))
         engine.step()
-        return applied, float(grad_norm)
+        return applied, grad_norm
     engine.step()
     norm = engine.get_global_grad_norm()
-    return bool(engine.was_step_applied()), float("nan") if norm is None else float(norm)
+    norm = (torch.full((), float("nan"), device=device) if norm is None
+            else torch.as_tensor(norm, dtype=torch.float32, device=device).reshape(()))
+    return bool(engine.was_step_applied()), norm
 
 
 class NonFiniteGuard:

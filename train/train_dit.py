@@ -13,6 +13,7 @@ update) and counted; `train.max_bad_steps` in a row save a checkpoint and stop t
 import argparse
 import copy
 import logging
+import os
 import random
 import sys
 import time
@@ -28,18 +29,17 @@ from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
 
 from . import fp8 as fp8_lib
-from .checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
+from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
+                         disk_full_errors, load_state, rng_state, set_rng_state)
 from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .dit_config import DiTTrainConfig
 from .ema import EMA, _gathered
+from .errors import add_debug_arg, one_line, user_error_types
+from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, set_nvtx
 
 log = logging.getLogger("train")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; the run was checkpointed before stopping."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,7 +77,8 @@ def build_loader(cfg, rank, world_size):
                                   cfg.train.seed, rank, world_size)
         return loader, loader.stats
     from .data.latents import LatentLoader, LatentStore
-    store = LatentStore.open(d.path)
+    store = LatentStore.open(d.path, latent_shape=(m.in_channels, m.input_size, m.input_size),
+                             num_classes=m.num_classes)
     loader = LatentLoader(store, cfg.train.batch_per_gpu, seed=cfg.train.seed, rank=rank, world_size=world_size,
                           flip_prob=d.flip_prob)
     return loader, store.stats
@@ -176,6 +177,9 @@ class Trainer:
         self.cfg, self.eval_fn = cfg, eval_fn
         self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.device = self.info.device
+        # before anything big is built: the folders are writable and no other run uses this checkpoint folder
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+        self.ckpt.prepare(self.info.is_main, writable=[cfg.logging.dir])
         set_nvtx(cfg.profile.nvtx)
         random.seed(cfg.train.seed + self.info.rank)
         np.random.seed(cfg.train.seed + self.info.rank)
@@ -208,8 +212,8 @@ class Trainer:
 
         self._probe = PrecisionProbe(self.engine.module, cfg.train.precision)
 
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
-        self.step, self.skipped_steps, self.bad_streak, self._window_start = 0, 0, 0, 0
+        self.step, self._window_start = 0, 0
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
         self._prefetched = None  # (next micro-batch on the device, loader state before it)
         if cfg.checkpoint.resume == "auto":
             self.resume()
@@ -234,8 +238,7 @@ class Trainer:
             self._probe.check()  # first micro-step only: the engine's forward really ran in bf16
             loss = out["loss"]
             # A non-finite loss poisons every gradient, so the step is skipped below without a host sync here.
-            poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))  # x1.0 is bit-exact
-            loss = loss * poison
+            loss = poison(loss)
             sums += torch.stack([loss.detach(), out["mse"].detach().mean(), out["cos"].detach().mean()])
             with nvtx("backward"):
                 engine.backward(loss)
@@ -276,26 +279,10 @@ class Trainer:
     # ------------------------------------------------------------------ optimizer
 
     def optimizer_step(self):
-        engine = self.engine
         lr = self.cfg.optim.lr * min(1.0, (self.step + 1) / max(1, self.cfg.optim.warmup_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if engine.zero_optimization_stage() == 0:
-            # Without ZeRO, DeepSpeed applies any gradient; check the (already all-reduced) norm ourselves.
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
-            applied = bool(torch.isfinite(grad_norm))
-            clip = self.cfg.optim.grad_clip
-            if not applied:
-                for p in engine.module.parameters():
-                    p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
-            elif clip > 0:
-                torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
-            engine.step()
-            return applied, grad_norm
-        engine.step()  # ZeRO 1-3 skip the update themselves when the global gradient norm is not finite
-        norm = engine.get_global_grad_norm()
-        return engine.was_step_applied(), norm
+        return engine_step(self.engine, self.cfg.optim.grad_clip)
 
     # ------------------------------------------------------------------ loop
 
@@ -318,7 +305,7 @@ class Trainer:
                  kernels.describe(), self.flops_per_image / 1e9)
         window_sums, window_steps, t0, start_time = torch.zeros(3, device=self.device), 0, time.time(), time.time()
         self._paused = 0.0  # seconds spent in evaluation and checkpointing: not training time
-        last_norm = None  # a device tensor (or DeepSpeed's float); read on the host only when logged
+        last_norm = None  # a device tensor, read on the host only when logged
         try:
             while self.step < cfg.train.steps:
                 profile.before_step(self.step)
@@ -326,21 +313,10 @@ class Trainer:
                 profile.after_step(self.step)
                 self.step += 1
                 if applied:
-                    self.bad_streak = 0
                     window_sums += sums
                     window_steps += 1
                     last_norm = grad_norm
-                else:
-                    self.skipped_steps += 1
-                    self.bad_streak += 1
-                    log.warning("step %d skipped: non-finite loss or gradient norm (%d in a row, %d in total)",
-                                self.step, self.bad_streak, self.skipped_steps)
-                    if self.bad_streak >= cfg.train.max_bad_steps:
-                        self.save()
-                        raise NonFiniteError(
-                            f"{self.bad_streak} non-finite steps in a row at step {self.step}; checkpoint saved in "
-                            f"{self.ckpt.step_dir(self.step)}. Lower optim.lr, check the data, or resume from an "
-                            f"earlier checkpoint.")
+                self.guard.update(applied, self.step, on_stop=self.save, where=self.ckpt.step_dir(self.step))
                 metrics.advance()
                 if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps:
                     dt = time.time() - t0 - self._window_paused()
@@ -351,7 +327,7 @@ class Trainer:
                         "grad_norm": float("nan") if last_norm is None else float(last_norm),
                         "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_s,
                         "tflops_per_gpu": img_s * self.flops_per_image / info.world_size / 1e12,
-                        "skipped_steps": self.skipped_steps, "images_seen": self.step * cfg.train.global_batch,
+                        "skipped_steps": self.guard.skipped_steps, "images_seen": self.step * cfg.train.global_batch,
                         **peak_memory(self.device),
                         "eta_s": (cfg.train.steps - self.step) * dt / max(1, self.step - self._window_start)})
                     window_sums.zero_()
@@ -366,6 +342,7 @@ class Trainer:
                 self.export()
         finally:
             metrics.close()
+            self.ckpt.release()
         return self
 
     def _window_paused(self):
@@ -392,13 +369,14 @@ class Trainer:
         info = self.info
         tmp = self.ckpt.begin(self.step, info.is_main)
         barrier()
-        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        with disk_full_errors(tmp):
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
                            "loader": self._loader_state()}, tmp / f"rank_{info.rank:05d}.pt")
         if info.is_main:
             atomic_torch_save({"step": self.step, "ema": self.ema.state_dict(), "config": to_dict(self.cfg),
-                               "world_size": info.world_size, "skipped_steps": self.skipped_steps,
-                               "bad_streak": self.bad_streak, "fp8": self.fp8_desc}, tmp / "trainer.pt")
+                               "world_size": info.world_size, **self.guard.state_dict(), "fp8": self.fp8_desc},
+                              tmp / "trainer.pt")
         barrier()
         if info.is_main:
             self.ckpt.commit(self.step)
@@ -406,11 +384,11 @@ class Trainer:
         barrier()
 
     def resume(self):
-        latest = self.ckpt.latest()
+        latest = self.ckpt.latest_valid()  # a truncated / incomplete newest checkpoint: the previous one
         if latest is None:
             return
         step, path = latest
-        state = torch.load(path / "trainer.pt", weights_only=False)
+        state = load_state(path / "trainer.pt", "trainer state")
         saved = from_dict(DiTTrainConfig, state["config"])
         for section in ("model", "fp8"):
             if getattr(saved, section) != getattr(self.cfg, section):
@@ -420,16 +398,20 @@ class Trainer:
             raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks with "
                               f"global batch {saved.train.global_batch}; this run has {self.info.world_size} ranks "
                               f"and global batch {self.cfg.train.global_batch}")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        check_resume_config(state["config"], to_dict(self.cfg), path, warn=("train.", "data.", "optim."),
+                            ignore=("train.steps",))
+        with deepspeed_safe_load():
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         self.ema.load_state_dict(state["ema"])
-        mine = torch.load(path / f"rank_{self.info.rank:05d}.pt", weights_only=False)
+        mine = load_state(path / f"rank_{self.info.rank:05d}.pt", "rank state")
         set_rng_state(mine["rng"])
         self.generator.set_state(mine["generator"])
         self.loader.load_state_dict(mine["loader"])
-        self.step, self.skipped_steps, self.bad_streak = step, state["skipped_steps"], state["bad_streak"]
+        self.step = step
+        self.guard.load_state_dict(state)
         self._window_start = step
         log.info("resumed from %s at step %d", path, step)
 
@@ -447,6 +429,21 @@ class Trainer:
         log.info("exported %s and %s", out / "final_reference.pt", out / "pretrained_ema")
 
 
+def build_eval(cfg):
+    """The `eval.*` hook (bench/eval/train_eval.py) or None when eval.every is 0. Built before the trainer, on
+    this rank's device; the latent statistics default to the latent folder's."""
+    if not cfg.eval.every:
+        return None
+    from bench.eval.train_eval import build_eval_fn
+    stats = cfg.eval.latent_stats
+    if stats is None and cfg.data.source == "latents":
+        stats = str(Path(cfg.data.path) / "latents_stats.pt")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    return build_eval_fn(cfg.eval, latent_stats=stats, device=device, latent_multiplier=cfg.data.latent_multiplier,
+                         out_dir=cfg.logging.dir, log=log.info)
+
+
 def train(cfg: DiTTrainConfig, eval_fn=None):
     """Train (or resume) the run described by `cfg`; returns the Trainer (step, ema, engine)."""
     trainer = Trainer(cfg, eval_fn)
@@ -456,6 +453,7 @@ def train(cfg: DiTTrainConfig, eval_fn=None):
 def main(argv=None):
     parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(DiTTrainConfig, args)
@@ -467,8 +465,13 @@ def main(argv=None):
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        train(cfg)
-    except (ConfigError, fp8_lib.FP8Unavailable, NonFiniteError) as e:
+        train(cfg, eval_fn=build_eval(cfg))
+    except (*user_error_types(), fp8_lib.FP8Unavailable) as e:  # the input is wrong: one line, exit 2
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

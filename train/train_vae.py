@@ -399,7 +399,7 @@ class Trainer:
             self.engine_ae.backward(poison(g_loss))
         with nvtx("optimizer"):
             applied, grad_norm = engine_step(self.engine_ae, cfg.optim.grad_clip)
-        logs["grad_norm"] = torch.tensor(grad_norm)
+        logs["grad_norm"] = grad_norm
         # The same decision on every rank: `applied` comes from the all-reduced gradients.
         if applied and self.loss_fn.gan_active(step):
             with nvtx("disc_forward"):
@@ -409,7 +409,7 @@ class Trainer:
             with nvtx("disc_optimizer"):
                 applied, d_norm = engine_step(self.engine_d, cfg.optim.grad_clip)
             logs.update(d_logs)
-            logs["d_grad_norm"] = torch.tensor(d_norm)
+            logs["d_grad_norm"] = d_norm
         return applied, logs
 
     def next_batch(self):
