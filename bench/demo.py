@@ -131,15 +131,16 @@ def stage_vae(a, out, data_root):
                      "logging.tensorboard=false", "logging.reconstructions=false",  # (the report has its own)
                      f"checkpoint.every={a.vae_steps}", "checkpoint.keep_last=1",
                      "loss.disc_start=1000000000", *a.vae_set]
+        # (the single-process group it starts stays up for the DiT trainer, which reuses it: DeepSpeed caches
+        # its groups per process, so a destroyed and re-created group breaks the second engine)
         train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
-        _end_process_group()
     return load_vae(a, vae_dir)
 
 
 def _end_process_group():
     import torch.distributed as dist
 
-    if dist.is_initialized():  # each trainer starts its own (single-process) group
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -166,6 +167,10 @@ def stage_classifier(a, out, data_root):
 
     images, labels, classes = load_image_folder(data_root)
     path = out / "classifier.pt"
+    ref = out / "reference_batch.npz"
+    if not ref.exists():  # every real image, in the ADM evaluator's format (arr_0 uint8 NHWC, arr_1 labels)
+        np.savez(str(ref) + ".tmp.npz", arr_0=images, arr_1=labels)
+        os.replace(str(ref) + ".tmp.npz", ref)
     if path.exists():
         saved = torch.load(path, weights_only=False)
         clf = SmallClassifier(len(classes))
@@ -222,7 +227,10 @@ def dit_config(a, out, lat, num_classes):
         "train.ema_decay=0.99", f"optim.lr={a.dit_lr}", f"train.seed={a.seed}",
         # digits: the latents of mirrored images are not digits (extraction stores both; use only the originals)
         f"data.flip_prob={0.5 if a.flip else 0.0}",
-        f"eval.every={a.eval_every}", f"logging.dir={out / 'dit'}", "logging.every=20", "logging.tensorboard=false",
+        # the demo passes its own eval_fn (SampleEval); the real images as an ADM-format reference batch are what
+        # the trainer's built-in FID evaluation (bench.eval.train_eval) would compare against instead
+        f"eval.every={a.eval_every}", f"eval.ref_batch={out / 'reference_batch.npz'}",
+        f"logging.dir={out / 'dit'}", "logging.every=20", "logging.tensorboard=false",
         f"checkpoint.dir={out / 'dit' / 'checkpoints'}", f"checkpoint.every={a.dit_steps}", "checkpoint.keep_last=1",
         *a.dit_set])
 
@@ -265,7 +273,9 @@ def grid_png(images, labels, classes, per_class, title):
 
     n_cls = len(classes)
     h, w = images.shape[1:3]
-    rows = [np.concatenate(list(images[labels == c][:per_class]), axis=1) for c in range(n_cls)]
+    blank = np.full(images.shape[1:], 255, np.uint8)  # a class with fewer images than per_class
+    rows = [np.concatenate((list(images[labels == c][:per_class]) + [blank] * per_class)[:per_class], axis=1)
+            for c in range(n_cls)]
     scale = max(1.0, 64 / h)  # small images drawn at least 64 px per cell
     fig, ax = plt.subplots(figsize=(scale * 1.1 * per_class * w / h / 1.6 + 1.6, scale * 1.1 * n_cls / 1.6))
     ax.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
@@ -286,9 +296,11 @@ def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_cla
     n_cls = len(classes)
     h, w = real.shape[1:3]
     rows = []
+    blank = np.full((h + 4, w + 4, 3), 255, np.uint8)  # a class with fewer images than per_class
     for c in range(n_cls):
         r = [_pad(x) for x in real[real_labels == c][:per_class]]
         s = [_pad(x) for x in samples[sample_labels == c][:per_class]]
+        r, s = r + [blank] * (per_class - len(r)), s + [blank] * (per_class - len(s))
         gap = np.full((h + 4, max(8, w // 2), 3), 255, np.uint8)
         rows.append(np.concatenate(r + [gap] + s, axis=1))
     grid = np.concatenate(rows, axis=0)
