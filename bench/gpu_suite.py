@@ -202,16 +202,29 @@ def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
     if cmd is None:
         return {"status": "no CPU smoke for this command"}
     t = time.time()
-    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                         env={**os.environ, "OUT": os.environ.get("OUT", "bench/results/tmp")})
     tail = (res.stdout + res.stderr).strip().splitlines()[-25:]
     if res.returncode:
         raise RuntimeError(f"{name}: rc {res.returncode}\n" + "\n".join(tail))
     return {"command": cmd, "seconds": round(time.time() - t, 1), "tail": tail}
 
 
-# Other engineers' GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its
-# own JSON under $OUT. Filled in as they land.
-EXTRA_COMMANDS = {}
+# The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
+# JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
+_PY = sys.executable
+EXTRA_COMMANDS = {
+    # sampling speed at the paper's settings through generate's Sampler (issue 10), ~85 s on an H200
+    "sampling": (f"{_PY} -m bench.throughput --mode sample --out $OUT/sample_throughput", 240,
+                 f"{_PY} -m bench.throughput --mode sample --model "
+                 "'{\"input_size\": 4, \"patch_size\": 1, \"in_channels\": 4, \"hidden_size\": 32, \"depth\": 1, "
+                 "\"num_heads\": 2, \"num_classes\": 3}' --batch-sizes 2 --backends fp32 --sample-steps 3 "
+                 "--no-decode --device cpu --out $OUT/sample_throughput"),
+    # VA-VAE training step (fp32 eager vs bf16 / channels-last) and latent extraction (issue 11), < 100 s
+    "vae_step": (f"{_PY} -m bench.vae_step --out $OUT/vae_step.json", 180, None),
+    # Nsight: the README's nsys recipe if nsys works there, else ncu on one fused kernel (issue 13), < 60 s
+    "nsight": ("bash bench/nsys_check.sh", 120, None),
+}
 
 
 def main():

@@ -2,7 +2,7 @@
 
     python -m bench.throughput --config configs/dit_xl1_64ep.yaml --batch-sizes 128,256 \
         --backends auto+compiled,reference+compiled,auto+compiled+fp8
-    python -m bench.throughput --mode sample --model XL/1 --batch-sizes 64 --sample-steps 250 --cfg-scale 4
+    python -m bench.throughput --mode sample --batch-sizes 64,128 --backends fp32,bf16-weights+model+graphs
 
 Train mode builds `train.train_dit.Trainer` from the config (synthetic latents, `train.batch_per_gpu` = the
 batch size, no accumulation) and times `Trainer.train_step`: the DeepSpeed engine with its bf16 autocast, the
@@ -15,7 +15,9 @@ Anything else goes through `--set key=value` (e.g. --set train.precision=fp32). 
 process (its own CUDA memory, compile state and DeepSpeed engine); a part that cannot run fails the case with
 its error, nothing falls back silently. Several GPUs: `torchrun --nproc_per_node N -m bench.throughput
 --in-process ...` (every rank runs the cases in its own process; img/s counts all ranks).
-Sample mode times `modeling.sampling.sample` for N grid points, with and without guidance.
+Sample mode runs bench.eval.sample_speed: `modeling.sampling.Sampler` + the batched VA-VAE decode, the code
+path `bench.eval.generate` runs, at the paper's settings by default (XL/1, Euler on the shift-0.3 grid, CFG 6.7
+from t >= 0.125, the authors' 3-channel guidance); img/s are scaled from --sample-steps to --scale-to points.
 FLOPs come from `model.flops_per_sample()` (XL/1: ~712 GFLOP per image per training step); MFU is TFLOP/s
 over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown with the device, library
 versions, commit, peak memory and `kernels.describe()` -- what actually ran.
@@ -35,8 +37,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from modeling.lightningdit import LIGHTNINGDIT_SIZES, LightningDiT, build_lightningdit
-from modeling.sampling import sample
+from modeling.lightningdit import LIGHTNINGDIT_SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name substring.
@@ -69,12 +70,13 @@ def environment(device):
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
+    from importlib import metadata
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "deepspeed", "torchao", "numpy"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:
-            versions[mod] = "not installed"
+    for dist_name in ("triton", "deepspeed", "torchao", "numpy"):
+        try:  # the installed version, without importing (torchao's import logs its optional CUDA libraries)
+            versions[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            versions[dist_name] = "not installed"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": f"{device.type}: {name}", "cpu_threads": torch.get_num_threads(), "versions": versions,
             "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
@@ -189,74 +191,31 @@ def run_train_case_subprocess(config, spec, batch_size, extra_overrides=(), warm
     return json.loads(text)
 
 
-# ----------------------------------------------------------------------------- sample mode
+# ----------------------------------------------------------------------------- sample mode: generate's sampler
 
-def build_model(model, device, **overrides):
-    if model in LIGHTNINGDIT_SIZES:
-        return build_lightningdit(model, input_size=16, in_channels=32, **overrides).to(device)
-    return LightningDiT(**json.loads(model), **overrides).to(device)  # a JSON dict of constructor kwargs
-
-
-class SampleCase:
-    """`modeling.sampling.sample` for N grid points at one batch size; run(n) -> seconds per call."""
-
-    def __init__(self, model="XL/1", backend="eager", batch_size=32, precision="bf16", sample_steps=250,
-                 cfg_scale=1.0, cfg_interval_start=0.0, device="cuda", seed=0):
-        label = model if model in LIGHTNINGDIT_SIZES else "custom"
-        self.name = f"{label} {backend} bs{batch_size} sample cfg{cfg_scale:g}"
-        self.model_spec, self.batch_size, self.precision, self.spec = model, batch_size, precision, backend
-        self.sample_steps, self.cfg_scale, self.cfg_interval_start = sample_steps, cfg_scale, cfg_interval_start
-        self.device = torch.device(device)
-        parts = set(backend.split("+"))
-        bad = parts - {"eager", "compiled", "auto", "reference", "triton", "cuda", "fused"}
-        if bad:
-            raise ValueError(f"unknown backend part(s) {sorted(bad)} in {backend!r} for sample mode")
-        fused = "cuda" if kernels.backend.cuda_status()[0] else "triton"
-        self.kernels_backend = next((p for p in ("auto", "reference", "triton", "cuda") if p in parts),
-                                    fused if "fused" in parts else "reference")
-        kernels.set_backend(self.kernels_backend)
-        torch.manual_seed(seed)
-        self.model = build_model(model, self.device).eval()
-        calls = (sample_steps - 1) * (2 if cfg_scale != 1.0 else 1)
-        self.flops_per_image = self.model.flops_per_sample(train=False) * calls
-        self.fn = torch.compile(self.model) if "compiled" in parts else self.model
-        g = torch.Generator(self.device).manual_seed(seed)
-        m = self.model
-        size = m.x_embedder.grid_size * m.x_embedder.patch_size[0]
-        self.x = torch.randn(batch_size, m.in_channels, size, size, device=self.device, generator=g)
-        self.y = torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=g)
-
-    def run(self, iters):
-        kernels.set_backend(self.kernels_backend)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        times = []
-        for _ in range(iters):
-            sync()
-            t = time.perf_counter()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                sample(self.fn, self.x, self.y, steps=self.sample_steps, cfg_scale=self.cfg_scale,
-                       cfg_interval_start=self.cfg_interval_start)
-            sync()
-            times.append(time.perf_counter() - t)
-        return times
-
-    def result(self, times, peak_tflops):
-        sec = statistics.median(times)
-        img_s = self.batch_size / sec
-        tflops = img_s * self.flops_per_image / 1e12
-        return {"name": self.name, "mode": "sample", "model": self.model_spec, "backend": self.spec,
-                "batch_size": self.batch_size, "precision": self.precision, "sample_steps": self.sample_steps,
-                "cfg_scale": self.cfg_scale, "median_s": sec, "times_s": times, "img_per_s": img_s,
-                "gflop_per_img": self.flops_per_image / 1e9, "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None, **_memory(self.device),
-                "kernels_backend": self.kernels_backend, "kernels": kernels.describe(), "fp8": "off"}
-
-
-def benchmark(case, warmup=3, iters=10, peak_tflops=None):
-    case.run(warmup)
-    if case.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(case.device)
-    return case.result(case.run(iters), peak_tflops)
+def run_sample_mode(a, specs, batch_sizes):
+    """bench.eval.sample_speed.measure_sampling: modeling.sampling.Sampler + batched decode, the code path
+    bench.eval.generate runs, at the given settings; returns result rows."""
+    from bench.eval.sample_speed import DEFAULT_PLAN, measure_sampling
+    plan = [f"{spec}@{bs}" for spec in specs for bs in batch_sizes] if specs else list(DEFAULT_PLAN)
+    kw = {}
+    if a.model in LIGHTNINGDIT_SIZES:
+        size = a.model
+    else:  # a JSON dict of LightningDiT kwargs
+        size, model_kwargs = "custom", json.loads(a.model)
+        kw = {k: model_kwargs.pop(k) for k in ("input_size", "in_channels", "num_classes") if k in model_kwargs}
+        kw["model_kwargs"] = model_kwargs
+    res = measure_sampling(size=size, plan=plan, steps=a.sample_steps, scale_to=a.scale_to,
+                           cfg_scale=6.7 if a.cfg_scale is None else a.cfg_scale,
+                           cfg_interval_start=a.cfg_interval_start, guidance=a.guidance, device=a.device,
+                           decode=not a.no_decode, budget_s=a.budget_s, log=None, **kw)
+    rows = []
+    for r in res["results"]:
+        row = {"name": f"{size} {r['spec']} sample", "mode": "sample", "backend": r["spec"], "batch_size": r["batch"],
+               "settings": res["settings"]}
+        row.update({k: v for k, v in r.items() if k not in ("spec", "batch")})
+        rows.append(row)
+    return rows, res["env"]
 
 
 # ----------------------------------------------------------------------------- reports and CLI
@@ -270,6 +229,9 @@ def markdown(report):
              "| case | kernels (ran) | fp8 | img/s | ms/iter | GFLOP/img | TFLOP/s | MFU | memory GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
+        if r.get("mode") == "sample":
+            lines += _sample_line(r)
+            continue
         if "error" in r:
             lines.append(f"| {r['name']} | - | - | error: {r['error'][:80]} | | | | | |")
             continue
@@ -279,6 +241,16 @@ def markdown(report):
         lines.append(f"| {r['name']} | {r['kernels_backend']} ({ran}) | {r['fp8']} | {r['img_per_s']:.2f} | "
                      f"{1e3 * r['median_s']:.1f} | {r['gflop_per_img']:.4g} | {r['tflops']:.3g} | {mfu} | {mem:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _sample_line(r):
+    if "img_per_s" not in r:
+        return [f"| {r['name']} | - | - | {r.get('error') or r.get('skipped')} | | | | | |"]
+    ran = r["ran"]
+    path = f"{ran.get('precision')}, compile {ran.get('compile')}, graphs {ran.get('cudagraphs')}"
+    dec = r.get("img_per_s_with_decode")
+    return [f"| {r['name']} | {path} | - | {r['img_per_s']:.2f}" + (f" ({dec:.2f} with decode)" if dec else "")
+            + f" | {1e3 * r['time_scaled_s'] / r['batch_size']:.1f} per img | | | | {r.get('peak_mem_gib', 0):.2f} |"]
 
 
 def write_report(report, out):
@@ -296,11 +268,13 @@ def common_args(p):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="train mode: extra trainer config override for every case (repeatable)")
     p.add_argument("--model", default="XL/1", help="sample mode: a size (XL/1, B/2, ...) or a JSON dict of kwargs")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="sample mode")
-    p.add_argument("--sample-steps", type=int, default=250)
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="sample mode: guidance scale of the guided run (an unguided run is always added)")
-    p.add_argument("--cfg-interval-start", type=float, default=0.0)
+    p.add_argument("--sample-steps", type=int, default=25, help="sample mode: grid points run (then scaled)")
+    p.add_argument("--scale-to", type=int, default=250, help="sample mode: img/s reported for this many grid points")
+    p.add_argument("--cfg-scale", type=float, default=None, help="sample mode: guidance scale (default 6.7)")
+    p.add_argument("--cfg-interval-start", type=float, default=0.125)
+    p.add_argument("--guidance", choices=["reference", "all"], default="reference")
+    p.add_argument("--no-decode", action="store_true", help="sample mode: skip the VA-VAE decode timing")
+    p.add_argument("--budget-s", type=float, default=600.0, help="sample mode: no new entry after this")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sample mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -331,8 +305,10 @@ def print_row(r):
 def main(argv=None):
     from train.config import cli_parser
     p = common_args(cli_parser("bench.throughput", __doc__))
-    p.add_argument("--backends", default="auto+compiled",
-                   help="comma-separated backend specs, e.g. auto+compiled,reference+compiled,auto+compiled+fp8")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated specs. train: trainer switches, e.g. auto+compiled,reference+compiled,"
+                        "auto+compiled+fp8 (default auto+compiled); sample: Sampler paths, e.g. "
+                        "fp32,bf16-weights+model+graphs (default: bench.eval.sample_speed's plan)")
     p.add_argument("--batch-sizes", default="32")
     p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
@@ -343,29 +319,28 @@ def main(argv=None):
         Path(a.case_out).write_text(json.dumps(row, default=str))
         return row
     peak, peak_desc = peak_for(a)
-    results = []
-    for backend in a.backends.split(","):
-        for bs in [int(b) for b in a.batch_sizes.split(",")]:
-            if a.mode == "train":
-                if a.in_process:
-                    r = run_train_case(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak)
-                else:
-                    r = run_train_case_subprocess(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak,
-                                                  a.case_timeout)
-                print_row(r)
-                results.append(r)
-                continue
-            for cfg in [1.0] + ([a.cfg_scale] if a.cfg_scale not in (None, 1.0) else []):
-                case = SampleCase(model=a.model, backend=backend, batch_size=bs, precision=a.precision,
-                                  sample_steps=a.sample_steps, cfg_scale=cfg, cfg_interval_start=a.cfg_interval_start,
-                                  device=a.device)
-                r = benchmark(case, a.warmup, a.iters, peak)
-                print_row(r)
-                results.append(r)
-                del case
+    results, sample_env = [], None
+    batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
+    if a.mode == "sample":
+        specs = a.backends.split(",") if a.backends else None
+        results, sample_env = run_sample_mode(a, specs, batch_sizes)
+        for r in results:
+            print(f"{r['name']} bs{r['batch_size']}: " + (f"{r['img_per_s']:.2f} img/s (scaled to {a.scale_to} points)"
+                                                         if "img_per_s" in r else str(r.get("error") or r.get("skipped"))))
+    for backend in (a.backends or "auto+compiled").split(",") if a.mode == "train" else ():
+        for bs in batch_sizes:
+            if a.in_process:
+                r = run_train_case(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak)
+            else:
+                r = run_train_case_subprocess(a.config, backend, bs, a.overrides, a.warmup, a.iters, peak,
+                                              a.case_timeout)
+            print_row(r)
+            results.append(r)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak, "mode": a.mode,
               "config": a.config if a.mode == "train" else None, "results": results}
+    if sample_env is not None:
+        report["sample_environment"] = sample_env
     if int(os.environ.get("RANK", "0")) == 0:
         for f in write_report(report, a.out):
             print(f"wrote {f}")

@@ -8,7 +8,7 @@ import pytest
 import kernels
 from bench import throughput
 from bench.compare import main as compare_main
-from bench.throughput import SampleCase, benchmark, main as throughput_main, parse_spec
+from bench.throughput import main as throughput_main, parse_spec
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,12 +84,25 @@ def test_fp8_case_records_what_ran(tmp_path):
         throughput.run_train_case(TINY_CFG, "eager+fp8", 2, ["model.hidden_size=48"], warmup=0, iters=1)
 
 
-def test_sample_mode():
-    guided = SampleCase(model=TINY, batch_size=2, sample_steps=4, cfg_scale=3.0, precision="fp32", device="cpu")
-    plain = SampleCase(model=TINY, batch_size=2, sample_steps=4, precision="fp32", device="cpu")
-    # 3 model calls per image, doubled by guidance
-    assert guided.flops_per_image == 2 * plain.flops_per_image == 6 * plain.model.flops_per_sample(train=False)
-    assert benchmark(guided, warmup=0, iters=1)["img_per_s"] > 0
+def test_sample_mode_runs_generates_sampler(tmp_path, monkeypatch):
+    """Sample mode goes through bench.eval.sample_speed, i.e. modeling.sampling.Sampler (what generate runs)."""
+    import modeling.sampling as sampling
+    calls = []
+    real = sampling.Sampler.__call__
+
+    def counted(self, z, y, *a, **k):
+        calls.append(len(z))
+        return real(self, z, y, *a, **k)
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", counted)
+    report = throughput_main(["--mode", "sample", "--model", TINY, "--batch-sizes", "2", "--backends",
+                              "fp32,bf16", "--sample-steps", "3", "--scale-to", "6", "--no-decode", "--device", "cpu",
+                              "--out", str(tmp_path / "s")])
+    fp32, bf16 = report["results"]
+    assert fp32["img_per_s"] > 0 and fp32["ran"]["precision"] == "fp32" and bf16["ran"]["precision"] == "bf16"
+    assert fp32["settings"]["cfg_scale"] == 6.7 and fp32["settings"]["guidance"] == "reference"
+    assert calls and set(calls) == {2}
+    assert "| custom fp32@2 sample |" in (tmp_path / "s.md").read_text()
 
 
 def test_compare_interleaves_trainers_and_reports_ratio(tmp_path, count_train_steps):
