@@ -163,6 +163,15 @@ def test_shipped_configs_are_the_paper_recipe():
     assert tiny.foundation.allow_substitute and tiny.foundation.name == "efficientnet_lite0"
 
 
+def test_trainer_after_an_in_process_main_ended_the_process_group(tmp_path):
+    """A main() run in-process (tests, notebooks) destroys the process group at its end; DeepSpeed's cached
+    groups must not make the next engine fail ("Group ... is not registered")."""
+    import torch.distributed as dist
+    train(tiny_cfg(tmp_path / "a", **{"train.steps": 1, "train.zero_stage": 2}))
+    dist.destroy_process_group()
+    assert train(tiny_cfg(tmp_path / "b", **{"train.steps": 1, "train.zero_stage": 2}))["step"] == 1
+
+
 # ----------------------------------------------------------------------------- the first trainer's files
 
 OLD_YAML = """\

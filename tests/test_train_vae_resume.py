@@ -56,14 +56,18 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     r = subprocess.run(_cmd(straight), cwd=REPO, env=_env(), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = open(tmp_path / "killed.log", "w")
+    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     pointer = killed / "checkpoints" / "latest.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (pointer.exists() and json.loads(pointer.read_text())["step"] >= EVERY):
+    deadline = time.time() + 420  # a loaded 2-core machine starts 2 DeepSpeed ranks slowly
+    while time.time() < deadline and p.poll() is None and not (
+            pointer.exists() and json.loads(pointer.read_text())["step"] >= EVERY):
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers, right after the first checkpoint
     p.wait(timeout=30)
+    log.close()
+    assert pointer.exists(), "no checkpoint before the kill:\n" + (tmp_path / "killed.log").read_text()[-3000:]
     saved = json.loads(pointer.read_text())["step"]
     assert EVERY <= saved < STEPS, "the run was not interrupted mid-way"
     assert not (killed / "tokenizer.pt").exists()

@@ -48,8 +48,21 @@ def init_distributed(backend="auto", timeout_s=600) -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         import deepspeed
+        _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _forget_deepspeed_groups():
+    """DeepSpeed caches the process groups it derives (deepspeed.utils.groups) at module level. After a
+    destroy_process_group in this process (a trainer's main() run in-process, e.g. by a test) those would be
+    stale ("Group ... is not registered") for the next engine; with no process group they must be empty."""
+    from deepspeed.utils import groups
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mesh_device = None
+    groups.mpu = None
 
 
 def barrier():
