@@ -40,7 +40,9 @@ def plot_throughput(report, path):
     if not rows:
         raise ValueError("throughput report has no results to plot")
     errors = [f"{r.get('name', r.get('backend'))}: {r['error']}" for r in rows if "error" in r]
-    results = [dict(r, mode=r.get("mode", report.get("mode", "train"))) for r in rows if "error" not in r]
+    # sample-mode rows name their backend "spec@batch": the spec is the series, the batch the group
+    results = [dict(r, mode=r.get("mode", report.get("mode", "train")), backend=str(r["backend"]).split("@")[0])
+               for r in rows if "error" not in r]
     if not results:
         raise ValueError("throughput report has no successful results to plot: " + "; ".join(errors)[:300])
     env = report.get("environment", {})
@@ -58,7 +60,8 @@ def plot_throughput(report, path):
                 continue
             xs.append(i + (j - (len(backends) - 1) / 2) * width)
             ys.append(r["img_per_s"])
-            notes.append(f"{100 * r['mfu']:.0f}% MFU" if r.get("mfu") else f"{r['tflops']:.2g} TFLOP/s")
+            notes.append(f"{100 * r['mfu']:.0f}% MFU" if r.get("mfu") else
+                         f"{r['tflops']:.2g} TFLOP/s" if r.get("tflops") else f"{r['img_per_s']:.3g}")
         bars = ax.bar(xs, ys, width, label=backend, color=f"C{j}")
         for b, note in zip(bars, notes):
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
@@ -66,8 +69,8 @@ def plot_throughput(report, path):
     labels = [f"{mode} bs {bs}" + (f"\ncfg {cfg:g}" if mode == "sample" and cfg not in (None, 1.0) else "")
               for mode, bs, cfg in groups]
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
-    model = ", ".join(sorted({str(r["model"]) for r in results}))
-    commit = f"{env.get('commit', '?')}{' (dirty)' if env.get('dirty') else ''}"
+    model = ", ".join(sorted({str(r.get("model", r["name"].split(" ")[0])) for r in results}))
+    commit = f"{str(env.get('commit', '?'))[:10]}{' (dirty)' if env.get('dirty') else ''}"
     ax.set(ylabel="images / s", title=f"LightningDiT {model} on {env.get('device', '?')}\n"
                                      f"peak: {report.get('peak', '?')}; commit {commit}")
     ax.title.set_fontsize(9)

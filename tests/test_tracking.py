@@ -207,10 +207,10 @@ def test_throughput_plot_beside_its_json(tmp_path):
 
     tiny = json.dumps(dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                            num_classes=3))
-    report = throughput_main(["--mode", "sample", "--model", tiny, "--batch-sizes", "2,3", "--sample-steps", "3",
-                              "--cfg-scale", "2", "--precision", "fp32", "--warmup", "0", "--iters", "1",
-                              "--device", "cpu", "--out", str(tmp_path / "t")])
-    assert len(report["results"]) == 4  # 2 batch sizes x (unguided, guided)
+    report = throughput_main(["--mode", "sample", "--model", tiny, "--batch-sizes", "2,3", "--backends", "fp32,bf16",
+                              "--sample-steps", "3", "--scale-to", "6", "--no-decode", "--device", "cpu",
+                              "--out", str(tmp_path / "t")])
+    assert len(report["results"]) == 4 and not any("error" in r for r in report["results"])  # 2 backends x 2 sizes
     a = _png(plot_throughput(report, tmp_path / "from_dict.png"))
     b = _png(plot_throughput(tmp_path / "t.json", tmp_path / "from_file.png"))
     assert a.shape == b.shape
