@@ -1,6 +1,7 @@
 """The VA-VAE trainer with 2 DeepSpeed processes (torchrun, gloo, ZeRO-2, both engines, GAN active): killed with
 SIGKILL after a mid-run checkpoint and restarted, it logs bitwise the same losses and ends with bitwise the same
 weights as the uninterrupted run. And the documented per-rank data order."""
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -64,8 +66,14 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     while time.time() < deadline and p.poll() is None and not (
             pointer.exists() and json.loads(pointer.read_text())["step"] >= EVERY):
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers, right after the first checkpoint
+    # SIGKILL torchrun and both workers (each worker has its own process group) right after the checkpoint
+    workers = psutil.Process(p.pid).children(recursive=True)
+    os.killpg(p.pid, signal.SIGKILL)
+    for w in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            w.kill()
     p.wait(timeout=30)
+    psutil.wait_procs(workers, timeout=30)
     log.close()
     assert pointer.exists(), "no checkpoint before the kill:\n" + (tmp_path / "killed.log").read_text()[-3000:]
     saved = json.loads(pointer.read_text())["step"]
