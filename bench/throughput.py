@@ -254,11 +254,17 @@ def _sample_line(r):
 
 
 def write_report(report, out):
+    """OUT.json, OUT.md and a bar chart of img/s per case, OUT.png (bench.plots)."""
+    from bench.plots import plot_throughput
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     out.with_suffix(".md").write_text(markdown(report))
-    return out.with_suffix(".json"), out.with_suffix(".md")
+    written = [out.with_suffix(".json"), out.with_suffix(".md")]
+    if any("img_per_s" in r for r in report["results"]):
+        plot_throughput(report, out.with_suffix(".png"))
+        written.append(out.with_suffix(".png"))
+    return tuple(written)
 
 
 def common_args(p):

@@ -61,6 +61,7 @@ def test_train_mode_times_the_trainers_step(tmp_path, count_train_steps):
         assert r["peak_rss_gib"] > 0
     assert saved["environment"]["versions"]["deepspeed"] and "commit" in saved["environment"]
     assert "| custom eager+zero0 bs2 train |" in (tmp_path / "t.md").read_text()
+    assert (tmp_path / "t.png").stat().st_size > 0  # the plot beside the JSON
 
 
 def test_subprocess_case_and_its_errors(tmp_path, monkeypatch):
