@@ -126,3 +126,22 @@ def test_eval_needs_a_reference_batch():
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="ref_batch"):
         load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", ["eval.every=5"])
+
+
+def test_torch_trace_and_wandb_from_the_config(tmp_path):
+    """profile.torch_trace writes a Chrome trace of the window under logging.dir/traces; logging.wandb (offline)
+    holds the run's metrics, or is refused at start when wandb is not installed."""
+    import importlib.util
+    import json
+    cfg = tiny_cfg(tmp_path, "train.steps=3", "train.zero_stage=0", "profile.start_step=1", "profile.num_steps=1",
+                   "profile.torch_trace=true")
+    Trainer(cfg).fit()
+    trace = json.loads((tmp_path / "traces" / "trace_rank0.json").read_text())
+    assert trace["traceEvents"]
+    wandb_cfg = tiny_cfg(tmp_path / "w", "train.steps=2", "train.zero_stage=0", "logging.wandb=true")
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(Exception, match="wandb"):
+            Trainer(wandb_cfg).fit()
+    else:
+        Trainer(wandb_cfg).fit()
+        assert any((tmp_path / "w").rglob("*.wandb"))

@@ -132,6 +132,9 @@ class LoggingConfig:
     every: int = 50                     # steps between metric lines
     tensorboard: bool = True
     progress_bar: bool = True
+    wandb: bool = False                 # also log to Weights & Biases (needs the wandb package)
+    wandb_project: str = "vavae-lightningdit"
+    wandb_mode: Literal["offline", "online"] = "offline"   # offline: written under logging.dir, sync later
 
 
 @dataclass
@@ -151,6 +154,8 @@ class ProfileConfig:
     start_step: int = -1                # cudaProfilerStart before this step (-1 = no window)
     num_steps: int = 10                 # ... and cudaProfilerStop after this many steps
     nvtx: bool = True                   # NVTX ranges around data/forward/backward/optimizer/ema
+    torch_trace: bool = False           # torch.profiler over the window: Chrome trace + op table per rank, and a
+                                        # CUDA memory snapshot on a GPU, under logging.dir/traces
 
 
 @dataclass

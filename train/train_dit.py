@@ -291,13 +291,16 @@ class Trainer:
         if info.is_main:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             dump_config(cfg, Path(cfg.logging.dir) / "config.yaml")
-        metrics = MetricsLogger(cfg.logging.dir, info.is_main, cfg.logging.tensorboard, cfg.logging.progress_bar,
-                                cfg.train.steps, self.step)
+        lg = cfg.logging
+        metrics = MetricsLogger(lg.dir, info.is_main, lg.tensorboard, lg.progress_bar, cfg.train.steps, self.step,
+                                wandb=lg.wandb, wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode,
+                                wandb_config=to_dict(cfg))
         if self._prefetched is not None:  # a batch fetched by an earlier train_step: draw it again
             self.loader.load_state_dict(self._prefetched[1])
             self._prefetched = None
         self.batches = forever(self.loader)
-        profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps)
+        profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps, torch_trace=cfg.profile.torch_trace,
+                                trace_dir=Path(cfg.logging.dir) / "traces", rank=info.rank)
         log.info("world %d, grad accumulation %d, ZeRO %d, precision %s, FP8 %s, compile %s, kernels %s, "
                  "%.2f GFLOP/img",
                  info.world_size, self.grad_accum, cfg.train.zero_stage, cfg.train.precision, self.fp8_desc,
@@ -341,6 +344,7 @@ class Trainer:
             if cfg.checkpoint.export_reference:
                 self.export()
         finally:
+            profile.close()
             metrics.close()
             self.ckpt.release()
         return self
