@@ -9,7 +9,6 @@ new sections after --budget seconds (recorded in skipped_for_time). `--part A` r
 `--part B` the extra benchmarks (sampling, VA-VAE, profiler check), `all` both. `--cpu-smoke` runs every
 section on the CPU with tiny shapes (tests use it).
 """
-import argparse
 import json
 import os
 import shutil
@@ -228,10 +227,11 @@ EXTRA_COMMANDS = {
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
+    from train.config import cli_parser
+    p = cli_parser("bench.gpu_suite", __doc__)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"), help="output folder")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new section starts")
-    p.add_argument("--part", choices=["A", "B", "all"], default="all")
+    p.add_argument("--part", choices=["A", "B", "all"], default="all", help="A: training, B: other benchmarks")
     p.add_argument("--cpu-smoke", action="store_true", help="every section, tiny shapes, on the CPU")
     a = p.parse_args()
     smoke = a.cpu_smoke

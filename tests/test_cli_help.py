@@ -181,7 +181,7 @@ def _cli_modules():
 
 # Commands whose files belong to someone else and still need the one-line change (cli_parser("bench.x",
 # __doc__)); strict: the test fails as soon as they are fixed, so the entry must then be removed.
-PENDING = {"bench.gpu_suite": "owner: lead; bench/gpu_suite.py main(): cli_parser(\"bench.gpu_suite\", __doc__)"}
+PENDING = {}
 
 
 def _capture_parser(module, monkeypatch):

@@ -122,10 +122,16 @@ def test_eval_keys_wired_from_the_cli(tmp_path, parity_dir):
     assert ev[0]["images_seen"] == 2 * 16 and ev[0]["wall_clock_s"] > 0
 
 
-def test_eval_needs_a_reference_batch():
-    from train.config import ConfigError
-    with pytest.raises(ConfigError, match="ref_batch"):
-        load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", ["eval.every=5"])
+def test_eval_needs_a_reference_batch(tmp_path, capsys):
+    """The built-in FID hook needs eval.ref_batch: the CLI says so in one line (exit 2) before training;
+    a library caller's own eval_fn needs none."""
+    from train.train_dit import main
+    cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", ["eval.every=5"])  # valid as such
+    assert cfg.eval.ref_batch is None
+    rc = main(["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), "eval.every=5", f"logging.dir={tmp_path}",
+               f"checkpoint.dir={tmp_path}/ckpt"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "eval.ref_batch" in err and "Traceback" not in err
 
 
 def test_torch_trace_and_wandb_from_the_config(tmp_path):

@@ -1,5 +1,6 @@
 """The DiT trainer's config schema (configs/dit_*.yaml). Every key is documented here; see train/config.py
 for how files and `--set section.key=value` overrides are read and validated."""
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -143,10 +144,13 @@ class EvalConfig(EvalSettings):
     `eval.every` steps, against an ADM reference batch; bench/eval/train_eval.py documents every field."""
 
     def validate(self):
+        # The ranges; eval.ref_batch is required where the built-in FID hook is built (train_dit.build_eval):
+        # a library caller's own eval_fn needs none.
         try:
-            EvalSettings.validate(self)
+            EvalSettings.validate(dataclasses.replace(self, every=0))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        require(self.every >= 0, "eval.every must be >= 0")
 
 
 @dataclass

@@ -438,6 +438,8 @@ def build_eval(cfg):
     this rank's device; the latent statistics default to the latent folder's."""
     if not cfg.eval.every:
         return None
+    if cfg.eval.ref_batch is None:
+        raise ConfigError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz), or eval.every=0")
     from bench.eval.train_eval import build_eval_fn
     stats = cfg.eval.latent_stats
     if stats is None and cfg.data.source == "latents":
