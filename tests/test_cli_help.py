@@ -172,7 +172,7 @@ def _cli_modules():
     for folder in ("modeling", "train", "bench"):
         for path in _sources(folder):
             src = path.read_text()
-            if "__main__" in src and ("parse_args" in src or "add_config_args" in src):
+            if "__main__" in src and ("parse_args" in src or "add_config_args" in src or "trainer_main(" in src):
                 rel = path.relative_to(ROOT).with_suffix("")
                 parts = rel.parts[:-1] if rel.name == "__main__" else rel.parts
                 mods.append(".".join(parts))

@@ -151,3 +151,15 @@ def test_torch_trace_and_wandb_from_the_config(tmp_path):
     else:
         Trainer(wandb_cfg).fit()
         assert any((tmp_path / "w").rglob("*.wandb"))
+
+
+def test_zero3_with_compiled_blocks_is_refused_and_zero3_leaves_linear_alone(tmp_path):
+    """ZeRO-3 gathers parameters in forward hooks torch.compile cannot trace: compile=blocks with it is a config
+    error, not a crash at the first step. A ZeRO-3 run leaves torch's F.linear alone (DeepSpeed's process-wide
+    replacement is off), so a model compiled later in the same process still traces."""
+    import torch.nn.functional as F
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="zero_stage: 3"):
+        tiny_cfg(tmp_path, "train.zero_stage=3", "train.compile=blocks")
+    Trainer(tiny_cfg(tmp_path, "train.steps=1", "train.zero_stage=3")).fit()
+    assert F.linear is torch._C._nn.linear

@@ -101,6 +101,10 @@ class TrainConfig:
                 f"global_batch {self.global_batch} must be a multiple of batch_per_gpu {self.batch_per_gpu}")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+        require(not (self.zero_stage == 3 and self.compile == "blocks"),
+                "compile: blocks does not work with zero_stage: 3 (ZeRO-3 gathers each module's parameters in "
+                "forward hooks that torch.compile cannot trace); use zero_stage 0-2 (XL/1's fp32 weights, "
+                "gradients and Adam state fit one GPU) or compile: none")
 
 
 @dataclass

@@ -47,3 +47,46 @@ def user_errors(debug=False, prefix="error"):
             raise
         print(f"{prefix}: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def trainer_main(module, schema, run, argv=None, extra_user_errors=()):
+    """The command line both trainers share (`python -m train.train_dit` / `train.train_vae`): the config from
+    YAML + overrides (a mistake: one line, exit 2), --print-config, --debug, then `run(cfg)`. A user mistake
+    while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint."""
+    import argparse
+    import logging
+
+    import torch.distributed as dist
+
+    from .config import ConfigError, add_config_args, config_from_args, dump_config
+    from .guard import NonFiniteError
+
+    doc = sys.modules[module].__doc__ or ""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    add_config_args(parser, schema=schema)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_debug_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(schema, args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(cfg)
+    except (*user_error_types(), *extra_user_errors) as e:  # the input is wrong: one line, exit 2
+        if args.debug or os.environ.get("VAVAE_DEBUG") == "1":
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -10,7 +10,6 @@ wall-clock time and images seen. One optimizer step = global_batch images = batc
 accumulation. A step whose loss or gradient norm is not finite is skipped (no weight, optimizer or EMA
 update) and counted; `train.max_bad_steps` in a row save a checkpoint and stop the run.
 """
-import argparse
 import copy
 import logging
 import os
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import kernels
 from modeling.checkpoint import save_pretrained, to_reference_dit_format
@@ -31,13 +29,14 @@ from modeling.lightningdit import LightningDiT
 from . import fp8 as fp8_lib
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
                          disk_full_errors, load_state, rng_state, set_rng_state)
-from .config import ConfigError, add_config_args, config_from_args, dump_config, from_dict, to_dict
+from .config import ConfigError, dump_config, from_dict, to_dict
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .dit_config import DiTTrainConfig
 from .ema import EMA, _gathered
-from .errors import add_debug_arg, one_line, user_error_types
-from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
-from .logging_utils import MetricsLogger, ProfileWindow, nvtx, set_nvtx
+from .errors import trainer_main
+from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison  # noqa: F401 (NonFiniteError: re-exported)
+from .precision import PrecisionProbe, deepspeed_autocast
+from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
 
 log = logging.getLogger("train")
 
@@ -104,15 +103,11 @@ def deepspeed_config(cfg, world_size):
         "gradient_accumulation_steps": t.global_batch // per_step,
         # Without ZeRO the trainer clips itself (it checks the norm first, see optimizer_step).
         "gradient_clipping": o.grad_clip if t.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": t.zero_stage},
-        # bf16 autocast is applied by the engine itself, inside its forward. An autocast opened around
-        # engine(...) is switched OFF there on a GPU (DeepSpeed warns "torch.autocast is enabled outside
-        # DeepSpeed but disabled within the DeepSpeed engine"), which silently trained in fp32.
-        # lower_precision_safe_modules=[]: no parameter gets a bf16 communication dtype, so gradients are
-        # reduced and stored in fp32 next to the fp32 master weights, as in the reference (bf16 autocast
-        # on fp32 weights through accelerate/DDP).
-        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16",
-                           "lower_precision_safe_modules": []},
+        # memory_efficient_linear: ZeRO-3 would replace torch.nn.functional.linear for the whole process with an
+        # autograd.Function that torch.compile cannot trace (train.compile=blocks then fails) and that persists
+        # after the engine is gone; our Linear layers need no replacement.
+        "zero_optimization": {"stage": t.zero_stage, **({"memory_efficient_linear": False} if t.zero_stage == 3 else {})},
+        "torch_autocast": deepspeed_autocast(t.precision),  # bf16 inside the engine's forward (train/precision.py)
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
@@ -120,44 +115,9 @@ def deepspeed_config(cfg, world_size):
     return ds
 
 
-class PrecisionProbe:
-    """Refuses to train when `precision: bf16` but the engine's forward computes in fp32 (a DeepSpeed config
-    that disables autocast inside the engine did exactly that, silently). It watches the output dtype of
-    the time embedder's first Linear, which runs inside the engine's forward and outside the compiled
-    blocks (a hook there causes no recompilation), for the first micro-step, then removes itself."""
-
-    def __init__(self, module, precision):
-        self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.seen, self.handle = None, None
-        linear = module.t_embedder.mlp[0]
-        self.handle = linear.register_forward_hook(self._hook)
-
-    def _hook(self, mod, inputs, output):
-        self.seen = output.dtype
-
-    def check(self):
-        if self.handle is None:
-            return
-        self.handle.remove()
-        self.handle = None
-        if self.seen != self.expected:
-            raise RuntimeError(f"train.precision asks for {self.expected} matmuls but the model's Linear layers "
-                               f"computed in {self.seen} inside the DeepSpeed engine; check the DeepSpeed config "
-                               f"(torch_autocast section) and any train.deepspeed overrides")
-
-
 def build_model(cfg, device):
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     return LightningDiT(cfg.model.architecture()).to(device)
-
-
-def peak_memory(device):
-    """Peak memory of this process so far: the CUDA caching allocator's peaks on a GPU, max RSS on the CPU."""
-    if device.type == "cuda":
-        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
-    import resource
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def full_state_dict(module):
@@ -210,7 +170,8 @@ class Trainer:
         # All noise, time and label-dropout draws come from this generator: checkpointed, so resume is exact.
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 100_003 + self.info.rank)
 
-        self._probe = PrecisionProbe(self.engine.module, cfg.train.precision)
+        # the time embedder's first Linear: inside the engine's forward, outside the compiled blocks
+        self._probe = PrecisionProbe(self.engine.module.t_embedder.mlp[0], cfg.train.precision, "matmuls")
 
         self.step, self._window_start = 0, 0
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
@@ -457,33 +418,8 @@ def train(cfg: DiTTrainConfig, eval_fn=None):
 
 
 def main(argv=None):
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    add_debug_arg(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(DiTTrainConfig, args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        train(cfg, eval_fn=build_eval(cfg))
-    except (*user_error_types(), fp8_lib.FP8Unavailable) as e:  # the input is wrong: one line, exit 2
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return trainer_main("train.train_dit", DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)), argv,
+                        extra_user_errors=(fp8_lib.FP8Unavailable,))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ A step whose loss or gradient norm is not finite on any rank is skipped by every
 Mixed precision (`train.precision=bf16`) is DeepSpeed's `torch_autocast` inside each engine's forward;
 the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, decoder.conv_out) run in fp32.
 """
-import argparse
 import logging
 import math
 import random
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from modeling.checkpoint import load_vavae_checkpoint
@@ -37,13 +35,14 @@ from modeling.vf_loss import make_linear_proj
 
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
-from .config import ConfigError, add_config_args, config_from_args, dump_config, to_dict
-from .errors import add_debug_arg, one_line, user_error_types
+from .config import ConfigError, dump_config, to_dict
+from .errors import one_line, trainer_main
 from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
 from .distributed import all_reduce_mean, barrier, init_distributed
-from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison
+from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison  # noqa: F401 (NonFiniteError: re-exported)
 from .logging_utils import MetricsLogger, nvtx, peak_memory, set_nvtx
+from .precision import PrecisionProbe, deepspeed_autocast
 from .vae_config import VAVAEConfig, VAVAETrainConfig  # noqa: F401 (VAVAEConfig: the first trainer's name)
 from .vae_losses import VAVAELoss
 
@@ -275,35 +274,12 @@ def deepspeed_config(cfg: VAVAETrainConfig, world_size):
         "zero_optimization": {"stage": t.zero_stage},
         # bf16 autocast inside the engine's forward (an autocast opened around engine(...) is switched OFF
         # there on a GPU). No lower-precision communication dtype: gradients are reduced and kept in fp32.
-        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "torch_autocast": deepspeed_autocast(t.precision),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
     ds.update(t.deepspeed)
     return ds
-
-
-class PrecisionProbe:
-    """Refuses to go on when train.precision=bf16 but post_quant_conv (inside the engine's forward, outside the
-    compiled encoder / decoder) computed in fp32 (or the reverse): watches the first forward, then goes."""
-
-    def __init__(self, vae, precision):
-        self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.seen = None
-        self.handle = vae.post_quant_conv.register_forward_hook(self._hook)
-
-    def _hook(self, mod, inputs, output):
-        self.seen = output.dtype
-
-    def check(self):
-        if self.handle is None:
-            return
-        self.handle.remove()
-        self.handle = None
-        if self.seen != self.expected:
-            raise RuntimeError(f"train.precision asks for {self.expected} convolutions but the VAE computed in "
-                               f"{self.seen} inside the DeepSpeed engine; check the torch_autocast section of "
-                               f"the DeepSpeed config and any train.deepspeed overrides")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -361,7 +337,8 @@ class Trainer:
         self.engine_ae, _, _, _ = deepspeed.initialize(model=self.ae_module, optimizer=opt_ae, config=self.ds_config)
         self.engine_d, _, _, _ = deepspeed.initialize(model=DiscriminatorStep(loss_fn), optimizer=opt_d,
                                                       config=self.ds_config)
-        self._probe = PrecisionProbe(vae, t.precision)
+        # post_quant_conv: inside the autoencoder engine's forward, outside any compiled module
+        self._probe = PrecisionProbe(vae.post_quant_conv, t.precision, "convolutions")
 
         self.loader = build_loader(cfg, self.info.rank, self.info.world_size, device)
         self.steps_per_epoch = len(self.loader)
@@ -578,33 +555,8 @@ def train(cfg: VAVAETrainConfig):
 
 
 def main(argv=None):
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    add_debug_arg(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(VAVAETrainConfig, args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        train(cfg)
-    except (*user_error_types(), FoundationModelUnavailable) as e:  # the input is wrong: one line, exit 2
-        if args.debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return trainer_main("train.train_vae", VAVAETrainConfig, train, argv,
+                        extra_user_errors=(FoundationModelUnavailable,))
 
 
 if __name__ == "__main__":
