@@ -49,7 +49,7 @@ def user_errors(debug=False, prefix="error"):
         raise SystemExit(2) from None
 
 
-def trainer_main(module, schema, run, argv=None, extra_user_errors=()):
+def trainer_main(module, doc, schema, run, argv=None, extra_user_errors=()):
     """The command line both trainers share (`python -m train.train_dit` / `train.train_vae`): the config from
     YAML + overrides (a mistake: one line, exit 2), --print-config, --debug, then `run(cfg)`. A user mistake
     while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint."""
@@ -61,8 +61,7 @@ def trainer_main(module, schema, run, argv=None, extra_user_errors=()):
     from .config import ConfigError, add_config_args, config_from_args, dump_config
     from .guard import NonFiniteError
 
-    doc = sys.modules[module].__doc__ or ""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
     add_config_args(parser, schema=schema)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_debug_arg(parser)

@@ -418,8 +418,8 @@ def train(cfg: DiTTrainConfig, eval_fn=None):
 
 
 def main(argv=None):
-    return trainer_main("train.train_dit", DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)), argv,
-                        extra_user_errors=(fp8_lib.FP8Unavailable,))
+    return trainer_main("train.train_dit", __doc__, DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)),
+                        argv, extra_user_errors=(fp8_lib.FP8Unavailable,))
 
 
 if __name__ == "__main__":

@@ -555,7 +555,7 @@ def train(cfg: VAVAETrainConfig):
 
 
 def main(argv=None):
-    return trainer_main("train.train_vae", VAVAETrainConfig, train, argv,
+    return trainer_main("train.train_vae", __doc__, VAVAETrainConfig, train, argv,
                         extra_user_errors=(FoundationModelUnavailable,))
 
 
