@@ -164,6 +164,7 @@ def stage_latents(a, out, data_root):
 
 def stage_classifier(a, out, data_root):
     from bench.eval.classifier import SmallClassifier, load_image_folder, train_classifier
+    from modeling.safe_load import safe_torch_load
 
     images, labels, classes = load_image_folder(data_root)
     path = out / "classifier.pt"
@@ -172,13 +173,14 @@ def stage_classifier(a, out, data_root):
         np.savez(str(ref) + ".tmp.npz", arr_0=images, arr_1=labels)
         os.replace(str(ref) + ".tmp.npz", ref)
     if path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = safe_torch_load(path, "demo classifier")  # tensors and plain types only
         clf = SmallClassifier(len(classes))
         clf.load_state_dict(saved["state_dict"])
         info = saved["info"]
     else:
         clf, info = train_classifier(images, labels, len(classes), steps=a.classifier_steps, seed=a.seed,
                                      flip=a.flip)
+        info = json.loads(json.dumps(info, default=float))  # plain types: loads with weights_only=True
         torch.save({"state_dict": clf.state_dict(), "info": info}, path)
     print(f"classifier: accuracy on held-out real images {info.get('holdout_acc', float('nan')):.3f} "
           f"({info['holdout_images']} images, chance {1 / len(classes):.3f})")
