@@ -230,7 +230,7 @@ def main():
     from train.config import cli_parser
     p = cli_parser("bench.gpu_suite", __doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"), help="output folder")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new section starts")
+    p.add_argument("--budget", type=float, default=360.0, help="seconds after which no new section starts")
     p.add_argument("--part", choices=["A", "B", "all"], default="all", help="A: training, B: other benchmarks")
     p.add_argument("--cpu-smoke", action="store_true", help="every section, tiny shapes, on the CPU")
     a = p.parse_args()

@@ -25,7 +25,7 @@ if [[ " $* " != *" --cpu-smoke "* ]] && [[ " $* " != *" --part B "* ]]; then
     echo "$rc" > "$OUT/build_ext.done" ) &
   export SUITE_BUILD_BG=1
 fi
-timeout "${SUITE_TIMEOUT:-560}" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
+timeout "${SUITE_TIMEOUT:-450}" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
 rc=$?
 wait
 exit $rc
