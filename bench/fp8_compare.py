@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.plots import plot_curves
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,22 +42,6 @@ def compare(bf16, fp8, rtol):
             "agree": rel <= rtol}
 
 
-def plot(bf16, fp8, path, label):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(bf16) + 1), bf16, label="bf16 autocast", lw=1.2)
-    ax.plot(range(1, len(fp8) + 1), fp8, label=f"bf16 + FP8 ({label})", lw=1.2, ls="--")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mse + cos)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     from train.config import cli_parser
 
@@ -80,7 +66,8 @@ def main(argv=None):
     res = {**compare(bf16, fp8, a.rtol), "fp8": desc, "device": "cuda" if torch.cuda.is_available() else "cpu",
            "config": a.config, "overrides": common, "bf16_losses": bf16, "fp8_losses": fp8}
     (out / "fp8_compare.json").write_text(json.dumps(res, indent=1))
-    plot(bf16, fp8, out / "fp8_compare.png", desc)
+    plot_curves(out / "fp8_compare.png", [("loss (mse + cos)", {"bf16 autocast": bf16,
+                                                                 f"bf16 + FP8 ({desc})": fp8})], log_y=True)
     print(f"bf16 vs FP8 ({desc}, {res['device']}): last-{res['tail_steps']}-step mean loss "
           f"{res['bf16_tail_mean']:.4f} vs {res['fp8_tail_mean']:.4f} (rel diff {res['tail_rel_diff']:.2%}; "
           f"first loss {res['first_loss']:.3f}) -> {'agree' if res['agree'] else 'DISAGREE'}; {out}/fp8_compare.png")

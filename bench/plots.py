@@ -30,11 +30,37 @@ def _save(fig, path, rect=(0, 0, 1, 1)):
     return path
 
 
+def _save_listing(fig, path, heading, errors, line_height):
+    """Save `fig`; the entries that produced no bar (at most four, then a count) are listed under the chart."""
+    import textwrap
+    if not errors:
+        return _save(fig, path)
+    shown = [textwrap.shorten(e, 110) for e in errors[:4]] + ([f"... and {len(errors) - 4} more"]
+                                                              if len(errors) > 4 else [])
+    fig.text(0.01, 0.005, f"{heading}:\n" + "\n".join(shown), fontsize=6, va="bottom")
+    return _save(fig, path, rect=(0, 0.04 + line_height * len(shown), 1, 1))
+
+
+def plot_curves(path, panels, log_y=False):
+    """Per-step curves on the same seed, one panel per metric: panels = [(ylabel, {label: values}), ...];
+    the first series solid, the others dashed (bench.fp8_compare, bench.vae_precision_compare)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for i, (label, values) in enumerate(series.items()):
+            ax.plot(range(1, len(values) + 1), values, label=label, lw=1.2, ls="-" if i == 0 else "--")
+        ax.set(xlabel="step", ylabel=ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_throughput(report, path):
     """bench.throughput report -> PNG: img/s per case (bars grouped by batch size, one colour per backend),
     with MFU / TFLOP/s written on each bar; the title names the device, the peak and the commit."""
-    import textwrap
-
     report = _load(report)
     rows = report.get("results") or []
     if not rows:
@@ -76,19 +102,12 @@ def plot_throughput(report, path):
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    if errors:
-        shown = [textwrap.shorten(e, 110) for e in errors[:4]] + ([f"... and {len(errors) - 4} more"]
-                                                                  if len(errors) > 4 else [])
-        fig.text(0.01, 0.005, "failed:\n" + "\n".join(shown), fontsize=6, va="bottom")
-        return _save(fig, path, rect=(0, 0.04 + 0.04 * len(shown), 1, 1))
-    return _save(fig, path)
+    return _save_listing(fig, path, "failed", errors, line_height=0.04)
 
 
 def plot_ops(results, path, metric="fwd_bwd_GBps"):
     """bench.ops_bench results -> PNG: GB/s per op (`metric`: fwd_GBps or fwd_bwd_GBps), one bar per
     implementation that ran; errors are listed under the plot."""
-    import textwrap
-
     results = _load(results)
     ops = [k for k, v in results.items() if k != "attention" and isinstance(v, dict)]
     errors = [f"{op}/{impl}: {row.get('error', 'no ' + metric)}" for op in ops for impl, row in results[op].items()
@@ -111,9 +130,4 @@ def plot_ops(results, path, metric="fwd_bwd_GBps"):
     ax.set(ylabel=metric.replace("_GBps", " GB/s").replace("_", "+"), title=f"memory-bound ops: {metric}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    if errors:
-        shown = [textwrap.shorten(e, 110) for e in errors[:4]] + ([f"... and {len(errors) - 4} more"]
-                                                                  if len(errors) > 4 else [])
-        fig.text(0.01, 0.005, "not run:\n" + "\n".join(shown), fontsize=6, va="bottom")
-        return _save(fig, path, rect=(0, 0.04 + 0.03 * len(shown), 1, 1))
-    return _save(fig, path)
+    return _save_listing(fig, path, "not run", errors, line_height=0.03)

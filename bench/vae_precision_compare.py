@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.plots import plot_curves
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("rec", "vf")
 
@@ -48,22 +50,6 @@ def compare(a, b, rtol):
     return res
 
 
-def plot(a, b, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.5))
-    for ax, m in zip(axes, METRICS):
-        ax.plot(range(1, len(a[m]) + 1), a[m], label="fp32", lw=1.2)
-        ax.plot(range(1, len(b[m]) + 1), b[m], label="bf16 autocast", lw=1.2, ls="--")
-        ax.set_xlabel("step")
-        ax.set_ylabel(m)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     from train.config import cli_parser
     ap = cli_parser("bench.vae_precision_compare", __doc__)
@@ -81,7 +67,7 @@ def main(argv=None):
            "config": a.config, "overrides": a.set, "fp32": fp32, "bf16": bf16}
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision_compare.json").write_text(json.dumps(res, indent=1))
-    plot(fp32, bf16, out / "precision_compare.png")
+    plot_curves(out / "precision_compare.png", [(m, {"fp32": fp32[m], "bf16 autocast": bf16[m]}) for m in METRICS])
     for m in METRICS:
         if m in res:
             r = res[m]

@@ -52,6 +52,19 @@ def _jsonable(value):
     return value
 
 
+def build_config(config_cls, config=None, kwargs=None):
+    """A model constructor's one config dataclass: `config` itself, or `config_cls(**kwargs)` (keyword arguments
+    are a shorthand for the same dataclass); validated. TypeError for both at once or a config of another type."""
+    if config is None:
+        config = config_cls(**(kwargs or {}))
+    elif kwargs:
+        raise TypeError(f"pass either a {config_cls.__name__} or keyword arguments, not both")
+    elif not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__}, got {type(config).__name__}")
+    config.validate()
+    return config
+
+
 def model_kind(model_or_cls):
     name = model_or_cls.__name__ if isinstance(model_or_cls, type) else type(model_or_cls).__name__
     from .lightningdit import LightningDiT

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import ops
 
-from .hub import HubMixin
+from .hub import HubMixin, build_config
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -307,14 +307,7 @@ class LightningDiT(nn.Module, HubMixin):
 
     def __init__(self, config: LightningDiTConfig = None, /, **kwargs):
         super().__init__()
-        if config is None:
-            config = LightningDiTConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a LightningDiTConfig or keyword arguments, not both")
-        elif not isinstance(config, LightningDiTConfig):
-            raise TypeError(f"config must be a LightningDiTConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = c = config
+        self.config = c = build_config(LightningDiTConfig, config, kwargs)
         input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
         num_heads, num_classes, mlp_ratio = c.num_heads, c.num_classes, c.mlp_ratio
         self.in_channels = in_channels

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hub import HubMixin
+from .hub import HubMixin, build_config
 
 
 @dataclass
@@ -228,14 +228,7 @@ class AutoencoderKL(nn.Module, HubMixin):
 
     def __init__(self, config: VAVAEModelConfig = None, /, **kwargs):
         super().__init__()
-        if config is None:
-            config = VAVAEModelConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a VAVAEModelConfig or keyword arguments, not both")
-        elif not isinstance(config, VAVAEModelConfig):
-            raise TypeError(f"config must be a VAVAEModelConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = c = config
+        self.config = c = build_config(VAVAEModelConfig, config, kwargs)
         self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.in_channels,
                                c.z_channels, c.dropout)
         self.decoder = Decoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.z_channels,

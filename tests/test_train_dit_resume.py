@@ -4,54 +4,38 @@ final weights (model and EMA) as the uninterrupted run."""
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from multiproc import env, metrics_by_step, torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _cmd(run_dir):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-            "-m", "train.train_dit", "--config", "configs/dit_tiny_cpu.yaml",
-            f"train.steps={STEPS}", "train.global_batch=32", "train.batch_per_gpu=8", "train.zero_stage=2",
-            f"checkpoint.every={EVERY}", "checkpoint.keep_last=5", f"checkpoint.dir={run_dir}/ckpt",
-            f"logging.dir={run_dir}", "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false"]
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+    return torchrun("train.train_dit", "--config", "configs/dit_tiny_cpu.yaml",
+                    f"train.steps={STEPS}", "train.global_batch=32", "train.batch_per_gpu=8", "train.zero_stage=2",
+                    f"checkpoint.every={EVERY}", "checkpoint.keep_last=5", f"checkpoint.dir={run_dir}/ckpt",
+                    f"logging.dir={run_dir}", "logging.every=1", "logging.progress_bar=false",
+                    "logging.tensorboard=false")
 
 
 def _losses(run_dir):
     """step -> (loss, mse, cos, grad_norm) from the last line written for that step."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = (r["loss"], r["mse"], r["cos"], r["grad_norm"])
-    return out
+    return metrics_by_step(run_dir, lambda r: (r["loss"], r["mse"], r["cos"], r["grad_norm"]))
 
 
 @pytest.mark.slow
 def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cmd(straight), cwd=REPO, env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(straight), cwd=REPO, env=env(), check=True, timeout=300, capture_output=True)
 
-    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     pointer = killed / "ckpt" / "latest.json"
     deadline = time.time() + 240
@@ -62,7 +46,7 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     saved = json.loads(pointer.read_text())["step"]
     assert EVERY <= saved < STEPS, "the run was not interrupted mid-way"
 
-    subprocess.run(_cmd(killed), cwd=REPO, env=_env(), check=True, timeout=300, capture_output=True)
+    subprocess.run(_cmd(killed), cwd=REPO, env=env(), check=True, timeout=300, capture_output=True)
 
     a, b = _losses(straight), _losses(killed)
     assert sorted(a) == list(range(1, STEPS + 1)) and sorted(b) == sorted(a)
@@ -85,7 +69,7 @@ def test_lost_rank_exits_non_zero_promptly(tmp_path):
     run_dir = tmp_path / "lost"
     cmd = _cmd(run_dir)
     cmd = [c for c in cmd if not c.startswith("train.steps=")] + ["train.steps=100000", "dist.timeout_s=30"]
-    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
         metrics = run_dir / "metrics.jsonl"

@@ -5,9 +5,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,50 +14,35 @@ import psutil
 import pytest
 import torch
 
+from multiproc import env, metrics_by_step, torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 4
 NOT_COMPARED = ("time", "img_per_s", "eta_s", "peak_rss_gib", "peak_mem_gib", "peak_reserved_gib")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _cmd(run_dir):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-            "-m", "train.train_vae", "--config", "configs/vavae_tiny_cpu.yaml",
-            "model.ch=32", "model.ch_mult=[1,2]", "model.resolution=32", "model.z_channels=4", "model.embed_dim=4",
-            "foundation.name=random_tiny", "foundation.input_size=null", "loss.disc_start=3", "loss.disc_ndf=8",
-            "data.num_samples=24", f"train.steps={STEPS}", "train.batch_per_gpu=2", "train.zero_stage=2",
-            f"checkpoint.every={EVERY}", "checkpoint.keep_last=5", f"logging.dir={run_dir}", "logging.every=1",
-            "logging.progress_bar=false", "logging.tensorboard=false", "logging.reconstructions=false"]
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+    return torchrun("train.train_vae", "--config", "configs/vavae_tiny_cpu.yaml",
+                    "model.ch=32", "model.ch_mult=[1,2]", "model.resolution=32", "model.z_channels=4", "model.embed_dim=4",
+                    "foundation.name=random_tiny", "foundation.input_size=null", "loss.disc_start=3", "loss.disc_ndf=8",
+                    "data.num_samples=24", f"train.steps={STEPS}", "train.batch_per_gpu=2", "train.zero_stage=2",
+                    f"checkpoint.every={EVERY}", "checkpoint.keep_last=5", f"logging.dir={run_dir}", "logging.every=1",
+                    "logging.progress_bar=false", "logging.tensorboard=false", "logging.reconstructions=false")
 
 
 def _metrics(run_dir):
     """step -> every logged value but the timings, from the last line written for that step."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = {k: v for k, v in r.items() if k not in NOT_COMPARED}
-    return out
+    return metrics_by_step(run_dir, lambda r: {k: v for k, v in r.items() if k not in NOT_COMPARED})
 
 
 @pytest.mark.slow
 def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = subprocess.run(_cmd(straight), cwd=REPO, env=_env(), timeout=300, capture_output=True, text=True)
+    r = subprocess.run(_cmd(straight), cwd=REPO, env=env(), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
     log = open(tmp_path / "killed.log", "w")
-    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(_cmd(killed), cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     pointer = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 420  # a loaded 2-core machine starts 2 DeepSpeed ranks slowly
@@ -80,7 +63,7 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     assert EVERY <= saved < STEPS, "the run was not interrupted mid-way"
     assert not (killed / "tokenizer.pt").exists()
 
-    r = subprocess.run(_cmd(killed), cwd=REPO, env=_env(), timeout=300, capture_output=True, text=True)
+    r = subprocess.run(_cmd(killed), cwd=REPO, env=env(), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {killed / 'checkpoints'}" in r.stdout + r.stderr
 

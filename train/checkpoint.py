@@ -514,6 +514,25 @@ class CheckpointManager:
                 tmp.mkdir()
         return tmp
 
+    @contextlib.contextmanager
+    def saving(self, step, is_main=True):
+        """Every rank writes checkpoint `step` into the yielded temp folder; when all ranks are done, rank 0
+        commits it (fsync, manifest, rename). A full disk while writing is reported as such.
+
+            with ckpt.saving(step, is_main) as tmp:
+                engine.save_checkpoint(str(tmp), ...); atomic_torch_save(state, tmp / "rank_00000.pt")
+        """
+        from .distributed import barrier
+        tmp = self.begin(step, is_main)
+        barrier()
+        with disk_full_errors(tmp):
+            yield tmp
+        barrier()
+        if is_main:
+            self.commit(step)
+            log.info("checkpoint saved: %s", self.step_dir(step))
+        barrier()
+
     def commit(self, step):
         """Make the temp directory of `step` the latest checkpoint (rank 0 only, after all writes)."""
         tmp, final = self.tmp_dir(step), self.step_dir(step)

@@ -28,9 +28,9 @@ from modeling.lightningdit import LightningDiT
 
 from . import fp8 as fp8_lib
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
-                         disk_full_errors, load_state, rng_state, set_rng_state)
+                         load_state, rng_state, set_rng_state)
 from .config import ConfigError, dump_config, from_dict, to_dict
-from .distributed import all_reduce_mean, barrier, init_distributed
+from .distributed import all_reduce_mean, init_distributed
 from .dit_config import DiTTrainConfig
 from .ema import EMA, _gathered
 from .errors import trainer_main
@@ -106,7 +106,8 @@ def deepspeed_config(cfg, world_size):
         # memory_efficient_linear: ZeRO-3 would replace torch.nn.functional.linear for the whole process with an
         # autograd.Function that torch.compile cannot trace (train.compile=blocks then fails) and that persists
         # after the engine is gone; our Linear layers need no replacement.
-        "zero_optimization": {"stage": t.zero_stage, **({"memory_efficient_linear": False} if t.zero_stage == 3 else {})},
+        "zero_optimization": {"stage": t.zero_stage,
+                              **({"memory_efficient_linear": False} if t.zero_stage == 3 else {})},
         "torch_autocast": deepspeed_autocast(t.precision),  # bf16 inside the engine's forward (train/precision.py)
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -332,21 +333,14 @@ class Trainer:
         """Model + optimizer (DeepSpeed, every rank's shard), EMA, every rank's RNG/generator/data position,
         step and config, written under a temp name and committed atomically by rank 0."""
         info = self.info
-        tmp = self.ckpt.begin(self.step, info.is_main)
-        barrier()
-        with disk_full_errors(tmp):
+        with self.ckpt.saving(self.step, info.is_main) as tmp:
             self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
-        atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
-                           "loader": self._loader_state()}, tmp / f"rank_{info.rank:05d}.pt")
-        if info.is_main:
-            atomic_torch_save({"step": self.step, "ema": self.ema.state_dict(), "config": to_dict(self.cfg),
-                               "world_size": info.world_size, **self.guard.state_dict(), "fp8": self.fp8_desc},
-                              tmp / "trainer.pt")
-        barrier()
-        if info.is_main:
-            self.ckpt.commit(self.step)
-            log.info("checkpoint saved: %s", self.ckpt.step_dir(self.step))
-        barrier()
+            atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
+                               "loader": self._loader_state()}, tmp / f"rank_{info.rank:05d}.pt")
+            if info.is_main:
+                atomic_torch_save({"step": self.step, "ema": self.ema.state_dict(), "config": to_dict(self.cfg),
+                                   "world_size": info.world_size, **self.guard.state_dict(), "fp8": self.fp8_desc},
+                                  tmp / "trainer.pt")
 
     def resume(self):
         latest = self.ckpt.latest_valid()  # a truncated / incomplete newest checkpoint: the previous one

@@ -460,24 +460,18 @@ class Trainer:
         """Both engines (DeepSpeed, every rank's shard), every rank's RNG / posterior generator / data position
         / discriminator BatchNorm statistics, step, guard and config; committed atomically by rank 0."""
         info = self.info
-        tmp = self.ckpt.begin(self.step, info.is_main)
-        barrier()
-        self.engine_ae.save_checkpoint(str(tmp), tag="autoencoder", save_latest=False)
-        self.engine_d.save_checkpoint(str(tmp), tag="discriminator", save_latest=False)
-        atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
-                           "loader": self.loader.state_dict(),
-                           "disc_buffers": {k: v.detach().cpu().clone()
-                                            for k, v in self.loss_fn.discriminator.named_buffers()}},
-                          tmp / f"rank_{info.rank:05d}.pt")
-        if info.is_main:
-            atomic_torch_save({"step": self.step, "config": to_dict(self.cfg), "world_size": info.world_size,
-                               "guard": self.guard.state_dict(), "logvar": self.loss_fn.logvar.detach().cpu()},
-                              tmp / "trainer.pt")
-        barrier()
-        if info.is_main:
-            self.ckpt.commit(self.step)
-            log.info("checkpoint saved: %s", self.ckpt.step_dir(self.step))
-        barrier()
+        with self.ckpt.saving(self.step, info.is_main) as tmp:
+            self.engine_ae.save_checkpoint(str(tmp), tag="autoencoder", save_latest=False)
+            self.engine_d.save_checkpoint(str(tmp), tag="discriminator", save_latest=False)
+            atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
+                               "loader": self.loader.state_dict(),
+                               "disc_buffers": {k: v.detach().cpu().clone()
+                                                for k, v in self.loss_fn.discriminator.named_buffers()}},
+                              tmp / f"rank_{info.rank:05d}.pt")
+            if info.is_main:
+                atomic_torch_save({"step": self.step, "config": to_dict(self.cfg), "world_size": info.world_size,
+                                   "guard": self.guard.state_dict(), "logvar": self.loss_fn.logvar.detach().cpu()},
+                                  tmp / "trainer.pt")
 
     def resume(self):
         """Continue from the newest complete checkpoint (an incomplete or corrupt newer one is skipped with a
