@@ -212,12 +212,23 @@ def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
+SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "bf16-weights+model+graphs@256",
+                 "fp8+tensorwise+model+graphs@128", "fp8+model+graphs@256", "bf16-weights+model+autotune+graphs@128")
 EXTRA_COMMANDS = {
-    # sampling speed at the paper's settings through generate's Sampler (issue 10), ~85 s on an H200
-    "sampling": (f"{_PY} -m bench.throughput --mode sample --out $OUT/sample_throughput", 240,
+    # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
+    # (issue 10), ~25 s; the fixtures come from $VAVAE_PARITY_DIR (the carried .parity)
+    "precision_guard": (f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cuda "
+                        "--cudagraphs on --json $OUT/precision_guard.json > $OUT/precision_guard.log 2>&1", 120,
+                        f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cpu "
+                        "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
+    # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
+    # entry's error is measured against it), the best path so far (4.67 img/s), FP8, batch 256, max-autotune
+    # last (minutes of autotuning); no entry starts after 240 s, each writes sample_throughput.partial.json
+    "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --plan " + ",".join(SAMPLING_PLAN)
+                 + " --out $OUT/sample_throughput", 420,
                  f"{_PY} -m bench.throughput --mode sample --model "
                  "'{\"input_size\": 4, \"patch_size\": 1, \"in_channels\": 4, \"hidden_size\": 32, \"depth\": 1, "
-                 "\"num_heads\": 2, \"num_classes\": 3}' --batch-sizes 2 --backends fp32 --sample-steps 3 "
+                 "\"num_heads\": 2, \"num_classes\": 3}' --plan fp32@2,bf16-weights@2 --sample-steps 3 "
                  "--no-decode --device cpu --out $OUT/sample_throughput"),
     # VA-VAE training step (fp32 eager vs bf16 / channels-last) and latent extraction (issue 11), < 100 s
     "vae_step": (f"{_PY} -m bench.vae_step --out $OUT/vae_step.json", 180, None),

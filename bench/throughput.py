@@ -197,7 +197,10 @@ def run_sample_mode(a, specs, batch_sizes):
     """bench.eval.sample_speed.measure_sampling: modeling.sampling.Sampler + batched decode, the code path
     bench.eval.generate runs, at the given settings; returns result rows."""
     from bench.eval.sample_speed import DEFAULT_PLAN, measure_sampling
-    plan = [f"{spec}@{bs}" for spec in specs for bs in batch_sizes] if specs else list(DEFAULT_PLAN)
+    if a.plan:
+        plan = [s.strip() for s in a.plan.split(",") if s.strip()]
+    else:
+        plan = [f"{spec}@{bs}" for spec in specs for bs in batch_sizes] if specs else list(DEFAULT_PLAN)
     kw = {}
     if a.model in LIGHTNINGDIT_SIZES:
         size = a.model
@@ -208,7 +211,9 @@ def run_sample_mode(a, specs, batch_sizes):
     res = measure_sampling(size=size, plan=plan, steps=a.sample_steps, scale_to=a.scale_to,
                            cfg_scale=6.7 if a.cfg_scale is None else a.cfg_scale,
                            cfg_interval_start=a.cfg_interval_start, guidance=a.guidance, device=a.device,
-                           decode=not a.no_decode, budget_s=a.budget_s, log=None, **kw)
+                           decode=not a.no_decode, budget_s=a.budget_s, log=print,
+                           partial_json=f"{a.out}.partial.json", **kw)
+    Path(f"{a.out}.partial.json").unlink(missing_ok=True)  # complete: the report replaces it
     rows = []
     for r in res["results"]:
         row = {"name": f"{size} {r['spec']} sample", "mode": "sample", "backend": r["spec"], "batch_size": r["batch"],
@@ -281,6 +286,8 @@ def common_args(p):
     p.add_argument("--guidance", choices=["reference", "all"], default="reference")
     p.add_argument("--no-decode", action="store_true", help="sample mode: skip the VA-VAE decode timing")
     p.add_argument("--budget-s", type=float, default=600.0, help="sample mode: no new entry after this")
+    p.add_argument("--plan", default=None, help="sample mode: SPEC@BATCH entries, comma-separated, run in this "
+                                                "order (instead of --backends x --batch-sizes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sample mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

@@ -31,7 +31,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # token-major memory: a transposed view here keeps the whole residual stream channel-major (compiled
+        # blocks keep their input's strides), so every norm reduces over a strided axis and every qkv / w12
+        # GEMM first copies its input
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):

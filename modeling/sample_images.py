@@ -65,7 +65,8 @@ def default_stats_path(dit_src):
 @torch.no_grad()
 def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
              guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
-             compile="none", cudagraphs="off", progress=False, return_sampler=False):
+             compile="none", cudagraphs="off", progress=False, return_sampler=False, autotune=False,
+             fp8_recipe="rowwise"):
     """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses."""
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
@@ -80,7 +81,8 @@ def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, c
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
     sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                       cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
-                      compile=compile, cudagraphs=cudagraphs, device=device)
+                      compile=compile, cudagraphs=cudagraphs, device=device, autotune=autotune,
+                      fp8_recipe=fp8_recipe)
     x = sampler(z, y, generator=g, progress=progress)
     latents = x * std.to(device) / latent_multiplier + mean.to(device)
     images = decode_images(vae, latents, precision)
@@ -104,7 +106,7 @@ def save_grid(images, path, ncol=None):
 def main(argv=None):
     from train.config import cli_parser  # (the one parser style of every command)
 
-    from .sampling import add_sampling_args, settings_from_args
+    from .sampling import add_sampling_args, execution_from_args, settings_from_args
     ap = cli_parser("modeling.sample_images", __doc__)
     ap.add_argument("--dit", required=True, help="our folder, a hub repo id, or a released .pt")
     ap.add_argument("--size", default=None, help="optional check for a released file, e.g. XL/1 (the architecture "
@@ -133,9 +135,8 @@ def main(argv=None):
         stats = a.stats if a.stats is not None else default_stats_path(a.dit)
         mean, std = load_latent_stats(stats, dit.in_channels)
         images, sampler = generate(dit, vae, a.labels, mean, std, seed=a.seed, latent_multiplier=a.latent_multiplier,
-                                   device=a.device, precision=a.precision, compile=a.compile,
-                                   cudagraphs=a.cudagraphs, progress=not a.no_progress, return_sampler=True,
-                                   **settings)
+                                   device=a.device, progress=not a.no_progress, return_sampler=True,
+                                   **execution_from_args(a), **settings)
     except (ValueError, FileNotFoundError, CheckpointMismatchError, CheckpointLoadError, RuntimeError) as e:
         ap.exit(2, f"error: {' '.join(str(e).split())}\n")
     d = sampler.describe()

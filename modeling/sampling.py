@@ -152,14 +152,20 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
 # object per (model, settings), reused for every batch. fp32 + eager computes exactly `sample` (tested
 # bit-for-bit); the fast options change how, not what, is computed:
 #   precision  "fp32" | "bf16" (autocast on the fp32 weights, as training) | "bf16-weights" (a bf16 copy)
+#              | "fp8" (the bf16 copy with the blocks' qkv / proj / w12 / w3 matmuls in FP8 through torchao,
+#              dynamic scaling per row by default, per tensor with fp8_recipe="tensorwise"; an FP8 GPU, or
+#              fp8_emulation=True for accuracy checks on the CPU)
 #              -- the ODE state, the time grid, the guidance mix and the Euler update stay fp32;
 #   compile    "none" | "blocks" (torch.compile of each block, static shapes: one graph per batch shape)
-#              | "model" (torch.compile of the whole forward, static shapes);
+#              | "model" (torch.compile of the whole forward, static shapes); autotune=True compiles with
+#              mode "max-autotune-no-cudagraphs" (inductor benchmarks Triton GEMM templates with fused
+#              epilogues against cuBLAS; minutes of compilation; the CUDA graphs stay ours);
 #   cudagraphs "off" | "on" | "auto" (on where the device is CUDA and the method is Euler): the guided and
 #              the unguided Euler step are each captured once per batch size and replayed, so a step
 #              costs one launch. An explicit request that cannot run is an error, never a fallback.
 
-PRECISIONS = ("fp32", "bf16", "bf16-weights")
+PRECISIONS = ("fp32", "bf16", "bf16-weights", "fp8")
+FP8_RECIPES = ("rowwise", "tensorwise")
 COMPILE_MODES = ("none", "blocks", "model")
 CUDAGRAPH_MODES = ("off", "on", "auto")
 
@@ -188,9 +194,13 @@ class Sampler:
 
     def __init__(self, model, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
                  guidance="all", precision="fp32", compile="none", cudagraphs="off", device=None,
-                 static_batch=None):
+                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+        if autotune and compile == "none":
+            raise SamplerUnavailable("autotune is a torch.compile mode: it needs compile='blocks' or 'model'")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if cudagraphs not in CUDAGRAPH_MODES:
@@ -202,7 +212,8 @@ class Sampler:
         self.device = torch.device(device if device is not None else next(model.parameters()).device)
         self.steps, self.method, self.shift = steps, method, shift
         self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
-        self.precision, self.compile_mode = precision, compile
+        self.precision, self.compile_mode, self.autotune = precision, compile, bool(autotune)
+        self.fp8 = None
         if cudagraphs == "on":
             if self.device.type != "cuda":
                 raise SamplerUnavailable(f"CUDA graphs were requested but the sampler runs on {self.device}; "
@@ -215,16 +226,25 @@ class Sampler:
                                                  and method == "euler")
         self.num_classes = model.num_classes
         model = model.eval()
-        if precision == "bf16-weights":
+        if precision in ("bf16-weights", "fp8"):
             model = copy.deepcopy(model).to(torch.bfloat16)
         elif compile != "none":
             model = _shared_copy(model)  # compile a copy: the caller's model object stays as it was
+        if precision == "fp8":
+            from .fp8 import FP8Unavailable, apply_fp8, check_fp8
+            remedy = "Use --precision bf16-weights instead."
+            try:
+                self.fp8 = f"{check_fp8('torchao', self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
+                apply_fp8(model.to(self.device), "torchao", fp8_recipe, fp8_emulation, remedy)
+            except FP8Unavailable as e:
+                raise SamplerUnavailable(f"precision fp8: {e}") from None
+        mode = "max-autotune-no-cudagraphs" if autotune else None
         if compile == "blocks":
             for block in model.blocks:
-                block.compile(dynamic=False)
+                block.compile(dynamic=False, mode=mode)
             self.forward = model
         elif compile == "model":
-            self.forward = torch.compile(model, dynamic=False)
+            self.forward = torch.compile(model, dynamic=False, mode=mode)
         else:
             self.forward = model
         self.model = model
@@ -242,15 +262,15 @@ class Sampler:
     def describe(self):
         return {"method": self.method, "steps": self.steps, "shift": self.shift, "cfg_scale": self.cfg_scale,
                 "cfg_interval_start": self.cfg_interval_start, "guidance": self.guidance,
-                "precision": self.precision, "compile": self.compile_mode,
-                "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
+                "precision": self.precision, "compile": self.compile_mode, "autotune": self.autotune,
+                "fp8": self.fp8, "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
                 "guided_steps": sum(self.guided), "model_calls": len(self.grid) - 1,
                 "static_batch": self.static_batch}
 
     # ------------------------------------------------------------------ the velocity
     def _model_out(self, x, t, y):
         """The model's velocity in fp32 for fp32 state x, (B,) times t, labels y."""
-        if self.precision == "bf16-weights":
+        if self.precision in ("bf16-weights", "fp8"):
             return self.forward(x.to(torch.bfloat16), t, y).float()
         with autocast_context(self.device, self.precision):
             out = self.forward(x, t, y)
@@ -356,10 +376,10 @@ class Sampler:
 
 @torch.no_grad()
 def decode_images(vae, latents, precision="fp32", batch_size=None):
-    """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' decode under bf16 autocast
+    """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' / 'fp8' decode under bf16 autocast
     (GroupNorm and the final clamp stay fp32)."""
     dev = latents.device
-    prec = "bf16" if precision in ("bf16", "bf16-weights") else "fp32"
+    prec = "bf16" if precision in ("bf16", "bf16-weights", "fp8") else "fp32"
     bs = batch_size or len(latents)
     out = []
     for i in range(0, len(latents), bs):
@@ -390,12 +410,25 @@ def add_sampling_args(p, fast_default=False):
                         "tuned for it); all: standard guidance on every channel (needs its own cfg scale)")
     x = p.add_argument_group("execution")
     x.add_argument("--precision", choices=PRECISIONS, default="bf16-weights" if fast_default else "fp32",
-                   help="bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; the ODE state stays fp32")
+                   help="bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; fp8: that copy with the "
+                        "blocks' matmuls in FP8 (torchao, an FP8 GPU; see docs/sampling.md for its accuracy); "
+                        "the ODE state stays fp32")
+    x.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="rowwise",
+                   help="--precision fp8: dynamic scales per row, or per tensor")
     x.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile with static shapes: each block, or the whole forward")
+    x.add_argument("--autotune", action="store_true",
+                   help="with --compile: inductor's max-autotune (Triton GEMMs with fused epilogues where they "
+                        "measure faster; minutes of compilation)")
     x.add_argument("--cudagraphs", choices=CUDAGRAPH_MODES, default="auto",
                    help="capture each Euler step as a CUDA graph (auto: on CUDA; on: error where impossible)")
     return p
+
+
+def execution_from_args(a):
+    """The Sampler's execution options (how, not what, it computes) from parsed add_sampling_args flags."""
+    return dict(precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs, autotune=a.autotune,
+                fp8_recipe=a.fp8_recipe)
 
 
 def settings_from_args(a, stored=None):

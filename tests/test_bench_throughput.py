@@ -104,6 +104,11 @@ def test_sample_mode_runs_generates_sampler(tmp_path, monkeypatch):
     assert fp32["settings"]["cfg_scale"] == 6.7 and fp32["settings"]["guidance"] == "reference"
     assert calls and set(calls) == {2}
     assert "| custom fp32@2 sample |" in (tmp_path / "s.md").read_text()
+    # --plan: the suite's mixed entries, in order; the per-entry partial file is gone once the report is written
+    report = throughput_main(["--mode", "sample", "--model", TINY, "--plan", "bf16-weights@3,fp32@2", "--sample-steps",
+                              "3", "--no-decode", "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert [(r["backend"], r["batch_size"]) for r in report["results"]] == [("bf16-weights@3", 3), ("fp32@2", 2)]
+    assert (tmp_path / "p.json").exists() and not (tmp_path / "p.partial.json").exists()
 
 
 def test_compare_interleaves_trainers_and_reports_ratio(tmp_path, count_train_steps):

@@ -37,6 +37,10 @@ def test_released_checkpoint_to_fid(parity_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen_cli.main(args[:-2] + ["--precision", "bf16"])
     assert "precision: recorded 'fp32', now 'bf16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # FP8 where it cannot run: one line that says what to use instead
+        gen_cli.main(args[:-2] + ["--precision", "fp8"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: precision fp8:") and "--precision bf16-weights" in err and err.count("\n") == 1
     with pytest.raises(SettingsMismatchError, match="cfg_scale"):
         gen_cli.check_settings(out.with_suffix(".chunks"), {**settings, "sampler": {**settings["sampler"],
                                                                                    "cfg_scale": 1.0}})

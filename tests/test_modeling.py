@@ -35,6 +35,21 @@ def test_param_counts_every_size(size):
         assert abs(model.flops_per_sample(train=True) / 1e9 - 712) < 1.0
 
 
+def test_residual_stream_is_token_major():
+    """Every block Linear sees a contiguous (B, N, C) input: a channel-major residual stream (the conv's
+    transposed view) would make each norm reduce over a strided axis and each qkv / w12 GEMM copy its input,
+    and compiled blocks keep their input's strides, so it would last through all blocks."""
+    torch.manual_seed(0)
+    m = LightningDiT(**TINY).eval()
+    seen = []
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (name.startswith("blocks.") or name.startswith("final_layer.linear")):
+            mod.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, inp[0].is_contiguous())))
+    with torch.no_grad():
+        m(torch.randn(3, 8, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]))
+    assert len(seen) == 2 * 5 + 1 and all(ok for _, ok in seen), [n for n, ok in seen if not ok]
+
+
 def test_reference_names_accepted_and_unknown_refused():
     with torch.device("meta"):
         assert build_lightningdit("LightningDiT-B/2", input_size=16).config.hidden_size == 768

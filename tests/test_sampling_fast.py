@@ -21,6 +21,16 @@ def _tiny(seed=0):
     return m.eval()
 
 
+def _fp8_tiny(seed=0):
+    """Every block matmul a multiple of 16 (hidden 96: qkv 288, w12 512, w3 256 -> 96)."""
+    torch.manual_seed(seed)
+    m = LightningDiT(**dict(TINY, hidden_size=96))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
 def test_fp32_eager_is_sample_bit_for_bit(parity_dir):
     dit = LightningDiT.from_pretrained(parity_dir / "lightningdit_a.pt")
     io = torch.load(parity_dir / "lightningdit_a_io.pt", weights_only=False)
@@ -34,9 +44,9 @@ def test_fp32_eager_is_sample_bit_for_bit(parity_dir):
     assert torch.equal(Sampler(dit, **heun)(z, y), sample(dit, z, y, **heun))
 
 
-def test_bf16_guard_on_the_fixtures(parity_dir):
+def test_precision_guard_on_the_fixtures(parity_dir):
     """The guard's first half: fp32 reproduces the reference samples; bf16 stays within 1% per sample."""
-    from bench.eval.bf16_guard import fixture_rows
+    from bench.eval.precision_guard import fixture_rows
     rows = fixture_rows(parity_dir)
     assert [r["fixture"] for r in rows] == ["lightningdit_a", "lightningdit_b"]
     for r in rows:
@@ -45,15 +55,50 @@ def test_bf16_guard_on_the_fixtures(parity_dir):
             assert 1e-5 < r[f"{p}_rel_err"]["max"] < 1e-2, (p, r)  # really ran in bf16, and stayed close
 
 
-def test_bf16_guard_on_a_trained_model():
+def test_precision_guard_on_a_trained_model():
     """The guard's second half, small: a model trained here; the Frechet distance between bf16 and fp32 samples
     (same noise) is a small fraction of the distance between two fp32 sample sets with different seeds."""
-    from bench.eval.bf16_guard import trained_model_rows
+    from bench.eval.precision_guard import trained_model_rows
     res = trained_model_rows(num_samples=128, steps=8, train_steps=80, train_batch=64, precisions=("bf16",))
     floor, b = res["fd_fp32_seedA_vs_fp32_seedB"], res["bf16"]
     assert floor > 0 and b["fd_vs_fp32_same_seed"] > 0
     assert b["fd_ratio_to_seed_floor"] < 0.1, res
     assert b["rel_err_median"] < 0.03, res
+
+
+def test_precision_guard_fp8():
+    """FP8 (torchao's emulation on the CPU): further from fp32 than bf16 (it really ran in FP8), still well inside
+    the seed-to-seed distance; a fixture whose matmuls FP8 cannot take says so instead of a number."""
+    from bench.eval.precision_guard import fixture_rows, trained_model_rows
+    res = trained_model_rows(num_samples=128, steps=8, train_steps=80, train_batch=64,
+                             precisions=("bf16-weights", "fp8"))
+    b, f = res["bf16-weights"], res["fp8"]
+    assert b["rel_err_median"] < f["rel_err_median"] < 0.1, res
+    assert f["fd_ratio_to_seed_floor"] < 0.5, res
+
+
+def test_fp8_sampler_cpu_emulation_and_refusals():
+    from torchao.float8.float8_linear import Float8Linear
+    m = _fp8_tiny()
+    z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    kw = dict(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
+    with pytest.raises(SamplerUnavailable, match="FP8-capable CUDA GPU.*--precision bf16-weights"):
+        Sampler(m, precision="fp8", **kw)
+    s = Sampler(m, precision="fp8", fp8_emulation=True, **kw)
+    assert s.describe()["precision"] == "fp8" and "rowwise" in s.describe()["fp8"]
+    assert isinstance(s.model.blocks[0].mlp.w12, Float8Linear)
+    assert not any(isinstance(mod, Float8Linear) for mod in m.modules())  # the caller's model is untouched
+    fp32, bf16w, fp8 = Sampler(m, **kw)(z, y), Sampler(m, precision="bf16-weights", **kw)(z, y), s(z, y)
+    rel = lambda a: float((a - fp32).norm() / fp32.norm())  # noqa: E731
+    assert 0 < rel(bf16w) < rel(fp8) < 0.1  # FP8 really ran, and stayed close
+    tw = Sampler(m, precision="fp8", fp8_recipe="tensorwise", fp8_emulation=True, **kw)
+    assert "tensorwise" in tw.describe()["fp8"] and not torch.equal(tw(z, y), fp8)
+    with pytest.raises(SamplerUnavailable, match="divisible by 16"):
+        Sampler(_tiny(), precision="fp8", fp8_emulation=True, **kw)
+    with pytest.raises(SamplerUnavailable, match="autotune.*compile"):
+        Sampler(m, autotune=True, **kw)
+    with pytest.raises(ValueError, match="fp8_recipe"):
+        Sampler(m, precision="fp8", fp8_recipe="delayed", fp8_emulation=True, **kw)
 
 
 def test_compiled_blocks_static_batch_and_padding(monkeypatch, tmp_path):
@@ -89,18 +134,27 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
     from bench.eval.sample_speed import forward_units, measure_sampling, parse_spec
     assert parse_spec("bf16-weights+blocks+graphs@256") == (
         dict(precision="bf16-weights", compile="blocks", cudagraphs="on"), 256)
+    assert parse_spec("fp8+tensorwise+model+autotune+graphs@128") == (
+        dict(precision="fp8", compile="model", cudagraphs="on", autotune=True, fp8_recipe="tensorwise"), 128)
     with pytest.raises(ValueError, match="@BATCH"):
         parse_spec("bf16")
+    with pytest.raises(ValueError, match="tensorwise after fp8"):
+        parse_spec("bf16+tensorwise@4")
     assert forward_units([False, True, True]) == 5
-    res = measure_sampling("custom", ["fp32@4", "bf16@6", "bf16+graphs@4"], steps=5, input_size=4, in_channels=4,
+    res = measure_sampling("custom", ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
                            num_classes=3, model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
                            vae_config=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                                           resolution=8, z_channels=4, embed_dim=4), log=None)
-    fp32, bf16, graphs = res["results"]
+                                           resolution=8, z_channels=4, embed_dim=4), log=None,
+                           partial_json=tmp_path / "partial.json")
+    fp32, bf16, graphs, fp8 = res["results"]
+    partial = json.loads((tmp_path / "partial.json").read_text())  # rewritten after each entry
+    assert partial["partial"]
+    assert [r["spec"] for r in partial["results"]] == ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"]
     assert fp32["ran"]["precision"] == "fp32" and fp32["rel_err_vs_fp32"]["max"] == 0.0 and fp32["img_per_s"] > 0
     assert bf16["ran"]["precision"] == "bf16" and 0 < bf16["rel_err_vs_fp32"]["max"] < 0.05 and bf16["finite"]
     assert "img_per_s_with_decode" in bf16 and bf16["batch"] == 6
     assert "CUDA graphs were requested" in graphs["error"]  # no speed for a path that did not run
+    assert "FP8-capable CUDA GPU" in fp8["error"] and "img_per_s" not in fp8
     assert res["settings"]["guided_steps_scaled"] == "168/249" and res["env"]["device"] == "cpu"
     json.dumps(res)  # JSON-clean
     skipped = measure_sampling("custom", ["fp32@2"], steps=3, input_size=4, in_channels=4, num_classes=3,

@@ -70,7 +70,7 @@ def test_fp8_torchao_trains_and_export_loads(tmp_path):
 
 
 def test_fp8_refused_on_cpu_before_training(tmp_path):
-    from train.fp8 import FP8Unavailable
+    from modeling.fp8 import FP8Unavailable
     with pytest.raises(FP8Unavailable, match="Transformer Engine|FP8-capable CUDA GPU"):
         Trainer(tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=te"))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling.lightningdit import LightningDiT
-from train.fp8 import FP8Unavailable, apply_fp8, check_fp8, fp8_context
+from modeling.fp8 import FP8Unavailable, apply_fp8, check_fp8, fp8_context
 
 
 def tiny(hidden=96):
@@ -63,6 +63,19 @@ def test_torchao_converts_block_linears_and_round_trips(tmp_path):
     plain.eval()
     ref = plain(x, t, y)
     assert (again(x, t, y) - ref).norm() / ref.norm() < 0.1
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_every_torchao_recipe_runs_forward_and_backward(recipe):
+    """rowwise scaling cannot reshape a strided (channel-major) activation: every block input must be
+    token-major (it was not, and fp8.recipe: rowwise failed in the first block)."""
+    torch.manual_seed(0)
+    model = apply_fp8(tiny(), backend="torchao", recipe=recipe, allow_cpu=True).train()
+    x, t, y = torch.randn(3, 32, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    out = model(x, t, y, generator=torch.Generator().manual_seed(1))
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks.parameters())
 
 
 def test_fp8_vs_bf16_loss_curves_agree(tmp_path):

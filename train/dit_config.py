@@ -114,7 +114,7 @@ class FP8Config:
     allow_cpu: bool = False             # torchao only: emulate FP8 on the CPU (tests; never fast)
 
     def validate(self):
-        from .fp8 import RECIPES
+        from modeling.fp8 import RECIPES
         require(self.recipe is None or (self.backend != "none" and self.recipe in RECIPES[self.backend]),
                 f"recipe {self.recipe!r} does not fit backend {self.backend!r} (recipes: {RECIPES})")
 

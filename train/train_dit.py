@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 import kernels
+from modeling import fp8 as fp8_lib
 from modeling.checkpoint import save_pretrained, to_reference_dit_format
 from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
 
-from . import fp8 as fp8_lib
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
                          load_state, rng_state, set_rng_state)
 from .config import ConfigError, dump_config, from_dict, to_dict

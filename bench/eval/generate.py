@@ -111,12 +111,13 @@ def check_settings(work, settings):
 def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, steps=250, method="euler",
              shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", class_balanced=True, seed=0,
              rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0, precision="fp32",
-             compile="none", cudagraphs="off", sources=None):
+             compile="none", cudagraphs="off", sources=None, autotune=False,
+             fp8_recipe="rowwise"):
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
     latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
     trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
-    precision / compile / cudagraphs: see modeling.sampling.Sampler (the same object the speed benchmark
+    precision / compile / cudagraphs / autotune / fp8_recipe: see modeling.sampling.Sampler (the same object the speed benchmark
     measures). sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
     """
@@ -130,7 +131,8 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
     dit, vae = dit.eval().to(device), vae.eval().to(device)
     sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                       cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
-                      compile=compile, cudagraphs=cudagraphs, device=device, static_batch=batch_size)
+                      compile=compile, cudagraphs=cudagraphs, device=device, static_batch=batch_size,
+                      autotune=autotune, fp8_recipe=fp8_recipe)
     sources = sources or {}
     settings = {
         "dit": {"source": sources.get("dit"), "weights_sha256": state_dict_sha256(dit)},
@@ -141,7 +143,8 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
         "seed": seed, "sampler": {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale,
                                   "cfg_interval_start": cfg_interval_start, "guidance": guidance},
-        "precision": precision, "layout": {"world_size": world_size, "batch_size": batch_size},
+        "precision": precision if precision != "fp8" else f"fp8 ({fp8_recipe})",
+        "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)
     run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
@@ -217,7 +220,7 @@ def main(argv=None):
     from modeling import AutoencoderKL, LightningDiT
     from modeling.hub import stored_metadata
     from modeling.sample_images import default_stats_path
-    from modeling.sampling import add_sampling_args, settings_from_args
+    from modeling.sampling import add_sampling_args, execution_from_args, settings_from_args
     from train.config import cli_parser
 
     cuda = torch.cuda.is_available()
@@ -251,8 +254,7 @@ def main(argv=None):
                   + f"; latent stats {stats_path or 'none (unnormalised latents)'}")
         out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, class_balanced=not a.random_labels,
                        seed=a.seed, rank=rank, world_size=world, device=device, latent_multiplier=a.latent_multiplier,
-                       precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs,
-                       sources={"dit": str(a.dit), "vae": str(a.vae),
+                       **execution_from_args(a), sources={"dit": str(a.dit), "vae": str(a.vae),
                                 "latent_stats": str(stats_path) if stats_path else None}, **settings)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         p.exit(2, f"error: {' '.join(str(e).split())}\n")

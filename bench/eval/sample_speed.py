@@ -5,8 +5,9 @@
 
 The paper's settings: LightningDiT-XL/1 on 16x16x32 latents, Euler on the shift-0.3 grid, CFG 6.7 from
 t >= 0.125 with the authors' 3-channel guidance. Each plan entry `SPEC@BATCH` builds a Sampler
-(SPEC = precision [+ blocks | + model] [+ graphs]: fp32 / bf16 (autocast) / bf16-weights, torch.compile of
-each block or of the whole forward, each Euler step a CUDA graph), runs it once to warm up (compilation
+(SPEC = precision [+ blocks | + model [+ autotune]] [+ graphs]: fp32 / bf16 (autocast) / bf16-weights / fp8
+[+ tensorwise], torch.compile of each block or of the whole forward (inductor's max-autotune), each Euler
+step a CUDA graph), runs it once to warm up (compilation
 and graph capture, timed separately), then times one `--steps`-point run. Images per second are scaled
 to the 250-point grid by forward cost (an unguided step = 1 forward of the batch, a guided one = 2) --
 the 25- and 250-point grids guide almost the same fraction of steps (16/24 vs 168/249) -- and reported
@@ -32,7 +33,8 @@ PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shif
 
 
 def parse_spec(spec):
-    """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256)."""
+    """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256); optional parts
+    'autotune' (max-autotune compile) and, after fp8, 'tensorwise' (per-tensor scales instead of per-row)."""
     from modeling.sampling import PRECISIONS
     body, _, batch = spec.partition("@")
     parts = body.split("+")
@@ -44,8 +46,13 @@ def parse_spec(spec):
             opts["compile"] = p
         elif p == "graphs":
             opts["cudagraphs"] = "on"
+        elif p == "autotune":
+            opts["autotune"] = True
+        elif p == "tensorwise" and parts[0] == "fp8":
+            opts["fp8_recipe"] = "tensorwise"
         else:
-            raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs)")
+            raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune; "
+                             "tensorwise after fp8)")
     if not batch.isdigit() or int(batch) < 1:
         raise ValueError(f"plan entry {spec!r}: needs @BATCH, e.g. {body}@64")
     return opts, int(batch)
@@ -89,8 +96,11 @@ def _env(device):
 def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg_scale=PAPER["cfg_scale"],
                      cfg_interval_start=PAPER["cfg_interval_start"], guidance=PAPER["guidance"], shift=PAPER["shift"],
                      input_size=16, in_channels=32, num_classes=1000, vae_config=None, device=None, decode=True,
-                     tf32=True, seed=0, budget_s=45.0, model_kwargs=None, log=print):
+                     tf32=True, seed=0, budget_s=45.0, model_kwargs=None, log=print, partial_json=None):
     """Measure each plan entry; returns {"env", "settings", "results": [...], "summary"}.
+
+    partial_json: rewritten after every entry with the settings and the results so far (a run killed by a
+    timeout keeps what it measured).
 
     size: a LIGHTNINGDIT_SIZES name, or "custom" with model_kwargs (hidden_size, depth, num_heads, patch_size).
     tf32: TF32 matmuls for the fp32 path (the authors' inference.py turns them on).
@@ -137,10 +147,11 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
             try:
                 res.update(_measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance,
                                         shift, scale, device, Sampler, decode_images))
-            except (SamplerUnavailable, torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 -- one path failing (compile, OOM, refusal) must not stop the rest
                 res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 log(f"[sample_speed] {spec}: {res['error']}")
                 results.append(res)
+                _write_partial(partial_json, settings, results)
                 continue
             out = res.pop("_out")
             if opts["precision"] == "fp32" and opts["compile"] == "none":
@@ -155,6 +166,7 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                 res["rel_err_vs_fp32"] = {"median": float(rel.median()), "max": float(rel.max())}
             res["finite"] = bool(torch.isfinite(out).all())
             results.append(res)
+            _write_partial(partial_json, settings, results)
             log(f"[sample_speed] {spec}: {res['img_per_s']:.2f} img/s sampling, "
                 f"{res.get('img_per_s_with_decode', float('nan')):.2f} with decode (scaled to {scale_to} points), "
                 f"warm-up {res['warmup_s']:.1f} s, ran {res['ran']}")
@@ -176,6 +188,13 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                        vs_our_fp32=(best[key] / fp32[key]) if fp32 and key in fp32 else None,
                        fid50k_hours_one_gpu=50000 / best[key] / 3600)
     return {"env": env, "settings": settings, "results": results, "summary": summary}
+
+
+def _write_partial(path, settings, results):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"partial": True, "settings": settings, "results": results}, indent=1,
+                                         default=str))
 
 
 def _measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,

@@ -41,8 +41,10 @@ class EvalSettings:
     cfg_scale: float = 1.0              # 1.0 = no guidance (the paper's "FID without cfg")
     cfg_interval_start: float = 0.0     # guidance only for t >= this
     guidance: Literal["all", "reference"] = "all"   # reference: the authors' channels 0..2 only
-    precision: Literal["fp32", "bf16", "bf16-weights"] = "bf16"   # sampler and decode precision
+    precision: Literal["fp32", "bf16", "bf16-weights", "fp8"] = "bf16"   # sampler and decode precision
+    fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"      # precision fp8: dynamic scales per row / tensor
     compile: Literal["none", "blocks", "model"] = "none"          # torch.compile of the sampler's model copy
+    autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
     cudagraphs: Literal["off", "on", "auto"] = "auto"              # each Euler step a CUDA graph (CUDA only)
     precision_recall: bool = True       # improved precision / recall (needs reference images in ref_batch)
     grid: int = 16                      # samples saved as eval_step{N}.png in the output folder (0 = none)
@@ -143,7 +145,8 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         state["make_sampler"] = lambda m: Sampler(
             m, steps=s.steps, method=s.method, shift=s.shift, cfg_scale=s.cfg_scale,
             cfg_interval_start=s.cfg_interval_start, guidance=s.guidance, precision=s.precision,
-            compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)))
+            compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)),
+            autotune=s.autotune, fp8_recipe=s.fp8_recipe)
 
     @torch.no_grad()
     def eval_fn(model, step):

@@ -1,4 +1,5 @@
-"""FP8 training for the LightningDiT blocks: Transformer Engine or torchao float8.
+"""FP8 for the LightningDiT blocks, in training (the DiT trainer's `fp8:` section) and in sampling
+(`--precision fp8`): Transformer Engine or torchao float8.
 
 Only the blocks' big matmuls run in FP8 (attn.qkv, attn.proj, mlp.w12, mlp.w3); the embedders, adaLN and
 the final layer stay in bf16, as they are small and precision sensitive. Parameter names do not change,
@@ -7,6 +8,7 @@ amax history is its `_extra_state`; torchao's tensorwise dynamic scaling keeps n
 checkpoint carries it.
 
     apply_fp8(model, backend="torchao")           # GPU suite / trainer
+    apply_fp8(bf16_model, "torchao", "rowwise")   # modeling.sampling.Sampler(precision="fp8")
     with fp8_context(backend, recipe): loss = ...  # TE needs fp8_autocast around the forward
 
 Asked for without the library, or on hardware without FP8 (compute capability < 8.9), this raises
@@ -34,8 +36,12 @@ def default_recipe(backend):
     return RECIPES[backend][0]
 
 
-def check_fp8(backend, device, allow_cpu=False):
-    """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description."""
+TRAINER_REMEDY = "Set fp8.backend: none to train without FP8."
+
+
+def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY):
+    """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description.
+    remedy: the sentence that ends each refusal (what the caller's user can set instead)."""
     if backend not in RECIPES:
         raise FP8Unavailable(f"unknown FP8 backend {backend!r}; choose one of {sorted(RECIPES)}")
     device = torch.device(device)
@@ -43,41 +49,41 @@ def check_fp8(backend, device, allow_cpu=False):
         cap = torch.cuda.get_device_capability(device)
         if cap < (8, 9):
             raise FP8Unavailable(f"FP8 needs an Ada/Hopper or newer GPU (compute capability >= 8.9); "
-                                 f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}. "
-                                 f"Set fp8.backend: none to train in bf16.")
+                                 f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}. {remedy}")
         where = f"{torch.cuda.get_device_name(device)} (sm{cap[0]}{cap[1]})"
     elif backend == "torchao" and allow_cpu:
         where = "CPU emulation (tests only, not fast)"
     else:
         raise FP8Unavailable(f"FP8 ({backend}) needs an FP8-capable CUDA GPU and this process runs on {device}. "
-                             f"Set fp8.backend: none to train without FP8.")
+                             f"{remedy}")
     if backend == "te":
         try:
             import transformer_engine.pytorch as te
         except Exception as e:  # ImportError, or TE's own errors when no driver is present
-            raise FP8Unavailable(f"fp8.backend: te needs Transformer Engine (pip install transformer_engine[pytorch]); "
+            raise FP8Unavailable(f"FP8 backend te needs Transformer Engine (pip install transformer_engine[pytorch]); "
                                  f"importing it failed: {e}") from None
         return f"transformer_engine {getattr(te, '__version__', '?')} on {where}"
     try:
         import torchao
         from torchao.float8 import convert_to_float8_training  # noqa: F401
     except Exception as e:
-        raise FP8Unavailable(f"fp8.backend: torchao needs torchao (pip install torchao==0.18.0); "
+        raise FP8Unavailable(f"FP8 backend torchao needs torchao (pip install torchao==0.18.0); "
                              f"importing it failed: {e}") from None
     return f"torchao {torchao.__version__} float8 on {where}"
 
 
-def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False):
-    """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8 training; returns model."""
+def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY):
+    """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8; returns model.
+    (torchao's training modules: under no_grad they are the inference path too, dynamic scaling per call.)"""
     recipe = recipe or default_recipe(backend)
     device = next(model.parameters()).device
-    check_fp8(backend, device, allow_cpu)
+    check_fp8(backend, device, allow_cpu, remedy)
     if recipe not in RECIPES[backend]:
         raise FP8Unavailable(f"recipe {recipe!r} is not a {backend} recipe; choose one of {RECIPES[backend]}")
     for name, m in model.named_modules():
         if _is_fp8_layer(name) and isinstance(m, nn.Linear) and (m.in_features % 16 or m.out_features % 16):
             raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
-                                 f"dimensions divisible by 16")
+                                 f"dimensions divisible by 16. {remedy}")
     if backend == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         return convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
