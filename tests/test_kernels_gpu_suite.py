@@ -39,3 +39,16 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert cli["img_per_s_last_window"] > 0 and cli["peak_rss_gib"] if "peak_rss_gib" in cli else True
     assert "train.train_dit" in cli["command"] and not [w for w in cli["warnings"] if "autocast" in w]
     assert "trainer CLI" in res.stdout  # the short table comes last
+
+
+def test_sampling_plan_parses_and_fp32_comes_first():
+    """The suite's sampling entries are only ever parsed on the GPU machine: parse them here. fp32 runs first, so
+    every later entry gets its error against fp32 on the same noise."""
+    sys.path.insert(0, str(REPO))
+    from bench.eval.sample_speed import parse_spec
+    from bench.gpu_suite import EXTRA_COMMANDS, SAMPLING_PLAN
+    parsed = [parse_spec(s) for s in SAMPLING_PLAN]
+    assert parsed[0] == (dict(precision="fp32", compile="none", cudagraphs="off"), 64)
+    assert {o["precision"] for o, _ in parsed} == {"fp32", "bf16-weights", "fp8"}
+    assert ",".join(SAMPLING_PLAN) in EXTRA_COMMANDS["sampling"][0]
+    assert list(EXTRA_COMMANDS)[:2] == ["precision_guard", "sampling"]  # issue 10's open measurements first

@@ -204,3 +204,23 @@ def test_training_eval_fn_fixed_samples_and_scorers(tmp_path):
     assert stats_only(m, 10)["fid"] == pytest.approx(a["fid"]) and "precision" not in stats_only(m, 10)
     with pytest.raises(ValueError, match="ref_batch"):
         EvalSettings(every=5).validate()
+
+
+def test_precision_guard_records_a_path_that_fails_and_exits_nonzero(parity_dir, tmp_path, monkeypatch):
+    """A fast path that breaks at run time (e.g. a CUDA graph capture) is recorded with its error while the
+    others still run, and the command exits non-zero: no guard 'passes' with a path missing."""
+    from bench.eval import precision_guard
+    real = Sampler.__call__
+
+    def fp8_breaks(self, z, y, *a, **k):
+        if self.precision == "fp8":
+            raise RuntimeError("capture failed")
+        return real(self, z, y, *a, **k)
+
+    monkeypatch.setattr(Sampler, "__call__", fp8_breaks)
+    out = tmp_path / "guard.json"
+    with pytest.raises(SystemExit, match="lightningdit_b fp8_rel_err, trained model fp8"):
+        precision_guard.main([str(parity_dir), "--num-samples", "16", "--train-steps", "3", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert "capture failed" in res["trained_model"]["fp8"]["error"]
+    assert res["trained_model"]["bf16"]["rel_err_median"] > 0 and res["fixtures"][1]["bf16_rel_err"]["max"] > 0
