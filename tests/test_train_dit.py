@@ -163,3 +163,15 @@ def test_zero3_with_compiled_blocks_is_refused_and_zero3_leaves_linear_alone(tmp
         tiny_cfg(tmp_path, "train.zero_stage=3", "train.compile=blocks")
     Trainer(tiny_cfg(tmp_path, "train.steps=1", "train.zero_stage=3")).fit()
     assert F.linear is torch._C._nn.linear
+
+
+def test_eval_in_fp8_where_it_cannot_run_is_refused_before_training(tmp_path, capsys):
+    """eval.precision=fp8 on a machine without FP8: one line at start-up (exit 2), not an error at the first
+    evaluation hours into the run; nothing was trained or written."""
+    from train.train_dit import main
+    rc = main(["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), "eval.every=5", "eval.precision=fp8",
+               f"eval.ref_batch={tmp_path}/never_read.npz", f"logging.dir={tmp_path}/run",
+               f"checkpoint.dir={tmp_path}/ckpt"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "FP8-capable CUDA GPU" in err and "eval.precision: bf16-weights" in err
+    assert "Traceback" not in err and not (tmp_path / "ckpt").exists()

@@ -114,6 +114,9 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
 
     s = settings
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if s.precision == "fp8":  # refused now, not at the first evaluation hours into the run
+        from modeling.fp8 import check_fp8
+        check_fp8("torchao", device, remedy="Set eval.precision: bf16-weights.")
     if vae is None:
         if s.vae is None:
             raise ValueError("eval needs a VA-VAE: pass vae= or set eval.vae")
