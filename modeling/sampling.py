@@ -376,8 +376,8 @@ class Sampler:
 
 @torch.no_grad()
 def decode_images(vae, latents, precision="fp32", batch_size=None):
-    """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' / 'fp8' decode under bf16 autocast
-    (GroupNorm and the final clamp stay fp32)."""
+    """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' / 'fp8' decode under bf16
+    autocast (GroupNorm and the final clamp stay fp32)."""
     dev = latents.device
     prec = "bf16" if precision in ("bf16", "bf16-weights", "fp8") else "fp32"
     bs = batch_size or len(latents)
