@@ -168,7 +168,8 @@ def main(argv=None):
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2))
-    failed = [f"{r['fixture']} {k}" for r in res["fixtures"] for k, v in r.items() if isinstance(v, dict) and "error" in v]
+    failed = [f"{r['fixture']} {k}" for r in res["fixtures"] for k, v in r.items()
+              if isinstance(v, dict) and "error" in v]
     failed += [f"trained model {k}" for k, v in res["trained_model"].items() if isinstance(v, dict) and "error" in v]
     if failed:
         raise SystemExit(f"precision_guard: these paths failed to run: {', '.join(failed)}")
