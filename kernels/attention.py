@@ -2,13 +2,15 @@
 
 Candidates on CUDA: FlashAttention-3 (`flash_attn_interface`, Hopper), FlashAttention-2 (`flash_attn`),
 and torch SDPA with the cuDNN, flash or memory-efficient kernel; on the CPU, torch SDPA (its own CPU
-flash or math kernel). The first eager call for a (device, head_dim, dtype, shape) times every candidate
-that runs (forward + backward, CUDA events, median of a few) and keeps the fastest; head_dim 72 is padded
-internally by some of them, which is why this is measured rather than assumed. Under torch.compile
-without a prior measurement: FlashAttention if installed, else plain SDPA ("sdpa": PyTorch picks its
-kernel per call, after autocast's cast). Force one with VAVAE_ATTENTION=<name> or
-`set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
-`kernels.describe()["ops"]["attention"]` says which one ran.
+flash or math kernel). The first eager call for a (device, head_dim, dtype, shape, grad mode) times every
+candidate that runs (forward + backward with grad enabled, forward only under no_grad: sampling; CUDA events,
+median of a few) and keeps the fastest; head_dim 72 is padded internally by some of them, which is why this
+is measured rather than assumed. Nothing can be timed inside a torch.compile trace, so the trainer and the
+sampler call `prime(shape, ...)` before their first compiled call; an unmeasured shape under compile gets
+FlashAttention if installed, else plain SDPA ("sdpa": PyTorch picks its kernel per call, after autocast's
+cast, FlashAttention first -- on an H200 at XL/1 shapes cuDNN was 20% faster, fwd+bwd). Force one with
+VAVAE_ATTENTION=<name> or `set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
+`kernels.describe()["ops"]["attention"]` says which one ran, `measurements()` what was timed.
 
 Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)).
 """
@@ -72,19 +74,30 @@ def _candidates(q):
     return out + ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math"]
 
 
-def _time_ms(choice, q, k, v, reps=5):
-    with torch.enable_grad():  # the choice is for training (forward + backward), also when called under no_grad
+def _time_ms(choice, q, k, v, training, reps=5):
+    if not training:
+        with torch.no_grad():
+            return _time_fwd_ms(choice, q, k, v, reps)
+    with torch.enable_grad():
         return _time_fwd_bwd_ms(choice, q, k, v, reps)
+
+
+def _time_fwd_ms(choice, q, k, v, reps):
+    return _median_ms(lambda: _run(choice, q, k, v), reps)
 
 
 def _time_fwd_bwd_ms(choice, q, k, v, reps):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
+    return _median_ms(lambda: _run(choice, q, k, v).backward(grad), reps)
+
+
+def _median_ms(fn, reps):
     times = []
     for i in range(reps + 2):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        _run(choice, q, k, v).backward(grad)
+        fn()
         end.record()
         torch.cuda.synchronize()
         if i >= 2:  # the first runs pay for kernel selection and workspace allocation
@@ -92,22 +105,26 @@ def _time_fwd_bwd_ms(choice, q, k, v, reps):
     return sorted(times)[len(times) // 2]
 
 
+def _key(q):
+    return (str(q.device), q.shape[-1], q.dtype, tuple(q.shape), "train" if torch.is_grad_enabled() else "infer")
+
+
 def _choose(q, k, v):
-    key = (str(q.device), q.shape[-1], q.dtype, tuple(q.shape))
+    key = _key(q)
     if key in _chosen:
         return _chosen[key]
     if torch.compiler.is_compiling():
-        # No timing inside a trace, and the dtype seen here is not the one attention runs in: under bf16
-        # autocast the reference RoPE hands over fp32 q/k (fp32 tables), which SDPA casts to bf16 itself. A
-        # static choice made from q.dtype pinned the slow memory-efficient kernel there (H200, XL/1 batch 256:
-        # attention 104 ms/step against 47). So: FlashAttention when installed and q is already 16-bit,
-        # else SDPA with PyTorch's own per-call kernel selection, which sees the cast inputs.
+        # Not primed, and no timing inside a trace. The dtype seen here may not be the one attention runs in
+        # (fp32 q/k from a caller's own RoPE under autocast, which SDPA casts to bf16 itself); a static choice
+        # made from it once pinned the slow memory-efficient kernel (H200, XL/1 batch 256: attention 104 ms/step
+        # against 47). So: FlashAttention when installed and q is already 16-bit, else SDPA with PyTorch's own
+        # per-call kernel selection, which sees the cast inputs.
         have = _candidates(q)
         return have[0] if have[0] in ("fa3", "fa2") else "sdpa"
     results = {}
     for c in _candidates(q):
         try:
-            results[c] = _time_ms(c, q, k, v)
+            results[c] = _time_ms(c, q, k, v, training=key[-1] == "train")
         except Exception as e:  # a candidate that cannot run this shape/dtype (e.g. head_dim unsupported)
             results[c] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     timed = {c: t for c, t in results.items() if isinstance(t, float)}
@@ -116,6 +133,17 @@ def _choose(q, k, v):
         raise BackendUnavailable(f"no attention implementation runs for {key}: {results}")
     _chosen[key] = min(timed, key=timed.get)
     return _chosen[key]
+
+
+def prime(shape, dtype, device, training):
+    """Measure and fix the choice for q/k/v of `shape` (B, H, N, D) and `dtype` in the given grad mode, outside
+    any trace, so that a torch.compile trace of the same call uses it. Returns the choice, or None where there
+    is nothing to choose (CPU, or a forced implementation)."""
+    if torch.device(device).type != "cuda" or _state["forced"]:
+        return None
+    q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+    with torch.set_grad_enabled(training):
+        return _choose(q, k, v)
 
 
 def attention(q, k, v):
@@ -133,7 +161,7 @@ def attention(q, k, v):
         dtype = _autocast_dtype(q)
         if dtype is not None and q.dtype != dtype:
             # what SDPA's autocast would do, done first: the choice is timed and made on the 16-bit inputs
-            # attention really runs on (fp32 q/k come from the reference RoPE's fp32 tables)
+            # attention really runs on
             q, k, v = (t.to(dtype) for t in (q, k, v))
     choice = forced or _choose(q, k, v)
     record("attention", choice)

@@ -75,7 +75,7 @@ class _RoPE(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return rope(x, cos, sin)
+        return rope(x, cos, sin).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -84,9 +84,13 @@ class _RoPE(torch.autograd.Function):
 
 
 def rope_qk(q, k, cos, sin):
+    # Results in q's dtype, as the fused kernels give them. The authors' formula promotes bf16 q/k (under autocast)
+    # to the fp32 tables' dtype and SDPA's autocast then rounds them to bf16: the same values reach attention
+    # either way, but fp32 q/k are twice the bytes, and inside a torch.compile trace they hide the dtype attention
+    # runs in (its measured choice is keyed by it).
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not (cos.requires_grad or sin.requires_grad):
         return _RoPE.apply(q, cos, sin), _RoPE.apply(k, cos, sin)
-    return rope(q, cos, sin), rope(k, cos, sin)
+    return rope(q, cos, sin).to(q.dtype), rope(k, cos, sin).to(k.dtype)
 
 
 def attention(q, k, v):

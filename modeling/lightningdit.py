@@ -403,6 +403,11 @@ class LightningDiT(nn.Module, HubMixin):
         half_out = torch.where(on, mixed, cond)
         return torch.cat([torch.cat([half_out, half_out], dim=0), rest], dim=1)
 
+    def attention_shape(self, batch):
+        """(B, H, N, D) of every block's q, k and v for a batch of `batch` samples."""
+        cfg = self.config
+        return batch, cfg.num_heads, self.x_embedder.num_patches, cfg.hidden_size // cfg.num_heads
+
     def flops_per_sample(self, train=True):
         """Matmul + attention FLOPs for one sample (2 per multiply-add); training = 3x forward."""
         cfg = self.config

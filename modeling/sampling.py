@@ -13,6 +13,8 @@ import math
 
 import torch
 
+import kernels
+
 log = logging.getLogger(__name__)
 
 # The authors' sampling settings for each released checkpoint (configs/reproductions/*.yaml of their code):
@@ -256,6 +258,7 @@ class Sampler:
                                     device=self.device)
         self.static_batch = static_batch
         self._graphs = {}
+        self._primed = set()
         self._logged = False
 
     # ------------------------------------------------------------------ what ran
@@ -313,12 +316,24 @@ class Sampler:
             y = torch.cat([y, y.new_zeros(pad)])
         elif self.static_batch is not None and n > self.static_batch:
             raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
+        self._prime_attention(len(z))
         steps = range(len(self.grid) - 1)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", unit="step", leave=False)
         x = self._run_graphed(z, y, steps) if self.use_graphs else self._run_eager(z, y, steps)
         return x[:n]
+
+    def _prime_attention(self, n):
+        """Time attention's candidates forward-only at this batch's shapes (n, and 2n for guided steps) before a
+        compiled trace needs a choice it cannot time (kernels.prime_attention; a no-op on the CPU)."""
+        if n in self._primed or not hasattr(self.model, "attention_shape"):
+            return
+        dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
+        for guided in sorted(set(self.guided)):
+            kernels.prime_attention(self.model.attention_shape(2 * n if guided else n), dtype, self.device,
+                                    training=False)
+        self._primed.add(n)
 
     def _run_eager(self, z, y, steps):
         y_null = torch.full_like(y, self.num_classes)

@@ -232,7 +232,7 @@ def test_reference_rope_backward_is_autograds(dtype):
         gq, gk = torch.autograd.grad((oq * g).sum() + (ok * g).sum(), [q, k])
         pq, pk = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
         rq, rk = torch.autograd.grad((pq * g).sum() + (pk * g).sum(), [q, k])
-        assert torch.equal(oq, pq) and torch.equal(ok, pk)
+        assert oq.dtype == xdtype and torch.equal(oq, pq.to(xdtype)) and torch.equal(ok, pk.to(xdtype))
         assert gq.dtype == xdtype
         if xdtype == dtype:
             assert torch.equal(gq, rq) and torch.equal(gk, rk)
@@ -253,6 +253,32 @@ def test_attention_choice_under_compile_is_not_pinned_by_the_traced_dtype(monkey
     assert attention._choose(q.bfloat16(), q, q) == "fa3"
     out = attention._run("sdpa", q, q, q)
     torch.testing.assert_close(out, reference.attention(q, q, q))
+
+
+def test_attention_choice_per_grad_mode_and_primed_for_compile(monkeypatch):
+    """Training keys are timed forward + backward, inference keys (no_grad: sampling) forward only; each keeps its
+    own choice, and a trace of a primed shape uses it instead of SDPA's own pick (FlashAttention first)."""
+    from kernels import attention
+    monkeypatch.setattr(attention, "_candidates", lambda q: ["sdpa-cudnn", "sdpa-flash"])
+    fwd = {"sdpa-cudnn": 0.3, "sdpa-flash": 0.4}      # cuDNN faster forward,
+    fwd_bwd = {"sdpa-cudnn": 1.2, "sdpa-flash": 1.0}  # flash faster forward + backward (made up)
+    monkeypatch.setattr(attention, "_time_fwd_ms", lambda c, q, k, v, reps: fwd[c])
+    monkeypatch.setattr(attention, "_time_fwd_bwd_ms", lambda c, q, k, v, reps: fwd_bwd[c])
+    attention._chosen.clear()
+    attention._measured.clear()
+    q = torch.randn(2, 4, 16, 72, dtype=torch.bfloat16)
+    assert attention._choose(q, q, q) == "sdpa-flash"
+    with torch.no_grad():
+        assert attention._choose(q, q, q) == "sdpa-cudnn"
+    assert sorted(k[-1] for k in attention._measured) == ["infer", "train"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        assert attention._choose(q, q, q) == "sdpa-cudnn"       # primed: the measured choice
+    assert attention._choose(q, q, q) == "sdpa-flash"
+    assert attention._choose(q[:1], q[:1], q[:1]) == "sdpa"    # an unprimed shape: SDPA picks
+    attention._chosen.clear()
+    assert attention.prime((2, 4, 16, 72), torch.bfloat16, "cpu", training=False) is None  # nothing to choose
+    assert kernels.prime_attention((2, 4, 16, 72), torch.bfloat16, "cpu", training=True) is None
 
 
 def test_attention_reports_its_choice():

@@ -224,3 +224,18 @@ def test_precision_guard_records_a_path_that_fails_and_exits_nonzero(parity_dir,
     res = json.loads(out.read_text())
     assert "capture failed" in res["trained_model"]["fp8"]["error"]
     assert res["trained_model"]["bf16"]["rel_err_median"] > 0 and res["fixtures"][1]["bf16_rel_err"]["max"] > 0
+
+
+def test_sampler_primes_attention_at_its_shapes(monkeypatch):
+    """Before the first (compiled / graphed) run of a batch size, the Sampler has attention timed forward-only at
+    the shapes its steps use: 2n for guided steps, n for unguided ones; once per batch size."""
+    import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "prime_attention", lambda shape, dtype, device, training: calls.append(
+        (shape, dtype, training)))
+    m = _tiny()
+    s = Sampler(m, steps=6, cfg_scale=2.0, cfg_interval_start=0.5, precision="bf16-weights")
+    z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    s(z, y)
+    s(z, y)
+    assert calls == [((3, 2, 16, 16), torch.bfloat16, False), ((6, 2, 16, 16), torch.bfloat16, False)]

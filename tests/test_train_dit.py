@@ -175,3 +175,18 @@ def test_eval_in_fp8_where_it_cannot_run_is_refused_before_training(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "FP8-capable CUDA GPU" in err and "eval.precision: bf16-weights" in err
     assert "Traceback" not in err and not (tmp_path / "ckpt").exists()
+
+
+def test_trainer_primes_attention_at_its_micro_batch(tmp_path, monkeypatch):
+    """The trainer has attention timed (forward + backward) at its micro-batch shape before the compiled blocks
+    are traced: inside a trace nothing can be timed."""
+    import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "prime_attention", lambda shape, dtype, device, training: calls.append(
+        (shape, dtype, training)))
+    cfg = tiny_cfg(tmp_path, "train.steps=1", "train.zero_stage=0")
+    Trainer(cfg)
+    m = cfg.model
+    assert calls == [((cfg.train.batch_per_gpu, m.num_heads, (m.input_size // m.patch_size) ** 2,
+                       m.hidden_size // m.num_heads), torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
+                      True)]

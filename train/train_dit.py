@@ -155,6 +155,11 @@ class Trainer:
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
                 block.compile(backend=cfg.train.compile_backend, fullgraph=True)
+        # attention's implementation is timed here, at this run's shape: inside the compiled blocks nothing can be
+        # timed, and SDPA's own first choice (FlashAttention) is not the fastest on Hopper
+        kernels.prime_attention(model.attention_shape(cfg.train.batch_per_gpu),
+                                torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, self.device,
+                                training=True)
         self.flops_per_image = model.flops_per_sample(train=True)
         self.ema = EMA(model, cfg.train.ema_decay)
 
