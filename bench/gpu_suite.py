@@ -212,7 +212,8 @@ def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
-SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "bf16-weights+model+graphs@256",
+SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128",
+                 "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+graphs@256",
                  "fp8+tensorwise+model+graphs@128", "fp8+model+graphs@256", "bf16-weights+model+autotune+graphs@128")
 EXTRA_COMMANDS = {
     # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
@@ -222,8 +223,9 @@ EXTRA_COMMANDS = {
                         f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cpu "
                         "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
-    # entry's error is measured against it), the best path so far (4.67 img/s), FP8, batch 256, max-autotune
-    # last (minutes of autotuning); no entry starts after 240 s, each writes sample_throughput.partial.json
+    # entry's error is measured against it), the best path so far (4.67 img/s), FP8, the fused w12 + SwiGLU
+    # kernel, batch 256, max-autotune last (minutes of autotuning); no entry starts after 240 s, each writes
+    # sample_throughput.partial.json
     "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --plan " + ",".join(SAMPLING_PLAN)
                  + " --out $OUT/sample_throughput", 420,
                  f"{_PY} -m bench.throughput --mode sample --model "
@@ -297,6 +299,10 @@ def print_table(r):
     for op, impls in (sec.get("ops") or {}).items():
         if op == "attention":
             print(f"attention: chose {impls.get('chosen')}")
+            continue
+        if op == "mlp_w12_swiglu":
+            print("w12 GEMM + SwiGLU, forward ms: " + " | ".join(
+                f"{k} {'ERR' if 'error' in v else '%.2f' % v['fwd_ms']}" for k, v in impls.items() if k != "shape"))
             continue
         cells = []
         for impl, row in impls.items():

@@ -111,7 +111,38 @@ def run(smoke=False, dtype=torch.bfloat16, copy_gbs=None):
             results[name][impl] = row
     kernels.set_backend("auto")
     results["attention"] = attention_bench(smoke, device, dtype)
+    results["mlp_w12_swiglu"] = w12_swiglu_bench(smoke, device, dtype)
     return results
+
+
+def w12_swiglu_bench(smoke, device, dtype):
+    """The sampler's MLP front half, forward only (inference), at XL/1 rows (a guided step of batch 256):
+    cuBLAS w12 GEMM + our SwiGLU kernel, the same under torch.compile (inductor's SwiGLU), and the fused
+    kernel (kernels/linear_swiglu.py) that never writes the (rows, 6144) product."""
+    import torch.nn.functional as F
+
+    from kernels import linear_swiglu, swiglu
+    rows, K, H = (37, 72, 40) if smoke else (256 * 256, 1152, 3072)
+    x = torch.randn(rows, K, device=device, dtype=dtype)
+    w = (torch.randn(2 * H, K, device=device) / K ** 0.5).to(dtype)
+    b = torch.randn(2 * H, device=device, dtype=dtype)
+    ref = reference.swiglu(F.linear(x.float(), w.float(), b.float()))
+    impls = {"cublas+triton_swiglu": lambda: swiglu.swiglu(F.linear(x, w, b)),
+             "compiled (cublas+inductor)": torch.compile(lambda: reference.swiglu(F.linear(x, w, b)),
+                                                         backend="eager" if smoke else "inductor"),
+             "fused_triton": lambda: linear_swiglu.linear_swiglu(x, w, b)}
+    flops = 2 * rows * K * 2 * H
+    out = {"shape": {"rows": rows, "K": K, "H": H}}
+    for name, fn in impls.items():
+        try:
+            with torch.no_grad():
+                o = fn()
+                ms = bench_ms(fn, smoke)
+            out[name] = {"fwd_ms": ms, "TFLOPs": flops / ms / 1e9,
+                         "rel_err_vs_fp32": ((o.float() - ref).norm() / ref.norm()).item()}
+        except Exception as e:  # recorded, never stops the other rows
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
 
 
 def attention_bench(smoke, device, dtype):

@@ -65,9 +65,9 @@ def default_stats_path(dit_src):
 @torch.no_grad()
 def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
              guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
-             compile="none", cudagraphs="off", progress=False, return_sampler=False, autotune=False,
-             fp8_recipe="rowwise"):
-    """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses."""
+             compile="none", cudagraphs="off", progress=False, return_sampler=False, **sampler_options):
+    """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses.
+    sampler_options: the Sampler's other execution options (autotune, fp8_recipe, fused_mlp)."""
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
         raise ValueError(f"labels {bad} are outside 0..{dit.num_classes - 1} (index {dit.num_classes} is the "
@@ -81,8 +81,7 @@ def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, c
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
     sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                       cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
-                      compile=compile, cudagraphs=cudagraphs, device=device, autotune=autotune,
-                      fp8_recipe=fp8_recipe)
+                      compile=compile, cudagraphs=cudagraphs, device=device, **sampler_options)
     x = sampler(z, y, generator=g, progress=progress)
     latents = x * std.to(device) / latent_multiplier + mean.to(device)
     images = decode_images(vae, latents, precision)

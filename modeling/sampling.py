@@ -158,6 +158,8 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
 #              dynamic scaling per row by default, per tensor with fp8_recipe="tensorwise"; an FP8 GPU, or
 #              fp8_emulation=True for accuracy checks on the CPU)
 #              -- the ODE state, the time grid, the guidance mix and the Euler update stay fp32;
+#   fused_mlp  each SwiGLU MLP's w12 GEMM and SwiGLU as one Triton kernel (kernels/linear_swiglu.py): the
+#              (rows, 2H) product is never written (bf16-weights or fp32; a CUDA device);
 #   compile    "none" | "blocks" (torch.compile of each block, static shapes: one graph per batch shape)
 #              | "model" (torch.compile of the whole forward, static shapes); autotune=True compiles with
 #              mode "max-autotune-no-cudagraphs" (inductor benchmarks Triton GEMM templates with fused
@@ -196,13 +198,16 @@ class Sampler:
 
     def __init__(self, model, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
                  guidance="all", precision="fp32", compile="none", cudagraphs="off", device=None,
-                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False):
+                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False, fused_mlp=False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
         if autotune and compile == "none":
             raise SamplerUnavailable("autotune is a torch.compile mode: it needs compile='blocks' or 'model'")
+        if fused_mlp and precision not in ("bf16-weights", "fp32"):
+            raise SamplerUnavailable(f"fused_mlp runs with precision bf16-weights or fp32, not {precision!r} (the "
+                                     "fused kernel reads the weights directly: no autocast, no FP8)")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if cudagraphs not in CUDAGRAPH_MODES:
@@ -215,6 +220,7 @@ class Sampler:
         self.steps, self.method, self.shift = steps, method, shift
         self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
         self.precision, self.compile_mode, self.autotune = precision, compile, bool(autotune)
+        self.fused_mlp = bool(fused_mlp)
         self.fp8 = None
         if cudagraphs == "on":
             if self.device.type != "cuda":
@@ -230,8 +236,16 @@ class Sampler:
         model = model.eval()
         if precision in ("bf16-weights", "fp8"):
             model = copy.deepcopy(model).to(torch.bfloat16)
-        elif compile != "none":
-            model = _shared_copy(model)  # compile a copy: the caller's model object stays as it was
+        elif compile != "none" or fused_mlp:
+            model = _shared_copy(model)  # change a copy: the caller's model object stays as it was
+        if fused_mlp:
+            from kernels.backend import triton_status
+            ok, reason = triton_status(torch.empty(0, device=self.device))
+            if not ok:
+                raise SamplerUnavailable(f"fused_mlp needs the Triton kernels: {reason}")
+            from kernels.linear_swiglu import fuse_swiglu_mlps
+            if not fuse_swiglu_mlps(model):
+                raise SamplerUnavailable("fused_mlp: this model has no SwiGLU MLP (use_swiglu=False)")
         if precision == "fp8":
             from .fp8 import FP8Unavailable, apply_fp8, check_fp8
             remedy = "Use --precision bf16-weights instead."
@@ -265,7 +279,8 @@ class Sampler:
     def describe(self):
         return {"method": self.method, "steps": self.steps, "shift": self.shift, "cfg_scale": self.cfg_scale,
                 "cfg_interval_start": self.cfg_interval_start, "guidance": self.guidance,
-                "precision": self.precision, "compile": self.compile_mode, "autotune": self.autotune,
+                "precision": self.precision, "fused_mlp": self.fused_mlp, "compile": self.compile_mode,
+                "autotune": self.autotune,
                 "fp8": self.fp8, "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
                 "guided_steps": sum(self.guided), "model_calls": len(self.grid) - 1,
                 "static_batch": self.static_batch}
@@ -430,6 +445,8 @@ def add_sampling_args(p, fast_default=False):
                         "the ODE state stays fp32")
     x.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="rowwise",
                    help="--precision fp8: dynamic scales per row, or per tensor")
+    x.add_argument("--fused-mlp", action="store_true",
+                   help="each MLP's w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, a CUDA GPU)")
     x.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile with static shapes: each block, or the whole forward")
     x.add_argument("--autotune", action="store_true",
@@ -443,7 +460,7 @@ def add_sampling_args(p, fast_default=False):
 def execution_from_args(a):
     """The Sampler's execution options (how, not what, it computes) from parsed add_sampling_args flags."""
     return dict(precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs, autotune=a.autotune,
-                fp8_recipe=a.fp8_recipe)
+                fp8_recipe=a.fp8_recipe, fused_mlp=a.fused_mlp)
 
 
 def settings_from_args(a, stored=None):

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import BackendUnavailable, ops, reference  # noqa: E402
-from kernels import fused_norm, gated_residual, rope, swiglu  # noqa: E402
+from kernels import fused_norm, gated_residual, linear_swiglu, rope, swiglu  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
@@ -159,13 +159,53 @@ def _opcheck_cases():
         (torch.ops.vavae.gated_residual.default, (x, g, y)),
         (torch.ops.vavae.swiglu.default, (r(B, N, 2 * C).requires_grad_(),)),
         (torch.ops.vavae.rope_qk.default, (q, k, r(4, 8), r(4, 8), False)),
+        (torch.ops.vavae.linear_swiglu.default, (r(B, N, C).requires_grad_(), r(2 * C, C).requires_grad_(),
+                                                 r(2 * C).requires_grad_())),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- w12 GEMM + SwiGLU (inference)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,K,H,bias", [(37, 1152, 200, True), (5, 72, 40, False), (1, 1152, 3072, True)])
+def test_linear_swiglu(rows, K, H, bias, dtype):
+    """silu(x Wa^T + ba) * (x Wb^T + bb) in one kernel vs float64: hidden 1152 (XL), K 72 (not a multiple of the
+    K block), H 200 and rows 37 (not multiples of the tiles), one row at XL's full w12; the backward recomputes."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, K, device=DEV, dtype=dtype, requires_grad=True)
+    w = (torch.randn(2 * H, K, device=DEV) / K ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(2 * H, device=DEV, dtype=dtype, requires_grad=True) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    check(lambda *t: linear_swiglu.linear_swiglu(*t), lambda *t: linear_swiglu.linear_swiglu_reference(*t),
+          inputs, dtype)
+
+
+def test_fused_swiglu_mlp_in_the_sampler():
+    """The Sampler's fused_mlp swaps each SwiGLU MLP of its copy for the one-kernel version: same parameter names,
+    samples equal to the unfused path's within fp32 summation order; the caller's model is untouched."""
+    from modeling import LightningDiT
+    from modeling.sampling import Sampler
+    torch.manual_seed(0)
+    m = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=48, depth=2, num_heads=2,
+                     num_classes=3).to(DEV).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, y = torch.randn(3, 4, 4, 4, device=DEV), torch.tensor([0, 1, 2], device=DEV)
+    kw = dict(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
+    fused = Sampler(m, fused_mlp=True, **kw)
+    assert type(fused.model.blocks[0].mlp).__name__ == "FusedSwiGLUFFN" and fused.describe()["fused_mlp"]
+    assert type(m.blocks[0].mlp).__name__ == "SwiGLUFFN"
+    assert list(fused.model.state_dict()) == list(m.state_dict())
+    out, ref = fused(z, y), Sampler(m, **kw)(z, y)
+    assert not torch.equal(out, ref)  # the kernel really ran
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- backend switch

@@ -28,6 +28,9 @@ def test_gpu_suite_cpu_smoke(tmp_path):
             assert "error" not in row, (op, impl, row)
             assert row["rel_err_vs_fp32"] < 2e-2 and row["fwd_GBps"] > 0
         assert sec["ops"][op]["triton"]["ran"] == "triton"
+    mlp = sec["ops"]["mlp_w12_swiglu"]  # the fused w12 + SwiGLU kernel against cuBLAS + SwiGLU, forward
+    for impl in ("cublas+triton_swiglu", "compiled (cublas+inductor)", "fused_triton"):
+        assert mlp[impl]["fwd_ms"] > 0 and mlp[impl]["rel_err_vs_fp32"] < 2e-2, (impl, mlp[impl])
     # training numbers come from the trainer: bench.throughput's Trainer.train_step cases and the CLI itself
     head, ref = sec["train auto+compiled bs256"], sec["train reference+compiled bs256"]
     for row in (head, ref):

@@ -97,6 +97,9 @@ def test_fp8_sampler_cpu_emulation_and_refusals():
         Sampler(_tiny(), precision="fp8", fp8_emulation=True, **kw)
     with pytest.raises(SamplerUnavailable, match="autotune.*compile"):
         Sampler(m, autotune=True, **kw)
+    for precision in ("bf16", "fp8"):  # the fused kernel reads the weights: no autocast, no FP8
+        with pytest.raises(SamplerUnavailable, match="fused_mlp runs with precision bf16-weights or fp32"):
+            Sampler(m, precision=precision, fused_mlp=True, fp8_emulation=True, **kw)
     with pytest.raises(ValueError, match="fp8_recipe"):
         Sampler(m, precision="fp8", fp8_recipe="delayed", fp8_emulation=True, **kw)
 

@@ -111,14 +111,14 @@ def check_settings(work, settings):
 def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, steps=250, method="euler",
              shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", class_balanced=True, seed=0,
              rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0, precision="fp32",
-             compile="none", cudagraphs="off", sources=None, autotune=False,
-             fp8_recipe="rowwise"):
+             compile="none", cudagraphs="off", sources=None, **sampler_options):
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
     latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
     trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
-    precision / compile / cudagraphs / autotune / fp8_recipe: see modeling.sampling.Sampler (the same object the
-    speed benchmark measures). sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
+    precision / compile / cudagraphs / sampler_options (autotune, fp8_recipe, fused_mlp): see
+    modeling.sampling.Sampler (the same object the speed benchmark measures).
+    sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
     """
     from tqdm import tqdm
@@ -132,7 +132,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
     sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                       cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
                       compile=compile, cudagraphs=cudagraphs, device=device, static_batch=batch_size,
-                      autotune=autotune, fp8_recipe=fp8_recipe)
+                      **sampler_options)
     sources = sources or {}
     settings = {
         "dit": {"source": sources.get("dit"), "weights_sha256": state_dict_sha256(dit)},
@@ -143,7 +143,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
         "seed": seed, "sampler": {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale,
                                   "cfg_interval_start": cfg_interval_start, "guidance": guidance},
-        "precision": precision if precision != "fp8" else f"fp8 ({fp8_recipe})",
+        "precision": precision if precision != "fp8" else f"fp8 ({sampler_options.get('fp8_recipe', 'rowwise')})",
         "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)

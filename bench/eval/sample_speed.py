@@ -34,7 +34,8 @@ PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shif
 
 def parse_spec(spec):
     """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256); optional parts
-    'autotune' (max-autotune compile) and, after fp8, 'tensorwise' (per-tensor scales instead of per-row)."""
+    'autotune' (max-autotune compile), 'fusedmlp' (w12 + SwiGLU in one kernel) and, after fp8, 'tensorwise'
+    (per-tensor scales instead of per-row)."""
     from modeling.sampling import PRECISIONS
     body, _, batch = spec.partition("@")
     parts = body.split("+")
@@ -48,11 +49,13 @@ def parse_spec(spec):
             opts["cudagraphs"] = "on"
         elif p == "autotune":
             opts["autotune"] = True
+        elif p == "fusedmlp":
+            opts["fused_mlp"] = True
         elif p == "tensorwise" and parts[0] == "fp8":
             opts["fp8_recipe"] = "tensorwise"
         else:
-            raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune; "
-                             "tensorwise after fp8)")
+            raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune, "
+                             "fusedmlp; tensorwise after fp8)")
     if not batch.isdigit() or int(batch) < 1:
         raise ValueError(f"plan entry {spec!r}: needs @BATCH, e.g. {body}@64")
     return opts, int(batch)

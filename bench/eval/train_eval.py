@@ -45,6 +45,7 @@ class EvalSettings:
     fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"      # precision fp8: dynamic scales per row / tensor
     compile: Literal["none", "blocks", "model"] = "none"          # torch.compile of the sampler's model copy
     autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
+    fused_mlp: bool = False             # w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, CUDA)
     cudagraphs: Literal["off", "on", "auto"] = "auto"              # each Euler step a CUDA graph (CUDA only)
     precision_recall: bool = True       # improved precision / recall (needs reference images in ref_batch)
     grid: int = 16                      # samples saved as eval_step{N}.png in the output folder (0 = none)
@@ -149,7 +150,7 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
             m, steps=s.steps, method=s.method, shift=s.shift, cfg_scale=s.cfg_scale,
             cfg_interval_start=s.cfg_interval_start, guidance=s.guidance, precision=s.precision,
             compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)),
-            autotune=s.autotune, fp8_recipe=s.fp8_recipe)
+            autotune=s.autotune, fp8_recipe=s.fp8_recipe, fused_mlp=s.fused_mlp)
 
     @torch.no_grad()
     def eval_fn(model, step):
