@@ -135,15 +135,19 @@ def _choose(q, k, v):
     return _chosen[key]
 
 
-def prime(shape, dtype, device, training):
+def prime(shape, dtype, device, training, agree=None):
     """Measure and fix the choice for q/k/v of `shape` (B, H, N, D) and `dtype` in the given grad mode, outside
-    any trace, so that a torch.compile trace of the same call uses it. Returns the choice, or None where there
-    is nothing to choose (CPU, or a forced implementation)."""
+    any trace, so that a torch.compile trace of the same call uses it. agree: choice -> the choice to keep (e.g.
+    rank 0's, so that every rank of a data-parallel run runs the same kernel). Returns the choice, or None where
+    there is nothing to choose (CPU, or a forced implementation)."""
     if torch.device(device).type != "cuda" or _state["forced"]:
         return None
     q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
     with torch.set_grad_enabled(training):
-        return _choose(q, k, v)
+        choice = _choose(q, k, v)
+        if agree is not None:
+            choice = _chosen[_key(q)] = agree(choice)
+    return choice
 
 
 def attention(q, k, v):

@@ -125,15 +125,16 @@ def resolve(op: str, x):
     return impls[name]
 
 
-def prime_attention(shape, dtype, device, training):
+def prime_attention(shape, dtype, device, training, agree=None):
     """Time the attention candidates for q/k/v of `shape` (B, H, N, D) and `dtype` now, outside any trace, so that
-    torch.compile'd callers use the measured choice (kernels/attention.py). Returns the choice, or None where the
-    active backend has none to make (the reference is plain SDPA; the CPU has one kernel)."""
+    torch.compile'd callers use the measured choice (kernels/attention.py; agree: see attention.prime). Returns
+    the choice, or None where the active backend has none to make (the reference is plain SDPA; the CPU has one
+    kernel)."""
     from . import attention
     name = _state["name"]
     if torch.device(device).type != "cuda" or name == "reference" or (name == "auto" and not triton_status()[0]):
         return None
-    choice = attention.prime(shape, dtype, device, training)
+    choice = attention.prime(shape, dtype, device, training, agree)
     if choice is not None:
         log.info("attention for %s %s (%s): %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
                  "training" if training else "inference", choice, attention.measurements())

@@ -182,11 +182,32 @@ def test_trainer_primes_attention_at_its_micro_batch(tmp_path, monkeypatch):
     are traced: inside a trace nothing can be timed."""
     import kernels
     calls = []
-    monkeypatch.setattr(kernels, "prime_attention", lambda shape, dtype, device, training: calls.append(
-        (shape, dtype, training)))
+    monkeypatch.setattr(kernels, "prime_attention", lambda shape, dtype, device, training, agree: calls.append(
+        (shape, dtype, training, agree("sdpa-cudnn"))))
     cfg = tiny_cfg(tmp_path, "train.steps=1", "train.zero_stage=0")
     Trainer(cfg)
     m = cfg.model
     assert calls == [((cfg.train.batch_per_gpu, m.num_heads, (m.input_size // m.patch_size) ** 2,
                        m.hidden_size // m.num_heads), torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
-                      True)]
+                      True, "sdpa-cudnn")]  # one rank: its own choice
+
+
+def test_a_measured_choice_is_rank0s_on_every_rank(tmp_path):
+    """Ranks that time attention for themselves may disagree; from_rank0 gives every rank rank 0's pick."""
+    import subprocess
+    import sys
+
+    from multiproc import env, free_port
+    script = ("import os, torch.distributed as dist\n"
+              "from train.distributed import from_rank0\n"
+              "dist.init_process_group('gloo')\n"
+              "r = dist.get_rank()\n"
+              "got = from_rank0(['sdpa-cudnn', 'sdpa-flash'][r], ('fa3', 'sdpa-cudnn', 'sdpa-flash'), 'cpu')\n"
+              "open(os.path.join(os.environ['OUT_DIR'], str(r)), 'w').write(got)\n"
+              "dist.destroy_process_group()\n")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                              env={**env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "OUT_DIR": str(tmp_path)}) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["sdpa-cudnn", "sdpa-cudnn"]

@@ -74,6 +74,16 @@ def barrier():
             dist.barrier()
 
 
+def from_rank0(value, options, device):
+    """Rank 0's `value` (one of `options`) on every rank: a choice each rank measured for itself must be the same
+    everywhere. One broadcast of its index; `value` itself where there is one rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([list(options).index(value)], device=device)
+        dist.broadcast(t, src=0)
+        return options[int(t.item())]
+    return value
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a small tensor of metrics (one collective per logging step)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import kernels
+from kernels.attention import CHOICES
 from modeling import fp8 as fp8_lib
 from modeling.checkpoint import save_pretrained, to_reference_dit_format
 from modeling.flow import flow_loss
@@ -30,7 +31,7 @@ from modeling.lightningdit import LightningDiT
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
                          load_state, rng_state, set_rng_state)
 from .config import ConfigError, dump_config, from_dict, to_dict
-from .distributed import all_reduce_mean, init_distributed
+from .distributed import all_reduce_mean, from_rank0, init_distributed
 from .dit_config import DiTTrainConfig
 from .ema import EMA, _gathered
 from .errors import trainer_main
@@ -156,10 +157,10 @@ class Trainer:
             for block in model.blocks:
                 block.compile(backend=cfg.train.compile_backend, fullgraph=True)
         # attention's implementation is timed here, at this run's shape: inside the compiled blocks nothing can be
-        # timed, and SDPA's own first choice (FlashAttention) is not the fastest on Hopper
+        # timed, and SDPA's own first choice (FlashAttention) is not the fastest on Hopper. Every rank runs rank 0's.
         kernels.prime_attention(model.attention_shape(cfg.train.batch_per_gpu),
                                 torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, self.device,
-                                training=True)
+                                training=True, agree=lambda c: from_rank0(c, CHOICES, self.device))
         self.flops_per_image = model.flops_per_sample(train=True)
         self.ema = EMA(model, cfg.train.ema_decay)
 
