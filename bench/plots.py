@@ -65,10 +65,12 @@ def plot_throughput(report, path):
     rows = report.get("results") or []
     if not rows:
         raise ValueError("throughput report has no results to plot")
-    errors = [f"{r.get('name', r.get('backend'))}: {r['error']}" for r in rows if "error" in r]
+    # a row without img/s failed ("error") or never started ("skipped": the sampling budget ran out)
+    errors = [f"{r.get('name', r.get('backend'))}: {r.get('error') or r.get('skipped')}" for r in rows
+              if "img_per_s" not in r]
     # sample-mode rows name their backend "spec@batch": the spec is the series, the batch the group
     results = [dict(r, mode=r.get("mode", report.get("mode", "train")), backend=str(r["backend"]).split("@")[0])
-               for r in rows if "error" not in r]
+               for r in rows if "img_per_s" in r]
     if not results:
         raise ValueError("throughput report has no successful results to plot: " + "; ".join(errors)[:300])
     env = report.get("environment", {})
@@ -102,7 +104,7 @@ def plot_throughput(report, path):
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_listing(fig, path, "failed", errors, line_height=0.04)
+    return _save_listing(fig, path, "failed or not run", errors, line_height=0.04)
 
 
 def plot_ops(results, path, metric="fwd_bwd_GBps"):

@@ -211,7 +211,7 @@ def run_sample_mode(a, specs, batch_sizes):
     res = measure_sampling(size=size, plan=plan, steps=a.sample_steps, scale_to=a.scale_to,
                            cfg_scale=6.7 if a.cfg_scale is None else a.cfg_scale,
                            cfg_interval_start=a.cfg_interval_start, guidance=a.guidance, device=a.device,
-                           decode=not a.no_decode, budget_s=a.budget_s, log=print,
+                           decode=not a.no_decode, budget_s=a.budget_s, log=print, profile=a.profile,
                            partial_json=f"{a.out}.partial.json", **kw)
     Path(f"{a.out}.partial.json").unlink(missing_ok=True)  # complete: the report replaces it
     rows = []
@@ -254,8 +254,12 @@ def _sample_line(r):
     ran = r["ran"]
     path = f"{ran.get('precision')}, compile {ran.get('compile')}, graphs {ran.get('cudagraphs')}"
     dec = r.get("img_per_s_with_decode")
-    return [f"| {r['name']} | {path} | - | {r['img_per_s']:.2f}" + (f" ({dec:.2f} with decode)" if dec else "")
-            + f" | {1e3 * r['time_scaled_s'] / r['batch_size']:.1f} per img | | | | {r.get('peak_mem_gib', 0):.2f} |"]
+    gflop = (r.get("settings") or {}).get("gflop_per_img")
+    tflops = r.get("tflops")
+    return [f"| {r['name']} | {path} | {ran.get('fp8') or '-'} | {r['img_per_s']:.2f}"
+            + (f" ({dec:.2f} with decode)" if dec else "")
+            + f" | {1e3 * r['time_scaled_s'] / r['batch_size']:.1f} per img | {gflop or 0:.4g} | {tflops or 0:.3g} "
+            + f"| | {r.get('peak_mem_gib', 0):.2f} |"]
 
 
 def write_report(report, out):
@@ -286,6 +290,9 @@ def common_args(p):
     p.add_argument("--guidance", choices=["reference", "all"], default="reference")
     p.add_argument("--no-decode", action="store_true", help="sample mode: skip the VA-VAE decode timing")
     p.add_argument("--budget-s", type=float, default=600.0, help="sample mode: no new entry after this")
+    p.add_argument("--profile", action="store_true",
+                   help="sample mode: after each entry's timed run, one more under torch.profiler (kernel time by "
+                        "category in the JSON; the img/s are from the unprofiled run)")
     p.add_argument("--plan", default=None, help="sample mode: SPEC@BATCH entries, comma-separated, run in this "
                                                 "order (instead of --backends x --batch-sizes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sample mode")

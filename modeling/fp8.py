@@ -8,8 +8,14 @@ amax history is its `_extra_state`; torchao's tensorwise dynamic scaling keeps n
 checkpoint carries it.
 
     apply_fp8(model, backend="torchao")           # GPU suite / trainer
-    apply_fp8(bf16_model, "torchao", "rowwise")   # modeling.sampling.Sampler(precision="fp8")
     with fp8_context(backend, recipe): loss = ...  # TE needs fp8_autocast around the forward
+    apply_fp8_inference(bf16_model, "rowwise")    # modeling.sampling.Sampler(precision="fp8"): FP8Linear
+    apply_fp8(bf16_model, "torchao", "rowwise")   # the same through torchao's training modules (fp8_impl)
+
+FP8Linear is the sampler's own inference linear: weights quantized once, activations quantized per call in
+plain torch ops (so torch.compile fuses the amax and the cast into the kernel that produces the input),
+one torch._scaled_mm per call. torchao's training modules re-quantize the weights on every call and keep
+the activation quantization outside the producer's kernel; on an H200 they sampled no faster than bf16.
 
 Asked for without the library, or on hardware without FP8 (compute capability < 8.9), this raises
 FP8Unavailable with the reason. torchao also runs on the CPU (emulated through torch's CPU _scaled_mm;
@@ -100,6 +106,89 @@ def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRA
                 new.bias.copy_(m.bias)
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_fp8(x, rowwise):
+    """x (rows, K) -> (e4m3 values, fp32 scale) with x ~= values * scale: one scale per row (shape (rows, 1)) or
+    one for the tensor (shape ()). Plain torch ops: under torch.compile the amax, the division and the cast
+    fuse into one kernel, and into the op that produced x."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
+    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class FP8Linear(nn.Module):
+    """Inference-only replacement for a bf16 nn.Linear: y = x W^T + b with W held in e4m3 (quantized once, one
+    scale per output channel or per tensor) and x quantized on every call the same way (per row or per
+    tensor), multiplied by torch._scaled_mm (fp32 accumulation, bf16 output). Reference: the dequantized
+    product (x_q * s_x) (W_q * s_w)^T + b, which `dequantized_reference` computes in fp32."""
+
+    def __init__(self, linear, rowwise=True):
+        super().__init__()
+        self.in_features, self.out_features, self.rowwise = linear.in_features, linear.out_features, rowwise
+        with torch.no_grad():
+            w_q, w_scale = quantize_fp8(linear.weight.detach(), rowwise)
+        self.register_buffer("weight_fp8", w_q)  # (N, K) row-major: its .t() is the column-major B _scaled_mm wants
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1) if rowwise else w_scale)  # (1, N) or ()
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
+        y = torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_reference(self, x):
+        """What forward computes, in fp32 from the same quantized operands (for tests)."""
+        x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
+        w = self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
+        y = (x_q.float() * x_scale) @ w.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scaling={'rowwise' if self.rowwise else 'tensorwise'}, bias={self.bias is not None}")
+
+
+def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
+    """Raise FP8Unavailable unless FP8Linear can run on `device`; return a one-line description."""
+    device = torch.device(device)
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        raise FP8Unavailable(f"torch {torch.__version__} has no torch._scaled_mm / float8_e4m3fn. {remedy}")
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise FP8Unavailable(f"FP8 needs an Ada/Hopper or newer GPU (compute capability >= 8.9); "
+                                 f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}. {remedy}")
+        return f"torch._scaled_mm on {torch.cuda.get_device_name(device)} (sm{cap[0]}{cap[1]})"
+    if allow_cpu:
+        return "torch._scaled_mm, CPU emulation (tests only, not fast)"
+    raise FP8Unavailable(f"FP8 needs an FP8-capable CUDA GPU and this process runs on {device}. {remedy}")
+
+
+def apply_fp8_inference(model, recipe="rowwise", allow_cpu=False, remedy=TRAINER_REMEDY):
+    """Replace the blocks' qkv / proj / w12 / w3 linears of a bf16 `model` (in place) by FP8Linear (recipe
+    'rowwise' or 'tensorwise'); returns model. Inference only: the FP8 weights are buffers, not parameters."""
+    if recipe not in ("rowwise", "tensorwise"):
+        raise FP8Unavailable(f"recipe {recipe!r} is not an FP8 inference recipe; choose rowwise or tensorwise")
+    check_scaled_mm(next(model.parameters()).device, allow_cpu, remedy)
+    targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and isinstance(m, nn.Linear)]
+    for name, m in targets:
+        if m.in_features % 16 or m.out_features % 16:
+            raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
+                                 f"dimensions divisible by 16. {remedy}")
+    for name, m in targets:
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, FP8Linear(m, rowwise=recipe == "rowwise"))
     return model
 
 

@@ -154,9 +154,10 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
 # object per (model, settings), reused for every batch. fp32 + eager computes exactly `sample` (tested
 # bit-for-bit); the fast options change how, not what, is computed:
 #   precision  "fp32" | "bf16" (autocast on the fp32 weights, as training) | "bf16-weights" (a bf16 copy)
-#              | "fp8" (the bf16 copy with the blocks' qkv / proj / w12 / w3 matmuls in FP8 through torchao,
-#              dynamic scaling per row by default, per tensor with fp8_recipe="tensorwise"; an FP8 GPU, or
-#              fp8_emulation=True for accuracy checks on the CPU)
+#              | "fp8" (the bf16 copy with the blocks' qkv / proj / w12 / w3 matmuls in FP8: weights quantized
+#              once, activations per call, dynamic scales per row by default, per tensor with
+#              fp8_recipe="tensorwise"; fp8_impl "scaled_mm" is our FP8Linear (modeling/fp8.py), "torchao"
+#              torchao's float8 training modules; an FP8 GPU, or fp8_emulation=True for accuracy checks on the CPU)
 #              -- the ODE state, the time grid, the guidance mix and the Euler update stay fp32;
 #   fused_mlp  each SwiGLU MLP's w12 GEMM and SwiGLU as one Triton kernel (kernels/linear_swiglu.py): the
 #              (rows, 2H) product is never written (bf16-weights or fp32; a CUDA device);
@@ -170,6 +171,7 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
 
 PRECISIONS = ("fp32", "bf16", "bf16-weights", "fp8")
 FP8_RECIPES = ("rowwise", "tensorwise")
+FP8_IMPLS = ("scaled_mm", "torchao")
 COMPILE_MODES = ("none", "blocks", "model")
 CUDAGRAPH_MODES = ("off", "on", "auto")
 
@@ -198,11 +200,14 @@ class Sampler:
 
     def __init__(self, model, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
                  guidance="all", precision="fp32", compile="none", cudagraphs="off", device=None,
-                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False, fused_mlp=False):
+                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False, fused_mlp=False,
+                 fp8_impl="scaled_mm"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
+        if fp8_impl not in FP8_IMPLS:
+            raise ValueError(f"fp8_impl must be one of {FP8_IMPLS}, got {fp8_impl!r}")
         if autotune and compile == "none":
             raise SamplerUnavailable("autotune is a torch.compile mode: it needs compile='blocks' or 'model'")
         if fused_mlp and precision not in ("bf16-weights", "fp32"):
@@ -247,11 +252,16 @@ class Sampler:
             if not fuse_swiglu_mlps(model):
                 raise SamplerUnavailable("fused_mlp: this model has no SwiGLU MLP (use_swiglu=False)")
         if precision == "fp8":
-            from .fp8 import FP8Unavailable, apply_fp8, check_fp8
+            from .fp8 import FP8Unavailable, apply_fp8, apply_fp8_inference, check_fp8, check_scaled_mm
             remedy = "Use --precision bf16-weights instead."
             try:
-                self.fp8 = f"{check_fp8('torchao', self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
-                apply_fp8(model.to(self.device), "torchao", fp8_recipe, fp8_emulation, remedy)
+                model = model.to(self.device)
+                if fp8_impl == "scaled_mm":
+                    self.fp8 = f"{check_scaled_mm(self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
+                    apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy)
+                else:
+                    self.fp8 = f"{check_fp8('torchao', self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
+                    apply_fp8(model, "torchao", fp8_recipe, fp8_emulation, remedy)
             except FP8Unavailable as e:
                 raise SamplerUnavailable(f"precision fp8: {e}") from None
         mode = "max-autotune-no-cudagraphs" if autotune else None
@@ -441,10 +451,13 @@ def add_sampling_args(p, fast_default=False):
     x = p.add_argument_group("execution")
     x.add_argument("--precision", choices=PRECISIONS, default="bf16-weights" if fast_default else "fp32",
                    help="bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; fp8: that copy with the "
-                        "blocks' matmuls in FP8 (torchao, an FP8 GPU; see docs/sampling.md for its accuracy); "
+                        "blocks' matmuls in FP8 (an FP8 GPU; see docs/sampling.md for its accuracy); "
                         "the ODE state stays fp32")
     x.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="rowwise",
                    help="--precision fp8: dynamic scales per row, or per tensor")
+    x.add_argument("--fp8-impl", choices=FP8_IMPLS, default="scaled_mm",
+                   help="--precision fp8: our FP8Linear (weights quantized once, one torch._scaled_mm), or "
+                        "torchao's float8 training modules")
     x.add_argument("--fused-mlp", action="store_true",
                    help="each MLP's w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, a CUDA GPU)")
     x.add_argument("--compile", choices=COMPILE_MODES, default="none",
@@ -460,7 +473,7 @@ def add_sampling_args(p, fast_default=False):
 def execution_from_args(a):
     """The Sampler's execution options (how, not what, it computes) from parsed add_sampling_args flags."""
     return dict(precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs, autotune=a.autotune,
-                fp8_recipe=a.fp8_recipe, fused_mlp=a.fused_mlp)
+                fp8_recipe=a.fp8_recipe, fp8_impl=a.fp8_impl, fused_mlp=a.fused_mlp)
 
 
 def settings_from_args(a, stored=None):

@@ -127,3 +127,23 @@ def test_linear_swiglu_on_gpu(dtype):
     out = linear_swiglu(x, w, b)
     ref = linear_swiglu_reference(x.double(), w.double(), b.double())
     assert out.dtype == dtype and rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_fp8_linear_on_gpu(rowwise):
+    """The sampler's FP8Linear on an FP8 GPU, eager and compiled (the path generate runs): the same product as
+    its fp32 dequantized reference, within the bf16 output's rounding; the quantization error against float64."""
+    from modeling.fp8 import FP8Linear
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.fail("the GPU suite runs on an FP8 GPU (H100/H200)")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1152, 3456, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 257, 1152, device="cuda", dtype=torch.bfloat16)
+    f = FP8Linear(lin, rowwise)
+    ref = f.dequantized_reference(x)
+    for fn in (f, torch.compile(f, dynamic=False)):
+        y = fn(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 257, 3456)
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert float((y.double() - exact).norm() / exact.norm()) < 0.06

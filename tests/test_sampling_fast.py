@@ -79,20 +79,30 @@ def test_precision_guard_fp8():
 
 def test_fp8_sampler_cpu_emulation_and_refusals():
     from torchao.float8.float8_linear import Float8Linear
+
+    from modeling.fp8 import FP8Linear
     m = _fp8_tiny()
     z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
     kw = dict(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
-    with pytest.raises(SamplerUnavailable, match="FP8-capable CUDA GPU.*--precision bf16-weights"):
-        Sampler(m, precision="fp8", **kw)
+    for impl in ("scaled_mm", "torchao"):
+        with pytest.raises(SamplerUnavailable, match="FP8-capable CUDA GPU.*--precision bf16-weights"):
+            Sampler(m, precision="fp8", fp8_impl=impl, **kw)
     s = Sampler(m, precision="fp8", fp8_emulation=True, **kw)
     assert s.describe()["precision"] == "fp8" and "rowwise" in s.describe()["fp8"]
-    assert isinstance(s.model.blocks[0].mlp.w12, Float8Linear)
-    assert not any(isinstance(mod, Float8Linear) for mod in m.modules())  # the caller's model is untouched
+    assert "_scaled_mm" in s.describe()["fp8"]
+    assert isinstance(s.model.blocks[0].mlp.w12, FP8Linear) and isinstance(s.model.blocks[-1].attn.qkv, FP8Linear)
+    assert not isinstance(s.model.blocks[0].adaLN_modulation[-1], FP8Linear)  # adaLN stays bf16
+    assert not any(isinstance(mod, FP8Linear) for mod in m.modules())  # the caller's model is untouched
     fp32, bf16w, fp8 = Sampler(m, **kw)(z, y), Sampler(m, precision="bf16-weights", **kw)(z, y), s(z, y)
     rel = lambda a: float((a - fp32).norm() / fp32.norm())  # noqa: E731
     assert 0 < rel(bf16w) < rel(fp8) < 0.1  # FP8 really ran, and stayed close
     tw = Sampler(m, precision="fp8", fp8_recipe="tensorwise", fp8_emulation=True, **kw)
     assert "tensorwise" in tw.describe()["fp8"] and not torch.equal(tw(z, y), fp8)
+    ao = Sampler(m, precision="fp8", fp8_impl="torchao", fp8_emulation=True, **kw)
+    assert isinstance(ao.model.blocks[0].mlp.w12, Float8Linear) and "torchao" in ao.describe()["fp8"]
+    assert 0 < rel(ao(z, y)) < 0.1
+    with pytest.raises(ValueError, match="fp8_impl"):
+        Sampler(m, precision="fp8", fp8_impl="te", fp8_emulation=True, **kw)
     with pytest.raises(SamplerUnavailable, match="divisible by 16"):
         Sampler(_tiny(), precision="fp8", fp8_emulation=True, **kw)
     with pytest.raises(SamplerUnavailable, match="autotune.*compile"):
@@ -139,17 +149,22 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
         dict(precision="bf16-weights", compile="blocks", cudagraphs="on"), 256)
     assert parse_spec("fp8+tensorwise+model+autotune+graphs@128") == (
         dict(precision="fp8", compile="model", cudagraphs="on", autotune=True, fp8_recipe="tensorwise"), 128)
+    assert parse_spec("fp8+torchao+model+graphs@128") == (
+        dict(precision="fp8", compile="model", cudagraphs="on", fp8_impl="torchao"), 128)
     with pytest.raises(ValueError, match="@BATCH"):
         parse_spec("bf16")
-    with pytest.raises(ValueError, match="tensorwise after fp8"):
+    with pytest.raises(ValueError, match="tensorwise, torchao after fp8"):
         parse_spec("bf16+tensorwise@4")
     assert forward_units([False, True, True]) == 5
     res = measure_sampling("custom", ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
                            num_classes=3, model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
                            vae_config=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                            resolution=8, z_channels=4, embed_dim=4), log=None,
-                           partial_json=tmp_path / "partial.json")
+                           partial_json=tmp_path / "partial.json", profile=True)
     fp32, bf16, graphs, fp8 = res["results"]
+    assert fp32["profile"]["total_kernel_ms_per_call"] > 0 and fp32["profile"]["ms_per_call_by_category"]
+    assert res["settings"]["gflop_per_img"] > 0 and fp32["tflops"] == pytest.approx(
+        fp32["img_per_s"] * res["settings"]["gflop_per_img"] / 1e3)
     partial = json.loads((tmp_path / "partial.json").read_text())  # rewritten after each entry
     assert partial["partial"]
     assert [r["spec"] for r in partial["results"]] == ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"]

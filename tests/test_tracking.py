@@ -218,6 +218,11 @@ def test_throughput_plot_beside_its_json(tmp_path):
                                                         "error": "CUDA out of memory"}])
     c = _png(plot_throughput(failed, tmp_path / "with_error.png"))
     assert c.shape == a.shape and not np.array_equal(a, c)  # the failure is written under the bars
+    # a sampling entry the time budget never started has neither img/s nor an error (it crashed the plot on the H200)
+    unstarted = dict(report, results=report["results"] + [{"name": "x fp8@128 sample", "mode": "sample",
+                                                           "backend": "fp8@128", "batch_size": 128,
+                                                           "skipped": "not started: 240 s budget used"}])
+    _png(plot_throughput(unstarted, tmp_path / "with_unstarted.png"))
     with pytest.raises(ValueError, match="no results"):
         plot_throughput({"results": []}, tmp_path / "empty.png")
     with pytest.raises(ValueError, match="no successful results.*out of memory"):

@@ -143,7 +143,9 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
         "seed": seed, "sampler": {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale,
                                   "cfg_interval_start": cfg_interval_start, "guidance": guidance},
-        "precision": precision if precision != "fp8" else f"fp8 ({sampler_options.get('fp8_recipe', 'rowwise')})",
+        "precision": precision if precision != "fp8" else "fp8 ({})".format(", ".join(
+            [sampler_options.get("fp8_recipe", "rowwise")]
+            + (["torchao"] if sampler_options.get("fp8_impl") == "torchao" else []))),
         "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)

@@ -35,7 +35,7 @@ PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shif
 def parse_spec(spec):
     """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256); optional parts
     'autotune' (max-autotune compile), 'fusedmlp' (w12 + SwiGLU in one kernel) and, after fp8, 'tensorwise'
-    (per-tensor scales instead of per-row)."""
+    (per-tensor scales instead of per-row) and 'torchao' (torchao's float8 modules instead of FP8Linear)."""
     from modeling.sampling import PRECISIONS
     body, _, batch = spec.partition("@")
     parts = body.split("+")
@@ -53,9 +53,11 @@ def parse_spec(spec):
             opts["fused_mlp"] = True
         elif p == "tensorwise" and parts[0] == "fp8":
             opts["fp8_recipe"] = "tensorwise"
+        elif p == "torchao" and parts[0] == "fp8":
+            opts["fp8_impl"] = "torchao"
         else:
             raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune, "
-                             "fusedmlp; tensorwise after fp8)")
+                             "fusedmlp; tensorwise, torchao after fp8)")
     if not batch.isdigit() or int(batch) < 1:
         raise ValueError(f"plan entry {spec!r}: needs @BATCH, e.g. {body}@64")
     return opts, int(batch)
@@ -99,7 +101,7 @@ def _env(device):
 def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg_scale=PAPER["cfg_scale"],
                      cfg_interval_start=PAPER["cfg_interval_start"], guidance=PAPER["guidance"], shift=PAPER["shift"],
                      input_size=16, in_channels=32, num_classes=1000, vae_config=None, device=None, decode=True,
-                     tf32=True, seed=0, budget_s=45.0, model_kwargs=None, log=print, partial_json=None):
+                     tf32=True, seed=0, budget_s=45.0, model_kwargs=None, log=print, partial_json=None, profile=False):
     """Measure each plan entry; returns {"env", "settings", "results": [...], "summary"}.
 
     partial_json: rewritten after every entry with the settings and the results so far (a run killed by a
@@ -107,6 +109,8 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
 
     size: a LIGHTNINGDIT_SIZES name, or "custom" with model_kwargs (hidden_size, depth, num_heads, patch_size).
     tf32: TF32 matmuls for the fp32 path (the authors' inference.py turns them on).
+    profile: after timing, one more run of each entry's sampler under torch.profiler; its kernel time by
+    category (matmul, attention, inductor fusions, ...) and top kernels go in the entry's "profile".
     vae_config: AutoencoderKL kwargs (default: the released f16d32); decode=False skips the decode timing.
     """
     import kernels
@@ -132,7 +136,9 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                     cfg_interval_start=cfg_interval_start, guidance=guidance,
                     guided_steps_run=f"{sum(guided_run)}/{len(guided_run)}",
                     guided_steps_scaled=f"{sum(guided_full)}/{len(guided_full)}", time_scale=scale,
-                    tf32_for_fp32=tf32, weights="random", params=sum(p.numel() for p in model.parameters()))
+                    tf32_for_fp32=tf32, weights="random", params=sum(p.numel() for p in model.parameters()),
+                    # the model's forward FLOPs x forwards per image on the full grid (a guided step: 2)
+                    gflop_per_img=model.flops_per_sample(train=False) * forward_units(guided_full) / 1e9)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     g = torch.Generator().manual_seed(seed + 1)  # one noise / label set; every entry uses its first rows
@@ -149,7 +155,7 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
             res = {"spec": spec, "batch": batch}
             try:
                 res.update(_measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance,
-                                        shift, scale, device, Sampler, decode_images))
+                                        shift, scale, device, Sampler, decode_images, profile))
             except Exception as e:  # noqa: BLE001 -- one path failing (compile, OOM, refusal) must not stop the rest
                 res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 log(f"[sample_speed] {spec}: {res['error']}")
@@ -168,6 +174,7 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                 rel = (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
                 res["rel_err_vs_fp32"] = {"median": float(rel.median()), "max": float(rel.max())}
             res["finite"] = bool(torch.isfinite(out).all())
+            res["tflops"] = res["img_per_s"] * settings["gflop_per_img"] / 1e3  # sampling alone, no decode
             results.append(res)
             _write_partial(partial_json, settings, results)
             log(f"[sample_speed] {spec}: {res['img_per_s']:.2f} img/s sampling, "
@@ -201,7 +208,7 @@ def _write_partial(path, settings, results):
 
 
 def _measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,
-                 Sampler, decode_images):
+                 Sampler, decode_images, profile=False):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -223,6 +230,10 @@ def _measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, g
     n = len(z)
     res = {"ran": sampler.describe(), "warmup_s": warmup, "time_s": run_s, "time_scaled_s": run_s * scale,
            "img_per_s": n / (run_s * scale)}
+    if profile:  # after the timed run, so the profiler never touches the number
+        from bench.profile_step import kernel_times
+        res["profile"] = {"per": f"one {steps}-point run at batch {n}",
+                          **kernel_times(lambda: sampler(z, y), 1, cuda)}
     if vae is not None:
         lat = out[:2]
         decode_images(vae, lat, opts["precision"])  # warm-up
@@ -254,6 +265,7 @@ def main(argv=None):
     p.add_argument("--no-tf32", action="store_true", help="plain fp32 matmuls on the fp32 path")
     p.add_argument("--budget-s", type=float, default=45.0, help="no new plan entry starts after this many seconds")
     p.add_argument("--device", default=None)
+    p.add_argument("--profile", action="store_true", help="kernel time by category of one more run per entry")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     try:
@@ -263,7 +275,8 @@ def main(argv=None):
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     res = measure_sampling(a.size, plan, a.steps, a.scale_to, a.cfg_scale, a.cfg_interval_start, a.guidance,
-                           a.shift, device=a.device, decode=not a.no_decode, tf32=not a.no_tf32, budget_s=a.budget_s)
+                           a.shift, device=a.device, decode=not a.no_decode, tf32=not a.no_tf32, budget_s=a.budget_s,
+                           profile=a.profile)
     print(json.dumps(res["summary"], indent=2))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

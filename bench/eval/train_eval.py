@@ -43,6 +43,7 @@ class EvalSettings:
     guidance: Literal["all", "reference"] = "all"   # reference: the authors' channels 0..2 only
     precision: Literal["fp32", "bf16", "bf16-weights", "fp8"] = "bf16"   # sampler and decode precision
     fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"      # precision fp8: dynamic scales per row / tensor
+    fp8_impl: Literal["scaled_mm", "torchao"] = "scaled_mm"       # precision fp8: our FP8Linear or torchao's modules
     compile: Literal["none", "blocks", "model"] = "none"          # torch.compile of the sampler's model copy
     autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
     fused_mlp: bool = False             # w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, CUDA)
@@ -116,8 +117,10 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
     s = settings
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if s.precision == "fp8":  # refused now, not at the first evaluation hours into the run
-        from modeling.fp8 import check_fp8
-        check_fp8("torchao", device, remedy="Set eval.precision: bf16-weights.")
+        from modeling.fp8 import check_fp8, check_scaled_mm
+        remedy = "Set eval.precision: bf16-weights."
+        check_scaled_mm(device, remedy=remedy) if s.fp8_impl == "scaled_mm" else check_fp8("torchao", device,
+                                                                                            remedy=remedy)
     if vae is None:
         if s.vae is None:
             raise ValueError("eval needs a VA-VAE: pass vae= or set eval.vae")
@@ -150,7 +153,7 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
             m, steps=s.steps, method=s.method, shift=s.shift, cfg_scale=s.cfg_scale,
             cfg_interval_start=s.cfg_interval_start, guidance=s.guidance, precision=s.precision,
             compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)),
-            autotune=s.autotune, fp8_recipe=s.fp8_recipe, fused_mlp=s.fused_mlp)
+            autotune=s.autotune, fp8_recipe=s.fp8_recipe, fp8_impl=s.fp8_impl, fused_mlp=s.fused_mlp)
 
     @torch.no_grad()
     def eval_fn(model, step):
