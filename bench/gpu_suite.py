@@ -81,12 +81,8 @@ def environment():
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count)
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=REPO).stdout.strip()
-    except OSError:
-        env["commit"] = os.environ.get("SUITE_COMMIT", "")
-    env["commit"] = env["commit"] or os.environ.get("SUITE_COMMIT", "unknown")
+    from bench.provenance import commit
+    env["commit"] = commit()
     return env
 
 
@@ -212,9 +208,9 @@ def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
-SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128",
-                 "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+graphs@256",
-                 "fp8+tensorwise+model+graphs@128", "fp8+model+graphs@256", "bf16-weights+model+autotune+graphs@128")
+SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+model+graphs@256",
+                 "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
+                 "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+autotune+graphs@128")
 EXTRA_COMMANDS = {
     # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
     # (issue 10), ~25 s; the fixtures come from $VAVAE_PARITY_DIR (the carried .parity)
@@ -223,15 +219,19 @@ EXTRA_COMMANDS = {
                         f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cpu "
                         "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
-    # entry's error is measured against it), the best path so far (4.67 img/s), FP8, the fused w12 + SwiGLU
-    # kernel, batch 256, max-autotune last (minutes of autotuning); no entry starts after 240 s, each writes
-    # sample_throughput.partial.json
-    "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --plan " + ",".join(SAMPLING_PLAN)
+    # entry's error is measured against it), bf16 weights (4.77 img/s on an H200 at a6bea52), FP8 through
+    # FP8Linear (5.68), then the variants; max-autotune last (minutes of autotuning); no entry starts after
+    # 240 s, each writes sample_throughput.partial.json; --profile: kernel time by category per entry (~5 s)
+    "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --profile --plan " + ",".join(SAMPLING_PLAN)
                  + " --out $OUT/sample_throughput", 420,
                  f"{_PY} -m bench.throughput --mode sample --model "
                  "'{\"input_size\": 4, \"patch_size\": 1, \"in_channels\": 4, \"hidden_size\": 32, \"depth\": 1, "
                  "\"num_heads\": 2, \"num_classes\": 3}' --plan fp32@2,bf16-weights@2 --sample-steps 3 "
                  "--no-decode --device cpu --out $OUT/sample_throughput"),
+    # the block's GEMMs at the sampler's rows (batch 128 guided: 65536): bf16, torch._scaled_mm per row / per
+    # tensor, FP8Linear compiled (activation quantization included), ~40 s
+    "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm --fp8 --batch 256 --out $OUT > $OUT/fp8_gemm.log 2>&1",
+                 90, f"{_PY} -m bench.profile_step --smoke --sections gemm --fp8 --out $OUT"),
     # VA-VAE training step (fp32 eager vs bf16 / channels-last) and latent extraction (issue 11), < 100 s
     "vae_step": (f"{_PY} -m bench.vae_step --out $OUT/vae_step.json", 180, None),
     # Nsight: the README's nsys recipe if nsys works there, else ncu on one fused kernel (issue 13), < 60 s

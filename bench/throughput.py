@@ -63,13 +63,7 @@ def device_peak_tflops(device):
 
 
 def environment(device):
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=REPO).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
+    from bench.provenance import commit
     from importlib import metadata
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for dist_name in ("triton", "deepspeed", "torchao", "numpy"):
@@ -79,7 +73,7 @@ def environment(device):
             versions[dist_name] = "not installed"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": f"{device.type}: {name}", "cpu_threads": torch.get_num_threads(), "versions": versions,
-            "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            "commit": commit().removesuffix("+dirty"), "dirty": commit().endswith("+dirty")}
 
 
 def parse_spec(spec):

@@ -26,36 +26,19 @@ import contextlib
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import provenance
+
 MODES = {
     "fp32": ["train.precision=fp32"],
     "bf16": ["train.precision=bf16"],
     "bf16_cl": ["train.precision=bf16", "train.channels_last=true"],
     "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=modules"],
 }
-
-
-def commit():
-    """$VAVAE_COMMIT, $SUITE_COMMIT (the GPU suite's), git, or .suite_commit (a tree copied without .git)."""
-    for var in ("VAVAE_COMMIT", "SUITE_COMMIT"):
-        if os.environ.get(var, "unknown") != "unknown":
-            return os.environ[var]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    f = REPO / ".suite_commit"
-    return f.read_text().strip() if f.is_file() else "unknown"
 
 
 def lpips_source():
@@ -196,7 +179,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     lpips = lpips_source()
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "commit": commit(), "lpips_weights": lpips,
+              "torch": torch.__version__, "commit": provenance.commit(), "lpips_weights": lpips,
               "foundation": "random_vitl14 (DINOv2 ViT-L/14 shape, random weights, bf16 under precision=bf16)",
               "per_gpu_batch": a.batch, "modes": {}, "skipped": []}
 

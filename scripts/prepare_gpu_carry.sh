@@ -5,12 +5,15 @@
 #             (hjson, pydantic + pydantic-core, annotated-types, typing-inspection, typing-extensions),
 #             torchao 0.18.0 (FP8 rows)
 #   .parity/  a copy of ../shared/parity (the fp32 GPU parity section reads $VAVAE_PARITY_DIR)
-# Both are git-ignored; carry them with the run. Then, on the machine:
+#   .suite_commit  HEAD (+dirty): the commit the results name (the machine's .git can be an older snapshot)
+# All are git-ignored; carry them with the run. Then, on the machine:
 #   VAVAE_PARITY_DIR=$PWD/.parity OUT=$OUT bash bench/gpu_suite.sh --part A
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.parity/' .git/info/exclude 2>/dev/null || echo '/.parity/' >> .git/info/exclude
+grep -qx '/.suite_commit' .git/info/exclude 2>/dev/null || echo '/.suite_commit' >> .git/info/exclude
+echo "$(git rev-parse HEAD)$( [ -n "$(git status --porcelain --untracked-files=no)" ] && echo +dirty)" > .suite_commit
 rm -rf .whl && mkdir -p .whl
 PIP="${PIP:-python3 -m pip}"
 $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -20,4 +23,4 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   typing-inspection==0.4.5 typing-extensions==4.16.0   # the set that ran the trainer on an H200, 2026-11-26
 $PIP wheel -q --no-deps -w .whl deepspeed==0.19.8
 rm -rf .parity && cp -r ../shared/parity .parity && chmod -R u+w .parity
-ls .whl; du -sh .whl .parity
+ls .whl; du -sh .whl .parity; echo "commit: $(cat .suite_commit)"

@@ -241,3 +241,18 @@ def test_ops_bench_writes_json_and_plot(tmp_path):
         plot_ops(broken, tmp_path / "none.png")
     mixed = {**broken, "swiglu": {"reference": {"fwd_bwd_GBps": 1.0}, "triton": {"error": "BackendUnavailable"}}}
     _png(plot_ops(mixed, tmp_path / "mixed.png"))
+
+
+def test_provenance_commit_prefers_the_suite_record(monkeypatch):
+    """Results name the commit that ran: $SUITE_COMMIT (a lent machine's .git can be older than its tree), else
+    git HEAD with +dirty when tracked files differ."""
+    import subprocess
+
+    from bench import provenance
+    monkeypatch.delenv("VAVAE_COMMIT", raising=False)
+    monkeypatch.setenv("SUITE_COMMIT", "abc123+dirty")
+    assert provenance.commit() == "abc123+dirty"
+    monkeypatch.setenv("SUITE_COMMIT", "unknown")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=provenance.REPO, capture_output=True,
+                          text=True).stdout.strip()
+    assert provenance.commit().removesuffix("+dirty") == head

@@ -22,12 +22,13 @@ chunks are merged, in index order, into OUT.npz with `arr_0` = uint8 (N, H, W, 3
 import hashlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.provenance import commit
 
 SETTINGS_FILE = "settings.json"
 
@@ -65,15 +66,6 @@ def tensor_sha256(*tensors):
     for t in tensors:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _chunk_path(work, start):
@@ -149,7 +141,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)
-    run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
+    run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(),
            "torch": torch.__version__, "device": str(device), "sampler": sampler.describe()}
     with open(work / f"runs_rank{rank:05d}.jsonl", "a") as f:  # execution path per (re)start: recorded, not compared
         f.write(json.dumps(run) + "\n")

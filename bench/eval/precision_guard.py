@@ -13,7 +13,8 @@ trained model.
    (robust float64, bench.eval.fid) between the bf16 and fp32 sets next to the distance between the two
    fp32 sets with different seeds -- the noise floor any FID comparison already lives with.
 The guard holds when the fast-vs-fp32 distance is a small fraction of the seed-to-seed distance.
-On the CPU, FP8 is torchao's emulation (the same FP8 roundings; accumulation order differs from the GPU's).
+On the CPU, FP8 is torch._scaled_mm's emulation (the same FP8 roundings; accumulation order and the GPU's fast
+accumulation differ).
 """
 import json
 import time
@@ -26,7 +27,7 @@ FAST_PRECISIONS = ("bf16", "bf16-weights", "fp8")
 
 
 def _fp8_kw(precision, device):
-    """FP8 runs on an FP8 GPU, and as torchao's emulation on the CPU (accuracy only)."""
+    """FP8 runs on an FP8 GPU, and emulated on the CPU (accuracy only)."""
     return {"fp8_emulation": torch.device(device).type == "cpu"} if precision == "fp8" else {}
 
 

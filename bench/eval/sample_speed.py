@@ -86,14 +86,14 @@ def _randomize(model, seed):
 
 def _env(device):
     import kernels
-    from bench.eval.generate import git_commit
+    from bench.provenance import commit
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
+           "torch": torch.__version__, "triton": triton_version, "commit": commit(),
            "kernels_requested": kernels.get_backend()}
     return env
 
