@@ -208,8 +208,8 @@ def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
-SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+model+graphs@256",
-                 "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
+SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+refops+model+graphs@128",
+                 "fp8+model+graphs@256", "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
                  "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+autotune+graphs@128")
 EXTRA_COMMANDS = {
     # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
@@ -220,7 +220,8 @@ EXTRA_COMMANDS = {
                         "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
     # entry's error is measured against it), bf16 weights (4.77 img/s on an H200 at a6bea52), FP8 through
-    # FP8Linear (5.68), then the variants; max-autotune last (minutes of autotuning); no entry starts after
+    # FP8Linear (5.68), the same with every op traced as torch ops (refops: the SwiGLU can fuse with w3's
+    # activation quantization), then the variants; max-autotune last (minutes of autotuning); no entry starts after
     # 240 s, each writes sample_throughput.partial.json; --profile: kernel time by category per entry (~5 s)
     "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --profile --plan " + ",".join(SAMPLING_PLAN)
                  + " --out $OUT/sample_throughput", 420,

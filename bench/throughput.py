@@ -247,6 +247,8 @@ def _sample_line(r):
         return [f"| {r['name']} | - | - | {r.get('error') or r.get('skipped')} | | | | | |"]
     ran = r["ran"]
     path = f"{ran.get('precision')}, compile {ran.get('compile')}, graphs {ran.get('cudagraphs')}"
+    if r.get("kernels_backend", "auto") != "auto":
+        path += f", kernels {r['kernels_backend']}"
     dec = r.get("img_per_s_with_decode")
     gflop = (r.get("settings") or {}).get("gflop_per_img")
     tflops = r.get("tflops")

@@ -151,12 +151,14 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
         dict(precision="fp8", compile="model", cudagraphs="on", autotune=True, fp8_recipe="tensorwise"), 128)
     assert parse_spec("fp8+torchao+model+graphs@128") == (
         dict(precision="fp8", compile="model", cudagraphs="on", fp8_impl="torchao"), 128)
+    assert parse_spec("fp8+refops+model+graphs@128") == (
+        dict(precision="fp8", compile="model", cudagraphs="on", kernels="reference"), 128)
     with pytest.raises(ValueError, match="@BATCH"):
         parse_spec("bf16")
     with pytest.raises(ValueError, match="tensorwise, torchao after fp8"):
         parse_spec("bf16+tensorwise@4")
     assert forward_units([False, True, True]) == 5
-    res = measure_sampling("custom", ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
+    res = measure_sampling("custom", ["fp32@4", "bf16+refops@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
                            num_classes=3, model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
                            vae_config=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                            resolution=8, z_channels=4, embed_dim=4), log=None,
@@ -167,7 +169,10 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
         fp32["img_per_s"] * res["settings"]["gflop_per_img"] / 1e3)
     partial = json.loads((tmp_path / "partial.json").read_text())  # rewritten after each entry
     assert partial["partial"]
-    assert [r["spec"] for r in partial["results"]] == ["fp32@4", "bf16@6", "bf16+graphs@4", "fp8@4"]
+    assert [r["spec"] for r in partial["results"]] == ["fp32@4", "bf16+refops@6", "bf16+graphs@4", "fp8@4"]
+    assert bf16["kernels_backend"] == "reference" and fp32["kernels_backend"] == "auto"
+    import kernels
+    assert kernels.get_backend() == "auto"  # the entry's backend was restored
     assert fp32["ran"]["precision"] == "fp32" and fp32["rel_err_vs_fp32"]["max"] == 0.0 and fp32["img_per_s"] > 0
     assert bf16["ran"]["precision"] == "bf16" and 0 < bf16["rel_err_vs_fp32"]["max"] < 0.05 and bf16["finite"]
     assert "img_per_s_with_decode" in bf16 and bf16["batch"] == 6

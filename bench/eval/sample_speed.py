@@ -35,7 +35,9 @@ PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shif
 def parse_spec(spec):
     """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256); optional parts
     'autotune' (max-autotune compile), 'fusedmlp' (w12 + SwiGLU in one kernel) and, after fp8, 'tensorwise'
-    (per-tensor scales instead of per-row) and 'torchao' (torchao's float8 modules instead of FP8Linear)."""
+    (per-tensor scales instead of per-row) and 'torchao' (torchao's float8 modules instead of FP8Linear);
+    'refops' runs the entry with kernels.set_backend("reference") (what VAVAE_KERNELS=reference does for
+    generate): every op traced as plain torch ops, so inductor can fuse the SwiGLU with its neighbours."""
     from modeling.sampling import PRECISIONS
     body, _, batch = spec.partition("@")
     parts = body.split("+")
@@ -51,13 +53,15 @@ def parse_spec(spec):
             opts["autotune"] = True
         elif p == "fusedmlp":
             opts["fused_mlp"] = True
+        elif p == "refops":
+            opts["kernels"] = "reference"
         elif p == "tensorwise" and parts[0] == "fp8":
             opts["fp8_recipe"] = "tensorwise"
         elif p == "torchao" and parts[0] == "fp8":
             opts["fp8_impl"] = "torchao"
         else:
             raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune, "
-                             "fusedmlp; tensorwise, torchao after fp8)")
+                             "fusedmlp, refops; tensorwise, torchao after fp8)")
     if not batch.isdigit() or int(batch) < 1:
         raise ValueError(f"plan entry {spec!r}: needs @BATCH, e.g. {body}@64")
     return opts, int(batch)
@@ -209,6 +213,22 @@ def _write_partial(path, settings, results):
 
 def _measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,
                  Sampler, decode_images, profile=False):
+    import kernels
+    opts = dict(opts)
+    backend, previous = opts.pop("kernels", None), kernels.get_backend()
+    if backend:
+        kernels.set_backend(backend)
+    try:
+        res = _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale,
+                            device, Sampler, decode_images, profile)
+    finally:
+        kernels.set_backend(previous)
+    res["kernels_backend"] = backend or previous
+    return res
+
+
+def _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,
+                  Sampler, decode_images, profile):
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
