@@ -67,7 +67,7 @@ def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, c
              guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
              compile="none", cudagraphs="off", progress=False, return_sampler=False, **sampler_options):
     """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses.
-    sampler_options: the Sampler's other execution options (autotune, fp8_recipe, fused_mlp)."""
+    sampler_options: the Sampler's other execution options (autotune, fp8_recipe, fp8_impl, fused_mlp)."""
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
         raise ValueError(f"labels {bad} are outside 0..{dit.num_classes - 1} (index {dit.num_classes} is the "

@@ -108,7 +108,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
 
     latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
     trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
-    precision / compile / cudagraphs / sampler_options (autotune, fp8_recipe, fused_mlp): see
+    precision / compile / cudagraphs / sampler_options (autotune, fp8_recipe, fp8_impl, fused_mlp): see
     modeling.sampling.Sampler (the same object the speed benchmark measures).
     sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
