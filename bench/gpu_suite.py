@@ -272,7 +272,37 @@ def main():
         for name, (cmd, timeout, smoke_cmd) in EXTRA_COMMANDS.items():
             s.section(name, command, name, cmd, timeout, smoke_cmd, smoke)
     s.save()
+    packed = pack_out(a.out)
+    if packed:
+        print(f"[suite] {len(packed)} more files packed into {os.path.join(a.out, PACK_NAME)}", flush=True)
     print_table(s.result)
+
+
+# A lent machine returns at most 8 files from $OUT: the main results stay files, the rest go into one archive.
+OUT_FILE_LIMIT = 8
+KEEP_AS_FILES = ("gpu_suite.json", "sample_throughput.json", "sample_throughput.partial.json",
+                 "precision_guard.json", "profile_step.json", "vae_step.json")
+PACK_NAME = "more_results.tar.gz"
+
+
+def pack_out(out, limit=OUT_FILE_LIMIT):
+    """If `out` holds more than `limit` files (any depth), move all but KEEP_AS_FILES into out/PACK_NAME;
+    returns the packed paths (relative to out)."""
+    import tarfile
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    if len(files) <= limit:
+        return []
+    kept = [f for f in files if f in KEEP_AS_FILES][:limit - 1]
+    rest = [f for f in files if f not in kept and f != PACK_NAME]
+    with tarfile.open(os.path.join(out, PACK_NAME), "w:gz") as t:
+        for f in rest:
+            t.add(os.path.join(out, f), arcname=f)
+    for f in rest:
+        os.remove(os.path.join(out, f))
+    for d, _, _ in sorted(os.walk(out), key=lambda w: -len(w[0])):  # folders left empty
+        if d != out and not os.listdir(d):
+            os.rmdir(d)
+    return rest
 
 
 def _train(s, smoke, case, peak, profile_steps=0):

@@ -9,14 +9,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_cpu_smoke(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
+    out = tmp_path / "out"  # the inductor cache stays outside $OUT, as on the GPU machine
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(out), "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     res = subprocess.run(["bash", "bench/gpu_suite.sh", "--cpu-smoke", "--budget", "1000"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    r = json.loads((tmp_path / "gpu_suite.json").read_text())
+    r = json.loads((out / "gpu_suite.json").read_text())
     sec = r["sections"]
     assert not r["errors"], r["errors"]
     assert sec["environment"]["cuda_ext"] != "built" and sec["ceilings"]["copy_GBps"] > 0
@@ -42,6 +43,24 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert cli["img_per_s_last_window"] > 0 and cli["peak_rss_gib"] if "peak_rss_gib" in cli else True
     assert "train.train_dit" in cli["command"] and not [w for w in cli["warnings"] if "autocast" in w]
     assert "trainer CLI" in res.stdout  # the short table comes last
+    # what a lent machine returns: at most 8 files; the rest travel in one archive
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8, files
+
+
+def test_pack_out_keeps_the_results_and_archives_the_rest(tmp_path):
+    import tarfile
+
+    from bench.gpu_suite import PACK_NAME, pack_out
+    for name in ("gpu_suite.json", "sample_throughput.json", "a.log", "b.log", "trace/x.json", "trace/y.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert pack_out(tmp_path, limit=8) == []  # six files: nothing to do
+    packed = pack_out(tmp_path, limit=3)
+    assert sorted(packed) == ["a.log", "b.log", "trace/x.json", "trace/y.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PACK_NAME, "gpu_suite.json", "sample_throughput.json"])
+    with tarfile.open(tmp_path / PACK_NAME) as t:
+        assert sorted(t.getnames()) == packed and t.extractfile("trace/y.json").read() == b"trace/y.json"
 
 
 def test_sampling_plan_parses_and_fp32_comes_first():
