@@ -15,7 +15,7 @@ test: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not gpu" -q
 
 demo: venv
-	$(PY) -m bench.demo
+	$(PY) -m examples.demo
 
 parity: venv
 	$(PY) -m bench.parity ../shared/parity

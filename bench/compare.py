@@ -17,6 +17,7 @@ import kernels
 
 from .throughput import (REPO, build_trainer, environment, parse_spec, peak_for, time_trainer_steps,
                          write_report)
+from modeling.config import console_entry
 
 
 def _row(name, spec, trainer, batch, times, peak):
@@ -55,7 +56,7 @@ def compare(config, spec_a, spec_b, batch, rounds=5, iters=5, warmup=2, override
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     p = cli_parser("bench.compare", __doc__)
     p.add_argument("--config", default=str(REPO / "configs/dit_xl1_64ep.yaml"))
@@ -84,6 +85,9 @@ def main(argv=None):
           f"{res['b']['img_per_s']:.2f} img/s; B/A = {res['ratio_b_over_a']:.3f}x (median of {a.rounds} rounds)")
     return report
 
+
+
+cli = console_entry(__name__)  # the `vavae-compare` console script (setup.py)
 
 if __name__ == "__main__":
     main()

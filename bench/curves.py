@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from modeling.config import console_entry
 
 
 def load_run(run_dir):
@@ -118,7 +119,7 @@ def _fmt(v):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     p = cli_parser("bench.curves", __doc__)
     p.add_argument("runs", nargs="+", help="training run directories (with metrics.jsonl)")
@@ -141,6 +142,9 @@ def main(argv=None):
     ], out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
+
+
+cli = console_entry(__name__)  # the `vavae-curves` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_one(config, out_dir, steps, overrides):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer
     cfg = load_config(DiTTrainConfig, config, [
@@ -43,7 +43,7 @@ def compare(bf16, fp8, rtol):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     ap = cli_parser("bench.fp8_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/dit_tiny_cpu.yaml"))

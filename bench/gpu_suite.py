@@ -81,7 +81,7 @@ def environment():
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count)
-    from bench.provenance import commit
+    from evaluation.provenance import commit
     env["commit"] = commit()
     return env
 
@@ -214,9 +214,9 @@ SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@1
 EXTRA_COMMANDS = {
     # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
     # (issue 10), ~25 s; the fixtures come from $VAVAE_PARITY_DIR (the carried .parity)
-    "precision_guard": (f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cuda "
+    "precision_guard": (f"{_PY} -m bench.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cuda "
                         "--cudagraphs on --json $OUT/precision_guard.json > $OUT/precision_guard.log 2>&1", 120,
-                        f"{_PY} -m bench.eval.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cpu "
+                        f"{_PY} -m bench.precision_guard ${{VAVAE_PARITY_DIR:-../shared/parity}} --device cpu "
                         "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
     # entry's error is measured against it), bf16 weights (4.77 img/s on an H200 at a6bea52), FP8 through
@@ -241,7 +241,7 @@ EXTRA_COMMANDS = {
 
 
 def main():
-    from train.config import cli_parser
+    from modeling.config import cli_parser
     p = cli_parser("bench.gpu_suite", __doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"), help="output folder")
     p.add_argument("--budget", type=float, default=360.0, help="seconds after which no new section starts")

@@ -14,7 +14,7 @@ PY="${PYTHON:-python3}"  # the interpreter that has torch (CI passes its venv's)
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/vavae_inductor}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/vavae_torch_ext}"
 # the commit results name: .suite_commit (scripts/prepare_gpu_carry.sh writes it here and it is carried: a lent
-# machine's copy of .git can be older than the tree that travelled), else bench/provenance.py asks git
+# machine's copy of .git can be older than the tree that travelled), else evaluation/provenance.py asks git
 export SUITE_COMMIT="$(cat .suite_commit 2>/dev/null || echo unknown)"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the machine (DeepSpeed, torchao)
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 \

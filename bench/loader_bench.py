@@ -50,7 +50,7 @@ def bench_reference(directory, num_reads):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     p = cli_parser("bench.loader_bench", __doc__)
     p.add_argument("--dir", help="an existing latent folder (reference shard format)")

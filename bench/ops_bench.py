@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from kernels import attention, reference
+from modeling.config import console_entry
 
 
 def bench_ms(fn, smoke):
@@ -160,7 +161,7 @@ def attention_bench(smoke, device, dtype):
 
 def main(argv=None):
     from bench.plots import plot_ops
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     p = cli_parser("bench.ops_bench", __doc__)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the plumbing, times nothing)")
@@ -175,6 +176,9 @@ def main(argv=None):
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return results
 
+
+
+cli = console_entry(__name__)  # the `vavae-ops-bench` console script (setup.py)
 
 if __name__ == "__main__":
     main()

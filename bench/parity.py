@@ -23,6 +23,7 @@ from modeling.safe_load import safe_torch_load
 from modeling.sampling import sample, time_grid
 from modeling.vavae import AutoencoderKL, VAVAEModelConfig
 from modeling.vf_loss import vf_loss
+from modeling.config import console_entry
 
 
 def _ctor_args(cls, cfg):
@@ -158,7 +159,7 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     ap = cli_parser("bench.parity", __doc__)
     ap.add_argument("dir", type=Path)
@@ -180,6 +181,9 @@ def main(argv=None):
         sys.exit(2)
     sys.exit(1 if failures else 0)
 
+
+
+cli = console_entry(__name__)  # the `vavae-parity` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -157,7 +157,7 @@ def gemm_shapes(batch, smoke, fp8=False, rows=None):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     ap = cli_parser("bench.profile_step", __doc__)
     ap.add_argument("--config", default="configs/dit_xl1_64ep.yaml")

@@ -15,8 +15,8 @@ Anything else goes through `--set key=value` (e.g. --set train.precision=fp32). 
 process (its own CUDA memory, compile state and DeepSpeed engine); a part that cannot run fails the case with
 its error, nothing falls back silently. Several GPUs: `torchrun --nproc_per_node N -m bench.throughput
 --in-process ...` (every rank runs the cases in its own process; img/s counts all ranks).
-Sample mode runs bench.eval.sample_speed: `modeling.sampling.Sampler` + the batched VA-VAE decode, the code
-path `bench.eval.generate` runs, at the paper's settings by default (XL/1, Euler on the shift-0.3 grid, CFG 6.7
+Sample mode runs bench.sample_speed: `modeling.sampling.Sampler` + the batched VA-VAE decode, the code
+path `evaluation.generate` runs, at the paper's settings by default (XL/1, Euler on the shift-0.3 grid, CFG 6.7
 from t >= 0.125, the authors' 3-channel guidance); img/s are scaled from --sample-steps to --scale-to points.
 FLOPs come from `model.flops_per_sample()` (XL/1: ~712 GFLOP per image per training step); MFU is TFLOP/s
 over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown with the device, library
@@ -38,6 +38,7 @@ import torch
 
 import kernels
 from modeling.lightningdit import LIGHTNINGDIT_SIZES
+from modeling.config import console_entry
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name substring.
@@ -63,7 +64,7 @@ def device_peak_tflops(device):
 
 
 def environment(device):
-    from bench.provenance import commit
+    from evaluation.provenance import commit
     from importlib import metadata
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for dist_name in ("triton", "deepspeed", "torchao", "numpy"):
@@ -100,7 +101,7 @@ def _memory(device):
 def build_trainer(config, overrides, batch_size, workdir):
     """A Trainer on synthetic latents at micro-batch `batch_size` (global = batch_size x world, no
     accumulation), writing only under `workdir`."""
-    from train.config import load_config
+    from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer, forever
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,9 +189,9 @@ def run_train_case_subprocess(config, spec, batch_size, extra_overrides=(), warm
 # ----------------------------------------------------------------------------- sample mode: generate's sampler
 
 def run_sample_mode(a, specs, batch_sizes):
-    """bench.eval.sample_speed.measure_sampling: modeling.sampling.Sampler + batched decode, the code path
-    bench.eval.generate runs, at the given settings; returns result rows."""
-    from bench.eval.sample_speed import DEFAULT_PLAN, measure_sampling
+    """bench.sample_speed.measure_sampling: modeling.sampling.Sampler + batched decode, the code path
+    evaluation.generate runs, at the given settings; returns result rows."""
+    from bench.sample_speed import DEFAULT_PLAN, measure_sampling
     if a.plan:
         plan = [s.strip() for s in a.plan.split(",") if s.strip()]
     else:
@@ -319,12 +320,12 @@ def print_row(r):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
     p = common_args(cli_parser("bench.throughput", __doc__))
     p.add_argument("--backends", default=None,
                    help="comma-separated specs. train: trainer switches, e.g. auto+compiled,reference+compiled,"
                         "auto+compiled+fp8 (default auto+compiled); sample: Sampler paths, e.g. "
-                        "fp32,bf16-weights+model+graphs (default: bench.eval.sample_speed's plan)")
+                        "fp32,bf16-weights+model+graphs (default: bench.sample_speed's plan)")
     p.add_argument("--batch-sizes", default="32")
     p.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
@@ -362,6 +363,9 @@ def main(argv=None):
             print(f"wrote {f}")
     return report
 
+
+
+cli = console_entry(__name__)  # the `vavae-throughput` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ METRICS = ("rec", "vf")
 
 
 def run_one(config, out_dir, steps, overrides):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.train_vae import Trainer
     from train.vae_config import VAVAETrainConfig
     cfg = load_config(VAVAETrainConfig, config, [
@@ -51,7 +51,7 @@ def compare(a, b, rtol):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
     ap = cli_parser("bench.vae_precision_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/vavae_tiny_cpu.yaml"), help="VA-VAE trainer config")
     ap.add_argument("--steps", type=int, default=200, help="steps of each run")

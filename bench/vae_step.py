@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import provenance
+from evaluation import provenance
 
 MODES = {
     "fp32": ["train.precision=fp32"],
@@ -149,7 +149,7 @@ def time_extraction(trainer, batch, bf16, steps):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
     ap = cli_parser("bench.vae_step", __doc__)
     ap.add_argument("--out", default="runs/vae_step.json", help="JSON result file")
     ap.add_argument("--modes", default="fp32,bf16,bf16_cl", help=f"comma-separated, of {list(MODES)}")
@@ -173,7 +173,7 @@ def main(argv=None):
 
     import torch
 
-    from train.config import load_config
+    from modeling.config import load_config
     from train.train_vae import Trainer
     from train.vae_config import VAVAETrainConfig
     logging.basicConfig(level=logging.WARNING)

@@ -10,7 +10,7 @@ statistics {"mean", "std"}, or a bare state dict); the architecture is read from
 torch.load(weights_only=True): nothing but tensors and plain containers is unpickled.
 
 A DiT whose file name is a released checkpoint's (see modeling.sampling.SAMPLING_PRESETS) gets the
-authors' sampling settings for it in config.json ("sampling"), which sample_images and bench.eval.generate
+authors' sampling settings for it in config.json ("sampling"), which sample_images and evaluation.generate
 use unless told otherwise; --preset names one explicitly, --preset none stores none.
 """
 import argparse

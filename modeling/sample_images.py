@@ -22,6 +22,7 @@ from .lightningdit import LightningDiT, LightningDiTConfig
 from .safe_load import CheckpointLoadError
 from .sampling import Sampler, decode_images
 from .vavae import AutoencoderKL
+from .config import console_entry
 
 
 def load_dit(path, size=None, input_size=16, in_channels=32, num_classes=1000, weights="ema", **flags):
@@ -66,7 +67,7 @@ def default_stats_path(dit_src):
 def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
              guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
              compile="none", cudagraphs="off", progress=False, return_sampler=False, **sampler_options):
-    """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that bench.eval.generate uses.
+    """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that evaluation.generate uses.
     sampler_options: the Sampler's other execution options (autotune, fp8_recipe, fp8_impl, fused_mlp)."""
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
@@ -103,7 +104,7 @@ def save_grid(images, path, ncol=None):
 
 
 def main(argv=None):
-    from train.config import cli_parser  # (the one parser style of every command)
+    from modeling.config import cli_parser  # (the one parser style of every command)
 
     from .sampling import add_sampling_args, execution_from_args, settings_from_args
     ap = cli_parser("modeling.sample_images", __doc__)
@@ -143,6 +144,9 @@ def main(argv=None):
         f"{k}={settings[k]} ({sources[k]})" for k in settings) + f"; {d['precision']}, compile={d['compile']}, "
         f"CUDA graphs {d['cudagraphs']}, latent stats {stats or 'none'})")
 
+
+
+cli = console_entry(__name__)  # the `vavae-sample` console script (setup.py)
 
 if __name__ == "__main__":
     main()

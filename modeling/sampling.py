@@ -150,7 +150,7 @@ def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
 
 # ----------------------------------------------------------------------------- the fast sampling path
 #
-# `Sampler` is what bench.eval.generate, the training-time evaluation and the speed benchmark call: one
+# `Sampler` is what evaluation.generate, the training-time evaluation and the speed benchmark call: one
 # object per (model, settings), reused for every batch. fp32 + eager computes exactly `sample` (tested
 # bit-for-bit); the fast options change how, not what, is computed:
 #   precision  "fp32" | "bf16" (autocast on the fp32 weights, as training) | "bf16-weights" (a bf16 copy)
@@ -431,7 +431,7 @@ def decode_images(vae, latents, precision="fp32", batch_size=None):
 # ----------------------------------------------------------------------------- shared CLI arguments
 
 def add_sampling_args(p, fast_default=False):
-    """The sampler settings and execution flags of modeling.sample_images and bench.eval.generate.
+    """The sampler settings and execution flags of modeling.sample_images and evaluation.generate.
 
     Sampler settings default to None = "not given": then --preset, else the settings stored with the model
     (a converted released checkpoint carries the authors'), else DEFAULT_SETTINGS."""

@@ -86,7 +86,7 @@ def test_fp8_case_records_what_ran(tmp_path):
 
 
 def test_sample_mode_runs_generates_sampler(tmp_path, monkeypatch):
-    """Sample mode goes through bench.eval.sample_speed, i.e. modeling.sampling.Sampler (what generate runs)."""
+    """Sample mode goes through bench.sample_speed, i.e. modeling.sampling.Sampler (what generate runs)."""
     import modeling.sampling as sampling
     calls = []
     real = sampling.Sampler.__call__

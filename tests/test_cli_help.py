@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from train.config import CliParser, HelpFormatter, field_comments, schema_help, schema_keys, shipped_configs
+from modeling.config import CliParser, HelpFormatter, field_comments, schema_help, schema_keys, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def _help_of(main, argv=("--help",)):
 def _schema_module(trainer_module):
     import inspect
 
-    from train.config import _caller_schema
+    from modeling.config import _caller_schema
 
     schema = _caller_schema(vars(trainer_module))
     return schema, inspect.getsourcefile(schema)
@@ -169,10 +169,10 @@ def _sources(folder):
 # Every `python -m` command of modeling/, train/ and bench/ that parses arguments.
 def _cli_modules():
     mods = []
-    for folder in ("modeling", "train", "bench"):
+    for folder in ("modeling", "evaluation", "train", "bench", "examples"):
         for path in _sources(folder):
             src = path.read_text()
-            if "__main__" in src and ("parse_args" in src or "add_config_args" in src or "trainer_main(" in src):
+            if ("if __name__ == \"__main__\"" in src or path.name == "__main__.py") and ("parse_args" in src or "add_config_args" in src or "trainer_main(" in src):
                 rel = path.relative_to(ROOT).with_suffix("")
                 parts = rel.parts[:-1] if rel.name == "__main__" else rel.parts
                 mods.append(".".join(parts))
@@ -241,20 +241,20 @@ def test_cli_parser_shows_defaults_without_help_text():
 
 
 def test_console_entry_points_run_the_module_mains(monkeypatch):
-    import train.cli
-
+    """Each setup.py console script is MODULE:cli, running that module's main with the command line and turning
+    what it returns into the exit status (a report dict or None: 0; an int: itself)."""
     src = (ROOT / "setup.py").read_text()
-    entries = re.findall(r'"(vavae-[\w-]+ = [\w.]+:\w+)"', src)
-    assert entries == train.cli.console_scripts() and len(entries) >= 12
-    modules = {m.removesuffix(".__main__") for m in train.cli.COMMANDS.values()}
-    assert {"train.train_dit", "train.train_vae", "train.data", "bench.demo"} <= modules <= set(_cli_modules())
+    entries = re.findall(r'"(vavae-[\w-]+) = ([\w.]+):(\w+)"', src)
+    assert len(entries) >= 12 and all(attr == "cli" for _, _, attr in entries)
+    modules = {m.removesuffix(".__main__") for _, m, _ in entries}
+    assert {"train.train_dit", "train.train_vae", "train.data", "examples.demo"} <= modules <= set(_cli_modules())
     seen = []
-    for name, module in train.cli.COMMANDS.items():
+    for name, module, attr in entries:
         mod = importlib.import_module(module)
         monkeypatch.setattr(mod, "main", lambda argv, _m=module: seen.append((_m, argv)) or {"report": 1})
-        func = getattr(train.cli, name.removeprefix("vavae-").replace("-", "_"))
         monkeypatch.setattr(sys, "argv", [name, "--x", "1"])
-        assert func() == 0  # a returned report is success
-    assert seen == [(m, ["--x", "1"]) for m in train.cli.COMMANDS.values()]
-    monkeypatch.setattr(importlib.import_module("train.train_dit"), "main", lambda argv: 2)
-    assert train.cli.train_dit() == 2
+        assert getattr(mod, attr)() == 0  # a returned report is success
+    assert seen == [(m, ["--x", "1"]) for _, m, _ in entries]
+    train_dit = importlib.import_module("train.train_dit")
+    monkeypatch.setattr(train_dit, "main", lambda argv: 2)
+    assert train_dit.cli() == 2

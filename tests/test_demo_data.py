@@ -44,7 +44,7 @@ def test_missing_mlxtend_is_a_clear_error(monkeypatch):
 
 
 def test_demo_presets_fill_only_unset_options():
-    from bench.demo import PRESETS, parse_args
+    from examples.demo import PRESETS, parse_args
 
     a = parse_args([])
     assert a.data == "digits" and a.image_size == PRESETS["digits"]["image_size"] and a.flip is False

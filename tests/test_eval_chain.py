@@ -1,5 +1,5 @@
 """The issue's done-when chain, on small shapes on the CPU: a released-format fixture checkpoint goes through
-modeling.convert, bench.eval.generate and bench.eval.fid with no glue; the settings travel with the samples."""
+modeling.convert, evaluation.generate and evaluation.fid with no glue; the settings travel with the samples."""
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 from bench.eval import fid as fid_cli
 from bench.eval import generate as gen_cli
-from bench.eval.generate import SettingsMismatchError, read_settings
+from evaluation.generate import SettingsMismatchError, read_settings
 from modeling.convert import main as convert_main
 
 

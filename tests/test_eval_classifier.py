@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.eval.classifier import load_image_folder, train_classifier
+from evaluation.classifier import load_image_folder, train_classifier
 from train.data.embedded import write_embedded
 
 

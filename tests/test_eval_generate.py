@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from bench.eval.generate import generate, sample_labels
+from evaluation.generate import generate, sample_labels
 from modeling.lightningdit import LightningDiT
 from modeling.vavae import AutoencoderKL
 
@@ -44,7 +44,7 @@ def test_generate_sharded_resumable_matches_single_rank(tmp_path):
 
 
 def test_reconstruction_metrics_tiny_vae():
-    from bench.eval.tokenizer_metrics import reconstruction_metrics
+    from evaluation.tokenizer_metrics import reconstruction_metrics
 
     def features(images):  # a cheap stand-in for Inception: per-channel pixel statistics
         x = images.float().flatten(1, 2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.eval.inception import (InceptionV3, InceptionWeightsMissing, PT_INCEPTION_NAME, fid_helper_path,
+from evaluation.inception import (InceptionV3, InceptionWeightsMissing, PT_INCEPTION_NAME, fid_helper_path,
                                   load_inception, tf_resize_bilinear)
 
 
@@ -74,7 +74,7 @@ def test_evaluate_npz_end_to_end(tmp_path):
         pytest.skip(msg)
     import skimage.data
 
-    from bench.eval.fid import FIDStatistics, compute_activations, evaluate_npz
+    from evaluation.fid import FIDStatistics, compute_activations, evaluate_npz
 
     photo = skimage.data.astronaut()
     real = np.stack([photo[y:y + 64, x:x + 64] for y in (0, 150, 300) for x in (0, 200, 400)])  # 9 crops

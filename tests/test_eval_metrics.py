@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from bench.eval.fid import FIDStatistics, frechet_distance, inception_score, trace_sqrt_product
-from bench.eval.precision_recall import precision_recall
+from evaluation.fid import FIDStatistics, frechet_distance, inception_score, trace_sqrt_product
+from evaluation.precision_recall import precision_recall
 
 
 def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -137,7 +137,7 @@ def _photo_pair():
 def test_psnr_ssim_match_skimage_on_a_real_photo():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from bench.eval.tokenizer_metrics import psnr, ssim
+    from evaluation.tokenizer_metrics import psnr, ssim
 
     img, noisy = _photo_pair()
     a, b = torch.from_numpy(img[None]), torch.from_numpy(noisy[None])

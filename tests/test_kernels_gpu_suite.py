@@ -67,7 +67,7 @@ def test_sampling_plan_parses_and_fp32_comes_first():
     """The suite's sampling entries are only ever parsed on the GPU machine: parse them here. fp32 runs first, so
     every later entry gets its error against fp32 on the same noise."""
     sys.path.insert(0, str(REPO))
-    from bench.eval.sample_speed import parse_spec
+    from bench.sample_speed import parse_spec
     from bench.gpu_suite import EXTRA_COMMANDS, SAMPLING_PLAN
     parsed = [parse_spec(s) for s in SAMPLING_PLAN]
     assert parsed[0] == (dict(precision="fp32", compile="none", cudagraphs="off"), 64)

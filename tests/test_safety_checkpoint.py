@@ -239,7 +239,7 @@ def test_resume_config_changes_are_refused_or_warned_by_key(caplog):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_resume_loads_safely_and_refuses_code(tmp_path, zero_stage):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))

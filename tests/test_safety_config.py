@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from train.config import ConfigError, load_config, require
+from modeling.config import ConfigError, load_config, require
 from train.dit_config import DiTTrainConfig
 from train.errors import user_errors
 from train.logging_utils import MetricsLogger, repair_jsonl

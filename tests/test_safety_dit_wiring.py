@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from train.checkpoint import NotWritableError, RunLockedError, UnsafeCheckpointError
-from train.config import load_config
+from modeling.config import load_config
 from train.dit_config import DiTTrainConfig
 from train.train_dit import Trainer
 

@@ -46,7 +46,7 @@ def test_fp32_eager_is_sample_bit_for_bit(parity_dir):
 
 def test_precision_guard_on_the_fixtures(parity_dir):
     """The guard's first half: fp32 reproduces the reference samples; bf16 stays within 1% per sample."""
-    from bench.eval.precision_guard import fixture_rows
+    from bench.precision_guard import fixture_rows
     rows = fixture_rows(parity_dir)
     assert [r["fixture"] for r in rows] == ["lightningdit_a", "lightningdit_b"]
     for r in rows:
@@ -58,7 +58,7 @@ def test_precision_guard_on_the_fixtures(parity_dir):
 def test_precision_guard_on_a_trained_model():
     """The guard's second half, small: a model trained here; the Frechet distance between bf16 and fp32 samples
     (same noise) is a small fraction of the distance between two fp32 sample sets with different seeds."""
-    from bench.eval.precision_guard import trained_model_rows
+    from bench.precision_guard import trained_model_rows
     res = trained_model_rows(num_samples=128, steps=8, train_steps=80, train_batch=64, precisions=("bf16",))
     floor, b = res["fd_fp32_seedA_vs_fp32_seedB"], res["bf16"]
     assert floor > 0 and b["fd_vs_fp32_same_seed"] > 0
@@ -69,7 +69,7 @@ def test_precision_guard_on_a_trained_model():
 def test_precision_guard_fp8():
     """FP8 (torchao's emulation on the CPU): further from fp32 than bf16 (it really ran in FP8), still well inside
     the seed-to-seed distance; a fixture whose matmuls FP8 cannot take says so instead of a number."""
-    from bench.eval.precision_guard import fixture_rows, trained_model_rows
+    from bench.precision_guard import fixture_rows, trained_model_rows
     res = trained_model_rows(num_samples=128, steps=8, train_steps=80, train_batch=64,
                              precisions=("bf16-weights", "fp8"))
     b, f = res["bf16-weights"], res["fp8"]
@@ -144,7 +144,7 @@ def test_requests_that_cannot_run_are_errors():
 
 
 def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
-    from bench.eval.sample_speed import forward_units, measure_sampling, parse_spec
+    from bench.sample_speed import forward_units, measure_sampling, parse_spec
     assert parse_spec("bf16-weights+blocks+graphs@256") == (
         dict(precision="bf16-weights", compile="blocks", cudagraphs="on"), 256)
     assert parse_spec("fp8+tensorwise+model+autotune+graphs@128") == (
@@ -189,8 +189,8 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
 def test_training_eval_fn_fixed_samples_and_scorers(tmp_path):
     """build_eval_fn: the same class-balanced samples at every call, FID against a reference, extra scorers,
     a grid; an ADM-format npz reference works too."""
-    from bench.eval.fid import FIDStatistics
-    from bench.eval.train_eval import EvalSettings, build_eval_fn, reference_from_npz
+    from evaluation.fid import FIDStatistics
+    from evaluation.train_eval import EvalSettings, build_eval_fn, reference_from_npz
     from modeling import AutoencoderKL
     vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, z_channels=4,
                         embed_dim=4).eval()

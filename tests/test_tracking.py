@@ -248,7 +248,7 @@ def test_provenance_commit_prefers_the_suite_record(monkeypatch):
     git HEAD with +dirty when tracked files differ."""
     import subprocess
 
-    from bench import provenance
+    from evaluation import provenance
     monkeypatch.delenv("VAVAE_COMMIT", raising=False)
     monkeypatch.setenv("SUITE_COMMIT", "abc123+dirty")
     assert provenance.commit() == "abc123+dirty"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, dump_config, load_config, read_yaml, to_dict, from_dict
+from modeling.config import ConfigError, dump_config, load_config, read_yaml, to_dict, from_dict
 from train.dit_config import DiTTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

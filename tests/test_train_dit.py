@@ -10,7 +10,7 @@ import torch
 from modeling.checkpoint import load_dit_checkpoint
 from modeling.lightningdit import LightningDiT
 from train.checkpoint import CheckpointManager
-from train.config import load_config
+from modeling.config import load_config
 from train.dit_config import DiTTrainConfig
 from train.train_dit import NonFiniteError, Trainer
 
@@ -99,7 +99,7 @@ def test_compiled_blocks_and_kernel_backend_from_config(tmp_path):
 
 
 def test_eval_keys_wired_from_the_cli(tmp_path, parity_dir):
-    """`eval.every` from the command line: the trainer's CLI builds the FID hook (bench/eval/train_eval.py) from the
+    """`eval.every` from the command line: the trainer's CLI builds the FID hook (evaluation/train_eval.py) from the
     eval.* keys and logs eval/fid with images seen and training wall-clock (what bench.curves plots)."""
     import json
 
@@ -158,7 +158,7 @@ def test_zero3_with_compiled_blocks_is_refused_and_zero3_leaves_linear_alone(tmp
     error, not a crash at the first step. A ZeRO-3 run leaves torch's F.linear alone (DeepSpeed's process-wide
     replacement is off), so a model compiled later in the same process still traces."""
     import torch.nn.functional as F
-    from train.config import ConfigError
+    from modeling.config import ConfigError
     with pytest.raises(ConfigError, match="zero_stage: 3"):
         tiny_cfg(tmp_path, "train.zero_stage=3", "train.compile=blocks")
     Trainer(tiny_cfg(tmp_path, "train.steps=1", "train.zero_stage=3")).fit()

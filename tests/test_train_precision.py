@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train.config import load_config
+from modeling.config import load_config
 from train.dit_config import DiTTrainConfig
 from train.train_dit import Trainer, forever
 

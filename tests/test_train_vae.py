@@ -12,7 +12,7 @@ from modeling.checkpoint import load_vavae_checkpoint
 from modeling.foundation import FoundationModelUnavailable
 from modeling.vavae import AutoencoderKL, VAVAEModelConfig
 from train import train_vae
-from train.config import ConfigError, from_dict, load_config
+from modeling.config import ConfigError, from_dict, load_config
 from train.guard import NonFiniteError
 from train.train_vae import Trainer, main, train
 from train.vae_config import VAVAETrainConfig

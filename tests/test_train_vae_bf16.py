@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from train import train_vae
-from train.config import from_dict
+from modeling.config import from_dict
 from train.train_vae import FP32_LAYERS, Trainer
 from train.vae_config import VAVAETrainConfig
 

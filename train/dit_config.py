@@ -1,13 +1,13 @@
-"""The DiT trainer's config schema (configs/dit_*.yaml). Every key is documented here; see train/config.py
+"""The DiT trainer's config schema (configs/dit_*.yaml). Every key is documented here; see modeling/config.py
 for how files and `--set section.key=value` overrides are read and validated."""
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from bench.eval.train_eval import EvalSettings
+from evaluation.train_eval import EvalSettings
 from modeling.lightningdit import LIGHTNINGDIT_SIZES, LightningDiTConfig
 
-from .config import ConfigError, require
+from modeling.config import ConfigError, require
 
 
 @dataclass
@@ -145,7 +145,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig(EvalSettings):
     """The `eval:` section: FID (and precision/recall) of fixed-seed, class-balanced EMA samples every
-    `eval.every` steps, against an ADM reference batch; bench/eval/train_eval.py documents every field."""
+    `eval.every` steps, against an ADM reference batch; evaluation/train_eval.py documents every field."""
 
     def validate(self):
         # The ranges; eval.ref_batch is required where the built-in FID hook is built (train_dit.build_eval):

@@ -18,7 +18,7 @@ def user_error_types():
     from modeling.safe_load import CheckpointLoadError
 
     from .checkpoint import DiskFullError, NotWritableError, ResumeConfigError, RunLockedError
-    from .config import ConfigError
+    from modeling.config import ConfigError
     from .data import DataError
     return (ConfigError, DataError, CheckpointLoadError, CheckpointMismatchError, ResumeConfigError, RunLockedError,
             NotWritableError, DiskFullError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -58,7 +58,7 @@ def trainer_main(module, doc, schema, run, argv=None, extra_user_errors=()):
 
     import torch.distributed as dist
 
-    from .config import ConfigError, add_config_args, config_from_args, dump_config
+    from modeling.config import ConfigError, add_config_args, config_from_args, dump_config
     from .guard import NonFiniteError
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from modeling.config import ConfigError
 
 log = logging.getLogger("train")
 

@@ -30,7 +30,7 @@ from modeling.lightningdit import LightningDiT
 
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load,
                          load_state, rng_state, set_rng_state)
-from .config import ConfigError, dump_config, from_dict, to_dict
+from modeling.config import ConfigError, dump_config, from_dict, to_dict
 from .distributed import all_reduce_mean, from_rank0, init_distributed
 from .dit_config import DiTTrainConfig
 from .ema import EMA, _gathered
@@ -38,6 +38,7 @@ from .errors import trainer_main
 from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison  # noqa: F401 (NonFiniteError: re-exported)
 from .precision import PrecisionProbe, deepspeed_autocast
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
+from modeling.config import console_entry
 
 log = logging.getLogger("train")
 
@@ -395,13 +396,13 @@ class Trainer:
 
 
 def build_eval(cfg):
-    """The `eval.*` hook (bench/eval/train_eval.py) or None when eval.every is 0. Built before the trainer, on
+    """The `eval.*` hook (evaluation/train_eval.py) or None when eval.every is 0. Built before the trainer, on
     this rank's device; the latent statistics default to the latent folder's."""
     if not cfg.eval.every:
         return None
     if cfg.eval.ref_batch is None:
         raise ConfigError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz), or eval.every=0")
-    from bench.eval.train_eval import build_eval_fn
+    from evaluation.train_eval import build_eval_fn
     stats = cfg.eval.latent_stats
     if stats is None and cfg.data.source == "latents":
         stats = str(Path(cfg.data.path) / "latents_stats.pt")
@@ -421,6 +422,9 @@ def main(argv=None):
     return trainer_main("train.train_dit", __doc__, DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)),
                         argv, extra_user_errors=(fp8_lib.FP8Unavailable,))
 
+
+
+cli = console_entry(__name__)  # the `vavae-train-dit` console script (setup.py)
 
 if __name__ == "__main__":
     sys.exit(main())

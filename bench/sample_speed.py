@@ -1,7 +1,7 @@
-"""Sampling speed through the code path bench.eval.generate runs (modeling.sampling.Sampler + decode_images).
+"""Sampling speed through the code path evaluation.generate runs (modeling.sampling.Sampler + decode_images).
 
-    python -m bench.eval.sample_speed --json runs/sample_speed.json          # paper settings, XL/1, random weights
-    python -m bench.eval.sample_speed --plan fp32@64,bf16-weights+graphs@64,bf16+blocks+graphs@256
+    python -m bench.sample_speed --json runs/sample_speed.json          # paper settings, XL/1, random weights
+    python -m bench.sample_speed --plan fp32@64,bf16-weights+graphs@64,bf16+blocks+graphs@256
 
 The paper's settings: LightningDiT-XL/1 on 16x16x32 latents, Euler on the shift-0.3 grid, CFG 6.7 from
 t >= 0.125 with the authors' 3-channel guidance. Each plan entry `SPEC@BATCH` builds a Sampler
@@ -90,7 +90,7 @@ def _randomize(model, seed):
 
 def _env(device):
     import kernels
-    from bench.provenance import commit
+    from evaluation.provenance import commit
     try:
         import triton
         triton_version = triton.__version__
@@ -271,8 +271,8 @@ def _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, 
 
 
 def main(argv=None):
-    from train.config import cli_parser
-    p = cli_parser("bench.eval.sample_speed", __doc__)
+    from modeling.config import cli_parser
+    p = cli_parser("bench.sample_speed", __doc__)
     p.add_argument("--size", default="XL/1")
     p.add_argument("--plan", default=",".join(DEFAULT_PLAN), help="comma-separated SPEC@BATCH entries")
     p.add_argument("--steps", type=int, default=25, help="grid points actually run")
