@@ -32,3 +32,43 @@ def commit():
         return head + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     f = REPO / ".suite_commit"
     return f.read_text().strip() if f.is_file() else "unknown"
+
+
+def versions() -> dict:
+    """Installed versions of the packages a result depends on, read without importing them (torchao's import
+    logs its optional CUDA libraries; Transformer Engine's fails without a driver)."""
+    import platform
+    from importlib import metadata
+
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for dist in ("triton", "deepspeed", "torchao", "numpy", "flash-attn", "flash_attn_3", "transformer_engine",
+                 "nvidia-dali-cuda130"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def card(device=None) -> str:
+    """'cuda: NVIDIA H200' / 'cpu: x86_64 (2 threads)': the machine a number was measured on."""
+    import platform
+
+    import torch
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return f"cpu: {platform.machine() or 'unknown'} ({torch.get_num_threads()} threads)"
+
+
+def environment(device=None) -> dict:
+    """The one environment block every result carries: the card, the versions, the commit, and what ran
+    (kernels.describe(): the kernels backend asked for and the implementation each op and attention used).
+    Call it after the measurement, so that `kernels_ran` lists what the measured code really ran."""
+    import kernels
+    c = commit()
+    described = kernels.describe()
+    return {"card": card(device), "versions": versions(), "commit": c.removesuffix("+dirty"),
+            "dirty": c.endswith("+dirty"), "kernels_requested": described.get("requested"),
+            "kernels_ran": described.get("ops", {}), "kernels": described}

@@ -8,8 +8,11 @@ host, so deciding that needs no device synchronisation.
 """
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
+import typing
+from typing import Literal
 
 import torch
 
@@ -174,6 +177,52 @@ FP8_RECIPES = ("rowwise", "tensorwise")
 FP8_IMPLS = ("scaled_mm", "torchao")
 COMPILE_MODES = ("none", "blocks", "model")
 CUDAGRAPH_MODES = ("off", "on", "auto")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """Every sampling option, declared once: the CLI flags (add_sampling_args), the trainer's `eval.*` keys,
+    the presets, `generate`, the sample-speed specs and config.json's "sampling" are derived from it.
+
+    The first six fields say WHAT is sampled (SETTING_KEYS: they change the samples); the rest say HOW it is
+    computed (precision, compilation, CUDA graphs: they change speed and rounding only)."""
+    # -- what is sampled
+    method: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"  # an INTEGRATORS key
+    steps: int = 250                    # grid points: steps - 1 Euler model calls
+    shift: float = 0.3                  # timestep shift s*t / (1 + (s-1)*t) of the grid (1.0 = uniform)
+    cfg_scale: float = 1.0              # classifier-free guidance scale (1.0 = no guidance)
+    cfg_interval_start: float = 0.0     # guidance only for grid times t >= this
+    guidance: Literal["all", "reference"] = "all"  # reference: the authors' guidance of latent channels 0..2 only
+    # -- how it is computed
+    precision: Literal["fp32", "bf16", "bf16-weights", "fp8"] = "fp32"  # bf16: autocast; bf16-weights: a bf16 copy
+    fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"   # precision fp8: dynamic scales per row / tensor
+    fp8_impl: Literal["scaled_mm", "torchao"] = "scaled_mm"    # precision fp8: our FP8Linear or torchao's modules
+    compile: Literal["none", "blocks", "model"] = "none"       # torch.compile of the sampler's model copy
+    autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
+    fused_mlp: bool = False             # w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, CUDA)
+    cudagraphs: Literal["off", "on", "auto"] = "off"           # each Euler step a CUDA graph (auto: on CUDA)
+
+    def validate(self) -> "SamplingConfig":
+        """Raise ValueError naming the field for a value no sampler can run; returns self."""
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else None
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"sampling {f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if self.steps < 2:
+            raise ValueError(f"sampling steps must be >= 2 (grid points; steps - 1 model calls), got {self.steps}")
+        for name in ("shift", "cfg_scale", "cfg_interval_start"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"sampling {name} must be a finite number, got {getattr(self, name)}")
+        if self.shift <= 0:
+            raise ValueError(f"sampling shift must be > 0, got {self.shift}")
+        return self
+
+    def settings(self) -> dict:
+        """The SETTING_KEYS part (what is sampled), as config.json's "sampling" stores it."""
+        return {k: getattr(self, k) for k in SETTING_KEYS}
+
+    def replace(self, **changes) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes).validate()
 
 
 class SamplerUnavailable(RuntimeError):
