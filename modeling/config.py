@@ -268,6 +268,38 @@ def cli_parser(module, description=None, **kwargs):
     return CliParser(prog=f"python -m {module}", description=description, **kwargs)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a KeyError's own message, not its quoted repr)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = " ".join(exc.args[0].split())
+    return text or type(exc).__name__
+
+
+# "The input is wrong" at this layer; a caller adds its own (train.errors.user_errors has the trainer's set).
+USER_ERROR_TYPES = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()):
+    """A context manager with train.errors.user_errors' semantics for the layers below train: a user mistake
+    (USER_ERROR_TYPES + extra) becomes `error: <one line>` on stderr and exit status 2; anything else keeps its
+    traceback; debug=True or VAVAE_DEBUG=1 keeps the traceback for user mistakes too."""
+    import contextlib
+    import os
+    import sys
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (*USER_ERROR_TYPES, *extra) as e:
+            if debug or os.environ.get("VAVAE_DEBUG") == "1":
+                raise
+            print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return guard()
+
+
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
