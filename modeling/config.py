@@ -280,7 +280,7 @@ def one_line(exc: BaseException) -> str:
 USER_ERROR_TYPES = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()):
+def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()) -> typing.ContextManager[None]:
     """A context manager with train.errors.user_errors' semantics for the layers below train: a user mistake
     (USER_ERROR_TYPES + extra) becomes `error: <one line>` on stderr and exit status 2; anything else keeps its
     traceback; debug=True or VAVAE_DEBUG=1 keeps the traceback for user mistakes too."""
