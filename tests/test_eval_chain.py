@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.eval import fid as fid_cli
-from bench.eval import generate as gen_cli
+from evaluation import fid as fid_cli
+from evaluation import generate as gen_cli
 from evaluation.generate import SettingsMismatchError, read_settings
 from modeling.convert import main as convert_main
 

@@ -1,0 +1,133 @@
+"""Image batches in the ADM evaluator's npz format, read and checked before any network runs.
+
+A batch is an npz whose `arr_0` is uint8 (N, H, W, 3) RGB pixels (N >= 2 for FID statistics); `arr_1`, when
+present, the class of each image. A reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) may also store its
+Inception statistics: `mu`, `sigma` (pool3) and `mu_s`, `sigma_s` (spatial), which take precedence over its
+images. Anything else (a missing or empty file, no arr_0, float or grayscale pixels, a single image, a truncated
+archive, object arrays) is a BatchFileError: one line that names the file, exit status 2 from the commands.
+Nothing is unpickled: np.load always runs with allow_pickle=False.
+"""
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from modeling.config import ConfigError, one_line
+
+PathLike = Union[str, Path]
+
+# What a damaged or foreign npz raises from numpy / zipfile while it is read.
+_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+class BatchFileError(ConfigError):
+    """An image batch or reference batch cannot be used as given; the message names the file."""
+
+
+def _open(path: PathLike, role: str) -> np.lib.npyio.NpzFile:
+    p = Path(path)
+    if not p.exists():
+        raise BatchFileError(f"{role} {p}: no such file")
+    if not p.is_file():  # a folder, a FIFO (np.load would block on it), a device
+        raise BatchFileError(f"{role} {p}: not a regular file")
+    if p.stat().st_size == 0:
+        raise BatchFileError(f"{role} {p}: empty file (expected an npz with arr_0 = uint8 (N, H, W, 3) images)")
+    try:
+        z = np.load(p, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise BatchFileError(f"{role} {p}: not a readable npz archive ({one_line(e)})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise BatchFileError(f"{role} {p}: a single .npy array, not an npz archive "
+                             "(write one with np.savez(path, arr_0=images))")
+    return z
+
+
+def _read(z: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
+    try:
+        return z[key]
+    except _READ_ERRORS as e:  # a truncated member, a CRC error, an object (pickled) array
+        raise BatchFileError(f"{where}: {key} unreadable ({one_line(e)})") from None
+
+
+def check_images(images: np.ndarray, where: str, min_images: int = 2, why: str = "FID statistics") -> np.ndarray:
+    """images must be uint8 (N, H, W, 3) with N >= min_images; returns them unchanged."""
+    shape = tuple(images.shape)
+    if images.ndim == 3 or (images.ndim == 4 and shape[-1] == 1):
+        raise BatchFileError(f"{where}: grayscale images {shape}; expected RGB (N, H, W, 3) "
+                             "(repeat the channel three times)")
+    if images.ndim != 4 or shape[-1] != 3:
+        raise BatchFileError(f"{where}: arr_0 has shape {shape}; expected RGB images (N, H, W, 3)")
+    if images.dtype != np.uint8:
+        raise BatchFileError(f"{where}: arr_0 is {images.dtype}; expected uint8 pixels 0..255")
+    if min(shape[1:3]) < 1:
+        raise BatchFileError(f"{where}: images of {shape[1]}x{shape[2]} pixels")
+    if shape[0] < min_images:
+        raise BatchFileError(f"{where}: {shape[0]} image(s); {why} need at least {min_images}")
+    return images
+
+
+def read_image_batch(path: PathLike, role: str = "sample batch", min_images: int = 2,
+                     why: str = "FID statistics") -> np.ndarray:
+    """arr_0 of an npz batch, checked: uint8 (N, H, W, 3), N >= min_images."""
+    where = f"{role} {path}"
+    with _open(path, role) as z:
+        if "arr_0" not in z.files:
+            raise BatchFileError(f"{where}: no arr_0 (has: {', '.join(z.files) or 'nothing'}); expected "
+                                 "arr_0 = uint8 (N, H, W, 3) images")
+        return check_images(_read(z, "arr_0", where), where, min_images, why)
+
+
+def read_batch_labels(path: PathLike, num_images: int, role: str = "sample batch") -> Optional[np.ndarray]:
+    """arr_1 (the class of each image, as evaluation.generate writes it) or None when the batch has none."""
+    where = f"{role} {path}"
+    with _open(path, role) as z:
+        if "arr_1" not in z.files:
+            return None
+        labels = _read(z, "arr_1", where)
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise BatchFileError(f"{where}: arr_1 is {labels.dtype} {tuple(labels.shape)}; expected {num_images} "
+                             "integer class labels")
+    return labels
+
+
+def _stats(z: np.lib.npyio.NpzFile, mu_key: str, sigma_key: str, where: str):
+    from .adm_metrics import FIDStatistics
+
+    if mu_key not in z.files and sigma_key not in z.files:
+        return None
+    if mu_key not in z.files or sigma_key not in z.files:
+        raise BatchFileError(f"{where}: has {mu_key if mu_key in z.files else sigma_key} without "
+                             f"{sigma_key if mu_key in z.files else mu_key}")
+    mu, sigma = _read(z, mu_key, where), _read(z, sigma_key, where)
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if (d < 1 or sigma.shape != (d, d) or not np.issubdtype(mu.dtype, np.floating)
+            or not np.issubdtype(sigma.dtype, np.floating)):
+        raise BatchFileError(f"{where}: {mu_key} {mu.dtype} {tuple(mu.shape)} / {sigma_key} {sigma.dtype} "
+                             f"{tuple(sigma.shape)}; expected float (D,) and (D, D) statistics")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise BatchFileError(f"{where}: {mu_key} / {sigma_key} hold NaN or inf")
+    return FIDStatistics(mu, sigma)
+
+
+def read_reference_batch(path: PathLike, role: str = "reference batch"):
+    """(images uint8 (N, H, W, 3) or None, stored statistics or None) of a reference batch.
+
+    Stored statistics are (pool FIDStatistics, spatial FIDStatistics or None). A reference needs images, or
+    stored pool statistics, or both (the ADM files have both: the statistics are used for FID / sFID, the
+    images for precision / recall)."""
+    where = f"{role} {path}"
+    with _open(path, role) as z:
+        pool = _stats(z, "mu", "sigma", where)
+        spatial = _stats(z, "mu_s", "sigma_s", where)
+        if "arr_0" not in z.files:
+            if pool is None:
+                raise BatchFileError(f"{where}: no arr_0 and no stored statistics (mu, sigma); has: "
+                                     f"{', '.join(z.files) or 'nothing'}")
+            images = None
+        else:
+            images = check_images(_read(z, "arr_0", where), where)
+    return images, ((pool, spatial) if pool is not None else None)
