@@ -11,8 +11,7 @@ import os
 import numpy as np
 import torch
 
-from .images import VIEWS, crop_params
-from .sampler import EpochSampler, ResumableLoader
+from .sampler import VIEWS, EpochSampler, ResumableLoader, crop_params
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"

@@ -10,21 +10,13 @@ labels int64 (B,)). Views:
 """
 import logging
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .sampler import EpochSampler, ResumableLoader
+from .sampler import VIEWS, EpochSampler, ResumableLoader, crop_params  # noqa: F401  (VIEWS, crop_params: re-exported)
 from .transforms import center_crop_arr, open_rgb, resize_shorter_random_crop, to_tensor
 
 log = logging.getLogger(__name__)
-VIEWS = ("center", "train")
-
-
-def crop_params(seed, epoch, index):
-    """Crop position fractions (u_x, u_y) in [0, 1) for one sample of one epoch (both backends)."""
-    u = np.random.Generator(np.random.PCG64([seed, epoch, int(index), 1])).random(2)
-    return float(u[0]), float(u[1])
 
 
 class ImageDataset(Dataset):

@@ -1,5 +1,14 @@
-"""Seeded, rank-aware, resumable sample order shared by the latent and image loaders."""
+"""Seeded, rank-aware, resumable sample order shared by the latent and image loaders (and the per-sample crop
+positions both image backends draw, so the PIL and DALI loaders read the same views)."""
 import numpy as np
+
+VIEWS = ("center", "train")
+
+
+def crop_params(seed, epoch, index):
+    """Crop position fractions (u_x, u_y) in [0, 1) for one sample of one epoch (both backends)."""
+    u = np.random.Generator(np.random.PCG64([seed, epoch, int(index), 1])).random(2)
+    return float(u[0]), float(u[1])
 
 
 class EpochSampler:
