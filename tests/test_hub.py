@@ -140,7 +140,7 @@ def test_inferred_architectures_cover_the_flags():
     assert got["ch_mult"] == [1, 2, 2] and got["attn_resolutions"] == [16] and got["num_res_blocks"] == 2
 
 
-def test_convert_cli_and_latent_stats(tmp_path, parity_dir):
+def test_convert_cli_and_latent_stats(tmp_path, parity_dir, capsys):
     stats = {"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}
     torch.save(stats, tmp_path / "latents_stats.pt")
     # a released file name gets the authors' sampling preset and training config
@@ -157,8 +157,11 @@ def test_convert_cli_and_latent_stats(tmp_path, parity_dir):
     assert torch.equal(load_latent_stats(tmp_path / "s.safetensors")["std"], stats["std"])
     save_latent_stats(tmp_path / "t.safetensors", stats["mean"].flatten(), stats["std"].flatten())
     assert load_latent_stats(tmp_path / "t.safetensors")["mean"].shape == (1, 32, 1, 1)
-    with pytest.raises(SystemExit, match="not a 'vavae'"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the user's file is not what they asked for: one line, exit 2
         convert_main([str(released), str(tmp_path / "x"), "--kind", "vavae"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a 'vavae'" in err and err.count("\n") == 1
     torch.save({"mean": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt.*'mean' and 'std'"):
         load_latent_stats(tmp_path / "bad.pt")
