@@ -4,9 +4,9 @@
     torchrun --nproc_per_node 8 -m train.train_vae --config configs/vavae_f16d32_stage1.yaml data.root=SCAN
     deepspeed --hostfile hosts --num_gpus 8 --module train.train_vae --config configs/vavae_f16d32_stage1.yaml
 
-Reads like train/train_dit.py: `Trainer(cfg)` builds everything (and resumes), `fit()` loops `train_step()`,
-`save()` / `resume()` write and read complete checkpoints, `export()` writes the reference tokenizer format.
-One step per batch of `batch_per_gpu` images on every rank (global batch = batch_per_gpu x world size):
+The shared part (build, loop, checkpoints, resume) is train/base.py's Trainer; this file adds the models, the
+losses, the data, the final reconstruction report and the tokenizer export. `train_step(images)` is one step on
+this rank's `batch_per_gpu` images (global batch = batch_per_gpu x world size):
 1. the frozen foundation model's features of the images (no grad; bf16 weights under precision=bf16);
 2. the autoencoder engine's forward: encode, sample z, decode, the generator objective of VAVAELoss with the
    adaptive VF and GAN weights (gradient norms on this rank's batch, taken by torch.autograd.grad inside the
@@ -19,33 +19,31 @@ the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, dec
 """
 import logging
 import math
-import random
 import sys
-import time
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from modeling.checkpoint import load_vavae_checkpoint
+from modeling.config import ConfigError, console_entry
 from modeling.foundation import FoundationModelUnavailable, build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
 
-from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
-                         rng_state, set_rng_state)
-from modeling.config import ConfigError, dump_config, to_dict
-from .errors import one_line, trainer_main
+from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
+from .checkpoint import atomic_torch_save, load_state
 from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
-from .distributed import all_reduce_mean, barrier, init_distributed
-from .guard import NonFiniteError, NonFiniteGuard, engine_step, poison  # noqa: F401 (NonFiniteError: re-exported)
-from .logging_utils import MetricsLogger, nvtx, peak_memory, set_nvtx
-from .precision import PrecisionProbe, deepspeed_autocast
+from .distributed import barrier
+from .errors import one_line, trainer_main
+from .guard import NonFiniteError, poison  # noqa: F401 (NonFiniteError: re-exported)
+from .logging_utils import nvtx
+from .precision import PrecisionProbe
 from .vae_config import VAVAEConfig, VAVAETrainConfig  # noqa: F401 (VAVAEConfig: the first trainer's name)
 from .vae_losses import VAVAELoss
-from modeling.config import console_entry
 
 log = logging.getLogger("train_vae")
 
@@ -62,7 +60,8 @@ class SkimageCrops(ResumableLoader):
 
     backend = "skimage"
 
-    def __init__(self, resolution, num_samples, batch_size, seed=0, rank=0, world_size=1):
+    def __init__(self, resolution: int, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
         from PIL import Image
 
         from .data.embedded import PHOTOS, _skimage_data_dir
@@ -73,7 +72,7 @@ class SkimageCrops(ResumableLoader):
                 self.photos.append(im.convert("RGB"))
         self.resolution, self.seed = resolution, seed
 
-    def image(self, i, epoch):
+    def image(self, i: int, epoch: int) -> torch.Tensor:
         from PIL import Image
 
         from .data.transforms import to_tensor
@@ -97,7 +96,8 @@ class SyntheticImages(ResumableLoader):
 
     backend = "synthetic"
 
-    def __init__(self, resolution, num_samples, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
+    def __init__(self, resolution: int, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: Union[str, torch.device] = "cpu"):
         super().__init__(EpochSampler(num_samples, batch_size, seed, rank, world_size))
         self.shape, self.seed, self.rank, self.device = (batch_size, 3, resolution, resolution), seed, rank, device
 
@@ -109,7 +109,7 @@ class SyntheticImages(ResumableLoader):
             yield x, torch.zeros(self.shape[0], dtype=torch.long)
 
 
-def build_loader(cfg: VAVAETrainConfig, rank, world_size, device):
+def build_loader(cfg: VAVAETrainConfig, rank: int, world_size: int, device: torch.device) -> ResumableLoader:
     """Every rank's batches (see docs/vavae_training.md "Data order"): train.data's EpochSampler order."""
     d, t, res = cfg.data, cfg.train, cfg.model.resolution
     if d.source == "skimage":
@@ -146,13 +146,7 @@ def build_loader(cfg: VAVAETrainConfig, rank, world_size, device):
         raise ConfigError(str(e)) from None
 
 
-def forever(loader):
-    """Endless batches; the loader moves to its next epoch each time its iterator ends."""
-    while True:
-        yield from loader
-
-
-def preview_images(cfg, loader, n=8):
+def preview_images(cfg: VAVAETrainConfig, loader: ResumableLoader, n: int = 8) -> Optional[torch.Tensor]:
     """The first n images of epoch 0 for the reconstruction report (center view for folders)."""
     if isinstance(loader, SkimageCrops):
         return torch.stack([loader.image(i, 0) for i in range(min(n, loader.sampler.num_samples))])
@@ -171,12 +165,13 @@ class AutoencoderStep(nn.Module):
     `linear_proj.weight`); the loss (frozen LPIPS, the fixed logvar) and the discriminator (the other engine's)
     are used by the forward, not owned. forward -> (generator loss, detached logs, detached reconstruction)."""
 
-    def __init__(self, vae, linear_proj, loss_fn):
+    def __init__(self, vae: AutoencoderKL, linear_proj: Optional[nn.Module], loss_fn: VAVAELoss):
         super().__init__()
         self.vae, self.linear_proj = vae, linear_proj
         self._loss = [loss_fn]  # a list: not a submodule
 
-    def forward(self, x, aux_feature, step, generator):
+    def forward(self, x: torch.Tensor, aux_feature: Optional[torch.Tensor], step: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
         loss_fn, vae = self._loss[0], self.vae
         posterior = vae.encode(x)
         z = posterior.sample(generator)
@@ -194,16 +189,16 @@ class AutoencoderStep(nn.Module):
 class DiscriminatorStep(nn.Module):
     """What the discriminator engine wraps: the PatchGAN (`discriminator.*`); forward -> (d_loss, logs)."""
 
-    def __init__(self, loss_fn):
+    def __init__(self, loss_fn: VAVAELoss):
         super().__init__()
         self.discriminator = loss_fn.discriminator
         self._loss = [loss_fn]
 
-    def forward(self, x, recon, step):
+    def forward(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         return self._loss[0].discriminator_loss(x, recon, step)
 
 
-def keep_fp32(module):
+def keep_fp32(module: nn.Module) -> nn.Module:
     """Make `module` compute in fp32 under an autocast (inputs upcast); its state dict is unchanged."""
     forward = module.forward
 
@@ -216,7 +211,7 @@ def keep_fp32(module):
     return module
 
 
-def build_models(cfg: VAVAETrainConfig):
+def build_models(cfg: VAVAETrainConfig) -> tuple[AutoencoderKL, Optional[nn.Module], Optional[nn.Module], VAVAELoss]:
     """(vae, foundation or None, linear_proj or None, loss) on the CPU, initial weights from train.seed."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     vae = AutoencoderKL(cfg.model)
@@ -230,7 +225,7 @@ def build_models(cfg: VAVAETrainConfig):
     return vae, foundation, linear_proj, loss
 
 
-def trainable_state(vae, linear_proj, loss):
+def trainable_state(vae: AutoencoderKL, linear_proj: Optional[nn.Module], loss: VAVAELoss) -> dict[str, torch.Tensor]:
     """What a tokenizer export carries (the frozen LPIPS and foundation model are reloaded from files)."""
     sd = dict(vae.state_dict())
     if linear_proj is not None:
@@ -239,7 +234,8 @@ def trainable_state(vae, linear_proj, loss):
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
-def load_trainable_state(sd, vae, linear_proj, loss, strict_extras=True):
+def load_trainable_state(sd: dict[str, torch.Tensor], vae: AutoencoderKL, linear_proj: Optional[nn.Module],
+                         loss: VAVAELoss, strict_extras: bool = True) -> None:
     load_vavae_checkpoint({"state_dict": sd}, vae)
     if linear_proj is not None and "linear_proj.weight" in sd:
         linear_proj.load_state_dict({"weight": sd["linear_proj.weight"]})
@@ -253,7 +249,7 @@ def load_trainable_state(sd, vae, linear_proj, loss, strict_extras=True):
             raise KeyError(f"checkpoint lacks loss entries {missing[:4]}")
 
 
-def read_init_weights(path):
+def read_init_weights(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """The weights of a tokenizer export ({"state_dict"}, reference format) or of a checkpoint of the first
     VA-VAE trainer (step_*/state.pt: {"weights", "opt_ae", ...}), as one reference-format state dict."""
     if not Path(path).is_file():
@@ -264,48 +260,33 @@ def read_init_weights(path):
     return sd.get("state_dict", sd)
 
 
-def deepspeed_config(cfg: VAVAETrainConfig, world_size):
-    t = cfg.train
-    ds = {
-        "train_batch_size": t.batch_per_gpu * world_size,
-        "train_micro_batch_size_per_gpu": t.batch_per_gpu,
-        "gradient_accumulation_steps": 1,
-        # Without ZeRO the trainer checks and clips itself (train/guard.engine_step).
-        "gradient_clipping": cfg.optim.grad_clip if t.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": t.zero_stage},
-        # bf16 autocast inside the engine's forward (an autocast opened around engine(...) is switched OFF
-        # there on a GPU). No lower-precision communication dtype: gradients are reduced and kept in fp32.
-        "torch_autocast": deepspeed_autocast(t.precision),
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    ds.update(t.deepspeed)
-    return ds
-
-
 # ----------------------------------------------------------------------------- trainer
 
-class Trainer:
-    def __init__(self, cfg: VAVAETrainConfig):
-        import deepspeed
+class VAVAETrainer(TrainerBase):
+    """VA-VAE (autoencoder + linear_proj, PatchGAN) on two DeepSpeed engines (train/base.py: the shared part)."""
 
-        self.cfg = cfg
-        t = cfg.train
-        self.info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-        self.device = device = self.info.device
-        set_nvtx(True)
-        # one run per checkpoint folder (rank 0's lock, the outcome shared), both folders writable
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
-        self.ckpt.prepare(self.info.is_main, writable=(cfg.logging.dir,))
+    NAME = "VA-VAE"
+    RESUME_REFUSE = ("model.", "foundation.name", "foundation.input_size", "foundation.normalize",
+                     "train.batch_per_gpu", "train.seed", "data.source", "data.num_samples")
+    RESUME_WARN = ("loss.", "optim.", "train.precision", "train.zero_stage", "foundation.dtype", "data.backend",
+                   "data.root")
+    RESUME_IGNORE = TrainerBase.RESUME_IGNORE + ("train.epochs",)
 
+    def __init__(self, cfg: VAVAETrainConfig, eval_fn: Optional[EvalFn] = None):
+        super().__init__(cfg, eval_fn)
+
+    # ------------------------------------------------------------------ models, engines, data
+
+    def build_model(self) -> None:
+        cfg, t, device = self.cfg, self.cfg.train, self.device
         with torch.device(device):  # built where they run (a ViT-L initialises far faster on a GPU than on a CPU)
             vae, foundation, linear_proj, loss_fn = build_models(cfg)
         if t.init_from:
             load_trainable_state(read_init_weights(t.init_from), vae, linear_proj, loss_fn, strict_extras=False)
             log.info("initialised from %s", t.init_from)
         loss_fn.logvar.requires_grad_(False)  # as the reference: a parameter no optimizer updates
-        fdtype = {"auto": torch.bfloat16 if t.precision == "bf16" else torch.float32, "bf16": torch.bfloat16,
-                  "fp32": torch.float32}[cfg.foundation.dtype]
+        self.foundation_dtype = {"auto": torch.bfloat16 if t.precision == "bf16" else torch.float32,
+                                 "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.foundation.dtype]
         # train.channels_last: the images enter NHWC and cuDNN keeps the activations NHWC through every conv;
         # the weights stay contiguous (DeepSpeed broadcasts and ZeRO flattens them as plain tensors).
         vae.to(device)
@@ -313,61 +294,69 @@ class Trainer:
         if linear_proj is not None:
             linear_proj.to(device)
         if foundation is not None:
-            foundation.to(device=device, dtype=fdtype)
+            foundation.to(device=device, dtype=self.foundation_dtype)
         if t.precision == "bf16":
             for name in FP32_LAYERS:
                 keep_fp32(vae.get_submodule(name))
-        if t.compile == "modules":
+        if t.compile == "blocks":  # the building blocks: the engine's autograd.grad glue stays eager
             for m in (vae.encoder, vae.decoder, loss_fn.discriminator, loss_fn.perceptual_loss):
                 if m is not None:
-                    m.compile()
+                    m.compile(backend=t.compile_backend)
         self.vae, self.foundation, self.linear_proj, self.loss_fn = vae, foundation, linear_proj, loss_fn
         self.channels_last = t.channels_last
 
-        random.seed(t.seed + self.info.rank)
-        np.random.seed(t.seed + self.info.rank)
-        torch.manual_seed(t.seed + self.info.rank)
-        # The posterior samples come from this generator: checkpointed per rank, so resume is exact.
-        self.generator = torch.Generator(device).manual_seed(t.seed * 100_003 + self.info.rank)
-
-        o, fused = cfg.optim, device.type == "cuda"
-        self.ae_module = AutoencoderStep(vae, linear_proj, loss_fn)
+    def build_engines(self) -> None:
+        o, fused = self.cfg.optim, self.device.type == "cuda"
+        self.ae_module = AutoencoderStep(self.vae, self.linear_proj, self.loss_fn)
         opt_ae = torch.optim.Adam(self.ae_module.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
-        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
-        self.ds_config = deepspeed_config(cfg, self.info.world_size)
-        self.engine_ae, _, _, _ = deepspeed.initialize(model=self.ae_module, optimizer=opt_ae, config=self.ds_config)
-        self.engine_d, _, _, _ = deepspeed.initialize(model=DiscriminatorStep(loss_fn), optimizer=opt_d,
-                                                      config=self.ds_config)
+        opt_d = torch.optim.Adam(self.loss_fn.discriminator.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                 fused=fused)
+        self.engine_ae = self.add_engine("autoencoder", self.ae_module, opt_ae)
+        self.engine_d = self.add_engine("discriminator", DiscriminatorStep(self.loss_fn), opt_d)
         # post_quant_conv: inside the autoencoder engine's forward, outside any compiled module
-        self._probe = PrecisionProbe(vae.post_quant_conv, t.precision, "convolutions")
+        self._probe = PrecisionProbe(self.vae.post_quant_conv, self.cfg.train.precision, "convolutions")
 
-        self.loader = build_loader(cfg, self.info.rank, self.info.world_size, device)
+    def build_loader(self) -> ResumableLoader:
+        return build_loader(self.cfg, self.info.rank, self.info.world_size, self.device)
+
+    def planned_steps(self) -> int:
+        t = self.cfg.train
         self.steps_per_epoch = len(self.loader)
-        self.total_steps = t.steps if t.steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
-        self.guard = NonFiniteGuard(t.max_bad_steps)
-        self.step = 0
-        log.info("VA-VAE %.1fM params, discriminator %.1fM, foundation %s (%s), world %d x batch %d, ZeRO %d, "
-                 "precision %s, channels_last %s, compile %s, data %s, %d steps (%d per epoch)",
-                 sum(p.numel() for p in vae.parameters()) / 1e6,
-                 sum(p.numel() for p in loss_fn.discriminator.parameters()) / 1e6,
-                 foundation.name if foundation is not None else "none (no VF loss)", fdtype, self.info.world_size,
-                 t.batch_per_gpu, t.zero_stage, t.precision, t.channels_last, t.compile, self.loader.backend,
-                 self.total_steps, self.steps_per_epoch)
-        if cfg.checkpoint.resume == "auto":
-            self.resume()
+        return t.steps if t.steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
+
+    def describe(self) -> str:
+        t, vae = self.cfg.train, self.vae
+        return (f"VA-VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params, discriminator "
+                f"{sum(p.numel() for p in self.loss_fn.discriminator.parameters()) / 1e6:.1f}M, foundation "
+                f"{self.foundation.name if self.foundation is not None else 'none (no VF loss)'} "
+                f"({self.foundation_dtype}), world {self.info.world_size} x batch {t.batch_per_gpu}, ZeRO "
+                f"{t.zero_stage}, precision {t.precision}, channels_last {t.channels_last}, compile {t.compile}, "
+                f"data {self.loader.backend}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+                f"{self.threads} CPU threads")
+
+    def fetch_batch(self) -> torch.Tensor:
+        """This rank's images for the next step, on the device (NHWC with train.channels_last)."""
+        try:
+            x, _ = next(self.batch_stream())
+        except RuntimeError as e:  # an undecodable file (train.data names it): the input is wrong, not the code
+            if "decode" not in str(e):
+                raise
+            raise DataError(f"{one_line(e)} (the last checkpoint in {self.ckpt.root} is intact)") from None
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ one step
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The frozen foundation model's patch features (no grad; its own dtype), or None without VF loss."""
         if self.foundation is None:
             return None
         return self.foundation(x)
 
-    def train_step(self, x):
-        """One step on this rank's images x (on the device): autoencoder update, then (from disc_start) the
-        discriminator update. Returns (applied, logs: detached 0-dim tensors on the device)."""
-        cfg, step = self.cfg, self.step
+    def optimize(self, x: torch.Tensor) -> StepOutput:
+        """The autoencoder update, then (from disc_start) the discriminator update, on this rank's images x.
+        Metrics: the loss terms, adaptive weights and gradient norms (detached 0-dim tensors on the device)."""
+        step = self.step
         with nvtx("foundation"):
             aux = self.features(x)
         with nvtx("forward"):
@@ -376,7 +365,7 @@ class Trainer:
         with nvtx("backward"):
             self.engine_ae.backward(poison(g_loss))
         with nvtx("optimizer"):
-            applied, grad_norm = engine_step(self.engine_ae, cfg.optim.grad_clip)
+            applied, grad_norm = self.optimizer_step("autoencoder")
         logs["grad_norm"] = grad_norm
         # The same decision on every rank: `applied` comes from the all-reduced gradients.
         if applied and self.loss_fn.gan_active(step):
@@ -385,150 +374,63 @@ class Trainer:
             with nvtx("disc_backward"):
                 self.engine_d.backward(poison(d_loss))
             with nvtx("disc_optimizer"):
-                applied, d_norm = engine_step(self.engine_d, cfg.optim.grad_clip)
+                applied, d_norm = self.optimizer_step("discriminator")
             logs.update(d_logs)
             logs["d_grad_norm"] = d_norm
-        return applied, logs
+        return StepOutput(applied, logs)
 
-    def next_batch(self):
-        try:
-            x, _ = next(self.batches)
-        except RuntimeError as e:  # an undecodable file (train.data names it): the input is wrong, not the code
-            if "decode" not in str(e):
-                raise
-            raise DataError(f"{one_line(e)} (the last checkpoint in {self.ckpt.root} is intact)") from None
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def extra_metrics(self, img_per_s: float) -> dict[str, float]:
+        return {"epoch": self.step / self.steps_per_epoch}
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ checkpoints, evaluation, export
 
-    def fit(self):
-        cfg, info = self.cfg, self.info
-        out = Path(cfg.logging.dir)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, out / "config.yaml")
-        metrics = MetricsLogger(out, info.is_main, cfg.logging.tensorboard, cfg.logging.progress_bar,
-                                self.total_steps, self.step)
-        self.batches = forever(self.loader)
-        global_batch = cfg.train.batch_per_gpu * info.world_size
-        window, t0, window_start, paused = {}, time.time(), self.step, 0.0
-        try:
-            while self.step < self.total_steps:
-                x = self.next_batch()
-                applied, logs = self.train_step(x)
-                self.step += 1
-                if applied:
-                    for k, v in logs.items():
-                        s, n = window.get(k, (0.0, 0))
-                        window[k] = (s + v.to(self.device, torch.float32), n + 1)
-                self.guard.update(applied, self.step, on_stop=self.save, where=self.ckpt.step_dir(self.step))
-                metrics.advance()
-                if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
-                    dt = time.time() - t0 - paused
-                    keys = sorted(window)
-                    means = (all_reduce_mean(torch.stack([window[k][0] / window[k][1] for k in keys])).tolist()
-                             if keys else [])
-                    img_s = (self.step - window_start) * global_batch / max(dt, 1e-9)
-                    metrics.log(self.step, {
-                        **dict(zip(keys, means)), "lr": cfg.optim.lr, "img_per_s": img_s,
-                        "skipped_steps": self.guard.skipped_steps, "images_seen": self.step * global_batch,
-                        "epoch": self.step / self.steps_per_epoch, **peak_memory(self.device),
-                        "eta_s": (self.total_steps - self.step) * dt / max(1, self.step - window_start)})
-                    window, t0, window_start, paused = {}, time.time(), self.step, 0.0
-                if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
-                    t_save = time.time()
-                    self.save()
-                    paused += time.time() - t_save  # img/s counts training time only
-            result = {"step": self.step, "skipped_steps": self.guard.skipped_steps}
-            if cfg.checkpoint.export_reference:
-                result["tokenizer"] = str(self.export())
-            if cfg.logging.reconstructions and info.is_main:
-                img = preview_images(cfg, self.loader)
-                if img is not None:
-                    result["psnr"] = reconstruction_report(self.vae, img.to(self.device), out / "reconstructions.png")
-                    log.info("reconstruction PSNR %.2f dB of %d training images -> %s", result["psnr"],
-                             img.shape[0], out / "reconstructions.png")
-        finally:
-            metrics.close()
-            self.ckpt.release()
-        log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
-        return result
+    def extra_rank_state(self) -> dict:
+        # the discriminator's BatchNorm statistics move in every forward, on every rank
+        return {"disc_buffers": {k: v.detach().cpu().clone() for k, v in self.loss_fn.discriminator.named_buffers()}}
 
-    # ------------------------------------------------------------------ checkpoints
+    def extra_trainer_state(self) -> dict:
+        return {"logvar": self.loss_fn.logvar.detach().cpu()}
 
-    def save(self):
-        """Both engines (DeepSpeed, every rank's shard), every rank's RNG / posterior generator / data position
-        / discriminator BatchNorm statistics, step, guard and config; committed atomically by rank 0."""
-        info = self.info
-        with self.ckpt.saving(self.step, info.is_main) as tmp:
-            self.engine_ae.save_checkpoint(str(tmp), tag="autoencoder", save_latest=False)
-            self.engine_d.save_checkpoint(str(tmp), tag="discriminator", save_latest=False)
-            atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
-                               "loader": self.loader.state_dict(),
-                               "disc_buffers": {k: v.detach().cpu().clone()
-                                                for k, v in self.loss_fn.discriminator.named_buffers()}},
-                              tmp / f"rank_{info.rank:05d}.pt")
-            if info.is_main:
-                atomic_torch_save({"step": self.step, "config": to_dict(self.cfg), "world_size": info.world_size,
-                                   "guard": self.guard.state_dict(), "logvar": self.loss_fn.logvar.detach().cpu()},
-                                  tmp / "trainer.pt")
+    def read_trainer_state(self, path: Path) -> dict:
+        if not (path / "trainer.pt").is_file() and (path / "state.pt").is_file():
+            raise ConfigError(f"{path} was written by the first (single-process) VA-VAE trainer and cannot be "
+                              f"resumed exactly by this one; continue from its weights with "
+                              f"train.init_from={path / 'state.pt'} and another logging.dir")
+        return super().read_trainer_state(path)
 
-    def resume(self):
-        """Continue from the newest complete checkpoint (an incomplete or corrupt newer one is skipped with a
-        warning by CheckpointManager.load_latest); returns its step or None."""
-        found = self.ckpt.load_latest(self._load)
-        return None if found is None else found[0]
-
-    def _load(self, step, path):
-        if not (path / "trainer.pt").is_file():
-            if (path / "state.pt").is_file():
-                raise ConfigError(f"{path} was written by the first (single-process) VA-VAE trainer and cannot be "
-                                  f"resumed exactly by this one; continue from its weights with "
-                                  f"train.init_from={path / 'state.pt'} and another logging.dir")
-            raise ConfigError(f"{path} has no trainer.pt: not a VA-VAE checkpoint")
-        state = load_state(path / "trainer.pt", "VA-VAE trainer state")
-        saved = VAVAETrainConfig.upgrade(state["config"])
-        check_resume_config(saved, to_dict(self.cfg), path,
-                            refuse=("model.", "foundation.name", "foundation.input_size", "foundation.normalize",
-                                    "train.batch_per_gpu", "train.seed", "data.source", "data.num_samples"),
-                            warn=("loss.", "optim.", "train.precision", "train.zero_stage", "foundation.dtype",
-                                  "data.backend", "data.root"),
-                            ignore=("checkpoint.", "logging.", "dist.", "train.steps", "train.epochs"))
-        if state["world_size"] != self.info.world_size:
-            raise ConfigError(f"cannot resume {path} exactly: it was written by {state['world_size']} ranks, this "
-                              f"run has {self.info.world_size}")
-        with deepspeed_safe_load():
-            for engine, tag in ((self.engine_ae, "autoencoder"), (self.engine_d, "discriminator")):
-                load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
-                if load_path is None:
-                    raise RuntimeError(f"DeepSpeed could not load the {tag} checkpoint in {path}")
-        mine = load_state(path / f"rank_{self.info.rank:05d}.pt", "VA-VAE rank state")
-        set_rng_state(mine["rng"])
-        self.generator.set_state(mine["generator"])
-        self.loader.load_state_dict(mine["loader"])
+    def load_extra_state(self, state: dict, rank_state: dict) -> None:
         with torch.no_grad():
             for k, v in self.loss_fn.discriminator.named_buffers():
-                v.copy_(mine["disc_buffers"][k])
+                v.copy_(rank_state["disc_buffers"][k])
             self.loss_fn.logvar.copy_(state["logvar"])
-        self.guard.load_state_dict(state["guard"])
-        self.step = step
-        log.info("resumed from %s at step %d", path, step)
-        return step
 
-    def export(self):
-        """LOGGING_DIR/tokenizer.pt in the reference format (rank 0); returns its path."""
+    def final_evaluation(self) -> dict:
+        """PSNR of the reconstructions of 8 training images, and LOGGING_DIR/reconstructions.png (rank 0)."""
+        if not (self.cfg.logging.reconstructions and self.info.is_main):
+            return {}
+        img = preview_images(self.cfg, self.loader)
+        if img is None:
+            return {}
+        png = Path(self.cfg.logging.dir) / "reconstructions.png"
+        psnr = reconstruction_report(self.vae, img.to(self.device), png)
+        log.info("reconstruction PSNR %.2f dB of %d training images -> %s", psnr, img.shape[0], png)
+        return {"psnr": psnr}
+
+    def export(self) -> dict[str, str]:
+        """LOGGING_DIR/tokenizer.pt in the reference format (written by rank 0)."""
         path = Path(self.cfg.logging.dir) / "tokenizer.pt"
         if self.info.is_main:
             atomic_torch_save({"state_dict": trainable_state(self.vae, self.linear_proj, self.loss_fn)}, path)
             log.info("tokenizer -> %s", path)
         barrier()
-        return path
+        return {"tokenizer": str(path)}
+
+
+Trainer = VAVAETrainer  # the name callers import (train.train_vae.Trainer)
 
 
 @torch.no_grad()
-def reconstruction_report(vae, x, png_path):
+def reconstruction_report(vae: AutoencoderKL, x: torch.Tensor, png_path: Union[str, Path]) -> float:
     """PSNR of posterior-mean reconstructions of images x, and a grid (top: input, bottom: output)."""
     from PIL import Image
     was_training = vae.training
@@ -544,15 +446,14 @@ def reconstruction_report(vae, x, png_path):
     return psnr
 
 
-def train(cfg: VAVAETrainConfig):
-    """Train (or resume) the run described by cfg; returns {"step", "skipped_steps", "tokenizer", "psnr"}."""
-    return Trainer(cfg).fit()
+def train(cfg: VAVAETrainConfig) -> dict:
+    """Train (or resume) the run described by cfg; returns the report of Trainer.fit (train/base.py)."""
+    return VAVAETrainer(cfg).fit()
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     return trainer_main("train.train_vae", __doc__, VAVAETrainConfig, train, argv,
                         extra_user_errors=(FoundationModelUnavailable,))
-
 
 
 cli = console_entry(__name__)  # the `vavae-train-vae` console script (setup.py)

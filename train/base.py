@@ -1,0 +1,511 @@
+"""The Trainer both trainers share (DiT: train/train_dit.py, VA-VAE: train/train_vae.py), read top to bottom.
+
+    trainer = DiTTrainer(cfg)                             # build everything, resume if there is a checkpoint
+    report = trainer.fit()                                # the loop; returns a dict (see `fit`)
+    metrics = trainer.train_step(trainer.next_batch())    # one optimizer step on one batch: {name: float}
+    trainer.save(); trainer.resume(); trainer.export(); trainer.close()
+
+`__init__`: process group, CPU threads, the checkpoint folder's lock, the model (`build_model`), per-rank seeds,
+the optimizers and DeepSpeed engines (`build_engines`), the data (`build_loader`), the non-finite guard, resume.
+`fit` loops `next_batch` -> one optimizer step -> guard -> metrics line -> evaluation -> checkpoint, then
+exports. A subclass adds only what is its own:
+
+    build_model()          model(s) and losses, initial weights from train.seed (the same on every rank)
+    build_engines()        optimizer(s) and engine(s), each through `add_engine(tag, module, optimizer)`
+    build_loader()         this rank's data: an iterable with state_dict() / load_state_dict()
+    fetch_batch()          the next step's batch on the device, read from `batch_stream()`
+    optimize(batch)        forward, losses, backward and `optimizer_step(tag)` of one step -> StepOutput
+    eval_model()           what `eval_fn(model, step)` evaluates every `eval.every` steps (DiT: the EMA)
+    final_evaluation()     a last measurement after training (VA-VAE: reconstruction PSNR)
+    export()               the reference-format files -> {name: path}
+    extra_trainer_state() / extra_rank_state() / load_extra_state()   what its checkpoints carry beyond the
+                           shared state (step, images seen, guard, config, RNGs, generator, data position)
+
+Resume is one path: `resume()` -> CheckpointManager.load_latest(`load_checkpoint`) -> `check_resumable` (the
+config policy RESUME_REFUSE / RESUME_WARN / RESUME_IGNORE, then `check_same_world`: a checkpoint continues
+exactly only on the world size and global batch that wrote it) -> engines -> shared state -> the subclass's.
+Resuming on another world size replaces `check_same_world` and the per-rank part of `load_checkpoint`.
+"""
+import copy
+import dataclasses
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from modeling.config import ConfigError, dump_config, from_dict, to_dict
+from modeling.threads import available_cores, configure_threads
+
+from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
+                         rng_state, set_rng_state)
+from .config_sections import TrainerConfig
+from .distributed import DistInfo, all_reduce_mean, init_distributed
+from .guard import NonFiniteGuard, engine_step
+from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
+from .precision import deepspeed_autocast
+
+log = logging.getLogger("train")
+
+Batch = Any  # one step's data on the device: (latents, labels) for the DiT, images for the VA-VAE
+EvalFn = Callable[[torch.nn.Module, int], Optional[dict]]  # eval_fn(model, step) -> {metric: value}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def forever(loader: Iterable) -> Iterator:
+    """Endless batches; the loader moves to its next epoch each time its iterator ends."""
+    while True:
+        yield from loader
+
+
+def threads_per_rank() -> Optional[int]:
+    """The CPU threads of this rank, for modeling.threads.configure_threads: None ($VAVAE_THREADS, read there)
+    when set; else $OMP_NUM_THREADS when a launcher or the user set it; else this machine's cores shared by the
+    ranks on it (each rank taking every core oversubscribes them)."""
+    if os.environ.get("VAVAE_THREADS"):
+        return None
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # torchrun / deepspeed
+    return max(1, available_cores() // max(1, int(local) if local.isdigit() else 1))
+
+
+def seed_rank_rngs(seed: int, rank: int) -> None:
+    """Python's, numpy's and torch's global RNGs, different on every rank (checkpointed with each rank)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def deepspeed_config(cfg: TrainerConfig, world_size: int, global_batch: int) -> dict:
+    """The DeepSpeed config of every engine of a trainer; `train.deepspeed` is merged last."""
+    t, o = cfg.train, cfg.optim
+    per_step = t.batch_per_gpu * world_size
+    if global_batch % per_step:
+        raise ConfigError(f"train.global_batch {global_batch} is not a multiple of batch_per_gpu x world size "
+                          f"= {t.batch_per_gpu} x {world_size}")
+    ds = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": t.batch_per_gpu,
+        "gradient_accumulation_steps": global_batch // per_step,
+        # Without ZeRO the trainer checks and clips itself (train/guard.engine_step).
+        "gradient_clipping": o.grad_clip if t.zero_stage > 0 else 0.0,
+        # memory_efficient_linear: ZeRO-3 would replace torch.nn.functional.linear for the whole process with an
+        # autograd.Function that torch.compile cannot trace (train.compile=blocks then fails) and that persists
+        # after the engine is gone; our Linear layers need no replacement.
+        "zero_optimization": {"stage": t.zero_stage,
+                              **({"memory_efficient_linear": False} if t.zero_stage == 3 else {})},
+        # bf16 autocast inside each engine's forward (an autocast opened around engine(...) is switched OFF there
+        # on a GPU); gradients are reduced and kept in fp32 (train/precision.py).
+        "torch_autocast": deepspeed_autocast(t.precision),
+        "steps_per_print": 10 ** 9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    ds.update(t.deepspeed)
+    return ds
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: whether it was applied (False: skipped as non-finite, nothing moved) and its metrics
+    as 0-dim tensors on the device (read on the host only when logged)."""
+    applied: bool
+    metrics: dict[str, torch.Tensor]
+
+    def floats(self) -> dict[str, float]:
+        """{"applied": 1.0 | 0.0, metric: value} on the host (one device synchronisation)."""
+        names = list(self.metrics)
+        device = self.metrics[names[0]].device if names else None
+        values = (torch.stack([self.metrics[k].detach().reshape(()).to(device, torch.float32) for k in names])
+                  .tolist() if names else [])
+        return {"applied": float(self.applied), **dict(zip(names, values))}
+
+
+class MetricWindow:
+    """The applied steps' metrics since the last metrics line, summed on the device (no host synchronisation per
+    step). `reduce()` gives each metric's mean over those steps and over the ranks (a collective: every rank
+    calls it); `gauges` (e.g. a global gradient norm, the same on every rank) give their last value instead."""
+
+    def __init__(self, device: torch.device, gauges: Iterable[str] = ()):
+        self.device, self.gauges = device, set(gauges)
+        self.sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self.last: dict[str, torch.Tensor] = {}
+
+    def add(self, out: StepOutput) -> None:
+        if not out.applied:  # a skipped step's losses are not finite: they are counted, not averaged
+            return
+        for k, v in out.metrics.items():
+            if k in self.gauges:
+                self.last[k] = v
+            else:
+                s, n = self.sums.get(k, (None, 0))
+                v = v.detach().to(self.device, torch.float32)
+                self.sums[k] = (v if s is None else s + v, n + 1)
+
+    def reduce(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        means = all_reduce_mean(torch.stack([self.sums[k][0] / self.sums[k][1] for k in keys])).tolist() if keys else []
+        out = dict(zip(keys, means))
+        out.update({k: float(v) for k, v in self.last.items()})
+        self.sums, self.last = {}, {}
+        return out
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """The base of DiTTrainer and VAVAETrainer (module docstring: what a subclass adds)."""
+
+    NAME = "trainer"                   # names the trainer's checkpoints in messages
+    # Resume policy, by config-key prefix: a change under RESUME_REFUSE makes a checkpoint unusable (one-line
+    # error), under RESUME_WARN it is logged (resume is no longer exact); RESUME_IGNORE is not reported.
+    RESUME_REFUSE: tuple[str, ...] = ()
+    RESUME_WARN: tuple[str, ...] = ()
+    RESUME_IGNORE: tuple[str, ...] = ("checkpoint.", "logging.", "dist.", "profile.", "train.steps")
+    GAUGES: tuple[str, ...] = ()       # metrics logged as their last value instead of the window's mean
+
+    def __init__(self, cfg: TrainerConfig, eval_fn: Optional[EvalFn] = None):
+        self.cfg, self.eval_fn = cfg, eval_fn
+        t = cfg.train
+        self.info: DistInfo = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self.device: torch.device = self.info.device
+        self.threads = configure_threads(threads_per_rank())
+        # before anything big is built: the folders are writable and no other run uses this checkpoint folder
+        # (rank 0's lock, the outcome shared with every rank)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
+        self.ckpt.prepare(self.info.is_main, writable=[cfg.logging.dir])
+        set_nvtx(cfg.profile.nvtx)
+
+        self.build_model()  # initial weights from train.seed: identical on every rank
+        # Every later random draw differs by rank and comes from state a checkpoint stores per rank: the global
+        # RNGs and this generator (noise, time, label dropout, posterior samples), so resume is exact.
+        seed_rank_rngs(t.seed, self.info.rank)
+        self.generator = torch.Generator(self.device).manual_seed(t.seed * 100_003 + self.info.rank)
+
+        self.global_batch: int = self.global_batch_of(dataclasses.asdict(t), self.info.world_size)
+        self.ds_config = deepspeed_config(cfg, self.info.world_size, self.global_batch)
+        self.grad_accum: int = self.ds_config["gradient_accumulation_steps"]
+        self.engines: dict[str, Any] = {}       # checkpoint tag -> DeepSpeed engine
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.build_engines()
+
+        self.loader = self.build_loader()
+        self.batches: Optional[Iterator] = None  # the endless stream over self.loader (made on first use)
+        self._prefetched: Optional[tuple[Batch, dict]] = None  # (next step's batch, loader state before it)
+        self.total_steps: int = self.planned_steps()
+        self.step, self.images_seen = 0, 0
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        if eval_fn is not None and not hasattr(cfg, "eval"):
+            raise ConfigError(f"the {self.NAME} trainer's config has no eval section: an eval_fn is never called")
+        self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
+        log.info("%s", self.describe())
+        if cfg.checkpoint.resume == "auto":
+            self.resume()
+
+    # ------------------------------------------------------------------ what a subclass builds
+
+    def build_model(self) -> None:
+        raise NotImplementedError
+
+    def build_engines(self) -> None:
+        raise NotImplementedError
+
+    def build_loader(self) -> Iterable:
+        raise NotImplementedError
+
+    def add_engine(self, tag: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+        """A DeepSpeed engine of `module` and `optimizer` (self.ds_config); `tag` names it in checkpoints."""
+        import deepspeed
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
+        self.engines[tag], self._optimizers[tag] = engine, optimizer
+        return engine
+
+    @staticmethod
+    def global_batch_of(train: dict, world_size: int) -> int:
+        """Images per optimizer step, all ranks together, of the `train` section (a plain dict: also the one a
+        checkpoint stores) at `world_size` ranks: batch_per_gpu x world size unless a trainer says otherwise."""
+        return int(train["batch_per_gpu"]) * world_size
+
+    def planned_steps(self) -> int:
+        return self.cfg.train.steps
+
+    def describe(self) -> str:
+        """The start-up line: what was built and how it runs."""
+        t = self.cfg.train
+        return (f"{self.NAME}: world {self.info.world_size} x batch {t.batch_per_gpu}, grad accumulation "
+                f"{self.grad_accum}, ZeRO {t.zero_stage}, precision {t.precision}, compile {t.compile}, "
+                f"{self.total_steps} steps, {self.threads} CPU threads")
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on `batch` (this rank's data for the step, e.g. from next_batch()): its metrics as
+        floats, with "applied" 0.0 when the step was skipped as non-finite (weights, optimizer and EMA as
+        they were). Advances `step` and `images_seen`."""
+        return self.step_on_device(batch).floats()
+
+    def step_on_device(self, batch: Batch) -> StepOutput:
+        """train_step with the metrics left on the device: what fit() runs (the only host synchronisation of a
+        step is then the optimizer's finite-norm check)."""
+        out = self.optimize(batch)
+        self.step += 1
+        self.images_seen += self.global_batch
+        return out
+
+    def optimize(self, batch: Batch) -> StepOutput:
+        """The subclass's step: forward, losses, backward and optimizer_step(tag) of each engine it updates."""
+        raise NotImplementedError
+
+    def optimizer_step(self, tag: str) -> tuple[bool, torch.Tensor]:
+        """The update of engine `tag` at this step: the scheduled learning rate (optim.lr_at), then DeepSpeed's
+        step, skipped when the global gradient norm is not finite (train/guard.engine_step). Returns
+        (applied, grad norm as a 0-dim device tensor)."""
+        lr = self.cfg.optim.lr_at(self.step)
+        for group in self._optimizers[tag].param_groups:
+            group["lr"] = lr
+        return engine_step(self.engines[tag], self.cfg.optim.grad_clip)
+
+    def current_lr(self) -> float:
+        return next(iter(self._optimizers.values())).param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ data
+
+    def batch_stream(self) -> Iterator:
+        """The endless stream of loader items that fetch_batch reads from."""
+        if self.batches is None:
+            self.batches = forever(self.loader)
+        return self.batches
+
+    def next_batch(self) -> Batch:
+        """This rank's batch for the next optimizer step, on the device (the prefetched one when there is one)."""
+        if self._prefetched is not None:
+            batch, self._prefetched = self._prefetched[0], None
+            return batch
+        with nvtx("data"):
+            return self.fetch_batch()
+
+    def fetch_batch(self) -> Batch:
+        raise NotImplementedError
+
+    def prefetch(self) -> None:
+        """Fetch the next step's batch now: a subclass calls it while its backward runs, so the device does not
+        wait for the data after the optimizer's host synchronisation. A checkpoint saves the loader state
+        from before it, so a resumed run draws it again. Only while next_batch() feeds the steps."""
+        if self.batches is None or self._prefetched is not None:
+            return
+        state = copy.deepcopy(self.loader.state_dict())
+        with nvtx("data"):
+            self._prefetched = (self.fetch_batch(), state)
+
+    def loader_state(self) -> dict:
+        """The data position a checkpoint stores: before the prefetched batch, which was not trained on yet."""
+        return self._prefetched[1] if self._prefetched is not None else self.loader.state_dict()
+
+    def restart_batches(self) -> None:
+        """A fresh stream over self.loader (which may have been replaced); a batch prefetched earlier is drawn
+        again."""
+        if self._prefetched is not None:
+            self.loader.load_state_dict(self._prefetched[1])
+            self._prefetched = None
+        self.batches = forever(self.loader)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train to `total_steps` (from where resume left off), checkpointing every `checkpoint.every` steps and
+        at the end, then export. Returns the same report for both trainers:
+
+            {"step", "total_steps", "images_seen", "skipped_steps",
+             "metrics": the last metrics line (window means), "eval": the last evaluation's results and the
+             final evaluation's (VA-VAE: psnr), "exports": {name: path}, "checkpoint": the last checkpoint's
+             folder, "logging_dir": the run folder}
+
+        Too many non-finite steps in a row raise NonFiniteError after a checkpoint."""
+        cfg, info, lg = self.cfg, self.info, self.cfg.logging
+        run_dir = Path(lg.dir)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        metrics = profile = None
+        try:
+            metrics = MetricsLogger(run_dir, info.is_main, lg.tensorboard, lg.progress_bar, self.total_steps,
+                                    self.step, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                    wandb_mode=lg.wandb_mode, wandb_config=to_dict(cfg))
+            profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps,
+                                    torch_trace=cfg.profile.torch_trace, trace_dir=run_dir / "traces", rank=info.rank)
+            self.restart_batches()
+            window = MetricWindow(self.device, self.GAUGES)
+            last_line, last_eval = {}, {}
+            start = t0 = time.time()
+            paused, paused_t0, window_start = 0.0, 0.0, self.step  # paused: seconds of evaluation and checkpoints
+            while self.step < self.total_steps:
+                profile.before_step(self.step)
+                out = self.step_on_device(self.next_batch())
+                profile.after_step(self.step - 1)
+                window.add(out)
+                self.guard.update(out.applied, self.step, on_stop=self.save, where=self.ckpt.step_dir(self.step))
+                metrics.advance()
+                if self.step % lg.every == 0 or self.step == self.total_steps:
+                    dt = time.time() - t0 - (paused - paused_t0)  # img/s counts training time only
+                    last_line = self.log_metrics(metrics, window, dt, self.step - window_start)
+                    t0, paused_t0, window_start = time.time(), paused, self.step
+                paused_from = time.time()
+                if self.eval_every and self.step % self.eval_every == 0:
+                    last_eval = self.log_evaluation(metrics, training_s=paused_from - start - paused)
+                if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
+                    self.save()
+                paused += time.time() - paused_from
+            exports = self.export() if cfg.checkpoint.export_reference else {}
+            final = self.final_evaluation()
+        finally:
+            if profile is not None:
+                profile.close()
+            if metrics is not None:
+                metrics.close()
+            self.close()
+        log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
+        return {"step": self.step, "total_steps": self.total_steps, "images_seen": self.images_seen,
+                "skipped_steps": self.guard.skipped_steps, "metrics": last_line, "eval": {**last_eval, **final},
+                "exports": exports, "checkpoint": str(self.ckpt.step_dir(self.step)), "logging_dir": str(run_dir)}
+
+    def log_metrics(self, metrics: MetricsLogger, window: MetricWindow, dt: float, steps: int) -> dict[str, float]:
+        """One metrics line for the `steps` steps of the window that took `dt` seconds of training time."""
+        img_s = steps * self.global_batch / max(dt, 1e-9)
+        line = {**window.reduce(), "lr": self.current_lr(), "img_per_s": img_s, **self.extra_metrics(img_s),
+                "skipped_steps": self.guard.skipped_steps, "images_seen": self.images_seen,
+                **peak_memory(self.device), "eta_s": (self.total_steps - self.step) * dt / max(1, steps)}
+        metrics.log(self.step, line)
+        return line
+
+    def extra_metrics(self, img_per_s: float) -> dict[str, float]:
+        """What a subclass adds to each metrics line (DiT: TFLOP/s per GPU; VA-VAE: epoch)."""
+        return {}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def log_evaluation(self, metrics: MetricsLogger, training_s: float) -> dict:
+        """evaluate(), logged as eval/* with the training wall-clock and images seen (what bench.curves plots)."""
+        result = self.evaluate()
+        metrics.log(self.step, {**{f"eval/{k}": v for k, v in result.items()}, "wall_clock_s": training_s,
+                                "images_seen": self.images_seen})
+        return result
+
+    def evaluate(self) -> dict:
+        """eval_fn(eval_model(), step) on every rank (it may do distributed work)."""
+        model = self.eval_model()
+        with torch.no_grad():
+            return self.eval_fn(model, self.step) or {}
+
+    def eval_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def final_evaluation(self) -> dict:
+        """A measurement after the last step, into the report's "eval" (none by default)."""
+        return {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Every engine (DeepSpeed, every rank's shard), every rank's RNGs / generator / data position, and rank
+        0's trainer state (step, images seen, guard, config, world size, global batch), written under a temp
+        name and committed atomically by rank 0 (CheckpointManager.saving). Returns the checkpoint's folder."""
+        info = self.info
+        with self.ckpt.saving(self.step, info.is_main) as tmp:
+            for tag, engine in self.engines.items():
+                engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
+            atomic_torch_save({"rng": rng_state(), "generator": self.generator.get_state(),
+                               "loader": self.loader_state(), **self.extra_rank_state()},
+                              tmp / f"rank_{info.rank:05d}.pt")
+            if info.is_main:
+                atomic_torch_save({"step": self.step, "images_seen": self.images_seen, "config": to_dict(self.cfg),
+                                   "world_size": info.world_size, "global_batch": self.global_batch,
+                                   "guard": self.guard.state_dict(), **self.extra_trainer_state()},
+                                  tmp / "trainer.pt")
+        return self.ckpt.step_dir(self.step)
+
+    def extra_trainer_state(self) -> dict:
+        """What rank 0 adds to trainer.pt (tensors and plain types only: it is read back with weights_only)."""
+        return {}
+
+    def extra_rank_state(self) -> dict:
+        """What every rank adds to its rank_NNNNN.pt."""
+        return {}
+
+    def resume(self) -> Optional[int]:
+        """Continue from the newest complete checkpoint (an incomplete or corrupt newer one is skipped with a
+        warning by CheckpointManager.load_latest); returns its step, or None when there is none."""
+        found = self.ckpt.load_latest(self.load_checkpoint)
+        return None if found is None else found[0]
+
+    def load_checkpoint(self, step: int, path: Path) -> int:
+        """Load checkpoint `path` (of step `step`) into this trainer: the one resume path."""
+        state = self.read_trainer_state(path)
+        self.check_resumable(state, path)
+        with deepspeed_safe_load():
+            for tag, engine in self.engines.items():
+                load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load the {tag} checkpoint in {path}")
+        mine = load_state(path / f"rank_{self.info.rank:05d}.pt", f"{self.NAME} rank state")
+        set_rng_state(mine["rng"])
+        self.generator.set_state(mine["generator"])
+        self.loader.load_state_dict(mine["loader"])
+        self.batches, self._prefetched = None, None  # the stream restarts at the loaded position
+        self.guard.load_state_dict(state.get("guard", state))  # (DiT checkpoints kept the guard's keys at the top)
+        self.step = step
+        self.images_seen = int(state.get("images_seen", step * self.global_batch))
+        self.load_extra_state(state, mine)
+        log.info("resumed from %s at step %d", path, step)
+        return step
+
+    def read_trainer_state(self, path: Path) -> dict:
+        if not (path / "trainer.pt").is_file():
+            raise ConfigError(f"{path} has no trainer.pt: not a {self.NAME} checkpoint")
+        return load_state(path / "trainer.pt", f"{self.NAME} trainer state")
+
+    def check_resumable(self, state: dict, path: Path) -> None:
+        """The checkpoint's config against this run's (RESUME_REFUSE: one-line error; RESUME_WARN: a warning per
+        changed key), and the world it was written by (check_same_world)."""
+        saved, now = self.saved_config(state["config"]), to_dict(self.cfg)
+        check_resume_config(saved, now, path, refuse=self.RESUME_REFUSE, ignore=self.RESUME_IGNORE)
+        self.check_same_world(state, saved, path)
+        check_resume_config(saved, now, path, warn=self.RESUME_WARN, ignore=self.RESUME_IGNORE)
+
+    def saved_config(self, stored: dict) -> dict:
+        """A checkpoint's config as this schema reads it now (older names converted, newer keys at their
+        defaults, so they are not reported as changes), or as stored if this schema can no longer read it."""
+        try:
+            return to_dict(from_dict(type(self.cfg), stored))
+        except ConfigError:
+            return stored
+
+    def check_same_world(self, state: dict, saved: dict, path: Path) -> None:
+        """Exact resume needs the world size and global batch that wrote the checkpoint: every rank continues
+        its own RNGs, generator and data position from its own file."""
+        world = int(state["world_size"])
+        global_batch = int(state.get("global_batch") or self.global_batch_of(saved["train"], world))
+        if (world, global_batch) != (self.info.world_size, self.global_batch):
+            raise ConfigError(f"cannot resume {path} exactly: it was written by {world} ranks with global batch "
+                              f"{global_batch}; this run has {self.info.world_size} ranks and global batch "
+                              f"{self.global_batch}")
+
+    def load_extra_state(self, state: dict, rank_state: dict) -> None:
+        """Load what extra_trainer_state / extra_rank_state saved."""
+
+    # ------------------------------------------------------------------ the end
+
+    def export(self) -> dict[str, str]:
+        """The trained weights in the reference format (every rank calls it) -> {name: path}."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give the checkpoint folder's lock back (fit does at its end); the engines stay usable."""
+        self.ckpt.release()
