@@ -12,16 +12,28 @@ cast, FlashAttention first -- on an H200 at XL/1 shapes cuDNN was 20% faster, fw
 VAVAE_ATTENTION=<name> or `set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
 `kernels.describe()["ops"]["attention"]` says which one ran, `measurements()` what was timed.
 
-Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)).
+Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)). Declared at the bottom
+as the op "attention", whose fused implementation (under the triton and cuda backends, as under auto on a GPU) is
+this chooser.
 """
+from __future__ import annotations
+
 import importlib.util
+import logging
 import os
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import backend, reference
 from .backend import BackendUnavailable, record
+from .registry import BenchCase, BenchShape, Op, register
+
+log = logging.getLogger("kernels")
 
 _SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
          "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
@@ -31,7 +43,7 @@ _chosen = {}    # key -> choice
 _measured = {}  # key -> {choice: ms or error string}
 
 
-def set_attention(name):
+def set_attention(name: Optional[str]) -> None:
     """Force one implementation (a name from CHOICES), or None to measure and pick."""
     if name is not None and name not in CHOICES:
         raise ValueError(f"unknown attention implementation {name!r}; choose from {CHOICES}")
@@ -39,12 +51,12 @@ def set_attention(name):
     _chosen.clear()
 
 
-def installed():
+def installed() -> dict[str, bool]:
     return {"fa3": importlib.util.find_spec("flash_attn_interface") is not None,
             "fa2": importlib.util.find_spec("flash_attn") is not None}
 
 
-def measurements():
+def measurements() -> dict[str, dict]:
     return {str(k): v for k, v in _measured.items()}
 
 
@@ -135,7 +147,8 @@ def _choose(q, k, v):
     return _chosen[key]
 
 
-def prime(shape, dtype, device, training, agree=None):
+def prime(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, training: bool,
+          agree: Optional[Callable[[str], str]] = None) -> Optional[str]:
     """Measure and fix the choice for q/k/v of `shape` (B, H, N, D) and `dtype` in the given grad mode, outside
     any trace, so that a torch.compile trace of the same call uses it. agree: choice -> the choice to keep (e.g.
     rank 0's, so that every rank of a data-parallel run runs the same kernel). Returns the choice, or None where
@@ -150,7 +163,8 @@ def prime(shape, dtype, device, training, agree=None):
     return choice
 
 
-def attention(q, k, v):
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention by the measured (or forced) implementation; records which one ran."""
     forced = _state["forced"]
     if not q.is_cuda:
         if forced not in (None, "sdpa-math"):
@@ -170,3 +184,37 @@ def attention(q, k, v):
     choice = forced or _choose(q, k, v)
     record("attention", choice)
     return _run(choice, q, k, v)
+
+
+def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, training: bool,
+                    agree: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """Time the attention candidates for q/k/v of `shape` (B, H, N, D) and `dtype` now, outside any trace, so that
+    torch.compile'd callers use the measured choice (agree: see `prime`). Returns the choice, or None where the
+    active kernels backend has none to make (the reference is plain SDPA; the CPU has one kernel)."""
+    name = backend.get_backend()
+    if torch.device(device).type != "cuda" or name == "reference" or (
+            name == "auto" and not backend.triton_status()[0]):
+        return None
+    choice = prime(shape, dtype, device, training, agree)
+    if choice is not None:
+        log.info("attention for %s %s (%s): %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
+                 "training" if training else "inference", choice, measurements())
+    return choice
+
+
+def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # XL/1's attention: 16 heads of 72 over 256 tokens, at batch 32 (a data-parallel rank's share of 256)
+    B = 32 if not s.smoke else s.B
+    q, k, v = (torch.randn(B, s.H, s.N, s.D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    flops = 4 * B * s.H * s.N * s.N * s.D  # forward: two matmuls; the backward is 2.5x
+    return BenchCase([q, k, v], lambda f, q, k, v: f(q, k, v), 4 * q.numel() * dtype.itemsize,
+                     7 * q.numel() * dtype.itemsize, fwd_flops=flops, bwd_flops=int(2.5 * flops),
+                     shape={"B": B, "H": s.H, "N": s.N, "D": s.D})
+
+
+# The chooser is the fused implementation under every fused backend (it picks among FA3/FA2/SDPA kernels itself and
+# records that choice, hence records_itself); the reference is plain SDPA.
+register(Op(name="attention", reference=reference.attention, impls={"triton": attention, "cuda": attention},
+            bench=_bench, records_itself=True,
+            doc="attention (B, H, N, D), no mask: FA3 / FA2 / SDPA cuDNN, flash, efficient, math, measured per "
+                "(device, head_dim, dtype, shape, training or inference)"))

@@ -9,15 +9,20 @@ forward saves only h and the per-row statistics (fp32 mean / rstd); the backward
 normalised row and reduces the per-channel grads (weight, bias) and per-sample grads (shift, scale, gate)
 in fp32 partial sums, one row of partials per program, summed by torch afterwards.
 
-References: `kernels.reference.{rms_norm, layer_norm, norm_modulate, gated_residual_norm_modulate}`.
+Each backend has its own launcher pair (`_fwd_triton`/`_bwd_triton`, `_fwd_cuda`/`_bwd_cuda`), registered as its
+own custom ops (`vavae::norm_fwd_triton`, `vavae::norm_fwd_cuda`, and their `norm_bwd_*`), so no function here
+branches on a backend name. The four ops are declared at the bottom (kernels.registry.Op); their references are
+`kernels.reference.{rms_norm, layer_norm, norm_modulate, gated_residual_norm_modulate}`.
 """
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _triton
+from . import _triton, cuda_ext, reference
 from ._triton import tl, triton
+from .registry import BenchCase, BenchFactory, BenchShape, Op, register
 
 ROWS_PER_PROGRAM = 32  # backward: rows one program reduces before writing its partial sums
 
@@ -127,7 +132,7 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
 
 # ----------------------------------------------------------------------------- shapes shared by every backend
 
-def _geometry(x, per_sample):
+def _geometry(x: Tensor, per_sample: bool) -> tuple[int, int, int, int]:
     """(rows, C, N, B): N rows share one per-sample vector; B such groups."""
     C = x.shape[-1]
     rows = x.numel() // C
@@ -138,7 +143,8 @@ def _geometry(x, per_sample):
     return rows, C, rows, 1
 
 
-def _dtypes(x, gate, y, weight, bias, shift, scale):
+def _dtypes(x, gate, y, weight, bias, shift, scale) -> tuple[torch.dtype, torch.dtype]:
+    # the reference's type promotion: h in x/gate/y's common dtype, out promoted by the affine and adaLN vectors
     h_dtype = x.dtype
     if gate is not None:
         h_dtype = torch.promote_types(torch.promote_types(h_dtype, gate.dtype), y.dtype)
@@ -149,46 +155,129 @@ def _dtypes(x, gate, y, weight, bias, shift, scale):
     return h_dtype, out_dtype
 
 
-def _empty(x):
+def _empty(x: Tensor) -> Tensor:
+    # absent outputs are 0-element tensors: a custom op's outputs cannot be None
     return x.new_empty(0)
 
 
-# ----------------------------------------------------------------------------- launches (one per backend)
-
-def _fwd_impl(backend, x, gate, y, weight, bias, shift, scale, eps, rms):
-    """Returns (h, out, mean, rstd); h is empty without a residual, mean is empty for RMSNorm."""
-    per_sample = gate is not None or shift is not None or scale is not None
-    rows, C, N, B = _geometry(x, per_sample)
+def _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms):
+    """The forward's outputs (h, out, mean, rstd), allocated, and (rows, C, N): h is empty without a residual,
+    mean is empty for RMSNorm."""
+    rows, C, N, _ = _geometry(x, gate is not None or shift is not None or scale is not None)
     h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale)
-    has_res = gate is not None
-    h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if has_res else _empty(x)
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if gate is not None else _empty(x)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = _empty(x).float() if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    return (h, out, mean, rstd), (rows, C, N)
+
+
+def _row_views(x, gate, y, shift, scale):
+    """x and y as (rows, C) with unit column stride; the per-sample vectors with unit stride (copies only where
+    a strided view cannot be read as rows)."""
+    vec = lambda t: _triton.vec_rows(t) if t is not None else None  # noqa: E731
+    return _triton.rows_2d(x), vec(gate), _triton.rows_2d(y) if gate is not None else None, vec(shift), vec(scale)
+
+
+def _bwd_buffers(xin, gate, y, weight, bias, has_shift, scale):
+    """dx, dy and the fp32 partial sums (weight, bias, shift, scale, gate), one (B, chunks, C) slab each, plus
+    (rows, C, N, B, R, chunks): R rows per program of the backward, `chunks` programs per sample."""
+    rows, C, N, B = _geometry(xin, gate is not None or has_shift or scale is not None)
+    dx = torch.empty(xin.shape, dtype=xin.dtype, device=xin.device)
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if gate is not None else _empty(xin)
+    R = max(1, min(ROWS_PER_PROGRAM, N))
+    chunks = triton.cdiv(N, R) if N else 0
+    part = lambda on: torch.empty((B, chunks, C) if on else (0,), dtype=torch.float32, device=xin.device)  # noqa
+    partials = (part(weight is not None), part(bias is not None), part(has_shift), part(scale is not None),
+                part(gate is not None))
+    return dx, dy, partials, (rows, C, N, B, R, chunks)
+
+
+def _bwd_inputs(dout, dh, xin, gate, y, scale):
+    """The backward's row views; dout/dh/xin contiguous because the kernels index them as dense rows."""
+    return (_triton.rows_2d(dout).contiguous(), _triton.rows_2d(dh).contiguous() if dh is not None else None,
+            _triton.rows_2d(xin).contiguous(), _triton.vec_rows(gate) if gate is not None else None,
+            _triton.rows_2d(y) if gate is not None else None,
+            _triton.vec_rows(scale) if scale is not None else None)
+
+
+def _bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C):
+    """Sum each program's fp32 partials (in fp32, then one rounding to the parameter's dtype)."""
+    pw, pb, psh, psc, pg = partials
+
+    def reduce(p, like, dims):
+        return p.sum(dims).to(like.dtype) if like is not None and p.numel() else (
+            torch.zeros_like(like) if like is not None else _empty(xin))
+    dshift = psh.sum(1).to(dout.dtype) if has_shift and psh.numel() else (
+        xin.new_zeros((B, C), dtype=dout.dtype) if has_shift else _empty(xin))
+    return reduce(pg, gate, 1), reduce(pw, weight, (0, 1)), reduce(pb, bias, (0, 1)), dshift, reduce(psc, scale, 1)
+
+
+# ----------------------------------------------------------------------------- launchers (one per backend)
+
+def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms):
+    """Returns (h, out, mean, rstd)."""
+    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms)
     if rows == 0:
         return h, out, mean, rstd
-    x2 = _triton.rows_2d(x)
-    y2 = _triton.rows_2d(y) if has_res else None
-    vecs = [_triton.vec_rows(t) if t is not None else None for t in (gate, shift, scale)]
-    if backend == "cuda":
-        from . import cuda_ext
-        cuda_ext.norm_fwd(x2, vecs[0], y2, weight, bias, vecs[1], vecs[2], h, out, mean, rstd, N, eps, rms)
-        return h, out, mean, rstd
-    g, sh, sc = vecs
+    x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
     BLOCK_C = _triton.block_size(C)
-    dummy = x2
+    dummy = x2  # pointer for an absent input: never read (its HAS_* flag is off)
     _norm_fwd_kernel[(rows,)](
-        x2, x2.stride(0), g if has_res else dummy, g.stride(0) if has_res else 0, y2 if has_res else dummy,
-        y2.stride(0) if has_res else 0, weight if weight is not None else dummy,
-        bias if bias is not None else dummy, sh if sh is not None else dummy,
-        sh.stride(0) if sh is not None else 0, sc if sc is not None else dummy,
-        sc.stride(0) if sc is not None else 0, h if has_res else out, out, mean if not rms else rstd, rstd,
+        x2, x2.stride(0), g if g is not None else dummy, g.stride(0) if g is not None else 0,
+        y2 if y2 is not None else dummy, y2.stride(0) if y2 is not None else 0,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        sh if sh is not None else dummy, sh.stride(0) if sh is not None else 0,
+        sc if sc is not None else dummy, sc.stride(0) if sc is not None else 0,
+        h if g is not None else out, out, mean if not rms else rstd, rstd,
         N, C, eps,
-        HAS_RES=has_res, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
         HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, BLOCK_C=BLOCK_C,
         num_warps=_triton.row_warps(BLOCK_C))
     return h, out, mean, rstd
 
+
+def _fwd_cuda(x, gate, y, weight, bias, shift, scale, eps, rms):
+    """Returns (h, out, mean, rstd), computed by the CUDA extension."""
+    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms)
+    if rows:
+        x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
+        cuda_ext.norm_fwd(x2, g, y2, weight, bias, sh, sc, h, out, mean, rstd, N, eps, rms)
+    return h, out, mean, rstd
+
+
+def _bwd_triton(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
+    """Returns (dx, dy, dgate, dweight, dbias, dshift, dscale); grads of absent inputs are empty.
+    xin is h (with a residual) or x; dx is the grad of h/x in xin's dtype."""
+    dx, dy, partials, (rows, C, N, B, R, chunks) = _bwd_buffers(xin, gate, y, weight, bias, has_shift, scale)
+    if rows:
+        dout2, dh2, xin2, g, y2, sc = _bwd_inputs(dout, dh, xin, gate, y, scale)
+        pw, pb, psh, psc, pg = partials
+        BLOCK_C = _triton.block_size(C)
+        d = dout2  # pointer for an absent input: never read
+        _norm_bwd_kernel[(B, chunks)](
+            dout2, dh2 if dh2 is not None else d, xin2, g if g is not None else d, g.stride(0) if g is not None else 0,
+            y2 if y2 is not None else d, y2.stride(0) if y2 is not None else 0, weight if weight is not None else d,
+            bias if bias is not None else d, sc if sc is not None else d, sc.stride(0) if sc is not None else 0,
+            mean if not rms else rstd, rstd, dx, dy if g is not None else dx, pw, pb, psh, psc, pg,
+            N, C, R,
+            HAS_RES=g is not None, HAS_DH=dh is not None, IS_RMS=rms, HAS_W=weight is not None,
+            HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_C=BLOCK_C,
+            num_warps=_triton.row_warps(BLOCK_C))
+    return (dx, dy, *_bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C))
+
+
+def _bwd_cuda(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
+    """_bwd_triton's contract, computed by the CUDA extension."""
+    dx, dy, partials, (rows, C, N, B, R, _) = _bwd_buffers(xin, gate, y, weight, bias, has_shift, scale)
+    if rows:
+        dout2, dh2, xin2, g, y2, sc = _bwd_inputs(dout, dh, xin, gate, y, scale)
+        cuda_ext.norm_bwd(dout2, dh2, xin2, g, y2, weight, bias, sc, mean, rstd, dx, dy, *partials, N, R, rms,
+                          has_shift)
+    return (dx, dy, *_bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C))
+
+
+# ----------------------------------------------------------------------------- custom ops (fake + autograd)
 
 def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms):
     rows = x.numel() // x.shape[-1]
@@ -196,54 +285,6 @@ def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms):
     h = x.new_empty(x.shape, dtype=h_dtype) if gate is not None else x.new_empty(0)
     mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
     return h, x.new_empty(x.shape, dtype=out_dtype), mean, x.new_empty(rows, dtype=torch.float32)
-
-
-def _bwd_impl(backend, dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
-    """Returns (dx, dy, dgate, dweight, dbias, dshift, dscale); grads of absent inputs are empty.
-    xin is h (with a residual) or x; dx is the grad of h/x in xin's dtype."""
-    per_sample = gate is not None or has_shift or scale is not None
-    rows, C, N, B = _geometry(xin, per_sample)
-    has_res = gate is not None
-    dx = torch.empty(xin.shape, dtype=xin.dtype, device=xin.device)
-    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if has_res else _empty(xin)
-    R = max(1, min(ROWS_PER_PROGRAM, N))
-    chunks = triton.cdiv(N, R) if N else 0
-    part = lambda on: torch.empty((B, chunks, C) if on else (0,), dtype=torch.float32, device=xin.device)  # noqa
-    pw, pb, psh, psc, pg = (part(weight is not None), part(bias is not None), part(has_shift),
-                            part(scale is not None), part(has_res))
-    if rows:
-        dout2 = _triton.rows_2d(dout).contiguous()
-        dh2 = _triton.rows_2d(dh).contiguous() if dh is not None else None
-        xin2 = _triton.rows_2d(xin).contiguous()
-        y2 = _triton.rows_2d(y) if has_res else None
-        g = _triton.vec_rows(gate) if has_res else None
-        sc = _triton.vec_rows(scale) if scale is not None else None
-        if backend == "cuda":
-            from . import cuda_ext
-            cuda_ext.norm_bwd(dout2, dh2, xin2, g, y2, weight, bias, sc, mean, rstd, dx, dy, pw, pb, psh, psc, pg,
-                              N, R, rms, has_shift)
-        else:
-            BLOCK_C = _triton.block_size(C)
-            d = dout2
-            _norm_bwd_kernel[(B, chunks)](
-                dout2, dh2 if dh2 is not None else d, xin2, g if has_res else d, g.stride(0) if has_res else 0,
-                y2 if has_res else d, y2.stride(0) if has_res else 0, weight if weight is not None else d,
-                bias if bias is not None else d, sc if sc is not None else d, sc.stride(0) if sc is not None else 0,
-                mean if not rms else rstd, rstd, dx, dy if has_res else dx, pw, pb, psh, psc, pg,
-                N, C, R,
-                HAS_RES=has_res, HAS_DH=dh is not None, IS_RMS=rms, HAS_W=weight is not None,
-                HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_C=BLOCK_C,
-                num_warps=_triton.row_warps(BLOCK_C))
-    def reduce(p, like, dims):  # noqa: E306
-        return p.sum(dims).to(like.dtype) if like is not None and p.numel() else (
-            torch.zeros_like(like) if like is not None else _empty(xin))
-    dgate = reduce(pg, gate, 1)
-    dweight = reduce(pw, weight, (0, 1))
-    dbias = reduce(pb, bias, (0, 1))
-    dshift = psh.sum(1).to(dout.dtype) if has_shift and psh.numel() else (
-        xin.new_zeros((B, C), dtype=dout.dtype) if has_shift else _empty(xin))
-    dscale = reduce(psc, scale, 1)
-    return dx, dy, dgate, dweight, dbias, dshift, dscale
 
 
 def _bwd_fake(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
@@ -259,27 +300,28 @@ def _bwd_fake(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd
 def _setup(ctx, inputs, output):
     x, gate, y, weight, bias, shift, scale, eps, rms = inputs
     h, out, mean, rstd = output
-    xin = h if gate is not None else x
+    xin = h if gate is not None else x  # the backward recomputes the normalised row from the stored h
     ctx.save_for_backward(xin, gate, y, weight, bias, scale, mean, rstd)
     ctx.rms, ctx.has_shift = rms, shift is not None
     ctx.dtypes = (x.dtype, None if shift is None else shift.dtype)
 
 
-def _register(backend):
-    """The custom ops `vavae::norm_fwd_<backend>` / `vavae::norm_bwd_<backend>` (fake + autograd)."""
+def _custom_ops(suffix: str, fwd_launcher: Callable, bwd_launcher: Callable):
+    """Register `vavae::norm_fwd_<suffix>` / `vavae::norm_bwd_<suffix>` around one backend's two launchers, with
+    their fake impls and the autograd formula (the forward op's backward calls this backend's backward op)."""
 
-    @torch.library.custom_op(f"vavae::norm_fwd_{backend}", mutates_args=())
+    @torch.library.custom_op(f"vavae::norm_fwd_{suffix}", mutates_args=())
     def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
                  rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _fwd_impl(backend, x, gate, y, weight, bias, shift, scale, eps, rms)
+        return fwd_launcher(x, gate, y, weight, bias, shift, scale, eps, rms)
 
-    @torch.library.custom_op(f"vavae::norm_bwd_{backend}", mutates_args=())
+    @torch.library.custom_op(f"vavae::norm_bwd_{suffix}", mutates_args=())
     def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Tensor], y: Optional[Tensor],
                  weight: Optional[Tensor], bias: Optional[Tensor], has_shift: bool, scale: Optional[Tensor],
                  mean: Tensor, rstd: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                  Tensor]:
-        return _bwd_impl(backend, dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms)
+        return bwd_launcher(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms)
 
     norm_fwd.register_fake(_fwd_fake)
     norm_bwd.register_fake(_bwd_fake)
@@ -303,39 +345,82 @@ def _register(backend):
     return norm_fwd
 
 
-norm_fwd_triton = _register("triton")
-norm_fwd_cuda = _register("cuda")
+norm_fwd_triton = _custom_ops("triton", _fwd_triton, _bwd_triton)
+norm_fwd_cuda = _custom_ops("cuda", _fwd_cuda, _bwd_cuda)
 
 
-# ----------------------------------------------------------------------------- the ops (kernels.ops signatures)
+# ----------------------------------------------------------------------------- the ops, one function per backend
 
-def _kind(kind):
+def _rms(kind: str) -> bool:
     if kind not in ("rms", "layer"):
         raise ValueError(f"unknown norm kind {kind!r} (expected 'rms' or 'layer')")
     return kind == "rms"
 
 
-def _ops(norm_fwd):
-    """The four kernels.ops entry points on one backend's custom op."""
+class NormOps:
+    """The four ops of this family on one backend's custom op (kernels.reference signatures). One instance per
+    backend (written once, so the backends cannot drift apart): `TRITON.rms_norm` is what
+    `resolve("rms_norm", x)` returns under the triton backend, `CUDA.rms_norm` under cuda."""
 
-    def rms_norm(x, weight, eps=1e-6):
-        return norm_fwd(x, None, None, weight, None, None, None, eps, True)[1]
+    def __init__(self, backend: str, norm_fwd: Callable) -> None:
+        self.backend, self._fwd = backend, norm_fwd
 
-    def layer_norm(x, weight=None, bias=None, eps=1e-6):
-        return norm_fwd(x, None, None, weight, bias, None, None, eps, False)[1]
+    def __repr__(self) -> str:
+        return f"fused_norm.NormOps({self.backend!r})"
 
-    def norm_modulate(x, weight, shift, scale, eps=1e-6, kind="rms"):
-        return norm_fwd(x, None, None, weight, None, shift, scale, eps, _kind(kind))[1]
+    def rms_norm(self, x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+        return self._fwd(x, None, None, weight, None, None, None, eps, True)[1]
 
-    def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps=1e-6, kind="rms"):
-        h, out, _, _ = norm_fwd(x, gate, y, weight, None, shift, scale, eps, _kind(kind))
+    def layer_norm(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-6) -> Tensor:
+        return self._fwd(x, None, None, weight, bias, None, None, eps, False)[1]
+
+    def norm_modulate(self, x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor,
+                      eps: float = 1e-6, kind: str = "rms") -> Tensor:
+        return self._fwd(x, None, None, weight, None, shift, scale, eps, _rms(kind))[1]
+
+    def gated_residual_norm_modulate(self, x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
+                                     shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
+                                     kind: str = "rms") -> tuple[Tensor, Tensor]:
+        h, out, _, _ = self._fwd(x, gate, y, weight, None, shift, scale, eps, _rms(kind))
         return h, out
 
-    return {"rms_norm": rms_norm, "layer_norm": layer_norm, "norm_modulate": norm_modulate,
-            "gated_residual_norm_modulate": gated_residual_norm_modulate}
+
+TRITON, CUDA = NormOps("triton", norm_fwd_triton), NormOps("cuda", norm_fwd_cuda)
 
 
-IMPLS = {"triton": _ops(norm_fwd_triton), "cuda": _ops(norm_fwd_cuda)}
-# The Triton versions under their op names (tests and benchmarks call them directly).
-rms_norm, layer_norm, norm_modulate, gated_residual_norm_modulate = (
-    IMPLS["triton"][k] for k in ("rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate"))
+# ----------------------------------------------------------------------------- declarations
+
+def _bench(op: str) -> BenchFactory:
+    def case(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+        r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+        RC = s.rows * s.C * dtype.itemsize  # bytes of one (B, N, C) activation
+        x, y, w, mod = r(s.B, s.N, s.C), r(s.B, s.N, s.C), r(s.C), r(s.B, 6 * s.C)
+        # shift/scale/gate are strided chunks of the adaLN output, as in the model
+        sh, sc, g = (lambda m: m[:, :s.C]), (lambda m: m[:, s.C:2 * s.C]), (lambda m: m[:, 2 * s.C:3 * s.C])
+        size = {"B": s.B, "N": s.N, "C": s.C}
+        if op == "rms_norm":
+            return BenchCase([x, w], lambda f, x, w: f(x, w, 1e-6), 2 * RC, 3 * RC, shape=size)
+        if op == "layer_norm":  # the qk-norm's LayerNorm, affine
+            return BenchCase([x, w, r(s.C)], lambda f, x, w, b: f(x, w, b, 1e-6), 2 * RC, 3 * RC, shape=size)
+        if op == "norm_modulate":
+            return BenchCase([x, w, mod], lambda f, x, w, m: f(x, w, sh(m), sc(m), 1e-6, "rms"), 2 * RC, 3 * RC,
+                             shape=size)
+        return BenchCase([x, y, w, mod], lambda f, x, y, w, m: f(x, g(m), y, w, sh(m), sc(m), 1e-6, "rms"),
+                         4 * RC, 6 * RC, shape=size)
+    return case
+
+
+# compiled_prefers_reference: inductor's fusion of the reference was faster than these kernels fwd+bwd at XL/1
+# batch-256 shapes on an H200 (bench/results/2026-11-26_h200.md, GB/s): rms_norm 1192 vs 766, norm_modulate 621
+# vs 569, gated_residual_norm_modulate 1675 vs 1221 (layer_norm: the same kernel as rms_norm)
+for _name, _doc in (
+        ("rms_norm", "RMSNorm: fp32 statistics, weight"),
+        ("layer_norm", "LayerNorm: fp32 statistics, weight and bias"),
+        ("norm_modulate", "norm + x*(1+scale)+shift (per-sample, broadcast over tokens; shift=None: wo_shift); "
+                          "bwd reduces dweight/dshift/dscale"),
+        ("gated_residual_norm_modulate", "h = x + gate*y; out = modulate(norm(h)), returns (h, out); bwd adds the "
+                                         "grad of h, writes dx, dy, reduces dgate")):
+    register(Op(name=_name, reference=getattr(reference, _name), doc=_doc, bench=_bench(_name),
+                impls={"triton": getattr(TRITON, _name), "cuda": getattr(CUDA, _name)},
+                compiled_prefers_reference=True))

@@ -6,8 +6,9 @@ dgate = sum over tokens of dout * y in fp32 partial sums; dx is dout itself.
 import torch
 from torch import Tensor
 
-from . import _triton
+from . import _triton, reference
 from ._triton import tl, triton
+from .registry import BenchCase, BenchShape, Op, register
 
 ROWS_PER_PROGRAM = 32
 
@@ -107,8 +108,21 @@ def _backward(ctx, dout):
 gated_residual_op.register_autograd(_backward, setup_context=_setup)
 
 
-def gated_residual(x, gate, y):
+def gated_residual_triton(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return gated_residual_op(x, gate, y)
 
 
-IMPLS = {"triton": {"gated_residual": gated_residual}}  # this op's implementation per kernels backend
+def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    RC = s.rows * s.C * dtype.itemsize
+    # the gate is a strided chunk of the adaLN output, as in the model
+    return BenchCase([r(s.B, s.N, s.C), r(s.B, s.N, s.C), r(s.B, 6 * s.C)],
+                     lambda f, x, y, m: f(x, m[:, 2 * s.C:3 * s.C], y), 3 * RC, 3 * RC,
+                     shape={"B": s.B, "N": s.N, "C": s.C})
+
+
+# compiled_prefers_reference: inductor fuses the reference into its neighbours; alone it measured 1888 GB/s fwd+bwd
+# against this kernel's 991 at XL/1 on an H200 (bench/results/2026-11-26_h200.md)
+register(Op(name="gated_residual", reference=reference.gated_residual, impls={"triton": gated_residual_triton},
+            bench=_bench, doc="x + gate*y (gate per sample); bwd writes dy and reduces dgate",
+            compiled_prefers_reference=True))

@@ -4,9 +4,10 @@ packs [Wa; Wb] (2H, K) as in the reference's `w12` Linear.
 Unfused, the w12 GEMM writes the (rows, 2H) product and the SwiGLU pass reads it back and writes (rows, H):
 at XL/1 (K 1152, H 3072) that is 3x the bytes of the result, per block and step. Here each program computes
 the matching (BLOCK_M, BLOCK_N) tiles of both halves in two fp32 accumulators and writes only the SwiGLU,
-computed in fp32 and rounded once. It is meant for inference (the Sampler's `fused_mlp`); its backward
-recomputes the product with cuBLAS, so training gains nothing from it. Block sizes are autotuned per
-(rows, H, K) on the GPU. Reference: `linear_swiglu_reference` (F.linear then kernels.reference.swiglu).
+computed in fp32 and rounded once. It is meant for inference (the Sampler's `fused_mlp`, which swaps the model's
+MLPs for modeling.fused_mlp.FusedSwiGLUFFN); its backward recomputes the product with cuBLAS, so training gains
+nothing from it. Block sizes are autotuned per (rows, H, K) on the GPU. Reference: `kernels.reference.linear_swiglu`
+(F.linear then swiglu). Declared at the bottom as the op "linear_swiglu".
 """
 from typing import Optional
 
@@ -16,10 +17,7 @@ from torch import Tensor
 
 from . import _triton, reference
 from ._triton import tl, triton
-
-
-def linear_swiglu_reference(x, w12, b12=None):
-    return reference.swiglu(F.linear(x, w12, b12))
+from .registry import BenchCase, BenchShape, Op, register
 
 
 @triton.jit
@@ -146,29 +144,25 @@ def _backward(ctx, dout):
 linear_swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def linear_swiglu(x, w12, b12=None):
+def linear_swiglu_triton(x: Tensor, w12: Tensor, b12: Optional[Tensor] = None) -> Tensor:
     return linear_swiglu_op(x, w12, b12)
 
 
-class FusedSwiGLUFFN(torch.nn.Module):
-    """A SwiGLU MLP (`w3(swiglu(w12(x)))`) whose w12 + SwiGLU run as linear_swiglu. Holds the original w12 and w3
-    Linear modules, so parameter names and values are unchanged."""
+def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # the sampler's MLP front half at XL/1 rows (a guided step of batch 128, or 256 unguided). The backward is
+    # timed too: it shows what training would pay (the cuBLAS recompute), not a kernel of ours
+    r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    x, b = r(s.rows, s.C), r(2 * s.F)
+    w = (torch.randn(2 * s.F, s.C, device=device) / s.C ** 0.5).to(dtype).requires_grad_()  # products of unit scale
+    e = dtype.itemsize
+    fwd = (s.rows * s.C + 2 * s.F * s.C + 2 * s.F + s.rows * s.F) * e  # read x, W, b; write the SwiGLU
+    bwd = (s.rows * s.F + 2 * s.rows * s.C + 4 * s.F * s.C + 2 * s.F) * e  # read dout, x, W; write dx, dW, db
+    flops = 2 * s.rows * s.C * 2 * s.F
+    # backward: the recomputed product, then dx and dW
+    return BenchCase([x, w, b], lambda f, x, w, b: f(x, w, b), fwd, bwd, fwd_flops=flops, bwd_flops=3 * flops,
+                     shape={"rows": s.rows, "K": s.C, "H": s.F})
 
-    def __init__(self, mlp):
-        super().__init__()
-        self.w12, self.w3 = mlp.w12, mlp.w3
 
-    def forward(self, x):
-        return self.w3(linear_swiglu(x, self.w12.weight, self.w12.bias))
-
-
-def fuse_swiglu_mlps(model):
-    """Replace (in place) every submodule with Linear children `w12` and `w3` (LightningDiT's SwiGLUFFN) by a
-    FusedSwiGLUFFN; returns how many were replaced."""
-    swaps = [(name, m) for name, m in model.named_modules()
-             if isinstance(getattr(m, "w12", None), torch.nn.Linear) and isinstance(getattr(m, "w3", None),
-                                                                                   torch.nn.Linear)]
-    for name, m in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, FusedSwiGLUFFN(m))
-    return len(swaps)
+register(Op(name="linear_swiglu", reference=reference.linear_swiglu, impls={"triton": linear_swiglu_triton},
+            bench=_bench, doc="silu(x Wa^T + ba) * (x Wb^T + bb): the w12 GEMM with SwiGLU in its epilogue, "
+                              "for inference (bwd recomputes with cuBLAS)"))

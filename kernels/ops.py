@@ -1,41 +1,12 @@
-"""The ops the models call. Each op calls the function that kernels.backend resolves for its input.
+"""The ops the models call: `kernels.ops.<name>(...)` for every op registered in kernels.registry.
 
-Signatures here are the contract: every backend implements the same function.
+This module's op functions are not written here: `kernels.registry.register(Op(...))` installs each op's
+dispatcher under its name when the op's module is imported (kernels/__init__.py imports them all). A dispatcher
+has its reference's signature and calls `kernels.registry.resolve(name, first argument)(*args)`.
+`sorted(kernels.registry.registered())` lists them; docs/kernels.md has the table.
 """
 from . import reference
-from .backend import resolve
 
+__all__ = ["modulate"]  # register() appends each op's name
 
-def rms_norm(x, weight, eps: float = 1e-6):
-    return resolve("rms_norm", x)(x, weight, eps)
-
-
-def layer_norm(x, weight=None, bias=None, eps: float = 1e-6):
-    return resolve("layer_norm", x)(x, weight, bias, eps)
-
-
-def norm_modulate(x, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
-    return resolve("norm_modulate", x)(x, weight, shift, scale, eps, kind)
-
-
-def gated_residual(x, gate, y):
-    return resolve("gated_residual", x)(x, gate, y)
-
-
-def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
-    return resolve("gated_residual_norm_modulate", x)(x, gate, y, weight, shift, scale, eps, kind)
-
-
-def swiglu(x12):
-    return resolve("swiglu", x12)(x12)
-
-
-def rope_qk(q, k, cos, sin):
-    return resolve("rope_qk", q)(q, k, cos, sin)
-
-
-def attention(q, k, v):
-    return resolve("attention", q)(q, k, v)
-
-
-modulate = reference.modulate  # plain broadcast arithmetic; compile fuses it
+modulate = reference.modulate  # plain broadcast arithmetic, not an op: compile fuses it into its neighbours

@@ -1,25 +1,31 @@
-"""Plain PyTorch references for every op in `kernels.ops`.
+"""Plain PyTorch references for the model's ops in `kernels.ops`.
 
 These are the semantics of the authors' code, written the way the authors wrote them, so that the
 fp32 parity fixtures reproduce bit-for-bit-close. Fused backends are tested against these (and
-against float64 versions of these) in tests/.
+against float64 versions of these) in tests/. Each op module's declaration (kernels.registry.Op) points
+at its reference here: one file that reads as the model's math, top to bottom, and is what the
+`reference` backend runs and inductor compiles.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
-def rms_norm(x, weight, eps: float = 1e-6):
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
     # Reference RMSNorm: statistics in (at least) fp32, cast back, then the learnable weight.
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 stats; float64 stays float64
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out * weight if weight is not None else out
 
 
-def layer_norm(x, weight=None, bias=None, eps: float = 1e-6):
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-6) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def norm(x, weight, eps: float, kind: str):
+def norm(x: Tensor, weight: Optional[Tensor], eps: float, kind: str) -> Tensor:
     if kind == "rms":
         return rms_norm(x, weight, eps)
     if kind == "layer":
@@ -27,40 +33,48 @@ def norm(x, weight, eps: float, kind: str):
     raise ValueError(f"unknown norm kind {kind!r} (expected 'rms' or 'layer')")
 
 
-def modulate(x, shift, scale):
+def modulate(x: Tensor, shift: Optional[Tensor], scale: Tensor) -> Tensor:
     # x: (B, N, C); shift/scale: (B, C) broadcast over tokens; shift may be None (wo_shift).
     out = x * (1 + scale.unsqueeze(1))
     return out + shift.unsqueeze(1) if shift is not None else out
 
 
-def norm_modulate(x, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
+def norm_modulate(x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
+                  kind: str = "rms") -> Tensor:
     return modulate(norm(x, weight, eps, kind), shift, scale)
 
 
-def gated_residual(x, gate, y):
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return x + gate.unsqueeze(1) * y
 
 
-def gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps: float = 1e-6, kind: str = "rms"):
+def gated_residual_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
+                                 shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
+                                 kind: str = "rms") -> tuple[Tensor, Tensor]:
     """h = x + gate*y; out = modulate(norm(h)). Returns (h, out): the op that joins two block halves."""
     h = gated_residual(x, gate, y)
     return h, norm_modulate(h, weight, shift, scale, eps, kind)
 
 
-def swiglu(x12):
+def swiglu(x12: Tensor) -> Tensor:
     # Packed w12 output: first half is the gate input (silu), second half the value.
     a, b = x12.chunk(2, dim=-1)
     return F.silu(a) * b
 
 
-def rotate_half(x):
+def linear_swiglu(x: Tensor, w12: Tensor, b12: Optional[Tensor] = None) -> Tensor:
+    # The SwiGLU MLP's first half as the model runs it unfused: the w12 Linear, then swiglu.
+    return swiglu(F.linear(x, w12, b12))
+
+
+def rotate_half(x: Tensor) -> Tensor:
     # Adjacent pairs (2i, 2i+1) -> (-x[2i+1], x[2i]) as in the reference (EVA) RoPE.
     x = x.unflatten(-1, (-1, 2))
     x1, x2 = x.unbind(-1)
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-def rope(x, cos, sin):
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x: (B, H, N, D); cos/sin: (N, D).
     return x * cos + rotate_half(x) * sin
 
@@ -72,18 +86,18 @@ class _RoPE(torch.autograd.Function):
     inductor fused poorly (RoPE fwd+bwd 551 GB/s compiled on an H200, against 3766 forward only)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
         return rope(x, cos, sin).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         return (g * cos - rotate_half(g * sin)).to(ctx.x_dtype), None, None
 
 
-def rope_qk(q, k, cos, sin):
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     # Results in q's dtype, as the fused kernels give them. The authors' formula promotes bf16 q/k (under autocast)
     # to the fp32 tables' dtype and SDPA's autocast then rounds them to bf16: the same values reach attention
     # either way, but fp32 q/k are twice the bytes, and inside a torch.compile trace they hide the dtype attention
@@ -93,6 +107,6 @@ def rope_qk(q, k, cos, sin):
     return rope(q, cos, sin).to(q.dtype), rope(k, cos, sin).to(k.dtype)
 
 
-def attention(q, k, v):
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # (B, H, N, D) layout, no mask, default scale 1/sqrt(D).
     return F.scaled_dot_product_attention(q, k, v)

@@ -8,11 +8,14 @@ The backward applies the transposed rotation (TRANSPOSE=True). Outputs are conti
 (the value attention consumes; the reference promotes to the tables' dtype and SDPA casts it back).
 Reference: `kernels.reference.rope_qk`. head_dim 72 (XL) and 64 both run; D must be even.
 """
+import math
+
 import torch
 from torch import Tensor
 
-from . import _triton
+from . import _triton, reference
 from ._triton import tl, triton
+from .registry import BenchCase, BenchShape, Op, register
 
 BLOCK_N = 32  # tokens per program
 
@@ -104,8 +107,23 @@ def _backward(ctx, dq, dk):
 rope_qk_op.register_autograd(_backward, setup_context=_setup)
 
 
-def rope_qk(q, k, cos, sin):
+def rope_qk_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return rope_qk_op(q, k, cos, sin, False)
 
 
-IMPLS = {"triton": {"rope_qk": rope_qk}}  # this op's implementation per kernels backend
+def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # q, k: strided views of one (B, N, 3, H, D) qkv, as the model's Attention makes them
+    qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=device, dtype=dtype, requires_grad=True)
+    # tables of the reference's layout (pairs (2i, 2i+1) share an angle); their values do not change the timing
+    angle = torch.rand(s.N, s.D // 2, device=device).repeat_interleave(2, dim=-1) * 2 * math.pi
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    QK = 2 * s.B * s.H * s.N * s.D * dtype.itemsize
+    return BenchCase([qkv], lambda f, t: f(*t.permute(2, 0, 3, 1, 4).unbind(0)[:2], cos, sin), 2 * QK, 2 * QK,
+                     shape={"B": s.B, "H": s.H, "N": s.N, "D": s.D})
+
+
+# compiled_prefers_reference: inductor's fusion of the reference (its backward written out, kernels/reference.py)
+# measured 551 GB/s fwd+bwd against this kernel's 358 at XL/1 on an H200 (bench/results/2026-11-26_h200.md)
+register(Op(name="rope_qk", reference=reference.rope_qk, impls={"triton": rope_qk_triton}, bench=_bench,
+            doc="RoPE on q and k in one launch, reading the strided qkv views (reference pair layout)",
+            compiled_prefers_reference=True))

@@ -293,12 +293,12 @@ class Sampler:
         elif compile != "none" or fused_mlp:
             model = _shared_copy(model)  # change a copy: the caller's model object stays as it was
         if fused_mlp:
-            from kernels.backend import triton_status
-            ok, reason = triton_status(torch.empty(0, device=self.device))
-            if not ok:
-                raise SamplerUnavailable(f"fused_mlp needs the Triton kernels: {reason}")
-            from kernels.linear_swiglu import fuse_swiglu_mlps
-            if not fuse_swiglu_mlps(model):
+            from .fused_mlp import fuse_swiglu_mlps
+            try:
+                swapped = fuse_swiglu_mlps(model, self.device)
+            except kernels.BackendUnavailable as e:
+                raise SamplerUnavailable(f"fused_mlp needs the Triton kernels: {e}") from None
+            if not swapped:
                 raise SamplerUnavailable("fused_mlp: this model has no SwiGLU MLP (use_swiglu=False)")
         if precision == "fp8":
             from .fp8 import FP8Unavailable, apply_fp8, apply_fp8_inference, check_fp8, check_scaled_mm

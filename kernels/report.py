@@ -1,0 +1,18 @@
+"""`kernels.describe()`: what the kernels did in this process, for result records and logs."""
+from __future__ import annotations
+
+from . import attention, backend, cuda_ext, registry
+from ._triton import triton
+
+
+def describe() -> dict:
+    """{'requested': the backend asked for, 'ops': {op: what actually ran last}, 'registered': the declared ops,
+    'cuda_ext': 'built' or why not, 'triton': its version, 'attention_installed', 'attention_measured': the
+    timings behind attention's choice}."""
+    return {"requested": backend.get_backend(), "ops": backend.ran(),
+            "registered": sorted(registry.registered()),
+            "cuda_ext": cuda_ext.status()[1] or "built",
+            "triton": triton.__version__ if triton is not None else "not installed",
+            "attention_installed": {k: ("installed" if v else "not installed")
+                                    for k, v in attention.installed().items()},
+            "attention_measured": attention.measurements()}
