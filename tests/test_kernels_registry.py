@@ -1,0 +1,177 @@
+"""The op registry: every declaration is complete, `kernels.ops` and the ops bench are derived from the
+declarations, resolve returns the function that runs, an explicit backend that cannot run raises, and the
+worked example of docs/kernels.md (a toy op) registers, runs, is benchmarked and unregisters."""
+import importlib.util
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import BackendUnavailable, ops, registry  # noqa: E402
+from kernels.registry import TINY, BenchCase, Op  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+MODEL_OPS = {"rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate", "gated_residual", "swiglu",
+             "rope_qk", "attention", "linear_swiglu"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    kernels.set_backend("auto")
+
+
+def _tensors(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def test_the_models_ops_are_registered():
+    assert set(registry.registered()) >= MODEL_OPS
+    assert set(kernels.describe()["registered"]) == set(registry.registered())
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_OPS))
+def test_every_declaration_is_complete(name):
+    """A reference, at least one backend implementation, a bench case that runs; kernels.ops.<name> has the
+    reference's signature; no implementation takes a backend name."""
+    op = registry.get(name)
+    assert callable(op.reference) and op.doc
+    assert op.impls and set(op.impls) <= set(registry.FUSED_BACKENDS)
+    ref_params = inspect.signature(op.reference).parameters
+    for backend, fn in op.impls.items():
+        params = inspect.signature(fn).parameters
+        assert "backend" not in params and list(params) == list(ref_params), (backend, list(params))
+    assert inspect.signature(getattr(ops, name)) == inspect.signature(op.reference)
+    assert name in ops.__all__
+    case = op.bench(TINY, "cpu", torch.float32)
+    assert isinstance(case, BenchCase) and case.fwd_bytes > 0 and case.inputs
+    outs = _tensors(case.call(op.reference, *[t.detach() for t in case.inputs]))
+    assert outs and all(isinstance(o, torch.Tensor) and torch.isfinite(o).all() for o in outs)
+    assert registry.XL1.rows == 65536 and registry.XL1.C == 1152
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_OPS))
+def test_resolve_returns_a_plain_function_per_backend(name):
+    """Under each backend, resolve hands back the declared function itself (a plain function or a method of the
+    backend's op object), never the dispatcher, and records what runs."""
+    op = registry.get(name)
+    x = op.bench(TINY, DEV, torch.float32).inputs[0]
+    kernels.set_backend("reference")
+    assert registry.resolve(name, x) is op.reference
+    assert kernels.describe()["ops"][name] == "reference"
+    kernels.set_backend("triton")
+    fn = registry.resolve(name, x)
+    assert fn == op.impls["triton"] and (inspect.isfunction(fn) or inspect.ismethod(fn))
+    assert fn is not getattr(ops, name)
+    if not op.records_itself:
+        assert kernels.describe()["ops"][name] == "triton"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_OPS))
+def test_an_explicit_backend_that_cannot_run_raises(name, monkeypatch):
+    op = registry.get(name)
+    x = op.bench(TINY, "cpu", torch.float32).inputs[0]
+    kernels.set_backend("cuda")
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        registry.resolve(name, x)  # a CPU tensor (and no extension built here)
+    kernels.set_backend("triton")
+    monkeypatch.setattr("kernels._triton.interpreting", lambda: False)
+    if DEV == "cpu":
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            getattr(ops, name)(*op.bench(TINY, "cpu", torch.float32).inputs[:1])
+
+
+def test_declarations_are_checked_and_a_missing_backend_is_named():
+    ref = lambda x: x  # noqa: E731
+    bench = lambda s, d, t: BenchCase([torch.zeros(1)], lambda f, x: f(x), 1)  # noqa: E731
+    with pytest.raises(ValueError, match="identifier"):
+        Op(name="not-a-name", reference=ref, impls={"triton": ref}, bench=bench, doc="x")
+    with pytest.raises(ValueError, match="impls"):
+        Op(name="toy", reference=ref, impls={"cublas": ref}, bench=bench, doc="x")
+    with pytest.raises(ValueError, match="impls"):
+        Op(name="toy", reference=ref, impls={}, bench=bench, doc="x")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("swiglu"))
+    with pytest.raises(ValueError, match="shadow"):
+        registry.register(Op(name="modulate", reference=ref, impls={"cuda": ref}, bench=bench, doc="x"))
+    cuda_only = registry.register(Op(name="toy_cuda_only", reference=ref, impls={"cuda": ref}, bench=bench,
+                                     doc="an op with a CUDA kernel only"))
+    try:
+        kernels.set_backend("triton")
+        with pytest.raises(BackendUnavailable, match="toy_cuda_only has no Triton implementation"):
+            ops.toy_cuda_only(torch.zeros(1, device=DEV))
+        kernels.set_backend("auto")
+        assert ops.toy_cuda_only(torch.ones(1)) == 1 and kernels.describe()["ops"]["toy_cuda_only"] == "reference"
+    finally:
+        registry.unregister(cuda_only.name)
+    assert not hasattr(ops, "toy_cuda_only") and "toy_cuda_only" not in kernels.describe()["ops"]
+
+
+def _load_docs_example():
+    """The `kernels/scale_add.py` block of docs/kernels.md, imported as that module (its relative imports
+    resolve against the kernels package), which registers it."""
+    text = (REPO / "docs" / "kernels.md").read_text()
+    m = re.search(r"<!-- example: kernels/scale_add.py -->\n```python\n(.*?)```", text, re.S)
+    assert m, "docs/kernels.md lost its worked example"
+    return m.group(1)
+
+
+def test_the_docs_worked_example_adds_an_op(tmp_path):
+    from bench import ops_bench
+    path = tmp_path / "scale_add.py"
+    path.write_text(_load_docs_example())
+    assert "scale_add" not in registry.registered()
+    spec = importlib.util.spec_from_file_location("kernels.scale_add", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)  # its register(...) line runs
+        assert "scale_add" in registry.registered() and "scale_add" in ops.__all__
+        x, y = (torch.randn(3, 37, 40, device=DEV, dtype=torch.float32, requires_grad=True) for _ in range(2))
+        kernels.set_backend("triton")
+        assert kernels.resolve("scale_add", x) is module.scale_add_triton
+        out = ops.scale_add(x, y, 0.5)
+        assert kernels.describe()["ops"]["scale_add"] == "triton"
+        gx, gy = torch.autograd.grad(out.sum(), [x, y])
+        torch.testing.assert_close(out, module.scale_add_reference(x, y, 0.5))
+        torch.testing.assert_close(gy, torch.full_like(y, 0.5))
+        torch.testing.assert_close(gx, torch.ones_like(x))
+        torch.library.opcheck(module.scale_add_op, (x, y, 0.5))
+        kernels.set_backend("reference")
+        assert kernels.resolve("scale_add", x) is module.scale_add_reference
+        assert "scale_add" in ops_bench.cases(True, "cpu", torch.float32)
+        rows = ops_bench.run(smoke=True, dtype=torch.float32, names=["scale_add"])
+        assert set(rows) == {"scale_add"}
+        assert set(rows["scale_add"]) == {"reference", "compiled_reference", "triton"}
+        assert rows["scale_add"]["triton"]["ran"] == "triton", rows
+        assert rows["scale_add"]["triton"]["rel_err_vs_fp32"] < 1e-6 and rows["scale_add"]["triton"]["fwd_bwd_ms"] > 0
+        assert kernels.get_backend() == "reference"  # the bench restores the switch it found
+        assert "scale_add" in kernels.describe()["registered"]
+    finally:
+        if "scale_add" in registry.registered():
+            registry.unregister("scale_add")
+        sys.modules.pop(spec.name, None)
+    assert not hasattr(ops, "scale_add") and "scale_add" not in registry.registered()
+    assert "scale_add" not in ops_bench.cases(True, "cpu", torch.float32)
+    assert "scale_add" not in kernels.describe()["registered"]
+
+
+def test_dispatch_through_ops_is_one_hop_under_compile():
+    """kernels.ops.<name> traces with fullgraph=True (resolve is plain Python dynamo folds away) and gives the
+    reference's values."""
+    torch._dynamo.reset()
+    x, w = torch.randn(2, 5, 16, device=DEV), torch.randn(16, device=DEV)
+    kernels.set_backend("triton")
+    out = torch.compile(lambda x, w: ops.rms_norm(x, w, 1e-6), backend="eager", fullgraph=True)(x, w)
+    torch.testing.assert_close(out, kernels.reference.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    assert kernels.describe()["ops"]["rms_norm"] == "triton"
