@@ -59,12 +59,12 @@ def check(fused_fn, ref_fn, inputs, dtype):
 def test_norm_modulate(kind, B, N, C):
     x, w, mod = leaves(((B, N, C), torch.float32), ((C,), torch.float32), ((B, 6 * C), torch.float32))
     if kind == "layer":  # the model's LayerNorm has no affine
-        fn = lambda x, w, m: fused_norm.norm_modulate(x, None, m[:, :C], m[:, C:2 * C], 1e-6, kind)  # noqa
+        fn = lambda x, w, m: fused_norm.TRITON.norm_modulate(x, None, m[:, :C], m[:, C:2 * C], 1e-6, kind)  # noqa
         rf = lambda x, w, m: reference.norm_modulate(x, None, m[:, :C], m[:, C:2 * C], 1e-6, kind) + 0 * w.sum()  # noqa
         check(lambda x, m: fn(x, None, m), lambda x, m: rf(x, torch.zeros(1, dtype=x.dtype), m), [x, mod],
               torch.float32)
     else:  # shift/scale are strided chunks of the adaLN output, as in the model
-        check(lambda x, w, m: fused_norm.norm_modulate(x, w, m[:, :C], m[:, C:2 * C], 1e-6, kind),
+        check(lambda x, w, m: fused_norm.TRITON.norm_modulate(x, w, m[:, :C], m[:, C:2 * C], 1e-6, kind),
               lambda x, w, m: reference.norm_modulate(x, w, m[:, :C], m[:, C:2 * C], 1e-6, kind),
               [x, w, mod], torch.float32)
 
@@ -82,9 +82,9 @@ def test_gated_residual_norm_modulate(kind, wo_shift):
                                                  m[:, C:2 * C], 1e-6, kind)
     inputs = [x, y, w, mod] if kind == "rms" else [x, y, mod]
     if kind == "rms":
-        check(lambda *a: call(fused_norm, *a), lambda *a: call(reference, *a), inputs, torch.float32)
+        check(lambda *a: call(fused_norm.TRITON, *a), lambda *a: call(reference, *a), inputs, torch.float32)
     else:
-        check(lambda x, y, m: call(fused_norm, x, y, None, m), lambda x, y, m: call(reference, x, y, None, m),
+        check(lambda x, y, m: call(fused_norm.TRITON, x, y, None, m), lambda x, y, m: call(reference, x, y, None, m),
               inputs, torch.float32)
 
 
@@ -94,10 +94,10 @@ def test_norm_family_bf16_and_autocast_dtypes():
                           ((B, 6 * C), torch.bfloat16))
     call = lambda impl: lambda x, y, w, m: impl.gated_residual_norm_modulate(  # noqa: E731
         x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms")
-    check(call(fused_norm), call(reference), [x, y, w, mod], torch.bfloat16)
+    check(call(fused_norm.TRITON), call(reference), [x, y, w, mod], torch.bfloat16)
     # autocast's mix: fp32 residual stream and weight, bf16 branch output and adaLN vectors
     x32, w32 = (t.detach().float().requires_grad_() for t in (x, w))
-    h, out = fused_norm.gated_residual_norm_modulate(x32, mod[:, :C], y, w32, None, mod[:, C:2 * C])
+    h, out = fused_norm.TRITON.gated_residual_norm_modulate(x32, mod[:, :C], y, w32, None, mod[:, C:2 * C])
     rh, rout = reference.gated_residual_norm_modulate(x32, mod[:, :C], y, w32, None, mod[:, C:2 * C])
     assert h.dtype == rh.dtype == torch.float32 and out.dtype == rout.dtype
     assert rel_err(out, rout) < 1e-2
@@ -108,9 +108,9 @@ def test_rms_norm_and_qk_layer_norm_on_head_views():
     qkv = torch.randn(B, N, 3, H, D, device=DEV).requires_grad_()
     w, b = leaves(((D,), torch.float32), ((D,), torch.float32))
     q = lambda t: t.permute(2, 0, 3, 1, 4)[0]  # noqa: E731  (B, H, N, D) strided view, as in Attention
-    check(lambda t, w: fused_norm.rms_norm(q(t), w, 1e-6), lambda t, w: reference.rms_norm(q(t), w, 1e-6),
+    check(lambda t, w: fused_norm.TRITON.rms_norm(q(t), w, 1e-6), lambda t, w: reference.rms_norm(q(t), w, 1e-6),
           [qkv, w], torch.float32)
-    check(lambda t, w, b: fused_norm.layer_norm(q(t), w, b, 1e-5),
+    check(lambda t, w, b: fused_norm.TRITON.layer_norm(q(t), w, b, 1e-5),
           lambda t, w, b: reference.layer_norm(q(t), w, b, 1e-5), [qkv, w, b], torch.float32)
 
 
@@ -120,14 +120,14 @@ def test_rms_norm_and_qk_layer_norm_on_head_views():
 def test_gated_residual(dtype):
     B, N, C = 2, 37, 1152
     x, y, mod = leaves(((B, N, C), dtype), ((B, N, C), dtype), ((B, 6 * C), dtype))
-    check(lambda x, y, m: gated_residual.gated_residual(x, m[:, 5 * C:], y),
+    check(lambda x, y, m: gated_residual.gated_residual_triton(x, m[:, 5 * C:], y),
           lambda x, y, m: reference.gated_residual(x, m[:, 5 * C:], y), [x, y, mod], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu(dtype):
     (x12,) = leaves(((1, 37, 2 * 3072), dtype))  # XL/1: hidden int(2/3 * 4 * 1152) = 3072
-    check(swiglu.swiglu, reference.swiglu, [x12], dtype)
+    check(swiglu.swiglu_triton, reference.swiglu, [x12], dtype)
 
 
 @pytest.mark.parametrize("D", [72, 64])
@@ -140,7 +140,7 @@ def test_rope_qk(D, dtype):
     cos, sin = tables.freqs_cos[:N].to(DEV), tables.freqs_sin[:N].to(DEV)
     (qkv,) = leaves(((B, N, 3, H, D), dtype))
     split = lambda t: t.permute(2, 0, 3, 1, 4).unbind(0)[:2]  # noqa: E731  strided q, k views
-    check(lambda t: rope.rope_qk(*split(t), cos, sin),
+    check(lambda t: rope.rope_qk_triton(*split(t), cos, sin),
           lambda t: reference.rope_qk(*split(t), cos.double(), sin.double()), [qkv], dtype)
 
 
@@ -182,7 +182,7 @@ def test_linear_swiglu(rows, K, H, bias, dtype):
     w = (torch.randn(2 * H, K, device=DEV) / K ** 0.5).to(dtype).requires_grad_()
     b = torch.randn(2 * H, device=DEV, dtype=dtype, requires_grad=True) if bias else None
     inputs = [x, w] + ([b] if bias else [])
-    check(lambda *t: linear_swiglu.linear_swiglu(*t), lambda *t: linear_swiglu.linear_swiglu_reference(*t),
+    check(lambda *t: linear_swiglu.linear_swiglu_triton(*t), lambda *t: reference.linear_swiglu(*t),
           inputs, dtype)
 
 
@@ -190,7 +190,7 @@ def test_fused_swiglu_mlp_in_the_sampler():
     """The Sampler's fused_mlp swaps each SwiGLU MLP of its copy for the one-kernel version: same parameter names,
     samples equal to the unfused path's within fp32 summation order; the caller's model is untouched."""
     from modeling import LightningDiT
-    from modeling.sampling import Sampler
+    from modeling.sampling import Sampler, SamplingConfig
     torch.manual_seed(0)
     m = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=48, depth=2, num_heads=2,
                      num_classes=3).to(DEV).eval()
@@ -199,13 +199,34 @@ def test_fused_swiglu_mlp_in_the_sampler():
             p.add_(0.05 * torch.randn_like(p))
     z, y = torch.randn(3, 4, 4, 4, device=DEV), torch.tensor([0, 1, 2], device=DEV)
     kw = dict(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
-    fused = Sampler(m, fused_mlp=True, **kw)
+    fused = Sampler(m, SamplingConfig(fused_mlp=True, **kw))
     assert type(fused.model.blocks[0].mlp).__name__ == "FusedSwiGLUFFN" and fused.describe()["fused_mlp"]
     assert type(m.blocks[0].mlp).__name__ == "SwiGLUFFN"
     assert list(fused.model.state_dict()) == list(m.state_dict())
-    out, ref = fused(z, y), Sampler(m, **kw)(z, y)
+    out, ref = fused(z, y), Sampler(m, SamplingConfig(**kw))(z, y)
     assert not torch.equal(out, ref)  # the kernel really ran
+    assert kernels.describe()["ops"]["linear_swiglu"] == "triton"
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_swiglu_mlps_counts_and_reports_why_not(monkeypatch):
+    """modeling.fused_mlp.fuse_swiglu_mlps: the number of MLPs swapped, 0 for a model without SwiGLU MLPs, and
+    BackendUnavailable with the reason (before anything is swapped) where the Triton kernel cannot run."""
+    from modeling import LightningDiT
+    from modeling.fused_mlp import fuse_swiglu_mlps
+    from modeling.sampling import Sampler, SamplerUnavailable, SamplingConfig
+    cfg = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=48, depth=3, num_heads=2, num_classes=3)
+    assert fuse_swiglu_mlps(LightningDiT(**cfg, use_swiglu=False), DEV) == 0
+    m = LightningDiT(**cfg)
+    monkeypatch.setattr("kernels._triton.interpreting", lambda: False)
+    if DEV == "cpu":
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            fuse_swiglu_mlps(m, "cpu")
+        assert type(m.blocks[0].mlp).__name__ == "SwiGLUFFN"
+        with pytest.raises(SamplerUnavailable, match="fused_mlp needs the Triton kernels: .*TRITON_INTERPRET"):
+            Sampler(m, SamplingConfig(steps=3, fused_mlp=True))
+    monkeypatch.undo()
+    assert fuse_swiglu_mlps(m, DEV) == 3 and type(m.blocks[2].mlp).__name__ == "FusedSwiGLUFFN"
 
 
 # ----------------------------------------------------------------------------- backend switch
@@ -228,33 +249,47 @@ def test_backend_resolution_and_errors(monkeypatch):
 
 
 def test_resolve_returns_each_backends_function():
-    from kernels import backend, fused_norm, gated_residual, rope, swiglu
+    """resolve hands back the declared function itself (one per backend, none taking a backend name): the
+    dispatcher in kernels.ops is the only hop."""
+    from kernels import fused_norm, gated_residual, rope, swiglu
     x = torch.randn(1, 3, 8)
     kernels.set_backend("triton")
-    assert backend.resolve("rms_norm", x) is fused_norm.IMPLS["triton"]["rms_norm"]
-    assert backend.resolve("swiglu", x) is swiglu.swiglu and backend.resolve("rope_qk", x) is rope.rope_qk
-    assert backend.resolve("gated_residual", x) is gated_residual.gated_residual
+    assert kernels.resolve("rms_norm", x) == fused_norm.TRITON.rms_norm
+    assert kernels.resolve("swiglu", x) is swiglu.swiglu_triton and kernels.resolve("rope_qk", x) is rope.rope_qk_triton
+    assert kernels.resolve("gated_residual", x) is gated_residual.gated_residual_triton
+    assert kernels.resolve("linear_swiglu", x) is linear_swiglu.linear_swiglu_triton
     kernels.set_backend("reference")
-    assert backend.resolve("norm_modulate", x) is reference.norm_modulate
-    # every backend registers its own custom op (no backend string inside one op)
+    assert kernels.resolve("norm_modulate", x) is reference.norm_modulate
+    assert kernels.resolve("linear_swiglu", x) is reference.linear_swiglu
+    # every backend registers its own custom op around its own launcher
     assert hasattr(torch.ops.vavae, "norm_fwd_triton") and hasattr(torch.ops.vavae, "norm_fwd_cuda")
+    assert fused_norm.CUDA.rms_norm.__self__._fwd is fused_norm.norm_fwd_cuda
 
 
 def test_auto_policy_under_compile(monkeypatch):
-    """auto on a CUDA tensor: inside a torch.compile trace the reference for the ops inductor fuses faster
-    (reported as such), our kernel otherwise; outside a trace our kernels."""
+    """auto on a CUDA tensor: inside a torch.compile trace the reference for the ops declared
+    compiled_prefers_reference (reported as such), our kernel otherwise; outside a trace our kernels."""
     from types import SimpleNamespace
-    from kernels import backend
+
+    from kernels import backend, rope, swiglu
     cuda_like = SimpleNamespace(is_cuda=True, device="cuda:0")
+    kernels.set_backend("auto")
     monkeypatch.setattr(backend, "cuda_status", lambda x=None: (False, "not built"))
     monkeypatch.setattr("kernels._triton.runs_on", lambda x: True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert backend._auto("rope_qk", cuda_like) == ("reference", "reference (inductor)")
-    assert backend._auto("norm_modulate", cuda_like) == ("reference", "reference (inductor)")
-    assert backend._auto("swiglu", cuda_like) == ("triton", "triton")
+    assert kernels.resolve("rope_qk", cuda_like) is reference.rope_qk
+    assert kernels.describe()["ops"]["rope_qk"] == "reference (inductor)"
+    assert kernels.resolve("norm_modulate", cuda_like) is reference.norm_modulate
+    assert kernels.resolve("swiglu", cuda_like) is swiglu.swiglu_triton
+    assert kernels.registry.compiled_prefers_reference() == {
+        "rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate", "gated_residual", "rope_qk"}
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    assert backend._auto("rope_qk", cuda_like) == ("triton", "triton")
-    assert backend._auto("rope_qk", torch.randn(1)) == ("reference", "reference")  # CPU
+    assert kernels.resolve("rope_qk", cuda_like) is rope.rope_qk_triton
+    assert kernels.describe()["ops"]["rope_qk"] == "triton"
+    assert kernels.resolve("rope_qk", torch.randn(1)) is reference.rope_qk  # CPU
+    monkeypatch.setattr(backend, "cuda_status", lambda x=None: (True, ""))
+    assert kernels.resolve("rms_norm", cuda_like) == kernels.registry.get("rms_norm").impls["cuda"]
+    assert kernels.resolve("swiglu", cuda_like) is swiglu.swiglu_triton  # no CUDA kernel: Triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

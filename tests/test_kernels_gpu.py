@@ -119,7 +119,8 @@ def test_xl_block_train_step_fused_matches_reference(backend):
 def test_linear_swiglu_on_gpu(dtype):
     """The fused w12 GEMM + SwiGLU at XL/1's sizes (K 1152, H 3072; rows not a multiple of any tile) against
     float64, with the autotuned configurations the GPU picks."""
-    from kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
+    from kernels.linear_swiglu import linear_swiglu_triton as linear_swiglu
+    from kernels.reference import linear_swiglu as linear_swiglu_reference
     torch.manual_seed(0)
     x = torch.randn(2 * 256 + 7, 1152, device="cuda", dtype=dtype)
     w = (torch.randn(6144, 1152, device="cuda") / 1152 ** 0.5).to(dtype)
@@ -127,6 +128,22 @@ def test_linear_swiglu_on_gpu(dtype):
     out = linear_swiglu(x, w, b)
     ref = linear_swiglu_reference(x.double(), w.double(), b.double())
     assert out.dtype == dtype and rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.registry.registered()))
+def test_every_registered_op_on_gpu_through_kernels_ops(name):
+    """Each declared op's own bench case (tiny shapes, fp32) through kernels.ops under every fused backend it
+    declares, against its reference: what resolve hands the models on a GPU."""
+    op = kernels.registry.get(name)
+    case = op.bench(kernels.registry.TINY, "cuda", torch.float32)
+    ref = case.call(op.reference, *[t.detach().double() for t in case.inputs])
+    for backend in op.impls:
+        _need(backend)
+        out = case.call(getattr(ops, name), *case.inputs)
+        for o, r in zip(*((t if isinstance(t, tuple) else (t,)) for t in (out, ref))):
+            assert rel_err(o, r) < 1e-4, (name, backend)
+        if not op.records_itself:
+            assert kernels.describe()["ops"][name] == backend
 
 
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
