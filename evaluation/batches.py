@@ -39,6 +39,9 @@ def _open(path: PathLike, role: str) -> np.lib.npyio.NpzFile:
     try:
         z = np.load(p, allow_pickle=False)
     except _READ_ERRORS as e:
+        if "pickle" in str(e):  # numpy's message suggests loading it unsafely: we never do
+            raise BatchFileError(f"{role} {p}: not an npz archive (numpy would read it as a pickle, which is "
+                                 "never loaded)") from None
         raise BatchFileError(f"{role} {p}: not a readable npz archive ({one_line(e)})") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise BatchFileError(f"{role} {p}: a single .npy array, not an npz archive "
@@ -50,7 +53,10 @@ def _read(z: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
     try:
         return z[key]
     except _READ_ERRORS as e:  # a truncated member, a CRC error, an object (pickled) array
-        raise BatchFileError(f"{where}: {key} unreadable ({one_line(e)})") from None
+        if "allow_pickle" in str(e):
+            raise BatchFileError(f"{where}: {key} is an object (pickled) array, which is never loaded; expected "
+                                 "numbers") from None
+        raise BatchFileError(f"{where}: {key} unreadable, the file is truncated or corrupt ({one_line(e)})") from None
 
 
 def check_images(images: np.ndarray, where: str, min_images: int = 2, why: str = "FID statistics") -> np.ndarray:

@@ -50,7 +50,7 @@ def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[Pa
     ref_images, ref_stats = read_reference_batch(ref_npz) if "reference" in needs else (None, None)
     sample_images = read_image_batch(sample_npz, "sample batch")
     inputs = EvalInputs(images=sample_images, device=device, batch_size=batch_size, progress=log is not None,
-                        images_source=f"sample batch {sample_npz}")
+                        images_source=f"the images of sample batch {sample_npz}")
     if "labels" in needs:
         inputs.labels = read_batch_labels(sample_npz, len(sample_images))
     if "reference" in needs:  # refuse a size mismatch before any network runs
@@ -139,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{k}: {v}")
         if a.json:
             record = {**res, "metrics": [m.strip() for m in a.metrics.split(",") if m.strip()],
-                      "compared": comparison_record(a.ref_batch, a.sample_batch, a.inception),
+                      "compared": comparison_record(a.ref_batch, a.sample_batch,
+                                                    a.inception if res["inception_backend"] else None),
                       "device": a.device, "batch_size": a.batch_size}
             with open(a.json, "w") as f:
                 json.dump(record, f, indent=2)
