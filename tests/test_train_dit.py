@@ -61,8 +61,10 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint(tmp_path, zero_s
 def test_fp8_torchao_trains_and_export_loads(tmp_path):
     cfg = tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=torchao", "fp8.allow_cpu=true",
                    "train.steps=3", "train.zero_stage=2")
-    trainer = Trainer(cfg).fit()
-    assert trainer.step == 3 and trainer.guard.skipped_steps == 0 and "torchao" in trainer.fp8_desc
+    trainer = Trainer(cfg)
+    report = trainer.fit()
+    assert report["step"] == trainer.step == 3 and report["skipped_steps"] == 0 and "torchao" in trainer.fp8_desc
+    assert report["exports"]["reference"] == str(tmp_path / "final_reference.pt")
     model = LightningDiT(cfg.model.architecture())
     load_dit_checkpoint(str(tmp_path / "final_reference.pt"), model, weights="ema")
     ema = trainer.ema.state_dict()

@@ -69,7 +69,7 @@ def test_runs_resumes_bit_exact_and_exports(tmp_path):
     keys = [k for k in logs_a[3] if k not in ("time", "img_per_s", "eta_s", "peak_rss_gib")]
     assert [r["loss"] for r in logs_a] == [r["loss"] for r in logs_b]
     assert [[r.get(k) for k in keys] for r in logs_a[2:]] == [[r.get(k) for k in keys] for r in logs_b[2:]]
-    assert (tmp_path / "a" / "reconstructions.png").is_file() and full["psnr"] > 0
+    assert (tmp_path / "a" / "reconstructions.png").is_file() and full["eval"]["psnr"] > 0
 
 
 def test_zero_stages_train_the_same(tmp_path):
@@ -113,10 +113,9 @@ def test_skipped_step_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss",
                         lambda self, *a, **kw: (lambda r: (r[0] * float("nan"), r[1]))(orig(self, *a, **kw)))
     trainer = Trainer(tiny_cfg(tmp_path, **{"loss.disc_start": 0}))
-    trainer.batches = train_vae.forever(trainer.loader)
     before = {k: v.clone() for k, v in trainer_state(trainer).items()}
-    applied, _ = trainer.train_step(trainer.next_batch())
-    assert not applied
+    out = trainer.train_step(trainer.next_batch())
+    assert out["applied"] == 0.0 and trainer.step == 1 and trainer.guard.skipped_steps == 0  # (fit() counts)
     after = trainer_state(trainer)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not trainer.engine_ae.optimizer.state  # Adam never stepped
@@ -283,7 +282,7 @@ def test_folder_auto_decodes_with_pil_on_the_cpu(tmp_path, caplog):
     root = image_folder(tmp_path / "images")
     caplog.set_level("INFO")
     res = train(folder_cfg(tmp_path / "run", root))
-    assert res["step"] == 2 and res["psnr"] > 0
+    assert res["step"] == 2 and res["eval"]["psnr"] > 0
     assert "data.backend=auto -> PIL (the reference crop): no GPU" in caplog.text
 
 

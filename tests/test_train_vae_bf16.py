@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train import train_vae
 from modeling.config import from_dict
 from train.train_vae import FP32_LAYERS, Trainer
 from train.vae_config import VAVAETrainConfig
@@ -105,10 +104,9 @@ def bf16_cfg(tmp_path, **train):
 
 
 def one_step(trainer):
-    trainer.batches = train_vae.forever(trainer.loader)
-    applied, logs = trainer.train_step(trainer.next_batch())
-    trainer.step += 1
-    return applied, logs
+    """One step with its metrics left on the device (their dtype is checked)."""
+    out = trainer.step_on_device(trainer.next_batch())
+    return out.applied, out.metrics
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
@@ -151,13 +149,13 @@ def test_probe_catches_an_outer_autocast_that_deepspeed_switches_off(tmp_path, g
     DeepSpeed-warning check all see it."""
     trainer = Trainer(bf16_cfg(tmp_path, deepspeed={"torch_autocast": {"enabled": False}}))
     probe = probe_for(trainer)
-    step = trainer.train_step
+    step = trainer.optimize
 
     def outer_autocast_step(x):
         with torch.autocast("cpu", torch.bfloat16):
             return step(x)
 
-    monkeypatch.setattr(trainer, "train_step", outer_autocast_step)
+    monkeypatch.setattr(trainer, "optimize", outer_autocast_step)
     with pytest.raises(RuntimeError, match="computed in torch.float32"):
         one_step(trainer)
     probe.remove()
