@@ -243,3 +243,31 @@ def test_fid_command_refuses_samples_of_another_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"the images of sample batch {sam} are 16x16 px but the reference batch {ref} is 32x32 px" in err
+
+
+def test_trainer_command_refuses_an_unknown_metric_in_one_line(tmp_path, capsys):
+    """`eval.metrics=[fid,fidd]` on the trainer's command line: exit 2 and one line naming it, before any model
+    loads or a step runs."""
+    from train.train_dit import main
+    root = Path(__file__).resolve().parents[1]
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8))
+    rc = main(["--config", str(root / "configs/dit_tiny_cpu.yaml"), f"checkpoint.dir={tmp_path}/ckpt",
+               f"logging.dir={tmp_path}/run", "logging.tensorboard=false", "train.steps=2", "eval.every=2",
+               f"eval.ref_batch={ref}", f"eval.vae={tmp_path}/no-vae-needed-yet", "eval.metrics=[fid,fidd]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "eval.metrics: unknown metric 'fidd'; known: " in err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_trainer_hook_names_a_malformed_reference_batch(tmp_path):
+    from evaluation.batches import BatchFileError
+    from evaluation.train_eval import EvalSettings, build_eval_fn
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).random((6, 8, 8, 3)))  # float pixels
+    with pytest.raises(BatchFileError, match=f"reference batch {ref}: arr_0 is float64; expected uint8"):
+        build_eval_fn(EvalSettings(every=10, num_samples=9, batch_size=4, steps=3, precision="fp32", grid=0,
+                                   ref_batch=str(ref)), vae=_tiny_vae(), device="cpu",
+                      features=_pixel_features([]), log=None)
