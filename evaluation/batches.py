@@ -12,7 +12,7 @@ from __future__ import annotations
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def read_batch_labels(path: PathLike, num_images: int, role: str = "sample batch
     return labels
 
 
-def _stats(z: np.lib.npyio.NpzFile, mu_key: str, sigma_key: str, where: str):
+def _stats(z: np.lib.npyio.NpzFile, mu_key: str, sigma_key: str, where: str) -> Any:
     from .adm_metrics import FIDStatistics
 
     if mu_key not in z.files and sigma_key not in z.files:
@@ -119,7 +119,8 @@ def _stats(z: np.lib.npyio.NpzFile, mu_key: str, sigma_key: str, where: str):
     return FIDStatistics(mu, sigma)
 
 
-def read_reference_batch(path: PathLike, role: str = "reference batch"):
+def read_reference_batch(path: PathLike, role: str = "reference batch"
+                         ) -> tuple[Optional[np.ndarray], Optional[tuple[Any, Optional[Any]]]]:
     """(images uint8 (N, H, W, 3) or None, stored statistics or None) of a reference batch.
 
     Stored statistics are (pool FIDStatistics, spatial FIDStatistics or None). A reference needs images, or
