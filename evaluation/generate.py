@@ -24,12 +24,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from evaluation.provenance import commit
 from modeling.config import console_entry
+from modeling.sampling import SamplingConfig
 
 SETTINGS_FILE = "settings.json"
 
@@ -43,11 +45,54 @@ def sample_labels(num_samples, num_classes, seed=0, class_balanced=True):
     return torch.randint(0, num_classes, (num_samples,), generator=g)
 
 
-def sample_noise(indices, shape, seed=0):
+SEED_STRIDE = 1_000_003  # sample i's noise generator is seeded with seed * SEED_STRIDE + i
+
+
+def sample_noise(indices, shape, seed: int = 0) -> torch.Tensor:
     """Noise for the given global sample indices, independent of batching: one generator per sample."""
     out = torch.empty((len(indices), *shape))
     for j, i in enumerate(indices):
-        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + int(i)))
+    return out
+
+
+def max_seed(num_samples: int) -> int:
+    """The largest --seed whose per-sample generator seeds (seed * SEED_STRIDE + index) fit in 64 bits."""
+    return (2 ** 64 - 1 - max(int(num_samples), 0)) // SEED_STRIDE
+
+
+def check_arguments(num_samples, batch_size, seed, latent_multiplier, rank=0, world_size=1, cli=False) -> None:
+    """ValueError naming the argument (its flag with cli=True) for a value generate cannot run with, before
+    anything is loaded or sampled."""
+    from modeling.sample_images import check_latent_multiplier
+
+    def name(param):
+        return "--" + param.replace("_", "-") if cli else param
+
+    for param, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name(param)} must be an integer >= 1, got {value!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= max_seed(num_samples):
+        raise ValueError(f"{name('seed')} {seed!r}: must be in 0..{max_seed(num_samples)} (sample i's noise generator "
+                         f"is seeded with seed * {SEED_STRIDE} + i, which must fit in 64 bits)")
+    check_latent_multiplier(latent_multiplier, name("latent_multiplier"))
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank {rank!r} / world size {world_size!r}: need 0 <= RANK < WORLD_SIZE")
+
+
+def check_output(out_npz, flag: str = "out_npz") -> Path:
+    """Refuse, before sampling, an output the merge at the end could not write (modeling.config.check_output_path
+    for OUT, OUT.tmp.npz and the OUT.chunks folder), and an existing file that is not an unfinished or finished
+    run of this command (no OUT.chunks beside it): it would be overwritten."""
+    from modeling.config import ConfigError, check_output_path
+    out = Path(out_npz)
+    check_output_path(out, flag, written=(out.with_suffix(".tmp.npz").name, out.with_suffix(".chunks").name))
+    work = out.with_suffix(".chunks")
+    if out.exists() and not work.is_dir():
+        raise ConfigError(f"{flag} {out}: the file exists and is not this command's output (no {work.name} folder "
+                          "beside it); delete it or choose another path")
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"{flag} {out}: {work} exists and is not a folder")
     return out
 
 
@@ -101,31 +146,34 @@ def check_settings(work, settings):
 
 
 @torch.no_grad()
-def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, steps=250, method="euler",
-             shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", class_balanced=True, seed=0,
-             rank=0, world_size=1, device="cpu", progress=True, latent_multiplier=1.0, precision="fp32",
-             compile="none", cudagraphs="off", sources=None, **sampler_options):
+def generate(dit, vae, out_npz, num_samples: int, latent_stats: Optional[dict] = None, batch_size: int = 32,
+             config: Optional[SamplingConfig] = None, *, class_balanced: bool = True, seed: int = 0, rank: int = 0,
+             world_size: int = 1, device="cpu", progress: bool = True, latent_multiplier: float = 1.0,
+             sources: Optional[dict] = None, **options) -> Optional[Path]:
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
     latent_stats: {"mean", "std"} (1, C, 1, 1) of the DiT's normalised latents, or None; the DiT was
     trained on (z - mean) / std * latent_multiplier, so samples are mapped back by the inverse.
-    precision / compile / cudagraphs / sampler_options (autotune, fp8_recipe, fp8_impl, fused_mlp): see
-    modeling.sampling.Sampler (the same object the speed benchmark measures).
+    config: the modeling.sampling.SamplingConfig (default: SamplingConfig()): what is sampled and how (precision,
+    compile, CUDA graphs: the Sampler the speed benchmark measures); options: its fields over it (steps=3, ...).
     sources: {"dit": "...", "vae": "...", "latent_stats": "..."} (paths or ids, recorded).
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
+    Every argument is checked before the first sample (a bad one: ValueError / ConfigError naming it).
     """
     from tqdm import tqdm
 
+    from modeling.sample_images import check_latent_stats
     from modeling.sampling import Sampler, decode_images
 
-    out_npz = Path(out_npz)
+    config = (config or SamplingConfig()).replace(**options)
+    check_arguments(num_samples, batch_size, seed, latent_multiplier, rank, world_size)
+    if latent_stats is not None:
+        check_latent_stats(latent_stats["mean"], latent_stats["std"], (sources or {}).get("latent_stats") or "given")
+    out_npz = check_output(out_npz)
     work = out_npz.with_suffix(".chunks")
     work.mkdir(parents=True, exist_ok=True)
     dit, vae = dit.eval().to(device), vae.eval().to(device)
-    sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
-                      cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
-                      compile=compile, cudagraphs=cudagraphs, device=device, static_batch=batch_size,
-                      **sampler_options)
+    sampler = Sampler(dit, config, device=device, static_batch=batch_size)
     sources = sources or {}
     settings = {
         "dit": {"source": sources.get("dit"), "weights_sha256": state_dict_sha256(dit)},
@@ -134,11 +182,9 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
             "source": sources.get("latent_stats"),
             "sha256": tensor_sha256(latent_stats["mean"], latent_stats["std"])},
         "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
-        "seed": seed, "sampler": {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale,
-                                  "cfg_interval_start": cfg_interval_start, "guidance": guidance},
-        "precision": precision if precision != "fp8" else "fp8 ({})".format(", ".join(
-            [sampler_options.get("fp8_recipe", "rowwise")]
-            + (["torchao"] if sampler_options.get("fp8_impl") == "torchao" else []))),
+        "seed": seed, "sampler": config.settings(),
+        "precision": config.precision if config.precision != "fp8" else "fp8 ({})".format(", ".join(
+            [config.fp8_recipe] + (["torchao"] if config.fp8_impl == "torchao" else []))),
         "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)
@@ -171,7 +217,7 @@ def generate(dit, vae, out_npz, num_samples, latent_stats=None, batch_size=32, s
         x = x / latent_multiplier
         if latent_stats is not None:
             x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
-        images = decode_images(vae, x, precision).cpu().numpy()
+        images = decode_images(vae, x, config.precision).cpu().numpy()
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
         os.replace(tmp, path)
@@ -211,12 +257,21 @@ def read_settings(npz_path):
         return json.loads(str(z["settings"])) if "settings" in z.files else None
 
 
-def main(argv=None):
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r}: expected an integer") from None
+
+
+def main(argv=None) -> None:
     from modeling import AutoencoderKL, LightningDiT
-    from modeling.hub import stored_metadata
+    from modeling.checkpoint import CheckpointMismatchError
+    from modeling.config import cli_parser, user_errors
+    from modeling.hub import load_latent_stats, stored_metadata
     from modeling.sample_images import default_stats_path
-    from modeling.sampling import add_sampling_args, execution_from_args, settings_from_args
-    from modeling.config import cli_parser
+    from modeling.sampling import SamplerUnavailable, add_sampling_args, check_device, config_from_args
 
     cuda = torch.cuda.is_available()
     p = cli_parser("evaluation.generate", __doc__)
@@ -234,27 +289,32 @@ def main(argv=None):
     p.add_argument("--random-labels", action="store_true", help="i.i.d. labels instead of class-balanced")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA exists, else cpu")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = a.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    try:
-        from modeling.hub import load_latent_stats
-        settings, sources = settings_from_args(a, stored_metadata(a.dit).get("sampling"))
+    # a bad value or file: one line naming it, exit 2 -- the cheap checks first, all before the first sample
+    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable, SettingsMismatchError)):
+        rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+        device = check_device(a.device) if a.device else (
+            check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}", "LOCAL_RANK") if cuda else torch.device("cpu"))
+        check_arguments(a.num_samples, a.batch_size, a.seed, a.latent_multiplier, rank, world, cli=True)
+        check_output(a.out_npz, "out_npz")
+        config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
         stats_path = a.latent_stats or default_stats_path(a.dit)
         stats = load_latent_stats(stats_path) if stats_path else None
+        if stats is not None:
+            from modeling.sample_images import check_latent_stats
+            check_latent_stats(stats["mean"], stats["std"], stats_path)
         dit = LightningDiT.from_pretrained(a.dit, weights=a.weights)
         vae = AutoencoderKL.from_pretrained(a.vae)
         if rank == 0:
+            settings = config.settings()
             print("settings: " + ", ".join(f"{k}={settings[k]} ({sources[k]})" for k in settings)
                   + f"; latent stats {stats_path or 'none (unnormalised latents)'}")
-        out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, class_balanced=not a.random_labels,
-                       seed=a.seed, rank=rank, world_size=world, device=device, latent_multiplier=a.latent_multiplier,
-                       **execution_from_args(a), sources={"dit": str(a.dit), "vae": str(a.vae),
-                                "latent_stats": str(stats_path) if stats_path else None}, **settings)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        p.exit(2, f"error: {' '.join(str(e).split())}\n")
+        out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, config,
+                       class_balanced=not a.random_labels, seed=a.seed, rank=rank, world_size=world, device=device,
+                       latent_multiplier=a.latent_multiplier, sources={
+                           "dit": str(a.dit), "vae": str(a.vae), "latent_stats": str(stats_path) if stats_path else None})
     print(f"wrote {out}" if out else f"rank {rank} done; the last rank to finish writes {a.out_npz}")
-
 
 
 cli = console_entry(__name__)  # the `vavae-generate` console script (setup.py)

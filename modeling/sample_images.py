@@ -11,6 +11,7 @@ produces normalised latents; they are mapped back with the per-channel statistic
 """
 import math
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -19,13 +20,13 @@ from .checkpoint import CheckpointMismatchError
 from .hub import STATS_NAME, model_folder, stored_metadata
 from .hub import load_latent_stats as _read_stats
 from .lightningdit import LightningDiT, LightningDiTConfig
-from .safe_load import CheckpointLoadError
-from .sampling import Sampler, decode_images
+from .sampling import Sampler, SamplerUnavailable, SamplingConfig, decode_images
 from .vavae import AutoencoderKL
 from .config import console_entry
 
 
-def load_dit(path, size=None, input_size=16, in_channels=32, num_classes=1000, weights="ema", **flags):
+def load_dit(path, size: Optional[str] = None, input_size: int = 16, in_channels: int = 32, num_classes: int = 1000,
+             weights: str = "ema", **flags) -> LightningDiT:
     """Our folder, a hub id, or a released checkpoint file (its architecture is read from the weights; a
     given `size` is checked against them)."""
     model = LightningDiT.from_pretrained(path, weights=weights, **flags)
@@ -40,56 +41,82 @@ def load_dit(path, size=None, input_size=16, in_channels=32, num_classes=1000, w
     return model
 
 
-def load_vae(path, **config):
+def load_vae(path, **config) -> AutoencoderKL:
     """Our folder, a hub id, or a tokenizer checkpoint ({"state_dict"}; architecture read from the weights)."""
     return AutoencoderKL.from_pretrained(path, **config)
 
 
-def load_latent_stats(path, channels):
+def load_latent_stats(path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (1, C, 1, 1): latents_stats.safetensors / .pt, or a folder holding the former;
-    None gives unnormalised latents (zeros / ones)."""
+    None gives unnormalised latents (zeros / ones). Statistics no sample can be mapped back with (NaN / inf,
+    std <= 0) are refused, naming the file."""
     if path is None:
         return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
     st = _read_stats(path)
     mean, std = st["mean"], st["std"]
     if mean.shape[1] != channels:
         raise ValueError(f"latent stats {path} have {mean.shape[1]} channels, the DiT has {channels}")
+    check_latent_stats(mean, std, path)
     return mean, std
 
 
-def default_stats_path(dit_src):
+def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, source) -> None:
+    """ValueError naming `source` (a file) for statistics that would turn every sample into NaN or one flat
+    image: a non-finite mean or std, or a std that is not > 0 (latents = x * std / multiplier + mean)."""
+    for name, t in (("mean", mean), ("std", std)):
+        bad = (~torch.isfinite(t.float())).flatten().nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"latent stats {source}: {name} has {len(bad)} non-finite value(s) (channel(s) "
+                             f"{bad[:8].tolist()}{' ...' if len(bad) > 8 else ''})")
+    bad = (std.float() <= 0).flatten().nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"latent stats {source}: std must be > 0 in every channel; channel(s) {bad[:8].tolist()} "
+                         f"have {std.flatten()[bad[:8]].tolist()}")
+
+
+def check_latent_multiplier(value: float, name: str = "latent_multiplier") -> float:
+    """The trainer's data.latent_multiplier must be a finite number > 0 (samples are divided by it)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (the trainer's data.latent_multiplier), got {value}")
+    return float(value)
+
+
+def default_stats_path(dit_src) -> Optional[Path]:
     """latents_stats.safetensors stored beside a converted DiT (modeling.convert --latent-stats), or None."""
     folder = model_folder(dit_src)
     return folder / STATS_NAME if folder is not None and (folder / STATS_NAME).is_file() else None
 
 
 @torch.no_grad()
-def generate(dit, vae, labels, mean, std, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
-             guidance="all", method="euler", seed=0, latent_multiplier=1.0, device="cpu", precision="fp32",
-             compile="none", cudagraphs="off", progress=False, return_sampler=False, **sampler_options):
+def generate(dit: LightningDiT, vae: AutoencoderKL, labels, mean: torch.Tensor, std: torch.Tensor,
+             config: Optional[SamplingConfig] = None, *, seed: int = 0, latent_multiplier: float = 1.0,
+             device: Union[str, torch.device] = "cpu", progress: bool = False, return_sampler: bool = False,
+             **options) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
     """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that evaluation.generate uses.
-    sampler_options: the Sampler's other execution options (autotune, fp8_recipe, fp8_impl, fused_mlp)."""
+
+    config: the SamplingConfig (default: SamplingConfig()); options: SamplingConfig fields over it, e.g.
+    generate(dit, vae, [1, 2], mean, std, steps=4, cfg_scale=2.0)."""
+    config = (config or SamplingConfig()).replace(**options)
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
         raise ValueError(f"labels {bad} are outside 0..{dit.num_classes - 1} (index {dit.num_classes} is the "
                          "null class used by guidance, not a class)")
-    if steps < 2:
-        raise ValueError(f"steps={steps}: the time grid needs at least 2 points (steps - 1 model calls)")
+    check_latent_multiplier(latent_multiplier)
+    check_latent_stats(mean, std, "given")
     dit, vae = dit.to(device).eval(), vae.to(device).eval()
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     c, s = dit.in_channels, dit.config.input_size
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
-    sampler = Sampler(dit, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
-                      cfg_interval_start=cfg_interval_start, guidance=guidance, precision=precision,
-                      compile=compile, cudagraphs=cudagraphs, device=device, **sampler_options)
+    sampler = Sampler(dit, config, device=device)
     x = sampler(z, y, generator=g, progress=progress)
     latents = x * std.to(device) / latent_multiplier + mean.to(device)
-    images = decode_images(vae, latents, precision)
+    images = decode_images(vae, latents, config.precision)
     return (images, sampler) if return_sampler else images
 
 
-def save_grid(images, path, ncol=None):
+def save_grid(images: torch.Tensor, path, ncol: Optional[int] = None):
+    """Write uint8 images (N, H, W, 3) as one grid image (ncol columns; default about square); returns path."""
     from PIL import Image
     imgs = images.cpu().numpy()
     n, h, w, _ = imgs.shape
@@ -103,10 +130,13 @@ def save_grid(images, path, ncol=None):
     return path
 
 
-def main(argv=None):
-    from modeling.config import cli_parser  # (the one parser style of every command)
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
 
-    from .sampling import add_sampling_args, execution_from_args, settings_from_args
+
+def main(argv=None) -> None:
+    from .config import check_output_path, cli_parser, user_errors
+    from .sampling import add_sampling_args, check_device, config_from_args
+
     ap = cli_parser("modeling.sample_images", __doc__)
     ap.add_argument("--dit", required=True, help="our folder, a hub repo id, or a released .pt")
     ap.add_argument("--size", default=None, help="optional check for a released file, e.g. XL/1 (the architecture "
@@ -124,26 +154,38 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--out", default="samples.png")
+    ap.add_argument("--out", default="samples.png", help="the grid image (its extension names the format)")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
-    try:  # a bad file or value: one line naming it, exit 2
-        settings, sources = settings_from_args(a, stored_metadata(a.dit).get("sampling"))
-        if settings["steps"] < 2:
-            raise ValueError(f"--steps {settings['steps']}: the time grid needs at least 2 points")
+    # a bad file or value: one line naming it, exit 2 -- the cheap checks first, all before sampling
+    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable)):
+        device = check_device(a.device)
+        if not 0 <= a.seed <= MAX_SEED:
+            raise ValueError(f"--seed {a.seed}: must be in 0..{MAX_SEED} (torch.Generator's range)")
+        check_latent_multiplier(a.latent_multiplier, "--latent-multiplier")
+        _check_image_path(a.out, check_output_path)
+        config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
         dit = load_dit(a.dit, a.size, a.input_size, a.in_channels, a.num_classes, a.weights)
         vae = load_vae(a.vae)
         stats = a.stats if a.stats is not None else default_stats_path(a.dit)
         mean, std = load_latent_stats(stats, dit.in_channels)
-        images, sampler = generate(dit, vae, a.labels, mean, std, seed=a.seed, latent_multiplier=a.latent_multiplier,
-                                   device=a.device, progress=not a.no_progress, return_sampler=True,
-                                   **execution_from_args(a), **settings)
-    except (ValueError, FileNotFoundError, CheckpointMismatchError, CheckpointLoadError, RuntimeError) as e:
-        ap.exit(2, f"error: {' '.join(str(e).split())}\n")
-    d = sampler.describe()
-    print(f"wrote {save_grid(images, a.out)} ({len(a.labels)} images; " + ", ".join(
+        images, sampler = generate(dit, vae, a.labels, mean, std, config, seed=a.seed,
+                                   latent_multiplier=a.latent_multiplier, device=device,
+                                   progress=not a.no_progress, return_sampler=True)
+        save_grid(images, a.out)
+    d, settings = sampler.describe(), config.settings()
+    print(f"wrote {a.out} ({len(a.labels)} images; " + ", ".join(
         f"{k}={settings[k]} ({sources[k]})" for k in settings) + f"; {d['precision']}, compile={d['compile']}, "
         f"CUDA graphs {d['cudagraphs']}, latent stats {stats or 'none'})")
 
+
+def _check_image_path(path, check_output_path) -> None:
+    """--out: a writable place and an image format PIL knows (else the grid would fail after sampling)."""
+    from PIL import Image
+    check_output_path(path, "--out")
+    ext = Path(path).suffix.lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"--out {path}: {ext or 'no extension'} is not an image format PIL writes (e.g. .png, .jpg)")
 
 
 cli = console_entry(__name__)  # the `vavae-sample` console script (setup.py)

@@ -1,54 +1,203 @@
 """Samplers for the rectified flow: integrate dx/dt = v(x, t) from noise (t=0) to data (t=1).
 
-The time grid is the reference's: linspace(0, 1, steps) mapped by the timestep shift
-s*t / (1 + (s-1)*t) (s = 0.3 for the paper's FIDs), so `steps` grid points give `steps - 1`
-model calls for Euler. Classifier-free guidance follows LightningDiT.forward_with_cfg; where a step
-is below `cfg_interval_start` the unconditional half is not computed at all. The grid lives on the
-host, so deciding that needs no device synchronisation.
+Every sampling option is declared once, in `SamplingConfig` (below); the command-line flags
+(`add_sampling_args` / `config_from_args`), the trainer's `eval.*` keys (evaluation.train_eval.EvalSettings),
+the presets and config.json's "sampling" are derived from it. The integrators (Euler, Heun, dopri5,
+Euler-Maruyama, and any you register) live in modeling/integrators.py; the guidance rule and mix in
+modeling/guidance.py.
+
+The time grid is the reference's: linspace(0, 1, steps) mapped by the timestep shift s*t / (1 + (s-1)*t)
+(s = 0.3 for the paper's FIDs), so `steps` grid points give `steps - 1` model calls for Euler. Where a step is
+below `cfg_interval_start` the unconditional half is not computed at all. The grid lives on the host, so
+deciding that needs no device synchronisation.
 """
+import argparse
 import contextlib
 import copy
 import dataclasses
 import logging
 import math
+import numbers
 import typing
-from typing import Literal
+from typing import Any, Literal, Optional, Union
 
 import torch
 
 import kernels
 
+from .guidance import Guidance, cfg_velocity, is_guided
+from .integrators import INTEGRATORS, integrator_names, make_integrator
+
 log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "bf16-weights", "fp8"]
+FP8Recipe = Literal["rowwise", "tensorwise"]
+FP8Impl = Literal["scaled_mm", "torchao"]
+CompileMode = Literal["none", "blocks", "model"]
+CudagraphMode = Literal["off", "on", "auto"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+FP8_RECIPES: tuple[str, ...] = typing.get_args(FP8Recipe)
+FP8_IMPLS: tuple[str, ...] = typing.get_args(FP8Impl)
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
+CUDAGRAPH_MODES: tuple[str, ...] = typing.get_args(CudagraphMode)
+
+
+def timestep_shift(t, s: float):
+    return s * t / (1 + (s - 1) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    t = torch.linspace(0, 1, steps, dtype=dtype, device=device)
+    return timestep_shift(t, shift) if shift != 1.0 else t
+
+
+# ----------------------------------------------------------------------------- the one config
+
+class SamplingConfigError(ValueError):
+    """A sampling option no sampler can run; `field` names the option (the CLI turns it into its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """Every sampling option, declared once: the CLI flags (add_sampling_args), the trainer's `eval.*` keys, the
+    presets, `generate`, the sample-speed specs and config.json's "sampling" are derived from it. The comment
+    after a field is its --help text.
+
+    The first six fields (SETTING_KEYS) say WHAT is sampled: they change the samples. The rest say HOW it is
+    computed (precision, compilation, CUDA graphs): they change speed and rounding only."""
+    # -- what is sampled
+    method: str = "euler"               # integrator (modeling/integrators.py): euler, heun, dopri5, euler_maruyama
+                                        # or one registered with register_integrator
+    steps: int = 250                    # time grid points (steps - 1 Euler model calls)
+    shift: float = 0.3                  # timestep shift s*t/(1+(s-1)*t) of the grid (1.0 = uniform)
+    cfg_scale: float = 1.0              # classifier-free guidance scale (1.0 = no guidance)
+    cfg_interval_start: float = 0.0     # guidance only for grid times t >= this (below it: no unconditional pass)
+    guidance: Guidance = "all"          # reference: the authors' guidance of latent channels 0..2 only (their cfg
+                                        # scales were tuned for it); all: every channel (needs its own cfg scale)
+    # -- how it is computed
+    precision: Precision = "fp32"       # bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; fp8: that
+                                        # copy with the blocks' matmuls in FP8 (an FP8 GPU; docs/sampling.md has
+                                        # its accuracy); the ODE state stays fp32
+    fp8_recipe: FP8Recipe = "rowwise"   # precision fp8: dynamic scales per row, or per tensor
+    fp8_impl: FP8Impl = "scaled_mm"     # precision fp8: our FP8Linear (weights quantized once, one
+                                        # torch._scaled_mm), or torchao's float8 training modules
+    compile: CompileMode = "none"       # torch.compile with static shapes: each block, or the whole forward
+    autotune: bool = False              # with compile: inductor's max-autotune (Triton GEMMs with fused epilogues
+                                        # where they measure faster; minutes of compilation)
+    fused_mlp: bool = False             # each MLP's w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32,
+                                        # a CUDA GPU)
+    cudagraphs: CudagraphMode = "off"   # capture each Euler step as a CUDA graph (auto: on CUDA; on: an error
+                                        # where impossible)
+
+    def validate(self) -> "SamplingConfig":
+        """Raise SamplingConfigError naming the field for a value no sampler can run (a wrong type or choice,
+        NaN / inf, too few grid points, contradictory execution options); returns self. What depends on the
+        machine (CUDA, Triton, an FP8 GPU) is checked where the Sampler is built."""
+        for f in dataclasses.fields(SamplingConfig):
+            value, tp = getattr(self, f.name), _HINTS[f.name]
+            if typing.get_origin(tp) is Literal:
+                ok, want = value in typing.get_args(tp), f"one of {typing.get_args(tp)}"
+            elif tp is bool:
+                ok, want = isinstance(value, bool), "true or false"
+            elif tp is int:
+                ok, want = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+            elif tp is float:
+                ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+            else:
+                ok, want = isinstance(value, tp), f"a {tp.__name__}"
+            if not ok:
+                raise SamplingConfigError(f.name, f"{f.name} must be {want}, got {value!r}")
+        if self.method not in INTEGRATORS:
+            raise SamplingConfigError("method", f"method must be a registered integrator ({', '.join(INTEGRATORS)}), "
+                                                f"got {self.method!r}")
+        if self.steps < 2:
+            raise SamplingConfigError("steps", f"steps must be at least 2 (grid points; steps - 1 model calls), "
+                                               f"got {self.steps}")
+        for name in ("shift", "cfg_scale", "cfg_interval_start"):
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingConfigError(name, f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.shift <= 0:
+            raise SamplingConfigError("shift", f"shift must be > 0, got {self.shift}")
+        if self.autotune and self.compile == "none":
+            raise SamplingConfigError("autotune", "autotune is a torch.compile mode: it needs compile 'blocks' or "
+                                                  "'model'")
+        if self.fused_mlp and self.precision not in ("bf16-weights", "fp32"):
+            raise SamplingConfigError("fused_mlp", f"fused_mlp runs with precision bf16-weights or fp32, not "
+                                                   f"{self.precision!r} (the fused kernel reads the weights directly: "
+                                                   "no autocast, no FP8)")
+        if not INTEGRATORS[self.method].capturable:  # compile's static shapes and the graphs are the Euler step's
+            if self.compile != "none":
+                raise SamplingConfigError("compile", f"compile={self.compile!r} is implemented for the Euler sampler, "
+                                                     f"not method {self.method!r}")
+            if self.cudagraphs == "on":
+                raise SamplingConfigError("cudagraphs", f"CUDA graphs are implemented for the Euler sampler, not "
+                                                        f"method {self.method!r}")
+        return self
+
+    def settings(self) -> dict:
+        """The SETTING_KEYS part (what is sampled), as config.json's "sampling" stores it."""
+        return {k: getattr(self, k) for k in SETTING_KEYS}
+
+    def replace(self, **changes) -> "SamplingConfig":
+        """A copy with `changes`, validated."""
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def of(cls, obj: Any) -> "SamplingConfig":
+        """The sampling options of `obj` (a SamplingConfig, a subclass such as the trainer's EvalSettings, or any
+        object with these fields) as a plain SamplingConfig, validated."""
+        return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}).validate()
+
+
+class SamplerUnavailable(RuntimeError):
+    """An explicitly requested sampling path cannot run here."""
+
+
+_HINTS = typing.get_type_hints(SamplingConfig)
+SETTING_KEYS: tuple[str, ...] = ("method", "steps", "shift", "cfg_scale", "cfg_interval_start", "guidance")
+DEFAULT_SETTINGS: dict = SamplingConfig().settings()
+
+# ----------------------------------------------------------------------------- presets: partial configs
 
 # The authors' sampling settings for each released checkpoint (configs/reproductions/*.yaml of their code):
 # Euler ODE, 250 grid points, timestep shift 0.3, guidance only on latent channels 0..2 ("reference").
 # Their cfg scales were tuned for that 3-channel guidance; all-channel guidance ("all") needs its own scale.
-_PAPER = dict(method="euler", steps=250, shift=0.3, guidance="reference")
-SAMPLING_PRESETS = {
+_PAPER = SamplingConfig(method="euler", steps=250, shift=0.3, guidance="reference")
+SAMPLING_PRESETS: dict[str, dict] = {
     "lightningdit-xl-imagenet256-800ep": {
-        "settings": dict(_PAPER, cfg_scale=6.7, cfg_interval_start=0.125),
+        "settings": _PAPER.replace(cfg_scale=6.7, cfg_interval_start=0.125).settings(),
         "training_config": "hustvl/LightningDiT configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_cfg.yaml "
                            "(800 epochs; paper FID-50k 1.35 with these settings)"},
     "lightningdit-xl-imagenet256-64ep": {
-        "settings": dict(_PAPER, cfg_scale=10.0, cfg_interval_start=0.10),
+        "settings": _PAPER.replace(cfg_scale=10.0, cfg_interval_start=0.10).settings(),
         "training_config": "hustvl/LightningDiT configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg.yaml "
                            "(64 epochs; paper FID-50k 2.11 with these settings)"},
 }
-PRESET_ALIASES = {"800ep": "lightningdit-xl-imagenet256-800ep", "64ep": "lightningdit-xl-imagenet256-64ep"}
+PRESET_ALIASES: dict[str, str] = {"800ep": "lightningdit-xl-imagenet256-800ep",
+                                  "64ep": "lightningdit-xl-imagenet256-64ep"}
 
 
-def preset_for_name(name):
+def preset_for_name(name) -> Optional[str]:
     """The preset whose released file this is (by file or folder name), or None."""
     stem = str(name).replace("\\", "/").rstrip("/").split("/")[-1]
     stem = stem.rsplit(".", 1)[0] if stem.endswith((".pt", ".pth", ".safetensors")) else stem
     return stem if stem in SAMPLING_PRESETS else None
 
 
-SETTING_KEYS = ("method", "steps", "shift", "cfg_scale", "cfg_interval_start", "guidance")
-DEFAULT_SETTINGS = dict(method="euler", steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all")
+def preset_settings(name: str) -> dict:
+    """The sampling settings (the SETTING_KEYS) of a preset, by name or alias."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in SAMPLING_PRESETS:
+        raise ValueError(f"unknown sampling preset {name!r}; known: {sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
+    return dict(SAMPLING_PRESETS[key]["settings"])
 
 
-def resolve_settings(explicit=None, preset=None, stored=None):
+def resolve_settings(explicit: Optional[dict] = None, preset: Optional[str] = None,
+                     stored: Optional[dict] = None) -> tuple[dict, dict]:
     """Sampling settings and where each came from: explicit values (None = not given) win over the named
     preset, which wins over the settings stored with the model (config.json "sampling" or a released
     file's name), which win over DEFAULT_SETTINGS. Returns (settings, {key: source})."""
@@ -63,37 +212,23 @@ def resolve_settings(explicit=None, preset=None, stored=None):
     return out, src
 
 
-def preset_settings(name):
-    """The sampling settings (method, steps, shift, cfg_scale, cfg_interval_start, guidance) of a preset."""
-    key = PRESET_ALIASES.get(name, name)
-    if key not in SAMPLING_PRESETS:
-        raise ValueError(f"unknown sampling preset {name!r}; known: {sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
-    return dict(SAMPLING_PRESETS[key]["settings"])
-
-
-def timestep_shift(t, s):
-    return s * t / (1 + (s - 1) * t)
-
-
-def time_grid(steps, shift=1.0, device=None, dtype=torch.float32):
-    t = torch.linspace(0, 1, steps, dtype=dtype, device=device)
-    return timestep_shift(t, shift) if shift != 1.0 else t
-
+# ----------------------------------------------------------------------------- the reference sampler
 
 class GuidedVelocity:
-    """v(x, t) for a batch of conditional samples, with optional guidance."""
+    """v(x, t) for a batch of conditional samples, with optional guidance (through model.forward_with_cfg)."""
 
-    def __init__(self, model, y, cfg_scale=1.0, cfg_interval_start=0.0, guidance="all", null_class=None):
+    def __init__(self, model, y: torch.Tensor, cfg_scale: float = 1.0, cfg_interval_start: float = 0.0,
+                 guidance: str = "all", null_class: Optional[int] = None):
         self.model, self.y = model, y
         self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
         null = model.num_classes if null_class is None else null_class
         self.y_null = torch.full_like(y, null)
-        if guidance not in ("all", "reference"):
-            raise ValueError(f"guidance must be 'all' or 'reference', got {guidance!r}")
+        if guidance not in typing.get_args(Guidance):
+            raise ValueError(f"guidance must be one of {typing.get_args(Guidance)}, got {guidance!r}")
 
-    def __call__(self, x, t: float):
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        if self.cfg_scale == 1.0 or t < self.cfg_interval_start:
+        if not is_guided(t, self.cfg_scale, self.cfg_interval_start):
             return self.model(x, tt, self.y)
         out = self.model.forward_with_cfg(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.y, self.y_null]),
                                           self.cfg_scale, self.cfg_interval_start, self.guidance)
@@ -101,132 +236,50 @@ class GuidedVelocity:
 
 
 @torch.no_grad()
-def sample(model, z, y, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
-           guidance="all", return_trajectory=False, generator=None, diffusion_norm=1.0, atol=1e-6, rtol=1e-3):
-    """Draw samples from noise z (B, C, H, W) with labels y (B,).
+def sample(model, z: torch.Tensor, y: torch.Tensor, steps: int = 250, method: str = "euler", shift: float = 0.3,
+           cfg_scale: float = 1.0, cfg_interval_start: float = 0.0, guidance: str = "all",
+           return_trajectory: bool = False, generator: Optional[torch.Generator] = None, diffusion_norm: float = 1.0,
+           atol: float = 1e-6, rtol: float = 1e-3) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Draw samples from noise z (B, C, H, W) with labels y (B,): the reference path (the model as given, in
+    its own dtype, through its forward_with_cfg). The Sampler computes exactly this in fp32 + eager.
 
-    method: "euler" / "heun" on the shifted grid, "dopri5" (adaptive, torchdiffeq; `steps` only sets the
-    output grid), "euler_maruyama" (SDE with the score from the velocity; `diffusion_norm` scales the noise).
+    method: a registered integrator (modeling/integrators.py): "euler" / "heun" on the shifted grid, "dopri5"
+    (adaptive, torchdiffeq; `steps` only sets the output grid; atol / rtol), "euler_maruyama" (SDE with the
+    score from the velocity; `diffusion_norm` scales the noise).
     Returns the final latents, or (final, trajectory (steps, B, C, H, W)) with return_trajectory.
     """
+    SamplingConfig(method=method, steps=steps, shift=shift, cfg_scale=cfg_scale,
+                   cfg_interval_start=cfg_interval_start, guidance=guidance).validate()
+    integrator = make_integrator(method, diffusion_norm=diffusion_norm, atol=atol, rtol=rtol)
     v = GuidedVelocity(model, y, cfg_scale, cfg_interval_start, guidance)
     grid = time_grid(steps, shift, dtype=torch.float64).tolist()
-    x = z
-    traj = [x] if return_trajectory else None
-    if method == "dopri5":
-        from torchdiffeq import odeint
-        tgrid = torch.tensor(grid, device=z.device, dtype=torch.float32)
-        # torchdiffeq evaluates at arbitrary t: guidance on/off is decided per evaluation (host float).
-        out = odeint(lambda t, x_: v(x_, float(t)), z, tgrid, method="dopri5", atol=atol, rtol=rtol)
-        return (out[-1], out) if return_trajectory else out[-1]
-    for i in range(len(grid) - 1):
-        t0, t1 = grid[i], grid[i + 1]
-        dt = t1 - t0
-        if method == "euler":
-            x = x + dt * v(x, t0)
-        elif method == "heun":
-            d0 = v(x, t0)
-            x_pred = x + dt * d0
-            x = x + dt * 0.5 * (d0 + v(x_pred, t1))
-        elif method == "euler_maruyama":
-            x = _euler_maruyama_step(v, x, t0, t1, i == len(grid) - 2, generator, diffusion_norm)
-        else:
-            raise ValueError(f"unknown sampling method {method!r}")
-        if return_trajectory:
-            traj.append(x)
+    traj = [z] if return_trajectory else None
+    x = integrator.integrate(v, z, grid, generator=generator, trajectory=traj)
     return (x, torch.stack(traj)) if return_trajectory else x
-
-
-def _euler_maruyama_step(v, x, t0, t1, last, generator, diffusion_norm):
-    """SDE with the ODE's marginals: dx = [v + 0.5 g^2 score] dt + g dW. For the linear path
-    (x = t x1 + (1 - t) x0) the score is (t v - x) / (1 - t); g^2 = 2 * diffusion_norm * t * (1 - t) keeps
-    the drift bounded at both ends. The last step is deterministic (lands on the mean, as SiT's "Mean")."""
-    dt = t1 - t0
-    vel = v(x, t0)
-    if last:
-        return x + dt * vel
-    drift = vel + diffusion_norm * t0 * (t0 * vel - x)  # 0.5 g^2 * score
-    g2 = 2 * diffusion_norm * t0 * (1 - t0)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + drift * dt + math.sqrt(g2 * dt) * noise
 
 
 # ----------------------------------------------------------------------------- the fast sampling path
 #
 # `Sampler` is what evaluation.generate, the training-time evaluation and the speed benchmark call: one
-# object per (model, settings), reused for every batch. fp32 + eager computes exactly `sample` (tested
-# bit-for-bit); the fast options change how, not what, is computed:
+# object per (model, SamplingConfig), reused for every batch. fp32 + eager computes exactly `sample` (tested
+# bit-for-bit); the execution options change how, not what, is computed:
 #   precision  "fp32" | "bf16" (autocast on the fp32 weights, as training) | "bf16-weights" (a bf16 copy)
 #              | "fp8" (the bf16 copy with the blocks' qkv / proj / w12 / w3 matmuls in FP8: weights quantized
 #              once, activations per call, dynamic scales per row by default, per tensor with
 #              fp8_recipe="tensorwise"; fp8_impl "scaled_mm" is our FP8Linear (modeling/fp8.py), "torchao"
 #              torchao's float8 training modules; an FP8 GPU, or fp8_emulation=True for accuracy checks on the CPU)
-#              -- the ODE state, the time grid, the guidance mix and the Euler update stay fp32;
+#              -- the ODE state, the time grid, the guidance mix and the integrator's update stay fp32;
 #   fused_mlp  each SwiGLU MLP's w12 GEMM and SwiGLU as one Triton kernel (kernels/linear_swiglu.py): the
 #              (rows, 2H) product is never written (bf16-weights or fp32; a CUDA device);
 #   compile    "none" | "blocks" (torch.compile of each block, static shapes: one graph per batch shape)
 #              | "model" (torch.compile of the whole forward, static shapes); autotune=True compiles with
 #              mode "max-autotune-no-cudagraphs" (inductor benchmarks Triton GEMM templates with fused
 #              epilogues against cuBLAS; minutes of compilation; the CUDA graphs stay ours);
-#   cudagraphs "off" | "on" | "auto" (on where the device is CUDA and the method is Euler): the guided and
-#              the unguided Euler step are each captured once per batch size and replayed, so a step
-#              costs one launch. An explicit request that cannot run is an error, never a fallback.
-
-PRECISIONS = ("fp32", "bf16", "bf16-weights", "fp8")
-FP8_RECIPES = ("rowwise", "tensorwise")
-FP8_IMPLS = ("scaled_mm", "torchao")
-COMPILE_MODES = ("none", "blocks", "model")
-CUDAGRAPH_MODES = ("off", "on", "auto")
-
-
-@dataclasses.dataclass
-class SamplingConfig:
-    """Every sampling option, declared once: the CLI flags (add_sampling_args), the trainer's `eval.*` keys,
-    the presets, `generate`, the sample-speed specs and config.json's "sampling" are derived from it.
-
-    The first six fields say WHAT is sampled (SETTING_KEYS: they change the samples); the rest say HOW it is
-    computed (precision, compilation, CUDA graphs: they change speed and rounding only)."""
-    # -- what is sampled
-    method: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"  # an INTEGRATORS key
-    steps: int = 250                    # grid points: steps - 1 Euler model calls
-    shift: float = 0.3                  # timestep shift s*t / (1 + (s-1)*t) of the grid (1.0 = uniform)
-    cfg_scale: float = 1.0              # classifier-free guidance scale (1.0 = no guidance)
-    cfg_interval_start: float = 0.0     # guidance only for grid times t >= this
-    guidance: Literal["all", "reference"] = "all"  # reference: the authors' guidance of latent channels 0..2 only
-    # -- how it is computed
-    precision: Literal["fp32", "bf16", "bf16-weights", "fp8"] = "fp32"  # bf16: autocast; bf16-weights: a bf16 copy
-    fp8_recipe: Literal["rowwise", "tensorwise"] = "rowwise"   # precision fp8: dynamic scales per row / tensor
-    fp8_impl: Literal["scaled_mm", "torchao"] = "scaled_mm"    # precision fp8: our FP8Linear or torchao's modules
-    compile: Literal["none", "blocks", "model"] = "none"       # torch.compile of the sampler's model copy
-    autotune: bool = False              # compile with inductor's max-autotune (minutes of compilation)
-    fused_mlp: bool = False             # w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, CUDA)
-    cudagraphs: Literal["off", "on", "auto"] = "off"           # each Euler step a CUDA graph (auto: on CUDA)
-
-    def validate(self) -> "SamplingConfig":
-        """Raise ValueError naming the field for a value no sampler can run; returns self."""
-        for f in dataclasses.fields(self):
-            choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else None
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"sampling {f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
-        if self.steps < 2:
-            raise ValueError(f"sampling steps must be >= 2 (grid points; steps - 1 model calls), got {self.steps}")
-        for name in ("shift", "cfg_scale", "cfg_interval_start"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"sampling {name} must be a finite number, got {getattr(self, name)}")
-        if self.shift <= 0:
-            raise ValueError(f"sampling shift must be > 0, got {self.shift}")
-        return self
-
-    def settings(self) -> dict:
-        """The SETTING_KEYS part (what is sampled), as config.json's "sampling" stores it."""
-        return {k: getattr(self, k) for k in SETTING_KEYS}
-
-    def replace(self, **changes) -> "SamplingConfig":
-        return dataclasses.replace(self, **changes).validate()
-
-
-class SamplerUnavailable(RuntimeError):
-    """An explicitly requested sampling path cannot run here."""
+#   cudagraphs "off" | "on" | "auto" (on where the device is CUDA and the integrator is capturable, i.e. Euler):
+#              the guided and the unguided Euler step are each captured once per batch size and replayed, so a
+#              step costs one launch. An explicit request that cannot run is an error, never a fallback.
+# Every integrator of the registry runs here (eagerly, with this precision); compile and CUDA graphs need a
+# capturable one (the Euler step).
 
 
 def _shared_copy(model):
@@ -235,7 +288,7 @@ def _shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def autocast_context(device, precision):
+def autocast_context(device, precision: str):
     """bf16 autocast for precision 'bf16' (weight cast cache off: required under CUDA graph capture)."""
     if precision != "bf16":
         return contextlib.nullcontext()
@@ -243,49 +296,31 @@ def autocast_context(device, precision):
 
 
 class Sampler:
-    """Euler (or another method) on the shifted grid with guidance, in the precision / compile / CUDA graph
-    mode asked for. `sampler(z, y)` -> final latents (fp32, on z's device); `sampler.describe()` says what ran.
+    """A SamplingConfig's integrator on the shifted grid with guidance, in the precision / compile / CUDA graph
+    mode it asks for. `sampler(z, y)` -> final latents (fp32, on the sampler's device); `sampler.describe()` says
+    what ran.
+
+    device: where it runs (default: the model's); static_batch: the one batch shape of the compiled / graphed
+    Euler path (default: the first batch's; smaller batches are padded to it); fp8_emulation: precision fp8 on
+    a machine without FP8 (torch._scaled_mm's emulation: accuracy checks only).
     """
 
-    def __init__(self, model, steps=250, method="euler", shift=0.3, cfg_scale=1.0, cfg_interval_start=0.0,
-                 guidance="all", precision="fp32", compile="none", cudagraphs="off", device=None,
-                 static_batch=None, autotune=False, fp8_recipe="rowwise", fp8_emulation=False, fused_mlp=False,
-                 fp8_impl="scaled_mm"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if fp8_recipe not in FP8_RECIPES:
-            raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {fp8_recipe!r}")
-        if fp8_impl not in FP8_IMPLS:
-            raise ValueError(f"fp8_impl must be one of {FP8_IMPLS}, got {fp8_impl!r}")
-        if autotune and compile == "none":
-            raise SamplerUnavailable("autotune is a torch.compile mode: it needs compile='blocks' or 'model'")
-        if fused_mlp and precision not in ("bf16-weights", "fp32"):
-            raise SamplerUnavailable(f"fused_mlp runs with precision bf16-weights or fp32, not {precision!r} (the "
-                                     "fused kernel reads the weights directly: no autocast, no FP8)")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if cudagraphs not in CUDAGRAPH_MODES:
-            raise ValueError(f"cudagraphs must be one of {CUDAGRAPH_MODES}, got {cudagraphs!r}")
-        if guidance not in ("all", "reference"):
-            raise ValueError(f"guidance must be 'all' or 'reference', got {guidance!r}")
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2 (grid points; steps - 1 model calls), got {steps}")
+    def __init__(self, model: torch.nn.Module, config: SamplingConfig, *, device: Union[str, torch.device, None] = None,
+                 static_batch: Optional[int] = None, fp8_emulation: bool = False):
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"Sampler(model, config): config must be a SamplingConfig, got {type(config).__name__}")
+        self.config = config = SamplingConfig.of(config)  # validated once; a subclass (EvalSettings) loses its extras
+        # (the names the model preparation below reads)
+        precision, compile, fused_mlp = config.precision, config.compile, config.fused_mlp
+        fp8_recipe, fp8_impl, autotune = config.fp8_recipe, config.fp8_impl, config.autotune
+        self.integrator = make_integrator(config.method)
         self.device = torch.device(device if device is not None else next(model.parameters()).device)
-        self.steps, self.method, self.shift = steps, method, shift
-        self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
-        self.precision, self.compile_mode, self.autotune = precision, compile, bool(autotune)
-        self.fused_mlp = bool(fused_mlp)
         self.fp8 = None
-        if cudagraphs == "on":
-            if self.device.type != "cuda":
-                raise SamplerUnavailable(f"CUDA graphs were requested but the sampler runs on {self.device}; "
-                                         "use cudagraphs='auto' or 'off'")
-            if method != "euler":
-                raise SamplerUnavailable(f"CUDA graphs are implemented for the Euler sampler, not {method!r}")
-        if compile != "none" and method != "euler":
-            raise SamplerUnavailable(f"compile={compile!r} is implemented for the Euler sampler, not {method!r}")
-        self.use_graphs = cudagraphs == "on" or (cudagraphs == "auto" and self.device.type == "cuda"
-                                                 and method == "euler")
+        if config.cudagraphs == "on" and self.device.type != "cuda":
+            raise SamplerUnavailable(f"CUDA graphs were requested but the sampler runs on {self.device}; "
+                                     "use cudagraphs='auto' or 'off'")
+        self.use_graphs = config.cudagraphs == "on" or (config.cudagraphs == "auto" and self.device.type == "cuda"
+                                                        and self.integrator.capturable)
         self.num_classes = model.num_classes
         model = model.eval()
         if precision in ("bf16-weights", "fp8"):
@@ -323,9 +358,9 @@ class Sampler:
         else:
             self.forward = model
         self.model = model
-        grid = time_grid(steps, shift, dtype=torch.float64).tolist()
+        grid = time_grid(config.steps, config.shift, dtype=torch.float64).tolist()
         self.grid = grid
-        self.guided = [cfg_scale != 1.0 and t >= cfg_interval_start for t in grid[:-1]]
+        self.guided = [is_guided(t, config.cfg_scale, config.cfg_interval_start) for t in grid[:-1]]
         self._grid_dev = torch.tensor(grid[:-1], dtype=torch.float32, device=self.device)
         self._dt_dev = torch.tensor([b - a for a, b in zip(grid[:-1], grid[1:])], dtype=torch.float32,
                                     device=self.device)
@@ -335,11 +370,12 @@ class Sampler:
         self._logged = False
 
     # ------------------------------------------------------------------ what ran
-    def describe(self):
-        return {"method": self.method, "steps": self.steps, "shift": self.shift, "cfg_scale": self.cfg_scale,
-                "cfg_interval_start": self.cfg_interval_start, "guidance": self.guidance,
-                "precision": self.precision, "fused_mlp": self.fused_mlp, "compile": self.compile_mode,
-                "autotune": self.autotune,
+    def describe(self) -> dict:
+        c = self.config
+        return {"method": c.method, "steps": c.steps, "shift": c.shift, "cfg_scale": c.cfg_scale,
+                "cfg_interval_start": c.cfg_interval_start, "guidance": c.guidance,
+                "precision": c.precision, "fused_mlp": c.fused_mlp, "compile": c.compile,
+                "autotune": c.autotune,
                 "fp8": self.fp8, "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
                 "guided_steps": sum(self.guided), "model_calls": len(self.grid) - 1,
                 "static_batch": self.static_batch}
@@ -347,55 +383,61 @@ class Sampler:
     # ------------------------------------------------------------------ the velocity
     def _model_out(self, x, t, y):
         """The model's velocity in fp32 for fp32 state x, (B,) times t, labels y."""
-        if self.precision in ("bf16-weights", "fp8"):
+        if self.config.precision in ("bf16-weights", "fp8"):
             return self.forward(x.to(torch.bfloat16), t, y).float()
-        with autocast_context(self.device, self.precision):
+        with autocast_context(self.device, self.config.precision):
             out = self.forward(x, t, y)
         return out.float()
 
-    def velocity(self, x, t, y, y_null, guided):
-        """v(x, t): conditional where not guided; else LightningDiT.forward_with_cfg's mix (t >= interval
-        start), computed from an fp32 copy of the model output. t: (B,) on the device."""
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_null: torch.Tensor,
+                 guided: bool) -> torch.Tensor:
+        """v(x, t): conditional where not guided; else the guidance mix (modeling.guidance.cfg_velocity, what
+        LightningDiT.forward_with_cfg computes), from an fp32 copy of the model output. t: (B,) on the device."""
         if not guided:
             return self._model_out(x, t, y)
         out = self._model_out(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
-        if self.guidance == "reference":  # the authors' code guides latent channels 0..2 only
-            g, rest = out[:, :3], out[:, 3:]
-        else:
-            g, rest = out, out[:, :0]
-        cond, uncond = g.chunk(2, dim=0)
-        mixed = uncond + self.cfg_scale * (cond - uncond)
-        return torch.cat([mixed, rest[: len(x)]], dim=1)
+        return cfg_velocity(out, self.config.cfg_scale, self.config.guidance)
+
+    def _velocity_at(self, y):
+        """v(x, t) with t a host float, as the integrators call it; guidance decided on the host."""
+        y_null = torch.full_like(y, self.num_classes)
+        c = self.config
+
+        def v(x, t: float):
+            tt = torch.full((len(x),), t, device=x.device, dtype=torch.float32)
+            return self.velocity(x, tt, y, y_null, is_guided(t, c.cfg_scale, c.cfg_interval_start))
+        return v
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def __call__(self, z, y, generator=None, progress=False):
-        """Final latents for noise z (B, C, H, W) and labels y (B,); progress: a tqdm bar over the steps."""
+    def __call__(self, z: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Final latents for noise z (B, C, H, W) and labels y (B,); progress: a tqdm bar over the steps;
+        generator: for stochastic integrators (Euler-Maruyama)."""
         if not self._logged:
             log.info("sampler: %s", self.describe())
             self._logged = True
         z = z.to(self.device, torch.float32)
         y = y.to(self.device)
         n = len(z)
-        if self.method != "euler":
-            with autocast_context(self.device, self.precision):
-                return sample(self.model, z, y, steps=self.steps, method=self.method, shift=self.shift,
-                              cfg_scale=self.cfg_scale, cfg_interval_start=self.cfg_interval_start,
-                              guidance=self.guidance, generator=generator).float()
-        if (self.use_graphs or self.compile_mode != "none") and self.static_batch is None:
-            self.static_batch = n  # one static shape: smaller batches are padded to it
-        if self.static_batch is not None and n < self.static_batch:
-            pad = self.static_batch - n
-            z = torch.cat([z, z.new_zeros((pad, *z.shape[1:]))])
-            y = torch.cat([y, y.new_zeros(pad)])
-        elif self.static_batch is not None and n > self.static_batch:
-            raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
+        if self.integrator.capturable:  # the one static batch shape of the compiled / graphed Euler path
+            if (self.use_graphs or self.config.compile != "none") and self.static_batch is None:
+                self.static_batch = n  # one static shape: smaller batches are padded to it
+            if self.static_batch is not None and n < self.static_batch:
+                pad = self.static_batch - n
+                z = torch.cat([z, z.new_zeros((pad, *z.shape[1:]))])
+                y = torch.cat([y, y.new_zeros(pad)])
+            elif self.static_batch is not None and n > self.static_batch:
+                raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
         self._prime_attention(len(z))
         steps = range(len(self.grid) - 1)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-        x = self._run_graphed(z, y, steps) if self.use_graphs else self._run_eager(z, y, steps)
+        if self.use_graphs:
+            x = self._run_graphed(z, y, steps)
+        else:
+            x = self.integrator.integrate(self._velocity_at(y), z, self.grid, generator=generator, steps=steps)
         return x[:n]
 
     def _prime_attention(self, n):
@@ -403,32 +445,22 @@ class Sampler:
         compiled trace needs a choice it cannot time (kernels.prime_attention; a no-op on the CPU)."""
         if n in self._primed or not hasattr(self.model, "attention_shape"):
             return
-        dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
+        dtype = torch.float32 if self.config.precision == "fp32" else torch.bfloat16
         for guided in sorted(set(self.guided)):
             kernels.prime_attention(self.model.attention_shape(2 * n if guided else n), dtype, self.device,
                                     training=False)
         self._primed.add(n)
 
-    def _run_eager(self, z, y, steps):
-        y_null = torch.full_like(y, self.num_classes)
-        x = z
-        for i in steps:
-            t0, t1 = self.grid[i], self.grid[i + 1]
-            t = torch.full((len(x),), t0, device=x.device, dtype=torch.float32)
-            x = x + (t1 - t0) * self.velocity(x, t, y, y_null, self.guided[i])
-        return x
-
-    # ------------------------------------------------------------------ CUDA graphs
+    # ------------------------------------------------------------------ CUDA graphs (the Euler step)
     def _capture(self, n, shape):
         dev = self.device
         st = {"x": torch.zeros((n, *shape), device=dev), "y": torch.zeros(n, dtype=torch.long, device=dev),
               "y_null": torch.full((n,), self.num_classes, dtype=torch.long, device=dev),
               "t": torch.zeros((), device=dev), "dt": torch.zeros((), device=dev)}
 
-        def step(guided):
+        def step(guided):  # the capturable integrator's update, x + dt * v(x, t0), with t and dt on the device
             v = self.velocity(st["x"], st["t"].expand(n), st["y"], st["y_null"], guided)
             st["x"].copy_(st["x"] + st["dt"] * v)
-
         kinds = sorted(set(self.guided))
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -479,53 +511,93 @@ def decode_images(vae, latents, precision="fp32", batch_size=None):
 
 # ----------------------------------------------------------------------------- shared CLI arguments
 
-def add_sampling_args(p, fast_default=False):
-    """The sampler settings and execution flags of modeling.sample_images and evaluation.generate.
+# The command lines' execution defaults where they differ from SamplingConfig's (the library's exact path):
+# a command on a CUDA machine uses CUDA graphs unless told otherwise.
+CLI_DEFAULTS: dict = {"cudagraphs": "auto"}
 
-    Sampler settings default to None = "not given": then --preset, else the settings stored with the model
-    (a converted released checkpoint carries the authors'), else DEFAULT_SETTINGS."""
-    g = p.add_argument_group("sampler settings (not given: --preset, else stored with the model, else "
-                             + ", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items()) + ")")
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a SamplingConfig field: cfg_scale -> --cfg-scale."""
+    return "--" + field.replace("_", "-")
+
+
+def add_sampling_args(parser, fast_default: bool = False):
+    """The flags of every SamplingConfig field (type, choices and --help text from the dataclass), plus
+    --preset, for modeling.sample_images and evaluation.generate; read them back with config_from_args.
+
+    The settings (what is sampled) default to None = "not given": then --preset, else the settings stored with
+    the model (a converted released checkpoint carries the authors'), else SamplingConfig's defaults. The
+    execution flags default to SamplingConfig's, with CLI_DEFAULTS over them; fast_default (a CUDA machine):
+    precision bf16-weights."""
+    from .config import field_comments
+    docs = field_comments(SamplingConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
+    defaults.update(CLI_DEFAULTS, **({"precision": "bf16-weights"} if fast_default else {}))
+    g = parser.add_argument_group("sampler settings (not given: --preset, else stored with the model, else "
+                                  + ", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items()) + ")")
     g.add_argument("--preset", default=None,
                    help="the authors' settings for a released checkpoint: " + ", ".join(
                        sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)))
-    g.add_argument("--method", default=None, choices=["euler", "heun", "dopri5", "euler_maruyama"])
-    g.add_argument("--steps", type=int, default=None, help="grid points (steps - 1 Euler model calls)")
-    g.add_argument("--shift", type=float, default=None, help="timestep shift s*t/(1+(s-1)*t)")
-    g.add_argument("--cfg-scale", type=float, default=None)
-    g.add_argument("--cfg-interval-start", type=float, default=None, help="no guidance for t below this")
-    g.add_argument("--guidance", choices=["all", "reference"], default=None,
-                   help="reference: the authors' guidance of latent channels 0..2 only (their cfg scales were "
-                        "tuned for it); all: standard guidance on every channel (needs its own cfg scale)")
-    x = p.add_argument_group("execution")
-    x.add_argument("--precision", choices=PRECISIONS, default="bf16-weights" if fast_default else "fp32",
-                   help="bf16: autocast on the fp32 weights; bf16-weights: a bf16 copy; fp8: that copy with the "
-                        "blocks' matmuls in FP8 (an FP8 GPU; see docs/sampling.md for its accuracy); "
-                        "the ODE state stays fp32")
-    x.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="rowwise",
-                   help="--precision fp8: dynamic scales per row, or per tensor")
-    x.add_argument("--fp8-impl", choices=FP8_IMPLS, default="scaled_mm",
-                   help="--precision fp8: our FP8Linear (weights quantized once, one torch._scaled_mm), or "
-                        "torchao's float8 training modules")
-    x.add_argument("--fused-mlp", action="store_true",
-                   help="each MLP's w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32, a CUDA GPU)")
-    x.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                   help="torch.compile with static shapes: each block, or the whole forward")
-    x.add_argument("--autotune", action="store_true",
-                   help="with --compile: inductor's max-autotune (Triton GEMMs with fused epilogues where they "
-                        "measure faster; minutes of compilation)")
-    x.add_argument("--cudagraphs", choices=CUDAGRAPH_MODES, default="auto",
-                   help="capture each Euler step as a CUDA graph (auto: on CUDA; on: error where impossible)")
-    return p
+    x = parser.add_argument_group("execution (how it is computed: speed and rounding, not what is sampled)")
+    for f in dataclasses.fields(SamplingConfig):
+        setting = f.name in SETTING_KEYS
+        group, tp = (g if setting else x), _HINTS[f.name]
+        kw = dict(help=docs.get(f.name) or None, default=None if setting else defaults[f.name])
+        if f.name == "method":  # the registry's names at the time the parser is built
+            kw["choices"] = integrator_names()
+        elif typing.get_origin(tp) is Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif tp is bool:
+            kw["action"] = "store_true" if not kw["default"] else argparse.BooleanOptionalAction
+        else:
+            kw["type"] = tp
+        group.add_argument(flag_name(f.name), dest=f.name, **kw)
+    return parser
 
 
-def execution_from_args(a):
-    """The Sampler's execution options (how, not what, it computes) from parsed add_sampling_args flags."""
-    return dict(precision=a.precision, compile=a.compile, cudagraphs=a.cudagraphs, autotune=a.autotune,
-                fp8_recipe=a.fp8_recipe, fp8_impl=a.fp8_impl, fused_mlp=a.fused_mlp)
+def config_from_args(args, stored: Optional[dict] = None,
+                     stored_from: str = "the model") -> tuple[SamplingConfig, dict]:
+    """(SamplingConfig, {setting: source}) from parsed add_sampling_args flags and the model's stored "sampling"
+    settings (config.json). Settings resolve per key: given > --preset > stored > defaults (resolve_settings).
+    A value no sampler can run raises SamplingConfigError naming its flag, or the preset / the model it came
+    from (`stored_from`), before anything is loaded or sampled."""
+    if stored is not None and not isinstance(stored, dict):
+        raise SamplingConfigError("sampling", f"the sampling settings stored with {stored_from} (config.json "
+                                              f"\"sampling\") must be a mapping, got {type(stored).__name__}")
+    try:
+        settings, sources = resolve_settings({k: getattr(args, k) for k in SETTING_KEYS}, args.preset, stored)
+    except ValueError as e:
+        raise SamplingConfigError("preset", f"--preset: {e}") from None
+    execution = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
+                 if f.name not in SETTING_KEYS}
+    try:
+        config = SamplingConfig(**settings, **execution).validate()
+    except SamplingConfigError as e:
+        source = sources.get(e.field, "given")
+        where = (flag_name(e.field) if source == "given"
+                 else f"the sampling settings stored with {stored_from} (config.json \"sampling\")"
+                 if source == "stored with the model" else source)
+        raise SamplingConfigError(e.field, f"{where}: {e}") from None
+    return config, sources
 
 
-def settings_from_args(a, stored=None):
-    """(settings, sources) from parsed add_sampling_args flags and the model's stored "sampling" dict."""
-    explicit = {k: getattr(a, k) for k in SETTING_KEYS}
-    return resolve_settings(explicit, a.preset, stored)
+def check_device(device: Union[str, torch.device], flag: str = "--device") -> torch.device:
+    """`device` as a torch.device, or a ValueError naming `flag` where it cannot run here (not a device name, CUDA
+    or MPS absent, a CUDA index past the last GPU) -- before any model is loaded."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{flag} {device!r}: not a device name ({' '.join(str(e).split())})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {device}: MPS is not available here")
+    elif d.type != "cpu":
+        raise ValueError(f"{flag} {device}: sampling runs on cpu, cuda[:N] or mps, not {d.type!r}")
+    return d

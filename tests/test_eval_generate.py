@@ -55,3 +55,81 @@ def test_reconstruction_metrics_tiny_vae():
     res, rec = reconstruction_metrics(vae, images, batch_size=3, inception=features, progress=False)
     assert rec.shape == images.shape and rec.dtype == np.uint8
     assert 0 < res["psnr"] < 40 and -1 < res["ssim"] < 1 and np.isfinite(res["rfid"]) and res["num_images"] == 4
+
+
+# ----------------------------------------------------------------------------- bad input (issue 21)
+
+def _folders(tmp_path):
+    from modeling import save_pretrained
+    dit, vae = _tiny()
+    save_pretrained(dit, dit.config, tmp_path / "dit")
+    save_pretrained(vae, vae.config, tmp_path / "vae")
+    return str(tmp_path / "dit"), str(tmp_path / "vae")
+
+
+def test_cli_refuses_bad_arguments_before_sampling(tmp_path, capsys, monkeypatch):
+    """Every argument generate cannot run with: one line naming the flag, the variable or the file, exit 2,
+    before anything is sampled or written (before: exit 0 with black images, a traceback, or a failure after
+    hours of sampling when the merge could not write the output)."""
+    import pytest
+
+    from evaluation.generate import main
+    from modeling.sampling import Sampler
+
+    def sampled(*a, **k):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(Sampler, "__call__", sampled)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dit, vae = _folders(tmp_path)
+    out = tmp_path / "s.npz"
+
+    def refused(*extra, target=out):
+        with pytest.raises(SystemExit) as e:
+            main([dit, vae, str(target), "--num-samples", "4", "--batch-size", "2", "--steps", "3",
+                  "--device", "cpu", "--precision", "fp32", *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+        return err
+
+    assert "--num-samples must be an integer >= 1, got 0" in refused("--num-samples", "0")
+    assert "--num-samples" in refused("--num-samples=-5")
+    assert "--batch-size must be an integer >= 1, got 0" in refused("--batch-size", "0")
+    assert "--seed" in refused("--seed", str(2 ** 70)) and "64 bits" in refused("--seed", str(2 ** 62))
+    assert "--seed" in refused("--seed=-1")
+    for value in ("nan", "inf", "-inf"):
+        assert "--cfg-scale: cfg_scale must be a finite number" in refused(f"--cfg-scale={value}")
+    assert "--steps" in refused("--steps", "1")
+    for value in ("0", "-2", "nan", "inf"):
+        assert "--latent-multiplier" in refused(f"--latent-multiplier={value}")
+    for name, std in (("nan.pt", torch.full((1, 4, 1, 1), float("nan"))), ("zero.pt", torch.zeros(1, 4, 1, 1))):
+        torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": std}, tmp_path / name)
+        assert name in refused("--latent-stats", str(tmp_path / name))
+    (tmp_path / "a_file").write_text("x")
+    for target, why in ((tmp_path / "a_file" / "s.npz", "not a folder"), ("/proc/vavae-test.npz", "cannot write"),
+                        (tmp_path / ("x" * 250 + ".npz"), "longer than"), (tmp_path, "is a folder"),
+                        (tmp_path / "a_file", "not this command's output")):
+        assert why in refused(target=target), why
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: CUDA is not available" in refused("--device", "cuda")
+    monkeypatch.setenv("RANK", "abc")
+    assert "RANK='abc': expected an integer" in refused()
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "RANK < WORLD_SIZE" in refused()
+    assert not out.exists() and not out.with_suffix(".chunks").exists()
+
+
+def test_library_generate_checks_its_arguments(tmp_path):
+    import pytest
+    dit, vae = _tiny()
+    for kw, match in ((dict(num_samples=0), "num_samples must be an integer >= 1"),
+                      (dict(batch_size=0), "batch_size must be"), (dict(seed=2 ** 70), "seed"),
+                      (dict(latent_multiplier=0.0), "latent_multiplier"), (dict(cfg_scale=float("nan")), "cfg_scale"),
+                      (dict(latent_stats={"mean": torch.zeros(1, 4, 1, 1), "std": torch.zeros(1, 4, 1, 1)}),
+                       "std must be > 0")):
+        args = {**dict(num_samples=2, batch_size=2, steps=3, progress=False), **kw}
+        with pytest.raises(ValueError, match=match):
+            generate(dit, vae, tmp_path / "x.npz", **args)
+    assert not (tmp_path / "x.chunks").exists()

@@ -73,3 +73,83 @@ def test_released_file_samples_with_the_authors_settings(parity_dir, parity_conf
         main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "10",
               "--out", str(tmp_path / "x.png")])
     assert "labels [10] are outside 0..9" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input (issue 21)
+
+def _tiny_folders(tmp_path):
+    from modeling import save_pretrained
+    torch.manual_seed(0)
+    dit = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, z_channels=4,
+                        embed_dim=4)
+    save_pretrained(dit, dit.config, tmp_path / "dit")
+    save_pretrained(vae, vae.config, tmp_path / "vae")
+    return tmp_path / "dit", tmp_path / "vae"
+
+
+def _refused(capsys, main, argv):
+    """The command exits 2 with one line on stderr (no traceback); returns it."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fail the test if anything is sampled: every refusal below must come before the first model call."""
+    from modeling.sampling import Sampler
+
+    def called(*a, **k):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(Sampler, "__call__", called)
+
+
+def test_bad_values_are_refused_before_sampling(tmp_path, capsys, no_sampling, monkeypatch):
+    """NaN / inf guidance, NaN or zero-std latent statistics, a zero latent multiplier, a seed past 64 bits, an
+    output that cannot be written and a device that is not here: one line naming the flag or the file, exit 2,
+    nothing sampled or written (before: exit 0 with black images, or a traceback after sampling)."""
+    dit, vae = _tiny_folders(tmp_path)
+    out = tmp_path / "g.png"
+    base = ["--dit", str(dit), "--vae", str(vae), "--labels", "0", "1", "--steps", "3", "--no-progress",
+            "--device", "cpu"]
+    for flag, value in (("--cfg-scale", "nan"), ("--cfg-scale", "inf"), ("--shift", "-inf"),
+                        ("--cfg-interval-start", "nan")):
+        err = _refused(capsys, main, [*base, f"{flag}={value}", "--out", str(out)])
+        assert flag in err and "finite" in err
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        assert "--latent-multiplier" in _refused(capsys, main, [*base, f"--latent-multiplier={bad}",
+                                                                "--out", str(out)])
+    for name, mean, std in (("nan_mean.pt", torch.full((1, 4, 1, 1), float("nan")), torch.ones(1, 4, 1, 1)),
+                            ("inf_std.pt", torch.zeros(1, 4, 1, 1), torch.tensor([1.0, float("inf"), 1, 1])),
+                            ("zero_std.pt", torch.zeros(1, 4, 1, 1), torch.tensor([1.0, 0.0, 1.0, 1.0]))):
+        torch.save({"mean": mean, "std": std.reshape(1, 4, 1, 1)}, tmp_path / name)
+        err = _refused(capsys, main, [*base, "--stats", str(tmp_path / name), "--out", str(out)])
+        assert name in err and ("finite" in err or "std" in err), err
+    assert "--seed" in _refused(capsys, main, [*base, "--seed", str(2 ** 70), "--out", str(out)])
+    assert "--seed" in _refused(capsys, main, [*base, "--seed=-1", "--out", str(out)])
+    (tmp_path / "a_file").write_text("x")
+    for bad_out, why in ((tmp_path / "a_file" / "g.png", "not a folder"), ("/proc/vavae-test-grid.png", "cannot write"),
+                         (tmp_path / ("x" * 300 + ".png"), "longer than"), (tmp_path, "is a folder"),
+                         (tmp_path / "g.unknownext", "not an image format")):
+        err = _refused(capsys, main, [*base, "--out", str(bad_out)])
+        assert "--out" in err and why in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _refused(capsys, main, [*base, "--device", "cuda", "--out", str(out)])
+    assert "--device cuda: CUDA is not available" in err
+    assert "--device" in _refused(capsys, main, [*base, "--device", "gpu0", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_library_generate_refuses_unusable_statistics_and_multiplier(parity_dir, parity_configs):
+    dit, vae = _fixture_models(parity_dir, parity_configs)
+    mean, std = torch.zeros(1, 32, 1, 1), torch.ones(1, 32, 1, 1)
+    with pytest.raises(ValueError, match="latent_multiplier must be a finite number > 0"):
+        generate(dit, vae, [1], mean, std, steps=3, latent_multiplier=0.0)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        generate(dit, vae, [1], mean, std * 0, steps=3)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        generate(dit, vae, [1], mean, std, steps=3, cfg_scale=float("nan"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling import LightningDiT, sample
-from modeling.sampling import Sampler, SamplerUnavailable
+from modeling.sampling import Sampler, SamplerUnavailable, SamplingConfig, SamplingConfigError
 
 TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
 
@@ -33,15 +33,19 @@ def _fp8_tiny(seed=0):
 
 def test_fp32_eager_is_sample_bit_for_bit(parity_dir):
     dit = LightningDiT.from_pretrained(parity_dir / "lightningdit_a.pt")
-    io = torch.load(parity_dir / "lightningdit_a_io.pt", weights_only=False)
+    io = torch.load(parity_dir / "lightningdit_a_io.pt", weights_only=True)
     z, y = io["sample_z"], io["sample_y"]
     for guidance in ("reference", "all"):
         kw = dict(steps=8, shift=0.3, cfg_scale=3.0, cfg_interval_start=0.11, guidance=guidance)
-        assert torch.equal(Sampler(dit, **kw)(z, y), sample(dit, z, y, **kw))
-    out = Sampler(dit, steps=8, shift=0.3, cfg_scale=3.0, cfg_interval_start=0.11, guidance="reference")(z, y)
-    torch.testing.assert_close(out, io["sample_out"], rtol=1e-4, atol=1e-5)
-    heun = dict(steps=5, method="heun", cfg_scale=2.0, cfg_interval_start=0.2)
-    assert torch.equal(Sampler(dit, **heun)(z, y), sample(dit, z, y, **heun))
+        assert torch.equal(Sampler(dit, SamplingConfig(**kw))(z, y), sample(dit, z, y, **kw))
+    ref = SamplingConfig(steps=8, shift=0.3, cfg_scale=3.0, cfg_interval_start=0.11, guidance="reference")
+    torch.testing.assert_close(Sampler(dit, ref)(z, y), io["sample_out"], rtol=1e-4, atol=1e-5)
+    for method in ("heun", "dopri5"):  # every integrator runs through the same Sampler (the registry)
+        kw = dict(steps=5, method=method, cfg_scale=2.0, cfg_interval_start=0.2)
+        assert torch.equal(Sampler(dit, SamplingConfig(**kw))(z, y), sample(dit, z, y, **kw))
+    em = dict(steps=5, method="euler_maruyama", cfg_scale=2.0)
+    a = Sampler(dit, SamplingConfig(**em))(z, y, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, sample(dit, z, y, generator=torch.Generator().manual_seed(1), **em))
 
 
 def test_precision_guard_on_the_fixtures(parity_dir):
@@ -83,44 +87,46 @@ def test_fp8_sampler_cpu_emulation_and_refusals():
     from modeling.fp8 import FP8Linear
     m = _fp8_tiny()
     z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
-    kw = dict(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
+    c = SamplingConfig(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
     for impl in ("scaled_mm", "torchao"):
         with pytest.raises(SamplerUnavailable, match="FP8-capable CUDA GPU.*--precision bf16-weights"):
-            Sampler(m, precision="fp8", fp8_impl=impl, **kw)
-    s = Sampler(m, precision="fp8", fp8_emulation=True, **kw)
+            Sampler(m, c.replace(precision="fp8", fp8_impl=impl))
+    s = Sampler(m, c.replace(precision="fp8"), fp8_emulation=True)
     assert s.describe()["precision"] == "fp8" and "rowwise" in s.describe()["fp8"]
     assert "_scaled_mm" in s.describe()["fp8"]
     assert isinstance(s.model.blocks[0].mlp.w12, FP8Linear) and isinstance(s.model.blocks[-1].attn.qkv, FP8Linear)
     assert not isinstance(s.model.blocks[0].adaLN_modulation[-1], FP8Linear)  # adaLN stays bf16
     assert not any(isinstance(mod, FP8Linear) for mod in m.modules())  # the caller's model is untouched
-    fp32, bf16w, fp8 = Sampler(m, **kw)(z, y), Sampler(m, precision="bf16-weights", **kw)(z, y), s(z, y)
+    fp32, bf16w, fp8 = Sampler(m, c)(z, y), Sampler(m, c.replace(precision="bf16-weights"))(z, y), s(z, y)
     rel = lambda a: float((a - fp32).norm() / fp32.norm())  # noqa: E731
     assert 0 < rel(bf16w) < rel(fp8) < 0.1  # FP8 really ran, and stayed close
-    tw = Sampler(m, precision="fp8", fp8_recipe="tensorwise", fp8_emulation=True, **kw)
+    tw = Sampler(m, c.replace(precision="fp8", fp8_recipe="tensorwise"), fp8_emulation=True)
     assert "tensorwise" in tw.describe()["fp8"] and not torch.equal(tw(z, y), fp8)
-    ao = Sampler(m, precision="fp8", fp8_impl="torchao", fp8_emulation=True, **kw)
+    ao = Sampler(m, c.replace(precision="fp8", fp8_impl="torchao"), fp8_emulation=True)
     assert isinstance(ao.model.blocks[0].mlp.w12, Float8Linear) and "torchao" in ao.describe()["fp8"]
     assert 0 < rel(ao(z, y)) < 0.1
-    with pytest.raises(ValueError, match="fp8_impl"):
-        Sampler(m, precision="fp8", fp8_impl="te", fp8_emulation=True, **kw)
+    with pytest.raises(SamplingConfigError, match="fp8_impl"):
+        Sampler(m, SamplingConfig(precision="fp8", fp8_impl="te", steps=5), fp8_emulation=True)
     with pytest.raises(SamplerUnavailable, match="divisible by 16"):
-        Sampler(_tiny(), precision="fp8", fp8_emulation=True, **kw)
-    with pytest.raises(SamplerUnavailable, match="autotune.*compile"):
-        Sampler(m, autotune=True, **kw)
+        Sampler(_tiny(), c.replace(precision="fp8"), fp8_emulation=True)
+    # contradictory options are config mistakes, refused when the config is validated (naming the field)
+    with pytest.raises(SamplingConfigError, match="autotune.*compile") as e:
+        c.replace(autotune=True)
+    assert e.value.field == "autotune"
     for precision in ("bf16", "fp8"):  # the fused kernel reads the weights: no autocast, no FP8
-        with pytest.raises(SamplerUnavailable, match="fused_mlp runs with precision bf16-weights or fp32"):
-            Sampler(m, precision=precision, fused_mlp=True, fp8_emulation=True, **kw)
-    with pytest.raises(ValueError, match="fp8_recipe"):
-        Sampler(m, precision="fp8", fp8_recipe="delayed", fp8_emulation=True, **kw)
+        with pytest.raises(SamplingConfigError, match="fused_mlp runs with precision bf16-weights or fp32"):
+            Sampler(m, SamplingConfig(precision=precision, fused_mlp=True), fp8_emulation=True)
+    with pytest.raises(SamplingConfigError, match="fp8_recipe"):
+        Sampler(m, SamplingConfig(precision="fp8", fp8_recipe="delayed"), fp8_emulation=True)
 
 
 def test_compiled_blocks_static_batch_and_padding(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     m = _tiny()
     z, y = torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 2, 0])
-    kw = dict(steps=4, cfg_scale=2.5, cfg_interval_start=0.0)  # every step guided: one batch shape to compile
-    eager = Sampler(m, **kw)(z, y)
-    s = Sampler(m, compile="blocks", **kw)
+    c = SamplingConfig(steps=4, cfg_scale=2.5, cfg_interval_start=0.0)  # every step guided: one shape to compile
+    eager = Sampler(m, c)(z, y)
+    s = Sampler(m, c.replace(compile="blocks"))
     torch.testing.assert_close(s(z, y), eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s(z[:3], y[:3]), eager[:3], rtol=1e-5, atol=1e-6)  # padded to the static batch
     d = s.describe()
@@ -133,29 +139,34 @@ def test_compiled_blocks_static_batch_and_padding(monkeypatch, tmp_path):
 def test_requests_that_cannot_run_are_errors():
     m = _tiny()
     with pytest.raises(SamplerUnavailable, match="CUDA graphs were requested but the sampler runs on cpu"):
-        Sampler(m, cudagraphs="on")
-    assert Sampler(m, cudagraphs="auto").describe()["cudagraphs"] == "off"
-    with pytest.raises(SamplerUnavailable, match="Euler"):
-        Sampler(m, method="heun", compile="blocks")
-    with pytest.raises(ValueError, match="precision"):
-        Sampler(m, precision="fp16")
-    with pytest.raises(ValueError, match="steps must be >= 2"):
-        Sampler(m, steps=1)
+        Sampler(m, SamplingConfig(cudagraphs="on"))
+    assert Sampler(m, SamplingConfig(cudagraphs="auto")).describe()["cudagraphs"] == "off"
+    with pytest.raises(SamplingConfigError, match="implemented for the Euler sampler, not method 'heun'"):
+        Sampler(m, SamplingConfig(method="heun", compile="blocks"))
+    with pytest.raises(SamplingConfigError, match="CUDA graphs are implemented for the Euler sampler"):
+        SamplingConfig(method="dopri5", cudagraphs="on").validate()
+    with pytest.raises(SamplingConfigError, match="precision"):
+        Sampler(m, SamplingConfig(precision="fp16"))
+    with pytest.raises(SamplingConfigError, match="steps must be at least 2"):
+        Sampler(m, SamplingConfig(steps=1))
+    with pytest.raises(TypeError, match="SamplingConfig"):  # the old keyword form is gone, not silently half-read
+        Sampler(m, dict(steps=4))
 
 
 def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
-    from bench.sample_speed import forward_units, measure_sampling, parse_spec
-    assert parse_spec("bf16-weights+blocks+graphs@256") == (
+    from bench.sample_speed import PlanEntry, forward_units, measure_sampling, parse_spec
+    # a plan entry is SamplingConfig fields (how a sample is computed), its batch, and the kernels backend
+    assert parse_spec("bf16-weights+blocks+graphs@256") == PlanEntry(
         dict(precision="bf16-weights", compile="blocks", cudagraphs="on"), 256)
-    assert parse_spec("fp8+tensorwise+model+autotune+graphs@128") == (
+    assert parse_spec("fp8+tensorwise+model+autotune+graphs@128") == PlanEntry(
         dict(precision="fp8", compile="model", cudagraphs="on", autotune=True, fp8_recipe="tensorwise"), 128)
-    assert parse_spec("fp8+torchao+model+graphs@128") == (
+    assert parse_spec("fp8+torchao+model+graphs@128") == PlanEntry(
         dict(precision="fp8", compile="model", cudagraphs="on", fp8_impl="torchao"), 128)
-    assert parse_spec("fp8+refops+model+graphs@128") == (
-        dict(precision="fp8", compile="model", cudagraphs="on", kernels="reference"), 128)
+    assert parse_spec("fp8+refops+model+graphs@128") == PlanEntry(
+        dict(precision="fp8", compile="model", cudagraphs="on"), 128, "reference")
     with pytest.raises(ValueError, match="@BATCH"):
         parse_spec("bf16")
-    with pytest.raises(ValueError, match="tensorwise, torchao after fp8"):
+    with pytest.raises(ValueError, match="fp8_recipe applies to precision fp8 only"):
         parse_spec("bf16+tensorwise@4")
     assert forward_units([False, True, True]) == 5
     res = measure_sampling("custom", ["fp32@4", "bf16+refops@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
@@ -178,7 +189,7 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
     assert "img_per_s_with_decode" in bf16 and bf16["batch"] == 6
     assert "CUDA graphs were requested" in graphs["error"]  # no speed for a path that did not run
     assert "FP8-capable CUDA GPU" in fp8["error"] and "img_per_s" not in fp8
-    assert res["settings"]["guided_steps_scaled"] == "168/249" and res["env"]["device"] == "cpu"
+    assert res["settings"]["guided_steps_scaled"] == "168/249" and res["environment"]["card"].startswith("cpu")
     json.dumps(res)  # JSON-clean
     skipped = measure_sampling("custom", ["fp32@2"], steps=3, input_size=4, in_channels=4, num_classes=3,
                                model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1), decode=False,
@@ -232,11 +243,11 @@ def test_training_eval_fn_fixed_samples_and_scorers(tmp_path):
 def test_precision_guard_records_a_path_that_fails_and_exits_nonzero(parity_dir, tmp_path, monkeypatch):
     """A fast path that breaks at run time (e.g. a CUDA graph capture) is recorded with its error while the
     others still run, and the command exits non-zero: no guard 'passes' with a path missing."""
-    from bench.eval import precision_guard
+    from bench import precision_guard
     real = Sampler.__call__
 
     def fp8_breaks(self, z, y, *a, **k):
-        if self.precision == "fp8":
+        if self.config.precision == "fp8":
             raise RuntimeError("capture failed")
         return real(self, z, y, *a, **k)
 
@@ -257,8 +268,147 @@ def test_sampler_primes_attention_at_its_shapes(monkeypatch):
     monkeypatch.setattr(kernels, "prime_attention", lambda shape, dtype, device, training: calls.append(
         (shape, dtype, training)))
     m = _tiny()
-    s = Sampler(m, steps=6, cfg_scale=2.0, cfg_interval_start=0.5, precision="bf16-weights")
+    s = Sampler(m, SamplingConfig(steps=6, cfg_scale=2.0, cfg_interval_start=0.5, precision="bf16-weights"))
     z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
     s(z, y)
     s(z, y)
     assert calls == [((3, 2, 16, 16), torch.bfloat16, False), ((6, 2, 16, 16), torch.bfloat16, False)]
+
+
+# ----------------------------------------------------------------------------- one SamplingConfig, one registry
+
+def test_sampling_options_are_declared_once():
+    """SamplingConfig is the one declaration: the trainer's eval.* keys inherit it (same types, the trainer's own
+    defaults), the CLI has one flag per field with the field's comment as help, presets and config.json's
+    "sampling" are its settings() (validated), and a bad value is refused naming the field."""
+    import argparse
+    import dataclasses
+    import typing
+
+    from evaluation.train_eval import EvalSettings
+    from modeling.config import field_comments, from_dict
+    from modeling.sampling import SAMPLING_PRESETS, SETTING_KEYS, add_sampling_args, config_from_args
+
+    fields = {f.name: f for f in dataclasses.fields(SamplingConfig)}
+    hints, eval_hints = typing.get_type_hints(SamplingConfig), typing.get_type_hints(EvalSettings)
+    assert issubclass(EvalSettings, SamplingConfig)
+    assert all(eval_hints[k] == hints[k] for k in fields)
+    assert EvalSettings().precision == "bf16" and EvalSettings().cudagraphs == "auto"  # the trainer's defaults
+    assert SETTING_KEYS == tuple(fields)[:6]
+    # eval.* keys stay flat and are checked by SamplingConfig.validate (through the config system)
+    assert from_dict(EvalSettings, {"method": "heun", "steps": 5}).method == "heun"
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        from_dict(EvalSettings, {"cfg_scale": float("nan")})
+    with pytest.raises(ValueError, match="method must be a registered integrator"):
+        from_dict(EvalSettings, {"method": "rk99"})
+    p = add_sampling_args(argparse.ArgumentParser())
+    flags = {a.dest: a for a in p._actions if a.option_strings}
+    docs = field_comments(SamplingConfig)
+    for name, f in fields.items():
+        a = flags[name]
+        assert a.option_strings == ["--" + name.replace("_", "-")] and a.help == docs[name] and docs[name]
+        assert a.default is None if name in SETTING_KEYS else a.default == f.default or name == "cudagraphs"
+        if typing.get_origin(hints[name]) is typing.Literal:
+            assert tuple(a.choices) == typing.get_args(hints[name])
+    cfg, sources = config_from_args(p.parse_args(["--preset", "800ep", "--steps", "7", "--compile", "blocks"]))
+    assert cfg == SamplingConfig(method="euler", steps=7, shift=0.3, cfg_scale=6.7, cfg_interval_start=0.125,
+                                 guidance="reference", compile="blocks", cudagraphs="auto")
+    assert sources["steps"] == "given" and sources["cfg_scale"] == "preset 800ep"
+    for preset in SAMPLING_PRESETS.values():
+        assert SamplingConfig(**preset["settings"]).validate().settings() == preset["settings"]
+    stored = {"preset": "x", **SamplingConfig(cfg_scale=4.0).settings()}  # what config.json "sampling" holds
+    assert config_from_args(p.parse_args([]), stored)[0].cfg_scale == 4.0
+    with pytest.raises(SamplingConfigError, match=r'^the sampling settings stored with m\.pt .*cfg_scale must be'):
+        config_from_args(p.parse_args([]), {"cfg_scale": float("inf")}, stored_from="m.pt")
+    with pytest.raises(SamplingConfigError, match="^--cfg-scale: cfg_scale must be a finite number, got nan"):
+        config_from_args(p.parse_args(["--cfg-scale", "nan"]))
+    with pytest.raises(SamplingConfigError, match="stored with the model .*steps must be an integer, got 'many'"):
+        config_from_args(p.parse_args([]), {"steps": "many"})
+    with pytest.raises(SamplingConfigError, match="^--preset: unknown sampling preset 'x'"):
+        config_from_args(p.parse_args(["--preset", "x"]))
+
+
+@pytest.fixture
+def midpoint():
+    """A toy integrator registered for one test (and removed after): explicit midpoint, two calls per step."""
+    from modeling.integrators import INTEGRATORS, Integrator, register_integrator
+
+    @register_integrator("midpoint")
+    class Midpoint(Integrator):
+        def step(self, v, x, t0, t1, last=False, generator=None):
+            h = t1 - t0
+            return x + h * v(x + 0.5 * h * v(x, t0), t0 + 0.5 * h)
+
+    yield Midpoint
+    del INTEGRATORS["midpoint"]
+
+
+def test_a_registered_integrator_runs_everywhere(midpoint):
+    """Adding an integrator is one class + one registration: sample(), the Sampler (any precision) and the CLI
+    flag choices pick it up, and it computes what its step says (checked against a hand-written loop)."""
+    import argparse
+
+    from modeling.guidance import is_guided
+    from modeling.sampling import GuidedVelocity, add_sampling_args, config_from_args, time_grid
+    m = _tiny()
+    z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    kw = dict(steps=4, cfg_scale=2.0, cfg_interval_start=0.3)
+    v = GuidedVelocity(m, y, 2.0, 0.3)
+    x, grid = z, time_grid(4, 0.3, dtype=torch.float64).tolist()
+    with torch.no_grad():
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            h = t1 - t0
+            x = x + h * v(x + 0.5 * h * v(x, t0), t0 + 0.5 * h)
+    assert any(is_guided(t, 2.0, 0.3) for t in grid) and not all(is_guided(t, 2.0, 0.3) for t in grid)
+    ref = sample(m, z, y, method="midpoint", **kw)
+    assert torch.equal(ref, x) and not torch.equal(ref, sample(m, z, y, **kw))
+    p = add_sampling_args(argparse.ArgumentParser(exit_on_error=False))
+    assert "midpoint" in next(a for a in p._actions if a.dest == "method").choices
+    cfg, _ = config_from_args(p.parse_args(["--method", "midpoint", "--steps", "4", "--cfg-scale", "2",
+                                            "--cfg-interval-start", "0.3", "--cudagraphs", "off"]))
+    s = Sampler(m, cfg)
+    assert s.describe()["method"] == "midpoint" and torch.equal(s(z, y), ref)
+    bf16 = Sampler(m, cfg.replace(precision="bf16-weights"))(z, y)
+    assert 0 < float((bf16 - ref).norm() / ref.norm()) < 0.05
+    with pytest.raises(SamplingConfigError, match="Euler sampler, not method 'midpoint'"):
+        cfg.replace(compile="blocks")
+
+
+def test_unregistered_method_and_bad_registrations():
+    from modeling.integrators import Integrator, make_integrator, register_integrator
+    with pytest.raises(SamplingConfigError, match="registered integrator .*euler, heun, dopri5, euler_maruyama"):
+        SamplingConfig(method="midpoint").validate()
+    with pytest.raises(ValueError, match="method must be a registered integrator .* got 'rk99'"):
+        sample(_tiny(), torch.randn(1, 4, 4, 4), torch.tensor([0]), steps=3, method="rk99")
+    with pytest.raises(ValueError, match="unknown sampling method 'rk99'; registered: euler, heun"):
+        make_integrator("rk99")
+    with pytest.raises(ValueError, match="identifier"):
+        register_integrator("mid point")
+    with pytest.raises(TypeError, match="Integrator subclass"):
+        register_integrator("fn")(lambda v, x: x)
+    with pytest.raises(NotImplementedError, match="implements neither step nor integrate"):
+        Integrator().integrate(lambda x, t: x, torch.zeros(1), [0.0, 1.0])
+    # options go to the integrators that declare them
+    assert make_integrator("dopri5", atol=1e-3, diffusion_norm=2.0).atol == 1e-3
+    assert make_integrator("euler_maruyama", atol=1e-3, diffusion_norm=2.0).diffusion_norm == 2.0
+
+
+def test_guidance_rule_and_mix_written_once():
+    """modeling.guidance: the rule (scale != 1 and t >= start; floats and per-sample tensors alike) and the mix
+    (all channels / the authors' channels 0..2) that forward_with_cfg and the Sampler share."""
+    from modeling.guidance import cfg_velocity, is_guided
+    assert is_guided(0.5, 2.0, 0.5) and not is_guided(0.49, 2.0, 0.5) and not is_guided(0.9, 1.0, 0.0)
+    assert is_guided(torch.tensor([0.4, 0.6]), 2.0, 0.5).tolist() == [False, True]
+    assert is_guided(torch.tensor([0.4, 0.6]), 1.0, 0.0).tolist() == [False, False]
+    cond, uncond = torch.randn(2, 5, 2, 2), torch.randn(2, 5, 2, 2)
+    out = torch.cat([cond, uncond])
+    torch.testing.assert_close(cfg_velocity(out, 3.0, "all"), uncond + 3.0 * (cond - uncond))
+    ref = cfg_velocity(out, 3.0, "reference")
+    torch.testing.assert_close(ref[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
+    assert torch.equal(ref[:, 3:], cond[:, 3:])
+    on = cfg_velocity(out, 3.0, "all", on=torch.tensor([True, False]))
+    assert torch.equal(on[1], cond[1]) and torch.equal(on[0], cfg_velocity(out, 3.0, "all")[0])
+    m = _tiny()
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([0.7, 0.7]), torch.tensor([1, 3])
+    with torch.no_grad():  # cfg_scale 1 is unguided: the conditional output, exactly
+        assert torch.equal(m.forward_with_cfg(x, t, y, 1.0)[:1], m(torch.cat([x[:1], x[:1]]), t, y)[:1])
