@@ -224,11 +224,18 @@ def check_config_fits(cls, kind, arch, shapes, config_path, weights_path):
     keys, invalid values (num_heads=0, depth=-1, ...), a different size (a 100 TB model for a 1 MB file) are
     refused in one line naming the file and the size; the model is built on the meta device only."""
     import torch
+    config_cls = _config_class(cls)
+    if config_cls is not None:  # every key known, every value of its type, validate(): ConfigError by key
+        from .config import from_dict
+        try:
+            from_dict(config_cls, dict(arch))
+        except (TypeError, ValueError) as e:
+            raise CheckpointLoadError(f"{config_path}: {' '.join(str(e).split())}") from None
+    for name, want, have in _repeats(kind, arch, shapes):
+        if isinstance(want, int) and want > 2 * have + 8:
+            raise CheckpointMismatchError(
+                f"{config_path} asks for {name}={want}, but {weights_path} holds {have}; refusing to build it")
     try:
-        for name, want, have in _repeats(kind, arch, shapes):
-            if isinstance(want, int) and isinstance(have, int) and want > max(have, 0) and want > 2 * have + 8:
-                raise CheckpointMismatchError(
-                    f"{config_path} asks for {name}={want}, but {weights_path} holds {have}; refusing to build it")
         with torch.device("meta"):
             probe = cls(**arch)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
@@ -242,6 +249,20 @@ def check_config_fits(cls, kind, arch, shapes, config_path, weights_path):
                 f"{weights_path} holds {have:,} ({_nbytes(4 * have)}); ")
         raise CheckpointMismatchError(size + str(e)) from None
     return probe
+
+
+def _config_class(cls):
+    """The config dataclass a model constructor takes (`__init__(self, config: XConfig = None, /, **kwargs)`)."""
+    import dataclasses
+    import typing
+    try:
+        tp = typing.get_type_hints(cls.__init__).get("config")
+    except (NameError, TypeError):
+        return None
+    for t in (tp, *typing.get_args(tp)):  # Optional[XConfig] too
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
 
 
 def _numel(shape):

@@ -101,7 +101,7 @@ def numpy_array_globals():
     return found
 
 
-_torch_load = torch.load  # the real one, also while a caller has patched torch.load (see deepspeed_safe_load)
+_torch_load = torch.load  # the real one, also while torch.load is swapped (torch_load_guard)
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -147,6 +147,29 @@ def safe_torch_load(path, what="checkpoint", map_location="cpu", allow=()):
         reason = _one_line(str(e).split(". This is an internal")[0], 160)
         raise CorruptCheckpointError(f"{what} {path} is truncated or corrupt ({type(e).__name__}: {reason}); "
                                      "was it written completely?") from None
+
+
+@contextlib.contextmanager
+def torch_load_guard(what="checkpoint file", allow=()):
+    """Inside this block every torch.load -- also one a library makes itself with weights_only=False (e.g.
+    DeepSpeed's checkpoint engines) -- loads with weights_only=True and `allow` allow-listed: a path goes
+    through safe_torch_load (one-line errors naming it), an open file through torch.load(weights_only=True).
+    Not thread-safe: it swaps torch.load for the duration."""
+    allow = list(allow)
+    patched = torch.load
+
+    def guarded(f, map_location=None, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return safe_torch_load(f, what, map_location=map_location, allow=allow)
+        kwargs.pop("weights_only", None)
+        with torch.serialization.safe_globals(allow):
+            return _torch_load(f, map_location, *args, weights_only=True, **kwargs)
+
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = patched
 
 
 def _pickle_globals(path, limit=1 << 26):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from modeling.safe_load import (CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError,  # noqa: F401
-                                numpy_array_globals, safe_torch_load)
+                                numpy_array_globals, safe_torch_load, torch_load_guard)
 
 log = logging.getLogger("train")
 
@@ -243,21 +243,8 @@ def deepspeed_safe_load(what="DeepSpeed checkpoint file"):
     loads with weights_only=True and DeepSpeed's own types allow-listed; a file that asks for anything else
     raises UnsafeCheckpointError naming it, a truncated one CorruptCheckpointError. Use around
     `engine.load_checkpoint(...)`; not thread-safe (it swaps torch.load for the duration)."""
-    allow = deepspeed_allowed_globals()
-    real = torch.load
-
-    def guarded(f, map_location=None, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            return safe_torch_load(f, what, map_location=map_location, allow=allow)
-        kwargs.pop("weights_only", None)
-        with torch.serialization.safe_globals(allow):
-            return real(f, map_location, *args, weights_only=True, **kwargs)
-
-    torch.load = guarded
-    try:
+    with torch_load_guard(what, deepspeed_allowed_globals()):
         yield
-    finally:
-        torch.load = real
 
 
 def fsync_tree(root):
