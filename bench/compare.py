@@ -8,38 +8,48 @@ specs of bench.throughput; each round times `iters` steps of A, then of B. Inter
 thermal state and neighbours' load on both sides equally; the ratio is the median of the per-round ratios
 (img/s of B over img/s of A). Both trainers live in this process at once: pick a batch size at which two fit.
 """
+from __future__ import annotations
+
 import statistics
 import tempfile
+from pathlib import Path
 
 import torch
 
 import kernels
-
-from .throughput import (REPO, build_trainer, environment, parse_spec, peak_for, time_trainer_steps,
-                         write_report)
+from bench.throughput import REPO, peak_for, write_report
+from bench.train_case import build_trainer, parse_spec, time_trainer_steps
+from evaluation.provenance import environment
 from modeling.config import console_entry
 
 
-def _row(name, spec, trainer, batch, times, peak):
+def _row(name, spec, trainer, batch, times, peak, env):
     sec = statistics.median(times)
     img_s = batch * trainer.info.world_size / sec
     tflops = img_s * trainer.flops_per_image / trainer.info.world_size / 1e12
     return {"name": name, "mode": "train", "backend": spec, "batch_size": batch, "median_s": sec, "times_s": times,
             "img_per_s": img_s, "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
             "mfu": tflops / peak if peak else None, "kernels_backend": trainer.cfg.train.kernels,
-            "kernels": kernels.describe(), "fp8": trainer.fp8_desc, "peak_rss_gib": float("nan")}
+            "fp8": trainer.fp8_desc, "peak_rss_gib": float("nan"), "environment": env}
 
 
-def compare(config, spec_a, spec_b, batch, rounds=5, iters=5, warmup=2, overrides=(), peak=None):
+def compare(config: str | Path, spec_a: str, spec_b: str, batch: int, rounds: int = 5, iters: int = 5,
+            warmup: int = 2, overrides: list[str] | tuple = (), peak: float | None = None) -> dict:
+    """Both trainers built, then `rounds` rounds of `iters` timed steps of A then of B; returns the two result
+    rows, the median of the per-round speed ratios B / A, the ratios and the order the sides ran in."""
     with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
         trainers = {"a": build_trainer(config, [*parse_spec(spec_a), *overrides], batch, tmp_a),
                     "b": build_trainer(config, [*parse_spec(spec_b), *overrides], batch, tmp_b)}
         times, ratios, order = {"a": [], "b": []}, [], []
 
+        envs = {}
+
         def run(side, n):
             trainer = trainers[side]
             kernels.set_backend(trainer.cfg.train.kernels)  # the switch is global; each side sets its own
-            return time_trainer_steps(trainer, 0, n)[0]
+            times = time_trainer_steps(trainer, 0, n)[0]
+            envs[side] = environment(trainer.device)  # what this side's steps just ran
+            return times
 
         run("a", warmup)
         run("b", warmup)
@@ -49,13 +59,13 @@ def compare(config, spec_a, spec_b, batch, rounds=5, iters=5, warmup=2, override
             times["a"] += ta
             times["b"] += tb
             ratios.append(statistics.median(ta) / statistics.median(tb))
-        rows = {s: _row(f"{spec} bs{batch} train", spec, trainers[s], batch, times[s], peak)
+        rows = {s: _row(f"{spec} bs{batch} train", spec, trainers[s], batch, times[s], peak, envs[s])
                 for s, spec in (("a", spec_a), ("b", spec_b))}
     return {"a": rows["a"], "b": rows["b"], "ratio_b_over_a": statistics.median(ratios), "round_ratios": ratios,
             "order": order}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     from modeling.config import cli_parser
 
     p = cli_parser("bench.compare", __doc__)

@@ -2,85 +2,32 @@
 
     python -m bench.profile_step --config configs/dit_xl1_64ep.yaml --spec auto+compiled --batch 256 --out DIR
 
-Profiles a few steps of the trainer (train.train_dit.Trainer.train_step, synthetic latents, the config's
+Profiles a few steps of the trainer (train.train_dit.Trainer's step as fit runs it, synthetic latents, the
 settings with bench.throughput's backend spec) with torch.profiler and groups the CUDA kernel time into
 matmul / attention / fused-glue / inductor / optimizer / other; also times attention at the real shape
 for every SDPA backend (and with head_dim zero-padded, scale kept) and the block's GEMM shapes.
 Writes DIR/profile_step.json and prints a short table. `--smoke` runs tiny shapes on the CPU.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-CATEGORIES = (  # first match wins; lower-case substrings of kernel names
-    ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa", "mha")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "scaled_mm", "float8")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "vavae", "_rope", "_swiglu", "_gated", "_fwd_kernel", "_bwd_kernel")),
-    ("inductor fusions", ("triton_",)),
-)
+from bench.kernel_time import profile_trainer
+from bench.train_case import build_trainer, parse_spec
+from evaluation.provenance import environment
 
 
-def categorize(name):
-    n = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in n for k in keys):
-            return cat
-    return "other (eager elementwise, copies, reductions)"
-
-
-def kernel_times(fn, calls=1, cuda=True):
-    """torch.profiler over `calls` calls of fn -> {"ms_per_call_by_category", "total_kernel_ms_per_call",
-    "top_kernels_ms_per_call"}: CUDA kernel time (kernels replayed from CUDA graphs included) grouped by
-    CATEGORIES; on the CPU the CPU time of the ops instead."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=acts) as prof:
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    kernels_ = {}
-    for e in prof.key_averages():
-        t = (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / calls  # ms per call
-        if cuda and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
-            continue
-        if t > 0:
-            kernels_[e.key] = kernels_.get(e.key, 0.0) + t
-    if cuda:  # only kernels (device-side events); drop the CPU-op rows that also carry device time
-        kernels_ = {k: v for k, v in kernels_.items() if not k.startswith(("aten::", "autograd::", "Optimizer",
-                                                                             "ProfilerStep", "cudaLaunch", "Torch-Compiled",
-                                                                             "CompiledFunction", "## ", "vavae::"))}
-    cats = {}
-    for k, v in kernels_.items():
-        cats[categorize(k)] = cats.get(categorize(k), 0.0) + v
-    return {"ms_per_call_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "total_kernel_ms_per_call": sum(kernels_.values()),
-            "top_kernels_ms_per_call": sorted(kernels_.items(), key=lambda kv: -kv[1])[:30]}
-
-
-def profile_trainer(trainer, steps=2, warmup=3):
-    """kernel_times over `steps` calls of the trainer's own step (Trainer.train_step)."""
-    for _ in range(warmup):
-        trainer.train_step()
-    k = kernel_times(trainer.train_step, steps, trainer.device.type == "cuda")
-    return {"batch": trainer.cfg.train.batch_per_gpu, "kernels": trainer.cfg.train.kernels,
-            "compile": trainer.cfg.train.compile, "fp8": trainer.fp8_desc,
-            "ms_per_step_by_category": k["ms_per_call_by_category"],
-            "total_kernel_ms_per_step": k["total_kernel_ms_per_call"],
-            "top_kernels_ms_per_step": k["top_kernels_ms_per_call"]}
-
-
-def profile_training(config, spec, batch, steps, overrides=()):
+def profile_training(config: str | Path, spec: str, batch: int, steps: int,
+                     overrides: list[str] | tuple = ()) -> dict:
     """Build the trainer for a bench.throughput backend spec and profile its step."""
     import tempfile
 
-    from bench.throughput import build_trainer, parse_spec
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(config, [*parse_spec(spec), *overrides], batch, tmp)
         return {"spec": spec, **profile_trainer(trainer, steps)}
@@ -94,7 +41,9 @@ def _bench(fn, smoke):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def attention_shapes(batch, smoke):
+def attention_shapes(batch: int, smoke: bool) -> dict:
+    """Forward+backward ms and TFLOP/s of SDPA at the block's attention shape for every SDPA backend, at head_dim
+    72 and zero-padded to 80 and 128 (scale kept)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     B, H, N, D = (2, 2, 16, 72) if smoke else (batch, 16, 256, 72)
@@ -117,7 +66,7 @@ def attention_shapes(batch, smoke):
     return out
 
 
-def gemm_shapes(batch, smoke, fp8=False, rows=None):
+def gemm_shapes(batch: int, smoke: bool, fp8: bool = False, rows: int | None = None) -> dict:
     """The block's GEMMs at `rows` token rows (default batch * 256) in bf16; with fp8 also torch._scaled_mm
     alone (pre-quantized operands, per-row and per-tensor scales, fast accumulation, bf16 out) and the
     sampler's FP8Linear under torch.compile (activation quantization included)."""
@@ -156,7 +105,7 @@ def gemm_shapes(batch, smoke, fp8=False, rows=None):
     return out
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     from modeling.config import cli_parser
 
     ap = cli_parser("bench.profile_step", __doc__)
@@ -171,7 +120,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=None, help="gemm: token rows (default batch * 256)")
     a = ap.parse_args(argv)
     batch = 2 if a.smoke else a.batch
-    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    res = {"environment": environment(device)}
     sections = {"attention": lambda: attention_shapes(batch, a.smoke),
                 "gemm": lambda: gemm_shapes(batch, a.smoke, a.fp8, a.rows),
                 "profile": lambda: profile_training("configs/dit_tiny_cpu.yaml" if a.smoke else a.config, a.spec,
@@ -186,6 +136,7 @@ def main(argv=None):
             res[name] = fn()
         except Exception as e:
             res[name] = f"ERROR {type(e).__name__}: {e}"
+        res["environment"] = environment(device)  # after each section: the kernels it ran
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "profile_step.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
@@ -202,6 +153,7 @@ def main(argv=None):
         if isinstance(res.get(sec), dict):
             for k, v in res[sec].items():
                 print(f"{sec}: {k:32s} {v}")
+    return res
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
     python -m bench.throughput --mode sample --batch-sizes 64,128 --backends fp32,bf16-weights+model+graphs
 
 Train mode builds `train.train_dit.Trainer` from the config (synthetic latents, `train.batch_per_gpu` = the
-batch size, no accumulation) and times `Trainer.train_step`: the DeepSpeed engine with its bf16 autocast, the
+batch size, no accumulation) and times its step as fit runs it: the DeepSpeed engine with its bf16 autocast, the
 flow loss, backward, the optimizer (ZeRO stage from the config), the non-finite guard, EMA and metrics.
-A backend spec is shorthand for trainer config switches, joined with '+':
+A backend spec is shorthand for trainer config switches, joined with '+' (bench.train_case.SPEC_PARTS):
   eager -> train.compile=none      compiled -> train.compile=blocks
   auto / reference / triton / cuda -> train.kernels   fused -> train.kernels=cuda if built, else triton
   fp8 -> fp8.backend=torchao       zero0 .. zero3 -> train.zero_stage
@@ -19,41 +19,35 @@ Sample mode runs bench.sample_speed: `modeling.sampling.Sampler` + the batched V
 path `evaluation.generate` runs, at the paper's settings by default (XL/1, Euler on the shift-0.3 grid, CFG 6.7
 from t >= 0.125, the authors' 3-channel guidance); img/s are scaled from --sample-steps to --scale-to points.
 FLOPs come from `model.flops_per_sample()` (XL/1: ~712 GFLOP per image per training step); MFU is TFLOP/s
-over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown with the device, library
-versions, commit, peak memory and `kernels.describe()` -- what actually ran.
+over the device's dense bf16 peak (H100/H200 SXM: 989). Output: JSON + Markdown + a PNG; the report and every
+train row carry the environment block of evaluation.provenance.environment (card, versions, commit, the
+kernels that ran; a train row's is its own process's), next to the peak and the peak memory.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-import kernels
-from modeling.lightningdit import LIGHTNINGDIT_SIZES
+from bench.train_case import build_trainer, parse_spec, peak_memory, time_trainer_steps
+from evaluation.provenance import environment
 from modeling.config import console_entry
+from modeling.lightningdit import LIGHTNINGDIT_SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-SPEC_PARTS = {
-    "eager": ("train.compile=none",), "compiled": ("train.compile=blocks",),
-    "auto": ("train.kernels=auto",), "reference": ("train.kernels=reference",),
-    "triton": ("train.kernels=triton",), "cuda": ("train.kernels=cuda",), "fused": (),  # resolved at run time
-    "fp8": ("fp8.backend=torchao",),
-    "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
-    "zero3": ("train.zero_stage=3",),
-}
 
 
-def device_peak_tflops(device):
+def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    """(the device's dense bf16 peak TFLOP/s or None, a sentence saying where it came from)."""
     if device.type != "cuda":
         return None, "no peak known for a CPU: MFU not reported"
     name = torch.cuda.get_device_name(device)
@@ -63,81 +57,14 @@ def device_peak_tflops(device):
     return None, f"no peak known for {name}: pass --peak-tflops"
 
 
-def environment(device):
-    from evaluation.provenance import commit
-    from importlib import metadata
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist_name in ("triton", "deepspeed", "torchao", "numpy"):
-        try:  # the installed version, without importing (torchao's import logs its optional CUDA libraries)
-            versions[dist_name] = metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            versions[dist_name] = "not installed"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": f"{device.type}: {name}", "cpu_threads": torch.get_num_threads(), "versions": versions,
-            "commit": commit().removesuffix("+dirty"), "dirty": commit().endswith("+dirty")}
-
-
-def parse_spec(spec):
-    """'auto+compiled+fp8' -> trainer config overrides (ValueError on an unknown part)."""
-    parts = spec.split("+")
-    bad = [p for p in parts if p not in SPEC_PARTS]
-    if bad:
-        raise ValueError(f"unknown backend part(s) {bad} in {spec!r}; join any of {sorted(SPEC_PARTS)} with '+'")
-    overrides = [o for p in parts for o in SPEC_PARTS[p]]
-    if "fused" in parts:
-        overrides.append("train.kernels=" + ("cuda" if kernels.backend.cuda_status()[0] else "triton"))
-    return overrides
-
-
-def _memory(device):
-    if device.type == "cuda":
-        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-
-
 # ----------------------------------------------------------------------------- train mode: the trainer's step
 
-def build_trainer(config, overrides, batch_size, workdir):
-    """A Trainer on synthetic latents at micro-batch `batch_size` (global = batch_size x world, no
-    accumulation), writing only under `workdir`."""
-    from modeling.config import load_config
-    from train.dit_config import DiTTrainConfig
-    from train.train_dit import Trainer, forever
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(DiTTrainConfig, config, [
-        "data.source=synthetic", f"train.batch_per_gpu={batch_size}", f"train.global_batch={batch_size * world}",
-        "checkpoint.resume=never", f"checkpoint.dir={workdir}/ckpt", f"logging.dir={workdir}",
-        "logging.tensorboard=false", "logging.progress_bar=false", *overrides])
-    trainer = Trainer(cfg)
-    trainer.batches = forever(trainer.loader)
-    return trainer
-
-
-def time_trainer_steps(trainer, warmup, iters):
-    """Seconds per optimizer step, each step timed from the host after the previous one finished on the
-    device (train_step itself syncs once, in DeepSpeed's finite-norm check)."""
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    losses = []
-    for _ in range(warmup):
-        trainer.train_step()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sums, applied, _ = trainer.train_step()
-        sync()
-        times.append(time.perf_counter() - t)
-        losses.append(float(sums[0]))
-        if not applied:
-            raise FloatingPointError(f"a timed step was skipped (non-finite loss {losses[-1]})")
-    return times, losses
-
-
-def run_train_case(config, spec, batch_size, extra_overrides=(), warmup=3, iters=10, peak_tflops=None,
-                   profile_steps=0):
+def run_train_case(config: str | Path, spec: str, batch_size: int, extra_overrides: list[str] | tuple = (),
+                   warmup: int = 3, iters: int = 10, peak_tflops: float | None = None,
+                   profile_steps: int = 0) -> dict:
     """One training case in this process; returns its result row (with a kernel-time profile of
-    `profile_steps` further steps when > 0)."""
+    `profile_steps` further steps when > 0). The row carries its own environment block: a case usually runs
+    in a child process, whose kernels are not the parent's."""
     overrides = [*parse_spec(spec), *extra_overrides]
     with tempfile.TemporaryDirectory(prefix="vavae_bench_") as tmp:
         trainer = build_trainer(config, overrides, batch_size, tmp)
@@ -151,19 +78,22 @@ def run_train_case(config, spec, batch_size, extra_overrides=(), warmup=3, iters
         label = cfg.model.size if cfg.model.size != "custom" else "custom"
         prof = {}
         if profile_steps:
-            from bench.profile_step import profile_trainer
+            from bench.kernel_time import profile_trainer
             prof = {"profile": profile_trainer(trainer, profile_steps, warmup=0)}
         return {**prof, "name": f"{label} {spec} bs{batch_size} train", "mode": "train", "model": label, "backend": spec,
                 "batch_size": batch_size, "overrides": overrides, "precision": cfg.train.precision,
                 "zero_stage": cfg.train.zero_stage, "compile": cfg.train.compile, "world_size": trainer.info.world_size,
                 "median_s": sec, "times_s": times, "losses": losses, "img_per_s": img_s,
                 "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None, **_memory(trainer.device),
-                "kernels_backend": cfg.train.kernels, "kernels": kernels.describe(), "fp8": trainer.fp8_desc}
+                "mfu": tflops / peak_tflops if peak_tflops else None, **peak_memory(trainer.device),
+                "kernels_backend": cfg.train.kernels, "fp8": trainer.fp8_desc,
+                "environment": environment(trainer.device)}
 
 
-def run_train_case_subprocess(config, spec, batch_size, extra_overrides=(), warmup=3, iters=10, peak_tflops=None,
-                              timeout=None, profile_steps=0):
+def run_train_case_subprocess(config: str | Path, spec: str, batch_size: int,
+                              extra_overrides: list[str] | tuple = (), warmup: int = 3, iters: int = 10,
+                              peak_tflops: float | None = None, timeout: float | None = None,
+                              profile_steps: int = 0) -> dict:
     """run_train_case in a fresh interpreter; an error (e.g. out of memory) becomes the row's 'error'."""
     args = json.dumps(dict(config=str(config), spec=spec, batch_size=batch_size, extra_overrides=list(extra_overrides),
                            warmup=warmup, iters=iters, peak_tflops=peak_tflops, profile_steps=profile_steps))
@@ -188,7 +118,7 @@ def run_train_case_subprocess(config, spec, batch_size, extra_overrides=(), warm
 
 # ----------------------------------------------------------------------------- sample mode: generate's sampler
 
-def run_sample_mode(a, specs, batch_sizes):
+def run_sample_mode(a: argparse.Namespace, specs: list[str] | None, batch_sizes: list[int]) -> list[dict]:
     """bench.sample_speed.measure_sampling: modeling.sampling.Sampler + batched decode, the code path
     evaluation.generate runs, at the given settings; returns result rows."""
     from bench.sample_speed import DEFAULT_PLAN, measure_sampling
@@ -215,15 +145,21 @@ def run_sample_mode(a, specs, batch_sizes):
                "settings": res["settings"]}
         row.update({k: v for k, v in r.items() if k not in ("spec", "batch")})
         rows.append(row)
-    return rows, res["env"]
+    return rows
 
 
 # ----------------------------------------------------------------------------- reports and CLI
 
-def markdown(report):
+def _ran(r: dict) -> str:
+    """The implementations a train row's ops ran, from its own environment block."""
+    return ",".join(sorted(set(r["environment"]["kernels_ran"].values()))) or "-"
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page: the environment, then one table row per case."""
     env = report["environment"]
     lines = ["# LightningDiT throughput", "",
-             f"- device: {env['device']}; peak: {report['peak']}",
+             f"- card: {env['card']}; peak: {report['peak']}",
              f"- commit: {env['commit']}{' (dirty)' if env['dirty'] else ''}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
              "| case | kernels (ran) | fp8 | img/s | ms/iter | GFLOP/img | TFLOP/s | MFU | memory GiB |",
@@ -235,7 +171,7 @@ def markdown(report):
         if "error" in r:
             lines.append(f"| {r['name']} | - | - | error: {r['error'][:80]} | | | | | |")
             continue
-        ran = ",".join(sorted(set(r["kernels"].get("ops", {}).values()))) or "-"
+        ran = _ran(r)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
         lines.append(f"| {r['name']} | {r['kernels_backend']} ({ran}) | {r['fp8']} | {r['img_per_s']:.2f} | "
@@ -243,7 +179,7 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _sample_line(r):
+def _sample_line(r: dict) -> list[str]:
     if "img_per_s" not in r:
         return [f"| {r['name']} | - | - | {r.get('error') or r.get('skipped')} | | | | | |"]
     ran = r["ran"]
@@ -259,7 +195,7 @@ def _sample_line(r):
             + f"| | {r.get('peak_mem_gib', 0):.2f} |"]
 
 
-def write_report(report, out):
+def write_report(report: dict, out: str | Path) -> tuple[Path, ...]:
     """OUT.json, OUT.md and a bar chart of img/s per case, OUT.png (bench.plots)."""
     from bench.plots import plot_throughput
     out = Path(out)
@@ -273,7 +209,8 @@ def write_report(report, out):
     return tuple(written)
 
 
-def common_args(p):
+def common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options bench.throughput and bench.compare share."""
     p.add_argument("--mode", choices=["train", "sample"], default="train")
     p.add_argument("--config", default=str(REPO / "configs/dit_xl1_64ep.yaml"),
                    help="train mode: the trainer config the cases start from")
@@ -302,24 +239,25 @@ def common_args(p):
     return p
 
 
-def peak_for(a):
+def peak_for(a: argparse.Namespace) -> tuple[float | None, str]:
+    """--peak-tflops if given, else the device's known peak."""
     if a.peak_tflops:
         return a.peak_tflops, f"user-given {a.peak_tflops:g} TFLOP/s"
     return device_peak_tflops(torch.device("cuda" if torch.cuda.is_available() else a.device))
 
 
-def print_row(r):
+def print_row(r: dict) -> None:
     if "error" in r:
         print(f"{r['name']}: ERROR {r['error'][:200]}", flush=True)
         return
     mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
     print(f"{r['name']}: {r['img_per_s']:.2f} img/s, {r['tflops']:.2f} TFLOP/s"
           + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "") + f", peak {mem:.1f} GiB"
-          + f", kernels {r['kernels_backend']} ({','.join(sorted(set(r['kernels'].get('ops', {}).values())))})"
+          + f", kernels {r['kernels_backend']} ({_ran(r)})"
           + (f", fp8 {r['fp8']}" if r["fp8"] != "off" else ""), flush=True)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     from modeling.config import cli_parser
     p = common_args(cli_parser("bench.throughput", __doc__))
     p.add_argument("--backends", default=None,
@@ -336,11 +274,11 @@ def main(argv=None):
         Path(a.case_out).write_text(json.dumps(row, default=str))
         return row
     peak, peak_desc = peak_for(a)
-    results, sample_env = [], None
+    results = []
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     if a.mode == "sample":
         specs = a.backends.split(",") if a.backends else None
-        results, sample_env = run_sample_mode(a, specs, batch_sizes)
+        results = run_sample_mode(a, specs, batch_sizes)
         for r in results:
             print(f"{r['name']} bs{r['batch_size']}: " + (f"{r['img_per_s']:.2f} img/s (scaled to {a.scale_to} points)"
                                                          if "img_per_s" in r else str(r.get("error") or r.get("skipped"))))
@@ -353,11 +291,10 @@ def main(argv=None):
                                               a.case_timeout)
             print_row(r)
             results.append(r)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # after the measurement (sample mode ran in this process: kernels_ran is what its entries ran)
+    device = torch.device(a.device if a.mode == "sample" else "cuda" if torch.cuda.is_available() else "cpu")
     report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak, "mode": a.mode,
               "config": a.config if a.mode == "train" else None, "results": results}
-    if sample_env is not None:
-        report["sample_environment"] = sample_env
     if int(os.environ.get("RANK", "0")) == 0:
         for f in write_report(report, a.out):
             print(f"wrote {f}")

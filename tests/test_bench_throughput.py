@@ -1,4 +1,4 @@
-"""bench.throughput / bench.compare time the trainer's own step (Trainer.train_step) on the tiny config; the
+"""bench.throughput / bench.compare time the trainer's own step (as Trainer.fit runs it) on the tiny config; the
 report says what ran, backend specs map to trainer config switches, refusals are clear."""
 import json
 from pathlib import Path
@@ -8,7 +8,9 @@ import pytest
 import kernels
 from bench import throughput
 from bench.compare import main as compare_main
-from bench.throughput import main as throughput_main, parse_spec
+from bench.throughput import main as throughput_main
+from bench.train_case import parse_spec
+from evaluation.provenance import ENVIRONMENT_KEYS
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,14 +28,15 @@ def _restore_backend():
 
 @pytest.fixture
 def count_train_steps(monkeypatch):
+    """The batch size of every optimizer step the trainer ran (step_on_device: the step Trainer.fit runs)."""
     calls = []
-    real = Trainer.train_step
+    real = Trainer.step_on_device
 
-    def counted(self):
-        calls.append(self.cfg.train.batch_per_gpu)
-        return real(self)
+    def counted(self, batch):
+        calls.append(len(batch[0]))
+        return real(self, batch)
 
-    monkeypatch.setattr(Trainer, "train_step", counted)
+    monkeypatch.setattr(Trainer, "step_on_device", counted)
     return calls
 
 
@@ -49,17 +52,19 @@ def test_spec_maps_to_trainer_switches():
 def test_train_mode_times_the_trainers_step(tmp_path, count_train_steps):
     report = throughput_main(["--config", TINY_CFG, "--batch-sizes", "2,3", "--backends", "eager+zero0",
                               "--warmup", "1", "--iters", "2", "--in-process", "--out", str(tmp_path / "t")])
-    assert count_train_steps == [2, 2, 2, 3, 3, 3]  # warmup + iters, through Trainer.train_step
+    assert count_train_steps == [2, 2, 2, 3, 3, 3]  # warmup + iters, through the trainer's own step
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
     assert [r["batch_size"] for r in saved["results"]] == [2, 3]
     for r in saved["results"]:
         assert r["zero_stage"] == 0 and r["compile"] == "none" and r["precision"] == "fp32"  # tiny config's
-        assert set(r["kernels"]["ops"].values()) <= {"reference", "reference-sdpa"}  # what actually ran
+        assert tuple(r["environment"]) == ENVIRONMENT_KEYS  # each case's own block (its own process)
+        assert set(r["environment"]["kernels_ran"].values()) <= {"reference", "reference-sdpa"}  # what ran
         assert r["img_per_s"] > 0 and len(r["times_s"]) == 2 and r["mfu"] is None
         assert len(r["losses"]) == 2 and all(l == l for l in r["losses"])
         assert r["peak_rss_gib"] > 0
-    assert saved["environment"]["versions"]["deepspeed"] and "commit" in saved["environment"]
+    assert tuple(saved["environment"]) == ENVIRONMENT_KEYS and saved["environment"]["card"].startswith("cpu")
+    assert saved["environment"]["versions"]["deepspeed"]
     assert "| custom eager+zero0 bs2 train |" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "t.png").stat().st_size > 0  # the plot beside the JSON
 
@@ -117,3 +122,5 @@ def test_compare_interleaves_trainers_and_reports_ratio(tmp_path, count_train_st
     assert report["order"] == ["a", "b", "a", "b"] and len(report["round_ratios"]) == 2
     assert len(count_train_steps) == 4 and report["ratio_b_over_a"] > 0
     assert len(report["results"]) == 2 and (tmp_path / "c.md").exists()
+    assert tuple(report["environment"]) == ENVIRONMENT_KEYS
+    assert all(tuple(r["environment"]) == ENVIRONMENT_KEYS for r in report["results"])

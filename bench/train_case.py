@@ -1,0 +1,93 @@
+"""One trainer case, shared by bench.throughput, bench.compare and bench.profile_step: a backend spec such as
+'auto+compiled+fp8' turned into trainer config overrides, the `train.train_dit.Trainer` built on synthetic
+latents from them, and its optimizer step timed as Trainer.fit runs it.
+
+It sits below those three commands (they import it; it imports none of them), so the dependency goes one way.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+import kernels
+
+if TYPE_CHECKING:  # the trainer is imported only when a case is built (it pulls in DeepSpeed)
+    from train.base import StepOutput
+    from train.train_dit import Trainer
+
+# A backend spec is shorthand for trainer config switches, joined with '+'.
+SPEC_PARTS: dict[str, tuple[str, ...]] = {
+    "eager": ("train.compile=none",), "compiled": ("train.compile=blocks",),
+    "auto": ("train.kernels=auto",), "reference": ("train.kernels=reference",),
+    "triton": ("train.kernels=triton",), "cuda": ("train.kernels=cuda",), "fused": (),  # resolved at run time
+    "fp8": ("fp8.backend=torchao",),
+    "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
+    "zero3": ("train.zero_stage=3",),
+}
+
+
+def parse_spec(spec: str) -> list[str]:
+    """'auto+compiled+fp8' -> trainer config overrides (ValueError on an unknown part)."""
+    parts = spec.split("+")
+    bad = [p for p in parts if p not in SPEC_PARTS]
+    if bad:
+        raise ValueError(f"unknown backend part(s) {bad} in {spec!r}; join any of {sorted(SPEC_PARTS)} with '+'")
+    overrides = [o for p in parts for o in SPEC_PARTS[p]]
+    if "fused" in parts:
+        overrides.append("train.kernels=" + ("cuda" if kernels.backend.cuda_status()[0] else "triton"))
+    return overrides
+
+
+def build_trainer(config: str | Path, overrides: list[str], batch_size: int, workdir: str | Path) -> Trainer:
+    """A Trainer on synthetic latents at micro-batch `batch_size` (global = batch_size x world, no
+    accumulation), writing only under `workdir`."""
+    from modeling.config import load_config
+    from train.dit_config import DiTTrainConfig
+    from train.train_dit import Trainer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(DiTTrainConfig, config, [
+        "data.source=synthetic", f"train.batch_per_gpu={batch_size}", f"train.global_batch={batch_size * world}",
+        "checkpoint.resume=never", f"checkpoint.dir={workdir}/ckpt", f"logging.dir={workdir}",
+        "logging.tensorboard=false", "logging.progress_bar=false", *overrides])
+    trainer = Trainer(cfg)
+    trainer.restart_batches()  # the data stream fit() would start with
+    return trainer
+
+
+def trainer_step(trainer: Trainer) -> StepOutput:
+    """One optimizer step as Trainer.fit runs it: the next batch (prefetched during the previous step's backward),
+    then step_on_device (metrics left on the device; the only host synchronisation is the finite-norm check)."""
+    return trainer.step_on_device(trainer.next_batch())
+
+
+def time_trainer_steps(trainer: Trainer, warmup: int, iters: int) -> tuple[list[float], list[float]]:
+    """(seconds per optimizer step, loss per step), each step timed from the host after the previous one
+    finished on the device."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    losses = []
+    for _ in range(warmup):
+        trainer_step(trainer)
+    sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        out = trainer_step(trainer)
+        sync()
+        times.append(time.perf_counter() - t)
+        losses.append(float(out.metrics["loss"]))
+        if not out.applied:
+            raise FloatingPointError(f"a timed step was skipped (non-finite loss {losses[-1]})")
+    return times, losses
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak allocated / reserved GiB on a GPU; the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
