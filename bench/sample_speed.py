@@ -4,27 +4,38 @@
     python -m bench.sample_speed --plan fp32@64,bf16-weights+graphs@64,bf16+blocks+graphs@256
 
 The paper's settings: LightningDiT-XL/1 on 16x16x32 latents, Euler on the shift-0.3 grid, CFG 6.7 from
-t >= 0.125 with the authors' 3-channel guidance. Each plan entry `SPEC@BATCH` builds a Sampler
-(SPEC = precision [+ blocks | + model [+ autotune]] [+ graphs]: fp32 / bf16 (autocast) / bf16-weights / fp8
-[+ tensorwise], torch.compile of each block or of the whole forward (inductor's max-autotune), each Euler
-step a CUDA graph), runs it once to warm up (compilation
-and graph capture, timed separately), then times one `--steps`-point run. Images per second are scaled
-to the 250-point grid by forward cost (an unguided step = 1 forward of the batch, a guided one = 2) --
+t >= 0.125 with the authors' 3-channel guidance. Each plan entry `SPEC@BATCH` builds a Sampler from a
+modeling.sampling.SamplingConfig: SPEC is a precision and '+'-joined parts, each a value of one of
+SamplingConfig's how-it-is-computed fields (PLAN_TOKENS, derived from SamplingConfig: fp32 / bf16 (autocast) /
+bf16-weights / fp8, blocks / model (torch.compile of each block or of the whole forward), autotune (inductor's
+max-autotune), fusedmlp, tensorwise / torchao after fp8, graphs (each Euler step a CUDA graph)), FIELD=VALUE
+for any such field, or refops (the entry runs with kernels backend reference). It runs once to warm up
+(compilation and graph capture, timed separately), then times one `--steps`-point run. Images per second are
+scaled to the 250-point grid by forward cost (an unguided step = 1 forward of the batch, a guided one = 2) --
 the 25- and 250-point grids guide almost the same fraction of steps (16/24 vs 168/249) -- and reported
 with and without the bf16 / fp32 batched VA-VAE decode (f16d32, random weights). Each fast path's
 latents are compared with the fp32 path's on the same noise (relative error, per sample). Entries not
-started before --budget-s seconds are listed as skipped. Writes JSON: device, commit, torch / Triton,
-kernel backends, and per entry the path that actually ran, img/s, warm-up seconds and peak memory.
+started before --budget-s seconds are listed as skipped. Writes JSON: the environment block
+(evaluation.provenance.environment: card, versions, commit, the kernels that ran), the settings, and per entry
+the path that actually ran, img/s, warm-up seconds and peak memory.
 
 As a library (what bench.throughput --mode sample calls):
     measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, ...) -> dict
 """
+from __future__ import annotations
+
+import dataclasses
 import json
-import math
 import time
+import typing
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
+
+from bench.kernel_time import kernel_times
+from evaluation.provenance import environment
+from modeling.sampling import SETTING_KEYS, SamplingConfig
 
 AUTHORS_IMG_PER_S = 1.64  # their inference.py on one H200, fp32 (TF32 on), batch 64, 250 steps (ENVIRONMENT.md)
 # ~85 s on one H200 from a cold inductor cache (the whole-model compile is ~50 s of it)
@@ -32,42 +43,114 @@ DEFAULT_PLAN = ("fp32@64", "bf16@64", "bf16-weights+graphs@64", "bf16-weights+mo
 PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shift=0.3)
 
 
-def parse_spec(spec):
-    """'bf16-weights+blocks+graphs@256' -> (dict(precision, compile, cudagraphs), 256); optional parts
-    'autotune' (max-autotune compile), 'fusedmlp' (w12 + SwiGLU in one kernel) and, after fp8, 'tensorwise'
-    (per-tensor scales instead of per-row) and 'torchao' (torchao's float8 modules instead of FP8Linear);
-    'refops' runs the entry with kernels.set_backend("reference") (what VAVAE_KERNELS=reference does for
-    generate): every op traced as plain torch ops, so inductor can fuse the SwiGLU with its neighbours."""
-    from modeling.sampling import PRECISIONS
+# ----------------------------------------------------------------------------- plan entries
+
+# Plan tokens that are not a SamplingConfig value spelled out.
+PLAN_ALIASES: dict[str, tuple[str, Any]] = {"graphs": ("cudagraphs", "on")}
+# Bench-only tokens: not a sampling option but the kernels backend the entry runs under ('refops': every op
+# traced as plain torch ops, what VAVAE_KERNELS=reference does for generate, so inductor can fuse them).
+KERNEL_TOKENS: dict[str, str] = {"refops": "reference"}
+
+
+def _how_fields() -> dict[str, Any]:
+    """SamplingConfig's HOW fields (not SETTING_KEYS: a plan entry changes how a sample is computed, never what
+    is sampled; those settings are the run's) -> their types."""
+    hints = typing.get_type_hints(SamplingConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SamplingConfig) if f.name not in SETTING_KEYS}
+
+
+def _plan_tokens() -> dict[str, tuple[str, Any]]:
+    """The one table from plan tokens to SamplingConfig fields, derived from SamplingConfig: each choice of a
+    Literal HOW field is a token for it (fp32, bf16-weights, fp8, blocks, model, tensorwise, torchao, ...), each
+    bool field is its name without underscores (autotune, fusedmlp), plus PLAN_ALIASES. A choice two fields
+    share is left out (spell it FIELD=VALUE)."""
+    seen: dict[str, list[tuple[str, Any]]] = {}
+    for name, tp in _how_fields().items():
+        if typing.get_origin(tp) is typing.Literal:
+            for choice in typing.get_args(tp):
+                seen.setdefault(str(choice), []).append((name, choice))
+        elif tp is bool:
+            seen.setdefault(name.replace("_", ""), []).append((name, True))
+    table = {tok: uses[0] for tok, uses in seen.items() if len(uses) == 1}
+    table.update(PLAN_ALIASES)
+    return table
+
+
+PLAN_TOKENS = _plan_tokens()
+
+
+class PlanEntry(NamedTuple):
+    """One `SPEC@BATCH` of a plan: the SamplingConfig fields it sets, its batch, and the kernels backend it runs
+    under (None: the current one)."""
+    sampling: dict[str, Any]
+    batch: int
+    kernels: str | None = None
+
+    def config(self, base: SamplingConfig) -> SamplingConfig:
+        """The run's settings (`base`) with this entry's fields."""
+        return base.replace(**self.sampling)
+
+
+def _field_value(name: str, text: str, spec: str) -> Any:
+    tp = _how_fields()[name]
+    if tp is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"plan entry {spec!r}: {name} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if typing.get_origin(tp) is typing.Literal:
+        choices = {str(c): c for c in typing.get_args(tp)}
+        if text not in choices:
+            raise ValueError(f"plan entry {spec!r}: {name} must be one of {tuple(choices)}, got {text!r}")
+        return choices[text]
+    try:
+        return tp(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"plan entry {spec!r}: {name}={text!r} is not a {getattr(tp, '__name__', tp)}") from None
+
+
+def parse_spec(spec: str) -> PlanEntry:
+    """'bf16-weights+blocks+graphs@256' -> PlanEntry({precision: bf16-weights, compile: blocks, cudagraphs: on},
+    256). SPEC starts with a precision; each further '+' part is a PLAN_TOKENS token, FIELD=VALUE for any HOW
+    field of SamplingConfig, or a KERNEL_TOKENS token. A field named after a precision (fp8_recipe, fp8_impl)
+    applies to that precision only. ValueError names the entry and the part."""
     body, _, batch = spec.partition("@")
     parts = body.split("+")
-    if parts[0] not in PRECISIONS:
-        raise ValueError(f"plan entry {spec!r}: starts with a precision {PRECISIONS}")
-    opts = dict(precision=parts[0], compile="none", cudagraphs="off")
-    for p in parts[1:]:
-        if p in ("blocks", "model"):
-            opts["compile"] = p
-        elif p == "graphs":
-            opts["cudagraphs"] = "on"
-        elif p == "autotune":
-            opts["autotune"] = True
-        elif p == "fusedmlp":
-            opts["fused_mlp"] = True
-        elif p == "refops":
-            opts["kernels"] = "reference"
-        elif p == "tensorwise" and parts[0] == "fp8":
-            opts["fp8_recipe"] = "tensorwise"
-        elif p == "torchao" and parts[0] == "fp8":
-            opts["fp8_impl"] = "torchao"
+    sampling: dict[str, Any] = {}
+    backend = None
+    for i, part in enumerate(parts):
+        if part in KERNEL_TOKENS:
+            name, value = "kernels", KERNEL_TOKENS[part]
+        elif "=" in part:
+            name, _, text = part.partition("=")
+            if name not in _how_fields():
+                raise ValueError(f"plan entry {spec!r}: {name!r} is not a SamplingConfig field a plan entry sets "
+                                 f"({', '.join(_how_fields())})")
+            value = _field_value(name, text, spec)
+        elif part in PLAN_TOKENS:
+            name, value = PLAN_TOKENS[part]
         else:
-            raise ValueError(f"plan entry {spec!r}: unknown part {p!r} (blocks, model, graphs, autotune, "
-                             "fusedmlp, refops; tensorwise, torchao after fp8)")
+            raise ValueError(f"plan entry {spec!r}: unknown part {part!r}; parts: {', '.join(PLAN_TOKENS)}, "
+                             f"{', '.join(KERNEL_TOKENS)} or FIELD=VALUE")
+        if i == 0 and name != "precision":
+            raise ValueError(f"plan entry {spec!r}: starts with a precision, one of "
+                             f"{[t for t, (f, _) in PLAN_TOKENS.items() if f == 'precision']}")
+        if name in sampling or (name == "kernels" and backend):
+            raise ValueError(f"plan entry {spec!r}: {part!r} sets {name} a second time")
+        if name == "kernels":
+            backend = value
+        else:
+            sampling[name] = value
+    for name in sampling:
+        owner = next((t for t in PLAN_TOKENS if PLAN_TOKENS[t][0] == "precision" and name.startswith(t + "_")), None)
+        if owner and sampling["precision"] != owner:
+            raise ValueError(f"plan entry {spec!r}: {name} applies to precision {owner} only")
     if not batch.isdigit() or int(batch) < 1:
         raise ValueError(f"plan entry {spec!r}: needs @BATCH, e.g. {body}@64")
-    return opts, int(batch)
+    SamplingConfig().replace(**sampling)  # a value SamplingConfig refuses is refused here, before any run
+    return PlanEntry(sampling, int(batch), backend)
 
 
-def forward_units(guided):
+def forward_units(guided: list[bool]) -> int:
     """Forward cost of a grid in batch-forwards: 1 per unguided step, 2 per guided step."""
     return sum(2 if g else 1 for g in guided)
 
@@ -88,25 +171,15 @@ def _randomize(model, seed):
     return model
 
 
-def _env(device):
-    import kernels
-    from evaluation.provenance import commit
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": triton_version, "commit": commit(),
-           "kernels_requested": kernels.get_backend()}
-    return env
-
-
-def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg_scale=PAPER["cfg_scale"],
-                     cfg_interval_start=PAPER["cfg_interval_start"], guidance=PAPER["guidance"], shift=PAPER["shift"],
-                     input_size=16, in_channels=32, num_classes=1000, vae_config=None, device=None, decode=True,
-                     tf32=True, seed=0, budget_s=45.0, model_kwargs=None, log=print, partial_json=None, profile=False):
-    """Measure each plan entry; returns {"env", "settings", "results": [...], "summary"}.
+def measure_sampling(size: str = "XL/1", plan: list[str] | tuple[str, ...] = DEFAULT_PLAN, steps: int = 25,
+                     scale_to: int = 250, cfg_scale: float = PAPER["cfg_scale"],
+                     cfg_interval_start: float = PAPER["cfg_interval_start"], guidance: str = PAPER["guidance"],
+                     shift: float = PAPER["shift"], input_size: int = 16, in_channels: int = 32,
+                     num_classes: int = 1000, vae_config: dict | None = None, device: str | None = None,
+                     decode: bool = True, tf32: bool = True, seed: int = 0, budget_s: float = 45.0,
+                     model_kwargs: dict | None = None, log: Callable[..., None] | None = print,
+                     partial_json: str | Path | None = None, profile: bool = False) -> dict:
+    """Measure each plan entry; returns {"environment", "settings", "results": [...], "summary"}.
 
     partial_json: rewritten after every entry with the settings and the results so far (a run killed by a
     timeout keeps what it measured).
@@ -117,14 +190,17 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
     category (matmul, attention, inductor fusions, ...) and top kernels go in the entry's "profile".
     vae_config: AutoencoderKL kwargs (default: the released f16d32); decode=False skips the decode timing.
     """
-    import kernels
     from modeling.lightningdit import LightningDiT, build_lightningdit
-    from modeling.sampling import Sampler, SamplerUnavailable, decode_images, time_grid
+    from modeling.guidance import is_guided
+    from modeling.sampling import time_grid
     from modeling.vavae import VAVAE_F16D32, AutoencoderKL
 
     log = log or (lambda *_: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    entries = [(s, *parse_spec(s)) for s in plan]
+    # the run's settings (what is sampled); each entry adds how it is computed
+    base = SamplingConfig(method="euler", steps=steps, shift=shift, cfg_scale=cfg_scale,
+                          cfg_interval_start=cfg_interval_start, guidance=guidance).validate()
+    entries = [(s, parse_spec(s)) for s in plan]
     torch.manual_seed(seed)
     kw = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **(model_kwargs or {}))
     model = LightningDiT(**kw) if size == "custom" else build_lightningdit(size, **kw)
@@ -132,13 +208,12 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
     vae = AutoencoderKL(**(vae_config or VAVAE_F16D32)).to(device).eval() if decode else None
     grid_run = time_grid(steps, shift, dtype=torch.float64).tolist()[:-1]
     grid_full = time_grid(scale_to, shift, dtype=torch.float64).tolist()[:-1]
-    guided_run = [cfg_scale != 1.0 and t >= cfg_interval_start for t in grid_run]
-    guided_full = [cfg_scale != 1.0 and t >= cfg_interval_start for t in grid_full]
+    guided_run = [is_guided(t, cfg_scale, cfg_interval_start) for t in grid_run]
+    guided_full = [is_guided(t, cfg_scale, cfg_interval_start) for t in grid_full]
     scale = forward_units(guided_full) / forward_units(guided_run)
     settings = dict(size=size, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                    method="euler", steps_run=steps, steps_scaled_to=scale_to, shift=shift, cfg_scale=cfg_scale,
-                    cfg_interval_start=cfg_interval_start, guidance=guidance,
-                    guided_steps_run=f"{sum(guided_run)}/{len(guided_run)}",
+                    **{k: v for k, v in base.settings().items() if k != "steps"}, steps_run=steps,
+                    steps_scaled_to=scale_to, guided_steps_run=f"{sum(guided_run)}/{len(guided_run)}",
                     guided_steps_scaled=f"{sum(guided_full)}/{len(guided_full)}", time_scale=scale,
                     tf32_for_fp32=tf32, weights="random", params=sum(p.numel() for p in model.parameters()),
                     # the model's forward FLOPs x forwards per image on the full grid (a guided step: 2)
@@ -146,11 +221,12 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     g = torch.Generator().manual_seed(seed + 1)  # one noise / label set; every entry uses its first rows
-    z_all = torch.randn(max(b for *_, b in entries), in_channels, input_size, input_size, generator=g)
+    z_all = torch.randn(max(e.batch for _, e in entries), in_channels, input_size, input_size, generator=g)
     y_all = torch.randint(0, num_classes, (len(z_all),), generator=g)
     results, fp32_out, start = [], {}, time.time()
     try:
-        for spec, opts, batch in entries:
+        for spec, entry in entries:
+            batch, cfg = entry.batch, entry.config(base)
             if time.time() - start > budget_s:
                 results.append({"spec": spec, "batch": batch, "skipped": f"not started: {budget_s:.0f} s budget used"})
                 log(f"[sample_speed] {spec}: skipped (budget)")
@@ -158,8 +234,7 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
             z, y = z_all[:batch].to(device), y_all[:batch].to(device)
             res = {"spec": spec, "batch": batch}
             try:
-                res.update(_measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance,
-                                        shift, scale, device, Sampler, decode_images, profile))
+                res.update(_measure_one(model, vae, z, y, cfg, entry.kernels, scale, device, profile))
             except Exception as e:  # noqa: BLE001 -- one path failing (compile, OOM, refusal) must not stop the rest
                 res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 log(f"[sample_speed] {spec}: {res['error']}")
@@ -167,7 +242,7 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                 _write_partial(partial_json, settings, results)
                 continue
             out = res.pop("_out")
-            if opts["precision"] == "fp32" and opts["compile"] == "none":
+            if cfg.precision == "fp32" and cfg.compile == "none":
                 fp32_out[batch] = out
             ref = fp32_out.get(batch)
             if ref is None and fp32_out:  # the first rows of the fp32 run of another batch size: same noise
@@ -186,10 +261,6 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                 f"warm-up {res['warmup_s']:.1f} s, ran {res['ran']}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
-    env = _env(device)
-    desc = kernels.describe()
-    env["kernels"] = desc.get("ops")  # the backend each op used last
-    env["attention_measured"] = desc.get("attention_measured")
     done = [r for r in results if "img_per_s" in r]
     best = max(done, key=lambda r: r["img_per_s_with_decode"] if "img_per_s_with_decode" in r else r["img_per_s"],
                default=None)
@@ -201,7 +272,8 @@ def measure_sampling(size="XL/1", plan=DEFAULT_PLAN, steps=25, scale_to=250, cfg
                        vs_authors_1_64=best[key] / AUTHORS_IMG_PER_S,
                        vs_our_fp32=(best[key] / fp32[key]) if fp32 and key in fp32 else None,
                        fid50k_hours_one_gpu=50000 / best[key] / 3600)
-    return {"env": env, "settings": settings, "results": results, "summary": summary}
+    # after the entries ran: kernels_ran says which implementation each op used (last entry's, per op)
+    return {"environment": environment(device), "settings": settings, "results": results, "summary": summary}
 
 
 def _write_partial(path, settings, results):
@@ -211,34 +283,38 @@ def _write_partial(path, settings, results):
                                          default=str))
 
 
-def _measure_one(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,
-                 Sampler, decode_images, profile=False):
+def _measure_one(model, vae, z, y, cfg, backend, scale, device, profile=False):
+    """_measure_with under the entry's kernels backend (restored after); the row records the implementation
+    each op ran (set_backend starts that record afresh, so it is read before the restore)."""
     import kernels
-    opts = dict(opts)
-    backend, previous = opts.pop("kernels", None), kernels.get_backend()
+    previous = kernels.get_backend()
     if backend:
         kernels.set_backend(backend)
     try:
-        res = _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale,
-                            device, Sampler, decode_images, profile)
+        res = _measure_with(model, vae, z, y, cfg, scale, device, profile)
+        res["kernels_ran"] = dict(kernels.describe().get("ops", {}))
     finally:
-        kernels.set_backend(previous)
+        if backend:
+            kernels.set_backend(previous)
     res["kernels_backend"] = backend or previous
     return res
 
 
-def _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, guidance, shift, scale, device,
-                  Sampler, decode_images, profile):
+def _make_sampler(model, cfg, device):
+    from modeling.sampling import Sampler
+    return Sampler(model, cfg, device=device)
+
+
+def _measure_with(model, vae, z, y, cfg, scale, device, profile):
+    from modeling.sampling import decode_images
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    make = lambda n: Sampler(model, steps=n, shift=shift, cfg_scale=cfg_scale,  # noqa: E731
-                             cfg_interval_start=cfg_interval_start, guidance=guidance, device=device, **opts)
-    sampler = make(steps)
+    sampler = _make_sampler(model, cfg, device)
     t0 = time.time()
-    if opts["compile"] == "none" and sampler.describe()["cudagraphs"] == "off":
-        make(3)(z, y)  # eager: a short run pays for first-call costs (cuBLAS, attention choice)
+    if cfg.compile == "none" and sampler.describe()["cudagraphs"] == "off":
+        _make_sampler(model, cfg.replace(steps=3), device)(z, y)  # eager: a short run pays first-call costs
     else:
         sampler(z, y)  # compilation and graph capture happen on this sampler's first call
     _sync(device)
@@ -251,15 +327,14 @@ def _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, 
     res = {"ran": sampler.describe(), "warmup_s": warmup, "time_s": run_s, "time_scaled_s": run_s * scale,
            "img_per_s": n / (run_s * scale)}
     if profile:  # after the timed run, so the profiler never touches the number
-        from bench.profile_step import kernel_times
-        res["profile"] = {"per": f"one {steps}-point run at batch {n}",
+        res["profile"] = {"per": f"one {cfg.steps}-point run at batch {n}",
                           **kernel_times(lambda: sampler(z, y), 1, cuda)}
     if vae is not None:
         lat = out[:2]
-        decode_images(vae, lat, opts["precision"])  # warm-up
+        decode_images(vae, lat, cfg.precision)  # warm-up
         _sync(device)
         t0 = time.time()
-        decode_images(vae, out, opts["precision"])
+        decode_images(vae, out, cfg.precision)
         _sync(device)
         res["decode_s"] = time.time() - t0
         res["img_per_s_with_decode"] = n / (run_s * scale + res["decode_s"])
@@ -270,7 +345,7 @@ def _measure_with(model, vae, z, y, opts, steps, cfg_scale, cfg_interval_start, 
     return res
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     from modeling.config import cli_parser
     p = cli_parser("bench.sample_speed", __doc__)
     p.add_argument("--size", default="XL/1")
