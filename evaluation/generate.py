@@ -24,7 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from modeling.sampling import SamplingConfig
 SETTINGS_FILE = "settings.json"
 
 
-def sample_labels(num_samples, num_classes, seed=0, class_balanced=True):
+def sample_labels(num_samples: int, num_classes: int, seed: int = 0, class_balanced: bool = True) -> torch.Tensor:
     """Class-balanced: every class equally often (up to one), in a seeded random order."""
     g = torch.Generator().manual_seed(seed)
     if class_balanced:
@@ -48,7 +48,7 @@ def sample_labels(num_samples, num_classes, seed=0, class_balanced=True):
 SEED_STRIDE = 1_000_003  # sample i's noise generator is seeded with seed * SEED_STRIDE + i
 
 
-def sample_noise(indices, shape, seed: int = 0) -> torch.Tensor:
+def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """Noise for the given global sample indices, independent of batching: one generator per sample."""
     out = torch.empty((len(indices), *shape))
     for j, i in enumerate(indices):
@@ -61,12 +61,13 @@ def max_seed(num_samples: int) -> int:
     return (2 ** 64 - 1 - max(int(num_samples), 0)) // SEED_STRIDE
 
 
-def check_arguments(num_samples, batch_size, seed, latent_multiplier, rank=0, world_size=1, cli=False) -> None:
+def check_arguments(num_samples: int, batch_size: int, seed: int, latent_multiplier: float, rank: int = 0,
+                    world_size: int = 1, cli: bool = False) -> None:
     """ValueError naming the argument (its flag with cli=True) for a value generate cannot run with, before
     anything is loaded or sampled."""
     from modeling.sample_images import check_latent_multiplier
 
-    def name(param):
+    def name(param: str) -> str:
         return "--" + param.replace("_", "-") if cli else param
 
     for param, value in (("num_samples", num_samples), ("batch_size", batch_size)):
@@ -80,7 +81,7 @@ def check_arguments(num_samples, batch_size, seed, latent_multiplier, rank=0, wo
         raise ValueError(f"rank {rank!r} / world size {world_size!r}: need 0 <= RANK < WORLD_SIZE")
 
 
-def check_output(out_npz, flag: str = "out_npz") -> Path:
+def check_output(out_npz: Union[str, os.PathLike], flag: str = "out_npz") -> Path:
     """Refuse, before sampling, an output the merge at the end could not write (modeling.config.check_output_path
     for OUT, OUT.tmp.npz and the OUT.chunks folder), and an existing file that is not an unfinished or finished
     run of this command (no OUT.chunks beside it): it would be overwritten."""
@@ -96,7 +97,7 @@ def check_output(out_npz, flag: str = "out_npz") -> Path:
     return out
 
 
-def state_dict_sha256(model):
+def state_dict_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of a model's weights (names, dtypes, shapes, bytes in key order): the same for the same weights
     whatever file format they came from."""
     h = hashlib.sha256()
@@ -107,7 +108,7 @@ def state_dict_sha256(model):
     return h.hexdigest()
 
 
-def tensor_sha256(*tensors):
+def tensor_sha256(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -129,7 +130,7 @@ def _comparable(settings):
     return settings
 
 
-def check_settings(work, settings):
+def check_settings(work: Union[str, os.PathLike], settings: dict) -> None:
     """Write settings.json on first use; refuse to continue a run whose recorded settings differ (paths may)."""
     path = Path(work) / SETTINGS_FILE
     if path.is_file():
@@ -146,9 +147,10 @@ def check_settings(work, settings):
 
 
 @torch.no_grad()
-def generate(dit, vae, out_npz, num_samples: int, latent_stats: Optional[dict] = None, batch_size: int = 32,
-             config: Optional[SamplingConfig] = None, *, class_balanced: bool = True, seed: int = 0, rank: int = 0,
-             world_size: int = 1, device="cpu", progress: bool = True, latent_multiplier: float = 1.0,
+def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.PathLike], num_samples: int,
+             latent_stats: Optional[dict] = None, batch_size: int = 32, config: Optional[SamplingConfig] = None, *,
+             class_balanced: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+             device: Union[str, torch.device] = "cpu", progress: bool = True, latent_multiplier: float = 1.0,
              sources: Optional[dict] = None, **options) -> Optional[Path]:
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
 
@@ -226,7 +228,7 @@ def generate(dit, vae, out_npz, num_samples: int, latent_stats: Optional[dict] =
     return merge_chunks(out_npz, num_samples)
 
 
-def merge_chunks(out_npz, num_samples):
+def merge_chunks(out_npz: Union[str, os.PathLike], num_samples: int) -> Optional[Path]:
     """Merge chunk files into out_npz if they cover every index; None otherwise."""
     out_npz = Path(out_npz)
     work = out_npz.with_suffix(".chunks")
@@ -251,7 +253,7 @@ def merge_chunks(out_npz, num_samples):
     return out_npz
 
 
-def read_settings(npz_path):
+def read_settings(npz_path: Union[str, os.PathLike]) -> Optional[dict]:
     """The generation settings stored in a merged npz (None for an npz without them)."""
     with np.load(npz_path) as z:
         return json.loads(str(z["settings"])) if "settings" in z.files else None
@@ -265,7 +267,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={text!r}: expected an integer") from None
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     from modeling import AutoencoderKL, LightningDiT
     from modeling.checkpoint import CheckpointMismatchError
     from modeling.config import cli_parser, user_errors
@@ -312,8 +314,9 @@ def main(argv=None) -> None:
                   + f"; latent stats {stats_path or 'none (unnormalised latents)'}")
         out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, config,
                        class_balanced=not a.random_labels, seed=a.seed, rank=rank, world_size=world, device=device,
-                       latent_multiplier=a.latent_multiplier, sources={
-                           "dit": str(a.dit), "vae": str(a.vae), "latent_stats": str(stats_path) if stats_path else None})
+                       latent_multiplier=a.latent_multiplier,
+                       sources={"dit": str(a.dit), "vae": str(a.vae),
+                                "latent_stats": str(stats_path) if stats_path else None})
     print(f"wrote {out}" if out else f"rank {rank} done; the last rank to finish writes {a.out_npz}")
 
 

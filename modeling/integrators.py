@@ -10,7 +10,8 @@ both look the method up here, so adding one is one class and one registration:
     @register_integrator("midpoint")
     class Midpoint(Integrator):
         '''Explicit midpoint (RK2): two model calls per step.'''
-        def step(self, v, x, t0, t1, last=False, generator=None):
+        def step(self, v: Velocity, x: torch.Tensor, t0: float, t1: float, last: bool = False,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
             h = t1 - t0
             return x + h * v(x + 0.5 * h * v(x, t0), t0 + 0.5 * h)
 
@@ -95,7 +96,8 @@ class Euler(Integrator):
 
     capturable = True
 
-    def step(self, v, x, t0, t1, last=False, generator=None):
+    def step(self, v: Velocity, x: torch.Tensor, t0: float, t1: float, last: bool = False,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return x + (t1 - t0) * v(x, t0)
 
 
@@ -103,7 +105,8 @@ class Euler(Integrator):
 class Heun(Integrator):
     """Heun's method (explicit trapezoid): two model calls per step, second order."""
 
-    def step(self, v, x, t0, t1, last=False, generator=None):
+    def step(self, v: Velocity, x: torch.Tensor, t0: float, t1: float, last: bool = False,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
         dt = t1 - t0
         d0 = v(x, t0)
         x_pred = x + dt * d0
@@ -118,7 +121,9 @@ class Dopri5(Integrator):
     def __init__(self, atol: float = 1e-6, rtol: float = 1e-3):
         self.atol, self.rtol = atol, rtol
 
-    def integrate(self, v, x, grid, generator=None, steps=None, trajectory=None):
+    def integrate(self, v: Velocity, x: torch.Tensor, grid: Sequence[float],
+                  generator: Optional[torch.Generator] = None, steps: Optional[Iterable[int]] = None,
+                  trajectory: Optional[list] = None) -> torch.Tensor:
         from torchdiffeq import odeint
         tgrid = torch.tensor(list(grid), device=x.device, dtype=torch.float32)
         # torchdiffeq evaluates at arbitrary t: guidance on / off is decided per evaluation (a host float).
@@ -137,7 +142,8 @@ class EulerMaruyama(Integrator):
     def __init__(self, diffusion_norm: float = 1.0):
         self.diffusion_norm = diffusion_norm
 
-    def step(self, v, x, t0, t1, last=False, generator=None):
+    def step(self, v: Velocity, x: torch.Tensor, t0: float, t1: float, last: bool = False,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
         dt = t1 - t0
         vel = v(x, t0)
         if last:

@@ -10,8 +10,9 @@ produces normalised latents; they are mapped back with the per-channel statistic
 (z = x * std / multiplier + mean) before decoding, as the reference does.
 """
 import math
+import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,9 +25,11 @@ from .sampling import Sampler, SamplerUnavailable, SamplingConfig, decode_images
 from .vavae import AutoencoderKL
 from .config import console_entry
 
+PathOrId = Union[str, os.PathLike]  # a file, a folder, or a hub repo id
 
-def load_dit(path, size: Optional[str] = None, input_size: int = 16, in_channels: int = 32, num_classes: int = 1000,
-             weights: str = "ema", **flags) -> LightningDiT:
+
+def load_dit(path: PathOrId, size: Optional[str] = None, input_size: int = 16, in_channels: int = 32,
+             num_classes: int = 1000, weights: str = "ema", **flags) -> LightningDiT:
     """Our folder, a hub id, or a released checkpoint file (its architecture is read from the weights; a
     given `size` is checked against them)."""
     model = LightningDiT.from_pretrained(path, weights=weights, **flags)
@@ -41,12 +44,12 @@ def load_dit(path, size: Optional[str] = None, input_size: int = 16, in_channels
     return model
 
 
-def load_vae(path, **config) -> AutoencoderKL:
+def load_vae(path: PathOrId, **config) -> AutoencoderKL:
     """Our folder, a hub id, or a tokenizer checkpoint ({"state_dict"}; architecture read from the weights)."""
     return AutoencoderKL.from_pretrained(path, **config)
 
 
-def load_latent_stats(path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_latent_stats(path: Optional[PathOrId], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (1, C, 1, 1): latents_stats.safetensors / .pt, or a folder holding the former;
     None gives unnormalised latents (zeros / ones). Statistics no sample can be mapped back with (NaN / inf,
     std <= 0) are refused, naming the file."""
@@ -60,7 +63,7 @@ def load_latent_stats(path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, source) -> None:
+def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, source: Union[str, os.PathLike]) -> None:
     """ValueError naming `source` (a file) for statistics that would turn every sample into NaN or one flat
     image: a non-finite mean or std, or a std that is not > 0 (latents = x * std / multiplier + mean)."""
     for name, t in (("mean", mean), ("std", std)):
@@ -81,14 +84,14 @@ def check_latent_multiplier(value: float, name: str = "latent_multiplier") -> fl
     return float(value)
 
 
-def default_stats_path(dit_src) -> Optional[Path]:
+def default_stats_path(dit_src: PathOrId) -> Optional[Path]:
     """latents_stats.safetensors stored beside a converted DiT (modeling.convert --latent-stats), or None."""
     folder = model_folder(dit_src)
     return folder / STATS_NAME if folder is not None and (folder / STATS_NAME).is_file() else None
 
 
 @torch.no_grad()
-def generate(dit: LightningDiT, vae: AutoencoderKL, labels, mean: torch.Tensor, std: torch.Tensor,
+def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean: torch.Tensor, std: torch.Tensor,
              config: Optional[SamplingConfig] = None, *, seed: int = 0, latent_multiplier: float = 1.0,
              device: Union[str, torch.device] = "cpu", progress: bool = False, return_sampler: bool = False,
              **options) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
@@ -115,7 +118,8 @@ def generate(dit: LightningDiT, vae: AutoencoderKL, labels, mean: torch.Tensor, 
     return (images, sampler) if return_sampler else images
 
 
-def save_grid(images: torch.Tensor, path, ncol: Optional[int] = None):
+def save_grid(images: torch.Tensor, path: Union[str, os.PathLike],
+              ncol: Optional[int] = None) -> Union[str, os.PathLike]:
     """Write uint8 images (N, H, W, 3) as one grid image (ncol columns; default about square); returns path."""
     from PIL import Image
     imgs = images.cpu().numpy()
@@ -133,7 +137,7 @@ def save_grid(images: torch.Tensor, path, ncol: Optional[int] = None):
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     from .config import check_output_path, cli_parser, user_errors
     from .sampling import add_sampling_args, check_device, config_from_args
 

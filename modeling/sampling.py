@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import os
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -25,6 +26,7 @@ import torch
 
 import kernels
 
+from .config import ConfigError
 from .guidance import Guidance, cfg_velocity, is_guided
 from .integrators import INTEGRATORS, integrator_names, make_integrator
 
@@ -42,19 +44,23 @@ COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 CUDAGRAPH_MODES: tuple[str, ...] = typing.get_args(CudagraphMode)
 
 
-def timestep_shift(t, s: float):
+def timestep_shift(t: Union[float, torch.Tensor], s: float) -> Union[float, torch.Tensor]:
+    """s*t / (1 + (s-1)*t): the reference's timestep shift (s < 1 puts more grid points near the noise)."""
     return s * t / (1 + (s - 1) * t)
 
 
-def time_grid(steps: int, shift: float = 1.0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def time_grid(steps: int, shift: float = 1.0, device: Union[str, torch.device, None] = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`steps` shifted grid times from 0 (noise) to 1 (data)."""
     t = torch.linspace(0, 1, steps, dtype=dtype, device=device)
     return timestep_shift(t, shift) if shift != 1.0 else t
 
 
 # ----------------------------------------------------------------------------- the one config
 
-class SamplingConfigError(ValueError):
-    """A sampling option no sampler can run; `field` names the option (the CLI turns it into its flag)."""
+class SamplingConfigError(ConfigError):
+    """A sampling option no sampler can run (a ConfigError, so a ValueError); `field` names the option (the CLI
+    turns it into its flag, the config system into its dotted key)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -181,7 +187,7 @@ PRESET_ALIASES: dict[str, str] = {"800ep": "lightningdit-xl-imagenet256-800ep",
                                   "64ep": "lightningdit-xl-imagenet256-64ep"}
 
 
-def preset_for_name(name) -> Optional[str]:
+def preset_for_name(name: Union[str, os.PathLike]) -> Optional[str]:
     """The preset whose released file this is (by file or folder name), or None."""
     stem = str(name).replace("\\", "/").rstrip("/").split("/")[-1]
     stem = stem.rsplit(".", 1)[0] if stem.endswith((".pt", ".pth", ".safetensors")) else stem
@@ -192,7 +198,8 @@ def preset_settings(name: str) -> dict:
     """The sampling settings (the SETTING_KEYS) of a preset, by name or alias."""
     key = PRESET_ALIASES.get(name, name)
     if key not in SAMPLING_PRESETS:
-        raise ValueError(f"unknown sampling preset {name!r}; known: {sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
+        raise ValueError(f"unknown sampling preset {name!r}; known: "
+                         f"{sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
     return dict(SAMPLING_PRESETS[key]["settings"])
 
 
@@ -236,8 +243,8 @@ class GuidedVelocity:
 
 
 @torch.no_grad()
-def sample(model, z: torch.Tensor, y: torch.Tensor, steps: int = 250, method: str = "euler", shift: float = 0.3,
-           cfg_scale: float = 1.0, cfg_interval_start: float = 0.0, guidance: str = "all",
+def sample(model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, steps: int = 250, method: str = "euler",
+           shift: float = 0.3, cfg_scale: float = 1.0, cfg_interval_start: float = 0.0, guidance: str = "all",
            return_trajectory: bool = False, generator: Optional[torch.Generator] = None, diffusion_norm: float = 1.0,
            atol: float = 1e-6, rtol: float = 1e-3) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Draw samples from noise z (B, C, H, W) with labels y (B,): the reference path (the model as given, in
@@ -288,7 +295,7 @@ def _shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def autocast_context(device, precision: str):
+def autocast_context(device: Union[str, torch.device], precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for precision 'bf16' (weight cast cache off: required under CUDA graph capture)."""
     if precision != "bf16":
         return contextlib.nullcontext()
@@ -403,7 +410,7 @@ class Sampler:
         y_null = torch.full_like(y, self.num_classes)
         c = self.config
 
-        def v(x, t: float):
+        def v(x: torch.Tensor, t: float) -> torch.Tensor:
             tt = torch.full((len(x),), t, device=x.device, dtype=torch.float32)
             return self.velocity(x, tt, y, y_null, is_guided(t, c.cfg_scale, c.cfg_interval_start))
         return v
@@ -496,7 +503,8 @@ class Sampler:
 
 
 @torch.no_grad()
-def decode_images(vae, latents, precision="fp32", batch_size=None):
+def decode_images(vae: torch.nn.Module, latents: torch.Tensor, precision: str = "fp32",
+                  batch_size: Optional[int] = None) -> torch.Tensor:
     """uint8 (B, H, W, 3) from latents, batched; precision 'bf16' / 'bf16-weights' / 'fp8' decode under bf16
     autocast (GroupNorm and the final clamp stay fp32)."""
     dev = latents.device
@@ -521,7 +529,7 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_sampling_args(parser, fast_default: bool = False):
+def add_sampling_args(parser: argparse.ArgumentParser, fast_default: bool = False) -> argparse.ArgumentParser:
     """The flags of every SamplingConfig field (type, choices and --help text from the dataclass), plus
     --preset, for modeling.sample_images and evaluation.generate; read them back with config_from_args.
 
@@ -555,7 +563,7 @@ def add_sampling_args(parser, fast_default: bool = False):
     return parser
 
 
-def config_from_args(args, stored: Optional[dict] = None,
+def config_from_args(args: argparse.Namespace, stored: Optional[dict] = None,
                      stored_from: str = "the model") -> tuple[SamplingConfig, dict]:
     """(SamplingConfig, {setting: source}) from parsed add_sampling_args flags and the model's stored "sampling"
     settings (config.json). Settings resolve per key: given > --preset > stored > defaults (resolve_settings).

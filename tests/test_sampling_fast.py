@@ -169,8 +169,9 @@ def test_speed_benchmark_runs_the_same_path_and_writes_json(tmp_path):
     with pytest.raises(ValueError, match="fp8_recipe applies to precision fp8 only"):
         parse_spec("bf16+tensorwise@4")
     assert forward_units([False, True, True]) == 5
-    res = measure_sampling("custom", ["fp32@4", "bf16+refops@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4, in_channels=4,
-                           num_classes=3, model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
+    res = measure_sampling("custom", ["fp32@4", "bf16+refops@6", "bf16+graphs@4", "fp8@4"], steps=5, input_size=4,
+                           in_channels=4, num_classes=3,
+                           model_kwargs=dict(hidden_size=32, depth=1, num_heads=2, patch_size=1),
                            vae_config=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                            resolution=8, z_channels=4, embed_dim=4), log=None,
                            partial_json=tmp_path / "partial.json", profile=True)
