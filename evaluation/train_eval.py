@@ -7,18 +7,18 @@
 Every evaluation draws the same samples: `num_samples` class-balanced labels and per-sample noise from
 `seed` (evaluation.generate.sample_labels / sample_noise: independent of the number of ranks and the batch
 size), sampled from the EMA model through the same Sampler as evaluation.generate (so bf16 / CUDA graphs
-apply here too), decoded with the VA-VAE, then scored:
-- fid (and sfid, inception_score where the features have them) against a reference batch in the ADM npz
-  format (its stored mu/sigma when present, else the statistics of its images);
-- precision / recall against the reference images' features (when the npz has images);
-- anything extra from `scorers` (e.g. the demo's classifier accuracy).
-Ranks split the samples (i = rank, rank + world, ...) and all-gather features; every rank returns the same
+apply here too), decoded with the VA-VAE, then scored by the registered metrics that `eval.metrics` names
+(evaluation.metrics; default fid, sfid and inception_score where the features have them, precision_recall when
+the reference npz has images) against a reference batch in the ADM npz format (its stored mu/sigma when
+present, else the statistics of its images), with one Inception pass per sample batch shared by all of them;
+then anything extra from `scorers`. Ranks split the samples (i = rank, rank + world, ...) and all-gather the
+features (and the images or latents when a selected metric or a scorer reads them); every rank returns the same
 dict. The trainer adds images seen and wall-clock to the logged line, so bench.curves plots FID against both.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ class EvalSettings(SamplingConfig):
     vae: Optional[str] = None           # tokenizer that decodes samples: our folder, hub id or tokenizer .pt
     latent_stats: Optional[str] = None  # latents_stats .pt / .safetensors (default: data.path/latents_stats.pt)
     precision_recall: bool = True       # improved precision / recall (needs reference images in ref_batch)
+    # registered metrics (evaluation.metrics) computed at every evaluation; precision_recall: false drops that one
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "inception_score", "precision_recall"])
     grid: int = 16                      # samples saved as eval_step{N}.png in the output folder (0 = none)
 
     def validate(self) -> "EvalSettings":
@@ -53,28 +55,17 @@ class EvalSettings(SamplingConfig):
         return self
 
 
-def inception_features(path=None, device="cpu", batch_size=64):
-    """features(images uint8 (N, H, W, 3)) -> {"pool", "spatial", ["logits"]} numpy, with the evaluator's Inception."""
-    from .fid import compute_activations
-    from .inception import load_inception
-    model, backend = load_inception(path, device=device)
-
-    def features(images):
-        return compute_activations(model, np.asarray(images), batch_size, device)
-    features.backend = backend
-    return features
+def inception_features(path: Optional[str] = None, device: Any = "cpu", batch_size: int = 64) -> Callable:
+    """features(images uint8 (N, H, W, 3)) -> {"pool", "spatial", ["logits"]} numpy (evaluation.metrics)."""
+    from .metrics import inception_features as shared
+    return shared(path, device, batch_size)
 
 
-def reference_from_npz(npz_path, features, with_images=True):
-    """{"pool": FIDStatistics, "spatial": FIDStatistics | None, "pool_features": array | None} of a reference batch."""
-    from .fid import FIDStatistics, read_reference
-    images, stats = read_reference(npz_path)
-    feats = features(images) if (stats is None or with_images) and len(images) else None
-    if stats is None:
-        stats = (FIDStatistics.from_features(feats["pool"]),
-                 FIDStatistics.from_features(feats["spatial"]) if "spatial" in feats else None)
-    return {"pool": stats[0], "spatial": stats[1], "pool_features": feats["pool"] if feats is not None else None,
-            "source": str(npz_path), "num_images": int(len(images))}
+def reference_from_npz(npz_path: Union[str, Path], features: Optional[Callable], with_images: bool = True) -> dict:
+    """The evaluation.metrics Reference of an ADM-format npz: {"pool", "spatial", "pool_features", "source",
+    "num_images", "image_size"}."""
+    from .metrics import reference_from_npz as shared
+    return shared(npz_path, features, with_images)
 
 
 def _dist():
@@ -91,25 +82,36 @@ def _gather(obj, world):
     return out
 
 
-def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_multiplier=1.0, features=None,
-                  reference=None, scorers=(), out_dir=None, log=print):
-    """eval_fn(ema_model, step) -> dict of floats.
+def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, device: Any = None,
+                  latent_multiplier: float = 1.0, features: Optional[Callable] = None, reference: Any = None,
+                  scorers: tuple = (), out_dir: Optional[Union[str, Path]] = None,
+                  log: Optional[Callable[[str], Any]] = print, extras: Optional[dict] = None) -> Callable:
+    """eval_fn(ema_model, step) -> dict of floats: the registered metrics settings.metrics names, then scorers'.
 
     settings: EvalSettings or any object with its fields (the trainer's cfg.eval).
     vae: an AutoencoderKL, or None to load settings.vae. latent_stats: {"mean", "std"} / a path / None (then
     settings.latent_stats, else unnormalised latents). features: images -> {"pool", ...} (default: the
     evaluator's Inception from settings.inception). reference: the dict reference_from_npz returns, a
-    FIDStatistics of pool features, or None to read settings.ref_batch. scorers: callables
-    (images uint8 numpy, labels numpy) -> dict, run on the gathered samples. out_dir: where the grid goes.
+    FIDStatistics of pool features, or None to read settings.ref_batch (only read when a selected metric needs
+    a reference). scorers: callables (images uint8 numpy, labels numpy) -> dict, run on the gathered samples.
+    extras: objects by name that selected metrics need (evaluation.metrics EvalInputs.extras, e.g. a
+    "classifier"). out_dir: where the grid goes. An unknown metric, or one needing something this hook cannot
+    give, is a MetricError (a ConfigError) here, before training.
     """
     from modeling import AutoencoderKL
     from modeling.hub import load_latent_stats
 
-    from .fid import FIDStatistics, inception_score
     from .generate import sample_labels, sample_noise
-    from .precision_recall import precision_recall
+    from .metrics import SAMPLE_METRICS, EvalInputs, FIDStatistics, check_needs, compute_metrics, resolve_metrics
 
     s = settings
+    # the metrics: resolved and checked first (a typo fails before any model loads, not at the first evaluation)
+    names = [n for n in getattr(s, "metrics", SAMPLE_METRICS) if s.precision_recall or n != "precision_recall"]
+    metrics = resolve_metrics(names, "eval.metrics") if names else []
+    extras = dict(extras or {})
+    check_needs(metrics, {"images", "labels", "latents", "features", "reference", "reference_features",
+                          *extras}.__contains__, "eval.metrics", "the trainer's evaluation")
+    needs = {n for m in metrics for n in m.needs}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if s.precision == "fp8":  # refused now, not at the first evaluation hours into the run
         from modeling.fp8 import check_fp8, check_scaled_mm
@@ -125,12 +127,12 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         latent_stats = s.latent_stats
     if isinstance(latent_stats, (str, Path)):
         latent_stats = load_latent_stats(latent_stats)
-    if features is None:
+    if features is None and ("features" in needs or (reference is None and "reference" in needs)):
         features = inception_features(s.inception, device, s.batch_size)
-    if reference is None:
+    if reference is None and "reference" in needs:
         if s.ref_batch is None:
             raise ValueError("eval needs a reference: pass reference= or set eval.ref_batch (ADM npz)")
-        reference = reference_from_npz(s.ref_batch, features, with_images=s.precision_recall)
+        reference = reference_from_npz(s.ref_batch, features, with_images="reference_features" in needs)
     elif isinstance(reference, FIDStatistics):
         reference = {"pool": reference, "spatial": None, "pool_features": None}
     state = {}
@@ -156,7 +158,7 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
         rank, world = state["rank"], state["world"]
         model = model.to(device).eval()
         sampler = state["make_sampler"](model)
-        images, feats = [], []
+        images, feats, latents = [], [], []
         mine, labels = state["mine"], state["labels"]
         for i in range(0, len(mine), s.batch_size):
             z = state["noise"][i:i + s.batch_size].to(device)
@@ -166,26 +168,31 @@ def build_eval_fn(settings, vae=None, latent_stats=None, device=None, latent_mul
                 x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
             im = decode_images(vae, x, s.precision).cpu().numpy()
             images.append(im)
-            feats.append(features(im))
+            if "features" in needs:  # one Inception pass per batch, shared by every metric
+                feats.append(features(im))
+            if "latents" in needs:
+                latents.append(x.float().cpu().numpy())
         images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
         mine_feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
-        parts = _gather({"idx": np.asarray(mine), "feats": mine_feats,
-                         "images": images if scorers else None}, world)
+        keep_images = bool(scorers) or "images" in needs
+        parts = _gather({"idx": np.asarray(mine), "feats": mine_feats, "images": images if keep_images else None,
+                         "latents": np.concatenate(latents) if latents else None}, world)
         order = np.argsort(np.concatenate([p["idx"] for p in parts]))
         allf = {k: np.concatenate([p["feats"][k] for p in parts])[order] for k in parts[0]["feats"]}
-        res = {"fid": FIDStatistics.from_features(allf["pool"]).frechet_distance(reference["pool"])}
-        if reference.get("spatial") is not None and "spatial" in allf:
-            res["sfid"] = FIDStatistics.from_features(allf["spatial"]).frechet_distance(reference["spatial"])
-        if "logits" in allf:
-            res["inception_score"] = inception_score(allf["logits"])
-        if s.precision_recall and reference.get("pool_features") is not None:
-            res["precision"], res["recall"] = precision_recall(reference["pool_features"], allf["pool"],
-                                                               device=device)
-        if scorers:
-            all_images = np.concatenate([p["images"] for p in parts])[order]
-            all_labels = labels.numpy()
-            for scorer in scorers:
-                res.update(scorer(all_images, all_labels))
+        all_images = np.concatenate([p["images"] for p in parts])[order] if keep_images else None
+        all_labels = labels.numpy()  # in sample order, as `order` puts the gathered samples
+        all_latents = (np.concatenate([p["latents"] for p in parts if p["latents"] is not None])[order]
+                       if "latents" in needs else None)
+        inputs = EvalInputs(images=all_images, labels=all_labels, latents=all_latents, reference=reference,
+                            features=allf if "features" in needs else None, extras=extras, device=device,
+                            images_source="the evaluation samples",
+                            image_size=tuple(images.shape[1:3]) if images.ndim == 4 else None)
+        res = compute_metrics(metrics, inputs, "eval.metrics")
+        if inputs.skipped and not state.get("skips_told") and rank == 0 and log is not None:
+            log("eval: not computed: " + "; ".join(f"{k} ({v})" for k, v in inputs.skipped.items()))
+        state["skips_told"] = True
+        for scorer in scorers:
+            res.update(scorer(all_images, all_labels))
         if s.grid and rank == 0 and out_dir is not None:
             from modeling.sample_images import save_grid
             Path(out_dir).mkdir(parents=True, exist_ok=True)
