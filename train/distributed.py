@@ -10,9 +10,12 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -23,7 +26,7 @@ class DistInfo:
     device: torch.device
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
 
@@ -33,7 +36,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def init_distributed(backend="auto", timeout_s=600) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if "RANK" not in os.environ:  # plain `python ...`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -65,7 +68,7 @@ def _forget_deepspeed_groups():
     groups.mpu = None
 
 
-def barrier():
+def barrier() -> None:
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             # name the device: without it torch warns at every barrier that it guesses the current one
@@ -74,7 +77,7 @@ def barrier():
             dist.barrier()
 
 
-def from_rank0(value, options, device):
+def from_rank0(value: T, options: Sequence[T], device: Union[str, torch.device]) -> T:
     """Rank 0's `value` (one of `options`) on every rank: a choice each rank measured for itself must be the same
     everywhere. One broadcast of its index; `value` itself where there is one rank."""
     if dist.is_initialized() and dist.get_world_size() > 1:

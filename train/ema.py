@@ -6,8 +6,10 @@ so that any rank can evaluate or export it. Parameters are matched by name, so t
 has the plain model keys (the reference's "ema" entry).
 """
 import contextlib
+from typing import Iterator
 
 import torch
+import torch.nn as nn
 
 
 def _gathered(params):
@@ -18,14 +20,14 @@ def _gathered(params):
     return contextlib.nullcontext()
 
 
-def _param_groups(module, group_size):
+def _param_groups(module: nn.Module, group_size: int) -> Iterator[list[tuple[str, nn.Parameter]]]:
     named = [(n, p) for n, p in module.named_parameters()]
     for i in range(0, len(named), group_size):
         yield named[i:i + group_size]
 
 
 class EMA:
-    def __init__(self, module, decay=0.9999, group_size=64):
+    def __init__(self, module: nn.Module, decay: float = 0.9999, group_size: int = 64):
         self.decay = decay
         self.group_size = group_size  # parameters per update launch; gathered at once under ZeRO-3 (bounds peak memory)
         self.shadow = {}
@@ -35,7 +37,7 @@ class EMA:
                     self.shadow[name] = p.detach().float().clone()
 
     @torch.no_grad()
-    def update(self, module):
+    def update(self, module: nn.Module) -> None:
         for group in _param_groups(module, self.group_size):
             with _gathered([p for _, p in group]):
                 # shadow = shadow * decay + p * (1 - decay), as the reference, one fused launch per group
@@ -43,10 +45,10 @@ class EMA:
                 torch._foreach_mul_(shadows, self.decay)
                 torch._foreach_add_(shadows, [p.detach().float() for _, p in group], alpha=1.0 - self.decay)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.shadow.items()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = set(self.shadow) - set(state), set(state) - set(self.shadow)
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
@@ -54,7 +56,7 @@ class EMA:
         for k, v in state.items():
             self.shadow[k].copy_(v)
 
-    def full_state_dict(self, module):
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """EMA weights plus the model's buffers (pos_embed, rope tables): a loadable model state dict."""
         sd = {k: v.clone() for k, v in self.shadow.items()}
         for name, b in module.named_buffers():

@@ -8,12 +8,14 @@ traceback. `--debug` (or VAVAE_DEBUG=1) keeps the traceback for user mistakes to
         with user_errors(args.debug):
             ...
 """
+import argparse
 import contextlib
 import os
 import sys
+from typing import Any, Callable, Iterator, Optional
 
 
-def user_error_types():
+def user_error_types() -> tuple[type[BaseException], ...]:
     from modeling.checkpoint import CheckpointMismatchError
     from modeling.safe_load import CheckpointLoadError
 
@@ -25,20 +27,20 @@ def user_error_types():
             PermissionError)
 
 
-def one_line(exc):
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         text = " ".join(exc.args[0].split())  # KeyError's str() quotes its message
     return text or type(exc).__name__
 
 
-def add_debug_arg(parser):
+def add_debug_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
 @contextlib.contextmanager
-def user_errors(debug=False, prefix="error"):
+def user_errors(debug: bool = False, prefix: str = "error") -> Iterator[None]:
     """Exit 2 with `error: <one line>` on a user mistake (see module docstring)."""
     try:
         yield
@@ -49,11 +51,11 @@ def user_errors(debug=False, prefix="error"):
         raise SystemExit(2) from None
 
 
-def trainer_main(module, doc, schema, run, argv=None, extra_user_errors=()):
+def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[Any], Any],
+                 argv: Optional[list[str]] = None, extra_user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """The command line both trainers share (`python -m train.train_dit` / `train.train_vae`): the config from
     YAML + overrides (a mistake: one line, exit 2), --print-config, --debug, then `run(cfg)`. A user mistake
     while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint."""
-    import argparse
     import logging
 
     import torch.distributed as dist

@@ -11,6 +11,7 @@ same on every rank (a rank that skips a collective the others enter hangs the ru
   `train.max_bad_steps` in a row calls the trainer's save and raises `NonFiniteError`.
 """
 import logging
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,12 +22,12 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the run was checkpointed before stopping."""
 
 
-def poison(loss):
+def poison(loss: torch.Tensor) -> torch.Tensor:
     """loss * 1.0 when finite, loss * NaN otherwise (so backward poisons every gradient on every rank)."""
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
 
 
-def engine_step(engine, grad_clip=0.0):
+def engine_step(engine: Any, grad_clip: float = 0.0) -> tuple[bool, torch.Tensor]:
     """DeepSpeed optimizer step that is skipped when the global gradient norm is not finite.
 
     Returns (applied, grad_norm), grad_norm a 0-dim fp32 tensor on the parameters' device: read it on the
@@ -60,13 +61,13 @@ def engine_step(engine, grad_clip=0.0):
 class NonFiniteGuard:
     """Counts skipped steps; `max_bad_steps` in a row -> `on_stop()` (save a checkpoint) and NonFiniteError."""
 
-    def __init__(self, max_bad_steps):
+    def __init__(self, max_bad_steps: int):
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
         self.skipped_steps, self.bad_streak = 0, 0
 
-    def update(self, applied, step, on_stop=None, where=""):
+    def update(self, applied: bool, step: int, on_stop: Optional[Callable[[], Any]] = None, where: Any = "") -> None:
         """Record the outcome of `step` (1-based, after it ran). Raises NonFiniteError on the K-th bad step
         in a row, after calling on_stop(); `where` names the checkpoint for the message."""
         if applied:
@@ -84,8 +85,8 @@ class NonFiniteGuard:
                 f"{' in ' + str(where) if where else ''}. Lower optim.lr, check the data, or resume from an "
                 f"earlier checkpoint.")
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         self.skipped_steps, self.bad_streak = int(state["skipped_steps"]), int(state["bad_streak"])

@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 
@@ -26,7 +27,7 @@ from modeling.config import ConfigError
 log = logging.getLogger("train")
 
 
-def repair_jsonl(path):
+def repair_jsonl(path: Union[str, Path]) -> int:
     """Drop a torn tail (a last line without its newline, or that does not parse: a run killed mid-write)
     from a JSON-lines file, so appending continues on a clean line. Returns the number of bytes dropped."""
     path = Path(path)
@@ -78,7 +79,8 @@ class WandbLogger:
     """One W&B run per training run directory: its id is kept in DIR/wandb_run_id so a resumed run continues
     the same W&B run. Only numbers are logged (as TensorBoard); `step` is the optimizer step."""
 
-    def __init__(self, directory, project="vavae-lightningdit", mode="offline", name=None, config=None):
+    def __init__(self, directory: Union[str, Path], project: str = "vavae-lightningdit", mode: str = "offline",
+                 name: Optional[str] = None, config: Optional[dict] = None):
         wandb = _require_wandb()
         directory = Path(directory)
         id_file = directory / "wandb_run_id"
@@ -91,12 +93,12 @@ class WandbLogger:
         id_file.write_text(run_id)
         log.info("W&B run %s (%s mode) in %s", run_id, mode, directory / "wandb")
 
-    def log(self, step, metrics):
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numbers:
             self.run.log(numbers, step=step)
 
-    def close(self):
+    def close(self) -> None:
         self.run.finish()
 
 
@@ -106,9 +108,10 @@ class MetricsLogger:
     wandb: False (off) or True; wandb_project / wandb_mode ("offline" | "online") / wandb_config (the
     resolved config as a dict, stored with the run) go to `WandbLogger`."""
 
-    def __init__(self, directory, enabled=True, tensorboard=True, progress_bar=True, total_steps=None,
-                 initial_step=0, wandb=False, wandb_project="vavae-lightningdit", wandb_mode="offline",
-                 wandb_config=None):
+    def __init__(self, directory: Union[str, Path], enabled: bool = True, tensorboard: bool = True,
+                 progress_bar: bool = True, total_steps: Optional[int] = None, initial_step: int = 0,
+                 wandb: bool = False, wandb_project: str = "vavae-lightningdit", wandb_mode: str = "offline",
+                 wandb_config: Optional[dict] = None):
         self.enabled = enabled
         self.tb = self.bar = self.jsonl = self.wandb = None
         if wandb:
@@ -128,7 +131,7 @@ class MetricsLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
-    def log(self, step, metrics: dict):
+    def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
@@ -143,11 +146,11 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                  img_s=f"{metrics['img_per_s']:.1f}", refresh=False)
 
-    def advance(self, n=1):
+    def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self):
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -162,11 +165,11 @@ class MetricsLogger:
 _NVTX = {"on": torch.cuda.is_available()}
 
 
-def set_nvtx(enabled):
+def set_nvtx(enabled: bool) -> None:
     _NVTX["on"] = enabled and torch.cuda.is_available()
 
 
-def nvtx(name):
+def nvtx(name: str) -> ContextManager:
     """An NVTX range around a phase of the step (data, forward, backward, optimizer, ema)."""
     return torch.cuda.nvtx.range(name) if _NVTX["on"] else contextlib.nullcontext()
 
@@ -179,7 +182,8 @@ class ProfileWindow:
     (op table by total time) and on a GPU TRACE_DIR/memory_snapshot_rank{R}.pickle (allocator history of
     the window: pytorch.org/memory_viz). `close()` finishes a window that the run ended inside."""
 
-    def __init__(self, start=-1, num_steps=10, torch_trace=False, trace_dir="traces", rank=None):
+    def __init__(self, start: int = -1, num_steps: int = 10, torch_trace: bool = False,
+                 trace_dir: Union[str, Path] = "traces", rank: Optional[int] = None):
         self.start, self.stop = start, start + num_steps
         self.active = False
         self.torch_trace, self.trace_dir = torch_trace, Path(trace_dir)
@@ -194,7 +198,7 @@ class ProfileWindow:
         import torch.distributed as dist
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    def before_step(self, step):
+    def before_step(self, step: int) -> None:
         if step != self.start:
             return
         if torch.cuda.is_available():
@@ -213,7 +217,7 @@ class ProfileWindow:
             self._prof.__enter__()
             log.info("torch.profiler trace opened at step %d (%s)", step, ", ".join(a.name for a in activities))
 
-    def after_step(self, step):
+    def after_step(self, step: int) -> None:
         if step + 1 < self.stop:
             return
         if self.active:
@@ -223,7 +227,7 @@ class ProfileWindow:
             log.info("profiler window closed after step %d", step)
         self._finish_trace(step)
 
-    def close(self):
+    def close(self) -> None:
         """End a window the run did not reach the end of (its traces are still written)."""
         if self.active:
             torch.cuda.synchronize()
@@ -256,7 +260,7 @@ class ProfileWindow:
                  ", ".join(str(p) for p in self.written))
 
 
-def peak_memory(device):
+def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak memory of this process so far: the CUDA caching allocator's peaks on a GPU, max RSS on the CPU."""
     if device.type == "cuda":
         return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,

@@ -8,9 +8,10 @@ bf16 communication dtype: gradients are reduced and kept in fp32 next to the fp3
 `PrecisionProbe` checks the first step: a layer inside the engine must compute in the requested dtype.
 """
 import torch
+import torch.nn as nn
 
 
-def deepspeed_autocast(precision):
+def deepspeed_autocast(precision: str) -> dict:
     """The `torch_autocast` section of a DeepSpeed config for `train.precision` (bf16 | fp32)."""
     return {"enabled": precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []}
 
@@ -20,7 +21,7 @@ class PrecisionProbe:
     Watches the output dtype of one layer that runs inside the engine's forward and outside any compiled
     module (a hook there causes no recompilation) for the first step, then removes itself."""
 
-    def __init__(self, layer, precision, what="layers"):
+    def __init__(self, layer: nn.Module, precision: str, what: str = "layers"):
         self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
         self.what, self.seen = what, None
         self.handle = layer.register_forward_hook(self._hook)
@@ -28,7 +29,7 @@ class PrecisionProbe:
     def _hook(self, mod, inputs, output):
         self.seen = output.dtype
 
-    def check(self):
+    def check(self) -> None:
         if self.handle is None:
             return
         self.handle.remove()

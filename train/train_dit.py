@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -121,7 +121,7 @@ class DiTTrainer(TrainerBase):
         # the time embedder's first Linear: inside the engine's forward, outside the compiled blocks
         self._probe = PrecisionProbe(self.engine.module.t_embedder.mlp[0], self.cfg.train.precision, "matmuls")
 
-    def build_loader(self):
+    def build_loader(self) -> Iterable:
         d, m, t, info = self.cfg.data, self.cfg.model, self.cfg.train, self.info
         if d.source == "synthetic":
             loader = SyntheticLatents(t.batch_per_gpu, m.in_channels, m.input_size, m.num_classes, t.seed, info.rank,

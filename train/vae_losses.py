@@ -14,6 +14,8 @@ Module names match the reference (`loss.logvar`, `loss.discriminator.main.*`,
 `loss.perceptual_loss.*`) so its checkpoints' `loss.*` entries load here.
 Like the reference optimizer, `logvar` is a parameter that the trainer does not optimise.
 """
+from typing import Any, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ class VAVAELoss(nn.Module):
     """`VAVAELoss(cfg.loss)`: built from the `loss:` config section (train/vae_config.LossConfig), whose fields
     are also accepted as keyword arguments (`VAVAELoss(disc_start=0, perceptual_weight=0.0)`)."""
 
-    def __init__(self, config: LossConfig = None, /, **kwargs):
+    def __init__(self, config: Optional[LossConfig] = None, /, **kwargs: Any):
         super().__init__()
         if config is None:
             config = LossConfig(**kwargs)
@@ -48,11 +50,13 @@ class VAVAELoss(nn.Module):
         self.discriminator = NLayerDiscriminator(3, c.disc_ndf, c.disc_layers)
         self.d_loss = hinge_d_loss if c.disc_loss == "hinge" else vanilla_d_loss
 
-    def gan_active(self, global_step):
+    def gan_active(self, global_step: int) -> bool:
         return adopt_weight(self.disc_factor, global_step, threshold=self.disc_start) > 0
 
-    def generator_loss(self, inputs, recon, posterior, global_step, dec_last_layer, z_proj=None, aux_feature=None,
-                       enc_last_layer=None):
+    def generator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: Any, global_step: int,
+                       dec_last_layer: torch.Tensor, z_proj: Optional[torch.Tensor] = None,
+                       aux_feature: Optional[torch.Tensor] = None, enc_last_layer: Optional[torch.Tensor] = None,
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, logs) for the autoencoder step; logs hold detached scalars."""
         B = inputs.shape[0]
         rec = (inputs.float() - recon.float()).abs()
@@ -86,7 +90,8 @@ class VAVAELoss(nn.Module):
         logs["loss"] = loss
         return loss, {k: v.detach().float() for k, v in logs.items()}
 
-    def discriminator_loss(self, inputs, recon, global_step):
+    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
+                           global_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits_real = self.discriminator(inputs.contiguous().detach()).float()
         logits_fake = self.discriminator(recon.contiguous().detach()).float()
         factor = adopt_weight(self.disc_factor, global_step, threshold=self.disc_start)
