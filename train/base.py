@@ -29,7 +29,6 @@ Resuming on another world size replaces `check_same_world` and the per-rank part
 import copy
 import dataclasses
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from modeling.config import ConfigError, dump_config, from_dict, to_dict
-from modeling.threads import available_cores, configure_threads
+from modeling.threads import configure_threads
 
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
@@ -62,19 +61,6 @@ def forever(loader: Iterable) -> Iterator:
     """Endless batches; the loader moves to its next epoch each time its iterator ends."""
     while True:
         yield from loader
-
-
-def threads_per_rank() -> Optional[int]:
-    """The CPU threads of this rank, for modeling.threads.configure_threads: None ($VAVAE_THREADS, read there)
-    when set; else $OMP_NUM_THREADS when a launcher or the user set it; else this machine's cores shared by the
-    ranks on it (each rank taking every core oversubscribes them)."""
-    if os.environ.get("VAVAE_THREADS"):
-        return None
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # torchrun / deepspeed
-    return max(1, available_cores() // max(1, int(local) if local.isdigit() else 1))
 
 
 def seed_rank_rngs(seed: int, rank: int) -> None:
@@ -176,7 +162,7 @@ class Trainer:
         t = cfg.train
         self.info: DistInfo = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.device: torch.device = self.info.device
-        self.threads = configure_threads(threads_per_rank())
+        self.threads = configure_threads()  # (modeling/threads.py: the one place; shared by the ranks on a node)
         # before anything big is built: the folders are writable and no other run uses this checkpoint folder
         # (rank 0's lock, the outcome shared with every rank)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
