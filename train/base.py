@@ -158,6 +158,8 @@ class Trainer:
     GAUGES: tuple[str, ...] = ()       # metrics logged as their last value instead of the window's mean
 
     def __init__(self, cfg: TrainerConfig, eval_fn: Optional[EvalFn] = None):
+        if eval_fn is not None and not hasattr(cfg, "eval"):
+            raise ConfigError(f"the {self.NAME} trainer's config has no eval section: an eval_fn is never called")
         self.cfg, self.eval_fn = cfg, eval_fn
         t = cfg.train
         self.info: DistInfo = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
@@ -188,8 +190,6 @@ class Trainer:
         self.total_steps: int = self.planned_steps()
         self.step, self.images_seen = 0, 0
         self.guard = NonFiniteGuard(t.max_bad_steps)
-        if eval_fn is not None and not hasattr(cfg, "eval"):
-            raise ConfigError(f"the {self.NAME} trainer's config has no eval section: an eval_fn is never called")
         self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
         log.info("%s", self.describe())
         if cfg.checkpoint.resume == "auto":
