@@ -1,36 +1,106 @@
-"""CPU threads, chosen in one place: the trainers, the demo, the tests and the benchmarks call
-`configure_threads()` before they do any work (issue 22: the default thread setup oversubscribed 2 cores).
+"""CPU threads, chosen in one place (issue 22: torch's default thread setup oversubscribed 2 shared cores).
 
-configure_threads(n=None) -> the thread count used. n: an explicit count (`--threads`), else
-$VAVAE_THREADS, else the cores this process may run on (os.sched_getaffinity). Sets torch's intra-op
-threads and (once, before any parallel work) its inter-op threads.
+The trainers, the demo, the tests and the benchmarks call `configure_threads()` before they do any work:
+
+    configure_threads(n=None) -> int     the intra-op thread count now in force
+
+n: an explicit count (`--threads`), else $VAVAE_THREADS, else $OMP_NUM_THREADS (a user's or a launcher's:
+torchrun sets 1 for several ranks), else the cores this process may use (affinity and cgroup quota) divided
+by the ranks on this node ($LOCAL_WORLD_SIZE), at least 1. It sets torch's intra-op threads (OpenMP and
+MKL: the convolutions and matmuls) to n and its inter-op pool to 1 thread (these models run one op at a
+time; a second pool only competes for the same cores).
+
+What torch reads only when it loads (OpenMP's wait policy) cannot be changed afterwards, and importing
+anything from `modeling` loads torch (modeling/__init__.py): an entry point sets OMP_WAIT_POLICY=PASSIVE in
+os.environ before its first torch / modeling import (examples/demo.py and tests/conftest.py do), and gives a
+child process `thread_env(n)`. The counts need no such care: torch.set_num_threads works at any time before
+the first parallel op. PASSIVE matters on a shared machine: a spinning OpenMP thread on a core that another
+process needs made tiny CPU ops ~20x slower (a DiT step 2.8 s instead of 0.13 s).
 """
+import math
 import os
 
 _state: dict = {}
 
 
 def available_cores() -> int:
-    """The cores this process may run on (affinity-aware; cgroup-limited containers report theirs)."""
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
-def configure_threads(n: "int | None" = None) -> int:
-    import torch
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name}={value!r} is not an integer thread count") from None
+
+
+def resolve_threads(n: int | None = None) -> int:
+    """The thread count configure_threads would use (see the module docstring), without touching torch."""
     if n is None:
-        env = os.environ.get("VAVAE_THREADS")
-        n = int(env) if env else available_cores()
+        n = _env_int("VAVAE_THREADS")
+    if n is None:
+        n = _env_int("OMP_NUM_THREADS")
+    if n is None:
+        ranks = _env_int("LOCAL_WORLD_SIZE") or 1
+        n = max(1, available_cores() // max(1, ranks))
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
+    return n
+
+
+def thread_env(n: int | None = None) -> dict:
+    """Environment variables that fix the thread setup of a process started with them (or of this one, if set
+    before torch is imported): the counts for OpenMP / MKL / OpenBLAS, and a sleeping OpenMP wait policy
+    unless one is already set."""
+    n = resolve_threads(n)
+    env = {k: str(n) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VAVAE_THREADS")}
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads to `resolve_threads(n)` and its inter-op pool to 1 (once, if still
+    possible); returns the intra-op count."""
+    import torch
+
+    n = resolve_threads(n)
     torch.set_num_threads(n)
     if "interop" not in _state:
         try:
-            torch.set_num_interop_threads(1)  # only allowed before any inter-op parallel work has started
+            torch.set_num_interop_threads(1)  # allowed only before any inter-op parallel work has started
             _state["interop"] = 1
         except RuntimeError:
             _state["interop"] = torch.get_num_interop_threads()
     _state["threads"] = n
     return n
+
+
+def default_loader_workers(threads: int | None = None) -> int:
+    """Data-loader worker processes that leave the compute threads their cores: none while the compute uses
+    every core (decoding small JPEGs in the main process costs less than a worker's share of a core),
+    else the spare cores, at most 4."""
+    spare = available_cores() - resolve_threads(threads)
+    return max(0, min(4, spare))
+
+
+def describe_threads() -> dict:
+    """What is in force now, for a result record (summary.json)."""
+    import torch
+
+    return {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
+            "cores": available_cores(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS", "(unset)")}

@@ -2,10 +2,17 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so this process and the runs the tests
+# start share the cores (modeling/threads.py). The counts are set in pytest_configure.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling.threads import configure_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+THREADS = pytest.StashKey[int]()
 
 
 def _find_parity_dir():
@@ -36,6 +43,8 @@ def parity_configs(parity_dir):
 
 
 def pytest_configure(config):
+    # the shared thread choice (--threads / $VAVAE_THREADS / $OMP_NUM_THREADS / the cores), as the trainers
+    config.stash[THREADS] = configure_threads()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by bench/gpu_suite.sh, not CI")
     config.addinivalue_line("markers", "slow: multi-process or long; still part of CI")
 
@@ -50,6 +59,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_threads(request):
     torch.manual_seed(0)
     yield
+    # a test that changed the thread count (e.g. to compare counts) does not leave it to the next one
+    n = request.config.stash.get(THREADS, None)
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def pytest_report_header(config):
+    return (f"threads: {config.stash.get(THREADS, '?')} intra-op, {torch.get_num_interop_threads()} inter-op "
+            f"(modeling.threads), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
