@@ -293,9 +293,10 @@ def read_inception_weights(path):
     """(state dict in our layout, has_logits, description) of a weights file, read as weights only (see the module
     docstring); one-line errors naming the file (modeling.safe_load's, or CheckpointMismatchError)."""
     from modeling.released import CheckpointMismatchError
-    from modeling.safe_load import is_torchscript_archive, load_safetensors, load_torchscript_tensors, safe_torch_load
-    path = Path(path)
+    from modeling.safe_load import (is_torchscript_archive, load_safetensors, load_torchscript_tensors, require_file,
+                                    safe_torch_load)
     what = "Inception weights"
+    path = require_file(path, what)  # before anything opens it: a FIFO would block
     if path.suffix == ".safetensors":
         sd = load_safetensors(path, what)
         kind = "safetensors"

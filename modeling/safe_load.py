@@ -439,7 +439,10 @@ class _TorchScriptUnpickler(pickle._Unpickler):  # the Python unpickler: its BUI
 
 
 def is_torchscript_archive(path) -> bool:
-    """True for a TorchScript zip (it has code/ entries beside data.pkl)."""
+    """True for a TorchScript zip (it has code/ entries beside data.pkl); False for anything else, also for a
+    path that is no regular file (which is never opened)."""
+    if describe_path(path) is not None:
+        return False
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
