@@ -183,6 +183,36 @@ def to_dict(cfg):
 
 # ----------------------------------------------------------------------------- YAML + overrides
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, again):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML itself keeps the last one silently,
+    so a config edited in two places would run with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: SafeLoader reports it itself
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_load(text):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text):
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is parsed as YAML ('[0.9, 0.95]', 'null')."""
     require("=" in text, f"override {text!r} must look like section.key=value")
@@ -190,9 +220,9 @@ def parse_override(text):
     key = key.strip()
     require(key and all(key.split(".")), f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+        raise ConfigError(f"override {text!r}: cannot parse value: {' '.join(str(e).split())}") from None
     return key.split("."), value
 
 
@@ -213,9 +243,13 @@ def read_yaml(path):
     path = Path(path)
     require(path.is_file(), f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}; YAML would keep the last one silently: remove one") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({' '.join(str(e).split())})") from None
     data = data or {}
     require(isinstance(data, dict), f"{path}: the top level must be a mapping")
     return data
@@ -288,11 +322,13 @@ def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()) -
     import os
     import sys
 
+    from .safe_load import CheckpointLoadError  # a weights file that is unsafe, corrupt or does not fit
+
     @contextlib.contextmanager
     def guard():
         try:
             yield
-        except (*USER_ERROR_TYPES, *extra) as e:
+        except (*USER_ERROR_TYPES, CheckpointLoadError, *extra) as e:
             if debug or os.environ.get("VAVAE_DEBUG") == "1":
                 raise
             print(f"{prefix}: {one_line(e)}", file=sys.stderr)

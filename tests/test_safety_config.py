@@ -90,3 +90,25 @@ def test_train_data_debug_flag_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "stats", str(tmp_path / "nowhere")])
     assert sys.exc_info() == (None, None, None)
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_the_file_key_and_lines(tmp_path, capsys):
+    """Issue 21: YAML keeps the last of two equal keys silently; a config edited in two places is refused."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  source: synthetic\ntrain:\n  lr: 1.0e-4\n  seed: 3\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(DiTTrainConfig, path)
+    text = str(e.value)
+    assert str(path) in text and "'lr'" in text and "lines 4 and 6" in text and "\n" not in text
+    with pytest.raises(ConfigError, match="'a' appears twice"):  # an override's value is YAML too
+        load_config(Outer, None, ["other.size={a: 1, a: 2}"])
+    # anchors and merge keys still work: an explicit key overrides a merged one, as YAML defines
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("base: &b {size: 2, ckpt_every: 7}\ninner:\n  <<: *b\n  size: 5\nother:\n  size: 1\n")
+    from modeling.config import read_yaml
+    assert read_yaml(merged)["inner"] == {"size": 5, "ckpt_every": 7}
+    # at the command line: one line, exit 2
+    from train.train_dit import main
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "appears twice" in err and err.count("\n") == 1
