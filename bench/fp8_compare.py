@@ -5,19 +5,24 @@ trainer, once in bf16 autocast and once with FP8 linears on top, and the two los
     python -m bench.fp8_compare --config configs/dit_b1.yaml --steps 2000 --fp8-backend te --set data.path=LAT
 
 On the CPU, torchao's FP8 is emulated (`fp8.allow_cpu`): the numerics are FP8's, the speed is not.
-Writes OUT/fp8_compare.json and OUT/fp8_compare.png; exits 1 when the curves disagree: the mean loss
-over the last quarter of the steps differs by more than --rtol (relative).
+Writes OUT/fp8_compare.json (with the environment block of evaluation.provenance) and OUT/fp8_compare.png;
+exits 1 when the curves disagree: the mean loss over the last quarter of the steps differs by more than --rtol
+(relative).
 """
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
 
 from bench.plots import plot_curves
+from evaluation.provenance import environment
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_one(config, out_dir, steps, overrides):
+def run_one(config: str | Path, out_dir: str | Path, steps: int, overrides: list[str]) -> tuple[list[float], str]:
+    """One trainer run of `steps` steps; returns its loss per step and the trainer's FP8 description."""
     from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer
@@ -25,13 +30,15 @@ def run_one(config, out_dir, steps, overrides):
         f"train.steps={steps}", f"checkpoint.dir={out_dir}/ckpt", f"checkpoint.every={steps}",
         "checkpoint.resume=never", "checkpoint.export_reference=false", f"logging.dir={out_dir}",
         "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false", *overrides])
-    trainer = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     return [losses[s] for s in sorted(losses)], trainer.fp8_desc
 
 
-def compare(bf16, fp8, rtol):
+def compare(bf16: list[float], fp8: list[float], rtol: float) -> dict:
+    """The two curves' tail means (last quarter of the steps) and whether they agree within `rtol`."""
     n = min(len(bf16), len(fp8))
     tail = max(1, n // 4)
     mean_a, mean_b = sum(bf16[n - tail:n]) / tail, sum(fp8[n - tail:n]) / tail
@@ -42,7 +49,7 @@ def compare(bf16, fp8, rtol):
             "agree": rel <= rtol}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     from modeling.config import cli_parser
 
     ap = cli_parser("bench.fp8_compare", __doc__)
@@ -63,12 +70,12 @@ def main(argv=None):
         fp8_extra.append("fp8.allow_cpu=true")
     bf16, _ = run_one(a.config, out / "bf16", a.steps, common)
     fp8, desc = run_one(a.config, out / "fp8", a.steps, common + fp8_extra)
-    res = {**compare(bf16, fp8, a.rtol), "fp8": desc, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "config": a.config, "overrides": common, "bf16_losses": bf16, "fp8_losses": fp8}
+    res = {**compare(bf16, fp8, a.rtol), "fp8": desc,
+           "environment": environment("cuda" if torch.cuda.is_available() else "cpu"), "config": a.config, "overrides": common, "bf16_losses": bf16, "fp8_losses": fp8}
     (out / "fp8_compare.json").write_text(json.dumps(res, indent=1))
     plot_curves(out / "fp8_compare.png", [("loss (mse + cos)", {"bf16 autocast": bf16,
                                                                  f"bf16 + FP8 ({desc})": fp8})], log_y=True)
-    print(f"bf16 vs FP8 ({desc}, {res['device']}): last-{res['tail_steps']}-step mean loss "
+    print(f"bf16 vs FP8 ({desc}, {res['environment']['card']}): last-{res['tail_steps']}-step mean loss "
           f"{res['bf16_tail_mean']:.4f} vs {res['fp8_tail_mean']:.4f} (rel diff {res['tail_rel_diff']:.2%}; "
           f"first loss {res['first_loss']:.3f}) -> {'agree' if res['agree'] else 'DISAGREE'}; {out}/fp8_compare.png")
     return 0 if res["agree"] else 1

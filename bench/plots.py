@@ -6,6 +6,8 @@
 Each returns the path it wrote. Cases that failed (an "error" entry) are left out of the bars and listed
 under the figure, so a missing bar never reads as a slow one.
 """
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def _save_listing(fig, path, heading, errors, line_height):
     return _save(fig, path, rect=(0, 0.04 + line_height * len(shown), 1, 1))
 
 
-def plot_curves(path, panels, log_y=False):
+def plot_curves(path: str | Path, panels: list[tuple[str, dict[str, list[float]]]], log_y: bool = False) -> str | Path:
     """Per-step curves on the same seed, one panel per metric: panels = [(ylabel, {label: values}), ...];
     the first series solid, the others dashed (bench.fp8_compare, bench.vae_precision_compare)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
@@ -58,7 +60,7 @@ def plot_curves(path, panels, log_y=False):
     return path
 
 
-def plot_throughput(report, path):
+def plot_throughput(report: dict | str | Path, path: str | Path) -> Path:
     """bench.throughput report -> PNG: img/s per case (bars grouped by batch size, one colour per backend),
     with MFU / TFLOP/s written on each bar; the title names the device, the peak and the commit."""
     report = _load(report)
@@ -99,7 +101,7 @@ def plot_throughput(report, path):
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     model = ", ".join(sorted({str(r.get("model", r["name"].split(" ")[0])) for r in results}))
     commit = f"{str(env.get('commit', '?'))[:10]}{' (dirty)' if env.get('dirty') else ''}"
-    ax.set(ylabel="images / s", title=f"LightningDiT {model} on {env.get('device', '?')}\n"
+    ax.set(ylabel="images / s", title=f"LightningDiT {model} on {env.get('card', env.get('device', '?'))}\n"
                                      f"peak: {report.get('peak', '?')}; commit {commit}")
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
@@ -107,11 +109,12 @@ def plot_throughput(report, path):
     return _save_listing(fig, path, "failed or not run", errors, line_height=0.04)
 
 
-def plot_ops(results, path, metric="fwd_bwd_GBps"):
+def plot_ops(results: dict | str | Path, path: str | Path, metric: str = "fwd_bwd_GBps") -> Path:
     """bench.ops_bench results -> PNG: GB/s per op (`metric`: fwd_GBps or fwd_bwd_GBps), one bar per
     implementation that ran; errors are listed under the plot."""
     results = _load(results)
-    ops = [k for k, v in results.items() if k not in ("attention", "mlp_w12_swiglu") and isinstance(v, dict)]
+    ops = [k for k, v in results.items()  # the environment block and the non-bandwidth tables are not ops
+           if k not in ("environment", "attention", "mlp_w12_swiglu") and isinstance(v, dict)]
     errors = [f"{op}/{impl}: {row.get('error', 'no ' + metric)}" for op in ops for impl, row in results[op].items()
               if "error" in row or metric not in row]
     impls = list(dict.fromkeys(impl for op in ops for impl, row in results[op].items()

@@ -16,12 +16,17 @@ The guard holds when the fast-vs-fp32 distance is a small fraction of the seed-t
 On the CPU, FP8 is torch._scaled_mm's emulation (the same FP8 roundings; accumulation order and the GPU's fast
 accumulation differ).
 """
+from __future__ import annotations
+
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from evaluation.provenance import environment
 
 FAST_PRECISIONS = ("bf16", "bf16-weights", "fp8")
 
@@ -35,11 +40,12 @@ def _rel(a, b):
     return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).double()
 
 
-def fixture_rows(parity_dir, precisions=FAST_PRECISIONS, device="cpu", compile="none", cudagraphs="off"):
+def fixture_rows(parity_dir: str | Path, precisions: tuple[str, ...] = FAST_PRECISIONS, device: str = "cpu",
+                 compile: str = "none", cudagraphs: str = "off") -> list[dict]:
     """Per fixture: fp32 max abs error vs the fixture's sample_out, and each precision's per-sample rel. error."""
     from modeling import LightningDiT
     from modeling.safe_load import safe_torch_load
-    from modeling.sampling import Sampler, SamplerUnavailable
+    from modeling.sampling import Sampler, SamplerUnavailable, SamplingConfig
     parity_dir = Path(parity_dir)
     configs = json.loads((parity_dir / "configs.json").read_text())
     rows = []
@@ -50,15 +56,15 @@ def fixture_rows(parity_dir, precisions=FAST_PRECISIONS, device="cpu", compile="
         io = safe_torch_load(parity_dir / f"{name}_io.pt", "parity fixture")  # weights_only=True (see its README)
         kw = dict(steps=int(io["sample_steps"]), shift=float(io["sample_shift"]),
                   cfg_scale=float(io["sample_cfg_scale"]), cfg_interval_start=float(io["sample_cfg_interval_start"]),
-                  guidance="reference", device=device)
+                  guidance="reference")
         z, y = io["sample_z"].to(device), io["sample_y"].to(device)
-        ref = Sampler(model, precision="fp32", **kw)(z, y).cpu()
+        ref = Sampler(model, SamplingConfig(precision="fp32", **kw), device=device)(z, y).cpu()
         row = {"fixture": name, "fp32_max_abs_err_vs_reference": float((ref - io["sample_out"]).abs().max()),
                "fp32_matches_reference": bool(torch.allclose(ref, io["sample_out"], rtol=1e-4, atol=1e-5))}
         for p in precisions:
             try:
-                sampler = Sampler(model, precision=p, compile=compile, cudagraphs=cudagraphs,
-                                  **_fp8_kw(p, device), **kw)
+                sampler = Sampler(model, SamplingConfig(precision=p, compile=compile, cudagraphs=cudagraphs, **kw),
+                                  device=device, **_fp8_kw(p, device))
             except SamplerUnavailable as e:  # FP8 on a fixture whose matmul sizes are not multiples of 16
                 row[f"{p}_rel_err"] = {"not_applicable": str(e)}
                 continue
@@ -72,7 +78,8 @@ def fixture_rows(parity_dir, precisions=FAST_PRECISIONS, device="cpu", compile="
     return rows
 
 
-def train_small_model(steps=300, seed=0, num_classes=4, device="cpu", batch=128):
+def train_small_model(steps: int = 300, seed: int = 0, num_classes: int = 4, device: str = "cpu",
+                      batch: int = 128) -> tuple[torch.nn.Module, Callable[[int, torch.Generator], tuple]]:
     """A tiny LightningDiT fitted to a class-conditional Gaussian mixture on 4x4x4 latents. Returns (model, data
     sampler). Deterministic for a given seed on a given device. Hidden 96: every block matmul is a multiple of
     16 (FP8)."""
@@ -100,15 +107,18 @@ def train_small_model(steps=300, seed=0, num_classes=4, device="cpu", batch=128)
     return model.eval(), data
 
 
-def trained_model_rows(num_samples=512, steps=16, cfg_scale=2.0, cfg_interval_start=0.1, train_steps=300,
-                       precisions=FAST_PRECISIONS, device="cpu", compile="none", cudagraphs="off", seed=0,
-                       train_batch=128):
-    from modeling.sampling import Sampler
+def trained_model_rows(num_samples: int = 512, steps: int = 16, cfg_scale: float = 2.0,
+                       cfg_interval_start: float = 0.1, train_steps: int = 300,
+                       precisions: tuple[str, ...] = FAST_PRECISIONS, device: str = "cpu", compile: str = "none",
+                       cudagraphs: str = "off", seed: int = 0, train_batch: int = 128) -> dict:
+    """The small trained model sampled in fp32 (two seeds) and in each fast precision: per-sample relative
+    errors and Frechet distances against the fp32 seed-to-seed floor."""
+    from modeling.sampling import Sampler, SamplingConfig
 
     from evaluation.fid import FIDStatistics
     model, _ = train_small_model(train_steps, seed, device=device, batch=train_batch)
     kw = dict(steps=steps, shift=0.3, cfg_scale=cfg_scale, cfg_interval_start=cfg_interval_start,
-              guidance="all", device=device)
+              guidance="all")
 
     def draw(s):
         g = torch.Generator().manual_seed(s)
@@ -117,7 +127,7 @@ def trained_model_rows(num_samples=512, steps=16, cfg_scale=2.0, cfg_interval_st
 
     za, ya = draw(seed + 10)
     zb, yb = draw(seed + 11)
-    fp32 = Sampler(model, precision="fp32", **kw)
+    fp32 = Sampler(model, SamplingConfig(precision="fp32", **kw), device=device)
     a32, b32 = fp32(za, ya).cpu(), fp32(zb, yb).cpu()
 
     def fd(u, v):
@@ -129,7 +139,8 @@ def trained_model_rows(num_samples=512, steps=16, cfg_scale=2.0, cfg_interval_st
            "fd_fp32_seedA_vs_fp32_seedB": floor}
     for p in precisions:
         try:
-            a = Sampler(model, precision=p, compile=compile, cudagraphs=cudagraphs, **_fp8_kw(p, device), **kw)
+            a = Sampler(model, SamplingConfig(precision=p, compile=compile, cudagraphs=cudagraphs, **kw), device=device,
+                        **_fp8_kw(p, device))
             a = a(za, ya).cpu()
         except Exception as e:  # noqa: BLE001 -- recorded (and the CLI exits 1); the other paths still run
             out[p] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -140,7 +151,9 @@ def trained_model_rows(num_samples=512, steps=16, cfg_scale=2.0, cfg_interval_st
     return out
 
 
-def run_guard(parity_dir, device="cpu", compile="none", cudagraphs="off", num_samples=512, train_steps=300):
+def run_guard(parity_dir: str | Path, device: str = "cpu", compile: str = "none", cudagraphs: str = "off",
+              num_samples: int = 512, train_steps: int = 300) -> dict:
+    """Both checks (fixture_rows, trained_model_rows) in true fp32 arithmetic, with the environment block."""
     # true fp32 on the GPU too: cuDNN convolutions (the patch embedding) default to TF32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -150,10 +163,11 @@ def run_guard(parity_dir, device="cpu", compile="none", cudagraphs="off", num_sa
            "trained_model": trained_model_rows(num_samples=num_samples, train_steps=train_steps, device=device,
                                                compile=compile, cudagraphs=cudagraphs)}
     res["seconds"] = time.time() - t
+    res["environment"] = environment(device)  # after the runs: the kernels they used
     return res
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     from modeling.config import cli_parser
     p = cli_parser("bench.precision_guard", __doc__)
     p.add_argument("parity_dir", nargs="?", default="../shared/parity")

@@ -7,20 +7,24 @@ and the loss curves compared.
         --set data.root=SCAN --set foundation.weights=dinov2_vitl14.pth                  # the paper's model, GPU
 
 Compared: `rec` (per-pixel L1 + LPIPS, the reconstruction objective) and `vf` (the VF loss) per step, and the
-mean of each over the last quarter of the steps. Writes OUT/precision_compare.json and .png; exits 1 when the
-tail means differ by more than --rtol (relative).
+mean of each over the last quarter of the steps. Writes OUT/precision_compare.json (with the environment block
+of evaluation.provenance) and .png; exits 1 when the tail means differ by more than --rtol (relative).
 """
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
 
 from bench.plots import plot_curves
+from evaluation.provenance import environment
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("rec", "vf")
 
 
-def run_one(config, out_dir, steps, overrides):
+def run_one(config: str | Path, out_dir: str | Path, steps: int, overrides: list[str]) -> dict[str, list[float]]:
+    """One VA-VAE trainer run of `steps` steps; returns the per-step curve of each of METRICS and the loss."""
     from modeling.config import load_config
     from train.train_vae import Trainer
     from train.vae_config import VAVAETrainConfig
@@ -33,7 +37,9 @@ def run_one(config, out_dir, steps, overrides):
     return {m: [r[m] for r in rows if m in r] for m in METRICS + ("loss",)}
 
 
-def compare(a, b, rtol):
+def compare(a: dict[str, list[float]], b: dict[str, list[float]], rtol: float) -> dict:
+    """Per metric: the tail means (last quarter of the steps) of the fp32 (`a`) and bf16 (`b`) curves, their
+    relative difference, and whether every metric agrees within `rtol`."""
     res = {}
     for m in METRICS:
         x, y = a[m], b[m]
@@ -50,7 +56,7 @@ def compare(a, b, rtol):
     return res
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     from modeling.config import cli_parser
     ap = cli_parser("bench.vae_precision_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/vavae_tiny_cpu.yaml"), help="VA-VAE trainer config")
@@ -63,7 +69,7 @@ def main(argv=None):
     out = Path(a.out)
     fp32 = run_one(a.config, out / "fp32", a.steps, ["train.precision=fp32", *a.set])
     bf16 = run_one(a.config, out / "bf16", a.steps, ["train.precision=bf16", *a.set])
-    res = {**compare(fp32, bf16, a.rtol), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    res = {**compare(fp32, bf16, a.rtol), "environment": environment("cuda" if torch.cuda.is_available() else "cpu"),
            "config": a.config, "overrides": a.set, "fp32": fp32, "bf16": bf16}
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision_compare.json").write_text(json.dumps(res, indent=1))
@@ -73,7 +79,7 @@ def main(argv=None):
             r = res[m]
             print(f"{m}: last-{r['tail_steps']}-step mean fp32 {r['fp32_tail_mean']:.4f} vs bf16 {r['bf16_tail_mean']:.4f} "
                   f"(rel diff {r['tail_rel_diff']:.2%}; largest single-step diff {r['max_step_rel_diff']:.2%})")
-    print(f"bf16 vs fp32 ({res['device']}): {'agree' if res['agree'] else 'DISAGREE'} (rtol {a.rtol}); "
+    print(f"bf16 vs fp32 ({res['environment']['card']}): {'agree' if res['agree'] else 'DISAGREE'} (rtol {a.rtol}); "
           f"{out}/precision_compare.png")
     return 0 if res["agree"] else 1
 

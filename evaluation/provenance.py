@@ -8,14 +8,20 @@ commit() -> "<sha>[+dirty]", in this order:
 3. .suite_commit (a tree copied without .git);
 else "unknown".
 """
+from __future__ import annotations
+
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _git(*args):
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -23,7 +29,7 @@ def _git(*args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def commit():
+def commit() -> str:
     for var in ("VAVAE_COMMIT", "SUITE_COMMIT"):
         if os.environ.get(var, "unknown") not in ("", "unknown"):
             return os.environ[var]
@@ -51,7 +57,7 @@ def versions() -> dict:
     return out
 
 
-def card(device=None) -> str:
+def card(device: str | torch.device | None = None) -> str:
     """'cuda: NVIDIA H200' / 'cpu: x86_64 (2 threads)': the machine a number was measured on."""
     import platform
 
@@ -62,10 +68,18 @@ def card(device=None) -> str:
     return f"cpu: {platform.machine() or 'unknown'} ({torch.get_num_threads()} threads)"
 
 
-def environment(device=None) -> dict:
+ENVIRONMENT_KEYS = ("card", "versions", "commit", "dirty", "kernels_requested", "kernels_ran", "kernels")
+
+
+def environment(device: str | torch.device | None = None) -> dict:
     """The one environment block every result carries: the card, the versions, the commit, and what ran
     (kernels.describe(): the kernels backend asked for and the implementation each op and attention used).
-    Call it after the measurement, so that `kernels_ran` lists what the measured code really ran."""
+    Call it after the measurement, so that `kernels_ran` lists what the measured code really ran (in this
+    process: a case run in a child process records its own block).
+
+    Keys: card, versions, commit (the sha, "+dirty" stripped), dirty, kernels_requested, kernels_ran
+    ({op: implementation}), kernels (kernels.describe(): also attention's measured choice, the CUDA
+    extension's state, Triton's version). ENVIRONMENT_KEYS lists them; tests check every result against it."""
     import kernels
     c = commit()
     described = kernels.describe()

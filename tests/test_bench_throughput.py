@@ -124,3 +124,47 @@ def test_compare_interleaves_trainers_and_reports_ratio(tmp_path, count_train_st
     assert len(report["results"]) == 2 and (tmp_path / "c.md").exists()
     assert tuple(report["environment"]) == ENVIRONMENT_KEYS
     assert all(tuple(r["environment"]) == ENVIRONMENT_KEYS for r in report["results"])
+
+
+def test_sample_plan_tokens_come_from_sampling_config(monkeypatch):
+    """Plan tokens map to SamplingConfig fields through one table derived from SamplingConfig: every token sets a
+    value SamplingConfig accepts, a field added to SamplingConfig is a token with no edit in bench/, and an entry
+    SamplingConfig would refuse is refused while parsing, naming the entry and the part."""
+    import dataclasses
+    import typing
+    from typing import Literal
+
+    from bench import sample_speed
+    from bench.sample_speed import PLAN_TOKENS, PlanEntry, parse_spec
+    from modeling.sampling import SETTING_KEYS, SamplingConfig
+    how = [f.name for f in dataclasses.fields(SamplingConfig) if f.name not in SETTING_KEYS]
+    hints = typing.get_type_hints(SamplingConfig)
+    for token, (field, value) in PLAN_TOKENS.items():  # a value of the field's declared type
+        assert field in how, token
+        assert value in typing.get_args(hints[field]) if hints[field] is not bool else value is True, token
+    assert {f for f, _ in PLAN_TOKENS.values()} == set(how)  # every how-field is reachable by a token
+    assert parse_spec("bf16-weights+model+graphs@128") == PlanEntry(
+        dict(precision="bf16-weights", compile="model", cudagraphs="on"), 128, None)
+    assert parse_spec("fp8+refops+fp8_recipe=tensorwise+torchao@4") == (
+        dict(precision="fp8", fp8_recipe="tensorwise", fp8_impl="torchao"), 4, "reference")
+    assert parse_spec("bf16-weights+fusedmlp+compile=blocks@4").sampling == dict(
+        precision="bf16-weights", fused_mlp=True, compile="blocks")
+    cfg = parse_spec("bf16+blocks@2").config(SamplingConfig(steps=7, cfg_scale=2.0))
+    assert (cfg.steps, cfg.cfg_scale, cfg.precision, cfg.compile) == (7, 2.0, "bf16", "blocks")
+    for bad, message in (("blocks@2", "starts with a precision"), ("fp32+warp@2", "unknown part 'warp'"),
+                         ("bf16+tensorwise@2", "fp8_recipe applies to precision fp8 only"),
+                         ("fp32+blocks+model@2", "'model' sets compile a second time"),
+                         ("fp32+steps=9@2", "'steps' is not a SamplingConfig field"),
+                         ("fp32+compile=all@2", "compile must be one of"), ("fp32+graphs", "needs @BATCH"),
+                         ("fp8+fusedmlp@2", "fused_mlp runs with precision")):  # SamplingConfig's own rule
+        with pytest.raises(ValueError, match=message):
+            parse_spec(bad)
+
+    @dataclasses.dataclass
+    class Extended(SamplingConfig):  # a field added to SamplingConfig later
+        attention: Literal["sdpa", "flash"] = "sdpa"
+        tiled_decode: bool = False
+
+    monkeypatch.setattr(sample_speed, "SamplingConfig", Extended)
+    tokens = sample_speed._plan_tokens()
+    assert tokens["flash"] == ("attention", "flash") and tokens["tileddecode"] == ("tiled_decode", True)
