@@ -7,6 +7,8 @@ Reads each run's `metrics.jsonl` (train.logging_utils.MetricsLogger): training l
 `wall_clock_s` and `images_seen`. One figure shows images per second, the metric against wall-clock and
 the metric against images seen, so "as good per image and faster per second" reads at a glance.
 """
+from __future__ import annotations
+
 import base64
 import html
 import io
@@ -20,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from modeling.config import console_entry
 
 
-def load_run(run_dir):
+def load_run(run_dir: str | Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl (a torn last line, from a killed run, is left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run directory (logging.dir)?")
@@ -36,7 +39,8 @@ def load_run(run_dir):
     return records
 
 
-def series(records, key, x="step"):
+def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    """(xs, ys) of the records that carry both `x` and a non-null `key`."""
     pts = [(r[x], r[key]) for r in records if key in r and x in r and r[key] is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -45,7 +49,8 @@ def _label(run_dir):
     return Path(run_dir).name
 
 
-def throughput_vs_convergence(runs, metric, out_png=None, higher_is_better=None):
+def throughput_vs_convergence(runs: dict[str, list[dict]], metric: str, out_png: str | Path | None = None,
+                              higher_is_better: bool | None = None) -> bytes:
     """runs: {label: records}. Returns the PNG bytes (and writes out_png if given)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label, rec in runs.items():
@@ -65,7 +70,8 @@ def throughput_vs_convergence(runs, metric, out_png=None, higher_is_better=None)
     return _save(fig, out_png)
 
 
-def loss_curves(runs, keys=("loss",), out_png=None, title="training loss"):
+def loss_curves(runs: dict[str, list[dict]], keys: tuple[str, ...] = ("loss",), out_png: str | Path | None = None,
+                title: str = "training loss") -> bytes:
     """runs: {label: records}; one panel per key, x = step."""
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -91,11 +97,12 @@ def _save(fig, out_png):
     return data
 
 
-def img_tag(png_bytes, alt=""):
+def img_tag(png_bytes: bytes, alt: str = "") -> str:
+    """An <img> with the PNG inline (base64): the page needs no other file."""
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png_bytes).decode()}">'
 
 
-def html_report(title, sections, out_html):
+def html_report(title: str, sections: list[tuple[str, str]], out_html: str | Path) -> Path:
     """sections: list of (heading, body html). Images must be inline (img_tag): the file stands alone."""
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{b}" for h, b in sections)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -108,7 +115,8 @@ def html_report(title, sections, out_html):
     return Path(out_html)
 
 
-def table_html(rows, header):
+def table_html(rows: list[list], header: list[str]) -> str:
+    """An HTML table (floats to 4 significant digits), every cell escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -118,7 +126,7 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> Path:
     from modeling.config import cli_parser
 
     p = cli_parser("bench.curves", __doc__)

@@ -6,12 +6,15 @@ For every NAME in DIR/configs.json: build the model from its constructor argumen
 the public loaders, recompute every output stored in DIR/NAME_io.pt that applies, print max abs / rel errors,
 and exit 1 on any mismatch beyond tolerance (or any fixture that could not be checked).
 """
+from __future__ import annotations
+
 import dataclasses
 import inspect
 import json
 import re
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -35,7 +38,11 @@ def _ctor_args(cls, cfg):
     return {k: v for k, v in cfg.items() if k in params}
 
 
-def check_lightningdit(dir_, name, cfg, io, device="cpu"):
+Row = tuple  # (label, our output, the fixture's output)
+
+
+def check_lightningdit(dir_: Path, name: str, cfg: dict, io: dict, device: str = "cpu") -> list[Row]:
+    """The DiT fixture's forward, CFG forward, loss and sample, recomputed from its checkpoint."""
     model = LightningDiT(**_ctor_args(LightningDiT, cfg)).eval().to(device)
     ckpt = safe_torch_load(dir_ / f"{name}.pt", "parity checkpoint", map_location=device)
     rows = []
@@ -77,7 +84,8 @@ def check_lightningdit(dir_, name, cfg, io, device="cpu"):
     return rows
 
 
-def check_vavae(dir_, name, cfg, io, device="cpu"):
+def check_vavae(dir_: Path, name: str, cfg: dict, io: dict, device: str = "cpu") -> list[Row]:
+    """The VA-VAE fixture's posterior (mean, logvar, kl) and decode, recomputed from its checkpoint."""
     model = AutoencoderKL(VAVAEModelConfig(**_ctor_args(VAVAEModelConfig, cfg))).eval().to(device)
     load_vavae_checkpoint(safe_torch_load(dir_ / f"{name}.pt", "parity checkpoint", map_location=device), model)
     rows = []
@@ -94,7 +102,8 @@ def check_vavae(dir_, name, cfg, io, device="cpu"):
     return rows
 
 
-def check_vf_loss(dir_, name, cfg, io, device="cpu"):
+def check_vf_loss(dir_: Path, name: str, cfg: dict, io: dict, device: str = "cpu") -> list[Row]:
+    """The VF loss terms (mcos, mdms) at each margin the fixture stores."""
     rows = []
     for key in sorted(io):
         m = re.fullmatch(r"(mcos|mdms)_m([0-9.]+)", key)
@@ -108,7 +117,8 @@ def check_vf_loss(dir_, name, cfg, io, device="cpu"):
 CHECKS = {"lightningdit": check_lightningdit, "vavae": check_vavae, "vf_loss": check_vf_loss}
 
 
-def compare(out, ref, rtol, atol):
+def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool]:
+    """(max abs error, normwise relative error, within rtol/atol and finite) of out against ref, in float64."""
     out, ref = torch.as_tensor(out).detach().cpu().double(), torch.as_tensor(ref).detach().cpu().double()
     if out.shape != ref.shape:
         return float("inf"), float("inf"), False
@@ -120,7 +130,8 @@ def compare(out, ref, rtol, atol):
     return err.max().item(), rel, ok
 
 
-def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
+def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = sys.stdout, device: str = "cpu") -> int:
+    """Check every fixture in dir_, print one line per comparison; returns the number of failures."""
     dir_ = Path(dir_)
     try:
         configs = json.loads((dir_ / "configs.json").read_text())
@@ -158,7 +169,7 @@ def run(dir_, rtol=1e-4, atol=1e-5, out=sys.stdout, device="cpu"):
     return failures
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     from modeling.config import cli_parser
 
     ap = cli_parser("bench.parity", __doc__)
