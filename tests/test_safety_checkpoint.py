@@ -247,7 +247,8 @@ def test_deepspeed_resume_loads_safely_and_refuses_code(tmp_path, zero_stage):
         f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}", "logging.progress_bar=false",
         "logging.tensorboard=false", "train.steps=1", "checkpoint.every=1", f"train.zero_stage={zero_stage}",
         "checkpoint.export_reference=false", "checkpoint.resume=never"])
-    trainer = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     path = tmp_path / "ckpt" / "step_0000001"
     files = sorted((path / "deepspeed").glob("*.pt"))
     assert any("optim_states" in f.name for f in files) and any("model_states" in f.name for f in files)
@@ -330,3 +331,119 @@ def test_every_rank_stops_with_the_same_error(tmp_path):
     for root, kind in ((locked, "RunLockedError"), (unwritable, "NotWritableError")):
         a, b = got[0, str(root)], got[1, str(root)]
         assert a == b and a.startswith(kind) and str(root) in a, (a, b)
+
+
+# ----------------------------------------------------------------------------- a tampered or reused folder (issue 21)
+
+def test_a_pointer_outside_the_checkpoint_folder_is_refused(tmp_path, caplog):
+    from train.checkpoint import CheckpointLoadError, CheckpointPointerError
+    other = CheckpointManager(tmp_path / "other")
+    _save(other, 6)  # another run's checkpoint
+    mine = CheckpointManager(tmp_path / "mine")
+    _save(mine, 1), _save(mine, 2)
+    pointer = tmp_path / "mine" / "latest.json"
+    for ptr, says in (({"step": 6, "dir": "../other/step_0000006"}, "../other/step_0000006"),
+                      ({"step": 6, "dir": str(tmp_path / "other" / "step_0000006")}, "other/step_0000006"),
+                      ({"step": 6, "dir": "step_0000002"}, "not that folder's step")):
+        pointer.write_text(json.dumps(ptr))
+        for ask in (mine.latest_valid, mine.latest, lambda: mine.load_latest(lambda s, p: s)):
+            with pytest.raises(CheckpointPointerError) as e:
+                ask()
+            text = str(e.value)
+            assert isinstance(e.value, CheckpointLoadError) and "\n" not in text  # a user error: exit 2
+            assert str(pointer) in text and says in text, text
+    # a step folder that is a symlink leading out is no checkpoint of this folder either
+    os.symlink(tmp_path / "other" / "step_0000006", tmp_path / "mine" / "step_0000009")
+    pointer.write_text(json.dumps({"step": 9, "dir": "step_0000009"}))
+    with pytest.raises(CheckpointPointerError, match="symbolic link"):
+        mine.latest_valid()
+    pointer.unlink()
+    with caplog.at_level("WARNING"):
+        assert mine.latest_valid() == (2, tmp_path / "mine" / "step_0000002")
+    assert "step_0000009 is a symbolic link" in caplog.text
+    # the pointer we write is accepted as before
+    _save(mine, 3)
+    assert mine.latest_valid() == (3, tmp_path / "mine" / "step_0000003")
+
+
+def test_resume_never_on_a_folder_with_checkpoints_is_refused(tmp_path):
+    root = tmp_path / "ckpt"
+    _save(CheckpointManager(root), 5)
+    fresh = CheckpointManager(root, keep_last=2, resume="never")
+    with pytest.raises(ResumeConfigError) as e:
+        fresh.prepare()
+    text = str(e.value)
+    assert str(root) in text and "checkpoint.resume=never" in text and "checkpoint.dir" in text and "\n" not in text
+    assert (root / "step_0000005").is_dir()  # nothing was touched
+    (root / "step_0000005").rename(tmp_path / "moved")
+    with pytest.raises(ResumeConfigError, match="latest.json"):  # a pointer alone also means "used"
+        CheckpointManager(root, resume="never").prepare()
+    (root / "latest.json").unlink()
+    CheckpointManager(root, resume="never").prepare().release()  # an empty folder starts fresh
+    with pytest.raises(ValueError, match="resume"):
+        CheckpointManager(root, resume="sometimes")
+
+
+def test_resume_never_refused_by_the_trainer_before_building(tmp_path, capsys):
+    """The DiT trainer with checkpoint.resume=never on a used folder: one line naming the folder and the flag,
+    exit 2 (before: it trained, pruned its own new checkpoints as the "oldest" and left latest.json pointing
+    at a deleted step)."""
+    from train.train_dit import main
+    root = tmp_path / "ckpt"
+    _save(CheckpointManager(root), 30)
+    code = main(["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), f"checkpoint.dir={root}",
+                 "checkpoint.resume=never", f"logging.dir={tmp_path / 'logs'}", "logging.tensorboard=false",
+                 "logging.progress_bar=false", "train.steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(root) in err[0] and "checkpoint.resume" in err[0], err
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_0000030"]
+
+
+def test_the_run_lock_never_follows_a_symlink(tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("a file the run must not touch")
+    os.symlink(victim, root / "run.lock")
+    with pytest.raises(RunLockedError) as e:
+        CheckpointManager(root).prepare()
+    assert "symbolic link" in str(e.value) and str(root / "run.lock") in str(e.value) and "\n" not in str(e.value)
+    assert victim.read_text() == "a file the run must not touch"
+    (root / "run.lock").unlink()
+    os.symlink(tmp_path / "absent", root / "run.lock")  # a dangling one is not created through either
+    with pytest.raises(RunLockedError, match="symbolic link"):
+        RunLock(root).acquire()
+    assert not (tmp_path / "absent").exists()
+    (root / "run.lock").unlink()
+    os.mkfifo(root / "run.lock")  # nor does a FIFO block the run
+    with pytest.raises(RunLockedError, match="not a plain file"):
+        RunLock(root).acquire()
+
+
+def test_a_save_that_fails_on_a_full_disk_leaves_no_tmp_folder(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    _save(mgr, 1)
+    real_mkstemp = ck.tempfile.mkstemp
+
+    def on_dev_full(dir=None, prefix=None, suffix=None):
+        fd, name = real_mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+    with monkeypatch.context() as m:
+        m.setattr(ck.tempfile, "mkstemp", on_dev_full)
+        with pytest.raises(DiskFullError):
+            with mgr.saving(2) as tmp:
+                atomic_torch_save({"w": torch.zeros(100_000)}, tmp / "trainer.pt")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_0000001"]
+    # the commit's own writes (fsync, COMPLETE.json) failing: the same
+    with monkeypatch.context() as m:
+        def full(path, data):
+            raise OSError(28, "No space left on device")
+        m.setattr(ck, "atomic_write_bytes", full)
+        with pytest.raises(DiskFullError):
+            with mgr.saving(3) as tmp:
+                atomic_torch_save({"w": torch.zeros(10)}, tmp / "trainer.pt")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_0000001"]
+    assert mgr.latest_valid()[0] == 1
+    _save(mgr, 4)
+    assert mgr.latest_valid()[0] == 4

@@ -167,7 +167,7 @@ class Trainer:
         self.threads = configure_threads()  # (modeling/threads.py: the one place; shared by the ranks on a node)
         # before anything big is built: the folders are writable and no other run uses this checkpoint folder
         # (rank 0's lock, the outcome shared with every rank)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume)
         self.ckpt.prepare(self.info.is_main, writable=[cfg.logging.dir])
         set_nvtx(cfg.profile.nvtx)
 

@@ -28,6 +28,15 @@ Hardening against careless or hostile input (issue 12):
 - Pruning renames a directory to `step_N.deleting` (atomic) before deleting it: a kill mid-prune never leaves
   a half-deleted checkpoint that looks complete; leftovers are removed by the next save.
 - Written files get the usual permissions (0666 & ~umask), not mkstemp's 0600.
+
+And against a tampered or reused folder (issue 21):
+- `latest.json` must name a `step_NNNNNNN` folder of its own step directly inside the checkpoint folder (a
+  pointer to `../../other/step_6`, or to a symlink leading out, is refused: another run's checkpoint would be
+  resumed under this run's name); step folders that are symlinks are not checkpoints of this folder.
+- `checkpoint.resume=never` on a folder that already holds checkpoints is refused, naming the folder and how
+  to start fresh (its keep-last pruning would otherwise delete the new run's checkpoints as "older").
+- `run.lock` is opened with O_NOFOLLOW: a symlink planted there is refused, its target never truncated.
+- A save that fails (a full disk) removes its `.tmp` folder, so no half checkpoint is left behind.
 """
 import contextlib
 import errno
@@ -38,6 +47,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import weakref
@@ -67,7 +77,12 @@ class NotWritableError(OSError):
 
 
 class RunLockedError(RuntimeError):
-    """Another live run holds the checkpoint folder (the message names its host and pid)."""
+    """Another live run holds the checkpoint folder (the message names its host and pid), or its lock file is
+    not a plain file (a symlink planted there)."""
+
+
+class CheckpointPointerError(CheckpointLoadError):
+    """latest.json names something other than a step folder of its own checkpoint folder."""
 
 
 def _umask():
@@ -320,7 +335,17 @@ class RunLock:
             log.warning("checkpoint folder %s: taking the lock over from an earlier trainer in this process",
                         self.root)
             earlier.release()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:  # never through a symlink (its target would be truncated below), never blocking on a FIFO
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno == errno.ELOOP or os.path.islink(self.path):
+                raise RunLockedError(
+                    f"{self.path} is a symbolic link (to {os.readlink(self.path)}), not this folder's lock file; it "
+                    "is never followed (taking the lock would empty its target): delete the link") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunLockedError(f"{self.path} is not a plain file (a FIFO, device or socket); delete it")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -389,11 +414,12 @@ class RunLock:
 _HELD = {}  # realpath of a lock file -> weakref to the RunLock this process holds on it
 
 
-def acquire_run_lock(root, is_main=True, writable=()):
+def acquire_run_lock(root, is_main=True, writable=(), check=None):
     """Before training: rank 0 checks that `root` (and the folders in `writable`, e.g. the logging dir) can be
-    written and takes the RunLock of `root`; with torch.distributed initialised every rank learns the outcome,
-    so a refused run stops on all ranks with the same one-line error (RunLockedError, NotWritableError or
-    DiskFullError). Returns the lock on rank 0 (keep it for the life of the run), else None."""
+    written, takes the RunLock of `root` and runs `check()` (e.g. the resume=never check); with torch.distributed
+    initialised every rank learns the outcome, so a refused run stops on all ranks with the same one-line error
+    (RunLockedError, NotWritableError, DiskFullError or ResumeConfigError). Returns the lock on rank 0 (keep it
+    for the life of the run), else None."""
     import torch.distributed as dist
     lock, error = None, None
     if is_main:
@@ -401,7 +427,9 @@ def acquire_run_lock(root, is_main=True, writable=()):
             for folder in (root, *writable):
                 check_writable(folder, "checkpoint folder" if folder == root else "folder")
             lock = RunLock(root).acquire()
-        except (RunLockedError, OSError) as e:
+            if check is not None:
+                check()
+        except (RunLockedError, OSError, ResumeConfigError) as e:
             error = f"{type(e).__name__}: {e}"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
@@ -411,7 +439,8 @@ def acquire_run_lock(root, is_main=True, writable=()):
         if lock is not None:
             lock.release()
         kind, _, msg = error.partition(": ")
-        raise {"RunLockedError": RunLockedError, "DiskFullError": DiskFullError}.get(kind, NotWritableError)(msg)
+        raise {"RunLockedError": RunLockedError, "DiskFullError": DiskFullError,
+               "ResumeConfigError": ResumeConfigError}.get(kind, NotWritableError)(msg)
     return lock
 
 
@@ -461,11 +490,14 @@ class CheckpointManager:
     barrier rank 0 alone calls `commit(step)`.
     """
 
-    def __init__(self, root, keep_last=3):
+    def __init__(self, root, keep_last=3, resume="auto"):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        if resume not in ("auto", "never"):
+            raise ValueError(f"resume must be 'auto' or 'never', got {resume!r}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.resume = resume  # "never": this folder must hold no checkpoint yet (check_fresh_start)
 
     def step_dir(self, step):
         return self.root / f"step_{step:07d}"
@@ -479,10 +511,26 @@ class CheckpointManager:
         return self.lock
 
     def prepare(self, is_main=True, writable=()):
-        """What a trainer calls before building anything big: the folder (and `writable`) checked writable and
-        its RunLock taken by rank 0, the outcome shared with every rank (see acquire_run_lock)."""
-        self.lock = acquire_run_lock(self.root, is_main, writable)
+        """What a trainer calls before building anything big: the folder (and `writable`) checked writable, its
+        RunLock taken by rank 0 and, with resume="never", the folder checked free of checkpoints; the outcome
+        shared with every rank (see acquire_run_lock)."""
+        check = self.check_fresh_start if self.resume == "never" else None
+        self.lock = acquire_run_lock(self.root, is_main, writable, check=check)
         return self.lock
+
+    def check_fresh_start(self):
+        """For checkpoint.resume=never: ResumeConfigError naming the folder and how to start fresh when it already
+        holds checkpoints (this run's keep-last pruning would delete its own newer checkpoints as the "oldest"
+        and leave latest.json pointing at a deleted step)."""
+        found = [p.name for p in sorted(self.root.glob("step_*")) if _STEP_DIR.match(p.name)]
+        if (self.root / POINTER).exists() or os.path.islink(self.root / POINTER):
+            found.append(POINTER)
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise ResumeConfigError(
+                f"checkpoint.resume=never, but checkpoint folder {self.root} already holds checkpoints ({shown}); "
+                "to start fresh give the run another checkpoint.dir (or delete those), or set "
+                "checkpoint.resume=auto to continue from them")
 
     def release(self):
         """Give the folder's lock back (the end of a run)."""
@@ -512,23 +560,36 @@ class CheckpointManager:
         from .distributed import barrier
         tmp = self.begin(step, is_main)
         barrier()
-        with disk_full_errors(tmp):
-            yield tmp
+        try:
+            with disk_full_errors(tmp):
+                yield tmp
+        except BaseException:
+            self._discard(tmp, is_main)  # a half-written checkpoint is of no use; leave no .tmp behind
+            raise
         barrier()
         if is_main:
             self.commit(step)
             log.info("checkpoint saved: %s", self.step_dir(step))
         barrier()
 
+    def _discard(self, tmp, is_main=True):
+        if is_main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("checkpoint save failed: removed the partial %s", tmp)
+
     def commit(self, step):
         """Make the temp directory of `step` the latest checkpoint (rank 0 only, after all writes)."""
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         if not tmp.is_dir():
             raise FileNotFoundError(f"no checkpoint being written for step {step}: {tmp} is missing")
-        with disk_full_errors(tmp):
-            fsync_tree(tmp)
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=0).encode())
+        try:
+            with disk_full_errors(tmp):
+                fsync_tree(tmp)
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=0).encode())
+        except BaseException:
+            self._discard(tmp)
+            raise
         if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
             self._delete(final)
         os.replace(tmp, final)
@@ -563,16 +624,36 @@ class CheckpointManager:
                 return f"{f} is truncated or corrupt ({e})"
         return None
 
+    def pointer(self):
+        """(step, dir) that latest.json names, or None when there is none, it is unreadable (never torn: it is
+        written atomically) or its folder is gone. CheckpointPointerError when it names anything but a
+        `step_NNNNNNN` folder of its own step directly inside this folder (`../../other/step_6`, an absolute
+        path, a symlink leading out): resuming that would continue another run under this one's name."""
+        path = self.root / POINTER
+        try:
+            ptr = json.loads(path.read_text())
+            step, name = ptr["step"], ptr["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        where = f"{path} points at {name!r}" if isinstance(name, str) else f"{path} holds dir={name!r}"
+        how = (f"; refusing to resume from it: fix or delete {path} (without it the newest complete step_* "
+               "folder there is used)")
+        if not isinstance(name, str) or not _STEP_DIR.match(name):
+            raise CheckpointPointerError(f"{where}, not a step_NNNNNNN folder inside {self.root}{how}")
+        if type(step) is not int or step < 0 or int(_STEP_DIR.match(name).group(1)) != step:
+            raise CheckpointPointerError(f"{where} with step {step!r}, which is not that folder's step{how}")
+        target = self.root / name
+        if os.path.islink(target):
+            raise CheckpointPointerError(f"{where}, a symbolic link (to {os.readlink(target)}), not a checkpoint "
+                                         f"of this folder{how}")
+        return (step, target) if target.is_dir() else None
+
     def candidates(self):
         """(step, dir) of every complete-looking checkpoint, newest first: the pointer's, then the others."""
         out = []
-        try:
-            ptr = json.loads((self.root / POINTER).read_text())
-            path = self.root / ptr["dir"]
-            if path.is_dir() and int(ptr["step"]) >= 0:
-                out.append((int(ptr["step"]), path))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        found = self.pointer()
+        if found is not None:
+            out.append(found)
         out += [(s, self.step_dir(s)) for s in reversed(self.steps()) if all(s != o[0] for o in out)]
         return out
 
@@ -627,18 +708,18 @@ class CheckpointManager:
         for p in self.root.iterdir():
             m = _STEP_DIR.match(p.name)
             if m and p.is_dir():
+                if p.is_symlink():  # leads elsewhere (another run's checkpoint): not this folder's
+                    log.warning("checkpoint folder %s: %s is a symbolic link (to %s), not a checkpoint of this "
+                                "folder; ignored", self.root, p.name, os.readlink(p))
+                    continue
                 found.append(int(m.group(1)))
         return sorted(found)
 
     def latest(self):
         """(step, directory) of the newest complete checkpoint, or None."""
-        try:
-            ptr = json.loads((self.root / POINTER).read_text())
-            path = self.root / ptr["dir"]
-            if path.is_dir() and int(ptr["step"]) >= 0:
-                return int(ptr["step"]), path
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        found = self.pointer()
+        if found is not None:
+            return found
         steps = self.steps()
         return (steps[-1], self.step_dir(steps[-1])) if steps else None
 
