@@ -74,9 +74,13 @@ def thread_env(n: int | None = None) -> dict:
 
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads to `resolve_threads(n)` and its inter-op pool to 1 (once, if still
-    possible); returns the intra-op count."""
+    possible); returns the intra-op count. An explicit n (`--threads`) is also exported as $VAVAE_THREADS, so
+    that a later configure_threads() in this process (a trainer the demo runs) and its child processes keep it."""
     import torch
 
+    if n is not None:
+        n = resolve_threads(n)
+        os.environ["VAVAE_THREADS"] = str(n)
     n = resolve_threads(n)
     torch.set_num_threads(n)
     if "interop" not in _state:

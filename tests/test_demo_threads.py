@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def clean_env(monkeypatch):
     for var in ("VAVAE_THREADS", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # empty = unset; setenv (unlike a no-op delenv) restores what was there
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
     return monkeypatch
 
@@ -50,6 +50,18 @@ def test_configure_threads_sets_torch_and_one_interop_thread(clean_env):
         assert torch.get_num_interop_threads() == 1
         assert threads.describe_threads()["intra_op"] == 1
     finally:
+        torch.set_num_threads(before)
+
+
+def test_an_explicit_count_holds_for_later_calls_and_children(clean_env):
+    """The demo's --threads 2 must survive the trainer's own configure_threads() (and $OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    clean_env.setenv("OMP_NUM_THREADS", "1")
+    try:
+        assert threads.configure_threads(2) == 2
+        assert os.environ["VAVAE_THREADS"] == "2"
+        assert threads.configure_threads() == 2 and torch.get_num_threads() == 2
+    finally:  # (clean_env restores $VAVAE_THREADS)
         torch.set_num_threads(before)
 
 
