@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from kernels import ops, registry
-from kernels.backend import cuda_status
+from kernels.backend import active, cuda_status
 from kernels.registry import BenchCase
 from modeling.config import console_entry
 
@@ -62,7 +62,6 @@ def _tuple(out: object) -> tuple:
 def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, smoke: bool,
          copy_gbs: Optional[float]) -> dict:
     op = registry.get(name)
-    kernels.set_backend(backend)
     if impl == "compiled_reference":
         # each op's lambda shares one code object: without a reset dynamo's recompile limit (8) is hit and later
         # ops silently run eager under the "compiled" label
@@ -104,19 +103,16 @@ def run(smoke: bool = False, dtype: torch.dtype = torch.bfloat16, copy_gbs: Opti
         names: Optional[list[str]] = None) -> dict[str, dict[str, dict]]:
     """{op: {implementation: row}} for every registered op (or `names`); a row that fails records its error."""
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    before = kernels.get_backend()
     results = {}
-    try:
-        for name, case in cases(smoke, device, dtype, names).items():
-            ref_out = _tuple(case.call(registry.get(name).reference, *[t.detach().float() for t in case.inputs]))
-            results[name] = {}
-            for impl, backend in _impls(registry.get(name), device, smoke).items():
-                try:
+    for name, case in cases(smoke, device, dtype, names).items():
+        ref_out = _tuple(case.call(registry.get(name).reference, *[t.detach().float() for t in case.inputs]))
+        results[name] = {}
+        for impl, backend in _impls(registry.get(name), device, smoke).items():
+            try:
+                with active(backend):  # the switch is restored after; what ran stays on record
                     results[name][impl] = _row(name, case, impl, backend, ref_out, smoke, copy_gbs)
-                except Exception as e:  # recorded, never stops the other rows
-                    results[name][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    finally:
-        kernels.set_backend(before)
+            except Exception as e:  # recorded, never stops the other rows
+                results[name][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return results
 
 
@@ -136,8 +132,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if unknown:
             p.error(f"--ops: no kernels op {', '.join(unknown)}; registered: {', '.join(registry.registered())}")
     rows = run(a.smoke, names=names)
-    # after the measurement (attention's timed candidates are in its kernels block). Its kernels_ran is empty: run()
-    # restores the backend it found, which starts a fresh record; each row's "ran" says what that row ran
+    # after the measurement: kernels_ran is what each op's last row ran (each row's "ran" says what that row ran),
+    # and the kernels block holds attention's timed candidates
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     results = {**rows, "environment": environment(device)}
     print(json.dumps(results, indent=1))

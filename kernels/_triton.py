@@ -11,7 +11,8 @@ except ImportError:  # CPU-only installs without Triton: the triton backend repo
 
 
 def interpreting() -> bool:
-    # Read when the kernels are decorated: set TRITON_INTERPRET=1 before importing kernels.* on a CPU.
+    # Triton reads this when it is imported and when it decorates a kernel (its own tl functions included): set
+    # TRITON_INTERPRET=1 before anything imports triton (kernels, or the models, which import kernels) on a CPU.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

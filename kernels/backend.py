@@ -16,8 +16,9 @@ modules, so every op module (attention included) can import it without a cycle.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Optional
 
 import torch
@@ -43,6 +44,18 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _state["name"]
+
+
+@contextlib.contextmanager
+def active(name: str) -> Iterator[None]:
+    """Run a block under backend `name`, then switch back to the backend before it. Unlike set_backend on the way
+    out, what ran inside stays on record: a benchmark's environment block then says what it measured."""
+    before = _state["name"]
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["name"] = before
 
 
 def record(op: str, what: str) -> None:

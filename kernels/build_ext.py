@@ -7,6 +7,7 @@ Triton / PyTorch backends are used.
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ["bindings.cpp", "fused_norm.cu"]
@@ -16,7 +17,7 @@ NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "-gencode=arch=compute_90a
 CXX_FLAGS = ["-O3", "-std=c++17"]
 
 
-def skip_reason():
+def skip_reason() -> Optional[str]:
     """None if the extension can be built here, else why not."""
     try:
         import torch
@@ -30,7 +31,7 @@ def skip_reason():
     return None
 
 
-def cuda_extensions():
+def cuda_extensions() -> tuple[list, dict]:
     """Return (ext_modules, cmdclass) for setup.py."""
     reason = skip_reason() if not os.environ.get("VAVAE_NO_CUDA_EXT") else "VAVAE_NO_CUDA_EXT is set"
     if reason:

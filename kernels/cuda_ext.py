@@ -1,13 +1,16 @@
 """Loader of the optional CUDA extension `kernels._vavae_cuda` (sources in kernels/csrc, built by
 setup.py or CMakeLists.txt). `status()` says whether it is usable and, if not, why."""
 import importlib
+from types import ModuleType
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 _state = {}
 
 
-def _load():
+def _load() -> Optional[ModuleType]:
     if "mod" not in _state:
         try:
             _state["mod"] = importlib.import_module("kernels._vavae_cuda")
@@ -19,7 +22,7 @@ def _load():
     return _state["mod"]
 
 
-def status():
+def status() -> tuple[bool, str]:
     """(usable, reason-if-not)."""
     if _load() is None:
         return False, _state["why"]
@@ -38,7 +41,11 @@ def _stream():
     return torch.cuda.current_stream().cuda_stream
 
 
-def norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps, rms):
+def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
+             bias: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor], h: Tensor, out: Tensor,
+             mean: Tensor, rstd: Tensor, N: int, eps: float, rms: bool) -> None:
+    """The fused norm forward of kernels/csrc/fused_norm.cu into the preallocated h, out, mean, rstd (the contract
+    of fused_norm._fwd_triton; rows of x and y are (rows, C) views)."""
     # Weight/bias are per-channel vectors: cast them to x's dtype (tiny) so one kernel covers autocast.
     weight = weight.to(x.dtype) if weight is not None else None
     bias = bias.to(x.dtype) if bias is not None else None
@@ -51,8 +58,11 @@ def norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps,
     _load().norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps, rms, _stream())
 
 
-def norm_bwd(dout, dh, xin, gate, y, weight, bias, scale, mean, rstd, dx, dy, pw, pb, psh, psc, pg, N, R, rms,
-             has_shift):
+def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Tensor], y: Optional[Tensor],
+             weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
+             dx: Tensor, dy: Tensor, pw: Tensor, pb: Tensor, psh: Tensor, psc: Tensor, pg: Tensor, N: int, R: int,
+             rms: bool, has_shift: bool) -> None:
+    """The fused norm backward into dx, dy and the fp32 partial sums (the contract of fused_norm._bwd_triton)."""
     weight = weight.to(xin.dtype) if weight is not None else None
     bias = bias.to(xin.dtype) if bias is not None else None
     tv = gate.dtype if gate is not None else scale.dtype if scale is not None else xin.dtype

@@ -205,7 +205,7 @@ def _bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C)
     """Sum each program's fp32 partials (in fp32, then one rounding to the parameter's dtype)."""
     pw, pb, psh, psc, pg = partials
 
-    def reduce(p, like, dims):
+    def reduce(p: Tensor, like: Optional[Tensor], dims) -> Tensor:
         return p.sum(dims).to(like.dtype) if like is not None and p.numel() else (
             torch.zeros_like(like) if like is not None else _empty(xin))
     dshift = psh.sum(1).to(dout.dtype) if has_shift and psh.numel() else (
@@ -326,7 +326,8 @@ def _custom_ops(suffix: str, fwd_launcher: Callable, bwd_launcher: Callable):
     norm_fwd.register_fake(_fwd_fake)
     norm_bwd.register_fake(_bwd_fake)
 
-    def backward(ctx, dh, dout, dmean, drstd):
+    def backward(ctx, dh: Optional[Tensor], dout: Optional[Tensor], dmean: Optional[Tensor],
+                 drstd: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         xin, gate, y, weight, bias, scale, mean, rstd = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(xin)

@@ -155,7 +155,8 @@ def test_the_docs_worked_example_adds_an_op(tmp_path):
         assert set(rows["scale_add"]) == {"reference", "compiled_reference", "triton"}
         assert rows["scale_add"]["triton"]["ran"] == "triton", rows
         assert rows["scale_add"]["triton"]["rel_err_vs_fp32"] < 1e-6 and rows["scale_add"]["triton"]["fwd_bwd_ms"] > 0
-        assert kernels.get_backend() == "reference"  # the bench restores the switch it found
+        assert kernels.get_backend() == "reference"  # the bench restores the switch it found,
+        assert kernels.describe()["ops"]["scale_add"] == "triton"  # and what its last row ran stays on record
         assert "scale_add" in kernels.describe()["registered"]
     finally:
         if "scale_add" in registry.registered():
