@@ -1,9 +1,16 @@
 """Issue 12, data: extract records its tokenizer and settings and refuses to mix; the latent store refuses latents
 that do not fit the model; the scan bounds pixels and aspect ratio, never follows a symlink loop, lists each real
 file once and round-trips any legal file name; stats refuse non-finite latents naming shard and index; a shard of
-random bytes is a one-line error naming it; the tokenizer producing NaN is refused naming the image."""
+random bytes is a one-line error naming it; the tokenizer producing NaN is refused naming the image.
+
+Issue 21: a FIFO named x.jpg is skipped (never opened), a dangling link is called one, hidden folders and files
+are skipped and said, 16-bit PNG / float TIFF are scaled or refused by mode, a foreign shard in a latent folder
+is refused by extract.json, bad extract / scan flags (a rank outside the world, sizes below 1) are one line,
+the loader names a NaN sample, a full disk leaves no .tmp shard."""
 import json
 import os
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -214,3 +221,148 @@ def test_files_tsv_from_an_older_scan_still_reads(tmp_path):
     (tmp_path / "files.tsv").write_text("a/x.png\t5\n")
     with pytest.raises(DataError, match=r"files\.tsv line 1"):
         FileList.read(tmp_path)
+
+
+# ----------------------------------------------------------------------------- issue 21: odd files and flags
+
+
+@contextmanager
+def _no_hang(seconds=60):
+    """A FIFO opened for reading blocks forever: fail the test instead of hanging the suite."""
+    def fire(*_):
+        raise TimeoutError(f"blocked for {seconds}s (a FIFO was opened?)")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_named_x_jpg_is_listed_as_skipped_never_opened(tmp_path):
+    root = _images(tmp_path / "img")
+    os.mkfifo(root / "a" / "x.jpg")
+    os.symlink(root / "a" / "deleted.png", root / "b" / "gone.png")  # dangling, pointing inside the dataset
+    with _no_hang():
+        counts = scan(root, tmp_path / "scan", workers=1, progress=False)
+    assert counts["ok"] == 4 and counts["bad"] == 0 and counts["skipped"] == 2
+    skipped = dict(line.split("\t") for line in (tmp_path / "scan" / "skipped.tsv").read_text().splitlines())
+    assert "FIFO" in skipped["a/x.jpg"]
+    assert "dangling symbolic link" in skipped["b/gone.png"] and "inside the dataset" not in skipped["b/gone.png"]
+    # a listing made before the FIFO appeared: the loader names it instead of blocking
+    files = FileList(root, ["a/a0.png", "a/x.jpg"], [0, 0], ["a", "b"])
+    loader = build_image_loader(files, 16, 2, backend="pil", view="center", num_workers=0, drop_last=False,
+                                shuffle=False)
+    with _no_hang(), pytest.raises(RuntimeError, match=r"x\.jpg.*FIFO"):
+        list(loader)
+
+
+def test_hidden_folders_and_files_are_skipped_and_said(tmp_path, caplog):
+    root = _images(tmp_path / "img", classes=("a", "b"), per_class=1)
+    _images(root / ".thumbnails", classes=("x",), per_class=1)      # a hidden folder: no class
+    (root / "a" / "._a0.png").write_bytes(b"\0\5\26\7 AppleDouble")    # macOS metadata named like an image
+    _images(root / "b" / ".cache", classes=("y",), per_class=1)
+    with caplog.at_level("WARNING"):
+        listing = image_folder(root)
+    assert listing.classes == ["a", "b"]  # labels as without the hidden folder
+    assert sorted(zip(listing.paths, listing.labels)) == [("a/a0.png", 0), ("b/b0.png", 1)]
+    assert "hidden" in caplog.text
+    counts = scan(root, tmp_path / "scan", workers=1, progress=False)
+    skipped = dict(line.split("\t") for line in (tmp_path / "scan" / "skipped.tsv").read_text().splitlines())
+    assert set(skipped) == {".thumbnails", "a/._a0.png", "b/.cache"} and counts["classes"] == 2
+    assert all("hidden" in why for why in skipped.values())
+
+
+def test_16_bit_png_and_float_tiff_are_scaled_or_refused_naming_the_mode(tmp_path):
+    from train.data.transforms import ImageRejected, open_rgb
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(root / "a" / "deep.png")  # mode I;16
+    Image.fromarray(ramp.astype(np.float32)).save(root / "a" / "float.tif")                 # mode F in [0, 1]
+    Image.fromarray((ramp * 1000).astype(np.float32)).save(root / "a" / "hdr.tif")          # mode F, range unknown
+    Image.fromarray((ramp * 70000).astype(np.int32)).save(root / "a" / "int32.tif")         # mode I
+    want = (ramp * 255).round()
+    for name in ("deep.png", "float.tif"):
+        got = np.asarray(open_rgb(root / "a" / name)).astype(float)
+        assert got.shape == (32, 32, 3) and np.abs(got[..., 0] - want).max() <= 1, name  # not all white / black
+    for name, mode in (("hdr.tif", "mode F"), ("int32.tif", "mode I")):
+        with pytest.raises(ImageRejected, match=rf"{name}.*{mode}"):
+            open_rgb(root / "a" / name)
+    scan(root, tmp_path / "scan", workers=1, progress=False)
+    bad = dict(line.split("\t") for line in (tmp_path / "scan" / "bad.tsv").read_text().splitlines())
+    assert set(bad) == {"a/hdr.tif", "a/int32.tif"} and "mode F" in bad["a/hdr.tif"]
+    assert sorted(FileList.read(tmp_path / "scan").paths) == ["a/deep.png", "a/float.tif"]
+
+
+def test_a_foreign_shard_in_a_latent_folder_is_refused_by_extract_json(tmp_path, capsys):
+    files = image_folder(_images(tmp_path / "img", per_class=5))  # 10 images: 2 shards of 8 + 2 on 1 rank
+    out = tmp_path / "lat"
+    _extract(_vae(0), files, out)
+    assert LatentStore.open(out).num_samples == 10
+    foreign = out / shard_name(1, 0)
+    foreign.write_bytes((out / shard_name(0, 0)).read_bytes())  # another run's rank01 shard dropped in
+    with pytest.raises(DataError, match=rf"{foreign.name}: not a shard of this folder's extraction.*1 rank"):
+        LatentStore.open(out)
+    assert foreign.name in _cli_error(capsys, ["stats", str(out)])
+    foreign.unlink()
+    (out / shard_name(0, 1)).rename(tmp_path / "elsewhere.safetensors")  # a missing shard
+    with pytest.raises(DataError, match=rf"incomplete.*{shard_name(0, 1)}"):
+        LatentStore.open(out)
+    _shard(out, shard=1, n=5)  # a shard of another size under the right name
+    with pytest.raises(DataError, match=rf"{shard_name(0, 1)}: holds 5 samples.*writes 2"):
+        LatentStore.open(out)
+
+
+def test_extract_rank_outside_the_world_and_bad_numbers_are_one_line(tmp_path, capsys, monkeypatch):
+    from modeling.config import ConfigError
+    root = _images(tmp_path / "img")
+    vae_dir = tmp_path / "vae"
+    _vae(0).save_pretrained(vae_dir)
+    base = ["extract", str(root), str(tmp_path / "lat"), "--vae", str(vae_dir), "--image-size", "16"]
+    assert "--rank 3 with --world-size 2" in _cli_error(capsys, [*base, "--rank", "3", "--world-size", "2"])
+    with pytest.raises(ConfigError, match="rank 3"):
+        _extract(_vae(0), image_folder(root), tmp_path / "lat", rank=3, world_size=2)
+    for flags, says in ((["--shard-size", "0"], "--shard-size 0"), (["--workers", "-1"], "--workers -1"),
+                        (["--batch-size", "0"], "--batch-size 0"), (["--world-size", "0"], "--world-size 0"),
+                        (["--image-size", "7"], "--image-size 7: must be a multiple of the tokenizer's "
+                                                 "downsampling factor 2")):
+        assert says in _cli_error(capsys, [*base, *flags])
+    for flags, says in ((["--max-pixels", "-1"], "--max-pixels -1"), (["--workers", "0"], "--workers 0"),
+                        (["--max-aspect", "0"], "--max-aspect 0")):
+        assert says in _cli_error(capsys, ["scan", str(root), "--out", str(tmp_path / "s"), *flags])
+    monkeypatch.setenv("RANK", "abc")
+    assert "$RANK='abc' is not an integer" in _cli_error(capsys, base)
+    assert not (tmp_path / "lat").exists() and not (tmp_path / "s").exists()  # refused before writing anything
+
+
+def test_nan_in_a_shard_is_named_by_the_loader(tmp_path):
+    from train.data.latents import LatentLoader
+    d = tmp_path / "lat"
+    _shard(d, n=4)
+    path = d / shard_name(0, 1)
+    lat = torch.randn(4, 4, 2, 2)
+    flip = lat.clone()
+    flip[2, 0, 0, 0] = float("inf")
+    save_file({"latents": lat, "latents_flip": flip, "labels": torch.zeros(4, dtype=torch.int64)}, str(path))
+    store = LatentStore.open(d)
+    loader = LatentLoader(store, batch_size=8, flip_prob=1.0, prefetch=False)
+    with pytest.raises(DataError, match=rf"{path.name} index 2 \(latents_flip\)"):
+        list(loader)
+    assert store.gather(np.array([0, 1]), np.array([True, True]))[0].shape == (2, 4, 2, 2)  # the clean ones
+
+
+def test_a_full_disk_leaves_no_tmp_file_in_the_latent_folder(tmp_path, monkeypatch):
+    import safetensors.torch as st
+    files = image_folder(_images(tmp_path / "img"))
+    out = tmp_path / "lat"
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partial write, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        _extract(_vae(0), files, out)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]

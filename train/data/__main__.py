@@ -68,8 +68,9 @@ def main(argv=None):
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--amp", choices=["bf16"], default=None, help="encode under autocast (default fp32)")
     x.add_argument("--device", default=None)
-    x.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
-    x.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    x.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK, else 0)")
+    x.add_argument("--world-size", type=int, default=None,
+                   help="how many ranks extract together (default: $WORLD_SIZE, else 1)")
 
     c = sub.add_parser("compare", help="latent stats: DALI vs PIL crop, bf16 vs fp32 storage (same noise)")
     c.add_argument("data")
@@ -85,7 +86,8 @@ def main(argv=None):
 
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    with user_errors(args.debug):  # a user mistake: one line naming the file, exit 2
+    with user_errors(args.debug):  # a user mistake: one line naming the file or flag, exit 2
+        _check_args(args)
         if args.cmd == "embedded":
             from .embedded import write_embedded
 
@@ -100,9 +102,12 @@ def main(argv=None):
             print(json.dumps(scan(args.root, args.out, workers=args.workers, max_pixels=args.max_pixels,
                               max_aspect=args.max_aspect)))
         elif args.cmd == "extract":
-            from .extract import extract_latents
+            from .extract import check_extract_settings, extract_latents
             from .files import load_file_list
 
+            vae = _vae(args.vae, args.vae_config)
+            check_extract_settings(vae, args.image_size, args.batch_size, args.rank, args.world_size,
+                                   args.shard_size, args.workers, flags=EXTRACT_FLAGS)
             device = args.device
             if device is None and args.world_size > 1:
                 import torch
@@ -110,7 +115,7 @@ def main(argv=None):
                 if torch.cuda.is_available():
                     device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
                     torch.cuda.set_device(device)
-            result = extract_latents(_vae(args.vae, args.vae_config), load_file_list(args.data), args.out,
+            result = extract_latents(vae, load_file_list(args.data), args.out,
                                      image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
                                      world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
                                      store_dtype=args.dtype, backend=args.backend, dali_device=args.dali_device,
@@ -130,6 +135,45 @@ def main(argv=None):
             save_stats(stats, os.path.join(args.dir, STATS_FILE))
             print(json.dumps({k: v.flatten().tolist() for k, v in stats.items()}))
 
+
+
+# the lower bound of every integer / number flag, per command: `--shard-size 0` is one line, exit 2
+AT_LEAST = {"embedded": {"size": 1, "per_class": 1}, "digits": {"size": 1, "per_class": 1},
+            "scan": {"workers": 1, "max_pixels": 1, "max_aspect": 1},
+            "extract": {"image_size": 1, "batch_size": 1, "shard_size": 1, "workers": 0},
+            "compare": {"image_size": 1, "batch_size": 1}}
+EXTRACT_FLAGS = {"image_size": "--image-size", "batch_size": "--batch-size", "shard_size": "--shard-size",
+                 "num_workers": "--workers", "rank": "--rank", "world_size": "--world-size"}
+
+
+def _env_int(name, default):
+    from modeling.config import ConfigError
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"${name}={raw!r} is not an integer (set by the launcher, or pass --"
+                          f"{name.lower().replace('_', '-')})") from None
+
+
+def _check_args(args):
+    """ConfigError naming the first flag whose value cannot work (before any file is read)."""
+    from modeling.config import ConfigError
+    for key, low in AT_LEAST.get(args.cmd, {}).items():
+        value = getattr(args, key)
+        if value is not None and not value >= low:  # (also NaN)
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be at least {low}")
+    if args.cmd == "extract":
+        if args.rank is None:
+            args.rank = _env_int("RANK", 0)
+        if args.world_size is None:
+            args.world_size = _env_int("WORLD_SIZE", 1)
+        if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+            raise ConfigError(f"--rank {args.rank} with --world-size {args.world_size}: the ranks are "
+                              f"0..{max(args.world_size, 1) - 1} (a rank outside them would extract another rank's "
+                              "images again)")
 
 
 cli = console_entry(__name__)  # the `vavae-data` console script (setup.py)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .sampler import VIEWS, EpochSampler, ResumableLoader, crop_params
+from .transforms import require_regular_file
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"
@@ -84,6 +85,7 @@ class DALIImageLoader(ResumableLoader):
             idx, flip = self.sampler.rank_batch(plan, g)
             enc, pos_x, pos_y = [], [], []
             for i in idx:
+                require_regular_file(self.files.abspath(i))  # a FIFO would block the pipeline forever
                 with open(self.files.abspath(i), "rb") as f:
                     enc.append(np.frombuffer(f.read(), dtype=np.uint8))
                 u = crop_params(self.seed, self.epoch, i) if self.view == "train" else (0.5, 0.5)

@@ -10,7 +10,6 @@ rerun overwrites. The posterior noise of shard s of rank r comes from a generato
 """
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -23,7 +22,8 @@ from modeling.safe_load import safe_torch_load
 
 from . import DataError
 from .files import FileList
-from .latents import LatentStore, compute_stats, safetensors_header, save_stats, shard_name, STATS_FILE
+from .latents import (STATS_FILE, LatentStore, compute_stats, num_shards, rank_indices,  # noqa: F401
+                      safetensors_header, save_stats, shard_name)
 
 log = logging.getLogger(__name__)
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -36,14 +36,6 @@ def _file_list_digest(files):
     for p, y in zip(files.paths, files.labels):
         h.update(os.fsencode(p) + b"\0" + str(int(y)).encode() + b"\n")
     return h.hexdigest()
-
-
-def rank_indices(num_files, rank, world_size):
-    return np.arange(rank, num_files, world_size)
-
-
-def num_shards(num_files, rank, world_size, shard_size):
-    return math.ceil(len(rank_indices(num_files, rank, world_size)) / shard_size)
 
 
 def shard_seed(seed, rank, shard):
@@ -106,8 +98,12 @@ def _check_run_config(out_dir, config):
                         "folder")
     else:
         tmp = Path(str(path) + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(config, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(config, indent=1))
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no .tmp left behind
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _image_loader(files, image_size, batch_size, backend, dali_device, num_workers):
@@ -120,11 +116,34 @@ def _image_loader(files, image_size, batch_size, backend, dali_device, num_worke
     return build_image_loader(files, image_size, batch_size, backend=backend, num_workers=num_workers, **kw)
 
 
+def check_extract_settings(vae, image_size, batch_size, rank, world_size, shard_size, num_workers, flags=None):
+    """ConfigError naming the first setting that cannot work. `flags`: {setting: its command-line name}."""
+    from modeling.config import ConfigError
+
+    def name(key):
+        return (flags or {}).get(key, key)
+    for key, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                            ("world_size", world_size, 1), ("shard_size", shard_size, 1),
+                            ("num_workers", num_workers, 0), ("rank", rank, 0)):
+        if type(value) is not int or value < low:
+            raise ConfigError(f"{name(key)} {value}: must be an integer of at least {low}")
+    if rank >= world_size:
+        raise ConfigError(f"{name('rank')} {rank} with {name('world_size')} {world_size}: the ranks are "
+                          f"0..{world_size - 1} (rank {rank} would extract rank {rank % world_size}'s images again)")
+    factor = getattr(vae, "downsample_factor", 1) if vae is not None else 1
+    if image_size % factor:
+        raise ConfigError(f"{name('image_size')} {image_size}: must be a multiple of the tokenizer's downsampling "
+                          f"factor {factor} (e.g. {max(factor, image_size // factor * factor)})")
+
+
 @torch.no_grad()
 def extract_latents(vae, files: FileList, out_dir, image_size=256, batch_size=64, rank=0, world_size=1, seed=0,
                     shard_size=10000, store_dtype="fp32", backend="pil", dali_device="auto", num_workers=4,
                     device=None, amp=None, progress=True):
-    """Encode this rank's part of `files` into out_dir. Returns {"written", "skipped", "stats"}."""
+    """Encode this rank's part of `files` into out_dir. Returns {"written", "skipped", "stats"}.
+    Settings that cannot work (a rank outside 0..world_size-1, which would duplicate another rank's images; an
+    image size the tokenizer cannot encode; sizes below 1) raise ConfigError naming the setting."""
+    check_extract_settings(vae, image_size, batch_size, rank, world_size, shard_size, num_workers)
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     out_dir = Path(out_dir)
@@ -191,11 +210,16 @@ def _write_shard(path, latents, latents_flip, labels, indices, seed):
     from safetensors.torch import save_file
 
     tmp = str(path) + ".tmp"
-    save_file({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels,
-               "indices": indices}, tmp,
-              metadata={"total_size": f"{latents.shape[0]}", "dtype": f"{latents.dtype}", "device": "cpu",
-                        "seed": f"{seed}"})
-    os.replace(tmp, path)
+    try:
+        save_file({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels,
+                   "indices": indices}, tmp,
+                  metadata={"total_size": f"{latents.shape[0]}", "dtype": f"{latents.dtype}", "device": "cpu",
+                            "seed": f"{seed}"})
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half shard (.tmp) left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def finalize_stats(out_dir, num_files, world_size, shard_size, recompute=True):

@@ -6,6 +6,11 @@ files that cannot be decoded or are truncated are listed in `bad.tsv` and left o
 but are not plain RGB/gray JPEGs (CMYK, PNG or GIF renamed .jpg, ...) are kept and listed in
 `notes.tsv`. The class mapping always comes from the directory names, so dropping a bad file (or a
 class whose files are all bad) never shifts the labels of the others.
+
+Only regular files are opened: a FIFO, socket or device named like an image (a FIFO would block the scan
+forever), a dangling link or a symlink loop is listed in skipped.tsv as what it is. Hidden entries (a name
+starting with "."; e.g. `.cache/`, `._x.jpg` of macOS) are skipped and listed too -- a hidden folder is no
+class, so it cannot shift every label by one.
 """
 import json
 import logging
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from modeling.safe_load import describe_path
+
 from . import DataError
-from .transforms import MAX_ASPECT, MAX_PIXELS, check_size
+from .transforms import MAX_ASPECT, MAX_PIXELS, ImageRejected, check_size, require_regular_file, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +98,38 @@ def decode_path(text):
     return os.fsdecode(unquote_to_bytes(text))
 
 
-def find_classes(root):
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+HIDDEN_FOLDER = "hidden folder: skipped (not a class; rename it without the leading '.' to use it)"
+HIDDEN_SUBFOLDER = "hidden folder: skipped"
+HIDDEN_FILE = "hidden file: skipped"
+
+
+def find_classes(root, skipped=None):
+    """The class folder names of ROOT, sorted; hidden folders (".name") are left out and go to `skipped`."""
+    classes = []
+    for e in os.scandir(root):
+        if e.is_dir():
+            if e.name.startswith("."):
+                if skipped is not None:
+                    skipped.append((e.name, HIDDEN_FOLDER))
+            else:
+                classes.append(e.name)
     if not classes:
         raise FileNotFoundError(f"no class folders in {root} (expected ROOT/<class>/<image>)")
-    return classes
+    return sorted(classes)
 
 
 def image_folder(root, skipped=None):
     """The file list torchvision.datasets.ImageFolder(root) would build, unchecked, same order -- except that
     every real file is listed once: symlinked directories are followed but never twice (a symlink loop ends),
     a symlink to a file or folder elsewhere inside ROOT is not listed (the file is listed at its own path, with
-    its own class), and a second link to the same outside file is dropped. What was left out goes to
-    `skipped` (a list of (path, reason)) when given."""
+    its own class), and a second link to the same outside file is dropped; hidden folders and files are
+    skipped, and so is anything that is not a regular file (a FIFO, a dangling link). What was left out goes
+    to `skipped` (a list of (path, reason)) when given."""
     root = Path(root)
-    classes = find_classes(root)
+    skipped = [] if skipped is None else skipped
+    classes = find_classes(root, skipped)
     real_root = os.path.realpath(root)
     paths, labels, seen_files, seen_dirs = [], [], set(), set()
-    skipped = [] if skipped is None else skipped
 
     def inside_root(real):
         return real == real_root or real.startswith(real_root + os.sep)
@@ -129,7 +150,9 @@ def image_folder(root, skipped=None):
                 full = os.path.join(dirpath, d)
                 real = os.path.realpath(full)
                 rel = os.path.relpath(full, root)
-                if real in seen_dirs or real_dir.startswith(real + os.sep) or real == real_dir:
+                if d.startswith("."):
+                    skipped.append((rel, HIDDEN_SUBFOLDER))
+                elif real in seen_dirs or real_dir.startswith(real + os.sep) or real == real_dir:
                     skipped.append((rel, "symlink loop or a folder already listed"))
                 elif os.path.islink(full) and inside_root(real):
                     skipped.append((rel, "link to a folder inside the dataset (listed at its own path)"))
@@ -141,6 +164,13 @@ def image_folder(root, skipped=None):
                     continue
                 full = os.path.join(dirpath, fname)
                 rel = os.path.relpath(full, root)
+                if fname.startswith("."):
+                    skipped.append((rel, HIDDEN_FILE))
+                    continue
+                odd = describe_path(full)  # a FIFO named x.jpg would block the scan: never opened
+                if odd is not None:
+                    skipped.append((rel, odd.removeprefix("is ")))
+                    continue
                 real = os.path.realpath(full)
                 if os.path.islink(full) and inside_root(real):
                     skipped.append((rel, "link to a file inside the dataset (listed at its own path)"))
@@ -151,8 +181,8 @@ def image_folder(root, skipped=None):
                     paths.append(rel)
                     labels.append(label)
     if skipped:
-        log.warning("%s: %d entries not listed (symlink loops / duplicate links), e.g. %s: %s", root, len(skipped),
-                    *skipped[0])
+        log.warning("%s: %d entries not listed (hidden, not regular files, symlink loops, duplicate links), e.g. "
+                    "%s: %s", root, len(skipped), *skipped[0])
     return FileList(root, paths, labels, classes)
 
 
@@ -177,13 +207,16 @@ def check_image(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
     from PIL import Image
 
     try:
+        require_regular_file(path)  # (replaced by a FIFO since the listing: never opened)
         with Image.open(path) as im:
             fmt, mode = im.format, im.mode
             reason = check_size(im.size, max_pixels, max_aspect)
             if reason:
                 return "bad", f"too large or elongated: {reason}"
             im.load()  # full decode: a truncated file raises here (PIL's LOAD_TRUNCATED_IMAGES is off)
-            im.convert("RGB")
+            to_rgb(im, path)  # 16-bit / float scaled as the loaders scale them; unknown ranges refused
+    except ImageRejected as e:
+        return "bad", str(e).removeprefix(f"{path}: ").replace("\t", " ").replace("\n", " ")[:300]
     except Exception as e:  # noqa: BLE001 -- any decode failure means "bad file", the reason is kept
         return "bad", f"{type(e).__name__}: {e}".replace("\t", " ").replace("\n", " ")[:300]
     notes = []
@@ -211,6 +244,11 @@ def scan(root, out_dir=None, workers=None, chunksize=16, progress=True, max_pixe
     (skipped.tsv). Resumable: results are appended to out_dir/scan.partial.jsonl as they come; a rerun checks
     only the files not in it (a torn last line is ignored; changed limits start over). Returns a dict of counts.
     """
+    from modeling.config import ConfigError
+    for name, value, low in (("workers", workers, 1), ("max_pixels", max_pixels, 1), ("max_aspect", max_aspect, 1),
+                             ("chunksize", chunksize, 1)):
+        if value is not None and not value >= low:
+            raise ConfigError(f"scan: {name} {value} must be at least {low}")
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -287,8 +325,12 @@ def _end_with_newline(path):
 
 def _atomic_write(path, text):
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no .tmp left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _progress(total, desc):

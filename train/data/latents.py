@@ -8,19 +8,23 @@ Samples are numbered in sorted file-name order, as the reference's ImgLatentData
 The reference opens a safetensors file per sample. Here every shard is memory-mapped once (a safetensors
 file is a JSON header followed by the raw C-contiguous arrays) and a batch is a few `np.take` gathers
 straight into the output buffer: un-flipped samples first, flipped ones after, grouped by shard.
+
+A folder our extractor wrote has extract.json: its shards are checked against it when the store opens (a
+foreign `latents_rank01_*` dropped in, a missing shard, a shard of another size are refused, naming the
+file). Every gathered batch is checked finite; a NaN / inf names its shard and sample index.
 """
 import json
 import logging
+import math
 import os
 import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from modeling.safe_load import safe_torch_load
+from modeling.safe_load import CheckpointLoadError, read_safetensors_header, safe_torch_load
 
 from . import DataError
 from .sampler import EpochSampler, ResumableLoader
@@ -37,37 +41,40 @@ def shard_name(rank, shard):
     return f"latents_rank{rank:02d}_shard{shard:03d}.safetensors"
 
 
-_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
-
-
 def safetensors_header(path):
-    """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data).
-    A file that is not a safetensors file raises DataError naming it (never OverflowError / MemoryError)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DataError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        size = os.fstat(f.fileno()).st_size
-        if n > min(size - 8, _HEADER_LIMIT):
-            raise DataError(f"{path}: not a safetensors file (header length {n} does not fit the file's {size} "
-                            "bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not a safetensors file (unreadable header: {e})") from None
-    if not isinstance(header, dict):
-        raise DataError(f"{path}: not a safetensors file (header is not a mapping)")
-    meta = header.pop("__metadata__", None) or {}
-    for key, info in header.items():
-        ok = (isinstance(info, dict) and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])
-              and info["data_offsets"][0] <= info["data_offsets"][1])
-        if not ok:
-            raise DataError(f"{path}: not a safetensors file (bad entry for {key!r})")
-    return header, meta, 8 + n
+    """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data), every entry
+    checked against the file (modeling.safe_load.read_safetensors_header). A file that is not a safetensors
+    file -- or a FIFO, a truncated file, a header that lies -- raises DataError naming it."""
+    try:
+        return read_safetensors_header(path, "latent shard")
+    except (CheckpointLoadError, FileNotFoundError) as e:
+        raise DataError(" ".join(str(e).split())) from None
+
+
+def rank_indices(num_files, rank, world_size):
+    """The file-list positions rank `rank` of `world_size` extracts (r, r+W, r+2W, ...), as the reference."""
+    return np.arange(rank, num_files, world_size)
+
+
+def num_shards(num_files, rank, world_size, shard_size):
+    return math.ceil(len(rank_indices(num_files, rank, world_size)) / shard_size)
+
+
+def expected_shards(manifest):
+    """{shard file name: sample count} of every shard the extraction recorded in `manifest` (extract.json)
+    writes, over all its ranks; None when the manifest lacks the settings (made by an older version)."""
+    try:
+        n, ws, ss = (manifest[k] for k in ("num_files", "world_size", "shard_size"))
+    except (KeyError, TypeError):
+        return None
+    if not all(type(v) is int for v in (n, ws, ss)) or n < 0 or ws < 1 or ss < 1:
+        return None
+    out = {}
+    for r in range(ws):
+        mine = len(rank_indices(n, r, ws))
+        for s in range(num_shards(n, r, ws, ss)):
+            out[shard_name(r, s)] = min(ss, mine - s * ss)
+    return out
 
 
 def _memmap(path, info, data_start, key):
@@ -107,6 +114,14 @@ class LatentStore:
         files = sorted(directory.glob(SHARD_GLOB))
         if not files:
             raise FileNotFoundError(f"no *.safetensors latent shards in {directory}")
+        manifest_path = directory / "extract.json"
+        try:
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{manifest_path}: unreadable extraction manifest ({e})") from None
+        expected = expected_shards(manifest) if manifest is not None else None
+        if expected is not None:
+            _check_shard_names(directory, files, expected, manifest)
         latents, flips, labels, dtypes = [], [], [], set()
         for path in files:
             header, _, start = safetensors_header(path)
@@ -122,6 +137,9 @@ class LatentStore:
                                 "(N, C, H, W) twice and (N,))")
             if header["labels"]["dtype"] not in ("I64", "I32"):
                 raise DataError(f"{path}: labels must be integers, found {header['labels']['dtype']}")
+            if expected is not None and len(lab) != expected[path.name]:
+                raise DataError(f"{path}: holds {len(lab)} samples, but the extraction in extract.json writes "
+                                f"{expected[path.name]} into it (a shard from elsewhere?); re-extract it")
             if latents and lat.shape[1:] != latents[0].shape[1:]:
                 raise DataError(f"{path}: latent shape {lat.shape[1:]} differs from {latents[0].shape[1:]} in "
                                 f"{files[0]}")
@@ -133,11 +151,7 @@ class LatentStore:
         if len(dtypes) != 1 or next(iter(dtypes)) not in ("F32", "BF16"):
             raise DataError(f"{directory}: latents must all be F32 or all BF16, found {sorted(dtypes)}")
         store = cls(directory, files, latents, flips, labels, dtypes.pop())
-        manifest = directory / "extract.json"
-        try:
-            store.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
-        except (OSError, ValueError) as e:
-            raise DataError(f"{manifest}: unreadable extraction manifest ({e})") from None
+        store.manifest = manifest
         log.info("latent store %s: %d samples %s (%s) in %d shards", directory, store.num_samples,
                  store.latent_shape, store.stored_dtype, len(files))
         if latent_shape is not None or num_classes is not None:
@@ -196,11 +210,12 @@ class LatentStore:
             self._stats = (s["mean"].float(), s["std"].float())
         return self._stats
 
-    def gather(self, indices, flip=None):
+    def gather(self, indices, flip=None, check_finite=True):
         """Samples `indices` (int array), from latents_flip where `flip` is True.
 
         Returns (latents float32 (B, C, H, W), labels int64 (B,), order) where the batch is laid out
         un-flipped first, then flipped, each grouped by shard: row j holds sample indices[order[j]].
+        A sample with a NaN / inf raises DataError naming its shard and index (check_finite=False: returned).
         """
         indices = np.asarray(indices, dtype=np.int64)
         flip = np.zeros(len(indices), bool) if flip is None else np.asarray(flip, bool)
@@ -218,6 +233,14 @@ class LatentStore:
         lat = torch.from_numpy(out)
         if self.stored_dtype == "BF16":
             lat = lat.view(torch.bfloat16).float()
+        if check_finite and len(idx):
+            finite = torch.isfinite(lat.flatten(1)).all(dim=1)
+            if not finite.all():
+                bad = torch.nonzero(~finite).flatten().tolist()
+                where = [f"{self.files[sh[j]].name} index {int(local[j])}{' (latents_flip)' if fl[j] else ''}"
+                         for j in bad[:3]]
+                raise DataError(f"{self.directory}: non-finite (NaN/inf) latents at {', '.join(where)}"
+                                f"{' ...' if len(bad) > 3 else ''}; re-extract those shards")
         return lat, torch.from_numpy(self.labels[idx]), order
 
 
@@ -226,7 +249,7 @@ def compute_stats(store, max_samples=10000, seed=0):
     mean and (unbiased) std over batch, height and width, keepdim -> (1, C, 1, 1). Seeded here."""
     n = min(max_samples, store.num_samples)
     idx = np.random.default_rng(seed).choice(store.num_samples, n, replace=False)
-    lat, _, order = store.gather(idx)
+    lat, _, order = store.gather(idx, check_finite=False)  # (checked below, listing every bad one)
     finite = torch.isfinite(lat.flatten(1)).all(dim=1)
     if not finite.all():
         bad = sorted(int(idx[order[j]]) for j in torch.nonzero(~finite).flatten().tolist())
@@ -241,8 +264,30 @@ def compute_stats(store, max_samples=10000, seed=0):
 
 def save_stats(stats, path):
     tmp = str(path) + ".tmp"
-    torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no .tmp left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_shard_names(directory, files, expected, manifest):
+    """DataError naming the first shard file the extraction in extract.json did not write, or the first one it
+    wrote that is missing."""
+    present = {p.name for p in files}
+    what = (f"extract.json records {manifest['world_size']} rank(s), {manifest['num_files']} files, shard size "
+            f"{manifest['shard_size']}: {len(expected)} shards")
+    foreign = sorted(present - set(expected))
+    if foreign:
+        raise DataError(f"{directory / foreign[0]}: not a shard of this folder's extraction ({what}; "
+                        f"{len(foreign)} file(s) from elsewhere); move it out, or extract into a new folder")
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise DataError(f"{directory}: the extraction is incomplete, {missing[0]} is missing"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} ({what}); run the same "
+                        "`python -m train.data extract` again to finish it")
 
 
 class LatentLoader(ResumableLoader):

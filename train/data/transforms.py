@@ -33,13 +33,49 @@ def check_size(size, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
     return None
 
 
+def require_regular_file(path):
+    """ImageRejected naming `path` unless it is a regular file (or a link to one): a FIFO named x.jpg would
+    block the reader forever, a dangling link or a device is no image."""
+    from modeling.safe_load import describe_path
+    reason = describe_path(path)
+    if reason is not None:
+        raise ImageRejected(f"{path} {reason}")
+
+
+def to_rgb(im, path=""):
+    """A decoded PIL image as 8-bit RGB, with high bit depths scaled rather than clipped: 16-bit grayscale
+    ("I;16", a 16-bit PNG or TIFF) maps 0..65535 to 0..255 (PIL's own convert clips it: nearly all white);
+    float ("F", a float32 TIFF) in [0, 1] maps to 0..255 (convert would give nearly all black). Modes whose
+    range cannot be known (32-bit integers outside a PNG, floats outside [0, 1]) are refused (ImageRejected
+    naming the file and the mode). 16-bit RGB(A) PNGs arrive as 8-bit RGB(A) from PIL already."""
+    mode = im.mode
+    if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):  # older PIL opens 16-bit PNGs as "I"
+        a = np.asarray(im).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ImageRejected(f"{path}: mode {mode} values {a.min()}..{a.max()} are not 16-bit")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if not (np.isfinite(a).all() and lo >= 0.0 and hi <= 1.0):
+            raise ImageRejected(f"{path}: mode F (32-bit float) values {lo:g}..{hi:g} are not in [0, 1]; "
+                                "convert it to an 8-bit image")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "I;32", "I;32B", "I;32L") or mode.startswith("F;"):
+        raise ImageRejected(f"{path}: mode {mode} ({im.format or 'unknown format'}) has no known value range; "
+                            "convert it to an 8-bit image")
+    return im.convert("RGB")
+
+
 def open_rgb(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
-    """Decode to RGB; ImageRejected (naming the file) before decoding when outside the size bounds."""
+    """Decode to RGB; ImageRejected (naming the file) before decoding when outside the size bounds, when the
+    path is no regular file, or for a mode whose range is unknown (see to_rgb)."""
+    require_regular_file(path)
     with Image.open(path) as im:
         reason = check_size(im.size, max_pixels, max_aspect)
         if reason:
             raise ImageRejected(f"{path}: {reason}")
-        return im.convert("RGB")
+        return to_rgb(im, path)
 
 
 def center_crop_arr(pil_image, image_size):
