@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .safe_load import safe_torch_load
+from .safe_load import load_safetensors, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,7 @@ VIT_SPECS = {
 
 def _read_weights(path):
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
+        sd = load_safetensors(path, "foundation model weights")  # header checked before anything is read
     else:
         sd = safe_torch_load(path, "foundation model weights")
     for key in ("model", "state_dict", "teacher"):  # MAE / Lightning / DINO training dumps
