@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from modeling.config import console_entry
+from modeling.config import console_entry, exit_status  # noqa: E402
 
 STAGES = ("data", "vae", "latents", "classifier", "dit", "report")
 
@@ -91,6 +91,10 @@ def parse_args(argv=None):
                    help="extra override of the DiT config (configs/dit_tiny_cpu.yaml + the --dit-* options; "
                         "repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $VAVAE_THREADS, else the cores this process may use; "
+                        "modeling.threads). The numbers are reproducible at the same thread count")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.data].items():
         if getattr(a, k, None) is None:
@@ -115,11 +119,20 @@ def stage_data(a, out):
     return root
 
 
+def _workers(a):
+    """Data-loader workers (modeling.threads): 0 while the compute threads use every core; 32 px JPEGs decode
+    faster in this process than a worker process can hand them over."""
+    from modeling.threads import default_loader_workers
+
+    return default_loader_workers(a.threads)
+
+
 def vae_kwargs(a):
     from modeling.config import load_config
     from train.train_vae import VAVAEConfig
 
-    m = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml").model
+    # the architecture the stage trained: the config file plus any --vae-set model.* override
+    m = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", [o for o in a.vae_set if o.startswith("model.")]).model
     return dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), resolution=a.image_size)
 
@@ -133,7 +146,8 @@ def stage_vae(a, out, data_root):
         # No GAN in a run this short: switched on after a few hundred steps, its adaptive weight (~1e3 while
         # the reconstruction is still poor) drags the colours; pass --vae-set loss.disc_start=N to turn it on.
         # The foundation model sees the image at 2x (EfficientNet-Lite0 is /32): its grid is the latent grid.
-        overrides = ["data.source=folder", f"data.root={data_root}", "data.num_workers=0", f"logging.dir={vae_dir}",
+        overrides = ["data.source=folder", f"data.root={data_root}", f"data.num_workers={_workers(a)}",
+                     f"logging.dir={vae_dir}",
                      f"model.resolution={a.image_size}", f"foundation.input_size={2 * a.image_size}",
                      f"train.seed={a.seed}", f"train.steps={a.vae_steps}", f"train.batch_per_gpu={a.vae_batch}",
                      "logging.tensorboard=false", "logging.reconstructions=false",  # (the report has its own)
@@ -142,7 +156,16 @@ def stage_vae(a, out, data_root):
         # (the single-process group it starts stays up for the DiT trainer, which reuses it: DeepSpeed caches
         # its groups per process, so a destroyed and re-created group breaks the second engine)
         train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
-    return load_vae(a, vae_dir)
+    return _reuse("VA-VAE tokenizer", vae_dir / "tokenizer.pt", lambda: load_vae(a, vae_dir))
+
+
+def _skip_deepspeed_shm_op():
+    """The demo is one process: DeepSpeed's shared-memory all-reduce between local ranks has nothing to do, yet
+    DeepSpeed JIT-compiles it (C++, 30-60 s on 2 cores; or waits while another process compiles it) when its
+    process group starts. Marked unavailable, DeepSpeed keeps torch.distributed's own collectives."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # (a module-level dict DeepSpeed reads)
 
 
 def _end_process_group():
@@ -166,7 +189,7 @@ def stage_latents(a, out, data_root):
     if not (lat / "latents_stats.pt").exists():
         data_main(["extract", str(data_root), str(lat), "--vae", str(out / "vae" / "tokenizer.pt"),
                    "--vae-config", json.dumps(vae_kwargs(a)), "--image-size", str(a.image_size),
-                   "--batch-size", "64", "--workers", "0", "--seed", str(a.seed)])
+                   "--batch-size", "64", "--workers", str(_workers(a)), "--seed", str(a.seed)])
     return lat
 
 
@@ -181,10 +204,12 @@ def stage_classifier(a, out, data_root):
         np.savez(str(ref) + ".tmp.npz", arr_0=images, arr_1=labels)
         os.replace(str(ref) + ".tmp.npz", ref)
     if path.exists():
-        saved = safe_torch_load(path, "demo classifier")  # tensors and plain types only
-        clf = SmallClassifier(len(classes))
-        clf.load_state_dict(saved["state_dict"])
-        info = saved["info"]
+        def load():
+            saved = safe_torch_load(path, "demo classifier")  # tensors and plain types only
+            model = SmallClassifier(len(classes))
+            model.load_state_dict(saved["state_dict"])
+            return model, saved["info"]
+        clf, info = _reuse("classifier", path, load)
     else:
         clf, info = train_classifier(images, labels, len(classes), steps=a.classifier_steps, seed=a.seed,
                                      flip=a.flip)
@@ -220,7 +245,9 @@ class SampleEval:
 
     def __call__(self, model, step):
         t = time.time()
-        res = self.clf.evaluate(self.images(model, self.labels, self.noise), self.labels.numpy(), self.ref_stats)
+        from evaluation.metrics import score  # the registry's classifier metric (evaluation/classifier.py)
+        res = score(["classifier"], images=self.images(model, self.labels, self.noise), labels=self.labels.numpy(),
+                    classifier=self.clf, classifier_reference=self.ref_stats)
         print(f"\n[eval step {step}] class accuracy {res['class_acc']:.3f}, classifier FD {res['fd']:.2f} "
               f"({len(self.labels)} samples, {time.time() - t:.1f}s)", flush=True)
         return res
@@ -235,6 +262,9 @@ def dit_config(a, out, lat, num_classes):
         f"model.input_size={a.image_size // 16}", f"model.hidden_size={a.dit_hidden}", f"model.depth={a.dit_depth}",
         f"train.steps={a.dit_steps}", f"train.global_batch={a.dit_batch}", f"train.batch_per_gpu={a.dit_batch}",
         "train.ema_decay=0.99", f"optim.lr={a.dit_lr}", f"train.seed={a.seed}",
+        # one process: ZeRO has no rank to partition over, and its flattened buffers cost a tiny model more than
+        # the model itself (CPU-s per step measured: stage 2 ~0.16, stage 0 ~0.08); still the DeepSpeed engine
+        "train.zero_stage=0",
         # digits: the latents of mirrored images are not digits (extraction stores both; use only the originals)
         f"data.flip_prob={0.5 if a.flip else 0.0}",
         # the demo passes its own eval_fn (SampleEval); the real images as an ADM-format reference batch are what
@@ -254,7 +284,7 @@ def stage_dit(a, out, lat, evaluator, num_classes):
         cfg = dit_config(a, out, lat, num_classes)
         train(cfg, eval_fn=evaluator)
         _end_process_group()
-    return load_pretrained(exported).eval()
+    return _reuse("LightningDiT (EMA)", exported, lambda: load_pretrained(exported).eval())
 
 
 # ----------------------------------------------------------------------------- report
@@ -329,6 +359,7 @@ def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_cla
 def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=2, max_images=600):
     """Tokenizer metrics on real images (and the classifier's accuracy on their reconstructions: the ceiling
     for samples, which pass through the same decoder); (original | reconstruction) pairs."""
+    from evaluation.metrics import score
     from evaluation.tokenizer_metrics import reconstruction_metrics
 
     lp, why = None, "not computed: images below 64 px (VGG16's deepest LPIPS features would be 2x2 or less)"
@@ -344,7 +375,8 @@ def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=
     metrics, rec = reconstruction_metrics(vae, images, batch_size=64, lpips=lp, progress=False)
     if lp is None:
         metrics["lpips"] = why
-    metrics["classifier accuracy on reconstructions"] = clf.evaluate(rec, labels, ref_stats)["class_acc"]
+    metrics["classifier accuracy on reconstructions"] = score(["classifier"], images=rec, labels=labels,
+                                                              classifier=clf)["class_acc"]
     pairs, pair_labels = [], []
     for c in range(num_classes):
         for i in np.flatnonzero(labels == c)[:per_class]:
@@ -366,7 +398,7 @@ def write_report(a, out, results):
     vae_loss = loss_curves({"VA-VAE": vae_rec}, vae_keys, out / "vae_loss.png", title="VA-VAE")
     dit_loss = loss_curves({"LightningDiT": dit_rec}, ("loss", "mse", "cos"), out / "dit_loss.png",
                            title="LightningDiT")
-    h = results["headline"]
+    h = {**results["headline"], **results["speed"]}
     summary = table_html([[k, v] for k, v in h.items()], ["headline", "value"])
     rec = results["reconstruction"]
     n_cls = results["num_classes"]
@@ -404,8 +436,64 @@ def html_escape(s):
 
 # ----------------------------------------------------------------------------- main
 
+class StageFileError(ValueError):
+    """A file a finished stage left (and a later stage reuses) cannot be read."""
+
+
+def _reuse(what, path, load):
+    """load() a finished stage's file; a file that cannot be read is one line naming it, not a traceback."""
+    from train.errors import one_line, user_error_types
+
+    try:
+        return load()
+    except (*user_error_types(), KeyError, TypeError, RuntimeError) as e:  # (the last three: a dict that lies)
+        raise StageFileError(f"{what} {path} (left by a finished stage) cannot be read: {one_line(e)}; "
+                             "--fresh starts over") from None
+
+
+def machine() -> dict:
+    """The machine a run's times were measured on (the README's figures quote it)."""
+    import platform
+
+    from modeling.threads import available_cores
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": available_cores(), "host_cpus": os.cpu_count()}
+
+
+def load_average() -> "list[float] | None":
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
 def main(argv=None):
+    """Run the demo; returns the results (0 on success for the console script) or 2 after a one-line error."""
+    from train.errors import one_line, user_error_types
+
     a = parse_args(argv)
+    try:
+        return run_demo(a)
+    except (StageFileError, *user_error_types()) as e:  # the input is wrong (a file, a setting): one line
+        if a.debug or os.environ.get("VAVAE_DEBUG") == "1":
+            raise
+        print(f"examples.demo: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run_demo(a):
+    from modeling.config import ConfigError
+    from modeling.safe_load import safe_torch_load
+    from modeling.threads import configure_threads
+
+    # Before any torch work: the thread count is part of the settings (a float reduction split over another
+    # number of threads rounds differently, so the numbers are reproducible at the same count).
+    a.threads = configure_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stdout)
     out = Path(a.out)
@@ -413,28 +501,32 @@ def main(argv=None):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"
-    mine = {k: v for k, v in vars(a).items() if k not in ("fresh", "out")}
+    mine = {k: v for k, v in vars(a).items() if k not in ("fresh", "out", "debug")}
     if settings.exists() and json.loads(settings.read_text()) != json.loads(json.dumps(mine)):
-        sys.exit(f"{out} holds a demo run with other settings ({settings}); use --fresh or another --out")
+        raise ConfigError(f"{out} holds a demo run with other settings ({settings}); use --fresh or another --out")
     if not settings.exists() and any((out / d).exists() for d in ("data", "vae", "latents", "dit")):
-        sys.exit(f"{out} holds a demo run whose settings were not recorded; use --fresh or another --out")
+        raise ConfigError(f"{out} holds a demo run whose settings were not recorded; use --fresh or another --out")
     settings.write_text(json.dumps(mine, indent=1))
     print("settings: " + ", ".join(f"{k}={v}" for k, v in mine.items()), flush=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    t_start, timings = time.time(), {}
+    _skip_deepspeed_shm_op()
+    t_start, timings, cpu_timings, load_start = time.time(), {}, {}, load_average()
 
     def timed(name, fn, *args):
-        t = time.time()
+        t, c = time.time(), time.process_time()
         _say(f"[{len(timings) + 1}/{len(STAGES)}] {name}")
         res = fn(*args)
         timings[name] = round(time.time() - t, 1)
+        cpu_timings[name] = round(time.process_time() - c, 1)  # every thread of this process
+        print(f"({name}: {timings[name]} s, {cpu_timings[name]} CPU-s)", flush=True)
         return res
 
     data_root = timed("data", stage_data, a, out)
     vae = timed("vae", stage_vae, a, out, data_root)
     lat = timed("latents", stage_latents, a, out, data_root)
     clf, clf_info, images, labels, classes = timed("classifier", stage_classifier, a, out, data_root)
-    stats = torch.load(lat / "latents_stats.pt", map_location="cpu")
+    stats = _reuse("latent statistics", lat / "latents_stats.pt",
+                   lambda: safe_torch_load(lat / "latents_stats.pt", "latent statistics"))
     ref_stats = clf.reference_stats(images)
     evaluator = SampleEval(a, vae, clf, ref_stats, stats, len(classes))
     dit = timed("dit", stage_dit, a, out, lat, evaluator, len(classes))
@@ -442,11 +534,13 @@ def main(argv=None):
     def report():
         from bench.curves import load_run, series
         from evaluation.generate import sample_noise
+        from evaluation.metrics import score
 
         g_labels = torch.arange(len(classes)).repeat_interleave(a.grid_per_class)
         g_noise = sample_noise(range(len(g_labels)), (stats["mean"].shape[1], *SampleEval.latent_hw(a)), seed=99)
         grid = evaluator.images(dit, g_labels, g_noise)
-        final = clf.evaluate(grid, g_labels.numpy(), ref_stats)
+        final = score(["classifier"], images=grid, labels=g_labels.numpy(), classifier=clf,
+                      classifier_reference=ref_stats)
         pred = clf.predict(grid)[0].argmax(1)
         per_class_acc = [float((pred[g_labels.numpy() == c] == c).mean()) for c in range(len(classes))]
         rec_metrics, pairs, pair_labels = reconstructions(vae, images, labels, len(classes), clf, ref_stats)
@@ -460,12 +554,14 @@ def main(argv=None):
             "chance": round(1 / len(classes), 3),
             "classifier FD (grid vs real)": round(final["fd"], 2),
             "VA-VAE PSNR / SSIM": f"{rec_metrics['psnr']:.2f} dB / {rec_metrics['ssim']:.3f}",
-            "DiT training img/s (median)": round(float(np.median(ips)), 1) if ips else "-",
             "DiT GFLOP per image per step": round(dit.flops_per_sample(train=True) / 1e9, 4),
         }
+        # measured times: not part of the reproducible headline
+        speed = {"DiT training img/s (median)": round(float(np.median(ips)), 1) if ips else "-"}
         g_np = g_labels.numpy()
         results = {
-            "headline": headline, "num_classes": len(classes), "classes": classes, "classifier": clf_info,
+            "headline": headline, "speed": speed, "num_classes": len(classes), "classes": classes,
+            "classifier": clf_info,
             "per_class_acc": per_class_acc,
             "side_by_side_png": side_by_side_png(images[hold], labels[hold], grid, g_np, classes,
                                                  min(a.grid_per_class, 8), per_class_acc),
@@ -474,21 +570,31 @@ def main(argv=None):
             "reconstruction": {"metrics": {k: (round(v, 4) if isinstance(v, float) else v)
                                            for k, v in rec_metrics.items()},
                                "png": grid_png(pairs, pair_labels, classes, 2, "original | reconstruction")},
-            "run": {"args": vars(a), "stage_seconds": timings, "kernels": __import__("kernels").describe()},
+            "run": {"args": vars(a), "stage_seconds": timings},
         }
         (out / "grid.png").write_bytes(results["grid_png"])
         (out / "samples_vs_real.png").write_bytes(results["side_by_side_png"])
         return results
 
     results = timed("report", report)
-    results["run"]["stage_seconds"] = timings
-    results["run"]["total_seconds"] = round(time.time() - t_start, 1)
+    from datetime import datetime, timezone
+
+    from evaluation.provenance import environment
+    from modeling.threads import describe_threads
+
+    results["run"].update(
+        stage_seconds=timings, stage_cpu_seconds=cpu_timings, total_seconds=round(time.time() - t_start, 1),
+        threads=describe_threads(), machine=machine(),
+        load_average={"start": load_start, "end": load_average()},
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), environment=environment())
     path = write_report(a, out, results)
-    summary = {"headline": results["headline"], "per_class_sample_accuracy": dict(zip(classes, results["per_class_acc"])),
-               **results["run"]}
+    summary = {"headline": results["headline"], "speed": results["speed"],
+               "per_class_sample_accuracy": dict(zip(classes, results["per_class_acc"])),
+               "reconstruction": results["reconstruction"]["metrics"], **results["run"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print("\n" + "\n".join(f"  {k}: {v}" for k, v in results["headline"].items()))
-    print(f"  stage seconds: {timings} (total {results['run']['total_seconds']} s)")
+    print("\n" + "\n".join(f"  {k}: {v}" for k, v in {**results["headline"], **results["speed"]}.items()))
+    print(f"  stage seconds: {timings} (total {results['run']['total_seconds']} s; {a.threads} threads; "
+          f"load average {load_start} at the start)")
     print(f"report: {path.resolve()}")
     return results
 
@@ -497,4 +603,4 @@ def main(argv=None):
 cli = console_entry(__name__)  # the `vavae-demo` console script (setup.py)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

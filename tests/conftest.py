@@ -9,6 +9,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Before anything imports triton (modeling.threads imports the models, which import kernels): Triton reads
+    # TRITON_INTERPRET when it is imported and decorates its own tl functions, and without CUDA the kernel tests
+    # can only run its interpreter. (`auto` never picks the interpreter: other tests still run the reference.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from modeling.threads import configure_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
