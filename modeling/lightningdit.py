@@ -17,6 +17,7 @@ from kernels import ops
 
 from .guidance import cfg_velocity, guided_channels, is_guided
 from .hub import HubMixin, build_config
+from .released import LIGHTNINGDIT_SIZES
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -420,17 +421,7 @@ class LightningDiT(nn.Module, HubMixin):
 
 # ----------------------------------------------------------------------------- sizes
 
-LIGHTNINGDIT_SIZES = {
-    "B/1": dict(depth=12, hidden_size=768, patch_size=1, num_heads=12),
-    "B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
-    "L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
-    "XL/1": dict(depth=28, hidden_size=1152, patch_size=1, num_heads=16),
-    "XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
-    "1p0B/1": dict(depth=24, hidden_size=1536, patch_size=1, num_heads=24),
-    "1p0B/2": dict(depth=24, hidden_size=1536, patch_size=2, num_heads=24),
-    "1p6B/1": dict(depth=28, hidden_size=1792, patch_size=1, num_heads=28),
-    "1p6B/2": dict(depth=28, hidden_size=1792, patch_size=2, num_heads=28),
-}
+# LIGHTNINGDIT_SIZES (imported above) lives in modeling.released, beside the weight reader that names sizes
 
 
 def build_lightningdit(size: str, **kwargs) -> LightningDiT:
