@@ -1,5 +1,5 @@
 """FP8 for the LightningDiT blocks, in training (the DiT trainer's `fp8:` section) and in sampling
-(`--precision fp8`): Transformer Engine or torchao float8.
+(`--precision fp8`): our own torch._scaled_mm linears, Transformer Engine or torchao float8 (docs/fp8.md).
 
 Only the blocks' big matmuls run in FP8 (attn.qkv, attn.proj, mlp.w12, mlp.w3); the embedders, adaLN and
 the final layer stay in bf16, as they are small and precision sensitive. Parameter names do not change,
@@ -7,7 +7,8 @@ so checkpoints keep the reference keys. FP8 state lives in the modules' state di
 amax history is its `_extra_state`; torchao's tensorwise dynamic scaling keeps none), so the DeepSpeed
 checkpoint carries it.
 
-    apply_fp8(model, backend="torchao")           # GPU suite / trainer
+    apply_fp8(model, backend="torchao")           # GPU suite / trainer (backend "scaled_mm", "torchao" or "te")
+    apply_fp8_training(model, "rowwise")          # fp8.backend: scaled_mm -> FP8TrainingLinear (ours)
     with fp8_context(backend, recipe): loss = ...  # TE needs fp8_autocast around the forward
     apply_fp8_inference(bf16_model, "rowwise")    # modeling.sampling.Sampler(precision="fp8"): FP8Linear
     apply_fp8(bf16_model, "torchao", "rowwise")   # the same through torchao's training modules (fp8_impl)
@@ -17,17 +18,23 @@ plain torch ops (so torch.compile fuses the amax and the cast into the kernel th
 one torch._scaled_mm per call. torchao's training modules re-quantize the weights on every call and keep
 the activation quantization outside the producer's kernel; on an H200 they sampled no faster than bf16.
 
+FP8TrainingLinear is the trainer's own: forward, dgrad and wgrad each one torch._scaled_mm, the weight quantized
+once per optimizer step (cached; gradient-accumulation micro-batches reuse it), the activation and gradient
+quantization in plain ops inside the autograd.Function (traced by torch.compile, so fused into their producers).
+
 Asked for without the library, or on hardware without FP8 (compute capability < 8.9), this raises
-FP8Unavailable with the reason. torchao also runs on the CPU (emulated through torch's CPU _scaled_mm;
+FP8Unavailable with the reason. Ours and torchao also run on the CPU (emulated through torch's CPU _scaled_mm;
 useful for tests, not for speed) only when `allow_cpu=True`.
 """
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
-RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp")}
+RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+           "scaled_mm": ("rowwise", "tensorwise", "rowwise_with_gw_hp")}  # scaled_mm: ours, FP8TrainingLinear
 
 
 class FP8Unavailable(RuntimeError):
@@ -45,11 +52,14 @@ def default_recipe(backend):
 TRAINER_REMEDY = "Set fp8.backend: none to train without FP8."
 
 
-def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY):
-    """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description.
-    remedy: the sentence that ends each refusal (what the caller's user can set instead)."""
+def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY, recipe=None):
+    """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description (naming
+    `recipe` when given). remedy: the sentence that ends each refusal (what the caller's user can set instead)."""
     if backend not in RECIPES:
         raise FP8Unavailable(f"unknown FP8 backend {backend!r}; choose one of {sorted(RECIPES)}")
+    named = f", recipe {recipe}" if recipe else ""
+    if backend == "scaled_mm":
+        return f"scaled_mm (ours: FP8TrainingLinear) via {check_scaled_mm(device, allow_cpu, remedy)}{named}"
     device = torch.device(device)
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
@@ -68,14 +78,14 @@ def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY):
         except Exception as e:  # ImportError, or TE's own errors when no driver is present
             raise FP8Unavailable(f"FP8 backend te needs Transformer Engine (pip install transformer_engine[pytorch]); "
                                  f"importing it failed: {e}") from None
-        return f"transformer_engine {getattr(te, '__version__', '?')} on {where}"
+        return f"transformer_engine {getattr(te, '__version__', '?')} on {where}{named}"
     try:
         import torchao
         from torchao.float8 import convert_to_float8_training  # noqa: F401
     except Exception as e:
         raise FP8Unavailable(f"FP8 backend torchao needs torchao (pip install torchao==0.18.0); "
                              f"importing it failed: {e}") from None
-    return f"torchao {torchao.__version__} float8 on {where}"
+    return f"torchao {torchao.__version__} float8 on {where}{named}"
 
 
 def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY):
@@ -86,6 +96,8 @@ def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRA
     check_fp8(backend, device, allow_cpu, remedy)
     if recipe not in RECIPES[backend]:
         raise FP8Unavailable(f"recipe {recipe!r} is not a {backend} recipe; choose one of {RECIPES[backend]}")
+    if backend == "scaled_mm":
+        return apply_fp8_training(model, recipe, allow_cpu, remedy)
     for name, m in model.named_modules():
         if _is_fp8_layer(name) and isinstance(m, nn.Linear) and (m.in_features % 16 or m.out_features % 16):
             raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
@@ -207,3 +219,224 @@ def fp8_context(backend, recipe=None):
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
     return te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(recipe or default_recipe("te")))
+
+
+# ----------------------------------------------------------------------------- FP8 training: our own linear
+#
+# Recipes of fp8.backend: scaled_mm (docs/fp8.md has the reasoning). Every GEMM is torch._scaled_mm, every operand
+# scaled along the contraction dimension, the only layout _scaled_mm's row-wise mode accepts (scale_a (M, 1) for
+# a row-major A (M, K), scale_b (1, N) for a column-major B (K, N)): a scale can then be pulled out of each dot
+# product of the GEMM, which a scale that varies along K could not.
+#   forward  y (M,N)  = x (M,K)    @ W^T (K,N)   x: a scale per token,           W: one per output channel
+#   dgrad    dx (M,K) = dy (M,N)   @ W (N,K)     dy: a scale per token,          W: one per input channel
+#   wgrad    dW (N,K) = dy^T (N,M) @ x (M,K)     dy: one per output channel,     x: one per input channel
+# rowwise: e4m3 for all (per-row scales leave no need for e5m2's range), scales rounded up to powers of two (the
+# rescale is exact; torchao's rowwise does the same). tensorwise: one scale per tensor, gradients in e5m2 (one
+# scale must cover every row's range). rowwise_with_gw_hp: rowwise, but the weight gradient in bf16.
+
+SCALED_MM_RECIPES = ("rowwise", "tensorwise", "rowwise_with_gw_hp")
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_along(x: torch.Tensor, dim: Optional[int], dtype: torch.dtype = torch.float8_e4m3fn,
+                   pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (fp8 values, fp32 scale) with x ~= values * scale; the amax (in fp32) over `dim` (keepdim: one scale
+    per slice across it) or over the whole tensor (dim None: a 0-dim scale). pow2: the scale rounded up to a
+    power of two. Plain torch ops, so torch.compile fuses them into the kernel that produced x."""
+    fmax = _FP8_MAX[dtype]
+    xf = x.float()
+    if dim is None:  # (an empty tensor has no amax: no tokens, any scale will do)
+        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+    else:
+        amax = xf.abs().amax(dim=dim, keepdim=True)
+    scale = amax.clamp(min=1e-12) / fmax
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return (xf / scale).clamp(-fmax, fmax).to(dtype), scale
+
+
+def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """t (M, C) with zero rows appended up to a multiple of `multiple` (at least one multiple): the wgrad GEMM
+    contracts over the tokens, and _scaled_mm on the GPU wants every contraction length divisible by 16. Zero rows
+    change neither a sum nor an amax."""
+    pad = max(multiple, -(-t.shape[0] // multiple) * multiple) - t.shape[0]
+    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T through three torch._scaled_mm (forward, dgrad, wgrad) on pre-quantized weights: `w_fp8`/`w_scale`
+    (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled per input
+    channel, for dgrad). `weight` is the master weight: not read, it receives the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
+        rowwise = recipe != "tensorwise"
+        # The CUTLASS row-wise kernel emits bf16 only; tensorwise can write the caller's dtype directly.
+        mm_dtype = torch.bfloat16 if rowwise else x.dtype
+        x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
+        y = torch._scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=mm_dtype,
+                             use_fast_accum=True)
+        if recipe == "tensorwise":  # the same tensor scale serves the wgrad: keep 1-byte x, not x
+            ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale)
+        else:  # wgrad needs x scaled per column (per input channel), requantized from x in its own dtype
+            ctx.save_for_backward(x, wt_fp8, wt_scale)
+        ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        recipe = ctx.recipe
+        g = grad_out.contiguous()
+        if recipe == "tensorwise":
+            x_q, x_scale, wt_fp8, wt_scale = ctx.saved_tensors
+            g_q, g_scale = quantize_along(g, None, torch.float8_e5m2)
+            # dgrad: dy (M,N) e5m2 @ W (N,K) e4m3 (W^T stored contiguous, so .t() is the column-major B)
+            dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=ctx.x_dtype)
+            # wgrad: dy^T (N,M) @ x (M,K); one scale per tensor survives the transposes
+            gt = _pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
+            xt = _pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
+            dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
+            return dx, dw.to(ctx.w_dtype), None, None, None, None, None
+        x, wt_fp8, wt_scale = ctx.saved_tensors
+        g_q, g_scale = quantize_along(g, -1, pow2=True)  # (M, N) e4m3, one scale per token: (M, 1)
+        dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale.reshape(1, -1),
+                              out_dtype=torch.bfloat16).to(ctx.x_dtype)
+        if recipe == "rowwise_with_gw_hp":
+            dw = g.to(torch.bfloat16).t() @ x.to(torch.bfloat16)
+        else:
+            # dy^T (N, M) scaled per output channel, x^T (K, M) per input channel; both over the (padded) tokens
+            gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
+            xt_q, xt_scale = quantize_along(_pad_rows(x).t().contiguous(), -1, pow2=True)
+            dw = torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
+                                  out_dtype=torch.bfloat16)
+        return dx, dw.to(ctx.w_dtype), None, None, None, None, None
+
+
+# Bumped by every optimizer step in the process (a global torch.optim hook): a step may write the weights without
+# touching their version counters (DeepSpeed's ZeRO copies updated partitions in through .data; torch's fused
+# AdamW does not bump them either), so the cached FP8 weights are keyed on this as well as on the version counter.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK = []
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _install_step_hook() -> None:
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
+
+
+class FP8TrainingLinear(nn.Linear):
+    """Training replacement for an nn.Linear (same `weight` / `bias` parameters, same state-dict keys) whose
+    forward, dgrad and wgrad run in FP8 through torch._scaled_mm (_FP8LinearFunction; `recipe` one of
+    SCALED_MM_RECIPES). The weight is quantized once per optimizer step, not per call: the FP8 copies (for the
+    forward and for dgrad) are rebuilt only when the weight's version counter, storage or the process's optimizer
+    step count changed, so gradient-accumulation micro-batches reuse them. `refresh_weight()` runs eagerly (outside
+    torch.compile): in this module's forward when it is not compiled, and in a forward pre-hook on the model
+    apply_fp8_training converted (the trainer compiles the blocks, not the model). Output: the autocast dtype
+    under autocast, else x's dtype. The master weight and its gradient keep the weight's dtype."""
+
+    def __init__(self, linear: nn.Linear, recipe: str = "rowwise"):
+        if recipe not in SCALED_MM_RECIPES:
+            raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are the linear's own
+        self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
+        self.weight, self.bias = linear.weight, linear.bias
+        dev = linear.weight.device
+        for name in ("weight_fp8", "weight_scale", "weight_t_fp8", "weight_t_scale"):  # derived: not saved
+            self.register_buffer(name, torch.empty(0, device=dev), persistent=False)
+        self._cache_key = None
+        _install_step_hook()
+        self.weight_quantizations = 0  # how many times refresh_weight quantized (tests count it)
+
+    @torch.no_grad()
+    def refresh_weight(self) -> bool:
+        """Quantize the weight again if it changed since the last time; returns whether it did."""
+        w = self.weight
+        if hasattr(w, "ds_id"):
+            raise FP8Unavailable("fp8.backend scaled_mm cannot read ZeRO-3-partitioned weights; use "
+                                 "train.zero_stage 0-2 (or fp8.backend torchao / te)")
+        key = (w._version, w.data_ptr(), w.device, w.dtype, _OPTIMIZER_STEPS[0])
+        if key == self._cache_key:
+            return False
+        if self.recipe == "tensorwise":
+            w_fp8, w_scale = quantize_along(w, None)
+            wt_fp8, wt_scale = w_fp8.t().contiguous(), w_scale.clone()  # distinct tensors: dynamo refuses aliases
+        else:  # per output channel for the forward, per input channel (W^T's rows) for dgrad
+            w_fp8, w_scale = quantize_along(w, -1, pow2=True)
+            wt_fp8, wt_scale = quantize_along(w.t().contiguous(), -1, pow2=True)
+            w_scale = w_scale.reshape(1, -1)  # (1, N): scale_b of the forward
+        for name, value in (("weight_fp8", w_fp8), ("weight_scale", w_scale), ("weight_t_fp8", wt_fp8),
+                            ("weight_t_scale", wt_scale)):
+            old = getattr(self, name)
+            if old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+                old.copy_(value)  # in place: the same tensors every step (a compiled graph sees no new inputs)
+            else:
+                setattr(self, name, value)
+        self._cache_key = key
+        self.weight_quantizations += 1
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.refresh_weight()
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
+                                     self.weight_t_scale, self.recipe)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in float64 from the same quantized operands (for tests): (x_q s_x) (W_q s_w)^T + b."""
+        self.refresh_weight()
+        x2 = x.reshape(-1, self.in_features)
+        rowwise = self.recipe != "tensorwise"
+        x_q, x_s = quantize_along(x2, -1 if rowwise else None, pow2=rowwise)
+        w = self.weight_fp8.double() * self.weight_scale.double().reshape(-1, 1)
+        y = (x_q.double() * x_s.double()) @ w.t()
+        if self.bias is not None:
+            y = y + self.bias.double()
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, "
+                f"bias={self.bias is not None}")
+
+
+def refresh_fp8_weights(model: nn.Module) -> int:
+    """Re-quantize the FP8TrainingLinear weights of `model` that changed; returns how many were."""
+    return sum(m.refresh_weight() for m in model.modules() if isinstance(m, FP8TrainingLinear))
+
+
+@torch.compiler.disable
+def _refresh_before_forward(model: nn.Module, args) -> None:
+    refresh_fp8_weights(model)
+
+
+def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
+                       remedy: str = TRAINER_REMEDY) -> nn.Module:
+    """Replace the blocks' qkv / proj / w12 / w3 linears of `model` (in place) by FP8TrainingLinear with `recipe`
+    (SCALED_MM_RECIPES); returns model. Parameters and state-dict keys are unchanged (the optimizer may be built
+    before or after). Refuses (FP8Unavailable) on a device without FP8 unless `allow_cpu` (CPU emulation through
+    torch's CPU _scaled_mm: FP8's numerics, not its speed)."""
+    if recipe not in SCALED_MM_RECIPES:
+        raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
+    check_scaled_mm(next(model.parameters()).device, allow_cpu, remedy)
+    targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and type(m) is nn.Linear]
+    for name, m in targets:
+        if m.in_features % 16 or m.out_features % 16:
+            raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
+                                 f"dimensions divisible by 16. {remedy}")
+    for name, m in targets:
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, FP8TrainingLinear(m, recipe))
+    if targets and not getattr(model, "_fp8_refresh_hook", None):
+        model._fp8_refresh_hook = model.register_forward_pre_hook(_refresh_before_forward)
+    return model
