@@ -3,12 +3,14 @@ LightningDiT-XL/1 trainer's throughput through the code users run, op bandwidths
 GPU benchmarks, into one JSON.
 
 Training numbers come only from the trainer: `python -m train.train_dit` as a user launches it (its own
-metrics.jsonl: img/s, peak memory) and bench.throughput's cases, which time `Trainer.train_step` in a fresh
+metrics.jsonl: img/s, peak memory) and bench.throughput's cases, which time the trainer's step in a fresh
 process per case. Every section runs under try/except and records its error; a global budget stops starting
 new sections after --budget seconds (recorded in skipped_for_time). `--part A` runs the training sections,
 `--part B` the extra benchmarks (sampling, VA-VAE, profiler check), `all` both. `--cpu-smoke` runs every
 section on the CPU with tiny shapes (tests use it).
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -17,10 +19,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-import kernels
+from evaluation.provenance import environment
 
 T0 = time.time()
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +37,14 @@ SMOKE_OVERRIDES = ["train.precision=bf16", "train.zero_stage=0", "train.compile_
 
 
 class Suite:
-    def __init__(self, out, budget, smoke):
+    """The suite's result, written to OUT/gpu_suite.json after every section; a section that raises records its
+    error and the rest still run."""
+
+    def __init__(self, out: str, budget: float, smoke: bool):
         self.out, self.budget, self.smoke = out, budget, smoke
         self.result = {"smoke": smoke, "sections": {}, "errors": {}, "skipped_for_time": []}
 
-    def section(self, name, fn, *a, **kw):
+    def section(self, name: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
         if time.time() - T0 > self.budget:
             self.result["skipped_for_time"].append(name)
             print(f"[suite] {name}: skipped (time budget)", flush=True)
@@ -54,7 +60,7 @@ class Suite:
         self.save()
         return self.result["sections"].get(name)
 
-    def save(self):
+    def save(self) -> None:
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, "gpu_suite.json"), "w") as f:
             json.dump(self.result, f, indent=1, default=str)
@@ -62,31 +68,18 @@ class Suite:
 
 # ----------------------------------------------------------------------------- sections
 
-def environment():
-    import importlib.util
-    from kernels import cuda_ext
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "not installed"
-    have = lambda m: "installed" if importlib.util.find_spec(m) else "not installed"  # noqa: E731
-    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
-           "cuda_ext": cuda_ext.status()[1] or "built",
-           "flash_attn (FA2)": have("flash_attn"), "flash_attn_interface (FA3)": have("flash_attn_interface"),
-           "transformer_engine": have("transformer_engine"), "torchao": have("torchao"),
-           "deepspeed": have("deepspeed"), "nvidia.dali": have("nvidia.dali"),
-           "nsys": shutil.which("nsys") or "not on PATH", "ncu": shutil.which("ncu") or "not on PATH"}
+def environment_extra() -> dict:
+    """What the suite records beside the common environment block (evaluation.provenance.environment, which has
+    the card, versions of the optional packages, commit and kernels): the profilers on PATH and the card's size."""
+    extra = {"nsys": shutil.which("nsys") or "not on PATH", "ncu": shutil.which("ncu") or "not on PATH"}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count)
-    from evaluation.provenance import commit
-    env["commit"] = commit()
-    return env
+        extra.update(memory_gib=round(p.total_memory / 2 ** 30, 1), sms=p.multi_processor_count)
+    return extra
 
 
-def ceilings(smoke):
+def ceilings(smoke: bool) -> dict:
+    """The card's measured copy bandwidth (GB/s) and bf16 matmul TFLOP/s: the ceilings the ops are read against."""
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     from bench.ops_bench import bench_ms
     n = (1 << 20) if smoke else (1 << 30)  # 1 GiB copy: far beyond L2
@@ -100,7 +93,7 @@ def ceilings(smoke):
     return {"copy_GBps": 2 * n / ms / 1e6, "bf16_matmul_TFLOPs": 2 * m ** 3 / mm_ms / 1e9}
 
 
-def wait_for_extension(smoke):
+def wait_for_extension(smoke: bool) -> dict:
     """The shell script builds the extension in the background; wait for it (its log says how it went)."""
     done = os.path.join(os.environ.get("OUT", "."), "build_ext.done")
     if smoke or not os.environ.get("SUITE_BUILD_BG"):
@@ -116,7 +109,8 @@ def wait_for_extension(smoke):
     return {"build_rc": rc, "waited_s": round(time.time() - t, 1), "cuda_ext": cuda_ext.status()[1] or "built"}
 
 
-def gpu_tests(smoke):
+def gpu_tests(smoke: bool) -> dict:
+    """The GPU tests (on the CPU: only their collection)."""
     if smoke:  # the CPU cannot run them; prove the collection works
         cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "gpu", "tests/test_kernels_gpu.py"]
     else:
@@ -126,7 +120,7 @@ def gpu_tests(smoke):
     return {"returncode": res.returncode, "tail": res.stdout[-1500:] + res.stderr[-500:]}
 
 
-def parity_on_gpu(smoke):
+def parity_on_gpu(smoke: bool) -> dict:
     """The reference fixtures in fp32 on the GPU, per kernels backend (python -m bench.parity --device cuda)."""
     pdir = os.environ.get("VAVAE_PARITY_DIR") or "../shared/parity"
     if not os.path.isfile(os.path.join(pdir, "configs.json")):
@@ -143,23 +137,23 @@ def parity_on_gpu(smoke):
     return out
 
 
-def train_case(smoke, spec, batch, profile_steps=0):
-    """One bench.throughput case (Trainer.train_step) in a fresh process."""
+def train_case(smoke: bool, spec: str, batch: int, profile_steps: int = 0, timeout: float = 300) -> dict:
+    """One bench.throughput case (the trainer's step, as fit runs it) in a fresh process."""
     from bench.throughput import run_train_case_subprocess
     config = TINY_CONFIG if smoke else XL_CONFIG
     overrides = SMOKE_OVERRIDES + (["fp8.allow_cpu=true", "model.hidden_size=48"] if "fp8" in spec else []) \
         if smoke else []
     row = run_train_case_subprocess(REPO / config, spec, 2 if smoke else batch, overrides,
-                                    warmup=1 if smoke else 3, iters=1 if smoke else 8, timeout=300,
+                                    warmup=1 if smoke else 3, iters=1 if smoke else 8, timeout=timeout,
                                     profile_steps=(1 if smoke else profile_steps))
     if "error" in row:
         raise RuntimeError(row["error"] + "\n" + row.get("log_tail", ""))
     row.pop("times_s", None)
-    row["kernels_ran"] = row.pop("kernels", {}).get("ops", {})
+    row["kernels_ran"] = row["environment"]["kernels_ran"]  # the case's own process: what its steps ran
     return row
 
 
-def trainer_cli(smoke, batch=256, steps=20):
+def trainer_cli(smoke: bool, batch: int = 256, steps: int = 20) -> dict:
     """The user's command, unchanged but for synthetic data, steps and where it writes."""
     run = Path("/dev/shm" if os.path.isdir("/dev/shm") and not smoke else os.environ.get("OUT", "/tmp")) / "suite_cli"
     shutil.rmtree(run, ignore_errors=True)
@@ -191,7 +185,7 @@ def trainer_cli(smoke, batch=256, steps=20):
             "warnings": warnings[:20]}
 
 
-def command(name, cmd, timeout, smoke_cmd=None, smoke=False):
+def command(name: str, cmd: str | None, timeout: float, smoke_cmd: str | None = None, smoke: bool = False) -> dict:
     """An engineer's GPU benchmark command (its JSON goes to $OUT); records rc, time and the output tail."""
     cmd = smoke_cmd if smoke else cmd
     if cmd is None:
@@ -240,17 +234,21 @@ EXTRA_COMMANDS = {
 }
 
 
-def main():
+def main() -> None:
     from modeling.config import cli_parser
     p = cli_parser("bench.gpu_suite", __doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"), help="output folder")
     p.add_argument("--budget", type=float, default=360.0, help="seconds after which no new section starts")
     p.add_argument("--part", choices=["A", "B", "all"], default="all", help="A: training, B: other benchmarks")
     p.add_argument("--cpu-smoke", action="store_true", help="every section, tiny shapes, on the CPU")
+    p.add_argument("--case-timeout", type=float, default=300.0,
+                   help="seconds per bench.throughput case (a busy CPU running the smoke may need more)")
     a = p.parse_args()
     smoke = a.cpu_smoke
     s = Suite(a.out, a.budget, smoke)
-    s.result["environment"] = s.section("environment", environment)
+    s.case_timeout = a.case_timeout
+    s.result["environment"] = environment()  # written first (a suite killed by its timeout still names its commit)
+    s.result["environment_extra"] = environment_extra()
     s.result["part"] = a.part
     if a.part in ("A", "all"):
         ceil = s.section("ceilings", ceilings, smoke) or {}
@@ -271,6 +269,7 @@ def main():
     if a.part in ("B", "all"):
         for name, (cmd, timeout, smoke_cmd) in EXTRA_COMMANDS.items():
             s.section(name, command, name, cmd, timeout, smoke_cmd, smoke)
+    s.result["environment"] = environment()  # again after the in-process sections: the kernels they ran
     s.save()
     packed = pack_out(a.out)
     if packed:
@@ -285,7 +284,7 @@ KEEP_AS_FILES = ("gpu_suite.json", "sample_throughput.json", "sample_throughput.
 PACK_NAME = "more_results.tar.gz"
 
 
-def pack_out(out, limit=OUT_FILE_LIMIT):
+def pack_out(out: str | Path, limit: int = OUT_FILE_LIMIT) -> list[str]:
     """If `out` holds more than `limit` files (any depth), move all but KEEP_AS_FILES into out/PACK_NAME;
     returns the packed paths (relative to out)."""
     import tarfile
@@ -307,17 +306,20 @@ def pack_out(out, limit=OUT_FILE_LIMIT):
 
 def _train(s, smoke, case, peak, profile_steps=0):
     spec, batch = case
-    r = s.section(f"train {spec} bs{batch}", train_case, smoke, spec, batch, profile_steps)
+    r = s.section(f"train {spec} bs{batch}", train_case, smoke, spec, batch, profile_steps, s.case_timeout)
     if r and peak:
         r["fraction_of_measured_matmul"] = r["tflops"] / peak
     return r
 
 
-def print_table(r):
+def print_table(r: dict) -> None:
+    """The short table the suite prints last."""
     sec = r["sections"]
-    env = sec.get("environment") or {}
-    print("\n==== GPU suite:", env.get("device"), "torch", env.get("torch"), "triton", env.get("triton"),
-          "commit", str(env.get("commit"))[:10], "cuda_ext:", str((sec.get("build_ext") or {}).get("cuda_ext"))[:40])
+    env = r.get("environment") or {}
+    ver = env.get("versions") or {}
+    print("\n==== GPU suite:", env.get("card"), "torch", ver.get("torch"), "triton", ver.get("triton"),
+          "commit", str(env.get("commit"))[:10] + ("+dirty" if env.get("dirty") else ""),
+          "cuda_ext:", str((sec.get("build_ext") or {}).get("cuda_ext"))[:40])
     c = sec.get("ceilings") or {}
     if c:
         print(f"copy {c.get('copy_GBps', 0):.0f} GB/s | bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
@@ -329,7 +331,7 @@ def print_table(r):
         print("gpu tests rc:", t.get("returncode"), (t.get("tail") or "").strip().splitlines()[-1:])
     for op, impls in (sec.get("ops") or {}).items():
         if op == "attention":
-            print(f"attention: chose {impls.get('chosen')}")
+            print(f"attention: chose {(impls.get('triton') or {}).get('ran')}")
             continue
         if op == "mlp_w12_swiglu":
             print("w12 GEMM + SwiGLU, forward ms: " + " | ".join(

@@ -13,6 +13,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"  # the interpreter that has torch (CI passes its venv's)
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/vavae_inductor}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/vavae_torch_ext}"
+# A build killed half-way (a timed-out run) leaves its `lock` file and the next process to load that extension
+# (DeepSpeed's CPU shm op, ours) waits on it for ever; a build takes minutes, so a lock older than 15 is stale.
+find "$TORCH_EXTENSIONS_DIR" -name lock -mmin +15 -print -delete 2>/dev/null | sed 's/^/[suite] removed stale /'
 # the commit results name: .suite_commit (scripts/prepare_gpu_carry.sh writes it here and it is carried: a lent
 # machine's copy of .git can be older than the tree that travelled), else evaluation/provenance.py asks git
 export SUITE_COMMIT="$(cat .suite_commit 2>/dev/null || echo unknown)"
