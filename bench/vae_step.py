@@ -1,4 +1,4 @@
-"""VA-VAE training step and latent extraction, timed on one GPU through the trainer's own `Trainer.train_step`.
+"""VA-VAE training step and latent extraction, timed on one GPU through the trainer's own step.
 
     python -m bench.vae_step --out OUT/vae_step.json                 # the paper's f16d32 at 256 px (GPU, < 100 s)
     python -m bench.vae_step --modes fp32,bf16_cl,bf16_cl_compile     # add torch.compile (minutes of compiling)
@@ -12,16 +12,19 @@ decode cost). Modes (trainer config switches):
     fp32              train.precision=fp32, eager: the authors' precision (cuDNN's default TF32 convolutions)
     bf16              train.precision=bf16 (DeepSpeed torch_autocast; adaptive-weight layers in fp32)
     bf16_cl           bf16 + train.channels_last=true
-    bf16_cl_compile   bf16_cl + train.compile=modules
+    bf16_cl_compile   bf16_cl + train.compile=blocks
 
 Each mode is timed at --batch (8, the reference's per-GPU batch) and then at the largest batch that fits (doubling
 until out of memory or --max-batch). The fastest non-fp32 mode at --batch is "ours". Latent extraction (encode
 the images and their mirrors, sample the posterior: what `python -m train.data extract` computes per batch) is
 timed in fp32 and in bf16 autocast; its img/s counts source images (two latents each).
 
-JSON: device, torch, commit, every mode's img/s / step ms / peak memory per batch, the speedups, extraction
-img/s, and anything skipped (the --budget-s wall-clock budget, an out-of-memory batch).
+JSON: the environment block (evaluation.provenance.environment: card, versions, commit, kernels), every mode's
+img/s / step ms / peak memory per batch, the speedups, extraction img/s, and anything skipped (the --budget-s
+wall-clock budget, an out-of-memory batch).
 """
+from __future__ import annotations
+
 import contextlib
 import gc
 import json
@@ -30,18 +33,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluation import provenance
+
+if TYPE_CHECKING:  # torch and the trainer are imported inside the functions: --help stays fast
+    import torch
+
+    from train.train_vae import Trainer
 
 MODES = {
     "fp32": ["train.precision=fp32"],
     "bf16": ["train.precision=bf16"],
     "bf16_cl": ["train.precision=bf16", "train.channels_last=true"],
-    "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=modules"],
+    "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=blocks"],
 }
 
 
-def lpips_source():
+def lpips_source() -> str:
     """'file' when the real LPIPS weights are installed, else 'random' (same network, same cost)."""
     try:
         from modeling.lpips import default_lpips_weights
@@ -50,7 +59,8 @@ def lpips_source():
         return "random"
 
 
-def base_overrides(batch, out_dir, lpips):
+def base_overrides(batch: int, out_dir: str | Path, lpips: str) -> list[str]:
+    """The trainer overrides every mode shares: the paper's loss recipe on synthetic images, nothing saved."""
     return [f"train.batch_per_gpu={batch}", "train.steps=1000000", "train.zero_stage=0",
             "foundation.name=random_vitl14", "foundation.allow_substitute=true", "loss.disc_start=0",
             "loss.perceptual_weight=1.0", *(["loss.lpips_weights=random"] if lpips == "random" else []),
@@ -59,24 +69,25 @@ def base_overrides(batch, out_dir, lpips):
             "logging.progress_bar=false", "logging.reconstructions=false"]
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def peak_gib(device):
+def peak_gib(device: torch.device) -> float | None:
     import torch
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
-def reset_peak(device):
+def reset_peak(device: torch.device) -> None:
     import torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def images(trainer, batch, seed=0):
+def images(trainer: Trainer, batch: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic images in [-1, 1] made on the trainer's device (no decode cost), in its memory format."""
     import torch
     r = trainer.cfg.model.resolution
     g = torch.Generator(trainer.device).manual_seed(seed)
@@ -84,20 +95,17 @@ def images(trainer, batch, seed=0):
     return x.contiguous(memory_format=torch.channels_last) if trainer.channels_last else x
 
 
-def time_steps(trainer, batch, warmup, steps):
-    """img/s, ms per step and peak memory of Trainer.train_step at this batch (OOM -> raises)."""
+def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
+    """img/s, ms per step and peak memory of the trainer's step at this batch (OOM -> raises)."""
     x = images(trainer, batch)
-    for _ in range(warmup):
-        applied, _ = trainer.train_step(x)
-        trainer.step += 1
-        if not applied:
+    for _ in range(warmup):  # step_on_device: the step as Trainer.fit runs it (it advances trainer.step)
+        if not trainer.step_on_device(x).applied:
             raise RuntimeError("a warm-up step was skipped as non-finite")
     sync(trainer.device)
     reset_peak(trainer.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(x)
-        trainer.step += 1
+        trainer.step_on_device(x)
     sync(trainer.device)
     dt = time.perf_counter() - t0
     return {"batch": batch, "img_per_s": round(batch * steps / dt, 2), "step_ms": round(1000 * dt / steps, 1),
@@ -105,7 +113,7 @@ def time_steps(trainer, batch, warmup, steps):
             "steps": steps}
 
 
-def free_after_oom(trainer):
+def free_after_oom(trainer: Trainer) -> None:
     import torch
     for engine in (trainer.engine_ae, trainer.engine_d):
         for p in engine.module.parameters():
@@ -115,12 +123,12 @@ def free_after_oom(trainer):
         torch.cuda.empty_cache()
 
 
-def is_oom(e):
+def is_oom(e: BaseException) -> bool:
     import torch
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def time_extraction(trainer, batch, bf16, steps):
+def time_extraction(trainer: Trainer, batch: int, bf16: bool, steps: int) -> dict:
     """Source images per second of encode(cat[x, flip(x)]).sample() (train/data/extract.py's batch step)."""
     import torch
     vae, device = trainer.vae, trainer.device
@@ -148,7 +156,7 @@ def time_extraction(trainer, batch, bf16, steps):
             "peak_mem_gib": None if peak_gib(device) is None else round(peak_gib(device), 2)}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     from modeling.config import cli_parser
     ap = cli_parser("bench.vae_step", __doc__)
     ap.add_argument("--out", default="runs/vae_step.json", help="JSON result file")
@@ -178,8 +186,8 @@ def main(argv=None):
     from train.vae_config import VAVAETrainConfig
     logging.basicConfig(level=logging.WARNING)
     lpips = lpips_source()
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "commit": provenance.commit(), "lpips_weights": lpips,
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"environment": None, "lpips_weights": lpips,  # the environment is filled in after the measurement
               "foundation": "random_vitl14 (DINOv2 ViT-L/14 shape, random weights, bf16 under precision=bf16)",
               "per_gpu_batch": a.batch, "modes": {}, "skipped": []}
 
@@ -267,6 +275,7 @@ def main(argv=None):
         for trainer in trainers.values():
             trainer.ckpt.release()
     result["wall_s"] = round(time.time() - t_start, 1)
+    result["environment"] = provenance.environment(device)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
