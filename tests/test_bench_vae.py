@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import vae_precision_compare
+from evaluation.provenance import ENVIRONMENT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -24,7 +25,7 @@ def test_precision_compare_runs_both_precisions_through_the_trainer(tmp_path, ca
     assert res["fp32"]["rec"] != res["bf16"]["rec"]
     assert res["rec"]["max_step_rel_diff"] < 0.1 and res["vf"]["max_step_rel_diff"] < 0.2
     assert (tmp_path / "precision_compare.png").stat().st_size > 0
-    assert "bf16 vs fp32 (cpu)" in capsys.readouterr().out
+    assert "bf16 vs fp32 (cpu: " in capsys.readouterr().out
 
 
 def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
@@ -40,7 +41,8 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
                         *sum([["--set", s] for s in tiny], [])])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["device"] == "cpu" and res["commit"] and res["lpips_weights"] in ("file", "random")
+    assert tuple(res["environment"]) == ENVIRONMENT_KEYS and res["environment"]["card"].startswith("cpu")
+    assert res["lpips_weights"] in ("file", "random")
     assert set(res["modes"]) == {"fp32", "bf16_cl"} and res["fastest"] == "bf16_cl"
     for mode, r in res["modes"].items():
         assert r["batch_2"]["img_per_s"] > 0 and r["batch_2"]["batch"] == 2
