@@ -223,10 +223,10 @@ def fp8_context(backend, recipe=None):
 
 # ----------------------------------------------------------------------------- FP8 training: our own linear
 #
-# Recipes of fp8.backend: scaled_mm (docs/fp8.md has the reasoning). Every GEMM is torch._scaled_mm, every operand
-# scaled along the contraction dimension, the only layout _scaled_mm's row-wise mode accepts (scale_a (M, 1) for
-# a row-major A (M, K), scale_b (1, N) for a column-major B (K, N)): a scale can then be pulled out of each dot
-# product of the GEMM, which a scale that varies along K could not.
+# Recipes of fp8.backend: scaled_mm (docs/fp8.md has the reasoning). Every GEMM is torch._scaled_mm, every
+# operand's amax taken across the GEMM's contraction dimension, the only layout _scaled_mm's row-wise mode accepts
+# (scale_a (M, 1) for a row-major A (M, K), scale_b (1, N) for a column-major B (K, N)): the scales then come out
+# of each dot product of the GEMM, which a scale that varied along K could not.
 #   forward  y (M,N)  = x (M,K)    @ W^T (K,N)   x: a scale per token,           W: one per output channel
 #   dgrad    dx (M,K) = dy (M,N)   @ W (N,K)     dy: a scale per token,          W: one per input channel
 #   wgrad    dW (N,K) = dy^T (N,M) @ x (M,K)     dy: one per output channel,     x: one per input channel

@@ -321,10 +321,11 @@ def test_fp8_vs_bf16_loss_curves_through_the_trainer(tmp_path):
     GPU's 2,000-step curve: every step's loss within 1% of bf16's (about the step-to-step noise of this curve),
     the last-quarter means within 0.5%, the curves not identical (FP8 really ran), the loss falling in both."""
     from bench.fp8_compare import main
-    assert main(["--steps", "30", "--fp8-backend", "scaled_mm", "--out", str(tmp_path), "--rtol", "0.005",
-                 "--set", "optim.lr=1e-3"]) == 0
+    assert main(["--steps", "30", "--fp8-backend", "scaled_mm", "--fp8-recipe", "rowwise", "--out", str(tmp_path),
+                 "--rtol", "0.005", "--set", "optim.lr=1e-3"]) == 0
     r = json.loads((tmp_path / "fp8_compare.json").read_text())
     assert r["steps"] == 30 and r["fp8"].startswith("scaled_mm (ours: FP8TrainingLinear)")
+    assert r["fp8"].endswith("recipe rowwise")
     assert r["agree"] and r["tail_rel_diff"] < 0.005 and r["max_step_rel_diff"] < 0.01, r
     assert r["bf16_losses"] != r["fp8_losses"]
     for losses in (r["bf16_losses"], r["fp8_losses"]):
