@@ -500,6 +500,12 @@ def test_vae_node_killed_mid_checkpoint_keeps_the_last_one_and_resumes_bitwise(t
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 20.3, for the trainer base: ZeRO's gradient all-reduce runs on the "
+                   "data-parallel group DeepSpeed makes with torch's new_group(ranks) and no timeout, so it gets "
+                   "torch's default (30 min for gloo, 10 for NCCL), not dist.timeout_s; node 0 waits in "
+                   "stage_1_and_2.allreduce_bucket. Setting torch.distributed.distributed_c10d.default_pg_timeout "
+                   "(and default_pg_nccl_timeout) to dist.timeout_s before deepspeed.initialize fixes it (measured: "
+                   "exit 37 s after the stall with dist.timeout_s=30)")
 def test_stalled_node_ends_the_run_within_the_timeout(tmp_path, dit_latents):
     """Node 1 frozen (SIGSTOP: its sockets stay open, nothing is reset): node 0 must give up after dist.timeout_s."""
     run = tmp_path / "run"
@@ -513,7 +519,10 @@ def test_stalled_node_ends_the_run_within_the_timeout(tmp_path, dit_latents):
             time.sleep(0.1)
         nodes.signal_node(1, signal.SIGSTOP)
         stopped_at = time.time()
-        rc0 = nodes.procs[0].wait(timeout=TIMEOUT_S + 90)
+        try:
+            rc0 = nodes.procs[0].wait(timeout=TIMEOUT_S + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node 0 still running {TIMEOUT_S + 30} s after node 1 stalled (dist.timeout_s={TIMEOUT_S})")
         waited = time.time() - stopped_at
         assert rc0 != 0
         assert waited < TIMEOUT_S + 30, f"node 0 took {waited:.0f} s with dist.timeout_s={TIMEOUT_S}"
