@@ -14,6 +14,7 @@ from . import fused_norm  # noqa: E402,F401  rms_norm, layer_norm, norm_modulate
 from . import gated_residual  # noqa: E402,F401
 from . import swiglu  # noqa: E402,F401
 from . import rope  # noqa: E402,F401
+from . import qkv_rope  # noqa: E402,F401
 from . import attention  # noqa: E402,F401
 from . import linear_swiglu  # noqa: E402,F401
 

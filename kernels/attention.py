@@ -155,7 +155,10 @@ def prime(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     there is nothing to choose (CPU, or a forced implementation)."""
     if torch.device(device).type != "cuda" or _state["forced"]:
         return None
-    q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+    B, H, N, D = shape
+    # token-major memory ((B, N, H, D) contiguous), as kernels.ops.qkv_rope gives q/k/v: the layout the model's
+    # attention really runs on is the one timed
+    q, k, v = (torch.randn((B, N, H, D), dtype=dtype, device=device).transpose(1, 2) for _ in range(3))
     with torch.set_grad_enabled(training):
         choice = _choose(q, k, v)
         if agree is not None:

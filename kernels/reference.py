@@ -107,6 +107,19 @@ def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     return rope(q, cos, sin).to(q.dtype), rope(k, cos, sin).to(k.dtype)
 
 
+def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+             k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    # The attention's input side as the authors write it: the qkv Linear's output (B, N, 3*H*D) split into heads by
+    # reshape/permute (strided views), the optional qk-norm (RMSNorm over each head's D channels), RoPE on q and k.
+    # Returns q, k, v of shape (B, H, N, D).
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    q, k = rope_qk(q, k, cos, sin)
+    return q, k, v
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # (B, H, N, D) layout, no mask, default scale 1/sqrt(D).
     return F.scaled_dot_product_attention(q, k, v)

@@ -164,3 +164,38 @@ def test_fp8_linear_on_gpu(rowwise):
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
         exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
         assert float((y.double() - exact).norm() / exact.norm()) < 0.06
+
+
+@pytest.mark.parametrize("sdpa", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):
+    """kernels.ops.qkv_rope at XL/1's head shape (16 x 72, bf16, rows not a multiple of its 16-token tile) into each
+    SDPA kernel: every one accepts the token-major q/k/v and writes a token-major output (so the model's
+    transpose(1, 2).reshape before the proj Linear is a view), forward and backward vs the reference path."""
+    from kernels import attention
+    B, N, H, D = 3, 257, 16, 72
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    angle = torch.rand(N, D // 2, device="cuda").repeat_interleave(2, dim=-1) * 6.283
+    cos, sin = angle.cos(), angle.sin()
+    ws = [(1 + 0.2 * torch.randn(D, device="cuda")).requires_grad_() for _ in range(2)] if qk_norm else []
+    attention.set_attention(sdpa)
+    try:
+        results = {}
+        for backend in ("reference", "triton"):
+            kernels.set_backend(backend)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                q, k, v = ops.qkv_rope(qkv, cos, sin, H, *ws)
+                out = ops.attention(q, k, v)
+            flat = out.transpose(1, 2).reshape(B, N, H * D)
+            if backend == "triton":
+                assert q.transpose(1, 2).is_contiguous() and out.transpose(1, 2).is_contiguous(), out.stride()
+                assert flat.data_ptr() == out.data_ptr()
+            grads = torch.autograd.grad(flat.float().square().mean(), [qkv, *ws])
+            results[backend] = flat.float(), grads
+    finally:
+        attention.set_attention(None)
+    (o1, g1), (o2, g2) = results["reference"], results["triton"]
+    assert rel_err(o2, o1) < 2e-2
+    for a, b in zip(g2, g1):
+        assert rel_err(a, b) < 5e-2

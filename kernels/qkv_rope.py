@@ -1,0 +1,283 @@
+"""The attention block's input side in one pass each way: qkv GEMM output -> (qk-norm) -> RoPE -> q, k, v.
+
+Forward, one kernel: reads the qkv Linear's output (B, N, 3*H*D) -- per token the q, k, v blocks of H heads of D
+channels, exactly what `nn.Linear(C, 3C)` writes -- and writes q and k rotated, and v, each of shape (B, H, N, D)
+in token-major memory ((B, N, H, D) contiguous, returned as its transpose(1, 2) view). Optionally first the
+qk-norm: RMSNorm over each head's D channels with the weights q_weight / k_weight (the model's `use_qknorm` with
+RMSNorm; its LayerNorm variant keeps the unfused path, see docs/kernels.md).
+Backward, one kernel: reads dq, dk, dv (any batch/head/token strides, unit channel stride), applies the transposed
+rotation to dq and dk (and the RMSNorm backward, recomputing the statistics from the saved qkv), copies dv, and
+writes the gradient of the qkv output (B, N, 3*H*D) directly; with qk-norm the weight gradients are per-program
+fp32 partial sums reduced once by torch.
+
+Why token-major q/k/v: every SDPA kernel that runs on a GPU writes its output in q's layout (cuDNN allocates it
+"with matching layout", flash and memory-efficient always write (B, N, H, D)), so attention's output is then
+(B, N, H, D) in memory and the model's `out.transpose(1, 2).reshape(B, N, C)` for the proj Linear is a view, not a
+copy; and cuDNN's backward gets a grad of the output in the output's own layout (no re-layout copy).
+
+RoPE pairs channels (2i, 2i+1) (the reference (EVA) layout, `kernels.reference.rotate_half`):
+    out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i];  out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1]
+Each program holds BLOCK_R tokens x BLOCK_D channels of one head (BLOCK_D = next power of two of D, masked: head_dim
+72 runs in a 128-wide tile, 64 in a 64-wide one), splits the tile into its even and odd channels in registers
+(tl.reshape + tl.split, joined back before the store: whole-row vector loads and stores), and loops over the heads
+with the tables' tile loaded once. Reference: `kernels.reference.qkv_rope` (reshape/permute views, rms_norm,
+rope_qk). Output dtypes follow the reference: v in qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _triton, reference
+from ._triton import tl, triton
+from .registry import BenchCase, BenchShape, Op, register
+
+BLOCK_R = 16  # tokens per program: 16 x 128 (head_dim 72, masked) per tile, 16 values per thread at 4 warps
+
+
+@triton.jit
+def _split_pairs(x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # (R, BLOCK_D) -> its even and odd channels, (R, BLOCK_D // 2) each (register shuffles, no memory)
+    return tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+
+
+@triton.jit
+def _join_pairs(even, odd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    return tl.reshape(tl.join(even, odd), (BLOCK_R, BLOCK_D))
+
+
+@triton.jit
+def _fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
+                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # D is a compile-time constant: the compiler then proves 16-byte alignment of each head's row (72 * 2 B = 144 B)
+    # and vectorises the loads and stores.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r[:, None] < rows) & (d[None, :] < D)
+    tab = (r % N)[:, None] * D + d[None, :]
+    ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+    se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+    if HAS_NORM:
+        wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
+        wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
+    HD = H * D
+    for h in range(H):
+        src = QKV + r[:, None] * s_qkv + h * D + d[None, :]
+        dst = r[:, None] * HD + h * D + d[None, :]
+        tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)  # v: a copy into the layout
+        for part in tl.static_range(2):  # q, then k
+            x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:  # RMSNorm over the head's D channels (masked lanes are 0), then the weight
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+                if part == 0:
+                    x = x * rstd[:, None] * wq[None, :]
+                else:
+                    x = x * rstd[:, None] * wk[None, :]
+            xe, xo = _split_pairs(x, BLOCK_R, BLOCK_D)
+            out = _join_pairs(xe * ce - xo * se, xo * co + xe * so, BLOCK_R, BLOCK_D)
+            if part == 0:
+                tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
+            else:
+                tl.store(K + dst, out.to(K.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
+                DQKV, PQW, PKW, rows, N, H, eps,
+                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = r // N
+    n = r % N
+    d = tl.arange(0, BLOCK_D)
+    mask = (r[:, None] < rows) & (d[None, :] < D)
+    tab = n[:, None] * D + d[None, :]
+    ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+    se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+    if HAS_NORM:
+        wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
+        wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
+        acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_D], dtype=tl.float32)
+    HD = H * D
+    for h in range(H):
+        dst = DQKV + r[:, None] * (3 * HD) + h * D + d[None, :]
+        dv = tl.load(DV + b[:, None] * svb + h * svh + n[:, None] * svn + d[None, :], mask=mask, other=0.0)
+        tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
+        for part in tl.static_range(2):
+            if part == 0:
+                g = tl.load(DQ + b[:, None] * sqb + h * sqh + n[:, None] * sqn + d[None, :], mask=mask, other=0.0)
+            else:
+                g = tl.load(DK + b[:, None] * skb + h * skh + n[:, None] * skn + d[None, :], mask=mask, other=0.0)
+            ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, BLOCK_D)
+            # the transposed rotation: dx[2i] = g[2i] cos[2i] + g[2i+1] sin[2i+1], dx[2i+1] = g[2i+1] cos[2i+1]
+            # - g[2i] sin[2i]
+            g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, BLOCK_D)
+            if HAS_NORM:  # y = xhat * w, xhat = x * rstd: recompute rstd from the saved qkv
+                x = tl.load(QKV + r[:, None] * s_qkv + part * HD + h * D + d[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+                xhat = x * rstd[:, None]
+                if part == 0:
+                    acc_q += tl.sum(g * xhat, axis=0)
+                    dxhat = g * wq[None, :]
+                else:
+                    acc_k += tl.sum(g * xhat, axis=0)
+                    dxhat = g * wk[None, :]
+                g = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
+            tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
+    if HAS_NORM:  # this program's partial sums of the weight grads (one row each; torch sums the rows)
+        tl.store(PQW + pid * BLOCK_D + d, acc_q)
+        tl.store(PKW + pid * BLOCK_D + d, acc_k)
+
+
+# ----------------------------------------------------------------------------- checks, shapes, launchers
+
+def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
+           k_weight: Optional[Tensor]) -> tuple[int, int, int, int]:
+    """(B, N, H, D), or ValueError naming what does not fit."""
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv_rope needs qkv of shape (B, N, 3*H*D) with H = num_heads = {num_heads}; "
+                         f"got {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    if D % 2 or tuple(cos.shape) != (N, D) or tuple(sin.shape) != (N, D):
+        raise ValueError(f"qkv_rope needs an even head_dim and cos/sin of shape (N, D) = {(N, D)}; got head_dim {D}, "
+                         f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qkv_rope: qk-norm needs both q_weight and k_weight (or neither)")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is not None and tuple(w.shape) != (D,):
+            raise ValueError(f"qkv_rope: {name} must have shape (head_dim,) = ({D},); got {tuple(w.shape)}")
+    return B, N, num_heads, D
+
+
+def _out_dtypes(qkv: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor]) -> tuple[torch.dtype, ...]:
+    # the reference's promotion: rms_norm(x, w) is x's dtype times w's; rope_qk keeps its input's dtype
+    if q_weight is None:
+        return qkv.dtype, qkv.dtype
+    return torch.promote_types(qkv.dtype, q_weight.dtype), torch.promote_types(qkv.dtype, k_weight.dtype)
+
+
+def _token_major(B: int, N: int, H: int, D: int, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """A (B, H, N, D) tensor whose memory is (B, N, H, D) contiguous: the layout attention's output follows."""
+    return torch.empty((B, N, H, D), dtype=dtype, device=like.device).transpose(1, 2)
+
+
+def _rows(qkv: Tensor) -> Tensor:
+    """qkv as (rows, 3*H*D) with unit channel stride (a view for the Linear's output)."""
+    return _triton.rows_2d(qkv)
+
+
+def _unit_d(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("vavae::qkv_rope", mutates_args=())
+def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
+                k_weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
+    q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
+    q, k, v = (_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
+    rows = B * N
+    if rows and D:
+        x = _rows(qkv)
+        norm = q_weight is not None
+        _fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
+            x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x, k_weight if norm else x,
+            q, k, v, rows, N, H, eps, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
+            num_warps=4)
+    return q, k, v
+
+
+@qkv_rope_op.register_fake
+def _(qkv, cos, sin, num_heads, q_weight, k_weight, eps):
+    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
+    q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
+    return tuple(_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
+
+
+@torch.library.custom_op("vavae::qkv_rope_bwd", mutates_args=())
+def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, qkv: Optional[Tensor],
+                    q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(d qkv (B, N, 3*H*D) in `dtype`, d q_weight, d k_weight); the weight grads are empty without qk-norm, where
+    qkv (needed only to recompute the norm's statistics) may be None."""
+    B, H, N, D = dq.shape
+    dqkv = dq.new_empty((B, N, 3 * H * D), dtype=dtype)
+    norm = q_weight is not None
+    rows = B * N
+    programs = triton.cdiv(rows, BLOCK_R)
+    BLOCK_D = _triton.block_size(D) if D else 1
+    partial = lambda: dq.new_empty((programs, BLOCK_D) if norm else (0,), dtype=torch.float32)  # noqa: E731
+    pq, pk = partial(), partial()
+    if rows and D:
+        dq, dk, dv = _unit_d(dq), _unit_d(dk), _unit_d(dv)
+        x = _rows(qkv) if norm else dqkv  # pointer only: never read without qk-norm
+        _bwd_kernel[(programs,)](
+            dq, *dq.stride()[:3], dk, *dk.stride()[:3], dv, *dv.stride()[:3], cos.contiguous(), sin.contiguous(),
+            x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps,
+            D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
+    if not norm:
+        return dqkv, dq.new_empty(0), dq.new_empty(0)
+    # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype
+    return dqkv, pq.sum(0)[:D].to(q_weight.dtype), pk.sum(0)[:D].to(k_weight.dtype)
+
+
+@qkv_rope_bwd_op.register_fake
+def _(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype):
+    B, H, N, D = dq.shape
+    dqkv = dq.new_empty((B, N, 3 * H * D), dtype=dtype)
+    if q_weight is None:
+        return dqkv, dq.new_empty(0), dq.new_empty(0)
+    return dqkv, q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, cos, sin, num_heads, q_weight, k_weight, eps = inputs
+    norm = q_weight is not None
+    # without qk-norm the backward needs only the tables: qkv is not kept alive for it
+    ctx.save_for_backward(cos, sin, qkv if norm else None, q_weight, k_weight)
+    ctx.eps, ctx.dtype, ctx.shape = eps, qkv.dtype, output[0].shape
+
+
+def _backward(ctx, dq, dk, dv):
+    cos, sin, qkv, q_weight, k_weight = ctx.saved_tensors
+    zeros = lambda: torch.zeros(ctx.shape, dtype=torch.float32, device=cos.device)  # noqa: E731  (an unused output)
+    dq, dk, dv = (g if g is not None else zeros() for g in (dq, dk, dv))
+    dqkv, dqw, dkw = qkv_rope_bwd_op(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, ctx.eps, ctx.dtype)
+    norm = q_weight is not None
+    return dqkv, None, None, None, dqw if norm else None, dkw if norm else None, None
+
+
+qkv_rope_op.register_autograd(_backward, setup_context=_setup)
+
+
+def qkv_rope_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+                    k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_rope_op(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+
+
+def bench_tables(N: int, D: int, device: str) -> tuple[Tensor, Tensor]:
+    """fp32 (N, D) tables of the reference's pair layout (the model's buffers stay fp32 under autocast); their
+    values do not change the timing."""
+    angle = torch.rand(N, D // 2, device=device).repeat_interleave(2, dim=-1) * 6.283185307179586
+    return angle.cos(), angle.sin()
+
+
+def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    qkv = torch.randn(s.B, s.N, 3 * s.H * s.D, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = bench_tables(s.N, s.D, device)
+    QKV = s.rows * 3 * s.H * s.D * dtype.itemsize  # bytes of the qkv output (= of q, k, v together)
+    TAB = 2 * s.N * s.D * 4
+    return BenchCase([qkv], lambda f, t: f(t, cos, sin, s.H), 2 * QKV + TAB, 2 * QKV + TAB,
+                     shape={"B": s.B, "N": s.N, "H": s.H, "D": s.D})
+
+
+# compiled_prefers_reference stays False, unmeasured: this op exists to remove the layout copies inductor leaves
+# around the reference (the profile's RoPE backward, 22 ms, and the dq/dk/dv -> qkv copy, 11 ms: separate kernels);
+# bench/gpu_suite.py's ops section times it against torch.compile(reference) and the trainer headline shows the
+# step. If the ops table shows inductor faster fwd+bwd on the card, set it True here with the numbers.
+register(Op(name="qkv_rope", reference=reference.qkv_rope, impls={"triton": qkv_rope_triton}, bench=_bench,
+            doc="qkv GEMM output (B, N, 3HD) -> (qk RMSNorm) -> RoPE -> q, k, v (B, H, N, D; token-major memory), "
+                "one pass; bwd writes d qkv in one pass"))
