@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from evaluation.provenance import commit
+from evaluation.provenance import environment
 from modeling.config import console_entry
 from modeling.sampling import SamplingConfig
 
@@ -190,8 +190,8 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
         "layout": {"world_size": world_size, "batch_size": batch_size},
     }
     check_settings(work, settings)
-    run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(),
-           "torch": torch.__version__, "device": str(device), "sampler": sampler.describe()}
+    run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(device),
+           "device": str(device), "sampler": sampler.describe()}
     with open(work / f"runs_rank{rank:05d}.jsonl", "a") as f:  # execution path per (re)start: recorded, not compared
         f.write(json.dumps(run) + "\n")
     labels = sample_labels(num_samples, dit.num_classes, seed, class_balanced)
