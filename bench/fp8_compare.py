@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli_parser("bench.fp8_compare", __doc__)
     ap.add_argument("--config", default=str(REPO / "configs/dit_tiny_cpu.yaml"))
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--fp8-backend", choices=["torchao", "te"], default="torchao")
+    ap.add_argument("--fp8-backend", choices=["scaled_mm", "torchao", "te"], default="torchao")  # scaled_mm: ours
+    ap.add_argument("--fp8-recipe", default=None, help="fp8.recipe of the FP8 run (default: the backend's first)")
     ap.add_argument("--rtol", type=float, default=0.05)
     ap.add_argument("--out", default="runs/fp8_compare")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # FP8 needs linear sizes divisible by 16: the tiny config's 64-wide model becomes 96 wide.
     common = ["train.precision=bf16", *(["model.hidden_size=96"] if a.config.endswith("dit_tiny_cpu.yaml") else []),
               *a.set]
-    fp8_extra = [f"fp8.backend={a.fp8_backend}"]
+    fp8_extra = [f"fp8.backend={a.fp8_backend}", *([f"fp8.recipe={a.fp8_recipe}"] if a.fp8_recipe else [])]
     if not torch.cuda.is_available():
         fp8_extra.append("fp8.allow_cpu=true")
     bf16, _ = run_one(a.config, out / "bf16", a.steps, common)

@@ -25,7 +25,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "eager": ("train.compile=none",), "compiled": ("train.compile=blocks",),
     "auto": ("train.kernels=auto",), "reference": ("train.kernels=reference",),
     "triton": ("train.kernels=triton",), "cuda": ("train.kernels=cuda",), "fused": (),  # resolved at run time
-    "fp8": ("fp8.backend=torchao",),
+    "fp8": ("fp8.backend=torchao",),       # torchao's float8 training modules
+    "fp8mm": ("fp8.backend=scaled_mm",),   # our FP8TrainingLinear (modeling/fp8.py): one _scaled_mm per GEMM
     "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
     "zero3": ("train.zero_stage=3",),
 }

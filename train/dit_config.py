@@ -102,9 +102,12 @@ class TrainConfig(TrainSection):
 
 @dataclass
 class FP8Config:
-    backend: Literal["none", "te", "torchao"] = "none"   # FP8 training of the block linears (te: Transformer Engine)
-    recipe: Optional[str] = None        # te: delayed|current|mxfp8; torchao: tensorwise|rowwise|rowwise_with_gw_hp
-    allow_cpu: bool = False             # torchao only: emulate FP8 on the CPU (tests; never fast)
+    # FP8 training of the block linears: scaled_mm (ours, modeling.fp8.FP8TrainingLinear; docs/fp8.md), torchao,
+    # te (Transformer Engine)
+    backend: Literal["none", "scaled_mm", "te", "torchao"] = "none"
+    recipe: Optional[str] = None        # scaled_mm, torchao: rowwise|tensorwise|rowwise_with_gw_hp (None: the
+                                        # first); te: delayed|current|mxfp8
+    allow_cpu: bool = False             # scaled_mm, torchao: emulate FP8 on the CPU (tests; never fast)
 
     def validate(self) -> None:
         from modeling.fp8 import RECIPES

@@ -99,7 +99,8 @@ class DiTTrainer(TrainerBase):
         model = LightningDiT(cfg.model.architecture()).to(self.device)
         self.fp8_desc = "off"
         if cfg.fp8.backend != "none":
-            self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu)
+            self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu,
+                                              recipe=cfg.fp8.recipe or fp8_lib.default_recipe(cfg.fp8.backend))
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
