@@ -5,8 +5,11 @@ The ops and their inputs come from the declarations (kernels.registry: each op's
 LightningDiT-XL/1 shapes, 65,536 rows of 1152, or tiny CPU shapes with --smoke); nothing here lists ops. For each
 op and implementation: forward and forward+backward time (median), GB/s over the fewest bytes the op must move
 (each input read once, each output written once), TFLOP/s where the op declares its FLOPs (attention, the fused
-w12 GEMM), and the forward's relative error vs the fp32 reference. What each fused row really ran is in its "ran"
-(kernels.describe()); attention's candidate timings are in the environment block's kernels.attention_measured.
+w12 GEMM), the forward's relative error vs the fp32 reference, and for each fused row its speed against
+torch.compile(reference) on the same case (`fwd_x_compiled_reference`, `fwd_bwd_x_compiled_reference`: inductor's
+time / ours, > 1 when ours is faster; `versus_inductor` prints them, with the share of the copy bandwidth). What
+each fused row really ran is in its "ran" (kernels.describe()); attention's candidate timings are in the environment
+block's kernels.attention_measured.
 
 `python -m bench.ops_bench [--smoke] [--ops a,b] [--out runs/bench/ops]` prints the results and writes them, with
 the environment block (evaluation.provenance.environment: card, versions, commit, kernels that ran), as OUT.json
@@ -113,7 +116,44 @@ def run(smoke: bool = False, dtype: torch.dtype = torch.bfloat16, copy_gbs: Opti
                     results[name][impl] = _row(name, case, impl, backend, ref_out, smoke, copy_gbs)
             except Exception as e:  # recorded, never stops the other rows
                 results[name][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        _against_inductor(results[name])
     return results
+
+
+def _against_inductor(rows: dict[str, dict]) -> None:
+    """Add to each fused row its speed relative to torch.compile(reference) on the same case (the time inductor's
+    fusion takes / ours: > 1 is faster than inductor): forward, and forward + backward where timed."""
+    comp = rows.get("compiled_reference") or {}
+    if "error" in comp or "fwd_ms" not in comp:
+        return
+    for impl in ("triton", "cuda"):
+        row = rows.get(impl)
+        if not row or "error" in row:
+            continue
+        row["fwd_x_compiled_reference"] = comp["fwd_ms"] / row["fwd_ms"]
+        if "fwd_bwd_ms" in row and "fwd_bwd_ms" in comp:
+            row["fwd_bwd_x_compiled_reference"] = comp["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+
+
+def versus_inductor(results: dict[str, dict]) -> list[str]:
+    """One line per op and fused implementation: its forward+backward GB/s (forward only for an inference op)
+    against torch.compile(reference)'s, the ratio, and the share of the copy bandwidth where it was given."""
+    lines = []
+    for name, rows in results.items():
+        if not isinstance(rows, dict):
+            continue
+        comp = rows.get("compiled_reference") or {}
+        for impl in ("triton", "cuda"):
+            row = rows.get(impl)
+            if not row or "error" in row or "fwd_x_compiled_reference" not in row:
+                continue
+            both = "fwd_bwd_x_compiled_reference" in row
+            key = "fwd_bwd" if both else "fwd"
+            pct = row.get(f"{key}_pct_copy")
+            lines.append(f"{name:30s} {impl:6s} {key:7s} {row[f'{key}_GBps']:8.0f} GB/s vs inductor "
+                         f"{comp[f'{key}_GBps']:8.0f} GB/s = {row[f'{key}_x_compiled_reference']:.2f}x"
+                         + (f" ({pct:.0f}% of copy)" if pct is not None else ""))
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -137,6 +177,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     results = {**rows, "environment": environment(device)}
     print(json.dumps(results, indent=1))
+    print("\n".join(["ours vs torch.compile(reference) (ratio > 1: ours faster):"] + versus_inductor(rows)))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))

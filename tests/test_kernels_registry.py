@@ -155,6 +155,12 @@ def test_the_docs_worked_example_adds_an_op(tmp_path):
         assert set(rows["scale_add"]) == {"reference", "compiled_reference", "triton"}
         assert rows["scale_add"]["triton"]["ran"] == "triton", rows
         assert rows["scale_add"]["triton"]["rel_err_vs_fp32"] < 1e-6 and rows["scale_add"]["triton"]["fwd_bwd_ms"] > 0
+        # ours against torch.compile(reference) on the same case: inductor's time / ours, and the printed line
+        ours, inductor = rows["scale_add"]["triton"], rows["scale_add"]["compiled_reference"]
+        assert ours["fwd_bwd_x_compiled_reference"] == pytest.approx(inductor["fwd_bwd_ms"] / ours["fwd_bwd_ms"])
+        assert ours["fwd_x_compiled_reference"] == pytest.approx(inductor["fwd_ms"] / ours["fwd_ms"])
+        (line,) = ops_bench.versus_inductor(rows)
+        assert line.startswith("scale_add") and f"= {ours['fwd_bwd_x_compiled_reference']:.2f}x" in line
         assert kernels.get_backend() == "reference"  # the bench restores the switch it found,
         assert kernels.describe()["ops"]["scale_add"] == "triton"  # and what its last row ran stays on record
         assert "scale_add" in kernels.describe()["registered"]
