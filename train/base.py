@@ -23,8 +23,11 @@ exports. A subclass adds only what is its own:
 
 Resume is one path: `resume()` -> CheckpointManager.load_latest(`load_checkpoint`) -> `check_resumable` (the
 config policy RESUME_REFUSE / RESUME_WARN / RESUME_IGNORE, then `check_same_world`: a checkpoint continues
-exactly only on the world size and global batch that wrote it) -> engines -> shared state -> the subclass's.
-Resuming on another world size replaces `check_same_world` and the per-rank part of `load_checkpoint`.
+exactly only on the world size, global batch and ZeRO stage that wrote it) -> engines -> shared state -> the
+subclass's. With `checkpoint.reshard: true` another world continues it instead (`load_resharded`, elastic): every
+engine's full state consolidated from all the old ranks' files and resharded into this run's engines
+(train/reshard.py), the data position moved by images seen, fresh random streams, one line saying what is no
+longer bit-exact.
 """
 import copy
 import dataclasses
@@ -44,7 +47,7 @@ from modeling.threads import configure_threads
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
 from .config_sections import TrainerConfig
-from .distributed import DistInfo, all_reduce_mean, init_distributed
+from .distributed import RUN_STATE, DistInfo, all_reduce_mean, init_distributed, set_phase
 from .guard import NonFiniteGuard, engine_step
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
 from .precision import deepspeed_autocast
@@ -155,6 +158,8 @@ class Trainer:
     RESUME_REFUSE: tuple[str, ...] = ()
     RESUME_WARN: tuple[str, ...] = ()
     RESUME_IGNORE: tuple[str, ...] = ("checkpoint.", "logging.", "dist.", "profile.", "train.steps")
+    # keys under RESUME_REFUSE that an elastic resume (checkpoint.reshard) may change: how the batch is split
+    RESHARDABLE: tuple[str, ...] = ("train.batch_per_gpu", "train.global_batch", "train.zero_stage")
     GAUGES: tuple[str, ...] = ()       # metrics logged as their last value instead of the window's mean
 
     def __init__(self, cfg: TrainerConfig, eval_fn: Optional[EvalFn] = None):
@@ -169,6 +174,7 @@ class Trainer:
         # (rank 0's lock, the outcome shared with every rank)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume)
         self.ckpt.prepare(self.info.is_main, writable=[cfg.logging.dir])
+        RUN_STATE["checkpoint_root"] = str(self.ckpt.root)  # (named by the error line of a lost rank)
         set_nvtx(cfg.profile.nvtx)
 
         self.build_model()  # initial weights from train.seed: identical on every rank
@@ -332,6 +338,7 @@ class Trainer:
             start = t0 = time.time()
             paused, paused_t0, window_start = 0.0, 0.0, self.step  # paused: seconds of evaluation and checkpoints
             while self.step < self.total_steps:
+                set_phase(f"training step {self.step + 1}")
                 profile.before_step(self.step)
                 out = self.step_on_device(self.next_batch())
                 profile.after_step(self.step - 1)
@@ -348,6 +355,7 @@ class Trainer:
                 if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
                     self.save()
                 paused += time.time() - paused_from
+            set_phase("exporting the weights")
             exports = self.export() if cfg.checkpoint.export_reference else {}
             final = self.final_evaluation()
         finally:
@@ -378,6 +386,7 @@ class Trainer:
 
     def log_evaluation(self, metrics: MetricsLogger, training_s: float) -> dict:
         """evaluate(), logged as eval/* with the training wall-clock and images seen (what bench.curves plots)."""
+        set_phase(f"evaluating at step {self.step}")
         result = self.evaluate()
         metrics.log(self.step, {**{f"eval/{k}": v for k, v in result.items()}, "wall_clock_s": training_s,
                                 "images_seen": self.images_seen})
@@ -403,6 +412,7 @@ class Trainer:
         0's trainer state (step, images seen, guard, config, world size, global batch), written under a temp
         name and committed atomically by rank 0 (CheckpointManager.saving). Returns the checkpoint's folder."""
         info = self.info
+        set_phase(f"saving the checkpoint of step {self.step}")
         with self.ckpt.saving(self.step, info.is_main) as tmp:
             for tag, engine in self.engines.items():
                 engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
@@ -427,13 +437,16 @@ class Trainer:
     def resume(self) -> Optional[int]:
         """Continue from the newest complete checkpoint (an incomplete or corrupt newer one is skipped with a
         warning by CheckpointManager.load_latest); returns its step, or None when there is none."""
+        set_phase(f"resuming from {self.ckpt.root}")
         found = self.ckpt.load_latest(self.load_checkpoint)
         return None if found is None else found[0]
 
     def load_checkpoint(self, step: int, path: Path) -> int:
-        """Load checkpoint `path` (of step `step`) into this trainer: the one resume path."""
+        """Load checkpoint `path` (of step `step`) into this trainer: the one resume path (exact, or elastic with
+        checkpoint.reshard when this run's world differs: load_resharded)."""
         state = self.read_trainer_state(path)
-        self.check_resumable(state, path)
+        if self.check_resumable(state, path):
+            return self.load_resharded(step, path, state)
         with deepspeed_safe_load():
             for tag, engine in self.engines.items():
                 load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
@@ -457,13 +470,17 @@ class Trainer:
             raise ConfigError(f"{path} has no trainer.pt: not a {self.NAME} checkpoint")
         return load_state(path / "trainer.pt", f"{self.NAME} trainer state")
 
-    def check_resumable(self, state: dict, path: Path) -> None:
-        """The checkpoint's config against this run's (RESUME_REFUSE: one-line error; RESUME_WARN: a warning per
-        changed key), and the world it was written by (check_same_world)."""
+    def check_resumable(self, state: dict, path: Path) -> bool:
+        """The checkpoint's config against this run's (RESUME_REFUSE: one-line error, but for RESHARDABLE keys
+        under checkpoint.reshard; RESUME_WARN: a warning per changed key), and the world it was written by
+        (check_same_world). Returns True when it is to be resumed elastically (load_resharded)."""
         saved, now = self.saved_config(state["config"]), to_dict(self.cfg)
-        check_resume_config(saved, now, path, refuse=self.RESUME_REFUSE, ignore=self.RESUME_IGNORE)
-        self.check_same_world(state, saved, path)
+        reshard = self.cfg.checkpoint.reshard
+        refuse = tuple(k for k in self.RESUME_REFUSE if not (reshard and k in self.RESHARDABLE))
+        check_resume_config(saved, now, path, refuse=refuse, ignore=self.RESUME_IGNORE)
+        elastic = not self.check_same_world(state, saved, path)
         check_resume_config(saved, now, path, warn=self.RESUME_WARN, ignore=self.RESUME_IGNORE)
+        return elastic
 
     def saved_config(self, stored: dict) -> dict:
         """A checkpoint's config as this schema reads it now (older names converted, newer keys at their
@@ -473,15 +490,95 @@ class Trainer:
         except ConfigError:
             return stored
 
-    def check_same_world(self, state: dict, saved: dict, path: Path) -> None:
-        """Exact resume needs the world size and global batch that wrote the checkpoint: every rank continues
-        its own RNGs, generator and data position from its own file."""
+    def check_same_world(self, state: dict, saved: dict, path: Path) -> bool:
+        """True when this run has the world size, global batch and ZeRO stage that wrote the checkpoint: exact
+        resume, every rank continues its own RNGs, generator and data position from its own file. Otherwise
+        False with checkpoint.reshard (elastic resume), else a one-line ConfigError naming that key."""
         world = int(state["world_size"])
         global_batch = int(state.get("global_batch") or self.global_batch_of(saved["train"], world))
-        if (world, global_batch) != (self.info.world_size, self.global_batch):
-            raise ConfigError(f"cannot resume {path} exactly: it was written by {world} ranks with global batch "
-                              f"{global_batch}; this run has {self.info.world_size} ranks and global batch "
-                              f"{self.global_batch}")
+        stage, now_stage = saved["train"].get("zero_stage"), self.cfg.train.zero_stage
+        stage = now_stage if stage is None else int(stage)
+        if (world, global_batch, stage) == (self.info.world_size, self.global_batch, now_stage):
+            return True
+        if self.cfg.checkpoint.reshard:
+            return False
+        zero = (f" under ZeRO {stage}", f" under ZeRO {now_stage}") if stage != now_stage else ("", "")
+        raise ConfigError(f"cannot resume {path} exactly: it was written by {world} ranks with global batch "
+                          f"{global_batch}{zero[0]}; this run has {self.info.world_size} ranks and global batch "
+                          f"{self.global_batch}{zero[1]}; set checkpoint.reshard=true to continue it on this world "
+                          f"(elastic resume: not bit-exact, docs/training.md)")
+
+    # ------------------------------------------------------------------ elastic resume
+
+    def load_resharded(self, step: int, path: Path, state: dict) -> int:
+        """Elastic resume of checkpoint `path` (another world size, global batch or ZeRO stage wrote it):
+
+        - every engine: the full fp32 weights, Adam moments and step consolidated from all the old ranks' files
+          and written into this run's partitions (train/reshard.py), whatever the ZeRO stages;
+        - trainer.pt as in an exact resume: step (so the learning-rate schedule continues), images seen, guard,
+          the subclass's state (DiT: the EMA; VA-VAE: logvar); a rank's own extras (the discriminator's BatchNorm
+          statistics) from old rank `rank % old world`;
+        - the data position from rank 0's loader state, moved to this world (reshard_loader_state);
+        - fresh random streams (Python, numpy, torch, the generator), seeded from (train.seed, step, rank): an
+          elastic resume is itself reproducible, but not the old ranks' streams.
+        Rank 0 says in one line what was carried and what is no longer bit-exact."""
+        from .reshard import describe_moments, load_full_state, read_full_state
+        old_world = int(state["world_size"])
+        saved_train = self.saved_config(state["config"]).get("train", {})
+        old_batch = int(state.get("global_batch") or self.global_batch_of(saved_train, old_world))
+        old_stage = saved_train.get("zero_stage", "?")
+        moments = []
+        with deepspeed_safe_load():
+            for tag, engine in self.engines.items():
+                order = [n for n, _ in engine.module.named_parameters()]  # the optimizer's (built from the module)
+                full = read_full_state(path / tag, order)
+                load_full_state(engine, self._optimizers[tag], full, where=str(path / tag))
+                moments.append(f"{tag} {describe_moments(full)}")
+                del full
+        rank0 = load_state(path / "rank_00000.pt", f"{self.NAME} rank state")
+        source = self.info.rank % old_world
+        mine = rank0 if source == 0 else load_state(path / f"rank_{source:05d}.pt", f"{self.NAME} rank state")
+        seed = int(np.random.SeedSequence([self.cfg.train.seed, step]).generate_state(1)[0])
+        seed_rank_rngs(seed, self.info.rank)
+        self.generator.manual_seed(seed * 100_003 + self.info.rank)
+        self.step = step
+        self.images_seen = int(state.get("images_seen", step * old_batch))
+        loader_state, where = self.reshard_loader_state(rank0["loader"], self.images_seen)
+        self.loader.load_state_dict(loader_state)
+        self.batches, self._prefetched = None, None
+        self.guard.load_state_dict(state.get("guard", state))
+        self.load_extra_state(state, mine)
+        self.after_reshard()
+        if self.info.is_main:
+            ranks = lambda n: f"{n} rank{'s' if n != 1 else ''}"  # noqa: E731
+            log.warning(
+                "elastic resume of %s (checkpoint.reshard): written by %s, global batch %d, ZeRO %s; continued by %s, "
+                "global batch %d, ZeRO %d, at step %d of %d with %d images seen; carried: weights, Adam state (%s), "
+                "the lr schedule's step, trainer.pt; data: %s; not bit-exact: the random streams (reseeded from "
+                "train.seed and the step), the split of each batch over ranks, the reduction order",
+                path, ranks(old_world), old_batch, old_stage, ranks(self.info.world_size), self.global_batch,
+                self.cfg.train.zero_stage, step, self.total_steps, self.images_seen, "; ".join(moments), where)
+        return step
+
+    def reshard_loader_state(self, saved: dict, images_seen: int) -> tuple[dict, str]:
+        """This world's data position from rank 0's saved loader state, and a few words on it. A ResumableLoader
+        (train/data/sampler.py: epoch e is the same permutation whatever the world) continues that epoch at the
+        same image offset, rounded down to a multiple of this world's batch_per_gpu x ranks (the images
+        between are read again); a loader that counts its batches (`position`: the DiT's synthetic latents)
+        continues at images_seen / (batch_per_gpu x ranks)."""
+        per_read = self.cfg.train.batch_per_gpu * self.info.world_size  # images all ranks read per micro-batch
+        if "samples_in_epoch" in saved:
+            offset = int(saved["samples_in_epoch"])
+            again = offset % per_read
+            text = f"epoch {saved['epoch']} continues at image {offset - again} of its permutation"
+            return {**saved, "samples_in_epoch": offset - again}, text + (f" ({again} images read again)"
+                                                                         if again else "")
+        if set(saved) == {"position"}:
+            return {"position": images_seen // per_read}, f"batch {images_seen // per_read} of every rank's stream"
+        raise ConfigError(f"the data position {sorted(saved)} of this loader cannot move to another world size")
+
+    def after_reshard(self) -> None:
+        """What a subclass recomputes after an elastic resume (VA-VAE: the steps of train.epochs)."""
 
     def load_extra_state(self, state: dict, rank_state: dict) -> None:
         """Load what extra_trainer_state / extra_rank_state saved."""

@@ -76,6 +76,9 @@ class CheckpointSection:
     every: int = 1000                   # steps between checkpoints (the last step is always saved)
     keep_last: int = 3                  # complete checkpoints kept (older ones deleted after a newer one is committed)
     resume: Literal["auto", "never"] = "auto"   # auto: continue from latest.json if there is one
+    reshard: bool = False               # resume a checkpoint written by another world size, global batch or ZeRO
+                                        # stage (elastic; continues the step, images seen, lr schedule, weights,
+                                        # EMA and Adam moments, not bit-exact: docs/training.md "Elastic resume")
     export_reference: bool = True       # write the trained weights in the reference format at the end
 
     def validate(self) -> None:

@@ -380,7 +380,17 @@ class VAVAETrainer(TrainerBase):
         return StepOutput(applied, logs)
 
     def extra_metrics(self, img_per_s: float) -> dict[str, float]:
-        return {"epoch": self.step / self.steps_per_epoch}
+        # in images, so that it stays right after an elastic resume changed the global batch (the same number
+        # as step / steps_per_epoch otherwise)
+        return {"epoch": self.images_seen / (self.steps_per_epoch * self.global_batch)}
+
+    def after_reshard(self) -> None:
+        """train.epochs counts epochs of data: the steps left are this world's batches left, from the moved
+        data position (a run of train.steps keeps its step count)."""
+        t = self.cfg.train
+        if t.epochs is not None:
+            done = self.loader.epoch * self.steps_per_epoch + self.loader.batch_in_epoch
+            self.total_steps = self.step + max(0, math.ceil(t.epochs * self.steps_per_epoch) - done)
 
     # ------------------------------------------------------------------ checkpoints, evaluation, export
 
