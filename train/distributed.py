@@ -1,21 +1,40 @@
-"""Process-group setup for 1 CPU process, N CPU processes (gloo), one GPU or many nodes (NCCL).
+"""Process-group setup for 1 CPU process, N CPU processes (gloo), one GPU or many nodes (NCCL), and what makes a
+lost rank end the run instead of hanging it.
 
-Launchers (torchrun, the deepspeed launcher) set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; a
-plain `python -m train.train_dit` gets single-process defaults. A lost rank must end the run instead of
-hanging it: the process group gets a finite timeout (collectives raise after it), NCCL aborts on errors
-(TORCH_NCCL_ASYNC_ERROR_HANDLING), and both launchers kill the remaining workers and exit non-zero
-when one worker dies.
+Launchers (torchrun, the deepspeed launcher, srun) set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; a
+plain `python -m train.train_dit` gets single-process defaults. A lost rank (its process killed, its node gone):
+- every process group has a finite timeout, `dist.timeout_s` (the default one and every group made later, e.g.
+  DeepSpeed's data-parallel group): a gloo collective or barrier waiting on a rank that stopped answering raises
+  after it (one whose peer died raises at once: the connection closes); NCCL aborts the collective after it
+  (TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and the same timeout);
+- every rank of a multi-rank run beats a heartbeat into the rendezvous store (a daemon thread: one counter per
+  rank, +1 every `HEARTBEAT_S` seconds) and records who it is (node, host, local rank, pid). When a rank's run
+  fails (a collective's error, its timeout, or the launcher's SIGTERM), `find_lost_ranks` reads the counters
+  twice, `LOST_AFTER_S` apart: the ranks whose counter stood still are the lost ones, named with their node and
+  host in the one-line error train/errors.py prints;
+- torchrun and the deepspeed launcher then stop the remaining workers of their node and exit non-zero.
+`rank_tag()` ("[rank 1/4 node 0 host-a]") prefixes every error a rank of a multi-rank run prints.
 """
+import atexit
+import json
+import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar, Union
+from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+log = logging.getLogger("train")
+
+HEARTBEAT_S = 1.0      # seconds between a rank's heartbeats
+LOST_AFTER_S = 3.0     # a rank whose heartbeat stands still this long is lost
+NODE_ENV = ("GROUP_RANK", "NODE_RANK", "CROSS_RANK", "SLURM_NODEID")  # torchrun, docs/launchers, deepspeed, srun
 
 
 @dataclass
@@ -36,7 +55,132 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def node_rank() -> Optional[str]:
+    """This process's node (machine) index from its launcher's environment, or None."""
+    return next((os.environ[k] for k in NODE_ENV if os.environ.get(k, "") != ""), None)
+
+
+def rank_tag() -> str:
+    """"[rank R/W node N host]" for a rank of a multi-rank run (from the launcher's environment, so it is known
+    before the process group exists), "" for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return ""
+    node = node_rank()
+    return f"[rank {os.environ.get('RANK', '?')}/{world} node {node if node is not None else '?'} " \
+           f"{socket.gethostname()}]"
+
+
+# What this process is doing, for the error line when a rank is lost (train/base.py keeps it up to date).
+RUN_STATE: dict = {"phase": "starting", "checkpoint_root": None}
+
+
+def set_phase(phase: str) -> None:
+    RUN_STATE["phase"] = phase
+
+
+class Heartbeat:
+    """This rank's heartbeat in the rendezvous store (see the module docstring). Store keys are scoped to the
+    launch (torchrun's run id and restart count), so a restarted worker group starts from fresh counters."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, interval_s: float = HEARTBEAT_S):
+        self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self.where = f"{host}:{port}"
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=max(5.0, min(timeout_s, 60))),
+                              wait_for_workers=False)
+        scope = f"vavae/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store = dist.PrefixStore(scope, store)
+        self.lock = threading.Lock()  # the thread and find_lost_ranks share one connection
+        me = {"node": node_rank(), "host": socket.gethostname(), "local_rank": os.environ.get("LOCAL_RANK"),
+              "pid": os.getpid()}
+        self.store.set(f"who/{rank}", json.dumps(me))
+        self.beat()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="vavae-heartbeat", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        with self.lock:
+            self.store.add(f"hb/{self.rank}", 1)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 -- the store is gone (its host died): nothing left to beat into
+                return
+
+    def stop(self) -> None:
+        """End the thread and wait for it: a daemon thread still inside the store's C++ client when the
+        interpreter finalises would be unwound by pthread_exit through it (std::terminate, SIGABRT)."""
+        self.stopped.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10 * self.interval_s)
+
+    def counters(self) -> list[int]:
+        with self.lock:
+            return [int(self.store.add(f"hb/{r}", 0)) for r in range(self.world_size)]
+
+    def who(self, rank: int) -> str:
+        """"rank R (node N, host H, pid P)" from what that rank recorded at start-up."""
+        try:
+            with self.lock:
+                me = json.loads(self.store.get(f"who/{rank}").decode())
+        except Exception:  # noqa: BLE001
+            return f"rank {rank}"
+        return f"rank {rank} (node {me.get('node') if me.get('node') is not None else '?'}, host {me.get('host')}, " \
+               f"pid {me.get('pid')})"
+
+    def find_lost(self, window_s: float = LOST_AFTER_S) -> list[str]:
+        """The other ranks whose heartbeat stands still over `window_s` seconds, described; [] when all beat.
+        Raises RuntimeError naming the store when the store itself is unreachable."""
+        try:
+            before = self.counters()
+            time.sleep(window_s)
+            after = self.counters()
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"the rendezvous store at {self.where} is unreachable ({type(e).__name__}): the "
+                               f"node hosting it (node 0: its launcher, or rank 0) is lost") from None
+        return [self.who(r) for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+
+_HEARTBEAT: Optional[Heartbeat] = None
+
+
+def start_heartbeat(timeout_s: float) -> None:
+    """Start this rank's heartbeat (multi-rank runs; once per process). A store that cannot be reached is
+    logged, not fatal: only the naming of a lost rank depends on it."""
+    global _HEARTBEAT
+    if _HEARTBEAT is not None or not dist.is_initialized() or dist.get_world_size() <= 1:
+        return
+    try:
+        _HEARTBEAT = Heartbeat(dist.get_rank(), dist.get_world_size(), timeout_s)
+    except Exception as e:  # noqa: BLE001
+        log.warning("no heartbeat (a lost rank will not be named): %s", e)
+        return
+    atexit.register(stop_heartbeat)
+
+
+def stop_heartbeat() -> None:
+    """Stop this rank's heartbeat (at exit; trainer_main at the end of a run)."""
+    global _HEARTBEAT
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.stop()
+        _HEARTBEAT = None
+
+
+def find_lost_ranks() -> Optional[list[str]]:
+    """The lost ranks described (module docstring), [] when every rank still beats, None without a heartbeat.
+    Takes LOST_AFTER_S seconds."""
+    if _HEARTBEAT is None:
+        return None
+    return _HEARTBEAT.find_lost()
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """The process group (backend auto: NCCL with a GPU, else gloo) with `timeout_s` on every collective, and this
+    rank's heartbeat when there are several ranks."""
     if "RANK" not in os.environ:  # plain `python ...`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -49,10 +193,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    # Groups made later without a timeout (DeepSpeed's data-parallel group: new_group(ranks)) would get torch's
+    # default (30 min for gloo, 10 for NCCL): a rank stalled inside ZeRO's gradient reduction would hold the
+    # others that long. Ours is the default for every group this process makes.
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         import deepspeed
         _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    start_heartbeat(timeout_s)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

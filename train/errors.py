@@ -3,6 +3,10 @@
 writable, a full disk) into one line on stderr and exit status 2. Anything else is a bug and keeps its
 traceback. `--debug` (or VAVAE_DEBUG=1) keeps the traceback for user mistakes too.
 
+In a multi-rank run every line a rank prints about an error starts with its rank tag ("[rank 1/4 node 0 host-a]
+error: ..."; a traceback has it on every line), and a run that fails because a rank was lost says so in one line
+naming the lost rank(s), their node and host, and the last complete checkpoint (`trainer_main`).
+
     def main(argv=None):
         args = parser.parse_args(argv)
         with user_errors(args.debug):
@@ -11,7 +15,9 @@ traceback. `--debug` (or VAVAE_DEBUG=1) keeps the traceback for user mistakes to
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import traceback
 from typing import Any, Callable, Iterator, Optional
 
 
@@ -32,6 +38,56 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         text = " ".join(exc.args[0].split())  # KeyError's str() quotes its message
     return text or type(exc).__name__
+
+
+class LauncherStop(BaseException):
+    """SIGTERM from the launcher (torchrun / deepspeed stop the other workers when one dies) or the scheduler
+    (SLURM before preemption). A BaseException, so that no `except Exception` on the way swallows it."""
+
+
+def _raise_on_sigterm() -> None:
+    """The first SIGTERM raises LauncherStop in the main thread (the run can then name a lost rank before it
+    ends: the launchers wait 30 s before SIGKILL); later ones are ignored while that is reported."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise LauncherStop()
+    signal.signal(signal.SIGTERM, handler)
+
+
+def last_checkpoint_text(root: Optional[str]) -> str:
+    """"the last complete checkpoint is DIR (step N)" for the error lines of a failed run."""
+    if not root:
+        return "no checkpoint folder yet"
+    from .checkpoint import CheckpointManager
+    try:
+        found = CheckpointManager(root).latest_valid()
+    except Exception as e:  # noqa: BLE001 -- every checkpoint broken: say so
+        return f"no complete checkpoint in {root} ({one_line(e)})"
+    if found is None:
+        return f"no complete checkpoint in {root} yet"
+    return f"the last complete checkpoint is {found[1]} (step {found[0]}); run the same command to resume from it"
+
+
+def rank_failure_line(exc: BaseException) -> Optional[tuple[str, int]]:
+    """(one line, exit status) when this rank's run failed because another rank was lost or the launcher stopped
+    it, else None (an ordinary error). Takes a few seconds (train.distributed.find_lost_ranks)."""
+    from .distributed import RUN_STATE, find_lost_ranks
+    phase, ckpt = RUN_STATE["phase"], last_checkpoint_text(RUN_STATE["checkpoint_root"])
+    try:
+        lost = find_lost_ranks()
+    except RuntimeError as e:  # the store is gone with its host
+        return f"lost the run's rendezvous: {e}, while this rank was {phase}; {ckpt}", 1
+    if lost:
+        return (f"lost {', '.join(lost)}: no heartbeat for {_lost_after()} s while this rank was {phase} "
+                f"({type(exc).__name__ if not isinstance(exc, LauncherStop) else 'stopped by SIGTERM'}); {ckpt}"), 1
+    if isinstance(exc, LauncherStop):
+        return f"stopped by SIGTERM (the launcher or the scheduler) while this rank was {phase}; {ckpt}", 128 + 15
+    return None
+
+
+def _lost_after() -> str:
+    from .distributed import LOST_AFTER_S
+    return f"{LOST_AFTER_S:g}"
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -76,18 +132,58 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .distributed import rank_tag
+    tag = rank_tag()  # "" for a single process: its errors read as they always did
+    prefix = f"{tag} " if tag else ""
+    # INFO from rank 0 only (the other ranks would repeat it); warnings and errors from every rank, tagged
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s")
+    if tag:
+        _raise_on_sigterm()
+    failed = None
     try:
         run(cfg)
     except (*user_error_types(), *extra_user_errors) as e:  # the input is wrong: one line, exit 2
         if args.debug or os.environ.get("VAVAE_DEBUG") == "1":
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {e}", file=sys.stderr)
         return 1
+    except BaseException as e:  # noqa: BLE001 -- a rank of a multi-rank run: a lost peer, or a bug (below)
+        if not tag or isinstance(e, (SystemExit, KeyboardInterrupt)):
+            raise
+        failed = e
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if failed is None:
+            from .distributed import stop_heartbeat
+            stop_heartbeat()
+        if dist.is_initialized() and failed is None:
+            dist.destroy_process_group()  # (not after a lost rank: tearing down a broken group can block)
+    if failed is not None:
+        _rank_failed(failed, prefix)
     return 0
+
+
+def _rank_failed(exc: BaseException, prefix: str) -> None:
+    """A rank of a multi-rank run failed: one line naming the lost rank(s) and the last complete checkpoint, or
+    the traceback with the rank tag on every line (a bug). The process then ends at once (os._exit): nothing
+    is left to save, and the interpreter's clean-up could block on the broken process group."""
+    found = None
+    for _ in range(2):  # a SIGTERM arriving while this is found out interrupts it once (the handler is one-shot)
+        try:
+            found = rank_failure_line(exc)
+            break
+        except LauncherStop:
+            continue
+    if found is not None:
+        line, status = found
+        print(f"{prefix}error: {line}", file=sys.stderr)
+    else:
+        status = 1
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print("".join(f"{prefix}{ln}\n" for ln in text.rstrip("\n").split("\n")), end="", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(status)
