@@ -2,6 +2,7 @@
 
     python -m bench.scaling --model XL/1 --gpus 8,64,256,1024 --link nvlink,ib400
     python -m bench.scaling --model XL/1 --gpus 8,64 --link nvlink,ib200 --zero 1,2,3 --global-batch weak
+    python -m bench.scaling --config configs/dit_xl1_64ep.yaml --gpus 8,64    # model, stage, batch, buckets
     python -m bench.scaling ... --json runs/bench/scaling.json
 
 Per GPU count N (G GPUs per node, M = N/G nodes) it prints the micro-batch and accumulation that make the global
@@ -532,14 +533,19 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli_parser("bench.scaling", __doc__.split("\n")[0])
-    p.add_argument("--model", default="XL/1", help="LightningDiT size (modeling.lightningdit.LIGHTNINGDIT_SIZES)")
+    p.add_argument("--config", default=None,
+                   help="a DiT trainer config: its model, ZeRO stage, global batch and train.deepspeed "
+                        "zero_optimization settings are used unless given here")
+    p.add_argument("--model", default=None, help="LightningDiT size (modeling.lightningdit.LIGHTNINGDIT_SIZES); "
+                   "default: the config's, else XL/1")
     p.add_argument("--gpus", default="8,64,256,1024", help="GPU counts, comma-separated")
     p.add_argument("--link", default="nvlink,ib400",
                    help=f"INTRA,INTER node links (of {sorted(LINKS)}); one name: the same inside and between nodes")
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="the GPU the table is for")
-    p.add_argument("--zero", default="2", help="ZeRO stages, comma-separated (configs/dit_xl1_64ep.yaml: 2)")
-    p.add_argument("--global-batch", default="1024",
-                   help="images per optimizer step (the paper's 1024), or 'weak': the largest micro-batch per GPU")
+    p.add_argument("--zero", default=None, help="ZeRO stages, comma-separated; default: the config's, else 2")
+    p.add_argument("--global-batch", default=None,
+                   help="images per optimizer step, or 'weak': the largest micro-batch per GPU; default: the "
+                        "config's, else the paper's 1024")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--efficiency", type=float, default=0.8,
                    help="achieved fraction of the datasheet link bandwidth (docs/scaling.md)")
@@ -548,6 +554,24 @@ def main(argv: list[str] | None = None) -> dict:
                    help="DeepSpeed zero_optimization.overlap_comm (default: true for stage 3 only)")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
+    model_kw, ds, stage_default, batch_default = {}, {}, "2", "1024"
+    if a.config:
+        from modeling.config import ConfigError, load_config
+        from train.dit_config import DiTTrainConfig
+        try:
+            cfg = load_config(DiTTrainConfig, a.config)
+        except (ConfigError, OSError) as e:
+            p.error(f"--config {a.config}: {' '.join(str(e).split())}")
+        m = cfg.model
+        model_kw = {k: getattr(m, k) for k in ("input_size", "in_channels", "num_classes")}
+        if m.size == "custom":
+            model_kw.update({k: getattr(m, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")})
+        a.model = a.model or m.size
+        stage_default, batch_default = str(cfg.train.zero_stage), str(cfg.train.global_batch)
+        ds = {k: v for k, v in dict(cfg.train.deepspeed.get("zero_optimization", {})).items() if k in DS_DEFAULTS}
+    a.model = a.model or "XL/1"
+    a.zero = a.zero or stage_default
+    a.global_batch = a.global_batch or batch_default
     links = a.link.split(",")
     for name in links:
         if name not in LINKS:
@@ -564,18 +588,20 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--gpus must be >= 1 and --zero in 0-3")
     global_batch = None if a.global_batch == "weak" else int(a.global_batch)
     try:
-        params = param_inventory(a.model)
-        flops_scale = flops_per_image(a.model) / flops_per_image(MEASURED["model"])
+        params = param_inventory(a.model, **model_kw)
+        flops_scale = flops_per_image(a.model, **model_kw) / flops_per_image(MEASURED["model"])
         param_scale = sum(x.numel for x in params) / sum(x.numel for x in param_inventory(MEASURED["model"]))
     except Exception as e:  # noqa: BLE001 (a bad --model: one line)
         p.error(f"--model {a.model}: {e}")
     overlap = None if a.overlap_comm == "default" else a.overlap_comm == "true"
+    if overlap is None and ds.get("overlap_comm") is not None:
+        overlap = bool(ds["overlap_comm"])
     rows = [single_gpu_row(gpu, flops_scale, param_scale)]
     for z in stages:
         for n in gpus:
             try:
                 rows.append(predict(params, n, z, intra, inter, gpu, global_batch, a.gpus_per_node, a.efficiency,
-                                    a.latency_us, overlap, flops_scale, param_scale))
+                                    a.latency_us, overlap, flops_scale, param_scale, ds))
             except ValueError as e:
                 p.error(str(e))
     trainable = sum(x.numel for x in params if x.trainable)
@@ -583,6 +609,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{a.gpu.upper()}, links {intra.name} {intra.gbytes_per_s:g} GB/s inside a node, {inter.name} "
           f"{inter.gbytes_per_s:g} GB/s per GPU between nodes, at {a.efficiency:.0%}; "
           f"anchor {MEASURED['img_per_s']} img/s at batch {MEASURED['batch']} on one H200 ({MEASURED['file']})")
+    if a.model != MEASURED["model"] or model_kw.get("input_size", 16) != 16:
+        print(f"note: compute scaled by FLOPs per image from the {MEASURED['model']} anchor (x{flops_scale:.3g}); "
+              "no measurement of this model")
     print(markdown(rows), end="")
     report = {"model": a.model, "gpu": a.gpu, "links": [dataclasses.asdict(intra), dataclasses.asdict(inter)],
               "efficiency": a.efficiency, "latency_us": a.latency_us, "parameters": sum(x.numel for x in params),

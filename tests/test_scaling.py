@@ -127,6 +127,13 @@ def test_command_line(tmp_path):
     assert len(table) == 1 + 2 * 4  # one GPU, then 4 counts x 2 stages
     rep = json.loads(out.read_text())
     assert [row["gpus"] for row in rep["rows"]] == [1, 8, 64, 256, 1024, 8, 64, 256, 1024]
+    # the shipped XL/1 config gives the same rows (its model, ZeRO 2 and global batch 1024)
+    out2 = tmp_path / "c.json"
+    r2 = subprocess.run([sys.executable, "-m", "bench.scaling", "--config", "configs/dit_xl1_64ep.yaml", "--gpus",
+                         "8,64,256,1024", "--json", str(out2)], cwd=REPO, env=env(), capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads(out2.read_text())["rows"] == rep["rows"][:5]
     bad = subprocess.run([sys.executable, "-m", "bench.scaling", "--link", "nvlink,carrier-pigeon"], cwd=REPO,
                          env=env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown link 'carrier-pigeon'" in bad.stderr
