@@ -1,5 +1,5 @@
 """Fused norm family: RMSNorm / LayerNorm, optionally with a gated residual in front and an adaLN
-modulate behind, as one row kernel with compile-time flags (Triton) or the CUDA extension.
+modulate behind, as one kernel with compile-time flags (Triton) or the CUDA extension.
 
     h   = x + gate * y                      (gated_residual_norm_modulate only)
     out = (norm(h) * weight + bias) * (1 + scale) + shift
@@ -8,6 +8,11 @@ modulate behind, as one row kernel with compile-time flags (Triton) or the CUDA 
 forward saves only h and the per-row statistics (fp32 mean / rstd); the backward recomputes the
 normalised row and reduces the per-channel grads (weight, bias) and per-sample grads (shift, scale, gate)
 in fp32 partial sums, one row of partials per program, summed by torch afterwards.
+
+Triton: the forward holds BLOCK_M rows per program (a BLOCK_M x BLOCK_C tile), the backward walks its R rows
+BLOCK_M at a time; on a GPU BLOCK_M and the warps are autotuned per op variant and width (BLOCK_M = 1 among the
+candidates: the one-row kernels these replaced), under the interpreter a fixed 4. Row by row the arithmetic does
+not depend on BLOCK_M (the forward is bitwise the same for every BLOCK_M; tests/test_kernels.py checks it).
 
 Each backend has its own launcher pair (`_fwd_triton`/`_bwd_triton`, `_fwd_cuda`/`_bwd_cuda`), registered as its
 own custom ops (`vavae::norm_fwd_triton`, `vavae::norm_fwd_cuda`, and their `norm_bwd_*`), so no function here
@@ -29,40 +34,72 @@ ROWS_PER_PROGRAM = 32  # backward: rows one program reduces before writing its p
 
 @triton.jit
 def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, OUT, MEAN, RSTD,
-                     N, C, eps,
+                     rows, N, C, eps,
                      HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    # BLOCK_M rows per program, a (BLOCK_M, BLOCK_C) tile: more bytes in flight per program than one row, and the
+    # per-channel vectors (weight, bias) loaded once for all of them. Row by row the arithmetic is the one-row
+    # kernel's (BLOCK_M = 1): fp32 sums over the row's C channels, the same products, one rounding on each store.
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = row < rows
+    b = row // N  # each row's sample (a tile may straddle two): its gate/shift/scale row
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    x = tl.load(X + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        g = tl.load(G + b * sg + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + row * sy + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + b[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (x + g * y).to(H.dtype.element_ty)
-        tl.store(H + row * C + cols, h, mask=mask)
+        tl.store(H + row[:, None] * C + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)  # normalise the stored (rounded) h: the backward recomputes from it
     if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
-        xhat = x * rstd
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+        xhat = x * rstd[:, None]
     else:
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
-        xhat = xc * rstd
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        xhat = xc * rstd[:, None]
+        tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
     out = xhat
     if HAS_W:
-        out = out * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        out = out * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        out = out + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+        out = out + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
-        out = out * (1.0 + tl.load(SCALE + b * sscale + cols, mask=mask, other=0.0).to(tl.float32))
+        out = out * (1.0 + tl.load(SCALE + b[:, None] * sscale + cols[None, :], mask=mask, other=0.0).to(tl.float32))
     if HAS_SHIFT:
-        out = out + tl.load(SHIFT + b * sshift + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
+        out = out + tl.load(SHIFT + b[:, None] * sshift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+# (rows per program, warps) candidates; _prune_tiles keeps those that fit the row width
+_TILES = ((1, 4), (1, 8), (2, 8), (4, 8), (4, 16), (8, 16), (8, 4), (16, 4), (32, 4), (32, 8))
+
+
+def _tile_configs() -> list:
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in _TILES]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Keep tiles of 1K-16K elements at 4-32 values per thread for this row width: 1-8 rows of hidden 1152 (a
+    2048-wide tile, 6 candidates), 8-32 rows of head_dim 72 (128 wide, 4 candidates); never none."""
+    block_c = kwargs["BLOCK_C"]
+    keep = [c for c in configs if 1024 <= c.kwargs["BLOCK_M"] * block_c <= 16384
+            and 4 <= c.kwargs["BLOCK_M"] * block_c // (32 * c.num_warps) <= 32]
+    return keep or configs[:1]
+
+
+_FLAGS = ["C", "HAS_RES", "IS_RMS", "HAS_W", "HAS_BIAS", "HAS_SHIFT", "HAS_SCALE", "BLOCK_C"]
+# On a GPU the rows per program (and warps) are measured per op variant and C on the first call (triton.autotune;
+# BLOCK_M = 1 is the one-row kernel this replaced, so the choice is never worse than it); under the interpreter a
+# fixed small tile (INTERPRET_BLOCK_M, which does not divide the test's row counts: the ragged last tile runs).
+_norm_fwd_tuned = triton.autotune(configs=_tile_configs(), key=_FLAGS,
+                                  prune_configs_by={"early_config_prune": _prune_tiles})(_norm_fwd_kernel)
+INTERPRET_BLOCK_M = 4
 
 
 @triton.jit
@@ -71,16 +108,19 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
                      N, C, R,
                      HAS_RES: tl.constexpr, HAS_DH: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One pass per program over its R rows (one sample's), BLOCK_M rows at a time: dx (and dy) written row by row,
+    # the per-channel (weight, bias) and per-sample (shift, scale, gate) grads summed in fp32 registers and written
+    # once as this program's row of partial sums; torch then sums those rows (one small reduction per grad).
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
-    bias = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    scale1 = 1.0 + tl.load(SCALE + b * sscale + cols, mask=mask, other=0.0).to(tl.float32) if HAS_SCALE else 1.0
-    g = tl.load(G + b * sg + cols, mask=mask, other=0.0).to(tl.float32) if HAS_RES else 0.0
+    cmask = cols < C
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    scale1 = 1.0 + tl.load(SCALE + b * sscale + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_SCALE else 1.0
+    g = tl.load(G + b * sg + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_RES else 0.0
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -88,46 +128,59 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
     acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
     start = b * N + chunk * R
     end = tl.minimum(start + R, b * N + N)
-    for row in range(start, end):
-        dout = tl.load(DOUT + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(XIN + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
+    for r0 in range(start, end, BLOCK_M):
+        row = r0 + tl.arange(0, BLOCK_M)
+        rmask = row < end
+        mask = rmask[:, None] & cmask[None, :]
+        offs = row[:, None] * C + cols[None, :]
+        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(XIN + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row, mask=rmask, other=0.0)[:, None]
         if IS_RMS:
             xhat = x * rstd
         else:
-            xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+            xhat = tl.where(mask, (x - tl.load(MEAN + row, mask=rmask, other=0.0)[:, None]) * rstd, 0.0)
         dn = dout
         if HAS_SHIFT:
-            acc_shift += dout
+            acc_shift += tl.sum(dout, axis=0)
         if HAS_SCALE:
-            acc_scale += dout * (xhat * w + bias)
+            acc_scale += tl.sum(dout * (xhat * w + bias), axis=0)
             dn = dout * scale1
         if HAS_BIAS:
-            acc_b += dn
+            acc_b += tl.sum(dn, axis=0)
         if HAS_W:
-            acc_w += dn * xhat
+            acc_w += tl.sum(dn * xhat, axis=0)
         dxhat = dn * w
         if IS_RMS:
-            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / C))
+            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / C)[:, None])
         else:
-            dx = rstd * (dxhat - tl.sum(dxhat, axis=0) / C - xhat * (tl.sum(dxhat * xhat, axis=0) / C))
+            dx = rstd * (dxhat - (tl.sum(dxhat, axis=1) / C)[:, None]
+                         - xhat * (tl.sum(dxhat * xhat, axis=1) / C)[:, None])
         if HAS_DH:
-            dx += tl.load(DH + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_RES:
-            tl.store(DY + row * C + cols, (g * dx).to(DY.dtype.element_ty), mask=mask)
-            acc_g += dx * tl.load(Y + row * sy + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + offs, (g * dx).to(DY.dtype.element_ty), mask=mask)
+            acc_g += tl.sum(dx * tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32),
+                            axis=0)
     p = (b * n_chunks + chunk) * C + cols
     if HAS_W:
-        tl.store(PW + p, acc_w, mask=mask)
+        tl.store(PW + p, acc_w, mask=cmask)
     if HAS_BIAS:
-        tl.store(PB + p, acc_b, mask=mask)
+        tl.store(PB + p, acc_b, mask=cmask)
     if HAS_SHIFT:
-        tl.store(PSHIFT + p, acc_shift, mask=mask)
+        tl.store(PSHIFT + p, acc_shift, mask=cmask)
     if HAS_SCALE:
-        tl.store(PSCALE + p, acc_scale, mask=mask)
+        tl.store(PSCALE + p, acc_scale, mask=cmask)
     if HAS_RES:
-        tl.store(PG + p, acc_g, mask=mask)
+        tl.store(PG + p, acc_g, mask=cmask)
+
+
+# Every output (dx, dy, each program's partial-sum row) is written whole by each run, so configs can be timed on the
+# real buffers. BLOCK_M = 1 is the row-at-a-time loop this replaced.
+_norm_bwd_tuned = triton.autotune(configs=_tile_configs(),
+                                  key=_FLAGS[:2] + ["HAS_DH"] + _FLAGS[2:],
+                                  prune_configs_by={"early_config_prune": _prune_tiles})(_norm_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- shapes shared by every backend
@@ -223,17 +276,21 @@ def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms):
     x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
     BLOCK_C = _triton.block_size(C)
     dummy = x2  # pointer for an absent input: never read (its HAS_* flag is off)
-    _norm_fwd_kernel[(rows,)](
+    args = (
         x2, x2.stride(0), g if g is not None else dummy, g.stride(0) if g is not None else 0,
         y2 if y2 is not None else dummy, y2.stride(0) if y2 is not None else 0,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         sh if sh is not None else dummy, sh.stride(0) if sh is not None else 0,
         sc if sc is not None else dummy, sc.stride(0) if sc is not None else 0,
         h if g is not None else out, out, mean if not rms else rstd, rstd,
-        N, C, eps,
-        HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-        HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, BLOCK_C=BLOCK_C,
-        num_warps=_triton.row_warps(BLOCK_C))
+        rows, N, C, eps)
+    flags = dict(HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, BLOCK_C=BLOCK_C)
+    if _triton.interpreting():
+        _norm_fwd_kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, **flags, BLOCK_M=INTERPRET_BLOCK_M,
+                                                                   num_warps=4)
+    else:
+        _norm_fwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*args, **flags)
     return h, out, mean, rstd
 
 
@@ -255,15 +312,18 @@ def _bwd_triton(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rs
         pw, pb, psh, psc, pg = partials
         BLOCK_C = _triton.block_size(C)
         d = dout2  # pointer for an absent input: never read
-        _norm_bwd_kernel[(B, chunks)](
+        args = (
             dout2, dh2 if dh2 is not None else d, xin2, g if g is not None else d, g.stride(0) if g is not None else 0,
             y2 if y2 is not None else d, y2.stride(0) if y2 is not None else 0, weight if weight is not None else d,
             bias if bias is not None else d, sc if sc is not None else d, sc.stride(0) if sc is not None else 0,
             mean if not rms else rstd, rstd, dx, dy if g is not None else dx, pw, pb, psh, psc, pg,
-            N, C, R,
-            HAS_RES=g is not None, HAS_DH=dh is not None, IS_RMS=rms, HAS_W=weight is not None,
-            HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_C=BLOCK_C,
-            num_warps=_triton.row_warps(BLOCK_C))
+            N, C, R)
+        flags = dict(HAS_RES=g is not None, HAS_DH=dh is not None, IS_RMS=rms, HAS_W=weight is not None,
+                     HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_C=BLOCK_C)
+        if _triton.interpreting():
+            _norm_bwd_kernel[(B, chunks)](*args, **flags, BLOCK_M=INTERPRET_BLOCK_M, num_warps=4)
+        else:
+            _norm_bwd_tuned[(B, chunks)](*args, **flags)
     return (dx, dy, *_bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C))
 
 

@@ -84,7 +84,14 @@ def _fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
 @triton.jit
 def _bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
                 DQKV, PQW, PKW, rows, N, H, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                STRIDE_UNIT: tl.constexpr):
+    # The gradients' strides arrive divided by STRIDE_UNIT (8 when every stride is a multiple of 8, as for any
+    # layout of head_dim 72 or 64): multiplying by the constant again lets the compiler prove 16-byte aligned rows
+    # and vectorise the loads, which a runtime stride such as 72 would hide.
+    sqb, sqh, sqn = sqb * STRIDE_UNIT, sqh * STRIDE_UNIT, sqn * STRIDE_UNIT
+    skb, skh, skn = skb * STRIDE_UNIT, skh * STRIDE_UNIT, skn * STRIDE_UNIT
+    svb, svh, svn = svb * STRIDE_UNIT, svh * STRIDE_UNIT, svn * STRIDE_UNIT
     pid = tl.program_id(0)
     r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = r // N
@@ -214,10 +221,13 @@ def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
     if rows and D:
         dq, dk, dv = _unit_d(dq), _unit_d(dk), _unit_d(dv)
         x = _rows(qkv) if norm else dqkv  # pointer only: never read without qk-norm
+        strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
+        unit = 8 if all(st % 8 == 0 for st in strides) else 1
+        sq, sk, sv = ([st // unit for st in g.stride()[:3]] for g in (dq, dk, dv))
         _bwd_kernel[(programs,)](
-            dq, *dq.stride()[:3], dk, *dk.stride()[:3], dv, *dv.stride()[:3], cos.contiguous(), sin.contiguous(),
+            dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
             x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps,
-            D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
+            D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, num_warps=4)
     if not norm:
         return dqkv, dq.new_empty(0), dq.new_empty(0)
     # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype

@@ -114,6 +114,104 @@ def test_rms_norm_and_qk_layer_norm_on_head_views():
           lambda t, w, b: reference.layer_norm(q(t), w, b, 1e-5), [qkv, w, b], torch.float32)
 
 
+@pytest.mark.parametrize("C", [1152, 72])
+def test_norm_rows_per_program_ragged_and_bitwise_across_tiles(C, monkeypatch):
+    """The forward's BLOCK_M-row tiles and the backward's BLOCK_M-row steps on ragged row counts (2 x 37 rows: no
+    multiple of 4 or 8; the backward's 32-row chunks end in 5: no multiple of 2): vs float64, and the forward
+    bitwise equal for every BLOCK_M (per row the same arithmetic as the one-row kernel, BLOCK_M = 1), dx/dy too;
+    the reduced grads within fp32 summation order."""
+    B, N = 2, 37
+    x, y, w, mod = leaves(((B, N, C), torch.float32), ((B, N, C), torch.float32), ((C,), torch.float32),
+                          ((B, 6 * C), torch.float32))
+
+    def call(impl, x, y, w, m):
+        h, out = impl.gated_residual_norm_modulate(x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms")
+        return h, out, impl.norm_modulate(h, None, m[:, 3 * C:4 * C], m[:, 4 * C:5 * C], 1e-6, "layer")
+    results = {}
+    for block_m in (1, 2, 4, 8):
+        monkeypatch.setattr(fused_norm, "INTERPRET_BLOCK_M", block_m)
+        outs = call(fused_norm.TRITON, x, y, w, mod)
+        gouts = [torch.ones_like(o) * 0.5 + torch.arange(o.numel()).reshape(o.shape) % 7 * 0.1 for o in outs]
+        results[block_m] = outs, torch.autograd.grad(outs, [x, y, w, mod], gouts)
+        if block_m == 4:
+            check(lambda *a: call(fused_norm.TRITON, *a), lambda *a: call(reference, *a), [x, y, w, mod],
+                  torch.float32)
+    (outs1, grads1) = results[1]
+    for block_m in (2, 4, 8):
+        outs, grads = results[block_m]
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs1)), f"forward differs at BLOCK_M={block_m}"
+        assert torch.equal(grads[0], grads1[0]) and torch.equal(grads[1], grads1[1])  # dx, dy: row by row
+        for a, b in zip(grads[2:], grads1[2:]):  # dweight, dmod: partial sums in another order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
+    """The GPU path of the norm launchers (triton.autotune over BLOCK_M and warps), run under the interpreter with
+    the autotuner's timer replaced: the candidates are the pruned tiles for the row width (hidden 1152: 1-8 rows
+    of a 2048-wide tile; 72: 8-32 rows of 128), the fastest is launched with its grid, and the results match
+    float64 (forward and backward)."""
+    monkeypatch.setattr(fused_norm._triton, "interpreting", lambda: False)  # the launchers take the tuned kernels
+    for C, expect in ((1152, {(1, 4), (1, 8), (2, 8), (4, 8), (4, 16), (8, 16)}), (72, {(8, 4), (16, 4), (32, 4),
+                                                                                         (32, 8)})):
+        tried = {"fwd": set(), "bwd": set()}
+        best = 8 if C == 1152 else 16
+
+        def fake_bench(which):
+            def bench(*args, config, **meta):
+                tried[which].add((config.kwargs["BLOCK_M"], config.num_warps))
+                return [abs(config.kwargs["BLOCK_M"] - best) + 0.01 * config.num_warps]
+            return bench
+        monkeypatch.setattr(fused_norm._norm_fwd_tuned, "_bench", fake_bench("fwd"))
+        monkeypatch.setattr(fused_norm._norm_bwd_tuned, "_bench", fake_bench("bwd"))
+        monkeypatch.setattr(fused_norm._norm_fwd_tuned, "cache", {})
+        monkeypatch.setattr(fused_norm._norm_bwd_tuned, "cache", {})
+        B, N = 2, 37
+        x, y, w, mod = leaves(((B, N, C), torch.float32), ((B, N, C), torch.float32), ((C,), torch.float32),
+                              ((B, 6 * C), torch.float32))
+        check(lambda x, y, w, m: fused_norm.TRITON.gated_residual_norm_modulate(
+                  x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"),
+              lambda x, y, w, m: reference.gated_residual_norm_modulate(
+                  x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"), [x, y, w, mod], torch.float32)
+        assert tried == {"fwd": expect, "bwd": expect}
+        assert fused_norm._norm_fwd_tuned.best_config.kwargs["BLOCK_M"] == best
+        assert fused_norm._norm_bwd_tuned.best_config.kwargs["BLOCK_M"] == best
+
+
+def test_norm_backward_is_one_pass_and_one_reduction_per_grad(monkeypatch):
+    """The Triton backward launches its kernel once (each program one pass over its rows, writing its partial
+    sums) and then sums each grad's partials once: one aten.sum per reduced grad, nothing else that reduces."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    B, N, C = 2, 37, 1152
+    x, y, w, mod = leaves(((B, N, C), torch.float32), ((B, N, C), torch.float32), ((C,), torch.float32),
+                          ((B, 6 * C), torch.float32))
+    h, out = fused_norm.TRITON.gated_residual_norm_modulate(x, mod[:, 2 * C:3 * C], y, w, mod[:, :C],
+                                                            mod[:, C:2 * C], 1e-6, "rms")
+    launches = []
+    kernel = fused_norm._norm_bwd_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(fused_norm, "_norm_bwd_kernel", Counting())
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    dout = torch.randn_like(out)
+    with Ops() as mode:  # the launcher itself (inside the custom op a dispatch mode sees only the op)
+        fused_norm._bwd_triton(dout, None, h.detach(), mod[:, 2 * C:3 * C].detach(), y.detach(), w.detach(), None,
+                               True, mod[:, C:2 * C].detach(), torch.empty(0), torch.ones(B * N), True)
+    assert launches == [(B, 2)]  # 37 rows per sample: chunks of 32 and 5
+    reductions = [n for n in mode.names if n in ("sum", "mean", "add", "add_", "cumsum")]
+    assert reductions == ["sum"] * 4, mode.names  # dgate, dweight, dshift, dscale
+
+
 # ----------------------------------------------------------------------------- elementwise ops
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

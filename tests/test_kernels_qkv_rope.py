@@ -126,9 +126,15 @@ def test_opcheck(norm):
     torch.library.opcheck(torch.ops.vavae.qkv_rope.default, (qkv, cos, sin, H, *ws, 1e-6))
     g = [torch.randn(B, H, N, D, device=DEV) for _ in range(3)]
     g[0] = g[0].transpose(1, 2).contiguous().transpose(1, 2)  # one grad token-major, as SDPA's backward gives it
-    torch.library.opcheck(torch.ops.vavae.qkv_rope_bwd.default,
-                          (*g, cos, sin, qkv.detach() if norm else None, *[w.detach() if norm else None for w in ws],
-                           1e-6, torch.float32))
+    args = (cos, sin, qkv.detach() if norm else None, *[w.detach() if norm else None for w in ws], 1e-6,
+            torch.float32)
+    torch.library.opcheck(torch.ops.vavae.qkv_rope_bwd.default, (*g, *args))
+    # a grad whose strides are not multiples of 8 (the kernel's aligned-stride shortcut is off) gives the same
+    odd = torch.randn(B, H, N, D + 1, device=DEV)[..., :D]
+    assert odd.stride(2) % 8
+    for a, b in zip(qkv_rope.qkv_rope_bwd_op(g[0], g[1], odd, *args),
+                    qkv_rope.qkv_rope_bwd_op(g[0], g[1], odd.contiguous(), *args)):
+        assert torch.equal(a, b)
 
 
 def test_compiled_fullgraph_on_the_cpu(tmp_path, monkeypatch):
