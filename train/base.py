@@ -528,13 +528,12 @@ class Trainer:
         old_batch = int(state.get("global_batch") or self.global_batch_of(saved_train, old_world))
         old_stage = saved_train.get("zero_stage", "?")
         moments = []
-        with deepspeed_safe_load():
-            for tag, engine in self.engines.items():
-                order = [n for n, _ in engine.module.named_parameters()]  # the optimizer's (built from the module)
-                full = read_full_state(path / tag, order)
-                load_full_state(engine, self._optimizers[tag], full, where=str(path / tag))
-                moments.append(f"{tag} {describe_moments(full)}")
-                del full
+        for tag, engine in self.engines.items():  # (read_full_state loads every file with weights_only=True)
+            order = [n for n, _ in engine.module.named_parameters()]  # the optimizer's (built from the module)
+            full = read_full_state(path / tag, order)
+            load_full_state(engine, self._optimizers[tag], full, where=str(path / tag))
+            moments.append(f"{tag} {describe_moments(full)}")
+            del full
         rank0 = load_state(path / "rank_00000.pt", f"{self.NAME} rank state")
         source = self.info.rank % old_world
         mine = rank0 if source == 0 else load_state(path / f"rank_{source:05d}.pt", f"{self.NAME} rank state")

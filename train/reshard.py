@@ -33,9 +33,9 @@ from typing import Any, Optional
 import torch
 
 from modeling.config import ConfigError
+from modeling.safe_load import safe_torch_load
 
 from .checkpoint import deepspeed_allowed_globals
-from modeling.safe_load import safe_torch_load
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
