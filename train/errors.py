@@ -13,12 +13,14 @@ naming the lost rank(s), their node and host, and the last complete checkpoint (
             ...
 """
 import argparse
-import contextlib
 import os
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Optional
+import typing
+from typing import Any, Callable, Optional
+
+from modeling import config
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -33,11 +35,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
             PermissionError)
 
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        text = " ".join(exc.args[0].split())  # KeyError's str() quotes its message
-    return text or type(exc).__name__
+one_line = config.one_line  # the one message format of every command (modeling.config)
 
 
 class LauncherStop(BaseException):
@@ -95,16 +93,10 @@ def add_debug_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def user_errors(debug: bool = False, prefix: str = "error") -> Iterator[None]:
-    """Exit 2 with `error: <one line>` on a user mistake (see module docstring)."""
-    try:
-        yield
-    except user_error_types() as e:
-        if debug or os.environ.get("VAVAE_DEBUG") == "1":
-            raise
-        print(f"{prefix}: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+def user_errors(debug: bool = False, prefix: str = "error") -> typing.ContextManager[None]:
+    """Exit 2 with `error: <one line>` on a user mistake (see module docstring): the one error path of every
+    command (modeling.config.user_errors), with the trainers' own mistakes (data, checkpoints, locks, disks) added."""
+    return config.user_errors(debug, prefix, extra=user_error_types())
 
 
 def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[Any], Any],
