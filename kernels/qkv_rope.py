@@ -47,7 +47,7 @@ def _join_pairs(even, odd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
+def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
                 D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # D is a compile-time constant: the compiler then proves 16-byte alignment of each head's row (72 * 2 B = 144 B)
     # and vectorises the loads and stores.
@@ -82,7 +82,7 @@ def _fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
 
 
 @triton.jit
-def _bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
+def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
                 DQKV, PQW, PKW, rows, N, H, eps,
                 D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 STRIDE_UNIT: tl.constexpr):
@@ -190,7 +190,7 @@ def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight:
     if rows and D:
         x = _rows(qkv)
         norm = q_weight is not None
-        _fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
+        _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
             x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x, k_weight if norm else x,
             q, k, v, rows, N, H, eps, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
             num_warps=4)
@@ -224,7 +224,7 @@ def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
         strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
         unit = 8 if all(st % 8 == 0 for st in strides) else 1
         sq, sk, sv = ([st // unit for st in g.stride()[:3]] for g in (dq, dk, dv))
-        _bwd_kernel[(programs,)](
+        _qkv_rope_bwd_kernel[(programs,)](
             dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
             x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps,
             D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, num_warps=4)
