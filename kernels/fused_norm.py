@@ -93,6 +93,16 @@ def _prune_tiles(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+def _prune_tiles_bwd(configs, named_args, **kwargs):
+    """The forward's tiles at most 8 warps and 16 values per thread: the backward keeps five fp32 accumulators of
+    BLOCK_C beside its tile; at 16 warps (128 registers a thread) or 32 values a thread its tiles spill or nearly
+    (ptxas for sm_90, kernels/sm90_check.py): hidden 1152 keeps 1-2 rows, head_dim 72 8-32."""
+    block_c = kwargs["BLOCK_C"]
+    keep = [c for c in _prune_tiles(configs, named_args, **kwargs)
+            if c.num_warps <= 8 and c.kwargs["BLOCK_M"] * block_c // (32 * c.num_warps) <= 16]
+    return keep or configs[:1]
+
+
 _FLAGS = ["C", "HAS_RES", "IS_RMS", "HAS_W", "HAS_BIAS", "HAS_SHIFT", "HAS_SCALE", "BLOCK_C"]
 # On a GPU the rows per program (and warps) are measured per op variant and C on the first call (triton.autotune;
 # BLOCK_M = 1 is the one-row kernel this replaced, so the choice is never worse than it); under the interpreter a
@@ -180,7 +190,7 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
 # real buffers. BLOCK_M = 1 is the row-at-a-time loop this replaced.
 _norm_bwd_tuned = triton.autotune(configs=_tile_configs(),
                                   key=_FLAGS[:2] + ["HAS_DH"] + _FLAGS[2:],
-                                  prune_configs_by={"early_config_prune": _prune_tiles})(_norm_bwd_kernel)
+                                  prune_configs_by={"early_config_prune": _prune_tiles_bwd})(_norm_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- shapes shared by every backend

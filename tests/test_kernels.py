@@ -148,13 +148,14 @@ def test_norm_rows_per_program_ragged_and_bitwise_across_tiles(C, monkeypatch):
 def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
     """The GPU path of the norm launchers (triton.autotune over BLOCK_M and warps), run under the interpreter with
     the autotuner's timer replaced: the candidates are the pruned tiles for the row width (hidden 1152: 1-8 rows
-    of a 2048-wide tile; 72: 8-32 rows of 128), the fastest is launched with its grid, and the results match
-    float64 (forward and backward)."""
+    of a 2048-wide tile forward, 1-2 backward; 72: 8-32 rows of 128), the fastest is launched with its grid, and
+    the results match float64 (forward and backward)."""
     monkeypatch.setattr(fused_norm._triton, "interpreting", lambda: False)  # the launchers take the tuned kernels
-    for C, expect in ((1152, {(1, 4), (1, 8), (2, 8), (4, 8), (4, 16), (8, 16)}), (72, {(8, 4), (16, 4), (32, 4),
-                                                                                         (32, 8)})):
+    for C, expect in ((1152, {"fwd": {(1, 4), (1, 8), (2, 8), (4, 8), (4, 16), (8, 16)}, "bwd": {(1, 4), (1, 8),
+                                                                                                  (2, 8)}}),
+                      (72, {"fwd": {(8, 4), (16, 4), (32, 4), (32, 8)}, "bwd": {(8, 4), (16, 4), (32, 8)}})):
         tried = {"fwd": set(), "bwd": set()}
-        best = 8 if C == 1152 else 16
+        best = 8 if C == 1152 else 16  # the fake timer prefers BLOCK_M closest to this, then fewer warps
 
         def fake_bench(which):
             def bench(*args, config, **meta):
@@ -172,9 +173,10 @@ def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
                   x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"),
               lambda x, y, w, m: reference.gated_residual_norm_modulate(
                   x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"), [x, y, w, mod], torch.float32)
-        assert tried == {"fwd": expect, "bwd": expect}
-        assert fused_norm._norm_fwd_tuned.best_config.kwargs["BLOCK_M"] == best
-        assert fused_norm._norm_bwd_tuned.best_config.kwargs["BLOCK_M"] == best
+        assert tried == expect
+        for which, tuned in (("fwd", fused_norm._norm_fwd_tuned), ("bwd", fused_norm._norm_bwd_tuned)):
+            chosen = min(expect[which], key=lambda mw: (abs(mw[0] - best), mw[1]))
+            assert (tuned.best_config.kwargs["BLOCK_M"], tuned.best_config.num_warps) == chosen
 
 
 def test_norm_backward_is_one_pass_and_one_reduction_per_grad(monkeypatch):

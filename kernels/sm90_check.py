@@ -1,0 +1,143 @@
+"""Compile Triton kernels for an H100/H200 (sm_90) without a GPU, and read what ptxas says about them.
+
+The interpreter (TRITON_INTERPRET=1) checks what a kernel computes, not whether it compiles for the card, how many
+registers it needs, whether it spills, or whether its loads became 16-byte vectors. This module compiles chosen
+kernels ahead of time with Triton's own toolchain for `GPUTarget("cuda", 90, 32)`, with the argument
+specialisation the JIT applies at XL/1 shapes (pointers and sizes divisible by 16), then runs Triton's ptxas with
+-v on the PTX. Run it without TRITON_INTERPRET (the interpreter replaces the JIT functions):
+
+    python -m kernels.sm90_check           # one line per kernel variant: registers, spill bytes, vector ld/st
+
+tests/test_kernels_sm90_compile.py runs it in a subprocess and requires every variant to compile without spills,
+with vectorised global loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+
+@dataclasses.dataclass
+class Variant:
+    """One kernel specialisation: argument types ("*bf16", "i32", "fp32", "constexpr"), the constexpr values, the
+    arguments the JIT would see as divisible by 16 at XL/1 shapes, and the launch's warps."""
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    div16: list[str]
+    num_warps: int = 4
+
+
+def _qkv_rope_variants() -> list[Variant]:
+    from . import qkv_rope
+    fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "QW": "*fp32", "KW": "*fp32",
+               "Q": "*bf16", "K": "*bf16", "V": "*bf16", "rows": "i32", "N": "i32", "H": "i32", "eps": "fp32"}
+    bwd_sig = {"DQ": "*bf16", "sqb": "i32", "sqh": "i32", "sqn": "i32", "DK": "*bf16", "skb": "i32", "skh": "i32",
+               "skn": "i32", "DV": "*bf16", "svb": "i32", "svh": "i32", "svn": "i32", "COS": "*fp32", "SIN": "*fp32",
+               "QKV": "*bf16", "s_qkv": "i32", "QW": "*fp32", "KW": "*fp32", "DQKV": "*bf16", "PQW": "*fp32",
+               "PKW": "*fp32", "rows": "i32", "N": "i32", "H": "i32", "eps": "fp32"}
+    out = []
+    for norm in (False, True):
+        for D in (72, 64):
+            const = {"D": D, "HAS_NORM": norm, "BLOCK_R": qkv_rope.BLOCK_R, "BLOCK_D": 128 if D == 72 else 64}
+            out.append(Variant(f"qkv_rope fwd D={D} norm={norm}", qkv_rope._qkv_rope_fwd_kernel,
+                               {**fwd_sig, **{k: "constexpr" for k in const}}, const,
+                               [k for k, t in fwd_sig.items() if t != "fp32"]))
+            # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a multiple
+            # of 16, the others are at XL/1
+            bconst = {**const, "STRIDE_UNIT": 8}
+            out.append(Variant(f"qkv_rope bwd D={D} norm={norm}", qkv_rope._qkv_rope_bwd_kernel,
+                               {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
+                               [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")]))
+    return out
+
+
+def _norm_variants() -> list[Variant]:
+    """The model's gated_residual_norm_modulate (the widest variant: every input) at hidden 1152 and the qk-norm's
+    layer_norm at 72, for every tile the autotuner may pick."""
+    from . import _triton, fused_norm
+    fwd_sig = {"X": "*fp32", "sx": "i32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32", "W": "*fp32",
+               "BIAS": "*fp32", "SHIFT": "*bf16", "sshift": "i32", "SCALE": "*bf16", "sscale": "i32", "H": "*fp32",
+               "OUT": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
+    bwd_sig = {"DOUT": "*fp32", "DH": "*fp32", "XIN": "*fp32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32",
+               "W": "*fp32", "BIAS": "*fp32", "SCALE": "*bf16", "sscale": "i32", "MEAN": "*fp32", "RSTD": "*fp32",
+               "DX": "*fp32", "DY": "*bf16", "PW": "*fp32", "PB": "*fp32", "PSHIFT": "*fp32", "PSCALE": "*fp32",
+               "PG": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
+    cases = {  # name: (C, forward flags, backward flags)
+        "grnm": (1152, dict(HAS_RES=True, IS_RMS=True, HAS_W=True, HAS_BIAS=False, HAS_SHIFT=True, HAS_SCALE=True),
+                 dict(HAS_RES=True, HAS_DH=True, IS_RMS=True, HAS_W=True, HAS_BIAS=False, HAS_SHIFT=True,
+                      HAS_SCALE=True)),
+        "qk layer_norm": (72, dict(HAS_RES=False, IS_RMS=False, HAS_W=True, HAS_BIAS=True, HAS_SHIFT=False,
+                                   HAS_SCALE=False),
+                          dict(HAS_RES=False, HAS_DH=False, IS_RMS=False, HAS_W=True, HAS_BIAS=True, HAS_SHIFT=False,
+                               HAS_SCALE=False)),
+    }
+    out = []
+    for name, (C, fflags, bflags) in cases.items():
+        block_c = _triton.block_size(C)
+        for which, kernel, sig, flags, prune in (
+                ("fwd", fused_norm._norm_fwd_kernel, fwd_sig, fflags, fused_norm._prune_tiles),
+                ("bwd", fused_norm._norm_bwd_kernel, bwd_sig, bflags, fused_norm._prune_tiles_bwd)):
+            for cfg in prune(fused_norm._tile_configs(), {}, BLOCK_C=block_c):
+                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_C": block_c}
+                div = [k for k, t in sig.items() if t.startswith("*")] + (
+                    [k for k in ("sx", "sy", "sg", "sshift", "sscale", "rows", "N", "C") if k in sig] if C % 16 == 0
+                    else [])
+                out.append(Variant(f"norm {which} {name} C={C} BLOCK_M={cfg.kwargs['BLOCK_M']} "
+                                   f"warps={cfg.num_warps}", kernel, {**sig, **{k: "constexpr" for k in const}},
+                                   const, div, cfg.num_warps))
+    return out
+
+
+def _ptxas() -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(90).path
+
+
+def compile_variant(v: Variant) -> dict:
+    """{"registers", "spill_bytes", "vector_loads", "scalar_loads", "vector_stores"} of v compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    attrs = {(v.kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.div16}
+    src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v.num_warps})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", path, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    ops = re.findall(r"(ld|st)\.global(\.[a-z0-9.]*)", ptx)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
+            "vector_loads": sum(1 for op, t in ops if op == "ld" and ".v" in t),
+            "scalar_loads": sum(1 for op, t in ops if op == "ld" and ".v" not in t),
+            "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t)}
+
+
+def variants() -> list[Variant]:
+    return _qkv_rope_variants() + _norm_variants()
+
+
+def main() -> dict:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernels.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
+    results = {v.name: compile_variant(v) for v in variants()}
+    for name, r in results.items():
+        print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  vector ld/st "
+              f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}")
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
