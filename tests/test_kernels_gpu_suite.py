@@ -40,9 +40,11 @@ def test_gpu_suite_cpu_smoke(tmp_path):
         assert mlp[impl]["fwd_ms"] > 0 and mlp[impl]["rel_err_vs_fp32"] < 2e-2, (impl, mlp[impl])
     # training numbers come from the trainer: bench.throughput's Trainer.train_step cases and the CLI itself
     head, ref = sec["train auto+compiled bs256"], sec["train reference+compiled bs256"]
-    for row in (head, ref):
+    fp8 = sec["train auto+compiled+fp8mm bs256"]  # FP8 training through our FP8TrainingLinear, second in line
+    for row in (head, fp8, ref):
         assert row["img_per_s"] > 0 and row["batch_size"] == 2 and row["compile"] == "blocks"
         assert row["precision"] == "bf16" and row["zero_stage"] == 0
+    assert "scaled_mm" in fp8["fp8"] and head["fp8"] == "off"
     assert set(ref["kernels_ran"].values()) <= {"reference", "reference-sdpa"}
     assert ref["environment"]["kernels_requested"] == "reference"  # each case's row: its own process's block
     assert head["profile"]["ms_per_step_by_category"]  # the headline case carries its profile
