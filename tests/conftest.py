@@ -67,7 +67,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed_and_threads(request):
     torch.manual_seed(0)
+    from multiproc import LAUNCHER_ENV
+    launcher_env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     yield
+    # a trainer run in-process sets the single-process launcher variables (train.distributed); the next test's
+    # children must not inherit them (they would join this process's store, or pass for rank 0 of world 1)
+    for k, v in launcher_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     # a test that changed the thread count (e.g. to compare counts) does not leave it to the next one
     n = request.config.stash.get(THREADS, None)
     if n is not None and torch.get_num_threads() != n:

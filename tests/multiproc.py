@@ -20,10 +20,18 @@ def torchrun(module, *args, nproc=2):
             free_port(), "-m", module, *args]
 
 
+# What a rank's launcher sets. A test that ran a trainer in-process leaves them in os.environ (the single-process
+# defaults of train.distributed.init_distributed); a child must not inherit them: torchrun's own process would
+# pass for rank 0 of a world of 1.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
 def env():
-    """The test process's environment for a child run: the repo importable, one OpenMP thread per rank, the
-    shared cache of DeepSpeed's compiled ops."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+    """The test process's environment for a child run, less any launcher variables: the repo importable, one
+    OpenMP thread per rank, the shared cache of DeepSpeed's compiled ops."""
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    return {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions"))}
 

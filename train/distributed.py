@@ -203,6 +203,11 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
         _forget_deepspeed_groups()
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # One process needs no rendezvous: an in-process store, no TCP port (a port picked free can be
+            # taken by another process before the store binds it: EADDRINUSE). DeepSpeed adopts the group.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     start_heartbeat(timeout_s)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
