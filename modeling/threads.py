@@ -5,10 +5,21 @@ The trainers, the demo, the tests and the benchmarks call `configure_threads()` 
     configure_threads(n=None) -> int     the intra-op thread count now in force
 
 n: an explicit count (`--threads`), else $VAVAE_THREADS, else $OMP_NUM_THREADS (a user's or a launcher's:
-torchrun sets 1 for several ranks), else the cores this process may use (affinity and cgroup quota) divided
-by the ranks on this node ($LOCAL_WORLD_SIZE), at least 1. It sets torch's intra-op threads (OpenMP and
-MKL: the convolutions and matmuls) to n and its inter-op pool to 1 thread (these models run one op at a
-time; a second pool only competes for the same cores).
+torchrun sets 1 for several ranks), else `default_threads()`: the cores this process may use (affinity and
+cgroup quota) divided by the ranks on this node ($LOCAL_WORLD_SIZE), less one core left to the rest of the
+machine, at least 1. It sets torch's intra-op threads (OpenMP and MKL: the convolutions and matmuls) to n and
+its inter-op pool to 1 thread (these models run one op at a time; a second pool only competes for the cores).
+
+Why one core is left free (measured on the 2-core dev machine, a KVM guest, issue 22; ms per step of the
+demo's VA-VAE at batch 16 / its DiT at batch 64, 1 thread vs 2):
+- machine idle, sleeping OpenMP threads (PASSIVE):   1 thread 520-590 / 43-55;  2 threads 860-1030 / 117-129
+  (each parallel region wakes a halted virtual CPU);
+- machine idle, spinning threads (ACTIVE or GOMP_SPINCOUNT): 2 threads 320-380 / 40-44 (the only gain);
+- one core busy with another process: 1 thread 430-570 / 45-53; 2 threads PASSIVE 544 / 54, spinning
+  980-2580 / 160-340.
+One thread is the fastest or as fast in every case but idle-and-spinning, and spinning is up to 5x slower the
+moment anything else runs. More threads pay where each op is big (a GPU node's data pipeline, big CPU
+matmuls), and there the cores are many.
 
 What torch reads only when it loads (OpenMP's wait policy) cannot be changed afterwards, and importing
 anything from `modeling` loads torch (modeling/__init__.py): an entry point sets OMP_WAIT_POLICY=PASSIVE in
@@ -48,6 +59,12 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"${name}={value!r} is not an integer thread count") from None
 
 
+def default_threads() -> int:
+    """The cores for this process (the node's cores shared by its $LOCAL_WORLD_SIZE ranks) less one, at least 1."""
+    ranks = _env_int("LOCAL_WORLD_SIZE") or 1
+    return max(1, available_cores() // max(1, ranks) - 1)
+
+
 def resolve_threads(n: int | None = None) -> int:
     """The thread count configure_threads would use (see the module docstring), without touching torch."""
     if n is None:
@@ -55,8 +72,7 @@ def resolve_threads(n: int | None = None) -> int:
     if n is None:
         n = _env_int("OMP_NUM_THREADS")
     if n is None:
-        ranks = _env_int("LOCAL_WORLD_SIZE") or 1
-        n = max(1, available_cores() // max(1, ranks))
+        n = default_threads()
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     return n
@@ -94,10 +110,10 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def default_loader_workers(threads: int | None = None) -> int:
-    """Data-loader worker processes that leave the compute threads their cores: none while the compute uses
-    every core (decoding small JPEGs in the main process costs less than a worker's share of a core),
-    else the spare cores, at most 4."""
-    spare = available_cores() - resolve_threads(threads)
+    """Data-loader worker processes beside `threads` compute threads: the cores the compute leaves, less the
+    one left to the rest of the machine, at most 4; 0 (decode in this process) on a machine of 2 cores, where
+    decoding small JPEGs costs less than handing them over from another process."""
+    spare = available_cores() - resolve_threads(threads) - 1
     return max(0, min(4, spare))
 
 

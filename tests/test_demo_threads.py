@@ -22,11 +22,15 @@ def clean_env(monkeypatch):
 
 
 def test_precedence_explicit_then_env_then_cores(clean_env):
-    assert threads.resolve_threads() == 8                      # the cores
-    clean_env.setenv("LOCAL_WORLD_SIZE", "4")
-    assert threads.resolve_threads() == 2                      # shared by the ranks on this node
+    assert threads.resolve_threads() == 7                      # the cores less one
+    clean_env.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.resolve_threads() == 3                      # shared by the ranks on this node
     clean_env.setenv("LOCAL_WORLD_SIZE", "16")
     assert threads.resolve_threads() == 1                      # at least one
+    clean_env.setenv("LOCAL_WORLD_SIZE", "")
+    clean_env.setattr(threads, "available_cores", lambda: 2)
+    assert threads.resolve_threads() == 1                      # the 2-core machine: one
+    clean_env.setattr(threads, "available_cores", lambda: 8)
     clean_env.setenv("OMP_NUM_THREADS", "3")
     assert threads.resolve_threads() == 3                      # a user's / launcher's OpenMP setting
     clean_env.setenv("VAVAE_THREADS", "5")
@@ -66,9 +70,11 @@ def test_an_explicit_count_holds_for_later_calls_and_children(clean_env):
 
 
 def test_loader_workers_leave_the_compute_its_cores(clean_env):
-    assert threads.default_loader_workers(8) == 0              # compute on every core: decode in-process
-    assert threads.default_loader_workers(6) == 2
+    assert threads.default_loader_workers(7) == 0              # compute on the cores left: decode in-process
+    assert threads.default_loader_workers(5) == 2
     assert threads.default_loader_workers(1) == 4              # at most 4
+    clean_env.setattr(threads, "available_cores", lambda: 2)
+    assert threads.default_loader_workers() == 0               # the 2-core machine: none
 
 
 def test_a_child_started_with_thread_env_uses_it():
