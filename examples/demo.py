@@ -37,8 +37,8 @@ from modeling.config import console_entry, exit_status  # noqa: E402
 
 STAGES = ("data", "vae", "latents", "classifier", "dit", "report")
 
-# Per data set: the settings an option left unset takes. digits: measured to finish inside 10 minutes from a
-# fresh clone on 2 idle cores (see docs/bench.md); photos: the earlier default (14 photographs, 128 px).
+# Per data set: the settings an option left unset takes. digits: measured to finish inside 8 minutes from a
+# fresh clone on 2 cores, venv included (docs/demo_results.md); photos: the earlier default (14 photographs, 128 px).
 PRESETS = {
     "digits": dict(image_size=32, per_class=None, vae_steps=400, vae_batch=16, dit_steps=1000, dit_batch=64,
                    dit_hidden=128, dit_depth=3, dit_lr=2e-3, eval_every=250, eval_per_class=10, sample_steps=30,

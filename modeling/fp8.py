@@ -415,7 +415,6 @@ def refresh_fp8_weights(model: nn.Module) -> int:
     return sum(m.refresh_weight() for m in model.modules() if isinstance(m, FP8TrainingLinear))
 
 
-@torch.compiler.disable
 def _refresh_before_forward(model: nn.Module, args) -> None:
     refresh_fp8_weights(model)
 
@@ -438,5 +437,7 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, FP8TrainingLinear(m, recipe))
     if targets and not getattr(model, "_fp8_refresh_hook", None):
-        model._fp8_refresh_hook = model.register_forward_pre_hook(_refresh_before_forward)
+        # outside any compiled graph; disabled here, not by a decorator, which would import torch._dynamo (2 s)
+        # into every process that imports this module
+        model._fp8_refresh_hook = model.register_forward_pre_hook(torch.compiler.disable(_refresh_before_forward))
     return model

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     # can only run its interpreter. (`auto` never picks the interpreter: other tests still run the reference.)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from modeling.threads import configure_threads  # noqa: E402
+from modeling.threads import available_cores, configure_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = pytest.StashKey[int]()
@@ -50,9 +50,14 @@ def parity_configs(parity_dir):
 
 def pytest_configure(config):
     # the shared thread choice (--threads / $VAVAE_THREADS / $OMP_NUM_THREADS / the cores), as the trainers
-    config.stash[THREADS] = configure_threads()
+    # (under pytest-xdist each worker takes its share of the cores, unless a count was given)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    given = os.environ.get("VAVAE_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    config.stash[THREADS] = configure_threads(None if given or workers == 1 else max(1, available_cores() // workers))
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run by bench/gpu_suite.sh, not CI")
-    config.addinivalue_line("markers", "slow: multi-process or long; still part of CI")
+    config.addinivalue_line("markers", "extended: a further case of a behaviour CI already tests once (other launcher, "
+                                       "trainer, ZeRO stage or world size); `make test-all` runs it, `make test` (CI) "
+                                       "does not")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,3 +91,4 @@ def _seed_and_threads(request):
 def pytest_report_header(config):
     return (f"threads: {config.stash.get(THREADS, '?')} intra-op, {torch.get_num_interop_threads()} inter-op "
             f"(modeling.threads), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+

@@ -49,6 +49,7 @@ def test_spec_maps_to_trainer_switches():
         parse_spec("eager+turbo")
 
 
+@pytest.mark.extended  # CI: test_kernels_gpu_suite's train cases
 def test_train_mode_times_the_trainers_step(tmp_path, count_train_steps):
     report = throughput_main(["--config", TINY_CFG, "--batch-sizes", "2,3", "--backends", "eager+zero0",
                               "--warmup", "1", "--iters", "2", "--in-process", "--out", str(tmp_path / "t")])

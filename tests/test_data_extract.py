@@ -102,7 +102,6 @@ def _cli(base, out, *extra):
             "--shard-size", "4", "--workers", "0", *extra]
 
 
-@pytest.mark.slow
 def test_resume_after_kill_is_identical(setup, tmp_path):
     base, files, vae = setup
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -44,7 +44,6 @@ def two_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.slow
 def test_two_runs_from_scratch_write_the_same_numbers(two_runs):
     (a, _), (b, _) = two_runs
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
@@ -62,7 +61,6 @@ def test_two_runs_from_scratch_write_the_same_numbers(two_runs):
     assert sa["threads"]["intra_op"] == sb["threads"]["intra_op"] == 2 and sa["threads"]["inter_op"] == 1
 
 
-@pytest.mark.slow
 def test_stage_times_are_printed_and_recorded(two_runs):
     run, stdout = two_runs[0]
     summary = json.loads((run / "summary.json").read_text())
@@ -76,7 +74,6 @@ def test_stage_times_are_printed_and_recorded(two_runs):
         assert f"({name}: " in stdout
 
 
-@pytest.mark.slow
 def test_an_unreadable_stage_file_is_one_line(two_runs):
     run = two_runs[1][0]
     stats = run / "latents" / "latents_stats.pt"
@@ -96,7 +93,6 @@ def test_an_unreadable_stage_file_is_one_line(two_runs):
         stats.write_bytes(good)
 
 
-@pytest.mark.slow
 def test_other_settings_in_the_same_folder_are_refused_in_one_line(two_runs):
     run = two_runs[1][0]
     res = demo(run, "--seed", "1")

@@ -25,8 +25,11 @@ gives bitwise the losses and weights of the uninterrupted run; the surviving nod
 which node were lost; a stalled (SIGSTOPped) node ends the run after `dist.timeout_s` (also on the data-parallel
 group DeepSpeed creates itself); ranks other than 0 print nothing at INFO.
 
-4 ranks on 2 cores: each launch costs ~40-60 s of start-up. The launches not needed by the quick checks are
-marked slow (see the timings in docs/launch.md).
+4 ranks on 2 cores: each launch costs ~30-60 s. CI (`make test`) runs one launch per launcher and trainer pair it
+needs: the DiT under torchrun and the VA-VAE under DeepSpeed's launcher (layout, samples, writers, metrics, quiet
+node 1). The rest are `extended` (`make test-all`): the other two launcher/trainer pairs and the bitwise agreement
+of the launchers, the DiT node killed mid-run (exit, one-line naming, bitwise resume; CI kills a rank in
+tests/test_train_lost_rank.py), the VA-VAE node killed mid-checkpoint, the stalled node.
 """
 import json
 import os
@@ -369,6 +372,7 @@ def test_dit_two_torchrun_nodes(dit_straight):
     assert (n.run / "final_reference.pt").is_file()
 
 
+@pytest.mark.extended
 def test_vae_two_torchrun_nodes(vae_straight):
     n, ev = vae_straight, vae_straight.events()
     check_layout(ev, "GROUP_RANK")
@@ -380,7 +384,7 @@ def test_vae_two_torchrun_nodes(vae_straight):
     assert (n.run / "tokenizer.pt").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_dit_two_deepspeed_launcher_nodes(tmp_path, dit_latents, dit_straight):
     """DeepSpeed's launcher gives the same ranks, so the same run: bitwise the losses of the torchrun nodes."""
     n = run_two_nodes("deepspeed", "train.train_dit", dit_args(tmp_path / "run", dit_latents), tmp_path / "run",
@@ -395,17 +399,26 @@ def test_dit_two_deepspeed_launcher_nodes(tmp_path, dit_latents, dit_straight):
     assert losses(n.run) == losses(dit_straight.run)
 
 
-@pytest.mark.slow
-def test_vae_two_deepspeed_launcher_nodes(tmp_path, vae_images, vae_straight):
-    n = run_two_nodes("deepspeed", "train.train_vae", vae_args(tmp_path / "run", vae_images), tmp_path / "run",
-                      tmp_path)
-    ev = n.events()
+@pytest.fixture(scope="module")
+def vae_deepspeed(tmp_path_factory, vae_images):
+    tmp = tmp_path_factory.mktemp("vae_deepspeed")
+    return run_two_nodes("deepspeed", "train.train_vae", vae_args(tmp / "run", vae_images), tmp / "run", tmp)
+
+
+def test_vae_two_deepspeed_launcher_nodes(vae_deepspeed):
+    n, ev = vae_deepspeed, vae_deepspeed.events()
     check_layout(ev, "CROSS_RANK")
     check_samples(ev, VAE_SAMPLES, VAE_BATCH, VAE_STEPS)
     check_checkpoint_writers(ev, n.run / "ckpt", ["autoencoder", "discriminator"])
     check_rank0_files(ev, n.run, n.run / "ckpt")
     check_metrics(n.run, VAE_STEPS)
-    assert losses(n.run) == losses(vae_straight.run)
+    check_quiet_nodes(n)
+    assert (n.run / "tokenizer.pt").is_file()
+
+
+@pytest.mark.extended
+def test_vae_launchers_give_the_same_run(vae_deepspeed, vae_straight):
+    assert losses(vae_deepspeed.run) == losses(vae_straight.run)
 
 
 # ----------------------------------------------------------------------------- a lost node
@@ -448,7 +461,7 @@ def dit_killed(tmp_path_factory, dit_latents):
     return nodes
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: test_train_lost_rank (2 ranks, mid-step and mid-checkpoint)
 def test_dit_node_killed_mid_run_exits_and_resumes_bitwise(dit_killed, dit_straight, dit_latents, tmp_path):
     n = dit_killed
     assert n.survivor_rc not in (None, 0), f"node 0 did not exit within {TIMEOUT_S + 60} s of losing node 1"
@@ -464,7 +477,7 @@ def test_dit_node_killed_mid_run_exits_and_resumes_bitwise(dit_killed, dit_strai
     assert_same_final_weights(n.run, dit_straight.run, "final_reference.pt")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: test_train_lost_rank (2 ranks, mid-step and mid-checkpoint)
 def test_survivor_names_the_lost_node(dit_killed):
     """gloo only says 'Connection reset by peer [127.0.0.1]:PORT' and torchrun names the survivor's own ranks as the
     root cause: the trainer must say, in one line, that ranks 2 and 3 of node 1 were lost."""
@@ -474,7 +487,7 @@ def test_survivor_names_the_lost_node(dit_killed):
     assert named, "\n".join(lines)[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_vae_node_killed_mid_checkpoint_keeps_the_last_one_and_resumes_bitwise(tmp_path, vae_images, vae_straight):
     """Rank 2 (node 1) dies as DeepSpeed starts writing checkpoint 4: node 1's torchrun names it, node 0 exits,
     checkpoint 2 stays the latest and complete, and the relaunch matches the uninterrupted run bit for bit."""
@@ -501,7 +514,7 @@ def test_vae_node_killed_mid_checkpoint_keeps_the_last_one_and_resumes_bitwise(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_stalled_node_ends_the_run_within_the_timeout(tmp_path, dit_latents):
     """Node 1 frozen (SIGSTOP: its sockets stay open, nothing is reset): node 0 must give up after dist.timeout_s.
     ZeRO's gradient all-reduce runs on a group DeepSpeed makes with torch's new_group(ranks) and no timeout, which
@@ -529,8 +542,8 @@ def test_stalled_node_ends_the_run_within_the_timeout(tmp_path, dit_latents):
         nodes.kill_all()
 
 
-def test_only_rank0_prints_the_trainer_log(dit_straight, vae_straight):
+def test_only_rank0_prints_the_trainer_log(dit_straight, vae_deepspeed):
     """Not even the start-up line ('world 4, ...') or 'done: step N' from the ranks of node 1."""
-    for nodes in (dit_straight, vae_straight):
+    for nodes in (dit_straight, vae_deepspeed):
         text = nodes.output(1)
         assert not re.search(r" train(_vae)? INFO ", text), re.search(r".* train(_vae)? INFO .*", text).group(0)

@@ -208,7 +208,7 @@ def test_preemption_stops_training_and_requeues(tmp_path, sig, requeued):
     assert ("requeueing" in out) == requeued
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: the recipe rendered and requeued with fake srun / python (above)
 def test_requeued_job_resumes_the_real_trainer(tmp_path):
     """The DiT trainer on two fake nodes (one CPU rank each): SIGUSR1 after its first checkpoint requeues the job
     and stops it; the requeued start (same command) resumes from that checkpoint and finishes the run."""

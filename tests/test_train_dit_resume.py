@@ -30,7 +30,7 @@ def _losses(run_dir):
     return metrics_by_step(run_dir, lambda r: (r["loss"], r["mse"], r["cos"], r["grad_norm"]))
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: test_multinode's killed node resumes bitwise
 def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cmd(straight), cwd=REPO, env=env(), check=True, timeout=300, capture_output=True)
@@ -62,7 +62,7 @@ def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     assert not torch.equal(ref_a["ema"][k], ref_a["model"]["module." + k])
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: test_train_lost_rank
 def test_lost_rank_exits_non_zero_promptly(tmp_path):
     """One worker of a 2-process run dies (SIGKILL): the run must end with a non-zero exit, not hang."""
     import psutil

@@ -87,7 +87,6 @@ def dit_runs(tmp_path_factory):
     return straight, elastic, out3
 
 
-@pytest.mark.slow
 def test_dit_2_to_1_to_3_ranks_continues_the_loss_curve(dit_runs):
     straight, elastic, out3 = dit_runs
     a, b = losses(straight), losses(elastic)
@@ -151,7 +150,6 @@ def _resumed_here(src_run, step, dst, *overrides):
     return DiTTrainer(load_config(DiTTrainConfig, REPO / args[1], args[2:]))
 
 
-@pytest.mark.slow
 def test_moments_step_and_weights_survive_the_reshard(dit_runs, tmp_path):
     """ZeRO-1 x 2 ranks -> ZeRO-2 x 1 rank and ZeRO-3 x 3 ranks -> ZeRO-0 x 1 rank: every fp32 weight and Adam
     moment element for element (so the first step after resume is not a fresh Adam step), Adam's step count,
@@ -207,7 +205,7 @@ def test_another_world_without_the_flag_is_refused_naming_it(dit_runs, tmp_path)
         _resumed_here(straight, DIT_EVERY, tmp_path / "no", "train.zero_stage=0")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: the DiT's 2 -> 1 -> 3
 def test_vae_2_to_1_rank_continues_with_both_engines(tmp_path):
     """2 ranks x 2 images (ZeRO-2) -> 1 rank x 4 images (ZeRO-1): the same global batch, so every step reads the
     same 4 images in the same order as the uninterrupted run (the epoch permutation does not depend on the world).

@@ -61,7 +61,6 @@ def latest_step(run):
     return json.loads((run / "ckpt" / "latest.json").read_text())["step"]
 
 
-@pytest.mark.slow
 def test_rank_killed_mid_step_ends_the_survivor_in_one_line_and_resumes(tmp_path):
     run, logs = tmp_path / "run", tmp_path
     record = tmp_path / "kill.json"
@@ -91,7 +90,6 @@ def test_rank_killed_mid_step_ends_the_survivor_in_one_line_and_resumes(tmp_path
     assert latest_step(run) == STEPS
 
 
-@pytest.mark.slow
 def test_rank_killed_mid_checkpoint_under_torchrun_keeps_the_last_one(tmp_path):
     run = tmp_path / "run"
     record = tmp_path / "kill.json"

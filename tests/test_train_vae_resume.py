@@ -35,7 +35,7 @@ def _metrics(run_dir):
     return metrics_by_step(run_dir, lambda r: {k: v for k, v in r.items() if k not in NOT_COMPARED})
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI: the DiT's, test_multinode
 def test_two_process_zero2_kill_and_resume_is_bitwise(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     r = subprocess.run(_cmd(straight), cwd=REPO, env=env(), timeout=300, capture_output=True, text=True)
