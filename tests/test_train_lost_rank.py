@@ -90,6 +90,7 @@ def test_rank_killed_mid_step_ends_the_survivor_in_one_line_and_resumes(tmp_path
     assert latest_step(run) == STEPS
 
 
+@pytest.mark.extended  # CI: the rank killed mid-step (above)
 def test_rank_killed_mid_checkpoint_under_torchrun_keeps_the_last_one(tmp_path):
     run = tmp_path / "run"
     record = tmp_path / "kill.json"
