@@ -25,11 +25,11 @@ gives bitwise the losses and weights of the uninterrupted run; the surviving nod
 which node were lost; a stalled (SIGSTOPped) node ends the run after `dist.timeout_s` (also on the data-parallel
 group DeepSpeed creates itself); ranks other than 0 print nothing at INFO.
 
-4 ranks on 2 cores: each launch costs ~30-60 s. CI (`make test`) runs one launch per launcher and trainer pair it
-needs: the DiT under torchrun and the VA-VAE under DeepSpeed's launcher (layout, samples, writers, metrics, quiet
-node 1). The rest are `extended` (`make test-all`): the other two launcher/trainer pairs and the bitwise agreement
-of the launchers, the DiT node killed mid-run (exit, one-line naming, bitwise resume; CI kills a rank in
-tests/test_train_lost_rank.py), the VA-VAE node killed mid-checkpoint, the stalled node.
+4 ranks on 2 cores: each launch costs ~30-60 s. CI (`make test`) runs each launcher and each trainer once: the DiT
+under torchrun and the VA-VAE under DeepSpeed's launcher (layout, samples, writers, metrics, quiet node 1), and the
+DiT node killed mid-run (exit within the timeout, one-line naming, bitwise resume). The rest are `extended`
+(`make test-all`): the other two launcher/trainer pairs and the bitwise agreement of the launchers, the VA-VAE node
+killed mid-checkpoint, the stalled node.
 """
 import json
 import os
@@ -461,7 +461,6 @@ def dit_killed(tmp_path_factory, dit_latents):
     return nodes
 
 
-@pytest.mark.extended  # CI: test_train_lost_rank (2 ranks, mid-step and mid-checkpoint)
 def test_dit_node_killed_mid_run_exits_and_resumes_bitwise(dit_killed, dit_straight, dit_latents, tmp_path):
     n = dit_killed
     assert n.survivor_rc not in (None, 0), f"node 0 did not exit within {TIMEOUT_S + 60} s of losing node 1"
@@ -477,7 +476,6 @@ def test_dit_node_killed_mid_run_exits_and_resumes_bitwise(dit_killed, dit_strai
     assert_same_final_weights(n.run, dit_straight.run, "final_reference.pt")
 
 
-@pytest.mark.extended  # CI: test_train_lost_rank (2 ranks, mid-step and mid-checkpoint)
 def test_survivor_names_the_lost_node(dit_killed):
     """gloo only says 'Connection reset by peer [127.0.0.1]:PORT' and torchrun names the survivor's own ranks as the
     root cause: the trainer must say, in one line, that ranks 2 and 3 of node 1 were lost."""

@@ -1,12 +1,15 @@
 """scripts/slurm/train.sbatch rendered without SLURM: the batch script runs under bash as slurmd would run it
 (SLURM_* variables of a 2-node allocation), with fake `scontrol` and `srun` on PATH that record what they are asked
 (srun then starts its command once per node with that node's SLURM_NODEID, as srun does), and a fake `python` that
-records the command each node would run. Checked: the exact torchrun line of every node for both trainers (node
-rank, node count, ranks per node, MASTER_ADDR = first host of `scontrol show hostnames`, port, shared checkpoint
-and run folder, timeout, the user's overrides), the srun options, one-line refusals, and preemption: SIGUSR1 near
-the time limit requeues the job (`scontrol requeue <id>`) and stops the training; SIGTERM stops it without a
-requeue of its own. The slow test runs the real DiT trainer through the recipe on two fake nodes of this machine,
-preempts it after its first checkpoint and starts the requeued job: it resumes and finishes the run."""
+records the command each node would run (and starts a fake worker, as torchrun starts the trainers). Checked: the
+exact torchrun line of every node for both trainers (node rank, node count, ranks per node, MASTER_ADDR = first
+host of `scontrol show hostnames`, port, shared checkpoint and run folder, timeout, the user's overrides), the srun
+options, one-line refusals, and preemption: SIGUSR1 near the time limit reaches every worker (through srun and
+scripts/slurm/node.sh, not torchrun), which checkpoint and exit, and then the job is requeued (`scontrol requeue
+<id>`), or after PREEMPT_GRACE_S the training is stopped and the job requeued all the same; SIGTERM stops it
+without a requeue of its own. The extended test runs the real DiT trainer through the recipe on two fake nodes of
+this machine, sends SIGUSR1 mid-run (no periodic checkpoint yet) and starts the requeued job: it resumes from the
+checkpoint the signal made and finishes the run. tests/test_train_preempt.py checks the trainers' side in CI."""
 import json
 import os
 import signal
@@ -58,26 +61,49 @@ while argv and argv[0].startswith("-"):
 nodes = int(opts["--nodes"])
 procs = [subprocess.Popen(argv, env={{**os.environ, "SLURM_NODEID": str(i), "SLURM_PROCID": str(i),
                                       "SLURM_LOCALID": "0"}}) for i in range(nodes)]
-def stop(sig, frame):
+def forward(sig, frame):  # srun forwards the signals it receives to its tasks
     for p in procs:
-        p.send_signal(signal.SIGTERM)
-signal.signal(signal.SIGTERM, stop)
+        p.send_signal(sig)
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGUSR1, forward)
 rcs = [p.wait() for p in procs]
 sys.exit(next((rc for rc in rcs if rc), 0))
 """
 
+# torchrun and its worker: the launcher records its command line and starts one worker; like torchrun it stops
+# its worker on SIGTERM and has no handler for SIGUSR1 (it would die of it). The worker records its start (its
+# handlers are in place), SIGUSR1 ("checkpointed", exit 0, unless FAKE_IGNORE_USR1) and SIGTERM ("terminated").
 FAKE_PYTHON = f"""#!{sys.executable}
-import json, os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 log = os.environ["FAKE_SLURM_LOG"]
+node = os.environ.get("SLURM_NODEID")
 def note(**kw):
     with open(log, "a") as f:
         f.write(json.dumps(kw) + "\\n")
-note(cmd="python", argv=sys.argv[1:], node=os.environ.get("SLURM_NODEID"), cwd=os.getcwd())
-def term(sig, frame):
-    note(cmd="python-terminated", node=os.environ.get("SLURM_NODEID"))
-    sys.exit(143)
-signal.signal(signal.SIGTERM, term)
-time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
+if sys.argv[1:] == ["--fake-worker"]:
+    def usr1(sig, frame):
+        note(cmd="worker-checkpointed", node=node)
+        sys.exit(0)
+    def term(sig, frame):
+        note(cmd="python-terminated", node=node)
+        sys.exit(143)
+    if not os.environ.get("FAKE_IGNORE_USR1"):
+        signal.signal(signal.SIGUSR1, usr1)
+    else:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, term)
+    note(cmd="worker-start", node=node)
+    time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
+    sys.exit(0)
+note(cmd="python", argv=sys.argv[1:], node=node, cwd=os.getcwd())
+worker = subprocess.Popen([sys.argv[0], "--fake-worker"])
+stopped = []
+def stop(sig, frame):  # (no wait() in here: the main thread is inside worker.wait(), which holds its lock)
+    stopped.append(sig)
+    worker.send_signal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+rc = worker.wait()
+sys.exit(143 if stopped else rc)
 """
 
 
@@ -184,47 +210,92 @@ def _start(tmp_path, extra=None):
     p = subprocess.Popen(["bash", str(SBATCH), "dit", "configs/dit_tiny_cpu.yaml"], cwd=tmp_path, env=e,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while len(_calls(log, "python")) < 2:
+    while len(_calls(log, "worker-start")) < 2:  # both nodes' workers started, their handlers in place
         assert p.poll() is None and time.time() < deadline, p.communicate()
         time.sleep(0.05)
     return p, log
 
 
-@pytest.mark.parametrize("sig,requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
-def test_preemption_stops_training_and_requeues(tmp_path, sig, requeued):
+def _log(log):
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_time_limit_signal_checkpoints_every_node_then_requeues(tmp_path):
+    """SIGUSR1 (--signal=B:USR1@600) reaches every worker (srun -> node.sh -> torchrun's children, not torchrun),
+    the workers checkpoint and exit 0, and only then the job is requeued (requeueing a running job ends it)."""
     p, log = _start(tmp_path)
     try:
         t0 = time.time()
-        p.send_signal(sig)  # what --signal=B:USR1@600 (time limit) or a preemption sends to the batch shell
+        p.send_signal(signal.SIGUSR1)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert time.time() - t0 < 30
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    requeues = [c["argv"] for c in _calls(log, "scontrol") if c["argv"][0] == "requeue"]
-    assert requeues == ([["requeue", "4242"]] if requeued else [])
+    events = [(r["cmd"], r.get("node") or r.get("argv", [""])[0]) for r in _log(log)
+              if r["cmd"] in ("worker-checkpointed", "python-terminated", "scontrol")]
+    events = [e for e in events if e != ("scontrol", "show")]
+    assert sorted(events[:2]) == [("worker-checkpointed", "0"), ("worker-checkpointed", "1")], events
+    assert events[2:] == [("scontrol", "requeue")], events  # after both checkpoints, and nothing terminated
+    assert [c["argv"] for c in _calls(log, "scontrol") if c["argv"][0] == "requeue"] == [["requeue", "4242"]]
+    assert "the trainers checkpoint and stop" in out and "requeueing" in out
+
+
+def test_time_limit_signal_without_a_checkpoint_stops_after_the_grace(tmp_path):
+    """Workers that do not stop within PREEMPT_GRACE_S of SIGUSR1 are stopped (SIGTERM), then the job is
+    requeued all the same."""
+    p, log = _start(tmp_path, extra={"FAKE_IGNORE_USR1": "1", "PREEMPT_GRACE_S": "2"})
+    try:
+        p.send_signal(signal.SIGUSR1)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert sorted(c["node"] for c in _calls(log, "python-terminated")) == ["0", "1"]
+    assert not _calls(log, "worker-checkpointed")
+    assert [c["argv"] for c in _calls(log, "scontrol") if c["argv"][0] == "requeue"] == [["requeue", "4242"]]
+    assert "no checkpoint after 2 s: stopping the training" in out and "requeueing" in out
+
+
+def test_sigterm_stops_training_without_a_requeue_of_its_own(tmp_path):
+    """A preemption or scancel (SIGTERM to the batch shell): the training stops; SLURM's --requeue, not this
+    script, puts a preempted job back."""
+    p, log = _start(tmp_path)
+    try:
+        t0 = time.time()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert time.time() - t0 < 30
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not [c for c in _calls(log, "scontrol") if c["argv"][0] == "requeue"]
     assert sorted(c["node"] for c in _calls(log, "python-terminated")) == ["0", "1"]  # both nodes' training stopped
-    assert ("requeueing" in out) == requeued
+    assert "requeueing" not in out
 
 
 @pytest.mark.extended  # CI: the recipe rendered and requeued with fake srun / python (above)
 def test_requeued_job_resumes_the_real_trainer(tmp_path):
-    """The DiT trainer on two fake nodes (one CPU rank each): SIGUSR1 after its first checkpoint requeues the job
-    and stops it; the requeued start (same command) resumes from that checkpoint and finishes the run."""
-    steps, every = 40, 4
+    """The DiT trainer on two fake nodes (one CPU rank each): SIGUSR1 mid-run makes the ranks save a checkpoint
+    (there is no periodic one: checkpoint.every is past the end) and stop, then the job is requeued; the requeued
+    start (same command) resumes from that checkpoint and finishes the run."""
+    steps, every = 40, 1000
     port = free_port()
     extra = {"PYTHON": sys.executable, "GPUS_PER_NODE": "1", "MASTER_PORT": port, "DIST_TIMEOUT_S": "60"}
     e, log = _fake_slurm(tmp_path, nodelist="localhost,localhost", extra=extra)
     args = ["bash", str(SBATCH), "dit", "configs/dit_tiny_cpu.yaml", f"train.steps={steps}",
-            f"checkpoint.every={every}", "checkpoint.keep_last=20", "train.global_batch=16", "train.batch_per_gpu=8",
-            "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false"]
+            f"checkpoint.every={every}", "checkpoint.stop_check_every=2", "train.global_batch=16",
+            "train.batch_per_gpu=8", "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false"]
     first = subprocess.Popen(args, cwd=tmp_path, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     pointer = tmp_path / "run" / "checkpoints" / "latest.json"
+    metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
-        while not (pointer.exists() and json.loads(pointer.read_text())["step"] >= every):
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
             time.sleep(0.05)
         first.send_signal(signal.SIGUSR1)
@@ -235,7 +306,8 @@ def test_requeued_job_resumes_the_real_trainer(tmp_path):
     assert first.returncode == 0, out1[-3000:]
     assert [c["argv"] for c in _calls(log, "scontrol") if c["argv"][0] == "requeue"] == [["requeue", "4242"]]
     saved = json.loads(pointer.read_text())["step"]
-    assert every <= saved < steps, "the first start was not stopped mid-run"
+    assert 2 <= saved < steps and saved % 2 == 0, "the first start was not stopped mid-run"
+    assert f"SIGUSR1 received: stopped after step {saved} with its checkpoint" in out1
 
     e["SLURM_RESTART_COUNT"] = "1"  # what SLURM sets on the requeued start
     e["MASTER_PORT"] = free_port()

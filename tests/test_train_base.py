@@ -22,7 +22,7 @@ SHARED = {"data": config_sections.DataSection, "optim": config_sections.OptimSec
           "train": config_sections.TrainSection, "checkpoint": config_sections.CheckpointSection,
           "logging": config_sections.LoggingSection, "profile": config_sections.ProfileSection,
           "dist": config_sections.DistSection}
-REPORT_KEYS = {"step", "total_steps", "images_seen", "skipped_steps", "metrics", "eval", "exports", "checkpoint",
+REPORT_KEYS = {"step", "stopped_by", "total_steps", "images_seen", "skipped_steps", "metrics", "eval", "exports", "checkpoint",
                "logging_dir"}
 
 
@@ -78,6 +78,7 @@ def _check_step_floats(out, expected):
 def _check_report(report, trainer):
     assert set(report) == REPORT_KEYS
     assert report["step"] == trainer.step == report["total_steps"] == 2 and report["skipped_steps"] == 0
+    assert report["stopped_by"] is None
     assert report["images_seen"] == 2 * trainer.global_batch
     assert all(isinstance(v, (int, float)) for v in report["metrics"].values()) and "loss" in report["metrics"]
     assert report["checkpoint"] == str(trainer.ckpt.step_dir(2)) and Path(report["checkpoint"]).is_dir()

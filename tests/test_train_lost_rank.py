@@ -61,6 +61,7 @@ def latest_step(run):
     return json.loads((run / "ckpt" / "latest.json").read_text())["step"]
 
 
+@pytest.mark.extended  # CI: a whole node lost mid-run (tests/test_multinode.py, the survivor noticing by itself)
 def test_rank_killed_mid_step_ends_the_survivor_in_one_line_and_resumes(tmp_path):
     run, logs = tmp_path / "run", tmp_path
     record = tmp_path / "kill.json"
@@ -90,7 +91,7 @@ def test_rank_killed_mid_step_ends_the_survivor_in_one_line_and_resumes(tmp_path
     assert latest_step(run) == STEPS
 
 
-@pytest.mark.extended  # CI: the rank killed mid-step (above)
+@pytest.mark.extended  # CI: a whole node lost mid-run (tests/test_multinode.py)
 def test_rank_killed_mid_checkpoint_under_torchrun_keeps_the_last_one(tmp_path):
     run = tmp_path / "run"
     record = tmp_path / "kill.json"

@@ -8,7 +8,8 @@
 `__init__`: process group, CPU threads, the checkpoint folder's lock, the model (`build_model`), per-rank seeds,
 the optimizers and DeepSpeed engines (`build_engines`), the data (`build_loader`), the non-finite guard, resume.
 `fit` loops `next_batch` -> one optimizer step -> guard -> metrics line -> evaluation -> checkpoint, then
-exports. A subclass adds only what is its own:
+exports; a stop signal (SIGUSR1 from SLURM before the time limit: train/preempt.py) ends it early, after a
+checkpoint the same command resumes from. A subclass adds only what is its own:
 
     build_model()          model(s) and losses, initial weights from train.seed (the same on every rank)
     build_engines()        optimizer(s) and engine(s), each through `add_engine(tag, module, optimizer)`
@@ -51,6 +52,7 @@ from .distributed import RUN_STATE, DistInfo, all_reduce_mean, init_distributed,
 from .guard import NonFiniteGuard, engine_step
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
 from .precision import deepspeed_autocast
+from .preempt import StopRequest
 
 log = logging.getLogger("train")
 
@@ -314,7 +316,8 @@ class Trainer:
         """Train to `total_steps` (from where resume left off), checkpointing every `checkpoint.every` steps and
         at the end, then export. Returns the same report for both trainers:
 
-            {"step", "total_steps", "images_seen", "skipped_steps",
+            {"step", "stopped_by": None, or the stop signal's name when it ended the run early (train/preempt.py),
+             "total_steps", "images_seen", "skipped_steps",
              "metrics": the last metrics line (window means), "eval": the last evaluation's results and the
              final evaluation's (VA-VAE: psnr), "exports": {name: path}, "checkpoint": the last checkpoint's
              folder, "logging_dir": the run folder}
@@ -326,6 +329,8 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / "config.yaml")
         metrics = profile = None
+        stop = StopRequest(cfg.checkpoint.stop_signal, cfg.checkpoint.stop_check_every, info.world_size,
+                           self.device)
         try:
             metrics = MetricsLogger(run_dir, info.is_main, lg.tensorboard, lg.progress_bar, self.total_steps,
                                     self.step, wandb=lg.wandb, wandb_project=lg.wandb_project,
@@ -335,6 +340,8 @@ class Trainer:
             self.restart_batches()
             window = MetricWindow(self.device, self.GAUGES)
             last_line, last_eval = {}, {}
+            stop.install()
+            saved_at, stopped_by = None, None
             start = t0 = time.time()
             paused, paused_t0, window_start = 0.0, 0.0, self.step  # paused: seconds of evaluation and checkpoints
             while self.step < self.total_steps:
@@ -354,18 +361,29 @@ class Trainer:
                     last_eval = self.log_evaluation(metrics, training_s=paused_from - start - paused)
                 if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
                     self.save()
+                    saved_at = self.step
+                if self.step < self.total_steps and stop.agreed(self.step):  # (train/preempt.py)
+                    path = self.ckpt.step_dir(self.step) if saved_at == self.step else self.save()
+                    stopped_by = stop.name
+                    log.info("%s received: stopped after step %d with its checkpoint %s; the same command "
+                             "resumes from it", stopped_by, self.step, path)
+                    break
                 paused += time.time() - paused_from
-            set_phase("exporting the weights")
-            exports = self.export() if cfg.checkpoint.export_reference else {}
-            final = self.final_evaluation()
+            exports, final = {}, {}
+            if stopped_by is None:
+                set_phase("exporting the weights")
+                exports = self.export() if cfg.checkpoint.export_reference else {}
+                final = self.final_evaluation()
         finally:
+            stop.close()
             if profile is not None:
                 profile.close()
             if metrics is not None:
                 metrics.close()
             self.close()
-        log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
-        return {"step": self.step, "total_steps": self.total_steps, "images_seen": self.images_seen,
+        if stopped_by is None:
+            log.info("done: step %d, %d non-finite steps skipped", self.step, self.guard.skipped_steps)
+        return {"step": self.step, "stopped_by": stopped_by, "total_steps": self.total_steps, "images_seen": self.images_seen,
                 "skipped_steps": self.guard.skipped_steps, "metrics": last_line, "eval": {**last_eval, **final},
                 "exports": exports, "checkpoint": str(self.ckpt.step_dir(self.step)), "logging_dir": str(run_dir)}
 

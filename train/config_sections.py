@@ -80,6 +80,11 @@ class CheckpointSection:
                                         # stage (elastic; continues the step, images seen, lr schedule, weights,
                                         # EMA and Adam moments, not bit-exact: docs/training.md "Elastic resume")
     export_reference: bool = True       # write the trained weights in the reference format at the end
+    # on this signal every rank saves a checkpoint after the same step and stops (exit 0; the same command
+    # resumes): SLURM's warning before the time limit (scripts/slurm/train.sbatch); none: the signal's default
+    stop_signal: Literal["SIGUSR1", "SIGUSR2", "none"] = "SIGUSR1"
+    stop_check_every: int = 10          # steps between the ranks' agreement on a stop signal (a 4-byte
+                                        # all-reduce each time; one process checks after every step)
 
     def validate(self) -> None:
         require(self.every > 0 and self.keep_last >= 1, "every and keep_last must be >= 1")
