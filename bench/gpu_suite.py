@@ -343,6 +343,9 @@ def print_table(r: dict) -> None:
         for impl, row in impls.items():
             cells.append(f"{impl} {'ERR' if 'error' in row else '%.0f/%.0f' % (row['fwd_GBps'], row['fwd_bwd_GBps'])}")
         print(f"{op:28s} GB/s fwd/fwd+bwd: " + " | ".join(cells))
+    if sec.get("ops"):  # the question issue 18 asks of every fused op: does it beat inductor's fusion?
+        from bench.ops_bench import versus_inductor
+        print("\n".join(["ours vs torch.compile(reference) (> 1: ours faster):"] + versus_inductor(sec["ops"])))
     cli = sec.get("trainer_cli_bs256")
     if cli:
         print(f"trainer CLI bs{cli['batch']}: {cli['img_per_s_last_window']:.1f} img/s (last window), "

@@ -52,6 +52,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert cli["img_per_s_last_window"] > 0 and cli["peak_rss_gib"] if "peak_rss_gib" in cli else True
     assert "train.train_dit" in cli["command"] and not [w for w in cli["warnings"] if "autocast" in w]
     assert "trainer CLI" in res.stdout  # the short table comes last
+    assert re.search(r"^rms_norm +triton +fwd_bwd .* vs inductor .*x", res.stdout, re.M), res.stdout[-3000:]
     # what a lent machine returns: at most 8 files; the rest travel in one archive
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8, files
