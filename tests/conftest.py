@@ -60,17 +60,7 @@ def pytest_configure(config):
                                        "does not")
 
 
-# The files that take longest on 2 cores (seconds of a worker's time, measured with --durations=0 at 8e31bfe),
-# collected first: pytest-xdist (--dist loadfile) hands files out in collection order, so the longest start
-# first and the run does not end with one worker busy on a long file while the other idles.
-LONGEST_FILES = ("test_multinode.py", "test_kernels_gpu_suite.py", "test_demo_determinism.py", "test_kernels.py",
-                 "test_train_elastic.py", "test_scaling.py", "test_fp8_training.py", "test_train_dit.py",
-                 "test_eval_inception.py", "test_sampling_fast.py", "test_train_preempt.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine)")
