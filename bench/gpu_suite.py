@@ -204,8 +204,8 @@ def command(name: str, cmd: str | None, timeout: float, smoke_cmd: str | None = 
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
-SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+refops+model+graphs@128",
-                 "fp8+model+graphs@256", "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
+SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+inline+model+graphs@128",
+                 "fp8+refops+model+graphs@128", "fp8+model+graphs@256", "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
                  "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+autotune+graphs@128")
 EXTRA_COMMANDS = {
     # the sampling accuracy guard on the GPU: bf16 and FP8 against fp32 on the fixtures and a small trained model
@@ -216,8 +216,9 @@ EXTRA_COMMANDS = {
                         "--num-samples 16 --train-steps 5 --json $OUT/precision_guard.json > $OUT/precision_guard.log"),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
     # entry's error is measured against it), bf16 weights (4.77 img/s on an H200 at a6bea52), FP8 through
-    # FP8Linear (5.68), the same with every op traced as torch ops (refops: the SwiGLU can fuse with w3's
-    # activation quantization), then the variants; max-autotune last (minutes of autotuning); no entry starts after
+    # FP8Linear with the SwiGLU's and attention's outputs quantized by our one-pass kernels (fp8_quant auto = ours),
+    # the same with them quantized in torch ops (inline: 5.68 at a6bea52), with every op traced as torch ops
+    # (refops), then the variants; max-autotune last (minutes of autotuning); no entry starts after
     # 240 s, each writes sample_throughput.partial.json; --profile: kernel time by category per entry (~5 s)
     "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --profile --plan " + ",".join(SAMPLING_PLAN)
                  + " --out $OUT/sample_throughput", 420,
@@ -341,7 +342,8 @@ def print_table(r: dict) -> None:
             continue
         cells = []
         for impl, row in impls.items():
-            cells.append(f"{impl} {'ERR' if 'error' in row else '%.0f/%.0f' % (row['fwd_GBps'], row['fwd_bwd_GBps'])}")
+            both = f"{row['fwd_bwd_GBps']:.0f}" if "fwd_bwd_GBps" in row else "-"  # "-": an inference op
+            cells.append(f"{impl} ERR" if "error" in row else f"{impl} {row['fwd_GBps']:.0f}/{both}")
         print(f"{op:28s} GB/s fwd/fwd+bwd: " + " | ".join(cells))
     if sec.get("ops"):  # the question issue 18 asks of every fused op: does it beat inductor's fusion?
         from bench.ops_bench import versus_inductor

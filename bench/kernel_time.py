@@ -13,10 +13,14 @@ if TYPE_CHECKING:
     from train.train_dit import Trainer
 
 CATEGORIES = (  # first match wins; lower-case substrings of kernel names
+    # inductor's pointwise / reduction kernels are named after every op they fuse, their consumers' included
+    # ("triton_red_fused__scaled_mm__to_copy_abs_amax..." is a quantization, "..._cudnn_attention_transpose" a copy)
+    ("inductor fusions", ("triton_poi", "triton_red", "triton_per")),
     ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa", "mha")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "scaled_mm", "float8")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "scaled_mm", "float8", "triton_tem")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "vavae", "_rope", "_swiglu", "_gated", "_fwd_kernel", "_bwd_kernel")),
+    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "vavae", "_rope", "_swiglu", "_gated", "_quant_rows", "_fwd_kernel",
+                           "_bwd_kernel")),
     ("inductor fusions", ("triton_",)),
 )
 OTHER = "other (eager elementwise, copies, reductions)"

@@ -76,7 +76,9 @@ def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, sm
         fn = lambda *a: case.call(dispatch, *a)  # noqa: E731
     row = {}
     out = _tuple(fn(*case.inputs))
-    row["rel_err_vs_fp32"] = max(((o.float() - r).norm() / r.norm()).item() for o, r in zip(out, ref_out))
+    # per output tensor, in fp32 (an fp8 output and its scale too: their error against the fp32 input's)
+    row["rel_err_vs_fp32"] = max(((o.float() - r.float()).norm() / r.float().norm()).item()
+                                 for o, r in zip(out, ref_out))
     row["ran"] = kernels.describe()["ops"].get(name, impl) if impl in ("triton", "cuda") else impl
 
     def fwd():

@@ -111,14 +111,21 @@ def plot_throughput(report: dict | str | Path, path: str | Path) -> Path:
 
 def plot_ops(results: dict | str | Path, path: str | Path, metric: str = "fwd_bwd_GBps") -> Path:
     """bench.ops_bench results -> PNG: GB/s per op (`metric`: fwd_GBps or fwd_bwd_GBps), one bar per
-    implementation that ran; errors are listed under the plot."""
+    implementation that ran; an inference op (no backward timed) shows its forward under fwd_bwd_GBps, labelled
+    so; errors are listed under the plot."""
     results = _load(results)
     ops = [k for k, v in results.items()  # the environment block and the non-bandwidth tables are not ops
            if k not in ("environment", "attention", "mlp_w12_swiglu") and isinstance(v, dict)]
+    fwd_only = {op for op in ops if metric == "fwd_bwd_GBps"
+                and not any(metric in row for row in results[op].values() if isinstance(row, dict))}
+
+    def value(op, row):
+        return None if row is None or "error" in row else row.get("fwd_GBps" if op in fwd_only else metric)
+
     errors = [f"{op}/{impl}: {row.get('error', 'no ' + metric)}" for op in ops for impl, row in results[op].items()
-              if "error" in row or metric not in row]
+              if value(op, row) is None]
     impls = list(dict.fromkeys(impl for op in ops for impl, row in results[op].items()
-                               if "error" not in row and metric in row))
+                               if value(op, row) is not None))
     if not ops or not impls:
         raise ValueError(f"ops benchmark results have no successful {metric} rows to plot")
     width = 0.8 / len(impls)
@@ -126,12 +133,13 @@ def plot_ops(results: dict | str | Path, path: str | Path, metric: str = "fwd_bw
     for j, impl in enumerate(impls):
         xs, ys = [], []
         for i, op in enumerate(ops):
-            row = results[op].get(impl)
-            if row is not None and "error" not in row and metric in row:
+            v = value(op, results[op].get(impl))
+            if v is not None:
                 xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                ys.append(row[metric])
+                ys.append(v)
         ax.bar(xs, ys, width, label=impl, color=f"C{j}")
-    ax.set_xticks(range(len(ops)), [o.replace("_", "\n") for o in ops], fontsize=7)
+    ax.set_xticks(range(len(ops)), [o.replace("_", "\n") + ("\n(fwd only)" if o in fwd_only else "") for o in ops],
+                  fontsize=7)
     ax.set(ylabel=metric.replace("_GBps", " GB/s").replace("_", "+"), title=f"memory-bound ops: {metric}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)

@@ -21,7 +21,7 @@ from .registry import BenchCase, BenchShape, Op, register
 
 
 @triton.jit
-def _kernel(X, W, BIAS, OUT, M, H, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+def _linear_swiglu_gemm_kernel(X, W, BIAS, OUT, M, H, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
             FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -104,11 +104,11 @@ def linear_swiglu_op(x: Tensor, w12: Tensor, b12: Optional[Tensor]) -> Tensor:
         args = (x2, w, bias, out, M, H, K, x2.stride(0), w.stride(0), out.stride(0))
         if _triton.interpreting():
             b = INTERPRETER_BLOCKS
-            _kernel[(triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(H, b["BLOCK_N"]),)](
+            _linear_swiglu_gemm_kernel[(triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(H, b["BLOCK_N"]),)](
                 *args, EVEN_K=K % b["BLOCK_K"] == 0, **common, **b)
         else:
             if _autotuned is None:
-                _autotuned = triton.autotune(configs=_configs(), key=["M", "H", "K"])(_kernel)
+                _autotuned = triton.autotune(configs=_configs(), key=["M", "H", "K"])(_linear_swiglu_gemm_kernel)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
             _autotuned[grid](*args, EVEN_K=K % 64 == 0, **common)
     return out.reshape(*x.shape[:-1], H)

@@ -32,6 +32,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from kernels import ops
+from kernels.fp8_quant import FP8_E4M3_MAX, quantize_fp8  # noqa: F401  (the recipe, with its kernels)
+
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
            "scaled_mm": ("rowwise", "tensorwise", "rowwise_with_gw_hp")}  # scaled_mm: ours, FP8TrainingLinear
@@ -121,28 +124,21 @@ def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRA
     return model
 
 
-FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-
-
-def quantize_fp8(x, rowwise):
-    """x (rows, K) -> (e4m3 values, fp32 scale) with x ~= values * scale: one scale per row (shape (rows, 1)) or
-    one for the tensor (shape ()). Plain torch ops: under torch.compile the amax, the division and the cast
-    fuse into one kernel, and into the op that produced x."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
-    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
-    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
-
-
 class FP8Linear(nn.Module):
     """Inference-only replacement for a bf16 nn.Linear: y = x W^T + b with W held in e4m3 (quantized once, one
     scale per output channel or per tensor) and x quantized on every call the same way (per row or per
     tensor), multiplied by torch._scaled_mm (fp32 accumulation, bf16 output). Reference: the dequantized
-    product (x_q * s_x) (W_q * s_w)^T + b, which `dequantized_reference` computes in fp32."""
+    product (x_q * s_x) (W_q * s_w)^T + b, which `dequantized_reference` computes in fp32.
 
-    def __init__(self, linear, rowwise=True):
+    input_kernel (rowwise only): x is quantized by `kernels.ops.quantize_rows_fp8` (one pass per row) instead of
+    plain torch ops; for an input whose producer inductor cannot fuse the quantization into (attention's output)."""
+
+    def __init__(self, linear: nn.Linear, rowwise: bool = True, input_kernel: bool = False) -> None:
         super().__init__()
+        if input_kernel and not rowwise:
+            raise ValueError("FP8Linear: input_kernel quantizes per row; it needs rowwise=True")
         self.in_features, self.out_features, self.rowwise = linear.in_features, linear.out_features, rowwise
+        self.input_kernel = input_kernel
         with torch.no_grad():
             w_q, w_scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w_q)  # (N, K) row-major: its .t() is the column-major B _scaled_mm wants
@@ -150,25 +146,50 @@ class FP8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
 
-    def forward(self, x):
-        lead = x.shape[:-1]
-        x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
-        y = torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=torch.bfloat16, use_fast_accum=True)
-        return y.reshape(*lead, self.out_features)
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 (rows, K) -> (e4m3 (rows, K), its fp32 scale)."""
+        if self.input_kernel:
+            return ops.quantize_rows_fp8(x2)
+        return quantize_fp8(x2, self.rowwise)
 
-    def dequantized_reference(self, x):
-        """What forward computes, in fp32 from the same quantized operands (for tests)."""
-        x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)
-        w = self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
-        y = (x_q.float() * x_scale) @ w.t()
-        if self.bias is not None:
-            y = y + self.bias.float()
+    def matmul(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """(rows, K) e4m3 and its scale (as quantize_input returns them) -> (rows, N) bf16."""
+        return torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(*self.quantize_input(x.reshape(-1, self.in_features)))
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self):
+    def dequantized_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What forward computes, in fp32 from the same quantized operands (for tests)."""
+        return self.dequantized_matmul(*quantize_fp8(x.reshape(-1, self.in_features), self.rowwise)).reshape(
+            *x.shape[:-1], self.out_features)
+
+    def dequantized_matmul(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """What matmul computes, in fp32 (for tests)."""
+        w = self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
+        y = (x_q.float() * x_scale) @ w.t()
+        return y + self.bias.float() if self.bias is not None else y
+
+    def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scaling={'rowwise' if self.rowwise else 'tensorwise'}, bias={self.bias is not None}")
+                f"scaling={'rowwise' if self.rowwise else 'tensorwise'}, bias={self.bias is not None}"
+                + (", input quantized by kernels.ops.quantize_rows_fp8" if self.input_kernel else ""))
+
+
+class FP8SwiGLUFFN(nn.Module):
+    """The SwiGLU MLP `w3(swiglu(w12(x)))` in FP8 (rowwise), its w3 input quantized in the SwiGLU's own pass
+    (`kernels.ops.swiglu_fp8`): the SwiGLU's bf16 output is never written. w12 and w3 are FP8Linear under their
+    original names, so state_dict keys are those of the FP8Linear swap."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.w12, self.w3 = FP8Linear(mlp.w12, rowwise=True), FP8Linear(mlp.w3, rowwise=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.w3.matmul(*ops.swiglu_fp8(self.w12(x)))
+        return y.reshape(*x.shape[:-1], self.w3.out_features)
 
 
 def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
@@ -187,20 +208,41 @@ def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
     raise FP8Unavailable(f"FP8 needs an FP8-capable CUDA GPU and this process runs on {device}. {remedy}")
 
 
-def apply_fp8_inference(model, recipe="rowwise", allow_cpu=False, remedy=TRAINER_REMEDY):
+FP8_QUANT = ("inline", "ours")  # where the sampler's FP8 activations are quantized (SamplingConfig.fp8_quant)
+
+
+def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
+                        remedy: str = TRAINER_REMEDY, quant: str = "inline") -> nn.Module:
     """Replace the blocks' qkv / proj / w12 / w3 linears of a bf16 `model` (in place) by FP8Linear (recipe
-    'rowwise' or 'tensorwise'); returns model. Inference only: the FP8 weights are buffers, not parameters."""
+    'rowwise' or 'tensorwise'); returns model. Inference only: the FP8 weights are buffers, not parameters.
+
+    quant 'inline': every activation quantized in plain torch ops (inductor fuses them into their producers).
+    'ours' (rowwise): where the producer is opaque to inductor, our one-pass kernels quantize -- each SwiGLU
+    MLP becomes an FP8SwiGLUFFN (`kernels.ops.swiglu_fp8`), attn.proj's input goes through
+    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate)."""
     if recipe not in ("rowwise", "tensorwise"):
         raise FP8Unavailable(f"recipe {recipe!r} is not an FP8 inference recipe; choose rowwise or tensorwise")
+    if quant not in FP8_QUANT:
+        raise FP8Unavailable(f"FP8 activation quantization {quant!r}: choose one of {FP8_QUANT}")
+    if quant == "ours" and recipe != "rowwise":
+        raise FP8Unavailable(f"our FP8 quantization kernels quantize per row; recipe {recipe!r} needs quant inline")
     check_scaled_mm(next(model.parameters()).device, allow_cpu, remedy)
     targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and isinstance(m, nn.Linear)]
     for name, m in targets:
         if m.in_features % 16 or m.out_features % 16:
             raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
                                  f"dimensions divisible by 16. {remedy}")
+    ours = quant == "ours"
+    mlps = [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")] if ours else []
+    mlps = [n for n in mlps if isinstance(getattr(model.get_submodule(n), "w3", None), nn.Linear)]
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, FP8Linear(m, rowwise=recipe == "rowwise"))
+        if parent not in mlps:
+            setattr(model.get_submodule(parent), child,
+                    FP8Linear(m, rowwise=recipe == "rowwise", input_kernel=ours and name.endswith("attn.proj")))
+    for name in mlps:
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, FP8SwiGLUFFN(model.get_submodule(name)))
     return model
 
 

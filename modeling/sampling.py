@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 import kernels
+from kernels.backend import triton_status
 
 from .config import ConfigError
 from .guidance import Guidance, cfg_velocity, is_guided
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "bf16-weights", "fp8"]
 FP8Recipe = Literal["rowwise", "tensorwise"]
 FP8Impl = Literal["scaled_mm", "torchao"]
+FP8Quant = Literal["auto", "ours", "inline"]
 CompileMode = Literal["none", "blocks", "model"]
 CudagraphMode = Literal["off", "on", "auto"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
@@ -91,6 +93,9 @@ class SamplingConfig:
     fp8_recipe: FP8Recipe = "rowwise"   # precision fp8: dynamic scales per row, or per tensor
     fp8_impl: FP8Impl = "scaled_mm"     # precision fp8: our FP8Linear (weights quantized once, one
                                         # torch._scaled_mm), or torchao's float8 training modules
+    fp8_quant: FP8Quant = "auto"        # precision fp8 with FP8Linear, rowwise: ours quantizes the SwiGLU's and
+                                        # attention's outputs in our one-pass Triton kernels (a CUDA GPU); inline:
+                                        # plain torch ops (inductor fuses what it can); auto: ours where it runs
     compile: CompileMode = "none"       # torch.compile with static shapes: each block, or the whole forward
     autotune: bool = False              # with compile: inductor's max-autotune (Triton GEMMs with fused epilogues
                                         # where they measure faster; minutes of compilation)
@@ -135,6 +140,10 @@ class SamplingConfig:
             raise SamplingConfigError("fused_mlp", f"fused_mlp runs with precision bf16-weights or fp32, not "
                                                    f"{self.precision!r} (the fused kernel reads the weights directly: "
                                                    "no autocast, no FP8)")
+        if self.fp8_quant == "ours" and (self.fp8_impl, self.fp8_recipe) != ("scaled_mm", "rowwise"):
+            raise SamplingConfigError("fp8_quant", f"fp8_quant 'ours' runs with fp8_impl scaled_mm and fp8_recipe "
+                                                   f"rowwise (our kernels quantize per row), not "
+                                                   f"{self.fp8_impl} / {self.fp8_recipe}")
         if not INTEGRATORS[self.method].capturable:  # compile's static shapes and the graphs are the Euler step's
             if self.compile != "none":
                 raise SamplingConfigError("compile", f"compile={self.compile!r} is implemented for the Euler sampler, "
@@ -348,8 +357,11 @@ class Sampler:
             try:
                 model = model.to(self.device)
                 if fp8_impl == "scaled_mm":
-                    self.fp8 = f"{check_scaled_mm(self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
-                    apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy)
+                    quant = self._fp8_quant(config)
+                    self.fp8 = (f"{check_scaled_mm(self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling, "
+                                + ("SwiGLU and attention outputs quantized by kernels.ops.swiglu_fp8 / "
+                                   "quantize_rows_fp8" if quant == "ours" else "activations quantized in torch ops"))
+                    apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy, quant=quant)
                 else:
                     self.fp8 = f"{check_fp8('torchao', self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
                     apply_fp8(model, "torchao", fp8_recipe, fp8_emulation, remedy)
@@ -375,6 +387,15 @@ class Sampler:
         self._graphs = {}
         self._primed = set()
         self._logged = False
+
+    def _fp8_quant(self, config: SamplingConfig) -> str:
+        """fp8_quant resolved: 'ours' or 'inline' (auto: ours for rowwise where the Triton kernels run here)."""
+        if config.fp8_quant == "inline" or config.fp8_recipe != "rowwise":
+            return "inline"
+        ok, reason = triton_status(torch.empty(0, device=self.device))
+        if not ok and config.fp8_quant == "ours":
+            raise SamplerUnavailable(f"fp8_quant ours needs the Triton kernels: {reason}; use fp8_quant inline")
+        return "ours" if ok else "inline"
 
     # ------------------------------------------------------------------ what ran
     def describe(self) -> dict:

@@ -169,3 +169,26 @@ def test_sample_plan_tokens_come_from_sampling_config(monkeypatch):
     monkeypatch.setattr(sample_speed, "SamplingConfig", Extended)
     tokens = sample_speed._plan_tokens()
     assert tokens["flash"] == ("attention", "flash") and tokens["tileddecode"] == ("tiled_decode", True)
+
+
+def test_profile_categories_name_our_kernels():
+    """Every Triton kernel of ours lands in the profile's "fused glue (ours)" row by its own name (a renamed kernel
+    would otherwise be counted as inductor's or as other), inductor's in theirs, FP8 GEMMs under matmul."""
+    import inspect
+
+    import triton
+
+    import kernels
+    from bench.kernel_time import categorize
+    ours = [obj.fn.__name__ for mod in (kernels.fused_norm, kernels.gated_residual, kernels.swiglu, kernels.rope,
+                                        kernels.qkv_rope, kernels.fp8_quant, kernels.linear_swiglu)
+            for obj in vars(mod).values()  # jitted or interpreted kernels (their autotuners wrap the same ones)
+            if isinstance(obj, triton.runtime.jit.KernelInterface) and inspect.isfunction(getattr(obj, "fn", None))
+            and obj.fn.__name__.endswith("_kernel")]  # not the @triton.jit helpers they call
+    assert {"_quant_rows_kernel", "_swiglu_quant_kernel", "_qkv_rope_fwd_kernel", "_norm_bwd_kernel"} <= set(ours)
+    gemm = "_linear_swiglu_gemm_kernel"  # the w12 GEMM with SwiGLU in its epilogue: GEMM time
+    assert {n: categorize(n) for n in ours} == {n: "matmul" if n == gemm else "fused glue (ours)" for n in ours}
+    assert categorize("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_0") == "inductor fusions"
+    assert categorize("triton_poi_fused__scaled_dot_product_cudnn_attention_transpose_1") == "inductor fusions"
+    assert categorize("triton_tem_fused_mm_0") == "matmul"  # max-autotune's GEMM templates
+    assert categorize("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopB_NNT") == "matmul"

@@ -166,6 +166,33 @@ def test_fp8_linear_on_gpu(rowwise):
         assert float((y.double() - exact).norm() / exact.norm()) < 0.06
 
 
+def test_fp8_quant_kernels_on_gpu():
+    """quantize_rows_fp8 / swiglu_fp8 at the sampler's widths (attention output 1152, w12 output 2 x 3072), bf16:
+    the same bytes and scales as the eager torch quantization (of our SwiGLU's output); FP8SwiGLUFFN eager and
+    compiled (inductor around the custom ops, as the compiled sampler runs it) agree."""
+    from kernels import fp8_quant
+    from kernels.swiglu import swiglu_triton
+    from modeling.fp8 import FP8SwiGLUFFN
+    from modeling.lightningdit import SwiGLUFFN
+    _need("triton")
+    torch.manual_seed(0)
+    x = torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16) * 3
+    q, s = ops.quantize_rows_fp8(x)
+    qr, sr = fp8_quant.quantize_rows_fp8_reference(x)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    x12 = torch.randn(4, 257, 6144, device="cuda", dtype=torch.bfloat16) * 3
+    q, s = ops.swiglu_fp8(x12)
+    qr, sr = fp8_quant.quantize_rows_fp8_reference(swiglu_triton(x12))
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.fail("the GPU suite runs on an FP8 GPU (H100/H200)")
+    mlp = FP8SwiGLUFFN(SwiGLUFFN(1152, 3072).to("cuda", torch.bfloat16))
+    h = torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager, compiled = mlp(h), torch.compile(mlp, dynamic=False, fullgraph=True)(h)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
+
+
 @pytest.mark.parametrize("sdpa", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"])
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):

@@ -38,6 +38,11 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     mlp = sec["ops"]["linear_swiglu"]  # the fused w12 + SwiGLU kernel against cuBLAS + SwiGLU (eager, compiled)
     for impl in ("reference", "compiled_reference", "triton"):
         assert mlp[impl]["fwd_ms"] > 0 and mlp[impl]["rel_err_vs_fp32"] < 2e-2, (impl, mlp[impl])
+    for op in ("quantize_rows_fp8", "swiglu_fp8"):  # the sampler's FP8 activation quantization: forward only
+        for impl in ("reference", "compiled_reference", "triton"):
+            row = sec["ops"][op][impl]
+            assert "error" not in row and row["fwd_GBps"] > 0 and row["rel_err_vs_fp32"] < 2e-2, (op, impl, row)
+        assert sec["ops"][op]["triton"]["ran"] == "triton" and "fwd_x_compiled_reference" in sec["ops"][op]["triton"]
     # training numbers come from the trainer: bench.throughput's Trainer.train_step cases and the CLI itself
     head, ref = sec["train auto+compiled bs256"], sec["train reference+compiled bs256"]
     fp8 = sec["train auto+compiled+fp8mm bs256"]  # FP8 training through our FP8TrainingLinear, second in line
@@ -83,4 +88,8 @@ def test_sampling_plan_parses_and_fp32_comes_first():
     assert parsed[0].sampling == dict(precision="fp32") and parsed[0].batch == 64
     assert {e.sampling["precision"] for e in parsed} == {"fp32", "bf16-weights", "fp8"}
     assert ",".join(SAMPLING_PLAN) in EXTRA_COMMANDS["sampling"][0]
+    # the FP8 activation quantization side by side in one run, early in the budget: our kernels, then torch ops
+    assert [e.sampling.get("fp8_quant") for e in parsed[2:4]] == [None, "inline"]
+    assert {k: v for k, v in parsed[3].sampling.items() if k != "fp8_quant"} == parsed[2].sampling
+    assert parsed[2].batch == parsed[3].batch and parsed[2].sampling["precision"] == "fp8"
     assert list(EXTRA_COMMANDS)[:2] == ["precision_guard", "sampling"]  # issue 10's open measurements first

@@ -241,6 +241,11 @@ def test_ops_bench_writes_json_and_plot(tmp_path):
         plot_ops(broken, tmp_path / "none.png")
     mixed = {**broken, "swiglu": {"reference": {"fwd_bwd_GBps": 1.0}, "triton": {"error": "BackendUnavailable"}}}
     _png(plot_ops(mixed, tmp_path / "mixed.png"))
+    # an inference op times its forward only: plotted (labelled fwd only), not listed as missing
+    inference = {"swiglu_fp8": {"reference": {"fwd_GBps": 1.0}, "triton": {"fwd_GBps": 2.0}}}
+    _png(plot_ops(inference, tmp_path / "inference.png"))
+    with pytest.raises(ValueError, match="no successful fwd_GBps"):
+        plot_ops({"swiglu": {"reference": {"fwd_bwd_GBps": 1.0}}}, tmp_path / "x.png", metric="fwd_GBps")
 
 
 def test_provenance_commit_prefers_the_suite_record(monkeypatch):

@@ -1,0 +1,186 @@
+"""FP8 (e4m3) row quantization in the kernel that makes the row, for the sampler's FP8Linear (inference).
+
+    quantize_rows_fp8(x)  x (..., C) -> (q e4m3 (rows, C), scale fp32 (rows, 1)) with x ~= q * scale
+    swiglu_fp8(x12)       silu(a) * b from the packed w12 output (rounded to x12's dtype, as the unfused SwiGLU
+                          stores it), quantized the same way: w3's FP8 input straight from w12's output; the
+                          SwiGLU's bf16 output is never written or read back
+
+The recipe is `quantize_fp8` below (one scale per row: its amax / 448), which FP8Linear also applies in plain torch
+ops where inductor can fuse it into the producer. These kernels are for the producers it cannot fuse into: our
+Triton SwiGLU, and attention's output (cuDNN's). Each program holds BLOCK_M whole rows in registers, so the amax
+and the cast read each row once; inductor loops over rows wider than 1024 and reads them twice (its kernels for
+these two took 239 + 129 ms of a 2167 ms sampling run on an H200: bench/results/2026-11-26_h200_sampling.md).
+
+The kernels divide with IEEE rounding (`div_rn`: Triton's `/` is the approximate div.full.f32) and round to e4m3
+in the fp32 bits (round to nearest even, as torch's `.to(float8_e4m3fn)` and the GPU's cvt.rn.satfinite do), then
+store a value e4m3 holds exactly: Triton's interpreter rounds some values into the wrong binade (-126.7 -> -64),
+and with the rounding written out the interpreter, the GPU and torch agree bit for bit
+(tests/test_kernels_fp8_quant.py). Forward only: these are inference ops (the FP8 training linear quantizes in
+its autograd.Function, docs/fp8.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _triton, reference
+from ._triton import tl, triton
+from .fused_norm import _prune_tiles, _tile_configs
+from .registry import BenchCase, BenchShape, Op, register
+
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+INTERPRET_BLOCK_M = 4  # does not divide the tests' row counts: the ragged last tile runs
+
+
+def quantize_fp8(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
+    """x (rows, K) -> (e4m3 values, fp32 scale) with x ~= values * scale: one scale per row (shape (rows, 1)) or
+    one for the tensor (shape ()). Plain torch ops: under torch.compile the amax, the division and the cast
+    fuse into one kernel, and into the op that produced x."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
+    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_rows_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., C) -> (e4m3 (rows, C), fp32 scale (rows, 1)): `quantize_fp8` per row of x viewed as (rows, C)."""
+    return quantize_fp8(x.reshape(-1, x.shape[-1]), rowwise=True)
+
+
+def swiglu_fp8_reference(x12: Tensor) -> tuple[Tensor, Tensor]:
+    """The unfused path: the SwiGLU in x12's dtype, then its rows quantized."""
+    return quantize_rows_fp8_reference(reference.swiglu(x12))
+
+
+@triton.jit
+def _e4m3_rne(v):
+    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as an fp32 that e4m3 holds exactly."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
+    mag = bits & 0x7FFFFFFF
+    # normal range (>= 2^-6): keep 3 mantissa bits, rounding on the dropped 20 (a carry moves up the exponent)
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    a = mag.to(tl.float32, bitcast=True)
+    sub = (a + 16384.0) - 16384.0  # subnormals: multiples of 2^-9, the fp32 ulp at 2^14 (rounds to even)
+    r = tl.where(a < 0.015625, sub, normal)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S):
+    """Quantize the fp32 tile x (BLOCK_M rows of C) per row; store q (rows, C) and scale (rows,)."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    v = tl.math.div_rn(x, scale[:, None])
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    tl.store(Q + row[:, None] * C + cols[None, :], _e4m3_rne(v).to(tl.float8e4nv), mask=mask)
+    tl.store(S + row, scale, mask=row < rows)
+
+
+@triton.jit
+def _quant_rows_kernel(X, sx, Q, S, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (row[:, None] < rows) & (cols[None, :] < C)
+    x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S)
+
+
+@triton.jit
+def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (row[:, None] < rows) & (cols[None, :] < C)
+    ptr = X12 + row[:, None] * sx + cols[None, :]
+    a = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ptr + C, mask=mask, other=0.0).to(tl.float32)
+    # the Triton SwiGLU's arithmetic, rounded to x12's dtype as its stored output is
+    h = (a * tl.sigmoid(a) * b).to(X12.dtype.element_ty).to(tl.float32)
+    _store_rows_e4m3(h, row, cols, mask, rows, C, Q, S)
+
+
+# On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,
+# pruned the same way: 1-8 rows of 1152 in a 2048-wide tile, 1-4 rows of 3072 in 4096); the interpreter a fixed 4.
+_quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C"],
+                                    prune_configs_by={"early_config_prune": _prune_tiles})(_quant_rows_kernel)
+_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C"],
+                                      prune_configs_by={"early_config_prune": _prune_tiles})(_swiglu_quant_kernel)
+
+
+def _launch(kernel, tuned, src: Tensor, rows: int, C: int) -> tuple[Tensor, Tensor]:
+    q = torch.empty((rows, C), dtype=torch.float8_e4m3fn, device=src.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=src.device)
+    if q.numel():
+        args = (src, src.stride(0), q, scale, rows, C)
+        block_c = _triton.block_size(C)
+        if _triton.interpreting():
+            kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_C=block_c,
+                                                           num_warps=4)
+        else:
+            tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*args, BLOCK_C=block_c)
+    return q, scale
+
+
+@torch.library.custom_op("vavae::quantize_rows_fp8", mutates_args=())
+def quantize_rows_fp8_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    x2 = _triton.rows_2d(x)
+    return _launch(_quant_rows_kernel, _quant_rows_tuned, x2, x2.shape[0], x2.shape[1])
+
+
+@quantize_rows_fp8_op.register_fake
+def _(x):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn),
+            x.new_empty((rows, 1), dtype=torch.float32))
+
+
+def _check_packed(x12: Tensor) -> None:
+    if x12.shape[-1] % 2:
+        raise ValueError(f"swiglu_fp8 needs an even last dim (packed [a, b]), got {tuple(x12.shape)}")
+
+
+@torch.library.custom_op("vavae::swiglu_fp8", mutates_args=())
+def swiglu_fp8_op(x12: Tensor) -> tuple[Tensor, Tensor]:
+    _check_packed(x12)
+    x2 = _triton.rows_2d(x12)
+    return _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], x2.shape[1] // 2)
+
+
+@swiglu_fp8_op.register_fake
+def _(x12):
+    _check_packed(x12)
+    H = x12.shape[-1] // 2
+    rows = x12.numel() // x12.shape[-1] if x12.shape[-1] else 0
+    return x12.new_empty((rows, H), dtype=torch.float8_e4m3fn), x12.new_empty((rows, 1), dtype=torch.float32)
+
+
+def quantize_rows_fp8_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    return quantize_rows_fp8_op(x)
+
+
+def swiglu_fp8_triton(x12: Tensor) -> tuple[Tensor, Tensor]:
+    return swiglu_fp8_op(x12)
+
+
+def _bench_quant(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # the attention output ahead of the proj GEMM, at XL/1 rows: read (rows, C), write e4m3 + one scale per row
+    x = torch.randn(s.B, s.N, s.C, device=device, dtype=dtype)
+    return BenchCase([x], lambda f, t: f(t), s.rows * s.C * (dtype.itemsize + 1) + 4 * s.rows,
+                     shape={"rows": s.rows, "C": s.C})
+
+
+def _bench_swiglu(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # w12's output ahead of the w3 GEMM: read (rows, 2F), write (rows, F) e4m3 + one scale per row
+    x12 = torch.randn(s.B, s.N, 2 * s.F, device=device, dtype=dtype)
+    return BenchCase([x12], lambda f, t: f(t), s.rows * s.F * (2 * dtype.itemsize + 1) + 4 * s.rows,
+                     shape={"rows": s.rows, "F": s.F})
+
+
+# Neither is compiled_prefers_reference: their producers (cuDNN attention, our SwiGLU) are opaque to inductor, so
+# its version is a separate looped pass. Not yet measured on a GPU: the suite's ops table (x compiled reference)
+# and the sampling plan's fp8 entries with fp8_quant kernel / inline decide.
+register(Op(name="quantize_rows_fp8", reference=quantize_rows_fp8_reference, impls={"triton": quantize_rows_fp8_triton},
+            bench=_bench_quant, doc="e4m3 per row (scale = row amax / 448) in one pass over each row; inference"))
+register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": swiglu_fp8_triton},
+            bench=_bench_swiglu, doc="silu(a)*b from the packed w12 output, quantized per row to e4m3 in the same "
+                                     "pass; inference"))

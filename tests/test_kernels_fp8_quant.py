@@ -1,0 +1,201 @@
+"""kernels/fp8_quant.py: the one-pass e4m3 row quantization (quantize_rows_fp8) and the SwiGLU with its output
+quantized in the same pass (swiglu_fp8), against their references and float64, and the sampler's FP8 modules that
+call them (modeling/fp8.py: FP8Linear(input_kernel=True), FP8SwiGLUFFN) on the CPU (Triton interpreter, torch's
+emulated _scaled_mm)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import fp8_quant, ops, reference  # noqa: E402
+from kernels.swiglu import swiglu_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def _bits(q):
+    return q.view(torch.uint8)
+
+
+def _rows(shape, dtype, seed=0):
+    """Rows of very different magnitudes (each row its own scale), one all-zero row, one with subnormal e4m3s."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.exp(4 * torch.randn(*shape[:-1], 1, generator=g))
+    flat = x.view(-1, shape[-1])
+    flat[0] = 0.0
+    if flat.shape[0] > 2:
+        flat[2, 0] = 1e4 * flat[2].abs().max()  # one outlier: the rest of the row lands in e4m3's subnormals
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 17, 72), (37, 1152), (5, 3072), (3, 1, 16)])
+def test_quantize_rows_bitwise_the_reference(shape, dtype):
+    """Ragged row counts (37 is not a multiple of the tile's rows), head_dim 72, hidden 1152, SwiGLU 3072: the same
+    bytes and scales as quantize_fp8 per row."""
+    x = _rows(shape, dtype)
+    q, s = ops.quantize_rows_fp8(x)
+    qr, sr = fp8_quant.quantize_rows_fp8_reference(x)
+    rows = x.numel() // shape[-1]
+    assert q.dtype == E4M3 and q.shape == (rows, shape[-1]) and s.dtype == torch.float32 and s.shape == (rows, 1)
+    assert torch.equal(_bits(q), _bits(qr)) and torch.equal(s, sr)
+    assert kernels.describe()["ops"]["quantize_rows_fp8"] == "triton"
+    # and it is a quantization: within half an e4m3 step of x (relative 2^-4; 2^-10 of the scale in subnormals)
+    xd = x.double().reshape(rows, -1)
+    err = (q.double() * s.double() - xd).abs()
+    assert (err <= xd.abs() * 2 ** -4 + s.double() * 2 ** -10 + 1e-30).all()
+    assert (q[0].float() == 0).all()  # the zero row stays zero (its scale is the 1e-12 floor)
+
+
+def test_e4m3_rounding_every_value_and_tie():
+    """Every finite e4m3 value, every midpoint between neighbours (ties to even) and the fp32 numbers either side
+    of each midpoint, in a row whose amax is 448 (scale 1): the kernel's rounding equals torch's cast bit for bit
+    (the interpreter's own fp8 cast does not: it rounds -126.7 to -64)."""
+    vals = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    vals = vals[torch.isfinite(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    row = torch.cat([torch.tensor([448.0]), vals, mids, torch.nextafter(mids, torch.tensor(1e9)),
+                     torch.nextafter(mids, torch.tensor(-1e9))]).to(DEV)
+    q, s = ops.quantize_rows_fp8(row[None])
+    assert float(s) == 1.0
+    assert torch.equal(_bits(q[0]), _bits(row.to(E4M3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [72, 3072, 100])
+def test_swiglu_fp8_against_float64_and_the_unfused_kernels(H, dtype):
+    """silu(a)*b quantized per row: bit for bit what our SwiGLU kernel followed by quantize_fp8 gives, and within
+    e4m3's rounding (+ the SwiGLU's own rounding to dtype) of the float64 SwiGLU."""
+    g = torch.Generator().manual_seed(1)
+    x12 = (torch.randn(2, 19, 2 * H, generator=g) * 3).to(dtype).to(DEV)
+    q, s = ops.swiglu_fp8(x12)
+    assert q.shape == (38, H) and s.shape == (38, 1)
+    qu, su = fp8_quant.quantize_rows_fp8_reference(swiglu_triton(x12))
+    assert torch.equal(_bits(q), _bits(qu)) and torch.equal(s, su)
+    exact = reference.swiglu(x12.double()).reshape(38, H)
+    rnd = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -20
+    err = (q.double() * s.double() - exact).abs()
+    assert (err <= exact.abs() * (2 ** -4 + 2 * rnd) + s.double() * 2 ** -10 + 1e-12).all()
+    # the reference (torch's SwiGLU in dtype, then the quantization) is the same function
+    qr, sr = fp8_quant.swiglu_fp8_reference(x12)
+    torch.testing.assert_close(q.double() * s.double(), qr.double() * sr.double(),
+                               rtol=2 ** -3, atol=float(s.max()) * 2 ** -9)
+
+
+def test_empty_inputs_and_bad_packing():
+    q, s = ops.quantize_rows_fp8(torch.empty(0, 1152, device=DEV))
+    assert q.shape == (0, 1152) and s.shape == (0, 1)
+    q, s = ops.swiglu_fp8(torch.empty(2, 0, 64, device=DEV))
+    assert q.shape == (0, 32) and s.shape == (0, 1)
+    with pytest.raises(ValueError, match="even last dim"):
+        ops.swiglu_fp8(torch.randn(3, 7, device=DEV))
+
+
+@pytest.mark.parametrize("op", ["quantize_rows_fp8", "swiglu_fp8"])
+def test_opcheck(op):
+    """The custom ops' schema, fake (meta) implementation and AOT dispatch agree with what they compute."""
+    fn = {"quantize_rows_fp8": fp8_quant.quantize_rows_fp8_op, "swiglu_fp8": fp8_quant.swiglu_fp8_op}[op]
+    x = torch.randn(2, 5, 64, device=DEV, dtype=torch.bfloat16)
+    torch.library.opcheck(fn, (x,), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+# ------------------------------------------------------------------ the sampler's modules (modeling/fp8.py)
+
+def _emulated(model):
+    from modeling.fp8 import check_scaled_mm
+    check_scaled_mm(DEV, allow_cpu=True)
+    return model
+
+
+def _tiny_model():
+    from modeling.lightningdit import LightningDiT
+    torch.manual_seed(0)
+    return LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                        num_classes=3, mlp_ratio=3.0).to(torch.bfloat16).to(DEV).eval()
+
+
+def test_fp8_linear_with_the_row_kernel_and_the_fp8_swiglu_mlp():
+    """FP8Linear(input_kernel=True) runs the same GEMM on the same quantized input as the plain-ops FP8Linear;
+    FP8SwiGLUFFN equals w3's dequantized product of the kernels' swiglu_fp8, and the unfused FP8 MLP within one
+    e4m3 step of w3's input."""
+    from modeling.fp8 import FP8Linear, FP8SwiGLUFFN
+    from modeling.lightningdit import SwiGLUFFN
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16).to(DEV)
+    x = torch.randn(2, 7, 64, device=DEV, dtype=torch.bfloat16)
+    plain, kern = FP8Linear(lin), FP8Linear(lin, input_kernel=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), kern(x))
+    with pytest.raises(ValueError, match="rowwise"):
+        FP8Linear(lin, rowwise=False, input_kernel=True)
+
+    mlp = SwiGLUFFN(64, 96).to(torch.bfloat16).to(DEV)
+    fused = FP8SwiGLUFFN(mlp)
+    with torch.no_grad():
+        y = fused(x)
+        h12 = fused.w12(x)
+        want = fused.w3.dequantized_matmul(*fp8_quant.swiglu_fp8_reference(h12)).reshape(2, 7, 64)
+        unfused = FP8Linear(mlp.w3)(swiglu_triton(FP8Linear(mlp.w12)(x)))
+    assert y.shape == (2, 7, 64) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)  # bf16 output of an fp32 accumulation
+    torch.testing.assert_close(y.float(), unfused.float(), rtol=0.13, atol=0.05)
+    assert kernels.describe()["ops"]["swiglu_fp8"] == "triton"
+
+
+def test_apply_fp8_inference_ours_swaps_the_mlps_and_proj_and_keeps_the_keys():
+    from modeling.fp8 import FP8Linear, FP8SwiGLUFFN, FP8Unavailable, apply_fp8_inference
+    inline = apply_fp8_inference(_tiny_model(), "rowwise", allow_cpu=True, quant="inline")
+    ours = apply_fp8_inference(_emulated(_tiny_model()), "rowwise", allow_cpu=True, quant="ours")
+    assert list(inline.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a, b.view(torch.uint8) if b.dtype == E4M3
+                           else b) for a, b in zip(inline.state_dict().values(), ours.state_dict().values()))
+    assert sum(isinstance(m, FP8SwiGLUFFN) for m in ours.modules()) == 2
+    assert [n for n, m in ours.named_modules() if isinstance(m, FP8Linear) and m.input_kernel] == \
+        ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    assert not any(isinstance(m, FP8SwiGLUFFN) or getattr(m, "input_kernel", False) for m in inline.modules())
+    x = torch.randn(2, 4, 4, 4, device=DEV, dtype=torch.bfloat16)
+    t, y = torch.rand(2, device=DEV, dtype=torch.bfloat16), torch.tensor([0, 2], device=DEV)
+    with torch.no_grad():
+        a, b = inline(x, t, y).float(), ours(x, t, y).float()
+    assert torch.isfinite(b).all() and (a - b).abs().max() <= 0.05 * a.abs().max()
+    with pytest.raises(FP8Unavailable, match="per row"):
+        apply_fp8_inference(_tiny_model(), "tensorwise", allow_cpu=True, quant="ours")
+    with pytest.raises(FP8Unavailable, match="choose one of"):
+        apply_fp8_inference(_tiny_model(), "rowwise", allow_cpu=True, quant="fused")
+
+
+def test_sampler_fp8_quant_resolves_and_refuses(monkeypatch):
+    """auto: our kernels where Triton runs (here the interpreter), else torch ops; 'ours' where Triton cannot run
+    is a one-line refusal; 'ours' with tensorwise or torchao is refused by SamplingConfig, naming the field."""
+    import modeling.sampling as sampling
+    from modeling.fp8 import FP8SwiGLUFFN
+    from modeling.sampling import Sampler, SamplerUnavailable, SamplingConfig, SamplingConfigError
+    c = SamplingConfig(precision="fp8", steps=3)
+    s = Sampler(_tiny_model(), c, fp8_emulation=True)
+    assert "quantize_rows_fp8" in s.describe()["fp8"] and any(isinstance(m, FP8SwiGLUFFN) for m in s.model.modules())
+    s = Sampler(_tiny_model(), c.replace(fp8_quant="inline"), fp8_emulation=True)
+    assert "torch ops" in s.describe()["fp8"] and not any(isinstance(m, FP8SwiGLUFFN) for m in s.model.modules())
+    z, y = torch.randn(2, 4, 4, 4, device=DEV), torch.tensor([0, 1], device=DEV)
+    assert torch.isfinite(s(z, y)).all()
+    monkeypatch.setattr(sampling, "triton_status", lambda x: (False, "no Triton here"))
+    s = Sampler(_tiny_model(), c, fp8_emulation=True)
+    assert "torch ops" in s.describe()["fp8"]
+    with pytest.raises(SamplerUnavailable, match="fp8_quant ours needs the Triton kernels: no Triton here"):
+        Sampler(_tiny_model(), c.replace(fp8_quant="ours"), fp8_emulation=True)
+    for bad in (dict(fp8_recipe="tensorwise"), dict(fp8_impl="torchao")):
+        with pytest.raises(SamplingConfigError, match="fp8_quant 'ours' runs with") as e:
+            c.replace(fp8_quant="ours", **bad)
+        assert e.value.field == "fp8_quant"
