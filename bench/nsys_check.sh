@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nsight check on the GPU machine, < 60 s: `OUT=DIR bash bench/nsys_check.sh` from the repo root.
+# Nsight check on the GPU machine, < 4 min: `OUT=DIR bash bench/nsys_check.sh` from the repo root.
 #
 # 1. Finds nsys (PATH, Nsight Systems installs, the copy inside Nsight Compute) and checks that it can write a
 #    report at all (a one-kernel probe).
@@ -7,9 +7,16 @@
 #    profile window steps 5-7) --
 #       nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop python -m train.train_dit ...
 #    and its `nsys stats` summary (NVTX ranges + GPU kernels) -> $OUT/nsight_summary.txt.
-# 3. If not: ncu captures ONE fused Triton kernel (_norm_fwd_kernel: RMSNorm + adaLN modulate) inside the
-#    same profile window (--profile-from-start off = the trainer's cudaProfilerStart/Stop) and inside the
-#    trainer's NVTX "forward" range, clocks left alone (--clock-control none) -> its details page.
+# 3. If not (the lent H200 has ncu only): ncu captures EVERY kernel of ONE compiled training step -- the shipped
+#    XL/1 config (bf16, train.compile=blocks, ZeRO-2, kernels auto) cut to 2 blocks at batch 256, so each glue
+#    kernel runs at the real 65,536 x 1152 rows; the trainer's profile window is that one step
+#    (--profile-from-start off = its cudaProfilerStart/Stop), clocks left alone (--clock-control none) -- with
+#    time, DRAM bytes and the tensor-core op counters the card has. bench.ncu_table turns the report into a table:
+#    each kernel named, its launches, ms, achieved GB/s and TFLOP/s, its profile category
+#    -> $OUT/ncu_step.md, $OUT/ncu_step.json, the report $OUT/ncu_step.ncu-rep.
+#    On a machine with nsys, the same step: nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi
+#    --capture-range-end=stop python -m train.train_dit --config configs/dit_xl1_64ep.yaml data.source=synthetic
+#    profile.start_step=50 profile.num_steps=1 (docs/kernels.md "Profiling").
 # The summary's first line says which tool ran and why; the trainer's output is in $OUT/nsight_run.log.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,11 +26,16 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 SUMMARY="$OUT/nsight_summary.txt"
 RUN="$(mktemp -d /tmp/nsight_check.XXXXXX)"
-KERNEL="${NSIGHT_KERNEL:-_norm_fwd_kernel}"
 TRAIN=("$PY" -m train.train_dit --config configs/dit_tiny_cpu.yaml data.source=synthetic train.steps=10
        train.precision=bf16 train.kernels=triton train.zero_stage=0 profile.start_step=5 profile.num_steps=3
        "logging.dir=$RUN/run" logging.tensorboard=false logging.progress_bar=false logging.every=5
        "checkpoint.dir=$RUN/run/checkpoints" checkpoint.every=1000 checkpoint.export_reference=false)
+# one compiled step at the real glue shapes: XL/1's widths (1152, 16 heads of 72, SwiGLU 3072), 2 blocks, batch 256
+STEP=("$PY" -m train.train_dit --config configs/dit_xl1_64ep.yaml data.source=synthetic model.size=custom
+      model.hidden_size=1152 model.depth=2 model.num_heads=16 model.patch_size=1 train.global_batch=256
+      train.batch_per_gpu=256 train.steps=4 profile.start_step=3 profile.num_steps=1 eval.every=0
+      "logging.dir=$RUN/step" logging.tensorboard=false logging.progress_bar=false logging.every=2
+      "checkpoint.dir=$RUN/step/checkpoints" checkpoint.every=1000 checkpoint.export_reference=false)
 export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT="${MASTER_PORT:-29517}"
 
 say() { echo "[nsight] $*"; }
@@ -77,23 +89,27 @@ else
     printf 'tool: none\nnsys: %s\nncu: not found\n' "$why" > "$SUMMARY"
     cat "$SUMMARY"; exit 1
   fi
-  say "nsys unusable ($why); ncu: one $KERNEL launch inside the profile window"
-  NCU_ARGS=(--clock-control none --profile-from-start off --kernel-name "regex:$KERNEL" --launch-count 1
-            --section SpeedOfLight --section MemoryWorkloadAnalysis -o "$OUT/ncu_dit_tiny" -f)
-  timeout 45 "$NCU" "${NCU_ARGS[@]}" --nvtx --nvtx-include "forward/" "${TRAIN[@]}" > "$OUT/nsight_run.log" 2>&1
+  say "nsys unusable ($why); ncu: every kernel of one compiled training step"
+  # the tensor-core op counters this card has (sm__ops_path_tensor_src_<type>_dst_<type>; none: time and bytes only)
+  TENSOR_METRICS="$("$NCU" --query-metrics 2>/dev/null | awk '{print $1}' \
+                    | grep -E '^sm__ops_path_tensor_src_[a-z0-9]+_dst_[a-z0-9]+$' | sed 's/$/.sum/' | paste -sd, -)"
+  METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum${TENSOR_METRICS:+,$TENSOR_METRICS}"
+  NCU_ARGS=(--clock-control none --profile-from-start off --metrics "$METRICS" -o "$OUT/ncu_step" -f)
+  timeout 180 "$NCU" "${NCU_ARGS[@]}" "${STEP[@]}" > "$OUT/nsight_run.log" 2>&1
   rc=$?
-  nvtx="inside NVTX range 'forward'"
-  if ! ls "$OUT"/ncu_dit_tiny.ncu-rep >/dev/null 2>&1; then  # NVTX filter matched nothing: the window alone
-    timeout 45 "$NCU" "${NCU_ARGS[@]}" "${TRAIN[@]}" >> "$OUT/nsight_run.log" 2>&1
-    rc=$?
-    nvtx="(NVTX filter matched no launch; window only)"
-  fi
   {
     echo "tool: ncu ($NCU, $("$NCU" --version 2>&1 | tail -n 1)); trainer rc $rc"
     echo "why not nsys: $why"
-    echo "captured: first launch of regex:$KERNEL in the profile window (steps 5-7) $nvtx, --clock-control none"
-    echo "command: ncu ${NCU_ARGS[*]} --nvtx --nvtx-include forward/ ${TRAIN[*]}"
-    "$NCU" --import "$OUT"/ncu_dit_tiny.ncu-rep --page details 2>&1 | head -n 80
+    echo "captured: every kernel of training step 3 (the trainer's profile window), --clock-control none"
+    echo "command: ncu ${NCU_ARGS[*]} ${STEP[*]}"
+    if ls "$OUT"/ncu_step.ncu-rep >/dev/null 2>&1; then
+      "$NCU" --import "$OUT"/ncu_step.ncu-rep --csv --page raw --print-units base > "$RUN/ncu_step.csv" 2>&1
+      "$PY" -m bench.ncu_table "$RUN/ncu_step.csv" --out "$OUT" 2>&1 | head -n 70
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    else
+      echo "no report written: $(tail -n 5 "$OUT/nsight_run.log" | tr '\n' ' ')"
+      rc=1
+    fi
   } > "$SUMMARY"
 fi
 # 4. torch.profiler window (profile.torch_trace=true, once the DiT config has the key): Chrome trace + CUDA memory
