@@ -230,8 +230,10 @@ EXTRA_COMMANDS = {
     # tensor, FP8Linear compiled (activation quantization included), ~40 s
     "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm --fp8 --batch 256 --out $OUT > $OUT/fp8_gemm.log 2>&1",
                  90, f"{_PY} -m bench.profile_step --smoke --sections gemm --fp8 --out $OUT"),
-    # VA-VAE training step (fp32 eager vs bf16 / channels-last) and latent extraction (issue 11), < 100 s
-    "vae_step": (f"{_PY} -m bench.vae_step --out $OUT/vae_step.json", 180, None),
+    # VA-VAE training step (fp32 eager vs bf16 / channels-last) and latent extraction (issue 11), with the authors'
+    # own training step first when their code was carried (.authors: issue 18.5), < 150 s
+    "vae_step": (f"{_PY} -m bench.vae_step --out $OUT/vae_step.json $([ -d .authors ] && echo --authors .authors)",
+                 240, None),
     # Nsight: the README's nsys recipe if nsys works there, else ncu over every kernel of one compiled XL/1-width
     # training step (2 blocks, batch 256) tabulated by bench.ncu_table (issues 13, 18.6), < 4 min
     "nsight": ("bash bench/nsys_check.sh", 270, None),

@@ -2,6 +2,7 @@
 
     python -m bench.vae_step --out OUT/vae_step.json                 # the paper's f16d32 at 256 px (GPU, < 100 s)
     python -m bench.vae_step --modes fp32,bf16_cl,bf16_cl_compile     # add torch.compile (minutes of compiling)
+    python -m bench.vae_step --authors .authors --out OUT/vae_step.json  # and the authors' step beside ours
 
 The step is the whole VA-VAE update of the paper's recipe: f16d32 (ch 128) at 256 px, VF loss against a frozen
 ViT-L/14-shaped encoder with random weights (`random_vitl14`: DINOv2's cost without its file), LPIPS-VGG16 (the
@@ -18,6 +19,11 @@ Each mode is timed at --batch (8, the reference's per-GPU batch) and then at the
 until out of memory or --max-batch). The fastest non-fp32 mode at --batch is "ours". Latent extraction (encode
 the images and their mirrors, sample the posterior: what `python -m train.data extract` computes per batch) is
 timed in fp32 and in bf16 autocast; its img/s counts source images (two latents each).
+
+With --authors DIR (their code, prepared by scripts/prepare_gpu_carry.sh), bench.authors_vae first times the
+authors' own training_step (fp32 as shipped, their f16d32_vfdinov2.yaml) in a process of its own, at --batch and the
+largest batch that fits; the JSON then holds it under "authors" and our fastest mode's speed over theirs
+("vs_authors_batch_B", "vs_authors_largest"), with both peak memories.
 
 JSON: the environment block (evaluation.provenance.environment: card, versions, commit, kernels), every mode's
 img/s / step ms / peak memory per batch, the speedups, extraction img/s, and anything skipped (the --budget-s
@@ -169,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=75.0,
                     help="no measurement starts that would end after this many seconds from the start")
     ap.add_argument("--set", action="append", default=[], help="extra trainer config override (e.g. tiny shapes)")
+    ap.add_argument("--authors", default=None, help="the authors' code (scripts/prepare_gpu_carry.sh's .authors): "
+                                                    "time their training step first, in its own process")
+    ap.add_argument("--authors-budget-s", type=float, default=60.0, help="wall-clock budget of their measurement")
+    ap.add_argument("--authors-args", default="", help="extra bench.authors_vae arguments (tiny CPU runs)")
     a = ap.parse_args(argv)
     t_start = time.time()
+    authors = run_authors(a) if a.authors else None
     modes = a.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown or "fp32" not in modes:
@@ -274,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"extraction {name:5s}: {result['extraction'][name]}", flush=True)
         for trainer in trainers.values():
             trainer.ckpt.release()
+    if authors is not None:
+        result["authors"] = authors
+        for key in (f"batch_{a.batch}", "largest"):
+            theirs = (authors.get(key) or {}).get("img_per_s")
+            mine = (result["modes"].get(ours) or {}).get(key, {}).get("img_per_s") if ours else None
+            if theirs and mine:
+                result[f"vs_authors_{key}"] = round(mine / theirs, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
     result["environment"] = provenance.environment(device)
     out = Path(a.out)
@@ -281,7 +299,32 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"fastest {ours}: {result.get(f'speedup_batch_{a.batch}')}x fp32 at batch {a.batch}, "
           f"{result.get('speedup_largest')}x at the largest batches; {result['wall_s']} s -> {out}")
+    if authors is not None:
+        print(f"against the authors' step: {result.get(f'vs_authors_batch_{a.batch}')}x at batch {a.batch}, "
+              f"{result.get('vs_authors_largest')}x at the largest batches"
+              + (f" ({authors['error']})" if "error" in authors else ""))
     return 0
+
+
+def run_authors(a) -> dict:
+    """bench.authors_vae in a process of its own (their stand-ins stay there; its peak memory is its own): its JSON,
+    or {"error": ...} with the end of its output."""
+    import shlex
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "authors_vae.json"
+        cmd = [sys.executable, "-m", "bench.authors_vae", "--authors", a.authors, "--out", str(out),
+               "--batch", str(a.batch), "--max-batch", str(a.max_batch), "--warmup", str(a.warmup),
+               "--steps", str(a.steps), "--budget-s", str(a.authors_budget_s), *shlex.split(a.authors_args)]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        for line in res.stdout.splitlines():
+            if line.startswith("authors "):
+                print(line, flush=True)
+        if res.returncode or not out.is_file():
+            tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
+            print(f"authors' step failed (rc {res.returncode}): {' | '.join(tail)}", file=sys.stderr)
+            return {"error": f"rc {res.returncode}: {' | '.join(tail)}"[:600]}
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

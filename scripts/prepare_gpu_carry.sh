@@ -6,6 +6,9 @@
 #             torchao 0.18.0 (FP8 rows)
 #   .parity/  a copy of ../shared/parity (the fp32 GPU parity section reads $VAVAE_PARITY_DIR)
 #   .suite_commit  HEAD (+dirty): the commit the results name (the machine's .git can be an older snapshot)
+#   .authors/ the authors' VA-VAE code for bench.authors_vae (never committed): hustvl/LightningDiT's vavae/
+#             (from $AUTHORS_GIT, a local clone or bare mirror, else cloned from GitHub) and the taming package
+#             their ldm imports (taming-transformers-rom1504 0.0.6: CompVis/taming-transformers' master on PyPI)
 # All are git-ignored; carry them with the run. Then, on the machine:
 #   VAVAE_PARITY_DIR=$PWD/.parity OUT=$OUT bash bench/gpu_suite.sh --part A
 set -euo pipefail
@@ -13,6 +16,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.parity/' .git/info/exclude 2>/dev/null || echo '/.parity/' >> .git/info/exclude
 grep -qx '/.suite_commit' .git/info/exclude 2>/dev/null || echo '/.suite_commit' >> .git/info/exclude
+grep -qx '/.authors/' .git/info/exclude 2>/dev/null || echo '/.authors/' >> .git/info/exclude
 echo "$(git rev-parse HEAD)$( [ -n "$(git status --porcelain --untracked-files=no)" ] && echo +dirty)" > .suite_commit
 rm -rf .whl && mkdir -p .whl
 PIP="${PIP:-python3 -m pip}"
@@ -23,4 +27,14 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   typing-inspection==0.4.5 typing-extensions==4.16.0   # the set that ran the trainer on an H200, 2026-11-26
 $PIP wheel -q --no-deps -w .whl deepspeed==0.19.8
 rm -rf .parity && cp -r ../shared/parity .parity && chmod -R u+w .parity
-ls .whl; du -sh .whl .parity; echo "commit: $(cat .suite_commit)"
+rm -rf .authors && mkdir -p .authors/LightningDiT
+src="${AUTHORS_GIT:-}"
+if [ -z "$src" ]; then
+  src="$(mktemp -d)/LightningDiT" && git clone -q --depth 1 https://github.com/hustvl/LightningDiT "$src"
+fi
+git -C "$src" archive HEAD vavae 2>/dev/null | tar -x -C .authors/LightningDiT \
+  || git --git-dir="$src" archive HEAD vavae | tar -x -C .authors/LightningDiT
+git -C "$src" rev-parse HEAD 2>/dev/null > .authors/LightningDiT/COMMIT || git --git-dir="$src" rev-parse HEAD > .authors/LightningDiT/COMMIT
+tmpw="$(mktemp -d)" && $PIP download -q --no-deps -d "$tmpw" taming-transformers-rom1504==0.0.6
+python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n, '.authors') for n in z.namelist() if n.startswith('taming/')]" "$tmpw"/taming_transformers_rom1504-0.0.6-py3-none-any.whl
+ls .whl; du -sh .whl .parity .authors; echo "commit: $(cat .suite_commit); authors: $(cat .authors/LightningDiT/COMMIT)"
