@@ -29,6 +29,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "fp8mm": ("fp8.backend=scaled_mm",),   # our FP8TrainingLinear (modeling/fp8.py): one _scaled_mm per GEMM
     "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
     "zero3": ("train.zero_stage=3",),
+    # inductor's multi-kernel: each reduction persistent and looped, the faster kept (train.compile_options)
+    "multikernel": ('train.compile_options={"triton.multi_kernel": 1}',),
 }
 
 

@@ -100,6 +100,25 @@ def test_compiled_blocks_and_kernel_backend_from_config(tmp_path):
         kernels.set_backend("auto")
 
 
+def test_compile_options_reach_torch_compile_and_bad_ones_are_refused(tmp_path, monkeypatch):
+    """train.compile_options (inductor's, e.g. multi-kernel) go to every block's torch.compile; options without
+    inductor, or a key this torch's inductor does not have, are one-line config errors naming the key."""
+    from modeling.config import ConfigError
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: seen.append(kw))
+    opts = 'train.compile_options={"triton.multi_kernel": 1}'
+    trainer = Trainer(tiny_cfg(tmp_path / "a", "train.steps=1", "train.zero_stage=0", "train.compile=blocks",
+                               "train.compile_backend=inductor", opts))
+    assert "compile blocks (inductor, {'triton.multi_kernel': 1})" in trainer.describe()  # the start-up line
+    assert seen and all(kw == {"backend": "inductor", "options": {"triton.multi_kernel": 1}, "fullgraph": True}
+                        for kw in seen)
+    with pytest.raises(ConfigError, match="train: compile_options are inductor options: they need compile: blocks"):
+        tiny_cfg(tmp_path / "b", "train.compile=blocks", "train.compile_backend=eager", opts)
+    with pytest.raises(ConfigError, match="train.compile_options: 'triton.multi_kernels' is not an inductor option"):
+        Trainer(tiny_cfg(tmp_path / "c", "train.zero_stage=0", "train.compile=blocks", "train.compile_backend=inductor",
+                         'train.compile_options={"triton.multi_kernels": 1}'))
+
+
 def test_eval_keys_wired_from_the_cli(tmp_path, parity_dir):
     """`eval.every` from the command line: the trainer's CLI builds the FID hook (evaluation/train_eval.py) from the
     eval.* keys and logs eval/fid with images seen and training wall-clock (what bench.curves plots)."""

@@ -234,7 +234,7 @@ class Trainer:
         """The start-up line: what was built and how it runs."""
         t = self.cfg.train
         return (f"{self.NAME}: world {self.info.world_size} x batch {t.batch_per_gpu}, grad accumulation "
-                f"{self.grad_accum}, ZeRO {t.zero_stage}, precision {t.precision}, compile {t.compile}, "
+                f"{self.grad_accum}, ZeRO {t.zero_stage}, precision {t.precision}, compile {t.compile_desc()}, "
                 f"{self.total_steps} steps, {self.threads} CPU threads")
 
     # ------------------------------------------------------------------ one optimizer step

@@ -61,9 +61,33 @@ class TrainSection:
     max_bad_steps: int = 5              # non-finite loss/grad-norm steps in a row before stopping (with a checkpoint)
     compile: Literal["none", "blocks"] = "none"   # blocks: torch.compile the model's building blocks
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile backend (eager: debug/CI)
+    # inductor options for compile: blocks (torch.compile(options=...)), e.g. {"triton.multi_kernel": 1}: each
+    # reduction compiled both persistent (the row in registers, read once) and looped, the faster kept by timing
+    # it on its first call (inductor's own default loops over rows wider than 1024, such as hidden 1152)
+    compile_options: dict = field(default_factory=dict)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
 
+    def compile_desc(self) -> str:
+        """For the start-up line: none, or blocks (backend[, the inductor options])."""
+        if self.compile == "none":
+            return "none"
+        return f"{self.compile} ({self.compile_backend}" + (f", {self.compile_options})" if self.compile_options
+                                                          else ")")
+
+    def compile_kwargs(self) -> dict:
+        """torch.compile's keyword arguments for the blocks; the inductor options checked against this torch."""
+        if not self.compile_options:
+            return {"backend": self.compile_backend}
+        import torch._inductor.config as inductor_config  # here, not at validation: 1 s of import
+        known = inductor_config.get_config_copy()
+        for key in self.compile_options:
+            require(key in known, f"train.compile_options: {key!r} is not an inductor option of torch "
+                                  f"(see torch._inductor.config; e.g. triton.multi_kernel)")
+        return {"backend": self.compile_backend, "options": dict(self.compile_options)}
+
     def validate(self) -> None:
+        require(not self.compile_options or (self.compile == "blocks" and self.compile_backend == "inductor"),
+                "compile_options are inductor options: they need compile: blocks and compile_backend: inductor")
         require(self.steps is None or self.steps > 0, "steps must be > 0")
         require(self.batch_per_gpu >= 1, "batch_per_gpu must be >= 1")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")

@@ -104,7 +104,7 @@ class DiTTrainer(TrainerBase):
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
-                block.compile(backend=cfg.train.compile_backend, fullgraph=True)
+                block.compile(**cfg.train.compile_kwargs(), fullgraph=True)
         # attention's implementation is timed here, at this run's shape: inside the compiled blocks nothing can be
         # timed, and SDPA's own first choice (FlashAttention) is not the fastest on Hopper. Every rank runs rank 0's.
         kernels.prime_attention(model.attention_shape(cfg.train.batch_per_gpu),
@@ -145,7 +145,7 @@ class DiTTrainer(TrainerBase):
     def describe(self) -> str:
         cfg = self.cfg
         return (f"world {self.info.world_size}, grad accumulation {self.grad_accum}, ZeRO {cfg.train.zero_stage}, "
-                f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile}, kernels "
+                f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile_desc()}, kernels "
                 f"{kernels.describe()}, {self.flops_per_image / 1e9:.2f} GFLOP/img, {self.threads} CPU threads")
 
     def fetch_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

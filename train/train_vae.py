@@ -301,7 +301,7 @@ class VAVAETrainer(TrainerBase):
         if t.compile == "blocks":  # the building blocks: the engine's autograd.grad glue stays eager
             for m in (vae.encoder, vae.decoder, loss_fn.discriminator, loss_fn.perceptual_loss):
                 if m is not None:
-                    m.compile(backend=t.compile_backend)
+                    m.compile(**t.compile_kwargs())
         self.vae, self.foundation, self.linear_proj, self.loss_fn = vae, foundation, linear_proj, loss_fn
         self.channels_last = t.channels_last
 
@@ -330,7 +330,7 @@ class VAVAETrainer(TrainerBase):
                 f"{sum(p.numel() for p in self.loss_fn.discriminator.parameters()) / 1e6:.1f}M, foundation "
                 f"{self.foundation.name if self.foundation is not None else 'none (no VF loss)'} "
                 f"({self.foundation_dtype}), world {self.info.world_size} x batch {t.batch_per_gpu}, ZeRO "
-                f"{t.zero_stage}, precision {t.precision}, channels_last {t.channels_last}, compile {t.compile}, "
+                f"{t.zero_stage}, precision {t.precision}, channels_last {t.channels_last}, compile {t.compile_desc()}, "
                 f"data {self.loader.backend}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
                 f"{self.threads} CPU threads")
 
