@@ -99,6 +99,8 @@ class SamplingConfig:
     compile: CompileMode = "none"       # torch.compile with static shapes: each block, or the whole forward
     autotune: bool = False              # with compile: inductor's max-autotune (Triton GEMMs with fused epilogues
                                         # where they measure faster; minutes of compilation)
+    multi_kernel: bool = False          # with compile: inductor's multi-kernel (each reduction compiled persistent
+                                        # and looped, the faster kept by timing; inductor loops over rows > 1024)
     fused_mlp: bool = False             # each MLP's w12 GEMM + SwiGLU as one Triton kernel (bf16-weights or fp32,
                                         # a CUDA GPU)
     cudagraphs: CudagraphMode = "off"   # capture each Euler step as a CUDA graph (auto: on CUDA; on: an error
@@ -133,9 +135,10 @@ class SamplingConfig:
                 raise SamplingConfigError(name, f"{name} must be a finite number, got {getattr(self, name)}")
         if self.shift <= 0:
             raise SamplingConfigError("shift", f"shift must be > 0, got {self.shift}")
-        if self.autotune and self.compile == "none":
-            raise SamplingConfigError("autotune", "autotune is a torch.compile mode: it needs compile 'blocks' or "
-                                                  "'model'")
+        for name in ("autotune", "multi_kernel"):
+            if getattr(self, name) and self.compile == "none":
+                raise SamplingConfigError(name, f"{name} is a torch.compile setting: it needs compile 'blocks' or "
+                                                "'model'")
         if self.fused_mlp and self.precision not in ("bf16-weights", "fp32"):
             raise SamplingConfigError("fused_mlp", f"fused_mlp runs with precision bf16-weights or fp32, not "
                                                    f"{self.precision!r} (the fused kernel reads the weights directly: "
@@ -311,6 +314,16 @@ def autocast_context(device: Union[str, torch.device], precision: str) -> contex
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+def compile_settings(autotune: bool, multi_kernel: bool) -> dict:
+    """torch.compile's mode / options for the sampler's autotune and multi_kernel (torch.compile takes a mode or
+    options, not both: with multi-kernel, max-autotune's mode is spelled as its options)."""
+    if not multi_kernel:
+        return {"mode": "max-autotune-no-cudagraphs" if autotune else None}
+    import torch._inductor
+    options = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs")) if autotune else {}
+    return {"options": {**options, "triton.multi_kernel": 1}}
+
+
 class Sampler:
     """A SamplingConfig's integrator on the shifted grid with guidance, in the precision / compile / CUDA graph
     mode it asks for. `sampler(z, y)` -> final latents (fp32, on the sampler's device); `sampler.describe()` says
@@ -367,13 +380,13 @@ class Sampler:
                     apply_fp8(model, "torchao", fp8_recipe, fp8_emulation, remedy)
             except FP8Unavailable as e:
                 raise SamplerUnavailable(f"precision fp8: {e}") from None
-        mode = "max-autotune-no-cudagraphs" if autotune else None
+        how = compile_settings(autotune, config.multi_kernel)
         if compile == "blocks":
             for block in model.blocks:
-                block.compile(dynamic=False, mode=mode)
+                block.compile(dynamic=False, **how)
             self.forward = model
         elif compile == "model":
-            self.forward = torch.compile(model, dynamic=False, mode=mode)
+            self.forward = torch.compile(model, dynamic=False, **how)
         else:
             self.forward = model
         self.model = model
@@ -403,7 +416,7 @@ class Sampler:
         return {"method": c.method, "steps": c.steps, "shift": c.shift, "cfg_scale": c.cfg_scale,
                 "cfg_interval_start": c.cfg_interval_start, "guidance": c.guidance,
                 "precision": c.precision, "fused_mlp": c.fused_mlp, "compile": c.compile,
-                "autotune": c.autotune,
+                "autotune": c.autotune, "multi_kernel": c.multi_kernel,
                 "fp8": self.fp8, "cudagraphs": "on" if self.use_graphs else "off", "device": str(self.device),
                 "guided_steps": sum(self.guided), "model_calls": len(self.grid) - 1,
                 "static_batch": self.static_batch}

@@ -110,9 +110,10 @@ def test_fp8_sampler_cpu_emulation_and_refusals():
     with pytest.raises(SamplerUnavailable, match="divisible by 16"):
         Sampler(_tiny(), c.replace(precision="fp8"), fp8_emulation=True)
     # contradictory options are config mistakes, refused when the config is validated (naming the field)
-    with pytest.raises(SamplingConfigError, match="autotune.*compile") as e:
-        c.replace(autotune=True)
-    assert e.value.field == "autotune"
+    for name in ("autotune", "multi_kernel"):
+        with pytest.raises(SamplingConfigError, match=f"{name} is a torch.compile setting") as e:
+            c.replace(**{name: True})
+        assert e.value.field == name
     for precision in ("bf16", "fp8"):  # the fused kernel reads the weights: no autocast, no FP8
         with pytest.raises(SamplingConfigError, match="fused_mlp runs with precision bf16-weights or fp32"):
             Sampler(m, SamplingConfig(precision=precision, fused_mlp=True), fp8_emulation=True)
@@ -413,3 +414,17 @@ def test_guidance_rule_and_mix_written_once():
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([0.7, 0.7]), torch.tensor([1, 3])
     with torch.no_grad():  # cfg_scale 1 is unguided: the conditional output, exactly
         assert torch.equal(m.forward_with_cfg(x, t, y, 1.0)[:1], m(torch.cat([x[:1], x[:1]]), t, y)[:1])
+
+
+def test_compile_settings_for_autotune_and_multi_kernel():
+    """torch.compile takes a mode or options: max-autotune alone is its mode; with multi-kernel both are options
+    (max-autotune's spelled out, so neither is lost)."""
+    import torch._inductor
+
+    from modeling.sampling import compile_settings
+    assert compile_settings(False, False) == {"mode": None}
+    assert compile_settings(True, False) == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_settings(False, True) == {"options": {"triton.multi_kernel": 1}}
+    both = compile_settings(True, True)["options"]
+    assert both == {**torch._inductor.list_mode_options("max-autotune-no-cudagraphs"), "triton.multi_kernel": 1}
+    assert both["max_autotune"] is True
