@@ -28,7 +28,7 @@ setup(
     version="0.1.0",
     description="VA-VAE tokenizer + LightningDiT generator: reference-exact, fast on H100",
     packages=find_packages(include=["kernels*", "modeling*", "evaluation*", "train*", "bench*", "examples*"]),
-    package_data={"kernels": ["csrc/*"]},
+    package_data={"kernels": ["csrc/*", "compiled_choices.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

@@ -353,6 +353,13 @@ def print_table(r: dict) -> None:
     if sec.get("ops"):  # the question issue 18 asks of every fused op: does it beat inductor's fusion?
         from bench.ops_bench import versus_inductor
         print("\n".join(["ours vs torch.compile(reference) (> 1: ours faster):"] + versus_inductor(sec["ops"])))
+        from bench.compiled_choices import choices
+        from kernels.registry import compiled_choice
+        new = choices({"sections": {"ops": sec["ops"]}}, "this run")["ops"]
+        flips = [f"{op}: {compiled_choice(op)} -> {e['under_compile']} ({e['ours_ms']:.3f} vs {e['inductor_ms']:.3f} ms)"
+                 for op, e in new.items() if e["under_compile"] != compiled_choice(op)]
+        print("under torch.compile, this run would change kernels/compiled_choices.json: " + ("; ".join(flips) or
+              "nothing") + " (python -m bench.compiled_choices OUT/gpu_suite.json --write kernels/compiled_choices.json)")
     cli = sec.get("trainer_cli_bs256")
     if cli:
         print(f"trainer CLI bs{cli['batch']}: {cli['img_per_s_last_window']:.1f} img/s (last window), "

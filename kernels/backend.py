@@ -5,9 +5,10 @@ name in {"auto", "reference", "triton", "cuda"}:
 - "reference": the plain PyTorch ops of kernels/reference.py everywhere.
 - "triton": the Triton kernels; needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU.
 - "cuda": the CUDA extension (kernels/csrc) for the ops it has (the norm family), Triton for the rest.
-- "auto": on a CUDA tensor, per op: inside a torch.compile trace the reference for the ops declared
-  `compiled_prefers_reference` (inductor fuses it with its neighbours, and measured faster than our kernel at
-  LightningDiT-XL shapes), else the CUDA extension where built, else Triton; on the CPU, the reference.
+- "auto": on a CUDA tensor, per op: inside a torch.compile trace the reference for the ops where inductor's
+  fusion measured faster than our kernel at LightningDiT-XL shapes (kernels/compiled_choices.json, written from a
+  GPU run by bench/compiled_choices.py), else the CUDA extension where built, else Triton; on the CPU, the
+  reference.
 An explicitly requested backend that cannot run raises BackendUnavailable (never a silent fallback).
 
 This module knows backends, not ops: `choose` takes an op's name and the backends it implements and returns

@@ -176,9 +176,9 @@ def _bench_swiglu(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"rows": s.rows, "F": s.F})
 
 
-# Neither is compiled_prefers_reference: their producers (cuDNN attention, our SwiGLU) are opaque to inductor, so
-# its version is a separate looped pass. Not yet measured on a GPU: the suite's ops table (x compiled reference)
-# and the sampling plan's fp8 entries with fp8_quant kernel / inline decide.
+# Under torch.compile, `auto` runs what kernels/compiled_choices.json says: ours (their producers, cuDNN attention
+# and our SwiGLU, are opaque to inductor, whose version is a separate looped pass) until a GPU run's ops table
+# decides (bench/compiled_choices.py); the sampling plan's fp8 entries with fp8_quant ours / inline time the whole.
 register(Op(name="quantize_rows_fp8", reference=quantize_rows_fp8_reference, impls={"triton": quantize_rows_fp8_triton},
             bench=_bench_quant, doc="e4m3 per row (scale = row amax / 448) in one pass over each row; inference"))
 register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": swiglu_fp8_triton},

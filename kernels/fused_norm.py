@@ -482,9 +482,7 @@ def _bench(op: str) -> BenchFactory:
     return case
 
 
-# compiled_prefers_reference: inductor's fusion of the reference was faster than these kernels fwd+bwd at XL/1
-# batch-256 shapes on an H200 (bench/results/2026-11-26_h200.md, GB/s): rms_norm 1192 vs 766, norm_modulate 621
-# vs 569, gated_residual_norm_modulate 1675 vs 1221 (layer_norm: the same kernel as rms_norm)
+# Under torch.compile, `auto` runs what kernels/compiled_choices.json says (measured: bench/compiled_choices.py)
 for _name, _doc in (
         ("rms_norm", "RMSNorm: fp32 statistics, weight"),
         ("layer_norm", "LayerNorm: fp32 statistics, weight and bias"),
@@ -493,5 +491,4 @@ for _name, _doc in (
         ("gated_residual_norm_modulate", "h = x + gate*y; out = modulate(norm(h)), returns (h, out); bwd adds the "
                                          "grad of h, writes dx, dy, reduces dgate")):
     register(Op(name=_name, reference=getattr(reference, _name), doc=_doc, bench=_bench(_name),
-                impls={"triton": getattr(TRITON, _name), "cuda": getattr(CUDA, _name)},
-                compiled_prefers_reference=True))
+                impls={"triton": getattr(TRITON, _name), "cuda": getattr(CUDA, _name)}))

@@ -121,8 +121,6 @@ def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"B": s.B, "N": s.N, "C": s.C})
 
 
-# compiled_prefers_reference: inductor fuses the reference into its neighbours; alone it measured 1888 GB/s fwd+bwd
-# against this kernel's 991 at XL/1 on an H200 (bench/results/2026-11-26_h200.md)
+# Under torch.compile, `auto` runs what kernels/compiled_choices.json says (measured: bench/compiled_choices.py)
 register(Op(name="gated_residual", reference=reference.gated_residual, impls={"triton": gated_residual_triton},
-            bench=_bench, doc="x + gate*y (gate per sample); bwd writes dy and reduces dgate",
-            compiled_prefers_reference=True))
+            bench=_bench, doc="x + gate*y (gate per sample); bwd writes dy and reduces dgate"))

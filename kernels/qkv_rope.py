@@ -284,10 +284,8 @@ def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"B": s.B, "N": s.N, "H": s.H, "D": s.D})
 
 
-# compiled_prefers_reference stays False, unmeasured: this op exists to remove the layout copies inductor leaves
-# around the reference (the profile's RoPE backward, 22 ms, and the dq/dk/dv -> qkv copy, 11 ms: separate kernels);
-# bench/gpu_suite.py's ops section times it against torch.compile(reference) and the trainer headline shows the
-# step. If the ops table shows inductor faster fwd+bwd on the card, set it True here with the numbers.
+# Under torch.compile, `auto` runs what kernels/compiled_choices.json says: ours until a GPU run's ops table (its
+# row against torch.compile(reference)) decides otherwise (bench/compiled_choices.py)
 register(Op(name="qkv_rope", reference=reference.qkv_rope, impls={"triton": qkv_rope_triton}, bench=_bench,
             doc="qkv GEMM output (B, N, 3HD) -> (qk RMSNorm) -> RoPE -> q, k, v (B, H, N, D; token-major memory), "
                 "one pass; bwd writes d qkv in one pass"))

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -77,15 +79,14 @@ class Op:
     name: the `kernels.ops` attribute. reference: the plain PyTorch semantics (the contract: every
     implementation has its signature and matches it). impls: {"triton": fn, "cuda": fn}, each a launcher for
     one backend. bench: builds the op's benchmark case. doc: one line, what is fused.
-    compiled_prefers_reference: under `auto`, inside a torch.compile trace, trace the reference instead (where
-    inductor's fusion measured faster than our kernel). records_itself: the implementation reports what ran
-    (attention: its measured choice) instead of the backend name."""
+    records_itself: the implementation reports what ran (attention: its measured choice) instead of the backend
+    name. What `auto` runs inside a torch.compile trace is not declared here: it is measured, and
+    kernels/compiled_choices.json holds the decision with its evidence (see `compiled_choice`)."""
     name: str
     reference: Callable[..., Any]
     impls: Mapping[str, Callable[..., Any]]
     bench: BenchFactory
     doc: str
-    compiled_prefers_reference: bool = False
     records_itself: bool = False
 
     def __post_init__(self) -> None:
@@ -98,6 +99,30 @@ class Op:
 
 
 _OPS: dict[str, Op] = {}
+CHOICES_FILE = Path(__file__).with_name("compiled_choices.json")
+
+
+def _load_choices(path: Path = CHOICES_FILE) -> dict:
+    """The committed table (bench/compiled_choices.py writes it from a GPU run's ops table)."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"kernels: cannot read {path}: {e}") from None
+    return table
+
+
+_CHOICES = _load_choices()
+
+
+def compiled_choice(name: str) -> str:
+    """'ours' or 'reference': what `auto` runs for op `name` inside a torch.compile trace, from
+    kernels/compiled_choices.json (an entry may follow another op's measurement); an op without an entry (a new
+    op, a test's toy op) runs ours."""
+    entry, seen = _CHOICES["ops"].get(name, {}), {name}
+    while "follows" in entry and entry["follows"] not in seen:
+        seen.add(entry["follows"])
+        entry = _CHOICES["ops"].get(entry["follows"], {})
+    return entry.get("under_compile", "ours")
 
 
 def register(op: Op) -> Op:
@@ -136,7 +161,7 @@ def resolve(name: str, x: torch.Tensor) -> Callable[..., Any]:
     """The function that runs op `name` for tensor x under the active backend (records what runs, for
     kernels.describe()). Raises BackendUnavailable where an explicitly requested backend cannot run it."""
     op = _OPS[name]
-    chosen, label = backend.choose(name, op.impls.keys(), op.compiled_prefers_reference, x)
+    chosen, label = backend.choose(name, op.impls.keys(), name in _PREFER_REFERENCE, x)
     if chosen == "reference":
         backend.record(name, label)
         return op.reference
@@ -163,8 +188,16 @@ def _dispatcher(op: Op) -> Callable[..., Any]:
 
 
 def compiled_prefers_reference() -> frozenset[str]:
-    """The ops `auto` traces as their reference inside torch.compile (from the declarations)."""
-    return frozenset(n for n, op in _OPS.items() if op.compiled_prefers_reference)
+    """The registered ops `auto` traces as their reference inside torch.compile (compiled_choices.json)."""
+    return frozenset(n for n in _OPS if n in _PREFER_REFERENCE)
+
+
+def compiled_choices() -> dict:
+    """The committed table, as read (the measurement it came from, and each op's entry)."""
+    return json.loads(json.dumps(_CHOICES))
+
+
+_PREFER_REFERENCE = frozenset(n for n in _CHOICES["ops"] if compiled_choice(n) == "reference")
 
 
 def bench_cases(shape: BenchShape, device: str, dtype: torch.dtype,

@@ -8,11 +8,20 @@ from ._triton import triton
 def describe() -> dict:
     """{'requested': the backend asked for, 'ops': {op: what actually ran last}, 'registered': the declared ops,
     'cuda_ext': 'built' or why not, 'triton': its version, 'attention_installed', 'attention_measured': the
-    timings behind attention's choice}."""
+    timings behind attention's choice, 'compiled_choices': the measurement kernels/compiled_choices.json came from
+    (what `auto` runs under torch.compile)}."""
     return {"requested": backend.get_backend(), "ops": backend.ran(),
             "registered": sorted(registry.registered()),
             "cuda_ext": cuda_ext.status()[1] or "built",
             "triton": triton.__version__ if triton is not None else "not installed",
             "attention_installed": {k: ("installed" if v else "not installed")
                                     for k, v in attention.installed().items()},
-            "attention_measured": attention.measurements()}
+            "attention_measured": attention.measurements(),
+            "compiled_choices": _measured_on()}
+
+
+def _measured_on() -> dict:
+    """Where kernels/compiled_choices.json's measurements come from: the result file, its card and commit."""
+    m = registry.compiled_choices()["measured_on"]
+    env = m.get("environment") or {}
+    return {"results": m.get("results"), "card": env.get("card") or env.get("device"), "commit": env.get("commit")}

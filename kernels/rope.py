@@ -122,8 +122,6 @@ def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"B": s.B, "H": s.H, "N": s.N, "D": s.D})
 
 
-# compiled_prefers_reference: inductor's fusion of the reference (its backward written out, kernels/reference.py)
-# measured 551 GB/s fwd+bwd against this kernel's 358 at XL/1 on an H200 (bench/results/2026-11-26_h200.md)
+# Under torch.compile, `auto` runs what kernels/compiled_choices.json says (measured: bench/compiled_choices.py)
 register(Op(name="rope_qk", reference=reference.rope_qk, impls={"triton": rope_qk_triton}, bench=_bench,
-            doc="RoPE on q and k in one launch, reading the strided qkv views (reference pair layout)",
-            compiled_prefers_reference=True))
+            doc="RoPE on q and k in one launch, reading the strided qkv views (reference pair layout)"))

@@ -367,8 +367,8 @@ def test_resolve_returns_each_backends_function():
 
 
 def test_auto_policy_under_compile(monkeypatch):
-    """auto on a CUDA tensor: inside a torch.compile trace the reference for the ops declared
-    compiled_prefers_reference (reported as such), our kernel otherwise; outside a trace our kernels."""
+    """auto on a CUDA tensor: inside a torch.compile trace the reference for the ops kernels/compiled_choices.json
+    gives to inductor (reported as such), our kernel otherwise; outside a trace our kernels."""
     from types import SimpleNamespace
 
     from kernels import backend, rope, swiglu

@@ -41,7 +41,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     for op in ("quantize_rows_fp8", "swiglu_fp8"):  # the sampler's FP8 activation quantization: forward only
         for impl in ("reference", "compiled_reference", "triton"):
             row = sec["ops"][op][impl]
-            assert "error" not in row and row["fwd_GBps"] > 0 and row["rel_err_vs_fp32"] < 2e-2, (op, impl, row)
+            # e4m3 keeps 3 mantissa bits: elements differ by a rounding step (<= 6%) where bf16 inputs round apart
+            assert "error" not in row and row["fwd_GBps"] > 0 and row["rel_err_vs_fp32"] < 0.1, (op, impl, row)
         assert sec["ops"][op]["triton"]["ran"] == "triton" and "fwd_x_compiled_reference" in sec["ops"][op]["triton"]
     # training numbers come from the trainer: bench.throughput's Trainer.train_step cases and the CLI itself
     head, ref = sec["train auto+compiled bs256"], sec["train reference+compiled bs256"]
@@ -58,6 +59,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert "train.train_dit" in cli["command"] and not [w for w in cli["warnings"] if "autocast" in w]
     assert "trainer CLI" in res.stdout  # the short table comes last
     assert re.search(r"^rms_norm +triton +fwd_bwd .* vs inductor .*x", res.stdout, re.M), res.stdout[-3000:]
+    assert "under torch.compile, this run would change kernels/compiled_choices.json: " in res.stdout
     # what a lent machine returns: at most 8 files; the rest travel in one archive
     files = [f for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8, files

@@ -182,3 +182,71 @@ def test_dispatch_through_ops_is_one_hop_under_compile():
     out = torch.compile(lambda x, w: ops.rms_norm(x, w, 1e-6), backend="eager", fullgraph=True)(x, w)
     torch.testing.assert_close(out, kernels.reference.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
     assert kernels.describe()["ops"]["rms_norm"] == "triton"
+
+
+# ------------------------------------------------------------------ what auto runs under torch.compile
+
+def test_every_op_has_a_compiled_choice_backed_by_its_measurement():
+    """kernels/compiled_choices.json: every shipped op has an entry; a measured entry's decision is the faster of
+    its two recorded times and its result file is in the repository; an unmeasured one says why; `follows` names
+    an entry. The registry's view (compiled_prefers_reference) is the table's."""
+    table = registry.compiled_choices()
+    env = table["measured_on"]["environment"]
+    assert (env.get("card") or env.get("device")) and env["commit"] and table["doc"]
+    assert kernels.describe()["compiled_choices"]["results"] == table["measured_on"]["results"]
+    assert DECLARED_OPS <= set(table["ops"])
+    for name, e in table["ops"].items():
+        if "follows" in e:
+            assert e["follows"] in table["ops"] and e["why"], name
+        elif "why" in e:
+            assert e["under_compile"] == "ours" and len(e["why"]) > 20, name
+        else:
+            assert e["under_compile"] == ("ours" if e["ours_ms"] < e["inductor_ms"] else "reference"), name
+            assert e["ours"] in registry.FUSED_BACKENDS and e["timed"] in ("fwd", "fwd_bwd")
+            assert (REPO / e["results"]).is_file(), e["results"]
+    prefer = {n for n in DECLARED_OPS if registry.compiled_choice(n) == "reference"}
+    assert registry.compiled_prefers_reference() == prefer
+    assert registry.compiled_choice("layer_norm") == registry.compiled_choice("rms_norm")
+    assert registry.compiled_choice("no_such_op") == "ours"  # a new op runs ours until measured
+
+
+def test_the_table_is_what_its_measurement_gives():
+    """Regenerating the table from the result file it names reproduces it: the decisions are the measurement's."""
+    import json
+
+    from bench import compiled_choices
+    table = registry.compiled_choices()
+    source = table["measured_on"]["results"]
+    again = compiled_choices.choices(json.loads((REPO / source).read_text()), source, base=table,
+                                     note=table["measured_on"].get("note", ""))
+    assert again == table
+
+
+def test_choices_from_a_new_measurement(tmp_path):
+    """A GPU run where our kernel beats inductor flips the op to ours (fwd+bwd when both were timed, forward for
+    an inference op, the fastest of our backends); an op the run does not time, or whose row failed, keeps its
+    entry; the CLI writes the table and refuses a file without an ops table in one line."""
+    import json
+
+    from bench import compiled_choices
+    base = registry.compiled_choices()
+    result = {"environment": {"card": "NVIDIA H100 80GB HBM3", "commit": "abc"}, "sections": {"ops": {
+        "rms_norm": {"compiled_reference": {"fwd_ms": 0.1, "fwd_bwd_ms": 0.4}, "triton": {"fwd_ms": 0.1,
+                     "fwd_bwd_ms": 0.35}, "cuda": {"fwd_ms": 0.1, "fwd_bwd_ms": 0.30}},
+        "swiglu_fp8": {"compiled_reference": {"fwd_ms": 0.2}, "triton": {"fwd_ms": 0.3}},
+        "rope_qk": {"compiled_reference": {"fwd_ms": 0.1, "fwd_bwd_ms": 0.4}, "triton": {"error": "OOM"}},
+        "attention": {}}}}
+    t = compiled_choices.choices(result, "run.json", base)
+    assert t["measured_on"] == {"results": "run.json", "environment": result["environment"]}
+    assert t["ops"]["rms_norm"] == {"under_compile": "ours", "timed": "fwd_bwd", "ours": "cuda", "ours_ms": 0.3,
+                                    "inductor_ms": 0.4, "results": "run.json"}
+    assert t["ops"]["swiglu_fp8"]["under_compile"] == "reference" and t["ops"]["swiglu_fp8"]["timed"] == "fwd"
+    assert t["ops"]["rope_qk"] == base["ops"]["rope_qk"] and t["ops"]["attention"] == base["ops"]["attention"]
+    src, out = tmp_path / "run.json", tmp_path / "choices.json"
+    src.write_text(json.dumps(result))
+    out.write_text(json.dumps(base))
+    compiled_choices.main([str(src), "--write", str(out)])
+    assert json.loads(out.read_text())["ops"]["rms_norm"]["under_compile"] == "ours"
+    src.write_text(json.dumps({"sections": {"ceilings": {}}}))
+    with pytest.raises(SystemExit, match=r"bench.compiled_choices: .*run.json: no ops table"):
+        compiled_choices.main([str(src)])

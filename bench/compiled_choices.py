@@ -1,0 +1,89 @@
+"""What `auto` runs inside torch.compile, decided from a GPU measurement: writes kernels/compiled_choices.json.
+
+    python -m bench.compiled_choices bench/results/<suite>.json --write kernels/compiled_choices.json
+
+Reads the ops table of a GPU suite result (`sections.ops`) or of `python -m bench.ops_bench` (top level): per op,
+the time of our fastest implementation (triton, cuda) and of torch.compile(reference), forward + backward where
+both were timed, else forward. An op whose kernel was faster runs ours under compile ("ours"); one where inductor's
+fusion was faster traces its reference there ("reference"). Ops the result does not time keep their entry from
+the table being replaced (with its own evidence or its reason for having none). The table keeps the result file's
+name and its environment block (card, versions, commit); kernels/registry.py reads it, and `kernels.describe()` reports
+"reference (inductor)" where it applies. Without --write it prints the table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "kernels" / "compiled_choices.json"
+FUSED = ("triton", "cuda")
+
+
+def _timing(rows: dict) -> Optional[dict]:
+    """{"timed", "ours", "ours_ms", "inductor_ms"} from one op's rows, or None when they cannot be compared."""
+    comp = rows.get("compiled_reference") or {}
+    ours = {impl: rows[impl] for impl in FUSED if isinstance(rows.get(impl), dict) and "error" not in rows[impl]}
+    if "error" in comp or not ours:
+        return None
+    key = "fwd_bwd_ms" if "fwd_bwd_ms" in comp and all("fwd_bwd_ms" in r for r in ours.values()) else "fwd_ms"
+    if key not in comp or not all(key in r for r in ours.values()):
+        return None
+    best = min(ours, key=lambda impl: ours[impl][key])
+    return {"timed": key.removesuffix("_ms"), "ours": best, "ours_ms": round(ours[best][key], 4),
+            "inductor_ms": round(comp[key], 4)}
+
+
+def choices(result: dict, source: str, base: Optional[dict] = None, note: str = "") -> dict:
+    """The table from a suite or ops_bench result (`source`: its path, recorded), over `base`'s entries."""
+    ops = result["sections"]["ops"] if "sections" in result else result
+    env = result.get("environment") or {}
+    measured_on = {"results": source, "environment": env}  # the measurement's own environment block, as recorded
+    if note:
+        measured_on["note"] = note
+    table = {"doc": (base or {}).get("doc", ""), "measured_on": measured_on, "ops": dict((base or {}).get("ops", {}))}
+    for name, rows in ops.items():
+        if name == "environment" or not isinstance(rows, dict):
+            continue
+        t = _timing(rows)
+        if t is None:
+            continue
+        t["under_compile"] = "ours" if t["ours_ms"] < t["inductor_ms"] else "reference"
+        table["ops"][name] = {"under_compile": t.pop("under_compile"), **t, "results": source}
+    table["ops"] = dict(sorted(table["ops"].items()))
+    return table
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from modeling.config import cli_parser
+    p = cli_parser("bench.compiled_choices", __doc__)
+    p.add_argument("results", help="a GPU suite JSON (bench/results/...) or an ops_bench JSON")
+    p.add_argument("--write", default=None, help="the table to replace (kernels/compiled_choices.json)")
+    p.add_argument("--note", default="", help="a remark kept with the measurement (e.g. which tree ran)")
+    a = p.parse_args(argv)
+    path = Path(a.results)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench.compiled_choices: {path}: {e}") from None
+    ops = (result.get("sections") or {}).get("ops") if isinstance(result, dict) and "sections" in result else result
+    if not isinstance(ops, dict):
+        raise SystemExit(f"bench.compiled_choices: {path}: no ops table (sections.ops or ops_bench rows)")
+    base = json.loads(Path(a.write).read_text()) if a.write and Path(a.write).is_file() else None
+    try:
+        source = str(path.resolve().relative_to(REPO))
+    except ValueError:
+        source = str(path)
+    table = choices(result, source, base, a.note)
+    text = json.dumps(table, indent=1) + "\n"
+    if a.write:
+        Path(a.write).write_text(text)
+        print(f"wrote {a.write}")
+    else:
+        print(text, end="")
+    return table
+
+
+if __name__ == "__main__":
+    main()
