@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite: `bash bench/gpu_suite.sh [--part A|B|all] [--budget S]` from the repo root on one H100/H200
+# The GPU suite: `bash bench/gpu_suite.sh [--part A|B|C|all] [--budget S]` from the repo root on one H100/H200
 # (torch 2.11, Triton 3.6). Installs carried wheels (.whl/: DeepSpeed and its pure-Python needs, torchao),
 # builds the CUDA extension in the background, then bench/gpu_suite.py: GPU tests, fp32 parity on the GPU,
 # the XL/1 trainer's throughput through `python -m train.train_dit` and bench.throughput (Trainer.train_step),
@@ -23,14 +23,15 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the m
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 \
     | grep -v "root user" ; export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-if [[ " $* " != *" --cpu-smoke "* ]] && [[ " $* " != *" --part B "* ]]; then
+if [[ " $* " != *" --cpu-smoke "* ]] && [[ " $* " != *" --part B "* ]] && [[ " $* " != *" --part C "* ]]; then
   rm -f "$OUT/build_ext.done"
   ( start=$(date +%s); MAX_JOBS=${MAX_JOBS:-8} timeout 200 "$PY" kernels/build_ext.py > "$OUT/build_ext.log" 2>&1
     rc=$?; echo "[suite] CUDA extension build rc $rc in $(( $(date +%s) - start )) s" >> "$OUT/build_ext.log"
     echo "$rc" > "$OUT/build_ext.done" ) &
   export SUITE_BUILD_BG=1
 fi
-timeout "${SUITE_TIMEOUT:-450}" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
+limit=450; [[ " $* " == *" --part C "* ]] && limit=590  # part C: two 2,000-step pairs (a call's 10 minutes)
+timeout "${SUITE_TIMEOUT:-$limit}" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
 rc=$?
 wait
 exit $rc

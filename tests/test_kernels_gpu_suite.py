@@ -95,3 +95,30 @@ def test_sampling_plan_parses_and_fp32_comes_first():
     assert {k: v for k, v in parsed[3].sampling.items() if k != "fp8_quant"} == parsed[2].sampling
     assert parsed[2].batch == parsed[3].batch and parsed[2].sampling["precision"] == "fp8"
     assert list(EXTRA_COMMANDS)[:2] == ["precision_guard", "sampling"]  # issue 10's open measurements first
+
+
+def test_gpu_suite_part_c_fp8_curve_smoke(tmp_path):
+    """Part C (FP8 training's loss curve against bf16, per seed, with the seeds' spread as the tolerance) through
+    the same script on the CPU: two tiny seed pairs through bench.fp8_compare (our FP8 linear, emulated), the
+    verdict and the table."""
+    out = tmp_path / "out"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(out), "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    res = subprocess.run(["bash", "bench/gpu_suite.sh", "--cpu-smoke", "--part", "C", "--budget", "1000"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads((out / "gpu_suite.json").read_text())
+    assert not r["errors"], r["errors"]
+    sec = r["sections"]
+    for seed in (0, 1):
+        run = sec[f"fp8_curve_seed{seed}"]
+        assert run["steps"] == 3 and "scaled_mm (ours" in run["fp8"] and run["bf16_tail_mean"] > 0
+    import tarfile  # the plots travel in the archive (a lent machine returns at most 8 files)
+    packed = tarfile.open(out / "more_results.tar.gz").getnames()
+    assert {"fp8_compare_seed0/fp8_compare.png", "fp8_compare_seed1/fp8_compare.png"} <= set(packed), packed
+    v = sec["fp8_curve"]
+    assert v["seed_spread"] >= 0 and set(v["tail_rel_diff"]) == {"fp8_curve_seed0", "fp8_curve_seed1"}
+    assert isinstance(v["within_spread"], bool) and "FP8 vs bf16 against the seed spread" in res.stdout
+    assert "ceilings" not in sec and "trainer_cli_bs256" not in sec  # part C alone
