@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = REPO / "kernels" / "compiled_choices.json"
+TABLE = REPO / "kernels" / "compiled_choices.json"  # what kernels/registry.py reads
 FUSED = ("triton", "cuda")
 
 
@@ -59,7 +59,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from modeling.config import cli_parser
     p = cli_parser("bench.compiled_choices", __doc__)
     p.add_argument("results", help="a GPU suite JSON (bench/results/...) or an ops_bench JSON")
-    p.add_argument("--write", default=None, help="the table to replace (kernels/compiled_choices.json)")
+    p.add_argument("--write", default=None, help=f"the table to replace (the one the kernels read: "
+                                                 f"{TABLE.relative_to(REPO)})")
     p.add_argument("--note", default="", help="a remark kept with the measurement (e.g. which tree ran)")
     a = p.parse_args(argv)
     path = Path(a.results)
