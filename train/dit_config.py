@@ -87,6 +87,9 @@ class TrainConfig(TrainSection):
     time_dist: Literal["logit_normal", "uniform"] = "logit_normal"   # distribution of the flow time t
     use_cosine_loss: bool = True        # add the cosine loss of the velocity (the paper's)
     kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"  # kernels.ops backend (see docs/kernels.md)
+    # activations recomputed in the backward instead of kept (train/recompute.py): swiglu = each block's SwiGLU
+    # output, from w12's output (XL/1 batch 256: 10.5 GiB less, for one more SwiGLU pass per block in the backward)
+    recompute: Literal["none", "swiglu"] = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -157,3 +160,14 @@ class DiTTrainConfig(TrainerConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileSection = field(default_factory=ProfileSection)
     dist: DistSection = field(default_factory=DistSection)
+
+    def validate(self) -> None:
+        if self.train.recompute == "swiglu":
+            require(self.model.use_swiglu, "train.recompute: swiglu needs model.use_swiglu: true (this MLP is GELU)")
+            require(not self.model.use_checkpoint, "train.recompute: swiglu with model.use_checkpoint: true: the whole "
+                                                   "block is recomputed already; set one of them")
+            # counted (bench.activation_memory --fp8 ...): an FP8 w3 keeps its input in e4m3 (half the bf16 SwiGLU
+            # output) whether or not the SwiGLU is recomputed; with ours recomputation even keeps 2C bytes more
+            require(self.fp8.backend == "none", f"train.recompute: swiglu saves nothing under fp8.backend "
+                                                f"{self.fp8.backend} (its w3 keeps the SwiGLU output in e4m3 either "
+                                                f"way: python -m bench.activation_memory --fp8 ...); use one of them")

@@ -36,6 +36,7 @@ from .errors import trainer_main
 from .guard import NonFiniteError, poison  # noqa: F401 (NonFiniteError: re-exported)
 from .logging_utils import nvtx
 from .precision import PrecisionProbe
+from .recompute import apply_recompute
 
 log = logging.getLogger("train")
 
@@ -102,6 +103,7 @@ class DiTTrainer(TrainerBase):
             self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu,
                                               recipe=cfg.fp8.recipe or fp8_lib.default_recipe(cfg.fp8.backend))
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
+        apply_recompute(model, cfg.train.recompute)  # before compile: the checkpoint is traced into each block
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
                 block.compile(**cfg.train.compile_kwargs(), fullgraph=True)
@@ -145,7 +147,8 @@ class DiTTrainer(TrainerBase):
     def describe(self) -> str:
         cfg = self.cfg
         return (f"world {self.info.world_size}, grad accumulation {self.grad_accum}, ZeRO {cfg.train.zero_stage}, "
-                f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile_desc()}, kernels "
+                f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile_desc()}, recompute "
+                f"{cfg.train.recompute}, kernels "
                 f"{kernels.describe()}, {self.flops_per_image / 1e9:.2f} GFLOP/img, {self.threads} CPU threads")
 
     def fetch_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

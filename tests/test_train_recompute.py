@@ -1,0 +1,99 @@
+"""train.recompute (train/recompute.py): the SwiGLU output recomputed in the backward instead of kept.
+
+What is checked: the gradients are bit for bit the same with and without it (eager fp32, and inductor under bf16
+autocast, with the reference ops and with our Triton ops in the interpreter); what the compiled block keeps for
+its backward shrinks by exactly the SwiGLU output (2F bytes per token in bf16) and by nothing else, counted by
+bench.activation_memory; the config refuses the settings it cannot apply; the trainer says it on its start-up
+line.
+"""
+import pytest
+import torch
+
+import kernels
+from bench import activation_memory
+from modeling.config import ConfigError, load_config
+from modeling.lightningdit import LightningDiT, LightningDiTConfig
+from train.dit_config import DiTTrainConfig
+from train.recompute import apply_recompute
+
+TINY = dict(hidden_size=64, num_heads=4, depth=2, patch_size=1, input_size=4, in_channels=4, num_classes=10)
+
+
+def _grads(recompute, compile_backend=None, autocast=False, backend="reference"):
+    torch.manual_seed(0)
+    model = LightningDiT(LightningDiTConfig(**TINY)).train()
+    for p in model.parameters():  # the reference init zeroes adaLN and the output layer: no gradient would flow
+        torch.nn.init.normal_(p, std=0.05)
+    assert apply_recompute(model, recompute) == (2 if recompute == "swiglu" else 0)
+    if compile_backend:
+        torch._dynamo.reset()  # past dynamo's recompile limit (8 per code object) a block would silently run eager
+        for block in model.blocks:
+            block.compile(backend=compile_backend, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 4, 4, 4, generator=g), torch.rand(3, generator=g)
+    y = torch.randint(0, 10, (3,), generator=g)
+    with kernels.backend.active(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, t, y)
+        (out.float() ** 2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and len(a) > 20
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_recompute_gives_the_same_gradients_eager():
+    _assert_same(_grads("none"), _grads("swiglu"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_recompute_gives_the_same_gradients_compiled(backend):
+    _assert_same(_grads("none", "inductor", True, backend), _grads("swiglu", "inductor", True, backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_block_keeps_the_swiglu_output_no_more(backend):
+    kw = dict(size="B/1", input_size=4, compile_backend="inductor", batch=3, kernels_backend=backend,
+              hidden_size=64, num_heads=4)
+    none = activation_memory.saved_for_backward(recompute="none", **kw)
+    swiglu = activation_memory.saved_for_backward(recompute="swiglu", **kw)
+    F = none["swiglu_hidden"]
+    assert F == 170 and none["tokens"] == 16 and none["depth"] == 12
+    assert none["per_token"] - swiglu["per_token"] == 2 * F  # the bf16 (rows, F) SwiGLU output, nothing else
+    assert swiglu["fixed"] == none["fixed"]
+    widths = lambda c: sorted(r["per_token"] for r in c["tensors"] if r["per_token"])  # noqa: E731
+    kept = widths(none)
+    kept.remove(2 * F)
+    assert kept == widths(swiglu)
+    if backend == "triton":
+        assert none["kernels_ran"]["swiglu"] == "triton"
+    # the arithmetic of the table: tokens x batch x depth
+    assert activation_memory.at_batch(none, 8) == (none["per_token"] * 16 * 8 + none["fixed"]) * 12
+
+
+def test_markdown_predicts_from_a_measured_peak():
+    counts = [{"size": "XL/1", "tokens": 256, "hidden": 1152, "swiglu_hidden": 3072, "compile_backend": "inductor",
+               "fp8": "none", "kernels_ran": {}, "depth": 28, "recompute": r, "per_token": p, "fixed": 0}
+              for r, p in (("none", 46215.0), ("swiglu", 40071.0))]
+    text = activation_memory.markdown(counts, 256, 96.0, "none")
+    assert "| none | 46,215 | 78.98 | 0.0 | 96.0 |" in text
+    assert "| swiglu | 40,071 | 68.48 | 0.0 | 85.5 |" in text
+
+
+def test_recompute_config_refusals():
+    def load(*overrides):
+        return load_config(DiTTrainConfig, None, ["data.source=synthetic", *overrides])
+    assert load("train.recompute=swiglu").train.recompute == "swiglu"
+    assert load().train.recompute == "none"
+    with pytest.raises(ConfigError, match="recompute"):
+        load("train.recompute=everything")
+    with pytest.raises(ConfigError, match="use_checkpoint"):
+        load("train.recompute=swiglu", "model.use_checkpoint=true")
+    with pytest.raises(ConfigError, match="use_swiglu"):
+        load("train.recompute=swiglu", "model.use_swiglu=false")
+    with pytest.raises(ConfigError, match="fp8.backend scaled_mm"):
+        load("train.recompute=swiglu", "fp8.backend=scaled_mm")
+    with pytest.raises(ValueError, match="unknown recompute"):
+        apply_recompute(LightningDiT(LightningDiTConfig(**TINY)), "blocks")
