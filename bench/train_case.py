@@ -31,6 +31,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "zero3": ("train.zero_stage=3",),
     # inductor's multi-kernel: each reduction persistent and looped, the faster kept (train.compile_options)
     "multikernel": ('train.compile_options={"triton.multi_kernel": 1}',),
+    # the SwiGLU output recomputed in the backward instead of kept (train/recompute.py): less memory, one more pass
+    "recompute": ("train.recompute=swiglu",),
 }
 
 
