@@ -10,21 +10,23 @@ alive at the end of the forward, so per token x tokens per step x depth is the a
 
 The choice of partition (what inductor saves and what it recomputes) is the same on the CPU as on a GPU for the
 same graph; the graph differs only by the kernels backend: the CPU runs the reference ops, or ours with
-`--kernels triton` under TRITON_INTERPRET=1 (the GPU's `auto` runs ours for SwiGLU and qkv_rope and the reference
-norms under compile, kernels/compiled_choices.json). Both give the same count at XL/1 (46,215 bytes per token per
-block without recomputation), bench/results/2026-12-04_activation_memory.md.
+`--kernels triton`, or what the GPU's `auto` runs under compile with `--kernels gpu-auto` (our SwiGLU and qkv_rope,
+the reference norms: kernels/compiled_choices.json), both under TRITON_INTERPRET=1. At XL/1 without recomputation:
+46,215 bytes per token per block with the reference ops or all of ours, 41,607 with gpu-auto
+(bench/results/2026-12-04_activation_memory.md).
 
     python -m bench.activation_memory                         # XL/1, batch 256: none vs swiglu
     python -m bench.activation_memory --measured-peak-gib 96.0 --measured-as none   # + the peak each would have
 
-With a measured peak (torch.cuda.max_memory_allocated of a trainer run with `--measured-as` recomputation), each
-setting's predicted peak is that peak less the measured setting's activations plus its own: the rest (weights,
-gradients, Adam state, EMA, workspace) does not depend on what the blocks keep.
+With a measured peak (torch.cuda.max_memory_allocated of a trainer run with `--measured-as` recomputation and the
+kernels counted), each setting's predicted peak is that peak less the measured setting's activations plus its
+own: the rest (weights, gradients, Adam state, EMA, workspace) does not depend on what the blocks keep.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -37,13 +39,24 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
+@contextlib.contextmanager
+def _kernels(name: str) -> Iterator[None]:
+    """A kernels backend, or "gpu-auto": what `auto` runs on a GPU (ours through the Triton interpreter where
+    kernels/compiled_choices.json keeps ours under compile, the reference elsewhere)."""
+    from kernels import backend
+    with backend.active("auto" if name == "gpu-auto" else name), \
+            (backend.auto_as_on_gpu() if name == "gpu-auto" else contextlib.nullcontext()):
+        yield
+
+
 def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str = "none",
                        compile_backend: Optional[str] = "inductor", batch: int = 2, kernels_backend: str = "auto",
                        fp8: str = "none", **model_overrides) -> dict:
     """Run one block of a LightningDiT `size` forward (bf16 autocast, `batch` samples, the kernels backend
-    `kernels_backend`, the trainer's `fp8.backend` scaled_mm or torchao emulated on the CPU, or none) and record
-    what it saves for the backward. Returns {"per_token": bytes per token, "fixed": bytes independent of the batch, "tensors":
-    [{dtype, shape, bytes, per_token}], "tokens": tokens per sample, "depth": the size's depth, ...}."""
+    `kernels_backend` (or "gpu-auto"), the trainer's `fp8.backend` scaled_mm or torchao emulated on the CPU, or
+    none) and record what it saves for the backward. Returns {"per_token": bytes per token, "fixed": bytes
+    independent of the batch, "tensors": [{dtype, shape, bytes, per_token}], "tokens": tokens per sample, "depth":
+    the size's depth, ...}."""
     import kernels
     from modeling.lightningdit import LightningDiT, LightningDiTConfig
     from train.recompute import apply_recompute
@@ -73,7 +86,7 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
         saved.setdefault(_storage(t), t)
         return t
 
-    with kernels.backend.active(kernels_backend), torch.autocast("cpu", dtype=torch.bfloat16), \
+    with _kernels(kernels_backend), torch.autocast("cpu", dtype=torch.bfloat16), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = block(x, c, model.feat_rope)
         ran = kernels.describe()["ops"]
@@ -89,7 +102,7 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
             per_token += key[1]
         else:
             fixed += key[1]
-    with kernels.backend.active(kernels_backend):
+    with _kernels(kernels_backend):
         out.float().sum().backward()  # the backward runs (a partition that cannot is an error here, not later)
     tensors.sort(key=lambda r: -r["bytes"])
     return {"size": size, "input_size": input_size, "recompute": recompute, "compile_backend": compile_backend,
@@ -113,9 +126,8 @@ def markdown(counts: list[dict], batch: int, measured_peak_gib: Optional[float] 
     if base:
         head.append(f"predicted peak GiB (measured {measured_peak_gib:.1f} with {measured_as})")
     lines = [f"LightningDiT-{first['size']}, {first['tokens']} tokens, hidden {first['hidden']}, SwiGLU hidden "
-             f"{first['swiglu_hidden']}; compile backend {first['compile_backend']}; bf16 autocast; FP8 {first['fp8']}; "
-             f"kernels ran: "
-             f"{first['kernels_ran']}", "",
+             f"{first['swiglu_hidden']}; compile backend {first['compile_backend']}; bf16 autocast; "
+             f"FP8 {first['fp8']}; kernels ran: {first['kernels_ran']}", "",
              "| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     for c in counts:
         row = [c["recompute"], f"{c['per_token']:,.0f}", f"{at_batch(c, batch) / GiB:.2f}",
@@ -127,13 +139,16 @@ def markdown(counts: list[dict], batch: int, measured_peak_gib: Optional[float] 
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.activation_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="XL/1", help="a LightningDiT size (default XL/1)")
-    p.add_argument("--input-size", type=int, default=16, help="latent side (default 16: 256 px through f16)")
+    from modeling.config import cli_parser
+    p = cli_parser("bench.activation_memory", __doc__.split("\n\n")[0])
+    p.add_argument("--size", default="XL/1", help="a LightningDiT size")
+    p.add_argument("--input-size", type=int, default=16, help="latent side (16: 256 px through f16)")
     p.add_argument("--batch", type=int, default=256, help="samples per GPU step the GiB column is for")
     p.add_argument("--recompute", default="none,swiglu", help="comma-separated train.recompute settings")
     p.add_argument("--compile-backend", default="inductor", help="inductor (as the trainer), or none: eager")
-    p.add_argument("--kernels", default="auto", help="kernels backend (triton on the CPU: TRITON_INTERPRET=1)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "reference", "triton", "cuda", "gpu-auto"),
+                   help="kernels backend, or gpu-auto: auto's choices on a GPU (triton and gpu-auto need "
+                        "TRITON_INTERPRET=1 on the CPU)")
     p.add_argument("--fp8", default="none", choices=("none", "scaled_mm", "torchao"), help="the trainer's fp8.backend")
     p.add_argument("--measured-peak-gib", type=float, default=None, help="a trainer run's max_memory_allocated")
     p.add_argument("--measured-as", default="none", help="the train.recompute of that run")
@@ -144,6 +159,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bad = [s for s in settings if s not in MODES]
     if bad or a.batch < 1:
         p.error(f"--recompute takes {MODES} (got {bad}); --batch must be >= 1")
+    if a.kernels in ("triton", "gpu-auto"):  # checked here: inside a compiled trace the refusal would be wrapped
+        from kernels.backend import triton_status
+        ok, reason = triton_status(torch.empty(0))
+        if not ok:
+            p.error(f"--kernels {a.kernels}: {reason}")
     backend = None if a.compile_backend == "none" else a.compile_backend
     counts = [saved_for_backward(a.size, a.input_size, s, backend, kernels_backend=a.kernels, fp8=a.fp8)
               for s in settings]
@@ -157,4 +177,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from modeling.config import user_errors
+    with user_errors(extra=(ValueError,)):  # an unknown size or a backend that cannot run: one line, exit 2
+        main()

@@ -27,7 +27,7 @@ import torch
 from . import _triton, cuda_ext
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-_state = {"name": os.environ.get("VAVAE_KERNELS", "auto")}
+_state = {"name": os.environ.get("VAVAE_KERNELS", "auto"), "auto_as_on_gpu": False}
 _ran: dict[str, str] = {}  # op name -> what actually ran last (kernels.describe()["ops"])
 
 
@@ -57,6 +57,22 @@ def active(name: str) -> Iterator[None]:
         yield
     finally:
         _state["name"] = before
+
+
+@contextlib.contextmanager
+def auto_as_on_gpu() -> Iterator[None]:
+    """Inside: `auto` chooses for CPU tensors as it would for CUDA ones (ours through the Triton interpreter, which
+    must be on, and the reference where compiled_choices.json prefers inductor under compile). For counting tools
+    (bench.activation_memory): what a compiled block saves depends on which ops run, not on the device."""
+    ok, reason = triton_status(torch.empty(0))
+    if not ok:
+        raise BackendUnavailable(f"auto as on a GPU needs the Triton kernels on the CPU: {reason}")
+    before = _state["auto_as_on_gpu"]
+    _state["auto_as_on_gpu"] = True
+    try:
+        yield
+    finally:
+        _state["auto_as_on_gpu"] = before
 
 
 def record(op: str, what: str) -> None:
@@ -91,7 +107,7 @@ def cuda_status(x: Optional[torch.Tensor] = None) -> tuple[bool, str]:
 
 
 def _auto(op: str, backends: Collection[str], compiled_prefers_reference: bool, x: torch.Tensor) -> tuple[str, str]:
-    if not x.is_cuda:  # never the Triton interpreter: it is a test tool, orders of magnitude slower
+    if not x.is_cuda and not _state["auto_as_on_gpu"]:  # never the Triton interpreter: it is a test tool
         return "reference", "reference"
     if compiled_prefers_reference and torch.compiler.is_compiling():
         return "reference", "reference (inductor)"

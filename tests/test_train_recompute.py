@@ -97,3 +97,16 @@ def test_recompute_config_refusals():
         load("train.recompute=swiglu", "fp8.backend=scaled_mm")
     with pytest.raises(ValueError, match="unknown recompute"):
         apply_recompute(LightningDiT(LightningDiTConfig(**TINY)), "blocks")
+
+
+def test_gpu_auto_count_runs_what_auto_runs_on_a_gpu():
+    """--kernels gpu-auto: under compile our qkv_rope and SwiGLU, the reference norms (kernels/compiled_choices.json).
+    qkv_rope writes q, k and v into buffers of their own, so the qkv GEMM's output (its pre-RoPE q and k: 2 x 2C
+    bytes per token) is not kept alive by v being a view of it, as it is with the reference ops."""
+    kw = dict(size="B/1", input_size=4, compile_backend="inductor", batch=3, hidden_size=64, num_heads=4)
+    reference = activation_memory.saved_for_backward(kernels_backend="reference", **kw)
+    gpu = activation_memory.saved_for_backward(kernels_backend="gpu-auto", **kw)
+    ran = gpu["kernels_ran"]
+    assert ran["qkv_rope"] == ran["swiglu"] == "triton" and ran["norm_modulate"] == "reference (inductor)"
+    assert reference["per_token"] - gpu["per_token"] == 2 * 2 * 64
+    assert kernels.backend.get_backend() == "auto" and not kernels.backend._state["auto_as_on_gpu"]
