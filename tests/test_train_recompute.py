@@ -99,6 +99,31 @@ def test_recompute_config_refusals():
         apply_recompute(LightningDiT(LightningDiTConfig(**TINY)), "blocks")
 
 
+def test_trainer_recomputes_and_says_so(tmp_path):
+    """Through the DiT trainer (compiled blocks, aot_eager: the partitioner's recompute without a C++ build): every
+    MLP recomputes, the start-up line says so, and two steps end on the weights of the run without it."""
+    from pathlib import Path
+    from train.train_dit import Trainer
+
+    def run(name, *extra):
+        cfg = load_config(DiTTrainConfig, Path(__file__).resolve().parents[1] / "configs/dit_tiny_cpu.yaml", [
+            f"checkpoint.dir={tmp_path}/{name}", f"logging.dir={tmp_path}/{name}", "logging.progress_bar=false",
+            "logging.tensorboard=false", "train.steps=2", "train.zero_stage=0", "train.compile=blocks",
+            "train.compile_backend=aot_eager", *extra])
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return trainer
+
+    plain, recomputed = run("plain"), run("recomputed", "train.recompute=swiglu")
+    assert "recompute swiglu" in recomputed.describe() and "recompute none" in plain.describe()
+    blocks = recomputed.engine.module.blocks
+    assert all(b.mlp.forward.recompute == "swiglu" for b in blocks)
+    a, b = plain.engine.module.state_dict(), recomputed.engine.module.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_gpu_auto_count_runs_what_auto_runs_on_a_gpu():
     """--kernels gpu-auto: under compile our qkv_rope and SwiGLU, the reference norms (kernels/compiled_choices.json).
     qkv_rope writes q, k and v into buffers of their own, so the qkv GEMM's output (its pre-RoPE q and k: 2 x 2C
