@@ -1,9 +1,11 @@
 """FP8 (e4m3) row quantization in the kernel that makes the row, for the sampler's FP8Linear (inference).
 
-    quantize_rows_fp8(x)  x (..., C) -> (q e4m3 (rows, C), scale fp32 (rows, 1)) with x ~= q * scale
-    swiglu_fp8(x12)       silu(a) * b from the packed w12 output (rounded to x12's dtype, as the unfused SwiGLU
-                          stores it), quantized the same way: w3's FP8 input straight from w12's output; the
-                          SwiGLU's bf16 output is never written or read back
+    quantize_rows_fp8(x, pow2=False)  x (..., C) -> (q e4m3 (rows, C), scale fp32 (rows, 1)) with x ~= q * scale
+    swiglu_fp8(x12, pow2=False)       silu(a) * b from the packed w12 output (rounded to x12's dtype, as the
+                                      unfused SwiGLU stores it), quantized the same way: w3's FP8 input straight
+                                      from w12's output; the SwiGLU's bf16 output is never written or read back
+
+pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
 The recipe is `quantize_fp8` below (one scale per row: its amax / 448), which FP8Linear also applies in plain torch
 ops where inductor can fuse it into the producer. These kernels are for the producers it cannot fuse into: our
@@ -15,8 +17,8 @@ The kernels divide with IEEE rounding (`div_rn`: Triton's `/` is the approximate
 in the fp32 bits (round to nearest even, as torch's `.to(float8_e4m3fn)` and the GPU's cvt.rn.satfinite do), then
 store a value e4m3 holds exactly: Triton's interpreter rounds some values into the wrong binade (-126.7 -> -64),
 and with the rounding written out the interpreter, the GPU and torch agree bit for bit
-(tests/test_kernels_fp8_quant.py). Forward only: these are inference ops (the FP8 training linear quantizes in
-its autograd.Function, docs/fp8.md).
+(tests/test_kernels_fp8_quant.py). Forward only: the sampler's FP8 modules call them, and the FP8 training MLP
+(modeling.fp8.FP8TrainingSwiGLUFFN) calls swiglu_fp8 in its forward and recomputes the SwiGLU for its backward.
 """
 from __future__ import annotations
 
@@ -32,24 +34,35 @@ FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 INTERPRET_BLOCK_M = 4  # does not divide the tests' row counts: the ragged last tile runs
 
 
-def quantize_fp8(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
+def pow2_ceil(scale: Tensor) -> Tensor:
+    """The smallest power of two >= each (positive, normal) fp32 scale, from its bits: the scale itself when its
+    mantissa is zero, else the next exponent up. Exact, unlike exp2(ceil(log2(s))), whose log2 rounds to an integer
+    for s within an ulp or two above a power of two; the Triton kernels do the same bit operation."""
+    bits = scale.view(torch.int32)
+    up = ((bits >> 23) + 1) << 23
+    return torch.where((bits & 0x7FFFFF) == 0, bits, up).view(torch.float32)
+
+
+def quantize_fp8(x: Tensor, rowwise: bool, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """x (rows, K) -> (e4m3 values, fp32 scale) with x ~= values * scale: one scale per row (shape (rows, 1)) or
-    one for the tensor (shape ()). Plain torch ops: under torch.compile the amax, the division and the cast
-    fuse into one kernel, and into the op that produced x."""
+    one for the tensor (shape ()); pow2: scales rounded up to powers of two. Plain torch ops: under torch.compile
+    the amax, the division and the cast fuse into one kernel, and into the op that produced x."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
     scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
+    if pow2:
+        scale = pow2_ceil(scale)
     return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def quantize_rows_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows_fp8_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """x (..., C) -> (e4m3 (rows, C), fp32 scale (rows, 1)): `quantize_fp8` per row of x viewed as (rows, C)."""
-    return quantize_fp8(x.reshape(-1, x.shape[-1]), rowwise=True)
+    return quantize_fp8(x.reshape(-1, x.shape[-1]), rowwise=True, pow2=pow2)
 
 
-def swiglu_fp8_reference(x12: Tensor) -> tuple[Tensor, Tensor]:
+def swiglu_fp8_reference(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """The unfused path: the SwiGLU in x12's dtype, then its rows quantized."""
-    return quantize_rows_fp8_reference(reference.swiglu(x12))
+    return quantize_rows_fp8_reference(reference.swiglu(x12), pow2)
 
 
 @triton.jit
@@ -67,10 +80,13 @@ def _e4m3_rne(v):
 
 
 @triton.jit
-def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S):
+def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2: tl.constexpr):
     """Quantize the fp32 tile x (BLOCK_M rows of C) per row; store q (rows, C) and scale (rows,)."""
     amax = tl.max(tl.abs(x), axis=1)
     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    if POW2:  # pow2_ceil: the scale, or the next power of two up when its mantissa is not zero
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
     v = tl.math.div_rn(x, scale[:, None])
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
     tl.store(Q + row[:, None] * C + cols[None, :], _e4m3_rne(v).to(tl.float8e4nv), mask=mask)
@@ -78,16 +94,16 @@ def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S):
 
 
 @triton.jit
-def _quant_rows_kernel(X, sx, Q, S, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     mask = (row[:, None] < rows) & (cols[None, :] < C)
     x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S)
+    _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2)
 
 
 @triton.jit
-def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     mask = (row[:, None] < rows) & (cols[None, :] < C)
@@ -96,22 +112,22 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, BLOCK_M: tl.constexpr, BLOCK_C:
     b = tl.load(ptr + C, mask=mask, other=0.0).to(tl.float32)
     # the Triton SwiGLU's arithmetic, rounded to x12's dtype as its stored output is
     h = (a * tl.sigmoid(a) * b).to(X12.dtype.element_ty).to(tl.float32)
-    _store_rows_e4m3(h, row, cols, mask, rows, C, Q, S)
+    _store_rows_e4m3(h, row, cols, mask, rows, C, Q, S, POW2)
 
 
 # On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,
 # pruned the same way: 1-8 rows of 1152 in a 2048-wide tile, 1-4 rows of 3072 in 4096); the interpreter a fixed 4.
-_quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C"],
+_quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2"],
                                     prune_configs_by={"early_config_prune": _prune_tiles})(_quant_rows_kernel)
-_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C"],
+_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2"],
                                       prune_configs_by={"early_config_prune": _prune_tiles})(_swiglu_quant_kernel)
 
 
-def _launch(kernel, tuned, src: Tensor, rows: int, C: int) -> tuple[Tensor, Tensor]:
+def _launch(kernel, tuned, src: Tensor, rows: int, C: int, pow2: bool) -> tuple[Tensor, Tensor]:
     q = torch.empty((rows, C), dtype=torch.float8_e4m3fn, device=src.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=src.device)
     if q.numel():
-        args = (src, src.stride(0), q, scale, rows, C)
+        args = (src, src.stride(0), q, scale, rows, C, pow2)
         block_c = _triton.block_size(C)
         if _triton.interpreting():
             kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_C=block_c,
@@ -122,13 +138,13 @@ def _launch(kernel, tuned, src: Tensor, rows: int, C: int) -> tuple[Tensor, Tens
 
 
 @torch.library.custom_op("vavae::quantize_rows_fp8", mutates_args=())
-def quantize_rows_fp8_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows_fp8_op(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     x2 = _triton.rows_2d(x)
-    return _launch(_quant_rows_kernel, _quant_rows_tuned, x2, x2.shape[0], x2.shape[1])
+    return _launch(_quant_rows_kernel, _quant_rows_tuned, x2, x2.shape[0], x2.shape[1], pow2)
 
 
 @quantize_rows_fp8_op.register_fake
-def _(x):
+def _(x, pow2=False):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn),
             x.new_empty((rows, 1), dtype=torch.float32))
@@ -140,26 +156,26 @@ def _check_packed(x12: Tensor) -> None:
 
 
 @torch.library.custom_op("vavae::swiglu_fp8", mutates_args=())
-def swiglu_fp8_op(x12: Tensor) -> tuple[Tensor, Tensor]:
+def swiglu_fp8_op(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     _check_packed(x12)
     x2 = _triton.rows_2d(x12)
-    return _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], x2.shape[1] // 2)
+    return _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], x2.shape[1] // 2, pow2)
 
 
 @swiglu_fp8_op.register_fake
-def _(x12):
+def _(x12, pow2=False):
     _check_packed(x12)
     H = x12.shape[-1] // 2
     rows = x12.numel() // x12.shape[-1] if x12.shape[-1] else 0
     return x12.new_empty((rows, H), dtype=torch.float8_e4m3fn), x12.new_empty((rows, 1), dtype=torch.float32)
 
 
-def quantize_rows_fp8_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    return quantize_rows_fp8_op(x)
+def quantize_rows_fp8_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    return quantize_rows_fp8_op(x, pow2)
 
 
-def swiglu_fp8_triton(x12: Tensor) -> tuple[Tensor, Tensor]:
-    return swiglu_fp8_op(x12)
+def swiglu_fp8_triton(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    return swiglu_fp8_op(x12, pow2)
 
 
 def _bench_quant(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
@@ -180,7 +196,8 @@ def _bench_swiglu(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
 # and our SwiGLU, are opaque to inductor, whose version is a separate looped pass) until a GPU run's ops table
 # decides (bench/compiled_choices.py); the sampling plan's fp8 entries with fp8_quant ours / inline time the whole.
 register(Op(name="quantize_rows_fp8", reference=quantize_rows_fp8_reference, impls={"triton": quantize_rows_fp8_triton},
-            bench=_bench_quant, doc="e4m3 per row (scale = row amax / 448) in one pass over each row; inference"))
+            bench=_bench_quant, doc="e4m3 per row (scale = row amax / 448, pow2: rounded up to a power of two) in "
+                                  "one pass over each row"))
 register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": swiglu_fp8_triton},
             bench=_bench_swiglu, doc="silu(a)*b from the packed w12 output, quantized per row to e4m3 in the same "
-                                     "pass; inference"))
+                                     "pass (pow2 as quantize_rows_fp8)"))

@@ -95,6 +95,38 @@ def test_swiglu_fp8_against_float64_and_the_unfused_kernels(H, dtype):
                                rtol=2 ** -3, atol=float(s.max()) * 2 ** -9)
 
 
+@pytest.mark.parametrize("shape", [(2, 17, 72), (37, 1152), (5, 3072)])
+def test_pow2_scales_bitwise_the_training_quantizer(shape):
+    """pow2=True (the FP8 training recipe's scales): both kernels give the bytes and scales of
+    modeling.fp8.quantize_along(x, -1, pow2=True), the trainer's own quantizer, on ragged rows; the scales are
+    powers of two >= amax / 448."""
+    from modeling.fp8 import quantize_along
+    x = _rows(shape, torch.bfloat16, seed=5)
+    q, s = ops.quantize_rows_fp8(x, pow2=True)
+    qt, st = quantize_along(x.reshape(-1, shape[-1]), -1, pow2=True)
+    assert torch.equal(_bits(q), _bits(qt)) and torch.equal(s, st)
+    amax = x.float().abs().reshape(-1, shape[-1]).amax(dim=1, keepdim=True).clamp(min=1e-12) / 448
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s) and (s >= amax).all() and (s < 2 * amax).all()
+    x12 = (_rows((*shape[:-1], 2 * shape[-1]), torch.bfloat16, seed=6) * 0.01)
+    q, s = ops.swiglu_fp8(x12, pow2=True)
+    qt, st = quantize_along(swiglu_triton(x12).reshape(-1, shape[-1]), -1, pow2=True)
+    assert torch.equal(_bits(q), _bits(qt)) and torch.equal(s, st)
+    qr, sr = fp8_quant.swiglu_fp8_reference(x12, pow2=True)  # torch's SwiGLU (its own rounding), then the same
+    assert torch.equal(torch.exp2(torch.log2(sr).round()), sr)
+
+
+def test_pow2_ceil_exact_at_the_edges():
+    """The smallest power of two >= s from the bits: s itself at a power of two, the next one up one ulp above
+    (where exp2(ceil(log2(s))) in fp32 can round back down), the 1e-12 / 448 floor a normal float."""
+    p = 2.0 ** torch.arange(-40, 20, dtype=torch.float32)
+    up = torch.nextafter(p, torch.full_like(p, float("inf")))
+    down = torch.nextafter(p, torch.zeros_like(p))
+    assert torch.equal(fp8_quant.pow2_ceil(p), p) and torch.equal(fp8_quant.pow2_ceil(up), 2 * p)
+    assert torch.equal(fp8_quant.pow2_ceil(down), p)
+    floor = torch.tensor([1e-12 / 448], dtype=torch.float32)
+    assert fp8_quant.pow2_ceil(floor) >= floor and fp8_quant.pow2_ceil(floor) < 2 * floor
+
+
 def test_empty_inputs_and_bad_packing():
     q, s = ops.quantize_rows_fp8(torch.empty(0, 1152, device=DEV))
     assert q.shape == (0, 1152) and s.shape == (0, 1)
@@ -109,7 +141,8 @@ def test_opcheck(op):
     """The custom ops' schema, fake (meta) implementation and AOT dispatch agree with what they compute."""
     fn = {"quantize_rows_fp8": fp8_quant.quantize_rows_fp8_op, "swiglu_fp8": fp8_quant.swiglu_fp8_op}[op]
     x = torch.randn(2, 5, 64, device=DEV, dtype=torch.bfloat16)
-    torch.library.opcheck(fn, (x,), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    for args in ((x,), (x, True)):  # the sampler's scales, the training recipe's powers of two
+        torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 # ------------------------------------------------------------------ the sampler's modules (modeling/fp8.py)
