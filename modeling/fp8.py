@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from kernels import ops
-from kernels.fp8_quant import FP8_E4M3_MAX, quantize_fp8  # noqa: F401  (the recipe, with its kernels)
+from kernels.fp8_quant import FP8_E4M3_MAX, pow2_ceil, quantize_fp8  # noqa: F401  (the recipe, with its kernels)
 
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
@@ -91,16 +91,20 @@ def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY, recipe=No
     return f"torchao {torchao.__version__} float8 on {where}{named}"
 
 
-def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY):
+def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY, quant="inline"):
     """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8; returns model.
-    (torchao's training modules: under no_grad they are the inference path too, dynamic scaling per call.)"""
+    (torchao's training modules: under no_grad they are the inference path too, dynamic scaling per call.)
+    quant: where ours (scaled_mm) quantizes the SwiGLU's output (apply_fp8_training); the others: inline."""
     recipe = recipe or default_recipe(backend)
     device = next(model.parameters()).device
     check_fp8(backend, device, allow_cpu, remedy)
     if recipe not in RECIPES[backend]:
         raise FP8Unavailable(f"recipe {recipe!r} is not a {backend} recipe; choose one of {RECIPES[backend]}")
     if backend == "scaled_mm":
-        return apply_fp8_training(model, recipe, allow_cpu, remedy)
+        return apply_fp8_training(model, recipe, allow_cpu, remedy, quant)
+    if quant != "inline":
+        raise FP8Unavailable(f"FP8 activation quantization {quant!r} is ours (fp8.backend scaled_mm); {backend} "
+                             f"quantizes inline")
     for name, m in model.named_modules():
         if _is_fp8_layer(name) and isinstance(m, nn.Linear) and (m.in_features % 16 or m.out_features % 16):
             raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "
@@ -208,7 +212,22 @@ def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
     raise FP8Unavailable(f"FP8 needs an FP8-capable CUDA GPU and this process runs on {device}. {remedy}")
 
 
-FP8_QUANT = ("inline", "ours")  # where the sampler's FP8 activations are quantized (SamplingConfig.fp8_quant)
+FP8_QUANT = ("inline", "ours")  # where FP8 activations are quantized (SamplingConfig.fp8_quant, fp8.quant)
+
+
+def training_quant(quant: str, backend: str, recipe: str, device) -> str:
+    """The trainer's fp8.quant resolved to 'ours' or 'inline': auto is ours for scaled_mm with a row-wise recipe
+    where the Triton kernels run on `device`, else inline; 'ours' where it cannot run is FP8Unavailable."""
+    if quant == "inline" or (quant == "auto" and (backend != "scaled_mm" or recipe == "tensorwise")):
+        return "inline"
+    if backend != "scaled_mm" or recipe == "tensorwise":
+        raise FP8Unavailable(f"fp8.quant ours quantizes per row in our kernels: it needs fp8.backend scaled_mm and "
+                             f"a row-wise recipe (got {backend}, {recipe})")
+    from kernels.backend import triton_status
+    ok, reason = triton_status(torch.empty(0, device=device))
+    if not ok and quant == "ours":
+        raise FP8Unavailable(f"fp8.quant ours needs the Triton kernels: {reason}; use fp8.quant inline")
+    return "ours" if ok else "inline"
 
 
 def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
@@ -293,7 +312,7 @@ def quantize_along(x: torch.Tensor, dim: Optional[int], dtype: torch.dtype = tor
         amax = xf.abs().amax(dim=dim, keepdim=True)
     scale = amax.clamp(min=1e-12) / fmax
     if pow2:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = pow2_ceil(scale)
     return (xf / scale).clamp(-fmax, fmax).to(dtype), scale
 
 
@@ -340,18 +359,66 @@ class _FP8LinearFunction(torch.autograd.Function):
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
             return dx, dw.to(ctx.w_dtype), None, None, None, None, None
         x, wt_fp8, wt_scale = ctx.saved_tensors
-        g_q, g_scale = quantize_along(g, -1, pow2=True)  # (M, N) e4m3, one scale per token: (M, 1)
-        dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale.reshape(1, -1),
-                              out_dtype=torch.bfloat16).to(ctx.x_dtype)
-        if recipe == "rowwise_with_gw_hp":
-            dw = g.to(torch.bfloat16).t() @ x.to(torch.bfloat16)
-        else:
-            # dy^T (N, M) scaled per output channel, x^T (K, M) per input channel; both over the (padded) tokens
-            gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
-            xt_q, xt_scale = quantize_along(_pad_rows(x).t().contiguous(), -1, pow2=True)
-            dw = torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
-                                  out_dtype=torch.bfloat16)
-        return dx, dw.to(ctx.w_dtype), None, None, None, None, None
+        dx = _rowwise_dgrad(g, wt_fp8, wt_scale).to(ctx.x_dtype)
+        return dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), None, None, None, None, None
+
+
+def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor) -> torch.Tensor:
+    """dy (M, N) -> dx (M, K) bf16 for the row-wise recipes: dy in e4m3 with one power-of-two scale per token,
+    W^T (K, N) stored contiguous with one scale per input channel."""
+    g_q, g_scale = quantize_along(g, -1, pow2=True)
+    return torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale.reshape(1, -1),
+                            out_dtype=torch.bfloat16)
+
+
+def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str) -> torch.Tensor:
+    """dW (N, K) = dy^T x for the row-wise recipes: in bf16 (rowwise_with_gw_hp), or dy^T (N, M) scaled per output
+    channel and x^T (K, M) per input channel, both over the tokens (padded to a multiple of 16) in e4m3."""
+    if recipe == "rowwise_with_gw_hp":
+        return g.to(torch.bfloat16).t() @ x.to(torch.bfloat16)
+    gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
+    xt_q, xt_scale = quantize_along(_pad_rows(x).t().contiguous(), -1, pow2=True)
+    return torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
+                            out_dtype=torch.bfloat16)
+
+
+def swiglu_recomputed(x12: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b from the packed w12 output in fp32, rounded once to x12's dtype: what our SwiGLU kernels
+    (kernels.ops.swiglu, swiglu_fp8) compute. Plain ops, so inductor fuses it into its consumer."""
+    a, b = x12.float().chunk(2, dim=-1)
+    return (a * torch.sigmoid(a) * b).to(x12.dtype)
+
+
+def _swiglu_backward(dh: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
+    """d(silu(a) * b) / d(a, b) packed as x12: the arithmetic of our SwiGLU backward kernel, in plain ops."""
+    a, b = x12.float().chunk(2, dim=-1)
+    d, s = dh.float(), torch.sigmoid(a)
+    return torch.cat([d * b * s * (1.0 + a * (1.0 - s)), d * a * s], dim=-1).to(x12.dtype)
+
+
+class _FP8SwiGLUOutFunction(torch.autograd.Function):
+    """y = swiglu(x12) W3^T for the row-wise recipes with the SwiGLU's output h never written in bf16: the forward
+    takes h in e4m3 straight from `kernels.ops.swiglu_fp8` (one pass over x12: the activation quantization in the
+    producing kernel), the backward recomputes h from x12 (saved anyway, for the SwiGLU's own backward) for the
+    weight gradient, in plain ops that inductor fuses with its transposed quantization. Saves x12 only: h (2F
+    bytes per token) is not kept. Same arguments as _FP8LinearFunction, with x12 in place of x."""
+
+    @staticmethod
+    def forward(ctx, x12, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
+        h_q, h_scale = ops.swiglu_fp8(x12, pow2=True)
+        y = torch._scaled_mm(h_q, w_fp8.t(), scale_a=h_scale, scale_b=w_scale, out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
+        ctx.save_for_backward(x12, wt_fp8, wt_scale)
+        ctx.recipe, ctx.w_dtype = recipe, weight.dtype
+        return y.to(x12.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x12, wt_fp8, wt_scale = ctx.saved_tensors
+        g = grad_out.contiguous()
+        dh = _rowwise_dgrad(g, wt_fp8, wt_scale).to(x12.dtype)
+        dw = _rowwise_wgrad(g, swiglu_recomputed(x12), ctx.recipe)
+        return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), None, None, None, None, None
 
 
 # Bumped by every optimizer step in the process (a global torch.optim hook): a step may write the weights without
@@ -452,6 +519,32 @@ class FP8TrainingLinear(nn.Linear):
                 f"bias={self.bias is not None}")
 
 
+class FP8TrainingSwiGLUFFN(nn.Module):
+    """The SwiGLU MLP `w3(swiglu(w12(x)))` for FP8 training with a row-wise recipe, w3's input quantized in the
+    SwiGLU's own pass (`kernels.ops.swiglu_fp8`, power-of-two scales as the recipe's) and the SwiGLU recomputed
+    from w12's output in the backward (_FP8SwiGLUOutFunction): the bf16 SwiGLU output is neither written, read back
+    for its quantization, nor kept. w12 and w3 stay FP8TrainingLinear under their names (same parameters, keys,
+    weight cache and refresh)."""
+
+    def __init__(self, mlp: nn.Module, recipe: str = "rowwise") -> None:
+        super().__init__()
+        if recipe == "tensorwise":
+            raise FP8Unavailable("the FP8 SwiGLU quantizes per row; recipe tensorwise needs fp8 quant inline")
+        self.w12 = mlp.w12 if isinstance(mlp.w12, FP8TrainingLinear) else FP8TrainingLinear(mlp.w12, recipe)
+        self.w3 = mlp.w3 if isinstance(mlp.w3, FP8TrainingLinear) else FP8TrainingLinear(mlp.w3, recipe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w3 = self.w3
+        if not torch.compiler.is_compiling():
+            w3.refresh_weight()
+        x12 = self.w12(x)  # in the autocast dtype (FP8TrainingLinear's output)
+        y = _FP8SwiGLUOutFunction.apply(x12.reshape(-1, x12.shape[-1]), w3.weight, w3.weight_fp8, w3.weight_scale,
+                                        w3.weight_t_fp8, w3.weight_t_scale, w3.recipe)
+        if w3.bias is not None:
+            y = y + w3.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], w3.out_features)
+
+
 def refresh_fp8_weights(model: nn.Module) -> int:
     """Re-quantize the FP8TrainingLinear weights of `model` that changed; returns how many were."""
     return sum(m.refresh_weight() for m in model.modules() if isinstance(m, FP8TrainingLinear))
@@ -462,13 +555,21 @@ def _refresh_before_forward(model: nn.Module, args) -> None:
 
 
 def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
-                       remedy: str = TRAINER_REMEDY) -> nn.Module:
+                       remedy: str = TRAINER_REMEDY, quant: str = "inline") -> nn.Module:
     """Replace the blocks' qkv / proj / w12 / w3 linears of `model` (in place) by FP8TrainingLinear with `recipe`
     (SCALED_MM_RECIPES); returns model. Parameters and state-dict keys are unchanged (the optimizer may be built
     before or after). Refuses (FP8Unavailable) on a device without FP8 unless `allow_cpu` (CPU emulation through
-    torch's CPU _scaled_mm: FP8's numerics, not its speed)."""
+    torch's CPU _scaled_mm: FP8's numerics, not its speed).
+
+    quant 'inline': every activation quantized in plain ops inside the autograd.Function (inductor fuses them into
+    their producers). 'ours' (row-wise recipes): each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input
+    is quantized by our SwiGLU kernel (`kernels.ops.swiglu_fp8`), a producer inductor cannot fuse into."""
     if recipe not in SCALED_MM_RECIPES:
         raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
+    if quant not in FP8_QUANT:
+        raise FP8Unavailable(f"FP8 activation quantization {quant!r}: choose one of {FP8_QUANT}")
+    if quant == "ours" and recipe == "tensorwise":
+        raise FP8Unavailable("our FP8 quantization kernels quantize per row; recipe tensorwise needs quant inline")
     check_scaled_mm(next(model.parameters()).device, allow_cpu, remedy)
     targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and type(m) is nn.Linear]
     for name, m in targets:
@@ -478,6 +579,12 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, FP8TrainingLinear(m, recipe))
+    if quant == "ours":
+        for name in [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")]:
+            mlp = model.get_submodule(name)
+            if isinstance(getattr(mlp, "w3", None), FP8TrainingLinear):
+                parent, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child, FP8TrainingSwiGLUFFN(mlp, recipe))
     if targets and not getattr(model, "_fp8_refresh_hook", None):
         # outside any compiled graph; disabled here, not by a decorator, which would import torch._dynamo (2 s)
         # into every process that imports this module

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modeling.fp8 import (FP8TrainingLinear, FP8Unavailable, SCALED_MM_RECIPES, apply_fp8, apply_fp8_training,
-                          check_fp8, quantize_along, refresh_fp8_weights)
+from modeling.fp8 import (FP8TrainingLinear, FP8TrainingSwiGLUFFN, FP8Unavailable, SCALED_MM_RECIPES, apply_fp8,
+                          apply_fp8_training, check_fp8, quantize_along, refresh_fp8_weights, training_quant)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
@@ -174,19 +174,12 @@ def test_weight_quantized_once_per_optimizer_step(optimizer):
     assert m.weight_quantizations == 5 and torch.equal(m.weight_fp8.float(), torch.full((256, 128), 256.0))  # 1 / 2^-8
 
 
-def test_compile_fullgraph_forward_and_backward(tmp_path, monkeypatch):
-    """torch.compile(fullgraph=True) traces the autograd.Function: one graph, no break, the forward's compiled
-    code with one _scaled_mm and the backward's with two (dgrad, wgrad); results as eager's up to inductor fusing
-    the bias add (one bf16 rounding fewer), and as close to the float64 reference as eager's."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def _eager_and_compiled(eager, comp, x, g):
+    """One bf16-autocast forward + backward of `eager` and of `comp` under torch.compile(fullgraph=True):
+    ((y, x) eager, (y, x) compiled, the compiled code of the forward and the backward); x carry the gradients."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
-    lin = make_linear(128, 192, True, 4)
-    eager, comp = FP8TrainingLinear(lin, "rowwise"), FP8TrainingLinear(make_linear(128, 192, True, 4), "rowwise")
     refresh_fp8_weights(comp)  # compiled code does not refresh (docs/fp8.md): the caller's eager hook does
-    # bf16 activations, as autocast hands them on (an fp32 input's cast to bf16 would be elided by inductor)
-    x = (torch.randn(2, 37, 128) * torch.linspace(0.1, 4, 37).view(1, 37, 1)).to(torch.bfloat16)
-    g = torch.randn(2, 37, 192).to(torch.bfloat16)
 
     def step(mod, inp):
         with torch.autocast("cpu", torch.bfloat16):
@@ -197,6 +190,20 @@ def test_compile_fullgraph_forward_and_backward(tmp_path, monkeypatch):
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     ye = step(eager, xe)
     yc, codes = run_and_get_code(step, torch.compile(comp, fullgraph=True), xc)
+    return (ye, xe), (yc, xc), codes
+
+
+def test_compile_fullgraph_forward_and_backward(tmp_path, monkeypatch):
+    """torch.compile(fullgraph=True) traces the autograd.Function: one graph, no break, the forward's compiled
+    code with one _scaled_mm and the backward's with two (dgrad, wgrad); results as eager's up to inductor fusing
+    the bias add (one bf16 rounding fewer), and as close to the float64 reference as eager's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    lin = make_linear(128, 192, True, 4)
+    eager, comp = FP8TrainingLinear(lin, "rowwise"), FP8TrainingLinear(make_linear(128, 192, True, 4), "rowwise")
+    # bf16 activations, as autocast hands them on (an fp32 input's cast to bf16 would be elided by inductor)
+    x = (torch.randn(2, 37, 128) * torch.linspace(0.1, 4, 37).view(1, 37, 1)).to(torch.bfloat16)
+    g = torch.randn(2, 37, 192).to(torch.bfloat16)
+    (ye, xe), (yc, xc), codes = _eager_and_compiled(eager, comp, x, g)
     assert [c.count("_scaled_mm(") for c in codes] == [1, 2]
     ry, rdx, rdw = reference(x.reshape(74, 128), lin.weight.detach(), lin.bias, g.reshape(74, 192), "rowwise")
     for got, want, ref in ((yc, ye, ry), (xc.grad, xe.grad, rdx), (comp.weight.grad, eager.weight.grad, rdw)):
@@ -325,8 +332,134 @@ def test_fp8_vs_bf16_loss_curves_through_the_trainer(tmp_path):
                  "--rtol", "0.005", "--set", "optim.lr=1e-3"]) == 0
     r = json.loads((tmp_path / "fp8_compare.json").read_text())
     assert r["steps"] == 30 and r["fp8"].startswith("scaled_mm (ours: FP8TrainingLinear)")
-    assert r["fp8"].endswith("recipe rowwise")
+    assert "recipe rowwise" in r["fp8"] and r["fp8"].endswith("activation quantization ours")
     assert r["agree"] and r["tail_rel_diff"] < 0.005 and r["max_step_rel_diff"] < 0.01, r
     assert r["bf16_losses"] != r["fp8_losses"]
     for losses in (r["bf16_losses"], r["fp8_losses"]):
         assert all(math.isfinite(v) for v in losses) and sum(losses[-5:]) / 5 < 0.97 * losses[0], losses
+
+
+# ------------------------------------------------------------------ fp8.quant ours: FP8TrainingSwiGLUFFN
+
+def _mlp_pair(recipe, hidden=64, mlp_hidden=176, seed=0):
+    """The same SwiGLU MLP converted with quant inline (FP8TrainingLinear w12 and w3 around the SwiGLU) and ours."""
+    import copy
+    from modeling.lightningdit import SwiGLUFFN
+
+    class Holder(nn.Module):  # apply_fp8_training finds MLPs by their names: blocks.<i>.mlp
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Module()])
+            self.blocks[0].mlp = SwiGLUFFN(hidden, mlp_hidden)
+
+    torch.manual_seed(seed)
+    base = Holder()
+    with torch.no_grad():
+        base.blocks[0].mlp.w3.weight.mul_(torch.linspace(0.2, 5.0, hidden).unsqueeze(1))
+    inline, ours = copy.deepcopy(base), copy.deepcopy(base)
+    apply_fp8_training(inline, recipe, allow_cpu=True, quant="inline")
+    apply_fp8_training(ours, recipe, allow_cpu=True, quant="ours")
+    return base.blocks[0].mlp, inline.blocks[0].mlp, ours.blocks[0].mlp
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_fp8_swiglu_mlp_is_the_inline_mlp_in_fp32(recipe):
+    """Our Triton kernels (interpreter) in fp32, ragged rows (69): the SwiGLU quantized in its own pass and
+    recomputed for w3's weight gradient gives the inline path's output, input gradient and weight gradients bit for
+    bit (w12's bias gradient up to fp32 summation order); parameters and keys are the MLP's own."""
+    import kernels
+    plain, inline, ours = _mlp_pair(recipe)
+    assert type(ours) is FP8TrainingSwiGLUFFN and type(inline) is not FP8TrainingSwiGLUFFN
+    assert ours.w12.weight is not plain.w12.weight and dict(ours.named_parameters()).keys() == \
+        dict(plain.named_parameters()).keys()
+    x = torch.randn(3, 23, 64) * torch.linspace(0.1, 4, 23).view(1, 23, 1)
+    g = torch.randn(3, 23, 64)
+    with kernels.backend.active("triton"):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = inline(xa), ours(xb)
+        ya.backward(g)
+        yb.backward(g)
+        assert kernels.describe()["ops"]["swiglu_fp8"] == "triton"
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    for name in ("w12.weight", "w3.weight", "w3.bias"):
+        assert torch.equal(inline.get_parameter(name).grad, ours.get_parameter(name).grad), name
+    torch.testing.assert_close(ours.w12.bias.grad, inline.w12.bias.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_swiglu_mlp_under_autocast_against_float64():
+    """bf16 autocast as the trainer runs it: bf16 output, fp32 master gradients, within FP8's error of the exact
+    float64 MLP and within a bf16 rounding of the inline path (the interpreter casts fp32 to bf16 by truncation in
+    the inline path's Triton SwiGLU; the recomputation rounds to nearest)."""
+    plain, inline, ours = _mlp_pair("rowwise", seed=3)
+    x = torch.randn(2, 37, 64)
+    g = torch.randn(2, 37, 64)
+    outs = {}
+    for name, m in (("inline", inline), ("ours", ours)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = m(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(g)
+        assert m.w3.weight.grad.dtype == m.w12.weight.grad.dtype == torch.float32
+        outs[name] = (y, xi.grad, m.w12.weight.grad, m.w3.weight.grad)
+    xd = x.double().requires_grad_()
+    w12, w3 = plain.w12.double(), plain.w3.double()
+    a, b = w12(xd).chunk(2, dim=-1)
+    yd = w3(torch.nn.functional.silu(a) * b)
+    yd.backward(g.double())
+    exact = (yd, xd.grad, w12.weight.grad, w3.weight.grad)
+    for got_o, got_i, want in zip(outs["ours"], outs["inline"], exact):
+        assert rel(got_o, want) < 0.08, rel(got_o, want)
+        assert rel(got_o, got_i) < 0.03, rel(got_o, got_i)
+    assert rel(outs["ours"][0], exact[0]) > 5e-3  # it ran in FP8
+
+
+def test_fp8_swiglu_mlp_compiles_fullgraph(tmp_path, monkeypatch):
+    """torch.compile(fullgraph=True) traces the MLP with the custom SwiGLU-FP8 op inside the autograd.Function:
+    two _scaled_mm in the forward's code (w12, w3), four in the backward's; results as eager's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    _, _, eager = _mlp_pair("rowwise", seed=4)
+    _, _, comp = _mlp_pair("rowwise", seed=4)
+    x = torch.randn(2, 37, 64).to(torch.bfloat16)
+    g = torch.randn(2, 37, 64).to(torch.bfloat16)
+    (ye, xe), (yc, xc), codes = _eager_and_compiled(eager, comp, x, g)
+    assert [c.count("_scaled_mm(") for c in codes] == [2, 4]
+    # inductor rounds the SwiGLU to bf16 once where eager torch rounds twice: some e4m3 values flip, ~2% apart
+    for got, want in ((yc, ye), (xc.grad, xe.grad), (comp.w12.weight.grad, eager.w12.weight.grad),
+                      (comp.w3.weight.grad, eager.w3.weight.grad)):
+        assert rel(got, want) < 0.04, rel(got, want)
+    plain = _mlp_pair("rowwise", seed=4)[0].double()
+    assert rel(yc, plain(x.double())) < 0.1 and rel(ye, plain(x.double())) < 0.1  # two chained FP8 GEMMs
+
+
+def test_fp8_quant_resolution_and_refusals():
+    model = tiny()
+    with pytest.raises(FP8Unavailable, match="tensorwise needs quant inline"):
+        apply_fp8_training(model, "tensorwise", allow_cpu=True, quant="ours")
+    with pytest.raises(FP8Unavailable, match="choose one of"):
+        apply_fp8_training(model, "rowwise", allow_cpu=True, quant="fused")
+    with pytest.raises(FP8Unavailable, match="torchao quantizes inline"):
+        apply_fp8(model, "torchao", "rowwise", allow_cpu=True, quant="ours")
+    assert not any(isinstance(m, FP8TrainingLinear) for m in model.modules())
+    apply_fp8(model, "scaled_mm", "rowwise", allow_cpu=True, quant="ours")
+    assert sum(isinstance(m, FP8TrainingSwiGLUFFN) for m in model.modules()) == 2
+    assert sum(isinstance(m, FP8TrainingLinear) for m in model.modules()) == 8
+    # auto: ours for scaled_mm's row-wise recipes where the Triton kernels run (here: the interpreter)
+    assert training_quant("auto", "scaled_mm", "rowwise", "cpu") == "ours"
+    assert training_quant("auto", "scaled_mm", "tensorwise", "cpu") == "inline"
+    assert training_quant("auto", "torchao", "rowwise", "cpu") == "inline"
+    assert training_quant("inline", "scaled_mm", "rowwise", "cpu") == "inline"
+    with pytest.raises(FP8Unavailable, match="scaled_mm and a row-wise recipe"):
+        training_quant("ours", "te", "delayed", "cpu")
+
+
+def test_trainer_fp8_quant_from_config(tmp_path):
+    from modeling.config import ConfigError
+    trainer = _trainer(tmp_path / "a", "fp8.backend=scaled_mm", "fp8.allow_cpu=true", "fp8.quant=inline")
+    assert "activation quantization inline" in trainer.describe()
+    assert not any(isinstance(m, FP8TrainingSwiGLUFFN) for m in trainer.model.modules())
+    trainer = _trainer(tmp_path / "b", "fp8.backend=scaled_mm", "fp8.allow_cpu=true")
+    assert "activation quantization ours" in trainer.describe()
+    assert sum(isinstance(m, FP8TrainingSwiGLUFFN) for m in trainer.model.modules()) == 2
+    with pytest.raises(ConfigError, match="quant ours.*row-wise recipe"):
+        _trainer(tmp_path / "c", "fp8.backend=scaled_mm", "fp8.recipe=tensorwise", "fp8.quant=ours")

@@ -111,11 +111,18 @@ class FP8Config:
     recipe: Optional[str] = None        # scaled_mm, torchao: rowwise|tensorwise|rowwise_with_gw_hp (None: the
                                         # first); te: delayed|current|mxfp8
     allow_cpu: bool = False             # scaled_mm, torchao: emulate FP8 on the CPU (tests; never fast)
+    # scaled_mm, row-wise recipes: ours quantizes w3's input in our SwiGLU kernel and recomputes the SwiGLU for
+    # w3's weight gradient (modeling.fp8.FP8TrainingSwiGLUFFN: its bf16 output neither written nor kept); inline:
+    # plain torch ops (inductor fuses what it can); auto: ours where the Triton kernels run
+    quant: Literal["auto", "ours", "inline"] = "auto"
 
     def validate(self) -> None:
         from modeling.fp8 import RECIPES
         require(self.recipe is None or (self.backend != "none" and self.recipe in RECIPES[self.backend]),
                 f"recipe {self.recipe!r} does not fit backend {self.backend!r} (recipes: {RECIPES})")
+        require(self.quant != "ours" or (self.backend == "scaled_mm" and self.recipe != "tensorwise"),
+                f"quant ours quantizes per row in our kernels: it needs backend scaled_mm and a row-wise recipe "
+                f"(got {self.backend}, {self.recipe})")
 
 
 @dataclass
@@ -167,7 +174,8 @@ class DiTTrainConfig(TrainerConfig):
             require(not self.model.use_checkpoint, "train.recompute: swiglu with model.use_checkpoint: true: the whole "
                                                    "block is recomputed already; set one of them")
             # counted (bench.activation_memory --fp8 ...): an FP8 w3 keeps its input in e4m3 (half the bf16 SwiGLU
-            # output) whether or not the SwiGLU is recomputed; with ours recomputation even keeps 2C bytes more
+            # output) whether or not the SwiGLU is recomputed, and fp8.quant ours recomputes it already
             require(self.fp8.backend == "none", f"train.recompute: swiglu saves nothing under fp8.backend "
-                                                f"{self.fp8.backend} (its w3 keeps the SwiGLU output in e4m3 either "
-                                                f"way: python -m bench.activation_memory --fp8 ...); use one of them")
+                                                f"{self.fp8.backend} (its w3 keeps the SwiGLU output in e4m3 or "
+                                                f"recomputes it: python -m bench.activation_memory --fp8 ...); use "
+                                                f"one of them")

@@ -16,7 +16,8 @@ are the same either way: the recomputation runs the same kernel on the same inpu
 
 Not with FP8 (train/dit_config.py refuses it): an FP8 w3 keeps its input in e4m3, half the bf16 SwiGLU output,
 whether the SwiGLU is recomputed or not, so there is nothing to gain (`bench.activation_memory --fp8 scaled_mm`:
-35,463 bytes per token per block without, 37,767 with).
+35,463 bytes per token per block without, 37,767 with), and `fp8.quant: ours` (modeling.fp8.FP8TrainingSwiGLUFFN)
+recomputes the SwiGLU for w3's weight gradient already.
 
 Compiling a checkpoint needs torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint (set process-wide
 by `apply_recompute`, as torchtitan does): the one Python side effect in the MLP's forward is kernels' note of what

@@ -100,9 +100,11 @@ class DiTTrainer(TrainerBase):
         model = LightningDiT(cfg.model.architecture()).to(self.device)
         self.fp8_desc = "off"
         if cfg.fp8.backend != "none":
-            self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu,
-                                              recipe=cfg.fp8.recipe or fp8_lib.default_recipe(cfg.fp8.backend))
-            fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu)
+            recipe = cfg.fp8.recipe or fp8_lib.default_recipe(cfg.fp8.backend)
+            self.fp8_desc = fp8_lib.check_fp8(cfg.fp8.backend, self.device, cfg.fp8.allow_cpu, recipe=recipe)
+            quant = fp8_lib.training_quant(cfg.fp8.quant, cfg.fp8.backend, recipe, self.device)
+            fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu, quant=quant)
+            self.fp8_desc += f", activation quantization {quant}"
         apply_recompute(model, cfg.train.recompute)  # before compile: the checkpoint is traced into each block
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
