@@ -51,10 +51,10 @@ def _kernels(name: str) -> Iterator[None]:
 
 def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str = "none",
                        compile_backend: Optional[str] = "inductor", batch: int = 2, kernels_backend: str = "auto",
-                       fp8: str = "none", **model_overrides) -> dict:
+                       fp8: str = "none", fp8_quant: str = "inline", **model_overrides) -> dict:
     """Run one block of a LightningDiT `size` forward (bf16 autocast, `batch` samples, the kernels backend
-    `kernels_backend` (or "gpu-auto"), the trainer's `fp8.backend` scaled_mm or torchao emulated on the CPU, or
-    none) and record what it saves for the backward. Returns {"per_token": bytes per token, "fixed": bytes
+    `kernels_backend` (or "gpu-auto"), the trainer's `fp8.backend` scaled_mm (with `fp8.quant` fp8_quant) or
+    torchao emulated on the CPU, or none) and record what it saves for the backward. Returns {"per_token": bytes per token, "fixed": bytes
     independent of the batch, "tensors": [{dtype, shape, bytes, per_token}], "tokens": tokens per sample, "depth":
     the size's depth, ...}."""
     import kernels
@@ -67,7 +67,7 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
     model = LightningDiT(LightningDiTConfig(**{**cfg.to_dict(), "depth": 1}))
     if fp8 != "none":  # as the trainer: FP8 modules first, then the recomputation, then compile
         from modeling import fp8 as fp8_lib
-        fp8_lib.apply_fp8(model, fp8, None, allow_cpu=True)
+        fp8_lib.apply_fp8(model, fp8, None, allow_cpu=True, quant=fp8_quant)
         fp8_lib.refresh_fp8_weights(model)  # the model's own forward does it; here the block is called alone
     apply_recompute(model, recompute)
     block = model.blocks[0]
@@ -106,7 +106,7 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
         out.float().sum().backward()  # the backward runs (a partition that cannot is an error here, not later)
     tensors.sort(key=lambda r: -r["bytes"])
     return {"size": size, "input_size": input_size, "recompute": recompute, "compile_backend": compile_backend,
-            "fp8": fp8,
+            "fp8": fp8 if fp8 == "none" else f"{fp8} (quant {fp8_quant})",
             "tokens": n_tok, "depth": depth, "swiglu_hidden": model.blocks[0].mlp.w3.in_features,
             "hidden": cfg.hidden_size, "kernels_ran": ran, "per_token": per_token / rows, "fixed": fixed,
             "tensors": tensors}
@@ -150,6 +150,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="kernels backend, or gpu-auto: auto's choices on a GPU (triton and gpu-auto need "
                         "TRITON_INTERPRET=1 on the CPU)")
     p.add_argument("--fp8", default="none", choices=("none", "scaled_mm", "torchao"), help="the trainer's fp8.backend")
+    p.add_argument("--fp8-quant", default="inline", choices=("inline", "ours"),
+                   help="the trainer's fp8.quant with --fp8 scaled_mm (ours: w3's input from our SwiGLU kernel)")
     p.add_argument("--measured-peak-gib", type=float, default=None, help="a trainer run's max_memory_allocated")
     p.add_argument("--measured-as", default="none", help="the train.recompute of that run")
     p.add_argument("--json", default=None, help="also write the counts here")
@@ -165,7 +167,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if not ok:
             p.error(f"--kernels {a.kernels}: {reason}")
     backend = None if a.compile_backend == "none" else a.compile_backend
-    counts = [saved_for_backward(a.size, a.input_size, s, backend, kernels_backend=a.kernels, fp8=a.fp8)
+    counts = [saved_for_backward(a.size, a.input_size, s, backend, kernels_backend=a.kernels, fp8=a.fp8,
+                                 fp8_quant=a.fp8_quant)
               for s in settings]
     print(markdown(counts, a.batch, a.measured_peak_gib, a.measured_as))
     result = {"batch": a.batch, "counts": counts, "measured_peak_gib": a.measured_peak_gib,
