@@ -327,14 +327,18 @@ def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T through three torch._scaled_mm (forward, dgrad, wgrad) on pre-quantized weights: `w_fp8`/`w_scale`
     (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled per input
-    channel, for dgrad). `weight` is the master weight: not read, it receives the gradient."""
+    channel, for dgrad). `weight` is the master weight: not read, it receives the gradient. input_kernel (row-wise
+    recipes): x quantized by `kernels.ops.quantize_rows_fp8` instead of plain ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str, input_kernel: bool = False):
         rowwise = recipe != "tensorwise"
         # The CUTLASS row-wise kernel emits bf16 only; tensorwise can write the caller's dtype directly.
         mm_dtype = torch.bfloat16 if rowwise else x.dtype
-        x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
+        if input_kernel:  # row-wise: our one-pass kernel, for an input whose producer inductor cannot fuse into
+            x_q, x_scale = ops.quantize_rows_fp8(x, pow2=True)
+        else:
+            x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
         y = torch._scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=mm_dtype,
                              use_fast_accum=True)
         if recipe == "tensorwise":  # the same tensor scale serves the wgrad: keep 1-byte x, not x
@@ -357,10 +361,10 @@ class _FP8LinearFunction(torch.autograd.Function):
             gt = _pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
             xt = _pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
-            return dx, dw.to(ctx.w_dtype), None, None, None, None, None
+            return dx, dw.to(ctx.w_dtype), None, None, None, None, None, None
         x, wt_fp8, wt_scale = ctx.saved_tensors
         dx = _rowwise_dgrad(g, wt_fp8, wt_scale).to(ctx.x_dtype)
-        return dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), None, None, None, None, None
+        return dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), None, None, None, None, None, None
 
 
 def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor) -> torch.Tensor:
@@ -448,11 +452,14 @@ class FP8TrainingLinear(nn.Linear):
     apply_fp8_training converted (the trainer compiles the blocks, not the model). Output: the autocast dtype
     under autocast, else x's dtype. The master weight and its gradient keep the weight's dtype."""
 
-    def __init__(self, linear: nn.Linear, recipe: str = "rowwise"):
+    def __init__(self, linear: nn.Linear, recipe: str = "rowwise", input_kernel: bool = False):
         if recipe not in SCALED_MM_RECIPES:
             raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
+        if input_kernel and recipe == "tensorwise":
+            raise FP8Unavailable("input_kernel quantizes per row; recipe tensorwise quantizes x inline")
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are the linear's own
         self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
+        self.input_kernel = input_kernel
         self.weight, self.bias = linear.weight, linear.bias
         dev = linear.weight.device
         for name in ("weight_fp8", "weight_scale", "weight_t_fp8", "weight_t_scale"):  # derived: not saved
@@ -497,7 +504,7 @@ class FP8TrainingLinear(nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
         y = _FP8LinearFunction.apply(x2, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                     self.weight_t_scale, self.recipe)
+                                     self.weight_t_scale, self.recipe, self.input_kernel)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -516,7 +523,8 @@ class FP8TrainingLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (", input quantized by kernels.ops.quantize_rows_fp8"
+                                                   if self.input_kernel else ""))
 
 
 class FP8TrainingSwiGLUFFN(nn.Module):
@@ -562,8 +570,10 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     torch's CPU _scaled_mm: FP8's numerics, not its speed).
 
     quant 'inline': every activation quantized in plain ops inside the autograd.Function (inductor fuses them into
-    their producers). 'ours' (row-wise recipes): each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input
-    is quantized by our SwiGLU kernel (`kernels.ops.swiglu_fp8`), a producer inductor cannot fuse into."""
+    their producers). 'ours' (row-wise recipes): where the producer is opaque to inductor, our kernels quantize --
+    each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input comes from our SwiGLU kernel
+    (`kernels.ops.swiglu_fp8`), and attn.proj's input (attention's output) goes through
+    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate)."""
     if recipe not in SCALED_MM_RECIPES:
         raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
     if quant not in FP8_QUANT:
@@ -578,7 +588,9 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
                                  f"dimensions divisible by 16. {remedy}")
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, FP8TrainingLinear(m, recipe))
+        # attention's output (cuDNN's, opaque to inductor) quantized by our one-pass row kernel under quant ours
+        setattr(model.get_submodule(parent), child,
+                FP8TrainingLinear(m, recipe, input_kernel=quant == "ours" and name.endswith("attn.proj")))
     if quant == "ours":
         for name in [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")]:
             mlp = model.get_submodule(name)

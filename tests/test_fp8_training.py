@@ -386,6 +386,31 @@ def test_fp8_swiglu_mlp_is_the_inline_mlp_in_fp32(recipe):
     torch.testing.assert_close(ours.w12.bias.grad, inline.w12.bias.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_proj_input_through_the_row_kernel_is_the_same_linear(recipe):
+    """attn.proj under quant ours: its input (attention's output) quantized by kernels.ops.quantize_rows_fp8
+    (pow2) in one pass: output and every gradient bit for bit the plain-ops quantization's, bf16 autocast, ragged
+    rows."""
+    import kernels
+    lin = make_linear(1152, 1152, True, 7)
+    plain, kern = FP8TrainingLinear(lin, recipe), FP8TrainingLinear(lin, recipe, input_kernel=True)
+    x = (torch.randn(2, 41, 1152) * torch.linspace(0.1, 8, 41).view(1, 41, 1)).to(torch.bfloat16)
+    g = torch.randn(2, 41, 1152)
+    got = []
+    for m in (plain, kern):
+        m.weight.grad = m.bias.grad = None
+        xi = x.clone().requires_grad_()
+        with kernels.backend.active("triton"), torch.autocast("cpu", torch.bfloat16):
+            y = m(xi)
+        y.float().backward(g)
+        got.append((y, xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+    assert kernels.describe()["ops"]["quantize_rows_fp8"] == "triton" and "quantize_rows_fp8" in repr(kern)
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    with pytest.raises(FP8Unavailable, match="tensorwise"):
+        FP8TrainingLinear(lin, "tensorwise", input_kernel=True)
+
+
 def test_fp8_swiglu_mlp_under_autocast_against_float64():
     """bf16 autocast as the trainer runs it: bf16 output, fp32 master gradients, within FP8's error of the exact
     float64 MLP and within a bf16 rounding of the inline path (the interpreter casts fp32 to bf16 by truncation in
@@ -444,6 +469,8 @@ def test_fp8_quant_resolution_and_refusals():
     apply_fp8(model, "scaled_mm", "rowwise", allow_cpu=True, quant="ours")
     assert sum(isinstance(m, FP8TrainingSwiGLUFFN) for m in model.modules()) == 2
     assert sum(isinstance(m, FP8TrainingLinear) for m in model.modules()) == 8
+    assert sorted(n for n, m in model.named_modules() if getattr(m, "input_kernel", False)) == \
+        ["blocks.0.attn.proj", "blocks.1.attn.proj"]
     # auto: ours for scaled_mm's row-wise recipes where the Triton kernels run (here: the interpreter)
     assert training_quant("auto", "scaled_mm", "rowwise", "cpu") == "ours"
     assert training_quant("auto", "scaled_mm", "tensorwise", "cpu") == "inline"

@@ -209,6 +209,18 @@ def test_fp8_training_swiglu_mlp_on_gpu():
     q, s = ops.swiglu_fp8(x12, pow2=True)
     qt, st = quantize_along(swiglu_triton(x12).reshape(-1, 3072), -1, pow2=True)
     assert torch.equal(q.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s, st)
+    # attn.proj's input through the row kernel: the same linear, bit for bit
+    from modeling.fp8 import FP8TrainingLinear
+    lin = torch.nn.Linear(1152, 1152).cuda()
+    a = torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for kern in (False, True):
+        lin.weight.grad = None
+        ai = a.clone().requires_grad_()
+        y = FP8TrainingLinear(lin, "rowwise", input_kernel=kern)(ai)
+        y.float().square().sum().backward()
+        outs.append((y, ai.grad, lin.weight.grad.clone()))
+    assert all(torch.equal(u, v) for u, v in zip(*outs))
 
     holder = torch.nn.Module()
     holder.blocks = torch.nn.ModuleList([torch.nn.Module()])

@@ -112,8 +112,9 @@ class FP8Config:
                                         # first); te: delayed|current|mxfp8
     allow_cpu: bool = False             # scaled_mm, torchao: emulate FP8 on the CPU (tests; never fast)
     # scaled_mm, row-wise recipes: ours quantizes w3's input in our SwiGLU kernel and recomputes the SwiGLU for
-    # w3's weight gradient (modeling.fp8.FP8TrainingSwiGLUFFN: its bf16 output neither written nor kept); inline:
-    # plain torch ops (inductor fuses what it can); auto: ours where the Triton kernels run
+    # w3's weight gradient (modeling.fp8.FP8TrainingSwiGLUFFN: its bf16 output neither written nor kept), and
+    # proj's input in one pass per row; inline: plain torch ops (inductor fuses what it can); auto: ours where the
+    # Triton kernels run
     quant: Literal["auto", "ours", "inline"] = "auto"
 
     def validate(self) -> None:
