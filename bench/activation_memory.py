@@ -54,9 +54,9 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
                        fp8: str = "none", fp8_quant: str = "inline", **model_overrides) -> dict:
     """Run one block of a LightningDiT `size` forward (bf16 autocast, `batch` samples, the kernels backend
     `kernels_backend` (or "gpu-auto"), the trainer's `fp8.backend` scaled_mm (with `fp8.quant` fp8_quant) or
-    torchao emulated on the CPU, or none) and record what it saves for the backward. Returns {"per_token": bytes per token, "fixed": bytes
-    independent of the batch, "tensors": [{dtype, shape, bytes, per_token}], "tokens": tokens per sample, "depth":
-    the size's depth, ...}."""
+    torchao emulated on the CPU, or none) and record what it saves for the backward. Returns {"per_token": bytes
+    per token, "fixed": bytes independent of the batch, "tensors": [{dtype, shape, bytes, per_token}], "tokens":
+    tokens per sample, "depth": the size's depth, ...}."""
     import kernels
     from modeling.lightningdit import LightningDiT, LightningDiTConfig
     from train.recompute import apply_recompute
@@ -69,7 +69,7 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
         from modeling import fp8 as fp8_lib
         fp8_lib.apply_fp8(model, fp8, None, allow_cpu=True, quant=fp8_quant)
         fp8_lib.refresh_fp8_weights(model)  # the model's own forward does it; here the block is called alone
-    apply_recompute(model, recompute)
+    apply_recompute(model, recompute, compiled=compile_backend is not None)
     block = model.blocks[0]
     if compile_backend:
         torch._dynamo.reset()  # a fresh compile per count: past dynamo's recompile limit a block would run eager

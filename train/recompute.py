@@ -20,8 +20,9 @@ whether the SwiGLU is recomputed or not, so there is nothing to gain (`bench.act
 recomputes the SwiGLU for w3's weight gradient already.
 
 Compiling a checkpoint needs torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint (set process-wide
-by `apply_recompute`, as torchtitan does): the one Python side effect in the MLP's forward is kernels' note of what
-ran (`kernels.describe()`), which must happen once, in the forward, not again in the recomputation.
+by `apply_recompute(..., compiled=True)`, as torchtitan does): the one Python side effect in the MLP's forward is
+kernels' note of what ran (`kernels.describe()`), which must happen once, in the forward, not again in the
+recomputation.
 """
 from __future__ import annotations
 
@@ -65,15 +66,21 @@ def _checkpointed(forward):
     return run
 
 
-def apply_recompute(model: nn.Module, mode: Recompute) -> int:
+def apply_recompute(model: nn.Module, mode: Recompute, compiled: bool = False) -> int:
     """Apply `mode` to every block of `model` (a LightningDiT: `model.blocks[i].mlp`) in place, before
-    torch.compile; returns how many modules now recompute. Parameter names and values do not change (the MLP's
-    forward is wrapped, the module is not replaced), so checkpoints load either way."""
+    torch.compile (`compiled`: the blocks will be compiled); returns how many modules now recompute. Parameter
+    names and values do not change (the MLP's forward is wrapped, the module is not replaced), so checkpoints load
+    either way."""
     if mode not in MODES:
         raise ValueError(f"unknown recompute mode {mode!r}; choose one of {MODES}")
     if mode == "none":
         return 0
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if compiled:
+        flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+        if not hasattr(torch._dynamo.config, flag):  # a torch without it cannot compile the region (fullgraph)
+            raise RuntimeError(f"train.recompute {mode} under train.compile blocks: torch {torch.__version__} has "
+                               f"no torch._dynamo.config.{flag}; use train.recompute none or train.compile none")
+        setattr(torch._dynamo.config, flag, True)
     count = 0
     for block in model.blocks:
         mlp = block.mlp

@@ -105,7 +105,8 @@ class DiTTrainer(TrainerBase):
             quant = fp8_lib.training_quant(cfg.fp8.quant, cfg.fp8.backend, recipe, self.device)
             fp8_lib.apply_fp8(model, cfg.fp8.backend, cfg.fp8.recipe, cfg.fp8.allow_cpu, quant=quant)
             self.fp8_desc += f", activation quantization {quant}"
-        apply_recompute(model, cfg.train.recompute)  # before compile: the checkpoint is traced into each block
+        # before compile: the checkpoint is traced into each block
+        apply_recompute(model, cfg.train.recompute, compiled=cfg.train.compile == "blocks")
         if cfg.train.compile == "blocks":  # after FP8 conversion, so the compiled graph includes it
             for block in model.blocks:
                 block.compile(**cfg.train.compile_kwargs(), fullgraph=True)
