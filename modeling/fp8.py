@@ -94,7 +94,7 @@ def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY, recipe=No
 def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY, quant="inline"):
     """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8; returns model.
     (torchao's training modules: under no_grad they are the inference path too, dynamic scaling per call.)
-    quant: where ours (scaled_mm) quantizes the SwiGLU's output (apply_fp8_training); the others: inline."""
+    quant: where ours (scaled_mm) quantizes w3's and proj's inputs (apply_fp8_training); the others: inline."""
     recipe = recipe or default_recipe(backend)
     device = next(model.parameters()).device
     check_fp8(backend, device, allow_cpu, remedy)
