@@ -4,6 +4,9 @@
     swiglu_fp8(x12, pow2=False)       silu(a) * b from the packed w12 output (rounded to x12's dtype, as the
                                       unfused SwiGLU stores it), quantized the same way: w3's FP8 input straight
                                       from w12's output; the SwiGLU's bf16 output is never written or read back
+    swiglu_fp8_colmax(x12, pow2=False)  the same, and each column's max |h| over the rows (in registers over a
+                                      span of rows, then an atomic max per program): w3's weight-gradient scales,
+                                      known before the backward
 
 pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
@@ -65,6 +68,14 @@ def swiglu_fp8_reference(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tenso
     return quantize_rows_fp8_reference(reference.swiglu(x12), pow2)
 
 
+def swiglu_fp8_colmax_reference(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """swiglu_fp8_reference, and each column's max |h| over the rows (fp32, (F,)): what the FP8 training MLP's
+    weight gradient scales h^T by (modeling.fp8.FP8TrainingSwiGLUFFN), known in the forward."""
+    h = reference.swiglu(x12)
+    q, scale = quantize_rows_fp8_reference(h, pow2)
+    return q, scale, h.reshape(-1, h.shape[-1]).float().abs().amax(dim=0)
+
+
 @triton.jit
 def _e4m3_rne(v):
     """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as an fp32 that e4m3 holds exactly."""
@@ -103,9 +114,9 @@ def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
+def _swiglu_tile(X12, sx, Q, S, rows, C, start, cols, POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The SwiGLU of rows start .. start + BLOCK_M, quantized and stored; returns the fp32 tile (0 past `rows`)."""
+    row = start + tl.arange(0, BLOCK_M)
     mask = (row[:, None] < rows) & (cols[None, :] < C)
     ptr = X12 + row[:, None] * sx + cols[None, :]
     a = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
@@ -113,27 +124,67 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl
     # the Triton SwiGLU's arithmetic, rounded to x12's dtype as its stored output is
     h = (a * tl.sigmoid(a) * b).to(X12.dtype.element_ty).to(tl.float32)
     _store_rows_e4m3(h, row, cols, mask, rows, C, Q, S, POW2)
+    return h
+
+
+@triton.jit
+def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, COLMAX: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.arange(0, BLOCK_C)
+    if COLMAX:
+        # `span` rows per program (a multiple of BLOCK_M) a tile at a time, each column's max |h| kept in registers,
+        # then one atomic max per column into CA (as int32 bits: |h| >= 0 orders as its bits). Few programs, so
+        # few atomics: ~1024 per column, not one per tile.
+        start = tl.program_id(0).to(tl.int64) * span
+        colmax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r in range(0, span, BLOCK_M):
+            h = _swiglu_tile(X12, sx, Q, S, rows, C, start + r, cols, POW2, BLOCK_M)
+            colmax = tl.maximum(colmax, tl.max(tl.abs(h), axis=0))
+        tl.atomic_max(CA + cols, colmax.to(tl.int32, bitcast=True), mask=cols < C)
+    else:
+        _swiglu_tile(X12, sx, Q, S, rows, C, tl.program_id(0).to(tl.int64) * BLOCK_M, cols, POW2, BLOCK_M)
+
+
+COLMAX_PROGRAMS = 1024  # programs of swiglu_fp8_colmax: each takes a span of rows (a multiple of 16)
+
+
+def _colmax_span(rows: int) -> int:
+    return 16 * triton.cdiv(rows, 16 * COLMAX_PROGRAMS)
 
 
 # On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,
 # pruned the same way: 1-8 rows of 1152 in a 2048-wide tile, 1-4 rows of 3072 in 4096); the interpreter a fixed 4.
 _quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2"],
                                     prune_configs_by={"early_config_prune": _prune_tiles})(_quant_rows_kernel)
-_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2"],
-                                      prune_configs_by={"early_config_prune": _prune_tiles})(_swiglu_quant_kernel)
+def _prune_swiglu_tiles(configs, named_args, **kwargs):
+    """The norm family's tiles; with COLMAX at most 8 warps: the column max's fp32 vector sits beside the tile, and
+    at 16 warps (128 registers a thread) 4 rows of 3072 spill (kernels/sm90_check.py)."""
+    keep = _prune_tiles(configs, named_args, **kwargs)
+    if named_args.get("COLMAX", kwargs.get("COLMAX")):
+        keep = [c for c in keep if c.num_warps <= 8] or keep[:1]
+    return keep
 
 
-def _launch(kernel, tuned, src: Tensor, rows: int, C: int, pow2: bool) -> tuple[Tensor, Tensor]:
+# (the autotuner's timing runs repeat the column max into the same buffer: a max, so the result is the same)
+_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2", "COLMAX"],
+                                      prune_configs_by={"early_config_prune": _prune_swiglu_tiles})(
+                                          _swiglu_quant_kernel)
+
+
+def _launch(kernel, tuned, src: Tensor, rows: int, C: int, *rest, span: int = 0) -> tuple[Tensor, Tensor]:
+    """Run a row-quantization kernel on `src` (rows, C) [packed: C is the output width]; `rest`: the kernel's
+    arguments after C; span: rows per program (0: one tile of BLOCK_M). Returns (q e4m3 (rows, C), scale fp32
+    (rows, 1))."""
     q = torch.empty((rows, C), dtype=torch.float8_e4m3fn, device=src.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=src.device)
     if q.numel():
-        args = (src, src.stride(0), q, scale, rows, C, pow2)
+        args = (src, src.stride(0), q, scale, rows, C, *rest)
         block_c = _triton.block_size(C)
         if _triton.interpreting():
-            kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_C=block_c,
-                                                           num_warps=4)
+            kernel[(triton.cdiv(rows, span or INTERPRET_BLOCK_M),)](*args, BLOCK_M=INTERPRET_BLOCK_M,
+                                                                   BLOCK_C=block_c, num_warps=4)
         else:
-            tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*args, BLOCK_C=block_c)
+            tuned[lambda meta: (triton.cdiv(rows, span or meta["BLOCK_M"]),)](*args, BLOCK_C=block_c)
     return q, scale
 
 
@@ -159,7 +210,30 @@ def _check_packed(x12: Tensor) -> None:
 def swiglu_fp8_op(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     _check_packed(x12)
     x2 = _triton.rows_2d(x12)
-    return _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], x2.shape[1] // 2, pow2)
+    unused = torch.empty(1, dtype=torch.int32, device=x12.device)  # COLMAX off: the column max is not written
+    return _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], x2.shape[1] // 2, unused, 0, pow2,
+                   False)
+
+
+@torch.library.custom_op("vavae::swiglu_fp8_colmax", mutates_args=())
+def swiglu_fp8_colmax_op(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    _check_packed(x12)
+    x2 = _triton.rows_2d(x12)
+    H = x2.shape[1] // 2
+    col = torch.zeros(H, dtype=torch.int32, device=x12.device)
+    span = _colmax_span(x2.shape[0])
+    q, scale = _launch(_swiglu_quant_kernel, _swiglu_quant_tuned, x2, x2.shape[0], H, col, span, pow2, True,
+                       span=span)
+    return q, scale, col.view(torch.float32)
+
+
+@swiglu_fp8_colmax_op.register_fake
+def _(x12, pow2=False):
+    _check_packed(x12)
+    H = x12.shape[-1] // 2
+    rows = x12.numel() // x12.shape[-1] if x12.shape[-1] else 0
+    return (x12.new_empty((rows, H), dtype=torch.float8_e4m3fn), x12.new_empty((rows, 1), dtype=torch.float32),
+            x12.new_empty((H,), dtype=torch.float32))
 
 
 @swiglu_fp8_op.register_fake
@@ -176,6 +250,10 @@ def quantize_rows_fp8_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Ten
 
 def swiglu_fp8_triton(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     return swiglu_fp8_op(x12, pow2)
+
+
+def swiglu_fp8_colmax_triton(x12: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return swiglu_fp8_colmax_op(x12, pow2)
 
 
 def _bench_quant(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
@@ -201,3 +279,6 @@ register(Op(name="quantize_rows_fp8", reference=quantize_rows_fp8_reference, imp
 register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": swiglu_fp8_triton},
             bench=_bench_swiglu, doc="silu(a)*b from the packed w12 output, quantized per row to e4m3 in the same "
                                      "pass (pow2 as quantize_rows_fp8)"))
+register(Op(name="swiglu_fp8_colmax", reference=swiglu_fp8_colmax_reference,
+            impls={"triton": swiglu_fp8_colmax_triton}, bench=_bench_swiglu,
+            doc="swiglu_fp8 and each column's max |silu(a)*b| over the rows (the FP8 training MLP's wgrad scales)"))

@@ -97,21 +97,30 @@ def _norm_variants() -> list[Variant]:
 
 def _fp8_quant_variants() -> list[Variant]:
     """quantize_rows_fp8 at hidden 1152 (attention's output) and swiglu_fp8 at 3072 (w12's output), bf16 in, for
-    every tile the autotuner may pick, with and without power-of-two scales."""
+    every tile the autotuner may pick: the sampler's scales, the FP8 training recipe's powers of two, and (the
+    SwiGLU) with the column maxima the training MLP's weight gradient takes."""
     from . import _triton, fp8_quant, fused_norm
-    cases = {"quantize_rows_fp8": (fp8_quant._quant_rows_kernel, 1152), "swiglu_fp8": (fp8_quant._swiglu_quant_kernel, 3072)}
     sig = {"X": "*bf16", "sx": "i32", "Q": "*fp8e4nv", "S": "*fp32", "rows": "i32", "C": "i32"}
+    cases = {  # name: (kernel, its autotuner's pruning, width, runtime arguments after C, constexpr flag settings)
+        "quantize_rows_fp8": (fp8_quant._quant_rows_kernel, fused_norm._prune_tiles, 1152, {},
+                              [{"POW2": False}, {"POW2": True}]),
+        "swiglu_fp8": (fp8_quant._swiglu_quant_kernel, fp8_quant._prune_swiglu_tiles, 3072,
+                       {"CA": "*i32", "span": "i32"},
+                       [{"POW2": False, "COLMAX": False}, {"POW2": True, "COLMAX": False},
+                        {"POW2": True, "COLMAX": True}]),
+    }
     out = []
-    for name, (kernel, C) in cases.items():
+    for name, (kernel, prune, C, extra, flag_sets) in cases.items():
         block_c = _triton.block_size(C)
         names = dict(zip(sig, kernel.arg_names))  # the kernels' own argument names (X / X12)
-        ksig = {names[k]: t for k, t in sig.items()}
-        for cfg in fused_norm._prune_tiles(fused_norm._tile_configs(), {}, BLOCK_C=block_c):
-            for pow2 in (False, True):  # the sampler's scales, the FP8 training recipe's powers of two
-                const = {"POW2": pow2, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_C": block_c}
-                out.append(Variant(f"{name} C={C} POW2={int(pow2)} BLOCK_M={const['BLOCK_M']} "
-                                   f"warps={cfg.num_warps}", kernel, {**ksig, **{k: "constexpr" for k in const}},
-                                   const, list(ksig), cfg.num_warps))
+        ksig = {**{names[k]: t for k, t in sig.items()}, **extra}
+        for flags in flag_sets:
+            for cfg in prune(fused_norm._tile_configs(), dict(flags), BLOCK_C=block_c):
+                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_C": block_c}
+                label = " ".join(f"{k}={int(v)}" for k, v in flags.items())
+                out.append(Variant(f"{name} C={C} {label} BLOCK_M={const['BLOCK_M']} warps={cfg.num_warps}",
+                                   kernel, {**ksig, **{k: "constexpr" for k in const}}, const, list(ksig),
+                                   cfg.num_warps))
     return out
 
 

@@ -304,16 +304,22 @@ def quantize_along(x: torch.Tensor, dim: Optional[int], dtype: torch.dtype = tor
     """x -> (fp8 values, fp32 scale) with x ~= values * scale; the amax (in fp32) over `dim` (keepdim: one scale
     per slice across it) or over the whole tensor (dim None: a 0-dim scale). pow2: the scale rounded up to a
     power of two. Plain torch ops, so torch.compile fuses them into the kernel that produced x."""
-    fmax = _FP8_MAX[dtype]
     xf = x.float()
     if dim is None:  # (an empty tensor has no amax: no tokens, any scale will do)
         amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
     else:
         amax = xf.abs().amax(dim=dim, keepdim=True)
+    return quantize_by_amax(xf, amax, dtype, pow2)
+
+
+def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+                     pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_along with the amax already known (broadcastable to x): x -> (fp8 values, fp32 scale)."""
+    fmax = _FP8_MAX[dtype]
     scale = amax.clamp(min=1e-12) / fmax
     if pow2:
         scale = pow2_ceil(scale)
-    return (xf / scale).clamp(-fmax, fmax).to(dtype), scale
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype), scale
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -402,26 +408,38 @@ def _swiglu_backward(dh: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
 
 class _FP8SwiGLUOutFunction(torch.autograd.Function):
     """y = swiglu(x12) W3^T for the row-wise recipes with the SwiGLU's output h never written in bf16: the forward
-    takes h in e4m3 straight from `kernels.ops.swiglu_fp8` (one pass over x12: the activation quantization in the
-    producing kernel), the backward recomputes h from x12 (saved anyway, for the SwiGLU's own backward) for the
-    weight gradient, in plain ops that inductor fuses with its transposed quantization. Saves x12 only: h (2F
-    bytes per token) is not kept. Same arguments as _FP8LinearFunction, with x12 in place of x."""
+    takes h in e4m3 straight from `kernels.ops.swiglu_fp8_colmax` (one pass over x12: the activation quantization
+    in the producing kernel, and each column's max |h|, the rowwise wgrad's scales for h^T), the backward recomputes
+    h from x12 (saved anyway, for the SwiGLU's own backward) in plain ops that inductor fuses with h^T's
+    quantization: one pass over x12, its scales known. Saves x12 (and F column maxima): h (2F bytes per token) is
+    not kept. Same arguments as _FP8LinearFunction, with x12 in place of x."""
 
     @staticmethod
     def forward(ctx, x12, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
-        h_q, h_scale = ops.swiglu_fp8(x12, pow2=True)
+        if recipe == "rowwise_with_gw_hp":  # the weight gradient from bf16 h: no column scales
+            h_q, h_scale = ops.swiglu_fp8(x12, pow2=True)
+            col_amax = x12.new_empty(0, dtype=torch.float32)
+        else:
+            h_q, h_scale, col_amax = ops.swiglu_fp8_colmax(x12, pow2=True)
         y = torch._scaled_mm(h_q, w_fp8.t(), scale_a=h_scale, scale_b=w_scale, out_dtype=torch.bfloat16,
                              use_fast_accum=True)
-        ctx.save_for_backward(x12, wt_fp8, wt_scale)
+        ctx.save_for_backward(x12, col_amax, wt_fp8, wt_scale)
         ctx.recipe, ctx.w_dtype = recipe, weight.dtype
         return y.to(x12.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x12, wt_fp8, wt_scale = ctx.saved_tensors
+        x12, col_amax, wt_fp8, wt_scale = ctx.saved_tensors
         g = grad_out.contiguous()
         dh = _rowwise_dgrad(g, wt_fp8, wt_scale).to(x12.dtype)
-        dw = _rowwise_wgrad(g, swiglu_recomputed(x12), ctx.recipe)
+        h = swiglu_recomputed(x12)
+        if ctx.recipe == "rowwise_with_gw_hp":
+            dw = _rowwise_wgrad(g, h, ctx.recipe)
+        else:  # as _rowwise_wgrad, h^T scaled by the column maxima the forward took
+            gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
+            ht_q, ht_scale = quantize_by_amax(_pad_rows(h).t(), col_amax.reshape(-1, 1), pow2=True)
+            dw = torch._scaled_mm(gt_q, ht_q.contiguous().t(), scale_a=gt_scale, scale_b=ht_scale.reshape(1, -1),
+                                  out_dtype=torch.bfloat16)
         return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), None, None, None, None, None
 
 

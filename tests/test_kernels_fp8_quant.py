@@ -115,6 +115,27 @@ def test_pow2_scales_bitwise_the_training_quantizer(shape):
     assert torch.equal(torch.exp2(torch.log2(sr).round()), sr)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [72, 3072, 100])
+def test_swiglu_fp8_colmax_is_swiglu_fp8_and_the_column_maxima(H, dtype):
+    """swiglu_fp8_colmax: swiglu_fp8's bytes and scales, and each column's max |h| over the rows (ragged: 38 rows
+    in tiles of 4), bit for bit the max of our SwiGLU kernel's output; the reference's the same of torch's SwiGLU."""
+    x12 = (_rows((2, 19, 2 * H), dtype, seed=2) * 0.01)
+    for pow2 in (False, True):
+        q, s, col = ops.swiglu_fp8_colmax(x12, pow2=pow2)
+        q1, s1 = ops.swiglu_fp8(x12, pow2=pow2)
+        assert torch.equal(_bits(q), _bits(q1)) and torch.equal(s, s1)
+        assert col.dtype == torch.float32 and col.shape == (H,)
+        assert torch.equal(col, swiglu_triton(x12).reshape(38, H).float().abs().amax(dim=0))
+    assert kernels.describe()["ops"]["swiglu_fp8_colmax"] == "triton"
+    qr, sr, colr = fp8_quant.swiglu_fp8_colmax_reference(x12, pow2=True)
+    assert torch.equal(colr, reference.swiglu(x12).reshape(38, H).float().abs().amax(dim=0))
+    qr1, sr1 = fp8_quant.swiglu_fp8_reference(x12, pow2=True)
+    assert torch.equal(_bits(qr), _bits(qr1)) and torch.equal(sr, sr1)
+    q, s, col = ops.swiglu_fp8_colmax(torch.empty(0, 2 * H, device=DEV, dtype=dtype))
+    assert q.shape == (0, H) and torch.equal(col, torch.zeros(H, device=DEV))
+
+
 def test_pow2_ceil_exact_at_the_edges():
     """The smallest power of two >= s from the bits: s itself at a power of two, the next one up one ulp above
     (where exp2(ceil(log2(s))) in fp32 can round back down), the 1e-12 / 448 floor a normal float."""
@@ -136,10 +157,11 @@ def test_empty_inputs_and_bad_packing():
         ops.swiglu_fp8(torch.randn(3, 7, device=DEV))
 
 
-@pytest.mark.parametrize("op", ["quantize_rows_fp8", "swiglu_fp8"])
+@pytest.mark.parametrize("op", ["quantize_rows_fp8", "swiglu_fp8", "swiglu_fp8_colmax"])
 def test_opcheck(op):
     """The custom ops' schema, fake (meta) implementation and AOT dispatch agree with what they compute."""
-    fn = {"quantize_rows_fp8": fp8_quant.quantize_rows_fp8_op, "swiglu_fp8": fp8_quant.swiglu_fp8_op}[op]
+    fn = {"quantize_rows_fp8": fp8_quant.quantize_rows_fp8_op, "swiglu_fp8": fp8_quant.swiglu_fp8_op,
+          "swiglu_fp8_colmax": fp8_quant.swiglu_fp8_colmax_op}[op]
     x = torch.randn(2, 5, 64, device=DEV, dtype=torch.bfloat16)
     for args in ((x,), (x, True)):  # the sampler's scales, the training recipe's powers of two
         torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -209,6 +209,9 @@ def test_fp8_training_swiglu_mlp_on_gpu():
     q, s = ops.swiglu_fp8(x12, pow2=True)
     qt, st = quantize_along(swiglu_triton(x12).reshape(-1, 3072), -1, pow2=True)
     assert torch.equal(q.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s, st)
+    q, s, col = ops.swiglu_fp8_colmax(x12, pow2=True)  # + each column's max |h|: atomics over 1,028 rows
+    assert torch.equal(q.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s, st)
+    assert torch.equal(col, swiglu_triton(x12).reshape(-1, 3072).float().abs().amax(dim=0))
     # attn.proj's input through the row kernel: the same linear, bit for bit
     from modeling.fp8 import FP8TrainingLinear
     lin = torch.nn.Linear(1152, 1152).cuda()
