@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _triton, reference
 from ._triton import tl, triton
-from .fused_norm import _prune_tiles, _tile_configs
+from .fused_norm import _TILES, _prune_tiles, _tile_configs
 from .registry import BenchCase, BenchShape, Op, register
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -145,11 +145,14 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, C
         _swiglu_tile(X12, sx, Q, S, rows, C, tl.program_id(0).to(tl.int64) * BLOCK_M, cols, POW2, BLOCK_M)
 
 
-COLMAX_PROGRAMS = 1024  # programs of swiglu_fp8_colmax: each takes a span of rows (a multiple of 16)
+COLMAX_PROGRAMS = 1024  # programs of swiglu_fp8_colmax at most: each takes a span of rows
 
 
 def _colmax_span(rows: int) -> int:
-    return 16 * triton.cdiv(rows, 16 * COLMAX_PROGRAMS)
+    """Rows per program of swiglu_fp8_colmax: a multiple of 32, so of every BLOCK_M the autotuner may pick (1-32):
+    the programs' tiles never overlap."""
+    step = max(m for m, _ in _TILES)
+    return step * triton.cdiv(rows, step * COLMAX_PROGRAMS)
 
 
 # On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,

@@ -254,3 +254,12 @@ def test_sampler_fp8_quant_resolves_and_refuses(monkeypatch):
         with pytest.raises(SamplingConfigError, match="fp8_quant 'ours' runs with") as e:
             c.replace(fp8_quant="ours", **bad)
         assert e.value.field == "fp8_quant"
+
+
+def test_colmax_spans_hold_whole_tiles():
+    """swiglu_fp8_colmax's programs take spans of rows that every autotuned BLOCK_M divides (no tile shared by two
+    programs), at most COLMAX_PROGRAMS of them."""
+    from kernels.fused_norm import _TILES
+    for rows in (1, 38, 1000, 65536, 65536 + 7, 10 ** 6):
+        span = fp8_quant._colmax_span(rows)
+        assert all(span % m == 0 for m, _ in _TILES) and -(-rows // span) <= fp8_quant.COLMAX_PROGRAMS
