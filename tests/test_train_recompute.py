@@ -99,22 +99,23 @@ def test_recompute_config_refusals():
         apply_recompute(LightningDiT(LightningDiTConfig(**TINY)), "blocks")
 
 
+def _train_two_steps(tmp_path, name, *extra):
+    from pathlib import Path
+    from train.train_dit import Trainer
+    cfg = load_config(DiTTrainConfig, Path(__file__).resolve().parents[1] / "configs/dit_tiny_cpu.yaml", [
+        f"checkpoint.dir={tmp_path}/{name}", f"logging.dir={tmp_path}/{name}", "logging.progress_bar=false",
+        "logging.tensorboard=false", "train.steps=2", *extra])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
 def test_trainer_recomputes_and_says_so(tmp_path):
     """Through the DiT trainer (compiled blocks, aot_eager: the partitioner's recompute without a C++ build): every
     MLP recomputes, the start-up line says so, and two steps end on the weights of the run without it."""
-    from pathlib import Path
-    from train.train_dit import Trainer
-
-    def run(name, *extra):
-        cfg = load_config(DiTTrainConfig, Path(__file__).resolve().parents[1] / "configs/dit_tiny_cpu.yaml", [
-            f"checkpoint.dir={tmp_path}/{name}", f"logging.dir={tmp_path}/{name}", "logging.progress_bar=false",
-            "logging.tensorboard=false", "train.steps=2", "train.zero_stage=0", "train.compile=blocks",
-            "train.compile_backend=aot_eager", *extra])
-        trainer = Trainer(cfg)
-        trainer.fit()
-        return trainer
-
-    plain, recomputed = run("plain"), run("recomputed", "train.recompute=swiglu")
+    compiled = ("train.zero_stage=0", "train.compile=blocks", "train.compile_backend=aot_eager")
+    plain = _train_two_steps(tmp_path, "plain", *compiled)
+    recomputed = _train_two_steps(tmp_path, "recomputed", *compiled, "train.recompute=swiglu")
     assert "recompute swiglu" in recomputed.describe() and "recompute none" in plain.describe()
     blocks = recomputed.engine.module.blocks
     assert all(b.mlp.forward.recompute == "swiglu" for b in blocks)
@@ -122,6 +123,26 @@ def test_trainer_recomputes_and_says_so(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_recompute_under_zero3(tmp_path):
+    """ZeRO-3 gathers each Linear's partitioned weight in a hook around its forward: the recomputation in the
+    backward runs w12 and w3 again, so the hooks must gather again. Two eager steps end on the weights of the run
+    without recomputation, bit for bit (gathered from their partitions)."""
+    from train.ema import _gathered
+
+    def weights(trainer):
+        params = list(trainer.engine.module.named_parameters())
+        with _gathered([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+
+    plain = weights(_train_two_steps(tmp_path, "plain", "train.zero_stage=3"))
+    recomputed = weights(_train_two_steps(tmp_path, "recomputed", "train.zero_stage=3", "train.recompute=swiglu"))
+    start = weights(_train_two_steps(tmp_path, "start", "train.zero_stage=3", "train.steps=1"))
+    assert plain.keys() == recomputed.keys() and len(plain) > 20
+    for k in plain:
+        assert plain[k].numel() > 0 and torch.equal(plain[k], recomputed[k]), k
+    assert any(not torch.equal(plain[k], start[k]) for k in plain)  # the second step moved them
 
 
 def test_gpu_auto_count_runs_what_auto_runs_on_a_gpu():
