@@ -10,7 +10,7 @@
 
 pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
-The recipe is `quantize_fp8` below (one scale per row: its amax / 448), which FP8Linear also applies in plain torch
+The recipe is `quantize_fp8` below (one scale per row: its amax times the fp32 reciprocal of 448), which FP8Linear also applies in plain torch
 ops where inductor can fuse it into the producer. These kernels are for the producers it cannot fuse into: our
 Triton SwiGLU, and attention's output (cuDNN's). Each program holds BLOCK_M whole rows in registers, so the amax
 and the cast read each row once; inductor loops over rows wider than 1024 and reads them twice (its kernels for
@@ -34,6 +34,10 @@ from .fused_norm import _TILES, _prune_tiles, _tile_configs
 from .registry import BenchCase, BenchShape, Op, register
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# The scale is amax * (1 / 448), the product, not the quotient: torch on CUDA divides a tensor by a Python number
+# as a * (1 / b) (BinaryDivTrueKernel.cu), on the CPU it divides, and the two differ by an ulp in some rows (the
+# H200 suite of 2026-12-04 caught it); written as the product, the CPU, the GPU, inductor and our kernels agree.
+FP8_E4M3_INV = 1.0 / FP8_E4M3_MAX  # rounds to the fp32 1.0f / 448.0f wherever it meets an fp32 tensor
 INTERPRET_BLOCK_M = 4  # does not divide the tests' row counts: the ragged last tile runs
 
 
@@ -52,7 +56,7 @@ def quantize_fp8(x: Tensor, rowwise: bool, pow2: bool = False) -> tuple[Tensor, 
     the amax, the division and the cast fuse into one kernel, and into the op that produced x."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
-    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
+    scale = amax.clamp(min=1e-12) * FP8_E4M3_INV
     if pow2:
         scale = pow2_ceil(scale)
     return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
@@ -94,7 +98,7 @@ def _e4m3_rne(v):
 def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2: tl.constexpr):
     """Quantize the fp32 tile x (BLOCK_M rows of C) per row; store q (rows, C) and scale (rows,)."""
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # FP8_E4M3_INV: the recipe's product, as torch's
     if POW2:  # pow2_ceil: the scale, or the next power of two up when its mantissa is not zero
         bits = scale.to(tl.int32, bitcast=True)
         scale = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)

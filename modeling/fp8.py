@@ -316,7 +316,7 @@ def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = t
                      pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_along with the amax already known (broadcastable to x): x -> (fp8 values, fp32 scale)."""
     fmax = _FP8_MAX[dtype]
-    scale = amax.clamp(min=1e-12) / fmax
+    scale = amax.clamp(min=1e-12) * (1.0 / fmax)  # the product, as torch on CUDA computes `/ fmax` (fp8_quant)
     if pow2:
         scale = pow2_ceil(scale)
     return (x.float() / scale).clamp(-fmax, fmax).to(dtype), scale

@@ -136,6 +136,21 @@ def test_swiglu_fp8_colmax_is_swiglu_fp8_and_the_column_maxima(H, dtype):
     assert q.shape == (0, H) and torch.equal(col, torch.zeros(H, device=DEV))
 
 
+def test_scale_is_the_product_with_the_reciprocal_as_torch_computes_it_on_cuda():
+    """The recipe's scale is amax * fp32(1 / 448): what torch on CUDA computes for `amax / 448` (a * (1 / b) for a
+    Python divisor), where the CPU divides. The H200 suite found the kernel (then dividing) an ulp off eager CUDA
+    torch in some rows; the product is the same on the CPU, the GPU, under inductor and in our kernels."""
+    from modeling.fp8 import quantize_along
+    g = torch.Generator().manual_seed(3)
+    amax = torch.rand(4096, 1, generator=g) * 100 + 1e-3
+    cuda_way = amax * torch.tensor(1.0, dtype=torch.float32).div(448.0)  # fp32 reciprocal, then the product
+    assert not torch.equal(cuda_way, amax / 448.0)  # the two differ somewhere: this test can fail
+    x = torch.cat([amax, -amax / 3, amax / 7], dim=1)  # each row's amax is its first column
+    for s in (fp8_quant.quantize_fp8(x, rowwise=True)[1], quantize_along(x, -1)[1],
+              ops.quantize_rows_fp8(x.to(DEV))[1].cpu()):
+        assert torch.equal(s, cuda_way)
+
+
 def test_pow2_ceil_exact_at_the_edges():
     """The smallest power of two >= s from the bits: s itself at a power of two, the next one up one ulp above
     (where exp2(ceil(log2(s))) in fp32 can round back down), the 1e-12 / 448 floor a normal float."""
