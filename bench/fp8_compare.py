@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--fp8-backend", choices=["scaled_mm", "torchao", "te"], default="torchao")  # scaled_mm: ours
     ap.add_argument("--fp8-recipe", default=None, help="fp8.recipe of the FP8 run (default: the backend's first)")
+    ap.add_argument("--fp8-quant", choices=["auto", "ours", "inline"], default="auto",
+                    help="fp8.quant of the FP8 run (scaled_mm: activation quantization in our kernels or inline)")
     ap.add_argument("--rtol", type=float, default=0.05)
     ap.add_argument("--out", default="runs/fp8_compare")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     # FP8 needs linear sizes divisible by 16: the tiny config's 64-wide model becomes 96 wide.
     common = ["train.precision=bf16", *(["model.hidden_size=96"] if a.config.endswith("dit_tiny_cpu.yaml") else []),
               *a.set]
-    fp8_extra = [f"fp8.backend={a.fp8_backend}", *([f"fp8.recipe={a.fp8_recipe}"] if a.fp8_recipe else [])]
+    fp8_extra = [f"fp8.backend={a.fp8_backend}", *([f"fp8.recipe={a.fp8_recipe}"] if a.fp8_recipe else []),
+                 f"fp8.quant={a.fp8_quant}"]
     if not torch.cuda.is_available():
         fp8_extra.append("fp8.allow_cpu=true")
     bf16, _ = run_one(a.config, out / "bf16", a.steps, common)

@@ -27,8 +27,9 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "triton": ("train.kernels=triton",), "cuda": ("train.kernels=cuda",), "fused": (),  # resolved at run time
     "fp8": ("fp8.backend=torchao",),       # torchao's float8 training modules
     "fp8mm": ("fp8.backend=scaled_mm",),   # our FP8TrainingLinear (modeling/fp8.py): one _scaled_mm per GEMM
-    # with fp8mm: w3's input quantized in plain ops after our SwiGLU (fp8.quant inline), not in its kernel (auto)
-    "fp8inline": ("fp8.quant=inline",),
+    # with fp8mm: the activations quantized in plain ops (fp8.quant inline, what auto resolves to), or in our
+    # kernels (ours: w3's input in the SwiGLU's pass, proj's in one pass per row)
+    "fp8inline": ("fp8.quant=inline",), "fp8ours": ("fp8.quant=ours",),
     "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
     "zero3": ("train.zero_stage=3",),
     # inductor's multi-kernel: each reduction persistent and looped, the faster kept (train.compile_options)

@@ -216,18 +216,19 @@ FP8_QUANT = ("inline", "ours")  # where FP8 activations are quantized (SamplingC
 
 
 def training_quant(quant: str, backend: str, recipe: str, device) -> str:
-    """The trainer's fp8.quant resolved to 'ours' or 'inline': auto is ours for scaled_mm with a row-wise recipe
-    where the Triton kernels run on `device`, else inline; 'ours' where it cannot run is FP8Unavailable."""
-    if quant == "inline" or (quant == "auto" and (backend != "scaled_mm" or recipe == "tensorwise")):
+    """The trainer's fp8.quant resolved to 'ours' or 'inline'. auto is inline: through the trainer on an H200
+    (XL/1, batch 256, bench/results/2026-12-04_h200.md) ours ran 515 img/s against inline's 551, so ours is
+    chosen explicitly. 'ours' needs scaled_mm with a row-wise recipe and the Triton kernels (else FP8Unavailable)."""
+    if quant in ("inline", "auto"):
         return "inline"
     if backend != "scaled_mm" or recipe == "tensorwise":
         raise FP8Unavailable(f"fp8.quant ours quantizes per row in our kernels: it needs fp8.backend scaled_mm and "
                              f"a row-wise recipe (got {backend}, {recipe})")
     from kernels.backend import triton_status
     ok, reason = triton_status(torch.empty(0, device=device))
-    if not ok and quant == "ours":
+    if not ok:
         raise FP8Unavailable(f"fp8.quant ours needs the Triton kernels: {reason}; use fp8.quant inline")
-    return "ours" if ok else "inline"
+    return "ours"
 
 
 def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
