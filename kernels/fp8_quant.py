@@ -10,16 +10,18 @@
 
 pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
-The recipe is `quantize_fp8` below (one scale per row: its amax times the fp32 reciprocal of 448), which FP8Linear also applies in plain torch
-ops where inductor can fuse it into the producer. These kernels are for the producers it cannot fuse into: our
-Triton SwiGLU, and attention's output (cuDNN's). Each program holds BLOCK_M whole rows in registers, so the amax
-and the cast read each row once; inductor loops over rows wider than 1024 and reads them twice (its kernels for
-these two took 239 + 129 ms of a 2167 ms sampling run on an H200: bench/results/2026-11-26_h200_sampling.md).
+The recipe is `quantize_fp8` below: one scale per row, its amax times the fp32 reciprocal of 448 (a power of two
+above it with pow2), and the row times the scale's reciprocal (exactly the division for a power-of-two scale),
+which FP8Linear also applies in plain torch ops where inductor can fuse it into the producer. These kernels are
+for the producers it cannot fuse into: our Triton SwiGLU, and attention's output (cuDNN's). Each program holds
+BLOCK_M whole rows in registers, so the amax and the cast read each row once; inductor loops over rows wider than
+1024 and reads them twice (its kernels for these two took 239 + 129 ms of a 2167 ms sampling run on an H200:
+bench/results/2026-11-26_h200_sampling.md).
 
-The kernels divide with IEEE rounding (`div_rn`: Triton's `/` is the approximate div.full.f32) and round to e4m3
-in the fp32 bits (round to nearest even, as torch's `.to(float8_e4m3fn)` and the GPU's cvt.rn.satfinite do), then
-store a value e4m3 holds exactly: Triton's interpreter rounds some values into the wrong binade (-126.7 -> -64),
-and with the rounding written out the interpreter, the GPU and torch agree bit for bit
+The kernels take each row's reciprocal with IEEE rounding (`div_rn`: Triton's `/` is the approximate
+div.full.f32), multiply, and cast with the GPU's cvt.rn.satfinite (round to nearest even, as torch's
+`.to(float8_e4m3fn)`); under Triton's interpreter, which rounds some values into the wrong binade (-126.7 -> -64),
+the rounding is written out in the fp32 bits (`_e4m3_rne`), so the interpreter, the GPU and torch agree bit for bit
 (tests/test_kernels_fp8_quant.py). Forward only: the sampler's FP8 modules call them, and the FP8 training MLP
 (modeling.fp8.FP8TrainingSwiGLUFFN) calls swiglu_fp8 in its forward and recomputes the SwiGLU for its backward.
 """
@@ -59,7 +61,7 @@ def quantize_fp8(x: Tensor, rowwise: bool, pow2: bool = False) -> tuple[Tensor, 
     scale = amax.clamp(min=1e-12) * FP8_E4M3_INV
     if pow2:
         scale = pow2_ceil(scale)
-    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return (xf * torch.reciprocal(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_rows_fp8_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
@@ -94,6 +96,13 @@ def _e4m3_rne(v):
     return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
+# Triton's interpreter casts fp32 -> e4m3 wrongly near binade edges, so under it the rounding is written out
+# (_e4m3_rne); compiled for the GPU the cast is one cvt.rn.satfinite.e4m3x2.f32 (round to nearest even, as torch),
+# and the written-out rounding's dozen integer ops per element are left out: the SwiGLU kernel is issue-bound
+# (~55 SASS instructions per element for sm_90 with them; tests/test_kernels_fp8_quant.py, GPU: test_kernels_gpu.py).
+_EMULATE_E4M3 = tl.constexpr(_triton.interpreting())
+
+
 @triton.jit
 def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2: tl.constexpr):
     """Quantize the fp32 tile x (BLOCK_M rows of C) per row; store q (rows, C) and scale (rows,)."""
@@ -102,9 +111,12 @@ def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2: tl.constexpr):
     if POW2:  # pow2_ceil: the scale, or the next power of two up when its mantissa is not zero
         bits = scale.to(tl.int32, bitcast=True)
         scale = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
-    v = tl.math.div_rn(x, scale[:, None])
+    # x times the row's reciprocal (one IEEE division per row, a multiply per element), as quantize_fp8
+    v = x * tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    tl.store(Q + row[:, None] * C + cols[None, :], _e4m3_rne(v).to(tl.float8e4nv), mask=mask)
+    if _EMULATE_E4M3:
+        v = _e4m3_rne(v)
+    tl.store(Q + row[:, None] * C + cols[None, :], v.to(tl.float8e4nv), mask=mask)
     tl.store(S + row, scale, mask=row < rows)
 
 

@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclasses.dataclass
@@ -129,8 +129,26 @@ def _ptxas() -> str:
     return get_ptxas(90).path
 
 
+def _sass_count(cubin: str) -> Optional[int]:
+    """Instructions in the cubin's SASS (Triton's cuobjdump beside its ptxas), or None without one."""
+    tool = os.path.join(os.path.dirname(_ptxas()), "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+
+
+def _tile_elements_per_thread(v: Variant) -> float:
+    rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", 1))
+    cols = v.constexprs.get("BLOCK_C", v.constexprs.get("BLOCK_D", 1))
+    return rows * cols / (32 * v.num_warps)
+
+
 def compile_variant(v: Variant) -> dict:
-    """{"registers", "spill_bytes", "vector_loads", "scalar_loads", "vector_stores"} of v compiled for sm_90."""
+    """{"registers", "spill_bytes", "vector_loads", "scalar_loads", "vector_stores", "sass_per_element"} of v
+    compiled for sm_90. sass_per_element: the kernel's SASS instructions over the tile elements each thread holds
+    (masked lanes included), for straight-line kernels the instructions issued per element: against the card's
+    issue rate it says whether a kernel can be memory-bound at all (the FP8 SwiGLU could not: 55 per element)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -144,13 +162,16 @@ def compile_variant(v: Variant) -> dict:
             f.write(ptx)
         log = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", path, "-o",
                               os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
+        sass = _sass_count(os.path.join(d, "k.cubin"))
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     ops = re.findall(r"(ld|st)\.global(\.[a-z0-9.]*)", ptx)
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
             "vector_loads": sum(1 for op, t in ops if op == "ld" and ".v" in t),
             "scalar_loads": sum(1 for op, t in ops if op == "ld" and ".v" not in t),
-            "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t)}
+            "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t),
+            "sass_per_element": None if sass is None else round(sass / _tile_elements_per_thread(v), 1),
+            "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx}
 
 
 def variants() -> list[Variant]:
@@ -163,7 +184,8 @@ def main() -> dict:
     results = {v.name: compile_variant(v) for v in variants()}
     for name, r in results.items():
         print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  vector ld/st "
-              f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}")
+              f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
+              f"SASS/element {r['sass_per_element']}")
     print(json.dumps(results))
     return results
 

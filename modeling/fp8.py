@@ -320,7 +320,7 @@ def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = t
     scale = amax.clamp(min=1e-12) * (1.0 / fmax)  # the product, as torch on CUDA computes `/ fmax` (fp8_quant)
     if pow2:
         scale = pow2_ceil(scale)
-    return (x.float() / scale).clamp(-fmax, fmax).to(dtype), scale
+    return (x.float() * torch.reciprocal(scale)).clamp(-fmax, fmax).to(dtype), scale  # as kernels.fp8_quant
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
