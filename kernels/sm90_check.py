@@ -32,6 +32,7 @@ class Variant:
     constexprs: dict[str, Any]
     div16: list[str]
     num_warps: int = 4
+    tiles_per_iteration: int = 1  # tiles one pass of the kernel's loop body handles (qkv_rope: q, k and v of a head)
 
 
 def _qkv_rope_variants() -> list[Variant]:
@@ -48,13 +49,14 @@ def _qkv_rope_variants() -> list[Variant]:
             const = {"D": D, "HAS_NORM": norm, "BLOCK_R": qkv_rope.BLOCK_R, "BLOCK_D": 128 if D == 72 else 64}
             out.append(Variant(f"qkv_rope fwd D={D} norm={norm}", qkv_rope._qkv_rope_fwd_kernel,
                                {**fwd_sig, **{k: "constexpr" for k in const}}, const,
-                               [k for k, t in fwd_sig.items() if t != "fp32"]))
+                               [k for k, t in fwd_sig.items() if t != "fp32"], tiles_per_iteration=3))
             # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a multiple
             # of 16, the others are at XL/1
             bconst = {**const, "STRIDE_UNIT": 8}
             out.append(Variant(f"qkv_rope bwd D={D} norm={norm}", qkv_rope._qkv_rope_bwd_kernel,
                                {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
-                               [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")]))
+                               [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")],
+                               tiles_per_iteration=3))
     return out
 
 
@@ -141,14 +143,15 @@ def _sass_count(cubin: str) -> Optional[int]:
 def _tile_elements_per_thread(v: Variant) -> float:
     rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", 1))
     cols = v.constexprs.get("BLOCK_C", v.constexprs.get("BLOCK_D", 1))
-    return rows * cols / (32 * v.num_warps)
+    return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
 
 
 def compile_variant(v: Variant) -> dict:
     """{"registers", "spill_bytes", "vector_loads", "scalar_loads", "vector_stores", "sass_per_element"} of v
-    compiled for sm_90. sass_per_element: the kernel's SASS instructions over the tile elements each thread holds
-    (masked lanes included), for straight-line kernels the instructions issued per element: against the card's
-    issue rate it says whether a kernel can be memory-bound at all (the FP8 SwiGLU could not: 55 per element)."""
+    compiled for sm_90. sass_per_element: the kernel's SASS instructions (static) over the tile elements each
+    thread handles in one pass of its body (masked lanes included): about the instructions issued per element where
+    the body dominates (a loop's prologue counts in once). Against the card's issue rate it says whether a kernel
+    can be memory-bound at all (the FP8 SwiGLU could not: 55 per element, 0.52 ms a call against 0.24 of bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
