@@ -51,7 +51,8 @@ def _kernels(name: str) -> Iterator[None]:
 
 def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str = "none",
                        compile_backend: Optional[str] = "inductor", batch: int = 2, kernels_backend: str = "auto",
-                       fp8: str = "none", fp8_quant: str = "inline", **model_overrides) -> dict:
+                       fp8: str = "none", fp8_quant: str = "inline", device: str = "cpu",
+                       **model_overrides) -> dict:
     """Run one block of a LightningDiT `size` forward (bf16 autocast, `batch` samples, the kernels backend
     `kernels_backend` (or "gpu-auto"), the trainer's `fp8.backend` scaled_mm (with `fp8.quant` fp8_quant) or
     torchao emulated on the CPU, or none) and record what it saves for the backward. Returns {"per_token": bytes
@@ -64,10 +65,10 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
     cfg = LightningDiTConfig.from_size(size, input_size=input_size, **model_overrides)
     depth = cfg.depth
     torch.manual_seed(0)
-    model = LightningDiT(LightningDiTConfig(**{**cfg.to_dict(), "depth": 1}))
+    model = LightningDiT(LightningDiTConfig(**{**cfg.to_dict(), "depth": 1})).to(device)
     if fp8 != "none":  # as the trainer: FP8 modules first, then the recomputation, then compile
         from modeling import fp8 as fp8_lib
-        fp8_lib.apply_fp8(model, fp8, None, allow_cpu=True, quant=fp8_quant)
+        fp8_lib.apply_fp8(model, fp8, None, allow_cpu=device == "cpu", quant=fp8_quant)
         fp8_lib.refresh_fp8_weights(model)  # the model's own forward does it; here the block is called alone
     apply_recompute(model, recompute, compiled=compile_backend is not None)
     block = model.blocks[0]
@@ -78,18 +79,20 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
     dims = {d for p in model.parameters() for d in p.shape}
     if batch < 2 or batch in dims or batch * n_tok in dims:  # a weight's saved cast must not pass as an activation
         raise ValueError(f"batch {batch}: pick one >= 2 that is no parameter dimension ({sorted(dims)})")
-    x = torch.randn(batch, n_tok, cfg.hidden_size, requires_grad=True)
-    c = torch.randn(batch, cfg.hidden_size)
+    x = torch.randn(batch, n_tok, cfg.hidden_size, device=device, requires_grad=True)
+    c = torch.randn(batch, cfg.hidden_size, device=device)
     saved: dict[tuple[int, int], torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.setdefault(_storage(t), t)
         return t
 
-    with _kernels(kernels_backend), torch.autocast("cpu", dtype=torch.bfloat16), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(x, c, model.feat_rope)
-        ran = kernels.describe()["ops"]
+    with _kernels(kernels_backend):  # one backend block for forward and backward: what ran stays on record
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(x, c, model.feat_rope)
+            ran = kernels.describe()["ops"]
+        out.float().sum().backward()  # the backward runs (a partition that cannot is an error here, not later)
     params = {_storage(p)[0] for p in model.parameters()} | {_storage(b)[0] for b in model.buffers()}
     rows, tensors, per_token, fixed = batch * n_tok, [], 0, 0
     for key, t in saved.items():
@@ -102,10 +105,9 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
             per_token += key[1]
         else:
             fixed += key[1]
-    with _kernels(kernels_backend):
-        out.float().sum().backward()  # the backward runs (a partition that cannot is an error here, not later)
     tensors.sort(key=lambda r: -r["bytes"])
     return {"size": size, "input_size": input_size, "recompute": recompute, "compile_backend": compile_backend,
+            "device": str(device),
             "fp8": fp8 if fp8 == "none" else f"{fp8} (quant {fp8_quant})",
             "tokens": n_tok, "depth": depth, "swiglu_hidden": model.blocks[0].mlp.w3.in_features,
             "hidden": cfg.hidden_size, "kernels_ran": ran, "per_token": per_token / rows, "fixed": fixed,
@@ -154,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="the trainer's fp8.quant with --fp8 scaled_mm (ours: w3's input from our SwiGLU kernel)")
     p.add_argument("--measured-peak-gib", type=float, default=None, help="a trainer run's max_memory_allocated")
     p.add_argument("--measured-as", default="none", help="the train.recompute of that run")
+    p.add_argument("--device", default="cpu", help="where the block runs: cpu, or cuda (the GPU's own kernels and "
+                                                     "_scaled_mm: the FP8 count is only calibrated there)")
     p.add_argument("--json", default=None, help="also write the counts here")
     a = p.parse_args(argv)
     from train.recompute import MODES
@@ -168,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             p.error(f"--kernels {a.kernels}: {reason}")
     backend = None if a.compile_backend == "none" else a.compile_backend
     counts = [saved_for_backward(a.size, a.input_size, s, backend, kernels_backend=a.kernels, fp8=a.fp8,
-                                 fp8_quant=a.fp8_quant)
+                                 fp8_quant=a.fp8_quant, device=a.device)
               for s in settings]
     print(markdown(counts, a.batch, a.measured_peak_gib, a.measured_as))
     result = {"batch": a.batch, "counts": counts, "measured_peak_gib": a.measured_peak_gib,

@@ -30,6 +30,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     # with fp8mm: the activations quantized in plain ops (fp8.quant inline, what auto resolves to), or in our
     # kernels (ours: w3's input in the SwiGLU's pass, proj's in one pass per row)
     "fp8inline": ("fp8.quant=inline",), "fp8ours": ("fp8.quant=ours",),
+    # with fp8mm: the weight gradient in bf16 (recipe rowwise_with_gw_hp: no dy^T / x^T column quantization)
+    "gwhp": ("fp8.recipe=rowwise_with_gw_hp",),
     "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
     "zero3": ("train.zero_stage=3",),
     # inductor's multi-kernel: each reduction persistent and looped, the faster kept (train.compile_options)

@@ -27,7 +27,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert tuple(env) == ENVIRONMENT_KEYS and env["card"].startswith("cpu") and env["kernels"]["cuda_ext"] != "built"
     assert re.fullmatch(r"[0-9a-f]{40}", env["commit"]) and sec["ceilings"]["copy_GBps"] > 0
     assert env["kernels_ran"] and "nsys" in r["environment_extra"]  # the ops section ran in the suite's process
-    assert sec["gpu_tests"]["returncode"] == 0
+    assert sec["gpu_tests"]["returncode"] == 0 and sec["gpu_tests"]["failures"] == []
+    assert sec["activation_memory"]["bf16"]["per_token"] > 0  # part A's count of what a compiled block keeps
     assert sec["parity_fp32"]["reference"]["returncode"] == 0
     for op in ("rms_norm", "norm_modulate", "gated_residual_norm_modulate", "gated_residual", "swiglu", "rope_qk"):
         for impl in ("reference", "compiled_reference", "triton"):
@@ -94,7 +95,8 @@ def test_sampling_plan_parses_and_fp32_comes_first():
     assert [e.sampling.get("fp8_quant") for e in parsed[2:4]] == [None, "inline"]
     assert {k: v for k, v in parsed[3].sampling.items() if k != "fp8_quant"} == parsed[2].sampling
     assert parsed[2].batch == parsed[3].batch and parsed[2].sampling["precision"] == "fp8"
-    assert list(EXTRA_COMMANDS)[:2] == ["precision_guard", "sampling"]  # issue 10's open measurements first
+    # the accuracy guard, then the VA-VAE step (its first profile: issue 18.5), then sampling
+    assert list(EXTRA_COMMANDS)[:3] == ["precision_guard", "vae_step", "sampling"]
 
 
 def test_gpu_suite_part_c_fp8_curve_smoke(tmp_path):
@@ -122,3 +124,19 @@ def test_gpu_suite_part_c_fp8_curve_smoke(tmp_path):
     assert v["seed_spread"] >= 0 and set(v["tail_rel_diff"]) == {"fp8_curve_seed0", "fp8_curve_seed1"}
     assert isinstance(v["within_spread"], bool) and "FP8 vs bf16 against the seed spread" in res.stdout
     assert "ceilings" not in sec and "trainer_cli_bs256" not in sec  # part C alone
+
+
+def test_suite_only_runs_the_named_sections(tmp_path):
+    """--only: a short call runs what it names (a name, or its first words: 'train' is every trainer case) and
+    nothing else; the rest is neither run nor counted as skipped for time."""
+    from bench.gpu_suite import Suite
+    s = Suite(str(tmp_path), budget=1000, smoke=True)
+    s.only = ["gpu_tests", "train"]
+    ran = []
+    for name in ("gpu_tests", "parity_fp32", "train auto+compiled bs256", "trainer_cli_bs256", "vae_step"):
+        s.section(name, lambda n=name: ran.append(n) or {"ok": n})
+    assert ran == ["gpu_tests", "train auto+compiled bs256"] and s.result["skipped_for_time"] == []
+    assert set(s.result["sections"]) == {"gpu_tests", "train auto+compiled bs256"}
+    s.only = None
+    s.section("vae_step", lambda: ran.append("vae_step"))
+    assert ran[-1] == "vae_step"
