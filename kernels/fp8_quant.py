@@ -104,61 +104,105 @@ _EMULATE_E4M3 = tl.constexpr(_triton.interpreting())
 
 
 @triton.jit
-def _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2: tl.constexpr):
-    """Quantize the fp32 tile x (BLOCK_M rows of C) per row; store q (rows, C) and scale (rows,)."""
-    amax = tl.max(tl.abs(x), axis=1)
+def _row_scale(amax, POW2: tl.constexpr):
+    """Each row's scale from its amax (the recipe's product; pow2: rounded up to a power of two, from the bits as
+    pow2_ceil) and its reciprocal (one IEEE division per row)."""
     scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # FP8_E4M3_INV: the recipe's product, as torch's
     if POW2:  # pow2_ceil: the scale, or the next power of two up when its mantissa is not zero
         bits = scale.to(tl.int32, bitcast=True)
         scale = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
-    # x times the row's reciprocal (one IEEE division per row, a multiply per element), as quantize_fp8
-    v = x * tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _store_e4m3(x, inv, ptrs, mask):
+    """x times its row's reciprocal (as quantize_fp8), clamped to e4m3's range, cast and stored."""
+    v = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
     if _EMULATE_E4M3:
         v = _e4m3_rne(v)
-    tl.store(Q + row[:, None] * C + cols[None, :], v.to(tl.float8e4nv), mask=mask)
+    tl.store(ptrs, v.to(tl.float8e4nv), mask=mask)
+
+
+# A row of C channels is held as two tiles with no masked lanes where C is a sum of two powers of two: BLOCK_A, the
+# largest power of two below C, and the rest in BLOCK_B (1152 = 1024 + 128, 3072 = 2048 + 1024, 2048 = 1024 + 1024),
+# where one next-power-of-two tile would idle 44% / 25% of its lanes (this code is issue-bound: lanes cost
+# instructions). Other widths mask the rest of BLOCK_B only.
+@triton.jit
+def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = row[:, None] < rows
+    ca = tl.arange(0, BLOCK_A)[None, :]
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)[None, :]
+    ma = rmask & (ca < C)
+    mb = rmask & (cb < C)
+    xa = tl.load(X + row[:, None] * sx + ca, mask=ma, other=0.0).to(tl.float32)
+    xb = tl.load(X + row[:, None] * sx + cb, mask=mb, other=0.0).to(tl.float32)
+    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1)), POW2)
+    _store_e4m3(xa, inv, Q + row[:, None] * C + ca, ma)
+    _store_e4m3(xb, inv, Q + row[:, None] * C + cb, mb)
     tl.store(S + row, scale, mask=row < rows)
 
 
 @triton.jit
-def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (row[:, None] < rows) & (cols[None, :] < C)
-    x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _store_rows_e4m3(x, row, cols, mask, rows, C, Q, S, POW2)
+def _swiglu_part(X12, sx, row, cols, mask, C):
+    """The SwiGLU of one part of the rows: the Triton SwiGLU's arithmetic, rounded to x12's dtype as its stored
+    output is, in fp32 (0 where masked)."""
+    ptr = X12 + row[:, None] * sx + cols
+    a = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ptr + C, mask=mask, other=0.0).to(tl.float32)
+    return (a * tl.sigmoid(a) * b).to(X12.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
-def _swiglu_tile(X12, sx, Q, S, rows, C, start, cols, POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The SwiGLU of rows start .. start + BLOCK_M, quantized and stored; returns the fp32 tile (0 past `rows`)."""
+def _swiglu_tile(X12, sx, Q, S, rows, C, start, POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+                 BLOCK_B: tl.constexpr):
+    """The SwiGLU of rows start .. start + BLOCK_M, quantized and stored; returns its two fp32 parts (0 past
+    `rows` and past C)."""
     row = start + tl.arange(0, BLOCK_M)
-    mask = (row[:, None] < rows) & (cols[None, :] < C)
-    ptr = X12 + row[:, None] * sx + cols[None, :]
-    a = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(ptr + C, mask=mask, other=0.0).to(tl.float32)
-    # the Triton SwiGLU's arithmetic, rounded to x12's dtype as its stored output is
-    h = (a * tl.sigmoid(a) * b).to(X12.dtype.element_ty).to(tl.float32)
-    _store_rows_e4m3(h, row, cols, mask, rows, C, Q, S, POW2)
-    return h
+    rmask = row[:, None] < rows
+    ca = tl.arange(0, BLOCK_A)[None, :]
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)[None, :]
+    ma = rmask & (ca < C)
+    mb = rmask & (cb < C)
+    ha = _swiglu_part(X12, sx, row, ca, ma, C)
+    hb = _swiglu_part(X12, sx, row, cb, mb, C)
+    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(ha), axis=1), tl.max(tl.abs(hb), axis=1)), POW2)
+    _store_e4m3(ha, inv, Q + row[:, None] * C + ca, ma)
+    _store_e4m3(hb, inv, Q + row[:, None] * C + cb, mb)
+    tl.store(S + row, scale, mask=row < rows)
+    return ha, hb
 
 
 @triton.jit
 def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, COLMAX: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.arange(0, BLOCK_C)
+                         BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     if COLMAX:
         # `span` rows per program (a multiple of BLOCK_M) a tile at a time, each column's max |h| kept in registers,
         # then one atomic max per column into CA (as int32 bits: |h| >= 0 orders as its bits). Few programs, so
         # few atomics: ~1024 per column, not one per tile.
         start = tl.program_id(0).to(tl.int64) * span
-        colmax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        ca = tl.arange(0, BLOCK_A)
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        max_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+        max_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         for r in range(0, span, BLOCK_M):
-            h = _swiglu_tile(X12, sx, Q, S, rows, C, start + r, cols, POW2, BLOCK_M)
-            colmax = tl.maximum(colmax, tl.max(tl.abs(h), axis=0))
-        tl.atomic_max(CA + cols, colmax.to(tl.int32, bitcast=True), mask=cols < C)
+            ha, hb = _swiglu_tile(X12, sx, Q, S, rows, C, start + r, POW2, BLOCK_M, BLOCK_A, BLOCK_B)
+            max_a = tl.maximum(max_a, tl.max(tl.abs(ha), axis=0))
+            max_b = tl.maximum(max_b, tl.max(tl.abs(hb), axis=0))
+        tl.atomic_max(CA + ca, max_a.to(tl.int32, bitcast=True), mask=ca < C)
+        tl.atomic_max(CA + cb, max_b.to(tl.int32, bitcast=True), mask=cb < C)
     else:
-        _swiglu_tile(X12, sx, Q, S, rows, C, tl.program_id(0).to(tl.int64) * BLOCK_M, cols, POW2, BLOCK_M)
+        _swiglu_tile(X12, sx, Q, S, rows, C, tl.program_id(0).to(tl.int64) * BLOCK_M, POW2, BLOCK_M, BLOCK_A,
+                     BLOCK_B)
+
+
+def row_split(C: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B): a row of C held as two power-of-two tiles, BLOCK_A the largest power of two below C (half
+    of C where C is one) and BLOCK_B the next power of two at or above the rest: exact for C = 2^a + 2^b."""
+    a = triton.next_power_of_2(C)
+    a = a // 2 if a > 1 else 1
+    return a, triton.next_power_of_2(max(C - a, 1))
 
 
 COLMAX_PROGRAMS = 1024  # programs of swiglu_fp8_colmax at most: each takes a span of rows
@@ -173,19 +217,28 @@ def _colmax_span(rows: int) -> int:
 
 # On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,
 # pruned the same way: 1-8 rows of 1152 in a 2048-wide tile, 1-4 rows of 3072 in 4096); the interpreter a fixed 4.
-_quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2"],
-                                    prune_configs_by={"early_config_prune": _prune_tiles})(_quant_rows_kernel)
+def _prune_split_tiles(configs, named_args, **kwargs):
+    """The norm family's tile pruning at the width's next power of two (as before the row was split in two), less
+    the tiles whose smaller part leaves threads without an element (128 columns of 1152 over 8 warps and 1 row:
+    57 SASS instructions per element against 21 at 4 rows, kernels/sm90_check.py)."""
+    keep = _prune_tiles(configs, named_args, BLOCK_C=triton.next_power_of_2(kwargs["BLOCK_A"] + kwargs["BLOCK_B"]))
+    full = [c for c in keep if c.kwargs["BLOCK_M"] * kwargs["BLOCK_B"] >= 32 * c.num_warps]
+    return full or keep
+
+
+_quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_A", "BLOCK_B", "POW2"],
+                                    prune_configs_by={"early_config_prune": _prune_split_tiles})(_quant_rows_kernel)
 def _prune_swiglu_tiles(configs, named_args, **kwargs):
     """The norm family's tiles; with COLMAX at most 8 warps: the column max's fp32 vector sits beside the tile, and
     at 16 warps (128 registers a thread) 4 rows of 3072 spill (kernels/sm90_check.py)."""
-    keep = _prune_tiles(configs, named_args, **kwargs)
+    keep = _prune_split_tiles(configs, named_args, **kwargs)
     if named_args.get("COLMAX", kwargs.get("COLMAX")):
         keep = [c for c in keep if c.num_warps <= 8] or keep[:1]
     return keep
 
 
 # (the autotuner's timing runs repeat the column max into the same buffer: a max, so the result is the same)
-_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_C", "POW2", "COLMAX"],
+_swiglu_quant_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_A", "BLOCK_B", "POW2", "COLMAX"],
                                       prune_configs_by={"early_config_prune": _prune_swiglu_tiles})(
                                           _swiglu_quant_kernel)
 
@@ -198,12 +251,13 @@ def _launch(kernel, tuned, src: Tensor, rows: int, C: int, *rest, span: int = 0)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=src.device)
     if q.numel():
         args = (src, src.stride(0), q, scale, rows, C, *rest)
-        block_c = _triton.block_size(C)
+        block_a, block_b = row_split(C)
         if _triton.interpreting():
             kernel[(triton.cdiv(rows, span or INTERPRET_BLOCK_M),)](*args, BLOCK_M=INTERPRET_BLOCK_M,
-                                                                   BLOCK_C=block_c, num_warps=4)
+                                                                   BLOCK_A=block_a, BLOCK_B=block_b, num_warps=4)
         else:
-            tuned[lambda meta: (triton.cdiv(rows, span or meta["BLOCK_M"]),)](*args, BLOCK_C=block_c)
+            tuned[lambda meta: (triton.cdiv(rows, span or meta["BLOCK_M"]),)](*args, BLOCK_A=block_a,
+                                                                              BLOCK_B=block_b)
     return q, scale
 
 

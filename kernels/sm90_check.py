@@ -104,7 +104,7 @@ def _fp8_quant_variants() -> list[Variant]:
     from . import _triton, fp8_quant, fused_norm
     sig = {"X": "*bf16", "sx": "i32", "Q": "*fp8e4nv", "S": "*fp32", "rows": "i32", "C": "i32"}
     cases = {  # name: (kernel, its autotuner's pruning, width, runtime arguments after C, constexpr flag settings)
-        "quantize_rows_fp8": (fp8_quant._quant_rows_kernel, fused_norm._prune_tiles, 1152, {},
+        "quantize_rows_fp8": (fp8_quant._quant_rows_kernel, fp8_quant._prune_split_tiles, 1152, {},
                               [{"POW2": False}, {"POW2": True}]),
         "swiglu_fp8": (fp8_quant._swiglu_quant_kernel, fp8_quant._prune_swiglu_tiles, 3072,
                        {"CA": "*i32", "span": "i32"},
@@ -113,12 +113,12 @@ def _fp8_quant_variants() -> list[Variant]:
     }
     out = []
     for name, (kernel, prune, C, extra, flag_sets) in cases.items():
-        block_c = _triton.block_size(C)
+        block_a, block_b = fp8_quant.row_split(C)  # the row as two exact tiles (1024 + 128, 2048 + 1024)
         names = dict(zip(sig, kernel.arg_names))  # the kernels' own argument names (X / X12)
         ksig = {**{names[k]: t for k, t in sig.items()}, **extra}
         for flags in flag_sets:
-            for cfg in prune(fused_norm._tile_configs(), dict(flags), BLOCK_C=block_c):
-                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_C": block_c}
+            for cfg in prune(fused_norm._tile_configs(), dict(flags), BLOCK_A=block_a, BLOCK_B=block_b):
+                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_A": block_a, "BLOCK_B": block_b}
                 label = " ".join(f"{k}={int(v)}" for k, v in flags.items())
                 out.append(Variant(f"{name} C={C} {label} BLOCK_M={const['BLOCK_M']} warps={cfg.num_warps}",
                                    kernel, {**ksig, **{k: "constexpr" for k in const}}, const, list(ksig),
@@ -142,7 +142,8 @@ def _sass_count(cubin: str) -> Optional[int]:
 
 def _tile_elements_per_thread(v: Variant) -> float:
     rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", 1))
-    cols = v.constexprs.get("BLOCK_C", v.constexprs.get("BLOCK_D", 1))
+    c = v.constexprs
+    cols = c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK_A", 0) + c.get("BLOCK_B", 0) or 1))
     return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
 
 

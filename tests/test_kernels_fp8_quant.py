@@ -278,3 +278,10 @@ def test_colmax_spans_hold_whole_tiles():
     for rows in (1, 38, 1000, 65536, 65536 + 7, 10 ** 6):
         span = fp8_quant._colmax_span(rows)
         assert all(span % m == 0 for m, _ in _TILES) and -(-rows // span) <= fp8_quant.COLMAX_PROGRAMS
+
+
+def test_row_split_exact_where_the_width_is_two_powers_of_two():
+    """The kernels hold a row as two power-of-two tiles: exact (no masked lane) for XL/1's widths, 1152 (attention's
+    output) and 3072 (the SwiGLU's), and for head_dim 72; other widths mask only the second tile's rest."""
+    assert [fp8_quant.row_split(c) for c in (1152, 3072, 72, 2048, 16, 100, 3, 1)] == \
+        [(1024, 128), (2048, 1024), (64, 8), (1024, 1024), (8, 8), (64, 64), (2, 1), (1, 1)]

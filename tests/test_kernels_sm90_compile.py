@@ -31,10 +31,11 @@ def test_kernels_compile_for_sm90_without_spills():
     for name, r in results.items():
         assert r["registers"] is not None and r["spill_bytes"] == 0, (name, r)
         if name.startswith(("swiglu_fp8", "quantize_rows_fp8")):
-            # the hardware e4m3 cast, not the interpreter's written-out rounding: the FP8 SwiGLU issued ~55 SASS
-            # instructions per element with it (issue-bound: 0.52 ms a call on the H200 where the bytes take 0.24)
+            # the hardware e4m3 cast, not the interpreter's written-out rounding, and the row in two exact tiles:
+            # the FP8 SwiGLU issued ~73 SASS instructions per element of its 3072 (55 per lane of a 4096-wide tile;
+            # issue-bound: 0.52 ms a call on the H200 where the bytes take 0.24), now 33-43
             assert r["e4m3_cvt"], (name, r)
-            limit = 56 if "COLMAX=1" in name else 36  # colmax: a loop, its prologue counted in
+            limit = 64 if "COLMAX=1" in name else 45  # colmax: a loop, its prologue counted in
             assert r["sass_per_element"] is None or r["sass_per_element"] <= limit, (name, r)
         if "qkv_rope" in name or "C=1152" in name:  # rows of 144 B / 4.6 KB: whole-row 16-byte vectors
             assert r["vector_loads"] > 0 and r["vector_stores"] > 0, (name, r)
