@@ -29,19 +29,19 @@ _NOT_KERNELS = ("aten::", "autograd::", "Optimizer", "ProfilerStep", "cudaLaunch
                 "CompiledFunction", "## ", "vavae::")
 
 
-def categorize(name: str) -> str:
-    """The CATEGORIES entry a kernel name falls in (OTHER when none matches)."""
+def categorize(name: str, categories: tuple = CATEGORIES) -> str:
+    """The `categories` entry (default CATEGORIES) a kernel name falls in (OTHER when none matches)."""
     n = name.lower()
-    for cat, keys in CATEGORIES:
+    for cat, keys in categories:
         if any(k in n for k in keys):
             return cat
     return OTHER
 
 
-def kernel_times(fn: Callable[[], Any], calls: int = 1, cuda: bool = True) -> dict:
+def kernel_times(fn: Callable[[], Any], calls: int = 1, cuda: bool = True, categories: tuple = CATEGORIES) -> dict:
     """torch.profiler over `calls` calls of fn -> {"ms_per_call_by_category", "total_kernel_ms_per_call",
     "top_kernels_ms_per_call"}: CUDA kernel time (kernels replayed from CUDA graphs included) grouped by
-    CATEGORIES; on the CPU the CPU time of the ops instead."""
+    `categories` (default CATEGORIES, the DiT's); on the CPU the CPU time of the ops instead."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
@@ -62,7 +62,7 @@ def kernel_times(fn: Callable[[], Any], calls: int = 1, cuda: bool = True) -> di
         kernels_ = {k: v for k, v in kernels_.items() if not k.startswith(_NOT_KERNELS)}
     cats = {}
     for k, v in kernels_.items():
-        cats[categorize(k)] = cats.get(categorize(k), 0.0) + v
+        cats[categorize(k, categories)] = cats.get(categorize(k, categories), 0.0) + v
     return {"ms_per_call_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "total_kernel_ms_per_call": sum(kernels_.values()),
             "top_kernels_ms_per_call": sorted(kernels_.items(), key=lambda kv: -kv[1])[:30]}

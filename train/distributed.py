@@ -22,12 +22,15 @@ import os
 import socket
 import threading
 import time
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
+
+from modeling.config import ConfigError
 
 T = TypeVar("T")
 log = logging.getLogger("train")
@@ -178,6 +181,26 @@ def find_lost_ranks() -> Optional[list[str]]:
     return _HEARTBEAT.find_lost()
 
 
+class DeepSpeedUnavailable(ConfigError):
+    """DeepSpeed is not installed: a setup mistake, one line at the command line (train.errors: a ConfigError),
+    not a ModuleNotFoundError traceback."""
+
+
+def import_deepspeed() -> types.ModuleType:
+    """The deepspeed module, or DeepSpeedUnavailable naming what needs it and how to install it. Only DeepSpeed's
+    own absence is translated: an ImportError from inside an installed DeepSpeed (a broken dependency) is a
+    different problem and keeps its traceback."""
+    try:
+        import deepspeed
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "deepspeed":
+            raise
+        raise DeepSpeedUnavailable("DeepSpeed is not installed, and the trainers (train.train_dit, train.train_vae "
+                                   "and the benchmarks that build them) run on its engine: pip install "
+                                   "deepspeed==0.19.8 (the pinned version; or pip install -e '.[train]')") from e
+    return deepspeed
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """The process group (backend auto: NCCL with a GPU, else gloo) with `timeout_s` on every collective, and this
     rank's heartbeat when there are several ranks."""
@@ -201,7 +224,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
         distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        import deepspeed
+        deepspeed = import_deepspeed()
         _forget_deepspeed_groups()
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # One process needs no rendezvous: an in-process store, no TCP port (a port picked free can be
