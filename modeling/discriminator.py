@@ -48,9 +48,11 @@ def adopt_weight(weight, global_step, threshold=0, value=0.0):
     return value if global_step < threshold else weight
 
 
-def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, disc_weight):
-    """taming: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times disc_weight."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
+def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, disc_weight, nll_grads=None):
+    """taming: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times disc_weight. nll_grads:
+    d nll / d W when the caller took it already."""
+    if nll_grads is None:
+        nll_grads = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, 1e4).detach() * disc_weight

@@ -31,10 +31,12 @@ def vf_loss(z_proj, aux_feature, m1=0.5, m2=0.25, cos_weight=1.0, distmat_weight
     return {"mcos": mcos, "mdms": mdms, "loss": cos_weight * mcos + distmat_weight * mdms}
 
 
-def adaptive_vf_weight(nll_loss, vf_loss_value, last_layer_weight, vf_weight, max_weight=1e8):
+def adaptive_vf_weight(nll_loss, vf_loss_value, last_layer_weight, vf_weight, max_weight=1e8, nll_grads=None):
     """||grad nll|| / (||grad vf|| + 1e-4) on the encoder's last conv, clamped to [0, max], times vf_weight.
-    Detached: the weight scales the VF gradient, it is not trained."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
+    Detached: the weight scales the VF gradient, it is not trained. nll_grads: d nll / d last_layer_weight when the
+    caller took it already (with the GAN weight's in one backward pass: train/vae_losses.py)."""
+    if nll_grads is None:
+        nll_grads = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
     vf_grads = torch.autograd.grad(vf_loss_value, last_layer_weight, retain_graph=True)[0]
     w = torch.norm(nll_grads) / (torch.norm(vf_grads) + 1e-4)
     return torch.clamp(w, 0.0, max_weight).detach() * vf_weight

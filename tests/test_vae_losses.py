@@ -110,6 +110,47 @@ def test_vf_term_adaptive_weight_and_resize():
     assert proj.weight.grad.abs().sum() > 0
 
 
+def test_both_adaptive_weights_from_one_backward_through_lpips(lpips):
+    """With the VF and GAN weights both adaptive, d nll / d (encoder's and decoder's last layers) come from one
+    autograd.grad: LPIPS's backward runs once inside the loss (it ran twice), and the loss, both weights and every
+    gradient of the step are bit for bit those of the two separate calls (the functions without nll_grads)."""
+    from modeling.vf_loss import adaptive_vf_weight, vf_loss
+
+    def run(combined):
+        vae, loss, x = tiny_setup(perceptual_weight=1.0, disc_start=0, vf_weight=0.1, cos_margin=0.0,
+                                  distmat_margin=0.0)
+        torch.manual_seed(1)
+        proj = torch.nn.Conv2d(4, 16, 1, bias=False)
+        aux = torch.randn(2, 16, 16, 16)  # the latent grid (no resize)
+        post = vae.encode(x)
+        z = post.sample(generator=torch.Generator().manual_seed(2))
+        recon = vae.decode(z)
+        enc, dec = vae.encoder.conv_out.weight, vae.decoder.conv_out.weight
+        calls = []
+        hook = loss.perceptual_loss.register_full_backward_hook(lambda *a: calls.append(1))  # noqa: B023
+        if combined:
+            total, logs = loss.generator_loss(x, recon, post, 0, dec, proj(z), aux, enc)
+        else:  # the two separate calls, as before
+            rec = (x - recon).abs() + loss.perceptual_loss(x, recon)
+            nll = (rec / torch.exp(loss.logvar) + loss.logvar).sum() / 2
+            vf = vf_loss(proj(z), aux, 0.0, 0.0, loss.cos_weight, loss.distmat_weight)["loss"]
+            w_vf = adaptive_vf_weight(nll, vf, enc, 0.1)
+            g = -loss.discriminator(recon).float().mean()
+            d_w = adaptive_gan_weight(nll, g, dec, loss.disc_weight)
+            total = nll + loss.kl_weight * post.kl().sum() / 2 + w_vf * vf + d_w * loss.disc_factor * g
+            logs = {"vf_weight": w_vf, "d_weight": d_w}
+        inside = len(calls)
+        total.backward()
+        hook.remove()
+        grads = [p.grad.clone() for p in (*vae.parameters(), proj.weight)]
+        return total.detach(), logs["vf_weight"], logs["d_weight"], grads, inside
+
+    one, two = run(True), run(False)
+    assert one[4] == 1 and two[4] == 2  # LPIPS backward passes inside the loss
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
+    assert all(torch.equal(a, b) for a, b in zip(one[3], two[3]))
+
+
 def test_lpips_term_enters_rec(lpips):
     vae, loss, x = tiny_setup(perceptual_weight=1.0, disc_start=10**9)
     post = vae.encode(x)

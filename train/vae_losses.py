@@ -71,20 +71,29 @@ class VAVAELoss(nn.Module):
         if self.perceptual_loss is not None:
             logs["lpips"] = p_loss.mean()
 
+        # Both adaptive weights need d nll / d (a last layer): the encoder's last conv (VF) and the decoder's (GAN).
+        # One autograd.grad for both: the encoder's path runs through the decoder's last layer, so one backward
+        # through LPIPS and the decoder gives both, where two calls ran LPIPS's backward twice. Same gradients.
+        layers = [w for w, on in ((enc_last_layer, z_proj is not None and self.adaptive_vf),
+                                  (dec_last_layer, self.gan_active(global_step))) if on]
+        nll_grads = dict(zip(map(id, layers), torch.autograd.grad(nll_loss, layers, retain_graph=True))) \
+            if layers else {}
         if z_proj is not None:
             if aux_feature.shape[-2:] != z_proj.shape[-2:]:  # e.g. a substitute with another stride
                 aux_feature = F.interpolate(aux_feature.float(), size=z_proj.shape[-2:], mode="bilinear",
                                             align_corners=False)
             vf = vf_loss(z_proj, aux_feature, self.cos_margin, self.distmat_margin, self.cos_weight,
                          self.distmat_weight)
-            w_vf = (adaptive_vf_weight(nll_loss, vf["loss"], enc_last_layer, self.vf_weight) if self.adaptive_vf
+            w_vf = (adaptive_vf_weight(nll_loss, vf["loss"], enc_last_layer, self.vf_weight,
+                                       nll_grads=nll_grads[id(enc_last_layer)]) if self.adaptive_vf
                     else torch.tensor(self.vf_weight))
             loss = loss + w_vf * vf["loss"]
             logs.update(vf=vf["loss"], vf_mcos=vf["mcos"], vf_mdms=vf["mdms"], vf_weight=w_vf)
 
         if self.gan_active(global_step):
             g_loss = -self.discriminator(recon.contiguous()).float().mean()
-            d_weight = adaptive_gan_weight(nll_loss, g_loss, dec_last_layer, self.disc_weight)
+            d_weight = adaptive_gan_weight(nll_loss, g_loss, dec_last_layer, self.disc_weight,
+                                           nll_grads=nll_grads[id(dec_last_layer)])
             loss = loss + d_weight * self.disc_factor * g_loss
             logs.update(g=g_loss, d_weight=d_weight)
         logs["loss"] = loss
