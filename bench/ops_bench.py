@@ -11,6 +11,13 @@ time / ours, > 1 when ours is faster; `versus_inductor` prints them, with the sh
 each fused row really ran is in its "ran" (kernels.describe()); attention's candidate timings are in the environment
 block's kernels.attention_measured.
 
+Two timings per row on a GPU. `fwd_ms` / `fwd_bwd_ms` are wall times (triton's do_bench: CUDA events around each
+call): they include the host's dispatch before the first kernel whenever it outlasts the GPU work already queued,
+which is what an eager caller pays. `fwd_kernel_ms` / `fwd_bwd_kernel_ms` are the device time of the kernels one
+call launches (torch.profiler over KERNEL_CALLS calls, bench.kernel_time), with their GB/s and
+`*_kernel_x_compiled_reference` ratios: what a call costs inside the compiled training step, where launches overlap
+earlier kernels. bench/compiled_choices.py decides on them. On the CPU and with --smoke only the wall times exist.
+
 `python -m bench.ops_bench [--smoke] [--ops a,b] [--out runs/bench/ops]` prints the results and writes them, with
 the environment block (evaluation.provenance.environment: card, versions, commit, kernels that ran), as OUT.json
 and a bar chart of GB/s per op and implementation beside it (OUT.png); bench/gpu_suite.py calls run().
@@ -26,6 +33,7 @@ from typing import Optional
 import torch
 
 import kernels
+from bench.kernel_time import kernel_times
 from kernels import ops, registry
 from kernels.backend import active, cuda_status
 from kernels.registry import BenchCase
@@ -41,6 +49,23 @@ def bench_ms(fn: Callable[[], object], smoke: bool) -> float:
         return (time.perf_counter() - t0) * 1e3
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+KERNEL_CALLS = 10  # calls per profiler window: a few ms of device time per row at XL/1 shapes
+
+KernelTime = Callable[[Callable[[], object]], float]  # fn -> device ms of the kernels one call of fn launches
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = KERNEL_CALLS,
+              times: Optional[Callable[..., dict]] = None) -> float:
+    """Device milliseconds of the kernels one call of fn launches: `times` (default bench.kernel_time.kernel_times,
+    CUDA kernel time summed under torch.profiler) over `calls` calls, per call. Launch gaps are not in it."""
+    return (times or kernel_times)(fn, calls=calls)["total_kernel_ms_per_call"]
+
+
+def default_kernel_time(smoke: bool) -> Optional[KernelTime]:
+    """kernel_ms on a GPU outside --smoke; None elsewhere (the profiler's CPU time is not kernel time)."""
+    return kernel_ms if torch.cuda.is_available() and not smoke else None
 
 
 def cases(smoke: bool, device: str, dtype: torch.dtype, names: Optional[list[str]] = None) -> dict[str, BenchCase]:
@@ -62,8 +87,26 @@ def _tuple(out: object) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _kernel_columns(row: dict, phase: str, fn: Callable[[], object], nbytes: int,
+                    kernel_time: Optional[KernelTime]) -> None:
+    """row[f"{phase}_kernel_ms"] and its GB/s from kernel_time(fn); a profiler failure (or a window with no kernel
+    in it) is recorded under f"{phase}_kernel_error" and leaves the row's wall times standing."""
+    if kernel_time is None:
+        return
+    try:
+        ms = kernel_time(fn)
+    except Exception as e:  # the wall times above are still good
+        row[f"{phase}_kernel_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return
+    if not ms > 0:  # nothing to divide by: a ratio on it would be meaningless
+        row[f"{phase}_kernel_error"] = f"the profiler saw no kernel time ({ms})"
+        return
+    row[f"{phase}_kernel_ms"] = ms
+    row[f"{phase}_kernel_GBps"] = nbytes / ms / 1e6
+
+
 def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, smoke: bool,
-         copy_gbs: Optional[float]) -> dict:
+         copy_gbs: Optional[float], kernel_time: Optional[KernelTime] = None) -> dict:
     op = registry.get(name)
     if impl == "compiled_reference":
         # each op's lambda shares one code object: without a reset dynamo's recompile limit (8) is hit and later
@@ -86,6 +129,7 @@ def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, sm
             fn(*case.inputs)
     row["fwd_ms"] = bench_ms(fwd, smoke)
     row["fwd_GBps"] = case.fwd_bytes / row["fwd_ms"] / 1e6
+    _kernel_columns(row, "fwd", fwd, case.fwd_bytes, kernel_time)  # after do_bench: warmed up and autotuned
     if case.fwd_flops:
         row["fwd_TFLOPs"] = case.fwd_flops / row["fwd_ms"] / 1e9
     if case.backward:
@@ -95,6 +139,7 @@ def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, sm
             torch.autograd.backward(_tuple(fn(*case.inputs)), grads)
         row["fwd_bwd_ms"] = bench_ms(fwd_bwd, smoke)
         row["fwd_bwd_GBps"] = (case.fwd_bytes + case.bwd_bytes) / row["fwd_bwd_ms"] / 1e6
+        _kernel_columns(row, "fwd_bwd", fwd_bwd, case.fwd_bytes + case.bwd_bytes, kernel_time)
         if case.fwd_flops:
             row["fwd_bwd_TFLOPs"] = (case.fwd_flops + case.bwd_flops) / row["fwd_bwd_ms"] / 1e9
     if copy_gbs:
@@ -105,9 +150,11 @@ def _row(name: str, case: BenchCase, impl: str, backend: str, ref_out: tuple, sm
 
 
 def run(smoke: bool = False, dtype: torch.dtype = torch.bfloat16, copy_gbs: Optional[float] = None,
-        names: Optional[list[str]] = None) -> dict[str, dict[str, dict]]:
-    """{op: {implementation: row}} for every registered op (or `names`); a row that fails records its error."""
+        names: Optional[list[str]] = None, kernel_time: Optional[KernelTime] = None) -> dict[str, dict[str, dict]]:
+    """{op: {implementation: row}} for every registered op (or `names`); a row that fails records its error.
+    `kernel_time` (fn -> device ms per call) adds the kernel-time columns; default: default_kernel_time(smoke)."""
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    kernel_time = kernel_time or default_kernel_time(smoke)
     results = {}
     for name, case in cases(smoke, device, dtype, names).items():
         ref_out = _tuple(case.call(registry.get(name).reference, *[t.detach().float() for t in case.inputs]))
@@ -115,7 +162,10 @@ def run(smoke: bool = False, dtype: torch.dtype = torch.bfloat16, copy_gbs: Opti
         for impl, backend in _impls(registry.get(name), device, smoke).items():
             try:
                 with active(backend):  # the switch is restored after; what ran stays on record
-                    results[name][impl] = _row(name, case, impl, backend, ref_out, smoke, copy_gbs)
+                    # kernel time where a decision reads it (ours, inductor's): each profiler window costs device
+                    # time, and the eager reference is only the wall-time baseline
+                    results[name][impl] = _row(name, case, impl, backend, ref_out, smoke, copy_gbs,
+                                                kernel_time if impl != "reference" else None)
             except Exception as e:  # recorded, never stops the other rows
                 results[name][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         _against_inductor(results[name])
@@ -124,7 +174,9 @@ def run(smoke: bool = False, dtype: torch.dtype = torch.bfloat16, copy_gbs: Opti
 
 def _against_inductor(rows: dict[str, dict]) -> None:
     """Add to each fused row its speed relative to torch.compile(reference) on the same case (the time inductor's
-    fusion takes / ours: > 1 is faster than inductor): forward, and forward + backward where timed."""
+    fusion takes / ours: > 1 is faster than inductor): forward, and forward + backward where timed, on wall time
+    (`{phase}_x_compiled_reference`) and, where both rows have it, on kernel time
+    (`{phase}_kernel_x_compiled_reference`)."""
     comp = rows.get("compiled_reference") or {}
     if "error" in comp or "fwd_ms" not in comp:
         return
@@ -132,14 +184,17 @@ def _against_inductor(rows: dict[str, dict]) -> None:
         row = rows.get(impl)
         if not row or "error" in row:
             continue
-        row["fwd_x_compiled_reference"] = comp["fwd_ms"] / row["fwd_ms"]
-        if "fwd_bwd_ms" in row and "fwd_bwd_ms" in comp:
-            row["fwd_bwd_x_compiled_reference"] = comp["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        for phase in ("fwd", "fwd_bwd"):
+            for kind in ("", "_kernel"):
+                key = f"{phase}{kind}_ms"
+                if key in row and key in comp:
+                    row[f"{phase}{kind}_x_compiled_reference"] = comp[key] / row[key]
 
 
 def versus_inductor(results: dict[str, dict]) -> list[str]:
     """One line per op and fused implementation: its forward+backward GB/s (forward only for an inference op)
-    against torch.compile(reference)'s, the ratio, and the share of the copy bandwidth where it was given."""
+    against torch.compile(reference)'s, the ratio, and the share of the copy bandwidth where it was given; then,
+    where timed, the same on kernel time (an op whose wall ratio is below its kernel ratio is launch-bound)."""
     lines = []
     for name, rows in results.items():
         if not isinstance(rows, dict):
@@ -152,9 +207,14 @@ def versus_inductor(results: dict[str, dict]) -> list[str]:
             both = "fwd_bwd_x_compiled_reference" in row
             key = "fwd_bwd" if both else "fwd"
             pct = row.get(f"{key}_pct_copy")
-            lines.append(f"{name:30s} {impl:6s} {key:7s} {row[f'{key}_GBps']:8.0f} GB/s vs inductor "
-                         f"{comp[f'{key}_GBps']:8.0f} GB/s = {row[f'{key}_x_compiled_reference']:.2f}x"
-                         + (f" ({pct:.0f}% of copy)" if pct is not None else ""))
+            line = (f"{name:30s} {impl:6s} {key:7s} {row[f'{key}_GBps']:8.0f} GB/s vs inductor "
+                    f"{comp[f'{key}_GBps']:8.0f} GB/s = {row[f'{key}_x_compiled_reference']:.2f}x"
+                    + (f" ({pct:.0f}% of copy)" if pct is not None else ""))
+            kx = row.get(f"{key}_kernel_x_compiled_reference")
+            if kx is not None:
+                line += (f" | kernels {row[f'{key}_kernel_GBps']:6.0f} vs {comp[f'{key}_kernel_GBps']:6.0f} GB/s "
+                         f"= {kx:.2f}x")
+            lines.append(line)
     return lines
 
 
