@@ -33,6 +33,16 @@ from ._triton import tl, triton
 from .registry import BenchCase, BenchShape, Op, register
 
 BLOCK_R = 16  # tokens per program: 16 x 128 (head_dim 72, masked) per tile, 16 values per thread at 4 warps
+# On a GPU the tokens per program and warps are measured on the first call per (D, qk-norm, heads) among these
+# (BLOCK_R = 16 at 4 warps, the fixed tile before, among them: the choice is never slower than it). The 2026-12-04
+# H200 profile had the forward at 2.5 TB/s (59% of copy) with ~9 instructions per element (not issue-bound): more
+# tokens per program put more bytes in flight per head iteration. The backward with qk-norm keeps BLOCK_R (its
+# partial sums are sized by the program count); interpreter: BLOCK_R.
+TILES = ((16, 4), (32, 4), (32, 8), (64, 8), (8, 2))
+
+
+def _configs() -> list:
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in TILES]
 
 
 @triton.jit
@@ -138,6 +148,12 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
         tl.store(PKW + pid * BLOCK_D + d, acc_k)
 
 
+# Both kernels write every output element of each run (q, k, v; d qkv), so configs are timed on the real buffers.
+_qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H"])(_qkv_rope_fwd_kernel)
+_qkv_rope_bwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H", "STRIDE_UNIT"])(
+    _qkv_rope_bwd_kernel)
+
+
 # ----------------------------------------------------------------------------- checks, shapes, launchers
 
 def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
@@ -190,10 +206,14 @@ def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight:
     if rows and D:
         x = _rows(qkv)
         norm = q_weight is not None
-        _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
-            x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x, k_weight if norm else x,
-            q, k, v, rows, N, H, eps, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
-            num_warps=4)
+        args = (x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x,
+                k_weight if norm else x, q, k, v, rows, N, H, eps)
+        if _triton.interpreting():
+            _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](*args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R,
+                                                                BLOCK_D=_triton.block_size(D), num_warps=4)
+        else:
+            _qkv_rope_fwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
+                *args, D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D))
     return q, k, v
 
 
@@ -224,10 +244,14 @@ def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
         strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
         unit = 8 if all(st % 8 == 0 for st in strides) else 1
         sq, sk, sv = ([st // unit for st in g.stride()[:3]] for g in (dq, dk, dv))
-        _qkv_rope_bwd_kernel[(programs,)](
-            dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
-            x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps,
-            D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, num_warps=4)
+        args = (dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
+                x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps)
+        if norm or _triton.interpreting():  # qk-norm: the partial sums are sized for BLOCK_R's program count
+            _qkv_rope_bwd_kernel[(programs,)](*args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                              STRIDE_UNIT=unit, num_warps=4)
+        else:
+            _qkv_rope_bwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
+                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit)
     if not norm:
         return dqkv, dq.new_empty(0), dq.new_empty(0)
     # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype

@@ -46,17 +46,22 @@ def _qkv_rope_variants() -> list[Variant]:
     out = []
     for norm in (False, True):
         for D in (72, 64):
-            const = {"D": D, "HAS_NORM": norm, "BLOCK_R": qkv_rope.BLOCK_R, "BLOCK_D": 128 if D == 72 else 64}
-            out.append(Variant(f"qkv_rope fwd D={D} norm={norm}", qkv_rope._qkv_rope_fwd_kernel,
-                               {**fwd_sig, **{k: "constexpr" for k in const}}, const,
-                               [k for k, t in fwd_sig.items() if t != "fp32"], tiles_per_iteration=3))
-            # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a multiple
-            # of 16, the others are at XL/1
-            bconst = {**const, "STRIDE_UNIT": 8}
-            out.append(Variant(f"qkv_rope bwd D={D} norm={norm}", qkv_rope._qkv_rope_bwd_kernel,
-                               {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
-                               [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")],
-                               tiles_per_iteration=3))
+            # every tile the autotuner may pick (the backward with qk-norm runs the fixed BLOCK_R at 4 warps)
+            for r, w in qkv_rope.TILES:
+                const = {"D": D, "HAS_NORM": norm, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64}
+                tile = f"BLOCK_R={r} warps={w}"
+                out.append(Variant(f"qkv_rope fwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_fwd_kernel,
+                                   {**fwd_sig, **{k: "constexpr" for k in const}}, const,
+                                   [k for k, t in fwd_sig.items() if t != "fp32"], w, tiles_per_iteration=3))
+                if norm and (r, w) != (qkv_rope.BLOCK_R, 4):
+                    continue
+                # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a
+                # multiple of 16, the others are at XL/1
+                bconst = {**const, "STRIDE_UNIT": 8}
+                out.append(Variant(f"qkv_rope bwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_bwd_kernel,
+                                   {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
+                                   [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")],
+                                   w, tiles_per_iteration=3))
     return out
 
 
