@@ -347,7 +347,7 @@ def _bench_swiglu(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
 # and our SwiGLU, are opaque to inductor, whose version is a separate looped pass) until a GPU run's ops table
 # decides (bench/compiled_choices.py); the sampling plan's fp8 entries with fp8_quant ours / inline time the whole.
 register(Op(name="quantize_rows_fp8", reference=quantize_rows_fp8_reference, impls={"triton": quantize_rows_fp8_triton},
-            bench=_bench_quant, doc="e4m3 per row (scale = row amax / 448, pow2: rounded up to a power of two) in "
+            bench=_bench_quant, doc="e4m3 per row (scale = row amax x fp32(1/448), pow2: rounded up to a power of two) in "
                                   "one pass over each row"))
 register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": swiglu_fp8_triton},
             bench=_bench_swiglu, doc="silu(a)*b from the packed w12 output, quantized per row to e4m3 in the same "
