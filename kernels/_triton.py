@@ -25,6 +25,16 @@ def block_size(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+def row_split(C: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B): a row of C held as two power-of-two tiles, BLOCK_A the largest power of two below C (half
+    of C where C is one) and BLOCK_B the next power of two at or above the rest: no masked lane for C = 2^a + 2^b
+    (1152 = 1024 + 128, 3072 = 2048 + 1024, 72 = 64 + 8), where one next-power-of-two tile idles 44% / 25% / 44% of
+    its lanes: row kernels that are short of issue slots (kernels.sm90_check counts them) use it."""
+    a = triton.next_power_of_2(C)
+    a = a // 2 if a > 1 else 1
+    return a, triton.next_power_of_2(max(C - a, 1))
+
+
 def row_warps(block: int) -> int:
     # One program per row of `block` elements: 8 warps keep 16-byte loads per thread at hidden 1152-4096.
     return 4 if block <= 1024 else 8 if block <= 4096 else 16

@@ -197,12 +197,7 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, C
                      BLOCK_B)
 
 
-def row_split(C: int) -> tuple[int, int]:
-    """(BLOCK_A, BLOCK_B): a row of C held as two power-of-two tiles, BLOCK_A the largest power of two below C (half
-    of C where C is one) and BLOCK_B the next power of two at or above the rest: exact for C = 2^a + 2^b."""
-    a = triton.next_power_of_2(C)
-    a = a // 2 if a > 1 else 1
-    return a, triton.next_power_of_2(max(C - a, 1))
+row_split = _triton.row_split  # (BLOCK_A, BLOCK_B) of a row of C: kernels._triton.row_split
 
 
 COLMAX_PROGRAMS = 1024  # programs of swiglu_fp8_colmax at most: each takes a span of rows
