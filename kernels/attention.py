@@ -12,9 +12,17 @@ cast, FlashAttention first -- on an H200 at XL/1 shapes cuDNN was 20% faster, fw
 VAVAE_ATTENTION=<name> or `set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
 `kernels.describe()["ops"]["attention"]` says which one ran, `measurements()` what was timed.
 
-Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)). Declared at the bottom
-as the op "attention", whose fused implementation (under the triton and cuda backends, as under auto on a GPU) is
-this chooser.
+The attention block's core, `rope_attention` (the qkv GEMM's output -> (qk-norm) -> RoPE -> attention -> the proj
+Linear's input (B, N, H*D)), is chosen the same way between two paths: "split" (kernels.ops.qkv_rope, then the
+attention chosen above: the path measured on 2026-12-04) and "rope-fused" (kernels/rope_attention.py: our Triton
+FlashAttention with RoPE where q and k are loaded and the gradient written straight into d qkv; no qk-norm). `prime`
+times both, forward + backward, at the run's shape after fixing the attention kernel; unmeasured (the CPU, a trace
+nobody primed) it is "split". VAVAE_ATTENTION=rope-fused (or the trainer's `train.attention: rope-fused`) forces the
+fused kernel; `describe()["ops"]["rope_attention"]` says which path ran.
+
+Reference: `kernels.reference.attention` (SDPA, (B, H, N, D), no mask, scale 1/sqrt(D)) and
+`kernels.reference.rope_attention`. Declared at the bottom as the ops "attention" and "rope_attention", whose fused
+implementations (under the triton and cuda backends, as under auto on a GPU) are these choosers.
 """
 from __future__ import annotations
 
@@ -29,18 +37,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import backend, reference
+from . import backend, ops, reference
 from .backend import BackendUnavailable, record
+from .rope_attention import rope_attention_triton
 from .registry import BenchCase, BenchShape, Op, register
 
 log = logging.getLogger("kernels")
 
 _SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
          "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
-CHOICES = ("fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa")
+FUSED_BLOCK = "rope-fused"  # the attention block's core as one kernel each way (kernels/rope_attention.py)
+CHOICES = ("fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa", FUSED_BLOCK)
 _state = {"forced": os.environ.get("VAVAE_ATTENTION") or None}
-_chosen = {}    # key -> choice
-_measured = {}  # key -> {choice: ms or error string}
+_chosen = {}        # key -> choice
+_block_chosen = {}  # key -> FUSED_BLOCK or "split"
+_measured = {}      # key (the block's: ("rope_attention", *key)) -> {choice: ms or error string}
 
 
 def set_attention(name: Optional[str]) -> None:
@@ -49,6 +60,13 @@ def set_attention(name: Optional[str]) -> None:
         raise ValueError(f"unknown attention implementation {name!r}; choose from {CHOICES}")
     _state["forced"] = name
     _chosen.clear()
+    _block_chosen.clear()
+
+
+def _forced_kernel() -> Optional[str]:
+    """The forced attention kernel for q/k/v (FUSED_BLOCK forces the block's path, not a kernel: None)."""
+    forced = _state["forced"]
+    return None if forced == FUSED_BLOCK else forced
 
 
 def installed() -> dict[str, bool]:
@@ -153,22 +171,31 @@ def prime(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     any trace, so that a torch.compile trace of the same call uses it. agree: choice -> the choice to keep (e.g.
     rank 0's, so that every rank of a data-parallel run runs the same kernel). Returns the choice, or None where
     there is nothing to choose (CPU, or a forced implementation)."""
-    if torch.device(device).type != "cuda" or _state["forced"]:
+    if torch.device(device).type != "cuda":
         return None
     B, H, N, D = shape
-    # token-major memory ((B, N, H, D) contiguous), as kernels.ops.qkv_rope gives q/k/v: the layout the model's
-    # attention really runs on is the one timed
-    q, k, v = (torch.randn((B, N, H, D), dtype=dtype, device=device).transpose(1, 2) for _ in range(3))
-    with torch.set_grad_enabled(training):
-        choice = _choose(q, k, v)
-        if agree is not None:
-            choice = _chosen[_key(q)] = agree(choice)
+    choice = _forced_kernel()
+    if choice is None:
+        # token-major memory ((B, N, H, D) contiguous), as kernels.ops.qkv_rope gives q/k/v: the layout the model's
+        # attention really runs on is the one timed
+        q, k, v = (torch.randn((B, N, H, D), dtype=dtype, device=device).transpose(1, 2) for _ in range(3))
+        with torch.set_grad_enabled(training):
+            choice = _choose(q, k, v)
+            if agree is not None:
+                choice = _chosen[_key(q)] = agree(choice)
+    if _state["forced"] is None and D % 2 == 0:  # then the block's path, with that kernel in its split side
+        qkv = torch.randn((B, N, 3 * H * D), dtype=dtype, device=device)
+        with torch.set_grad_enabled(training):
+            block = _choose_block(qkv, H)
+            if agree is not None:  # agree speaks CHOICES: "split" travels as the kernel its split side runs
+                block = agree(FUSED_BLOCK if block == FUSED_BLOCK else choice)
+                _block_chosen[_block_key(qkv, H)] = FUSED_BLOCK if block == FUSED_BLOCK else "split"
     return choice
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Attention by the measured (or forced) implementation; records which one ran."""
-    forced = _state["forced"]
+    forced = _forced_kernel()
     if not q.is_cuda:
         if forced not in (None, "sdpa-math"):
             raise BackendUnavailable(f"attention {forced!r} needs a CUDA tensor; on the CPU only sdpa-math runs")
@@ -189,6 +216,75 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _run(choice, q, k, v)
 
 
+def _block_key(qkv: Tensor, num_heads: int) -> tuple:
+    B, N, C3 = qkv.shape
+    return ("rope_attention", str(qkv.device), qkv.dtype, (B, num_heads, N, C3 // (3 * num_heads)),
+            "train" if torch.is_grad_enabled() else "infer")
+
+
+def _split(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+           k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    q, k, v = ops.qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+    B, N, _ = qkv.shape
+    return attention(q, k, v).transpose(1, 2).reshape(B, N, -1)  # a view: attention's output is token-major
+
+
+def _time_block(fn: Callable[..., Tensor], qkv: Tensor, num_heads: int, reps: int = 5) -> float:
+    N, D = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
+    angle = torch.rand(N, D // 2, device=qkv.device).repeat_interleave(2, dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+    if not torch.is_grad_enabled():
+        return _median_ms(lambda: fn(qkv, cos, sin, num_heads), reps)
+    qkv = qkv.detach().requires_grad_()
+    grad = torch.randn(qkv.shape[0], N, qkv.shape[2] // 3, dtype=qkv.dtype, device=qkv.device)
+    return _median_ms(lambda: fn(qkv, cos, sin, num_heads).backward(grad), reps)
+
+
+def _choose_block(qkv: Tensor, num_heads: int) -> str:
+    """FUSED_BLOCK or "split" for the attention block at qkv's shape: measured once per key on a GPU, outside a
+    trace (the split side runs the attention kernel chosen for its q/k/v); "split" where nothing was measured."""
+    key = _block_key(qkv, num_heads)
+    if key in _block_chosen:
+        return _block_chosen[key]
+    if torch.compiler.is_compiling() or not qkv.is_cuda:
+        return "split"
+    results = {}
+    for name, fn in (("split", _split), (FUSED_BLOCK, rope_attention_triton)):
+        try:
+            results[name] = _time_block(fn, qkv, num_heads)
+        except Exception as e:  # e.g. Triton cannot compile the fused kernel here
+            results[name] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    _measured[key] = results
+    timed = {c: t for c, t in results.items() if isinstance(t, float)}
+    _block_chosen[key] = min(timed, key=timed.get) if timed else "split"
+    return _block_chosen[key]
+
+
+def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+                   k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """The attention block's core by the measured (or forced) path; records which one ran."""
+    fusable = q_weight is None and backend.triton_status(qkv)[0]
+    if _state["forced"] == FUSED_BLOCK:
+        if not fusable:
+            why = ("qk-norm is not fused (use the split path)" if q_weight is not None
+                   else backend.triton_status(qkv)[1])
+            raise BackendUnavailable(f"attention {FUSED_BLOCK!r} requested: {why}")
+        path = FUSED_BLOCK
+    elif _state["forced"] is not None or not fusable:
+        path = "split"
+    else:
+        if not torch.compiler.is_compiling():
+            dtype = _autocast_dtype(qkv)
+            if dtype is not None and qkv.dtype != dtype:
+                qkv = qkv.to(dtype)  # what the qkv Linear gives under autocast: the key the trainer primed
+        path = _choose_block(qkv, num_heads)
+    if path == FUSED_BLOCK:
+        record("rope_attention", f"{FUSED_BLOCK} (triton)")
+        return rope_attention_triton(qkv, cos, sin, num_heads)
+    record("rope_attention", "split: qkv_rope + attention")
+    return _split(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+
+
 def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, training: bool,
                     agree: Optional[Callable[[str], str]] = None) -> Optional[str]:
     """Time the attention candidates for q/k/v of `shape` (B, H, N, D) and `dtype` now, outside any trace, so that
@@ -200,8 +296,11 @@ def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return None
     choice = prime(shape, dtype, device, training, agree)
     if choice is not None:
-        log.info("attention for %s %s (%s): %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
-                 "training" if training else "inference", choice, measurements())
+        B, H, N, D = shape
+        block = _block_chosen.get(("rope_attention", str(torch.device(device)), dtype, tuple(shape),
+                                   "train" if training else "infer"), "split")
+        log.info("attention for %s %s (%s): %s, block %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
+                 "training" if training else "inference", choice, block, measurements())
     return choice
 
 
@@ -215,9 +314,27 @@ def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"B": B, "H": s.H, "N": s.N, "D": s.D})
 
 
+def _bench_block(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # XL/1's attention block core at batch 32 (as "attention"): qkv in, (B, N, H*D) out; the fewest bytes are qkv
+    # and the output (forward), and dout, qkv, out, d qkv (backward)
+    B = 32 if not s.smoke else s.B
+    qkv = torch.randn(B, s.N, 3 * s.H * s.D, device=device, dtype=dtype, requires_grad=True)
+    angle = torch.rand(s.N, s.D // 2, device=device).repeat_interleave(2, dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+    one = B * s.N * s.H * s.D * dtype.itemsize
+    flops = 4 * B * s.H * s.N * s.N * s.D
+    return BenchCase([qkv], lambda f, t: f(t, cos, sin, s.H), 4 * one, 8 * one, fwd_flops=flops,
+                     bwd_flops=int(2.5 * flops), shape={"B": B, "H": s.H, "N": s.N, "D": s.D})
+
+
 # The chooser is the fused implementation under every fused backend (it picks among FA3/FA2/SDPA kernels itself and
 # records that choice, hence records_itself); the reference is plain SDPA.
 register(Op(name="attention", reference=reference.attention, impls={"triton": attention, "cuda": attention},
             bench=_bench, records_itself=True,
             doc="attention (B, H, N, D), no mask: FA3 / FA2 / SDPA cuDNN, flash, efficient, math, measured per "
                 "(device, head_dim, dtype, shape, training or inference)"))
+register(Op(name="rope_attention", reference=reference.rope_attention, impls={"triton": rope_attention,
+                                                                              "cuda": rope_attention},
+            bench=_bench_block, records_itself=True,
+            doc="qkv GEMM output (B, N, 3HD) -> (qk RMSNorm) -> RoPE -> attention -> (B, N, HD): the split path "
+                "(qkv_rope + attention) or one Triton kernel each way (rope-fused), measured per shape"))

@@ -123,3 +123,12 @@ def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Op
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # (B, H, N, D) layout, no mask, default scale 1/sqrt(D).
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+                   k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    # The attention block's core as the authors write it: qkv_rope, SDPA, heads merged back for the proj Linear:
+    # (B, N, 3*H*D) -> (B, N, H*D).
+    B, N, _ = qkv.shape
+    q, k, v = qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+    return attention(q, k, v).transpose(1, 2).reshape(B, N, -1)

@@ -32,6 +32,7 @@ class Variant:
     constexprs: dict[str, Any]
     div16: list[str]
     num_warps: int = 4
+    num_stages: int = 3  # Triton's default
     tiles_per_iteration: int = 1  # tiles one pass of the kernel's loop body handles (qkv_rope: q, k and v of a head)
 
 
@@ -131,6 +132,28 @@ def _fp8_quant_variants() -> list[Variant]:
     return out
 
 
+def _rope_attention_variants() -> list[Variant]:
+    """The fused RoPE attention (kernels/rope_attention.py) at head_dim 72 (64 + 16) and 64, bf16, for every tile
+    its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
+    from . import rope_attention as ra
+    fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
+               "LSE": "*fp32", "N": "i32", "H": "i32", "qk_scale": "fp32"}
+    bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
+               "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "DQKV": "*bf16",
+               "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    out = []
+    for D in (72, 64):
+        split = ra._split(D)
+        for which, kernel, sig, tiles in (("fwd", ra._fwd_kernel, fwd_sig, ra.FWD_TILES),
+                                          ("bwd", ra._bwd_kernel, bwd_sig, ra.BWD_TILES)):
+            for m, n, w, st in tiles:
+                const = {"D": D, **split, "PREC": "tf32", "BLOCK_M": m, "BLOCK_N": n}
+                out.append(Variant(f"rope_attention {which} D={D} BLOCK_M={m} BLOCK_N={n} warps={w} stages={st}",
+                                   kernel, {**sig, **{k: "constexpr" for k in const}}, const,
+                                   [k for k, t in sig.items() if t != "fp32"], w, num_stages=st))
+    return out
+
+
 def _ptxas() -> str:
     from triton.backends.nvidia.compiler import get_ptxas
     return get_ptxas(90).path
@@ -163,7 +186,8 @@ def compile_variant(v: Variant) -> dict:
     from triton.compiler import ASTSource
     attrs = {(v.kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.div16}
     src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v.num_warps})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -180,11 +204,12 @@ def compile_variant(v: Variant) -> dict:
             "scalar_loads": sum(1 for op, t in ops if op == "ld" and ".v" not in t),
             "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t),
             "sass_per_element": None if sass is None else round(sass / _tile_elements_per_thread(v), 1),
-            "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx}
+            "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx))}
 
 
 def variants() -> list[Variant]:
-    return _qkv_rope_variants() + _norm_variants() + _fp8_quant_variants()
+    return _qkv_rope_variants() + _norm_variants() + _fp8_quant_variants() + _rope_attention_variants()
 
 
 def main() -> dict:

@@ -182,17 +182,17 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x)
         if rope is not None and (self.q_norm is None or isinstance(self.q_norm, RMSNorm)):
-            # split into heads, RMSNorm qk-norm, RoPE: one op (one kernel pass each way on the fused backends,
-            # giving token-major q/k/v, so attention's output below is token-major too and its reshape a view)
+            # split into heads, RMSNorm qk-norm, RoPE, attention, heads merged: one op (on the fused backends
+            # qkv_rope + attention, or one kernel each way from qkv to the proj's input, whichever measured faster)
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
             eps = self.q_norm.eps if self.q_norm is not None else 1e-6
-            q, k, v = ops.qkv_rope(qkv, rope.freqs_cos, rope.freqs_sin, self.num_heads, qw, kw, eps)
-        else:  # no RoPE, or the LayerNorm qk-norm: the unfused path
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                q, k = ops.rope_qk(q, k, rope.freqs_cos, rope.freqs_sin)
+            return self.proj(ops.rope_attention(qkv, rope.freqs_cos, rope.freqs_sin, self.num_heads, qw, kw, eps))
+        # no RoPE, or the LayerNorm qk-norm: the unfused path
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = ops.rope_qk(q, k, rope.freqs_cos, rope.freqs_sin)
         x = ops.attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 

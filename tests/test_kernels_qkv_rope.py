@@ -167,9 +167,10 @@ def test_compiled_fullgraph_on_the_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_model_attention_uses_qkv_rope(qk_norm):
-    """modeling.lightningdit.Attention calls ops.qkv_rope (RMSNorm qk-norm fused); under the reference backend it
-    computes today's path bit for bit (reshape/permute views, ops.rms_norm, ops.rope_qk); the fused path agrees
-    within fp32 rounding, forward and backward."""
+    """modeling.lightningdit.Attention calls ops.rope_attention (RMSNorm qk-norm fused), whose split path (what runs
+    unmeasured, as here) is ops.qkv_rope + attention; under the reference backend it computes today's path bit for
+    bit (reshape/permute views, ops.rms_norm, ops.rope_qk); the fused path agrees within fp32 rounding, forward and
+    backward."""
     from modeling.lightningdit import Attention, VisionRotaryEmbeddingFast
     torch.manual_seed(0)
     attn = Attention(144, 2, qk_norm=qk_norm, use_rmsnorm=True).to(DEV)  # head_dim 72
@@ -191,7 +192,7 @@ def test_model_attention_uses_qkv_rope(qk_norm):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels.registry, "resolve", lambda name, t: seen.append(name) or orig(name, t))
         ref = attn(x, rope)
-    assert "qkv_rope" in seen and "rope_qk" not in seen
+    assert "rope_attention" in seen and "rope_qk" not in seen
     assert torch.equal(ref, today(x))
     params = list(attn.parameters())
     g = torch.randn_like(ref)
@@ -199,6 +200,7 @@ def test_model_attention_uses_qkv_rope(qk_norm):
     kernels.set_backend("triton")
     out = attn(x, rope)
     assert kernels.describe()["ops"]["qkv_rope"] == "triton"
+    assert kernels.describe()["ops"]["rope_attention"].startswith("split")
     grads = torch.autograd.grad((out * g).sum(), params)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
@@ -220,10 +222,11 @@ def test_layer_norm_qk_norm_keeps_the_unfused_path():
 
 
 def test_no_layout_copies_left_in_the_attention_graphs():
-    """The forward and backward graphs AOT autograd traces for the model's Attention: with qkv_rope, between the
-    qkv and proj GEMMs only our two custom ops, attention and views (no stack/permute-clone of dq/dk/dv, no RoPE
-    arithmetic, no copy before proj); the reference path has the stack and the permute+clone the H200 profile
-    showed (11 ms/step for the copy, 22 ms for the RoPE backward)."""
+    """The forward and backward graphs AOT autograd traces for the model's Attention: with qkv_rope (the split path
+    of ops.rope_attention), between the qkv and proj GEMMs only our two custom ops, attention and views (no
+    stack/permute-clone of dq/dk/dv, no RoPE arithmetic, no copy before proj); with the fused path (rope-fused) only
+    its two custom ops; the reference path has the stack and the permute+clone the H200 profile showed (11 ms/step
+    for the copy, 22 ms for the RoPE backward)."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
 
@@ -242,13 +245,18 @@ def test_no_layout_copies_left_in_the_attention_graphs():
     rope = VisionRotaryEmbeddingFast(36, 5).to(DEV)
     x = torch.randn(2, 25, 144, device=DEV, requires_grad=True)
     ops_of = {}
-    for backend in ("reference", "triton"):
+    for backend, forced in (("reference", None), ("triton", None), ("triton", "rope-fused")):
         kernels.set_backend(backend)
+        kernels.set_attention(forced)
         torch._dynamo.reset()
-        torch.compile(lambda x: attn(x, rope), backend=capture, fullgraph=True)(x).sum().backward()
-        ops_of[backend] = graphs["fwd"] | graphs["bwd"]
+        try:
+            torch.compile(lambda x: attn(x, rope), backend=capture, fullgraph=True)(x).sum().backward()
+        finally:
+            kernels.set_attention(None)
+        ops_of[forced or backend] = graphs["fwd"] | graphs["bwd"]
     views = {"view", "t", "transpose", "detach", "_unsafe_view"}
     gemms = {"addmm", "mm", "sum"}  # sum: the bias gradients
     attention = {o for o in ops_of["triton"] if "scaled_dot_product" in o}
     assert attention and ops_of["triton"] - views - gemms - attention == {"qkv_rope", "qkv_rope_bwd"}
+    assert ops_of["rope-fused"] - views - gemms == {"rope_attention", "rope_attention_bwd"}
     assert {"stack", "clone", "permute", "neg"} <= ops_of["reference"]

@@ -1,6 +1,7 @@
 """The new Triton kernels compile for an H100/H200 (sm_90) with Triton's own toolchain, no GPU needed
 (kernels/sm90_check.py, in a subprocess without TRITON_INTERPRET): qkv_rope forward/backward (head_dim 72 and 64,
-with and without qk-norm) and the norm family's forward/backward at every tile its autotuner may pick. ptxas must
+with and without qk-norm), the fused RoPE attention (its matmuls as wgmma) and the norm family's forward/backward at
+every tile its autotuner may pick. ptxas must
 report no register spills, and the row loads of hidden 1152 / head_dim 72-64 must be 16-byte vectors (what the
 interpreter cannot show). Fails in CI where Triton's NVIDIA backend or its ptxas is missing."""
 import json
@@ -37,6 +38,8 @@ def test_kernels_compile_for_sm90_without_spills():
             assert r["e4m3_cvt"], (name, r)
             limit = 64 if "COLMAX=1" in name else 45  # colmax: a loop, its prologue counted in
             assert r["sass_per_element"] is None or r["sass_per_element"] <= limit, (name, r)
+        if name.startswith("rope_attention"):  # every matmul on Hopper's wgmma (M >= 64 per warpgroup)
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
         if "qkv_rope" in name or "C=1152" in name:  # rows of 144 B / 4.6 KB: whole-row 16-byte vectors
             assert r["vector_loads"] > 0 and r["vector_stores"] > 0, (name, r)
             assert r["scalar_loads"] <= 4, (name, r)  # per-row statistics / weights only

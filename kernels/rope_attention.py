@@ -1,0 +1,372 @@
+"""The attention block's core in one Triton kernel each way: qkv GEMM output -> RoPE -> attention -> (B, N, H*D).
+
+Forward (FlashAttention-2 style, one program per (query block, batch x head)): reads q and k straight from the qkv
+Linear's output (B, N, 3*H*D) -- per token the q, k, v blocks of H heads of D channels, what `nn.Linear(C, 3C)`
+writes -- rotates them (RoPE, fp32) and rounds them to the input dtype where they are loaded, runs the online
+softmax over key blocks, and writes the output straight into (B, N, H*D), the proj Linear's input; it keeps the
+log-sum-exp per query row for the backward. No q/k/v tensors, no layout copies, no RoPE pass: the bytes moved are
+qkv once (plus L2 re-reads of k/v) and the output once.
+
+Backward, one program per (batch x head): the rows' dO.O sums first, then for each key block the dK/dV
+accumulators in registers over every query block (recomputing P from the saved log-sum-exp), the dQ contributions
+summed in an fp32 scratch that stays in L2 (each program reads back only what it wrote: no atomics, deterministic);
+dq, dk (with the transposed rotation) and dv are written straight into the gradient of the qkv output: the qkv
+GEMM's backward reads it as is.
+
+head_dim 72 (LightningDiT-XL) is not a power of two and tl.dot needs power-of-two tiles of at least 16: each head
+is held as two tiles, 64 + 16 (the last 8 lanes masked; `head_split`), so every matmul runs at 80/72 of the work
+instead of the 128/72 one padded tile costs. RoPE pairs (2i, 2i+1) never straddle the two tiles (the first is even).
+
+The math is SDPA's (scale 1/sqrt(D), no mask) on the reference's rounded q/k: the rotation in fp32, q and k rounded
+to the input dtype (as `kernels.qkv_rope` stores them), fp32 accumulation, P rounded to the input dtype for the PV
+and dS products as FlashAttention does; in fp32 every product is IEEE fp32 (no TF32). Reference:
+`kernels.reference.rope_attention`. qk-norm is not fused here: the chooser (kernels/attention.py) runs the split
+path (qkv_rope + attention) for it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _triton
+from ._triton import tl, triton
+
+# (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages): the autotuners' candidates on a GPU, each
+# compiled for sm_90 with its matmuls as wgmma and without spills (kernels.sm90_check, Triton 3.9's ptxas). The
+# backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: at 4 warps or
+# with pipelined loads every tile tried spilled (64 x 64: 168-412 bytes), and at 8 warps and one stage all but
+# 64 x 64 did (128 x 64: 4 bytes; 32 x 64: 64, and its dQ product on mma.sync, M < 64): one tile.
+FWD_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3))
+BWD_TILES = ((64, 64, 8, 1),)
+_INTERPRETER_TILE = (16, 16)  # the interpreter: small tiles, several blocks in the tests' ragged sizes
+
+
+def head_split(D: int) -> tuple[int, int]:
+    """(DA, DB): head_dim D as a power-of-two tile of DA channels and a second of DB (0: none), each at least 16
+    wide (tl.dot's minimum): 72 -> (64, 16), 64 -> (64, 0), 40 -> (32, 16), 8 -> (16, 0). The kernels get
+    DB = 16 with HAS_B False where there is none (an unused tile's shape)."""
+    if D >= 16 and D & (D - 1) == 0:
+        return D, 0
+    a = 1 << (D.bit_length() - 1)
+    if a < 16:
+        return max(16, triton.next_power_of_2(D)), 0
+    return a, max(16, triton.next_power_of_2(D - a))
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    # PREC "upcast": the Triton interpreter multiplies bf16 tiles wrongly (Triton 3.9 on the CPU), so there the
+    # (already rounded) 16-bit operands go in as fp32: exact products, fp32 sums, as the tensor cores do
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _rotate(x, c, s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    # RoPE on pairs (2i, 2i+1), fp32 tiles: out[2i] = x[2i] c[2i] - x[2i+1] s[2i], out[2i+1] = x[2i+1] c[2i+1]
+    # + x[2i] s[2i+1]; TRANSPOSE: the backward's transposed rotation
+    xe, xo = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+    ce, co = tl.split(tl.reshape(c, (BLOCK_R, BLOCK_D // 2, 2)))
+    se, so = tl.split(tl.reshape(s, (BLOCK_R, BLOCK_D // 2, 2)))
+    if TRANSPOSE:
+        out = tl.join(xe * ce + xo * so, xo * co - xe * se)
+    else:
+        out = tl.join(xe * ce - xo * se, xo * co + xe * so)
+    return tl.reshape(out, (BLOCK_R, BLOCK_D))
+
+
+@triton.jit
+def _load_tile(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # rows: (BLOCK_R,) pointers to each row's channel 0 of the head; channels d0 .. d0 + BLOCK_D, masked to D
+    d = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(rows[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_rotated(rows, ok, n, d0, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # q or k of BLOCK_R tokens (positions n), channels d0.., rotated in fp32 and rounded to the input dtype
+    x = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D)
+    d = d0 + tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (d[None, :] < D)
+    tab = n[:, None] * D + d[None, :]
+    c = tl.load(COS + tab, mask=mask, other=0.0)
+    s = tl.load(SIN + tab, mask=mask, other=0.0)
+    return _rotate(x.to(tl.float32), c, s, BLOCK_R, BLOCK_D, False).to(x.dtype)
+
+
+@triton.jit
+def _store_unrotated(rows, ok, n, d0, g, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the gradient of a rotated tile (fp32) -> the gradient of the unrotated one, stored in the rows' dtype
+    d = d0 + tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (d[None, :] < D)
+    tab = n[:, None] * D + d[None, :]
+    c = tl.load(COS + tab, mask=mask, other=0.0)
+    s = tl.load(SIN + tab, mask=mask, other=0.0)
+    g = _rotate(g, c, s, BLOCK_R, BLOCK_D, True)
+    tl.store(rows[:, None] + d[None, :], g.to(rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_tile(rows, ok, d0, x, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    d = d0 + tl.arange(0, BLOCK_D)
+    tl.store(rows[:, None] + d[None, :], x.to(rows.dtype.element_ty), mask=ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, qk_scale,
+                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # D channels per head as tiles of DA and (HAS_B) DB channels (head_split)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    HD = H * D
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N
+    q_rows = QKV + (b * N + m).to(tl.int64) * s_qkv + h * D
+    qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA)
+    if HAS_B:
+        qb = _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + HD + h * D
+        v_rows = k_rows + HD
+        s = _dot(qa, tl.trans(_load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)),
+                   PREC)
+        if HAS_B:
+            s += _dot(qb, tl.trans(_load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)),
+                        PREC)
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 units
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(qa.dtype)
+        acc_a = acc_a * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, 0, D, BLOCK_N, DA), PREC)
+        if HAS_B:
+            acc_b = acc_b * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB),
+                                                    PREC)
+        m_i = m_new
+    o_rows = O + (b * N + m).to(tl.int64) * s_o + h * D
+    _store_tile(o_rows, m_ok, 0, acc_a / l_i[:, None], D, DA)
+    if HAS_B:
+        _store_tile(o_rows, m_ok, DA, acc_b / l_i[:, None], D, DB)
+    tl.store(LSE + bh * N + m, m_i + tl.math.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, DQACC, DQKV, N, H, qk_scale, sm_scale,
+                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    HD = H * D
+    DP: tl.constexpr = DA + DB  # the dQ scratch's row: both tiles
+    base = (b * N).to(tl.int64)
+    acc_rows = DQACC + bh.to(tl.int64) * N * DP
+    # 1. each query row's delta = rowsum(dO * O) (the softmax backward's correction), kept for the loops below
+    for start_m in range(0, N, BLOCK_M):
+        m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = m < N
+        o_rows = O + (base + m) * s_o + h * D
+        do_rows = DO + (base + m) * s_do + h * D
+        delta = tl.sum(_load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32)
+                       * _load_tile(o_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32), 1)
+        if HAS_B:
+            delta += tl.sum(_load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32)
+                            * _load_tile(o_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32), 1)
+        tl.store(DELTA + bh * N + m, delta, mask=m_ok)
+    tl.debug_barrier()
+    # 2. per key block: dK, dV over every query block; dQ's contributions summed in the scratch
+    for start_n in range(0, N, BLOCK_N):
+        n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        k_rows = QKV + (base + n) * s_qkv + HD + h * D
+        v_rows = k_rows + HD
+        ka = _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)
+        va = _load_tile(v_rows, n_ok, 0, D, BLOCK_N, DA)
+        dka = tl.zeros([BLOCK_N, DA], tl.float32)
+        dva = tl.zeros([BLOCK_N, DA], tl.float32)
+        if HAS_B:
+            kb = _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)
+            vb = _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB)
+            dkb = tl.zeros([BLOCK_N, DB], tl.float32)
+            dvb = tl.zeros([BLOCK_N, DB], tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = m < N
+            q_rows = QKV + (base + m) * s_qkv + h * D
+            do_rows = DO + (base + m) * s_do + h * D
+            qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA)
+            doa = _load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(qa.dtype)
+            lse = tl.load(LSE + bh * N + m, mask=m_ok, other=float("inf"))  # padded rows: P = 0
+            delta = tl.load(DELTA + bh * N + m, mask=m_ok, other=0.0)
+            s = _dot(qa, tl.trans(ka), PREC)
+            dp = _dot(doa, tl.trans(va), PREC)
+            if HAS_B:
+                qb = _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB)
+                dob = _load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(qa.dtype)
+                s += _dot(qb, tl.trans(kb), PREC)
+                dp += _dot(dob, tl.trans(vb), PREC)
+            p = tl.where(n_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+            ds = (p * (dp - delta[:, None])).to(qa.dtype)  # d(score), before the 1/sqrt(D) scale
+            p = p.to(qa.dtype)
+            dva += _dot(tl.trans(p), doa, PREC)
+            dka += _dot(tl.trans(ds), qa, PREC)
+            dqa = _dot(ds, ka, PREC)
+            a_rows = acc_rows + m * DP
+            a_ok = m_ok & (start_n > 0)  # the first key block writes the scratch, the others add to it
+            dqa += _load_tile(a_rows, a_ok, 0, DP, BLOCK_M, DA)
+            _store_tile(a_rows, m_ok, 0, dqa, DP, DA)
+            if HAS_B:
+                dvb += _dot(tl.trans(p), dob, PREC)
+                dkb += _dot(tl.trans(ds), qb, PREC)
+                dqb = _dot(ds, kb, PREC) + _load_tile(a_rows, a_ok, DA, DP, BLOCK_M, DB)
+                _store_tile(a_rows, m_ok, DA, dqb, DP, DB)
+        dk_rows = DQKV + (base + n) * (3 * HD) + HD + h * D
+        _store_unrotated(dk_rows, n_ok, n, 0, dka * sm_scale, COS, SIN, D, BLOCK_N, DA)
+        _store_tile(dk_rows + HD, n_ok, 0, dva, D, DA)
+        if HAS_B:
+            _store_unrotated(dk_rows, n_ok, n, DA, dkb * sm_scale, COS, SIN, D, BLOCK_N, DB)
+            _store_tile(dk_rows + HD, n_ok, DA, dvb, D, DB)
+        tl.debug_barrier()  # the scratch: the next key block's loads may run on other threads than these stores
+    # 3. dq: the summed scratch, scaled, rotated back, into the gradient's q part
+    for start_m in range(0, N, BLOCK_M):
+        m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = m < N
+        a_rows = acc_rows + m * DP
+        dq_rows = DQKV + (base + m) * (3 * HD) + h * D
+        _store_unrotated(dq_rows, m_ok, m, 0, _load_tile(a_rows, m_ok, 0, DP, BLOCK_M, DA) * sm_scale,
+                         COS, SIN, D, BLOCK_M, DA)
+        if HAS_B:
+            _store_unrotated(dq_rows, m_ok, m, DA, _load_tile(a_rows, m_ok, DA, DP, BLOCK_M, DB) * sm_scale,
+                             COS, SIN, D, BLOCK_M, DB)
+
+
+def _configs(tiles) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
+# Both kernels write every output element on each run (the backward's scratch is written before it is read), so
+# the autotuner times its configs on the real buffers.
+_fwd_tuned = triton.autotune(configs=_configs(FWD_TILES), key=["D", "PREC", "N"])(_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_configs(BWD_TILES), key=["D", "PREC", "N"])(_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------- checks, launchers, autograd
+
+def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    """(B, N, H, D), or ValueError naming what does not fit."""
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"rope_attention needs qkv of shape (B, N, 3*H*D) with H = num_heads = {num_heads}; "
+                         f"got {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    if D % 2 or tuple(cos.shape) != (N, D) or tuple(sin.shape) != (N, D):
+        raise ValueError(f"rope_attention needs an even head_dim and cos/sin of shape (N, D) = {(N, D)}; got "
+                         f"head_dim {D}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"rope_attention runs fp32, bf16 or fp16 qkv; got {qkv.dtype}")
+    return B, N, num_heads, D
+
+
+def _split(D: int) -> dict:
+    DA, DB = head_split(D)
+    return {"DA": DA, "DB": max(DB, 16), "HAS_B": DB > 0}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE products (Triton's default for fp32 dots on a GPU is TF32, 10 mantissa bits: parity would
+    # fail); 16-bit inputs have one precision, except in the interpreter (see _dot)
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if _triton.interpreting() else "tf32"
+
+
+def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+@torch.library.custom_op("vavae::rope_attention", mutates_args=())
+def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """(out (B, N, H*D) in qkv's dtype, log2-sum-exp2 per (batch x head, query) in fp32)."""
+    B, N, H, D = _check(qkv, cos, sin, num_heads)
+    out = qkv.new_empty((B, N, H * D))
+    lse = qkv.new_empty((B * H, N), dtype=torch.float32)
+    if B * N * H * D:
+        x = _triton.rows_2d(qkv)
+        cos, sin = _tables(cos, sin)
+        args = (x, x.stride(0), cos, sin, out, H * D, lse, N, H, math.log2(math.e) / math.sqrt(D))
+        const = dict(D=D, **_split(D), PREC=_precision(qkv.dtype))
+        if _triton.interpreting():
+            bm, bn = _INTERPRETER_TILE
+            _fwd_kernel[(triton.cdiv(N, bm), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+        else:
+            _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](*args, **const)
+    return out, lse
+
+
+@rope_attention_op.register_fake
+def _(qkv, cos, sin, num_heads):
+    B, N, H, D = _check(qkv, cos, sin, num_heads)
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B * H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vavae::rope_attention_bwd", mutates_args=())
+def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cos: Tensor, sin: Tensor,
+                          num_heads: int) -> Tensor:
+    """d qkv (B, N, 3*H*D) in qkv's dtype."""
+    B, N, H, D = _check(qkv, cos, sin, num_heads)
+    dqkv = qkv.new_empty(qkv.shape)
+    if B * N * H * D:
+        x, o, do = _triton.rows_2d(qkv), _triton.rows_2d(out), _triton.rows_2d(dout.to(qkv.dtype))
+        cos, sin = _tables(cos, sin)
+        split = _split(D)
+        delta = lse.new_empty((B * H, N))
+        scratch = lse.new_empty((B * H, N, split["DA"] + split["DB"]))  # dQ's fp32 sums (L2-resident per program)
+        args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, scratch, dqkv, N, H,
+                math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype))
+        if _triton.interpreting():
+            bm, bn = _INTERPRETER_TILE
+            _bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+        else:
+            _bwd_tuned[(B * H,)](*args, **const)
+    return dqkv
+
+
+@rope_attention_bwd_op.register_fake
+def _(dout, qkv, out, lse, cos, sin, num_heads):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, cos, sin, num_heads = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cos, sin)
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse, cos, sin = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None
+    return rope_attention_bwd_op(dout, qkv, out, lse, cos, sin, ctx.num_heads), None, None, None
+
+
+rope_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rope_attention_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
+    """softmax(rope(q) rope(k)^T / sqrt(D)) v per head, from the qkv Linear's output (B, N, 3*H*D), as (B, N, H*D):
+    the proj Linear's input. cos/sin: (N, D) RoPE tables of the pair layout."""
+    return rope_attention_op(qkv, cos, sin, num_heads)[0]

@@ -1,0 +1,177 @@
+"""kernels.rope_attention: the qkv GEMM's output -> RoPE -> attention -> (B, N, H*D) in one Triton kernel each way,
+and the chooser around it (kernels.ops.rope_attention: the split path or the fused one).
+
+Forward and backward (d qkv) vs the reference on float64 copies at awkward sizes: head_dim 72 (two tiles, 64 + 16
+with 8 lanes masked), 64 (one), 40 (32 + 16), 8 (one masked 16-wide tile); token counts that are not a multiple of the
+interpreter's 16-token tiles (17, 33: several query and key blocks, the last ragged, so the backward's dQ scratch is
+summed over key blocks); fp32 (IEEE products) and bf16 (within the error of the reference run in bf16 itself);
+large logits (the online softmax's running maximum); a strided qkv. Then opcheck of both custom ops, the model's
+Attention with the fused path forced, and the chooser's refusals.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import attention as attention_mod  # noqa: E402
+from kernels import ops, reference, rope_attention  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    kernels.set_backend("auto")
+    kernels.set_attention(None)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tables(N, D):
+    angle = torch.rand(N, D // 2, device=DEV).repeat_interleave(2, dim=-1) * 6.283
+    return angle.cos(), angle.sin()
+
+
+def run(qkv, cos, sin, H, g):
+    """(out, d qkv) of the fused kernel."""
+    qkv = qkv.detach().requires_grad_()
+    out = rope_attention.rope_attention_triton(qkv, cos, sin, H)
+    out.backward(g)
+    return out.detach(), qkv.grad
+
+
+def run_reference(qkv, cos, sin, H, g, dtype=torch.float64):
+    x = qkv.detach().to(dtype).requires_grad_()
+    out = reference.rope_attention(x, cos.to(dtype), sin.to(dtype), H)
+    out.backward(g.to(dtype))
+    return out.detach(), x.grad
+
+
+def test_head_split():
+    assert [rope_attention.head_split(d) for d in (72, 64, 40, 8, 128, 96, 12)] == [
+        (64, 16), (64, 0), (32, 16), (16, 0), (128, 0), (64, 32), (16, 0)]
+
+
+@pytest.mark.parametrize("B,N,H,D", [(2, 17, 3, 72), (1, 33, 2, 64), (1, 20, 2, 40), (2, 9, 2, 8)])
+def test_fp32_forward_backward_vs_float64(B, N, H, D):
+    torch.manual_seed(N + D)
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV)
+    g = torch.randn(B, N, H * D, device=DEV)
+    out, dqkv = run(qkv, cos, sin, H, g)
+    ref, dref = run_reference(qkv, cos, sin, H, g)
+    assert out.shape == (B, N, H * D) and out.dtype == torch.float32 and out.is_contiguous()
+    assert dqkv.shape == qkv.shape and dqkv.dtype == torch.float32
+    assert rel_err(out, ref) < 2e-6 and rel_err(dqkv, dref) < 2e-6
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dqkv, dref.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_within_the_references_own_bf16_error():
+    """bf16 q/k/v, P rounded to bf16 for its products (as FlashAttention): no further from the float64 truth than
+    the reference computed in bf16 (SDPA on bf16 q/k/v rotated in fp32 and rounded), with a margin: 1.5x on a GPU,
+    3x in the Triton interpreter, whose fp32 -> bf16 casts truncate instead of rounding (measured: 2.0x forward)."""
+    torch.manual_seed(1)
+    B, N, H, D = 2, 17, 3, 72
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV).bfloat16()
+    g = torch.randn(B, N, H * D, device=DEV).bfloat16()
+    out, dqkv = run(qkv, cos, sin, H, g)
+    assert out.dtype == dqkv.dtype == torch.bfloat16
+    ref, dref = run_reference(qkv, cos, sin, H, g)
+    ref16, dref16 = run_reference(qkv, cos, sin, H, g, dtype=torch.bfloat16)
+    margin = 1.5 if DEV == "cuda" else 3.0
+    assert rel_err(out, ref) < margin * rel_err(ref16, ref)
+    assert rel_err(dqkv, dref) < margin * rel_err(dref16, dref)
+
+
+def test_large_logits_and_a_strided_qkv():
+    """Scores up to ~1e3 (the running maximum must rescale the sums) and qkv a column slice of a wider tensor
+    (row stride > 3*H*D): fp32 within 1e-4 of float64."""
+    torch.manual_seed(2)
+    B, N, H, D = 1, 33, 2, 72
+    cos, sin = tables(N, D)
+    wide = torch.randn(B, N, 3 * H * D + 24, device=DEV) * 6
+    qkv = wide[..., 8:8 + 3 * H * D]
+    assert not qkv.is_contiguous()
+    g = torch.randn(B, N, H * D, device=DEV)
+    out, dqkv = run(qkv, cos, sin, H, g)
+    ref, dref = run_reference(qkv, cos, sin, H, g)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dqkv, dref.float(), rtol=1e-4, atol=1e-3 * dref.abs().max().item())
+
+
+def test_opcheck_custom_ops():
+    torch.manual_seed(3)
+    B, N, H, D = 1, 17, 2, 72
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV, requires_grad=True)
+    torch.library.opcheck(rope_attention.rope_attention_op, (qkv, cos, sin, H))
+    out, lse = rope_attention.rope_attention_op(qkv.detach(), cos, sin, H)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(rope_attention.rope_attention_bwd_op, (dout, qkv.detach(), out, lse, cos, sin, H))
+
+
+def test_bad_shapes_name_what_does_not_fit():
+    cos, sin = tables(5, 8)
+    with pytest.raises(ValueError, match="3\\*H\\*D"):
+        rope_attention.rope_attention_triton(torch.randn(1, 5, 40, device=DEV), cos, sin, 3)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_attention.rope_attention_triton(torch.randn(1, 5, 48, device=DEV), cos[:4], sin[:4], 2)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_model_attention_with_the_fused_path(qk_norm):
+    """modeling.lightningdit.Attention through ops.rope_attention: forced rope-fused (no qk-norm) agrees with the
+    reference backend's path within fp32 rounding, forward and parameter gradients, and says so in describe();
+    with the RMSNorm qk-norm the fused path refuses in one line (it does not fuse the norm) and the chooser's
+    default runs the split path."""
+    from modeling.lightningdit import Attention, VisionRotaryEmbeddingFast
+    torch.manual_seed(0)
+    attn = Attention(144, 2, qk_norm=qk_norm, use_rmsnorm=True).to(DEV)  # head_dim 72
+    rope = VisionRotaryEmbeddingFast(36, 5).to(DEV)
+    x = torch.randn(2, 25, 144, device=DEV)
+    kernels.set_backend("reference")
+    ref = attn(x, rope)
+    g = torch.randn_like(ref)
+    params = list(attn.parameters())
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    kernels.set_backend("triton")
+    kernels.set_attention("rope-fused")
+    if qk_norm:
+        with pytest.raises(kernels.BackendUnavailable, match="qk-norm"):
+            attn(x, rope)
+        kernels.set_attention(None)
+    out = attn(x, rope)
+    ran = kernels.describe()["ops"]["rope_attention"]
+    assert ran.startswith("split") if qk_norm else ran == "rope-fused (triton)"
+    grads = torch.autograd.grad((out * g).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_forcing_a_kernel_keeps_the_split_path_and_the_name_is_a_choice():
+    """Forcing an SDPA kernel (VAVAE_ATTENTION / set_attention) keeps the block on the split path with that kernel;
+    rope-fused is one of the names the trainer's `train.attention` accepts, and prime on the CPU chooses nothing."""
+    assert attention_mod.FUSED_BLOCK in attention_mod.CHOICES
+    torch.manual_seed(4)
+    N, H, D = 9, 2, 8
+    cos, sin = tables(N, D)
+    qkv = torch.randn(1, N, 3 * H * D, device=DEV)
+    kernels.set_backend("triton")
+    kernels.set_attention("sdpa-math")
+    out = ops.rope_attention(qkv, cos, sin, H)
+    assert kernels.describe()["ops"]["rope_attention"].startswith("split")
+    assert kernels.describe()["ops"]["attention"] == "sdpa-math"
+    torch.testing.assert_close(out, reference.rope_attention(qkv, cos, sin, H), rtol=1e-4, atol=1e-5)
+    if DEV == "cpu":
+        assert kernels.prime_attention((1, H, N, D), torch.float32, "cpu", training=True) is None
