@@ -5,13 +5,14 @@ Linear's output (B, N, 3*H*D) -- per token the q, k, v blocks of H heads of D ch
 writes -- rotates them (RoPE, fp32) and rounds them to the input dtype where they are loaded, runs the online
 softmax over key blocks, and writes the output straight into (B, N, H*D), the proj Linear's input; it keeps the
 log-sum-exp per query row for the backward. No q/k/v tensors, no layout copies, no RoPE pass: the bytes moved are
-qkv once (plus L2 re-reads of k/v) and the output once.
+qkv once (plus L2 re-reads of k/v) and the output once. Each program rotates its head's whole k (N / BLOCK_M times
+per head: 2-4 at N = 256), reading the fp32 tables from L1/L2: the GPU profile says whether that costs.
 
-Backward, one program per (batch x head): the rows' dO.O sums first, then for each key block the dK/dV
-accumulators in registers over every query block (recomputing P from the saved log-sum-exp), the dQ contributions
-summed in an fp32 scratch that stays in L2 (each program reads back only what it wrote: no atomics, deterministic);
-dq, dk (with the transposed rotation) and dv are written straight into the gradient of the qkv output: the qkv
-GEMM's backward reads it as is.
+Backward, one program per (batch x head): the rows' dO.O sums and q rotated once first (q into a scratch that stays
+in L2), then for each key block the dK/dV accumulators in registers over every query block (recomputing P from the
+saved log-sum-exp), the dQ contributions summed in an fp32 scratch, also L2-resident (each program reads back only
+what it wrote: no atomics, deterministic); dq, dk (with the transposed rotation) and dv are written straight into
+the gradient of the qkv output: the qkv GEMM's backward reads it as is.
 
 head_dim 72 (LightningDiT-XL) is not a power of two and tl.dot needs power-of-two tiles of at least 16: each head
 is held as two tiles, 64 + 16 (the last 8 lanes masked; `head_split`), so every matmul runs at 80/72 of the work
@@ -35,11 +36,11 @@ from ._triton import tl, triton
 
 # (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages): the autotuners' candidates on a GPU, each
 # compiled for sm_90 with its matmuls as wgmma and without spills (kernels.sm90_check, Triton 3.9's ptxas). The
-# backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: at 4 warps or
-# with pipelined loads every tile tried spilled (64 x 64: 168-412 bytes), and at 8 warps and one stage all but
-# 64 x 64 did (128 x 64: 4 bytes; 32 x 64: 64, and its dQ product on mma.sync, M < 64): one tile.
+# backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: of the tiles
+# tried only 64 x 64 at 8 warps and 3 stages does not spill (244 registers; the pipeliner stages the query-side loads
+# in shared memory): at 4 warps 80-292 bytes, 128 x 64 32-128, 64 x 128 450+, 64 x 64 with 1-2 stages 8-12.
 FWD_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3))
-BWD_TILES = ((64, 64, 8, 1),)
+BWD_TILES = ((64, 64, 8, 3),)
 _INTERPRETER_TILE = (16, 16)  # the interpreter: small tiles, several blocks in the tests' ragged sizes
 
 
@@ -163,20 +164,27 @@ def _fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, qk_scale,
 
 
 @triton.jit
-def _bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, DQACC, DQKV, N, H, qk_scale, sm_scale,
+def _bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QROT, DQACC, DQKV, N, H, qk_scale, sm_scale,
                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     HD = H * D
-    DP: tl.constexpr = DA + DB  # the dQ scratch's row: both tiles
+    DP: tl.constexpr = DA + DB  # a scratch row: both tiles
     base = (b * N).to(tl.int64)
     acc_rows = DQACC + bh.to(tl.int64) * N * DP
-    # 1. each query row's delta = rowsum(dO * O) (the softmax backward's correction), kept for the loops below
+    qr_rows = QROT + bh.to(tl.int64) * N * DP
+    # 1. each query row's delta = rowsum(dO * O) (the softmax backward's correction), and q rotated once (into a
+    # scratch that stays in L2): the loops below read both for every key block
     for start_m in range(0, N, BLOCK_M):
         m = start_m + tl.arange(0, BLOCK_M)
         m_ok = m < N
+        q_rows = QKV + (base + m) * s_qkv + h * D
+        _store_tile(qr_rows + m * DP, m_ok, 0, _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA), DP, DA)
+        if HAS_B:
+            _store_tile(qr_rows + m * DP, m_ok, DA, _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB),
+                        DP, DB)
         o_rows = O + (base + m) * s_o + h * D
         do_rows = DO + (base + m) * s_do + h * D
         delta = tl.sum(_load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32)
@@ -204,16 +212,15 @@ def _bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, DQACC, DQKV,
         for start_m in range(0, N, BLOCK_M):
             m = start_m + tl.arange(0, BLOCK_M)
             m_ok = m < N
-            q_rows = QKV + (base + m) * s_qkv + h * D
             do_rows = DO + (base + m) * s_do + h * D
-            qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA)
+            qa = _load_tile(qr_rows + m * DP, m_ok, 0, DP, BLOCK_M, DA)
             doa = _load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(qa.dtype)
             lse = tl.load(LSE + bh * N + m, mask=m_ok, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(DELTA + bh * N + m, mask=m_ok, other=0.0)
             s = _dot(qa, tl.trans(ka), PREC)
             dp = _dot(doa, tl.trans(va), PREC)
             if HAS_B:
-                qb = _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB)
+                qb = _load_tile(qr_rows + m * DP, m_ok, DA, DP, BLOCK_M, DB)
                 dob = _load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(qa.dtype)
                 s += _dot(qb, tl.trans(kb), PREC)
                 dp += _dot(dob, tl.trans(vb), PREC)
@@ -332,8 +339,10 @@ def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, c
         cos, sin = _tables(cos, sin)
         split = _split(D)
         delta = lse.new_empty((B * H, N))
-        scratch = lse.new_empty((B * H, N, split["DA"] + split["DB"]))  # dQ's fp32 sums (L2-resident per program)
-        args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, scratch, dqkv, N, H,
+        # per (batch x head), L2-resident while its program runs: q rotated, and dQ's fp32 sums
+        qrot = x.new_empty((B * H, N, split["DA"] + split["DB"]))
+        scratch = lse.new_empty((B * H, N, split["DA"] + split["DB"]))
+        args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, qrot, scratch, dqkv, N, H,
                 math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
         const = dict(D=D, **split, PREC=_precision(qkv.dtype))
         if _triton.interpreting():

@@ -139,8 +139,8 @@ def _rope_attention_variants() -> list[Variant]:
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
                "LSE": "*fp32", "N": "i32", "H": "i32", "qk_scale": "fp32"}
     bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
-               "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "DQKV": "*bf16",
-               "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+               "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "QROT": "*bf16", "DQACC": "*fp32",
+               "DQKV": "*bf16", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
     out = []
     for D in (72, 64):
         split = ra._split(D)
