@@ -1,24 +1,34 @@
 """Parity tool: recompute every reference fixture in a folder and compare.
 
-    python -m bench.parity ../shared/parity [--backend reference|triton|cuda|auto] [--rtol 1e-4 --atol 1e-5]
+    python -m bench.parity ../shared/parity [--backend reference|triton|cuda|auto] [--attention NAME]
+                                            [--rtol 1e-4 --atol 1e-5]
 
 For every NAME in DIR/configs.json: build the model from its constructor arguments, load DIR/NAME.pt through
 the public loaders, recompute every output stored in DIR/NAME_io.pt that applies, print max abs / rel errors,
 and exit 1 on any mismatch beyond tolerance (or any fixture that could not be checked).
+
+`--attention` forces one of kernels.attention.CHOICES (default: the chooser's own); each DiT fixture's line
+`attention: ...` says which path its model ran. With `--attention rope-fused` (the fused RoPE attention kernel, which
+runs under the triton / cuda backends, or auto on a GPU), a DiT fixture whose attention it can run but did not is a
+failure, one it cannot run (qk-norm, or no RoPE) is checked on the chooser's path and says why, and a folder where it
+ran on no fixture fails.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Optional, TextIO
 
 import torch
 
 import kernels
+from kernels.attention import CHOICES as ATTENTION_CHOICES, FUSED_BLOCK
+from kernels.backend import forget
 from modeling.checkpoint import load_dit_checkpoint, load_vavae_checkpoint
 from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT, LightningDiTConfig
@@ -115,6 +125,24 @@ def check_vf_loss(dir_: Path, name: str, cfg: dict, io: dict, device: str = "cpu
 
 
 CHECKS = {"lightningdit": check_lightningdit, "vavae": check_vavae, "vf_loss": check_vf_loss}
+FUSED_RAN = f"{FUSED_BLOCK} (triton)"  # what describe() says when the fused attention kernel ran
+
+
+def fused_blocker(cfg: dict) -> Optional[str]:
+    """Why the fused attention kernel cannot run this DiT fixture's attention (None: it can)."""
+    c = LightningDiTConfig(**_ctor_args(LightningDiT, cfg))
+    if not c.use_rope:
+        return "no RoPE (the model calls plain attention)"
+    return "qk-norm is not fused" if c.use_qknorm else None
+
+
+def attention_ran() -> str:
+    """The attention path the last DiT run took, from kernels.describe()."""
+    ran = kernels.describe()["ops"]
+    path, kernel = ran.get("rope_attention"), ran.get("attention")
+    if path is None:
+        return f"attention {kernel}" if kernel else "not run"
+    return f"{path} ({kernel})" if path.startswith("split") and kernel else path
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[float, float, bool]:
@@ -130,9 +158,14 @@ def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> t
     return err.max().item(), rel, ok
 
 
-def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = sys.stdout, device: str = "cpu") -> int:
-    """Check every fixture in dir_, print one line per comparison; returns the number of failures."""
+def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = sys.stdout, device: str = "cpu",
+        attention: Optional[str] = None) -> int:
+    """Check every fixture in dir_, print one line per comparison; returns the number of failures. attention: force
+    that implementation (kernels.set_attention; None leaves the choice as it is, e.g. $VAVAE_ATTENTION's)."""
     dir_ = Path(dir_)
+    if attention is not None:
+        kernels.set_attention(attention)
+    forced = attention or os.environ.get("VAVAE_ATTENTION") or None  # (the env var forces from kernels' import)
     try:
         configs = json.loads((dir_ / "configs.json").read_text())
     except (OSError, ValueError) as e:
@@ -141,7 +174,10 @@ def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = 
     if not isinstance(configs, dict):
         raise FileNotFoundError(f"{dir_ / 'configs.json'}: expected a mapping of fixture name -> config")
     failures = 0
+    print(f"kernels backend: {kernels.get_backend()}; attention: "
+          f"{forced + ' (forced)' if forced else 'the chooser (not forced)'}", file=out)
     print(f"{'fixture':<18} {'check':<44} {'max abs':>10} {'norm rel':>10}  ok", file=out)
+    paths = {}  # DiT fixture -> the attention path its model ran
     for name, cfg in configs.items():
         io_path = dir_ / f"{name}_io.pt"
         kind = cfg.get("kind")
@@ -150,13 +186,23 @@ def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = 
                   f" {'-':>10} {'-':>10}  FAIL", file=out)
             failures += 1
             continue
+        dit = kind == "lightningdit"
+        blocker = fused_blocker(cfg) if dit and forced == FUSED_BLOCK else None
+        if dit:  # what this fixture's model runs, not a previous one's
+            forget("rope_attention")
+            forget("attention")
         try:
+            if blocker:  # forcing would raise: checked on the chooser's path instead, and said so below
+                kernels.set_attention(None)
             io = safe_torch_load(io_path, "parity fixture", map_location=device)
             rows = CHECKS[kind](dir_, name, cfg, io, device)
         except Exception as e:  # a fixture that cannot be recomputed is a failure, with the reason
             print(f"{name:<18} ERROR {type(e).__name__}: {e}", file=out)
             failures += 1
             continue
+        finally:
+            if blocker:
+                kernels.set_attention(forced)
         if not rows:
             print(f"{name:<18} {'(no comparable outputs in io file)':<44} {'-':>10} {'-':>10}  FAIL", file=out)
             failures += 1
@@ -164,7 +210,23 @@ def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = 
             abs_err, rel_err, ok = compare(o, r, rtol, atol)
             failures += not ok
             print(f"{name:<18} {label:<44} {abs_err:>10.2e} {rel_err:>10.2e}  {'ok' if ok else 'FAIL'}", file=out)
+        if dit:
+            paths[name] = path = attention_ran()
+            note = ""
+            if blocker:
+                note = f" -- {FUSED_BLOCK} cannot run this model ({blocker}): checked on the chooser's path"
+            elif forced == FUSED_BLOCK and path != FUSED_RAN:  # e.g. the reference backend: forcing did nothing
+                note = (f" -- FAIL: {FUSED_BLOCK} was forced but did not run (it needs --backend triton or cuda, "
+                        f"or auto on a GPU; TRITON_INTERPRET=1 on the CPU)")
+                failures += 1
+            print(f"{name:<18} attention: {path}{note}", file=out)
     print(f"device: {device}; kernels: {kernels.describe()['ops']}", file=out)
+    fused_on = [n for n, p in paths.items() if p == FUSED_RAN]
+    print(f"attention: {forced or 'not forced'}; ran: "
+          f"{'; '.join(f'{n} {p}' for n, p in paths.items()) or 'no DiT fixture'}", file=out)
+    if forced == FUSED_BLOCK and not fused_on:  # nothing here exercised the fused kernel: not a pass
+        print(f"FAIL: {FUSED_BLOCK} was forced but ran on no fixture", file=out)
+        failures += 1
     print(f"{'all within' if not failures else str(failures) + ' outside'} rtol {rtol}, atol {atol}", file=out)
     return failures
 
@@ -178,7 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--backend", default=None, help="kernels backend to force (reference, triton, cuda, auto)")
     ap.add_argument("--device", default="cpu", help="run the models on this device (fp32), e.g. cuda")
+    ap.add_argument("--attention", default=None, metavar="NAME",
+                    help=f"attention implementation to force, one of {', '.join(ATTENTION_CHOICES)} (default: the "
+                         f"chooser's own); {FUSED_BLOCK} fails where it runs on no fixture")
     args = ap.parse_args(argv)
+    if args.attention is not None and args.attention not in ATTENTION_CHOICES:
+        print(f"error: unknown --attention {args.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}",
+              file=sys.stderr)
+        sys.exit(2)
     if args.backend:
         kernels.set_backend(args.backend)
     if args.device.startswith("cuda"):
@@ -186,12 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():  # (a context: main() called in-process leaves grad mode as it was)
-            failures = run(args.dir, args.rtol, args.atol, device=args.device)
+            failures = run(args.dir, args.rtol, args.atol, device=args.device, attention=args.attention)
     except FileNotFoundError as e:  # a user mistake: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(1 if failures else 0)
-
 
 
 cli = console_entry(__name__)  # the `vavae-parity` console script (setup.py)

@@ -1,6 +1,7 @@
 """GPU checks of the fused paths at training shapes (run by bench/gpu_suite.sh): every backend that is
 available on the machine vs a float64 reference, forward and backward, bf16 and fp32, and one XL block
-training step fused vs reference."""
+training step fused vs reference (also with the fused RoPE attention kernel forced); the attention block's chooser
+timing both of its paths at XL's head shape."""
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ def _need(backend):
 def _reset():
     yield
     kernels.set_backend("auto")
+    kernels.set_attention(None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -113,6 +115,106 @@ def test_xl_block_train_step_fused_matches_reference(backend):
     assert rel_err(o2, o1) < 2e-2
     for a, b in zip(g2, g1):
         assert rel_err(a, b) < 5e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xl_block_train_step_rope_fused_matches_reference(backend):
+    """The same XL block step with the attention block forced to our fused RoPE attention kernel (the model's
+    Attention -> ops.rope_attention -> kernels/rope_attention.py, forward and backward): as close to the reference
+    backend as the other fused paths, and describe() says the fused kernel ran."""
+    from modeling.lightningdit import LightningDiTBlock, VisionRotaryEmbeddingFast
+    torch.manual_seed(0)
+    block = LightningDiTBlock(1152, 16).cuda()  # no qk-norm: the fused kernel's case
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    tables = VisionRotaryEmbeddingFast(36, 16).cuda()
+    x, c = torch.randn(4, 256, 1152, device="cuda"), torch.randn(4, 1152, device="cuda")
+    results = {}
+    for name in ("reference", backend):
+        _need(name) if name != "reference" else kernels.set_backend("reference")
+        kernels.set_attention("rope-fused" if name != "reference" else None)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x, c, tables)
+        grads = torch.autograd.grad(out.float().square().mean(), list(block.parameters()))
+        results[name] = (out.float(), grads)
+        if name != "reference":
+            assert kernels.describe()["ops"]["rope_attention"] == "rope-fused (triton)"
+    (o1, g1), (o2, g2) = results["reference"], results[backend]
+    assert rel_err(o2, o1) < 2e-2
+    for a, b in zip(g2, g1):
+        assert rel_err(a, b) < 5e-2
+
+
+def _rope_attention_reference(qkv, cos, sin, H, g, dtype):
+    """(out, d qkv) of kernels.reference.rope_attention on a `dtype` copy of qkv (the tables stay fp32 unless the
+    copy is float64: the model's bf16 path rotates in fp32 and rounds, as the fused kernel does)."""
+    x = qkv.detach().to(dtype).requires_grad_()
+    tabs = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
+    out = reference.rope_attention(x, *tabs, H)
+    out.backward(g.to(dtype))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_attention_kernel_at_xl_shape(dtype):
+    """The fused RoPE attention kernel (kernels/rope_attention.py, the autotuned sm_90 configurations) at
+    LightningDiT-XL's head shape (16 heads of 72 over 256 tokens, batch 4), forward and d qkv against the reference
+    in float64: fp32 (IEEE products) within rtol 1e-4 / atol 1e-5 of the max; bf16 no further from float64 than
+    1.5x the reference's own error run in bf16 (SDPA on the same rounded q/k/v)."""
+    from kernels.rope_attention import rope_attention_triton
+    from modeling.lightningdit import VisionRotaryEmbeddingFast
+    torch.manual_seed(0)
+    B, N, H, D = 4, 256, 16, 72
+    tables = VisionRotaryEmbeddingFast(D // 2, 16).cuda()
+    cos, sin = tables.freqs_cos, tables.freqs_sin
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda").to(dtype).requires_grad_()
+    g = torch.randn(B, N, H * D, device="cuda").to(dtype)
+    out = rope_attention_triton(qkv, cos, sin, H)
+    out.backward(g)
+    dqkv = qkv.grad
+    assert out.dtype == dqkv.dtype == dtype and out.shape == (B, N, H * D) and dqkv.shape == qkv.shape
+    ref, dref = _rope_attention_reference(qkv, cos, sin, H, g, torch.float64)
+    if dtype == torch.float32:
+        for o, r in ((out, ref), (dqkv, dref)):
+            torch.testing.assert_close(o, r.float(), rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()))
+            assert rel_err(o, r) < 1e-5
+    else:
+        ref16, dref16 = _rope_attention_reference(qkv, cos, sin, H, g, torch.bfloat16)
+        assert rel_err(out, ref) < 1.5 * rel_err(ref16, ref), (rel_err(out, ref), rel_err(ref16, ref))
+        assert rel_err(dqkv, dref) < 1.5 * rel_err(dref16, dref), (rel_err(dqkv, dref), rel_err(dref16, dref))
+
+
+def test_rope_attention_chooser_times_both_paths_on_gpu():
+    """prime_attention at XL's head shape (bf16, training) times the attention block's two paths, split (qkv_rope +
+    the chosen attention kernel) and rope-fused (ours), forward + backward; ops.rope_attention under autocast then
+    runs the faster one (describe() says which) and agrees with the reference backend within bf16 rounding."""
+    from kernels import attention
+    from modeling.lightningdit import VisionRotaryEmbeddingFast
+    _need("triton")
+    kernels.set_attention(None)  # (the suite may run with VAVAE_ATTENTION set: the chooser is under test)
+    B, H, N, D = 4, 16, 256, 72
+    kernels.prime_attention((B, H, N, D), torch.bfloat16, "cuda", training=True)
+    # the block's key in measurements(), as kernels.attention._block_key makes it
+    key = str(("rope_attention", f"cuda:{torch.cuda.current_device()}", torch.bfloat16, (B, H, N, D), "train"))
+    timed = [v for k, v in attention.measurements().items() if k == key]
+    assert len(timed) == 1, attention.measurements()
+    times = timed[0]
+    assert isinstance(times.get("split"), float) and isinstance(times.get("rope-fused"), float), times
+    expect = "rope-fused (triton)" if times["rope-fused"] < times["split"] else "split: qkv_rope + attention"
+    torch.manual_seed(0)
+    tables = VisionRotaryEmbeddingFast(D // 2, 16).cuda()
+    lin = torch.nn.Linear(H * D, 3 * H * D).cuda()
+    x = torch.randn(B, N, H * D, device="cuda", requires_grad=True)
+    results = {}
+    for backend in ("triton", "reference"):
+        kernels.set_backend(backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the qkv Linear's output is bf16: the primed key
+            out = ops.rope_attention(lin(x), tables.freqs_cos, tables.freqs_sin, H)
+        if backend == "triton":
+            assert out.dtype == torch.bfloat16 and kernels.describe()["ops"]["rope_attention"] == expect, times
+        results[backend] = out.float(), torch.autograd.grad(out.float().square().mean(), x)[0]
+    (o1, g1), (o2, g2) = results["triton"], results["reference"]
+    assert rel_err(o1, o2) < 2e-2 and rel_err(g1, g2) < 5e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,12 +1,25 @@
-"""The authors' code, run on fixed weights and inputs, must be reproduced in fp32 (rtol 1e-4, atol 1e-5)."""
+"""The authors' code, run on fixed weights and inputs, must be reproduced in fp32 (rtol 1e-4, atol 1e-5), and on
+every backend path: the last tests run the DiT fixtures with our fused RoPE attention kernel forced (kernels.ops.
+rope_attention's "rope-fused"), through the Triton interpreter on the CPU."""
 import io as _io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
 import torch
 
-from bench import parity
-from modeling import (AutoencoderKL, LightningDiT, load_dit_checkpoint, load_vavae_checkpoint, sample, time_grid,
-                      vf_loss)
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels (conftest sets it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from bench import parity  # noqa: E402
+from modeling import (AutoencoderKL, LightningDiT, load_dit_checkpoint, load_vavae_checkpoint, sample,  # noqa: E402
+                      time_grid, vf_loss)
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -105,3 +118,101 @@ def test_parity_tool_passes_and_catches_a_mismatch(parity_dir, tmp_path):
     buf = _io.StringIO()
     assert parity.run(tmp_path, out=buf) == 1
     assert "FAIL" in buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- the fused attention kernel
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the Triton kernels in the interpreter
+FUSED = "rope-fused (triton)"  # what describe() says when the fused kernel ran
+
+
+@pytest.fixture
+def fused_attention():
+    """The triton backend with the fused attention kernel forced, fp32 arithmetic on a GPU; restored after."""
+    ok, why = kernels.backend.triton_status(torch.empty(0, device=DEV))
+    assert ok, why  # never a skip: the CPU has the interpreter (conftest turns it on before triton is imported)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    kernels.set_backend("triton")
+    kernels.set_attention("rope-fused")
+    yield
+    kernels.set_backend("auto")
+    kernels.set_attention(None)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_dit_fused_attention_forward_and_loss(parity_dir, parity_configs, fused_attention):
+    """lightningdit_a (RoPE, no qk-norm, head_dim 64) with the fused kernel: the raw weights' forward and the loss
+    terms within fp32 parity, and describe() says the fused kernel ran. (The EMA forward runs in the CLI test below;
+    the sampler, 14 model calls, takes 25 s in the interpreter and adds no attention shape: not here.)"""
+    from modeling import flow_loss
+    model, io = _dit(parity_dir, parity_configs, "lightningdit_a", "model")
+    model, io = model.to(DEV), {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in io.items()}
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["y"])
+        assert kernels.describe()["ops"]["rope_attention"] == FUSED
+        torch.testing.assert_close(out, io["out_model"], rtol=RTOL, atol=ATOL)
+        kernels.backend.forget("rope_attention")
+        load_dit_checkpoint(parity_dir / "lightningdit_a.pt", model, "ema")
+        r = flow_loss(model, io["loss_x1"], io["loss_y"], t=io["loss_t"], x0=io["loss_x0"])
+    assert kernels.describe()["ops"]["rope_attention"] == FUSED
+    for term, key in (("mse", "loss_mse"), ("cos", "loss_cos"), ("loss", "loss_total")):
+        torch.testing.assert_close(r[term], io[key], rtol=RTOL, atol=ATOL)
+
+
+def test_dit_fused_attention_refuses_qk_norm(parity_dir, parity_configs, fused_attention):
+    """lightningdit_b has qk-norm, which the fused kernel does not do: forcing it there is one clear error."""
+    model, io = _dit(parity_dir, parity_configs, "lightningdit_b")
+    with torch.no_grad(), pytest.raises(kernels.BackendUnavailable, match="qk-norm"):
+        model.to(DEV)(io["x"].to(DEV), io["t"].to(DEV), io["y"].to(DEV))
+
+
+def _forward_only_fixtures(parity_dir, dest, names=("lightningdit_a", "lightningdit_b")):
+    """A fixture folder with the DiT fixtures' EMA forward only (the rest costs minutes in the interpreter)."""
+    dest.mkdir()
+    configs = json.loads((parity_dir / "configs.json").read_text())
+    (dest / "configs.json").write_text(json.dumps({n: configs[n] for n in names}))
+    for n in names:
+        shutil.copy(parity_dir / f"{n}.pt", dest / f"{n}.pt")
+        io = torch.load(parity_dir / f"{n}_io.pt", weights_only=False)
+        torch.save({k: io[k] for k in ("x", "t", "y", "out_ema")}, dest / f"{n}_io.pt")
+    return dest
+
+
+def test_parity_cli_with_the_fused_attention(parity_dir, tmp_path):
+    """`python -m bench.parity DIR --backend triton --attention rope-fused` (in the interpreter on the CPU) exits 0,
+    says the fused kernel ran on lightningdit_a, and that it cannot run lightningdit_b (qk-norm), which it checks on
+    the chooser's path instead (~13 s on 2 cores)."""
+    from multiproc import env
+    d = _forward_only_fixtures(parity_dir, tmp_path / "fixtures")
+    child = {**env(), "TRITON_INTERPRET": "1"} if DEV == "cpu" else env()
+    child.pop("VAVAE_ATTENTION", None)
+    res = subprocess.run([sys.executable, "-m", "bench.parity", str(d), "--backend", "triton", "--attention",
+                          "rope-fused", "--device", DEV], env=child, capture_output=True, text=True, timeout=300,
+                         cwd=Path(parity.__file__).resolve().parents[1])
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text
+    assert "attention: rope-fused (forced)" in text and "all within" in text and "FAIL" not in text
+    assert f"lightningdit_a     attention: {FUSED}" in text
+    assert "lightningdit_b     attention: split" in text and "cannot run this model (qk-norm is not fused)" in text
+
+
+def test_parity_tool_fails_where_the_forced_fused_attention_does_not_run(parity_dir, tmp_path, capsys):
+    """Forced rope-fused under the reference backend (which never runs it) is no silent pass: the fixture it could
+    run fails, and so does the run where it ran on no fixture; an unknown --attention name is one line, exit 2."""
+    d = _forward_only_fixtures(parity_dir, tmp_path / "fixtures")
+    kernels.set_backend("reference")
+    buf = _io.StringIO()
+    try:
+        with torch.no_grad():
+            assert parity.run(d, out=buf, attention="rope-fused") == 2
+    finally:
+        kernels.set_backend("auto")
+        kernels.set_attention(None)
+    text = buf.getvalue()
+    assert "lightningdit_a     attention: reference -- FAIL: rope-fused was forced but did not run" in text
+    assert "FAIL: rope-fused was forced but ran on no fixture" in text
+    with pytest.raises(SystemExit) as e:
+        parity.main([str(d), "--attention", "flash"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown --attention 'flash'" in err and err.count("\n") == 1
