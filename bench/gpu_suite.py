@@ -35,18 +35,21 @@ TINY_CONFIG = "configs/dit_tiny_cpu.yaml"
 # (backend spec, batch): the headline (auto kernels + per-block compile), the reference-ops baseline (the
 # authors' model code path: their blocks are @torch.compile'd reference ops), and FP8, at 256 and 128.
 # Issue 18's order, so that the budget cuts the least important: the bf16 headline and FP8 (fp8.quant auto =
-# inline), each with a kernel-time profile; then (after the ops table) our fused kernels everywhere under compile
-# (`fused`: the trainer's own A/B of kernels/compiled_choices.json: ours against inductor's fusion, end to end),
-# the reference, our FP8 with the activations quantized in our kernels (fp8ours, 515 vs 551 img/s inline on
-# 2026-12-04), FP8 with the weight gradient in bf16 (gwhp: what the wgrad's column quantization costs), then
-# what 2026-12-04 measured already (the SwiGLU recomputation, inductor's multi-kernel),
-# torchao's FP8 and batch 128.
-TRAIN_CASES = [("auto+compiled", 256), ("auto+compiled+fp8mm", 256), ("fused+compiled", 256),
-               ("reference+compiled", 256), ("auto+compiled+fp8mm+fp8ours", 256),
-               ("auto+compiled+fp8mm+gwhp", 256), ("auto+compiled+recompute", 256),
-               ("auto+compiled+multikernel", 256), ("auto+compiled+fp8", 256), ("auto+compiled", 128),
-               ("auto+compiled+fp8mm", 128), ("reference+compiled", 128), ("auto+compiled+fp8", 128)]
-PROFILED_CASES = 2  # the first two cases get a 2-step kernel-time profile (bf16 and FP8 headlines)
+# inline), then the bf16 headline with attention forced to our fused RoPE attention kernel (ropefused:
+# train.attention=rope-fused, against auto's pick, end to end), each with a kernel-time profile; then (after the
+# ops table) our fused kernels everywhere under compile (`fused`: the trainer's own A/B of
+# kernels/compiled_choices.json: ours against inductor's fusion, end to end), the reference, our FP8 with the
+# activations quantized in our kernels (fp8ours, 515 vs 551 img/s inline on 2026-12-04), FP8 with the weight
+# gradient in bf16 (gwhp: what the wgrad's column quantization costs), FP8 with our fused RoPE attention
+# (fp8mm+ropefused: the FP8 headline's A/B of it), then what 2026-12-04 measured already (the SwiGLU
+# recomputation, inductor's multi-kernel), torchao's FP8 and batch 128.
+TRAIN_CASES = [("auto+compiled", 256), ("auto+compiled+fp8mm", 256), ("auto+compiled+ropefused", 256),
+               ("fused+compiled", 256), ("reference+compiled", 256), ("auto+compiled+fp8mm+fp8ours", 256),
+               ("auto+compiled+fp8mm+gwhp", 256), ("auto+compiled+fp8mm+ropefused", 256),
+               ("auto+compiled+recompute", 256), ("auto+compiled+multikernel", 256), ("auto+compiled+fp8", 256),
+               ("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("reference+compiled", 128),
+               ("auto+compiled+fp8", 128)]
+PROFILED_CASES = 3  # the first three cases get a 2-step kernel-time profile (bf16 and FP8 headlines, ropefused)
 SMOKE_OVERRIDES = ["train.precision=bf16", "train.zero_stage=0", "train.compile_backend=eager"]  # CPU: no C++ builds
 
 
@@ -168,8 +171,9 @@ def train_case(smoke: bool, spec: str, batch: int, profile_steps: int = 0, timeo
     """One bench.throughput case (the trainer's step, as fit runs it) in a fresh process."""
     from bench.throughput import run_train_case_subprocess
     config = TINY_CONFIG if smoke else XL_CONFIG
+    # smoke: ropefused runs our kernel in the Triton interpreter (train.kernels auto runs no Triton on the CPU)
     overrides = SMOKE_OVERRIDES + (["fp8.allow_cpu=true", "model.hidden_size=48"] if "fp8" in spec else []) \
-        if smoke else []
+        + (["train.kernels=triton"] if "ropefused" in spec else []) if smoke else []
     row = run_train_case_subprocess(REPO / config, spec, 2 if smoke else batch, overrides,
                                     warmup=1 if smoke else 3, iters=1 if smoke else 8, timeout=timeout,
                                     profile_steps=(1 if smoke else profile_steps))
@@ -351,10 +355,10 @@ def main() -> None:
     if a.part in ("A", "all"):
         ceil = s.section("ceilings", ceilings, smoke) or {}
         peak = ceil.get("bf16_matmul_TFLOPs")
-        # smoke: the bf16 headline, FP8 and the reference (the interpreter makes `fused` minutes on the CPU)
-        cases = [*TRAIN_CASES[:2], ("reference+compiled", 256)] if smoke else TRAIN_CASES
-        # issue 18's order, so that the budget cuts the least important: the headlines (bf16, FP8) with their
-        # kernel-time profiles, the per-op table against inductor, the A/B cases, the user's CLI, the rest
+        # smoke: the profiled cases and the reference (the interpreter makes `fused` minutes on the CPU)
+        cases = [*TRAIN_CASES[:PROFILED_CASES], ("reference+compiled", 256)] if smoke else TRAIN_CASES
+        # issue 18's order, so that the budget cuts the least important: the headlines (bf16, FP8) and ropefused with
+        # their kernel-time profiles, the per-op table against inductor, the A/B cases, the user's CLI, the rest
         for i, case in enumerate(cases[:PROFILED_CASES]):
             _train(s, smoke, case, peak, profile_steps=2)
             if i == 0:

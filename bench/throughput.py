@@ -11,6 +11,9 @@ A backend spec is shorthand for trainer config switches, joined with '+' (bench.
   eager -> train.compile=none      compiled -> train.compile=blocks
   auto / reference / triton / cuda -> train.kernels   fused -> train.kernels=cuda if built, else triton
   fp8 -> fp8.backend=torchao       zero0 .. zero3 -> train.zero_stage
+  fp8mm -> fp8.backend=scaled_mm (with fp8inline / fp8ours -> fp8.quant, gwhp -> fp8.recipe=rowwise_with_gw_hp)
+  ropefused -> train.attention=rope-fused (our fused RoPE attention kernel instead of auto's measured pick)
+  multikernel -> inductor's multi-kernel (train.compile_options)   recompute -> train.recompute=swiglu
 Anything else goes through `--set key=value` (e.g. --set train.precision=fp32). Each case runs in a fresh
 process (its own CUDA memory, compile state and DeepSpeed engine); a part that cannot run fails the case with
 its error, nothing falls back silently. Several GPUs: `torchrun --nproc_per_node N -m bench.throughput
@@ -86,7 +89,7 @@ def run_train_case(config: str | Path, spec: str, batch_size: int, extra_overrid
                 "median_s": sec, "times_s": times, "losses": losses, "img_per_s": img_s,
                 "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
                 "mfu": tflops / peak_tflops if peak_tflops else None, **peak_memory(trainer.device),
-                "kernels_backend": cfg.train.kernels, "fp8": trainer.fp8_desc,
+                "kernels_backend": cfg.train.kernels, "attention": cfg.train.attention, "fp8": trainer.fp8_desc,
                 "environment": environment(trainer.device)}
 
 

@@ -296,9 +296,9 @@ def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return None
     choice = prime(shape, dtype, device, training, agree)
     if choice is not None:
-        B, H, N, D = shape
-        block = _block_chosen.get(("rope_attention", str(torch.device(device)), dtype, tuple(shape),
-                                   "train" if training else "infer"), "split")
+        block = FUSED_BLOCK + " (forced)" if _state["forced"] == FUSED_BLOCK else _block_chosen.get(
+            ("rope_attention", str(torch.device(device)), dtype, tuple(shape), "train" if training else "infer"),
+            "split")
         log.info("attention for %s %s (%s): %s, block %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
                  "training" if training else "inference", choice, block, measurements())
     return choice

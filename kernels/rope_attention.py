@@ -117,10 +117,11 @@ def _store_tile(rows, ok, d0, x, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, qk_scale,
-                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # D channels per head as tiles of DA and (HAS_B) DB channels (head_split)
+def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, BH, qk_scale,
+                          D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # D channels per head as tiles of DA and (HAS_B) DB channels (head_split); BH (batch x heads) only keys the
+    # autotuner
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -164,9 +165,10 @@ def _fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, qk_scale,
 
 
 @triton.jit
-def _bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QROT, DQACC, DQKV, N, H, qk_scale, sm_scale,
-                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QROT, DQACC, DQKV, N, H, BH,
+                          qk_scale, sm_scale,
+                          D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -265,8 +267,10 @@ def _configs(tiles) -> list:
 
 # Both kernels write every output element on each run (the backward's scratch is written before it is read), so
 # the autotuner times its configs on the real buffers.
-_fwd_tuned = triton.autotune(configs=_configs(FWD_TILES), key=["D", "PREC", "N"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_configs(BWD_TILES), key=["D", "PREC", "N"])(_bwd_kernel)
+# Keyed by the program count too (BH = batch x heads): a choice made at one sample (a start-up check) is not
+# reused at the training batch.
+_fwd_tuned = triton.autotune(configs=_configs(FWD_TILES), key=["D", "PREC", "N", "BH"])(_rope_attn_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_configs(BWD_TILES), key=["D", "PREC", "N", "BH"])(_rope_attn_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- checks, launchers, autograd
@@ -312,11 +316,11 @@ def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> 
     if B * N * H * D:
         x = _triton.rows_2d(qkv)
         cos, sin = _tables(cos, sin)
-        args = (x, x.stride(0), cos, sin, out, H * D, lse, N, H, math.log2(math.e) / math.sqrt(D))
+        args = (x, x.stride(0), cos, sin, out, H * D, lse, N, H, B * H, math.log2(math.e) / math.sqrt(D))
         const = dict(D=D, **_split(D), PREC=_precision(qkv.dtype))
         if _triton.interpreting():
             bm, bn = _INTERPRETER_TILE
-            _fwd_kernel[(triton.cdiv(N, bm), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+            _rope_attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
         else:
             _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](*args, **const)
     return out, lse
@@ -343,11 +347,11 @@ def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, c
         qrot = x.new_empty((B * H, N, split["DA"] + split["DB"]))
         scratch = lse.new_empty((B * H, N, split["DA"] + split["DB"]))
         args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, qrot, scratch, dqkv, N, H,
-                math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
+                B * H, math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
         const = dict(D=D, **split, PREC=_precision(qkv.dtype))
         if _triton.interpreting():
             bm, bn = _INTERPRETER_TILE
-            _bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+            _rope_attn_bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
         else:
             _bwd_tuned[(B * H,)](*args, **const)
     return dqkv

@@ -137,15 +137,15 @@ def _rope_attention_variants() -> list[Variant]:
     its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
     from . import rope_attention as ra
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
-               "LSE": "*fp32", "N": "i32", "H": "i32", "qk_scale": "fp32"}
+               "LSE": "*fp32", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
     bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
                "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "QROT": "*bf16", "DQACC": "*fp32",
-               "DQKV": "*bf16", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+               "DQKV": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
     out = []
     for D in (72, 64):
         split = ra._split(D)
-        for which, kernel, sig, tiles in (("fwd", ra._fwd_kernel, fwd_sig, ra.FWD_TILES),
-                                          ("bwd", ra._bwd_kernel, bwd_sig, ra.BWD_TILES)):
+        for which, kernel, sig, tiles in (("fwd", ra._rope_attn_fwd_kernel, fwd_sig, ra.FWD_TILES),
+                                          ("bwd", ra._rope_attn_bwd_kernel, bwd_sig, ra.BWD_TILES)):
             for m, n, w, st in tiles:
                 const = {"D": D, **split, "PREC": "tf32", "BLOCK_M": m, "BLOCK_N": n}
                 out.append(Variant(f"rope_attention {which} D={D} BLOCK_M={m} BLOCK_N={n} warps={w} stages={st}",

@@ -181,13 +181,17 @@ def test_profile_categories_name_our_kernels():
     import kernels
     from bench.kernel_time import categorize
     ours = [obj.fn.__name__ for mod in (kernels.fused_norm, kernels.gated_residual, kernels.swiglu, kernels.rope,
-                                        kernels.qkv_rope, kernels.fp8_quant, kernels.linear_swiglu)
+                                        kernels.qkv_rope, kernels.fp8_quant, kernels.linear_swiglu,
+                                        kernels.rope_attention)
             for obj in vars(mod).values()  # jitted or interpreted kernels (their autotuners wrap the same ones)
             if isinstance(obj, triton.runtime.jit.KernelInterface) and inspect.isfunction(getattr(obj, "fn", None))
             and obj.fn.__name__.endswith("_kernel")]  # not the @triton.jit helpers they call
     assert {"_quant_rows_kernel", "_swiglu_quant_kernel", "_qkv_rope_fwd_kernel", "_norm_bwd_kernel"} <= set(ours)
     gemm = "_linear_swiglu_gemm_kernel"  # the w12 GEMM with SwiGLU in its epilogue: GEMM time
-    assert {n: categorize(n) for n in ours} == {n: "matmul" if n == gemm else "fused glue (ours)" for n in ours}
+    attn = {"_rope_attn_fwd_kernel", "_rope_attn_bwd_kernel"}  # the fused RoPE attention: attention time
+    assert attn <= set(ours)
+    assert {n: categorize(n) for n in ours} == {
+        n: "matmul" if n == gemm else "attention" if n in attn else "fused glue (ours)" for n in ours}
     assert categorize("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_0") == "inductor fusions"
     assert categorize("triton_poi_fused__scaled_dot_product_cudnn_attention_transpose_1") == "inductor fusions"
     assert categorize("triton_tem_fused_mm_0") == "matmul"  # max-autotune's GEMM templates

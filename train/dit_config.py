@@ -87,6 +87,12 @@ class TrainConfig(TrainSection):
     time_dist: Literal["logit_normal", "uniform"] = "logit_normal"   # distribution of the flow time t
     use_cosine_loss: bool = True        # add the cosine loss of the velocity (the paper's)
     kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"  # kernels.ops backend (see docs/kernels.md)
+    # attention's implementation (kernels/attention.py; the names of kernels.attention.CHOICES): auto = measured at
+    # start-up at this run's shape, rank 0's choice on every rank; else forced: fa3, fa2, one SDPA kernel (sdpa-*),
+    # sdpa (PyTorch's per-call pick), rope-fused (our fused RoPE attention kernel, kernels/rope_attention.py; no
+    # qk-norm). A forced kernel that cannot run is a one-line error.
+    attention: Literal["auto", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa",
+                       "rope-fused"] = "auto"
     # activations recomputed in the backward instead of kept (train/recompute.py): swiglu = each block's SwiGLU
     # output, from w12's output (XL/1 batch 256: 10.5 GiB less, for one more SwiGLU pass per block in the backward)
     recompute: Literal["none", "swiglu"] = "none"
@@ -101,6 +107,9 @@ class TrainConfig(TrainSection):
                 "compile: blocks does not work with zero_stage: 3 (ZeRO-3 gathers each module's parameters in "
                 "forward hooks that torch.compile cannot trace); use zero_stage 0-2 (XL/1's fp32 weights, "
                 "gradients and Adam state fit one GPU) or compile: none")
+        require(self.attention == "auto" or self.kernels != "reference",
+                f"attention: {self.attention} is not run by kernels: reference (its attention is plain SDPA); use "
+                f"kernels auto, triton or cuda, or attention: auto")
 
 
 @dataclass
@@ -170,6 +179,11 @@ class DiTTrainConfig(TrainerConfig):
     dist: DistSection = field(default_factory=DistSection)
 
     def validate(self) -> None:
+        if self.train.attention == "rope-fused":  # the fused kernel has RoPE and no qk-norm: it would never run
+            require(not self.model.use_qknorm, "train.attention: rope-fused has no qk-norm (model.use_qknorm: true); "
+                                               "use train.attention: auto or a q/k/v kernel (fa3, sdpa-cudnn, ...)")
+            require(self.model.use_rope, "train.attention: rope-fused is RoPE fused into attention and "
+                                         "model.use_rope is false; use train.attention: auto or a q/k/v kernel")
         if self.train.recompute == "swiglu":
             require(self.model.use_swiglu, "train.recompute: swiglu needs model.use_swiglu: true (this MLP is GELU)")
             require(not self.model.use_checkpoint, "train.recompute: swiglu with model.use_checkpoint: true: the whole "

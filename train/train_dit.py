@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 import kernels
-from kernels.attention import CHOICES
+from kernels.attention import CHOICES, FUSED_BLOCK
 from modeling import fp8 as fp8_lib
 from modeling.checkpoint import save_pretrained, to_reference_dit_format
 from modeling.config import ConfigError, console_entry
@@ -30,7 +30,7 @@ from modeling.lightningdit import LightningDiT
 from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
 from .checkpoint import atomic_torch_save
 from .distributed import barrier, from_rank0
-from .dit_config import DiTTrainConfig
+from .dit_config import DiTTrainConfig, TrainConfig
 from .ema import EMA, _gathered
 from .errors import trainer_main
 from .guard import NonFiniteError, poison  # noqa: F401 (NonFiniteError: re-exported)
@@ -78,6 +78,47 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
                 for k, v in module.state_dict().items()}
 
 
+# ----------------------------------------------------------------------------- kernels
+
+def set_kernels(train: TrainConfig) -> None:
+    """The `train` section's kernel switches, for this process: the kernels.ops backend (train.kernels) and
+    attention's implementation (train.attention: auto = timed later by kernels.prime_attention, else forced; like
+    train.kernels over VAVAE_KERNELS, the config's value wins over VAVAE_ATTENTION)."""
+    forced = None if train.attention == "auto" else train.attention
+    env = os.environ.get("VAVAE_ATTENTION") or None
+    if env is not None and env != forced:
+        log.warning("VAVAE_ATTENTION=%s is overridden by train.attention: %s", env, train.attention)
+    kernels.set_backend(train.kernels)
+    kernels.set_attention(forced)
+
+
+def check_forced_attention(model: LightningDiT, name: str, dtype: torch.dtype, device: torch.device) -> str:
+    """Run the forced attention implementation `name` once, eagerly (forward, one sample of the model's shape):
+    one that cannot run here, or that the kernels backend would not run at all (`auto` runs the reference ops off a
+    GPU), raises BackendUnavailable now, in one line, not inside a compiled block's trace (where torch.compile
+    reports the exception as its own error). Returns what ran, as kernels.describe()["ops"] records it."""
+    B, H, N, D = model.attention_shape(1)
+    op = "rope_attention" if name == FUSED_BLOCK else "attention"
+    try:
+        with torch.no_grad():
+            if op == "rope_attention":
+                qkv = torch.randn(B, N, 3 * H * D, dtype=dtype, device=device)
+                kernels.ops.rope_attention(qkv, model.feat_rope.freqs_cos, model.feat_rope.freqs_sin, H)
+            else:
+                q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device) for _ in range(3))
+                kernels.ops.attention(q, k, v)
+    except Exception as e:  # a missing package, a kernel that does not take this shape or dtype, no Triton
+        why = (str(e).splitlines() or [""])[0][:300]
+        raise kernels.BackendUnavailable(f"train.attention: {name} cannot run here ({type(e).__name__}: {why}); "
+                                         f"use train.attention: auto") from e
+    ran = kernels.describe()["ops"].get(op, "nothing")
+    if ran.split(" ")[0] != name:
+        raise kernels.BackendUnavailable(
+            f"train.attention: {name} is not run by train.kernels: {kernels.get_backend()} on {device.type} (its "
+            f"{op} ran {ran}); use train.kernels triton or cuda, or train.attention: auto")
+    return ran
+
+
 # ----------------------------------------------------------------------------- trainer
 
 class DiTTrainer(TrainerBase):
@@ -95,7 +136,7 @@ class DiTTrainer(TrainerBase):
 
     def build_model(self) -> None:
         cfg = self.cfg
-        kernels.set_backend(cfg.train.kernels)
+        set_kernels(cfg.train)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = LightningDiT(cfg.model.architecture()).to(self.device)
         self.fp8_desc = "off"
@@ -112,9 +153,17 @@ class DiTTrainer(TrainerBase):
                 block.compile(**cfg.train.compile_kwargs(), fullgraph=True)
         # attention's implementation is timed here, at this run's shape: inside the compiled blocks nothing can be
         # timed, and SDPA's own first choice (FlashAttention) is not the fastest on Hopper. Every rank runs rank 0's.
-        kernels.prime_attention(model.attention_shape(cfg.train.batch_per_gpu),
-                                torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, self.device,
-                                training=True, agree=lambda c: from_rank0(c, CHOICES, self.device))
+        # A forced one (train.attention) is run once instead, so that one which cannot run stops the run here.
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        if cfg.train.attention != "auto":
+            ran = check_forced_attention(model, cfg.train.attention, dtype, self.device)
+            self.attention_desc = f"{cfg.train.attention} (forced; ran {ran})"
+        chosen = kernels.prime_attention(model.attention_shape(cfg.train.batch_per_gpu), dtype, self.device,
+                                         training=True, agree=lambda c: from_rank0(c, CHOICES, self.device))
+        if cfg.train.attention == "auto":
+            self.attention_desc = (f"auto (q/k/v kernel measured: {chosen})" if chosen else
+                                   "auto (nothing to measure on this device and kernels backend)")
+        self._first_step_logged = False
         self.flops_per_image = model.flops_per_sample(train=True)
         self.ema = EMA(model, cfg.train.ema_decay)
         self.model = model
@@ -151,7 +200,7 @@ class DiTTrainer(TrainerBase):
         cfg = self.cfg
         return (f"world {self.info.world_size}, grad accumulation {self.grad_accum}, ZeRO {cfg.train.zero_stage}, "
                 f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile_desc()}, recompute "
-                f"{cfg.train.recompute}, kernels "
+                f"{cfg.train.recompute}, attention {self.attention_desc}, kernels "
                 f"{kernels.describe()}, {self.flops_per_image / 1e9:.2f} GFLOP/img, {self.threads} CPU threads")
 
     def fetch_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +213,15 @@ class DiTTrainer(TrainerBase):
         return lat, y.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ one optimizer step
+
+    def step_on_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+        out = super().step_on_device(batch)
+        if not self._first_step_logged:  # what ran is recorded in the first forward (under compile: in its trace)
+            self._first_step_logged = True
+            ran = kernels.describe()["ops"]
+            log.info("kernels in the first step: attention block %s, attention %s; every op: %s",
+                     ran.get("rope_attention", "-"), ran.get("attention", "-"), ran)
+        return out
 
     def optimize(self, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         """grad_accum micro-batches of `batch`, then the AdamW step and the EMA update. Metrics: loss / mse / cos
@@ -262,7 +320,7 @@ def train(cfg: DiTTrainConfig, eval_fn: Optional[EvalFn] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return trainer_main("train.train_dit", __doc__, DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)),
-                        argv, extra_user_errors=(fp8_lib.FP8Unavailable,))
+                        argv, extra_user_errors=(fp8_lib.FP8Unavailable, kernels.BackendUnavailable))
 
 
 cli = console_entry(__name__)  # the `vavae-train-dit` console script (setup.py)
