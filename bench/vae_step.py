@@ -13,6 +13,8 @@ decode cost). Modes (trainer config switches):
     fp32              train.precision=fp32, eager: the authors' precision (cuDNN's default TF32 convolutions)
     bf16              train.precision=bf16 (DeepSpeed torch_autocast; adaptive-weight layers in fp32)
     bf16_cl           bf16 + train.channels_last=true
+    bf16_cl_refops    bf16_cl + train.kernels=reference: torch's GroupNorm and SiLU instead of our kernels'
+                      (kernels.ops.group_norm_silu), the A/B of our GroupNorm in the same run
     bf16_cl_compile   bf16_cl + train.compile=blocks
 
 Each mode is timed at --batch (8, the reference's per-GPU batch) and then at the largest batch that fits (doubling
@@ -20,8 +22,9 @@ until out of memory or --max-batch). The fastest non-fp32 mode at --batch is "ou
 
 Latent extraction (encode the images and their mirrors, sample the posterior: what `python -m train.data extract`
 computes per batch) is timed on the fp32 trainer's autoencoder (plain weights, as `extract` loads them: none of
-the bf16 trainer's fp32-layer patches) in three variants: `fp32`, `bf16` (autocast: `extract --amp bf16`) and
-`bf16_cl` (bf16 autocast, channels_last images). Two untimed calls first (cuDNN builds its plan for a shape on the
+the bf16 trainer's fp32-layer patches) in four variants: `fp32`, `bf16` (autocast: `extract --amp bf16`),
+`bf16_cl` (bf16 autocast, channels_last images) and `bf16_cl_refops` (the same with torch's GroupNorm: kernels
+backend reference). Two untimed calls first (cuDNN builds its plan for a shape on the
 first call). Its img/s counts source images (two latents each).
 
 Why bf16 extraction need not beat fp32 (read in torch's autocast_mode.h and group_norm.cpp; `groupnorm_probe`
@@ -32,7 +35,11 @@ autocast region, i.e. one call), and a residual add with an fp32 operand is fp32
 stay fp32 with a cast on either side of every conv. And CUDA's native_group_norm makes its input NCHW-contiguous:
 channels_last activations go back to NCHW (a copy) at the first GroupNorm and stay NCHW after it, so channels_last
 only reaches the first conv (an NHWC GroupNorm is the subject of pytorch/pytorch#191945, not checked against the
-torch 2.11 of the first H200 run: `groupnorm_probe` says what that torch does). The model is not changed here.
+torch 2.11 of the first H200 run: `groupnorm_probe` says what that torch does). On 2026-12-04 bf16 extraction ran
+at 156 img/s against fp32's 394. Since then the model's GroupNorm + SiLU is one op (kernels.ops.group_norm_silu):
+on a GPU our kernels read and write the activations in their own dtype and layout (bf16 stays bf16, NHWC stays
+NHWC); the `refops` mode and extraction variant run torch's beside them. The kernels backend is process-wide: each
+measurement sets its trainer's `train.kernels` first.
 
 Profile (--profile; default on with a GPU, off on the CPU): our fastest mode's step at --batch and each extraction
 variant, --profile-calls calls after a warm-up call, under torch.profiler (bench.kernel_time.kernel_times with
@@ -81,9 +88,12 @@ MODES = {
     "fp32": ["train.precision=fp32"],
     "bf16": ["train.precision=bf16"],
     "bf16_cl": ["train.precision=bf16", "train.channels_last=true"],
+    "bf16_cl_refops": ["train.precision=bf16", "train.channels_last=true", "train.kernels=reference"],
     "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=blocks"],
 }
-EXTRACTION = {"fp32": (False, False), "bf16": (True, False), "bf16_cl": (True, True)}  # (bf16 autocast, NHWC)
+# (bf16 autocast, NHWC, kernels backend)
+EXTRACTION = {"fp32": (False, False, "auto"), "bf16": (True, False, "auto"), "bf16_cl": (True, True, "auto"),
+              "bf16_cl_refops": (True, True, "reference")}
 
 # bench.kernel_time's CATEGORIES are the DiT's: there cuDNN's convolutions would count as "attention" ("cudnn") and
 # GroupNorm, casts and layout transforms as "other". First match wins; lower-case substrings of CUDA kernel names
@@ -93,6 +103,8 @@ EXTRACTION = {"fp32": (False, False), "bf16": (True, False), "bf16_cl": (True, T
 # "elementwise_kernel<...GroupNormKernelImplInternal...>"; tests/test_bench_vae.py holds real kernel names.
 VAE_CATEGORIES = (
     ("inductor fusions", ("triton_poi", "triton_red", "triton_per")),
+    # ours (kernels/group_norm.py: _group_norm_*_kernel), apart from torch's GroupNorm kernels
+    ("group norm + SiLU (ours)", ("_group_norm_",)),
     ("layout transforms (cuDNN nchw<->nhwc)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
     ("normalization (group / batch / layer norm)", (
         "group_norm", "groupnorm", "rowwisemoments", "computefusedparams", "computeinternalgradients",
@@ -164,8 +176,21 @@ def images(trainer: Trainer, batch: int, seed: int = 0, channels_last: bool | No
     return x.contiguous(memory_format=torch.channels_last) if nhwc else x
 
 
+def use_kernels(trainer: Trainer) -> None:
+    """The kernels backend this trainer was built for (train.kernels): the switch is process-wide, and the modes'
+    trainers are built one after another, then measured again (the batch search, the profile)."""
+    import kernels
+    kernels.set_backend(trainer.cfg.train.kernels)
+
+
+def kernels_ran() -> dict:
+    import kernels
+    return kernels.describe()["ops"]
+
+
 def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
     """img/s, ms per step and peak memory of the trainer's step at this batch (OOM -> raises)."""
+    use_kernels(trainer)
     x = images(trainer, batch)
     for _ in range(warmup):  # step_on_device: the step as Trainer.fit runs it (it advances trainer.step)
         if not trainer.step_on_device(x).applied:
@@ -414,6 +439,7 @@ def split_events(all_events: Iterable[Any], cuda: bool) -> dict:
 
 def profile_step(trainer: Trainer, batch: int, calls: int) -> dict:
     """Our mode's step at `batch`: profile_call over `calls` steps, then the component split of one more step."""
+    use_kernels(trainer)
     x = images(trainer, batch)
     out = {"batch": batch, **profile_call(lambda: trainer.step_on_device(x), calls, trainer.device)}
     out["components"] = component_times(trainer, x)
@@ -466,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     from modeling.config import cli_parser
     ap = cli_parser("bench.vae_step", __doc__)
     ap.add_argument("--out", default="runs/vae_step.json", help="JSON result file")
-    ap.add_argument("--modes", default="fp32,bf16,bf16_cl", help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--modes", default="fp32,bf16,bf16_cl,bf16_cl_refops", help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--batch", type=int, default=8, help="the per-GPU batch every mode is timed at")
     ap.add_argument("--max-batch", type=int, default=256, help="largest batch tried by the doubling search (0: skip)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
@@ -540,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 free_after_oom(trainer)
                 r = {"batch": a.batch, "error": "out of memory"}
-            result["modes"][mode] = {"overrides": MODES[mode], f"batch_{a.batch}": r}
+            result["modes"][mode] = {"overrides": MODES[mode], f"batch_{a.batch}": r,
+                                     "group_norm_silu": kernels_ran().get("group_norm_silu")}
             print(f"{mode:16s} batch {a.batch:4d}: {r}", flush=True)
             trainers[mode] = trainer
 
@@ -592,12 +619,17 @@ def main(argv: list[str] | None = None) -> int:
         # latent extraction on the fp32 trainer's autoencoder (plain weights, as train.data extract loads them)
         if a.extract_batch > 0 and "fp32" in trainers:
             result["extraction"] = {}
-            for name, (bf16, nhwc) in EXTRACTION.items():
+            import kernels
+            for name, (bf16, nhwc, backend) in EXTRACTION.items():
                 if over_budget(f"extraction {name}"):
                     continue
                 try:
-                    result["extraction"][name] = time_extraction(trainers["fp32"], a.extract_batch, bf16, nhwc, 3,
-                                                                 profile_calls=a.profile_calls if profiling else 0)
+                    with kernels.backend.active(backend):
+                        result["extraction"][name] = time_extraction(
+                            trainers["fp32"], a.extract_batch, bf16, nhwc, 3,
+                            profile_calls=a.profile_calls if profiling else 0)
+                        result["extraction"][name]["group_norm_silu"] = kernels.describe()["ops"].get(
+                            "group_norm_silu")
                 except RuntimeError as e:
                     if not is_oom(e):
                         raise

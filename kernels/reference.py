@@ -132,3 +132,12 @@ def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weig
     B, N, _ = qkv.shape
     q, k, v = qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
     return attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+
+
+def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+                    silu: bool = True) -> Tensor:
+    # The VA-VAE's `F.silu(norm(h))` (norm: GroupNorm(32, eps 1e-6, affine)); silu=False: AttnBlock's bare norm.
+    # Under CUDA bf16 autocast group_norm runs in fp32 and this returns fp32, as the authors' model does; the fused
+    # kernels return x's dtype: the next conv rounds its input to bf16 either way, so the same values reach it.
+    out = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(out) if silu else out

@@ -154,6 +154,46 @@ def _rope_attention_variants() -> list[Variant]:
     return out
 
 
+def _group_norm_variants() -> list[Variant]:
+    """group_norm_silu (kernels/group_norm.py), bf16 activations, NCHW and channels_last, for every tile its
+    autotuners may pick at C=128 and C=512 (C is a runtime argument: a tile compiles the same for both, so each
+    compiles once), with weight, bias and SiLU; the finalize kernel at 4, 8 and 16 channels per group."""
+    from . import group_norm as gn
+    stats = {"X": "*bf16", "PMEAN": "*fp32", "PM2": "*fp32", "C": "i32", "L": "i32", "CHUNK": "i32"}
+    vec = {"W": "*fp32", "B": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32"}
+    norm = {"X": "*bf16", **vec, "OUT": "*bf16", "C": "i32", "L": "i32", "CHUNK": "i32", "G": "i32", "Cg": "i32"}
+    part = {"DY": "*bf16", "X": "*bf16", **vec, "PDB": "*fp32", "PDW": "*fp32", "C": "i32", "L": "i32",
+            "CHUNK": "i32", "G": "i32", "Cg": "i32"}
+    dx = {"DY": "*bf16", "X": "*bf16", **vec, "COEF": "*fp32", "DX": "*bf16", "N": "i32", "C": "i32", "L": "i32",
+          "CHUNK": "i32", "G": "i32", "Cg": "i32"}
+    flags = {"HAS_W": True, "HAS_B": True, "SILU": True}
+    div = lambda sig: [k for k, t in sig.items() if t.startswith("*") or k in ("C", "L", "CHUNK", "G")]  # noqa
+    out = []
+    for cl in (False, True):
+        layout = "channels_last" if cl else "NCHW"
+        tiles = {}
+        for C in (128, 512):
+            for cfg in gn._prune(gn._configs(cl), {"C": C}):
+                tiles.setdefault((cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.num_warps), []).append(C)
+        for (p, c, w), cs in tiles.items():
+            for which, kernel, sig, fl in (("stats", gn._group_norm_stats_fwd_kernel, stats, {}),
+                                           ("norm", gn._group_norm_fwd_kernel, norm, flags),
+                                           ("bwd partials", gn._group_norm_partials_bwd_kernel, part, flags),
+                                           ("bwd dx", gn._group_norm_dx_bwd_kernel, dx, flags)):
+                const = {"CL": cl, **fl, "BLOCK_P": p, "BLOCK_C": c}
+                out.append(Variant(f"group_norm {which} {layout} C={'/'.join(map(str, cs))} BLOCK_P={p} BLOCK_C={c} "
+                                   f"warps={w}", kernel, {**sig, **{k: "constexpr" for k in const}}, const, div(sig),
+                                   w))
+    fin = {"PMEAN": "*fp32", "PM2": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "C": "i32", "L": "i32", "K": "i32",
+           "CHUNK": "i32", "G": "i32", "eps": "fp32"}
+    for cg in (4, 8, 16):  # C = 128, 256, 512 in 32 groups
+        block_k, block_g, block_c = gn._finalize_tile(cg, 256, 32)
+        const = {"CG": cg, "BLOCK_K": block_k, "BLOCK_G": block_g, "BLOCK_C": block_c}
+        out.append(Variant(f"group_norm finalize CG={cg} BLOCK_K={block_k}", gn._group_norm_finalize_fwd_kernel,
+                           {**fin, **{k: "constexpr" for k in const}}, const, div(fin), 4))
+    return out
+
+
 def _ptxas() -> str:
     from triton.backends.nvidia.compiler import get_ptxas
     return get_ptxas(90).path
@@ -169,7 +209,8 @@ def _sass_count(cubin: str) -> Optional[int]:
 
 
 def _tile_elements_per_thread(v: Variant) -> float:
-    rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", 1))
+    rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", v.constexprs.get("BLOCK_P",
+                            v.constexprs.get("BLOCK_K", 1))))  # BLOCK_P/K: group_norm's
     c = v.constexprs
     cols = c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK_A", 0) + c.get("BLOCK_B", 0) or 1))
     return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
@@ -209,7 +250,8 @@ def compile_variant(v: Variant) -> dict:
 
 
 def variants() -> list[Variant]:
-    return _qkv_rope_variants() + _norm_variants() + _fp8_quant_variants() + _rope_attention_variants()
+    return (_qkv_rope_variants() + _norm_variants() + _fp8_quant_variants() + _rope_attention_variants()
+            + _group_norm_variants())
 
 
 def main() -> dict:

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import ops
+
 from .hub import HubMixin, build_config
 
 
@@ -52,23 +54,38 @@ class VAVAEModelConfig:
 VAVAE_F16D32 = dataclasses.asdict(VAVAEModelConfig())  # the released tokenizer, as keyword arguments
 
 
-def Normalize(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm(32 groups, eps 1e-6, affine), with the SiLU that follows it where `silu`, as one op
+    (kernels.ops.group_norm_silu). The reference backend (and `auto` on the CPU) computes F.group_norm then F.silu, as
+    the authors; the fused kernels keep bf16 activations bf16 and channels_last ones NHWC (under CUDA autocast
+    torch's GroupNorm is an fp32 op, returns fp32 for the SiLU and the next conv to cast back, and makes channels_last
+    input NCHW). Parameters and state-dict names are nn.GroupNorm's."""
+
+    def __init__(self, channels: int, silu: bool = False):
+        super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+        self.silu = silu
+
+    def forward(self, x):
+        return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
+
+
+def Normalize(channels, silu=False):
+    return GroupNorm(channels, silu)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, dropout=0.0):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.norm1(x))  # norm + SiLU
+        h = self.conv2(self.dropout(self.norm2(h)))
         return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
 
 
@@ -149,7 +166,7 @@ class Encoder(nn.Module):
                 curr_res //= 2
             self.down.append(level)
         self.mid = _mid(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, silu=True)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x):
@@ -162,7 +179,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Module):
@@ -184,7 +201,7 @@ class Decoder(nn.Module):
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
             self.up.insert(0, level)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, silu=True)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z):
@@ -198,7 +215,7 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
 
 class DiagonalGaussian:

@@ -182,7 +182,7 @@ def test_profile_categories_name_our_kernels():
     from bench.kernel_time import categorize
     ours = [obj.fn.__name__ for mod in (kernels.fused_norm, kernels.gated_residual, kernels.swiglu, kernels.rope,
                                         kernels.qkv_rope, kernels.fp8_quant, kernels.linear_swiglu,
-                                        kernels.rope_attention)
+                                        kernels.rope_attention, kernels.group_norm)
             for obj in vars(mod).values()  # jitted or interpreted kernels (their autotuners wrap the same ones)
             if isinstance(obj, triton.runtime.jit.KernelInterface) and inspect.isfunction(getattr(obj, "fn", None))
             and obj.fn.__name__.endswith("_kernel")]  # not the @triton.jit helpers they call

@@ -54,9 +54,12 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
     assert res["speedup_batch_2"] > 0 and res["speedup_largest"] > 0 and res["skipped"] == []
 
     ext = res["extraction"]
-    assert list(ext) == ["fp32", "bf16", "bf16_cl"]
+    assert list(ext) == ["fp32", "bf16", "bf16_cl", "bf16_cl_refops"]
     assert [(e["autocast"], e["channels_last"]) for e in ext.values()] == [("none", False), ("bf16", False),
-                                                                           ("bf16", True)]
+                                                                           ("bf16", True), ("bf16", True)]
+    # which GroupNorm ran (the CPU's auto is the reference; refops forces it); the modes say theirs too
+    assert ext["bf16_cl_refops"]["group_norm_silu"] == "reference"
+    assert all(r["group_norm_silu"] == "reference" for r in res["modes"].values())
     assert all(e["img_per_s"] > 0 and e["warmup"] >= 2 and e["latent_shape"] == [4, 16, 16] for e in ext.values())
     assert ext["fp32"]["latent_dtype"] == "float32" and ext["bf16"]["latent_dtype"] == "bfloat16"  # autocast ran
     for e in ext.values():  # the encoder alone: convolutions and GroupNorm, by kernel_times' categories

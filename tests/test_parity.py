@@ -216,3 +216,30 @@ def test_parity_tool_fails_where_the_forced_fused_attention_does_not_run(parity_
         parity.main([str(d), "--attention", "flash"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown --attention 'flash'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_vavae_fused_group_norm(parity_dir, parity_configs, layout):
+    """The VA-VAE fixture through our fused GroupNorm (+ SiLU) kernels (kernels.ops.group_norm_silu, the triton
+    backend in the interpreter), NCHW and channels_last: encode and decode within fp32 parity, and the kernels ran."""
+    c = parity_configs["vavae_a"]
+    model = AutoencoderKL(ch=c["ch"], ch_mult=c["ch_mult"], num_res_blocks=c["num_res_blocks"],
+                          attn_resolutions=c["attn_resolutions"], resolution=c["resolution"],
+                          z_channels=c["z_channels"], embed_dim=c["embed_dim"]).eval()
+    load_vavae_checkpoint(parity_dir / "vavae_a.pt", model)
+    io = torch.load(parity_dir / "vavae_a_io.pt", weights_only=False)
+    images, z = io["images"], io["z"]
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        images, z = (t.contiguous(memory_format=torch.channels_last) for t in (images, z))
+    kernels.set_backend("triton")
+    try:
+        with torch.no_grad():
+            post = model.encode(images)
+            decoded = model.decode(z)
+        assert kernels.describe()["ops"]["group_norm_silu"] == "triton"
+    finally:
+        kernels.set_backend("auto")
+    torch.testing.assert_close(post.mean, io["posterior_mean"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(post.logvar, io["posterior_logvar"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(decoded, io["decoded"], rtol=RTOL, atol=ATOL)

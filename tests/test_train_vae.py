@@ -310,3 +310,27 @@ def test_corrupt_image_is_a_one_line_error(tmp_path, capsys):
         "logging.progress_bar": "false", "logging.tensorboard": "false"}.items()]])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "img_0.jpg" in err and "scan" in err
+
+
+def test_group_norm_kernels_train_the_same(tmp_path):
+    """train.kernels: triton runs the VA-VAE's GroupNorm + SiLU in our kernels (the Triton interpreter here) and
+    trains what the reference ops train: two steps' losses and weights within fp32 rounding; the start-up line says
+    which GroupNorm ran."""
+    ref = train(tiny_cfg(tmp_path / "ref", **{"train.steps": 2, "train.kernels": "reference"}))
+    ours_cfg = tiny_cfg(tmp_path / "ours", **{"train.steps": 2, "train.kernels": "triton"})
+    trainer = Trainer(ours_cfg)
+    try:
+        assert "kernels triton (group_norm_silu: triton)" in trainer.describe()
+    finally:
+        trainer.ckpt.release()
+    ours = train(ours_cfg)
+    assert ref["step"] == ours["step"] == 2
+    la, lb = metrics(tmp_path / "ref"), metrics(tmp_path / "ours")
+    for a, b in zip(la, lb):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) + 1e-5, (a, b)
+    a, b = tokenizer(tmp_path / "ref"), tokenizer(tmp_path / "ours")
+    # Adam's first steps move each weight by about lr x sign(grad): a gradient that is zero up to fp32 rounding (a
+    # conv bias before a GroupNorm, which cancels it) may move either way, by up to 2 x lr per step
+    diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    assert max(diff.values()) <= 2 * 2 * 4e-4, diff
+    assert sum(v > 1e-5 for v in diff.values()) <= len(diff) // 4, diff  # most weights agree to fp32 rounding

@@ -60,6 +60,9 @@ class TrainSection:
     seed: int = 0                       # initial weights (same on every rank), data order and every random draw
     max_bad_steps: int = 5              # non-finite loss/grad-norm steps in a row before stopping (with a checkpoint)
     compile: Literal["none", "blocks"] = "none"   # blocks: torch.compile the model's building blocks
+    # kernels.ops backend (docs/kernels.md): auto = ours on a GPU (per op under compile: kernels/compiled_choices.json),
+    # the PyTorch reference on the CPU; reference, triton or cuda forced (one that cannot run is a one-line error)
+    kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile backend (eager: debug/CI)
     # inductor options for compile: blocks (torch.compile(options=...)), e.g. {"triton.multi_kernel": 1}: each
     # reduction compiled both persistent (the row in registers, read once) and looped, the faster kept by timing

@@ -86,7 +86,6 @@ class TrainConfig(TrainSection):
     ema_decay: float = 0.9999           # EMA of the weights (fp32, every rank; evaluated and exported)
     time_dist: Literal["logit_normal", "uniform"] = "logit_normal"   # distribution of the flow time t
     use_cosine_loss: bool = True        # add the cosine loss of the velocity (the paper's)
-    kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"  # kernels.ops backend (see docs/kernels.md)
     # attention's implementation (kernels/attention.py; the names of kernels.attention.CHOICES): auto = measured at
     # start-up at this run's shape, rank 0's choice on every rank; else forced: fa3, fa2, one SDPA kernel (sdpa-*),
     # sdpa (PyTorch's per-call pick), rope-fused (our fused RoPE attention kernel, kernels/rope_attention.py; no

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import kernels
+
 from modeling.checkpoint import load_vavae_checkpoint
 from modeling.config import ConfigError, console_entry
 from modeling.foundation import FoundationModelUnavailable, build_foundation
@@ -279,6 +281,7 @@ class VAVAETrainer(TrainerBase):
 
     def build_model(self) -> None:
         cfg, t, device = self.cfg, self.cfg.train, self.device
+        kernels.set_backend(t.kernels)  # the VA-VAE's GroupNorm + SiLU (kernels.ops.group_norm_silu)
         with torch.device(device):  # built where they run (a ViT-L initialises far faster on a GPU than on a CPU)
             vae, foundation, linear_proj, loss_fn = build_models(cfg)
         if t.init_from:
@@ -324,6 +327,16 @@ class VAVAETrainer(TrainerBase):
         self.steps_per_epoch = len(self.loader)
         return t.steps if t.steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
 
+    def _group_norm_ran(self) -> str:
+        """What runs the VA-VAE's GroupNorm + SiLU here: the implementation resolved for a small tensor on this device
+        (under compile, kernels/compiled_choices.json decides inside the trace)."""
+        from kernels import registry
+        try:
+            registry.resolve("group_norm_silu", torch.empty(1, device=self.device))
+        except kernels.BackendUnavailable as e:
+            return f"unavailable: {e}"
+        return kernels.describe()["ops"].get("group_norm_silu", "?")
+
     def describe(self) -> str:
         t, vae = self.cfg.train, self.vae
         return (f"VA-VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params, discriminator "
@@ -331,7 +344,7 @@ class VAVAETrainer(TrainerBase):
                 f"{self.foundation.name if self.foundation is not None else 'none (no VF loss)'} "
                 f"({self.foundation_dtype}), world {self.info.world_size} x batch {t.batch_per_gpu}, ZeRO "
                 f"{t.zero_stage}, precision {t.precision}, channels_last {t.channels_last}, compile {t.compile_desc()}, "
-                f"data {self.loader.backend}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+                f"kernels {t.kernels} (group_norm_silu: {self._group_norm_ran()}), data {self.loader.backend}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
                 f"{self.threads} CPU threads")
 
     def fetch_batch(self) -> torch.Tensor:
