@@ -157,13 +157,17 @@ def parity_on_gpu(smoke: bool) -> dict:
         return {"status": f"not run: no fixtures at {pdir} (set VAVAE_PARITY_DIR)"}
     dev = "cpu" if smoke else "cuda"
     out = {}
-    for backend in ("reference", "triton", "cuda", "auto") if not smoke else ("reference",):
-        res = subprocess.run([sys.executable, "-m", "bench.parity", pdir, "--device", dev, "--backend", backend],
-                             capture_output=True, text=True, timeout=120, cwd=REPO)
+    # every backend, then the fused RoPE attention forced (kernels/rope_attention.py: fp32 through IEEE products)
+    runs = {"reference": [], "triton": [], "cuda": [], "auto": [], "triton+rope-fused": ["--attention", "rope-fused"]}
+    for label, extra in runs.items() if not smoke else (("reference", []),):
+        backend = label.split("+")[0]
+        res = subprocess.run([sys.executable, "-m", "bench.parity", pdir, "--device", dev, "--backend", backend,
+                              *extra], capture_output=True, text=True, timeout=120, cwd=REPO)
         lines = (res.stdout + res.stderr).strip().splitlines()
-        out[backend] = {"returncode": res.returncode, "verdict": [l for l in lines if l.startswith("all within")
-                                                                  or "mismatch" in l.lower()][-1:],
-                        "failures": [l for l in lines if "FAIL" in l or "ERROR" in l][:10]}
+        out[label] = {"returncode": res.returncode, "verdict": [l for l in lines if l.startswith("all within")
+                                                                or "mismatch" in l.lower()][-1:],
+                      "failures": [l for l in lines if "FAIL" in l or "ERROR" in l][:10],
+                      "attention": [l for l in lines if " attention: " in l][:4]}  # which path each DiT ran
     return out
 
 
@@ -355,21 +359,23 @@ def main() -> None:
     if a.part in ("A", "all"):
         ceil = s.section("ceilings", ceilings, smoke) or {}
         peak = ceil.get("bf16_matmul_TFLOPs")
-        # smoke: the profiled cases and the reference (the interpreter makes `fused` minutes on the CPU)
-        cases = [*TRAIN_CASES[:PROFILED_CASES], ("reference+compiled", 256)] if smoke else TRAIN_CASES
+        # smoke: the two headlines and the reference (the interpreter makes `fused` minutes on the CPU, and the
+        # ropefused case half a minute: tests/test_train_attention_config.py runs the trainer with it)
+        cases = [*TRAIN_CASES[:2], ("reference+compiled", 256)] if smoke else TRAIN_CASES
+        profiled = 2 if smoke else PROFILED_CASES
         # issue 18's order, so that the budget cuts the least important: the headlines (bf16, FP8) and ropefused with
         # their kernel-time profiles, the per-op table against inductor, the A/B cases, the user's CLI, the rest
-        for i, case in enumerate(cases[:PROFILED_CASES]):
+        for i, case in enumerate(cases[:profiled]):
             _train(s, smoke, case, peak, profile_steps=2)
             if i == 0:
                 s.section("build_ext", wait_for_extension, smoke)  # built in the background: ~40 s on an H200
         from bench import ops_bench
         s.section("ops", ops_bench.run, smoke, torch.bfloat16, ceil.get("copy_GBps"))
-        for case in cases[PROFILED_CASES:PROFILED_CASES + 2]:  # fused (ours vs inductor, end to end), reference
+        for case in cases[profiled:profiled + 2]:  # fused (ours vs inductor, end to end), reference
             _train(s, smoke, case, peak)
         s.section("activation_memory", activation_memory_counts, smoke)
         s.section("trainer_cli_bs256", trainer_cli, smoke)
-        for case in cases[PROFILED_CASES + 2:]:
+        for case in cases[profiled + 2:]:
             _train(s, smoke, case, peak)
     if a.part in ("B", "all"):
         # correctness first (the extension is built in the background by the script for parts A and B)
@@ -443,8 +449,8 @@ def print_table(r: dict) -> None:
     if t:
         print("gpu tests rc:", t.get("returncode"), (t.get("tail") or "").strip().splitlines()[-1:])
     for op, impls in (sec.get("ops") or {}).items():
-        if op == "attention":
-            print(f"attention: chose {(impls.get('triton') or {}).get('ran')}")
+        if op in ("attention", "rope_attention"):  # the choosers: what they picked at the bench's shape
+            print(f"{op}: chose {(impls.get('triton') or {}).get('ran')}")
             continue
         if op == "mlp_w12_swiglu":
             print("w12 GEMM + SwiGLU, forward ms: " + " | ".join(

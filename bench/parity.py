@@ -158,10 +158,12 @@ def compare(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> t
     return err.max().item(), rel, ok
 
 
-def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: TextIO = sys.stdout, device: str = "cpu",
+def run(dir_: str | Path, rtol: float = 1e-4, atol: float = 1e-5, out: Optional[TextIO] = None, device: str = "cpu",
         attention: Optional[str] = None) -> int:
-    """Check every fixture in dir_, print one line per comparison; returns the number of failures. attention: force
-    that implementation (kernels.set_attention; None leaves the choice as it is, e.g. $VAVAE_ATTENTION's)."""
+    """Check every fixture in dir_, print one line per comparison (to `out`, default the sys.stdout of the call);
+    returns the number of failures. attention: force that implementation (kernels.set_attention; None leaves the
+    choice as it is, e.g. $VAVAE_ATTENTION's)."""
+    out = out if out is not None else sys.stdout
     dir_ = Path(dir_)
     if attention is not None:
         kernels.set_attention(attention)

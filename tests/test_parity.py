@@ -5,9 +5,6 @@ import io as _io
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -179,19 +176,19 @@ def _forward_only_fixtures(parity_dir, dest, names=("lightningdit_a", "lightning
     return dest
 
 
-def test_parity_cli_with_the_fused_attention(parity_dir, tmp_path):
-    """`python -m bench.parity DIR --backend triton --attention rope-fused` (in the interpreter on the CPU) exits 0,
-    says the fused kernel ran on lightningdit_a, and that it cannot run lightningdit_b (qk-norm), which it checks on
-    the chooser's path instead (~13 s on 2 cores)."""
-    from multiproc import env
+def test_parity_cli_with_the_fused_attention(parity_dir, tmp_path, capsys):
+    """`bench.parity DIR --backend triton --attention rope-fused` (its main(), in this process: the interpreter on
+    the CPU) exits 0, says the fused kernel ran on lightningdit_a, and that it cannot run lightningdit_b (qk-norm),
+    which it checks on the chooser's path instead."""
     d = _forward_only_fixtures(parity_dir, tmp_path / "fixtures")
-    child = {**env(), "TRITON_INTERPRET": "1"} if DEV == "cpu" else env()
-    child.pop("VAVAE_ATTENTION", None)
-    res = subprocess.run([sys.executable, "-m", "bench.parity", str(d), "--backend", "triton", "--attention",
-                          "rope-fused", "--device", DEV], env=child, capture_output=True, text=True, timeout=300,
-                         cwd=Path(parity.__file__).resolve().parents[1])
-    text = res.stdout + res.stderr
-    assert res.returncode == 0, text
+    try:
+        with pytest.raises(SystemExit) as e:
+            parity.main([str(d), "--backend", "triton", "--attention", "rope-fused", "--device", DEV])
+    finally:
+        kernels.set_backend("auto")
+        kernels.set_attention(None)
+    text = capsys.readouterr().out
+    assert e.value.code == 0, text
     assert "attention: rope-fused (forced)" in text and "all within" in text and "FAIL" not in text
     assert f"lightningdit_a     attention: {FUSED}" in text
     assert "lightningdit_b     attention: split" in text and "cannot run this model (qk-norm is not fused)" in text
