@@ -86,6 +86,12 @@ def _seed_and_threads(request):
     n = request.config.stash.get(THREADS, None)
     if n is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    # nor the kernels switches: a trainer built in-process sets them (train.kernels, train.attention), and the next
+    # test in this worker would run e.g. the VA-VAE's GroupNorm in the Triton interpreter (minutes, 2026-12-04)
+    import kernels
+    if kernels.get_backend() != os.environ.get("VAVAE_KERNELS", "auto"):
+        kernels.set_backend(os.environ.get("VAVAE_KERNELS", "auto"))
+    kernels.set_attention(os.environ.get("VAVAE_ATTENTION") or None)
 
 
 def pytest_report_header(config):
