@@ -48,7 +48,8 @@ from modeling.threads import configure_threads
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
 from .config_sections import TrainerConfig
-from .distributed import RUN_STATE, DistInfo, all_reduce_mean, init_distributed, set_phase
+from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, init_distributed, set_phase,
+                          set_zero_grad_norm_dtype)
 from .guard import NonFiniteGuard, engine_step
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
 from .precision import deepspeed_autocast
@@ -217,6 +218,9 @@ class Trainer:
     def add_engine(self, tag: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
         """A DeepSpeed engine of `module` and `optimizer` (self.ds_config); `tag` names it in checkpoints."""
         import deepspeed
+        if self.cfg.train.zero_stage > 0:  # ZeRO computes the gradient norm (stage 0: train/guard, in fp32)
+            self.grad_norm_desc = set_zero_grad_norm_dtype(self.cfg.train.grad_norm_dtype)
+            log.info("ZeRO gradient norms: %s", self.grad_norm_desc)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.engines[tag], self._optimizers[tag] = engine, optimizer
         return engine

@@ -201,6 +201,41 @@ def import_deepspeed() -> types.ModuleType:
     return deepspeed
 
 
+_ZERO_NORM_MODULES = ("deepspeed.runtime.zero.utils", "deepspeed.runtime.zero.stage_1_and_2",
+                     "deepspeed.runtime.zero.stage3")
+_deepspeed_norm_dtype = {}  # module name -> DeepSpeed's own get_norm_dtype, kept to restore it
+
+
+def set_zero_grad_norm_dtype(dtype: str) -> str:
+    """The dtype DeepSpeed's ZeRO 1-3 computes gradient norms in (clipping, the logged grad_norm): "fp64", its own
+    (`deepspeed.runtime.zero.utils.get_norm_dtype`: fp64 where the device has it; each gradient partition is first
+    cast to double: 4.0 + 2.8 ms a step at XL/1 on an H200, bench/results/2026-12-04_h200.md), or "fp32", the
+    gradients' own dtype, as torch.nn.utils.clip_grad_norm_ computes it in the authors' trainer. DeepSpeed imports
+    get_norm_dtype by name into its ZeRO modules: each module's name is rebound (process-wide; "fp64" puts
+    DeepSpeed's back). Returns what is in force, for the start-up line."""
+    import importlib
+    import_deepspeed()
+    found = []
+    for name in _ZERO_NORM_MODULES:
+        mod = importlib.import_module(name)
+        own = _deepspeed_norm_dtype.setdefault(name, getattr(mod, "get_norm_dtype", None))
+        if own is None:
+            continue
+        mod.get_norm_dtype = own if dtype == "fp64" else _fp32_norm_dtype
+        found.append(name.rsplit(".", 1)[1])
+    if dtype == "fp64":
+        return "fp64 (DeepSpeed's)"
+    if "stage_1_and_2" not in found:  # this DeepSpeed computes its norms some other way: say so, do not guess
+        log.warning("train.grad_norm_dtype fp32: this DeepSpeed has no get_norm_dtype in its ZeRO stage 1/2 "
+                    "module; its gradient norms keep DeepSpeed's own dtype")
+        return "DeepSpeed's own (fp32 not applied: no get_norm_dtype in this DeepSpeed)"
+    return f"fp32 ({', '.join(found)})"
+
+
+def _fp32_norm_dtype() -> torch.dtype:
+    return torch.float32
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """The process group (backend auto: NCCL with a GPU, else gloo) with `timeout_s` on every collective, and this
     rank's heartbeat when there are several ranks."""

@@ -200,7 +200,8 @@ class DiTTrainer(TrainerBase):
         cfg = self.cfg
         return (f"world {self.info.world_size}, grad accumulation {self.grad_accum}, ZeRO {cfg.train.zero_stage}, "
                 f"precision {cfg.train.precision}, FP8 {self.fp8_desc}, compile {cfg.train.compile_desc()}, recompute "
-                f"{cfg.train.recompute}, attention {self.attention_desc}, kernels "
+                f"{cfg.train.recompute}, grad norm {getattr(self, 'grad_norm_desc', 'fp32 (train/guard)')}, attention "
+                f"{self.attention_desc}, kernels "
                 f"{kernels.describe()}, {self.flops_per_image / 1e9:.2f} GFLOP/img, {self.threads} CPU threads")
 
     def fetch_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
