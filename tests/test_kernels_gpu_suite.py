@@ -142,3 +142,18 @@ def test_suite_only_runs_the_named_sections(tmp_path):
     s.only = None
     s.section("vae_step", lambda: ran.append("vae_step"))
     assert ran[-1] == "vae_step"
+
+
+def test_gpu_tests_keep_what_ran_when_they_time_out(monkeypatch):
+    """The GPU tests' section past its limit still says which tests ran and which failed (their -v lines), instead
+    of losing the section to the timeout."""
+    from bench import gpu_suite
+
+    def timeout(cmd, **kw):
+        assert "-v" in cmd and kw["timeout"] == 300
+        raise subprocess.TimeoutExpired(cmd, 300, output=b"tests/test_kernels_gpu.py::test_a PASSED\n"
+                                                          b"FAILED tests/test_kernels_gpu.py::test_b - assert 0\n")
+    monkeypatch.setattr(subprocess, "run", timeout)
+    r = gpu_suite.gpu_tests(smoke=False)
+    assert r["returncode"] == "timeout after 300 s"
+    assert r["failures"] == ["FAILED tests/test_kernels_gpu.py::test_b - assert 0"] and "test_a PASSED" in r["tail"]
