@@ -296,9 +296,9 @@ def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return None
     choice = prime(shape, dtype, device, training, agree)
     if choice is not None:
+        where = str(torch.empty(0, device=device).device)  # "cuda:0" where the caller said "cuda": the tensors' key
         block = FUSED_BLOCK + " (forced)" if _state["forced"] == FUSED_BLOCK else _block_chosen.get(
-            ("rope_attention", str(torch.device(device)), dtype, tuple(shape), "train" if training else "infer"),
-            "split")
+            ("rope_attention", where, dtype, tuple(shape), "train" if training else "infer"), "split")
         log.info("attention for %s %s (%s): %s, block %s; timed %s", tuple(shape), str(dtype).replace("torch.", ""),
                  "training" if training else "inference", choice, block, measurements())
     return choice
