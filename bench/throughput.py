@@ -14,6 +14,7 @@ A backend spec is shorthand for trainer config switches, joined with '+' (bench.
   fp8mm -> fp8.backend=scaled_mm (with fp8inline / fp8ours -> fp8.quant, gwhp -> fp8.recipe=rowwise_with_gw_hp)
   ropefused -> train.attention=rope-fused (our fused RoPE attention kernel instead of auto's measured pick)
   multikernel -> inductor's multi-kernel (train.compile_options)   recompute -> train.recompute=swiglu
+  gnfp64 -> train.grad_norm_dtype=fp64 (DeepSpeed's own gradient norm)
 Anything else goes through `--set key=value` (e.g. --set train.precision=fp32). Each case runs in a fresh
 process (its own CUDA memory, compile state and DeepSpeed engine); a part that cannot run fails the case with
 its error, nothing falls back silently. Several GPUs: `torchrun --nproc_per_node N -m bench.throughput

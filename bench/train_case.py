@@ -38,6 +38,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "multikernel": ('train.compile_options={"triton.multi_kernel": 1}',),
     # the SwiGLU output recomputed in the backward instead of kept (train/recompute.py): less memory, one more pass
     "recompute": ("train.recompute=swiglu",),
+    # DeepSpeed's own fp64 gradient norm (train.grad_norm_dtype fp64; the default fp32 skips its cast to double)
+    "gnfp64": ("train.grad_norm_dtype=fp64",),
     # attention forced to our fused RoPE attention kernel (kernels/rope_attention.py) instead of auto's measured pick
     "ropefused": ("train.attention=rope-fused",),
 }

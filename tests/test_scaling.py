@@ -27,7 +27,9 @@ from multiproc import REPO, env, torchrun
 
 TINY = dict(hidden_size=192, depth=2, num_heads=2, patch_size=1, input_size=8, in_channels=32, num_classes=10)
 STEPS = 4
-NORM_BYTES = {1: 4, 2: 4, 3: 8}   # the gradient-norm scalar all-reduced inside engine.step
+# the gradient-norm scalar all-reduced inside engine.step: fp32 under train.grad_norm_dtype fp32 (the default; ZeRO-3
+# all-reduces DeepSpeed's fp64 norm, 8 bytes, with grad_norm_dtype fp64)
+NORM_BYTES = {1: 4, 2: 4, 3: 4}
 
 SITECUSTOMIZE = """\
 import os

@@ -312,30 +312,16 @@ def test_corrupt_image_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "img_0.jpg" in err and "scan" in err
 
 
-def test_group_norm_kernels_train_the_same(tmp_path):
-    """train.kernels: triton runs the VA-VAE's GroupNorm + SiLU in our kernels (the Triton interpreter here) and
-    trains what the reference ops train: one step's loss and updated weights within fp32 rounding; the start-up
-    line says which GroupNorm ran."""
-    def one_step(kernels_backend):
-        trainer = Trainer(tiny_cfg(tmp_path / kernels_backend, **{"train.kernels": kernels_backend}))
+def test_group_norm_kernels_from_the_config(tmp_path):
+    """train.kernels reaches the VA-VAE's GroupNorm + SiLU (kernels.ops.group_norm_silu) and the start-up line says
+    what runs it: triton = our kernels (the Triton interpreter here), reference = torch's. (Their values: the
+    parity fixture through the kernels in tests/test_parity.py, forward and backward in
+    tests/test_kernels_group_norm.py.)"""
+    import kernels
+    for backend in ("triton", "reference"):
+        trainer = Trainer(tiny_cfg(tmp_path / backend, **{"train.kernels": backend}))
         try:
-            x = trainer.fetch_batch()
-            out = trainer.step_on_device(x)
-            weights = {k: v.detach().clone() for k, v in trainer.engine_ae.module.named_parameters()}
-            return trainer.describe(), out, weights
+            assert kernels.get_backend() == backend
+            assert f"kernels {backend} (group_norm_silu: {backend})" in trainer.describe()
         finally:
             trainer.ckpt.release()
-    ref_desc, ref, ref_w = one_step("reference")
-    desc, ours, w = one_step("triton")
-    assert "kernels triton (group_norm_silu: triton)" in desc and "kernels reference (group_norm_silu: reference)" \
-        in ref_desc
-    assert ours.applied and ref.applied
-    for k in ("loss", "rec", "vf"):
-        if k in ref.metrics:
-            a, b = float(ref.metrics[k]), float(ours.metrics[k])
-            assert abs(a - b) <= 1e-4 * abs(a) + 1e-5, (k, a, b)
-    # Adam's first step moves each weight by about lr x sign(grad): a gradient that is zero up to fp32 rounding (a
-    # conv bias before a GroupNorm, which cancels it) may move either way, by up to 2 x lr
-    diff = {k: (ref_w[k] - w[k]).abs().max().item() for k in ref_w}
-    assert max(diff.values()) <= 2 * 4e-4, diff
-    assert sum(v > 1e-5 for v in diff.values()) <= len(diff) // 4, diff  # most weights agree to fp32 rounding
