@@ -115,6 +115,11 @@ def test_bf16_step_computes_in_bf16_on_the_gpu_branch(tmp_path, gpu_autocast_bra
     probe = probe_for(trainer)
     applied, logs = one_step(trainer)
     probe.remove()
+    vae = trainer.engine_ae.module.vae
+    for part in (vae.encoder, vae.decoder):  # the conv_outs' input: fp32 from their GroupNorm + SiLU (FP32_LAYERS)
+        h = torch.randn(1, part.norm_out.num_channels, 4, 4, dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert part.norm_out(h).dtype == torch.float32
     assert applied and "d_loss" in logs and "lpips" in logs and "vf" in logs  # every part of the step ran
 
     fp32_layers = {f"ae.vae.{n}" for n in FP32_LAYERS}

@@ -15,7 +15,8 @@ this rank's `batch_per_gpu` images (global batch = batch_per_gpu x world size):
    reconstructions, backward, Adam step.
 A step whose loss or gradient norm is not finite on any rank is skipped by every rank (train/guard.py).
 Mixed precision (`train.precision=bf16`) is DeepSpeed's `torch_autocast` inside each engine's forward;
-the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, decoder.conv_out) run in fp32.
+the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, decoder.conv_out) and the GroupNorm +
+SiLU before each conv_out run in fp32.
 """
 import logging
 import math
@@ -50,8 +51,10 @@ from .vae_losses import VAVAELoss
 log = logging.getLogger("train_vae")
 
 # Layers whose weight gradients the adaptive VF / GAN weights take norms of (and the posterior between them):
-# under bf16 autocast they compute in fp32, so those norms and the KL see fp32 arithmetic.
-FP32_LAYERS = ("encoder.conv_out", "quant_conv", "decoder.conv_out")
+# under bf16 autocast they compute in fp32, so those norms and the KL see fp32 arithmetic. With them the GroupNorm
+# + SiLU before each conv_out, whose output is their input: fp32, as torch's GroupNorm under autocast gives it
+# (our kernels, kernels.ops.group_norm_silu, would otherwise hand it over rounded to bf16).
+FP32_LAYERS = ("encoder.norm_out", "encoder.conv_out", "quant_conv", "decoder.norm_out", "decoder.conv_out")
 
 
 # ----------------------------------------------------------------------------- data
