@@ -1,14 +1,15 @@
 """`kernels.describe()`: what the kernels did in this process, for result records and logs."""
 from __future__ import annotations
 
-from . import attention, backend, cuda_ext, registry
+from . import attention, backend, cuda_ext, registry, rope_attention
 from ._triton import triton
 
 
 def describe() -> dict:
     """{'requested': the backend asked for, 'ops': {op: what actually ran last}, 'registered': the declared ops,
     'cuda_ext': 'built' or why not, 'triton': its version, 'attention_installed', 'attention_measured': the
-    timings behind attention's choice, 'compiled_choices': the measurement kernels/compiled_choices.json came from
+    timings behind attention's choice, 'rope_attention_autotuned': the fused RoPE attention's configs the
+    autotuners picked (its variants), 'compiled_choices': the measurement kernels/compiled_choices.json came from
     (what `auto` runs under torch.compile)}."""
     return {"requested": backend.get_backend(), "ops": backend.ran(),
             "registered": sorted(registry.registered()),
@@ -17,6 +18,7 @@ def describe() -> dict:
             "attention_installed": {k: ("installed" if v else "not installed")
                                     for k, v in attention.installed().items()},
             "attention_measured": attention.measurements(),
+            "rope_attention_autotuned": rope_attention.autotuned(),
             "compiled_choices": _measured_on()}
 
 

@@ -10,9 +10,11 @@ per head: 2-4 at N = 256), reading the fp32 tables from L1/L2: the GPU profile s
 
 Backward, one program per (batch x head): the rows' dO.O sums and q rotated once first (q into a scratch that stays
 in L2), then for each key block the dK/dV accumulators in registers over every query block (recomputing P from the
-saved log-sum-exp), the dQ contributions summed in an fp32 scratch, also L2-resident (each program reads back only
-what it wrote: no atomics, deterministic); dq, dk (with the transposed rotation) and dv are written straight into
-the gradient of the qkv output: the qkv GEMM's backward reads it as is.
+saved log-sum-exp), the dQ contributions summed in an fp32 scratch, also L2-resident, that only this program
+touches: either read back and rewritten per key block, or added by atomics performed in L2 (in key-block order by
+the one thread that holds each element: deterministic, and the same sums bit for bit; the autotuner times both);
+dq, dk (with the transposed rotation) and dv are written straight into the gradient of the qkv output: the qkv
+GEMM's backward reads it as is.
 
 head_dim 72 (LightningDiT-XL) is not a power of two and tl.dot needs power-of-two tiles of at least 16: each head
 is held as two tiles, 64 + 16 (the last 8 lanes masked; `head_split`), so every matmul runs at 80/72 of the work
@@ -27,6 +29,7 @@ path (qkv_rope + attention) for it.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,11 +40,21 @@ from ._triton import tl, triton
 # (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages): the autotuners' candidates on a GPU, each
 # compiled for sm_90 with its matmuls as wgmma and without spills (kernels.sm90_check, Triton 3.9's ptxas). The
 # backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: of the tiles
-# tried only 64 x 64 at 8 warps and 3 stages does not spill (244 registers; the pipeliner stages the query-side loads
-# in shared memory): at 4 warps 80-292 bytes, 128 x 64 32-128, 64 x 128 450+, 64 x 64 with 1-2 stages 8-12.
-FWD_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3))
-BWD_TILES = ((64, 64, 8, 3),)
+# tried only 64 x 64 at 8 warps does not spill (244-255 registers; the pipeliner stages the query-side loads in
+# shared memory): at 4 warps 80-292 bytes, 128 x 64 32-128, 64 x 128 450+. Its last field, DQ_ATOMIC, is how dQ is
+# summed over key blocks (the same sums bit for bit): read-modify-write of an fp32 scratch with a barrier per key
+# block, or fire-and-forget atomics performed in L2 (half the bytes through the SM, no barrier). Which is faster
+# depends on the card's L2, so the autotuner times both. Stages: the read-modify-write spills 8-12 bytes at 1-2,
+# the atomics 20 at 3. The forward's last field, K_ONCE: each program rotates k where it loads it (once per query
+# block), or one program per head rotates k once into an L2 scratch and runs all its query blocks (fewer programs,
+# no rotation in the softmax loop, which without it compiles to 12% (128 x 64) to 19% (64 x 64) fewer SASS
+# instructions). The autotuner times both.
+FWD_TILES = ((64, 64, 4, 3, False), (128, 64, 8, 3, False), (64, 128, 4, 3, False), (128, 128, 8, 3, False),
+             (64, 64, 4, 3, True), (128, 64, 8, 3, True))
+BWD_TILES = ((64, 64, 8, 3, False), (64, 64, 8, 2, True), (64, 64, 8, 4, True))
 _INTERPRETER_TILE = (16, 16)  # the interpreter: small tiles, several blocks in the tests' ragged sizes
+_INTERPRETER_K_ONCE = False  # the forward's variant the interpreter runs (a test runs the other)
+_INTERPRETER_DQ_ATOMIC = False  # the backward's variant the interpreter runs (a test runs the other)
 
 
 def head_split(D: int) -> tuple[int, int]:
@@ -117,16 +130,28 @@ def _store_tile(rows, ok, d0, x, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, BH, qk_scale,
-                          D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # D channels per head as tiles of DA and (HAS_B) DB channels (head_split); BH (batch x heads) only keys the
-    # autotuner
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _add_tile(rows, ok, d0, x, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # x added to an fp32 scratch tile in L2 (relaxed: no fences; the result is not read back)
+    d = d0 + tl.arange(0, BLOCK_D)
+    tl.atomic_add(rows[:, None] + d[None, :], x, mask=ok[:, None] & (d[None, :] < D), sem="relaxed")
+
+
+@triton.jit
+def _load_sums(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the scratch's sums, read from L2 (".cg": past this SM's L1, which the atomics performed in L2 do not update)
+    d = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(rows[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
+                     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr):
+    # one block of BLOCK_M queries of head h: q rotated where loaded, the online softmax over every key block (k
+    # rotated where loaded, or read rotated from the head's scratch KROT: K_ONCE), out and log2-sum-exp2 stored
     HD = H * D
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    DP: tl.constexpr = DA + DB
+    m = start_m + tl.arange(0, BLOCK_M)
     m_ok = m < N
     q_rows = QKV + (b * N + m).to(tl.int64) * s_qkv + h * D
     qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA)
@@ -136,16 +161,23 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, BH, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
+    kr_rows = KROT + bh.to(tl.int64) * N * DP
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < N
         k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + HD + h * D
         v_rows = k_rows + HD
-        s = _dot(qa, tl.trans(_load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)),
-                   PREC)
+        if K_ONCE:
+            ka = _load_tile(kr_rows + n * DP, n_ok, 0, DP, BLOCK_N, DA)
+        else:
+            ka = _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)
+        s = _dot(qa, tl.trans(ka), PREC)
         if HAS_B:
-            s += _dot(qb, tl.trans(_load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)),
-                        PREC)
+            if K_ONCE:
+                kb = _load_tile(kr_rows + n * DP, n_ok, DA, DP, BLOCK_N, DB)
+            else:
+                kb = _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)
+            s += _dot(qb, tl.trans(kb), PREC)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -154,8 +186,7 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, BH, qk_scale,
         p = p.to(qa.dtype)
         acc_a = acc_a * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, 0, D, BLOCK_N, DA), PREC)
         if HAS_B:
-            acc_b = acc_b * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB),
-                                                    PREC)
+            acc_b = acc_b * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB), PREC)
         m_i = m_new
     o_rows = O + (b * N + m).to(tl.int64) * s_o + h * D
     _store_tile(o_rows, m_ok, 0, acc_a / l_i[:, None], D, DA)
@@ -165,10 +196,49 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, N, H, BH, qk_scale,
 
 
 @triton.jit
+def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, N, H, BH, qk_scale,
+                          D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr):
+    # D channels per head as tiles of DA and (HAS_B) DB channels (head_split); BH (batch x heads) only keys the
+    # autotuner. Grid (query blocks, batch x heads): each program rotates its head's k where it loads it, once per
+    # query block. K_ONCE, grid (1, batch x heads): the program rotates its head's k once into the scratch KROT
+    # (L2-resident while it runs), then runs every query block reading k from there: the rotation's loads and
+    # arithmetic leave the softmax loop, in N / BLOCK_M times fewer programs (4096 at XL/1's batch 256: enough)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if K_ONCE:
+        DP: tl.constexpr = DA + DB
+        kr_rows = KROT + bh.to(tl.int64) * N * DP
+        for start in range(0, N, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < N
+            k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + H * D + h * D
+            _store_tile(kr_rows + n * DP, n_ok, 0, _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA),
+                        DP, DA)
+            if HAS_B:
+                _store_tile(kr_rows + n * DP, n_ok, DA,
+                            _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB), DP, DB)
+        tl.debug_barrier()  # the loads below may run on other threads than these stores
+        for start_m in range(0, N, BLOCK_M):
+            _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
+                             D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE)
+    else:
+        _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, tl.program_id(0) * BLOCK_M, N, H,
+                         qk_scale, D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE)
+
+
+@triton.jit
 def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QROT, DQACC, DQKV, N, H, BH,
                           qk_scale, sm_scale,
                           D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DQ_ATOMIC: tl.constexpr):
+    # DQ_ATOMIC: each key block's dQ contributions are added to the scratch by fire-and-forget fp32 atomics
+    # (performed in L2: the SM sends 4 bytes an element instead of reading 4 and writing 4, and the warps do not
+    # wait for the read or meet at a barrier per key block); the scratch is zeroed first. Bit for bit the other
+    # variant's sums: an element's additions come from the one thread that holds it in every key block (the same
+    # code, the same layout), in key-block order, and same-address operations of one thread keep program order.
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -195,6 +265,10 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
             delta += tl.sum(_load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32)
                             * _load_tile(o_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32), 1)
         tl.store(DELTA + bh * N + m, delta, mask=m_ok)
+        if DQ_ATOMIC:
+            _store_tile(acc_rows + m * DP, m_ok, 0, tl.zeros([BLOCK_M, DA], tl.float32), DP, DA)
+            if HAS_B:
+                _store_tile(acc_rows + m * DP, m_ok, DA, tl.zeros([BLOCK_M, DB], tl.float32), DP, DB)
     tl.debug_barrier()
     # 2. per key block: dK, dV over every query block; dQ's contributions summed in the scratch
     for start_n in range(0, N, BLOCK_N):
@@ -233,44 +307,63 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
             dka += _dot(tl.trans(ds), qa, PREC)
             dqa = _dot(ds, ka, PREC)
             a_rows = acc_rows + m * DP
-            a_ok = m_ok & (start_n > 0)  # the first key block writes the scratch, the others add to it
-            dqa += _load_tile(a_rows, a_ok, 0, DP, BLOCK_M, DA)
-            _store_tile(a_rows, m_ok, 0, dqa, DP, DA)
+            if DQ_ATOMIC:
+                _add_tile(a_rows, m_ok, 0, dqa, DP, DA)
+            else:
+                a_ok = m_ok & (start_n > 0)  # the first key block writes the scratch, the others add to it
+                dqa += _load_tile(a_rows, a_ok, 0, DP, BLOCK_M, DA)
+                _store_tile(a_rows, m_ok, 0, dqa, DP, DA)
             if HAS_B:
                 dvb += _dot(tl.trans(p), dob, PREC)
                 dkb += _dot(tl.trans(ds), qb, PREC)
-                dqb = _dot(ds, kb, PREC) + _load_tile(a_rows, a_ok, DA, DP, BLOCK_M, DB)
-                _store_tile(a_rows, m_ok, DA, dqb, DP, DB)
+                dqb = _dot(ds, kb, PREC)
+                if DQ_ATOMIC:
+                    _add_tile(a_rows, m_ok, DA, dqb, DP, DB)
+                else:
+                    dqb += _load_tile(a_rows, a_ok, DA, DP, BLOCK_M, DB)
+                    _store_tile(a_rows, m_ok, DA, dqb, DP, DB)
         dk_rows = DQKV + (base + n) * (3 * HD) + HD + h * D
         _store_unrotated(dk_rows, n_ok, n, 0, dka * sm_scale, COS, SIN, D, BLOCK_N, DA)
         _store_tile(dk_rows + HD, n_ok, 0, dva, D, DA)
         if HAS_B:
             _store_unrotated(dk_rows, n_ok, n, DA, dkb * sm_scale, COS, SIN, D, BLOCK_N, DB)
             _store_tile(dk_rows + HD, n_ok, DA, dvb, D, DB)
-        tl.debug_barrier()  # the scratch: the next key block's loads may run on other threads than these stores
+        if not DQ_ATOMIC:
+            tl.debug_barrier()  # the scratch: the next key block's loads may run on other threads than these stores
+    if DQ_ATOMIC:
+        tl.debug_barrier()  # every thread's additions performed before any thread reads the sums
     # 3. dq: the summed scratch, scaled, rotated back, into the gradient's q part
     for start_m in range(0, N, BLOCK_M):
         m = start_m + tl.arange(0, BLOCK_M)
         m_ok = m < N
         a_rows = acc_rows + m * DP
         dq_rows = DQKV + (base + m) * (3 * HD) + h * D
-        _store_unrotated(dq_rows, m_ok, m, 0, _load_tile(a_rows, m_ok, 0, DP, BLOCK_M, DA) * sm_scale,
+        _store_unrotated(dq_rows, m_ok, m, 0, _load_sums(a_rows, m_ok, 0, DP, BLOCK_M, DA) * sm_scale,
                          COS, SIN, D, BLOCK_M, DA)
         if HAS_B:
-            _store_unrotated(dq_rows, m_ok, m, DA, _load_tile(a_rows, m_ok, DA, DP, BLOCK_M, DB) * sm_scale,
+            _store_unrotated(dq_rows, m_ok, m, DA, _load_sums(a_rows, m_ok, DA, DP, BLOCK_M, DB) * sm_scale,
                              COS, SIN, D, BLOCK_M, DB)
 
 
-def _configs(tiles) -> list:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "K_ONCE": k}, num_warps=w, num_stages=st)
+               for m, n, w, st, k in FWD_TILES]
+BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "DQ_ATOMIC": a}, num_warps=w, num_stages=st)
+               for m, n, w, st, a in BWD_TILES]
 
 
 # Both kernels write every output element on each run (the backward's scratch is written before it is read), so
 # the autotuner times its configs on the real buffers.
 # Keyed by the program count too (BH = batch x heads): a choice made at one sample (a start-up check) is not
 # reused at the training batch.
-_fwd_tuned = triton.autotune(configs=_configs(FWD_TILES), key=["D", "PREC", "N", "BH"])(_rope_attn_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_configs(BWD_TILES), key=["D", "PREC", "N", "BH"])(_rope_attn_bwd_kernel)
+_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "PREC", "N", "BH"])(_rope_attn_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=BWD_CONFIGS, key=["D", "PREC", "N", "BH"])(_rope_attn_bwd_kernel)
+
+
+def autotuned() -> dict[str, dict[str, str]]:
+    """The configs the autotuners picked in this process, per kernel and key (D, PREC, N, BH): which variant ran
+    (K_ONCE, DQ_ATOMIC) and at which tile, for result records."""
+    return {name: {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+            for name, tuned in (("fwd", _fwd_tuned), ("bwd", _bwd_tuned))}
 
 
 # ----------------------------------------------------------------------------- checks, launchers, autograd
@@ -310,19 +403,36 @@ def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("vavae::rope_attention", mutates_args=())
 def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
     """(out (B, N, H*D) in qkv's dtype, log2-sum-exp2 per (batch x head, query) in fp32)."""
+    return rope_attention_forward(qkv, cos, sin, num_heads)
+
+
+def _fwd_grid(N: int, BH: int, meta: dict) -> tuple[int, int]:
+    return (1 if meta["K_ONCE"] else triton.cdiv(N, meta["BLOCK_M"]), BH)
+
+
+def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                           config: Optional[triton.Config] = None) -> tuple[Tensor, Tensor]:
+    """The forward's launch: the autotuned one (config None; the interpreter: its small tiles and
+    `_INTERPRETER_K_ONCE`), or the one config given (the tests compare the variants)."""
     B, N, H, D = _check(qkv, cos, sin, num_heads)
     out = qkv.new_empty((B, N, H * D))
     lse = qkv.new_empty((B * H, N), dtype=torch.float32)
     if B * N * H * D:
         x = _triton.rows_2d(qkv)
         cos, sin = _tables(cos, sin)
-        args = (x, x.stride(0), cos, sin, out, H * D, lse, N, H, B * H, math.log2(math.e) / math.sqrt(D))
-        const = dict(D=D, **_split(D), PREC=_precision(qkv.dtype))
-        if _triton.interpreting():
+        split = _split(D)
+        krot = x.new_empty((B * H, N, split["DA"] + split["DB"]))  # K_ONCE's rotated k, per (batch x head)
+        args = (x, x.stride(0), cos, sin, out, H * D, lse, krot, N, H, B * H, math.log2(math.e) / math.sqrt(D))
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype))
+        if config is not None:
+            _rope_attn_fwd_kernel[_fwd_grid(N, B * H, config.kwargs)](
+                *args, **const, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        elif _triton.interpreting():
             bm, bn = _INTERPRETER_TILE
-            _rope_attn_fwd_kernel[(triton.cdiv(N, bm), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, K_ONCE=_INTERPRETER_K_ONCE)
+            _rope_attn_fwd_kernel[_fwd_grid(N, B * H, meta)](*args, **const, **meta)
         else:
-            _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](*args, **const)
+            _fwd_tuned[lambda meta: _fwd_grid(N, B * H, meta)](*args, **const)
     return out, lse
 
 
@@ -336,6 +446,13 @@ def _(qkv, cos, sin, num_heads):
 def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cos: Tensor, sin: Tensor,
                           num_heads: int) -> Tensor:
     """d qkv (B, N, 3*H*D) in qkv's dtype."""
+    return rope_attention_backward(dout, qkv, out, lse, cos, sin, num_heads)
+
+
+def rope_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cos: Tensor, sin: Tensor,
+                            num_heads: int, config: Optional[triton.Config] = None) -> Tensor:
+    """The backward's launch: the autotuned one (config None; the interpreter: its small tiles and
+    `_INTERPRETER_DQ_ATOMIC`), or the one config given (the tests compare the variants)."""
     B, N, H, D = _check(qkv, cos, sin, num_heads)
     dqkv = qkv.new_empty(qkv.shape)
     if B * N * H * D:
@@ -349,9 +466,12 @@ def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, c
         args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, qrot, scratch, dqkv, N, H,
                 B * H, math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
         const = dict(D=D, **split, PREC=_precision(qkv.dtype))
-        if _triton.interpreting():
+        if config is not None:
+            _rope_attn_bwd_kernel[(B * H,)](*args, **const, **config.kwargs, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+        elif _triton.interpreting():
             bm, bn = _INTERPRETER_TILE
-            _rope_attn_bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn)
+            _rope_attn_bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, DQ_ATOMIC=_INTERPRETER_DQ_ATOMIC)
         else:
             _bwd_tuned[(B * H,)](*args, **const)
     return dqkv

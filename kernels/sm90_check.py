@@ -137,20 +137,22 @@ def _rope_attention_variants() -> list[Variant]:
     its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
     from . import rope_attention as ra
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
-               "LSE": "*fp32", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
+               "LSE": "*fp32", "KROT": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
     bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
                "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "QROT": "*bf16", "DQACC": "*fp32",
                "DQKV": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
     out = []
     for D in (72, 64):
         split = ra._split(D)
-        for which, kernel, sig, tiles in (("fwd", ra._rope_attn_fwd_kernel, fwd_sig, ra.FWD_TILES),
-                                          ("bwd", ra._rope_attn_bwd_kernel, bwd_sig, ra.BWD_TILES)):
-            for m, n, w, st in tiles:
-                const = {"D": D, **split, "PREC": "tf32", "BLOCK_M": m, "BLOCK_N": n}
-                out.append(Variant(f"rope_attention {which} D={D} BLOCK_M={m} BLOCK_N={n} warps={w} stages={st}",
-                                   kernel, {**sig, **{k: "constexpr" for k in const}}, const,
-                                   [k for k, t in sig.items() if t != "fp32"], w, num_stages=st))
+        for which, kernel, sig, configs in (("fwd", ra._rope_attn_fwd_kernel, fwd_sig, ra.FWD_CONFIGS),
+                                            ("bwd", ra._rope_attn_bwd_kernel, bwd_sig, ra.BWD_CONFIGS)):
+            for cfg in configs:
+                const = {"D": D, **split, "PREC": "tf32", **cfg.kwargs}
+                tile = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+                out.append(Variant(f"rope_attention {which} D={D} {tile} warps={cfg.num_warps} "
+                                   f"stages={cfg.num_stages}", kernel, {**sig, **{k: "constexpr" for k in const}},
+                                   const, [k for k, t in sig.items() if t != "fp32"], cfg.num_warps,
+                                   num_stages=cfg.num_stages))
     return out
 
 

@@ -184,6 +184,36 @@ def test_rope_attention_kernel_at_xl_shape(dtype):
         assert rel_err(dqkv, dref) < 1.5 * rel_err(dref16, dref), (rel_err(dqkv, dref), rel_err(dref16, dref))
 
 
+def test_rope_attention_variants_agree_bit_for_bit():
+    """The autotuners' variants of the fused RoPE attention compute the same bits at XL's head shape in bf16: the
+    forward with k rotated per query block or once per head (K_ONCE), at the same tile; every backward config (dQ
+    summed by a scratch's read-modify-write or by atomics in L2, at each stage count), twice over (the atomics'
+    order is the program's own: deterministic)."""
+    from kernels import rope_attention as ra
+    from modeling.lightningdit import VisionRotaryEmbeddingFast
+    torch.manual_seed(1)
+    B, N, H, D = 4, 256, 16, 72
+    tables = VisionRotaryEmbeddingFast(D // 2, 16).cuda()
+    cos, sin = tables.freqs_cos, tables.freqs_sin
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda").bfloat16()
+    tiles = {}
+    for cfg in ra.FWD_CONFIGS:
+        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
+        tiles.setdefault(tile, {})[cfg.kwargs["K_ONCE"]] = ra.rope_attention_forward(qkv, cos, sin, H, cfg)
+    pairs = [v for v in tiles.values() if len(v) == 2]
+    assert pairs, "no tile with both K_ONCE variants"
+    for v in pairs:
+        for a, b in zip(v[False], v[True]):
+            assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+    out, lse = pairs[0][True]
+    dout = torch.randn_like(out)
+    grads = [ra.rope_attention_backward(dout, qkv, out, lse, cos, sin, H, cfg)
+             for cfg in ra.BWD_CONFIGS + ra.BWD_CONFIGS]
+    assert len(ra.BWD_CONFIGS) > 1 and any(c.kwargs["DQ_ATOMIC"] for c in ra.BWD_CONFIGS)
+    for i, g in enumerate(grads[1:], 1):
+        assert torch.equal(g, grads[0]), (ra.BWD_CONFIGS[i % len(ra.BWD_CONFIGS)], (g - grads[0]).abs().max())
+
+
 def test_rope_attention_chooser_times_both_paths_on_gpu():
     """prime_attention at XL's head shape (bf16, training) times the attention block's two paths, split (qkv_rope +
     the chosen attention kernel) and rope-fused (ours), forward + backward; ops.rope_attention under autocast then

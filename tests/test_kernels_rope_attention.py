@@ -93,6 +93,37 @@ def test_bf16_within_the_references_own_bf16_error():
     assert rel_err(dqkv, dref) < margin * rel_err(dref16, dref)
 
 
+def test_the_autotuners_variants_compute_the_same_bits(monkeypatch):
+    """The forward's two ways of rotating k (where each query block's program loads it, or once per head into a
+    scratch: K_ONCE) and the backward's two ways of summing dQ over key blocks (a scratch read and rewritten per
+    key block, or atomics into it: DQ_ATOMIC) -- all among the autotuners' configs -- give the same out, lse and
+    d qkv bit for bit, over several query and key blocks (33 tokens: three 16-token blocks, the last ragged) and
+    both head tiles."""
+    torch.manual_seed(5)
+    B, N, H, D = 1, 33, 2, 72
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV)
+    dout = torch.randn(B, N, H * D, device=DEV)
+
+    def config(configs, name, value):
+        if DEV == "cuda":
+            return next(c for c in configs if c.kwargs[name] == value and c.kwargs["BLOCK_M"] == 64)
+        monkeypatch.setattr(rope_attention, f"_INTERPRETER_{name}", value)
+        return None
+
+    fwd = {k: rope_attention.rope_attention_forward(qkv, cos, sin, H, config(rope_attention.FWD_CONFIGS,
+                                                                             "K_ONCE", k)) for k in (False, True)}
+    assert all(torch.equal(a, b) for a, b in zip(fwd[False], fwd[True]))
+    out, lse = fwd[True]
+    bwd = {a: rope_attention.rope_attention_backward(dout, qkv, out, lse, cos, sin, H,
+                                                     config(rope_attention.BWD_CONFIGS, "DQ_ATOMIC", a))
+           for a in (False, True)}
+    assert torch.equal(bwd[False], bwd[True])
+    ref, dref = run_reference(qkv, cos, sin, H, dout)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bwd[True], dref.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_large_logits_and_a_strided_qkv():
     """Scores up to ~1e3 (the running maximum must rescale the sums) and qkv a column slice of a wider tensor
     (row stride > 3*H*D): fp32 within 1e-4 of float64."""
