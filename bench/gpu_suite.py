@@ -500,8 +500,8 @@ def print_table(r: dict) -> None:
                   f"{v.get('peak_memory_gib', v.get('peak_rss_gib', 0)):.1f} GiB  fp8 {v['fp8'][:20]}  [{ran}]")
             tuned = ((v.get("environment") or {}).get("kernels") or {}).get("rope_attention_autotuned") or {}
             for which, picks in tuned.items():
-                for key, cfg in picks.items():
-                    print(f"    rope attention {which} autotuned {key}: {cfg}")
+                for key, got in picks.items():
+                    print(f"    rope attention {which} autotuned {key}: {got['picked']}; ms per config {got['ms']}")
             for cat, ms in ((v.get("profile") or {}).get("ms_per_step_by_category") or {}).items():
                 print(f"    profile: {cat:45s} {ms:8.1f} ms/step")
     for name in EXTRA_COMMANDS:

@@ -124,6 +124,35 @@ def test_the_autotuners_variants_compute_the_same_bits(monkeypatch):
     torch.testing.assert_close(bwd[True], dref.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_autotuned_records_the_pick_and_every_candidates_time(monkeypatch):
+    """autotuned() (in describe() and the GPU suite's records) holds, per kernel and key, the config the autotuner
+    picked and the time of every candidate it timed for that key -- taken from the autotuner when it tunes a new key,
+    not overwritten by later calls of a key already tuned."""
+    class FakeTuner:  # triton.autotune's surface used here: cache, configs_timings, tuned[grid](...)
+        def __init__(self):
+            self.cache, self.configs_timings = {}, {}
+
+        def __getitem__(self, grid):
+            def launch(*args, **const):
+                key = (const["D"], args[0])
+                if key not in self.cache:
+                    a, b = rope_attention.BWD_CONFIGS[:2]
+                    self.configs_timings = {a: [2.0, 1.9, 2.1], b: [1.5, 1.4, 1.6]}
+                    self.cache[key] = b
+            return launch
+
+    fake = FakeTuner()
+    monkeypatch.setattr(rope_attention, "_bwd_tuned", fake)
+    monkeypatch.setattr(rope_attention, "_timings", {"fwd": {}, "bwd": {}})
+    rope_attention._tune_and_run("bwd", fake, (1,), (256,), {"D": 72})
+    fake.configs_timings = {}  # a later launch of the same key neither re-tunes nor overwrites
+    rope_attention._tune_and_run("bwd", fake, (1,), (256,), {"D": 72})
+    got = rope_attention.autotuned()["bwd"][str((72, 256))]
+    a, b = rope_attention.BWD_CONFIGS[:2]
+    assert got == {"picked": str(b), "ms": {str(a): 2.0, str(b): 1.5}}
+    assert "DQ_ATOMIC: True" in got["picked"]
+
+
 def test_large_logits_and_a_strided_qkv():
     """Scores up to ~1e3 (the running maximum must rescale the sums) and qkv a column slice of a wider tensor
     (row stride > 3*H*D): fp32 within 1e-4 of float64."""
