@@ -15,10 +15,12 @@ venv: .venv/.installed
 # where tests start subprocesses (DeepSpeed ranks, the demo's stages); the thread counts come from
 # modeling/threads.py (tests/conftest.py; THREADS=N or $VAVAE_THREADS overrides)
 # -n auto --dist loadfile: one pytest worker per core (tests/conftest.py gives each its share of the threads), a
-# file's tests on one worker (a module-scoped training run is made once).
+# file's tests on one worker (a module-scoped training run is made once); --no-loadscope-reorder: the files in
+# conftest's order, the slowest first (xdist would order them by test count).
 # `make test` leaves out the `extended` cases (further launchers / trainers / stages of a behaviour CI tests once);
 # `make test-all` runs them too (about 20 minutes on 2 cores).
-PYTEST := OMP_WAIT_POLICY=PASSIVE $(if $(THREADS),VAVAE_THREADS=$(THREADS)) $(PY) -m pytest -q -n auto --dist loadfile
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(if $(THREADS),VAVAE_THREADS=$(THREADS)) $(PY) -m pytest -q -n auto --dist loadfile \
+	--no-loadscope-reorder
 test: venv
 	$(PYTEST) -m "not gpu and not extended"
 
