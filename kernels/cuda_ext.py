@@ -52,8 +52,10 @@ def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Opt
     tv = gate.dtype if gate is not None else scale.dtype if scale is not None else x.dtype
     shift = shift.to(tv) if shift is not None else None
     scale = scale.to(tv) if scale is not None else None
-    if out.dtype != x.dtype or (gate is not None and (h.dtype != x.dtype or y.dtype != tv)):
-        raise ValueError(f"CUDA fused_norm: unsupported dtype mix (x {x.dtype}, out {out.dtype}); use triton")
+    # out in x's dtype, or in the vectors' (autocast: fp32 x, bf16 shift/scale, out for the next bf16 GEMM)
+    if out.dtype not in (x.dtype, tv) or (gate is not None and (h.dtype != x.dtype or y.dtype != tv)):
+        raise ValueError(f"CUDA fused_norm: unsupported dtype mix (x {x.dtype}, vectors {tv}, out {out.dtype}); "
+                         f"use triton")
     _check_layout(x, gate, y, weight, bias, shift, scale)
     _load().norm_fwd(x, gate, y, weight, bias, shift, scale, h, out, mean, rstd, N, eps, rms, _stream())
 
@@ -67,7 +69,11 @@ def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Ten
     bias = bias.to(xin.dtype) if bias is not None else None
     tv = gate.dtype if gate is not None else scale.dtype if scale is not None else xin.dtype
     scale = scale.to(tv) if scale is not None else None
-    dout, dh = dout.to(xin.dtype), dh.to(xin.dtype) if dh is not None else None
+    # dout is read in xin's dtype or in the vectors' (the gradient of an out written in it); dh in xin's
+    # (16-byte rows: in the vectors' dtype only where a row is a multiple of 8 elements)
+    keep = dout.dtype == xin.dtype or (dout.dtype == tv and xin.shape[-1] % (16 // dout.element_size()) == 0)
+    dout = dout if keep else dout.to(xin.dtype)
+    dh = dh.to(xin.dtype) if dh is not None else None
     _check_layout(dout, dh, xin, gate, y, weight, bias, scale)
     _load().norm_bwd(dout, dh, xin, gate, y, weight, bias, scale, mean, rstd, dx, dy,
                      pw, pb, psh, psc, pg, N, R, rms, has_shift, _stream())

@@ -206,11 +206,14 @@ def _geometry(x: Tensor, per_sample: bool) -> tuple[int, int, int, int]:
     return rows, C, rows, 1
 
 
-def _dtypes(x, gate, y, weight, bias, shift, scale) -> tuple[torch.dtype, torch.dtype]:
-    # the reference's type promotion: h in x/gate/y's common dtype, out promoted by the affine and adaLN vectors
+def _dtypes(x, gate, y, weight, bias, shift, scale, out_dtype=None) -> tuple[torch.dtype, torch.dtype]:
+    # the reference's type promotion: h in x/gate/y's common dtype, out promoted by the affine and adaLN vectors,
+    # unless the caller asks for out in the dtype its consumer computes in (out_dtype: the kernels write it directly)
     h_dtype = x.dtype
     if gate is not None:
         h_dtype = torch.promote_types(torch.promote_types(h_dtype, gate.dtype), y.dtype)
+    if out_dtype is not None:
+        return h_dtype, out_dtype
     out_dtype = h_dtype
     for t in (weight, bias, shift, scale):
         if t is not None:
@@ -223,11 +226,11 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-def _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms):
+def _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms, out_dtype):
     """The forward's outputs (h, out, mean, rstd), allocated, and (rows, C, N): h is empty without a residual,
     mean is empty for RMSNorm."""
     rows, C, N, _ = _geometry(x, gate is not None or shift is not None or scale is not None)
-    h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale)
+    h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale, out_dtype)
     h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if gate is not None else _empty(x)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = _empty(x).float() if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -278,9 +281,9 @@ def _bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C)
 
 # ----------------------------------------------------------------------------- launchers (one per backend)
 
-def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms):
+def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     """Returns (h, out, mean, rstd)."""
-    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms)
+    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms, out_dtype)
     if rows == 0:
         return h, out, mean, rstd
     x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
@@ -304,9 +307,9 @@ def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms):
     return h, out, mean, rstd
 
 
-def _fwd_cuda(x, gate, y, weight, bias, shift, scale, eps, rms):
+def _fwd_cuda(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     """Returns (h, out, mean, rstd), computed by the CUDA extension."""
-    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms)
+    (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms, out_dtype)
     if rows:
         x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
         cuda_ext.norm_fwd(x2, g, y2, weight, bias, sh, sc, h, out, mean, rstd, N, eps, rms)
@@ -349,9 +352,9 @@ def _bwd_cuda(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd
 
 # ----------------------------------------------------------------------------- custom ops (fake + autograd)
 
-def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms):
+def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     rows = x.numel() // x.shape[-1]
-    h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale)
+    h_dtype, out_dtype = _dtypes(x, gate, y, weight, bias, shift, scale, out_dtype)
     h = x.new_empty(x.shape, dtype=h_dtype) if gate is not None else x.new_empty(0)
     mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
     return h, x.new_empty(x.shape, dtype=out_dtype), mean, x.new_empty(rows, dtype=torch.float32)
@@ -368,7 +371,7 @@ def _bwd_fake(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd
 
 
 def _setup(ctx, inputs, output):
-    x, gate, y, weight, bias, shift, scale, eps, rms = inputs
+    x, gate, y, weight, bias, shift, scale, eps, rms, _ = inputs
     h, out, mean, rstd = output
     xin = h if gate is not None else x  # the backward recomputes the normalised row from the stored h
     ctx.save_for_backward(xin, gate, y, weight, bias, scale, mean, rstd)
@@ -383,8 +386,8 @@ def _custom_ops(suffix: str, fwd_launcher: Callable, bwd_launcher: Callable):
     @torch.library.custom_op(f"vavae::norm_fwd_{suffix}", mutates_args=())
     def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
-                 rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return fwd_launcher(x, gate, y, weight, bias, shift, scale, eps, rms)
+                 rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return fwd_launcher(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype)
 
     @torch.library.custom_op(f"vavae::norm_bwd_{suffix}", mutates_args=())
     def norm_bwd(dout: Tensor, dh: Optional[Tensor], xin: Tensor, gate: Optional[Tensor], y: Optional[Tensor],
@@ -410,7 +413,7 @@ def _custom_ops(suffix: str, fwd_launcher: Callable, bwd_launcher: Callable):
         return (dx.to(x_dtype), dgate if has_res else None, dy if has_res else None,
                 dweight if weight is not None else None, dbias if bias is not None else None,
                 dshift.to(shift_dtype) if ctx.has_shift else None, dscale if scale is not None else None,
-                None, None)
+                None, None, None)
 
     norm_fwd.register_autograd(backward, setup_context=_setup)
     return norm_fwd
@@ -440,20 +443,21 @@ class NormOps:
         return f"fused_norm.NormOps({self.backend!r})"
 
     def rms_norm(self, x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
-        return self._fwd(x, None, None, weight, None, None, None, eps, True)[1]
+        return self._fwd(x, None, None, weight, None, None, None, eps, True, None)[1]
 
     def layer_norm(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-6) -> Tensor:
-        return self._fwd(x, None, None, weight, bias, None, None, eps, False)[1]
+        return self._fwd(x, None, None, weight, bias, None, None, eps, False, None)[1]
 
     def norm_modulate(self, x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor,
-                      eps: float = 1e-6, kind: str = "rms") -> Tensor:
-        return self._fwd(x, None, None, weight, None, shift, scale, eps, _rms(kind))[1]
+                      eps: float = 1e-6, kind: str = "rms", out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        return self._fwd(x, None, None, weight, None, shift, scale, eps, _rms(kind), out_dtype)[1]
 
     def gated_residual_norm_modulate(self, x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
                                      shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
-                                     kind: str = "rms") -> tuple[Tensor, Tensor]:
-        h, out, _, _ = self._fwd(x, gate, y, weight, None, shift, scale, eps, _rms(kind))
+                                     kind: str = "rms", out_dtype: Optional[torch.dtype] = None
+                                     ) -> tuple[Tensor, Tensor]:
+        h, out, _, _ = self._fwd(x, gate, y, weight, None, shift, scale, eps, _rms(kind), out_dtype)
         return h, out
 
 
@@ -464,21 +468,33 @@ TRITON, CUDA = NormOps("triton", norm_fwd_triton), NormOps("cuda", norm_fwd_cuda
 
 def _bench(op: str) -> BenchFactory:
     def case(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
-        r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
-        RC = s.rows * s.C * dtype.itemsize  # bytes of one (B, N, C) activation
-        x, y, w, mod = r(s.B, s.N, s.C), r(s.B, s.N, s.C), r(s.C), r(s.B, 6 * s.C)
+        r = lambda *shape, dt=dtype: torch.randn(*shape, device=device, dtype=dt, requires_grad=True)  # noqa: E731
+        el = s.rows * s.C  # elements of one (B, N, C) activation
+        size = {"B": s.B, "N": s.N, "C": s.C}
+        if op == "rms_norm":  # the qk-norm's, on heads in the activations' dtype
+            RC = el * dtype.itemsize
+            return BenchCase([r(s.B, s.N, s.C), r(s.C)], lambda f, x, w: f(x, w, 1e-6), 2 * RC, 3 * RC, shape=size)
+        if op == "layer_norm":  # the qk-norm's LayerNorm, affine
+            RC = el * dtype.itemsize
+            return BenchCase([r(s.B, s.N, s.C), r(s.C), r(s.C)], lambda f, x, w, b: f(x, w, b, 1e-6), 2 * RC, 3 * RC,
+                             shape=size)
+        # The block's norms as a 16-bit training step has them (autocast): the residual stream x and the norm
+        # weight fp32, the branch output y and the adaLN vectors in the 16-bit dtype, the normalised output
+        # written in it for the next GEMM (out_dtype) and its gradient arriving in it. In fp32: all fp32.
+        xt = torch.float32
+        lo = dtype
+        X, V = el * xt.itemsize, el * lo.itemsize  # one activation in the residual's / the branch's dtype
+        x, y, w, mod = r(s.B, s.N, s.C, dt=xt), r(s.B, s.N, s.C), r(s.C, dt=xt), r(s.B, 6 * s.C)
         # shift/scale/gate are strided chunks of the adaLN output, as in the model
         sh, sc, g = (lambda m: m[:, :s.C]), (lambda m: m[:, s.C:2 * s.C]), (lambda m: m[:, 2 * s.C:3 * s.C])
-        size = {"B": s.B, "N": s.N, "C": s.C}
-        if op == "rms_norm":
-            return BenchCase([x, w], lambda f, x, w: f(x, w, 1e-6), 2 * RC, 3 * RC, shape=size)
-        if op == "layer_norm":  # the qk-norm's LayerNorm, affine
-            return BenchCase([x, w, r(s.C)], lambda f, x, w, b: f(x, w, b, 1e-6), 2 * RC, 3 * RC, shape=size)
-        if op == "norm_modulate":
-            return BenchCase([x, w, mod], lambda f, x, w, m: f(x, w, sh(m), sc(m), 1e-6, "rms"), 2 * RC, 3 * RC,
-                             shape=size)
-        return BenchCase([x, y, w, mod], lambda f, x, y, w, m: f(x, g(m), y, w, sh(m), sc(m), 1e-6, "rms"),
-                         4 * RC, 6 * RC, shape=size)
+        to = lo if lo != xt else None
+        size["dtypes"] = f"x {xt}, y/vectors/out {lo}"
+        if op == "norm_modulate":  # fwd: x in, out out; bwd: x and dout in, dx out
+            return BenchCase([x, w, mod], lambda f, x, w, m: f(x, w, sh(m), sc(m), 1e-6, "rms", to), X + V,
+                             2 * X + V, shape=size)
+        # fwd: x, y in; h, out out. bwd: h, dout, dh, y in; dx, dy out
+        return BenchCase([x, y, w, mod], lambda f, x, y, w, m: f(x, g(m), y, w, sh(m), sc(m), 1e-6, "rms", to),
+                         2 * X + 2 * V, 3 * X + 3 * V, shape=size)
     return case
 
 

@@ -40,8 +40,11 @@ def modulate(x: Tensor, shift: Optional[Tensor], scale: Tensor) -> Tensor:
 
 
 def norm_modulate(x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
-                  kind: str = "rms") -> Tensor:
-    return modulate(norm(x, weight, eps, kind), shift, scale)
+                  kind: str = "rms", out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    # out_dtype: the dtype the output's consumer computes in (the next Linear's under autocast: the cast its
+    # autocast would make, made here, where a fused kernel writes that dtype directly); None: type promotion's
+    out = modulate(norm(x, weight, eps, kind), shift, scale)
+    return out.to(out_dtype) if out_dtype is not None else out
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
@@ -50,10 +53,11 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 
 def gated_residual_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
                                  shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
-                                 kind: str = "rms") -> tuple[Tensor, Tensor]:
-    """h = x + gate*y; out = modulate(norm(h)). Returns (h, out): the op that joins two block halves."""
+                                 kind: str = "rms", out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """h = x + gate*y; out = modulate(norm(h)) (in out_dtype if given). Returns (h, out): the op that joins two
+    block halves."""
     h = gated_residual(x, gate, y)
-    return h, norm_modulate(h, weight, shift, scale, eps, kind)
+    return h, norm_modulate(h, weight, shift, scale, eps, kind, out_dtype)
 
 
 def swiglu(x12: Tensor) -> Tensor:

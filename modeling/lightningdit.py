@@ -6,6 +6,7 @@ CUDA extension) is chosen there, not here.
 """
 import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -219,6 +220,14 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def linear_input_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a Linear reading a tensor derived from x computes in: autocast's where it is on, else None (no
+    cast). The norms ask for their output in it: what the Linear's autocast would cast it to, written so directly
+    (and its gradient arrives so) instead of an fp32 output and a cast pass each way."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 class LightningDiTBlock(nn.Module):
     """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x)))."""
 
@@ -240,10 +249,10 @@ class LightningDiTBlock(nn.Module):
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        n1, n2 = self.norm1, self.norm2
-        h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind)
+        n1, n2, gemm = self.norm1, self.norm2, linear_input_dtype(x)
+        h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, gemm)
         x, h = ops.gated_residual_norm_modulate(x, gate_msa, self.attn(h, rope), n2.weight, shift_mlp, scale_mlp,
-                                                n2.eps, n2.kind)
+                                                n2.eps, n2.kind, gemm)
         return ops.gated_residual(x, gate_mlp, self.mlp(h))
 
 
@@ -257,7 +266,7 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         n = self.norm_final
-        return self.linear(ops.norm_modulate(x, n.weight, shift, scale, n.eps, n.kind))
+        return self.linear(ops.norm_modulate(x, n.weight, shift, scale, n.eps, n.kind, linear_input_dtype(x)))
 
 
 # ----------------------------------------------------------------------------- the model

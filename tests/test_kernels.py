@@ -103,6 +103,83 @@ def test_norm_family_bf16_and_autocast_dtypes():
     assert rel_err(out, rout) < 1e-2
 
 
+def test_norm_out_dtype_is_the_next_linears_input_dtype():
+    """out_dtype (what the model asks for under autocast: the next Linear's dtype): the normalised output written in
+    bf16 is the fp32 one rounded (bit for bit on a GPU; within the interpreter's truncation here), and its backward,
+    fed the bf16 gradient the Linear gives, produces the very gradients the fp32-output path produces from that
+    gradient cast up (what autocast's cast did). The reference gives the same dtype and values within bf16."""
+    torch.manual_seed(7)
+    B, N, C = 2, 19, 1152
+    x, w = leaves(((B, N, C), torch.float32), ((C,), torch.float32))
+    y, mod = leaves(((B, N, C), torch.bfloat16), ((B, 6 * C), torch.bfloat16))
+
+    def run(to):
+        h, out = fused_norm.TRITON.gated_residual_norm_modulate(x, mod[:, 2 * C:3 * C], y, w, mod[:, :C],
+                                                                mod[:, C:2 * C], 1e-6, "rms", to)
+        out2 = fused_norm.TRITON.norm_modulate(h, w, mod[:, 3 * C:4 * C], mod[:, 4 * C:5 * C], 1e-6, "rms", to)
+        return h, out.to(torch.bfloat16), out2.to(torch.bfloat16)  # the Linear's autocast cast (a no-op for bf16)
+    low, full = run(torch.bfloat16), run(None)
+    assert low[1].dtype == low[2].dtype == torch.bfloat16 and low[0].dtype == torch.float32
+    for a, b in zip(low, full):
+        if DEV == "cuda" or a.dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:  # the interpreter truncates where the GPU rounds: at most one bf16 ulp apart
+            assert ((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -7).all()
+    gouts = [torch.randn_like(t) for t in full]
+    leaves_ = [x, y, w, mod]
+    ga = torch.autograd.grad([(t * g).sum() for t, g in zip(low, gouts)], leaves_)
+    gb = torch.autograd.grad([(t * g).sum() for t, g in zip(full, gouts)], leaves_)
+    for a, b in zip(ga, gb):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    rh, rout = reference.gated_residual_norm_modulate(x, mod[:, 2 * C:3 * C], y, w, mod[:, :C], mod[:, C:2 * C],
+                                                      1e-6, "rms", torch.bfloat16)
+    assert rout.dtype == torch.bfloat16 and rel_err(low[1], rout) < 1e-2
+
+
+def test_block_under_autocast_has_no_activation_casts_around_our_ops():
+    """One LightningDiT block traced (AOT autograd, forward and backward graphs) under bf16 autocast with our
+    kernels everywhere: no activation-sized dtype conversion is left between them (the norms write the next GEMM's
+    bf16 input and take its bf16 gradient; before out_dtype four such casts ran per block, ~16 ms of the XL/1
+    step); what remains converts weights and the (B, C) conditioning. The reference path casts the same places
+    (inside its ops now: `.to(out_dtype)`, which inductor fuses)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from modeling.lightningdit import LightningDiTBlock, VisionRotaryEmbeddingFast
+    graphs = {}
+
+    def capture(gm, inputs):
+        def keep(name):
+            def compiler(g, _):
+                graphs[name] = g
+                return make_boxed_func(g.forward)
+            return compiler
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("fwd"), bw_compiler=keep("bwd"))
+    B, N, C = 2, 25, 144
+    block, rope = LightningDiTBlock(C, 2).to(DEV), VisionRotaryEmbeddingFast(36, 5).to(DEV)
+    x, c = torch.randn(B, N, C, device=DEV, requires_grad=True), torch.randn(B, C, device=DEV)
+    kernels.set_attention("rope-fused")
+    torch._dynamo.reset()
+    try:
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            out = torch.compile(lambda x, c: block(x, c, rope), backend=capture, fullgraph=True)(x, c)
+        out.float().sum().backward()
+    finally:
+        kernels.set_attention(None)
+    casts, ours = [], set()
+    for g in graphs.values():
+        for n in g.graph.nodes:
+            if n.op != "call_function":
+                continue
+            if "vavae" in str(n.target):
+                ours.add(str(n.target).split(".")[1])
+            elif "_to_copy" in str(n.target):
+                casts.append(tuple(n.args[0].meta["val"].shape))
+    assert {"norm_fwd_triton", "norm_bwd_triton", "rope_attention", "swiglu", "gated_residual"} <= ours
+    activation = [s for s in casts if s[:2] == (B, N)]
+    assert casts and not activation, activation
+
+
 def test_rms_norm_and_qk_layer_norm_on_head_views():
     B, H, N, D = 1, 2, 37, 72
     qkv = torch.randn(B, N, 3, H, D, device=DEV).requires_grad_()
@@ -254,8 +331,9 @@ def _opcheck_cases():
     g, sh, sc = (mod[:, i * C:(i + 1) * C].clone().requires_grad_() for i in range(3))
     q, k = r(B, 2, 4, 8).requires_grad_(), r(B, 2, 4, 8).requires_grad_()
     return [
-        (torch.ops.vavae.norm_fwd_triton.default, (x, g, y, w, None, sh, sc, 1e-6, True)),
-        (torch.ops.vavae.norm_fwd_triton.default, (x, None, None, None, None, None, sc, 1e-6, False)),
+        (torch.ops.vavae.norm_fwd_triton.default, (x, g, y, w, None, sh, sc, 1e-6, True, None)),
+        (torch.ops.vavae.norm_fwd_triton.default, (x, None, None, None, None, None, sc, 1e-6, False, None)),
+        (torch.ops.vavae.norm_fwd_triton.default, (x, g, y, w, None, sh, sc, 1e-6, True, torch.bfloat16)),
         (torch.ops.vavae.gated_residual.default, (x, g, y)),
         (torch.ops.vavae.swiglu.default, (r(B, N, 2 * C).requires_grad_(),)),
         (torch.ops.vavae.rope_qk.default, (q, k, r(4, 8), r(4, 8), False)),

@@ -32,12 +32,16 @@ def _reset():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtypes", [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")])
+@pytest.mark.parametrize("dtypes", [("bf16", "bf16", None), ("fp32", "bf16", None), ("fp32", "bf16", "bf16"),
+                                    ("fp32", "fp32", None)])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_norm_family_on_gpu(backend, dtypes, kind):
+    """x, y/vectors and (third) the out_dtype asked for: ("fp32", "bf16", "bf16") is the model under autocast (fp32
+    residual stream, bf16 branch and adaLN vectors, the normalised output written in bf16 for the next GEMM and its
+    gradient arriving in bf16: the CUDA extension's out_tv / dout_tv)."""
     _need(backend)
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    tx, tv = dt[dtypes[0]], dt[dtypes[1]]
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}
+    tx, tv, to = dt[dtypes[0]], dt[dtypes[1]], dt[dtypes[2]]
     B, N, C = 4, 257, 1152
     x = torch.randn(B, N, C, device="cuda", dtype=tx, requires_grad=True)
     y = torch.randn(B, N, C, device="cuda", dtype=tv, requires_grad=True)
@@ -45,16 +49,18 @@ def test_norm_family_on_gpu(backend, dtypes, kind):
     mod = torch.randn(B, 6 * C, device="cuda", dtype=tv, requires_grad=True)
     leaves = [t for t in (x, y, w, mod) if t is not None]
 
-    def run(impl, x, y, w, m):
-        h, out = impl.gated_residual_norm_modulate(x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, kind)
-        out2 = impl.norm_modulate(h, w, m[:, 3 * C:4 * C], m[:, 4 * C:5 * C], 1e-6, kind)
+    def run(impl, x, y, w, m, to):
+        h, out = impl.gated_residual_norm_modulate(x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, kind,
+                                                   to)
+        out2 = impl.norm_modulate(h, w, m[:, 3 * C:4 * C], m[:, 4 * C:5 * C], 1e-6, kind, to)
         return h, out, out2
-    outs = run(ops, x, y, w, mod)
+    outs = run(ops, x, y, w, mod, to)
     assert kernels.describe()["ops"]["norm_modulate"] == backend
+    assert to is None or outs[1].dtype == outs[2].dtype == to
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rx, ry, *rest = ref_leaves
     rw, rm = (rest if kind == "rms" else (None, rest[0]))
-    refs = run(reference, rx, ry, rw, rm)
+    refs = run(reference, rx, ry, rw, rm, None)
     gouts = [torch.randn_like(r) for r in refs]
     tol = 2e-2 if torch.bfloat16 in (tx, tv) else 1e-4
     for o, r in zip(outs, refs):

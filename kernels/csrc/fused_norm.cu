@@ -6,7 +6,9 @@
 // Same contract as the Triton kernels in kernels/fused_norm.py (see there for the math); one block per
 // row in the forward, one block per (sample, chunk of rows) in the backward, 16-byte vector loads,
 // warp-shuffle reductions, fp32 statistics. TX = dtype of x/h/out/weight/bias (and of their grads),
-// TV = dtype of gate/y/shift/scale: all equal, or TX = float with bf16/fp16 TV (bf16 autocast).
+// TV = dtype of gate/y/shift/scale: all equal, or TX = float with bf16/fp16 TV (bf16 autocast). out (and its
+// gradient dout) may be TV instead of TX (out_tv / dout_tv): under autocast the next GEMM reads out in bf16, so
+// the kernel writes it so, and its gradient arrives so.
 //
 // Only ATen core and CUDA runtime headers: the CPU torch wheel (CI compile test) has no c10/cuda build
 // headers, so the caller passes the current stream (torch.cuda.current_stream().cuda_stream).
@@ -65,7 +67,7 @@ struct FwdArgs {
   int64_t N;
   int C;
   float eps;
-  bool rms;
+  bool rms, out_tv;
 };
 
 template <typename TX, typename TV, int VEC, int MAXV>
@@ -128,7 +130,10 @@ __global__ void norm_fwd_kernel(FwdArgs a) {
       if (a.shift) t += sh[k];
       o[k] = t;
     }
-    store<VEC>(static_cast<TX*>(a.out) + row * a.C + c, o);
+    if (a.out_tv)
+      store<VEC>(static_cast<TV*>(a.out) + row * a.C + c, o);
+    else
+      store<VEC>(static_cast<TX*>(a.out) + row * a.C + c, o);
   }
   (void)nvec;
 }
@@ -141,7 +146,7 @@ struct BwdArgs {
   float *pw, *pb, *pshift, *pscale, *pg;
   int64_t N, R;
   int C;
-  bool rms, has_shift;
+  bool rms, has_shift, dout_tv;
 };
 
 template <typename TX, typename TV, int VEC, int MAXV>
@@ -179,7 +184,10 @@ __global__ void norm_bwd_kernel(BwdArgs a) {
       const int c = (threadIdx.x + i * blockDim.x) * VEC;
       if (c >= a.C) continue;
       float d[VEC];
-      load<VEC>(static_cast<const TX*>(a.dout) + row * a.C + c, d);
+      if (a.dout_tv)
+        load<VEC>(static_cast<const TV*>(a.dout) + row * a.C + c, d);
+      else
+        load<VEC>(static_cast<const TX*>(a.dout) + row * a.C + c, d);
       load<VEC>(static_cast<const TX*>(a.xin) + row * a.C + c, xhat[i]);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -280,7 +288,10 @@ void norm_fwd_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& gate, c
   const at::ScalarType tv = gate ? gate->scalar_type() : scale ? scale->scalar_type() : x.scalar_type();
   FwdArgs a{x.data_ptr(), ptr(gate), ptr(y), ptr(weight), ptr(bias), ptr(shift), ptr(scale),
             x.stride(0), stride0(gate), stride0(y), stride0(shift), stride0(scale),
-            h.numel() ? h.data_ptr() : nullptr, out.data_ptr(), fptr(mean), fptr(rstd), N, C, (float)eps, rms};
+            h.numel() ? h.data_ptr() : nullptr, out.data_ptr(), fptr(mean), fptr(rstd), N, C, (float)eps, rms,
+            out.scalar_type() != x.scalar_type()};
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == tv,
+              "vavae CUDA fused_norm: out must have x's dtype or the vectors' (got ", out.scalar_type(), ")");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   VAVAE_DISPATCH(x.scalar_type(), tv, [&] {
     constexpr int VEC = 16 / sizeof(TX), MAXV = 4;
@@ -305,7 +316,10 @@ void norm_bwd_cuda(const at::Tensor& dout, const c10::optional<at::Tensor>& dh, 
   BwdArgs a{dout.data_ptr(), ptr(dh), xin.data_ptr(), ptr(gate), ptr(y), ptr(weight), ptr(bias), ptr(scale),
             stride0(gate), stride0(y), stride0(scale), rms ? nullptr : mean.data_ptr<float>(),
             rstd.data_ptr<float>(), dx.data_ptr(), dy.numel() ? dy.data_ptr() : nullptr,
-            fptr(pw), fptr(pb), fptr(pshift), fptr(pscale), fptr(pg), N, R, C, rms, has_shift};
+            fptr(pw), fptr(pb), fptr(pshift), fptr(pscale), fptr(pg), N, R, C, rms, has_shift,
+            dout.scalar_type() != xin.scalar_type()};
+  TORCH_CHECK(dout.scalar_type() == xin.scalar_type() || dout.scalar_type() == tv,
+              "vavae CUDA fused_norm: dout must have xin's dtype or the vectors' (got ", dout.scalar_type(), ")");
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   VAVAE_DISPATCH(xin.scalar_type(), tv, [&] {
     constexpr int VEC = 16 / sizeof(TX), MAXV = 1;  // 5 fp32 accumulators per element: keep registers low
