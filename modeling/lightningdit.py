@@ -229,7 +229,12 @@ def linear_input_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 
 class LightningDiTBlock(nn.Module):
-    """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x)))."""
+    """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x))).
+
+    In the model the MLP's residual is handed on (`defer`): the block returns (x, (gate_mlp, mlp_out)) and the next
+    block (`pending`) or the final layer adds it in the pass of its first norm (ops.gated_residual_norm_modulate),
+    whose backward then also takes the residual's gradient: no separate residual kernel and no gradient
+    accumulation pass between blocks. The same math; block(x, c, rope) alone returns x with everything added."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_qknorm=False, use_swiglu=True,
                  use_rmsnorm=True, wo_shift=False):
@@ -242,7 +247,7 @@ class LightningDiTBlock(nn.Module):
         self.wo_shift = wo_shift
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
 
-    def forward(self, x, c, rope=None):
+    def forward(self, x, c, rope=None, pending=None, defer=False):
         mod = self.adaLN_modulation(c)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
@@ -250,10 +255,15 @@ class LightningDiTBlock(nn.Module):
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         n1, n2, gemm = self.norm1, self.norm2, linear_input_dtype(x)
-        h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, gemm)
+        if pending is None:
+            h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, gemm)
+        else:  # the previous block's MLP residual (gate, y), added here
+            x, h = ops.gated_residual_norm_modulate(x, *pending, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind,
+                                                    gemm)
         x, h = ops.gated_residual_norm_modulate(x, gate_msa, self.attn(h, rope), n2.weight, shift_mlp, scale_mlp,
                                                 n2.eps, n2.kind, gemm)
-        return ops.gated_residual(x, gate_mlp, self.mlp(h))
+        y = self.mlp(h)
+        return (x, (gate_mlp, y)) if defer else ops.gated_residual(x, gate_mlp, y)
 
 
 class FinalLayer(nn.Module):
@@ -263,10 +273,14 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, pending=None):
+        """pending: the last block's MLP residual (gate, y), added in the final norm's pass."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        n = self.norm_final
-        return self.linear(ops.norm_modulate(x, n.weight, shift, scale, n.eps, n.kind, linear_input_dtype(x)))
+        n, gemm = self.norm_final, linear_input_dtype(x)
+        if pending is None:
+            return self.linear(ops.norm_modulate(x, n.weight, shift, scale, n.eps, n.kind, gemm))
+        return self.linear(ops.gated_residual_norm_modulate(x, *pending, n.weight, shift, scale, n.eps, n.kind,
+                                                            gemm)[1])
 
 
 # ----------------------------------------------------------------------------- the model
@@ -390,12 +404,13 @@ class LightningDiT(nn.Module, HubMixin):
         `generator` drives label dropout in train mode (so a trainer can make it reproducible)."""
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator)
+        pending = None  # each block's MLP residual, added by the next block's first norm (LightningDiTBlock)
         for block in self.blocks:
             if self.use_checkpoint and self.training:
-                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+                x, pending = checkpoint(block, x, c, self.feat_rope, pending, True, use_reentrant=False)
             else:
-                x = block(x, c, self.feat_rope)
-        x = self.unpatchify(self.final_layer(x, c))
+                x, pending = block(x, c, self.feat_rope, pending, defer=True)
+        x = self.unpatchify(self.final_layer(x, c, pending))
         if self.learn_sigma:
             x = x[:, : self.in_channels]
         return x

@@ -170,6 +170,32 @@ def test_label_dropout_uses_null_class_in_train_mode_only():
     assert torch.equal(emb(labels[:4], train=False), emb.embedding_table.weight[[0, 0, 0, 0]])
 
 
+def test_deferred_mlp_residual_is_the_plain_block_stack():
+    """The model hands each block's MLP residual to the next block's first norm (and the last to the final norm):
+    the same function as the plain stack -- each block adding its own residual (block(x, c, rope) alone) and the
+    final layer on the result -- forward and gradients, in fp32 within rounding."""
+    torch.manual_seed(0)
+    m = _randomize(LightningDiT(**TINY, class_dropout_prob=0.0)).eval()
+    x, t, y = torch.randn(2, 8, 8, 8), torch.rand(2), torch.tensor([1, 2])
+
+    def plain(m):
+        h = m.x_embedder(x) + m.pos_embed
+        c = m.t_embedder(t) + m.y_embedder(y, False)
+        for block in m.blocks:
+            h = block(h, c, m.feat_rope)
+        out = m.unpatchify(m.final_layer(h, c))
+        return out[:, : m.in_channels] if m.learn_sigma else out
+    a, b = m(x, t, y), plain(m)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    ga = torch.autograd.grad(a.square().sum(), [p for _, p in named], allow_unused=True)
+    gb = torch.autograd.grad(plain(m).square().sum(), [p for _, p in named], allow_unused=True)
+    for (n, _), u, v in zip(named, ga, gb):
+        assert (u is None) == (v is None), n
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     a = _randomize(LightningDiT(**TINY, class_dropout_prob=0.0))
