@@ -67,13 +67,15 @@ def _qkv_rope_variants() -> list[Variant]:
 
 
 def _norm_variants() -> list[Variant]:
-    """The model's gated_residual_norm_modulate (the widest variant: every input) at hidden 1152 and the qk-norm's
-    layer_norm at 72, for every tile the autotuner may pick."""
+    """The model's gated_residual_norm_modulate (the widest variant: every input) at hidden 1152, in the dtypes a
+    bf16 training step runs it in (fp32 residual stream and weight, bf16 branch and adaLN vectors, out written in
+    bf16 for the next GEMM and its gradient read in bf16: out_dtype), and the qk-norm's layer_norm at 72, for every
+    tile the autotuner may pick."""
     from . import _triton, fused_norm
     fwd_sig = {"X": "*fp32", "sx": "i32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32", "W": "*fp32",
                "BIAS": "*fp32", "SHIFT": "*bf16", "sshift": "i32", "SCALE": "*bf16", "sscale": "i32", "H": "*fp32",
-               "OUT": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
-    bwd_sig = {"DOUT": "*fp32", "DH": "*fp32", "XIN": "*fp32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32",
+               "OUT": "*bf16", "MEAN": "*fp32", "RSTD": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
+    bwd_sig = {"DOUT": "*bf16", "DH": "*fp32", "XIN": "*fp32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32",
                "W": "*fp32", "BIAS": "*fp32", "SCALE": "*bf16", "sscale": "i32", "MEAN": "*fp32", "RSTD": "*fp32",
                "DX": "*fp32", "DY": "*bf16", "PW": "*fp32", "PB": "*fp32", "PSHIFT": "*fp32", "PSCALE": "*fp32",
                "PG": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
