@@ -331,14 +331,29 @@ def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+def _add_bias(mm_dtype: torch.dtype, out_dtype: torch.dtype,
+              bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], bool]:
+    """(the bias _scaled_mm adds in its epilogue, whether it does): fused where the product is 16-bit and is the
+    output (the bf16 training step: the bias added to the fp32 accumulator before the one rounding, as cuBLAS's bf16
+    addmm does, and no pass of its own over the activation); otherwise (fp32 callers: an fp32 product, or a bf16
+    one cast up) added after, in the output's dtype, as before."""
+    fuse = bias is not None and mm_dtype == out_dtype and mm_dtype in (torch.bfloat16, torch.float16)
+    return (bias.to(mm_dtype) if fuse else None), fuse
+
+
+def _bias_grad(g: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if bias is None else g.sum(0, dtype=torch.float32).to(bias.dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T through three torch._scaled_mm (forward, dgrad, wgrad) on pre-quantized weights: `w_fp8`/`w_scale`
-    (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled per input
-    channel, for dgrad). `weight` is the master weight: not read, it receives the gradient. input_kernel (row-wise
-    recipes): x quantized by `kernels.ops.quantize_rows_fp8` instead of plain ops."""
+    """y = x W^T + b through three torch._scaled_mm (forward, dgrad, wgrad) on pre-quantized weights:
+    `w_fp8`/`w_scale` (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled
+    per input channel, for dgrad). `weight` is the master weight: not read, it receives the gradient; `bias` (or
+    None) is added in the forward GEMM's epilogue (_add_bias). input_kernel (row-wise recipes): x quantized by
+    `kernels.ops.quantize_rows_fp8` instead of plain ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str, input_kernel: bool = False):
+    def forward(ctx, x, weight, bias, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str, input_kernel: bool = False):
         rowwise = recipe != "tensorwise"
         # The CUTLASS row-wise kernel emits bf16 only; tensorwise can write the caller's dtype directly.
         mm_dtype = torch.bfloat16 if rowwise else x.dtype
@@ -346,21 +361,23 @@ class _FP8LinearFunction(torch.autograd.Function):
             x_q, x_scale = ops.quantize_rows_fp8(x, pow2=True)
         else:
             x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
-        y = torch._scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=mm_dtype,
+        epilogue, fused = _add_bias(mm_dtype, x.dtype, bias)
+        y = torch._scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, bias=epilogue, out_dtype=mm_dtype,
                              use_fast_accum=True)
         if recipe == "tensorwise":  # the same tensor scale serves the wgrad: keep 1-byte x, not x
-            ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale)
+            ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale, bias)
         else:  # wgrad needs x scaled per column (per input channel), requantized from x in its own dtype
-            ctx.save_for_backward(x, wt_fp8, wt_scale)
+            ctx.save_for_backward(x, wt_fp8, wt_scale, bias)
         ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        return y + bias.to(y.dtype) if bias is not None and not fused else y
 
     @staticmethod
     def backward(ctx, grad_out):
         recipe = ctx.recipe
         g = grad_out.contiguous()
         if recipe == "tensorwise":
-            x_q, x_scale, wt_fp8, wt_scale = ctx.saved_tensors
+            x_q, x_scale, wt_fp8, wt_scale, bias = ctx.saved_tensors
             g_q, g_scale = quantize_along(g, None, torch.float8_e5m2)
             # dgrad: dy (M,N) e5m2 @ W (N,K) e4m3 (W^T stored contiguous, so .t() is the column-major B)
             dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=ctx.x_dtype)
@@ -368,10 +385,11 @@ class _FP8LinearFunction(torch.autograd.Function):
             gt = _pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
             xt = _pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
-            return dx, dw.to(ctx.w_dtype), None, None, None, None, None, None
-        x, wt_fp8, wt_scale = ctx.saved_tensors
+            return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None
+        x, wt_fp8, wt_scale, bias = ctx.saved_tensors
         dx = _rowwise_dgrad(g, wt_fp8, wt_scale).to(ctx.x_dtype)
-        return dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), None, None, None, None, None, None
+        return (dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None,
+                None)
 
 
 def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor) -> torch.Tensor:
@@ -416,21 +434,23 @@ class _FP8SwiGLUOutFunction(torch.autograd.Function):
     not kept. Same arguments as _FP8LinearFunction, with x12 in place of x."""
 
     @staticmethod
-    def forward(ctx, x12, weight, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
+    def forward(ctx, x12, weight, bias, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str):
         if recipe == "rowwise_with_gw_hp":  # the weight gradient from bf16 h: no column scales
             h_q, h_scale = ops.swiglu_fp8(x12, pow2=True)
             col_amax = x12.new_empty(0, dtype=torch.float32)
         else:
             h_q, h_scale, col_amax = ops.swiglu_fp8_colmax(x12, pow2=True)
-        y = torch._scaled_mm(h_q, w_fp8.t(), scale_a=h_scale, scale_b=w_scale, out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
-        ctx.save_for_backward(x12, col_amax, wt_fp8, wt_scale)
+        epilogue, fused = _add_bias(torch.bfloat16, x12.dtype, bias)
+        y = torch._scaled_mm(h_q, w_fp8.t(), scale_a=h_scale, scale_b=w_scale, bias=epilogue,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        ctx.save_for_backward(x12, col_amax, wt_fp8, wt_scale, bias)
         ctx.recipe, ctx.w_dtype = recipe, weight.dtype
-        return y.to(x12.dtype)
+        y = y.to(x12.dtype)
+        return y + bias.to(y.dtype) if bias is not None and not fused else y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x12, col_amax, wt_fp8, wt_scale = ctx.saved_tensors
+        x12, col_amax, wt_fp8, wt_scale, bias = ctx.saved_tensors
         g = grad_out.contiguous()
         dh = _rowwise_dgrad(g, wt_fp8, wt_scale).to(x12.dtype)
         h = swiglu_recomputed(x12)
@@ -441,7 +461,7 @@ class _FP8SwiGLUOutFunction(torch.autograd.Function):
             ht_q, ht_scale = quantize_by_amax(_pad_rows(h).t(), col_amax.reshape(-1, 1), pow2=True)
             dw = torch._scaled_mm(gt_q, ht_q.contiguous().t(), scale_a=gt_scale, scale_b=ht_scale.reshape(1, -1),
                                   out_dtype=torch.bfloat16)
-        return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), None, None, None, None, None
+        return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None
 
 
 # Bumped by every optimizer step in the process (a global torch.optim hook): a step may write the weights without
@@ -522,10 +542,8 @@ class FP8TrainingLinear(nn.Linear):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        y = _FP8LinearFunction.apply(x2, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                     self.weight_t_scale, self.recipe, self.input_kernel)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.weight_fp8, self.weight_scale,
+                                     self.weight_t_fp8, self.weight_t_scale, self.recipe, self.input_kernel)
         return y.reshape(*lead, self.out_features)
 
     def dequantized_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -565,10 +583,8 @@ class FP8TrainingSwiGLUFFN(nn.Module):
         if not torch.compiler.is_compiling():
             w3.refresh_weight()
         x12 = self.w12(x)  # in the autocast dtype (FP8TrainingLinear's output)
-        y = _FP8SwiGLUOutFunction.apply(x12.reshape(-1, x12.shape[-1]), w3.weight, w3.weight_fp8, w3.weight_scale,
-                                        w3.weight_t_fp8, w3.weight_t_scale, w3.recipe)
-        if w3.bias is not None:
-            y = y + w3.bias.to(y.dtype)
+        y = _FP8SwiGLUOutFunction.apply(x12.reshape(-1, x12.shape[-1]), w3.weight, w3.bias, w3.weight_fp8,
+                                        w3.weight_scale, w3.weight_t_fp8, w3.weight_t_scale, w3.recipe)
         return y.reshape(*x.shape[:-1], w3.out_features)
 
 

@@ -101,6 +101,41 @@ def test_under_bf16_autocast_outputs_bf16_and_fp32_master_grads():
     assert rel(y.float().reshape(80, 384), ry) < 6e-3
 
 
+def test_bias_is_added_in_the_gemm_epilogue_under_autocast(monkeypatch):
+    """In the bf16 step the bias goes into the forward _scaled_mm's epilogue (added to the fp32 accumulator before
+    the one rounding, as cuBLAS's bf16 addmm adds it; no pass of its own over the activation): the output is that
+    one call on the same quantized operands, bit for bit, and the bias gradient the fp32 sum of the output's
+    gradient over the tokens. The FP8 SwiGLU MLP's w3 likewise (its input from the SwiGLU's own quantization)."""
+    from kernels import ops
+    from modeling.lightningdit import SwiGLUFFN
+    torch.manual_seed(3)
+    m = FP8TrainingLinear(make_linear(64, 96, True, 2), "rowwise")
+    mlp = FP8TrainingSwiGLUFFN(SwiGLUFFN(64, 128), "rowwise")
+    x = torch.randn(32, 64, requires_grad=True)
+    biases, scaled_mm = [], torch._scaled_mm  # which forward GEMMs got a bias (the CPU's numerics cannot tell)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: biases.append(k.get("bias")) or scaled_mm(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (the expected calls in the same context: the CPU's
+        y, y3 = m(x), mlp(x)                            # _scaled_mm rounds differently under autocast)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    # m, then the MLP's w12 and w3: each one call, its bias (as bf16) in it
+    assert [b is not None and torch.equal(b, lin.bias.detach().bfloat16())
+            for b, lin in zip(biases, (m, mlp.w12, mlp.w3))] == [True] * 3 and len(biases) == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x12 = mlp.w12(x).detach()
+        x_q, x_scale = quantize_along(x.detach().to(torch.bfloat16), -1, pow2=True)
+        h_q, h_scale, _ = ops.swiglu_fp8_colmax(x12, pow2=True)
+        expected = [torch._scaled_mm(a_q, lin.weight_fp8.t(), scale_a=a_scale, scale_b=lin.weight_scale,
+                                     bias=lin.bias.detach().to(torch.bfloat16), out_dtype=torch.bfloat16,
+                                     use_fast_accum=True)
+                    for lin, a_q, a_scale in ((m, x_q, x_scale), (mlp.w3, h_q, h_scale))]
+    for out, lin, expect in ((y, m, expected[0]), (y3, mlp.w3, expected[1])):
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, expect)
+        g = torch.randn_like(out)
+        out.backward(g)
+        assert lin.bias.grad.dtype == torch.float32 and torch.equal(lin.bias.grad, g.float().sum(0))
+
+
 @pytest.mark.parametrize("recipe", SCALED_MM_RECIPES)
 def test_zero_rows(recipe):
     """No tokens at all (an empty batch), and all-zero tokens: finite, exact zeros where the input is zero."""
