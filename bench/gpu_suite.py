@@ -40,13 +40,15 @@ TINY_CONFIG = "configs/dit_tiny_cpu.yaml"
 # ops table) our fused kernels everywhere under compile (`fused`: the trainer's own A/B of
 # kernels/compiled_choices.json: ours against inductor's fusion, end to end), the reference, our FP8 with the
 # activations quantized in our kernels (fp8ours, 515 vs 551 img/s inline on 2026-12-04), FP8 with the weight
-# gradient in bf16 (gwhp: what the wgrad's column quantization costs), FP8 with our fused RoPE attention
-# (fp8mm+ropefused: the FP8 headline's A/B of it), then what 2026-12-04 measured already (the SwiGLU
+# gradient in bf16 (gwhp: what the wgrad's column quantization costs), our FP8 with one scale per tensor
+# (tensorwise: cuBLASLt's GEMM, no column quantization; torchao's tensorwise runs later), FP8 with our fused
+# RoPE attention (fp8mm+ropefused: the FP8 headline's A/B of it), then what 2026-12-04 measured already (the SwiGLU
 # recomputation), DeepSpeed's fp64 gradient norm (gnfp64: what the default fp32 norm saves), inductor's
 # multi-kernel, torchao's FP8 and batch 128.
 TRAIN_CASES = [("auto+compiled", 256), ("auto+compiled+fp8mm", 256), ("auto+compiled+ropefused", 256),
                ("fused+compiled", 256), ("reference+compiled", 256), ("auto+compiled+fp8mm+fp8ours", 256),
-               ("auto+compiled+fp8mm+gwhp", 256), ("auto+compiled+fp8mm+ropefused", 256),
+               ("auto+compiled+fp8mm+gwhp", 256), ("auto+compiled+fp8mm+tensorwise", 256),
+               ("auto+compiled+fp8mm+ropefused", 256),
                ("auto+compiled+recompute", 256), ("auto+compiled+gnfp64", 256), ("auto+compiled+multikernel", 256),
                ("auto+compiled+fp8", 256), ("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("reference+compiled", 128),
                ("auto+compiled+fp8", 128)]

@@ -11,7 +11,8 @@ A backend spec is shorthand for trainer config switches, joined with '+' (bench.
   eager -> train.compile=none      compiled -> train.compile=blocks
   auto / reference / triton / cuda -> train.kernels   fused -> train.kernels=cuda if built, else triton
   fp8 -> fp8.backend=torchao       zero0 .. zero3 -> train.zero_stage
-  fp8mm -> fp8.backend=scaled_mm (with fp8inline / fp8ours -> fp8.quant, gwhp -> fp8.recipe=rowwise_with_gw_hp)
+  fp8mm -> fp8.backend=scaled_mm (with fp8inline / fp8ours -> fp8.quant, gwhp -> fp8.recipe=rowwise_with_gw_hp,
+    tensorwise -> fp8.recipe=tensorwise)
   ropefused -> train.attention=rope-fused (our fused RoPE attention kernel instead of auto's measured pick)
   multikernel -> inductor's multi-kernel (train.compile_options)   recompute -> train.recompute=swiglu
   gnfp64 -> train.grad_norm_dtype=fp64 (DeepSpeed's own gradient norm)

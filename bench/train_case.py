@@ -32,6 +32,8 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
     "fp8inline": ("fp8.quant=inline",), "fp8ours": ("fp8.quant=ours",),
     # with fp8mm: the weight gradient in bf16 (recipe rowwise_with_gw_hp: no dy^T / x^T column quantization)
     "gwhp": ("fp8.recipe=rowwise_with_gw_hp",),
+    # with fp8mm: one scale per tensor (cuBLASLt's FP8 GEMM; e5m2 gradients, no column quantization for the wgrad)
+    "tensorwise": ("fp8.recipe=tensorwise",),
     "zero0": ("train.zero_stage=0",), "zero1": ("train.zero_stage=1",), "zero2": ("train.zero_stage=2",),
     "zero3": ("train.zero_stage=3",),
     # inductor's multi-kernel: each reduction persistent and looped, the faster kept (train.compile_options)
