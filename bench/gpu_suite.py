@@ -506,6 +506,12 @@ def print_table(r: dict) -> None:
                     print(f"    rope attention {which} autotuned {key}: {got['picked']}; ms per config {got['ms']}")
             for cat, ms in ((v.get("profile") or {}).get("ms_per_step_by_category") or {}).items():
                 print(f"    profile: {cat:45s} {ms:8.1f} ms/step")
+            idle = (v.get("profile") or {}).get("gpu_idle_per_step")
+            if idle:
+                print(f"    GPU idle {idle['idle_ms_per_call']:.1f} ms/step by host phase: " + ", ".join(
+                    f"{k} {ms:.1f}" for k, ms in idle["idle_ms_per_call_by_phase"].items()))
+                for g in idle["longest"][:4]:
+                    print(f"      {g['ms']:.2f} ms in {g['phase']}: after {g['after'][:50]} before {g['before'][:50]}")
     for name in EXTRA_COMMANDS:
         if name in sec and sec[name]:
             print(f"{name}: {sec[name].get('seconds')} s; " + " | ".join(sec[name].get("tail", [])[-3:]))

@@ -319,8 +319,8 @@ def scopes(trainer: Trainer) -> Iterator[list[str]]:
     from torch.profiler import record_function
 
     import train.train_vae as tv
-    saved_nvtx, wrapped, unscoped = tv.nvtx, [], []
-    tv.nvtx = lambda name: record_function(PHASE + name)
+    from bench.kernel_time import phase_ranges
+    wrapped, unscoped = [], []
     for name, m in networks(trainer).items():
         if m is None:
             continue
@@ -335,9 +335,9 @@ def scopes(trainer: Trainer) -> Iterator[list[str]]:
         m.forward = forward
         wrapped.append((m, own, orig))
     try:
-        yield unscoped
+        with phase_ranges(tv, prefix=PHASE):
+            yield unscoped
     finally:
-        tv.nvtx = saved_nvtx
         for m, own, orig in wrapped:
             if own:
                 m.forward = orig
@@ -374,13 +374,16 @@ def component_times(trainer: Trainer, x: torch.Tensor) -> dict:
     backward, the foundation model, the optimizer, the losses and glue), and per component by VAE_CATEGORIES. On the
     CPU the ops' own CPU time stands in for kernel time."""
     from torch.profiler import ProfilerActivity, profile
+
+    from bench.kernel_time import idle_gaps, timeline
     cuda = trainer.device.type == "cuda"
     with scopes(trainer) as unscoped:
         sync(trainer.device)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             trainer.step_on_device(x)
             sync(trainer.device)
-    return {**split_events(prof.events(), cuda), "networks_not_scoped": unscoped}
+    idle = {"gpu_idle": idle_gaps(*timeline(prof, prefix=PHASE))} if cuda else {}
+    return {**split_events(prof.events(), cuda), **idle, "networks_not_scoped": unscoped}
 
 
 def split_events(all_events: Iterable[Any], cuda: bool) -> dict:

@@ -196,3 +196,47 @@ def test_profile_categories_name_our_kernels():
     assert categorize("triton_poi_fused__scaled_dot_product_cudnn_attention_transpose_1") == "inductor fusions"
     assert categorize("triton_tem_fused_mm_0") == "matmul"  # max-autotune's GEMM templates
     assert categorize("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopB_NNT") == "matmul"
+
+
+def test_idle_gaps_give_each_wait_to_the_phase_the_host_was_in():
+    """idle_gaps on a made-up timeline: a stretch with no device activity (copies and kernels of two streams
+    merged; overlapping activity is no gap) goes to the innermost host phase holding its end (the launch that ended
+    it), per call; stretches under min_us are the launch pipeline's spacing and are not counted."""
+    from bench.kernel_time import idle_gaps
+    acts = [(0, 100, "gemm"), (50, 180, "copy"),  # overlapping: busy until 180
+            (181, 200, "norm"),                   # 1 us after: under min_us, not a gap
+            (300, 400, "gemm2"),                  # 100 us idle, ended in "forward"
+            (1400, 1500, "adam"),                 # 1000 us idle, ended in "optimizer" inside "step"
+            (1520, 1530, "ema")]                  # 20 us idle, ended between phases
+    phases = [(0, 1000, "forward"), (1000, 1510, "step"), (1200, 1450, "optimizer")]
+    out = idle_gaps(acts, phases, calls=2, min_us=2.0, top=2)
+    assert out["idle_ms_per_call_by_phase"] == pytest.approx({"optimizer": 0.5, "forward": 0.05,
+                                                              "between phases": 0.01})
+    assert out["idle_ms_per_call"] == pytest.approx(0.56)
+    assert out["idle_stretches_per_call_by_phase"] == {"optimizer": 0.5, "forward": 0.5, "between phases": 0.5}
+    assert out["gpu_span_ms_per_call"] == pytest.approx(0.765)
+    assert [(g["ms"], g["phase"], g["after"], g["before"]) for g in out["longest"]] == [
+        (pytest.approx(1.0), "optimizer", "gemm2", "adam"), (pytest.approx(0.1), "forward", "norm", "gemm2")]
+    assert idle_gaps([], phases)["idle_ms_per_call"] == 0
+
+
+def test_profile_marks_the_trainers_phases(tmp_path):
+    """profile_trainer's phase_ranges: inside it the trainer's nvtx ranges are profiler ranges (data, forward,
+    backward, optimizer; the profile's timeline reads them, the CPU has no device rows), restored after."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import train.base
+    import train.train_dit
+    from bench.kernel_time import phase_ranges, timeline
+    from bench.train_case import build_trainer, trainer_step
+    from train.logging_utils import nvtx
+    trainer = build_trainer(TINY_CFG, ["train.zero_stage=0"], 2, tmp_path)
+    with phase_ranges(train.base, train.train_dit):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer_step(trainer)
+            trainer_step(trainer)
+    device, phases = timeline(prof)
+    assert device == []
+    assert {"forward", "backward", "optimizer", "data"} <= {name for _, _, name in phases}
+    assert all(b >= a for a, b, _ in phases)
+    assert train.train_dit.nvtx is nvtx and train.base.nvtx is nvtx
