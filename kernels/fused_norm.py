@@ -377,6 +377,9 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(xin, gate, y, weight, bias, scale, mean, rstd)
     ctx.rms, ctx.has_shift = rms, shift is not None
     ctx.dtypes = (x.dtype, None if shift is None else shift.dtype)
+    # an unused h (the final layer's: only `out` feeds its Linear) gets no gradient, not an activation of zeros that
+    # autograd would write and the kernel read back; the statistics never get one
+    ctx.set_materialize_grads(False)
 
 
 def _custom_ops(suffix: str, fwd_launcher: Callable, bwd_launcher: Callable):

@@ -188,6 +188,42 @@ def test_block_under_autocast_has_nothing_between_our_kernels_but_views():
     assert other <= views, other - views
 
 
+def test_final_layer_writes_no_zero_gradient_for_its_unused_residual():
+    """The final layer adds the last block's MLP residual in its norm's pass and uses only the normalised output:
+    the residual sum h gets no gradient, and autograd must not write an activation of zeros for it that the
+    backward kernel then reads (set_materialize_grads(False): the kernel's no-dh path). Gradients as the reference's
+    (float64) on an awkward size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modeling.lightningdit import FinalLayer
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.append((str(func), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    B, N, C = 2, 37, 1152
+    layer = FinalLayer(C, 1, 8).to(DEV)
+    x, gate, y = leaves(((B, N, C), torch.float32), ((B, C), torch.float32), ((B, N, C), torch.float32))
+    c = torch.randn(B, C, device=DEV)
+    out = layer(x, c, (gate, y))
+    with Ops() as ops_seen:
+        out.square().sum().backward()
+    made = [f for f, shape in ops_seen.seen if shape == (B, N, C) and ("zeros" in f or "full" in f or "fill" in f)]
+    assert not made, made
+    kernels.set_backend("reference")
+    ref = [t.detach().double().requires_grad_() for t in (x, gate, y)]
+    layer64 = layer.double()
+    layer64(ref[0], c.double(), (ref[1], ref[2])).square().sum().backward()
+    for got, want in zip((x, gate, y), ref):
+        assert rel_err(got.grad, want.grad) < 1e-5
+
+
 def test_rms_norm_and_qk_layer_norm_on_head_views():
     B, H, N, D = 1, 2, 37, 72
     qkv = torch.randn(B, N, 3, H, D, device=DEV).requires_grad_()
