@@ -53,6 +53,7 @@ TRAIN_CASES = [("auto+compiled", 256), ("auto+compiled+fp8mm", 256), ("auto+comp
                ("auto+compiled+fp8", 256), ("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("reference+compiled", 128),
                ("auto+compiled+fp8", 128)]
 PROFILED_CASES = 3  # the first three cases get a 2-step kernel-time profile (bf16 and FP8 headlines, ropefused)
+SHORTFALL_TARGETS = {"bf16": 750.0, "fp8": 850.0}  # issue 18's img/s targets (XL/1, batch 256, one H200)
 SMOKE_OVERRIDES = ["train.precision=bf16", "train.zero_stage=0", "train.compile_backend=eager"]  # CPU: no C++ builds
 
 
@@ -110,7 +111,9 @@ def environment_extra() -> dict:
 
 
 def ceilings(smoke: bool) -> dict:
-    """The card's measured copy bandwidth (GB/s) and bf16 matmul TFLOP/s: the ceilings the ops are read against."""
+    """The card's measured copy bandwidth (GB/s), bf16 matmul TFLOP/s and FP8 matmul TFLOP/s (torch._scaled_mm, e4m3
+    with one scale per row and column, bf16 out: our FP8 training's GEMM; where the device has FP8): the ceilings the
+    ops and bench.shortfall read the step against."""
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     from bench.ops_bench import bench_ms
     n = (1 << 20) if smoke else (1 << 30)  # 1 GiB copy: far beyond L2
@@ -120,8 +123,34 @@ def ceilings(smoke: bool) -> dict:
     m = 256 if smoke else 8192
     x, y = (torch.randn(m, m, device=dev, dtype=torch.bfloat16) for _ in range(2))
     mm_ms = bench_ms(lambda: x @ y, smoke)
+    out = {"copy_GBps": 2 * n / ms / 1e6, "bf16_matmul_TFLOPs": 2 * m ** 3 / mm_ms / 1e9}
+    if dev == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
+        xq, yq = x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn)
+        sa, sb = torch.ones(m, 1, device=dev), torch.ones(1, m, device=dev)
+        fp8_ms = bench_ms(lambda: torch._scaled_mm(xq, yq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                                   use_fast_accum=True), smoke)
+        out["fp8_matmul_TFLOPs"] = 2 * m ** 3 / fp8_ms / 1e9
     del a, b, x, y
-    return {"copy_GBps": 2 * n / ms / 1e6, "bf16_matmul_TFLOPs": 2 * m ** 3 / mm_ms / 1e9}
+    return out
+
+
+def shortfalls(sections: dict, smoke: bool) -> dict:
+    """bench.shortfall of every profiled trainer case against the card's ceilings and issue 18's targets (750 img/s
+    bf16, 850 FP8): per category, measured ms against its floor."""
+    from bench.shortfall import Ceilings, shortfall, step_shape
+    from modeling.config import load_config
+    from train.dit_config import DiTTrainConfig
+    ceil = sections.get("ceilings")
+    if not ceil:
+        return {"error": "no ceilings measured"}
+    arch = load_config(DiTTrainConfig, TINY_CONFIG if smoke else XL_CONFIG).model.architecture()
+    shape = step_shape(arch, 1)
+    out = {}
+    for name, row in sections.items():
+        if name.startswith("train ") and isinstance(row, dict) and row.get("profile") and "median_s" in row:
+            target = SHORTFALL_TARGETS["fp8" if str(row.get("fp8", "off")) != "off" else "bf16"]
+            out[name] = shortfall(row, Ceilings.from_suite(ceil), shape, target, arch.num_classes)
+    return out
 
 
 def wait_for_extension(smoke: bool) -> dict:
@@ -387,6 +416,7 @@ def main() -> None:
         s.section("trainer_cli_bs256", trainer_cli, smoke)
         for case in cases[profiled + 2:]:
             _train(s, smoke, case, peak)
+        s.section("shortfall", shortfalls, s.result["sections"], smoke)
     if a.part in ("B", "all"):
         # correctness first (the extension is built in the background by the script for parts A and B)
         s.section("build_ext", wait_for_extension, smoke)
@@ -451,7 +481,8 @@ def print_table(r: dict) -> None:
           "cuda_ext:", str((sec.get("build_ext") or {}).get("cuda_ext"))[:40])
     c = sec.get("ceilings") or {}
     if c:
-        print(f"copy {c.get('copy_GBps', 0):.0f} GB/s | bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+        print(f"copy {c.get('copy_GBps', 0):.0f} GB/s | bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s"
+              f" | FP8 matmul {c.get('fp8_matmul_TFLOPs') or 0:.0f} TFLOP/s")
     for b, row in (sec.get("parity_fp32") or {}).items():
         if isinstance(row, dict) and "returncode" in row:
             print(f"parity fp32 ({b}): rc {row['returncode']} {row['verdict']} {row['failures'][:2]}")
@@ -512,6 +543,14 @@ def print_table(r: dict) -> None:
                     f"{k} {ms:.1f}" for k, ms in idle["idle_ms_per_call_by_phase"].items()))
                 for g in idle["longest"][:4]:
                     print(f"      {g['ms']:.2f} ms in {g['phase']}: after {g['after'][:50]} before {g['before'][:50]}")
+    for name, res in (sec.get("shortfall") or {}).items():
+        if isinstance(res, dict) and "rows" in res:
+            goal = (f", target {res['target_step_ms']:.0f} ms: needs -{res['needed_ms']:.0f} ms"
+                    if "needed_ms" in res else "")
+            print(f"shortfall {name}: step {res['step_ms']:.1f} ms, floors {res['floor_ms']:.1f}{goal}")
+            for row in res["rows"]:
+                print(f"    {row['category'][:44]:44s} {row['measured_ms']:7.1f} ms  floor {row['floor_ms']:6.1f}  "
+                      f"excess {row['excess_ms']:6.1f}")
     for name in EXTRA_COMMANDS:
         if name in sec and sec[name]:
             print(f"{name}: {sec[name].get('seconds')} s; " + " | ".join(sec[name].get("tail", [])[-3:]))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from evaluation.provenance import ENVIRONMENT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,13 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert set(ref["kernels_ran"].values()) <= {"reference", "reference-sdpa"}
     assert ref["environment"]["kernels_requested"] == "reference"  # each case's row: its own process's block
     assert head["profile"]["ms_per_step_by_category"]  # the headline case carries its profile
+    # each profiled case read against the card's ceilings (bench.shortfall): the FP8 case's matmul floor at FP8's
+    short = sec["shortfall"]["train auto+compiled bs256"]
+    assert short["rows"] and short["needed_ms"] == pytest.approx(short["step_ms"] - 1000 * 2 / 750)
+    assert sec["ceilings"]["fp8_matmul_TFLOPs"] > 0
+    assert "FP8" in next(r for r in sec["shortfall"]["train auto+compiled+fp8mm bs256"]["rows"]
+                         if r["category"] == "matmul")["floor"]
+    assert "shortfall train auto+compiled bs256: step" in res.stdout
     cli = sec["trainer_cli_bs256"]
     assert cli["img_per_s_last_window"] > 0 and cli["peak_rss_gib"] if "peak_rss_gib" in cli else True
     assert "train.train_dit" in cli["command"] and not [w for w in cli["warnings"] if "autocast" in w]
