@@ -195,6 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+    torch.backends.cudnn.benchmark = False  # as their Lightning trainer runs it (vavae/main.py never sets it)
     try:
         model, cfg, record = build(Path(a.authors), device, json.loads(a.ddconfig))
     except AuthorsCodeMissing as e:
@@ -203,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     res = cfg["params"]["ddconfig"]["resolution"]
     result = {"what": "the authors' AutoencoderKL.training_step (hustvl/LightningDiT vavae/), fp32 as shipped",
               "config": CONFIG, "stand_ins": record, "resolution": res,
-              "tf32": {"matmul": False, "cudnn_conv": True}, "per_gpu_batch": a.batch}
+              "tf32": {"matmul": False, "cudnn_conv": True}, "cudnn_benchmark": False, "per_gpu_batch": a.batch}
     first = time_their_step(model, a.batch, res, device, a.warmup, a.steps)
     result[f"batch_{a.batch}"] = best = first
     print(f"authors fp32     batch {a.batch:4d}: {first}", flush=True)

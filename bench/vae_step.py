@@ -90,6 +90,9 @@ MODES = {
     "bf16_cl": ["train.precision=bf16", "train.channels_last=true"],
     "bf16_cl_refops": ["train.precision=bf16", "train.channels_last=true", "train.kernels=reference"],
     "bf16_cl_compile": ["train.precision=bf16", "train.channels_last=true", "train.compile=blocks"],
+    # what cuDNN's per-shape algorithm timing (train.cudnn_benchmark, on by default; the authors' run has it off)
+    # gives: the bf16 mode with it off
+    "bf16_nobench": ["train.precision=bf16", "train.cudnn_benchmark=false"],
 }
 # (bf16 autocast, NHWC, kernels backend)
 EXTRACTION = {"fp32": (False, False, "auto"), "bf16": (True, False, "auto"), "bf16_cl": (True, True, "auto"),
@@ -176,11 +179,14 @@ def images(trainer: Trainer, batch: int, seed: int = 0, channels_last: bool | No
     return x.contiguous(memory_format=torch.channels_last) if nhwc else x
 
 
-def use_kernels(trainer: Trainer) -> None:
-    """The kernels backend this trainer was built for (train.kernels): the switch is process-wide, and the modes'
+def use_switches(trainer: Trainer) -> None:
+    """The process-wide switches this trainer was built with (train.kernels, train.cudnn_benchmark): the modes'
     trainers are built one after another, then measured again (the batch search, the profile)."""
+    import torch
+
     import kernels
     kernels.set_backend(trainer.cfg.train.kernels)
+    torch.backends.cudnn.benchmark = trainer.cfg.train.cudnn_benchmark
 
 
 def kernels_ran() -> dict:
@@ -190,7 +196,7 @@ def kernels_ran() -> dict:
 
 def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
     """img/s, ms per step and peak memory of the trainer's step at this batch (OOM -> raises)."""
-    use_kernels(trainer)
+    use_switches(trainer)
     x = images(trainer, batch)
     for _ in range(warmup):  # step_on_device: the step as Trainer.fit runs it (it advances trainer.step)
         if not trainer.step_on_device(x).applied:
@@ -442,7 +448,7 @@ def split_events(all_events: Iterable[Any], cuda: bool) -> dict:
 
 def profile_step(trainer: Trainer, batch: int, calls: int) -> dict:
     """Our mode's step at `batch`: profile_call over `calls` steps, then the component split of one more step."""
-    use_kernels(trainer)
+    use_switches(trainer)
     x = images(trainer, batch)
     out = {"batch": batch, **profile_call(lambda: trainer.step_on_device(x), calls, trainer.device)}
     out["components"] = component_times(trainer, x)
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     from modeling.config import cli_parser
     ap = cli_parser("bench.vae_step", __doc__)
     ap.add_argument("--out", default="runs/vae_step.json", help="JSON result file")
-    ap.add_argument("--modes", default="fp32,bf16,bf16_cl,bf16_cl_refops", help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--modes", default="fp32,bf16,bf16_cl,bf16_cl_refops,bf16_nobench", help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--batch", type=int, default=8, help="the per-GPU batch every mode is timed at")
     ap.add_argument("--max-batch", type=int, default=256, help="largest batch tried by the doubling search (0: skip)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
@@ -570,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 free_after_oom(trainer)
                 r = {"batch": a.batch, "error": "out of memory"}
             result["modes"][mode] = {"overrides": MODES[mode], f"batch_{a.batch}": r,
-                                     "group_norm_silu": kernels_ran().get("group_norm_silu")}
+                                     "group_norm_silu": kernels_ran().get("group_norm_silu"),
+                                     "cudnn_benchmark": torch.backends.cudnn.benchmark}
             print(f"{mode:16s} batch {a.batch:4d}: {r}", flush=True)
             trainers[mode] = trainer
 
@@ -623,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.extract_batch > 0 and "fp32" in trainers:
             result["extraction"] = {}
             import kernels
+            torch.backends.cudnn.benchmark = False  # as train/data/extract.py runs (it leaves torch's default)
             for name, (bf16, nhwc, backend) in EXTRACTION.items():
                 if over_budget(f"extraction {name}"):
                     continue

@@ -60,6 +60,7 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
     # which GroupNorm ran (the CPU's auto is the reference; refops forces it); the modes say theirs too
     assert ext["bf16_cl_refops"]["group_norm_silu"] == "reference"
     assert all(r["group_norm_silu"] == "reference" for r in res["modes"].values())
+    assert all(r["cudnn_benchmark"] is True for r in res["modes"].values())  # train.cudnn_benchmark's default
     assert all(e["img_per_s"] > 0 and e["warmup"] >= 2 and e["latent_shape"] == [4, 16, 16] for e in ext.values())
     assert ext["fp32"]["latent_dtype"] == "float32" and ext["bf16"]["latent_dtype"] == "bfloat16"  # autocast ran
     for e in ext.values():  # the encoder alone: convolutions and GroupNorm, by kernel_times' categories
@@ -90,6 +91,28 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
         comp["ms_per_call_by_component"]["encoder fwd"], abs=0.01)
     printed = capsys.readouterr().out
     assert res["config"]["model"]["ch"] == 32 and "fastest" in printed and "profile bf16_cl batch 2: wall" in printed
+
+
+def test_each_measurement_runs_under_its_own_trainers_switches():
+    """The modes' trainers are built one after another and measured again later (batch search, profile): before
+    each measurement the process-wide switches are set back to that trainer's (its kernels backend, its cuDNN
+    algorithm timing), so bf16_nobench's trainer, built last, does not turn cuDNN's timing off for the others."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import kernels
+    from bench.vae_step import MODES, use_switches
+    assert "train.cudnn_benchmark=false" in MODES["bf16_nobench"]
+    before = (kernels.get_backend(), torch.backends.cudnn.benchmark)
+    try:
+        for backend, bench in (("reference", False), ("auto", True), ("reference", True)):
+            use_switches(SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(kernels=backend,
+                                                                                   cudnn_benchmark=bench))))
+            assert (kernels.get_backend(), torch.backends.cudnn.benchmark) == (backend, bench)
+    finally:
+        kernels.set_backend(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def test_vae_categories_on_real_kernel_names():

@@ -325,3 +325,20 @@ def test_group_norm_kernels_from_the_config(tmp_path):
             assert f"kernels {backend} (group_norm_silu: {backend})" in trainer.describe()
         finally:
             trainer.ckpt.release()
+
+
+def test_cudnn_benchmark_from_the_config(tmp_path):
+    """train.cudnn_benchmark (default on: a step's convolution shapes repeat) sets cuDNN's per-shape algorithm
+    timing for the process, and the start-up line says which is in effect."""
+    before = torch.backends.cudnn.benchmark
+    try:
+        for value, word in ((False, "off"), (True, "on")):
+            trainer = Trainer(tiny_cfg(tmp_path / word, **{"train.cudnn_benchmark": value}))
+            try:
+                assert torch.backends.cudnn.benchmark is value
+                assert f"cuDNN benchmark {word}" in trainer.describe()
+            finally:
+                trainer.ckpt.release()
+        assert VAVAETrainConfig().train.cudnn_benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before

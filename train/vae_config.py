@@ -98,6 +98,10 @@ class TrainConfig(TrainSection):
     init_from: Optional[str] = None        # tokenizer.pt of the previous stage (reference format), or a
     #                                        run checkpoint's state.pt (weights only)
     channels_last: bool = False            # NHWC images and activations for the convolutions (faster on GPUs)
+    # cuDNN times its convolution algorithms on each new input shape and keeps the fastest
+    # (torch.backends.cudnn.benchmark; a step's shapes repeat, so the timing is paid once); false: cuDNN's heuristic
+    # pick, as the authors' trainer runs (Lightning leaves torch's default, off)
+    cudnn_benchmark: bool = True
 
     def validate(self) -> None:
         super().validate()
