@@ -19,8 +19,9 @@ venv: .venv/.installed
 # conftest's order, the slowest first (xdist would order them by test count).
 # `make test` leaves out the `extended` cases (further launchers / trainers / stages of a behaviour CI tests once);
 # `make test-all` runs them too (about 20 minutes on 2 cores).
+# --durations=15: the slowest tests at the end of every run (the 10-minute budget: conftest's SLOWEST_FIRST)
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(if $(THREADS),VAVAE_THREADS=$(THREADS)) $(PY) -m pytest -q -n auto --dist loadfile \
-	--no-loadscope-reorder
+	--no-loadscope-reorder --durations=15
 test: venv
 	$(PYTEST) -m "not gpu and not extended"
 

@@ -60,15 +60,17 @@ def pytest_configure(config):
                                        "does not")
 
 
-# The slowest files first (seconds on the 2-core CI box, 2026-12-04, summed over each file's tests): with
-# `--dist loadfile --no-loadscope-reorder` (the Makefile) pytest-xdist hands whole files to the workers in this
-# order as they free up, so the long ones start early and no worker is left with one at the end (longest first:
+# The slowest files first (seconds on a 2-core box from cold compile caches, 2026-12-04, summed over each file's
+# tests): with `--dist loadfile --no-loadscope-reorder` (the Makefile) pytest-xdist hands whole files to the workers in
+# this order as they free up, so the long ones start early and no worker is left with one at the end (longest first:
 # the 2 workers' totals end within a file's length of each other). A file not listed keeps its collected place
-# after these; a stale list only costs balance, never a test.
-SLOWEST_FIRST = ("test_multinode", "test_kernels_gpu_suite", "test_kernels_sm90_compile", "test_kernels",
-                 "test_demo_determinism", "test_fp8_training", "test_train_elastic", "test_train_recompute",
-                 "test_parity", "test_train_preempt", "test_kernels_fp8_quant", "test_train_dit", "test_eval_inception",
-                 "test_eval_chain", "test_sampling_fast", "test_scaling")
+# after these; a stale list only costs balance, never a test (test_train_fp8, unlisted at 347 s, ran last and alone
+# and took `make test` to 14 minutes: its FP8 models now use CPU-sized shapes).
+SLOWEST_FIRST = ("test_kernels_sm90_compile", "test_kernels_gpu_suite", "test_train_recompute", "test_multinode",
+                 "test_train_dit", "test_kernels", "test_fp8_training", "test_demo_determinism", "test_parity",
+                 "test_train_elastic", "test_train_precision", "test_sampling_fast", "test_train_preempt",
+                 "test_train_fp8", "test_kernels_fp8_quant", "test_eval_inception", "test_scaling",
+                 "test_bench_authors_vae")
 
 
 def _file_rank(item) -> int:

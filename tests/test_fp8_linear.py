@@ -11,7 +11,9 @@ from modeling.fp8 import FP8_E4M3_MAX, FP8Linear, FP8Unavailable, apply_fp8_infe
 
 
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
-@pytest.mark.parametrize("k,n,rows,bias", [(1152, 3456, 37, True), (3072, 1152, 16, True), (96, 512, 5, False)])
+# hidden 1152 on one side of each (the XL width); the other side cut from 3456 / 3072 to 432 / 384: the CPU's FP8
+# matmul emulation (per-tensor scales especially) runs at a few MFLOP/s
+@pytest.mark.parametrize("k,n,rows,bias", [(1152, 432, 37, True), (384, 1152, 16, True), (96, 512, 5, False)])
 def test_fp8_linear_forward(k, n, rows, bias, rowwise):
     torch.manual_seed(k + n + rows)
     lin = nn.Linear(k, n, bias=bias)

@@ -60,7 +60,9 @@ def make_linear(k, n, bias, seed):
 
 
 @pytest.mark.parametrize("recipe", SCALED_MM_RECIPES)
-@pytest.mark.parametrize("k,n,bias", [(1152, 3456, True), (3072, 1152, False)], ids=["w12", "w3-nobias"])
+# hidden 1152 on one side of each (the XL width), the other cut from 3456 / 3072 to 432 / 384: the CPU's FP8 matmul
+# emulation (per-tensor scales especially) runs at a few MFLOP/s
+@pytest.mark.parametrize("k,n,bias", [(1152, 432, True), (384, 1152, False)], ids=["w12", "w3-nobias"])
 def test_forward_backward_against_float64(k, n, bias, recipe):
     rows = 77  # ragged: not a multiple of 16 (the wgrad pads its contraction over the tokens)
     lin = make_linear(k, n, bias, k + n)

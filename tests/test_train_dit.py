@@ -59,8 +59,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint(tmp_path, zero_s
 
 
 def test_fp8_torchao_trains_and_export_loads(tmp_path):
-    cfg = tiny_cfg(tmp_path, "model.hidden_size=96", "fp8.backend=torchao", "fp8.allow_cpu=true",
-                   "train.steps=3", "train.zero_stage=2")
+    # 48 wide on 4x4 latents: FP8-divisible Linears at sizes the CPU's slow FP8 matmul emulation runs in seconds
+    cfg = tiny_cfg(tmp_path, "model.hidden_size=48", "model.input_size=4", "fp8.backend=torchao",
+                   "fp8.allow_cpu=true", "train.steps=3", "train.zero_stage=2")
     trainer = Trainer(cfg)
     report = trainer.fit()
     assert report["step"] == trainer.step == 3 and report["skipped_steps"] == 0 and "torchao" in trainer.fp8_desc

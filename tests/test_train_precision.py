@@ -93,8 +93,9 @@ def test_bf16_inside_engine_every_zero_stage(tmp_path, zero_stage, gpu_autocast_
 
 
 def test_bf16_inside_engine_with_torchao_fp8(tmp_path, gpu_autocast_semantics, deepspeed_warnings):
+    # 48 wide on 4x4 latents: FP8-divisible, small enough for the CPU's slow FP8 matmul emulation
     trainer = Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "train.zero_stage=2", "fp8.backend=torchao",
-                               "fp8.allow_cpu=true"))
+                               "fp8.allow_cpu=true", "model.hidden_size=48", "model.input_size=4"))
     from torchao.float8.float8_linear import Float8Linear
     fp8_layers = [n for n, m in trainer.engine.module.named_modules() if isinstance(m, Float8Linear)]
     assert len(fp8_layers) == 4 * trainer.cfg.model.depth
