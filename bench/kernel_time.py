@@ -103,10 +103,23 @@ def timeline(prof: Any, prefix: str = PHASE) -> tuple[list[tuple[float, float, s
     from torch.autograd import DeviceType
     events = prof.profiler.kineto_results.events()
     device = [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in events
-              if e.device_type() != DeviceType.CPU and e.end_ns() > e.start_ns()]
+              if e.device_type() != DeviceType.CPU and e.end_ns() > e.start_ns() and _device_work(e)]
     phases = [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()[len(prefix):]) for e in events
               if e.device_type() == DeviceType.CPU and e.name().startswith(prefix)]
     return device, phases
+
+
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto activity types that occupy the device
+
+
+def _device_work(e: Any) -> bool:
+    """A device row that is work, not a span drawn over it: kineto also puts each record_function range on the GPU
+    timeline ("gpu_user_annotation", from its first kernel to its last), which would cover the idle stretches inside
+    the phase ranges this module adds."""
+    kind = getattr(e, "activity_type", None)
+    if kind is not None:
+        return kind() in DEVICE_WORK
+    return not e.is_user_annotation() and not e.name().startswith("## ")
 
 
 def kernel_times(fn: Callable[[], Any], calls: int = 1, cuda: bool = True, categories: tuple = CATEGORIES,

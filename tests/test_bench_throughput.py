@@ -220,6 +220,31 @@ def test_idle_gaps_give_each_wait_to_the_phase_the_host_was_in():
     assert idle_gaps([], phases)["idle_ms_per_call"] == 0
 
 
+def test_timeline_keeps_device_work_not_the_annotation_spans_over_it():
+    """On a GPU kineto draws each record_function range on the device timeline too (gpu_user_annotation, first kernel
+    to last): the phase ranges' spans must not count as device work, or they would cover the idle stretches."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.kernel_time import PHASE, idle_gaps, timeline
+
+    def ev(name, start, end, device, kind):
+        return SimpleNamespace(name=lambda: name, start_ns=lambda: start * 1000, end_ns=lambda: end * 1000,
+                               device_type=lambda: device, activity_type=lambda: kind,
+                               is_user_annotation=lambda: kind.endswith("user_annotation"))
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [ev(PHASE + "optimizer", 0, 500, cpu, "user_annotation"),
+              ev(PHASE + "optimizer", 10, 490, cuda, "gpu_user_annotation"),
+              ev("multi_tensor_apply_kernel", 10, 100, cuda, "kernel"), ev("Memcpy DtoD", 300, 490, cuda, "gpu_memcpy"),
+              ev("cudaLaunchKernel", 5, 8, cpu, "cuda_runtime")]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
+    device, phases = timeline(prof)
+    assert [d[2] for d in device] == ["multi_tensor_apply_kernel", "Memcpy DtoD"]
+    assert phases == [(0, 500, "optimizer")]
+    assert idle_gaps(device, phases)["idle_ms_per_call_by_phase"] == {"optimizer": pytest.approx(0.2)}
+
+
 def test_profile_marks_the_trainers_phases(tmp_path):
     """profile_trainer's phase_ranges: inside it the trainer's nvtx ranges are profiler ranges (data, forward,
     backward, optimizer; the profile's timeline reads them, the CPU has no device rows), restored after."""
