@@ -227,6 +227,26 @@ def train_case(smoke: bool, spec: str, batch: int, profile_steps: int = 0, timeo
     return row
 
 
+def authors_dit(smoke: bool, batch: int = 256, root: Optional[Path] = None) -> dict:
+    """The authors' own DiT training step (bench.authors_dit: their train.py loop, XL/1, bf16 as run_train.sh
+    launches it) at the headline's batch, in its own process, in the same run as ours: the baseline the headline is
+    read against. Only where their code was carried (root, default .authors: scripts/prepare_gpu_carry.sh)."""
+    root = root or REPO / ".authors"
+    if not (root / "LightningDiT" / "models").is_dir():
+        return {"skipped": "their code was not carried (.authors/LightningDiT/models: scripts/prepare_gpu_carry.sh)"}
+    out = Path(os.environ.get("OUT", "bench/results/tmp")) / "authors_dit.json"
+    cmd = [sys.executable, "-m", "bench.authors_dit", "--authors", str(root), "--out", str(out)]
+    if smoke:
+        cmd += ["--device", "cpu", "--batch", "2", "--warmup", "1", "--steps", "1", "--model",
+                json.dumps({"input_size": 4, "hidden_size": 64, "depth": 1, "num_heads": 2, "patch_size": 1})]
+    else:
+        cmd += ["--batch", str(batch)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if res.returncode:
+        raise RuntimeError(f"bench.authors_dit rc {res.returncode}: " + (res.stdout + res.stderr)[-1500:])
+    return json.loads(out.read_text())
+
+
 def activation_memory_counts(smoke: bool) -> dict:
     """What one compiled XL/1 block keeps for its backward per token, counted on this device (bench.activation_memory)
     in bf16 and with our FP8 (inline, ours): the FP8 trainer case's 33.2 GiB peak (2026-12-04) sat far below the
@@ -408,6 +428,7 @@ def main() -> None:
             _train(s, smoke, case, peak, profile_steps=2)
             if i == 0:
                 s.section("build_ext", wait_for_extension, smoke)  # built in the background: ~40 s on an H200
+        s.section("authors_dit", authors_dit, smoke)  # their step, the baseline, in this run
         from bench import ops_bench
         s.section("ops", ops_bench.run, smoke, torch.bfloat16, ceil.get("copy_GBps"))
         for case in cases[profiled:profiled + 2]:  # fused (ours vs inductor, end to end), reference
@@ -543,6 +564,13 @@ def print_table(r: dict) -> None:
                     f"{k} {ms:.1f}" for k, ms in idle["idle_ms_per_call_by_phase"].items()))
                 for g in idle["longest"][:4]:
                     print(f"      {g['ms']:.2f} ms in {g['phase']}: after {g['after'][:50]} before {g['before'][:50]}")
+    theirs, ours = sec.get("authors_dit") or {}, sec.get("train auto+compiled bs256") or {}
+    if theirs.get("img_per_s"):
+        vs = f" -> ours (auto+compiled) {ours['img_per_s'] / theirs['img_per_s']:.2f}x" if ours.get("img_per_s") else ""
+        print(f"authors' step ({theirs.get('model')}, batch {theirs['batch']}): {theirs['img_per_s']:.1f} img/s, "
+              f"peak {theirs.get('peak_mem_gib')} GiB{vs}")
+    elif theirs:
+        print(f"authors' step: {theirs.get('skipped', theirs)}")
     for name, res in (sec.get("shortfall") or {}).items():
         if isinstance(res, dict) and "rows" in res:
             goal = (f", target {res['target_step_ms']:.0f} ms: needs -{res['needed_ms']:.0f} ms"
