@@ -153,6 +153,17 @@ def test_suite_only_runs_the_named_sections(tmp_path):
     assert ran[-1] == "vae_step"
 
 
+def test_shortfall_runs_under_any_only_and_after_the_budget(tmp_path):
+    """The shortfall table is arithmetic on the cases that ran: a short `--only train` call gets it, and so does a
+    part A whose time budget stopped the later cases; a device section after the budget does not start."""
+    from bench.gpu_suite import Suite
+    s = Suite(str(tmp_path), budget=-1, smoke=True)  # the budget already spent
+    s.only = ["train"]
+    assert s.section("shortfall", lambda: {"rows": []}) == {"rows": []}
+    assert s.section("train auto+compiled bs256", lambda: {"img_per_s": 1.0}) is None
+    assert s.result["skipped_for_time"] == ["train auto+compiled bs256"]
+
+
 def test_gpu_tests_keep_what_ran_when_they_time_out(monkeypatch):
     """The GPU tests' section past its limit still says which tests ran and which failed (their -v lines), instead
     of losing the section to the timeout."""
