@@ -20,7 +20,8 @@ RoPE pairs channels (2i, 2i+1) (the reference (EVA) layout, `kernels.reference.r
 Each program holds BLOCK_R tokens x BLOCK_D channels of one head (BLOCK_D = next power of two of D, masked: head_dim
 72 runs in a 128-wide tile, 64 in a 64-wide one), splits the tile into its even and odd channels in registers
 (tl.reshape + tl.split, joined back before the store: whole-row vector loads and stores), and loops over the heads
-with the tables' tile loaded once. Reference: `kernels.reference.qkv_rope` (reshape/permute views, rms_norm,
+with the tables' tile loaded once; without qk-norm the autotuner also times a row variant (ROWS: each token's q, k,
+v as whole contiguous rows of H*D channels in CHUNK-wide tiles, the same bits). Reference: `kernels.reference.qkv_rope` (reshape/permute views, rms_norm,
 rope_qk). Output dtypes follow the reference: v in qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
 """
 from typing import Optional
@@ -39,10 +40,26 @@ BLOCK_R = 16  # tokens per program: 16 x 128 (head_dim 72, masked) per tile, 16 
 # tokens per program put more bytes in flight per head iteration. The backward with qk-norm keeps BLOCK_R (its
 # partial sums are sized by the program count); interpreter: BLOCK_R.
 TILES = ((16, 4), (32, 4), (32, 8), (64, 8), (8, 2))
+# The row variant (ROWS; no qk-norm, whose statistics are per head): without the norm nothing is per head, and q, k,
+# v are token-major, so a token's q (k, v) is one contiguous row of H*D channels in the qkv output and in q (k, v):
+# each program streams BLOCK_R whole rows in CHUNK-wide tiles (the table column is the channel mod D; RoPE pairs
+# never straddle a chunk: D and CHUNK are even) instead of H head tiles of next_pow2(D) lanes (head_dim 72: 56 of
+# 128 lanes masked, 144-byte pieces of rows). The same arithmetic per element: the same bits. The autotuner times
+# both families. (BLOCK_R, CHUNK, warps); the backward also needs the gradients' heads adjacent (head stride D).
+ROW_TILES = ((8, 256, 4), (16, 128, 4), (16, 256, 8))
+_INTERPRETER_ROWS = False  # the variant the interpreter runs (a test runs the other)
+_INTERPRETER_CHUNK = 64     # does not divide the tests' H*D: the masked last chunk runs
 
 
 def _configs() -> list:
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in TILES]
+    return ([triton.Config({"BLOCK_R": r, "ROWS": False, "CHUNK": 128}, num_warps=w) for r, w in TILES]
+            + [triton.Config({"BLOCK_R": r, "ROWS": True, "CHUNK": c}, num_warps=w) for r, c, w in ROW_TILES])
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    """The row variant only without qk-norm and (backward) with the gradients' heads adjacent."""
+    rows_ok = not kwargs["HAS_NORM"] and kwargs.get("HEADS_ADJACENT", True)
+    return [c for c in configs if rows_ok or not c.kwargs["ROWS"]]
 
 
 @triton.jit
@@ -57,11 +74,39 @@ def _join_pairs(even, odd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _rows_tables(n, rok, c, HD, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr):
+    # the row variant's tile of the tables: channel c of a row is channel c mod D of its head
+    mask = rok[:, None] & (c[None, :] < HD)
+    tab = n[:, None] * D + (c % D)[None, :]
+    ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, CHUNK)
+    se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, CHUNK)
+    return mask, ce, co, se, so
+
+
+@triton.jit
 def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                ROWS: tl.constexpr, CHUNK: tl.constexpr):
     # D is a compile-time constant: the compiler then proves 16-byte alignment of each head's row (72 * 2 B = 144 B)
     # and vectorises the loads and stores.
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if ROWS:  # whole token rows, CHUNK channels at a time (no qk-norm)
+        HD = H * D
+        n, rok = r % N, r < rows
+        for c0 in range(0, HD, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            mask, ce, co, se, so = _rows_tables(n, rok, c, HD, COS, SIN, D, BLOCK_R, CHUNK)
+            src = QKV + r[:, None] * s_qkv + c[None, :]
+            dst = r[:, None] * HD + c[None, :]
+            tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)
+            for part in tl.static_range(2):  # q, then k
+                xe, xo = _split_pairs(tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32), BLOCK_R, CHUNK)
+                out = _join_pairs(xe * ce - xo * se, xo * co + xe * so, BLOCK_R, CHUNK)
+                if part == 0:
+                    tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
+                else:
+                    tl.store(K + dst, out.to(K.dtype.element_ty), mask=mask)
+        return
     d = tl.arange(0, BLOCK_D)
     mask = (r[:, None] < rows) & (d[None, :] < D)
     tab = (r % N)[:, None] * D + d[None, :]
@@ -95,7 +140,7 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
 def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
                 DQKV, PQW, PKW, rows, N, H, eps,
                 D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                STRIDE_UNIT: tl.constexpr):
+                STRIDE_UNIT: tl.constexpr, HEADS_ADJACENT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     # The gradients' strides arrive divided by STRIDE_UNIT (8 when every stride is a multiple of 8, as for any
     # layout of head_dim 72 or 64): multiplying by the constant again lets the compiler prove 16-byte aligned rows
     # and vectorise the loads, which a runtime stride such as 72 would hide.
@@ -106,6 +151,24 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
     r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = r // N
     n = r % N
+    if ROWS:  # whole token rows (no qk-norm; every gradient's heads adjacent: head h of a token at h * D)
+        HD = H * D
+        rok = r < rows
+        for c0 in range(0, HD, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            mask, ce, co, se, so = _rows_tables(n, rok, c, HD, COS, SIN, D, BLOCK_R, CHUNK)
+            dst = DQKV + r[:, None] * (3 * HD) + c[None, :]
+            dv = tl.load(DV + b[:, None] * svb + n[:, None] * svn + c[None, :], mask=mask, other=0.0)
+            tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
+            for part in tl.static_range(2):
+                if part == 0:
+                    g = tl.load(DQ + b[:, None] * sqb + n[:, None] * sqn + c[None, :], mask=mask, other=0.0)
+                else:
+                    g = tl.load(DK + b[:, None] * skb + n[:, None] * skn + c[None, :], mask=mask, other=0.0)
+                ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, CHUNK)
+                g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, CHUNK)
+                tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
+        return
     d = tl.arange(0, BLOCK_D)
     mask = (r[:, None] < rows) & (d[None, :] < D)
     tab = n[:, None] * D + d[None, :]
@@ -149,9 +212,10 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
 
 
 # Both kernels write every output element of each run (q, k, v; d qkv), so configs are timed on the real buffers.
-_qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H"])(_qkv_rope_fwd_kernel)
-_qkv_rope_bwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H", "STRIDE_UNIT"])(
-    _qkv_rope_bwd_kernel)
+_qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H"],
+                                      prune_configs_by={"early_config_prune": _prune_rows})(_qkv_rope_fwd_kernel)
+_qkv_rope_bwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H", "STRIDE_UNIT", "HEADS_ADJACENT"],
+                                      prune_configs_by={"early_config_prune": _prune_rows})(_qkv_rope_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- checks, shapes, launchers
@@ -199,6 +263,18 @@ def _unit_d(t: Tensor) -> Tensor:
 @torch.library.custom_op("vavae::qkv_rope", mutates_args=())
 def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
                 k_weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_rope_forward(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+
+
+def _config_kwargs(config: "triton.Config") -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps}
+
+
+def qkv_rope_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
+                     k_weight: Optional[Tensor] = None, eps: float = 1e-6,
+                     config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward op's launch: autotuned (the interpreter's fixed tile there), or one of `_configs()` (GPU tests
+    compare every config)."""
     B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
     q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
     q, k, v = (_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
@@ -208,9 +284,13 @@ def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight:
         norm = q_weight is not None
         args = (x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x,
                 k_weight if norm else x, q, k, v, rows, N, H, eps)
-        if _triton.interpreting():
-            _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](*args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R,
-                                                                BLOCK_D=_triton.block_size(D), num_warps=4)
+        if config is not None:
+            _qkv_rope_fwd_kernel[(triton.cdiv(rows, config.kwargs["BLOCK_R"]),)](
+                *args, D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D), **_config_kwargs(config))
+        elif _triton.interpreting():
+            _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
+                *args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
+                ROWS=_INTERPRETER_ROWS and not norm, CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
             _qkv_rope_fwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
                 *args, D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D))
@@ -230,6 +310,14 @@ def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(d qkv (B, N, 3*H*D) in `dtype`, d q_weight, d k_weight); the weight grads are empty without qk-norm, where
     qkv (needed only to recompute the norm's statistics) may be None."""
+    return qkv_rope_backward(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype)
+
+
+def qkv_rope_backward(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, qkv: Optional[Tensor],
+                      q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float, dtype: torch.dtype,
+                      config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's launch: autotuned, the fixed tile (qk-norm, the interpreter), or one of `_configs()`
+    without qk-norm (GPU tests compare every config)."""
     B, H, N, D = dq.shape
     dqkv = dq.new_empty((B, N, 3 * H * D), dtype=dtype)
     norm = q_weight is not None
@@ -246,12 +334,21 @@ def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
         sq, sk, sv = ([st // unit for st in g.stride()[:3]] for g in (dq, dk, dv))
         args = (dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
                 x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps)
-        if norm or _triton.interpreting():  # qk-norm: the partial sums are sized for BLOCK_R's program count
+        adjacent = all(g.stride(1) == D for g in (dq, dk, dv))  # each token's heads one row (the row variant)
+        if config is not None and not norm:
+            if config.kwargs["ROWS"] and not adjacent:
+                raise ValueError("qkv_rope's row variant needs each token's heads adjacent in dq, dk, dv")
+            _qkv_rope_bwd_kernel[(triton.cdiv(rows, config.kwargs["BLOCK_R"]),)](
+                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent,
+                **_config_kwargs(config))
+        elif norm or _triton.interpreting():  # qk-norm: the partial sums are sized for BLOCK_R's program count
             _qkv_rope_bwd_kernel[(programs,)](*args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                                              STRIDE_UNIT=unit, num_warps=4)
+                                              STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent,
+                                              ROWS=_INTERPRETER_ROWS and adjacent and not norm,
+                                              CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
             _qkv_rope_bwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit)
+                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent)
     if not norm:
         return dqkv, dq.new_empty(0), dq.new_empty(0)
     # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype

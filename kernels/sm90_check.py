@@ -48,9 +48,13 @@ def _qkv_rope_variants() -> list[Variant]:
     for norm in (False, True):
         for D in (72, 64):
             # every tile the autotuner may pick (the backward with qk-norm runs the fixed BLOCK_R at 4 warps)
-            for r, w in qkv_rope.TILES:
-                const = {"D": D, "HAS_NORM": norm, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64}
-                tile = f"BLOCK_R={r} warps={w}"
+            # the per-head tiles, then (without qk-norm) the row variant's
+            tiles = [(r, 128, w, False) for r, w in qkv_rope.TILES]
+            tiles += [] if norm else [(r, c, w, True) for r, c, w in qkv_rope.ROW_TILES]
+            for r, chunk, w, rows in tiles:
+                const = {"D": D, "HAS_NORM": norm, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64, "ROWS": rows,
+                         "CHUNK": chunk}
+                tile = f"BLOCK_R={r} warps={w}" + (f" rows CHUNK={chunk}" if rows else "")
                 out.append(Variant(f"qkv_rope fwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_fwd_kernel,
                                    {**fwd_sig, **{k: "constexpr" for k in const}}, const,
                                    [k for k, t in fwd_sig.items() if t != "fp32"], w, tiles_per_iteration=3))
@@ -58,7 +62,7 @@ def _qkv_rope_variants() -> list[Variant]:
                     continue
                 # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a
                 # multiple of 16, the others are at XL/1
-                bconst = {**const, "STRIDE_UNIT": 8}
+                bconst = {**const, "STRIDE_UNIT": 8, "HEADS_ADJACENT": True}
                 out.append(Variant(f"qkv_rope bwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_bwd_kernel,
                                    {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
                                    [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")],
@@ -216,7 +220,8 @@ def _tile_elements_per_thread(v: Variant) -> float:
     rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", v.constexprs.get("BLOCK_P",
                             v.constexprs.get("BLOCK_K", 1))))  # BLOCK_P/K: group_norm's
     c = v.constexprs
-    cols = c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK_A", 0) + c.get("BLOCK_B", 0) or 1))
+    cols = c["CHUNK"] if c.get("ROWS") else c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK_A", 0) + c.get("BLOCK_B", 0)
+                                                                  or 1))
     return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
 
 

@@ -390,6 +390,27 @@ def test_fp8_training_swiglu_mlp_on_gpu():
         assert rel_err(b, a) < 0.08 and rel_err(a, c) < 0.03, (rel_err(b, a), rel_err(a, c))
 
 
+def test_qkv_rope_configs_agree_bit_for_bit():
+    """Every config the qkv_rope autotuners may pick without qk-norm (per-head tiles and the row variant's) computes
+    the same bits at XL/1's head shape in bf16 (rows not a multiple of any tile): the forward, and the backward from
+    token-major gradients (SDPA's layout, every token's heads adjacent)."""
+    from kernels import qkv_rope as qr
+    torch.manual_seed(2)
+    B, N, H, D = 3, 257, 16, 72
+    angle = torch.rand(N, D // 2, device="cuda").repeat_interleave(2, dim=-1) * 6.283
+    cos, sin = angle.cos(), angle.sin()
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    grads = [torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+    configs = qr._configs()
+    assert any(c.kwargs["ROWS"] for c in configs) and any(not c.kwargs["ROWS"] for c in configs)
+    outs = [qr.qkv_rope_forward(qkv, cos, sin, H, config=c) for c in configs]
+    dqkv = [qr.qkv_rope_backward(*grads, cos, sin, None, None, None, 1e-6, torch.bfloat16, config=c)[0]
+            for c in configs]
+    for c, o, d in zip(configs[1:], outs[1:], dqkv[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0])), c
+        assert torch.equal(d, dqkv[0]), c
+
+
 @pytest.mark.parametrize("sdpa", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"])
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):

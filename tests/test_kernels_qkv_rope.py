@@ -260,3 +260,63 @@ def test_no_layout_copies_left_in_the_attention_graphs():
     assert attention and ops_of["triton"] - views - gemms - attention == {"qkv_rope", "qkv_rope_bwd"}
     assert ops_of["rope-fused"] - views - gemms == {"rope_attention", "rope_attention_bwd"}
     assert {"stack", "clone", "permute", "neg"} <= ops_of["reference"]
+
+
+@pytest.mark.parametrize("D", [72, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_variant_is_the_same_bits(D, dtype, monkeypatch):
+    """Without qk-norm the kernels may stream whole token rows in CHUNK-wide tiles (ROWS; the autotuner times both
+    families on a GPU): forward and d qkv bit for bit the per-head variant's, with a chunk that does not divide
+    H * D (the masked last chunk runs); with head-strided gradients (heads not adjacent) the backward keeps the
+    per-head path."""
+    torch.manual_seed(D)
+    cos, sin = tables(D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV, dtype=dtype, requires_grad=True)
+    kernels.set_backend("triton")
+    runs = {}
+    for rows in (False, True):
+        monkeypatch.setattr(qkv_rope, "_INTERPRETER_ROWS", rows)
+        out = qkv_rope.qkv_rope_triton(qkv, cos, sin, H)
+        # token-major gradients (SDPA's backward writes them in q's layout): each token's heads adjacent
+        g = [torch.randn((B, N, H, D), generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(DEV)
+             .transpose(1, 2) for i, o in enumerate(out)]
+        assert g[0].stride(1) == D
+        runs[rows] = ([o.detach() for o in out], torch.autograd.grad(out, qkv, g)[0])
+        # gradients with the head as the outer dimension ((B, H, N, D) contiguous): not adjacent, the per-head path
+        strided = [t.contiguous() for t in g]
+        assert strided[0].stride(1) != D
+        runs[rows, "strided"] = qkv_rope.qkv_rope_bwd_op(*strided, cos, sin, None, None, None, 1e-6, dtype)[0]
+    assert (H * D) % qkv_rope._INTERPRETER_CHUNK or D != 72  # head_dim 72: a masked last chunk
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[False][1], runs[True][1])
+    assert torch.equal(runs[False, "strided"], runs[True, "strided"])
+    assert torch.equal(runs[False, "strided"], runs[False][1])
+
+
+def test_an_explicit_config_of_each_family_runs_and_agrees():
+    """qkv_rope_forward / qkv_rope_backward with a given autotuner config (what the GPU test runs for every one):
+    a per-head and a row config, the same bits; the row variant refuses head-strided gradients."""
+    D = 72
+    cos, sin = tables(D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV)
+    g = [torch.randn(B, N, H, D, device=DEV).transpose(1, 2) for _ in range(3)]
+    head, row = (next(c for c in qkv_rope._configs() if c.kwargs["ROWS"] is r) for r in (False, True))
+    outs = [qkv_rope.qkv_rope_forward(qkv, cos, sin, H, config=c) for c in (head, row)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    d = [qkv_rope.qkv_rope_backward(*g, cos, sin, None, None, None, 1e-6, torch.float32, config=c)[0]
+         for c in (head, row)]
+    assert torch.equal(d[0], d[1])
+    with pytest.raises(ValueError, match="heads adjacent"):
+        qkv_rope.qkv_rope_backward(*[t.contiguous() for t in g], cos, sin, None, None, None, 1e-6, torch.float32,
+                                   config=row)
+
+
+def test_row_variant_configs_are_pruned_where_they_cannot_run():
+    configs = qkv_rope._configs()
+    rows = [c for c in configs if c.kwargs["ROWS"]]
+    assert rows and len(rows) == len(qkv_rope.ROW_TILES)
+    assert qkv_rope._prune_rows(configs, {}, HAS_NORM=False) == configs  # forward, no qk-norm: every family
+    per_head = [c for c in configs if not c.kwargs["ROWS"]]
+    assert qkv_rope._prune_rows(configs, {}, HAS_NORM=True) == per_head
+    assert qkv_rope._prune_rows(configs, {}, HAS_NORM=False, HEADS_ADJACENT=False) == per_head
