@@ -554,10 +554,11 @@ def print_table(r: dict) -> None:
             ran = ",".join(sorted(set(v.get("kernels_ran", {}).values())))
             print(f"{k:32s} {v['img_per_s']:8.1f} img/s  {v['tflops']:6.1f} TFLOP/s  peak "
                   f"{v.get('peak_memory_gib', v.get('peak_rss_gib', 0)):.1f} GiB  fp8 {v['fp8'][:20]}  [{ran}]")
-            tuned = ((v.get("environment") or {}).get("kernels") or {}).get("rope_attention_autotuned") or {}
-            for which, picks in tuned.items():
-                for key, got in picks.items():
-                    print(f"    rope attention {which} autotuned {key}: {got['picked']}; ms per config {got['ms']}")
+            for op in ("rope_attention", "qkv_rope"):
+                tuned = ((v.get("environment") or {}).get("kernels") or {}).get(f"{op}_autotuned") or {}
+                for which, picks in tuned.items():
+                    for key, got in picks.items():
+                        print(f"    {op} {which} autotuned {key}: {got['picked']}; ms per config {got['ms']}")
             for cat, ms in ((v.get("profile") or {}).get("ms_per_step_by_category") or {}).items():
                 print(f"    profile: {cat:45s} {ms:8.1f} ms/step")
             idle = (v.get("profile") or {}).get("gpu_idle_per_step")

@@ -54,3 +54,28 @@ def rows_2d(t: torch.Tensor) -> torch.Tensor:
 def vec_rows(t: torch.Tensor) -> torch.Tensor:
     """A per-sample (B, C) vector (shift/scale/gate, often a strided chunk of the adaLN output)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class TunedKernels:
+    """A module's autotuned kernels (name -> triton.autotune object) and what they did in this process, for result
+    records: per kernel and key, the config picked, and every candidate's time (ms, median) where this process tuned
+    that key (taken from the autotuner when it tunes a new key; a later launch of the key neither re-tunes nor
+    overwrites)."""
+
+    def __init__(self, **tuned) -> None:
+        self.tuned = tuned
+        self.timings: dict[str, dict[str, dict[str, float]]] = {name: {} for name in tuned}
+
+    def run(self, name: str, grid, args: tuple, const: dict) -> None:
+        tuned = self.tuned[name]
+        seen = len(tuned.cache)
+        tuned[grid](*args, **const)
+        if len(tuned.cache) != seen:
+            key = next(reversed(tuned.cache))
+            self.timings[name][str(key)] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
+                                            for c, t in (getattr(tuned, "configs_timings", None) or {}).items()}
+
+    def report(self) -> dict[str, dict[str, dict]]:
+        return {name: {str(key): {"picked": str(cfg), "ms": self.timings[name].get(str(key), {})}
+                       for key, cfg in getattr(tuned, "cache", {}).items()}
+                for name, tuned in self.tuned.items()}

@@ -21,8 +21,8 @@ Each program holds BLOCK_R tokens x BLOCK_D channels of one head (BLOCK_D = next
 72 runs in a 128-wide tile, 64 in a 64-wide one), splits the tile into its even and odd channels in registers
 (tl.reshape + tl.split, joined back before the store: whole-row vector loads and stores), and loops over the heads
 with the tables' tile loaded once; without qk-norm the autotuner also times a row variant (ROWS: each token's q, k,
-v as whole contiguous rows of H*D channels in CHUNK-wide tiles, the same bits). Reference: `kernels.reference.qkv_rope` (reshape/permute views, rms_norm,
-rope_qk). Output dtypes follow the reference: v in qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
+v as whole contiguous rows of H*D channels in CHUNK-wide tiles, the same bits). Reference:
+`kernels.reference.qkv_rope` (reshape/permute views, rms_norm, rope_qk). Output dtypes follow the reference: v in qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
 """
 from typing import Optional
 
@@ -214,8 +214,16 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
 # Both kernels write every output element of each run (q, k, v; d qkv), so configs are timed on the real buffers.
 _qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H"],
                                       prune_configs_by={"early_config_prune": _prune_rows})(_qkv_rope_fwd_kernel)
-_qkv_rope_bwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H", "STRIDE_UNIT", "HEADS_ADJACENT"],
+_qkv_rope_bwd_tuned = triton.autotune(configs=_configs(),
+                                      key=["D", "HAS_NORM", "H", "STRIDE_UNIT", "HEADS_ADJACENT"],
                                       prune_configs_by={"early_config_prune": _prune_rows})(_qkv_rope_bwd_kernel)
+TUNED = _triton.TunedKernels(fwd=_qkv_rope_fwd_tuned, bwd=_qkv_rope_bwd_tuned)
+
+
+def autotuned() -> dict[str, dict[str, dict]]:
+    """What the autotuners did in this process, per kernel ("fwd", "bwd") and key: the config picked (per-head tile
+    or the row variant) and every candidate's time in ms, for result records."""
+    return TUNED.report()
 
 
 # ----------------------------------------------------------------------------- checks, shapes, launchers
@@ -292,8 +300,8 @@ def qkv_rope_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_we
                 *args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
                 ROWS=_INTERPRETER_ROWS and not norm, CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
-            _qkv_rope_fwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D))
+            TUNED.run("fwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args,
+                      dict(D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D)))
     return q, k, v
 
 
@@ -347,8 +355,8 @@ def qkv_rope_backward(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tens
                                               ROWS=_INTERPRETER_ROWS and adjacent and not norm,
                                               CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
-            _qkv_rope_bwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent)
+            TUNED.run("bwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args,
+                      dict(D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent))
     if not norm:
         return dqkv, dq.new_empty(0), dq.new_empty(0)
     # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype

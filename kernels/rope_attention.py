@@ -359,26 +359,14 @@ _fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "PREC", "N", "BH"])(
 _bwd_tuned = triton.autotune(configs=BWD_CONFIGS, key=["D", "PREC", "N", "BH"])(_rope_attn_bwd_kernel)
 
 
-_timings: dict[str, dict[str, dict[str, float]]] = {"fwd": {}, "bwd": {}}  # kernel -> key -> config -> ms
-
-
-def _tune_and_run(which: str, tuned, grid, args: tuple, const: dict) -> None:
-    # the autotuned launch; where it tuned a new key, every config's time (ms, median) is kept for autotuned()
-    seen = len(tuned.cache)
-    tuned[grid](*args, **const)
-    if len(tuned.cache) != seen:
-        key = next(reversed(tuned.cache))
-        _timings[which][str(key)] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
-                                     for c, t in (getattr(tuned, "configs_timings", None) or {}).items()}
+TUNED = _triton.TunedKernels(fwd=_fwd_tuned, bwd=_bwd_tuned)
 
 
 def autotuned() -> dict[str, dict[str, dict]]:
     """What the autotuners did in this process, per kernel ("fwd", "bwd") and key (D, PREC, N, BH): the config
     picked (which variant ran -- K_ONCE, DQ_ATOMIC -- at which tile) and every candidate's time in ms, for result
     records."""
-    return {name: {str(key): {"picked": str(cfg), "ms": _timings[name].get(str(key), {})}
-                   for key, cfg in getattr(tuned, "cache", {}).items()}
-            for name, tuned in (("fwd", _fwd_tuned), ("bwd", _bwd_tuned))}
+    return TUNED.report()
 
 
 # ----------------------------------------------------------------------------- checks, launchers, autograd
@@ -447,7 +435,7 @@ def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, K_ONCE=_INTERPRETER_K_ONCE)
             _rope_attn_fwd_kernel[_fwd_grid(N, B * H, meta)](*args, **const, **meta)
         else:
-            _tune_and_run("fwd", _fwd_tuned, lambda meta: _fwd_grid(N, B * H, meta), args, const)
+            TUNED.run("fwd", lambda meta: _fwd_grid(N, B * H, meta), args, const)
     return out, lse
 
 
@@ -488,7 +476,7 @@ def rope_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
             bm, bn = _INTERPRETER_TILE
             _rope_attn_bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, DQ_ATOMIC=_INTERPRETER_DQ_ATOMIC)
         else:
-            _tune_and_run("bwd", _bwd_tuned, (B * H,), args, const)
+            TUNED.run("bwd", (B * H,), args, const)
     return dqkv
 
 

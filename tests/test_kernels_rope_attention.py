@@ -142,11 +142,11 @@ def test_autotuned_records_the_pick_and_every_candidates_time(monkeypatch):
             return launch
 
     fake = FakeTuner()
-    monkeypatch.setattr(rope_attention, "_bwd_tuned", fake)
-    monkeypatch.setattr(rope_attention, "_timings", {"fwd": {}, "bwd": {}})
-    rope_attention._tune_and_run("bwd", fake, (1,), (256,), {"D": 72})
+    from kernels._triton import TunedKernels
+    monkeypatch.setattr(rope_attention, "TUNED", TunedKernels(fwd=FakeTuner(), bwd=fake))
+    rope_attention.TUNED.run("bwd", (1,), (256,), {"D": 72})
     fake.configs_timings = {}  # a later launch of the same key neither re-tunes nor overwrites
-    rope_attention._tune_and_run("bwd", fake, (1,), (256,), {"D": 72})
+    rope_attention.TUNED.run("bwd", (1,), (256,), {"D": 72})
     got = rope_attention.autotuned()["bwd"][str((72, 256))]
     a, b = rope_attention.BWD_CONFIGS[:2]
     assert got == {"picked": str(b), "ms": {str(a): 2.0, str(b): 1.5}}
