@@ -319,6 +319,7 @@ def command(name: str, cmd: str | None, timeout: float, smoke_cmd: str | None = 
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
 SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+inline+model+graphs@128",
+                 "fp8+fp8projbf16+model+graphs@128",
                  "fp8+multikernel+model+graphs@128", "fp8+refops+model+graphs@128", "fp8+model+graphs@256",
                  "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
                  "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+autotune+graphs@128")

@@ -232,9 +232,10 @@ def training_quant(quant: str, backend: str, recipe: str, device) -> str:
 
 
 def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bool = False,
-                        remedy: str = TRAINER_REMEDY, quant: str = "inline") -> nn.Module:
+                        remedy: str = TRAINER_REMEDY, quant: str = "inline", skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace the blocks' qkv / proj / w12 / w3 linears of a bf16 `model` (in place) by FP8Linear (recipe
     'rowwise' or 'tensorwise'); returns model. Inference only: the FP8 weights are buffers, not parameters.
+    skip: of FP8_LAYERS, those that stay bf16 (e.g. ("attn.proj",)).
 
     quant 'inline': every activation quantized in plain torch ops (inductor fuses them into their producers).
     'ours' (rowwise): where the producer is opaque to inductor, our one-pass kernels quantize -- each SwiGLU
@@ -246,8 +247,12 @@ def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bo
         raise FP8Unavailable(f"FP8 activation quantization {quant!r}: choose one of {FP8_QUANT}")
     if quant == "ours" and recipe != "rowwise":
         raise FP8Unavailable(f"our FP8 quantization kernels quantize per row; recipe {recipe!r} needs quant inline")
+    unknown = [s for s in skip if s not in FP8_LAYERS]
+    if unknown:
+        raise FP8Unavailable(f"cannot keep {unknown} in bf16: the FP8 layers are {FP8_LAYERS}")
     check_scaled_mm(next(model.parameters()).device, allow_cpu, remedy)
-    targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and isinstance(m, nn.Linear)]
+    targets = [(n, m) for n, m in model.named_modules() if _is_fp8_layer(n) and isinstance(m, nn.Linear)
+               and n.split(".", 2)[-1] not in skip]
     for name, m in targets:
         if m.in_features % 16 or m.out_features % 16:
             raise FP8Unavailable(f"{name} is {m.in_features}x{m.out_features}; FP8 matmuls need both "

@@ -96,6 +96,9 @@ class SamplingConfig:
     fp8_quant: FP8Quant = "auto"        # precision fp8 with FP8Linear, rowwise: ours quantizes the SwiGLU's and
                                         # attention's outputs in our one-pass Triton kernels (a CUDA GPU); inline:
                                         # plain torch ops (inductor fuses what it can); auto: ours where it runs
+    fp8_proj_bf16: bool = False         # precision fp8: attention's output projection stays bf16 (its input,
+                                        # cuDNN's output, needs a quantization pass of its own, and it is the
+                                        # smallest GEMM: FP8 saves it least)
     compile: CompileMode = "none"       # torch.compile with static shapes: each block, or the whole forward
     autotune: bool = False              # with compile: inductor's max-autotune (Triton GEMMs with fused epilogues
                                         # where they measure faster; minutes of compilation)
@@ -139,6 +142,9 @@ class SamplingConfig:
             if getattr(self, name) and self.compile == "none":
                 raise SamplingConfigError(name, f"{name} is a torch.compile setting: it needs compile 'blocks' or "
                                                 "'model'")
+        if self.fp8_proj_bf16 and self.precision != "fp8":
+            raise SamplingConfigError("fp8_proj_bf16", f"fp8_proj_bf16 keeps one matmul of precision fp8 in bf16; "
+                                                       f"precision is {self.precision!r}")
         if self.fused_mlp and self.precision not in ("bf16-weights", "fp32"):
             raise SamplingConfigError("fused_mlp", f"fused_mlp runs with precision bf16-weights or fp32, not "
                                                    f"{self.precision!r} (the fused kernel reads the weights directly: "
@@ -371,11 +377,16 @@ class Sampler:
                 model = model.to(self.device)
                 if fp8_impl == "scaled_mm":
                     quant = self._fp8_quant(config)
+                    proj = "; attn.proj in bf16" if config.fp8_proj_bf16 else ""
                     self.fp8 = (f"{check_scaled_mm(self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling, "
                                 + ("SwiGLU and attention outputs quantized by kernels.ops.swiglu_fp8 / "
-                                   "quantize_rows_fp8" if quant == "ours" else "activations quantized in torch ops"))
-                    apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy, quant=quant)
+                                   "quantize_rows_fp8" if quant == "ours" else "activations quantized in torch ops")
+                                + proj)
+                    apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy, quant=quant,
+                                        skip=("attn.proj",) if config.fp8_proj_bf16 else ())
                 else:
+                    if config.fp8_proj_bf16:
+                        raise FP8Unavailable("fp8_proj_bf16 needs fp8_impl scaled_mm (our FP8Linear)")
                     self.fp8 = f"{check_fp8('torchao', self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling"
                     apply_fp8(model, "torchao", fp8_recipe, fp8_emulation, remedy)
             except FP8Unavailable as e:

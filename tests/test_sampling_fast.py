@@ -81,6 +81,32 @@ def test_precision_guard_fp8():
     assert f["fd_ratio_to_seed_floor"] < 0.5, res
 
 
+def test_fp8_with_the_attention_projection_in_bf16():
+    """fp8_proj_bf16: every block's attn.proj stays the bf16 Linear, the other three matmuls FP8; the samples lie
+    between bf16-weights' and full FP8's distance from fp32 (CPU emulation); only under precision fp8 with our
+    FP8Linear; the plan token the GPU suite's entry uses."""
+    from bench.sample_speed import PLAN_TOKENS
+    from modeling.fp8 import FP8Linear
+    m = _fp8_tiny()
+    z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    c = SamplingConfig(steps=5, cfg_scale=2.0, cfg_interval_start=0.2)
+    s = Sampler(m, c.replace(precision="fp8", fp8_proj_bf16=True), fp8_emulation=True)
+    for block in s.model.blocks:
+        assert type(block.attn.proj) is torch.nn.Linear and block.attn.proj.weight.dtype == torch.bfloat16
+        assert all(isinstance(lin, FP8Linear) for lin in (block.attn.qkv, block.mlp.w12, block.mlp.w3))
+    assert s.describe()["fp8"].endswith("attn.proj in bf16")
+    fp32, fp8 = Sampler(m, c)(z, y), Sampler(m, c.replace(precision="fp8"), fp8_emulation=True)(z, y)
+    bf16w = Sampler(m, c.replace(precision="bf16-weights"))(z, y)
+    rel = lambda a: float((a - fp32).norm() / fp32.norm())  # noqa: E731
+    mixed = s(z, y)
+    assert rel(bf16w) < rel(mixed) < 0.1 and not torch.equal(mixed, fp8)
+    with pytest.raises(SamplingConfigError, match="fp8_proj_bf16"):
+        c.replace(precision="bf16-weights", fp8_proj_bf16=True)
+    with pytest.raises(SamplerUnavailable, match="fp8_proj_bf16 needs fp8_impl scaled_mm"):
+        Sampler(m, c.replace(precision="fp8", fp8_impl="torchao", fp8_proj_bf16=True), fp8_emulation=True)
+    assert PLAN_TOKENS["fp8projbf16"] == ("fp8_proj_bf16", True)
+
+
 def test_fp8_sampler_cpu_emulation_and_refusals():
     from torchao.float8.float8_linear import Float8Linear
 
