@@ -121,7 +121,7 @@ def their_function(train_py: Path, name: str) -> Callable:
     if fn is None:
         raise AuthorsCodeMissing(f"{train_py} has no function {name}")
     from collections import OrderedDict
-    scope = {"torch": torch, "OrderedDict": OrderedDict}
+    scope = dict(torch=torch, OrderedDict=OrderedDict)  # what their train.py's imports give the function
     exec(compile(ast.Module(body=[fn], type_ignores=[]), str(train_py), "exec"), scope)  # their code, as shipped
     return scope[name]
 
@@ -242,11 +242,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     r = time_their_step(parts, a.batch, device, a.warmup, a.steps)
     commit = Path(a.authors) / "LightningDiT" / "COMMIT"
+    from evaluation import provenance
     result = {"what": "the authors' train.py step (hustvl/LightningDiT), bf16 autocast as run_train.sh launches it, "
                       "one rank", "model": parts["model_type"], "config": CONFIG,
               "authors_commit": commit.read_text().strip() if commit.is_file() else None,
-              "stand_ins": parts["stand_ins"], "device": torch.cuda.get_device_name() if device.startswith("cuda")
-              else "cpu", "torch": torch.__version__, **r}
+              "stand_ins": parts["stand_ins"], **r, "environment": provenance.environment(torch.device(device))}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"authors' LightningDiT step, {parts['model_type']}, batch {a.batch}: {r['img_per_s']} img/s, "

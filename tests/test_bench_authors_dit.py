@@ -115,6 +115,8 @@ def test_times_their_step_from_their_tree(tmp_path):
     r = json.loads(out.read_text())
     assert r["batch"] == 3 and r["steps"] == 2 and r["img_per_s"] > 0 and len(r["losses"]) == 3
     assert r["model"] == "LightningDiT-XL/1" and r["authors_commit"] == "0123abcd"
+    from evaluation.provenance import ENVIRONMENT_KEYS
+    assert tuple(r["environment"]) == ENVIRONMENT_KEYS  # the common record: card, versions, our commit
     lines = res.stdout.splitlines()
     # their model from their config: 64 px / 16 = 4 latent tokens a side, 3 channels, 7 classes, their flags
     built = next(l for l in lines if l.startswith("their LightningDiT"))
@@ -144,7 +146,8 @@ def test_gpu_suite_section_runs_it_in_its_own_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
     r = gpu_suite.authors_dit(True, root=make_tree(tmp_path / "authors"))
-    assert r["batch"] == 2 and r["img_per_s"] > 0 and r["device"] == "cpu" and r["model"] == "custom"
+    assert r["batch"] == 2 and r["img_per_s"] > 0 and r["model"] == "custom"
+    assert r["environment"]["card"].startswith("cpu")  # the common record (evaluation.provenance)
     assert (tmp_path / "out" / "authors_dit.json").is_file()
     skipped = gpu_suite.authors_dit(True, root=tmp_path / "none")
     assert "prepare_gpu_carry.sh" in skipped["skipped"]
