@@ -12,7 +12,8 @@ TFLOP/s), each row is a category's kernel ms per step, the least it could take, 
   attention kernel gets there (FlashAttention-3 reaches ~75% of it at long sequences), so its excess is an upper bound
   of what a better kernel saves;
 - glue (inductor's fusions, our kernels, other elementwise/copies): one row, their sum against kernels.glue_floor's
-  bytes at the measured copy bandwidth (the categories split the same ops differently from one backend to the next);
+  bytes at the measured copy bandwidth (the categories split the same ops differently from one backend to the next;
+  for FP8 cases the floor is the bf16 step's, so the activation and gradient quantization passes are in the excess);
 - optimizer: Adam's fp32 state (read p, g, m, v; write p, m, v: 28 bytes per parameter) and the EMA (read the
   parameter and the average, write the average: 12) at the copy bandwidth;
 - host: the step's median minus its kernel time (the GPU idle, waiting on the host; floor 0).
@@ -95,7 +96,8 @@ def shortfall(row: dict, ceilings: Ceilings, shape: StepShape = XL1_B256, target
         ("attention", cats.pop("attention", 0.0), flops["attention"] / ceilings.bf16_tflops / 1e9,
          f"{flops['attention'] / 1e12:.1f} TFLOP at the bf16 matmul rate (an upper bound of the saving)"),
         ("glue (" + ", ".join(c.split(" (")[0] for c in GLUE) + ")", sum(cats.pop(c, 0.0) for c in GLUE),
-         ms(glue_bytes), f"{glue_bytes / 1e9:.1f} GB (kernels.glue_floor) at {ceilings.copy_gbps:.0f} GB/s"),
+         ms(glue_bytes), f"{glue_bytes / 1e9:.1f} GB (kernels.glue_floor) at {ceilings.copy_gbps:.0f} GB/s"
+         + (" (the bf16 step's glue: FP8's quantization passes count in the excess)" if fp8 else "")),
         ("optimizer", cats.pop("optimizer", 0.0), ms(params * (ADAM_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM)),
          f"{params / 1e6:.0f}M parameters x {ADAM_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM} B (Adam + EMA)"),
         ("host (GPU idle)", max(0.0, step_ms - prof["total_kernel_ms_per_step"]), 0.0,
