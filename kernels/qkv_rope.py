@@ -22,7 +22,8 @@ Each program holds BLOCK_R tokens x BLOCK_D channels of one head (BLOCK_D = next
 (tl.reshape + tl.split, joined back before the store: whole-row vector loads and stores), and loops over the heads
 with the tables' tile loaded once; without qk-norm the autotuner also times a row variant (ROWS: each token's q, k,
 v as whole contiguous rows of H*D channels in CHUNK-wide tiles, the same bits). Reference:
-`kernels.reference.qkv_rope` (reshape/permute views, rms_norm, rope_qk). Output dtypes follow the reference: v in qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
+`kernels.reference.qkv_rope` (reshape/permute views, rms_norm, rope_qk). Output dtypes follow the reference: v in
+qkv's dtype; q, k in qkv's dtype promoted with the norm weight's.
 """
 from typing import Optional
 
@@ -106,34 +107,34 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
                     tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
                 else:
                     tl.store(K + dst, out.to(K.dtype.element_ty), mask=mask)
-        return
-    d = tl.arange(0, BLOCK_D)
-    mask = (r[:, None] < rows) & (d[None, :] < D)
-    tab = (r % N)[:, None] * D + d[None, :]
-    ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
-    se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
-    if HAS_NORM:
-        wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
-        wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
-    HD = H * D
-    for h in range(H):
-        src = QKV + r[:, None] * s_qkv + h * D + d[None, :]
-        dst = r[:, None] * HD + h * D + d[None, :]
-        tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)  # v: a copy into the layout
-        for part in tl.static_range(2):  # q, then k
-            x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
-            if HAS_NORM:  # RMSNorm over the head's D channels (masked lanes are 0), then the weight
-                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    else:  # per-head tiles (qk-norm needs them)
+        d = tl.arange(0, BLOCK_D)
+        mask = (r[:, None] < rows) & (d[None, :] < D)
+        tab = (r % N)[:, None] * D + d[None, :]
+        ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+        se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+        if HAS_NORM:
+            wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
+            wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
+        HD = H * D
+        for h in range(H):
+            src = QKV + r[:, None] * s_qkv + h * D + d[None, :]
+            dst = r[:, None] * HD + h * D + d[None, :]
+            tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)  # v: a copy into the layout
+            for part in tl.static_range(2):  # q, then k
+                x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
+                if HAS_NORM:  # RMSNorm over the head's D channels (masked lanes are 0), then the weight
+                    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+                    if part == 0:
+                        x = x * rstd[:, None] * wq[None, :]
+                    else:
+                        x = x * rstd[:, None] * wk[None, :]
+                xe, xo = _split_pairs(x, BLOCK_R, BLOCK_D)
+                out = _join_pairs(xe * ce - xo * se, xo * co + xe * so, BLOCK_R, BLOCK_D)
                 if part == 0:
-                    x = x * rstd[:, None] * wq[None, :]
+                    tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
                 else:
-                    x = x * rstd[:, None] * wk[None, :]
-            xe, xo = _split_pairs(x, BLOCK_R, BLOCK_D)
-            out = _join_pairs(xe * ce - xo * se, xo * co + xe * so, BLOCK_R, BLOCK_D)
-            if part == 0:
-                tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
-            else:
-                tl.store(K + dst, out.to(K.dtype.element_ty), mask=mask)
+                    tl.store(K + dst, out.to(K.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -168,47 +169,47 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
                 ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, CHUNK)
                 g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, CHUNK)
                 tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
-        return
-    d = tl.arange(0, BLOCK_D)
-    mask = (r[:, None] < rows) & (d[None, :] < D)
-    tab = n[:, None] * D + d[None, :]
-    ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
-    se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
-    if HAS_NORM:
-        wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
-        wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
-        acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
-        acc_k = tl.zeros([BLOCK_D], dtype=tl.float32)
-    HD = H * D
-    for h in range(H):
-        dst = DQKV + r[:, None] * (3 * HD) + h * D + d[None, :]
-        dv = tl.load(DV + b[:, None] * svb + h * svh + n[:, None] * svn + d[None, :], mask=mask, other=0.0)
-        tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
-        for part in tl.static_range(2):
-            if part == 0:
-                g = tl.load(DQ + b[:, None] * sqb + h * sqh + n[:, None] * sqn + d[None, :], mask=mask, other=0.0)
-            else:
-                g = tl.load(DK + b[:, None] * skb + h * skh + n[:, None] * skn + d[None, :], mask=mask, other=0.0)
-            ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, BLOCK_D)
-            # the transposed rotation: dx[2i] = g[2i] cos[2i] + g[2i+1] sin[2i+1], dx[2i+1] = g[2i+1] cos[2i+1]
-            # - g[2i] sin[2i]
-            g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, BLOCK_D)
-            if HAS_NORM:  # y = xhat * w, xhat = x * rstd: recompute rstd from the saved qkv
-                x = tl.load(QKV + r[:, None] * s_qkv + part * HD + h * D + d[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
-                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-                xhat = x * rstd[:, None]
+    else:  # per-head tiles (qk-norm needs them)
+        d = tl.arange(0, BLOCK_D)
+        mask = (r[:, None] < rows) & (d[None, :] < D)
+        tab = n[:, None] * D + d[None, :]
+        ce, co = _split_pairs(tl.load(COS + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+        se, so = _split_pairs(tl.load(SIN + tab, mask=mask, other=0.0).to(tl.float32), BLOCK_R, BLOCK_D)
+        if HAS_NORM:
+            wq = tl.load(QW + d, mask=d < D, other=0.0).to(tl.float32)
+            wk = tl.load(KW + d, mask=d < D, other=0.0).to(tl.float32)
+            acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
+            acc_k = tl.zeros([BLOCK_D], dtype=tl.float32)
+        HD = H * D
+        for h in range(H):
+            dst = DQKV + r[:, None] * (3 * HD) + h * D + d[None, :]
+            dv = tl.load(DV + b[:, None] * svb + h * svh + n[:, None] * svn + d[None, :], mask=mask, other=0.0)
+            tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
+            for part in tl.static_range(2):
                 if part == 0:
-                    acc_q += tl.sum(g * xhat, axis=0)
-                    dxhat = g * wq[None, :]
+                    g = tl.load(DQ + b[:, None] * sqb + h * sqh + n[:, None] * sqn + d[None, :], mask=mask, other=0.0)
                 else:
-                    acc_k += tl.sum(g * xhat, axis=0)
-                    dxhat = g * wk[None, :]
-                g = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
-            tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
-    if HAS_NORM:  # this program's partial sums of the weight grads (one row each; torch sums the rows)
-        tl.store(PQW + pid * BLOCK_D + d, acc_q)
-        tl.store(PKW + pid * BLOCK_D + d, acc_k)
+                    g = tl.load(DK + b[:, None] * skb + h * skh + n[:, None] * skn + d[None, :], mask=mask, other=0.0)
+                ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, BLOCK_D)
+                # the transposed rotation: dx[2i] = g[2i] cos[2i] + g[2i+1] sin[2i+1], dx[2i+1] = g[2i+1] cos[2i+1]
+                # - g[2i] sin[2i]
+                g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, BLOCK_D)
+                if HAS_NORM:  # y = xhat * w, xhat = x * rstd: recompute rstd from the saved qkv
+                    x = tl.load(QKV + r[:, None] * s_qkv + part * HD + h * D + d[None, :], mask=mask,
+                                other=0.0).to(tl.float32)
+                    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+                    xhat = x * rstd[:, None]
+                    if part == 0:
+                        acc_q += tl.sum(g * xhat, axis=0)
+                        dxhat = g * wq[None, :]
+                    else:
+                        acc_k += tl.sum(g * xhat, axis=0)
+                        dxhat = g * wk[None, :]
+                    g = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
+                tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
+        if HAS_NORM:  # this program's partial sums of the weight grads (one row each; torch sums the rows)
+            tl.store(PQW + pid * BLOCK_D + d, acc_q)
+            tl.store(PKW + pid * BLOCK_D + d, acc_k)
 
 
 # Both kernels write every output element of each run (q, k, v; d qkv), so configs are timed on the real buffers.
