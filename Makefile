@@ -10,6 +10,11 @@ venv: .venv/.installed
 .venv/.installed: requirements/cpu.txt requirements/nodeps.txt setup.py
 	bash scripts/setup_venv.sh
 	touch $@
+# The lent GPU machine's Triton beside the venv's (requirements/triton_lent.txt): the sm_90 compile check runs both
+LENT_TRITON := .venv/triton-lent
+$(LENT_TRITON)/.installed: requirements/triton_lent.txt .venv/.installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(LENT_TRITON) -r requirements/triton_lent.txt
+	touch $@
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on 2 shared cores
 # where tests start subprocesses (DeepSpeed ranks, the demo's stages); the thread counts come from
@@ -22,10 +27,10 @@ venv: .venv/.installed
 # --durations=15: the slowest tests at the end of every run (the 10-minute budget: conftest's SLOWEST_FIRST)
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(if $(THREADS),VAVAE_THREADS=$(THREADS)) $(PY) -m pytest -q -n auto --dist loadfile \
 	--no-loadscope-reorder --durations=15
-test: venv
+test: venv $(LENT_TRITON)/.installed
 	$(PYTEST) -m "not gpu and not extended"
 
-test-all: venv
+test-all: venv $(LENT_TRITON)/.installed
 	$(PYTEST) -m "not gpu"
 
 demo: venv

@@ -21,6 +21,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The approximate fp32 division (div.approx.f32: a MUFU reciprocal and a multiply, 2 ulp) written as PTX, so every
+# Triton emits the same instruction: tl.fdiv(approx=True) is Triton 3.9's spelling, Triton 3.6 (the lent H200's) has
+# no such argument and its plain fdiv is div.full.f32 (~8-10 more SASS instructions per element in the GroupNorm
+# kernels). kernels.sm90_check under both Tritons is what found it. The interpreter runs no PTX: numpy divides.
+if tl is not None and interpreting():
+    @triton.jit
+    def approx_div(x, y):
+        return tl.fdiv(x, y)
+elif tl is not None:
+    @triton.jit
+    def approx_div(x, y):
+        return tl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 def runs_on(x: torch.Tensor) -> bool:
     """Can the Triton kernels run on x's device (a GPU, or the CPU under TRITON_INTERPRET=1)?"""
     return triton is not None and (x.is_cuda or interpreting())

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import _triton, reference
-from ._triton import tl, triton
+from ._triton import approx_div, tl, triton
 from .registry import BenchCase, BenchShape, Op, register
 
 # (BLOCK_P positions, BLOCK_C channels, warps): 2K-4K elements per tile, 16-32 per thread, the unit-stride axis long
@@ -87,16 +87,16 @@ def _sigmoid_den(z):
 
 @triton.jit
 def _silu(z):
-    # z / (1 + e^-z) with the approximate division (MUFU reciprocal + multiply, 2 ulp; tl.sigmoid's division is
-    # several instructions more per element: the norm kernel's issue budget at full bandwidth is ~25). An infinite
+    # z / (1 + e^-z) with the approximate division (_triton.approx_div, 2 ulp; tl.sigmoid's division is several
+    # instructions more per element: the norm kernel's issue budget at full bandwidth is ~25). An infinite
     # denominator (z < -88) gives -0, the true value rounded.
-    return tl.fdiv(z, _sigmoid_den(z), approx=True)
+    return approx_div(z, _sigmoid_den(z))
 
 
 @triton.jit
 def _silu_grad(dy, z):
     # d silu(z) / dz = s * (1 + z * (1 - s)), s = sigmoid(z)
-    s = tl.fdiv(1.0, _sigmoid_den(z), approx=True)
+    s = approx_div(1.0, _sigmoid_den(z))
     return dy * s * (1.0 + z * (1.0 - s))
 
 

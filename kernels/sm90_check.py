@@ -254,7 +254,7 @@ def compile_variant(v: Variant) -> dict:
             "scalar_loads": sum(1 for op, t in ops if op == "ld" and ".v" not in t),
             "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t),
             "sass_per_element": None if sass is None else round(sass / _tile_elements_per_thread(v), 1),
-            "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx,
+            "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx, "div_full_f32": ptx.count("div.full.f32"),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx))}
 
 
@@ -266,13 +266,34 @@ def variants() -> list[Variant]:
 def main() -> dict:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernels.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
-    results = {v.name: compile_variant(v) for v in variants()}
+    import triton
+    results, failed = {}, []
+    for v in variants():
+        try:
+            results[v.name] = compile_variant(v)
+        except Exception as e:  # every variant is tried: one run names all that do not compile with this Triton
+            results[v.name] = {"error": f"{type(e).__name__}: {_last_line(e)}"}
+            failed.append(v.name)
     for name, r in results.items():
+        if "error" in r:
+            print(f"{name:55s} DOES NOT COMPILE (Triton {triton.__version__}): {r['error']}")
+            continue
         print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  vector ld/st "
               f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
               f"SASS/element {r['sass_per_element']}")
     print(json.dumps(results))
+    if failed:
+        raise SystemExit(f"kernels.sm90_check: {len(failed)} of {len(results)} variants do not compile for sm_90 "
+                         f"with Triton {triton.__version__} (first: {failed[0]})")
     return results
+
+
+def _last_line(e: Exception) -> str:
+    """The innermost message of a Triton compilation error (the chain ends at the call that failed)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else repr(e)[:300]
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_compile_for_sm90_without_spills():
+def sm90_check(pythonpath: str = "") -> dict:
+    """kernels.sm90_check's JSON, run in a subprocess without TRITON_INTERPRET (with `pythonpath` first on the path:
+    another Triton). Fails in CI, skips elsewhere, where that Triton's NVIDIA backend or its ptxas is missing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     probe = subprocess.run([sys.executable, "-c", "from triton.backends.nvidia.compiler import get_ptxas; "
                             "print(get_ptxas(90).path)"], cwd=REPO, env=env, capture_output=True, text=True)
     if probe.returncode or not os.path.exists(probe.stdout.strip()):
@@ -26,11 +30,19 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip(msg)
     res = subprocess.run([sys.executable, "-m", "kernels.sm90_check"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-4000:]
-    results = json.loads(res.stdout.strip().splitlines()[-1])
+    failed = [ln for ln in res.stdout.splitlines() if "DOES NOT COMPILE" in ln]
+    assert res.returncode == 0, "\n".join(failed[:10]) + "\n" + res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ()) -> None:
+    """Every variant compiled without spills (but those whose names start with a prefix of `spills`, up to its
+    bytes); the FP8 kernels use the hardware cast within their instruction budget, the attention's matmuls wgmma,
+    the row kernels 16-byte vectors."""
     assert len(results) >= 20 and any(k.startswith("qkv_rope bwd") for k in results)
     for name, r in results.items():
-        assert r["registers"] is not None and r["spill_bytes"] == 0, (name, r)
+        allowed = max([b for prefix, b in spills if name.startswith(prefix)], default=0)
+        assert r["registers"] is not None and r["spill_bytes"] <= allowed, (name, r)
         if name.startswith(("swiglu_fp8", "quantize_rows_fp8")):
             # the hardware e4m3 cast, not the interpreter's written-out rounding, and the row in two exact tiles:
             # the FP8 SwiGLU issued ~73 SASS instructions per element of its 3072 (55 per lane of a 4096-wide tile;
@@ -38,8 +50,14 @@ def test_kernels_compile_for_sm90_without_spills():
             assert r["e4m3_cvt"], (name, r)
             limit = 64 if "COLMAX=1" in name else 45  # colmax: a loop, its prologue counted in
             assert r["sass_per_element"] is None or r["sass_per_element"] <= limit, (name, r)
+        if name.startswith(("group_norm norm", "group_norm bwd")):  # with the SiLU: its division div.approx.f32
+            assert r["div_full_f32"] == 0, (name, r)                  # on any Triton (kernels._triton.approx_div)
         if name.startswith("rope_attention"):  # every matmul on Hopper's wgmma (M >= 64 per warpgroup)
             assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
         if "qkv_rope" in name or "C=1152" in name:  # rows of 144 B / 4.6 KB: whole-row 16-byte vectors
             assert r["vector_loads"] > 0 and r["vector_stores"] > 0, (name, r)
             assert r["scalar_loads"] <= 4, (name, r)  # per-row statistics / weights only
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    assert_fit_for_sm90(sm90_check())
