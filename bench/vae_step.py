@@ -60,7 +60,9 @@ largest batch that fits; the JSON then holds it under "authors" and our fastest 
 --authors-budget-s of its own), so that theirs cannot crowd out our measurements and profiles.
 
 JSON: the environment block (evaluation.provenance.environment: card, versions, commit, kernels), cuDNN's settings,
-`groupnorm_probe`, every mode's img/s / step ms / peak memory per batch (our fastest mode's with its `profile`), the
+`groupnorm_probe`, `tflop_per_image` (one training step, counted by torch's FlopCounterMode over the step itself:
+1.80 TFLOP at the paper's f16d32 / 256 px with the VF loss), every mode's img/s / step ms / peak memory / achieved
+TFLOP/s per batch (our fastest mode's with its `profile`), the
 speedups, extraction img/s per variant (each with its `profile`), and anything skipped (the --budget-s wall-clock
 budget, an out-of-memory batch; a profile that failed has its error in place of the profile).
 """
@@ -211,6 +213,28 @@ def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
     return {"batch": batch, "img_per_s": round(batch * steps / dt, 2), "step_ms": round(1000 * dt / steps, 1),
             "peak_mem_gib": None if peak_gib(trainer.device) is None else round(peak_gib(trainer.device), 2),
             "steps": steps}
+
+
+def step_flops(trainer: Trainer, batch: int) -> float:
+    """FLOPs of one training step per image, counted by torch's FlopCounterMode over the step itself at `batch`
+    (every convolution and its backward, every matmul and attention of every network the step runs: encoder,
+    decoder, LPIPS, the foundation model, the discriminator's two passes, the adaptive weights' extra gradient pass;
+    2 per multiply-add). The step is taken (a warm-up as far as the timing goes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    use_switches(trainer)
+    x = images(trainer, batch)
+    with FlopCounterMode(display=False) as counter:
+        trainer.step_on_device(x)
+    sync(trainer.device)
+    return counter.get_total_flops() / batch
+
+
+def add_tflops(result: dict, flops_per_image: float) -> None:
+    """Each timed row's achieved TFLOP/s (img/s x the step's FLOPs per image), ours and the extraction's aside."""
+    for mode in result["modes"].values():
+        for row in mode.values():
+            if isinstance(row, dict) and row.get("img_per_s"):
+                row["tflops"] = round(row["img_per_s"] * flops_per_image / 1e12, 1)
 
 
 def free_after_oom(trainer: Trainer) -> None:
@@ -568,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["config"]["model"]["attn_resolutions"] = list(cfg.model.attn_resolutions)
             with user_errors():  # a setup mistake (a file, a folder, a config value): one line, exit 2
                 trainer = Trainer(cfg)
+            if mode == modes[0]:  # the same function in every mode: counted once, in the fp32 baseline
+                result["tflop_per_image"] = round(step_flops(trainer, a.batch) / 1e12, 4)
+                print(f"one training step: {result['tflop_per_image']} TFLOP per image (FlopCounterMode)", flush=True)
             try:
                 r = time_steps(trainer, a.batch, a.warmup, a.steps)
             except RuntimeError as e:
@@ -619,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             if "img_per_s" in best:
                 result["modes"][mode]["largest"] = best
 
+        add_tflops(result, result.get("tflop_per_image", 0) * 1e12)
         b8 = {m: result["modes"][m][f"batch_{a.batch}"].get("img_per_s") for m in result["modes"]}
         if ours and b8.get("fp32") and b8.get(ours):
             result[f"speedup_batch_{a.batch}"] = round(b8[ours] / b8["fp32"], 2)

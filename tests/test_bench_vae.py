@@ -28,6 +28,28 @@ def test_precision_compare_runs_both_precisions_through_the_trainer(tmp_path, ca
     assert "bf16 vs fp32 (cpu: " in capsys.readouterr().out
 
 
+def _autoencoder_conv_flops(overrides: list[str]) -> float:
+    """2 x multiply-adds of every Conv2d of the VA-VAE's encoder and decoder for one image, from each conv's output
+    shape in a forward pass (k_h k_w C_in/groups C_out H_out W_out)."""
+    import torch
+
+    from modeling.config import load_config
+    from modeling.vavae import AutoencoderKL
+    from train.vae_config import VAVAETrainConfig
+    cfg = load_config(VAVAETrainConfig, None, overrides)
+    vae, total = AutoencoderKL(cfg.model), [0.0]
+
+    def count(m, inputs, out):
+        total[0] += 2 * m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups * out[0].numel()
+
+    for m in vae.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        vae(torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution))
+    return total[0]
+
+
 def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
     """The GPU command on tiny shapes: every mode through Trainer.train_step, the doubling batch search, the
     extraction variants, the profiles (on the CPU only when asked) and the JSON it promises."""
@@ -52,6 +74,14 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
         assert r["batch_2"]["img_per_s"] > 0 and r["batch_2"]["batch"] == 2
     assert res["modes"]["fp32"]["largest"]["batch"] == 4 and res["modes"][res["fastest"]]["largest"]["batch"] == 4
     assert res["speedup_batch_2"] > 0 and res["speedup_largest"] > 0 and res["skipped"] == []
+    # the step's FLOPs (FlopCounterMode over the step): at least the autoencoder's convolutions forward and twice
+    # that backward (weights and inputs), counted here independently from each Conv2d's output shape; each timed
+    # row's TFLOP/s is its img/s times them
+    flops = res["tflop_per_image"] * 1e12
+    assert flops >= 3 * _autoencoder_conv_flops(vae_step.base_overrides(2, tmp_path / "count", "random") + tiny)
+    for r in res["modes"].values():
+        for row in (r["batch_2"], r["largest"]):
+            assert row["tflops"] == pytest.approx(row["img_per_s"] * flops / 1e12, abs=0.051)
 
     ext = res["extraction"]
     assert list(ext) == ["fp32", "bf16", "bf16_cl", "bf16_cl_refops"]
