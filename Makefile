@@ -3,9 +3,11 @@
 # make demo   -- the main job on the embedded default (small real run on CPU, < 8 minutes with the venv;
 #                THREADS=N sets the CPU threads, default the cores less one: modeling/threads.py; DEMO_ARGS="..." more options)
 # make parity -- recompute the reference fixtures in ../shared/parity
+# make test-lent -- the CPU suite under the lent GPU machine's torch 2.11 + Triton 3.6 (a side venv, .venv-lent,
+#                ~5 GB: requirements/lent.txt), before a device session; not CI
 PY := .venv/bin/python
 
-.PHONY: venv test test-all demo parity
+.PHONY: venv test test-all test-lent demo parity
 venv: .venv/.installed
 .venv/.installed: requirements/cpu.txt requirements/nodeps.txt setup.py
 	bash scripts/setup_venv.sh
@@ -32,6 +34,17 @@ test: venv $(LENT_TRITON)/.installed
 
 test-all: venv $(LENT_TRITON)/.installed
 	$(PYTEST) -m "not gpu"
+
+# FP8 tests (and the suite smoke, which measures an FP8 ceiling) left out: torch 2.11's CPU _scaled_mm takes only
+# per-tensor scales (the GPU's takes rowwise ones); the sm_90 compiles too (CI compiles with Triton 3.6 already)
+.venv-lent/.installed: requirements/lent.txt requirements/triton_lent.txt requirements/cpu.txt requirements/nodeps.txt
+	bash scripts/setup_lent_venv.sh
+	touch $@
+test-lent: .venv-lent/.installed
+	PYTHONPATH=$(CURDIR) TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.venv-lent/inductor OMP_WAIT_POLICY=PASSIVE \
+		.venv-lent/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -p no:cacheprovider \
+		-m "not gpu and not extended" -k "not fp8 and not test_gpu_suite_cpu_smoke" \
+		--deselect tests/test_kernels_sm90_lent_triton.py --deselect tests/test_kernels_sm90_compile.py
 
 demo: venv
 	$(PY) -m examples.demo $(if $(THREADS),--threads $(THREADS)) $(DEMO_ARGS)
