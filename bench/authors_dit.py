@@ -91,9 +91,9 @@ def _fairscale_stand_in() -> dict[str, types.ModuleType]:
     return mods
 
 
-def install_stand_ins(root: Path) -> dict[str, str]:
+def install_stand_ins(root: Path, needed: tuple[str, ...] = NEEDED) -> dict[str, str]:
     """Put their tree on sys.path with stand-ins for the absent packages; returns what stands in for what."""
-    missing = [p for p in NEEDED if not (root / p).is_file()]
+    missing = [p for p in needed if not (root / p).is_file()]
     if missing:
         raise AuthorsCodeMissing(f"the authors' code is not in {root}: missing {', '.join(missing)}; prepare it with "
                                  "`bash scripts/prepare_gpu_carry.sh` (hustvl/LightningDiT models/, transport/, "
@@ -132,6 +132,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def their_model(root: Path, config: str = CONFIG, model_spec: Optional[dict] = None,
+                also_needed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Their LightningDiT as their config `config` builds it (their code on sys.path, stand-ins installed);
+    model_spec: LightningDiT keyword arguments replacing their model type (tiny CPU runs). Returns the model, the
+    config, the latent shape and what stood in."""
+    import yaml
+    record = install_stand_ins(root, NEEDED[:2] + (config,) + also_needed)
+    from models.lightningdit import LightningDiT, LightningDiT_models
+    cfg = yaml.safe_load((root / config).read_text())
+    m = cfg["model"]
+    latent = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
+    kwargs = dict(input_size=latent, num_classes=cfg["data"]["num_classes"], use_qknorm=m["use_qknorm"],
+                  use_swiglu=m["use_swiglu"], use_rope=m["use_rope"], use_rmsnorm=m["use_rmsnorm"],
+                  wo_shift=m["wo_shift"], in_channels=m["in_chans"], use_checkpoint=False)
+    model = (LightningDiT(**{**kwargs, **model_spec}) if model_spec
+             else LightningDiT_models[m["model_type"]](**kwargs))
+    spec = {**kwargs, **(model_spec or {})}
+    return {"model": model, "config": cfg, "in_channels": spec["in_channels"], "input_size": spec["input_size"],
+            "num_classes": spec["num_classes"], "model_type": "custom" if model_spec else m["model_type"],
+            "stand_ins": record}
+
+
 def build(root: Path, device: str, model_spec: Optional[dict] = None) -> dict[str, Any]:
     """Their model (DDP, one rank), EMA copy, transport and AdamW from their config; model_spec: LightningDiT keyword
     arguments replacing their model type (tiny CPU runs). Returns the parts and what stood in."""
@@ -139,20 +161,10 @@ def build(root: Path, device: str, model_spec: Optional[dict] = None) -> dict[st
 
     import torch
     import torch.distributed as dist
-    import yaml
-    record = install_stand_ins(root)
-    from models.lightningdit import LightningDiT, LightningDiT_models
+    built = their_model(root, CONFIG, model_spec, also_needed=NEEDED[2:])
     from transport import create_transport
-    cfg = yaml.safe_load((root / CONFIG).read_text())
-    m, tr, opt_cfg = cfg["model"], cfg["transport"], cfg["optimizer"]
-    latent = cfg["data"]["image_size"] // cfg["vae"]["downsample_ratio"]
-    kwargs = dict(input_size=latent, num_classes=cfg["data"]["num_classes"], use_qknorm=m["use_qknorm"],
-                  use_swiglu=m["use_swiglu"], use_rope=m["use_rope"], use_rmsnorm=m["use_rmsnorm"],
-                  wo_shift=m["wo_shift"], in_channels=m["in_chans"], use_checkpoint=False)
-    if model_spec:
-        model = LightningDiT(**{**kwargs, **model_spec})
-    else:
-        model = LightningDiT_models[m["model_type"]](**kwargs)
+    model, cfg = built["model"], built["config"]
+    tr, opt_cfg = cfg["transport"], cfg["optimizer"]
     ema = copy.deepcopy(model).to(device)
     ema.requires_grad_(False)
     if not dist.is_initialized():
@@ -175,11 +187,7 @@ def build(root: Path, device: str, model_spec: Optional[dict] = None) -> dict[st
             out = plain_forward(*args, **kw)
         return out.float()
     ddp.forward = forward
-    return {"model": ddp, "ema": ema, "transport": transport, "opt": opt, "update_ema": update_ema,
-            "in_channels": kwargs["in_channels"] if not model_spec else model_spec.get("in_channels",
-                                                                                       kwargs["in_channels"]),
-            "input_size": (model_spec or {}).get("input_size", latent), "num_classes": kwargs["num_classes"],
-            "model_type": "custom" if model_spec else m["model_type"], "stand_ins": record}
+    return {**built, "model": ddp, "ema": ema, "transport": transport, "opt": opt, "update_ema": update_ema}
 
 
 def their_step(parts: dict, x, y) -> float:

@@ -315,6 +315,12 @@ def command(name: str, cmd: str | None, timeout: float, smoke_cmd: str | None = 
     return {"command": cmd, "seconds": round(time.time() - t, 1), "tail": tail}
 
 
+def _if_authors(cmd: str) -> str:
+    """cmd where the authors' code was carried (.authors: scripts/prepare_gpu_carry.sh), else a line saying so."""
+    return (f"if [ -d .authors/LightningDiT/models ]; then {cmd}; else echo \"skipped: their code was not carried "
+            "(.authors: scripts/prepare_gpu_carry.sh)\"; fi")
+
+
 # The other GPU benchmarks: name -> (command, timeout s, CPU smoke command or None). Each writes its own
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
@@ -347,6 +353,16 @@ EXTRA_COMMANDS = {
                  "'{\"input_size\": 4, \"patch_size\": 1, \"in_channels\": 4, \"hidden_size\": 32, \"depth\": 1, "
                  "\"num_heads\": 2, \"num_classes\": 3}' --plan fp32@2,bf16-weights@2 --sample-steps 3 "
                  "--no-decode --device cpu --out $OUT/sample_throughput"),
+    # the authors' own sampler (bench.authors_sample: their inference.py loop, XL/1 from their 800-epoch config, fp32
+    # with TF32 as they run it) right after ours, at our entries' batch, each of ours printed over theirs: the
+    # sampling speed-ups of the README, measured in one run (1.64 img/s came from 2026-11-26); ~1-2 min with their
+    # blocks' compile. Only where their code was carried (.authors).
+    "authors_sample": (_if_authors(f"{_PY} -m bench.authors_sample --authors .authors --batch 128 "
+                                   "--ours $OUT/sample_throughput.json --out $OUT/authors_sample.json"), 240,
+                       _if_authors(f"{_PY} -m bench.authors_sample --authors .authors --device cpu --batch 2 --steps 3 "
+                                   "--repeats 1 --model '{\"input_size\": 4, \"hidden_size\": 64, \"depth\": 1, "
+                                   "\"num_heads\": 2, \"patch_size\": 1}' --ours $OUT/sample_throughput.json "
+                                   "--out $OUT/authors_sample.json")),
     # the block's GEMMs at the sampler's rows (batch 128 guided: 65536): bf16, torch._scaled_mm per row / per
     # tensor, FP8Linear compiled (activation quantization included), ~40 s
     "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm --fp8 --batch 256 --out $OUT > $OUT/fp8_gemm.log 2>&1",
