@@ -444,3 +444,15 @@ def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):
     assert rel_err(o2, o1) < 2e-2
     for a, b in zip(g2, g1):
         assert rel_err(a, b) < 5e-2
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("C,hw", [(128, (256, 256)), (256, (64, 64)), (512, (16, 16))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_group_norm_silu_at_vae_shapes(C, hw, layout, dtype):
+    """The VA-VAE's GroupNorm + SiLU kernels as the GPU compiles and autotunes them (the SiLU's div.approx.f32 as
+    PTX, kernels._triton.approx_div; tiles and chunks sized for ~2048 programs), at the f16d32 encoder/decoder's
+    widest, middle and narrowest levels, batch 2, both layouts: forward and backward against float64 (fp32 tight;
+    bf16 within 1.5x the reference's own bf16 error), outputs and dx in x's layout (test_kernels_group_norm.check)."""
+    from test_kernels_group_norm import check
+    check(C, hw, layout, dtype, silu=True)
