@@ -63,9 +63,10 @@ class TrainSection:
     # kernels.ops backend (docs/kernels.md): auto = ours on a GPU (per op under compile: kernels/compiled_choices.json),
     # the PyTorch reference on the CPU; reference, triton or cuda forced (one that cannot run is a one-line error)
     kernels: Literal["auto", "reference", "triton", "cuda"] = "auto"
-    # the precision of ZeRO 1-3's gradient norms (clipping, the logged grad_norm): fp32 = the gradients' own, as
-    # torch's clip_grad_norm_ in the authors' trainer; fp64 = DeepSpeed's default (every gradient partition cast to
-    # double first: 6.9 ms a step at XL/1 on an H200). train/distributed.set_zero_grad_norm_dtype
+    # how ZeRO 1-3 computes gradient norms (clipping, the logged grad_norm): fp32 = as torch's clip_grad_norm_ in the
+    # authors' trainer (the gradients' own dtype; ZeRO 1/2: the per-gradient norms in one torch._foreach_norm);
+    # fp64 = DeepSpeed's default (every gradient partition cast to double first: 6.9 ms a step at XL/1 on an H200;
+    # one norm kernel per gradient from a Python loop). train/distributed.set_zero_grad_norm_dtype
     grad_norm_dtype: Literal["fp32", "fp64"] = "fp32"
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile backend (eager: debug/CI)
     # inductor options for compile: blocks (torch.compile(options=...)), e.g. {"triton.multi_kernel": 1}: each

@@ -207,11 +207,14 @@ _deepspeed_norm_dtype = {}  # module name -> DeepSpeed's own get_norm_dtype, kep
 
 
 def set_zero_grad_norm_dtype(dtype: str) -> str:
-    """The dtype DeepSpeed's ZeRO 1-3 computes gradient norms in (clipping, the logged grad_norm): "fp64", its own
+    """How DeepSpeed's ZeRO 1-3 computes gradient norms (clipping, the logged grad_norm): "fp64", its own
     (`deepspeed.runtime.zero.utils.get_norm_dtype`: fp64 where the device has it; each gradient partition is first
-    cast to double: 4.0 + 2.8 ms a step at XL/1 on an H200, bench/results/2026-12-04_h200.md), or "fp32", the
-    gradients' own dtype, as torch.nn.utils.clip_grad_norm_ computes it in the authors' trainer. DeepSpeed imports
-    get_norm_dtype by name into its ZeRO modules: each module's name is rebound (process-wide; "fp64" puts
+    cast to double: 4.0 + 2.8 ms a step at XL/1 on an H200, bench/results/2026-12-04_h200.md), or "fp32", as
+    torch.nn.utils.clip_grad_norm_ computes it in the authors' trainer: in the gradients' own dtype, and under ZeRO
+    1/2 the per-gradient norms in one multi-tensor kernel (`torch._foreach_norm`, as clip_grad_norm_ does) where
+    DeepSpeed launches one norm kernel per gradient from a Python loop (349 at XL/1: host-bound, the GPU waiting
+    between kernels of a few microseconds). DeepSpeed imports get_norm_dtype by name into its ZeRO modules: each
+    module's name is rebound, and the ZeRO 1/2 optimizer's get_grad_norm_direct (process-wide; "fp64" puts
     DeepSpeed's back). Returns what is in force, for the start-up line."""
     import importlib
     import_deepspeed()
@@ -223,13 +226,48 @@ def set_zero_grad_norm_dtype(dtype: str) -> str:
             continue
         mod.get_norm_dtype = own if dtype == "fp64" else _fp32_norm_dtype
         found.append(name.rsplit(".", 1)[1])
+    zero12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
+    optimizer = getattr(zero12, "DeepSpeedZeroOptimizer", None)
+    own_direct = _deepspeed_norm_direct.setdefault("zero12", getattr(optimizer, "get_grad_norm_direct", None))
+    if own_direct is not None:
+        optimizer.get_grad_norm_direct = own_direct if dtype == "fp64" else _foreach_grad_norm_direct
     if dtype == "fp64":
         return "fp64 (DeepSpeed's)"
     if "stage_1_and_2" not in found:  # this DeepSpeed computes its norms some other way: say so, do not guess
         log.warning("train.grad_norm_dtype fp32: this DeepSpeed has no get_norm_dtype in its ZeRO stage 1/2 "
                     "module; its gradient norms keep DeepSpeed's own dtype")
         return "DeepSpeed's own (fp32 not applied: no get_norm_dtype in this DeepSpeed)"
-    return f"fp32 ({', '.join(found)})"
+    return f"fp32 ({', '.join(found)}{'; ZeRO 1/2 foreach' if own_direct is not None else ''})"
+
+
+_deepspeed_norm_direct = {}  # "zero12" -> DeepSpeedZeroOptimizer.get_grad_norm_direct as DeepSpeed defines it
+
+
+def _foreach_grad_norm_direct(self, gradients, params, norm_type=2):
+    """DeepSpeed 0.19's DeepSpeedZeroOptimizer.get_grad_norm_direct (ZeRO 1/2: the 2-norm of this rank's gradient
+    partition, all-reduced over the data-parallel and model-parallel groups, non-finite masked to -1), with the
+    per-gradient norms taken by torch._foreach_norm in one call. The same selection of gradients (no padding, no
+    pipeline-replicated parameter, model-parallel rank 0 or a model-parallel parameter), the same dtype
+    (get_norm_dtype), the same sum of squares and collectives. Other norms than 2: DeepSpeed's own."""
+    from deepspeed.runtime.zero import stage_1_and_2 as z
+    if float(norm_type) != 2.0:
+        return _deepspeed_norm_direct["zero12"](self, gradients, params, norm_type)
+    dtype = z.get_norm_dtype()
+    grads = []
+    for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params):
+        if hasattr(p, z.PIPE_REPLICATED) and p.ds_pipe_replicated:
+            continue
+        if z.is_model_parallel_parameter(p) or self.model_parallel_rank == 0:
+            grads.append(g.data.detach().to(dtype))
+    if grads:
+        total_norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float()
+    else:
+        total_norm = torch.tensor(0.0, dtype=torch.float32).to(self.device)
+    z.dist.all_reduce(total_norm, op=z.dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total_norm, op=z.dist.ReduceOp.SUM)
+    total_norm = total_norm.pow(0.5)
+    z.mask_nan_or_inf_with_val_inplace(total_norm, device=self.device)
+    return total_norm
 
 
 def _fp32_norm_dtype() -> torch.dtype:
