@@ -66,7 +66,7 @@ def pytest_configure(config):
 # the 2 workers' totals end within a file's length of each other). A file not listed keeps its collected place
 # after these; a stale list only costs balance, never a test (test_train_fp8, unlisted at 347 s, ran last and alone
 # and took `make test` to 14 minutes: its FP8 models now use CPU-sized shapes).
-SLOWEST_FIRST = ("test_kernels_sm90_compile", "test_kernels_sm90_lent_triton", "test_kernels_gpu_suite", "test_train_recompute", "test_multinode",
+SLOWEST_FIRST = ("test_kernels_gpu_suite", "test_kernels_sm90_compile", "test_kernels_sm90_lent_triton", "test_train_recompute", "test_multinode",
                  "test_train_dit", "test_kernels", "test_fp8_training", "test_demo_determinism", "test_parity",
                  "test_train_elastic", "test_train_precision", "test_sampling_fast", "test_train_preempt",
                  "test_train_fp8", "test_kernels_fp8_quant", "test_eval_inception", "test_scaling",
