@@ -215,18 +215,41 @@ def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
             "steps": steps}
 
 
-def step_flops(trainer: Trainer, batch: int) -> float:
-    """FLOPs of one training step per image, counted by torch's FlopCounterMode over the step itself at `batch`
-    (every convolution and its backward, every matmul and attention of every network the step runs: encoder,
-    decoder, LPIPS, the foundation model, the discriminator's two passes, the adaptive weights' extra gradient pass;
-    2 per multiply-add). The step is taken (a warm-up as far as the timing goes)."""
+def step_flops(trainer: Trainer, batch: int) -> tuple[float, dict[str, float]]:
+    """FLOPs of one training step per image, and per phase of the step (the trainer's nvtx ranges: foundation,
+    forward, backward, optimizer, disc_*), counted by torch's FlopCounterMode over the step itself at `batch` (every
+    convolution and its backward, every matmul and attention of every network the step runs: encoder, decoder,
+    LPIPS, the foundation model, the discriminator's two passes, the adaptive weights' extra gradient passes, which
+    run in the forward phase; 2 per multiply-add). The step is taken (a warm-up as far as the timing goes)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from train import train_vae
     use_switches(trainer)
     x = images(trainer, batch)
-    with FlopCounterMode(display=False) as counter:
-        trainer.step_on_device(x)
+    phases: dict[str, float] = {}
+    plain = train_vae.nvtx
+
+    @contextlib.contextmanager
+    def counted(name: str):
+        with plain(name), FlopCounterMode(display=False) as c:
+            yield
+        phases[name] = phases.get(name, 0.0) + c.get_total_flops() / batch
+
+    train_vae.nvtx = counted
+    try:
+        with FlopCounterMode(display=False) as counter:
+            trainer.step_on_device(x)
+    finally:
+        train_vae.nvtx = plain
     sync(trainer.device)
-    return counter.get_total_flops() / batch
+    return counter.get_total_flops() / batch, phases
+
+
+def add_phase_tflops(profile: dict, flops_by_phase: dict[str, float], batch: int) -> None:
+    """A step profile's achieved TFLOP/s per phase: the phase's FLOPs over its kernel time (ms_per_call_by_phase)."""
+    ms = (profile.get("components") or {}).get("ms_per_call_by_phase") or {}
+    profile["tflops_by_phase"] = {k: round(flops_by_phase[k] * batch / (ms[k] / 1e3) / 1e12, 3)
+                                  for k in ms if ms[k] > 0 and flops_by_phase.get(k)}
 
 
 def add_tflops(result: dict, flops_per_image: float) -> None:
@@ -490,6 +513,8 @@ def profile_summary(p: dict) -> str:
     comps = (p.get("components") or {}).get("ms_per_call_by_component")
     if comps:
         line += " | " + ", ".join(f"{k} {v:.1f}" for k, v in list(comps.items())[:8])
+    if p.get("tflops_by_phase"):
+        line += " | TFLOP/s " + ", ".join(f"{k} {v}" for k, v in p["tflops_by_phase"].items())
     return line
 
 
@@ -579,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return False
 
-    trainers = {}
+    trainers, by_phase = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
             if over_budget(f"mode {mode}"):
@@ -593,8 +618,11 @@ def main(argv: list[str] | None = None) -> int:
             with user_errors():  # a setup mistake (a file, a folder, a config value): one line, exit 2
                 trainer = Trainer(cfg)
             if mode == modes[0]:  # the same function in every mode: counted once, in the fp32 baseline
-                result["tflop_per_image"] = round(step_flops(trainer, a.batch) / 1e12, 4)
-                print(f"one training step: {result['tflop_per_image']} TFLOP per image (FlopCounterMode)", flush=True)
+                flops, by_phase = step_flops(trainer, a.batch)
+                result["tflop_per_image"] = round(flops / 1e12, 6)
+                result["tflop_per_image_by_phase"] = {k: round(v / 1e12, 6) for k, v in by_phase.items()}
+                print(f"one training step: {result['tflop_per_image']} TFLOP per image (FlopCounterMode): "
+                      + ", ".join(f"{k} {v}" for k, v in result["tflop_per_image_by_phase"].items()), flush=True)
             try:
                 r = time_steps(trainer, a.batch, a.warmup, a.steps)
             except RuntimeError as e:
@@ -616,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         # engines mid-step
         if profiling and ours and timed.get(ours) and not over_budget(f"profile {ours}"):
             p = guarded_profile(lambda: profile_step(trainers[ours], a.batch, a.profile_calls))
+            if "error" not in p and by_phase:
+                add_phase_tflops(p, by_phase, a.batch)
             result["modes"][ours]["profile"] = p
             print(f"profile {ours} batch {a.batch}: {profile_summary(p)}", flush=True)
 

@@ -79,6 +79,14 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
     # row's TFLOP/s is its img/s times them
     flops = res["tflop_per_image"] * 1e12
     assert flops >= 3 * _autoencoder_conv_flops(vae_step.base_overrides(2, tmp_path / "count", "random") + tiny)
+    # per phase of the step: the autoencoder's forward (with the adaptive weights' gradient passes) and backward,
+    # the foundation model, the discriminator's; they add up to the step; the profile gets TFLOP/s per phase
+    by_phase = res["tflop_per_image_by_phase"]
+    assert {"foundation", "forward", "backward", "disc_forward", "disc_backward"} <= set(by_phase)
+    assert sum(by_phase.values()) == pytest.approx(res["tflop_per_image"], rel=1e-3)
+    assert by_phase["backward"] > by_phase["disc_backward"] > 0
+    assert set(res["modes"]["bf16_cl"]["profile"]["tflops_by_phase"]) <= set(by_phase)
+    assert res["modes"]["bf16_cl"]["profile"]["tflops_by_phase"]["backward"] > 0
     for r in res["modes"].values():
         for row in (r["batch_2"], r["largest"]):
             assert row["tflops"] == pytest.approx(row["img_per_s"] * flops / 1e12, abs=0.051)
