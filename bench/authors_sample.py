@@ -33,17 +33,6 @@ CONFIG = "LightningDiT/configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_
 NULL_CLASS = 1000  # their inference.py's y_null
 
 
-def randomize_(model: Any, seed: int = 0) -> Any:
-    """Small random weights everywhere (norm weights near 1), as bench.sample_speed gives ours."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * r if p.ndim == 1 and "norm" in name else 0.02 * r)
-    return model
-
-
 def build(root: Path, device: str, steps: int, model_spec: Optional[dict] = None) -> dict[str, Any]:
     """Their model (eval, fp32, on device) and their ODE sampler of `steps` grid points from their config."""
     built = their_model(root, CONFIG, model_spec)
@@ -54,7 +43,8 @@ def build(root: Path, device: str, steps: int, model_spec: Optional[dict] = None
     sample_fn = Sampler(transport).sample_ode(sampling_method=s["sampling_method"], num_steps=steps, atol=s["atol"],
                                               rtol=s["rtol"], reverse=s["reverse"],
                                               timestep_shift=s.get("timestep_shift", 0))
-    model = randomize_(built["model"]).to(device).eval()
+    from bench.sample_speed import randomize_weights
+    model = randomize_weights(built["model"]).to(device).eval()
     return {**built, "model": model, "sample_fn": sample_fn, "settings": s}
 
 

@@ -160,9 +160,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _randomize(model, seed):
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random weights everywhere (the reference init zeroes adaLN and the output layer): norm weights near 1,
-    other vectors and matrices small."""
+    other vectors and matrices small. Also given to the authors' model by bench.authors_sample."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -204,7 +204,7 @@ def measure_sampling(size: str = "XL/1", plan: list[str] | tuple[str, ...] = DEF
     torch.manual_seed(seed)
     kw = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **(model_kwargs or {}))
     model = LightningDiT(**kw) if size == "custom" else build_lightningdit(size, **kw)
-    model = _randomize(model, seed).to(device).eval()
+    model = randomize_weights(model, seed).to(device).eval()
     vae = AutoencoderKL(**(vae_config or VAVAE_F16D32)).to(device).eval() if decode else None
     grid_run = time_grid(steps, shift, dtype=torch.float64).tolist()[:-1]
     grid_full = time_grid(scale_to, shift, dtype=torch.float64).tolist()[:-1]
