@@ -81,7 +81,8 @@ class TunedKernels:
         self.tuned = tuned
         self.timings: dict[str, dict[str, dict[str, float]]] = {name: {} for name in tuned}
 
-    def run(self, name: str, grid, args: tuple, const: dict) -> None:
+    def run(self, name: str, grid, args: tuple, const: dict) -> "triton.Config":
+        """Launch `name` (tuning the key first where it is new); returns the config that ran."""
         tuned = self.tuned[name]
         seen = len(tuned.cache)
         tuned[grid](*args, **const)
@@ -89,6 +90,7 @@ class TunedKernels:
             key = next(reversed(tuned.cache))
             self.timings[name][str(key)] = {str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
                                             for c, t in (getattr(tuned, "configs_timings", None) or {}).items()}
+        return getattr(tuned, "best_config", None)
 
     def report(self) -> dict[str, dict[str, dict]]:
         return {name: {str(key): {"picked": str(cfg), "ms": self.timings[name].get(str(key), {})}

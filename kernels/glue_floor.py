@@ -149,9 +149,12 @@ def _qkv_rope(s: StepShape) -> tuple[Move, ...]:
 
 def _swiglu(s: StepShape) -> tuple[Move, ...]:
     M, F, a = s.M, s.F, s.act_bytes
-    return (Move("x12", "fwd", False, M * 2 * F, a), Move("out", "fwd", True, M * F, a),
-            Move("d_out", "bwd", False, M * F, a), Move("x12", "bwd", False, M * 2 * F, a),
-            Move("d_x12", "bwd", True, M * 2 * F, a))
+    # w12's bias (the fp32 parameter) is added here and its gradient summed here (kernels/swiglu.py): the Linear's
+    # own bias-gradient pass over d_x12 is not a floor
+    return (Move("x12", "fwd", False, M * 2 * F, a), Move("bias", "fwd", False, 2 * F, 4),
+            Move("out", "fwd", True, M * F, a), Move("d_out", "bwd", False, M * F, a),
+            Move("x12", "bwd", False, M * 2 * F, a), Move("bias", "bwd", False, 2 * F, 4),
+            Move("d_x12", "bwd", True, M * 2 * F, a), Move("d_bias", "bwd", True, 2 * F, 4))
 
 
 def glue_ops(s: StepShape = XL1_B256) -> list[GlueOp]:

@@ -60,8 +60,13 @@ def gated_residual_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Opt
     return h, norm_modulate(h, weight, shift, scale, eps, kind, out_dtype)
 
 
-def swiglu(x12: Tensor) -> Tensor:
-    # Packed w12 output: first half is the gate input (silu), second half the value.
+def swiglu(x12: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    # Packed w12 output: first half is the gate input (silu), second half the value. bias: w12's, when the model ran
+    # the Linear without it (SwiGLUFFN), added in x12's dtype as autocast's addmm adds its bf16 copy (the kernel adds
+    # it in fp32: within the dtype's rounding). Not an fp32 sum cast down: train.recompute's policy keeps the outputs
+    # of narrowing casts, which would keep the SwiGLU output it is there to recompute.
+    if bias is not None:
+        x12 = x12 + bias.to(x12.dtype)
     a, b = x12.chunk(2, dim=-1)
     return F.silu(a) * b
 

@@ -1,7 +1,7 @@
 """`kernels.describe()`: what the kernels did in this process, for result records and logs."""
 from __future__ import annotations
 
-from . import attention, backend, cuda_ext, qkv_rope, registry, rope_attention
+from . import attention, backend, cuda_ext, qkv_rope, registry, rope_attention, swiglu
 from ._triton import triton
 
 
@@ -10,7 +10,7 @@ def describe() -> dict:
     'cuda_ext': 'built' or why not, 'triton': its version, 'attention_installed', 'attention_measured': the
     timings behind attention's choice, 'rope_attention_autotuned': the fused RoPE attention's configs the
     autotuners picked (its variants), 'qkv_rope_autotuned': the same for qkv_rope (per-head tiles or the row
-    variant), 'compiled_choices': the measurement kernels/compiled_choices.json came from
+    variant), 'swiglu_autotuned': the SwiGLU backward's tile (rows per program), 'compiled_choices': the measurement kernels/compiled_choices.json came from
     (what `auto` runs under torch.compile)}."""
     return {"requested": backend.get_backend(), "ops": backend.ran(),
             "registered": sorted(registry.registered()),
@@ -21,6 +21,7 @@ def describe() -> dict:
             "attention_measured": attention.measurements(),
             "rope_attention_autotuned": rope_attention.autotuned(),
             "qkv_rope_autotuned": qkv_rope.autotuned(),
+            "swiglu_autotuned": swiglu.autotuned(),
             "compiled_choices": _measured_on()}
 
 

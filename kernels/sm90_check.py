@@ -138,6 +138,27 @@ def _fp8_quant_variants() -> list[Variant]:
     return out
 
 
+def _swiglu_variants() -> list[Variant]:
+    """The SwiGLU (kernels/swiglu.py) at XL/1's width (3072), bf16, with w12's bias: the forward, and the backward
+    in every tile its autotuner may pick (with the bias's partial sums; the one-row tile only without them)."""
+    from . import swiglu
+    H = 3072
+    fwd_sig = {"X12": "*bf16", "sx": "i32", "BIAS": "*fp32", "OUT": "*bf16", "H": "i32"}
+    bwd_sig = {"DOUT": "*bf16", "X12": "*bf16", "sx": "i32", "BIAS": "*fp32", "DX12": "*bf16", "PART": "*fp32",
+               "rows": "i32", "H": "i32"}
+    const = {"HAS_BIAS": True, "BLOCK": swiglu.BLOCK}
+    out = [Variant(f"swiglu fwd H={H} bias BLOCK={swiglu.BLOCK}", swiglu._fwd_kernel,
+                   {**fwd_sig, **{k: "constexpr" for k in const}}, const, list(fwd_sig), 4, tiles_per_iteration=2)]
+    for bias, tiles in ((True, swiglu.BWD_TILES), (False, swiglu.BWD_TILES_NO_BIAS)):
+        for p, r, c, w in tiles:
+            const = {"HAS_BIAS": bias, "ROWS_PER_PROGRAM": p, "BLOCK_R": r, "BLOCK_C": c}
+            out.append(Variant(f"swiglu bwd H={H} {'bias' if bias else 'no bias'} rows/program={p} BLOCK_R={r} "
+                               f"BLOCK_C={c} warps={w}", swiglu._bwd_kernel,
+                               {**bwd_sig, **{k: "constexpr" for k in const}}, const, list(bwd_sig), w,
+                               tiles_per_iteration=2))
+    return out
+
+
 def _rope_attention_variants() -> list[Variant]:
     """The fused RoPE attention (kernels/rope_attention.py) at head_dim 72 (64 + 16) and 64, bf16, for every tile
     its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
@@ -230,8 +251,8 @@ def _tile_elements_per_thread(v: Variant) -> float:
     rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", v.constexprs.get("BLOCK_P",
                             v.constexprs.get("BLOCK_K", 1))))  # BLOCK_P/K: group_norm's
     c = v.constexprs
-    cols = c["CHUNK"] if c.get("ROWS") else c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK_A", 0) + c.get("BLOCK_B", 0)
-                                                                  or 1))
+    cols = c["CHUNK"] if c.get("ROWS") else c.get("BLOCK_C", c.get("BLOCK_D", c.get("BLOCK", c.get("BLOCK_A", 0)
+                                                                                + c.get("BLOCK_B", 0) or 1)))
     return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
 
 
@@ -269,8 +290,8 @@ def compile_variant(v: Variant) -> dict:
 
 
 def variants() -> list[Variant]:
-    return (_qkv_rope_variants() + _norm_variants() + _fp8_quant_variants() + _rope_attention_variants()
-            + _group_norm_variants())
+    return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants()
+            + _rope_attention_variants() + _group_norm_variants())
 
 
 def main() -> dict:

@@ -198,6 +198,16 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+def linear_leaving_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the Linear's product without its bias, the bias) for the next op to add in its own pass, whose backward then
+    sums the bias gradient while it writes the product's gradient (the Linear's backward would read that gradient
+    once more for it). Only a plain nn.Linear is taken apart: any other module in its place (an FP8 or Transformer
+    Engine Linear swapped in) runs whole and leaves no bias."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    return linear(x), None
+
+
 class SwiGLUFFN(nn.Module):
     def __init__(self, in_features, hidden_features):
         super().__init__()
@@ -205,7 +215,8 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x):
-        return self.w3(ops.swiglu(self.w12(x)))
+        # w12's bias is added in the SwiGLU's pass, which also sums its gradient (kernels/swiglu.py)
+        return self.w3(ops.swiglu(*linear_leaving_bias(self.w12, x)))
 
 
 class Mlp(nn.Module):

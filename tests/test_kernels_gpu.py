@@ -79,12 +79,14 @@ def test_elementwise_ops_on_gpu(dtype):
     tables = VisionRotaryEmbeddingFast(D // 2, 16).cuda()
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=True)
     x12 = torch.randn(B, N, 6144, device="cuda", dtype=dtype, requires_grad=True)
+    b12 = torch.randn(6144, device="cuda", requires_grad=True)
     x = torch.randn(B, N, C, device="cuda", dtype=dtype, requires_grad=True)
     gate = torch.randn(B, C, device="cuda", dtype=dtype, requires_grad=True)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     cases = [
         (lambda m, t: m.rope_qk(*t.permute(2, 0, 3, 1, 4).unbind(0)[:2], tables.freqs_cos, tables.freqs_sin), [qkv]),
         (lambda m, t: m.swiglu(t), [x12]),
+        (lambda m, t, b: m.swiglu(t, b), [x12, b12]),  # w12's bias as the model hands it (fp32, the parameter's)
         (lambda m, a, g: m.gated_residual(a, g, a * 0.5), [x, gate]),
     ]
     for fn, leaves in cases:
@@ -388,6 +390,30 @@ def test_fp8_training_swiglu_mlp_on_gpu():
     # e4m3 value by a whole e4m3 step where it sits near a rounding boundary: ~4% apart on the CPU's interpreter
     for a, b, c in zip(grads["ours"], grads["compiled"], grads["inline"]):
         assert rel_err(b, a) < 0.08 and rel_err(a, c) < 0.03, (rel_err(b, a), rel_err(a, c))
+
+
+def test_swiglu_backward_tiles_agree_and_sum_the_bias_gradient():
+    """Every backward tile the SwiGLU's autotuner may pick writes the same d x12 bits at XL/1's width in bf16 (rows
+    not a multiple of any tile's), and the bias gradient from its per-program partial sums is the float64 sum of the
+    gradient within fp32 summation error; without the bias the one-row tile and the others agree bit for bit."""
+    from kernels import swiglu as sw
+    torch.manual_seed(4)
+    rows = 3 * 257
+    x12 = torch.randn(rows, 6144, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(6144, device="cuda")
+    dout = torch.randn(rows, 3072, device="cuda", dtype=torch.bfloat16)
+    a, b = (x12.double() + bias.double()).chunk(2, -1)
+    s, d = torch.sigmoid(a), dout.double()
+    ref = torch.cat([d * b * s * (1 + a * (1 - s)), d * a * s], -1)
+    got = [sw.swiglu_backward(dout, x12, bias, tile=t) for t in sw.BWD_TILES]
+    assert rel_err(got[0][0], ref) < 1e-2
+    for t, (dx, dbias) in zip(sw.BWD_TILES, got):
+        assert torch.equal(dx, got[0][0]), t
+        assert dbias.dtype == torch.float32 and rel_err(dbias, ref.sum(0)) < 1e-5, t
+    plain = [sw.swiglu_backward(dout, x12, None, tile=t)[0] for t in sw.BWD_TILES_NO_BIAS + sw.BWD_TILES]
+    assert all(torch.equal(p, plain[0]) for p in plain[1:])
+    auto = sw.swiglu_backward(dout, x12, bias)  # the autotuned launch: one of the tiles, its partial rows summed
+    assert torch.equal(auto[0], got[0][0]) and rel_err(auto[1], ref.sum(0)) < 1e-5
 
 
 def test_qkv_rope_configs_agree_bit_for_bit():
