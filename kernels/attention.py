@@ -223,8 +223,8 @@ def _block_key(qkv: Tensor, num_heads: int) -> tuple:
 
 
 def _split(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-           k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    q, k, v = ops.qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+           k_weight: Optional[Tensor] = None, eps: float = 1e-6, bias: Optional[Tensor] = None) -> Tensor:
+    q, k, v = ops.qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
     B, N, _ = qkv.shape
     return attention(q, k, v).transpose(1, 2).reshape(B, N, -1)  # a view: attention's output is token-major
 
@@ -233,11 +233,12 @@ def _time_block(fn: Callable[..., Tensor], qkv: Tensor, num_heads: int, reps: in
     N, D = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
     angle = torch.rand(N, D // 2, device=qkv.device).repeat_interleave(2, dim=-1)
     cos, sin = angle.cos(), angle.sin()
+    bias = torch.zeros(qkv.shape[2], device=qkv.device)  # the qkv Linear's (fp32), handed on as the model does
     if not torch.is_grad_enabled():
-        return _median_ms(lambda: fn(qkv, cos, sin, num_heads), reps)
-    qkv = qkv.detach().requires_grad_()
+        return _median_ms(lambda: fn(qkv, cos, sin, num_heads, bias=bias), reps)
+    qkv, bias = qkv.detach().requires_grad_(), bias.requires_grad_()
     grad = torch.randn(qkv.shape[0], N, qkv.shape[2] // 3, dtype=qkv.dtype, device=qkv.device)
-    return _median_ms(lambda: fn(qkv, cos, sin, num_heads).backward(grad), reps)
+    return _median_ms(lambda: fn(qkv, cos, sin, num_heads, bias=bias).backward(grad), reps)
 
 
 def _choose_block(qkv: Tensor, num_heads: int) -> str:
@@ -261,8 +262,9 @@ def _choose_block(qkv: Tensor, num_heads: int) -> str:
 
 
 def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-                   k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    """The attention block's core by the measured (or forced) path; records which one ran."""
+                   k_weight: Optional[Tensor] = None, eps: float = 1e-6, bias: Optional[Tensor] = None) -> Tensor:
+    """The attention block's core by the measured (or forced) path; records which one ran. bias: the qkv Linear's,
+    where the model ran it without (both paths add it where they read qkv and sum its gradient in their backward)."""
     fusable = q_weight is None and backend.triton_status(qkv)[0]
     if _state["forced"] == FUSED_BLOCK:
         if not fusable:
@@ -280,9 +282,9 @@ def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weig
         path = _choose_block(qkv, num_heads)
     if path == FUSED_BLOCK:
         record("rope_attention", f"{FUSED_BLOCK} (triton)")
-        return rope_attention_triton(qkv, cos, sin, num_heads)
+        return rope_attention_triton(qkv, cos, sin, num_heads, bias)
     record("rope_attention", "split: qkv_rope + attention")
-    return _split(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+    return _split(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
 
 
 def prime_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, training: bool,
@@ -319,12 +321,13 @@ def _bench_block(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
     # and the output (forward), and dout, qkv, out, d qkv (backward)
     B = 32 if not s.smoke else s.B
     qkv = torch.randn(B, s.N, 3 * s.H * s.D, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3 * s.H * s.D, device=device, requires_grad=True)  # the qkv Linear's, as the model hands it
     angle = torch.rand(s.N, s.D // 2, device=device).repeat_interleave(2, dim=-1)
     cos, sin = angle.cos(), angle.sin()
     one = B * s.N * s.H * s.D * dtype.itemsize
     flops = 4 * B * s.H * s.N * s.N * s.D
-    return BenchCase([qkv], lambda f, t: f(t, cos, sin, s.H), 4 * one, 8 * one, fwd_flops=flops,
-                     bwd_flops=int(2.5 * flops), shape={"B": B, "H": s.H, "N": s.N, "D": s.D})
+    return BenchCase([qkv, bias], lambda f, t, b: f(t, cos, sin, s.H, None, None, 1e-6, b), 4 * one, 8 * one,
+                     fwd_flops=flops, bwd_flops=int(2.5 * flops), shape={"B": B, "H": s.H, "N": s.N, "D": s.D})
 
 
 # The chooser is the fused implementation under every fused backend (it picks among FA3/FA2/SDPA kernels itself and

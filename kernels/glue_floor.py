@@ -141,10 +141,12 @@ def _gated_residual_norm_modulate(s: StepShape, later_use: bool = True) -> tuple
 def _qkv_rope(s: StepShape) -> tuple[Move, ...]:
     M, C, N, D, a = s.M, s.C, s.N, s.D, s.act_bytes
     tables = lambda phase: (Move("cos", phase, False, N * D, 4), Move("sin", phase, False, N * D, 4))  # noqa: E731
-    return ((Move("qkv", "fwd", False, M * 3 * C, a),) + tables("fwd")
+    # the qkv Linear's bias (the fp32 parameter) added here and its gradient summed here (as w12's in the SwiGLU)
+    bias = lambda phase: (Move("bias", phase, False, 3 * C, 4),)  # noqa: E731
+    return ((Move("qkv", "fwd", False, M * 3 * C, a),) + tables("fwd") + bias("fwd")
             + tuple(Move(t, "fwd", True, M * C, a) for t in ("q", "k", "v"))
-            + tuple(Move(f"d_{t}", "bwd", False, M * C, a) for t in ("q", "k", "v")) + tables("bwd")
-            + (Move("d_qkv", "bwd", True, M * 3 * C, a),))
+            + tuple(Move(f"d_{t}", "bwd", False, M * C, a) for t in ("q", "k", "v")) + tables("bwd") + bias("bwd")
+            + (Move("d_qkv", "bwd", True, M * 3 * C, a), Move("d_bias", "bwd", True, 3 * C, 4)))
 
 
 def _swiglu(s: StepShape) -> tuple[Move, ...]:

@@ -85,9 +85,9 @@ def _rows_tables(n, rok, c, HD, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                ROWS: tl.constexpr, CHUNK: tl.constexpr):
+def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, BIAS, Q, K, V, rows, N, H, eps,
+                D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     # D is a compile-time constant: the compiler then proves 16-byte alignment of each head's row (72 * 2 B = 144 B)
     # and vectorises the loads and stores.
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -99,9 +99,15 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
             mask, ce, co, se, so = _rows_tables(n, rok, c, HD, COS, SIN, D, BLOCK_R, CHUNK)
             src = QKV + r[:, None] * s_qkv + c[None, :]
             dst = r[:, None] * HD + c[None, :]
-            tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)
+            v = tl.load(src + 2 * HD, mask=mask, other=0.0)
+            if HAS_BIAS:
+                v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + c, mask=c < HD, other=0.0)[None, :]
+            tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
             for part in tl.static_range(2):  # q, then k
-                xe, xo = _split_pairs(tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32), BLOCK_R, CHUNK)
+                x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x += tl.load(BIAS + part * HD + c, mask=c < HD, other=0.0)[None, :]
+                xe, xo = _split_pairs(x, BLOCK_R, CHUNK)
                 out = _join_pairs(xe * ce - xo * se, xo * co + xe * so, BLOCK_R, CHUNK)
                 if part == 0:
                     tl.store(Q + dst, out.to(Q.dtype.element_ty), mask=mask)
@@ -120,9 +126,14 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
         for h in range(H):
             src = QKV + r[:, None] * s_qkv + h * D + d[None, :]
             dst = r[:, None] * HD + h * D + d[None, :]
-            tl.store(V + dst, tl.load(src + 2 * HD, mask=mask, other=0.0), mask=mask)  # v: a copy into the layout
+            v = tl.load(src + 2 * HD, mask=mask, other=0.0)  # v: a copy into the layout (+ its bias)
+            if HAS_BIAS:
+                v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + h * D + d, mask=d < D, other=0.0)[None, :]
+            tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
             for part in tl.static_range(2):  # q, then k
                 x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x += tl.load(BIAS + part * HD + h * D + d, mask=d < D, other=0.0)[None, :]
                 if HAS_NORM:  # RMSNorm over the head's D channels (masked lanes are 0), then the weight
                     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
                     if part == 0:
@@ -139,9 +150,12 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, Q, K, V, rows, N, H, eps,
 
 @triton.jit
 def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn, COS, SIN, QKV, s_qkv, QW, KW,
-                DQKV, PQW, PKW, rows, N, H, eps,
-                D: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                STRIDE_UNIT: tl.constexpr, HEADS_ADJACENT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                BIAS, DQKV, PQW, PKW, PBIAS, rows, N, H, eps,
+                D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, STRIDE_UNIT: tl.constexpr, HEADS_ADJACENT: tl.constexpr, ROWS: tl.constexpr,
+                CHUNK: tl.constexpr):
+    # HAS_BIAS: the qkv Linear's bias (added in the forward) gets this program's partial sums of d qkv over its rows,
+    # one fp32 row of 3*H*D in PBIAS (torch sums the rows); with qk-norm the statistics are recomputed with it.
     # The gradients' strides arrive divided by STRIDE_UNIT (8 when every stride is a multiple of 8, as for any
     # layout of head_dim 72 or 64): multiplying by the constant again lets the compiler prove 16-byte aligned rows
     # and vectorise the loads, which a runtime stride such as 72 would hide.
@@ -161,6 +175,8 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
             dst = DQKV + r[:, None] * (3 * HD) + c[None, :]
             dv = tl.load(DV + b[:, None] * svb + n[:, None] * svn + c[None, :], mask=mask, other=0.0)
             tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                tl.store(PBIAS + pid.to(tl.int64) * 3 * HD + 2 * HD + c, tl.sum(dv.to(tl.float32), axis=0), mask=c < HD)
             for part in tl.static_range(2):
                 if part == 0:
                     g = tl.load(DQ + b[:, None] * sqb + n[:, None] * sqn + c[None, :], mask=mask, other=0.0)
@@ -169,6 +185,8 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
                 ge, go = _split_pairs(g.to(tl.float32), BLOCK_R, CHUNK)
                 g = _join_pairs(ge * ce + go * so, go * co - ge * se, BLOCK_R, CHUNK)
                 tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
+                if HAS_BIAS:
+                    tl.store(PBIAS + pid.to(tl.int64) * 3 * HD + part * HD + c, tl.sum(g, axis=0), mask=c < HD)
     else:  # per-head tiles (qk-norm needs them)
         d = tl.arange(0, BLOCK_D)
         mask = (r[:, None] < rows) & (d[None, :] < D)
@@ -185,6 +203,9 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
             dst = DQKV + r[:, None] * (3 * HD) + h * D + d[None, :]
             dv = tl.load(DV + b[:, None] * svb + h * svh + n[:, None] * svn + d[None, :], mask=mask, other=0.0)
             tl.store(dst + 2 * HD, dv.to(DQKV.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                tl.store(PBIAS + pid.to(tl.int64) * 3 * HD + 2 * HD + h * D + d, tl.sum(dv.to(tl.float32), axis=0),
+                         mask=d < D)
             for part in tl.static_range(2):
                 if part == 0:
                     g = tl.load(DQ + b[:, None] * sqb + h * sqh + n[:, None] * sqn + d[None, :], mask=mask, other=0.0)
@@ -197,6 +218,9 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
                 if HAS_NORM:  # y = xhat * w, xhat = x * rstd: recompute rstd from the saved qkv
                     x = tl.load(QKV + r[:, None] * s_qkv + part * HD + h * D + d[None, :], mask=mask,
                                 other=0.0).to(tl.float32)
+                    if HAS_BIAS:  # masked rows stay 0 (their gradient is 0): the statistics of the rows kept
+                        x = tl.where(mask, x + tl.load(BIAS + part * HD + h * D + d, mask=d < D,
+                                                       other=0.0)[None, :], 0.0)
                     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
                     xhat = x * rstd[:, None]
                     if part == 0:
@@ -207,6 +231,9 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
                         dxhat = g * wk[None, :]
                     g = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
                 tl.store(dst + part * HD, g.to(DQKV.dtype.element_ty), mask=mask)
+                if HAS_BIAS:
+                    tl.store(PBIAS + pid.to(tl.int64) * 3 * HD + part * HD + h * D + d, tl.sum(g, axis=0),
+                             mask=d < D)
         if HAS_NORM:  # this program's partial sums of the weight grads (one row each; torch sums the rows)
             tl.store(PQW + pid * BLOCK_D + d, acc_q)
             tl.store(PKW + pid * BLOCK_D + d, acc_k)
@@ -230,7 +257,7 @@ def autotuned() -> dict[str, dict[str, dict]]:
 # ----------------------------------------------------------------------------- checks, shapes, launchers
 
 def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
-           k_weight: Optional[Tensor]) -> tuple[int, int, int, int]:
+           k_weight: Optional[Tensor], bias: Optional[Tensor] = None) -> tuple[int, int, int, int]:
     """(B, N, H, D), or ValueError naming what does not fit."""
     if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv_rope needs qkv of shape (B, N, 3*H*D) with H = num_heads = {num_heads}; "
@@ -245,6 +272,8 @@ def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Opti
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w is not None and tuple(w.shape) != (D,):
             raise ValueError(f"qkv_rope: {name} must have shape (head_dim,) = ({D},); got {tuple(w.shape)}")
+    if bias is not None and tuple(bias.shape) != (C3,):
+        raise ValueError(f"qkv_rope: bias must have shape ({C3},) (the qkv Linear's); got {tuple(bias.shape)}")
     return B, N, num_heads, D
 
 
@@ -271,8 +300,8 @@ def _unit_d(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("vavae::qkv_rope", mutates_args=())
 def qkv_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
-                k_weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return qkv_rope_forward(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+                k_weight: Optional[Tensor], eps: float, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_rope_forward(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
 
 
 def _config_kwargs(config: "triton.Config") -> dict:
@@ -280,122 +309,135 @@ def _config_kwargs(config: "triton.Config") -> dict:
 
 
 def qkv_rope_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-                     k_weight: Optional[Tensor] = None, eps: float = 1e-6,
+                     k_weight: Optional[Tensor] = None, eps: float = 1e-6, bias: Optional[Tensor] = None,
                      config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The forward op's launch: autotuned (the interpreter's fixed tile there), or one of `_configs()` (GPU tests
-    compare every config)."""
-    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
+    compare every config). bias: the qkv Linear's (3*H*D,), added before the qk-norm and RoPE."""
+    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight, bias)
     q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
     q, k, v = (_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
     rows = B * N
     if rows and D:
         x = _rows(qkv)
         norm = q_weight is not None
+        has_bias = bias is not None
         args = (x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x,
-                k_weight if norm else x, q, k, v, rows, N, H, eps)
+                k_weight if norm else x, bias if has_bias else x, q, k, v, rows, N, H, eps)
         if config is not None:
             _qkv_rope_fwd_kernel[(triton.cdiv(rows, config.kwargs["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D), **_config_kwargs(config))
+                *args, D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=_triton.block_size(D), **_config_kwargs(config))
         elif _triton.interpreting():
             _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
+                *args, D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
                 ROWS=_INTERPRETER_ROWS and not norm, CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
             TUNED.run("fwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args,
-                      dict(D=D, HAS_NORM=norm, BLOCK_D=_triton.block_size(D)))
+                      dict(D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=_triton.block_size(D)))
     return q, k, v
 
 
 @qkv_rope_op.register_fake
-def _(qkv, cos, sin, num_heads, q_weight, k_weight, eps):
-    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
+def _(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias=None):
+    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight, bias)
     q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
     return tuple(_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
 
 
 @torch.library.custom_op("vavae::qkv_rope_bwd", mutates_args=())
 def qkv_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, qkv: Optional[Tensor],
-                    q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(d qkv (B, N, 3*H*D) in `dtype`, d q_weight, d k_weight); the weight grads are empty without qk-norm, where
-    qkv (needed only to recompute the norm's statistics) may be None."""
-    return qkv_rope_backward(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype)
+                    q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float, dtype: torch.dtype,
+                    bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d qkv (B, N, 3*H*D) in `dtype`, d q_weight, d k_weight, d bias); the weight grads are empty without qk-norm,
+    where qkv (needed only to recompute the norm's statistics) may be None; d bias is empty without a bias."""
+    return qkv_rope_backward(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype, bias)
 
 
 def qkv_rope_backward(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, qkv: Optional[Tensor],
                       q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float, dtype: torch.dtype,
-                      config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor]:
+                      bias: Optional[Tensor] = None,
+                      config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward op's launch: autotuned, the fixed tile (qk-norm, the interpreter), or one of `_configs()`
-    without qk-norm (GPU tests compare every config)."""
+    without qk-norm (GPU tests compare every config). With the bias each program writes its partial sums of d qkv
+    over its rows (one fp32 row of 3*H*D, sized for the smallest tile's program count) and torch sums the rows the
+    launch wrote."""
     B, H, N, D = dq.shape
     dqkv = dq.new_empty((B, N, 3 * H * D), dtype=dtype)
     norm = q_weight is not None
+    has_bias = bias is not None
     rows = B * N
     programs = triton.cdiv(rows, BLOCK_R)
     BLOCK_D = _triton.block_size(D) if D else 1
     partial = lambda: dq.new_empty((programs, BLOCK_D) if norm else (0,), dtype=torch.float32)  # noqa: E731
     pq, pk = partial(), partial()
+    fewest_rows = min([BLOCK_R] + [c.kwargs["BLOCK_R"] for c in _configs()])
+    pb = dq.new_empty((triton.cdiv(rows, fewest_rows) if has_bias else 0, 3 * H * D), dtype=torch.float32)
+    used = programs
     if rows and D:
         dq, dk, dv = _unit_d(dq), _unit_d(dk), _unit_d(dv)
         x = _rows(qkv) if norm else dqkv  # pointer only: never read without qk-norm
         strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
         unit = 8 if all(st % 8 == 0 for st in strides) else 1
         sq, sk, sv = ([st // unit for st in g.stride()[:3]] for g in (dq, dk, dv))
-        args = (dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(),
-                x, x.stride(0), q_weight if norm else x, k_weight if norm else x, dqkv, pq, pk, rows, N, H, eps)
+        args = (dq, *sq, dk, *sk, dv, *sv, cos.contiguous(), sin.contiguous(), x, x.stride(0),
+                q_weight if norm else x, k_weight if norm else x, bias if has_bias else x, dqkv, pq, pk,
+                pb if has_bias else x, rows, N, H, eps)
         adjacent = all(g.stride(1) == D for g in (dq, dk, dv))  # each token's heads one row (the row variant)
+        const = dict(D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit,
+                     HEADS_ADJACENT=adjacent)
         if config is not None and not norm:
             if config.kwargs["ROWS"] and not adjacent:
                 raise ValueError("qkv_rope's row variant needs each token's heads adjacent in dq, dk, dv")
-            _qkv_rope_bwd_kernel[(triton.cdiv(rows, config.kwargs["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent,
-                **_config_kwargs(config))
+            used = triton.cdiv(rows, config.kwargs["BLOCK_R"])
+            _qkv_rope_bwd_kernel[(used,)](*args, **const, **_config_kwargs(config))
         elif norm or _triton.interpreting():  # qk-norm: the partial sums are sized for BLOCK_R's program count
-            _qkv_rope_bwd_kernel[(programs,)](*args, D=D, HAS_NORM=norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                                              STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent,
+            _qkv_rope_bwd_kernel[(programs,)](*args, **const, BLOCK_R=BLOCK_R,
                                               ROWS=_INTERPRETER_ROWS and adjacent and not norm,
                                               CHUNK=_INTERPRETER_CHUNK, num_warps=4)
         else:
-            TUNED.run("bwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args,
-                      dict(D=D, HAS_NORM=norm, BLOCK_D=BLOCK_D, STRIDE_UNIT=unit, HEADS_ADJACENT=adjacent))
+            picked = TUNED.run("bwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args, const)
+            used = triton.cdiv(rows, picked.kwargs["BLOCK_R"])
+    # the small reductions of the per-program partial sums, in fp32, then the parameters' dtypes
+    db = pb[:used].sum(0).to(bias.dtype) if has_bias else dq.new_empty(0)
     if not norm:
-        return dqkv, dq.new_empty(0), dq.new_empty(0)
-    # the one small reduction of the per-program partial sums, in fp32, then the weight's dtype
-    return dqkv, pq.sum(0)[:D].to(q_weight.dtype), pk.sum(0)[:D].to(k_weight.dtype)
+        return dqkv, dq.new_empty(0), dq.new_empty(0), db
+    return dqkv, pq.sum(0)[:D].to(q_weight.dtype), pk.sum(0)[:D].to(k_weight.dtype), db
 
 
 @qkv_rope_bwd_op.register_fake
-def _(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype):
+def _(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, eps, dtype, bias=None):
     B, H, N, D = dq.shape
     dqkv = dq.new_empty((B, N, 3 * H * D), dtype=dtype)
+    db = bias.new_empty(bias.shape) if bias is not None else dq.new_empty(0)
     if q_weight is None:
-        return dqkv, dq.new_empty(0), dq.new_empty(0)
-    return dqkv, q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape)
+        return dqkv, dq.new_empty(0), dq.new_empty(0), db
+    return dqkv, q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape), db
 
 
 def _setup(ctx, inputs, output):
-    qkv, cos, sin, num_heads, q_weight, k_weight, eps = inputs
+    qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias = inputs
     norm = q_weight is not None
-    # without qk-norm the backward needs only the tables: qkv is not kept alive for it
-    ctx.save_for_backward(cos, sin, qkv if norm else None, q_weight, k_weight)
+    # without qk-norm the backward needs only the tables (and the bias): qkv is not kept alive for it
+    ctx.save_for_backward(cos, sin, qkv if norm else None, q_weight, k_weight, bias)
     ctx.eps, ctx.dtype, ctx.shape = eps, qkv.dtype, output[0].shape
 
 
 def _backward(ctx, dq, dk, dv):
-    cos, sin, qkv, q_weight, k_weight = ctx.saved_tensors
+    cos, sin, qkv, q_weight, k_weight, bias = ctx.saved_tensors
     zeros = lambda: torch.zeros(ctx.shape, dtype=torch.float32, device=cos.device)  # noqa: E731  (an unused output)
     dq, dk, dv = (g if g is not None else zeros() for g in (dq, dk, dv))
-    dqkv, dqw, dkw = qkv_rope_bwd_op(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, ctx.eps, ctx.dtype)
+    dqkv, dqw, dkw, db = qkv_rope_bwd_op(dq, dk, dv, cos, sin, qkv, q_weight, k_weight, ctx.eps, ctx.dtype, bias)
     norm = q_weight is not None
-    return dqkv, None, None, None, dqw if norm else None, dkw if norm else None, None
+    return (dqkv, None, None, None, dqw if norm else None, dkw if norm else None, None,
+            db if bias is not None else None)
 
 
 qkv_rope_op.register_autograd(_backward, setup_context=_setup)
 
 
 def qkv_rope_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-                    k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    return qkv_rope_op(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+                    k_weight: Optional[Tensor] = None, eps: float = 1e-6,
+                    bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_rope_op(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
 
 
 def bench_tables(N: int, D: int, device: str) -> tuple[Tensor, Tensor]:
@@ -406,12 +448,15 @@ def bench_tables(N: int, D: int, device: str) -> tuple[Tensor, Tensor]:
 
 
 def _bench(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # as the model runs it: the qkv Linear's fp32 bias added here and its gradient summed here
     qkv = torch.randn(s.B, s.N, 3 * s.H * s.D, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3 * s.H * s.D, device=device, dtype=torch.float32, requires_grad=True)
     cos, sin = bench_tables(s.N, s.D, device)
     QKV = s.rows * 3 * s.H * s.D * dtype.itemsize  # bytes of the qkv output (= of q, k, v together)
     TAB = 2 * s.N * s.D * 4
-    return BenchCase([qkv], lambda f, t: f(t, cos, sin, s.H), 2 * QKV + TAB, 2 * QKV + TAB,
-                     shape={"B": s.B, "N": s.N, "H": s.H, "D": s.D})
+    BIAS = 3 * s.H * s.D * 4
+    return BenchCase([qkv, bias], lambda f, t, b: f(t, cos, sin, s.H, None, None, 1e-6, b), 2 * QKV + TAB + BIAS,
+                     2 * QKV + TAB + 2 * BIAS, shape={"B": s.B, "N": s.N, "H": s.H, "D": s.D})
 
 
 # Under torch.compile, `auto` runs what kernels/compiled_choices.json says: ours until a GPU run's ops table (its

@@ -117,10 +117,14 @@ def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
 
 
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-             k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+             k_weight: Optional[Tensor] = None, eps: float = 1e-6,
+             bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     # The attention's input side as the authors write it: the qkv Linear's output (B, N, 3*H*D) split into heads by
     # reshape/permute (strided views), the optional qk-norm (RMSNorm over each head's D channels), RoPE on q and k.
-    # Returns q, k, v of shape (B, H, N, D).
+    # Returns q, k, v of shape (B, H, N, D). bias: the qkv Linear's, when the model ran it without (Attention), added
+    # in qkv's dtype as autocast's addmm adds its bf16 copy (the kernels add it in fp32: within the rounding).
+    if bias is not None:
+        qkv = qkv + bias.to(qkv.dtype)
     B, N, C3 = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     if q_weight is not None:
@@ -135,11 +139,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
-                   k_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+                   k_weight: Optional[Tensor] = None, eps: float = 1e-6, bias: Optional[Tensor] = None) -> Tensor:
     # The attention block's core as the authors write it: qkv_rope, SDPA, heads merged back for the proj Linear:
-    # (B, N, 3*H*D) -> (B, N, H*D).
+    # (B, N, 3*H*D) -> (B, N, H*D). bias: the qkv Linear's (see qkv_rope).
     B, N, _ = qkv.shape
-    q, k, v = qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+    q, k, v = qkv_rope(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
     return attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
 
 

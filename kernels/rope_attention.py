@@ -45,13 +45,14 @@ from ._triton import tl, triton
 # summed over key blocks (the same sums bit for bit): read-modify-write of an fp32 scratch with a barrier per key
 # block, or fire-and-forget atomics performed in L2 (half the bytes through the SM, no barrier). Which is faster
 # depends on the card's L2, so the autotuner times both. Stages: the read-modify-write spills 8-12 bytes at 1-2,
-# the atomics 20 at 3. The forward's last field, K_ONCE: each program rotates k where it loads it (once per query
+# the atomics 20 at 3, and (since the qkv Linear's bias and its gradient's sums moved into these kernels, k rotated
+# once into an L2 scratch like q) 20-28 at 4; 8 bytes remain under Triton 3.6 at head_dim 72. The forward's last field, K_ONCE: each program rotates k where it loads it (once per query
 # block), or one program per head rotates k once into an L2 scratch and runs all its query blocks (fewer programs,
 # no rotation in the softmax loop, which without it compiles to 12% (128 x 64) to 19% (64 x 64) fewer SASS
 # instructions). The autotuner times both.
 FWD_TILES = ((64, 64, 4, 3, False), (128, 64, 8, 3, False), (64, 128, 4, 3, False), (128, 128, 8, 3, False),
              (64, 64, 4, 3, True), (128, 64, 8, 3, True))
-BWD_TILES = ((64, 64, 8, 3, False), (64, 64, 8, 2, True), (64, 64, 8, 4, True))
+BWD_TILES = ((64, 64, 8, 3, False), (64, 64, 8, 2, True))
 _INTERPRETER_TILE = (16, 16)  # the interpreter: small tiles, several blocks in the tests' ragged sizes
 _INTERPRETER_K_ONCE = False  # the forward's variant the interpreter runs (a test runs the other)
 _INTERPRETER_DQ_ATOMIC = False  # the backward's variant the interpreter runs (a test runs the other)
@@ -100,20 +101,33 @@ def _load_tile(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _load_rotated(rows, ok, n, d0, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # q or k of BLOCK_R tokens (positions n), channels d0.., rotated in fp32 and rounded to the input dtype
-    x = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D)
+def _load_biased(rows, ok, d0, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    # a tile of q, k or v plus its channels' bias (BROW: the head's D biases of that part), added in fp32; fp32 out
+    x = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D).to(tl.float32)
+    if HAS_BIAS:
+        d = d0 + tl.arange(0, BLOCK_D)
+        x += tl.load(BROW + d, mask=d < D, other=0.0)[None, :]
+    return x
+
+
+@triton.jit
+def _load_rotated(rows, ok, n, d0, COS, SIN, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    # q or k of BLOCK_R tokens (positions n), channels d0.., (+ bias,) rotated in fp32 and rounded to the input dtype
+    x = _load_biased(rows, ok, d0, BROW, D, BLOCK_R, BLOCK_D, HAS_BIAS)
     d = d0 + tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (d[None, :] < D)
     tab = n[:, None] * D + d[None, :]
     c = tl.load(COS + tab, mask=mask, other=0.0)
     s = tl.load(SIN + tab, mask=mask, other=0.0)
-    return _rotate(x.to(tl.float32), c, s, BLOCK_R, BLOCK_D, False).to(x.dtype)
+    return _rotate(x, c, s, BLOCK_R, BLOCK_D, False).to(rows.dtype.element_ty)
 
 
 @triton.jit
 def _store_unrotated(rows, ok, n, d0, g, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # the gradient of a rotated tile (fp32) -> the gradient of the unrotated one, stored in the rows' dtype
+    # the gradient of a rotated tile (fp32) -> the gradient of the unrotated one, stored in the rows' dtype; returns
+    # it (fp32: the bias's partial sums)
     d = d0 + tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (d[None, :] < D)
     tab = n[:, None] * D + d[None, :]
@@ -121,6 +135,26 @@ def _store_unrotated(rows, ok, n, d0, g, COS, SIN, D: tl.constexpr, BLOCK_R: tl.
     s = tl.load(SIN + tab, mask=mask, other=0.0)
     g = _rotate(g, c, s, BLOCK_R, BLOCK_D, True)
     tl.store(rows[:, None] + d[None, :], g.to(rows.dtype.element_ty), mask=mask)
+    return g
+
+
+@triton.jit
+def _out_less_bias(rows, ok, d0, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    # a tile of the output minus v's bias (fp32): P V, what the backward's dp is taken against
+    o = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D).to(tl.float32)
+    if HAS_BIAS:
+        d = d0 + tl.arange(0, BLOCK_D)
+        o -= tl.load(BROW + d, mask=d < D, other=0.0)[None, :]
+    return o
+
+
+@triton.jit
+def _store_bias_sums(prow, d0, g, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # a tile's column sums (fp32; its masked rows are 0) into its block's row of the bias's partial sums
+    if HAS_BIAS:
+        d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(prow + d, tl.sum(g, axis=0), mask=d < D)
 
 
 @triton.jit
@@ -144,19 +178,21 @@ def _load_sums(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
+def _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr):
     # one block of BLOCK_M queries of head h: q rotated where loaded, the online softmax over every key block (k
-    # rotated where loaded, or read rotated from the head's scratch KROT: K_ONCE), out and log2-sum-exp2 stored
+    # rotated where loaded, or read rotated from the head's scratch KROT: K_ONCE), out and log2-sum-exp2 stored.
+    # HAS_BIAS: the qkv Linear's bias added to q and k where loaded; v's is added to the output (each softmax row
+    # sums to 1: P (V + 1 b^T) = P V + 1 b^T), out of the key loop
     HD = H * D
     DP: tl.constexpr = DA + DB
     m = start_m + tl.arange(0, BLOCK_M)
     m_ok = m < N
     q_rows = QKV + (b * N + m).to(tl.int64) * s_qkv + h * D
-    qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA)
+    qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, BIAS + h * D, D, BLOCK_M, DA, HAS_BIAS)
     if HAS_B:
-        qb = _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB)
+        qb = _load_rotated(q_rows, m_ok, m, DA, COS, SIN, BIAS + h * D, D, BLOCK_M, DB, HAS_BIAS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
@@ -170,13 +206,13 @@ def _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m,
         if K_ONCE:
             ka = _load_tile(kr_rows + n * DP, n_ok, 0, DP, BLOCK_N, DA)
         else:
-            ka = _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)
+            ka = _load_rotated(k_rows, n_ok, n, 0, COS, SIN, BIAS + HD + h * D, D, BLOCK_N, DA, HAS_BIAS)
         s = _dot(qa, tl.trans(ka), PREC)
         if HAS_B:
             if K_ONCE:
                 kb = _load_tile(kr_rows + n * DP, n_ok, DA, DP, BLOCK_N, DB)
             else:
-                kb = _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)
+                kb = _load_rotated(k_rows, n_ok, n, DA, COS, SIN, BIAS + HD + h * D, D, BLOCK_N, DB, HAS_BIAS)
             s += _dot(qb, tl.trans(kb), PREC)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -189,16 +225,25 @@ def _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m,
             acc_b = acc_b * alpha[:, None] + _dot(p, _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB), PREC)
         m_i = m_new
     o_rows = O + (b * N + m).to(tl.int64) * s_o + h * D
-    _store_tile(o_rows, m_ok, 0, acc_a / l_i[:, None], D, DA)
+    out_a = acc_a / l_i[:, None]
+    if HAS_BIAS:
+        da = tl.arange(0, DA)
+        out_a += tl.load(BIAS + 2 * HD + h * D + da, mask=da < D, other=0.0)[None, :]
+    _store_tile(o_rows, m_ok, 0, out_a, D, DA)
     if HAS_B:
-        _store_tile(o_rows, m_ok, DA, acc_b / l_i[:, None], D, DB)
+        out_b = acc_b / l_i[:, None]
+        if HAS_BIAS:
+            db = DA + tl.arange(0, DB)
+            out_b += tl.load(BIAS + 2 * HD + h * D + db, mask=db < D, other=0.0)[None, :]
+        _store_tile(o_rows, m_ok, DA, out_b, D, DB)
     tl.store(LSE + bh * N + m, m_i + tl.math.log2(l_i), mask=m_ok)
 
 
 @triton.jit
-def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, N, H, BH, qk_scale,
+def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, N, H, BH, qk_scale,
                           D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr):
+                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
     # D channels per head as tiles of DA and (HAS_B) DB channels (head_split); BH (batch x heads) only keys the
     # autotuner. Grid (query blocks, batch x heads): each program rotates its head's k where it loads it, once per
     # query block. K_ONCE, grid (1, batch x heads): the program rotates its head's k once into the scratch KROT
@@ -214,31 +259,34 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, N, H, BH, qk_
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < N
             k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + H * D + h * D
-            _store_tile(kr_rows + n * DP, n_ok, 0, _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA),
-                        DP, DA)
+            kbias = BIAS + H * D + h * D
+            _store_tile(kr_rows + n * DP, n_ok, 0,
+                        _load_rotated(k_rows, n_ok, n, 0, COS, SIN, kbias, D, BLOCK_N, DA, HAS_BIAS), DP, DA)
             if HAS_B:
                 _store_tile(kr_rows + n * DP, n_ok, DA,
-                            _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB), DP, DB)
+                            _load_rotated(k_rows, n_ok, n, DA, COS, SIN, kbias, D, BLOCK_N, DB, HAS_BIAS), DP, DB)
         tl.debug_barrier()  # the loads below may run on other threads than these stores
         for start_m in range(0, N, BLOCK_M):
-            _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
-                             D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE)
+            _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
+                             D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS)
     else:
-        _fwd_query_block(QKV, s_qkv, COS, SIN, O, s_o, LSE, KROT, b, h, bh, tl.program_id(0) * BLOCK_M, N, H,
-                         qk_scale, D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE)
+        _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, tl.program_id(0) * BLOCK_M, N, H,
+                         qk_scale, D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS)
 
 
 @triton.jit
-def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QROT, DQACC, DQKV, N, H, BH,
-                          qk_scale, sm_scale,
+def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DELTA, QROT, KROT, DQACC, DQKV, PBIAS,
+                          N, H, BH, NBLK, qk_scale, sm_scale,
                           D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DQ_ATOMIC: tl.constexpr):
+                          DQ_ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr):
     # DQ_ATOMIC: each key block's dQ contributions are added to the scratch by fire-and-forget fp32 atomics
     # (performed in L2: the SM sends 4 bytes an element instead of reading 4 and writing 4, and the warps do not
     # wait for the read or meet at a barrier per key block); the scratch is zeroed first. Bit for bit the other
     # variant's sums: an element's additions come from the one thread that holds it in every key block (the same
     # code, the same layout), in key-block order, and same-address operations of one thread keep program order.
+    # HAS_BIAS: q, k, v recomputed with the qkv Linear's bias, and each block's column sums of d q, d k, d v (fp32)
+    # written to its row of PBIAS ((batch x head) x NBLK blocks x 3 x D; torch sums them into the bias's gradient).
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -247,23 +295,36 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
     base = (b * N).to(tl.int64)
     acc_rows = DQACC + bh.to(tl.int64) * N * DP
     qr_rows = QROT + bh.to(tl.int64) * N * DP
-    # 1. each query row's delta = rowsum(dO * O) (the softmax backward's correction), and q rotated once (into a
-    # scratch that stays in L2): the loops below read both for every key block
+    kr_rows = KROT + bh.to(tl.int64) * N * DP
+    p_rows = PBIAS + bh.to(tl.int64) * NBLK * 3 * D
+    # 1. each query row's delta = rowsum(dO * O) (the softmax backward's correction), and q and k rotated once (into
+    # scratches that stay in L2): the loops below read them for every key block; the key loop then holds no tables
+    # and no bias (registers: at 255 with 8 warps, the rotation's temporaries there made ptxas spill)
     for start_m in range(0, N, BLOCK_M):
         m = start_m + tl.arange(0, BLOCK_M)
         m_ok = m < N
         q_rows = QKV + (base + m) * s_qkv + h * D
-        _store_tile(qr_rows + m * DP, m_ok, 0, _load_rotated(q_rows, m_ok, m, 0, COS, SIN, D, BLOCK_M, DA), DP, DA)
+        _store_tile(qr_rows + m * DP, m_ok, 0,
+                    _load_rotated(q_rows, m_ok, m, 0, COS, SIN, BIAS + h * D, D, BLOCK_M, DA, HAS_BIAS), DP, DA)
         if HAS_B:
-            _store_tile(qr_rows + m * DP, m_ok, DA, _load_rotated(q_rows, m_ok, m, DA, COS, SIN, D, BLOCK_M, DB),
-                        DP, DB)
+            _store_tile(qr_rows + m * DP, m_ok, DA,
+                        _load_rotated(q_rows, m_ok, m, DA, COS, SIN, BIAS + h * D, D, BLOCK_M, DB, HAS_BIAS), DP, DB)
+        _store_tile(kr_rows + m * DP, m_ok, 0,
+                    _load_rotated(q_rows + HD, m_ok, m, 0, COS, SIN, BIAS + HD + h * D, D, BLOCK_M, DA, HAS_BIAS), DP,
+                    DA)
+        if HAS_B:
+            _store_tile(kr_rows + m * DP, m_ok, DA,
+                        _load_rotated(q_rows + HD, m_ok, m, DA, COS, SIN, BIAS + HD + h * D, D, BLOCK_M, DB,
+                                      HAS_BIAS), DP, DB)
         o_rows = O + (base + m) * s_o + h * D
         do_rows = DO + (base + m) * s_do + h * D
+        # with v's bias: O = P V + b_v, and dp below is taken against V without it, so delta against O - b_v
+        # (the same dp - delta as with V + b_v in dp: the bias's term cancels)
         delta = tl.sum(_load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32)
-                       * _load_tile(o_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32), 1)
+                       * _out_less_bias(o_rows, m_ok, 0, BIAS + 2 * HD + h * D, D, BLOCK_M, DA, HAS_BIAS), 1)
         if HAS_B:
             delta += tl.sum(_load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32)
-                            * _load_tile(o_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32), 1)
+                            * _out_less_bias(o_rows, m_ok, DA, BIAS + 2 * HD + h * D, D, BLOCK_M, DB, HAS_BIAS), 1)
         tl.store(DELTA + bh * N + m, delta, mask=m_ok)
         if DQ_ATOMIC:
             _store_tile(acc_rows + m * DP, m_ok, 0, tl.zeros([BLOCK_M, DA], tl.float32), DP, DA)
@@ -276,12 +337,12 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
         n_ok = n < N
         k_rows = QKV + (base + n) * s_qkv + HD + h * D
         v_rows = k_rows + HD
-        ka = _load_rotated(k_rows, n_ok, n, 0, COS, SIN, D, BLOCK_N, DA)
+        ka = _load_tile(kr_rows + n * DP, n_ok, 0, DP, BLOCK_N, DA)
         va = _load_tile(v_rows, n_ok, 0, D, BLOCK_N, DA)
         dka = tl.zeros([BLOCK_N, DA], tl.float32)
         dva = tl.zeros([BLOCK_N, DA], tl.float32)
         if HAS_B:
-            kb = _load_rotated(k_rows, n_ok, n, DA, COS, SIN, D, BLOCK_N, DB)
+            kb = _load_tile(kr_rows + n * DP, n_ok, DA, DP, BLOCK_N, DB)
             vb = _load_tile(v_rows, n_ok, DA, D, BLOCK_N, DB)
             dkb = tl.zeros([BLOCK_N, DB], tl.float32)
             dvb = tl.zeros([BLOCK_N, DB], tl.float32)
@@ -323,11 +384,16 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
                     dqb += _load_tile(a_rows, a_ok, DA, DP, BLOCK_M, DB)
                     _store_tile(a_rows, m_ok, DA, dqb, DP, DB)
         dk_rows = DQKV + (base + n) * (3 * HD) + HD + h * D
-        _store_unrotated(dk_rows, n_ok, n, 0, dka * sm_scale, COS, SIN, D, BLOCK_N, DA)
+        p_row = p_rows + (start_n // BLOCK_N) * 3 * D
+        _store_bias_sums(p_row + D, 0, _store_unrotated(dk_rows, n_ok, n, 0, dka * sm_scale, COS, SIN, D, BLOCK_N,
+                                                        DA), D, DA, HAS_BIAS)
         _store_tile(dk_rows + HD, n_ok, 0, dva, D, DA)
+        _store_bias_sums(p_row + 2 * D, 0, dva, D, DA, HAS_BIAS)
         if HAS_B:
-            _store_unrotated(dk_rows, n_ok, n, DA, dkb * sm_scale, COS, SIN, D, BLOCK_N, DB)
+            _store_bias_sums(p_row + D, DA, _store_unrotated(dk_rows, n_ok, n, DA, dkb * sm_scale, COS, SIN, D,
+                                                             BLOCK_N, DB), D, DB, HAS_BIAS)
             _store_tile(dk_rows + HD, n_ok, DA, dvb, D, DB)
+            _store_bias_sums(p_row + 2 * D, DA, dvb, D, DB, HAS_BIAS)
         if not DQ_ATOMIC:
             tl.debug_barrier()  # the scratch: the next key block's loads may run on other threads than these stores
     if DQ_ATOMIC:
@@ -338,11 +404,13 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, O, s_o, DO, s_do, LSE, DELTA, QR
         m_ok = m < N
         a_rows = acc_rows + m * DP
         dq_rows = DQKV + (base + m) * (3 * HD) + h * D
-        _store_unrotated(dq_rows, m_ok, m, 0, _load_sums(a_rows, m_ok, 0, DP, BLOCK_M, DA) * sm_scale,
-                         COS, SIN, D, BLOCK_M, DA)
+        p_row = p_rows + (start_m // BLOCK_M) * 3 * D
+        _store_bias_sums(p_row, 0, _store_unrotated(dq_rows, m_ok, m, 0, _load_sums(a_rows, m_ok, 0, DP, BLOCK_M, DA)
+                                                    * sm_scale, COS, SIN, D, BLOCK_M, DA), D, DA, HAS_BIAS)
         if HAS_B:
-            _store_unrotated(dq_rows, m_ok, m, DA, _load_sums(a_rows, m_ok, DA, DP, BLOCK_M, DB) * sm_scale,
-                             COS, SIN, D, BLOCK_M, DB)
+            _store_bias_sums(p_row, DA, _store_unrotated(dq_rows, m_ok, m, DA, _load_sums(a_rows, m_ok, DA, DP,
+                                                                                          BLOCK_M, DB) * sm_scale,
+                                                         COS, SIN, D, BLOCK_M, DB), D, DB, HAS_BIAS)
 
 
 FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "K_ONCE": k}, num_warps=w, num_stages=st)
@@ -371,7 +439,8 @@ def autotuned() -> dict[str, dict[str, dict]]:
 
 # ----------------------------------------------------------------------------- checks, launchers, autograd
 
-def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[int, int, int, int]:
+def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+           bias: Optional[Tensor] = None) -> tuple[int, int, int, int]:
     """(B, N, H, D), or ValueError naming what does not fit."""
     if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"rope_attention needs qkv of shape (B, N, 3*H*D) with H = num_heads = {num_heads}; "
@@ -383,6 +452,8 @@ def _check(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[int, 
                          f"head_dim {D}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"rope_attention runs fp32, bf16 or fp16 qkv; got {qkv.dtype}")
+    if bias is not None and tuple(bias.shape) != (C3,):
+        raise ValueError(f"rope_attention: bias must have shape ({C3},) (the qkv Linear's); got {tuple(bias.shape)}")
     return B, N, num_heads, D
 
 
@@ -404,9 +475,10 @@ def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("vavae::rope_attention", mutates_args=())
-def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
-    """(out (B, N, H*D) in qkv's dtype, log2-sum-exp2 per (batch x head, query) in fp32)."""
-    return rope_attention_forward(qkv, cos, sin, num_heads)
+def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                      bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(out (B, N, H*D) in qkv's dtype, log2-sum-exp2 per (batch x head, query) in fp32); bias: the qkv Linear's."""
+    return rope_attention_forward(qkv, cos, sin, num_heads, bias=bias)
 
 
 def _fwd_grid(N: int, BH: int, meta: dict) -> tuple[int, int]:
@@ -414,10 +486,11 @@ def _fwd_grid(N: int, BH: int, meta: dict) -> tuple[int, int]:
 
 
 def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
-                           config: Optional[triton.Config] = None) -> tuple[Tensor, Tensor]:
+                           config: Optional[triton.Config] = None,
+                           bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The forward's launch: the autotuned one (config None; the interpreter: its small tiles and
     `_INTERPRETER_K_ONCE`), or the one config given (the tests compare the variants)."""
-    B, N, H, D = _check(qkv, cos, sin, num_heads)
+    B, N, H, D = _check(qkv, cos, sin, num_heads, bias)
     out = qkv.new_empty((B, N, H * D))
     lse = qkv.new_empty((B * H, N), dtype=torch.float32)
     if B * N * H * D:
@@ -425,8 +498,9 @@ def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int
         cos, sin = _tables(cos, sin)
         split = _split(D)
         krot = x.new_empty((B * H, N, split["DA"] + split["DB"]))  # K_ONCE's rotated k, per (batch x head)
-        args = (x, x.stride(0), cos, sin, out, H * D, lse, krot, N, H, B * H, math.log2(math.e) / math.sqrt(D))
-        const = dict(D=D, **split, PREC=_precision(qkv.dtype))
+        args = (x, x.stride(0), cos, sin, bias if bias is not None else cos, out, H * D, lse, krot, N, H, B * H,
+                math.log2(math.e) / math.sqrt(D))
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=bias is not None)
         if config is not None:
             _rope_attn_fwd_kernel[_fwd_grid(N, B * H, config.kwargs)](
                 *args, **const, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -440,35 +514,54 @@ def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int
 
 
 @rope_attention_op.register_fake
-def _(qkv, cos, sin, num_heads):
-    B, N, H, D = _check(qkv, cos, sin, num_heads)
+def _(qkv, cos, sin, num_heads, bias=None):
+    B, N, H, D = _check(qkv, cos, sin, num_heads, bias)
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B * H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("vavae::rope_attention_bwd", mutates_args=())
 def rope_attention_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cos: Tensor, sin: Tensor,
-                          num_heads: int) -> Tensor:
-    """d qkv (B, N, 3*H*D) in qkv's dtype."""
-    return rope_attention_backward(dout, qkv, out, lse, cos, sin, num_heads)
+                          num_heads: int, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(d qkv (B, N, 3*H*D) in qkv's dtype, d bias: empty without a bias)."""
+    return rope_attention_backward(dout, qkv, out, lse, cos, sin, num_heads, bias=bias)
+
+
+def _bias_blocks(N: int, config: Optional[triton.Config]) -> int:
+    """Rows of per-block bias sums a (batch x head) gets: enough for the smallest query or key block any launch may
+    use (the interpreter's, a given config's, or any autotuner candidate's)."""
+    if config is not None:
+        sizes = [config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]]
+    elif _triton.interpreting():
+        sizes = list(_INTERPRETER_TILE)
+    else:
+        sizes = [t for m, n, *_ in BWD_TILES for t in (m, n)]
+    return triton.cdiv(N, min(sizes))
 
 
 def rope_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cos: Tensor, sin: Tensor,
-                            num_heads: int, config: Optional[triton.Config] = None) -> Tensor:
+                            num_heads: int, config: Optional[triton.Config] = None,
+                            bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The backward's launch: the autotuned one (config None; the interpreter: its small tiles and
-    `_INTERPRETER_DQ_ATOMIC`), or the one config given (the tests compare the variants)."""
-    B, N, H, D = _check(qkv, cos, sin, num_heads)
+    `_INTERPRETER_DQ_ATOMIC`), or the one config given (the tests compare the variants). With the bias, each query
+    and key block's column sums of d q, d k, d v land in a zeroed scratch ((batch x head) x blocks x 3 x D) that
+    torch sums into the bias's gradient."""
+    B, N, H, D = _check(qkv, cos, sin, num_heads, bias)
     dqkv = qkv.new_empty(qkv.shape)
+    has_bias = bias is not None
+    nblk = _bias_blocks(N, config) if has_bias else 0
+    pbias = torch.zeros((B, H, nblk, 3, D) if has_bias else (0,), dtype=torch.float32, device=qkv.device)
     if B * N * H * D:
         x, o, do = _triton.rows_2d(qkv), _triton.rows_2d(out), _triton.rows_2d(dout.to(qkv.dtype))
         cos, sin = _tables(cos, sin)
         split = _split(D)
         delta = lse.new_empty((B * H, N))
-        # per (batch x head), L2-resident while its program runs: q rotated, and dQ's fp32 sums
-        qrot = x.new_empty((B * H, N, split["DA"] + split["DB"]))
+        # per (batch x head), L2-resident while its program runs: q and k rotated, and dQ's fp32 sums
+        qrot, krot = (x.new_empty((B * H, N, split["DA"] + split["DB"])) for _ in range(2))
         scratch = lse.new_empty((B * H, N, split["DA"] + split["DB"]))
-        args = (x, x.stride(0), cos, sin, o, o.stride(0), do, do.stride(0), lse, delta, qrot, scratch, dqkv, N, H,
-                B * H, math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D))
-        const = dict(D=D, **split, PREC=_precision(qkv.dtype))
+        args = (x, x.stride(0), cos, sin, bias if has_bias else cos, o, o.stride(0), do, do.stride(0), lse, delta,
+                qrot, krot, scratch, dqkv, pbias if has_bias else cos, N, H, B * H, nblk, math.log2(math.e) / math.sqrt(D),
+                1.0 / math.sqrt(D))
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=has_bias)
         if config is not None:
             _rope_attn_bwd_kernel[(B * H,)](*args, **const, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)
@@ -477,32 +570,38 @@ def rope_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
             _rope_attn_bwd_kernel[(B * H,)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, DQ_ATOMIC=_INTERPRETER_DQ_ATOMIC)
         else:
             TUNED.run("bwd", (B * H,), args, const)
-    return dqkv
+    if not has_bias:
+        return dqkv, dqkv.new_empty(0)
+    # (B, H, blocks, 3, D) -> (3, H, D): the qkv Linear's output order (q, k, v blocks of H heads of D channels)
+    return dqkv, pbias.sum(dim=(0, 2)).transpose(0, 1).reshape(-1).to(bias.dtype)
 
 
 @rope_attention_bwd_op.register_fake
-def _(dout, qkv, out, lse, cos, sin, num_heads):
-    return qkv.new_empty(qkv.shape)
+def _(dout, qkv, out, lse, cos, sin, num_heads, bias=None):
+    return qkv.new_empty(qkv.shape), (bias.new_empty(bias.shape) if bias is not None else qkv.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    qkv, cos, sin, num_heads = inputs
+    qkv, cos, sin, num_heads, bias = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cos, sin)
+    ctx.save_for_backward(qkv, out, lse, cos, sin, bias)
     ctx.num_heads = num_heads
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, out, lse, cos, sin = ctx.saved_tensors
+    qkv, out, lse, cos, sin, bias = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None
-    return rope_attention_bwd_op(dout, qkv, out, lse, cos, sin, ctx.num_heads), None, None, None
+        return None, None, None, None, None
+    dqkv, dbias = rope_attention_bwd_op(dout, qkv, out, lse, cos, sin, ctx.num_heads, bias)
+    return dqkv, None, None, None, dbias if bias is not None else None
 
 
 rope_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def rope_attention_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
-    """softmax(rope(q) rope(k)^T / sqrt(D)) v per head, from the qkv Linear's output (B, N, 3*H*D), as (B, N, H*D):
-    the proj Linear's input. cos/sin: (N, D) RoPE tables of the pair layout."""
-    return rope_attention_op(qkv, cos, sin, num_heads)[0]
+def rope_attention_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                          bias: Optional[Tensor] = None) -> Tensor:
+    """softmax(rope(q) rope(k)^T / sqrt(D)) v per head, from the qkv Linear's output (B, N, 3*H*D) (plus its bias,
+    where the model ran the Linear without it), as (B, N, H*D): the proj Linear's input. cos/sin: (N, D) RoPE tables
+    of the pair layout."""
+    return rope_attention_op(qkv, cos, sin, num_heads, bias)[0]

@@ -38,12 +38,14 @@ class Variant:
 
 def _qkv_rope_variants() -> list[Variant]:
     from . import qkv_rope
+    # with the qkv Linear's bias (fp32), as the model runs it
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "QW": "*fp32", "KW": "*fp32",
-               "Q": "*bf16", "K": "*bf16", "V": "*bf16", "rows": "i32", "N": "i32", "H": "i32", "eps": "fp32"}
+               "BIAS": "*fp32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "rows": "i32", "N": "i32", "H": "i32",
+               "eps": "fp32"}
     bwd_sig = {"DQ": "*bf16", "sqb": "i32", "sqh": "i32", "sqn": "i32", "DK": "*bf16", "skb": "i32", "skh": "i32",
                "skn": "i32", "DV": "*bf16", "svb": "i32", "svh": "i32", "svn": "i32", "COS": "*fp32", "SIN": "*fp32",
-               "QKV": "*bf16", "s_qkv": "i32", "QW": "*fp32", "KW": "*fp32", "DQKV": "*bf16", "PQW": "*fp32",
-               "PKW": "*fp32", "rows": "i32", "N": "i32", "H": "i32", "eps": "fp32"}
+               "QKV": "*bf16", "s_qkv": "i32", "QW": "*fp32", "KW": "*fp32", "BIAS": "*fp32", "DQKV": "*bf16",
+               "PQW": "*fp32", "PKW": "*fp32", "PBIAS": "*fp32", "rows": "i32", "N": "i32", "H": "i32", "eps": "fp32"}
     out = []
     for norm in (False, True):
         for D in (72, 64):
@@ -52,8 +54,8 @@ def _qkv_rope_variants() -> list[Variant]:
             tiles = [(r, 128, w, False) for r, w in qkv_rope.TILES]
             tiles += [] if norm else [(r, c, w, True) for r, c, w in qkv_rope.ROW_TILES]
             for r, chunk, w, rows in tiles:
-                const = {"D": D, "HAS_NORM": norm, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64, "ROWS": rows,
-                         "CHUNK": chunk}
+                const = {"D": D, "HAS_NORM": norm, "HAS_BIAS": True, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64,
+                         "ROWS": rows, "CHUNK": chunk}
                 tile = f"BLOCK_R={r} warps={w}" + (f" rows CHUNK={chunk}" if rows else "")
                 out.append(Variant(f"qkv_rope fwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_fwd_kernel,
                                    {**fwd_sig, **{k: "constexpr" for k in const}}, const,
@@ -163,18 +165,20 @@ def _rope_attention_variants() -> list[Variant]:
     """The fused RoPE attention (kernels/rope_attention.py) at head_dim 72 (64 + 16) and 64, bf16, for every tile
     its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
     from . import rope_attention as ra
-    fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
-               "LSE": "*fp32", "KROT": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
-    bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16", "s_o": "i32",
-               "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "QROT": "*bf16", "DQACC": "*fp32",
-               "DQKV": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    # with the qkv Linear's bias (fp32), as the model runs it
+    fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "BIAS": "*fp32", "O": "*bf16",
+               "s_o": "i32", "LSE": "*fp32", "KROT": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
+    bwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "BIAS": "*fp32", "O": "*bf16",
+               "s_o": "i32", "DO": "*bf16", "s_do": "i32", "LSE": "*fp32", "DELTA": "*fp32", "QROT": "*bf16",
+               "KROT": "*bf16", "DQACC": "*fp32", "DQKV": "*bf16", "PBIAS": "*fp32", "N": "i32", "H": "i32", "BH": "i32",
+               "NBLK": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
     out = []
     for D in (72, 64):
         split = ra._split(D)
         for which, kernel, sig, configs in (("fwd", ra._rope_attn_fwd_kernel, fwd_sig, ra.FWD_CONFIGS),
                                             ("bwd", ra._rope_attn_bwd_kernel, bwd_sig, ra.BWD_CONFIGS)):
             for cfg in configs:
-                const = {"D": D, **split, "PREC": "tf32", **cfg.kwargs}
+                const = {"D": D, **split, "PREC": "tf32", "HAS_BIAS": True, **cfg.kwargs}
                 tile = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
                 out.append(Variant(f"rope_attention {which} D={D} {tile} warps={cfg.num_warps} "
                                    f"stages={cfg.num_stages}", kernel, {**sig, **{k: "constexpr" for k in const}},

@@ -165,6 +165,16 @@ def block_norm(dim, use_rmsnorm):
 
 # ----------------------------------------------------------------------------- block parts
 
+def linear_leaving_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the Linear's product without its bias, the bias) for the next op to add in its own pass, whose backward then
+    sums the bias gradient while it writes the product's gradient (the Linear's backward would read that gradient
+    once more for it). Only a plain nn.Linear is taken apart: any other module in its place (an FP8 or Transformer
+    Engine Linear swapped in) runs whole and leaves no bias."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    return linear(x), None
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qk_norm=False, use_rmsnorm=False):
         super().__init__()
@@ -181,14 +191,17 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         B, N, C = x.shape
-        qkv = self.qkv(x)
         if rope is not None and (self.q_norm is None or isinstance(self.q_norm, RMSNorm)):
             # split into heads, RMSNorm qk-norm, RoPE, attention, heads merged: one op (on the fused backends
-            # qkv_rope + attention, or one kernel each way from qkv to the proj's input, whichever measured faster)
+            # qkv_rope + attention, or one kernel each way from qkv to the proj's input, whichever measured faster),
+            # which also adds the qkv Linear's bias and sums its gradient
+            qkv, bias = linear_leaving_bias(self.qkv, x)
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
             eps = self.q_norm.eps if self.q_norm is not None else 1e-6
-            return self.proj(ops.rope_attention(qkv, rope.freqs_cos, rope.freqs_sin, self.num_heads, qw, kw, eps))
+            return self.proj(ops.rope_attention(qkv, rope.freqs_cos, rope.freqs_sin, self.num_heads, qw, kw, eps,
+                                                bias))
         # no RoPE, or the LayerNorm qk-norm: the unfused path
+        qkv = self.qkv(x)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -196,16 +209,6 @@ class Attention(nn.Module):
             q, k = ops.rope_qk(q, k, rope.freqs_cos, rope.freqs_sin)
         x = ops.attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-def linear_leaving_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(the Linear's product without its bias, the bias) for the next op to add in its own pass, whose backward then
-    sums the bias gradient while it writes the product's gradient (the Linear's backward would read that gradient
-    once more for it). Only a plain nn.Linear is taken apart: any other module in its place (an FP8 or Transformer
-    Engine Linear swapped in) runs whole and leaves no bias."""
-    if type(linear) is nn.Linear:
-        return F.linear(x, linear.weight), linear.bias
-    return linear(x), None
 
 
 class SwiGLUFFN(nn.Module):

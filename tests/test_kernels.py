@@ -136,7 +136,8 @@ def test_norm_out_dtype_is_the_next_linears_input_dtype():
     assert rout.dtype == torch.bfloat16 and rel_err(low[1], rout) < 1e-2
 
 
-def test_block_under_autocast_has_nothing_between_our_kernels_but_views():
+@pytest.mark.parametrize("attention", ["rope-fused", "split"])
+def test_block_under_autocast_has_nothing_between_our_kernels_but_views(attention):
     """A LightningDiT block as the model runs it (the previous block's MLP residual pending, its own handed on)
     traced by AOT autograd under bf16 autocast with our kernels everywhere: every activation-sized node of the
     forward and backward graphs is one of our kernels or a view. No dtype casts around the norms (they write the
@@ -161,7 +162,7 @@ def test_block_under_autocast_has_nothing_between_our_kernels_but_views():
     x, c = torch.randn(B, N, C, device=DEV, requires_grad=True), torch.randn(B, C, device=DEV)
     gate = torch.randn(B, C, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randn(B, N, C, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    kernels.set_attention("rope-fused")
+    kernels.set_attention("rope-fused" if attention == "rope-fused" else None)  # the CPU's chooser: split
     torch._dynamo.reset()
     try:
         with torch.autocast(DEV, dtype=torch.bfloat16):
@@ -182,24 +183,29 @@ def test_block_under_autocast_has_nothing_between_our_kernels_but_views():
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor) and tuple(val.shape[:2]) == (B, N):
                 other.add(name)
-    assert {"norm_fwd_triton", "norm_bwd_triton", "rope_attention", "rope_attention_bwd", "swiglu",
-            "swiglu_bwd"} <= ours and "gated_residual" not in ours, ours
-    views = {"aten.view.default", "aten.detach.default", "<built-in function getitem>", "aten._unsafe_view.default"}
+    attn = {"rope_attention", "rope_attention_bwd"} if attention == "rope-fused" else {"qkv_rope", "qkv_rope_bwd"}
+    assert {"norm_fwd_triton", "norm_bwd_triton", "swiglu", "swiglu_bwd"} | attn <= ours, ours
+    assert "gated_residual" not in ours
+    views = {"aten.view.default", "aten.detach.default", "<built-in function getitem>", "aten._unsafe_view.default",
+             "aten.transpose.int"}  # (the split path's attention output to the proj's (B, N, C): a view)
     assert other <= views, other - views
-    # w12's bias gradient is summed inside the SwiGLU backward: nothing but w12's two GEMMs reads its (rows, 2F)
-    # gradient again (the Linear's own `sum` read it once more: 5.4 ms a step at XL/1, H200 profile of 2026-12-04)
-    readers, todo = set(), [n for n in graphs["bwd"].graph.nodes if "swiglu_bwd" in str(n.target)]
-    assert todo
-    while todo:
-        node = todo.pop()
-        for user in node.users:
-            if str(user.target) in views or str(user.target) == "aten.t.default":
-                todo.append(user)
-            elif user.op == "output":  # what leaves the graph: only the bias gradient (w12's 2F values)
-                assert node.meta["val"].numel() == 2 * 384, node.meta["val"].shape
-            else:
-                readers.add(str(user.target))
-    assert readers == {"aten.mm.default"}, readers
+    # w12's and qkv's bias gradients are summed inside the SwiGLU's and the attention block's backward: nothing but
+    # the Linear's two GEMMs reads the gradient they write (the Linear's own `sum` read it once more: 5.4 + 2.8 ms a
+    # step at XL/1, H200 profile of 2026-12-04)
+    for kernel, bias_size in (("swiglu_bwd", 2 * 384), (f"{attention.replace('-fused', '_attention')}_bwd"
+                                                        if attention == "rope-fused" else "qkv_rope_bwd", 3 * C)):
+        readers, todo = set(), [n for n in graphs["bwd"].graph.nodes if f"vavae.{kernel}" in str(n.target)]
+        assert todo, kernel
+        while todo:
+            node = todo.pop()
+            for user in node.users:
+                if str(user.target) in views or str(user.target) == "aten.t.default":
+                    todo.append(user)
+                elif user.op == "output":  # what leaves the graph: only the bias gradient
+                    assert node.meta["val"].numel() == bias_size, (kernel, node.meta["val"].shape)
+                else:
+                    readers.add(str(user.target))
+        assert readers == {"aten.mm.default"}, (kernel, readers)
 
 
 def test_final_layer_writes_no_zero_gradient_for_its_unused_residual():

@@ -41,19 +41,26 @@ def tables(D, paired=True):
     return torch.randn(N, D, device=DEV), torch.randn(N, D, device=DEV)
 
 
-def check(D, dtype, norm, paired=True, w_dtype=None):
-    """ops.qkv_rope under the triton backend vs the reference on float64 copies: forward, d qkv, d weights."""
+def check(D, dtype, norm, paired=True, w_dtype=None, bias=False):
+    """ops.qkv_rope under the triton backend vs the reference on float64 copies: forward, d qkv, d weights (and,
+    with `bias`, the qkv Linear's fp32 bias handed to the op, as the model does: added where qkv is read, its
+    gradient summed by the backward's programs)."""
     torch.manual_seed(D + int(norm))
     cos, sin = tables(D, paired)
     qkv = torch.randn(B, N, 3 * H * D, device=DEV, dtype=dtype, requires_grad=True)
     w_dtype = w_dtype or dtype
     ws = [(1 + 0.3 * torch.randn(D, device=DEV)).to(w_dtype).requires_grad_() for _ in range(2)] if norm else []
+    bs = [(0.5 * torch.randn(3 * H * D, device=DEV)).requires_grad_()] if bias else []
     kernels.set_backend("triton")
-    out = ops.qkv_rope(qkv, cos, sin, H, *ws)
+    args = lambda ws, bs: (*(ws or [None, None]), 1e-6, *(bs or [None]))  # noqa: E731
+    out = ops.qkv_rope(qkv, cos, sin, H, *args(ws, bs))
     assert kernels.describe()["ops"]["qkv_rope"] == "triton"
-    leaves64 = [t.detach().double().requires_grad_() for t in [qkv, *ws]]
-    ref = reference.qkv_rope(leaves64[0], cos.double(), sin.double(), H, *leaves64[1:])
-    ref_dtypes = [r.dtype for r in reference.qkv_rope(qkv.detach(), cos, sin, H, *[w.detach() for w in ws])]
+    leaves64 = [t.detach().double().requires_grad_() for t in [qkv, *ws, *bs]]
+    ref = reference.qkv_rope(leaves64[0], cos.double(), sin.double(), H,
+                             *args(leaves64[1:1 + len(ws)], leaves64[1 + len(ws):]))
+    ref_dtypes = [r.dtype for r in reference.qkv_rope(qkv.detach(), cos, sin, H,
+                                                      *args([w.detach() for w in ws], [b.detach() for b in bs]))]
+    ws = ws + bs
     gouts = [torch.randn_like(r) for r in ref]
     for i, (o, r) in enumerate(zip(out, ref)):
         assert o.shape == (B, H, N, D) and o.dtype == ref_dtypes[i] and torch.isfinite(o).all()
@@ -71,6 +78,17 @@ def check(D, dtype, norm, paired=True, w_dtype=None):
 @pytest.mark.parametrize("norm", [False, True])
 def test_qkv_rope_vs_float64(D, dtype, norm):
     check(D, dtype, norm)
+
+
+@pytest.mark.parametrize("dtype,norm,rows", [(torch.float32, False, False), (torch.float32, False, True),
+                                             (torch.float32, True, False), (torch.bfloat16, False, True),
+                                             (torch.bfloat16, True, False)])
+def test_qkv_rope_adds_the_linears_bias_and_sums_its_gradient(dtype, norm, rows, monkeypatch):
+    """The qkv Linear's bias handed to qkv_rope (modeling.lightningdit.Attention), fp32 as the parameter is under
+    autocast: added before the qk-norm and RoPE, and its gradient the sum of the backward's per-program partials,
+    in both kernel families (the per-head tiles; the row variant, without qk-norm)."""
+    monkeypatch.setattr(qkv_rope, "_INTERPRETER_ROWS", rows)
+    check(72, dtype, norm, bias=True)
 
 
 def test_qkv_rope_general_tables_and_autocast_weights():
@@ -124,11 +142,14 @@ def test_opcheck(norm):
     qkv = torch.randn(B, 17, 3 * H * D, device=DEV, requires_grad=True)
     ws = [torch.randn(D, device=DEV, requires_grad=True) for _ in range(2)] if norm else [None, None]
     torch.library.opcheck(torch.ops.vavae.qkv_rope.default, (qkv, cos, sin, H, *ws, 1e-6))
+    bias = torch.randn(3 * H * D, device=DEV, requires_grad=True)
+    torch.library.opcheck(torch.ops.vavae.qkv_rope.default, (qkv, cos, sin, H, *ws, 1e-6, bias))
     g = [torch.randn(B, H, N, D, device=DEV) for _ in range(3)]
     g[0] = g[0].transpose(1, 2).contiguous().transpose(1, 2)  # one grad token-major, as SDPA's backward gives it
     args = (cos, sin, qkv.detach() if norm else None, *[w.detach() if norm else None for w in ws], 1e-6,
             torch.float32)
     torch.library.opcheck(torch.ops.vavae.qkv_rope_bwd.default, (*g, *args))
+    torch.library.opcheck(torch.ops.vavae.qkv_rope_bwd.default, (*g, *args, bias.detach()))
     # a grad whose strides are not multiples of 8 (the kernel's aligned-stride shortcut is off) gives the same
     odd = torch.randn(B, H, N, D + 1, device=DEV)[..., :D]
     assert odd.stride(2) % 8

@@ -75,6 +75,30 @@ def test_fp32_forward_backward_vs_float64(B, N, H, D):
     torch.testing.assert_close(dqkv, dref.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k_once,dq_atomic", [(False, False), (True, True)])
+@pytest.mark.parametrize("B,N,H,D", [(2, 17, 3, 72), (1, 33, 2, 64)])
+def test_the_linears_bias_added_and_its_gradient_summed(B, N, H, D, k_once, dq_atomic, monkeypatch):
+    """The qkv Linear's bias handed to the fused kernel (the model runs the Linear without it): q's and k's added
+    where they are loaded (k's once into the rotated scratch under K_ONCE), v's to the output (each softmax row sums
+    to 1); the backward recomputes q, k, v with it and writes each query and key block's column sums of d q, d k, d v
+    for torch to add up. fp32 vs float64, both variants of each kernel, several ragged blocks."""
+    monkeypatch.setattr(rope_attention, "_INTERPRETER_K_ONCE", k_once)
+    monkeypatch.setattr(rope_attention, "_INTERPRETER_DQ_ATOMIC", dq_atomic)
+    torch.manual_seed(N + D)
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV, requires_grad=True)
+    bias = torch.randn(3 * H * D, device=DEV, requires_grad=True)
+    g = torch.randn(B, N, H * D, device=DEV)
+    out = rope_attention.rope_attention_triton(qkv, cos, sin, H, bias)
+    dqkv, dbias = torch.autograd.grad(out, [qkv, bias], g)
+    x, b = (t.detach().double().requires_grad_() for t in (qkv, bias))
+    ref = reference.rope_attention(x, cos.double(), sin.double(), H, bias=b)
+    dref, dbref = torch.autograd.grad(ref, [x, b], g.double())
+    for got, want in ((out, ref), (dqkv, dref), (dbias, dbref)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.detach(), want.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_within_the_references_own_bf16_error():
     """bf16 q/k/v, P rounded to bf16 for its products (as FlashAttention): no further from the float64 truth than
     the reference computed in bf16 (SDPA on bf16 q/k/v rotated in fp32 and rounded), with a margin: 1.5x on a GPU,
@@ -116,7 +140,7 @@ def test_the_autotuners_variants_compute_the_same_bits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fwd[False], fwd[True]))
     out, lse = fwd[True]
     bwd = {a: rope_attention.rope_attention_backward(dout, qkv, out, lse, cos, sin, H,
-                                                     config(rope_attention.BWD_CONFIGS, "DQ_ATOMIC", a))
+                                                     config(rope_attention.BWD_CONFIGS, "DQ_ATOMIC", a))[0]
            for a in (False, True)}
     assert torch.equal(bwd[False], bwd[True])
     ref, dref = run_reference(qkv, cos, sin, H, dout)
@@ -178,6 +202,11 @@ def test_opcheck_custom_ops():
     out, lse = rope_attention.rope_attention_op(qkv.detach(), cos, sin, H)
     dout = torch.randn_like(out)
     torch.library.opcheck(rope_attention.rope_attention_bwd_op, (dout, qkv.detach(), out, lse, cos, sin, H))
+    bias = torch.randn(qkv.shape[-1], device=DEV, requires_grad=True)
+    torch.library.opcheck(rope_attention.rope_attention_op, (qkv, cos, sin, H, bias))
+    out, lse = rope_attention.rope_attention_op(qkv.detach(), cos, sin, H, bias.detach())
+    torch.library.opcheck(rope_attention.rope_attention_bwd_op,
+                          (dout, qkv.detach(), out, lse, cos, sin, H, bias.detach()))
 
 
 def test_bad_shapes_name_what_does_not_fit():

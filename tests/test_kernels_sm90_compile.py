@@ -56,7 +56,9 @@ def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ())
             assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
         if "qkv_rope" in name or "C=1152" in name:  # rows of 144 B / 4.6 KB: whole-row 16-byte vectors
             assert r["vector_loads"] > 0 and r["vector_stores"] > 0, (name, r)
-            assert r["scalar_loads"] <= 4, (name, r)  # per-row statistics / weights only
+            # per-row statistics / per-column weights only: 1 fp32 a thread (qk-norm's two weights, qkv_rope's bias:
+            # one load per q, k, v part)
+            assert r["scalar_loads"] <= 4 + 3 * ("qkv_rope" in name), (name, r)
 
 
 def test_kernels_compile_for_sm90_without_spills():

@@ -38,14 +38,14 @@ def test_param_counts_every_size(size):
 def test_residual_stream_is_token_major():
     """Every block Linear sees a contiguous (B, N, C) input: a channel-major residual stream (the conv's
     transposed view) would make each norm reduce over a strided axis and each qkv / w12 GEMM copy its input,
-    and compiled blocks keep their input's strides, so it would last through all blocks. (w12 runs as F.linear on
-    its weight, its bias handed to the SwiGLU: its input is seen at the MLP.)"""
+    and compiled blocks keep their input's strides, so it would last through all blocks. (qkv and w12 run as
+    F.linear on their weights, their biases handed to the next op: their inputs are seen at the attention / MLP.)"""
     torch.manual_seed(0)
     m = LightningDiT(**TINY).eval()
     seen = []
     for name, mod in m.named_modules():
         if (isinstance(mod, torch.nn.Linear) and (name.startswith("blocks.") or name.startswith("final_layer.linear"))
-                or type(mod).__name__ == "SwiGLUFFN"):
+                or type(mod).__name__ in ("SwiGLUFFN", "Attention")):
             mod.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, inp[0].is_contiguous())))
     with torch.no_grad():
         m(torch.randn(3, 8, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]))
