@@ -102,12 +102,13 @@ def _load_tile(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 @triton.jit
 def _load_biased(rows, ok, d0, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
-    # a tile of q, k or v plus its channels' bias (BROW: the head's D biases of that part), added in fp32; fp32 out
+                 HAS_BIAS: tl.constexpr, SIGN: tl.constexpr):
+    # a tile (fp32) plus SIGN times its channels' bias (BROW: the head's D biases of that part): q or k with theirs
+    # (SIGN 1), or the output less v's (SIGN -1: P V, what the backward's dp is taken against)
     x = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D).to(tl.float32)
     if HAS_BIAS:
         d = d0 + tl.arange(0, BLOCK_D)
-        x += tl.load(BROW + d, mask=d < D, other=0.0)[None, :]
+        x += SIGN * tl.load(BROW + d, mask=d < D, other=0.0)[None, :]
     return x
 
 
@@ -115,7 +116,7 @@ def _load_biased(rows, ok, d0, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLO
 def _load_rotated(rows, ok, n, d0, COS, SIN, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
     # q or k of BLOCK_R tokens (positions n), channels d0.., (+ bias,) rotated in fp32 and rounded to the input dtype
-    x = _load_biased(rows, ok, d0, BROW, D, BLOCK_R, BLOCK_D, HAS_BIAS)
+    x = _load_biased(rows, ok, d0, BROW, D, BLOCK_R, BLOCK_D, HAS_BIAS, 1.0)
     d = d0 + tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (d[None, :] < D)
     tab = n[:, None] * D + d[None, :]
@@ -136,17 +137,6 @@ def _store_unrotated(rows, ok, n, d0, g, COS, SIN, D: tl.constexpr, BLOCK_R: tl.
     g = _rotate(g, c, s, BLOCK_R, BLOCK_D, True)
     tl.store(rows[:, None] + d[None, :], g.to(rows.dtype.element_ty), mask=mask)
     return g
-
-
-@triton.jit
-def _out_less_bias(rows, ok, d0, BROW, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-    # a tile of the output minus v's bias (fp32): P V, what the backward's dp is taken against
-    o = _load_tile(rows, ok, d0, D, BLOCK_R, BLOCK_D).to(tl.float32)
-    if HAS_BIAS:
-        d = d0 + tl.arange(0, BLOCK_D)
-        o -= tl.load(BROW + d, mask=d < D, other=0.0)[None, :]
-    return o
 
 
 @triton.jit
@@ -321,10 +311,10 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
         # with v's bias: O = P V + b_v, and dp below is taken against V without it, so delta against O - b_v
         # (the same dp - delta as with V + b_v in dp: the bias's term cancels)
         delta = tl.sum(_load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(tl.float32)
-                       * _out_less_bias(o_rows, m_ok, 0, BIAS + 2 * HD + h * D, D, BLOCK_M, DA, HAS_BIAS), 1)
+                       * _load_biased(o_rows, m_ok, 0, BIAS + 2 * HD + h * D, D, BLOCK_M, DA, HAS_BIAS, -1.0), 1)
         if HAS_B:
             delta += tl.sum(_load_tile(do_rows, m_ok, DA, D, BLOCK_M, DB).to(tl.float32)
-                            * _out_less_bias(o_rows, m_ok, DA, BIAS + 2 * HD + h * D, D, BLOCK_M, DB, HAS_BIAS), 1)
+                            * _load_biased(o_rows, m_ok, DA, BIAS + 2 * HD + h * D, D, BLOCK_M, DB, HAS_BIAS, -1.0), 1)
         tl.store(DELTA + bh * N + m, delta, mask=m_ok)
         if DQ_ATOMIC:
             _store_tile(acc_rows + m * DP, m_ok, 0, tl.zeros([BLOCK_M, DA], tl.float32), DP, DA)
