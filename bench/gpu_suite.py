@@ -43,13 +43,15 @@ TINY_CONFIG = "configs/dit_tiny_cpu.yaml"
 # gradient in bf16 (gwhp: what the wgrad's column quantization costs), our FP8 with one scale per tensor
 # (tensorwise: cuBLASLt's GEMM, no column quantization; torchao's tensorwise runs later), FP8 with our fused
 # RoPE attention (fp8mm+ropefused: the FP8 headline's A/B of it), then what 2026-12-04 measured already (the SwiGLU
-# recomputation), DeepSpeed's fp64 gradient norm (gnfp64: what the default fp32 norm saves), inductor's
+# recomputation), DeepSpeed's fp64 gradient norm (gnfp64: what the default fp32 norm saves), the headline without
+# ZeRO (zero0: on one GPU ZeRO-2 copies every gradient 5 times a step, 2026-12-05_zero_one_rank.md), inductor's
 # multi-kernel, torchao's FP8 and batch 128.
 TRAIN_CASES = [("auto+compiled", 256), ("auto+compiled+fp8mm", 256), ("auto+compiled+ropefused", 256),
                ("fused+compiled", 256), ("reference+compiled", 256), ("auto+compiled+fp8mm+fp8ours", 256),
                ("auto+compiled+fp8mm+gwhp", 256), ("auto+compiled+fp8mm+tensorwise", 256),
                ("auto+compiled+fp8mm+ropefused", 256),
-               ("auto+compiled+recompute", 256), ("auto+compiled+gnfp64", 256), ("auto+compiled+multikernel", 256),
+               ("auto+compiled+recompute", 256), ("auto+compiled+gnfp64", 256), ("auto+compiled+zero0", 256),
+               ("auto+compiled+multikernel", 256),
                ("auto+compiled+fp8", 256), ("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("reference+compiled", 128),
                ("auto+compiled+fp8", 128)]
 PROFILED_CASES = 3  # the first three cases get a 2-step kernel-time profile (bf16 and FP8 headlines, ropefused)

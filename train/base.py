@@ -76,6 +76,18 @@ def seed_rank_rngs(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
+def zero_on_one_rank(stage: int) -> str:
+    """What ZeRO `stage` (1-3) costs a run on a single rank, said at its start (the copies are counted by
+    tests/test_train_zero_one_rank.py, their time read off the 2026-12-04 H200 profile:
+    bench/results/2026-12-05_zero_one_rank.md)."""
+    cost = ("DeepSpeed still copies every fp32 gradient through its buckets and partitions (5 passes a step: "
+            "6.4 ms at XL/1 on an H200) and keeps a second fp32 copy of the weights" if stage < 3 else
+            "DeepSpeed still gathers and releases every parameter around each module, and the blocks cannot be "
+            "compiled")
+    return (f"train.zero_stage {stage} on one rank partitions nothing: {cost}; train.zero_stage=0 is the one-GPU "
+            f"setting")
+
+
 def deepspeed_config(cfg: TrainerConfig, world_size: int, global_batch: int) -> dict:
     """The DeepSpeed config of every engine of a trainer; `train.deepspeed` is merged last."""
     t, o = cfg.train, cfg.optim
@@ -201,6 +213,8 @@ class Trainer:
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
         log.info("%s", self.describe())
+        if self.info.world_size == 1 and t.zero_stage > 0 and self.info.is_main:
+            log.info(zero_on_one_rank(t.zero_stage))
         if cfg.checkpoint.resume == "auto":
             self.resume()
 
@@ -222,6 +236,12 @@ class Trainer:
             self.grad_norm_desc = set_zero_grad_norm_dtype(self.cfg.train.grad_norm_dtype)
             log.info("ZeRO gradient norms: %s", self.grad_norm_desc)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
+        if self.info.world_size == 1 and self.cfg.train.zero_stage == 0:
+            # one rank has nothing to all-reduce, and DeepSpeed's stage-0 reduction would still flatten every
+            # gradient into a bucket and copy it back: two passes over the fp32 gradients a step (XL/1: 2.7 GB
+            # read and written twice, ~2.5 ms at an H200's copy rate); ZeRO 1-3 copy them through their buckets
+            # and partitions whatever the flag says
+            engine.enable_backward_allreduce = False
         self.engines[tag], self._optimizers[tag] = engine, optimizer
         return engine
 
