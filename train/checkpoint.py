@@ -53,6 +53,7 @@ import time
 import weakref
 import zipfile
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ def _fmt_bytes(n):
 _WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "No space left")
 
 
-def as_disk_full(exc, path):
+def as_disk_full(exc: BaseException, path: Union[str, Path]) -> Optional[DiskFullError]:
     """DiskFullError for `exc` if it is a failed write to a full disk (ENOSPC, or torch's zip writer's
     "unexpected pos" after a short write), else None."""
     if isinstance(exc, DiskFullError):
@@ -130,7 +131,7 @@ def as_disk_full(exc, path):
 
 
 @contextlib.contextmanager
-def disk_full_errors(path):
+def disk_full_errors(path: Union[str, Path]) -> Iterator[None]:
     """Re-raise a failed write below `path` (e.g. DeepSpeed's save_checkpoint) as DiskFullError."""
     try:
         yield
@@ -141,7 +142,7 @@ def disk_full_errors(path):
         raise full from None
 
 
-def check_writable(path, what="folder"):
+def check_writable(path: Union[str, Path], what: str = "folder") -> Path:
     """Create `path` if needed and write, fsync and delete a probe file in it; NotWritableError or
     DiskFullError (one line, naming the folder) otherwise. Call before training starts."""
     path = Path(path)
@@ -194,16 +195,16 @@ def _atomic_write(path, write):
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path, data: bytes):
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj, path):
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     """torch.save with the same guarantee as atomic_write_bytes (temp file + fsync + rename)."""
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     """Every host-side RNG this process uses (python, numpy, torch CPU, all CUDA devices), as tensors and
     plain types only, so that it loads with torch.load(weights_only=True)."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
@@ -214,7 +215,7 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s: dict[str, Any]) -> None:
     """Restore `rng_state()`; also the older format (numpy's state tuple with an ndarray)."""
     version, internal, gauss = s["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -229,14 +230,14 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_state(path, what="resume state"):
+def load_state(path: Union[str, Path], what: str = "resume state") -> Any:
     """A trainer state file (trainer.pt, rank_*.pt, state.pt) loaded with weights_only=True. numpy's array
     reconstruction is allow-listed (and nothing else) so that checkpoints written before the RNG state was
     stored as tensors still resume. One-line CheckpointLoadError / FileNotFoundError naming the file."""
     return safe_torch_load(path, what, allow=numpy_array_globals())
 
 
-def deepspeed_allowed_globals():
+def deepspeed_allowed_globals() -> list[Callable[..., Any]]:
     """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints (loss scaler, ZeRO stage enum,
     fragment addresses), allow-listed by class: none of them runs code when rebuilt."""
     found = []
@@ -253,7 +254,7 @@ def deepspeed_allowed_globals():
 
 
 @contextlib.contextmanager
-def deepspeed_safe_load(what="DeepSpeed checkpoint file"):
+def deepspeed_safe_load(what: str = "DeepSpeed checkpoint file") -> Iterator[None]:
     """Inside this block every torch.load (DeepSpeed's checkpoint engines call it with weights_only=False)
     loads with weights_only=True and DeepSpeed's own types allow-listed; a file that asks for anything else
     raises UnsafeCheckpointError naming it, a truncated one CorruptCheckpointError. Use around
@@ -262,7 +263,7 @@ def deepspeed_safe_load(what="DeepSpeed checkpoint file"):
         yield
 
 
-def fsync_tree(root):
+def fsync_tree(root: Union[str, Path]) -> None:
     """fsync every file and directory below `root` (DeepSpeed writes without fsync)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -296,7 +297,7 @@ class RunLock:
     dead pid is stale; another host is refused (delete the file once you know that run is gone).
     """
 
-    def __init__(self, root):
+    def __init__(self, root: Union[str, Path]) -> None:
         self.root = Path(root)
         self.path = self.root / LOCK_FILE
         self._fd = None
@@ -317,13 +318,13 @@ class RunLock:
             return None
 
     @staticmethod
-    def describe(owner):
+    def describe(owner: Optional[dict[str, Any]]) -> str:
         if not owner:
             return "another run"
         return (f"the run started {owner.get('started', '?')} on host {owner.get('host', '?')} "
                 f"(pid {owner.get('pid', '?')}{', ' + owner['argv'] if owner.get('argv') else ''})")
 
-    def acquire(self):
+    def acquire(self) -> "RunLock":
         import fcntl
         if self._fd is not None:
             return self
@@ -379,7 +380,7 @@ class RunLock:
         _HELD[key] = weakref.ref(self)
         return self
 
-    def release(self):
+    def release(self) -> None:
         """Clear the record and drop the lock (the file stays: deleting it would race with a new owner)."""
         if self._fd is None:
             return
@@ -394,7 +395,7 @@ class RunLock:
             self._fd = None
 
     @property
-    def held(self):
+    def held(self) -> bool:
         return self._fd is not None
 
     def __enter__(self):
@@ -414,7 +415,8 @@ class RunLock:
 _HELD = {}  # realpath of a lock file -> weakref to the RunLock this process holds on it
 
 
-def acquire_run_lock(root, is_main=True, writable=(), check=None):
+def acquire_run_lock(root: Union[str, Path], is_main: bool = True, writable: Iterable[Union[str, Path]] = (),
+                     check: Optional[Callable[[], None]] = None) -> Optional[RunLock]:
     """Before training: rank 0 checks that `root` (and the folders in `writable`, e.g. the logging dir) can be
     written, takes the RunLock of `root` and runs `check()` (e.g. the resume=never check); with torch.distributed
     initialised every rank learns the outcome, so a refused run stops on all ranks with the same one-line error
@@ -446,7 +448,7 @@ def acquire_run_lock(root, is_main=True, writable=(), check=None):
 
 # ----------------------------------------------------------------------------- resume checks
 
-def config_changes(saved, current, prefix=""):
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """['section.key: old -> new', ...] between two plain config dicts (e.g. the one a checkpoint embeds and
     this run's `to_dict(cfg)`)."""
     out = []
@@ -460,7 +462,8 @@ def config_changes(saved, current, prefix=""):
     return out
 
 
-def check_resume_config(saved, current, path, refuse=(), warn=(), ignore=()):
+def check_resume_config(saved: dict, current: dict, path: Union[str, Path], refuse: Sequence[str] = (),
+                        warn: Sequence[str] = (), ignore: Sequence[str] = ()) -> list[str]:
     """Compare the config stored in checkpoint `path` with this run's. A change under a `refuse` prefix
     raises ResumeConfigError listing every change; under a `warn` prefix it is logged as a WARNING (each
     key: old -> new) and returned. Keys under `ignore` (e.g. "checkpoint.", "logging.") are not reported."""
@@ -490,7 +493,7 @@ class CheckpointManager:
     barrier rank 0 alone calls `commit(step)`.
     """
 
-    def __init__(self, root, keep_last=3, resume="auto"):
+    def __init__(self, root: Union[str, Path], keep_last: Optional[int] = 3, resume: str = "auto") -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         if resume not in ("auto", "never"):
@@ -499,18 +502,18 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.resume = resume  # "never": this folder must hold no checkpoint yet (check_fresh_start)
 
-    def step_dir(self, step):
+    def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:07d}"
 
-    def tmp_dir(self, step):
+    def tmp_dir(self, step: int) -> Path:
         return self.root / f"step_{step:07d}.tmp"
 
-    def acquire(self):
+    def acquire(self) -> RunLock:
         """Take the folder's RunLock (see RunLock); keep the returned lock for the life of the run."""
         self.lock = RunLock(self.root).acquire()
         return self.lock
 
-    def prepare(self, is_main=True, writable=()):
+    def prepare(self, is_main: bool = True, writable: Iterable[Union[str, Path]] = ()) -> Optional[RunLock]:
         """What a trainer calls before building anything big: the folder (and `writable`) checked writable, its
         RunLock taken by rank 0 and, with resume="never", the folder checked free of checkpoints; the outcome
         shared with every rank (see acquire_run_lock)."""
@@ -518,7 +521,7 @@ class CheckpointManager:
         self.lock = acquire_run_lock(self.root, is_main, writable, check=check)
         return self.lock
 
-    def check_fresh_start(self):
+    def check_fresh_start(self) -> None:
         """For checkpoint.resume=never: ResumeConfigError naming the folder and how to start fresh when it already
         holds checkpoints (this run's keep-last pruning would delete its own newer checkpoints as the "oldest"
         and leave latest.json pointing at a deleted step)."""
@@ -532,13 +535,13 @@ class CheckpointManager:
                 "to start fresh give the run another checkpoint.dir (or delete those), or set "
                 "checkpoint.resume=auto to continue from them")
 
-    def release(self):
+    def release(self) -> None:
         """Give the folder's lock back (the end of a run)."""
         lock = getattr(self, "lock", None)
         if lock is not None:
             lock.release()
 
-    def begin(self, step, is_main=True):
+    def begin(self, step: int, is_main: bool = True) -> Path:
         """Return the temp directory to write step `step` into."""
         tmp = self.tmp_dir(step)
         if is_main:
@@ -550,7 +553,7 @@ class CheckpointManager:
         return tmp
 
     @contextlib.contextmanager
-    def saving(self, step, is_main=True):
+    def saving(self, step: int, is_main: bool = True) -> Iterator[Path]:
         """Every rank writes checkpoint `step` into the yielded temp folder; when all ranks are done, rank 0
         commits it (fsync, manifest, rename). A full disk while writing is reported as such.
 
@@ -577,7 +580,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("checkpoint save failed: removed the partial %s", tmp)
 
-    def commit(self, step):
+    def commit(self, step: int) -> Path:
         """Make the temp directory of `step` the latest checkpoint (rank 0 only, after all writes)."""
         tmp, final = self.tmp_dir(step), self.step_dir(step)
         if not tmp.is_dir():
@@ -598,7 +601,7 @@ class CheckpointManager:
         self._prune()
         return final
 
-    def verify(self, path):
+    def verify(self, path: Union[str, Path]) -> Optional[str]:
         """None if the checkpoint directory `path` is complete, else the reason (one line). Cheap: sizes from
         COMPLETE.json (older checkpoints have none) and the zip directory at the end of every .pt file, which
         a truncated file lacks; the tensors are not read."""
@@ -624,7 +627,7 @@ class CheckpointManager:
                 return f"{f} is truncated or corrupt ({e})"
         return None
 
-    def pointer(self):
+    def pointer(self) -> Optional[tuple[int, Path]]:
         """(step, dir) that latest.json names, or None when there is none, it is unreadable (never torn: it is
         written atomically) or its folder is gone. CheckpointPointerError when it names anything but a
         `step_NNNNNNN` folder of its own step directly inside this folder (`../../other/step_6`, an absolute
@@ -648,7 +651,7 @@ class CheckpointManager:
                                          f"of this folder{how}")
         return (step, target) if target.is_dir() else None
 
-    def candidates(self):
+    def candidates(self) -> list[tuple[int, Path]]:
         """(step, dir) of every complete-looking checkpoint, newest first: the pointer's, then the others."""
         out = []
         found = self.pointer()
@@ -657,7 +660,7 @@ class CheckpointManager:
         out += [(s, self.step_dir(s)) for s in reversed(self.steps()) if all(s != o[0] for o in out)]
         return out
 
-    def latest_valid(self):
+    def latest_valid(self) -> Optional[tuple[int, Path]]:
         """(step, dir) of the newest checkpoint that `verify` finds complete, or None when there is no
         checkpoint at all. A newer broken one is skipped with a WARNING naming it and why; if every one is
         broken, CorruptCheckpointError (nothing is started over silently)."""
@@ -676,7 +679,7 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"no complete checkpoint in {self.root}: " + "; ".join(problems))
         return None
 
-    def load_latest(self, load_fn):
+    def load_latest(self, load_fn: Callable[[int, Path], Any]) -> Optional[tuple[int, Path, Any]]:
         """Call `load_fn(step, dir)` on the newest complete checkpoint; if it raises CorruptCheckpointError (a
         file that reads back corrupt), warn and go on to the previous one. Returns (step, dir, result) or
         None when the folder has no checkpoint."""
@@ -700,7 +703,7 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"no complete checkpoint in {self.root}: " + "; ".join(problems))
         return None
 
-    def steps(self):
+    def steps(self) -> list[int]:
         """Steps with a complete checkpoint directory, ascending."""
         if not self.root.is_dir():
             return []
@@ -715,7 +718,7 @@ class CheckpointManager:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def latest(self):
+    def latest(self) -> Optional[tuple[int, Path]]:
         """(step, directory) of the newest complete checkpoint, or None."""
         found = self.pointer()
         if found is not None:

@@ -27,7 +27,7 @@ def _param_groups(module: nn.Module, group_size: int) -> Iterator[list[tuple[str
 
 
 class EMA:
-    def __init__(self, module: nn.Module, decay: float = 0.9999, group_size: int = 64):
+    def __init__(self, module: nn.Module, decay: float = 0.9999, group_size: int = 64) -> None:
         self.decay = decay
         self.group_size = group_size  # parameters per update launch; gathered at once under ZeRO-3 (bounds peak memory)
         self.shadow = {}

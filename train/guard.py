@@ -61,7 +61,7 @@ def engine_step(engine: Any, grad_clip: float = 0.0) -> tuple[bool, torch.Tensor
 class NonFiniteGuard:
     """Counts skipped steps; `max_bad_steps` in a row -> `on_stop()` (save a checkpoint) and NonFiniteError."""
 
-    def __init__(self, max_bad_steps: int):
+    def __init__(self, max_bad_steps: int) -> None:
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps

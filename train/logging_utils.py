@@ -80,7 +80,7 @@ class WandbLogger:
     the same W&B run. Only numbers are logged (as TensorBoard); `step` is the optimizer step."""
 
     def __init__(self, directory: Union[str, Path], project: str = "vavae-lightningdit", mode: str = "offline",
-                 name: Optional[str] = None, config: Optional[dict] = None):
+                 name: Optional[str] = None, config: Optional[dict] = None) -> None:
         wandb = _require_wandb()
         directory = Path(directory)
         id_file = directory / "wandb_run_id"
@@ -111,7 +111,7 @@ class MetricsLogger:
     def __init__(self, directory: Union[str, Path], enabled: bool = True, tensorboard: bool = True,
                  progress_bar: bool = True, total_steps: Optional[int] = None, initial_step: int = 0,
                  wandb: bool = False, wandb_project: str = "vavae-lightningdit", wandb_mode: str = "offline",
-                 wandb_config: Optional[dict] = None):
+                 wandb_config: Optional[dict] = None) -> None:
         self.enabled = enabled
         self.tb = self.bar = self.jsonl = self.wandb = None
         if wandb:
@@ -183,7 +183,7 @@ class ProfileWindow:
     the window: pytorch.org/memory_viz). `close()` finishes a window that the run ended inside."""
 
     def __init__(self, start: int = -1, num_steps: int = 10, torch_trace: bool = False,
-                 trace_dir: Union[str, Path] = "traces", rank: Optional[int] = None):
+                 trace_dir: Union[str, Path] = "traces", rank: Optional[int] = None) -> None:
         self.start, self.stop = start, start + num_steps
         self.active = False
         self.torch_trace, self.trace_dir = torch_trace, Path(trace_dir)

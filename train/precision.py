@@ -21,7 +21,7 @@ class PrecisionProbe:
     Watches the output dtype of one layer that runs inside the engine's forward and outside any compiled
     module (a hook there causes no recompilation) for the first step, then removes itself."""
 
-    def __init__(self, layer: nn.Module, precision: str, what: str = "layers"):
+    def __init__(self, layer: nn.Module, precision: str, what: str = "layers") -> None:
         self.expected = torch.bfloat16 if precision == "bf16" else torch.float32
         self.what, self.seen = what, None
         self.handle = layer.register_forward_hook(self._hook)

@@ -26,7 +26,7 @@ class StopRequest:
     """The flag a stop signal sets, and the ranks' agreement on it. Install with `install()` in the main thread
     (fit does), restore the previous handler with `close()`."""
 
-    def __init__(self, signal_name: str, check_every: int, world_size: int, device: torch.device):
+    def __init__(self, signal_name: str, check_every: int, world_size: int, device: torch.device) -> None:
         if signal_name not in STOP_SIGNALS:
             raise ValueError(f"stop signal must be one of {', '.join(STOP_SIGNALS)}, got {signal_name!r}")
         self.signum: Optional[signal.Signals] = None if signal_name == "none" else signal.Signals[signal_name]

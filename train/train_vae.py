@@ -66,7 +66,7 @@ class SkimageCrops(ResumableLoader):
     backend = "skimage"
 
     def __init__(self, resolution: int, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1) -> None:
         from PIL import Image
 
         from .data.embedded import PHOTOS, _skimage_data_dir
@@ -102,7 +102,7 @@ class SyntheticImages(ResumableLoader):
     backend = "synthetic"
 
     def __init__(self, resolution: int, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device: Union[str, torch.device] = "cpu"):
+                 world_size: int = 1, device: Union[str, torch.device] = "cpu") -> None:
         super().__init__(EpochSampler(num_samples, batch_size, seed, rank, world_size))
         self.shape, self.seed, self.rank, self.device = (batch_size, 3, resolution, resolution), seed, rank, device
 
@@ -170,7 +170,7 @@ class AutoencoderStep(nn.Module):
     `linear_proj.weight`); the loss (frozen LPIPS, the fixed logvar) and the discriminator (the other engine's)
     are used by the forward, not owned. forward -> (generator loss, detached logs, detached reconstruction)."""
 
-    def __init__(self, vae: AutoencoderKL, linear_proj: Optional[nn.Module], loss_fn: VAVAELoss):
+    def __init__(self, vae: AutoencoderKL, linear_proj: Optional[nn.Module], loss_fn: VAVAELoss) -> None:
         super().__init__()
         self.vae, self.linear_proj = vae, linear_proj
         self._loss = [loss_fn]  # a list: not a submodule
@@ -194,7 +194,7 @@ class AutoencoderStep(nn.Module):
 class DiscriminatorStep(nn.Module):
     """What the discriminator engine wraps: the PatchGAN (`discriminator.*`); forward -> (d_loss, logs)."""
 
-    def __init__(self, loss_fn: VAVAELoss):
+    def __init__(self, loss_fn: VAVAELoss) -> None:
         super().__init__()
         self.discriminator = loss_fn.discriminator
         self._loss = [loss_fn]
@@ -277,7 +277,7 @@ class VAVAETrainer(TrainerBase):
                    "data.root")
     RESUME_IGNORE = TrainerBase.RESUME_IGNORE + ("train.epochs",)
 
-    def __init__(self, cfg: VAVAETrainConfig, eval_fn: Optional[EvalFn] = None):
+    def __init__(self, cfg: VAVAETrainConfig, eval_fn: Optional[EvalFn] = None) -> None:
         super().__init__(cfg, eval_fn)
 
     # ------------------------------------------------------------------ models, engines, data

@@ -31,7 +31,7 @@ class VAVAELoss(nn.Module):
     """`VAVAELoss(cfg.loss)`: built from the `loss:` config section (train/vae_config.LossConfig), whose fields
     are also accepted as keyword arguments (`VAVAELoss(disc_start=0, perceptual_weight=0.0)`)."""
 
-    def __init__(self, config: Optional[LossConfig] = None, /, **kwargs: Any):
+    def __init__(self, config: Optional[LossConfig] = None, /, **kwargs: Any) -> None:
         super().__init__()
         if config is None:
             config = LossConfig(**kwargs)

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 from modeling.config import console_entry
 
 
@@ -21,7 +22,7 @@ def _vae(path, config_json):
     return load_vavae_checkpoint(path, model)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     from modeling.config import cli_parser
     from train.errors import user_errors
 

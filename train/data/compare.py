@@ -6,11 +6,13 @@ draw): PIL/fp32 (the reference path), DALI/fp32 and PIL/bf16, then compares the 
 """
 import tempfile
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from .extract import extract_latents
+from .files import FileList
 from .latents import LatentStore
 
 
@@ -25,8 +27,9 @@ def _summary(ref, other):
             "latent_rel_l2_diff_mean": rel.mean().item(), "latent_rel_l2_diff_max": rel.max().item()}
 
 
-def compare_paths(vae, files, image_size=256, batch_size=32, seed=0, dali_device="auto", num_workers=2,
-                  device=None):
+def compare_paths(vae: torch.nn.Module, files: FileList, image_size: int = 256, batch_size: int = 32, seed: int = 0,
+                  dali_device: str = "auto", num_workers: int = 2,
+                  device: Optional[Union[str, torch.device]] = None) -> dict[str, Any]:
     kw = dict(image_size=image_size, batch_size=batch_size, seed=seed, shard_size=len(files), device=device,
               num_workers=num_workers, progress=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,18 +7,23 @@ feed it the clean list written by `python -m train.data scan`.
 """
 import logging
 import os
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import torch
 
+from .files import FileList
 from .sampler import VIEWS, EpochSampler, ResumableLoader, crop_params
 from .transforms import require_regular_file
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"
 
 
-def dali_available():
+def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -26,7 +31,7 @@ def dali_available():
     return True
 
 
-def resolve_device(device="auto"):
+def resolve_device(device: str = "auto") -> str:
     """'gpu' or 'cpu' for a request of 'gpu', 'cpu' or 'auto'; a request that cannot run raises."""
     if device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"DALI device must be auto, gpu or cpu, got {device!r}")
@@ -40,7 +45,8 @@ def resolve_device(device="auto"):
     return "gpu" if device == "gpu" or (device == "auto" and has_gpu) else "cpu"
 
 
-def build_pipeline(source, size, view, device, batch_size, num_threads, seed):
+def build_pipeline(source: Iterable[tuple], size: int, view: str, device: str, batch_size: int, num_threads: int,
+                   seed: int) -> "Pipeline":
     """source yields (encoded bytes, labels, crop_pos_x, crop_pos_y, mirror) lists, one batch at a time."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -66,8 +72,9 @@ class DALIImageLoader(ResumableLoader):
 
     backend = "dali"
 
-    def __init__(self, files, size, batch_size, view="train", seed=0, rank=0, world_size=1, device="auto",
-                 num_threads=None, drop_last=True, shuffle=True, flip_prob=None):
+    def __init__(self, files: FileList, size: int, batch_size: int, view: str = "train", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str = "auto", num_threads: Optional[int] = None, drop_last: bool = True,
+                 shuffle: bool = True, flip_prob: Optional[float] = None) -> None:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         self.device = resolve_device(device)

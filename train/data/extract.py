@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -38,11 +39,11 @@ def _file_list_digest(files):
     return h.hexdigest()
 
 
-def shard_seed(seed, rank, shard):
+def shard_seed(seed: int, rank: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, rank, shard]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def shard_complete(path, n):
+def shard_complete(path: Union[str, Path], n: int) -> bool:
     """True if `path` is a whole shard of n samples (a torn or foreign file is redone)."""
     try:
         header, _, start = safetensors_header(path)
@@ -52,7 +53,7 @@ def shard_complete(path, n):
         return False
 
 
-def tokenizer_fingerprint(vae):
+def tokenizer_fingerprint(vae: torch.nn.Module) -> dict[str, Any]:
     """{"sha256": hash of every weight (name, dtype, shape, bytes) and the config, "config": ..., "params"}:
     the provenance extract.json records, so latents from two tokenizers are never mixed."""
     import dataclasses
@@ -116,7 +117,8 @@ def _image_loader(files, image_size, batch_size, backend, dali_device, num_worke
     return build_image_loader(files, image_size, batch_size, backend=backend, num_workers=num_workers, **kw)
 
 
-def check_extract_settings(vae, image_size, batch_size, rank, world_size, shard_size, num_workers, flags=None):
+def check_extract_settings(vae: Optional[torch.nn.Module], image_size: int, batch_size: int, rank: int, world_size: int,
+                           shard_size: int, num_workers: int, flags: Optional[dict[str, str]] = None) -> None:
     """ConfigError naming the first setting that cannot work. `flags`: {setting: its command-line name}."""
     from modeling.config import ConfigError
 
@@ -137,9 +139,11 @@ def check_extract_settings(vae, image_size, batch_size, rank, world_size, shard_
 
 
 @torch.no_grad()
-def extract_latents(vae, files: FileList, out_dir, image_size=256, batch_size=64, rank=0, world_size=1, seed=0,
-                    shard_size=10000, store_dtype="fp32", backend="pil", dali_device="auto", num_workers=4,
-                    device=None, amp=None, progress=True):
+def extract_latents(vae: torch.nn.Module, files: FileList, out_dir: Union[str, Path], image_size: int = 256,
+                    batch_size: int = 64, rank: int = 0, world_size: int = 1, seed: int = 0, shard_size: int = 10000,
+                    store_dtype: str = "fp32", backend: str = "pil", dali_device: str = "auto", num_workers: int = 4,
+                    device: Optional[Union[str, torch.device]] = None, amp: Optional[str] = None,
+                    progress: bool = True) -> dict[str, int]:
     """Encode this rank's part of `files` into out_dir. Returns {"written", "skipped", "stats"}.
     Settings that cannot work (a rank outside 0..world_size-1, which would duplicate another rank's images; an
     image size the tokenizer cannot encode; sizes below 1) raise ConfigError naming the setting."""
@@ -222,7 +226,8 @@ def _write_shard(path, latents, latents_flip, labels, indices, seed):
         raise
 
 
-def finalize_stats(out_dir, num_files, world_size, shard_size, recompute=True):
+def finalize_stats(out_dir: Union[str, Path], num_files: int, world_size: int, shard_size: int,
+                   recompute: bool = True) -> Optional[dict[str, torch.Tensor]]:
     """When every rank's shards are in place, compute latents_stats.pt as the reference does."""
     out_dir = Path(out_dir)
     for r in range(world_size):

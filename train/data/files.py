@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Optional, Union
 
 from modeling.safe_load import describe_path
 
@@ -40,10 +41,10 @@ class FileList:
     def __len__(self):
         return len(self.paths)
 
-    def abspath(self, i):
+    def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
-    def write(self, out_dir):
+    def write(self, out_dir: Union[str, Path]) -> None:
         """files.tsv (relpath<TAB>label, the path escaped by `encode_path`) + classes.json + root.txt (the
         root, escaped the same way) + format.json, written atomically."""
         out_dir = Path(out_dir)
@@ -54,7 +55,7 @@ class FileList:
         _atomic_write(out_dir / "files.tsv", "".join(f"{encode_path(p)}\t{y}\n" for p, y in zip(self.paths, self.labels)))
 
     @classmethod
-    def read(cls, scan_dir, root=None):
+    def read(cls, scan_dir: Union[str, Path], root: Optional[Union[str, Path]] = None) -> "FileList":
         scan_dir = Path(scan_dir)
         try:
             fmt = json.loads((scan_dir / "format.json").read_text()) if (scan_dir / "format.json").is_file() else {}
@@ -81,7 +82,7 @@ FORMAT_VERSION = 2
 PATH_ENCODING = "percent-escaped: '%', control and other unprintable characters, undecodable bytes"
 
 
-def encode_path(path):
+def encode_path(path: str) -> str:
     """A file name as one line of text that `decode_path` maps back exactly, whatever it holds (tabs, newlines,
     bytes that are not UTF-8). Printable characters other than '%' are kept as they are."""
     out = []
@@ -93,7 +94,7 @@ def encode_path(path):
     return "".join(out)
 
 
-def decode_path(text):
+def decode_path(text: str) -> str:
     from urllib.parse import unquote_to_bytes
     return os.fsdecode(unquote_to_bytes(text))
 
@@ -103,7 +104,7 @@ HIDDEN_SUBFOLDER = "hidden folder: skipped"
 HIDDEN_FILE = "hidden file: skipped"
 
 
-def find_classes(root, skipped=None):
+def find_classes(root: Union[str, Path], skipped: Optional[list[tuple[str, str]]] = None) -> list[str]:
     """The class folder names of ROOT, sorted; hidden folders (".name") are left out and go to `skipped`."""
     classes = []
     for e in os.scandir(root):
@@ -118,7 +119,7 @@ def find_classes(root, skipped=None):
     return sorted(classes)
 
 
-def image_folder(root, skipped=None):
+def image_folder(root: Union[str, Path], skipped: Optional[list[tuple[str, str]]] = None) -> FileList:
     """The file list torchvision.datasets.ImageFolder(root) would build, unchecked, same order -- except that
     every real file is listed once: symlinked directories are followed but never twice (a symlink loop ends),
     a symlink to a file or folder elsewhere inside ROOT is not listed (the file is listed at its own path, with
@@ -186,7 +187,7 @@ def image_folder(root, skipped=None):
     return FileList(root, paths, labels, classes)
 
 
-def load_file_list(data):
+def load_file_list(data: Union[str, Path]) -> FileList:
     """A scan folder (has files.tsv) or an image root (walked like ImageFolder, unchecked)."""
     data = Path(data)
     if (data / "files.tsv").is_file():
@@ -201,7 +202,7 @@ def load_file_list(data):
 _JPEG_EXT = (".jpg", ".jpeg")
 
 
-def check_image(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
+def check_image(path: str, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> tuple[str, str]:
     """Decode one file fully. Returns (status, note): status 'ok' or 'bad'; note says what is odd. An image
     outside the size bounds is 'bad' without being decoded (its header is enough)."""
     from PIL import Image
@@ -235,8 +236,9 @@ def _check(args):
     return rel, status, note
 
 
-def scan(root, out_dir=None, workers=None, chunksize=16, progress=True, max_pixels=MAX_PIXELS,
-         max_aspect=MAX_ASPECT):
+def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None,
+         chunksize: int = 16, progress: bool = True, max_pixels: int = MAX_PIXELS,
+         max_aspect: float = MAX_ASPECT) -> dict[str, Any]:
     """Check every image under root once; write the clean list to out_dir (default: ROOT.scan beside root).
 
     Images with more than `max_pixels` pixels or a long side above `max_aspect` short sides are bad (listed in

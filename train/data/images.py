@@ -9,10 +9,12 @@ labels int64 (B,)). Views:
 `build_image_loader(..., backend="auto")` picks DALI when installed, else PIL, and logs which ran.
 """
 import logging
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .files import FileList
 from .sampler import VIEWS, EpochSampler, ResumableLoader, crop_params  # noqa: F401  (VIEWS, crop_params: re-exported)
 from .transforms import center_crop_arr, open_rgb, resize_shorter_random_crop, to_tensor
 
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 class ImageDataset(Dataset):
     """PIL decode + view of file i. Key: (index, epoch, flip); the crop position is seeded by the key."""
 
-    def __init__(self, files, size, view="center", seed=0):
+    def __init__(self, files: FileList, size: int, view: str = "center", seed: int = 0) -> None:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         self.files, self.size, self.view, self.seed = files, size, view, seed
@@ -52,8 +54,9 @@ class PILImageLoader(ResumableLoader):
 
     backend = "pil"
 
-    def __init__(self, files, size, batch_size, view="train", seed=0, rank=0, world_size=1, num_workers=4,
-                 drop_last=True, shuffle=True, flip_prob=None):
+    def __init__(self, files: FileList, size: int, batch_size: int, view: str = "train", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 4, drop_last: bool = True, shuffle: bool = True,
+                 flip_prob: Optional[float] = None) -> None:
         flip_prob = (0.5 if view == "train" else 0.0) if flip_prob is None else flip_prob
         super().__init__(EpochSampler(len(files), batch_size, seed, rank, world_size, drop_last, shuffle,
                                       flip_prob))
@@ -69,7 +72,8 @@ class PILImageLoader(ResumableLoader):
                               persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
-def build_image_loader(files, size, batch_size, backend="auto", view="train", dali_device="auto", **kw):
+def build_image_loader(files: FileList, size: int, batch_size: int, backend: str = "auto", view: str = "train",
+                       dali_device: str = "auto", **kw: Any) -> ResumableLoader:
     """backend: "pil", "dali" or "auto" (DALI if installed). dali_device: "gpu", "cpu" or "auto"."""
     if backend == "auto":
         from .dali import dali_available

@@ -20,6 +20,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,11 +38,11 @@ STATS_FILE = "latents_stats.pt"
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
 
 
-def shard_name(rank, shard):
+def shard_name(rank: int, shard: int) -> str:
     return f"latents_rank{rank:02d}_shard{shard:03d}.safetensors"
 
 
-def safetensors_header(path):
+def safetensors_header(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, str], int]:
     """(tensors: {name: {dtype, shape, data_offsets}}, metadata dict, byte offset of the data), every entry
     checked against the file (modeling.safe_load.read_safetensors_header). A file that is not a safetensors
     file -- or a FIFO, a truncated file, a header that lies -- raises DataError naming it."""
@@ -51,16 +52,16 @@ def safetensors_header(path):
         raise DataError(" ".join(str(e).split())) from None
 
 
-def rank_indices(num_files, rank, world_size):
+def rank_indices(num_files: int, rank: int, world_size: int) -> np.ndarray:
     """The file-list positions rank `rank` of `world_size` extracts (r, r+W, r+2W, ...), as the reference."""
     return np.arange(rank, num_files, world_size)
 
 
-def num_shards(num_files, rank, world_size, shard_size):
+def num_shards(num_files: int, rank: int, world_size: int, shard_size: int) -> int:
     return math.ceil(len(rank_indices(num_files, rank, world_size)) / shard_size)
 
 
-def expected_shards(manifest):
+def expected_shards(manifest: dict[str, Any]) -> Optional[dict[str, int]]:
     """{shard file name: sample count} of every shard the extraction recorded in `manifest` (extract.json)
     writes, over all its ranks; None when the manifest lacks the settings (made by an older version)."""
     try:
@@ -93,7 +94,8 @@ def _memmap(path, info, data_start, key):
 class LatentStore:
     """All shards of a latent directory, memory-mapped. `gather` reads a batch."""
 
-    def __init__(self, directory, files, latents, latents_flip, labels, stored_dtype):
+    def __init__(self, directory: Union[str, Path], files: list[Path], latents: list[np.ndarray],
+                 latents_flip: list[np.ndarray], labels: list[np.ndarray], stored_dtype: str) -> None:
         self.directory = Path(directory)
         self.files = files
         self._latents = latents            # per-shard memmaps
@@ -107,7 +109,8 @@ class LatentStore:
         self.manifest = None  # extract.json of the folder (None for shards made elsewhere)
 
     @classmethod
-    def open(cls, directory, latent_shape=None, num_classes=None):
+    def open(cls, directory: Union[str, Path], latent_shape: Optional[Sequence[int]] = None,
+             num_classes: Optional[int] = None) -> "LatentStore":
         """Memory-map every shard of `directory`. With `latent_shape` (C, H, W) and/or `num_classes`, also
         `check` that the latents fit the model (DataError otherwise)."""
         directory = Path(directory)
@@ -158,7 +161,7 @@ class LatentStore:
             store.check(latent_shape, num_classes)
         return store
 
-    def check(self, latent_shape=None, num_classes=None):
+    def check(self, latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None) -> "LatentStore":
         """Refuse (DataError naming the folder / shard) latents that do not fit the model: shape (C, H, W)
         other than `latent_shape`, labels outside 0..num_classes-1, or a manifest that disagrees with the
         shards. Cheap (labels only); the DiT trainer calls it before training starts."""
@@ -185,11 +188,11 @@ class LatentStore:
         return self
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         return int(self.offsets[-1])
 
     @property
-    def stats(self):
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each float32 (1, C, 1, 1): latents_stats.pt, computed and saved if missing."""
         if self._stats is None:
             path = self.directory / STATS_FILE
@@ -210,7 +213,8 @@ class LatentStore:
             self._stats = (s["mean"].float(), s["std"].float())
         return self._stats
 
-    def gather(self, indices, flip=None, check_finite=True):
+    def gather(self, indices: np.ndarray, flip: Optional[np.ndarray] = None,
+               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Samples `indices` (int array), from latents_flip where `flip` is True.
 
         Returns (latents float32 (B, C, H, W), labels int64 (B,), order) where the batch is laid out
@@ -244,7 +248,7 @@ class LatentStore:
         return lat, torch.from_numpy(self.labels[idx]), order
 
 
-def compute_stats(store, max_samples=10000, seed=0):
+def compute_stats(store: LatentStore, max_samples: int = 10000, seed: int = 0) -> dict[str, torch.Tensor]:
     """The reference's compute_latent_stats: up to 10000 random samples of `latents` (not the flips),
     mean and (unbiased) std over batch, height and width, keepdim -> (1, C, 1, 1). Seeded here."""
     n = min(max_samples, store.num_samples)
@@ -262,7 +266,7 @@ def compute_stats(store, max_samples=10000, seed=0):
     return {"mean": lat.mean(dim=[0, 2, 3], keepdim=True), "std": lat.std(dim=[0, 2, 3], keepdim=True)}
 
 
-def save_stats(stats, path):
+def save_stats(stats: dict[str, torch.Tensor], path: Union[str, Path]) -> None:
     tmp = str(path) + ".tmp"
     try:
         torch.save({"mean": stats["mean"], "std": stats["std"]}, tmp)
@@ -298,8 +302,8 @@ class LatentLoader(ResumableLoader):
     in a background thread while the current one is used (numpy copies release the GIL).
     """
 
-    def __init__(self, store, batch_size, seed=0, rank=0, world_size=1, flip_prob=0.5, drop_last=True,
-                 shuffle=True, prefetch=True):
+    def __init__(self, store: LatentStore, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 flip_prob: float = 0.5, drop_last: bool = True, shuffle: bool = True, prefetch: bool = True) -> None:
         super().__init__(EpochSampler(store.num_samples, batch_size, seed, rank, world_size, drop_last, shuffle,
                                       flip_prob))
         self.store = store
@@ -327,7 +331,7 @@ class ReferenceLatentReader:
     """The reference ImgLatentDataset's access pattern (one safe_open per sample, flip with p=0.5, no
     normalisation here): the baseline the loader benchmark and tests compare against."""
 
-    def __init__(self, directory, seed=0):
+    def __init__(self, directory: Union[str, Path], seed: int = 0) -> None:
         from safetensors import safe_open
 
         self._safe_open = safe_open
@@ -344,7 +348,7 @@ class ReferenceLatentReader:
     def __getitem__(self, idx):
         return self.get(idx)
 
-    def get(self, idx, flip=None):
+    def get(self, idx: int, flip: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
         path, i = self.index[idx]
         if flip is None:
             flip = self.rng.uniform(0, 1) > 0.5

@@ -1,11 +1,13 @@
 """Seeded, rank-aware, resumable sample order shared by the latent and image loaders (and the per-sample crop
 positions both image backends draw, so the PIL and DALI loaders read the same views)."""
+from typing import Any
+
 import numpy as np
 
 VIEWS = ("center", "train")
 
 
-def crop_params(seed, epoch, index):
+def crop_params(seed: int, epoch: int, index: int) -> tuple[float, float]:
     """Crop position fractions (u_x, u_y) in [0, 1) for one sample of one epoch (both backends)."""
     u = np.random.Generator(np.random.PCG64([seed, epoch, int(index), 1])).random(2)
     return float(u[0]), float(u[1])
@@ -21,8 +23,8 @@ class EpochSampler:
     global batch (as DistributedSampler pads).
     """
 
-    def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, drop_last=True, shuffle=True,
-                 flip_prob=0.0):
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, shuffle: bool = True, flip_prob: float = 0.0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.num_samples, self.batch_size = num_samples, batch_size
@@ -35,7 +37,7 @@ class EpochSampler:
             raise ValueError(f"{num_samples} samples < one global batch ({batch_size} x {world_size} ranks)"
                              " with drop_last")
 
-    def epoch_plan(self, epoch):
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices, flips) of the whole epoch in global order, length batches_per_epoch * B * W."""
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
         perm = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
@@ -45,7 +47,7 @@ class EpochSampler:
             perm, flips = np.resize(perm, need), np.resize(flips, need)
         return perm[:need], flips[:need]
 
-    def rank_batch(self, plan, g):
+    def rank_batch(self, plan: tuple[np.ndarray, np.ndarray], g: int) -> tuple[np.ndarray, np.ndarray]:
         lo = g * self.global_batch + self.rank * self.batch_size
         return plan[0][lo: lo + self.batch_size], plan[1][lo: lo + self.batch_size]
 
@@ -55,7 +57,7 @@ class ResumableLoader:
     current epoch; the position counts batches handed out, so `state_dict()` taken after any batch and
     `load_state_dict()` in a new process continue with exactly the next batch."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler: EpochSampler) -> None:
         self.sampler = sampler
         self.epoch, self.batch_in_epoch = 0, 0
 
@@ -73,13 +75,13 @@ class ResumableLoader:
             yield batch
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         s = self.sampler
         return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * s.global_batch, "seed": s.seed,
                 "num_samples": s.num_samples, "flip_prob": s.flip_prob, "shuffle": s.shuffle,
                 "drop_last": s.drop_last}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.sampler
         for key in ("seed", "num_samples", "flip_prob", "shuffle", "drop_last"):
             if state[key] != getattr(s, key):

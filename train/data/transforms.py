@@ -6,6 +6,9 @@
   random horizontal flip), with the randomness passed in so a loader can seed it per sample.
 - `to_tensor`: uint8 HWC -> float CHW in [-1, 1] = Normalize(0.5, 0.5) after ToTensor.
 """
+from pathlib import Path
+from typing import Optional, Union
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,7 +24,7 @@ class ImageRejected(ValueError):
     """An image outside the size bounds (too many pixels, too elongated); the message names the file."""
 
 
-def check_size(size, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
+def check_size(size: tuple[int, int], max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> Optional[str]:
     """None if a (w, h) image is within the bounds, else the reason."""
     w, h = size
     if w < 1 or h < 1:
@@ -33,7 +36,7 @@ def check_size(size, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
     return None
 
 
-def require_regular_file(path):
+def require_regular_file(path: Union[str, Path]) -> None:
     """ImageRejected naming `path` unless it is a regular file (or a link to one): a FIFO named x.jpg would
     block the reader forever, a dangling link or a device is no image."""
     from modeling.safe_load import describe_path
@@ -42,7 +45,7 @@ def require_regular_file(path):
         raise ImageRejected(f"{path} {reason}")
 
 
-def to_rgb(im, path=""):
+def to_rgb(im: Image.Image, path: Union[str, Path] = "") -> Image.Image:
     """A decoded PIL image as 8-bit RGB, with high bit depths scaled rather than clipped: 16-bit grayscale
     ("I;16", a 16-bit PNG or TIFF) maps 0..65535 to 0..255 (PIL's own convert clips it: nearly all white);
     float ("F", a float32 TIFF) in [0, 1] maps to 0..255 (convert would give nearly all black). Modes whose
@@ -67,7 +70,7 @@ def to_rgb(im, path=""):
     return im.convert("RGB")
 
 
-def open_rgb(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
+def open_rgb(path: Union[str, Path], max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Decode to RGB; ImageRejected (naming the file) before decoding when outside the size bounds, when the
     path is no regular file, or for a mode whose range is unknown (see to_rgb)."""
     require_regular_file(path)
@@ -78,7 +81,7 @@ def open_rgb(path, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT):
         return to_rgb(im, path)
 
 
-def center_crop_arr(pil_image, image_size):
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM / LightningDiT center crop -> uint8 array (image_size, image_size, 3)."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -90,7 +93,7 @@ def center_crop_arr(pil_image, image_size):
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
-def resize_shorter_random_crop(pil_image, size, u_x, u_y, flip):
+def resize_shorter_random_crop(pil_image: Image.Image, size: int, u_x: float, u_y: float, flip: bool) -> np.ndarray:
     """Short side -> size (BICUBIC), crop at fractions (u_x, u_y) of the slack, optional mirror."""
     w, h = pil_image.size
     scale = size / min(w, h)
@@ -101,7 +104,7 @@ def resize_shorter_random_crop(pil_image, size, u_x, u_y, flip):
     return arr[:, ::-1] if flip else arr
 
 
-def to_tensor(arr):
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1], exactly (x / 255 - 0.5) / 0.5."""
     x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
     return x.sub_(0.5).div_(0.5)
