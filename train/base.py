@@ -137,7 +137,7 @@ class MetricWindow:
     step). `reduce()` gives each metric's mean over those steps and over the ranks (a collective: every rank
     calls it); `gauges` (e.g. a global gradient norm, the same on every rank) give their last value instead."""
 
-    def __init__(self, device: torch.device, gauges: Iterable[str] = ()):
+    def __init__(self, device: torch.device, gauges: Iterable[str] = ()) -> None:
         self.device, self.gauges = device, set(gauges)
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}
         self.last: dict[str, torch.Tensor] = {}
@@ -177,7 +177,7 @@ class Trainer:
     RESHARDABLE: tuple[str, ...] = ("train.batch_per_gpu", "train.global_batch", "train.zero_stage")
     GAUGES: tuple[str, ...] = ()       # metrics logged as their last value instead of the window's mean
 
-    def __init__(self, cfg: TrainerConfig, eval_fn: Optional[EvalFn] = None):
+    def __init__(self, cfg: TrainerConfig, eval_fn: Optional[EvalFn] = None) -> None:
         if eval_fn is not None and not hasattr(cfg, "eval"):
             raise ConfigError(f"the {self.NAME} trainer's config has no eval section: an eval_fn is never called")
         self.cfg, self.eval_fn = cfg, eval_fn

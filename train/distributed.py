@@ -86,7 +86,7 @@ class Heartbeat:
     """This rank's heartbeat in the rendezvous store (see the module docstring). Store keys are scoped to the
     launch (torchrun's run id and restart count), so a restarted worker group starts from fresh counters."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float, interval_s: float = HEARTBEAT_S):
+    def __init__(self, rank: int, world_size: int, timeout_s: float, interval_s: float = HEARTBEAT_S) -> None:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self.where = f"{host}:{port}"

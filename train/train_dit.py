@@ -47,7 +47,7 @@ class SyntheticLatents:
     """Deterministic random latents + labels (throughput runs and tests); same interface as LatentLoader."""
 
     def __init__(self, batch_size: int, channels: int, size: int, num_classes: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1) -> None:
         self.shape = (batch_size, channels, size, size)
         self.num_classes, self.seed, self.rank, self.world_size = num_classes, seed, rank, world_size
         self.position = 0  # batches served by this rank
@@ -129,7 +129,7 @@ class DiTTrainer(TrainerBase):
     RESUME_WARN = ("train.", "data.", "optim.")
     GAUGES = ("grad_norm",)  # the global norm of the last applied step, the same on every rank
 
-    def __init__(self, cfg: DiTTrainConfig, eval_fn: Optional[EvalFn] = None):
+    def __init__(self, cfg: DiTTrainConfig, eval_fn: Optional[EvalFn] = None) -> None:
         super().__init__(cfg, eval_fn)
 
     # ------------------------------------------------------------------ model, engine, data
