@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key."""
 
 
-def require(cond, msg):
+def require(cond: object, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -160,7 +160,7 @@ def _validate_tree(obj, path):
             raise ConfigError(f"{path}: {e}") from None
 
 
-def from_dict(cls, data):
+def from_dict(cls: type, data: dict | None) -> typing.Any:
     """Build and validate schema `cls` from a plain dict (e.g. a config stored in a checkpoint). A schema may
     define a static `upgrade(data) -> data` that renames keys of older versions first (convert on read)."""
     if hasattr(cls, "upgrade"):
@@ -176,7 +176,7 @@ def _plain(v):
     return v
 
 
-def to_dict(cfg):
+def to_dict(cfg: typing.Any) -> dict[str, typing.Any]:
     """The config as plain YAML-able Python (tuples become lists)."""
     return _plain(dataclasses.asdict(cfg))
 
@@ -213,7 +213,7 @@ def _yaml_load(text):
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def parse_override(text):
+def parse_override(text: str) -> tuple[list[str], typing.Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is parsed as YAML ('[0.9, 0.95]', 'null')."""
     require("=" in text, f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
@@ -226,7 +226,7 @@ def parse_override(text):
     return key.split("."), value
 
 
-def apply_overrides(data, overrides):
+def apply_overrides(data: dict, overrides: typing.Iterable[str] | None) -> dict:
     """Set dotted keys in the nested dict `data` (in place). Unknown keys are caught by validation."""
     for text in overrides or ():
         keys, value = parse_override(text)
@@ -239,7 +239,7 @@ def apply_overrides(data, overrides):
     return data
 
 
-def read_yaml(path):
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     require(path.is_file(), f"config file not found: {path}")
     try:
@@ -255,14 +255,14 @@ def read_yaml(path):
     return data
 
 
-def load_config(cls, path=None, overrides=()):
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] | None = ()) -> typing.Any:
     """YAML file (optional) + dotted overrides -> validated instance of schema `cls`."""
     data = read_yaml(path) if path else {}
     apply_overrides(data, overrides)
     return from_dict(cls, data)
 
 
-def dump_config(cfg, path=None):
+def dump_config(cfg: typing.Any, path: str | Path | None = None) -> str:
     """YAML text of the resolved config; also written to `path` when given."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if path is not None:
@@ -287,17 +287,18 @@ class CliParser(argparse.ArgumentParser):
     """ArgumentParser with HelpFormatter; an option added without help text still shows its default.
     Sub-commands (`add_subparsers().add_parser`) are CliParsers too."""
 
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+    def __init__(self, *args: typing.Any, formatter_class: type[argparse.HelpFormatter] = HelpFormatter,
+                 **kwargs: typing.Any) -> None:
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
-    def format_help(self):
+    def format_help(self) -> str:
         for a in self._actions:
             if a.help is None and a.option_strings and a.default not in (None, argparse.SUPPRESS):
                 a.help = "(default: %(default)s)"
         return super().format_help()
 
 
-def cli_parser(module, description=None, **kwargs):
+def cli_parser(module: str, description: str | None = None, **kwargs: typing.Any) -> CliParser:
     """The parser of a `python -m MODULE` command: that name as prog, every default shown."""
     return CliParser(prog=f"python -m {module}", description=description, **kwargs)
 
@@ -339,7 +340,7 @@ def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()) -
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def field_comments(cls):
+def field_comments(cls: type) -> dict[str, str]:
     """{field name: its source comment} for a dataclass, read from the class source with ast + tokenize.
 
     The comment of a field is the trailing comment on its statement's lines (continued by comment-only
@@ -412,7 +413,7 @@ def _value_text(v):
     return str(v)
 
 
-def schema_keys(cls, prefix=""):
+def schema_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """[(dotted key, type text, default text, comment)] for every leaf key of a schema, in field order."""
     hints, docs, rows = typing.get_type_hints(cls), field_comments(cls), []
     for f in dataclasses.fields(cls):
@@ -446,7 +447,7 @@ def _keys_fit(cls, data):
     return True
 
 
-def shipped_configs(cls, configs_dir=None):
+def shipped_configs(cls: type, configs_dir: str | Path | None = None) -> list[tuple[Path, str]]:
     """[(path, first comment line)] of the YAML files in configs/ whose keys all belong to schema `cls`."""
     out = []
     for path in sorted(Path(configs_dir or CONFIGS_DIR).glob("*.y*ml")):
@@ -479,7 +480,7 @@ def _first_sentence(text, limit=150):
     return first if len(first) <= limit else first[:limit - 3].rstrip() + "..."
 
 
-def schema_help(cls, configs_dir=None, width=120):
+def schema_help(cls: type, configs_dir: str | Path | None = None, width: int = 120) -> str:
     """The --help epilog of a trainer: every config key (type, default, comment) and the shipped configs."""
     rows = schema_keys(cls)
     kw = max(len(r[0]) for r in rows)
@@ -527,7 +528,8 @@ def _caller_schema(globs):
     return found.pop() if len(found) == 1 else None
 
 
-def add_config_args(parser: argparse.ArgumentParser, schema=None, configs_dir=None):
+def add_config_args(parser: argparse.ArgumentParser, schema: type | None = None,
+                    configs_dir: str | Path | None = None) -> argparse.ArgumentParser:
     """--config FILE, --set k=v (repeatable), and bare k=v arguments; and a --help that documents them.
 
     `schema` (the trainer's top-level dataclass; default: the one top-level schema of the calling
@@ -553,13 +555,13 @@ def add_config_args(parser: argparse.ArgumentParser, schema=None, configs_dir=No
     return parser
 
 
-def config_from_args(cls, args):
+def config_from_args(cls: type, args: argparse.Namespace) -> typing.Any:
     return load_config(cls, args.config, list(args.overrides) + list(args.extra))
 
 
 # ----------------------------------------------------------------------------- outputs at the command line
 
-def check_output_path(path, flag: str, written=()) -> Path:
+def check_output_path(path: str | Path, flag: str, written: typing.Sequence[str] = ()) -> Path:
     """Refuse, before any work, an output the command could not write at the end: a name or a path longer than
     the file system allows, an existing folder, a parent that is a file or not writable (tried, so it holds for
     root and read-only mounts too). `written`: the other names the command writes beside it (e.g. OUT.tmp.npz).
@@ -603,12 +605,12 @@ def check_output_path(path, flag: str, written=()) -> Path:
     return p
 
 
-def exit_status(result) -> int:
+def exit_status(result: object) -> int:
     """A command's exit status from what its main returned: an int is the status; a report dict or None is 0."""
     return result if isinstance(result, int) else 0
 
 
-def console_entry(module: str):
+def console_entry(module: str) -> typing.Callable[[], int]:
     """The setup.py console script of `python -m MODULE`: runs MODULE.main(sys.argv[1:]) and returns its exit
     status. The module is looked up at call time (so the script and `python -m` run the same main)."""
     def cli() -> int:

@@ -18,6 +18,9 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .checkpoint import class_for_kind
 from .hub import STATS_NAME, load_latent_stats, save_latent_stats
@@ -27,7 +30,7 @@ from .safe_load import CheckpointLoadError, require_file
 from .sampling import SAMPLING_PRESETS, preset_for_name
 
 
-def file_sha256(path, chunk=1 << 24):
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(require_file(path), "rb") as f:
         while True:
@@ -39,7 +42,8 @@ def file_sha256(path, chunk=1 << 24):
 
 # ----------------------------------------------------------------------------- loading released files
 
-def load_released(path, kind=None, weights="ema", **overrides):
+def load_released(path: str | os.PathLike, kind: str | None = None, weights: str = "ema",
+                  **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model, info) from a released-format file; info = {"kind", "file", "weights", "size", "train_config"}.
 
     kind: expected 'lightningdit' / 'vavae' (None: whatever the file holds). `overrides` replace inferred
@@ -54,14 +58,16 @@ def load_released(path, kind=None, weights="ema", **overrides):
     return build_released(class_for_kind(found), found, path, weights, ckpt=ckpt, **overrides)
 
 
-def load_model(src, kind, weights="ema", device="cpu", **overrides):
+def load_model(src: str | os.PathLike, kind: str, weights: str = "ema", device: str | torch.device = "cpu",
+               **overrides: Any) -> torch.nn.Module:
     """A model from our folder, a hub id or a released file, for the CLIs (kind: 'lightningdit' / 'vavae')."""
     return class_for_kind(kind).from_pretrained(src, weights=weights, device=device, **overrides)
 
 
 # ----------------------------------------------------------------------------- conversion
 
-def convert(src, out, kind=None, weights="ema", latent_stats=None, preset="auto", **overrides):
+def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = None, weights: str = "ema",
+            latent_stats: str | os.PathLike | None = None, preset: str | None = "auto", **overrides: Any) -> Path:
     """Convert one released file into our format. Returns the output path.
 
     DiT / tokenizer -> folder `out` (model.safetensors, config.json, README.md); latent statistics ->
@@ -97,7 +103,7 @@ def convert(src, out, kind=None, weights="ema", latent_stats=None, preset="auto"
     return out
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m modeling.convert", description=__doc__,
                                 formatter_class=type("F", (argparse.RawDescriptionHelpFormatter,
                                                            argparse.ArgumentDefaultsHelpFormatter), {}))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 class NLayerDiscriminator(nn.Module):
     """pix2pix PatchGAN: 4x4 convs, BatchNorm, LeakyReLU(0.2); one logit per overlapping patch."""
 
-    def __init__(self, input_nc=3, ndf=64, n_layers=3):
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3) -> None:
         super().__init__()
         seq = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
@@ -23,11 +23,11 @@ class NLayerDiscriminator(nn.Module):
         self.main = nn.Sequential(*seq)
         self.apply(weights_init)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)
 
 
-def weights_init(m):
+def weights_init(m: nn.Module) -> None:
     if isinstance(m, nn.Conv2d):
         nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d):
@@ -35,20 +35,21 @@ def weights_init(m):
         nn.init.zeros_(m.bias)
 
 
-def hinge_d_loss(logits_real, logits_fake):
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def vanilla_d_loss(logits_real, logits_fake):
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
-def adopt_weight(weight, global_step, threshold=0, value=0.0):
+def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
     """The reference's warm-up switch: `value` before step `threshold`, `weight` from then on."""
     return value if global_step < threshold else weight
 
 
-def adaptive_gan_weight(nll_loss, g_loss, last_layer_weight, disc_weight, nll_grads=None):
+def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
+                        disc_weight: float, nll_grads: torch.Tensor | None = None) -> torch.Tensor:
     """taming: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times disc_weight. nll_grads:
     d nll / d W when the caller took it already."""
     if nll_grads is None:

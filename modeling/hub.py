@@ -27,6 +27,9 @@ import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import torch
 
 from .released import build_released, check_config_fits, load_state_dict_strict
 from .safe_load import CheckpointLoadError, NotAFileError, describe_path, load_safetensors, safetensors_shapes
@@ -50,6 +53,9 @@ try:  # optional at import time: the GPU machines run without it
 except ImportError:  # pragma: no cover - exercised only where huggingface_hub is absent
     _HFBase, _hf_hub_download, HAVE_HF = object, None, False
 
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
 
 def _jsonable(value):
     if is_dataclass(value) and not isinstance(value, type):
@@ -63,7 +69,7 @@ def _jsonable(value):
     return value
 
 
-def build_config(config_cls, config=None, kwargs=None):
+def build_config(config_cls: type, config: Any = None, kwargs: dict[str, Any] | None = None) -> Any:
     """A model constructor's one config dataclass: `config` itself, or `config_cls(**kwargs)` (keyword arguments
     are a shorthand for the same dataclass); validated. TypeError for both at once or a config of another type."""
     if config is None:
@@ -80,7 +86,7 @@ def build_config(config_cls, config=None, kwargs=None):
 KIND_OF_CLASS = {"LightningDiT": "lightningdit", "AutoencoderKL": "vavae"}
 
 
-def model_kind(model_or_cls):
+def model_kind(model_or_cls: torch.nn.Module | type[torch.nn.Module]) -> str:
     cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
     for base in cls.__mro__:
         if base.__name__ in KIND_OF_CLASS and issubclass(base, HubMixin):
@@ -88,7 +94,7 @@ def model_kind(model_or_cls):
     raise TypeError(f"hub format supports LightningDiT and AutoencoderKL, got {cls.__name__}")
 
 
-def local_kind(src):
+def local_kind(src: str | os.PathLike) -> str | None:
     """'folder' or 'file' for a local path, None for what can only be a hub repo id; NotAFileError naming a path
     that exists as something else (a FIFO, socket, device, symlink loop or dangling link): it is never taken
     for a repo id, and never opened (a FIFO would block)."""
@@ -103,14 +109,15 @@ def local_kind(src):
     return None
 
 
-def architecture_of(config):
+def architecture_of(config: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments from a config.json dict, in either our current or our previous layout."""
     if "config" in config and isinstance(config["config"], dict) and "kind" in config:  # previous layout
         return dict(config["config"])
     return {k: v for k, v in config.items() if k not in META_KEYS}
 
 
-def model_card(kind, arch, training_config=None, parity=None, source=None, sampling=None):
+def model_card(kind: str, arch: dict[str, Any], training_config: Any = None, parity: str | None = None,
+               source: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None) -> "ModelCard":
     """The README.md of a saved model: what it is, how it was trained, and its parity status."""
     from huggingface_hub import ModelCard, ModelCardData  # only called where huggingface_hub exists
     what = {"lightningdit": "LightningDiT (class-conditional latent diffusion transformer, rectified flow)",
@@ -144,8 +151,9 @@ def _write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_folder(model, directory, arch=None, training_config=None, parity=None, source=None, sampling=None,
-                extra=None):
+def save_folder(model: torch.nn.Module, directory: str | os.PathLike, arch: Any = None, training_config: Any = None,
+                parity: str | None = None, source: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors + config.json (+ README.md where huggingface_hub is installed) atomically."""
     from safetensors.torch import save_file
     directory = Path(directory)
@@ -171,7 +179,7 @@ def save_folder(model, directory, arch=None, training_config=None, parity=None, 
 CONFIG_LIMIT = 16 << 20  # a config.json is a few KB; a larger one is not ours
 
 
-def read_config(directory):
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """config.json of a saved model folder as a dict; one-line errors naming the file."""
     path = Path(directory) / CONFIG_NAME
     reason = describe_path(path)
@@ -190,7 +198,8 @@ def read_config(directory):
     return config
 
 
-def load_folder(cls, directory, config=None, device="cpu", **overrides):
+def load_folder(cls: type[torch.nn.Module], directory: str | os.PathLike, config: dict[str, Any] | None = None,
+                device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
     """Build `cls` from a folder's config.json and load model.safetensors strictly. Before anything is
     allocated, the config is checked against the weights' header (modeling.released.check_config_fits)."""
     directory = Path(directory)
@@ -219,8 +228,10 @@ class HubMixin(_HFBase):
             super().__init_subclass__(**kwargs)
 
     # ------------------------------------------------------------------ save
-    def save_pretrained(self, save_directory, *, training_config=None, parity=None, source=None, sampling=None,
-                        config=None, push_to_hub=False, repo_id=None, **push_kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_config: Any = None,
+                        parity: str | None = None, source: dict[str, Any] | None = None,
+                        sampling: dict[str, Any] | None = None, config: Any = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, **push_kwargs: Any) -> str | None:
         """model.safetensors + config.json + README.md (model card) in `save_directory`; `config` overrides
         the constructor arguments recorded (default: the model's own)."""
         save_folder(self, save_directory, arch=config, training_config=training_config, parity=parity,
@@ -229,8 +240,10 @@ class HubMixin(_HFBase):
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs)
         return None
 
-    def push_to_hub(self, repo_id, *, training_config=None, parity=None, commit_message="Upload with vavae-lightningdit",
-                    private=None, token=None, branch=None, create_pr=None, **_):
+    def push_to_hub(self, repo_id: str, *, training_config: Any = None, parity: str | None = None,
+                    commit_message: str = "Upload with vavae-lightningdit", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    **_: Any) -> str:
         """Save into a temporary folder and upload it as one commit (huggingface_hub's HfApi)."""
         if not HAVE_HF:
             raise RuntimeError("push_to_hub needs huggingface_hub (pip install huggingface_hub)")
@@ -246,8 +259,10 @@ class HubMixin(_HFBase):
 
     # ------------------------------------------------------------------ load
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, device="cpu", weights="ema", revision=None,
-                        cache_dir=None, force_download=False, local_files_only=False, token=None, **overrides):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        weights: str = "ema", revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        force_download: bool = False, local_files_only: bool = False, token: str | bool | None = None,
+                        **overrides: Any) -> Self:
         """A saved folder, a hub repo id, or a released checkpoint file (.pt / .pth / .safetensors state dict).
 
         weights: "ema" (default) or "model" for released LightningDiT files. `overrides` replace
@@ -282,7 +297,7 @@ class HubMixin(_HFBase):
                                    **overrides)
 
 
-def stored_metadata(src, **hub_kwargs):
+def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
     """config.json of a saved folder or hub repo (cache / download), or {} for a released file, whose
     sampling settings are then those of the preset named like the file (if any)."""
     from .sampling import SAMPLING_PRESETS, preset_for_name
@@ -298,7 +313,7 @@ def stored_metadata(src, **hub_kwargs):
     return read_config(Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent)
 
 
-def model_folder(src, **hub_kwargs):
+def model_folder(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     """The local folder of a saved model (a folder, or a hub repo's cached snapshot), or None for a file."""
     src = str(src)
     local = local_kind(src)
@@ -314,7 +329,7 @@ def model_folder(src, **hub_kwargs):
 STATS_NAME = "latents_stats.safetensors"
 
 
-def save_latent_stats(path, mean, std):
+def save_latent_stats(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor) -> Path:
     """{"mean", "std"} float32 (1, C, 1, 1) as safetensors."""
     import torch
     from safetensors.torch import save_file
@@ -328,7 +343,7 @@ def save_latent_stats(path, mean, std):
     return path
 
 
-def load_latent_stats(path):
+def load_latent_stats(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """{"mean", "std"} (1, C, 1, 1) float32 from latents_stats.safetensors, the released latents_stats.pt
     (read with weights_only=True), or a model folder holding latents_stats.safetensors."""
     import torch

@@ -24,7 +24,7 @@ arguments; `make_integrator` passes each integrator the ones it declares.
 """
 import inspect
 import math
-from typing import Callable, ClassVar, Iterable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ def integrator_names() -> tuple[str, ...]:
     return tuple(INTEGRATORS)
 
 
-def make_integrator(method: str, **options) -> "Integrator":
+def make_integrator(method: str, **options: Any) -> "Integrator":
     """The registered integrator `method`, built with those of `options` its constructor declares (the others
     belong to other integrators: atol / rtol are dopri5's, diffusion_norm Euler-Maruyama's)."""
     if method not in INTEGRATORS:
@@ -118,7 +118,7 @@ class Dopri5(Integrator):
     """Adaptive Dormand-Prince 5(4) from torchdiffeq: the grid only sets where the solution is reported; the
     solver picks its own steps to meet atol / rtol."""
 
-    def __init__(self, atol: float = 1e-6, rtol: float = 1e-3):
+    def __init__(self, atol: float = 1e-6, rtol: float = 1e-3) -> None:
         self.atol, self.rtol = atol, rtol
 
     def integrate(self, v: Velocity, x: torch.Tensor, grid: Sequence[float],
@@ -139,7 +139,7 @@ class EulerMaruyama(Integrator):
     (x = t x1 + (1 - t) x0) the score is (t v - x) / (1 - t); g^2 = 2 * diffusion_norm * t * (1 - t) keeps the
     drift bounded at both ends. The last step is deterministic (lands on the mean, as SiT's "Mean")."""
 
-    def __init__(self, diffusion_norm: float = 1.0):
+    def __init__(self, diffusion_norm: float = 1.0) -> None:
         self.diffusion_norm = diffusion_norm
 
     def step(self, v: Velocity, x: torch.Tensor, t0: float, t1: float, last: bool = False,

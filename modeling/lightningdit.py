@@ -6,7 +6,7 @@ CUDA extension) is chosen there, not here.
 """
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -26,14 +26,14 @@ from .released import LIGHTNINGDIT_SIZES
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch, then flatten to tokens (timm's PatchEmbed)."""
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.patch_size = (patch_size, patch_size)
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # token-major memory: a transposed view here keeps the whole residual stream channel-major (compiled
         # blocks keep their input's strides), so every norm reduces over a strided axis and every qkv / w12
         # GEMM first copies its input
@@ -43,7 +43,7 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of t in [0, 1] (unscaled), layout [cos, sin], then an MLP."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
@@ -53,7 +53,7 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
@@ -62,7 +62,7 @@ class TimestepEmbedder(nn.Module):
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
-    def forward(self, t):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
@@ -70,17 +70,17 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class embedding with one extra row (index num_classes) for the null class used by guidance."""
 
-    def __init__(self, num_classes, hidden_size, dropout_prob):
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels, generator=None):
+    def token_drop(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels, train, generator=None):
+    def forward(self, labels: torch.Tensor, train: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if train and self.dropout_prob > 0:
             labels = self.token_drop(labels, generator)
         return self.embedding_table(labels)
@@ -88,7 +88,7 @@ class LabelEmbedder(nn.Module):
 
 # ----------------------------------------------------------------------------- positional encodings
 
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """MAE/DiT fixed 2D sin-cos table, (grid_size**2, embed_dim); first half encodes rows' w-coordinate grid."""
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
@@ -110,7 +110,7 @@ class VisionRotaryEmbeddingFast(nn.Module):
     (interleaved pairs); the first `dim` channels of a head follow the row index, the last `dim` the column.
     The tables are persistent buffers (`feat_rope.freqs_cos/sin`), as in released checkpoints."""
 
-    def __init__(self, dim, seq_len, theta=10000):
+    def __init__(self, dim: int, seq_len: int, theta: float = 10000) -> None:
         super().__init__()
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         t = torch.arange(seq_len).float()
@@ -129,12 +129,12 @@ class RMSNorm(nn.Module):
 
     kind = "rms"
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
 
@@ -144,22 +144,22 @@ class LayerNormNoAffine(nn.Module):
     kind = "layer"
     weight = None
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, None, None, self.eps)
 
 
 class QKLayerNorm(nn.LayerNorm):
     """qk-norm without RMSNorm: LayerNorm(head_dim) with affine and the default eps 1e-5."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def block_norm(dim, use_rmsnorm):
+def block_norm(dim: int, use_rmsnorm: bool) -> Union[RMSNorm, LayerNormNoAffine]:
     return RMSNorm(dim) if use_rmsnorm else LayerNormNoAffine(dim)
 
 
@@ -176,7 +176,7 @@ def linear_leaving_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qk_norm=False, use_rmsnorm=False):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, use_rmsnorm: bool = False) -> None:
         super().__init__()
         assert dim % num_heads == 0, "hidden_size must be divisible by num_heads"
         self.num_heads = num_heads
@@ -189,7 +189,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope=None):
+    def forward(self, x: torch.Tensor, rope: Optional[VisionRotaryEmbeddingFast] = None) -> torch.Tensor:
         B, N, C = x.shape
         if rope is not None and (self.q_norm is None or isinstance(self.q_norm, RMSNorm)):
             # split into heads, RMSNorm qk-norm, RoPE, attention, heads merged: one op (on the fused backends
@@ -212,12 +212,12 @@ class Attention(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    def __init__(self, in_features, hidden_features):
+    def __init__(self, in_features: int, hidden_features: int) -> None:
         super().__init__()
         self.w12 = nn.Linear(in_features, 2 * hidden_features)
         self.w3 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # w12's bias is added in the SwiGLU's pass, which also sums its gradient (kernels/swiglu.py)
         return self.w3(ops.swiglu(*linear_leaving_bias(self.w12, x)))
 
@@ -225,12 +225,12 @@ class SwiGLUFFN(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2, the non-SwiGLU MLP."""
 
-    def __init__(self, in_features, hidden_features):
+    def __init__(self, in_features: int, hidden_features: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -250,8 +250,8 @@ class LightningDiTBlock(nn.Module):
     whose backward then also takes the residual's gradient: no separate residual kernel and no gradient
     accumulation pass between blocks. The same math; block(x, c, rope) alone returns x with everything added."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_qknorm=False, use_swiglu=True,
-                 use_rmsnorm=True, wo_shift=False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
+                 use_swiglu: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False) -> None:
         super().__init__()
         self.norm1 = block_norm(hidden_size, use_rmsnorm)
         self.attn = Attention(hidden_size, num_heads, qk_norm=use_qknorm, use_rmsnorm=use_rmsnorm)
@@ -261,7 +261,9 @@ class LightningDiTBlock(nn.Module):
         self.wo_shift = wo_shift
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
 
-    def forward(self, x, c, rope=None, pending=None, defer=False):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[VisionRotaryEmbeddingFast] = None,
+                pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                defer: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         mod = self.adaLN_modulation(c)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
@@ -281,13 +283,14 @@ class LightningDiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size, patch_size, out_channels, use_rmsnorm=True):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = True) -> None:
         super().__init__()
         self.norm_final = block_norm(hidden_size, use_rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c, pending=None):
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """pending: the last block's MLP residual (gate, y), added in the final norm's pass."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         n, gemm = self.norm_final, linear_input_dtype(x)
@@ -322,14 +325,14 @@ class LightningDiTConfig:
     use_checkpoint: bool = False        # activation checkpointing per block in training (memory, not architecture)
 
     @classmethod
-    def from_size(cls, size: str, **overrides):
+    def from_size(cls, size: str, **overrides: Any) -> "LightningDiTConfig":
         """`from_size("XL/1", input_size=16)`; also accepts the reference's names ("LightningDiT-XL/1")."""
         key = size.removeprefix("LightningDiT-")
         if key not in LIGHTNINGDIT_SIZES:
             raise ValueError(f"unknown LightningDiT size {size!r}; known: {sorted(LIGHTNINGDIT_SIZES)}")
         return cls(**{**LIGHTNINGDIT_SIZES[key], **overrides})
 
-    def validate(self):
+    def validate(self) -> None:
         """ValueError naming the first bad setting."""
         if min(self.input_size, self.patch_size, self.in_channels, self.hidden_size, self.depth, self.num_heads,
                self.num_classes) <= 0:
@@ -345,7 +348,7 @@ class LightningDiTConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob {self.class_dropout_prob} must be in [0, 1)")
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """The constructor arguments (what config.json stores)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(LightningDiTConfig)}
 
@@ -355,7 +358,7 @@ class LightningDiT(nn.Module, HubMixin):
     `LightningDiT(**LIGHTNINGDIT_SIZES["XL/1"], input_size=16)`) are a shorthand for the same dataclass.
     `model.config` is the dataclass."""
 
-    def __init__(self, config: LightningDiTConfig = None, /, **kwargs):
+    def __init__(self, config: LightningDiTConfig = None, /, **kwargs: Any) -> None:
         super().__init__()
         self.config = c = build_config(LightningDiTConfig, config, kwargs)
         input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
@@ -381,7 +384,7 @@ class LightningDiT(nn.Module, HubMixin):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, c.use_rmsnorm)
         self.initialize_weights()
 
-    def initialize_weights(self):
+    def initialize_weights(self) -> None:
         # The reference's init: xavier linears, zero adaLN and output layer, fixed sin-cos pos_embed.
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -406,14 +409,15 @@ class LightningDiT(nn.Module, HubMixin):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def unpatchify(self, x):
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, generator=None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """x: (B, C, H, W) latents; t: (B,) in [0, 1], 0 = noise, 1 = data; y: (B,) labels (num_classes = null).
         `generator` drives label dropout in train mode (so a trainer can make it reproducible)."""
         x = self.x_embedder(x) + self.pos_embed
@@ -429,7 +433,8 @@ class LightningDiT(nn.Module, HubMixin):
             x = x[:, : self.in_channels]
         return x
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval_start=0.0, guidance="all"):
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_interval_start: float = 0.0, guidance: str = "all") -> torch.Tensor:
         """Classifier-free guidance on a batch [cond half; null half] sharing the first half's latents.
 
         guidance="reference": the authors' behaviour, guiding latent channels 0..2 only (channels 3.. keep
@@ -445,12 +450,12 @@ class LightningDiT(nn.Module, HubMixin):
         # the authors' layout: both halves carry the mix on the guided channels, each keeps its own output on the rest
         return torch.cat([torch.cat([v[:, :k], v[:, :k]], dim=0), out[:, k:]], dim=1)
 
-    def attention_shape(self, batch):
+    def attention_shape(self, batch: int) -> tuple[int, int, int, int]:
         """(B, H, N, D) of every block's q, k and v for a batch of `batch` samples."""
         cfg = self.config
         return batch, cfg.num_heads, self.x_embedder.num_patches, cfg.hidden_size // cfg.num_heads
 
-    def flops_per_sample(self, train=True):
+    def flops_per_sample(self, train: bool = True) -> int:
         """Matmul + attention FLOPs for one sample (2 per multiply-add); training = 3x forward."""
         cfg = self.config
         d, L = cfg.hidden_size, cfg.depth
@@ -470,7 +475,7 @@ class LightningDiT(nn.Module, HubMixin):
 # LIGHTNINGDIT_SIZES (imported above) lives in modeling.released, beside the weight reader that names sizes
 
 
-def build_lightningdit(size: str, **kwargs) -> LightningDiT:
+def build_lightningdit(size: str, **kwargs: Any) -> LightningDiT:
     """`build_lightningdit("XL/1", input_size=16, in_channels=32, num_classes=1000)`; also accepts
     the reference's names ("LightningDiT-XL/1")."""
     return LightningDiT(LightningDiTConfig.from_size(size, **kwargs))

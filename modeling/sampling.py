@@ -64,7 +64,7 @@ class SamplingConfigError(ConfigError):
     """A sampling option no sampler can run (a ConfigError, so a ValueError); `field` names the option (the CLI
     turns it into its flag, the config system into its dotted key)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
@@ -166,7 +166,7 @@ class SamplingConfig:
         """The SETTING_KEYS part (what is sampled), as config.json's "sampling" stores it."""
         return {k: getattr(self, k) for k in SETTING_KEYS}
 
-    def replace(self, **changes) -> "SamplingConfig":
+    def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with `changes`, validated."""
         return dataclasses.replace(self, **changes).validate()
 
@@ -242,8 +242,8 @@ def resolve_settings(explicit: Optional[dict] = None, preset: Optional[str] = No
 class GuidedVelocity:
     """v(x, t) for a batch of conditional samples, with optional guidance (through model.forward_with_cfg)."""
 
-    def __init__(self, model, y: torch.Tensor, cfg_scale: float = 1.0, cfg_interval_start: float = 0.0,
-                 guidance: str = "all", null_class: Optional[int] = None):
+    def __init__(self, model: torch.nn.Module, y: torch.Tensor, cfg_scale: float = 1.0,
+                 cfg_interval_start: float = 0.0, guidance: str = "all", null_class: Optional[int] = None) -> None:
         self.model, self.y = model, y
         self.cfg_scale, self.cfg_interval_start, self.guidance = cfg_scale, cfg_interval_start, guidance
         null = model.num_classes if null_class is None else null_class
@@ -341,7 +341,7 @@ class Sampler:
     """
 
     def __init__(self, model: torch.nn.Module, config: SamplingConfig, *, device: Union[str, torch.device, None] = None,
-                 static_batch: Optional[int] = None, fp8_emulation: bool = False):
+                 static_batch: Optional[int] = None, fp8_emulation: bool = False) -> None:
         if not isinstance(config, SamplingConfig):
             raise TypeError(f"Sampler(model, config): config must be a SamplingConfig, got {type(config).__name__}")
         self.config = config = SamplingConfig.of(config)  # validated once; a subclass (EvalSettings) loses its extras

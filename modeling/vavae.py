@@ -4,7 +4,9 @@ Encoder/decoder layout and names follow the authors' code (taming / LDM), so the
 `{"state_dict": ...}` checkpoints load as they are (see modeling.checkpoint.load_vavae_checkpoint).
 """
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,7 +35,7 @@ class VAVAEModelConfig:
     def __post_init__(self):  # lists from YAML / JSON -> tuples (hashable, comparable)
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
 
-    def validate(self):
+    def validate(self) -> None:
         """ValueError naming the first bad setting."""
         if self.ch <= 0 or self.ch % 32:
             raise ValueError(f"ch={self.ch} must be a positive multiple of 32 (GroupNorm(32))")
@@ -47,7 +49,7 @@ class VAVAEModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
@@ -61,20 +63,20 @@ class GroupNorm(nn.GroupNorm):
     torch's GroupNorm is an fp32 op, returns fp32 for the SiLU and the next conv to cast back, and makes channels_last
     input NCHW). Parameters and state-dict names are nn.GroupNorm's."""
 
-    def __init__(self, channels: int, silu: bool = False):
+    def __init__(self, channels: int, silu: bool = False) -> None:
         super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
         self.silu = silu
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
 
 
-def Normalize(channels, silu=False):
+def Normalize(channels: int, silu: bool = False) -> GroupNorm:
     return GroupNorm(channels, silu)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, dropout=0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = Normalize(in_channels, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
@@ -83,7 +85,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.norm1(x))  # norm + SiLU
         h = self.conv2(self.dropout(self.norm2(h)))
         return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
@@ -92,7 +94,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1 conv projections."""
 
-    def __init__(self, channels):
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = Normalize(channels)
         self.q = nn.Conv2d(channels, channels, 1)
@@ -100,7 +102,7 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         B, C, H, W = h.shape
         q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))
@@ -109,20 +111,20 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as the reference
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -148,8 +150,9 @@ def _mid(channels, dropout):
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_channels, z_channels,
-                 dropout=0.0, double_z=True):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
+                 resolution: int, in_channels: int, z_channels: int, dropout: float = 0.0,
+                 double_z: bool = True) -> None:
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -169,7 +172,7 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(block_in, silu=True)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for i_level, level in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
@@ -183,8 +186,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_ch,
-                 dropout=0.0):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
+                 resolution: int, z_channels: int, out_ch: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -204,7 +207,7 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in, silu=True)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
@@ -221,20 +224,20 @@ class Decoder(nn.Module):
 class DiagonalGaussian:
     """Posterior N(mean, exp(logvar)) with logvar clamped to [-30, 20]."""
 
-    def __init__(self, moments):
+    def __init__(self, moments: torch.Tensor) -> None:
         self.mean, logvar = torch.chunk(moments, 2, dim=1)
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator=None):
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
-    def mode(self):
+    def mode(self) -> torch.Tensor:
         return self.mean
 
-    def kl(self):
+    def kl(self) -> torch.Tensor:
         """KL to N(0, I), per sample, summed over C, H, W."""
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
@@ -243,7 +246,7 @@ class AutoencoderKL(nn.Module, HubMixin):
     """`AutoencoderKL(VAVAEModelConfig(...))`. Keyword arguments (`AutoencoderKL(**VAVAE_F16D32)`, the fields of
     VAVAEModelConfig) are accepted as a shorthand for the same dataclass; `model.config` is the dataclass."""
 
-    def __init__(self, config: VAVAEModelConfig = None, /, **kwargs):
+    def __init__(self, config: VAVAEModelConfig = None, /, **kwargs: Any) -> None:
         super().__init__()
         self.config = c = build_config(VAVAEModelConfig, config, kwargs)
         self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.in_channels,
@@ -255,7 +258,7 @@ class AutoencoderKL(nn.Module, HubMixin):
         self.embed_dim = c.embed_dim
         self.downsample_factor = 2 ** (len(c.ch_mult) - 1)
 
-    def encode(self, images) -> DiagonalGaussian:
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images in [-1, 1], (B, 3, H, W) with H, W multiples of the downsample factor."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
@@ -264,16 +267,17 @@ class AutoencoderKL(nn.Module, HubMixin):
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {f}")
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
-    def decode(self, z):
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
     @torch.no_grad()
-    def decode_to_images(self, z):
+    def decode_to_images(self, z: torch.Tensor) -> torch.Tensor:
         """Decoded uint8 images (B, H, W, 3) with the reference rounding clamp(127.5 * x + 128)."""
         x = self.decode(z).float()
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
-    def forward(self, images, sample_posterior=True, generator=None):
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(images)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior

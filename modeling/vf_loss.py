@@ -10,12 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def make_linear_proj(z_channels, feat_dim):
+def make_linear_proj(z_channels: int, feat_dim: int) -> nn.Conv2d:
     """The reference's `linear_proj`: a bias-free 1x1 conv from the latent to the feature width."""
     return nn.Conv2d(z_channels, feat_dim, kernel_size=1, bias=False)
 
 
-def vf_loss(z_proj, aux_feature, m1=0.5, m2=0.25, cos_weight=1.0, distmat_weight=1.0):
+def vf_loss(z_proj: torch.Tensor, aux_feature: torch.Tensor, m1: float = 0.5, m2: float = 0.25,
+            cos_weight: float = 1.0, distmat_weight: float = 1.0) -> dict[str, torch.Tensor]:
     if z_proj.shape != aux_feature.shape:
         raise ValueError(f"z_proj {tuple(z_proj.shape)} and aux_feature {tuple(aux_feature.shape)} must match "
                          "(resize the features to the latent grid first)")
@@ -31,7 +32,9 @@ def vf_loss(z_proj, aux_feature, m1=0.5, m2=0.25, cos_weight=1.0, distmat_weight
     return {"mcos": mcos, "mdms": mdms, "loss": cos_weight * mcos + distmat_weight * mdms}
 
 
-def adaptive_vf_weight(nll_loss, vf_loss_value, last_layer_weight, vf_weight, max_weight=1e8, nll_grads=None):
+def adaptive_vf_weight(nll_loss: torch.Tensor, vf_loss_value: torch.Tensor, last_layer_weight: torch.Tensor,
+                       vf_weight: float, max_weight: float = 1e8,
+                       nll_grads: torch.Tensor | None = None) -> torch.Tensor:
     """||grad nll|| / (||grad vf|| + 1e-4) on the encoder's last conv, clamped to [0, max], times vf_weight.
     Detached: the weight scales the VF gradient, it is not trained. nll_grads: d nll / d last_layer_weight when the
     caller took it already (with the GAN weight's in one backward pass: train/vae_losses.py)."""
