@@ -1,4 +1,5 @@
-"""FP8 (e4m3) row quantization in the kernel that makes the row, for the sampler's FP8Linear (inference).
+"""FP8 (e4m3) quantization in the kernel that makes the rows (the sampler's FP8Linear, the FP8 training MLP), and of
+a gradient both ways in two passes (the FP8 training linear's backward).
 
     quantize_rows_fp8(x, pow2=False)  x (..., C) -> (q e4m3 (rows, C), scale fp32 (rows, 1)) with x ~= q * scale
     swiglu_fp8(x12, pow2=False)       silu(a) * b from the packed w12 output (rounded to x12's dtype, as the
@@ -7,6 +8,13 @@
     swiglu_fp8_colmax(x12, pow2=False)  the same, and each column's max |h| over the rows (in registers over a
                                       span of rows, then an atomic max per program): w3's weight-gradient scales,
                                       known before the backward
+
+    quantize_rows_cols_fp8(g, pow2=True)  a gradient g (..., N) as both operands of its Linear's backward: e4m3 per
+                                      row (dgrad's dy) and per column, transposed and padded to 16 rows (wgrad's
+                                      dy^T), and its column sums in fp32 (the bias gradient): two passes over g, where
+                                      inductor's plain ops take three or four (the row amax looping twice over rows
+                                      wider than 1024, the column amax, the transposed cast); for gradients that come
+                                      out of an opaque kernel (ours), into which inductor cannot fuse
 
 pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
@@ -22,10 +30,13 @@ The kernels take each row's reciprocal with IEEE rounding (`div_rn`: Triton's `/
 div.full.f32), multiply, and cast with the GPU's cvt.rn.satfinite (round to nearest even, as torch's
 `.to(float8_e4m3fn)`); under Triton's interpreter, which rounds some values into the wrong binade (-126.7 -> -64),
 the rounding is written out in the fp32 bits (`_e4m3_rne`), so the interpreter, the GPU and torch agree bit for bit
-(tests/test_kernels_fp8_quant.py). Forward only: the sampler's FP8 modules call them, and the FP8 training MLP
-(modeling.fp8.FP8TrainingSwiGLUFFN) calls swiglu_fp8 in its forward and recomputes the SwiGLU for its backward.
+(tests/test_kernels_fp8_quant.py). The row ops are forward ops: the sampler's FP8 modules call them, and the FP8
+training MLP (modeling.fp8.FP8TrainingSwiGLUFFN) calls swiglu_fp8 in its forward and recomputes the SwiGLU for its
+backward. quantize_rows_cols_fp8 is a backward's: the FP8 training linear's for attn.qkv under fp8.quant ours.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -82,6 +93,28 @@ def swiglu_fp8_colmax_reference(x12: Tensor, pow2: bool = False) -> tuple[Tensor
     return q, scale, h.reshape(-1, h.shape[-1]).float().abs().amax(dim=0)
 
 
+def padded_rows(rows: int, multiple: int = 16) -> int:
+    """rows rounded up to a multiple of `multiple`, at least one multiple: _scaled_mm on the GPU wants every
+    contraction length divisible by 16, and the weight gradient contracts over the tokens."""
+    return max(multiple, -(-rows // multiple) * multiple)
+
+
+def pad_rows(t: Tensor, multiple: int = 16) -> Tensor:
+    """t (M, C) with zero rows appended up to padded_rows(M): zero rows change neither a sum nor an amax."""
+    pad = padded_rows(t.shape[0], multiple) - t.shape[0]
+    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def quantize_rows_cols_fp8_reference(g: Tensor, pow2: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """g (..., N) as (M, N) -> (q e4m3 (M, N), scale fp32 (M, 1)) per row, (qt e4m3 (N, Mp), scale fp32 (N, 1)) per
+    column of g padded with zero rows to Mp = padded_rows(M) and transposed, and each column's sum in fp32 (N,):
+    `quantize_fp8` both ways, as the FP8 training linear's backward takes its gradient (modeling.fp8)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    q, scale = quantize_fp8(g2, rowwise=True, pow2=pow2)
+    qt, scale_t = quantize_fp8(pad_rows(g2).t().contiguous(), rowwise=True, pow2=pow2)
+    return q, scale, qt, scale_t, g2.float().sum(dim=0)
+
+
 @triton.jit
 def _e4m3_rne(v):
     """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as an fp32 that e4m3 holds exactly."""
@@ -115,12 +148,18 @@ def _row_scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _store_e4m3(x, inv, ptrs, mask):
-    """x times its row's reciprocal (as quantize_fp8), clamped to e4m3's range, cast and stored."""
-    v = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
+def _to_e4m3(v):
+    """v (fp32, already times its scale's reciprocal) clamped to e4m3's range and cast, as quantize_fp8."""
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
     if _EMULATE_E4M3:
         v = _e4m3_rne(v)
-    tl.store(ptrs, v.to(tl.float8e4nv), mask=mask)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _store_e4m3(x, inv, ptrs, mask):
+    """x times its row's reciprocal (as quantize_fp8), clamped to e4m3's range, cast and stored."""
+    tl.store(ptrs, _to_e4m3(x * inv[:, None]), mask=mask)
 
 
 # A row of C channels is held as two tiles with no masked lanes where C is a sum of two powers of two: BLOCK_A, the
@@ -195,6 +234,139 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, C
     else:
         _swiglu_tile(X12, sx, Q, S, rows, C, tl.program_id(0).to(tl.int64) * BLOCK_M, POW2, BLOCK_M, BLOCK_A,
                      BLOCK_B)
+
+
+# quantize_rows_cols_fp8: both of g's scales need amaxes over whole rows and whole columns before anything is cast,
+# so two passes. The first reads (BLOCK_M x BLOCK_N) tiles down a span of rows: each tile's row maxima go out as
+# partials (one per row per column tile), its column maxima and sums stay in registers over the span (one partial
+# per span per column); torch reduces the partials (a few MB against the gradient's hundreds) and turns the amaxes
+# into scales with quantize_fp8's own ops (the same bits). The second reads each tile once more and writes it twice:
+# row-major times the row reciprocals, and transposed times the column reciprocals (the zero rows of the padding
+# included). Sums: tile order, then the spans in order (deterministic for a tile size).
+@triton.jit
+def _rows_cols_amax_kernel(G, sg, RA, CA, CS, M, N, span, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    col_max = tl.zeros([BLOCK_N], dtype=tl.float32)
+    col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = tl.program_id(0).to(tl.int64) * span
+    for r in range(0, span, BLOCK_M):
+        rows = start + r + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        a = tl.abs(g)
+        tl.store(RA + pid_n * M + rows, tl.max(a, axis=1), mask=rmask)
+        col_max = tl.maximum(col_max, tl.max(a, axis=0))
+        col_sum += tl.sum(g, axis=0)
+    tl.store(CA + tl.program_id(0) * N + cols, col_max, mask=cmask)
+    tl.store(CS + tl.program_id(0) * N + cols, col_sum, mask=cmask)
+
+
+@triton.jit
+def _rows_cols_quant_kernel(G, sg, RINV, CINV, Q, QT, M, Mp, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rinv = tl.load(RINV + rows, mask=rmask, other=0.0)
+    cinv = tl.load(CINV + cols, mask=cmask, other=0.0)
+    tl.store(Q + rows[:, None] * N + cols[None, :], _to_e4m3(g * rinv[:, None]), mask=mask)
+    # rows M .. Mp - 1 are the zero padding: g is 0 there (masked load), so they are written as zeros
+    tl.store(QT + cols[:, None].to(tl.int64) * Mp + rows[None, :], _to_e4m3(tl.trans(g * cinv[None, :])),
+             mask=cmask[:, None] & (rows[None, :] < Mp))
+
+
+ROWS_COLS_AMAX_BLOCK_N = 256  # the first pass's column tile: fixed, so its partial buffers are sized before launch
+ROWS_COLS_AMAX_TILES = ((16, 4), (32, 4), (32, 8), (64, 8))  # (BLOCK_M, warps): the first pass's candidates
+ROWS_COLS_QUANT_TILES = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))  # (BLOCK_M, BLOCK_N, warps)
+ROWS_COLS_PROGRAMS = 1024  # the first pass's programs at least (span x column tiles), where there are rows enough
+INTERPRET_ROWS_COLS = (4, 16)  # (BLOCK_M, BLOCK_N) under the interpreter: ragged in the tests' sizes
+
+
+def _rows_cols_span(M: int, col_tiles: int, step: int) -> int:
+    """Rows per program of the first pass: a multiple of `step` (every candidate BLOCK_M divides it), few enough
+    programs for small partial buffers, enough (ROWS_COLS_PROGRAMS over the column tiles) to fill the card."""
+    row_programs = max(1, triton.cdiv(ROWS_COLS_PROGRAMS, col_tiles))
+    return step * max(1, triton.cdiv(M, step * row_programs))
+
+
+_rows_cols_amax_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ROWS_COLS_AMAX_TILES], key=["N"])(
+        _rows_cols_amax_kernel)
+_rows_cols_quant_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in ROWS_COLS_QUANT_TILES],
+    key=["N"])(_rows_cols_quant_kernel)
+
+
+def _scales(amax: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    """(scale, its reciprocal) from amaxes: quantize_fp8's ops, so its bits."""
+    scale = amax.clamp(min=1e-12) * FP8_E4M3_INV
+    if pow2:
+        scale = pow2_ceil(scale)
+    return scale, torch.reciprocal(scale)
+
+
+def rows_cols_fp8(g2: Tensor, pow2: bool, amax_tile: Optional[tuple[int, int]] = None,
+                  cast_tile: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """quantize_rows_cols_fp8's two passes on g2 (M, N), unit column stride, M and N > 0. amax_tile (BLOCK_M,
+    warps) / cast_tile (BLOCK_M, BLOCK_N, warps): that tile instead of the autotuner's pick (the GPU tests run every
+    candidate); under the interpreter INTERPRET_ROWS_COLS where none is given."""
+    M, N = g2.shape
+    Mp, dev = padded_rows(M), g2.device
+    interp = _triton.interpreting()
+    bn1 = INTERPRET_ROWS_COLS[1] if interp else ROWS_COLS_AMAX_BLOCK_N
+    col_tiles = triton.cdiv(N, bn1)
+    # the span: a multiple of the first pass's BLOCK_M (of every candidate's where the autotuner picks)
+    step = amax_tile[0] if amax_tile else INTERPRET_ROWS_COLS[0] if interp else max(m for m, _ in ROWS_COLS_AMAX_TILES)
+    span = _rows_cols_span(M, col_tiles, step)
+    row_progs = triton.cdiv(M, span)
+    row_part = torch.empty((col_tiles, M), dtype=torch.float32, device=dev)
+    col_part = torch.empty((2, row_progs, N), dtype=torch.float32, device=dev)  # maxima, sums
+    args = (g2, g2.stride(0), row_part, col_part[0], col_part[1], M, N, span)
+    if interp or amax_tile:
+        bm, warps = amax_tile or (INTERPRET_ROWS_COLS[0], 4)
+        _rows_cols_amax_kernel[(row_progs, col_tiles)](*args, BLOCK_M=bm, BLOCK_N=bn1, num_warps=warps)
+    else:
+        _rows_cols_amax_tuned[(row_progs, col_tiles)](*args, BLOCK_N=bn1)
+    scale, inv = _scales(row_part.amax(dim=0), pow2)
+    scale_t, inv_t = _scales(col_part[0].amax(dim=0), pow2)
+    q = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=dev)
+    qt = torch.empty((N, Mp), dtype=torch.float8_e4m3fn, device=dev)
+    args = (g2, g2.stride(0), inv, inv_t, q, qt, M, Mp, N)
+    if interp or cast_tile:
+        bm, bn, warps = cast_tile or (*INTERPRET_ROWS_COLS, 4)
+        _rows_cols_quant_kernel[(triton.cdiv(Mp, bm), triton.cdiv(N, bn))](*args, BLOCK_M=bm, BLOCK_N=bn,
+                                                                            num_warps=warps)
+    else:
+        _rows_cols_quant_tuned[lambda meta: (triton.cdiv(Mp, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+            *args)
+    return q, scale.reshape(M, 1), qt, scale_t.reshape(N, 1), col_part[1].sum(dim=0)
+
+
+@torch.library.custom_op("vavae::quantize_rows_cols_fp8", mutates_args=())
+def quantize_rows_cols_fp8_op(g: Tensor, pow2: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g2 = _triton.rows_2d(g)
+    if g2.shape[0] == 0 or g2.shape[1] == 0:  # nothing to launch: the reference's empties (and its zero padding)
+        return tuple(t.contiguous() for t in quantize_rows_cols_fp8_reference(g2, pow2))
+    return rows_cols_fp8(g2, pow2)
+
+
+@quantize_rows_cols_fp8_op.register_fake
+def _(g, pow2=True):
+    N = g.shape[-1]
+    M = g.numel() // N if N else 0
+    f32 = torch.float32
+    return (g.new_empty((M, N), dtype=torch.float8_e4m3fn), g.new_empty((M, 1), dtype=f32),
+            g.new_empty((N, padded_rows(M)), dtype=torch.float8_e4m3fn), g.new_empty((N, 1), dtype=f32),
+            g.new_empty((N,), dtype=f32))
+
+
+def quantize_rows_cols_fp8_triton(g: Tensor, pow2: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return quantize_rows_cols_fp8_op(g, pow2)
 
 
 row_split = _triton.row_split  # (BLOCK_A, BLOCK_B) of a row of C: kernels._triton.row_split
@@ -338,6 +510,14 @@ def _bench_swiglu(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
                      shape={"rows": s.rows, "F": s.F})
 
 
+def _bench_rows_cols(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+    # the gradient of the qkv GEMM's output (written by our attention block's backward) ahead of its FP8 dgrad and
+    # wgrad: read (rows, 3C), write it twice in e4m3 (row-major and transposed) + the scales and column sums
+    g = torch.randn(s.B, s.N, 3 * s.C, device=device, dtype=dtype)
+    return BenchCase([g], lambda f, t: f(t), s.rows * 3 * s.C * (dtype.itemsize + 2) + 4 * s.rows + 12 * 3 * s.C,
+                     shape={"rows": s.rows, "N": 3 * s.C})
+
+
 # Under torch.compile, `auto` runs what kernels/compiled_choices.json says: ours (their producers, cuDNN attention
 # and our SwiGLU, are opaque to inductor, whose version is a separate looped pass) until a GPU run's ops table
 # decides (bench/compiled_choices.py); the sampling plan's fp8 entries with fp8_quant ours / inline time the whole.
@@ -350,3 +530,7 @@ register(Op(name="swiglu_fp8", reference=swiglu_fp8_reference, impls={"triton": 
 register(Op(name="swiglu_fp8_colmax", reference=swiglu_fp8_colmax_reference,
             impls={"triton": swiglu_fp8_colmax_triton}, bench=_bench_swiglu,
             doc="swiglu_fp8 and each column's max |silu(a)*b| over the rows (the FP8 training MLP's wgrad scales)"))
+register(Op(name="quantize_rows_cols_fp8", reference=quantize_rows_cols_fp8_reference,
+            impls={"triton": quantize_rows_cols_fp8_triton}, bench=_bench_rows_cols,
+            doc="a gradient as both e4m3 operands of its Linear's backward (per row; per column, transposed, padded "
+                "to 16 rows) and its column sums, in two passes"))

@@ -34,6 +34,7 @@ class Variant:
     num_warps: int = 4
     num_stages: int = 3  # Triton's default
     tiles_per_iteration: int = 1  # tiles one pass of the kernel's loop body handles (qkv_rope: q, k and v of a head)
+    tile_elements: int = 0  # a tile's elements where its constexprs do not say it the usual way (0: they do)
 
 
 def _qkv_rope_variants() -> list[Variant]:
@@ -137,6 +138,28 @@ def _fp8_quant_variants() -> list[Variant]:
                 out.append(Variant(f"{name} C={C} {label} BLOCK_M={const['BLOCK_M']} warps={cfg.num_warps}",
                                    kernel, {**ksig, **{k: "constexpr" for k in const}}, const, list(ksig),
                                    cfg.num_warps))
+    return out
+
+
+def _rows_cols_variants() -> list[Variant]:
+    """quantize_rows_cols_fp8's two passes over a bf16 gradient (qkv's, 3456 wide), every tile its autotuners may
+    pick: the amax partials, and the casts row-major and transposed."""
+    from . import fp8_quant
+    amax_sig = {"G": "*bf16", "sg": "i32", "RA": "*fp32", "CA": "*fp32", "CS": "*fp32", "M": "i32", "N": "i32",
+                "span": "i32"}
+    quant_sig = {"G": "*bf16", "sg": "i32", "RINV": "*fp32", "CINV": "*fp32", "Q": "*fp8e4nv", "QT": "*fp8e4nv",
+                 "M": "i32", "Mp": "i32", "N": "i32"}
+    out = []
+    for m, w in fp8_quant.ROWS_COLS_AMAX_TILES:
+        const = {"BLOCK_M": m, "BLOCK_N": fp8_quant.ROWS_COLS_AMAX_BLOCK_N}
+        out.append(Variant(f"quantize_rows_cols_fp8 amax BLOCK_M={m} BLOCK_N={const['BLOCK_N']} warps={w}",
+                           fp8_quant._rows_cols_amax_kernel, {**amax_sig, **{k: "constexpr" for k in const}}, const,
+                           list(amax_sig), w, tile_elements=m * const["BLOCK_N"]))
+    for m, n, w in fp8_quant.ROWS_COLS_QUANT_TILES:
+        const = {"BLOCK_M": m, "BLOCK_N": n}
+        out.append(Variant(f"quantize_rows_cols_fp8 cast BLOCK_M={m} BLOCK_N={n} warps={w}",
+                           fp8_quant._rows_cols_quant_kernel, {**quant_sig, **{k: "constexpr" for k in const}},
+                           const, list(quant_sig), w, tile_elements=m * n))
     return out
 
 
@@ -252,6 +275,8 @@ def _sass_count(cubin: str) -> Optional[int]:
 
 
 def _tile_elements_per_thread(v: Variant) -> float:
+    if v.tile_elements:
+        return v.tile_elements * v.tiles_per_iteration / (32 * v.num_warps)
     rows = v.constexprs.get("BLOCK_M", v.constexprs.get("BLOCK_R", v.constexprs.get("BLOCK_P",
                             v.constexprs.get("BLOCK_K", 1))))  # BLOCK_P/K: group_norm's
     c = v.constexprs
@@ -294,7 +319,7 @@ def compile_variant(v: Variant) -> dict:
 
 
 def variants() -> list[Variant]:
-    return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants()
+    return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants() + _rows_cols_variants()
             + _rope_attention_variants() + _group_norm_variants())
 
 

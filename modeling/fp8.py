@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 from kernels import ops
-from kernels.fp8_quant import FP8_E4M3_MAX, pow2_ceil, quantize_fp8  # noqa: F401  (the recipe, with its kernels)
+# the recipe, with its kernels
+from kernels.fp8_quant import FP8_E4M3_MAX, pad_rows, pow2_ceil, quantize_fp8  # noqa: F401
 
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
@@ -330,14 +331,6 @@ def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = t
     return (x.float() * torch.reciprocal(scale)).clamp(-fmax, fmax).to(dtype), scale  # as kernels.fp8_quant
 
 
-def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    """t (M, C) with zero rows appended up to a multiple of `multiple` (at least one multiple): the wgrad GEMM
-    contracts over the tokens, and _scaled_mm on the GPU wants every contraction length divisible by 16. Zero rows
-    change neither a sum nor an amax."""
-    pad = max(multiple, -(-t.shape[0] // multiple) * multiple) - t.shape[0]
-    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
-
-
 def _add_bias(mm_dtype: torch.dtype, out_dtype: torch.dtype,
               bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], bool]:
     """(the bias _scaled_mm adds in its epilogue, whether it does): fused where the product is 16-bit and is the
@@ -357,10 +350,12 @@ class _FP8LinearFunction(torch.autograd.Function):
     `w_fp8`/`w_scale` (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled
     per input channel, for dgrad). `weight` is the master weight: not read, it receives the gradient; `bias` (or
     None) is added in the forward GEMM's epilogue (_add_bias). input_kernel (row-wise recipes): x quantized by
-    `kernels.ops.quantize_rows_fp8` instead of plain ops."""
+    `kernels.ops.quantize_rows_fp8` instead of plain ops. grad_kernel (recipe rowwise): dy quantized for dgrad and
+    wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8` (two passes over dy)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str, input_kernel: bool = False):
+    def forward(ctx, x, weight, bias, w_fp8, w_scale, wt_fp8, wt_scale, recipe: str, input_kernel: bool = False,
+                grad_kernel: bool = False):
         rowwise = recipe != "tensorwise"
         # The CUTLASS row-wise kernel emits bf16 only; tensorwise can write the caller's dtype directly.
         mm_dtype = torch.bfloat16 if rowwise else x.dtype
@@ -375,7 +370,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale, bias)
         else:  # wgrad needs x scaled per column (per input channel), requantized from x in its own dtype
             ctx.save_for_backward(x, wt_fp8, wt_scale, bias)
-        ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
+        ctx.recipe, ctx.x_dtype, ctx.w_dtype, ctx.grad_kernel = recipe, x.dtype, weight.dtype, grad_kernel
         y = y.to(x.dtype)
         return y + bias.to(y.dtype) if bias is not None and not fused else y
 
@@ -389,31 +384,41 @@ class _FP8LinearFunction(torch.autograd.Function):
             # dgrad: dy (M,N) e5m2 @ W (N,K) e4m3 (W^T stored contiguous, so .t() is the column-major B)
             dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=ctx.x_dtype)
             # wgrad: dy^T (N,M) @ x (M,K); one scale per tensor survives the transposes
-            gt = _pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
-            xt = _pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
+            gt = pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
+            xt = pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
-            return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None
+            return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None, None
         x, wt_fp8, wt_scale, bias = ctx.saved_tensors
-        dx = _rowwise_dgrad(g, wt_fp8, wt_scale).to(ctx.x_dtype)
-        return (dx, _rowwise_wgrad(g, x, recipe).to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None,
-                None)
+        if ctx.grad_kernel:  # dy from an opaque kernel (ours): both its quantizations and its sum in two passes
+            g_q, g_scale, gt_q, gt_scale, g_sum = ops.quantize_rows_cols_fp8(g, pow2=True)
+            dx = _rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
+            dw = _rowwise_wgrad(g, x, recipe, (gt_q, gt_scale))
+            db = None if bias is None else g_sum.to(bias.dtype)
+        else:
+            dx, dw = _rowwise_dgrad(g, wt_fp8, wt_scale), _rowwise_wgrad(g, x, recipe)
+            db = _bias_grad(g, bias)
+        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), db, None, None, None, None, None, None, None
 
 
-def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor) -> torch.Tensor:
-    """dy (M, N) -> dx (M, K) bf16 for the row-wise recipes: dy in e4m3 with one power-of-two scale per token,
-    W^T (K, N) stored contiguous with one scale per input channel."""
-    g_q, g_scale = quantize_along(g, -1, pow2=True)
+def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor,
+                   quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """dy (M, N) -> dx (M, K) bf16 for the row-wise recipes: dy in e4m3 with one power-of-two scale per token
+    (`quantized`: already so), W^T (K, N) stored contiguous with one scale per input channel."""
+    g_q, g_scale = quantized if quantized is not None else quantize_along(g, -1, pow2=True)
     return torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale.reshape(1, -1),
                             out_dtype=torch.bfloat16)
 
 
-def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str) -> torch.Tensor:
+def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str,
+                   quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """dW (N, K) = dy^T x for the row-wise recipes: in bf16 (rowwise_with_gw_hp), or dy^T (N, M) scaled per output
-    channel and x^T (K, M) per input channel, both over the tokens (padded to a multiple of 16) in e4m3."""
+    channel and x^T (K, M) per input channel, both over the tokens (padded to a multiple of 16) in e4m3
+    (`quantized_t`: dy^T already so)."""
     if recipe == "rowwise_with_gw_hp":
         return g.to(torch.bfloat16).t() @ x.to(torch.bfloat16)
-    gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
-    xt_q, xt_scale = quantize_along(_pad_rows(x).t().contiguous(), -1, pow2=True)
+    gt_q, gt_scale = (quantized_t if quantized_t is not None
+                      else quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True))
+    xt_q, xt_scale = quantize_along(pad_rows(x).t().contiguous(), -1, pow2=True)
     return torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
                             out_dtype=torch.bfloat16)
 
@@ -464,8 +469,8 @@ class _FP8SwiGLUOutFunction(torch.autograd.Function):
         if ctx.recipe == "rowwise_with_gw_hp":
             dw = _rowwise_wgrad(g, h, ctx.recipe)
         else:  # as _rowwise_wgrad, h^T scaled by the column maxima the forward took
-            gt_q, gt_scale = quantize_along(_pad_rows(g).t().contiguous(), -1, pow2=True)
-            ht_q, ht_scale = quantize_by_amax(_pad_rows(h).t(), col_amax.reshape(-1, 1), pow2=True)
+            gt_q, gt_scale = quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True)
+            ht_q, ht_scale = quantize_by_amax(pad_rows(h).t(), col_amax.reshape(-1, 1), pow2=True)
             dw = torch._scaled_mm(gt_q, ht_q.contiguous().t(), scale_a=gt_scale, scale_b=ht_scale.reshape(1, -1),
                                   out_dtype=torch.bfloat16)
         return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None
@@ -498,14 +503,18 @@ class FP8TrainingLinear(nn.Linear):
     apply_fp8_training converted (the trainer compiles the blocks, not the model). Output: the autocast dtype
     under autocast, else x's dtype. The master weight and its gradient keep the weight's dtype."""
 
-    def __init__(self, linear: nn.Linear, recipe: str = "rowwise", input_kernel: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, recipe: str = "rowwise", input_kernel: bool = False,
+                 grad_kernel: bool = False) -> None:
         if recipe not in SCALED_MM_RECIPES:
             raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
         if input_kernel and recipe == "tensorwise":
             raise FP8Unavailable("input_kernel quantizes per row; recipe tensorwise quantizes x inline")
+        if grad_kernel and recipe != "rowwise":
+            raise FP8Unavailable(f"grad_kernel quantizes dy per row and per column for an FP8 weight gradient; "
+                                 f"recipe {recipe} takes dy inline")
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are the linear's own
         self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
-        self.input_kernel = input_kernel
+        self.input_kernel, self.grad_kernel = input_kernel, grad_kernel
         self.weight, self.bias = linear.weight, linear.bias
         dev = linear.weight.device
         for name in ("weight_fp8", "weight_scale", "weight_t_fp8", "weight_t_scale"):  # derived: not saved
@@ -550,7 +559,8 @@ class FP8TrainingLinear(nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
         y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.weight_fp8, self.weight_scale,
-                                     self.weight_t_fp8, self.weight_t_scale, self.recipe, self.input_kernel)
+                                     self.weight_t_fp8, self.weight_t_scale, self.recipe, self.input_kernel,
+                                     self.grad_kernel)
         return y.reshape(*lead, self.out_features)
 
     def dequantized_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +578,8 @@ class FP8TrainingLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, "
                 f"bias={self.bias is not None}" + (", input quantized by kernels.ops.quantize_rows_fp8"
-                                                   if self.input_kernel else ""))
+                                                   if self.input_kernel else "")
+                + (", output gradient quantized by kernels.ops.quantize_rows_cols_fp8" if self.grad_kernel else ""))
 
 
 class FP8TrainingSwiGLUFFN(nn.Module):
@@ -615,7 +626,10 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     their producers). 'ours' (row-wise recipes): where the producer is opaque to inductor, our kernels quantize --
     each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input comes from our SwiGLU kernel
     (`kernels.ops.swiglu_fp8`), and attn.proj's input (attention's output) goes through
-    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate)."""
+    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate).
+    Under 'ours' with recipe rowwise, attn.qkv's output gradient (written by our attention block's backward, opaque
+    to inductor) is quantized for dgrad and wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8`
+    in two passes, where the plain ops take three or four."""
     if recipe not in SCALED_MM_RECIPES:
         raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
     if quant not in FP8_QUANT:
@@ -632,7 +646,8 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
         parent, child = name.rsplit(".", 1)
         # attention's output (cuDNN's, opaque to inductor) quantized by our one-pass row kernel under quant ours
         setattr(model.get_submodule(parent), child,
-                FP8TrainingLinear(m, recipe, input_kernel=quant == "ours" and name.endswith("attn.proj")))
+                FP8TrainingLinear(m, recipe, input_kernel=quant == "ours" and name.endswith("attn.proj"),
+                                  grad_kernel=quant == "ours" and recipe == "rowwise" and name.endswith("attn.qkv")))
     if quant == "ours":
         for name in [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")]:
             mlp = model.get_submodule(name)

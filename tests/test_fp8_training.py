@@ -450,6 +450,43 @@ def test_proj_input_through_the_row_kernel_is_the_same_linear(recipe):
         FP8TrainingLinear(lin, "tensorwise", input_kernel=True)
 
 
+def test_qkv_output_gradient_through_the_rows_cols_kernel_is_the_same_linear():
+    """attn.qkv under quant ours (rowwise): its output gradient (our attention block's, opaque to inductor)
+    quantized for dgrad and wgrad and summed for the bias by kernels.ops.quantize_rows_cols_fp8 in two passes:
+    output, input and weight gradients bit for bit the plain ops' quantization; the bias gradient within fp32
+    rounding (the kernel sums in another order); bf16 autocast, ragged rows (82, padded to 96 for the wgrad). The
+    conversion sets it on attn.qkv alone, and only for rowwise."""
+    import kernels
+    from modeling.lightningdit import LightningDiT
+    lin = make_linear(1152, 432, True, 8)
+    plain, kern = FP8TrainingLinear(lin, "rowwise"), FP8TrainingLinear(lin, "rowwise", grad_kernel=True)
+    x = (torch.randn(2, 41, 1152) * torch.linspace(0.1, 8, 41).view(1, 41, 1)).to(torch.bfloat16)
+    g = torch.randn(2, 41, 432) * torch.linspace(0.01, 20, 432)
+    got = []
+    for m in (plain, kern):
+        m.weight.grad = m.bias.grad = None
+        xi = x.clone().requires_grad_()
+        with kernels.backend.active("triton"):  # (the backward too: the kernel runs there)
+            with torch.autocast("cpu", torch.bfloat16):
+                y = m(xi)
+            y.float().backward(g)
+        got.append((y, xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+    assert kernels.describe()["ops"]["quantize_rows_cols_fp8"] == "triton" and "quantize_rows_cols" in repr(kern)
+    for a, b in zip(got[0][:3], got[1][:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[1][3], got[0][3], rtol=1e-6, atol=1e-6 * float(g.abs().sum((0, 1)).max()))
+    for recipe in ("tensorwise", "rowwise_with_gw_hp"):
+        with pytest.raises(FP8Unavailable, match="grad_kernel"):
+            FP8TrainingLinear(lin, recipe, grad_kernel=True)
+    for recipe, quant in (("rowwise", "ours"), ("rowwise", "inline"), ("rowwise_with_gw_hp", "ours")):
+        model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                             num_classes=3, mlp_ratio=3.0)
+        apply_fp8_training(model, recipe, allow_cpu=True, quant=quant)
+        flagged = {n for n, m in model.named_modules() if getattr(m, "grad_kernel", False)}
+        assert flagged == ({"blocks.0.attn.qkv", "blocks.1.attn.qkv"} if (recipe, quant) == ("rowwise", "ours")
+                           else set()), (recipe, quant, flagged)
+
+
 def test_fp8_swiglu_mlp_under_autocast_against_float64():
     """bf16 autocast as the trainer runs it: bf16 output, fp32 master gradients, within FP8's error of the exact
     float64 MLP and within a bf16 rounding of the inline path (the interpreter casts fp32 to bf16 by truncation in

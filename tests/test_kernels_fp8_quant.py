@@ -136,6 +136,47 @@ def test_swiglu_fp8_colmax_is_swiglu_fp8_and_the_column_maxima(H, dtype):
     assert q.shape == (0, H) and torch.equal(col, torch.zeros(H, device=DEV))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 77), (2, 17, 72), (130, 48), (3, 1152), (16, 16)])
+def test_quantize_rows_cols_bitwise_the_trainers_quantizer(shape, dtype):
+    """quantize_rows_cols_fp8 (a gradient as dgrad's and wgrad's operands): per row, the bytes and scales of the
+    trainer's own quantize_along(g, -1, pow2); per column, those of quantize_along(pad_rows(g).t(), -1, pow2) -- the
+    padding to 16 rows included (rows 37, 34, 130, 3, 16; tiles of 4 x 16 under the interpreter, ragged); the column
+    sums within fp32 rounding of float64's. Rows and columns of very different magnitudes, a zero row, an outlier."""
+    from modeling.fp8 import quantize_along
+    g = _rows(shape, dtype, seed=4) * torch.exp(2 * torch.randn(shape[-1])).to(dtype).to(DEV)
+    q, s, qt, st, col_sum = ops.quantize_rows_cols_fp8(g, pow2=True)
+    assert kernels.describe()["ops"]["quantize_rows_cols_fp8"] == "triton"
+    g2 = g.reshape(-1, shape[-1])
+    M, N = g2.shape
+    Mp = max(16, -(-M // 16) * 16)
+    assert q.shape == (M, N) and s.shape == (M, 1) and qt.shape == (N, Mp) and st.shape == (N, 1)
+    assert q.dtype == qt.dtype == E4M3 and s.dtype == st.dtype == col_sum.dtype == torch.float32
+    qr, sr = quantize_along(g2, -1, pow2=True)
+    assert torch.equal(_bits(q), _bits(qr)) and torch.equal(s, sr)
+    qtr, str_ = quantize_along(fp8_quant.pad_rows(g2).t().contiguous(), -1, pow2=True)
+    assert torch.equal(_bits(qt), _bits(qtr)) and torch.equal(st, str_)
+    assert (qt[:, M:].float() == 0).all()  # the padding
+    exact = g2.double().sum(dim=0)
+    assert ((col_sum.double() - exact).abs() <= 1e-6 * g2.double().abs().sum(dim=0) + 1e-30).all()
+    # the reference (plain ops) is the same function
+    ref = fp8_quant.quantize_rows_cols_fp8_reference(g, pow2=True)
+    for a, b in zip((q, s, qt, st), ref[:4]):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a, b.view(torch.uint8) if b.dtype == E4M3 else b)
+    torch.testing.assert_close(col_sum, ref[4], rtol=1e-5, atol=1e-5 * float(g2.float().abs().sum(0).max()))
+    # and without pow2 (scales amax x fp32(1/448)), as quantize_fp8
+    q, s, qt, st, _ = ops.quantize_rows_cols_fp8(g, pow2=False)
+    qr, sr, qtr, str_, _ = fp8_quant.quantize_rows_cols_fp8_reference(g, pow2=False)
+    assert torch.equal(_bits(q), _bits(qr)) and torch.equal(s, sr) and torch.equal(_bits(qt), _bits(qtr))
+    assert torch.equal(st, str_)
+
+
+def test_quantize_rows_cols_no_rows():
+    q, s, qt, st, col_sum = ops.quantize_rows_cols_fp8(torch.empty(0, 48, device=DEV, dtype=torch.bfloat16))
+    assert q.shape == (0, 48) and s.shape == (0, 1) and qt.shape == (48, 16) and st.shape == (48, 1)
+    assert (qt.float() == 0).all() and torch.equal(col_sum, torch.zeros(48, device=DEV))
+
+
 def test_scale_is_the_product_with_the_reciprocal_as_torch_computes_it_on_cuda():
     """The recipe's scale is amax * fp32(1 / 448): what torch on CUDA computes for `amax / 448` (a * (1 / b) for a
     Python divisor), where the CPU divides. The H200 suite found the kernel (then dividing) an ulp off eager CUDA
@@ -172,11 +213,12 @@ def test_empty_inputs_and_bad_packing():
         ops.swiglu_fp8(torch.randn(3, 7, device=DEV))
 
 
-@pytest.mark.parametrize("op", ["quantize_rows_fp8", "swiglu_fp8", "swiglu_fp8_colmax"])
+@pytest.mark.parametrize("op", ["quantize_rows_fp8", "swiglu_fp8", "swiglu_fp8_colmax", "quantize_rows_cols_fp8"])
 def test_opcheck(op):
     """The custom ops' schema, fake (meta) implementation and AOT dispatch agree with what they compute."""
     fn = {"quantize_rows_fp8": fp8_quant.quantize_rows_fp8_op, "swiglu_fp8": fp8_quant.swiglu_fp8_op,
-          "swiglu_fp8_colmax": fp8_quant.swiglu_fp8_colmax_op}[op]
+          "swiglu_fp8_colmax": fp8_quant.swiglu_fp8_colmax_op,
+          "quantize_rows_cols_fp8": fp8_quant.quantize_rows_cols_fp8_op}[op]
     x = torch.randn(2, 5, 64, device=DEV, dtype=torch.bfloat16)
     for args in ((x,), (x, True)):  # the sampler's scales, the training recipe's powers of two
         torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

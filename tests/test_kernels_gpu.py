@@ -333,6 +333,50 @@ def test_fp8_quant_kernels_on_gpu():
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
 
 
+def test_quantize_rows_cols_every_tile_on_gpu():
+    """quantize_rows_cols_fp8 at the widths of qkv's and w12's output gradients (3456, 6144), bf16, 1027 rows (no
+    tile's multiple; padded to 1040): with every candidate tile of both passes, the bytes and scales of the trainer's
+    quantizer row-major and transposed (the padding zero), the column sums within fp32 rounding of float64's, the
+    same sums bit for bit for one first-pass tile whatever the second's; attn.qkv with grad_kernel is the plain
+    FP8 linear bit for bit but for its bias gradient (that sum's order)."""
+    from kernels import fp8_quant
+    from modeling.fp8 import FP8TrainingLinear, quantize_along
+    _need("triton")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.fail("the GPU suite runs on an FP8 GPU (H100/H200)")
+    torch.manual_seed(0)
+    for N in (3456, 6144):
+        g = (torch.randn(1027, N, device="cuda") * torch.exp(2 * torch.randn(1027, 1, device="cuda"))
+             * torch.exp(torch.randn(N, device="cuda"))).to(torch.bfloat16)
+        qr, sr = quantize_along(g, -1, pow2=True)
+        qtr, str_ = quantize_along(fp8_quant.pad_rows(g).t().contiguous(), -1, pow2=True)
+        exact = g.double().sum(dim=0)
+        for amax_tile in fp8_quant.ROWS_COLS_AMAX_TILES:
+            sums = []
+            for cast_tile in fp8_quant.ROWS_COLS_QUANT_TILES:
+                q, s, qt, st, cs = fp8_quant.rows_cols_fp8(g, True, amax_tile, cast_tile)
+                assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (N, amax_tile)
+                assert torch.equal(qt.view(torch.uint8), qtr.view(torch.uint8)) and torch.equal(st, str_), \
+                    (N, amax_tile, cast_tile)
+                assert qt.shape == (N, 1040) and (qt[:, 1027:].float() == 0).all()
+                assert ((cs.double() - exact).abs() <= 1e-6 * g.double().abs().sum(dim=0) + 1e-30).all()
+                sums.append(cs)
+            assert all(torch.equal(c, sums[0]) for c in sums)
+        q, s, qt, st, cs = ops.quantize_rows_cols_fp8(g, pow2=True)  # the autotuned op
+        assert torch.equal(qt.view(torch.uint8), qtr.view(torch.uint8)) and torch.equal(s, sr)
+    lin = torch.nn.Linear(1152, 3456).cuda()
+    x = torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for kern in (False, True):
+        lin.weight.grad = lin.bias.grad = None
+        xi = x.clone().requires_grad_()
+        y = FP8TrainingLinear(lin, "rowwise", grad_kernel=kern)(xi)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad, lin.weight.grad.clone(), lin.bias.grad.clone()))
+    assert all(torch.equal(u, v) for u, v in zip(outs[0][:3], outs[1][:3]))
+    torch.testing.assert_close(outs[1][3], outs[0][3], rtol=1e-5, atol=1e-3)
+
+
 def test_fp8_training_swiglu_mlp_on_gpu():
     """fp8.quant ours at XL/1's widths (1152 -> 2 x 3072 -> 1152), bf16 autocast, rows not a multiple of the tile:
     the power-of-two kernels give the trainer's quantizer's bytes; FP8TrainingSwiGLUFFN eager and compiled

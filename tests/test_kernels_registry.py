@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DECLARED_OPS = {"rms_norm", "layer_norm", "norm_modulate", "gated_residual_norm_modulate", "gated_residual", "swiglu",
              "rope_qk", "qkv_rope", "attention", "linear_swiglu", "quantize_rows_fp8", "swiglu_fp8",
-             "swiglu_fp8_colmax", "rope_attention", "group_norm_silu"}
+             "swiglu_fp8_colmax", "rope_attention", "group_norm_silu", "quantize_rows_cols_fp8"}
 
 
 @pytest.fixture(autouse=True)
