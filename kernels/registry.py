@@ -160,14 +160,25 @@ def registered() -> dict[str, Op]:
 def resolve(name: str, x: torch.Tensor) -> Callable[..., Any]:
     """The function that runs op `name` for tensor x under the active backend (records what runs, for
     kernels.describe()). Raises BackendUnavailable where an explicitly requested backend cannot run it."""
+    return implementation(name, choice(name, x))
+
+
+def choice(name: str, x: torch.Tensor) -> str:
+    """What `resolve` runs op `name` with for tensor x: "reference" or one of its implementations' backends,
+    recorded for kernels.describe(). For a caller that runs the op later, where nothing may be recorded: an
+    autograd.Function's backward traced by torch.compile refuses side effects, so its forward chooses and the
+    backward calls `implementation(name, chosen)`."""
     op = _OPS[name]
     chosen, label = backend.choose(name, op.impls.keys(), name in _PREFER_REFERENCE, x)
-    if chosen == "reference":
+    if chosen == "reference" or not op.records_itself:
         backend.record(name, label)
-        return op.reference
-    if not op.records_itself:
-        backend.record(name, label)
-    return op.impls[chosen]
+    return chosen
+
+
+def implementation(name: str, chosen: str) -> Callable[..., Any]:
+    """Op `name`'s function for a backend `choice` returned (no side effect)."""
+    op = _OPS[name]
+    return op.reference if chosen == "reference" else op.impls[chosen]
 
 
 def _dispatcher(op: Op) -> Callable[..., Any]:

@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from kernels import ops
+from kernels import ops, registry
 # the recipe, with its kernels
 from kernels.fp8_quant import FP8_E4M3_MAX, pad_rows, pow2_ceil, quantize_fp8  # noqa: F401
 
@@ -370,7 +370,9 @@ class _FP8LinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale, bias)
         else:  # wgrad needs x scaled per column (per input channel), requantized from x in its own dtype
             ctx.save_for_backward(x, wt_fp8, wt_scale, bias)
-        ctx.recipe, ctx.x_dtype, ctx.w_dtype, ctx.grad_kernel = recipe, x.dtype, weight.dtype, grad_kernel
+        ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
+        # chosen (and recorded) here: the backward, traced by torch.compile, may not record anything
+        ctx.grad_quant = registry.choice("quantize_rows_cols_fp8", x) if grad_kernel else ""
         y = y.to(x.dtype)
         return y + bias.to(y.dtype) if bias is not None and not fused else y
 
@@ -389,8 +391,9 @@ class _FP8LinearFunction(torch.autograd.Function):
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
             return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None, None
         x, wt_fp8, wt_scale, bias = ctx.saved_tensors
-        if ctx.grad_kernel:  # dy from an opaque kernel (ours): both its quantizations and its sum in two passes
-            g_q, g_scale, gt_q, gt_scale, g_sum = ops.quantize_rows_cols_fp8(g, pow2=True)
+        if ctx.grad_quant:  # dy from an opaque kernel (ours): both its quantizations and its sum in two passes
+            quantize = registry.implementation("quantize_rows_cols_fp8", ctx.grad_quant)
+            g_q, g_scale, gt_q, gt_scale, g_sum = quantize(g, pow2=True)
             dx = _rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
             dw = _rowwise_wgrad(g, x, recipe, (gt_q, gt_scale))
             db = None if bias is None else g_sum.to(bias.dtype)

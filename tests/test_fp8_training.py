@@ -249,6 +249,26 @@ def test_compile_fullgraph_forward_and_backward(tmp_path, monkeypatch):
     torch.testing.assert_close(comp.bias.grad, eager.bias.grad)
 
 
+def test_compile_fullgraph_with_the_gradient_kernel(tmp_path, monkeypatch):
+    """grad_kernel (attn.qkv under fp8.quant ours) under torch.compile(fullgraph=True): the backward's compiled code
+    calls our quantize_rows_cols_fp8 (opaque: inductor does not trace into it) and its two _scaled_mm; results as
+    eager's, as in the test above."""
+    import kernels
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    lin = make_linear(128, 192, True, 5)
+    eager = FP8TrainingLinear(lin, "rowwise", grad_kernel=True)
+    comp = FP8TrainingLinear(make_linear(128, 192, True, 5), "rowwise", grad_kernel=True)
+    x = (torch.randn(2, 37, 128) * torch.linspace(0.1, 4, 37).view(1, 37, 1)).to(torch.bfloat16)
+    g = torch.randn(2, 37, 192).to(torch.bfloat16)
+    with kernels.backend.active("triton"):
+        (ye, xe), (yc, xc), codes = _eager_and_compiled(eager, comp, x, g)
+    assert [c.count("_scaled_mm(") for c in codes] == [1, 2]
+    assert "quantize_rows_cols_fp8" in codes[1] and "quantize_rows_cols_fp8" not in codes[0]
+    for got, want in ((yc, ye), (xc.grad, xe.grad), (comp.weight.grad, eager.weight.grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=4e-3 * float(want.abs().max()))
+    torch.testing.assert_close(comp.bias.grad, eager.bias.grad)
+
+
 def tiny(hidden=96, depth=2):
     from modeling.lightningdit import LightningDiT
     model = LightningDiT(input_size=8, patch_size=1, in_channels=32, hidden_size=hidden, depth=depth, num_heads=2,
