@@ -32,7 +32,8 @@ div.full.f32), multiply, and cast with the GPU's cvt.rn.satfinite (round to near
 the rounding is written out in the fp32 bits (`_e4m3_rne`), so the interpreter, the GPU and torch agree bit for bit
 (tests/test_kernels_fp8_quant.py). The row ops are forward ops: the sampler's FP8 modules call them, and the FP8
 training MLP (modeling.fp8.FP8TrainingSwiGLUFFN) calls swiglu_fp8 in its forward and recomputes the SwiGLU for its
-backward. quantize_rows_cols_fp8 is a backward's: the FP8 training linear's for attn.qkv under fp8.quant ours.
+backward. quantize_rows_cols_fp8 is a backward's: the FP8 training linear's, for the gradients our kernels write
+(attn.qkv's, mlp.w12's).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def quantize_rows_cols_fp8_reference(g: Tensor, pow2: bool = True) -> tuple[Tens
     g2 = g.reshape(-1, g.shape[-1])
     q, scale = quantize_fp8(g2, rowwise=True, pow2=pow2)
     qt, scale_t = quantize_fp8(pad_rows(g2).t().contiguous(), rowwise=True, pow2=pow2)
-    return q, scale, qt, scale_t, g2.float().sum(dim=0)
+    return q, scale, qt, scale_t, g2.sum(dim=0, dtype=torch.float32)  # (as the FP8 linear sums its bias gradient)
 
 
 @triton.jit

@@ -391,7 +391,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
             return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None, None
         x, wt_fp8, wt_scale, bias = ctx.saved_tensors
-        if ctx.grad_quant:  # dy from an opaque kernel (ours): both its quantizations and its sum in two passes
+        if ctx.grad_quant:  # dy from an op of ours (opaque): both its quantizations and its sum in two passes
             quantize = registry.implementation("quantize_rows_cols_fp8", ctx.grad_quant)
             g_q, g_scale, gt_q, gt_scale, g_sum = quantize(g, pow2=True)
             dx = _rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
@@ -630,9 +630,12 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input comes from our SwiGLU kernel
     (`kernels.ops.swiglu_fp8`), and attn.proj's input (attention's output) goes through
     `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate).
-    Under 'ours' with recipe rowwise, attn.qkv's output gradient (written by our attention block's backward, opaque
-    to inductor) is quantized for dgrad and wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8`
-    in two passes, where the plain ops take three or four."""
+
+    Either way, with recipe rowwise, the output gradients that an op of ours writes (opaque to inductor) are
+    quantized for dgrad and wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8` in two passes
+    (where the plain ops take three or four; under compile, ours until kernels/compiled_choices.json measures
+    inductor's fusion of them faster): attn.qkv's (the attention block's backward) and mlp.w12's (the SwiGLU's
+    backward; under 'ours' the FP8 SwiGLU MLP's plain-op backward writes it instead)."""
     if recipe not in SCALED_MM_RECIPES:
         raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
     if quant not in FP8_QUANT:
@@ -648,9 +651,11 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
         # attention's output (cuDNN's, opaque to inductor) quantized by our one-pass row kernel under quant ours
+        grad_kernel = recipe == "rowwise" and (name.endswith("attn.qkv")
+                                               or (name.endswith("mlp.w12") and quant != "ours"))
         setattr(model.get_submodule(parent), child,
                 FP8TrainingLinear(m, recipe, input_kernel=quant == "ours" and name.endswith("attn.proj"),
-                                  grad_kernel=quant == "ours" and recipe == "rowwise" and name.endswith("attn.qkv")))
+                                  grad_kernel=grad_kernel))
     if quant == "ours":
         for name in [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")]:
             mlp = model.get_submodule(name)

@@ -122,7 +122,9 @@ class FP8Config:
     # scaled_mm, row-wise recipes: ours quantizes w3's input in our SwiGLU kernel and recomputes the SwiGLU for
     # w3's weight gradient (modeling.fp8.FP8TrainingSwiGLUFFN: its bf16 output neither written nor kept), and
     # proj's input in one pass per row; inline: plain torch ops (inductor fuses what it can); auto: inline (it
-    # measured faster through the trainer: 551 vs 515 img/s, XL/1 bs256, H200, bench/results/2026-12-04_h200.md)
+    # measured faster through the trainer: 551 vs 515 img/s, XL/1 bs256, H200, bench/results/2026-12-04_h200.md).
+    # Either way (recipe rowwise) the gradients our kernels write, qkv's and w12's, go to both FP8 operands of
+    # their Linear's backward through kernels.ops.quantize_rows_cols_fp8 (modeling.fp8.apply_fp8_training)
     quant: Literal["auto", "ours", "inline"] = "auto"
 
     def validate(self) -> None:
