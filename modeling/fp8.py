@@ -349,8 +349,9 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T + b through three torch._scaled_mm (forward, dgrad, wgrad) on pre-quantized weights:
     `w_fp8`/`w_scale` (W scaled per output channel, for the forward) and `wt_fp8`/`wt_scale` (W^T, contiguous, scaled
     per input channel, for dgrad). `weight` is the master weight: not read, it receives the gradient; `bias` (or
-    None) is added in the forward GEMM's epilogue (_add_bias). input_kernel (row-wise recipes): x quantized by
-    `kernels.ops.quantize_rows_fp8` instead of plain ops. grad_kernel (recipe rowwise): dy quantized for dgrad and
+    None) is added in the forward GEMM's epilogue (_add_bias). input_kernel: x quantized by our kernels instead of
+    plain ops -- with rowwise both ways (`kernels.ops.quantize_rows_cols_fp8`: per row for the forward, per column
+    transposed for the wgrad, kept in e4m3 instead of x), with rowwise_with_gw_hp per row (`quantize_rows_fp8`). grad_kernel (recipe rowwise): dy quantized for dgrad and
     wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8` (two passes over dy)."""
 
     @staticmethod
@@ -359,7 +360,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         rowwise = recipe != "tensorwise"
         # The CUTLASS row-wise kernel emits bf16 only; tensorwise can write the caller's dtype directly.
         mm_dtype = torch.bfloat16 if rowwise else x.dtype
-        if input_kernel:  # row-wise: our one-pass kernel, for an input whose producer inductor cannot fuse into
+        xt = None  # rowwise with input_kernel: x^T in e4m3 per input channel, made now, kept instead of x
+        if input_kernel and recipe == "rowwise":  # an input whose producer inductor cannot fuse into: both ways
+            x_q, x_scale, xt_q, xt_scale, _ = ops.quantize_rows_cols_fp8(x, pow2=True)  # in two passes
+            xt = (xt_q, xt_scale)
+        elif input_kernel:  # rowwise_with_gw_hp (the wgrad takes x in bf16): the rows in one pass
             x_q, x_scale = ops.quantize_rows_fp8(x, pow2=True)
         else:
             x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
@@ -368,9 +373,13 @@ class _FP8LinearFunction(torch.autograd.Function):
                              use_fast_accum=True)
         if recipe == "tensorwise":  # the same tensor scale serves the wgrad: keep 1-byte x, not x
             ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale, bias)
+        elif xt is not None:  # the wgrad's x^T already quantized: 1 byte per element kept instead of x's 2
+            # (its K scales cloned: the plain ops' pow2_ceil hands out a view, which torch.compile cannot keep
+            # across an autograd.Function)
+            ctx.save_for_backward(xt[0], wt_fp8, wt_scale, bias, xt[1].clone())
         else:  # wgrad needs x scaled per column (per input channel), requantized from x in its own dtype
             ctx.save_for_backward(x, wt_fp8, wt_scale, bias)
-        ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
+        ctx.recipe, ctx.x_dtype, ctx.w_dtype, ctx.x_transposed = recipe, x.dtype, weight.dtype, xt is not None
         # chosen (and recorded) here: the backward, traced by torch.compile, may not record anything
         ctx.grad_quant = registry.choice("quantize_rows_cols_fp8", x) if grad_kernel else ""
         y = y.to(x.dtype)
@@ -390,15 +399,16 @@ class _FP8LinearFunction(torch.autograd.Function):
             xt = pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
             dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
             return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None, None
-        x, wt_fp8, wt_scale, bias = ctx.saved_tensors
+        x, wt_fp8, wt_scale, bias = ctx.saved_tensors[:4]  # (x: x^T in e4m3 where x_transposed)
+        xt = (x, ctx.saved_tensors[4]) if ctx.x_transposed else None
         if ctx.grad_quant:  # dy from an op of ours (opaque): both its quantizations and its sum in two passes
             quantize = registry.implementation("quantize_rows_cols_fp8", ctx.grad_quant)
             g_q, g_scale, gt_q, gt_scale, g_sum = quantize(g, pow2=True)
             dx = _rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
-            dw = _rowwise_wgrad(g, x, recipe, (gt_q, gt_scale))
+            dw = _rowwise_wgrad(g, x, recipe, (gt_q, gt_scale), xt)
             db = None if bias is None else g_sum.to(bias.dtype)
         else:
-            dx, dw = _rowwise_dgrad(g, wt_fp8, wt_scale), _rowwise_wgrad(g, x, recipe)
+            dx, dw = _rowwise_dgrad(g, wt_fp8, wt_scale), _rowwise_wgrad(g, x, recipe, x_quantized_t=xt)
             db = _bias_grad(g, bias)
         return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), db, None, None, None, None, None, None, None
 
@@ -413,15 +423,17 @@ def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor
 
 
 def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str,
-                   quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                   quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   x_quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """dW (N, K) = dy^T x for the row-wise recipes: in bf16 (rowwise_with_gw_hp), or dy^T (N, M) scaled per output
     channel and x^T (K, M) per input channel, both over the tokens (padded to a multiple of 16) in e4m3
-    (`quantized_t`: dy^T already so)."""
+    (`quantized_t` / `x_quantized_t`: dy^T / x^T already so; x is then not read)."""
     if recipe == "rowwise_with_gw_hp":
         return g.to(torch.bfloat16).t() @ x.to(torch.bfloat16)
     gt_q, gt_scale = (quantized_t if quantized_t is not None
                       else quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True))
-    xt_q, xt_scale = quantize_along(pad_rows(x).t().contiguous(), -1, pow2=True)
+    xt_q, xt_scale = (x_quantized_t if x_quantized_t is not None
+                      else quantize_along(pad_rows(x).t().contiguous(), -1, pow2=True))
     return torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
                             out_dtype=torch.bfloat16)
 
@@ -580,8 +592,9 @@ class FP8TrainingLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}, "
-                f"bias={self.bias is not None}" + (", input quantized by kernels.ops.quantize_rows_fp8"
-                                                   if self.input_kernel else "")
+                f"bias={self.bias is not None}"
+                + ((", input quantized by kernels.ops." + ("quantize_rows_cols_fp8" if self.recipe == "rowwise"
+                                                           else "quantize_rows_fp8")) if self.input_kernel else "")
                 + (", output gradient quantized by kernels.ops.quantize_rows_cols_fp8" if self.grad_kernel else ""))
 
 
@@ -625,17 +638,17 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     before or after). Refuses (FP8Unavailable) on a device without FP8 unless `allow_cpu` (CPU emulation through
     torch's CPU _scaled_mm: FP8's numerics, not its speed).
 
-    quant 'inline': every activation quantized in plain ops inside the autograd.Function (inductor fuses them into
-    their producers). 'ours' (row-wise recipes): where the producer is opaque to inductor, our kernels quantize --
-    each SwiGLU MLP becomes an FP8TrainingSwiGLUFFN, whose w3 input comes from our SwiGLU kernel
-    (`kernels.ops.swiglu_fp8`), and attn.proj's input (attention's output) goes through
-    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate).
-
-    Either way, with recipe rowwise, the output gradients that an op of ours writes (opaque to inductor) are
-    quantized for dgrad and wgrad, and summed for the bias, by `kernels.ops.quantize_rows_cols_fp8` in two passes
-    (where the plain ops take three or four; under compile, ours until kernels/compiled_choices.json measures
-    inductor's fusion of them faster): attn.qkv's (the attention block's backward) and mlp.w12's (the SwiGLU's
-    backward; under 'ours' the FP8 SwiGLU MLP's plain-op backward writes it instead)."""
+    Where an op of ours produces a Linear's FP8 operand (opaque to inductor, which fuses the plain ops' quantization
+    into its own producers only), our kernels quantize it (row-wise recipes; under compile, ours until
+    kernels/compiled_choices.json measures inductor's fusion of the plain ops faster):
+    - attn.proj's input (attention's output) and mlp.w3's (the SwiGLU's; not under 'ours', see below):
+      `input_kernel`, both ways in two passes with rowwise (x^T kept in e4m3 instead of x), per row with
+      rowwise_with_gw_hp;
+    - attn.qkv's and mlp.w12's output gradients (the attention block's and the SwiGLU's backward; rowwise):
+      `grad_kernel`, both ways and summed for the bias in two passes, where the plain ops take three or four.
+    quant 'inline' is that, with the rest in plain ops. 'ours' (row-wise recipes) also makes each SwiGLU MLP an
+    FP8TrainingSwiGLUFFN: w3's input straight from the SwiGLU's own pass (`kernels.ops.swiglu_fp8_colmax`) and the
+    SwiGLU recomputed in plain ops for w3's wgrad, so w12's output gradient comes from plain ops there."""
     if recipe not in SCALED_MM_RECIPES:
         raise FP8Unavailable(f"recipe {recipe!r} is not a scaled_mm recipe; choose one of {SCALED_MM_RECIPES}")
     if quant not in FP8_QUANT:
@@ -651,11 +664,13 @@ def apply_fp8_training(model: nn.Module, recipe: str = "rowwise", allow_cpu: boo
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
         # attention's output (cuDNN's, opaque to inductor) quantized by our one-pass row kernel under quant ours
-        grad_kernel = recipe == "rowwise" and (name.endswith("attn.qkv")
-                                               or (name.endswith("mlp.w12") and quant != "ours"))
+        # the operands an op of ours produces (the docstring); under 'ours' the FP8 SwiGLU MLP takes w12's and w3's
+        grad_kernel = recipe == "rowwise" and (name.endswith("attn.qkv") or (name.endswith("mlp.w12")
+                                                                           and quant != "ours"))
+        input_kernel = recipe != "tensorwise" and (name.endswith("attn.proj") or (name.endswith("mlp.w3")
+                                                                                 and quant != "ours"))
         setattr(model.get_submodule(parent), child,
-                FP8TrainingLinear(m, recipe, input_kernel=quant == "ours" and name.endswith("attn.proj"),
-                                  grad_kernel=grad_kernel))
+                FP8TrainingLinear(m, recipe, input_kernel=input_kernel, grad_kernel=grad_kernel))
     if quant == "ours":
         for name in [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")]:
             mlp = model.get_submodule(name)

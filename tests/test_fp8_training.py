@@ -249,21 +249,25 @@ def test_compile_fullgraph_forward_and_backward(tmp_path, monkeypatch):
     torch.testing.assert_close(comp.bias.grad, eager.bias.grad)
 
 
-def test_compile_fullgraph_with_the_gradient_kernel(tmp_path, monkeypatch):
-    """grad_kernel (attn.qkv under fp8.quant ours) under torch.compile(fullgraph=True): the backward's compiled code
-    calls our quantize_rows_cols_fp8 (opaque: inductor does not trace into it) and its two _scaled_mm; results as
-    eager's, as in the test above."""
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compile_fullgraph_with_the_gradient_kernel(tmp_path, monkeypatch, backend):
+    """input_kernel and grad_kernel under torch.compile(fullgraph=True): the forward's and the backward's compiled
+    code call our quantize_rows_cols_fp8 (opaque: inductor does not trace into it), with one and two _scaled_mm;
+    with the reference (what auto runs on the CPU, or where compiled_choices prefers inductor) its plain ops are
+    traced; results as eager's, as in the test above."""
     import kernels
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     lin = make_linear(128, 192, True, 5)
-    eager = FP8TrainingLinear(lin, "rowwise", grad_kernel=True)
-    comp = FP8TrainingLinear(make_linear(128, 192, True, 5), "rowwise", grad_kernel=True)
+    eager = FP8TrainingLinear(lin, "rowwise", input_kernel=True, grad_kernel=True)
+    comp = FP8TrainingLinear(make_linear(128, 192, True, 5), "rowwise", input_kernel=True, grad_kernel=True)
     x = (torch.randn(2, 37, 128) * torch.linspace(0.1, 4, 37).view(1, 37, 1)).to(torch.bfloat16)
     g = torch.randn(2, 37, 192).to(torch.bfloat16)
-    with kernels.backend.active("triton"):
+    with kernels.backend.active(backend):
         (ye, xe), (yc, xc), codes = _eager_and_compiled(eager, comp, x, g)
     assert [c.count("_scaled_mm(") for c in codes] == [1, 2]
-    assert "quantize_rows_cols_fp8" in codes[1] and "quantize_rows_cols_fp8" not in codes[0]
+    # ours: x both ways in the forward, dy in the backward; the reference: plain ops, fused by inductor
+    assert all(("quantize_rows_cols_fp8" in c) == (backend == "triton") for c in codes)
+    assert kernels.describe()["ops"]["quantize_rows_cols_fp8"] == backend
     for got, want in ((yc, ye), (xc.grad, xe.grad), (comp.weight.grad, eager.weight.grad)):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=4e-3 * float(want.abs().max()))
     torch.testing.assert_close(comp.bias.grad, eager.bias.grad)
@@ -448,9 +452,10 @@ def test_fp8_swiglu_mlp_is_the_inline_mlp_in_fp32(recipe):
 
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
 def test_proj_input_through_the_row_kernel_is_the_same_linear(recipe):
-    """attn.proj under quant ours: its input (attention's output) quantized by kernels.ops.quantize_rows_fp8
-    (pow2) in one pass: output and every gradient bit for bit the plain-ops quantization's, bf16 autocast, ragged
-    rows."""
+    """input_kernel (attn.proj's input, attention's output; mlp.w3's, the SwiGLU's): with rowwise quantized both ways
+    by kernels.ops.quantize_rows_cols_fp8 in the forward (x^T kept in e4m3 for the wgrad, not x in bf16), with
+    rowwise_with_gw_hp per row by quantize_rows_fp8 (pow2): output and every gradient bit for bit the plain-ops
+    quantization's, bf16 autocast, ragged rows."""
     import kernels
     lin = make_linear(1152, 1152, True, 7)
     plain, kern = FP8TrainingLinear(lin, recipe), FP8TrainingLinear(lin, recipe, input_kernel=True)
@@ -462,9 +467,17 @@ def test_proj_input_through_the_row_kernel_is_the_same_linear(recipe):
         xi = x.clone().requires_grad_()
         with kernels.backend.active("triton"), torch.autocast("cpu", torch.bfloat16):
             y = m(xi)
+        node = y.grad_fn  # (a reshape of) the FP8 linear's autograd node
+        while "FP8LinearFunction" not in type(node).__name__:
+            node = node.next_functions[0][0]
+        kept = node.saved_tensors[0]  # what the backward keeps of x
         y.float().backward(g)
         got.append((y, xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
-    assert kernels.describe()["ops"]["quantize_rows_fp8"] == "triton" and "quantize_rows_fp8" in repr(kern)
+    op = "quantize_rows_cols_fp8" if recipe == "rowwise" else "quantize_rows_fp8"
+    assert kernels.describe()["ops"][op] == "triton" and op in repr(kern)
+    # rowwise: x^T in e4m3 (1152, 82 rows padded to 96); gw_hp: x in bf16 for its bf16 wgrad
+    assert (kept.dtype, tuple(kept.shape)) == ((E4M3, (1152, 96)) if recipe == "rowwise"
+                                               else (torch.bfloat16, (82, 1152)))
     for a, b in zip(*got):
         assert torch.equal(a, b)
     with pytest.raises(FP8Unavailable, match="tensorwise"):
@@ -500,15 +513,19 @@ def test_output_gradient_through_the_rows_cols_kernel_is_the_same_linear():
     for recipe in ("tensorwise", "rowwise_with_gw_hp"):
         with pytest.raises(FP8Unavailable, match="grad_kernel"):
             FP8TrainingLinear(lin, recipe, grad_kernel=True)
-    for recipe, quant in (("rowwise", "ours"), ("rowwise", "inline"), ("rowwise_with_gw_hp", "ours")):
+    for recipe, quant in (("rowwise", "ours"), ("rowwise", "inline"), ("rowwise_with_gw_hp", "ours"),
+                          ("tensorwise", "inline")):
         model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2,
                              num_classes=3, mlp_ratio=3.0)
         apply_fp8_training(model, recipe, allow_cpu=True, quant=quant)
-        flagged = {n for n, m in model.named_modules() if getattr(m, "grad_kernel", False)}
-        want = {f"blocks.{i}.{layer}" for i in (0, 1) for layer in
-                {("rowwise", "ours"): ("attn.qkv",), ("rowwise", "inline"): ("attn.qkv", "mlp.w12")}.get(
-                    (recipe, quant), ())}
-        assert flagged == want, (recipe, quant, flagged)
+        for flag, layers in (("grad_kernel", {("rowwise", "ours"): ("attn.qkv",),
+                                              ("rowwise", "inline"): ("attn.qkv", "mlp.w12")}),
+                             ("input_kernel", {("rowwise", "ours"): ("attn.proj",),
+                                               ("rowwise", "inline"): ("attn.proj", "mlp.w3"),
+                                               ("rowwise_with_gw_hp", "ours"): ("attn.proj",)})):
+            flagged = {n for n, m in model.named_modules() if getattr(m, flag, False)}
+            want = {f"blocks.{i}.{layer}" for i in (0, 1) for layer in layers.get((recipe, quant), ())}
+            assert flagged == want, (flag, recipe, quant, flagged)
 
 
 def test_fp8_swiglu_mlp_under_autocast_against_float64():

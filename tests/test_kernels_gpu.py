@@ -396,7 +396,7 @@ def test_fp8_training_swiglu_mlp_on_gpu():
     q, s, col = ops.swiglu_fp8_colmax(x12, pow2=True)  # + each column's max |h|: atomics over 1,028 rows
     assert torch.equal(q.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s, st)
     assert torch.equal(col, swiglu_triton(x12).reshape(-1, 3072).float().abs().amax(dim=0))
-    # attn.proj's input through the row kernel: the same linear, bit for bit
+    # attn.proj's input through our kernel (rowwise: both ways, x^T kept in e4m3): the same linear, bit for bit
     from modeling.fp8 import FP8TrainingLinear
     lin = torch.nn.Linear(1152, 1152).cuda()
     a = torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16)

@@ -123,8 +123,8 @@ class FP8Config:
     # w3's weight gradient (modeling.fp8.FP8TrainingSwiGLUFFN: its bf16 output neither written nor kept), and
     # proj's input in one pass per row; inline: plain torch ops (inductor fuses what it can); auto: inline (it
     # measured faster through the trainer: 551 vs 515 img/s, XL/1 bs256, H200, bench/results/2026-12-04_h200.md).
-    # Either way (recipe rowwise) the gradients our kernels write, qkv's and w12's, go to both FP8 operands of
-    # their Linear's backward through kernels.ops.quantize_rows_cols_fp8 (modeling.fp8.apply_fp8_training)
+    # Either way (row-wise recipes) the operands our ops produce -- qkv's and w12's output gradients, proj's and
+    # w3's inputs -- are quantized by kernels.ops.quantize_rows_cols_fp8 (modeling.fp8.apply_fp8_training)
     quant: Literal["auto", "ours", "inline"] = "auto"
 
     def validate(self) -> None:
