@@ -243,7 +243,8 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, C
 # per span per column); torch reduces the partials (a few MB against the gradient's hundreds) and turns the amaxes
 # into scales with quantize_fp8's own ops (the same bits). The second reads each tile once more and writes it twice:
 # row-major times the row reciprocals, and transposed times the column reciprocals (the zero rows of the padding
-# included). Sums: tile order, then the spans in order (deterministic for a tile size).
+# included). Sums: tile order, then the spans in order; the first pass's tile is fixed, not autotuned, so the bias
+# gradient's bits do not depend on what a process's timing picked (a resumed run sums as the one it continues).
 @triton.jit
 def _rows_cols_amax_kernel(G, sg, RA, CA, CS, M, N, span, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(1)
@@ -281,23 +282,19 @@ def _rows_cols_quant_kernel(G, sg, RINV, CINV, Q, QT, M, Mp, N, BLOCK_M: tl.cons
              mask=cmask[:, None] & (rows[None, :] < Mp))
 
 
-ROWS_COLS_AMAX_BLOCK_N = 256  # the first pass's column tile: fixed, so its partial buffers are sized before launch
-ROWS_COLS_AMAX_TILES = ((16, 4), (32, 4), (32, 8), (64, 8))  # (BLOCK_M, warps): the first pass's candidates
+ROWS_COLS_AMAX_TILE = (32, 256, 4)  # the first pass's (BLOCK_M, BLOCK_N, warps): fixed (the sums' order, above)
 ROWS_COLS_QUANT_TILES = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))  # (BLOCK_M, BLOCK_N, warps)
 ROWS_COLS_PROGRAMS = 1024  # the first pass's programs at least (span x column tiles), where there are rows enough
 INTERPRET_ROWS_COLS = (4, 16)  # (BLOCK_M, BLOCK_N) under the interpreter: ragged in the tests' sizes
 
 
 def _rows_cols_span(M: int, col_tiles: int, step: int) -> int:
-    """Rows per program of the first pass: a multiple of `step` (every candidate BLOCK_M divides it), few enough
-    programs for small partial buffers, enough (ROWS_COLS_PROGRAMS over the column tiles) to fill the card."""
+    """Rows per program of the first pass: a multiple of `step` (its BLOCK_M), few enough programs for small partial
+    buffers, enough (ROWS_COLS_PROGRAMS over the column tiles) to fill the card."""
     row_programs = max(1, triton.cdiv(ROWS_COLS_PROGRAMS, col_tiles))
     return step * max(1, triton.cdiv(M, step * row_programs))
 
 
-_rows_cols_amax_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ROWS_COLS_AMAX_TILES], key=["N"])(
-        _rows_cols_amax_kernel)
 _rows_cols_quant_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in ROWS_COLS_QUANT_TILES],
     key=["N"])(_rows_cols_quant_kernel)
@@ -311,28 +308,22 @@ def _scales(amax: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
     return scale, torch.reciprocal(scale)
 
 
-def rows_cols_fp8(g2: Tensor, pow2: bool, amax_tile: Optional[tuple[int, int]] = None,
+def rows_cols_fp8(g2: Tensor, pow2: bool,
                   cast_tile: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """quantize_rows_cols_fp8's two passes on g2 (M, N), unit column stride, M and N > 0. amax_tile (BLOCK_M,
-    warps) / cast_tile (BLOCK_M, BLOCK_N, warps): that tile instead of the autotuner's pick (the GPU tests run every
-    candidate); under the interpreter INTERPRET_ROWS_COLS where none is given."""
+    """quantize_rows_cols_fp8's two passes on g2 (M, N), unit column stride, M and N > 0. cast_tile (BLOCK_M,
+    BLOCK_N, warps): the second pass's tile instead of the autotuner's pick (the GPU tests run every candidate);
+    under the interpreter, small tiles (INTERPRET_ROWS_COLS) in both passes."""
     M, N = g2.shape
     Mp, dev = padded_rows(M), g2.device
     interp = _triton.interpreting()
-    bn1 = INTERPRET_ROWS_COLS[1] if interp else ROWS_COLS_AMAX_BLOCK_N
+    bm1, bn1, warps1 = (*INTERPRET_ROWS_COLS, 4) if interp else ROWS_COLS_AMAX_TILE
     col_tiles = triton.cdiv(N, bn1)
-    # the span: a multiple of the first pass's BLOCK_M (of every candidate's where the autotuner picks)
-    step = amax_tile[0] if amax_tile else INTERPRET_ROWS_COLS[0] if interp else max(m for m, _ in ROWS_COLS_AMAX_TILES)
-    span = _rows_cols_span(M, col_tiles, step)
+    span = _rows_cols_span(M, col_tiles, bm1)
     row_progs = triton.cdiv(M, span)
     row_part = torch.empty((col_tiles, M), dtype=torch.float32, device=dev)
     col_part = torch.empty((2, row_progs, N), dtype=torch.float32, device=dev)  # maxima, sums
-    args = (g2, g2.stride(0), row_part, col_part[0], col_part[1], M, N, span)
-    if interp or amax_tile:
-        bm, warps = amax_tile or (INTERPRET_ROWS_COLS[0], 4)
-        _rows_cols_amax_kernel[(row_progs, col_tiles)](*args, BLOCK_M=bm, BLOCK_N=bn1, num_warps=warps)
-    else:
-        _rows_cols_amax_tuned[(row_progs, col_tiles)](*args, BLOCK_N=bn1)
+    _rows_cols_amax_kernel[(row_progs, col_tiles)](g2, g2.stride(0), row_part, col_part[0], col_part[1], M, N, span,
+                                                   BLOCK_M=bm1, BLOCK_N=bn1, num_warps=warps1)
     scale, inv = _scales(row_part.amax(dim=0), pow2)
     scale_t, inv_t = _scales(col_part[0].amax(dim=0), pow2)
     q = torch.empty((M, N), dtype=torch.float8_e4m3fn, device=dev)

@@ -142,19 +142,19 @@ def _fp8_quant_variants() -> list[Variant]:
 
 
 def _rows_cols_variants() -> list[Variant]:
-    """quantize_rows_cols_fp8's two passes over a bf16 gradient (qkv's, 3456 wide), every tile its autotuners may
-    pick: the amax partials, and the casts row-major and transposed."""
+    """quantize_rows_cols_fp8's two passes over a bf16 gradient (qkv's, 3456 wide): the amax partials (its one
+    tile), and the casts row-major and transposed (every tile its autotuner may pick)."""
     from . import fp8_quant
     amax_sig = {"G": "*bf16", "sg": "i32", "RA": "*fp32", "CA": "*fp32", "CS": "*fp32", "M": "i32", "N": "i32",
                 "span": "i32"}
     quant_sig = {"G": "*bf16", "sg": "i32", "RINV": "*fp32", "CINV": "*fp32", "Q": "*fp8e4nv", "QT": "*fp8e4nv",
                  "M": "i32", "Mp": "i32", "N": "i32"}
     out = []
-    for m, w in fp8_quant.ROWS_COLS_AMAX_TILES:
-        const = {"BLOCK_M": m, "BLOCK_N": fp8_quant.ROWS_COLS_AMAX_BLOCK_N}
-        out.append(Variant(f"quantize_rows_cols_fp8 amax BLOCK_M={m} BLOCK_N={const['BLOCK_N']} warps={w}",
-                           fp8_quant._rows_cols_amax_kernel, {**amax_sig, **{k: "constexpr" for k in const}}, const,
-                           list(amax_sig), w, tile_elements=m * const["BLOCK_N"]))
+    m, n, w = fp8_quant.ROWS_COLS_AMAX_TILE
+    const = {"BLOCK_M": m, "BLOCK_N": n}
+    out.append(Variant(f"quantize_rows_cols_fp8 amax BLOCK_M={m} BLOCK_N={n} warps={w}",
+                       fp8_quant._rows_cols_amax_kernel, {**amax_sig, **{k: "constexpr" for k in const}}, const,
+                       list(amax_sig), w, tile_elements=m * n))
     for m, n, w in fp8_quant.ROWS_COLS_QUANT_TILES:
         const = {"BLOCK_M": m, "BLOCK_N": n}
         out.append(Variant(f"quantize_rows_cols_fp8 cast BLOCK_M={m} BLOCK_N={n} warps={w}",

@@ -335,10 +335,10 @@ def test_fp8_quant_kernels_on_gpu():
 
 def test_quantize_rows_cols_every_tile_on_gpu():
     """quantize_rows_cols_fp8 at the widths of qkv's and w12's output gradients (3456, 6144), bf16, 1027 rows (no
-    tile's multiple; padded to 1040): with every candidate tile of both passes, the bytes and scales of the trainer's
-    quantizer row-major and transposed (the padding zero), the column sums within fp32 rounding of float64's, the
-    same sums bit for bit for one first-pass tile whatever the second's; attn.qkv with grad_kernel is the plain
-    FP8 linear bit for bit but for its bias gradient (that sum's order)."""
+    tile's multiple; padded to 1040): with every candidate tile of the cast pass, the bytes and scales of the
+    trainer's quantizer row-major and transposed (the padding zero), the column sums within fp32 rounding of
+    float64's and the same bits whatever the cast's tile; attn.qkv with grad_kernel is the plain FP8 linear bit for
+    bit but for its bias gradient (that sum's order)."""
     from kernels import fp8_quant
     from modeling.fp8 import FP8TrainingLinear, quantize_along
     _need("triton")
@@ -351,17 +351,16 @@ def test_quantize_rows_cols_every_tile_on_gpu():
         qr, sr = quantize_along(g, -1, pow2=True)
         qtr, str_ = quantize_along(fp8_quant.pad_rows(g).t().contiguous(), -1, pow2=True)
         exact = g.double().sum(dim=0)
-        for amax_tile in fp8_quant.ROWS_COLS_AMAX_TILES:
-            sums = []
-            for cast_tile in fp8_quant.ROWS_COLS_QUANT_TILES:
-                q, s, qt, st, cs = fp8_quant.rows_cols_fp8(g, True, amax_tile, cast_tile)
-                assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (N, amax_tile)
-                assert torch.equal(qt.view(torch.uint8), qtr.view(torch.uint8)) and torch.equal(st, str_), \
-                    (N, amax_tile, cast_tile)
-                assert qt.shape == (N, 1040) and (qt[:, 1027:].float() == 0).all()
-                assert ((cs.double() - exact).abs() <= 1e-6 * g.double().abs().sum(dim=0) + 1e-30).all()
-                sums.append(cs)
-            assert all(torch.equal(c, sums[0]) for c in sums)
+        sums = []
+        for cast_tile in fp8_quant.ROWS_COLS_QUANT_TILES:
+            q, s, qt, st, cs = fp8_quant.rows_cols_fp8(g, True, cast_tile)
+            assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (N, cast_tile)
+            assert torch.equal(qt.view(torch.uint8), qtr.view(torch.uint8)) and torch.equal(st, str_), \
+                (N, cast_tile)
+            assert qt.shape == (N, 1040) and (qt[:, 1027:].float() == 0).all()
+            assert ((cs.double() - exact).abs() <= 1e-6 * g.double().abs().sum(dim=0) + 1e-30).all()
+            sums.append(cs)
+        assert all(torch.equal(c, sums[0]) for c in sums)  # the first pass's fixed tile: the same sums
         q, s, qt, st, cs = ops.quantize_rows_cols_fp8(g, pow2=True)  # the autotuned op
         assert torch.equal(qt.view(torch.uint8), qtr.view(torch.uint8)) and torch.equal(s, sr)
     lin = torch.nn.Linear(1152, 3456).cuda()
