@@ -30,7 +30,10 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # (annotations only: torch loads inside the functions)
+    import torch
 
 CONFIG = "LightningDiT/configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg.yaml"
 NEEDED = ("LightningDiT/models/lightningdit.py", "LightningDiT/transport/__init__.py", "LightningDiT/train.py", CONFIG)
@@ -190,7 +193,7 @@ def build(root: Path, device: str, model_spec: Optional[dict] = None) -> dict[st
     return {**built, "model": ddp, "ema": ema, "transport": transport, "opt": opt, "update_ema": update_ema}
 
 
-def their_step(parts: dict, x, y) -> float:
+def their_step(parts: dict, x: torch.Tensor, y: torch.Tensor) -> float:
     """The body of their train.py loop (accelerate's backward is loss.backward() at one rank, no gradient scaler
     under bf16; their config has no max_grad_norm, so no clipping)."""
     model, opt = parts["model"], parts["opt"]

@@ -24,16 +24,23 @@ import os
 # process shares the 2 cores (tiny DiT step measured at 2.8 s spinning vs 0.13 s with sleeping threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from modeling.config import console_entry, exit_status  # noqa: E402
+
+if TYPE_CHECKING:  # (annotations only: these modules load lazily, inside the stages)
+    from evaluation.adm_metrics import FIDStatistics
+    from evaluation.classifier import SmallClassifier
+    from train.dit_config import DiTTrainConfig
 
 STAGES = ("data", "vae", "latents", "classifier", "dit", "report")
 
@@ -73,7 +80,7 @@ PRESET_OPTIONS = (
 )
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from modeling.config import cli_parser
 
     presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in preset.items())
@@ -104,7 +111,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- stages
 
-def stage_data(a, out):
+def stage_data(a: argparse.Namespace, out: Path) -> Path:
     from train.data.embedded import write_digits, write_embedded
 
     root = out / "data"
@@ -127,7 +134,7 @@ def _workers(a):
     return default_loader_workers(a.threads)
 
 
-def vae_kwargs(a):
+def vae_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     from modeling.config import load_config
     from train.train_vae import VAVAEConfig
 
@@ -137,7 +144,7 @@ def vae_kwargs(a):
                 attn_resolutions=tuple(m.attn_resolutions), resolution=a.image_size)
 
 
-def stage_vae(a, out, data_root):
+def stage_vae(a: argparse.Namespace, out: Path, data_root: Path) -> torch.nn.Module:
     from modeling.config import load_config
     from train.train_vae import VAVAEConfig, train
 
@@ -180,14 +187,14 @@ def _end_process_group():
         dist.destroy_process_group()
 
 
-def load_vae(a, vae_dir):
+def load_vae(a: argparse.Namespace, vae_dir: Path) -> torch.nn.Module:
     from modeling.checkpoint import load_vavae_checkpoint
     from modeling.vavae import AutoencoderKL
 
     return load_vavae_checkpoint(str(vae_dir / "tokenizer.pt"), AutoencoderKL(**vae_kwargs(a))).eval()
 
 
-def stage_latents(a, out, data_root):
+def stage_latents(a: argparse.Namespace, out: Path, data_root: Path) -> Path:
     from train.data.__main__ import main as data_main
 
     lat = out / "latents"
@@ -198,7 +205,8 @@ def stage_latents(a, out, data_root):
     return lat
 
 
-def stage_classifier(a, out, data_root):
+def stage_classifier(a: argparse.Namespace, out: Path, data_root: Path
+                     ) -> "tuple[SmallClassifier, dict[str, Any], np.ndarray, np.ndarray, list[str]]":
     from evaluation.classifier import SmallClassifier, load_image_folder, train_classifier
     from modeling.safe_load import safe_torch_load
 
@@ -209,7 +217,7 @@ def stage_classifier(a, out, data_root):
         np.savez(str(ref) + ".tmp.npz", arr_0=images, arr_1=labels)
         os.replace(str(ref) + ".tmp.npz", ref)
     if path.exists():
-        def load():
+        def load() -> "tuple[SmallClassifier, dict[str, Any]]":
             saved = safe_torch_load(path, "demo classifier")  # tensors and plain types only
             model = SmallClassifier(len(classes))
             model.load_state_dict(saved["state_dict"])
@@ -229,7 +237,8 @@ class SampleEval:
     """The trainer's eval hook, `eval_fn(ema_model, step) -> dict`: a fixed set (labels, noise) sampled from
     the EMA model and scored by the classifier (any callable with this signature can replace it)."""
 
-    def __init__(self, a, vae, clf, ref_stats, stats, num_classes):
+    def __init__(self, a: argparse.Namespace, vae: torch.nn.Module, clf: "SmallClassifier",
+                 ref_stats: "FIDStatistics", stats: dict[str, torch.Tensor], num_classes: int) -> None:
         from evaluation.generate import sample_noise
 
         self.a, self.vae, self.clf, self.ref_stats = a, vae, clf, ref_stats
@@ -238,17 +247,17 @@ class SampleEval:
         self.noise = sample_noise(range(len(self.labels)), (self.mean.shape[1], *self.latent_hw(a)), seed=1234)
 
     @staticmethod
-    def latent_hw(a):
+    def latent_hw(a: argparse.Namespace) -> tuple[int, int]:
         return (a.image_size // 16, a.image_size // 16)
 
     @torch.no_grad()
-    def images(self, model, labels, noise):
+    def images(self, model: torch.nn.Module, labels: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
         from modeling.sampling import sample
 
         z = sample(model, noise, labels, steps=self.a.sample_steps, cfg_scale=self.a.cfg_scale, shift=0.3)
         return self.vae.decode_to_images(z * self.std + self.mean).numpy()
 
-    def __call__(self, model, step):
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         t = time.time()
         from evaluation.metrics import score  # the registry's classifier metric (evaluation/classifier.py)
         res = score(["classifier"], images=self.images(model, self.labels, self.noise), labels=self.labels.numpy(),
@@ -258,7 +267,7 @@ class SampleEval:
         return res
 
 
-def dit_config(a, out, lat, num_classes):
+def dit_config(a: argparse.Namespace, out: Path, lat: Path, num_classes: int) -> "DiTTrainConfig":
     from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
 
@@ -280,7 +289,8 @@ def dit_config(a, out, lat, num_classes):
         *a.dit_set])
 
 
-def stage_dit(a, out, lat, evaluator, num_classes):
+def stage_dit(a: argparse.Namespace, out: Path, lat: Path,
+              evaluator: Callable[[torch.nn.Module, int], dict | None], num_classes: int) -> torch.nn.Module:
     from modeling.checkpoint import load_pretrained
     from train.train_dit import train
 
@@ -310,7 +320,7 @@ def _pad(img, px=2, value=255):
     return np.pad(img, ((px, px), (px, px), (0, 0)), constant_values=value)
 
 
-def grid_png(images, labels, classes, per_class, title):
+def grid_png(images: np.ndarray, labels: np.ndarray, classes: list[str], per_class: int, title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,7 +340,8 @@ def grid_png(images, labels, classes, per_class, title):
     return _figure_png(fig)
 
 
-def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_class, per_class_acc):
+def side_by_side_png(real: np.ndarray, real_labels: np.ndarray, samples: np.ndarray, sample_labels: np.ndarray,
+                     classes: list[str], per_class: int, per_class_acc: list[float]) -> bytes:
     """One row per class: held-out real images | generated samples of that class (with the classifier's
     accuracy on that class's samples)."""
     import matplotlib
@@ -361,7 +372,9 @@ def side_by_side_png(real, real_labels, samples, sample_labels, classes, per_cla
     return _figure_png(fig)
 
 
-def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=2, max_images=600):
+def reconstructions(vae: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                    clf: "SmallClassifier", ref_stats: "FIDStatistics", per_class: int = 2, max_images: int = 600
+                    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Tokenizer metrics on real images (and the classifier's accuracy on their reconstructions: the ceiling
     for samples, which pass through the same decoder); (original | reconstruction) pairs."""
     from evaluation.metrics import score
@@ -390,7 +403,7 @@ def reconstructions(vae, images, labels, num_classes, clf, ref_stats, per_class=
     return metrics, np.stack(pairs), np.asarray(pair_labels)
 
 
-def write_report(a, out, results):
+def write_report(a: argparse.Namespace, out: Path, results: dict[str, Any]) -> Path:
     from bench.curves import html_report, img_tag, load_run, loss_curves, table_html, throughput_vs_convergence
 
     dit_rec = load_run(out / "dit")
@@ -433,7 +446,7 @@ def write_report(a, out, results):
     return html_report(f"VA-VAE + LightningDiT demo ({title}, CPU)", sections, out / "report.html")
 
 
-def html_escape(s):
+def html_escape(s: object) -> str:
     import html
 
     return html.escape(str(s))
@@ -477,7 +490,7 @@ def load_average() -> "list[float] | None":
         return None
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     """Run the demo; returns the results (0 on success for the console script) or 2 after a one-line error."""
     from train.errors import one_line, user_error_types
 
@@ -491,7 +504,7 @@ def main(argv=None):
         return 2
 
 
-def run_demo(a):
+def run_demo(a: argparse.Namespace) -> dict[str, Any]:
     from modeling.config import ConfigError
     from modeling.safe_load import safe_torch_load
     from modeling.threads import configure_threads
@@ -517,7 +530,7 @@ def run_demo(a):
     _skip_deepspeed_shm_op()
     t_start, timings, cpu_timings, load_start = time.time(), {}, {}, load_average()
 
-    def timed(name, fn, *args):
+    def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         t, c = time.time(), time.process_time()
         _say(f"[{len(timings) + 1}/{len(STAGES)}] {name}")
         res = fn(*args)
@@ -536,7 +549,7 @@ def run_demo(a):
     evaluator = SampleEval(a, vae, clf, ref_stats, stats, len(classes))
     dit = timed("dit", stage_dit, a, out, lat, evaluator, len(classes))
 
-    def report():
+    def report() -> dict[str, Any]:
         from bench.curves import load_run, series
         from evaluation.generate import sample_noise
         from evaluation.metrics import score

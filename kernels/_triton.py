@@ -1,5 +1,6 @@
 """Shared helpers for the Triton kernels: availability, the interpreter switch, launch sizes."""
 import os
+from typing import Any, Callable
 
 import torch
 
@@ -81,7 +82,8 @@ class TunedKernels:
         self.tuned = tuned
         self.timings: dict[str, dict[str, dict[str, float]]] = {name: {} for name in tuned}
 
-    def run(self, name: str, grid, args: tuple, const: dict) -> "triton.Config":
+    def run(self, name: str, grid: tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]], args: tuple,
+            const: dict) -> "triton.Config":
         """Launch `name` (tuning the key first where it is new); returns the config that ran."""
         tuned = self.tuned[name]
         seen = len(tuned.cache)
