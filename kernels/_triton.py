@@ -83,8 +83,9 @@ class TunedKernels:
         self.timings: dict[str, dict[str, dict[str, float]]] = {name: {} for name in tuned}
 
     def run(self, name: str, grid: tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]], args: tuple,
-            const: dict) -> "triton.Config":
-        """Launch `name` (tuning the key first where it is new); returns the config that ran."""
+            const: dict) -> "triton.Config | None":
+        """Launch `name` (tuning the key first where it is new); returns the config that ran (None where the
+        autotuner object keeps no `best_config`)."""
         tuned = self.tuned[name]
         seen = len(tuned.cache)
         tuned[grid](*args, **const)
