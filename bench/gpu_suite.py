@@ -135,6 +135,25 @@ def ceilings(smoke: bool) -> dict:
                                                    use_fast_accum=True), smoke)
         out["fp8_matmul_TFLOPs"] = 2 * m ** 3 / fp8_ms / 1e9
     del a, b, x, y
+    if dev == "cuda":
+        out["batch_copy_host_ms"] = batch_copy_host_ms()
+    return out
+
+
+def batch_copy_host_ms(queued_cycles: int = int(4e8)) -> dict:
+    """How long the host is held by an XL/1 batch's copy to the GPU (256 x 32 x 16 x 16 fp32, 8 MB, non_blocking)
+    issued behind ~0.2 s of queued GPU work, from pageable and from page-locked memory: whether this CUDA makes a
+    pageable copy wait for the stream (the trainers copy from page-locked memory: train.base.host_to_device)."""
+    lat = torch.randn(256, 32, 16, 16)
+    out = {}
+    for name, src in (("pageable", lat), ("pinned", lat.pin_memory())):
+        src.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(queued_cycles)
+        t = time.perf_counter()
+        src.to("cuda", non_blocking=True)
+        out[name] = round((time.perf_counter() - t) * 1e3, 3)
+        torch.cuda.synchronize()
     return out
 
 
@@ -180,7 +199,7 @@ def gpu_tests(smoke: bool) -> dict:
         cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "gpu", "tests/test_kernels_gpu.py"]
     else:
         cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-rfE", "-m", "gpu", "tests/test_kernels_gpu.py",
-               "tests/test_kernels.py", "-p", "no:cacheprovider"]
+               "tests/test_kernels.py", "tests/test_train_gpu.py", "-p", "no:cacheprovider"]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
         rc, out, err = res.returncode, res.stdout, res.stderr

@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling.config import ConfigError, field_comments, from_dict, load_config
 from train import base, config_sections
@@ -85,7 +86,29 @@ def _check_report(report, trainer):
     assert all(isinstance(p, str) and Path(p).exists() for p in report["exports"].values()) and report["exports"]
 
 
-def test_both_trainers_subclass_the_base_with_the_same_return_types(tmp_path):
+def test_host_to_device_pins_pageable_memory_for_a_gpu(monkeypatch):
+    """A CPU tensor bound for a GPU is copied from page-locked memory (non_blocking); for the CPU it is left as it
+    is. (Tensor methods stubbed: this machine has no GPU; tests/test_train_gpu.py times the real copy.)"""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", a, k)) or self)
+    base.host_to_device(torch.ones(2), torch.device("cuda"))
+    assert calls == ["pin", ("to", (torch.device("cuda"),), {"non_blocking": True})]
+    calls.clear()
+    base.host_to_device(torch.ones(2), torch.device("cpu"))
+    assert calls == [("to", (torch.device("cpu"),), {"non_blocking": True})]
+
+
+def test_both_trainers_subclass_the_base_with_the_same_return_types(tmp_path, monkeypatch):
+    copied = []  # both trainers' batches reach the device through base.host_to_device
+
+    def recorded(t, device):
+        copied.append(tuple(t.shape))
+        return base.host_to_device(t, device)
+
+    monkeypatch.setattr("train.train_dit.host_to_device", recorded)
+    monkeypatch.setattr("train.train_vae.host_to_device", recorded)
     dit = DiTTrainer(dit_cfg(tmp_path / "dit"))
     vae = VAVAETrainer(vae_cfg(tmp_path / "vae"))
     for trainer in (dit, vae):
@@ -96,6 +119,8 @@ def test_both_trainers_subclass_the_base_with_the_same_return_types(tmp_path):
             assert getattr(type(trainer), shared) is getattr(base.Trainer, shared), shared
     _check_step_floats(dit.train_step(dit.next_batch()), {"loss", "mse", "cos", "grad_norm"})
     _check_step_floats(vae.train_step(vae.next_batch()), {"loss", "grad_norm", "d_loss", "d_grad_norm"})
+    # a step's DiT latents and labels (two micro-batches of 8), the next step's (prefetched), the VA-VAE's images
+    assert copied == [(16, 32, 8, 8), (16,), (16, 32, 8, 8), (16,), (2, 3, 32, 32)]
     assert dit.step == vae.step == 1
     dit_report, vae_report = dit.fit(), vae.fit()  # one more step each, from where train_step left off
     _check_report(dit_report, dit)

@@ -69,6 +69,17 @@ def forever(loader: Iterable) -> Iterator:
         yield from loader
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without the host waiting for the GPU. From pageable memory CUDA stages the copy through a
+    pinned buffer and may first synchronise with the stream (CUDA runtime API, "API synchronization behavior"):
+    the prefetch issued after a step's backward would then wait for that whole backward and leave the GPU idle
+    behind it. From page-locked memory the copy is queued like a kernel. A CPU tensor already pinned (the image
+    DataLoader's pin_memory) is copied as it is."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def seed_rank_rngs(seed: int, rank: int) -> None:
     """Python's, numpy's and torch's global RNGs, different on every rank (checkpointed with each rank)."""
     random.seed(seed + rank)

@@ -28,6 +28,7 @@ from modeling.flow import flow_loss
 from modeling.lightningdit import LightningDiT
 
 from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
+from .base import host_to_device
 from .checkpoint import atomic_torch_save
 from .distributed import barrier, from_rank0
 from .dit_config import DiTTrainConfig, TrainConfig
@@ -210,8 +211,8 @@ class DiTTrainer(TrainerBase):
         parts = [next(self.batch_stream()) for _ in range(self.grad_accum)]
         lat = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
         y = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-        lat = (lat.to(self.device, non_blocking=True) - self.mean) / self.std * self.cfg.data.latent_multiplier
-        return lat, y.to(self.device, non_blocking=True)
+        lat = (host_to_device(lat, self.device) - self.mean) / self.std * self.cfg.data.latent_multiplier
+        return lat, host_to_device(y, self.device)
 
     # ------------------------------------------------------------------ one optimizer step
 

@@ -37,6 +37,7 @@ from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
 
 from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
+from .base import host_to_device
 from .checkpoint import atomic_torch_save, load_state
 from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
@@ -360,7 +361,7 @@ class VAVAETrainer(TrainerBase):
             if "decode" not in str(e):
                 raise
             raise DataError(f"{one_line(e)} (the last checkpoint in {self.ckpt.root} is intact)") from None
-        x = x.to(self.device, non_blocking=True)
+        x = host_to_device(x, self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ one step
