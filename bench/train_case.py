@@ -82,22 +82,37 @@ def trainer_step(trainer: Trainer) -> StepOutput:
 
 
 def time_trainer_steps(trainer: Trainer, warmup: int, iters: int) -> tuple[list[float], list[float]]:
-    """(seconds per optimizer step, loss per step), each step timed from the host after the previous one
-    finished on the device."""
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    losses = []
+    """(seconds per optimizer step, loss per step) of `iters` steps run back to back as Trainer.fit runs them: no
+    synchronisation between them but the trainer's own (the finite-norm check), so that a step's first host work
+    overlaps the device's end of the previous one (the optimizer, the EMA), as in fit. On a GPU a step is the
+    interval between CUDA events recorded after consecutive steps: the device's timeline, its waits for the host
+    included. (Timing each step from the host after a synchronisation, as this did until 2026-12-05, left the GPU
+    idle while the host started every step: fit does not.) The losses are read after the last step."""
+    cuda = trainer.device.type == "cuda"
     for _ in range(warmup):
         trainer_step(trainer)
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        out = trainer_step(trainer)
-        sync()
-        times.append(time.perf_counter() - t)
-        losses.append(float(out.metrics["loss"]))
-        if not out.applied:
-            raise FloatingPointError(f"a timed step was skipped (non-finite loss {losses[-1]})")
+    if cuda:
+        torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        marks[0].record()
+    else:
+        marks = [time.perf_counter()]
+    outs = []
+    for i in range(iters):
+        outs.append(trainer_step(trainer))
+        if cuda:
+            marks[i + 1].record()
+        else:
+            marks.append(time.perf_counter())
+    if cuda:
+        torch.cuda.synchronize()
+        times = [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(iters)]
+    else:
+        times = [marks[i + 1] - marks[i] for i in range(iters)]
+    losses = [float(out.metrics["loss"]) for out in outs]
+    skipped = [i for i, out in enumerate(outs) if not out.applied]
+    if skipped:
+        raise FloatingPointError(f"timed step {skipped[0]} was skipped (non-finite loss {losses[skipped[0]]})")
     return times, losses
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import kernels
 from bench import throughput
@@ -11,6 +12,7 @@ from bench.compare import main as compare_main
 from bench.throughput import main as throughput_main
 from bench.train_case import parse_spec
 from evaluation.provenance import ENVIRONMENT_KEYS
+from train import base
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +70,36 @@ def test_train_mode_times_the_trainers_step(tmp_path, count_train_steps):
     assert saved["environment"]["versions"]["deepspeed"]
     assert "| custom eager+zero0 bs2 train |" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "t.png").stat().st_size > 0  # the plot beside the JSON
+
+
+def test_steps_are_timed_back_to_back_and_their_losses_read_after_the_last(monkeypatch):
+    """bench.train_case.time_trainer_steps reads nothing from a step before the next has started (fit does not: a
+    read of a device tensor is a host synchronisation), and refuses a timed step that was skipped."""
+    from bench import train_case
+    events = []
+
+    class Loss:
+        def __init__(self, i):
+            self.i = i
+
+        def __float__(self):
+            events.append(("read", self.i))
+            return 1.0
+
+    def step(trainer):
+        events.append(("step", len([e for e in events if e[0] == "step"])))
+        i = events[-1][1]
+        return base.StepOutput(i != 99, {"loss": Loss(i)})
+
+    monkeypatch.setattr(train_case, "trainer_step", step)
+    trainer = type("T", (), {"device": torch.device("cpu")})()
+    times, losses = train_case.time_trainer_steps(trainer, 2, 3)
+    assert events == [("step", 0), ("step", 1), ("step", 2), ("step", 3), ("step", 4),
+                      ("read", 2), ("read", 3), ("read", 4)]
+    assert len(times) == 3 and losses == [1.0, 1.0, 1.0]
+    monkeypatch.setattr(train_case, "trainer_step", lambda trainer: base.StepOutput(False, {"loss": Loss(0)}))
+    with pytest.raises(FloatingPointError, match="timed step 0 was skipped"):
+        train_case.time_trainer_steps(trainer, 0, 1)
 
 
 def test_subprocess_case_and_its_errors(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """GPU checks of the trainers' host side (run by bench/gpu_suite.sh with the kernel GPU tests): a batch's copy to
-the GPU is queued behind the work already there instead of waiting for it."""
+the GPU is queued behind the work already there instead of waiting for it; the trainer benchmark times steps run
+back to back, as fit runs them."""
+import sys
 import time
 
 import pytest
@@ -27,3 +29,27 @@ def test_a_batch_copy_does_not_wait_for_the_queued_gpu_work():
     torch.cuda.synchronize()
     assert busy and host_s < 0.2, f"the copy held the host {host_s:.3f} s behind the queued GPU work"
     assert torch.equal(out.cpu(), lat)
+
+
+def test_the_benchmark_times_steps_back_to_back_on_the_device_timeline(tmp_path, monkeypatch):
+    """bench.train_case.time_trainer_steps: two synchronisations in all (after the warm-up, after the last step),
+    none of the benchmark's between steps; the steps' event intervals add up to the timed stretch."""
+    from pathlib import Path
+
+    from bench.train_case import build_trainer, time_trainer_steps
+    config = Path(__file__).resolve().parents[1] / "configs/dit_tiny_cpu.yaml"
+    trainer = build_trainer(config, ["train.zero_stage=0", "data.source=synthetic"], 8, tmp_path)
+    syncs = []  # the benchmark's own (the trainer's and DeepSpeed's are theirs)
+    real = torch.cuda.synchronize
+
+    def counted(*a):
+        if sys._getframe(1).f_code.co_filename.endswith("train_case.py"):
+            syncs.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counted)
+    t = time.perf_counter()
+    times, losses = time_trainer_steps(trainer, 1, 4)
+    wall = time.perf_counter() - t
+    assert len(syncs) == 2 and len(times) == len(losses) == 4
+    assert all(x > 0 for x in times) and sum(times) <= wall and all(l == l for l in losses)
