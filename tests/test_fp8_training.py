@@ -211,6 +211,34 @@ def test_weight_quantized_once_per_optimizer_step(optimizer):
     assert m.weight_quantizations == 5 and torch.equal(m.weight_fp8.float(), torch.full((256, 128), 256.0))  # 1 / 2^-8
 
 
+def test_weight_operands_are_written_in_place_by_one_traceable_function(monkeypatch):
+    """refresh_weight (row-wise) writes W's and W^T's e4m3 operands into the same buffers every step through
+    fp8.rowwise_weight_quantizer (compiled on a GPU, where the plain ops are ~35 launches per weight); the function
+    traces as one graph (fullgraph) and gives quantize_along's bits, here through AOT autograd (inductor's on the
+    GPU: tests/test_kernels_gpu.py)."""
+    from modeling import fp8
+    used = []
+    real = fp8.rowwise_weight_quantizer
+    monkeypatch.setattr(fp8, "rowwise_weight_quantizer", lambda device: used.append(device.type) or real(device))
+    torch.manual_seed(0)
+    m = FP8TrainingLinear(make_linear(80, 48, True, 3), "rowwise")  # N 48, K 80: ragged against any tile
+    m.refresh_weight()
+    bufs = [m.weight_fp8, m.weight_scale, m.weight_t_fp8, m.weight_t_scale]
+    assert used == ["cpu"] and [tuple(b.shape) for b in bufs] == [(48, 80), (1, 48), (80, 48), (80, 1)]
+    q, sc = quantize_along(m.weight.detach(), -1, pow2=True)
+    qt, st = quantize_along(m.weight.detach().t().contiguous(), -1, pow2=True)
+    for got, want in zip(bufs, (q, sc.reshape(1, -1), qt, st)):
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    with torch.no_grad():
+        m.weight.mul_(3)
+    assert m.refresh_weight() and all(a is b for a, b in zip(bufs, [m.weight_fp8, m.weight_scale, m.weight_t_fp8,
+                                                                     m.weight_t_scale]))
+    compiled = torch.compile(fp8.quantize_weight_rowwise, backend="aot_eager", fullgraph=True, dynamic=False)
+    outs = [torch.empty_like(b) for b in bufs]
+    compiled(m.weight.detach(), *outs)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(outs, bufs))
+
+
 def _eager_and_compiled(eager, comp, x, g):
     """One bf16-autocast forward + backward of `eager` and of `comp` under torch.compile(fullgraph=True):
     ((y, x) eager, (y, x) compiled, the compiled code of the forward and the backward); x carry the gradients."""

@@ -376,6 +376,26 @@ def test_quantize_rows_cols_every_tile_on_gpu():
     torch.testing.assert_close(outs[1][3], outs[0][3], rtol=1e-5, atol=1e-3)
 
 
+def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
+    """FP8TrainingLinear's per-step weight quantization runs compiled on a GPU (fp8.rowwise_weight_quantizer):
+    at XL/1's four weight shapes the e4m3 operands and scales are the eager plain ops' bytes."""
+    from modeling import fp8
+    quantize = fp8.rowwise_weight_quantizer(torch.device("cuda"))
+    assert quantize is not fp8.quantize_weight_rowwise
+    torch.manual_seed(0)
+    for n, k in ((3456, 1152), (1152, 1152), (6144, 1152), (1152, 3072)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        w[0, 0] = 0.5  # one row and one column with a larger amax
+        shapes = (((n, k), torch.float8_e4m3fn), ((1, n), torch.float32), ((k, n), torch.float8_e4m3fn),
+                  ((k, 1), torch.float32))
+        eager = [torch.empty(sh, dtype=dt, device="cuda") for sh, dt in shapes]
+        compiled = [torch.empty(sh, dtype=dt, device="cuda") for sh, dt in shapes]
+        fp8.quantize_weight_rowwise(w, *eager)
+        quantize(w, *compiled)
+        for a, b in zip(compiled, eager):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, k)
+
+
 def test_fp8_training_swiglu_mlp_on_gpu():
     """fp8.quant ours at XL/1's widths (1152 -> 2 x 3072 -> 1152), bf16 autocast, rows not a multiple of the tile:
     the power-of-two kernels give the trainer's quantizer's bytes; FP8TrainingSwiGLUFFN eager and compiled
