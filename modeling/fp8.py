@@ -506,13 +506,16 @@ def quantize_weight_rowwise(w: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch
                             wt_scale: torch.Tensor) -> None:
     """The row-wise recipes' weight operands of W (N, K), written into the given tensors: W in e4m3 per output
     channel (w_fp8 (N, K), w_scale (1, N): the forward's scale_b) and W^T per input channel (wt_fp8 (K, N) contiguous,
-    wt_scale (K, 1): dgrad's), power-of-two scales; quantize_along's bits."""
-    q, s = quantize_along(w, -1, pow2=True)
-    qt, st = quantize_along(w.t(), -1, pow2=True)
-    w_fp8.copy_(q)
-    w_scale.copy_(s.reshape(1, -1))
-    wt_fp8.copy_(qt)
-    wt_scale.copy_(st)
+    wt_scale (K, 1): dgrad's), power-of-two scales; quantize_along's bits. Each scale's inverse is taken from its
+    exponent bits (exact for a power of two, as IEEE's reciprocal is): inductor's reciprocal is Triton's approximate
+    division, which no document promises exact even there."""
+    e4m3_max = _FP8_MAX[torch.float8_e4m3fn]
+    wf = w.float()
+    for x, q_out, s_out in ((wf, w_fp8, w_scale), (wf.t(), wt_fp8, wt_scale)):
+        scale = pow2_ceil(x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / e4m3_max))
+        inverse = ((254 << 23) - scale.view(torch.int32)).view(torch.float32)  # 2^-e for scale 2^e
+        q_out.copy_((x * inverse).clamp(-e4m3_max, e4m3_max).to(torch.float8_e4m3fn))
+        s_out.copy_(scale.reshape(s_out.shape))
 
 
 _COMPILED_WEIGHT_QUANTIZER: list = []
@@ -522,8 +525,9 @@ def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
     """quantize_weight_rowwise as it runs on `device`: on a GPU compiled (once per weight shape). Eagerly it is ~35
     kernel launches and ~90 bytes read and written per weight element (each plain op a pass over W or W^T; counted
     with a dispatch mode): at XL/1's 112 FP8 linears ~3,900 launches and ~40 GB once a step, at the step's start
-    where nothing else is queued. Compiled: a few fused passes. The same bits: the amax, the power-of-two scale
-    with its reciprocal and the product are exact, and the cast to e4m3 rounds to nearest even either way.
+    where nothing else is queued. Compiled: a few fused passes. The same bits: the amax, the power-of-two scale,
+    its inverse (from the exponent bits) and the product are exact, and the cast to e4m3 rounds to nearest even
+    either way.
     Elsewhere eager (the CPU: tests, emulation)."""
     if device.type != "cuda":
         return quantize_weight_rowwise

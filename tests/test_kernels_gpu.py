@@ -378,7 +378,7 @@ def test_quantize_rows_cols_every_tile_on_gpu():
 
 def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
     """FP8TrainingLinear's per-step weight quantization runs compiled on a GPU (fp8.rowwise_weight_quantizer):
-    at XL/1's four weight shapes the e4m3 operands and scales are the eager plain ops' bytes."""
+    at XL/1's four weight shapes the e4m3 operands and scales are the eager ops' bytes and quantize_along's."""
     from modeling import fp8
     quantize = fp8.rowwise_weight_quantizer(torch.device("cuda"))
     assert quantize is not fp8.quantize_weight_rowwise
@@ -392,8 +392,11 @@ def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
         compiled = [torch.empty(sh, dtype=dt, device="cuda") for sh, dt in shapes]
         fp8.quantize_weight_rowwise(w, *eager)
         quantize(w, *compiled)
-        for a, b in zip(compiled, eager):
+        q, s = fp8.quantize_along(w, -1, pow2=True)  # the recipe's quantizer (the activations' too)
+        qt, st = fp8.quantize_along(w.t().contiguous(), -1, pow2=True)
+        for a, b, c in zip(compiled, eager, (q, s.reshape(1, -1), qt, st)):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, k)
+            assert torch.equal(b.view(torch.uint8), c.view(torch.uint8)), (n, k)
 
 
 def test_fp8_training_swiglu_mlp_on_gpu():
