@@ -19,7 +19,8 @@ a gradient both ways in two passes (the FP8 training linear's backward).
 pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
 
 The recipe is `quantize_fp8` below: one scale per row, its amax times the fp32 reciprocal of 448 (a power of two
-above it with pow2), and the row times the scale's reciprocal (exactly the division for a power-of-two scale),
+above it with pow2), and the row times the scale's reciprocal (exactly the division for a power-of-two scale; in
+plain ops `scale_inverse` takes a power of two's from its exponent bits, exact under inductor too),
 which FP8Linear also applies in plain torch ops where inductor can fuse it into the producer. These kernels are
 for the producers it cannot fuse into: our Triton SwiGLU, and attention's output (cuDNN's). Each program holds
 BLOCK_M whole rows in registers, so the amax and the cast read each row once; inductor loops over rows wider than
@@ -64,6 +65,17 @@ def pow2_ceil(scale: Tensor) -> Tensor:
     return torch.where((bits & 0x7FFFFF) == 0, bits, up).view(torch.float32)
 
 
+def scale_inverse(scale: Tensor, pow2: bool) -> Tensor:
+    """1 / scale as the recipe multiplies by it: IEEE's reciprocal, or for power-of-two scales (pow2) 2^-e from the
+    exponent bits of 2^e, the same value exactly (a non-finite scale, from a non-finite amax, keeps the reciprocal).
+    Inside torch.compile the bits matter: inductor lowers torch.reciprocal to Triton's approximate division
+    (div.full.f32), which no document promises exact even for a power of two; integer ops are exact everywhere."""
+    if pow2:
+        inverse = ((254 << 23) - scale.view(torch.int32)).view(torch.float32)
+        return torch.where(torch.isfinite(scale), inverse, torch.reciprocal(scale))
+    return torch.reciprocal(scale)
+
+
 def quantize_fp8(x: Tensor, rowwise: bool, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """x (rows, K) -> (e4m3 values, fp32 scale) with x ~= values * scale: one scale per row (shape (rows, 1)) or
     one for the tensor (shape ()); pow2: scales rounded up to powers of two. Plain torch ops: under torch.compile
@@ -73,7 +85,7 @@ def quantize_fp8(x: Tensor, rowwise: bool, pow2: bool = False) -> tuple[Tensor, 
     scale = amax.clamp(min=1e-12) * FP8_E4M3_INV
     if pow2:
         scale = pow2_ceil(scale)
-    return (xf * torch.reciprocal(scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return (xf * scale_inverse(scale, pow2)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_rows_fp8_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
@@ -305,7 +317,7 @@ def _scales(amax: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
     scale = amax.clamp(min=1e-12) * FP8_E4M3_INV
     if pow2:
         scale = pow2_ceil(scale)
-    return scale, torch.reciprocal(scale)
+    return scale, scale_inverse(scale, pow2)
 
 
 def rows_cols_fp8(g2: Tensor, pow2: bool,

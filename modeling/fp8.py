@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from kernels import ops, registry
 # the recipe, with its kernels
-from kernels.fp8_quant import FP8_E4M3_MAX, pad_rows, pow2_ceil, quantize_fp8  # noqa: F401
+from kernels.fp8_quant import FP8_E4M3_MAX, pad_rows, pow2_ceil, quantize_fp8, scale_inverse  # noqa: F401
 
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
@@ -328,7 +328,7 @@ def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = t
     scale = amax.clamp(min=1e-12) * (1.0 / fmax)  # the product, as torch on CUDA computes `/ fmax` (fp8_quant)
     if pow2:
         scale = pow2_ceil(scale)
-    return (x.float() * torch.reciprocal(scale)).clamp(-fmax, fmax).to(dtype), scale  # as kernels.fp8_quant
+    return (x.float() * scale_inverse(scale, pow2)).clamp(-fmax, fmax).to(dtype), scale  # as kernels.fp8_quant
 
 
 def _add_bias(mm_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -506,16 +506,13 @@ def quantize_weight_rowwise(w: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch
                             wt_scale: torch.Tensor) -> None:
     """The row-wise recipes' weight operands of W (N, K), written into the given tensors: W in e4m3 per output
     channel (w_fp8 (N, K), w_scale (1, N): the forward's scale_b) and W^T per input channel (wt_fp8 (K, N) contiguous,
-    wt_scale (K, 1): dgrad's), power-of-two scales; quantize_along's bits. Each scale's inverse is taken from its
-    exponent bits (exact for a power of two, as IEEE's reciprocal is): inductor's reciprocal is Triton's approximate
-    division, which no document promises exact even there."""
-    e4m3_max = _FP8_MAX[torch.float8_e4m3fn]
-    wf = w.float()
-    for x, q_out, s_out in ((wf, w_fp8, w_scale), (wf.t(), wt_fp8, wt_scale)):
-        scale = pow2_ceil(x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / e4m3_max))
-        inverse = ((254 << 23) - scale.view(torch.int32)).view(torch.float32)  # 2^-e for scale 2^e
-        q_out.copy_((x * inverse).clamp(-e4m3_max, e4m3_max).to(torch.float8_e4m3fn))
-        s_out.copy_(scale.reshape(s_out.shape))
+    wt_scale (K, 1): dgrad's), power-of-two scales: quantize_along's."""
+    q, s = quantize_along(w, -1, pow2=True)
+    qt, st = quantize_along(w.t(), -1, pow2=True)
+    w_fp8.copy_(q)
+    w_scale.copy_(s.reshape(1, -1))
+    wt_fp8.copy_(qt)
+    wt_scale.copy_(st)
 
 
 _COMPILED_WEIGHT_QUANTIZER: list = []
@@ -526,8 +523,8 @@ def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
     kernel launches and ~90 bytes read and written per weight element (each plain op a pass over W or W^T; counted
     with a dispatch mode): at XL/1's 112 FP8 linears ~3,900 launches and ~40 GB once a step, at the step's start
     where nothing else is queued. Compiled: a few fused passes. The same bits: the amax, the power-of-two scale,
-    its inverse (from the exponent bits) and the product are exact, and the cast to e4m3 rounds to nearest even
-    either way.
+    its inverse (kernels.fp8_quant.scale_inverse: from the exponent bits) and the product are exact, and the cast
+    to e4m3 rounds to nearest even either way.
     Elsewhere eager (the CPU: tests, emulation)."""
     if device.type != "cuda":
         return quantize_weight_rowwise

@@ -327,3 +327,19 @@ def test_row_split_exact_where_the_width_is_two_powers_of_two():
     output) and 3072 (the SwiGLU's), and for head_dim 72; other widths mask only the second tile's rest."""
     assert [fp8_quant.row_split(c) for c in (1152, 3072, 72, 2048, 16, 100, 3, 1)] == \
         [(1024, 128), (2048, 1024), (64, 8), (1024, 1024), (8, 8), (64, 64), (2, 1), (1, 1)]
+
+
+def test_scale_inverse_is_the_ieee_reciprocal_from_the_exponent_bits():
+    """fp8_quant.scale_inverse: for power-of-two scales 2^-e from the bits of 2^e, bit for bit torch.reciprocal over
+    every exponent a clamped amax can give (and the extremes of the normal range); a non-finite scale keeps the
+    reciprocal; the same under torch.compile's tracing (no approximate division to lower)."""
+    from kernels.fp8_quant import scale_inverse
+    exps = torch.arange(-126, 127, dtype=torch.float32)
+    scale = torch.exp2(exps).reshape(-1, 1)
+    want = torch.reciprocal(scale)
+    assert torch.equal(scale_inverse(scale, True).view(torch.int32), want.view(torch.int32))
+    odd = torch.tensor([float("inf"), float("nan"), 3.0])
+    assert torch.equal(scale_inverse(odd, True)[:2].isnan(), torch.tensor([False, True]))
+    assert float(scale_inverse(odd, True)[0]) == 0.0 and float(scale_inverse(odd, False)[2]) == float(1 / torch.tensor(3.0))
+    traced = torch.compile(scale_inverse, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(scale, True).view(torch.int32), want.view(torch.int32))
