@@ -519,7 +519,7 @@ _COMPILED_WEIGHT_QUANTIZER: list = []
 
 
 def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
-    """quantize_weight_rowwise as it runs on `device`: on a GPU compiled (once per weight shape). Eagerly it is ~35
+    """quantize_weight_rowwise as it runs on `device`: on a GPU compiled (one graph, sizes dynamic). Eagerly it is ~35
     kernel launches and ~90 bytes read and written per weight element (each plain op a pass over W or W^T; counted
     with a dispatch mode): at XL/1's 112 FP8 linears ~3,900 launches and ~40 GB once a step, at the step's start
     where nothing else is queued. Compiled: a few fused passes. The same bits: the amax, the power-of-two scale,
@@ -529,7 +529,8 @@ def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
     if device.type != "cuda":
         return quantize_weight_rowwise
     if not _COMPILED_WEIGHT_QUANTIZER:
-        _COMPILED_WEIGHT_QUANTIZER.append(torch.compile(quantize_weight_rowwise, dynamic=False, fullgraph=True))
+        # dynamic: one graph for every weight shape (XL/1 has four), so a fresh process compiles it once
+        _COMPILED_WEIGHT_QUANTIZER.append(torch.compile(quantize_weight_rowwise, dynamic=True, fullgraph=True))
     return _COMPILED_WEIGHT_QUANTIZER[0]
 
 
