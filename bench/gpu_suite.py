@@ -591,7 +591,8 @@ def print_table(r: dict) -> None:
         if k.startswith("train ") and isinstance(v, dict):
             ran = ",".join(sorted(set(v.get("kernels_ran", {}).values())))
             print(f"{k:32s} {v['img_per_s']:8.1f} img/s  {v['tflops']:6.1f} TFLOP/s  peak "
-                  f"{v.get('peak_memory_gib', v.get('peak_rss_gib', 0)):.1f} GiB  fp8 {v['fp8'][:20]}  [{ran}]")
+                  f"{v.get('peak_memory_gib', v.get('peak_rss_gib', 0)):.1f} GiB (saved for bwd "
+                  f"{v.get('saved_for_backward_gib', float('nan')):.1f})  fp8 {v['fp8'][:20]}  [{ran}]")
             for op in ("rope_attention", "qkv_rope", "swiglu"):
                 tuned = ((v.get("environment") or {}).get("kernels") or {}).get(f"{op}_autotuned") or {}
                 for which, picks in tuned.items():

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train_case import build_trainer, parse_spec, peak_memory, time_trainer_steps
+from bench.train_case import build_trainer, parse_spec, peak_memory, saved_for_backward_gib, time_trainer_steps
 from evaluation.provenance import environment
 from modeling.config import console_entry
 from modeling.lightningdit import LIGHTNINGDIT_SIZES
@@ -81,6 +81,8 @@ def run_train_case(config: str | Path, spec: str, batch_size: int, extra_overrid
         cfg = trainer.cfg
         tflops = img_s * trainer.flops_per_image / trainer.info.world_size / 1e12
         label = cfg.model.size if cfg.model.size != "custom" else "custom"
+        # after the timing and the peak: one more step, its saved tensors counted (the peak's activation part)
+        saved = {"saved_for_backward_gib": saved_for_backward_gib(trainer)}
         prof = {}
         if profile_steps:
             from bench.kernel_time import profile_trainer
@@ -90,7 +92,7 @@ def run_train_case(config: str | Path, spec: str, batch_size: int, extra_overrid
                 "zero_stage": cfg.train.zero_stage, "compile": cfg.train.compile, "world_size": trainer.info.world_size,
                 "median_s": sec, "times_s": times, "losses": losses, "img_per_s": img_s,
                 "gflop_per_img": trainer.flops_per_image / 1e9, "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None, **peak_memory(trainer.device),
+                "mfu": tflops / peak_tflops if peak_tflops else None, **peak_memory(trainer.device), **saved,
                 "kernels_backend": cfg.train.kernels, "attention": cfg.train.attention, "fp8": trainer.fp8_desc,
                 "environment": environment(trainer.device)}
 

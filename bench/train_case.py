@@ -81,6 +81,27 @@ def trainer_step(trainer: Trainer) -> StepOutput:
     return trainer.step_on_device(trainer.next_batch())
 
 
+def saved_for_backward_gib(trainer: Trainer) -> float:
+    """GiB of the tensors one more trainer step saves for its backward: each storage once, the engines' parameters
+    and buffers excluded (autograd's pack hook sees the compiled blocks' saved tensors too; it causes no
+    recompilation). With one micro-batch a step, all of them are alive at the end of the forward: the activation
+    part of the case's peak memory, counted through the trainer itself on the device it runs on."""
+    mine = set()
+    for engine in trainer.engines.values():
+        mine |= {t.untyped_storage().data_ptr() for t in (*engine.module.parameters(), *engine.module.buffers())}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in mine:
+            sizes.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer_step(trainer)
+    return sum(sizes.values()) / 2 ** 30
+
+
 def time_trainer_steps(trainer: Trainer, warmup: int, iters: int) -> tuple[list[float], list[float]]:
     """(seconds per optimizer step, loss per step) of `iters` steps run back to back as Trainer.fit runs them: no
     synchronisation between them but the trainer's own (the finite-norm check), so that a step's first host work

@@ -123,6 +123,17 @@ def test_fp8_case_records_what_ran(tmp_path):
         throughput.run_train_case(TINY_CFG, "eager+fp8", 2, ["model.hidden_size=48"], warmup=0, iters=1)
 
 
+def test_each_train_case_counts_what_its_step_saves_for_the_backward():
+    """The trainer cases record the GiB one step saves for its backward (bench.train_case.saved_for_backward_gib):
+    the activation part of their peak, through the trainer. FP8 (our scaled_mm linears, emulated here) keeps e4m3
+    operands where bf16 keeps bf16 activations: less, and more than nothing."""
+    sizes = ["model.hidden_size=96", "model.num_heads=2", "train.zero_stage=0", "train.precision=bf16"]  # 96: w12 512
+    bf16 = throughput.run_train_case(TINY_CFG, "eager", 4, sizes, warmup=0, iters=1)
+    fp8 = throughput.run_train_case(TINY_CFG, "eager+fp8mm", 4, [*sizes, "fp8.allow_cpu=true"], warmup=0, iters=1)
+    assert "scaled_mm" in fp8["fp8"] and bf16["fp8"] == "off"
+    assert 0 < fp8["saved_for_backward_gib"] < bf16["saved_for_backward_gib"] < bf16["peak_rss_gib"]
+
+
 def test_sample_mode_runs_generates_sampler(tmp_path, monkeypatch):
     """Sample mode goes through bench.sample_speed, i.e. modeling.sampling.Sampler (what generate runs)."""
     import modeling.sampling as sampling
