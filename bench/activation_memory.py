@@ -77,7 +77,9 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
         block.compile(backend=compile_backend, fullgraph=True)
     n_tok = model.x_embedder.num_patches
     dims = {d for p in model.parameters() for d in p.shape}
-    if batch < 2 or batch in dims or batch * n_tok in dims:  # a weight's saved cast must not pass as an activation
+    from kernels.fp8_quant import padded_rows
+    token_dims = {batch * n_tok, padded_rows(batch * n_tok)}  # padded: FP8's x^T (K, tokens padded to 16)
+    if batch < 2 or batch in dims or token_dims & dims:  # a weight's saved cast must not pass as an activation
         raise ValueError(f"batch {batch}: pick one >= 2 that is no parameter dimension ({sorted(dims)})")
     x = torch.randn(batch, n_tok, cfg.hidden_size, device=device, requires_grad=True)
     c = torch.randn(batch, cfg.hidden_size, device=device)
@@ -98,7 +100,8 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
     for key, t in saved.items():
         if key[0] in params:  # a parameter itself: no activation memory
             continue
-        scales = t.dim() > 0 and t.shape[0] in (batch, rows)
+        # batch-leading, token-leading, or (FP8's transposed operands, x^T kept for the wgrad) token-trailing
+        scales = t.dim() > 0 and (t.shape[0] in (batch, rows) or t.shape[-1] in token_dims)
         tensors.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": key[1],
                         "per_token": key[1] / rows if scales else None})
         if scales:
