@@ -324,11 +324,22 @@ def quantize_along(x: torch.Tensor, dim: Optional[int], dtype: torch.dtype = tor
 def quantize_by_amax(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
                      pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_along with the amax already known (broadcastable to x): x -> (fp8 values, fp32 scale)."""
+    scale = scale_of_amax(amax, dtype, pow2)
+    return quantize_by_inverse(x, scale_inverse(scale, pow2), dtype), scale  # as kernels.fp8_quant
+
+
+def scale_of_amax(amax: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, pow2: bool = False) -> torch.Tensor:
+    """The recipe's fp32 scale for an amax: amax (at least 1e-12) times the fp32 reciprocal of the format's max, as
+    torch on CUDA computes `/ fmax` (kernels.fp8_quant); pow2: rounded up to a power of two."""
+    scale = amax.clamp(min=1e-12) * (1.0 / _FP8_MAX[dtype])
+    return pow2_ceil(scale) if pow2 else scale
+
+
+def quantize_by_inverse(x: torch.Tensor, inverse: torch.Tensor,
+                        dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """x times its scale's inverse (broadcastable), clamped to the format's range and cast (round to nearest even)."""
     fmax = _FP8_MAX[dtype]
-    scale = amax.clamp(min=1e-12) * (1.0 / fmax)  # the product, as torch on CUDA computes `/ fmax` (fp8_quant)
-    if pow2:
-        scale = pow2_ceil(scale)
-    return (x.float() * scale_inverse(scale, pow2)).clamp(-fmax, fmax).to(dtype), scale  # as kernels.fp8_quant
+    return (x.float() * inverse).clamp(-fmax, fmax).to(dtype)
 
 
 def _add_bias(mm_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -515,7 +526,49 @@ def quantize_weight_rowwise(w: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch
     wt_scale.copy_(st)
 
 
+def quantize_weight_tensorwise(w: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, wt_fp8: torch.Tensor,
+                               wt_scale: torch.Tensor, cast: Optional[Callable[..., None]] = None) -> None:
+    """The tensorwise recipe's weight operands of W (N, K), written into the given tensors: W in e4m3 with one scale
+    (w_fp8 (N, K), w_scale ()) and the same values transposed (wt_fp8 (K, N) contiguous, wt_scale ()):
+    quantize_along(w, None)'s. The scale and its IEEE reciprocal are taken here in plain ops (scalars: not a power
+    of two, so inductor's approximate division would not give its bits); `cast` (cast_both_ways, compiled on a GPU)
+    makes the two passes over W."""
+    scale = scale_of_amax(w.float().abs().amax())
+    (cast or cast_both_ways)(w, torch.reciprocal(scale), w_fp8, wt_fp8)
+    w_scale.copy_(scale)
+    wt_scale.copy_(scale)
+
+
+def cast_both_ways(w: torch.Tensor, inverse: torch.Tensor, w_fp8: torch.Tensor, wt_fp8: torch.Tensor) -> None:
+    """W times `inverse` cast to e4m3 into w_fp8 (N, K) and, transposed, into wt_fp8 (K, N)."""
+    q = quantize_by_inverse(w, inverse)
+    w_fp8.copy_(q)
+    wt_fp8.copy_(q.t())
+
+
 _COMPILED_WEIGHT_QUANTIZER: list = []
+
+
+def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    """fn under torch.compile, built once per process: one graph with dynamic sizes for every weight shape (XL/1
+    has four), so a fresh process compiles it once."""
+    for f, c in _COMPILED_WEIGHT_QUANTIZER:
+        if f is fn:
+            return c
+    _COMPILED_WEIGHT_QUANTIZER.append((fn, torch.compile(fn, dynamic=True, fullgraph=True)))
+    return _COMPILED_WEIGHT_QUANTIZER[-1][1]
+
+
+def weight_quantizer(recipe: str, device: torch.device) -> Callable[..., None]:
+    """The recipe's weight refresh (quantize_weight_rowwise for the row-wise recipes, quantize_weight_tensorwise)
+    as it runs on `device`: `fn(w, w_fp8, w_scale, wt_fp8, wt_scale)`. On a GPU its passes over W run compiled;
+    elsewhere (the CPU: tests, emulation) eager. See rowwise_weight_quantizer for why."""
+    if recipe == "tensorwise":
+        if device.type != "cuda":
+            return quantize_weight_tensorwise
+        cast = _compiled(cast_both_ways)
+        return lambda w, *out: quantize_weight_tensorwise(w, *out, cast=cast)
+    return rowwise_weight_quantizer(device)
 
 
 def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
@@ -526,12 +579,7 @@ def rowwise_weight_quantizer(device: torch.device) -> Callable[..., None]:
     its inverse (kernels.fp8_quant.scale_inverse: from the exponent bits) and the product are exact, and the cast
     to e4m3 rounds to nearest even either way.
     Elsewhere eager (the CPU: tests, emulation)."""
-    if device.type != "cuda":
-        return quantize_weight_rowwise
-    if not _COMPILED_WEIGHT_QUANTIZER:
-        # dynamic: one graph for every weight shape (XL/1 has four), so a fresh process compiles it once
-        _COMPILED_WEIGHT_QUANTIZER.append(torch.compile(quantize_weight_rowwise, dynamic=True, fullgraph=True))
-    return _COMPILED_WEIGHT_QUANTIZER[0]
+    return _compiled(quantize_weight_rowwise) if device.type == "cuda" else quantize_weight_rowwise
 
 
 def _install_step_hook() -> None:
@@ -580,25 +628,19 @@ class FP8TrainingLinear(nn.Linear):
         key = (w._version, w.data_ptr(), w.device, w.dtype, _OPTIMIZER_STEPS[0])
         if key == self._cache_key:
             return False
-        if self.recipe == "tensorwise":
-            w_fp8, w_scale = quantize_along(w, None)
-            wt_fp8, wt_scale = w_fp8.t().contiguous(), w_scale.clone()  # distinct tensors: dynamo refuses aliases
-            for name, value in (("weight_fp8", w_fp8), ("weight_scale", w_scale), ("weight_t_fp8", wt_fp8),
-                                ("weight_t_scale", wt_scale)):
-                old = getattr(self, name)
-                if old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
-                    old.copy_(value)  # in place: the same tensors every step (a compiled graph sees no new inputs)
-                else:
-                    setattr(self, name, value)
-        else:  # per output channel for the forward, per input channel (W^T's rows) for dgrad, written in place
-            (n, k), e4m3 = w.shape, torch.float8_e4m3fn
-            for name, shape, dtype in (("weight_fp8", (n, k), e4m3), ("weight_scale", (1, n), torch.float32),
-                                       ("weight_t_fp8", (k, n), e4m3), ("weight_t_scale", (k, 1), torch.float32)):
-                old = getattr(self, name)
-                if old.shape != shape or old.dtype != dtype or old.device != w.device:
-                    setattr(self, name, torch.empty(shape, dtype=dtype, device=w.device))
-            rowwise_weight_quantizer(w.device)(w, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                               self.weight_t_scale)
+        # W for the forward and W^T (contiguous) for dgrad: one scale each (tensorwise), else per output channel
+        # and per input channel (W^T's rows); written in place, the same tensors every step (a compiled graph sees
+        # no new inputs); two scale buffers even where they hold one value (dynamo refuses aliased inputs)
+        (n, k), e4m3, tensorwise = w.shape, torch.float8_e4m3fn, self.recipe == "tensorwise"
+        for name, shape, dtype in (("weight_fp8", (n, k), e4m3), ("weight_scale", () if tensorwise else (1, n),
+                                                                  torch.float32),
+                                   ("weight_t_fp8", (k, n), e4m3), ("weight_t_scale", () if tensorwise else (k, 1),
+                                                                    torch.float32)):
+            old = getattr(self, name)
+            if old.shape != shape or old.dtype != dtype or old.device != w.device:
+                setattr(self, name, torch.empty(shape, dtype=dtype, device=w.device))
+        weight_quantizer(self.recipe, w.device)(w, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
+                                                self.weight_t_scale)
         self._cache_key = key
         self.weight_quantizations += 1
         return True

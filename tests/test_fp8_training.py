@@ -239,6 +239,25 @@ def test_weight_operands_are_written_in_place_by_one_traceable_function(monkeypa
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(outs, bufs))
 
 
+def test_tensorwise_weight_operands_are_quantize_alongs_and_cast_in_one_traceable_function():
+    """tensorwise: one scale (its IEEE reciprocal in plain ops: not a power of two) and the two casts of W by
+    fp8.cast_both_ways (compiled on a GPU); quantize_along(w, None)'s bits, W^T the same bytes transposed."""
+    from modeling import fp8
+    torch.manual_seed(0)
+    m = FP8TrainingLinear(make_linear(80, 48, True, 3), "tensorwise")
+    m.refresh_weight()
+    q, sc = quantize_along(m.weight.detach(), None)
+    assert m.weight_scale.shape == m.weight_t_scale.shape == () and m.weight_scale.item() == sc.item()
+    assert m.weight_t_scale.item() == sc.item() and m.weight_scale is not m.weight_t_scale
+    assert torch.equal(m.weight_fp8.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(m.weight_t_fp8.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+    compiled = torch.compile(fp8.cast_both_ways, backend="aot_eager", fullgraph=True, dynamic=True)
+    out = [torch.empty_like(m.weight_fp8), torch.empty_like(m.weight_t_fp8)]
+    compiled(m.weight.detach(), torch.reciprocal(sc), *out)
+    assert torch.equal(out[0].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(out[1].view(torch.uint8), m.weight_t_fp8.view(torch.uint8))
+
+
 def _eager_and_compiled(eager, comp, x, g):
     """One bf16-autocast forward + backward of `eager` and of `comp` under torch.compile(fullgraph=True):
     ((y, x) eager, (y, x) compiled, the compiled code of the forward and the backward); x carry the gradients."""

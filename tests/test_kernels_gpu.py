@@ -377,8 +377,9 @@ def test_quantize_rows_cols_every_tile_on_gpu():
 
 
 def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
-    """FP8TrainingLinear's per-step weight quantization runs compiled on a GPU (fp8.rowwise_weight_quantizer):
-    at XL/1's four weight shapes the e4m3 operands and scales are the eager ops' bytes and quantize_along's."""
+    """FP8TrainingLinear's per-step weight quantization runs compiled on a GPU (fp8.weight_quantizer): at XL/1's four
+    weight shapes the e4m3 operands and scales are the eager ops' bytes and quantize_along's, row-wise and
+    tensorwise."""
     from modeling import fp8
     quantize = fp8.rowwise_weight_quantizer(torch.device("cuda"))
     assert quantize is not fp8.quantize_weight_rowwise
@@ -397,6 +398,13 @@ def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
         for a, b, c in zip(compiled, eager, (q, s.reshape(1, -1), qt, st)):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, k)
             assert torch.equal(b.view(torch.uint8), c.view(torch.uint8)), (n, k)
+        # tensorwise: the scale in plain ops, the two casts compiled (fp8.cast_both_ways)
+        tw = [torch.empty(sh, dtype=dt, device="cuda") for sh, dt in (((n, k), torch.float8_e4m3fn), ((), torch.float32),
+                                                                      ((k, n), torch.float8_e4m3fn), ((), torch.float32))]
+        fp8.weight_quantizer("tensorwise", torch.device("cuda"))(w, *tw)
+        q, s = fp8.quantize_along(w, None)
+        assert torch.equal(tw[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(tw[1], s), (n, k)
+        assert torch.equal(tw[2].view(torch.uint8), q.t().contiguous().view(torch.uint8)) and torch.equal(tw[3], s)
 
 
 def test_fp8_training_swiglu_mlp_on_gpu():
