@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import _triton, reference
 from ._triton import tl, triton
-from .fused_norm import _TILES, _prune_tiles, _tile_configs
+from .fused_norm import _TILES, _prune_split_tiles, _tile_configs
 from .registry import BenchCase, BenchShape, Op, register
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -388,15 +388,6 @@ def _colmax_span(rows: int) -> int:
 
 # On a GPU the rows per program and warps are measured on the first call per width (the norm family's candidates,
 # pruned the same way: 1-8 rows of 1152 in a 2048-wide tile, 1-4 rows of 3072 in 4096); the interpreter a fixed 4.
-def _prune_split_tiles(configs, named_args, **kwargs):
-    """The norm family's tile pruning at the width's next power of two (as before the row was split in two), less
-    the tiles whose smaller part leaves threads without an element (128 columns of 1152 over 8 warps and 1 row:
-    57 SASS instructions per element against 21 at 4 rows, kernels/sm90_check.py)."""
-    keep = _prune_tiles(configs, named_args, BLOCK_C=triton.next_power_of_2(kwargs["BLOCK_A"] + kwargs["BLOCK_B"]))
-    full = [c for c in keep if c.kwargs["BLOCK_M"] * kwargs["BLOCK_B"] >= 32 * c.num_warps]
-    return full or keep
-
-
 _quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_A", "BLOCK_B", "POW2"],
                                     prune_configs_by={"early_config_prune": _prune_split_tiles})(_quant_rows_kernel)
 def _prune_swiglu_tiles(configs, named_args, **kwargs):

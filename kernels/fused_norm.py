@@ -9,10 +9,11 @@ forward saves only h and the per-row statistics (fp32 mean / rstd); the backward
 normalised row and reduces the per-channel grads (weight, bias) and per-sample grads (shift, scale, gate)
 in fp32 partial sums, one row of partials per program, summed by torch afterwards.
 
-Triton: the forward holds BLOCK_M rows per program (a BLOCK_M x BLOCK_C tile), the backward walks its R rows
-BLOCK_M at a time; on a GPU BLOCK_M and the warps are autotuned per op variant and width (BLOCK_M = 1 among the
-candidates: the one-row kernels these replaced), under the interpreter a fixed 4. Row by row the arithmetic does
-not depend on BLOCK_M (the forward is bitwise the same for every BLOCK_M; tests/test_kernels.py checks it).
+Triton: the forward holds BLOCK_M rows per program, each row as two power-of-two tiles (1152 = 1024 + 128: no
+masked lane), the backward walks its R rows BLOCK_M at a time; on a GPU BLOCK_M and the warps are autotuned per op
+variant and width (BLOCK_M = 1 among the candidates: the one-row kernels these replaced), under the interpreter a
+fixed 4. Row by row the arithmetic does not depend on BLOCK_M (the forward is bitwise the same for every BLOCK_M;
+tests/test_kernels.py checks it).
 
 Each backend has its own launcher pair (`_fwd_triton`/`_bwd_triton`, `_fwd_cuda`/`_bwd_cuda`), registered as its
 own custom ops (`vavae::norm_fwd_triton`, `vavae::norm_fwd_cuda`, and their `norm_bwd_*`), so no function here
@@ -32,48 +33,117 @@ from .registry import BenchCase, BenchFactory, BenchShape, Op, register
 ROWS_PER_PROGRAM = 32  # backward: rows one program reduces before writing its partial sums
 
 
+# A row of C channels is held as two power-of-two tiles (kernels._triton.row_split: 1152 = 1024 + 128, 72 = 64 + 8):
+# one next-power-of-two tile (2048, 128) idled 44% of its lanes. Tile A (BLOCK_A <= C) has no masked column; tile B
+# masks the columns past C where C - BLOCK_A is not a power of two. The two tiles get different register layouts,
+# so a row statistic summed over both needs one of its two halves moved into the other's layout: Triton's layout
+# pass moved tile A itself (a (BLOCK_M, 1024) shuffle through shared memory) unless tile A's row sums pass through
+# kernels._triton.layout_fence, so the 1-8 per-row sums move instead. sm_90 (kernels.sm90_check), hidden 1152, per
+# real element: the forward 51 -> 30 SASS instructions (4 rows, 8 warps), the backward's row loop 42 -> 29 (1 row,
+# 4 warps), also from 32-bit offsets inside a program's rows and one load of the per-sample vectors per tile.
+
+
+@triton.jit
+def _per_sample(V, sv, b, cols, cmask, mask, ONE_SAMPLE: tl.constexpr):
+    """A per-sample (B, C) vector's columns for a tile of rows, in fp32: where the tile's rows are one sample's
+    (ONE_SAMPLE, b its index) one row loaded and broadcast, else a row per tile row (b the rows' samples)."""
+    if ONE_SAMPLE:
+        v = tl.load(V + b * sv + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    else:
+        v = tl.load(V + b[:, None] * sv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _fwd_tile_in(X, sx, G, sg, Y, sy, H, row, b, cols, cmask, mask, C, HAS_RES: tl.constexpr,
+                 ONE_SAMPLE: tl.constexpr):
+    """One tile of the rows' input in fp32; with the residual, h = x + gate * y stored (rounded to H's dtype) and
+    the stored h returned: the statistics and the backward read the same h."""
+    x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        g = _per_sample(G, sg, b, cols, cmask, mask, ONE_SAMPLE)
+        y = tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + g * y).to(H.dtype.element_ty)
+        tl.store(H + row[:, None] * C + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, cols, cmask, mask, HAS_W: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 ONE_SAMPLE: tl.constexpr):
+    """A tile's weight, bias, 1 + scale and shift in fp32 (the neutral scalar where absent), loaded before the row
+    statistics so their latency overlaps the tile's (the layout fence keeps loads from moving across it)."""
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else 1.0
+    bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+    scale1 = 1.0 + _per_sample(SCALE, sscale, b, cols, cmask, mask, ONE_SAMPLE) if HAS_SCALE else 1.0
+    shift = _per_sample(SHIFT, sshift, b, cols, cmask, mask, ONE_SAMPLE) if HAS_SHIFT else 0.0
+    return w, bias, scale1, shift
+
+
+@triton.jit
+def _fwd_tile_out(xhat, w, bias, scale1, shift, OUT, row, cols, mask, C, HAS_W: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One tile of the normalised rows: affine, modulate, one rounding on the store."""
+    out = xhat
+    if HAS_W:
+        out = out * w
+    if HAS_BIAS:
+        out = out + bias
+    if HAS_SCALE:
+        out = out * scale1
+    if HAS_SHIFT:
+        out = out + shift
+    tl.store(OUT + row[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, OUT, MEAN, RSTD,
                      rows, N, C, eps,
                      HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    # BLOCK_M rows per program, a (BLOCK_M, BLOCK_C) tile: more bytes in flight per program than one row, and the
-    # per-channel vectors (weight, bias) loaded once for all of them. Row by row the arithmetic is the one-row
-    # kernel's (BLOCK_M = 1): fp32 sums over the row's C channels, the same products, one rounding on each store.
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = row < rows
-    b = row // N  # each row's sample (a tile may straddle two): its gate/shift/scale row
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(X + row[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        g = tl.load(G + b[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = (x + g * y).to(H.dtype.element_ty)
-        tl.store(H + row[:, None] * C + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)  # normalise the stored (rounded) h: the backward recomputes from it
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
-        xhat = x * rstd[:, None]
-    else:
-        mean = tl.sum(x, axis=1) / C
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-        xhat = xc * rstd[:, None]
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # BLOCK_M rows per program, each row as tiles A and B: more bytes in flight per program than one row, and the
+    # per-channel vectors (weight, bias) loaded once for all of them. Row by row the arithmetic does not depend on
+    # BLOCK_M: fp32 sums over the row's C channels (tile A's, then B's added), the same products, one rounding on
+    # each store.
+    row0 = tl.program_id(0) * BLOCK_M
+    row = tl.arange(0, BLOCK_M)  # rows of the program, from its first
+    rmask = row0 + row < rows
+    # the per-sample vectors' row: with ONE_SAMPLE (N a multiple of every BLOCK_M) the tile's one sample, else
+    # each row's (a tile may straddle samples)
+    b = row0 // N if ONE_SAMPLE else (row0 + row) // N
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    cma = ca < BLOCK_A  # all true (BLOCK_A <= C): tile A's loads are masked by row only
+    cmb = cb < C
+    ma = rmask[:, None] & cma[None, :]
+    mb = rmask[:, None] & cmb[None, :]
+    # the program's rows from scalar 64-bit bases; offsets inside them in 32 bits
+    X += row0.to(tl.int64) * sx
+    Y += row0.to(tl.int64) * sy
+    H += row0.to(tl.int64) * C
+    OUT += row0.to(tl.int64) * C
+    MEAN += row0
+    RSTD += row0
+    xa = _fwd_tile_in(X, sx, G, sg, Y, sy, H, row, b, ca, cma, ma, C, HAS_RES, ONE_SAMPLE)
+    xb = _fwd_tile_in(X, sx, G, sg, Y, sy, H, row, b, cb, cmb, mb, C, HAS_RES, ONE_SAMPLE)
+    wa, bias_a, scale1_a, shift_a = _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, ca, cma, ma, HAS_W,
+                                                 HAS_BIAS, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE)
+    wb, bias_b, scale1_b, shift_b = _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, cb, cmb, mb, HAS_W,
+                                                 HAS_BIAS, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE)
+    if not IS_RMS:
+        mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / C
+        xa = xa - mean[:, None]
+        xb = tl.where(mb, xb - mean[:, None], 0.0)
         tl.store(MEAN + row, mean, mask=rmask)
+    rstd = 1.0 / tl.sqrt((_triton.layout_fence(tl.sum(xa * xa, axis=1)) + tl.sum(xb * xb, axis=1)) / C + eps)
     tl.store(RSTD + row, rstd, mask=rmask)
-    out = xhat
-    if HAS_W:
-        out = out * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out = out + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        out = out * (1.0 + tl.load(SCALE + b[:, None] * sscale + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-    if HAS_SHIFT:
-        out = out + tl.load(SHIFT + b[:, None] * sshift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    _fwd_tile_out(xa * rstd[:, None], wa, bias_a, scale1_a, shift_a, OUT, row, ca, ma, C, HAS_W, HAS_BIAS,
+                  HAS_SHIFT, HAS_SCALE)
+    _fwd_tile_out(xb * rstd[:, None], wb, bias_b, scale1_b, shift_b, OUT, row, cb, mb, C, HAS_W, HAS_BIAS,
+                  HAS_SHIFT, HAS_SCALE)
 
 
 # (rows per program, warps) candidates; _prune_tiles keeps those that fit the row width
@@ -85,31 +155,116 @@ def _tile_configs() -> list:
 
 
 def _prune_tiles(configs, named_args, **kwargs):
-    """Keep tiles of 1K-16K elements at 4-32 values per thread for this row width: 1-8 rows of hidden 1152 (a
-    2048-wide tile, 6 candidates), 8-32 rows of head_dim 72 (128 wide, 4 candidates); never none."""
+    """Keep tiles of 1K-16K elements at 4-32 values per thread for a row width padded to BLOCK_C (its next power
+    of two): 1-8 rows of hidden 1152 (2048), 8-32 rows of head_dim 72 (128); never none."""
     block_c = kwargs["BLOCK_C"]
     keep = [c for c in configs if 1024 <= c.kwargs["BLOCK_M"] * block_c <= 16384
             and 4 <= c.kwargs["BLOCK_M"] * block_c // (32 * c.num_warps) <= 32]
     return keep or configs[:1]
 
 
-def _prune_tiles_bwd(configs, named_args, **kwargs):
-    """The forward's tiles at most 8 warps and 16 values per thread: the backward keeps five fp32 accumulators of
-    BLOCK_C beside its tile; at 16 warps (128 registers a thread) or 32 values a thread its tiles spill or nearly
-    (ptxas for sm_90, kernels/sm90_check.py): hidden 1152 keeps 1-2 rows, head_dim 72 8-32."""
-    block_c = kwargs["BLOCK_C"]
-    keep = [c for c in _prune_tiles(configs, named_args, **kwargs)
-            if c.num_warps <= 8 and c.kwargs["BLOCK_M"] * block_c // (32 * c.num_warps) <= 16]
+def _prune_split_tiles(configs, named_args, **kwargs):
+    """For rows held as tiles BLOCK_A + BLOCK_B: _prune_tiles at the width's next power of two, less the tiles
+    whose smaller part leaves threads without an element (128 columns of 1152 over 8 warps and 1 row: 57 SASS
+    instructions per element against 21 at 4 rows in the FP8 row quantization, kernels/sm90_check.py)."""
+    keep = _prune_tiles(configs, named_args, BLOCK_C=triton.next_power_of_2(kwargs["BLOCK_A"] + kwargs["BLOCK_B"]))
+    full = [c for c in keep if c.kwargs["BLOCK_M"] * kwargs["BLOCK_B"] >= 32 * c.num_warps]
+    return full or keep
+
+
+def _prune_split_tiles_bwd(configs, named_args, **kwargs):
+    """The forward's tiles at 4 warps and at most 16 values of the row's width per thread: the backward keeps five
+    fp32 accumulators per tile beside its tiles (at 16 warps, 128 registers a thread, or more values a thread they
+    spill or nearly), and at 8 warps its narrow tile B (128 of 1152) lands in a layout of its own whose conversions
+    doubled the row loop: 613 SASS instructions for 2 rows at 8 warps against 268 for 1 row at 4 under Triton 3.6
+    (ptxas for sm_90, kernels/sm90_check.py). Hidden 1152 keeps 1 row, head_dim 72 16 rows."""
+    width = kwargs["BLOCK_A"] + kwargs["BLOCK_B"]
+    keep = [c for c in _prune_split_tiles(configs, named_args, **kwargs)
+            if c.num_warps <= 4 and c.kwargs["BLOCK_M"] * width // (32 * c.num_warps) <= 16]
     return keep or configs[:1]
 
 
-_FLAGS = ["C", "HAS_RES", "IS_RMS", "HAS_W", "HAS_BIAS", "HAS_SHIFT", "HAS_SCALE", "BLOCK_C"]
+_FLAGS = ["C", "HAS_RES", "IS_RMS", "HAS_W", "HAS_BIAS", "HAS_SHIFT", "HAS_SCALE", "BLOCK_A", "BLOCK_B"]
+ONE_SAMPLE_ROWS = 32  # every BLOCK_M divides it: N a multiple of it puts each forward tile's rows in one sample
+assert all(ONE_SAMPLE_ROWS % m == 0 for m, _ in _TILES)
 # On a GPU the rows per program (and warps) are measured per op variant and C on the first call (triton.autotune;
 # BLOCK_M = 1 is the one-row kernel this replaced, so the choice is never worse than it); under the interpreter a
 # fixed small tile (INTERPRET_BLOCK_M, which does not divide the test's row counts: the ragged last tile runs).
-_norm_fwd_tuned = triton.autotune(configs=_tile_configs(), key=_FLAGS,
-                                  prune_configs_by={"early_config_prune": _prune_tiles})(_norm_fwd_kernel)
+_norm_fwd_tuned = triton.autotune(configs=_tile_configs(), key=_FLAGS + ["ONE_SAMPLE"],
+                                  prune_configs_by={"early_config_prune": _prune_split_tiles})(_norm_fwd_kernel)
 INTERPRET_BLOCK_M = 4
+
+
+@triton.jit
+def _bwd_tile_in(DOUT, XIN, offs, mask, mean, rstd, w, bias, scale1, acc_w, acc_b, acc_shift, acc_scale,
+                 IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                 HAS_SCALE: tl.constexpr):
+    """One tile of the rows: the normalised row recomputed from the stored input, the per-channel and per-sample
+    grads added to their accumulators, and the grad of the normalised row. Returns (xhat, dxhat, acc_w, acc_b,
+    acc_shift, acc_scale); 0 in masked lanes."""
+    dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(XIN + offs, mask=mask, other=0.0).to(tl.float32)
+    if IS_RMS:
+        xhat = x * rstd
+    else:
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dn = dout
+    if HAS_SHIFT:
+        acc_shift += tl.sum(dout, axis=0)
+    if HAS_SCALE:
+        acc_scale += tl.sum(dout * (xhat * w + bias), axis=0)
+        dn = dout * scale1
+    if HAS_BIAS:
+        acc_b += tl.sum(dn, axis=0)
+    if HAS_W:
+        acc_w += tl.sum(dn * xhat, axis=0)
+    return xhat, dn * w, acc_w, acc_b, acc_shift, acc_scale
+
+
+@triton.jit
+def _bwd_tile_out(xhat, dxhat, rstd, c1, c2, DH, DX, DY, Y, sy, g, row, cols, offs, mask, acc_g,
+                  IS_RMS: tl.constexpr, HAS_DH: tl.constexpr, HAS_RES: tl.constexpr):
+    """One tile's dx (and dy = gate * dx) from the row sums c1 = mean(dxhat), c2 = mean(dxhat * xhat), stored;
+    returns the gate's accumulator with this tile's sum(dx * y) added."""
+    if IS_RMS:
+        dx = rstd * (dxhat - xhat * c2)
+    else:
+        dx = rstd * (dxhat - c1 - xhat * c2)
+    if HAS_DH:
+        dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        tl.store(DY + offs, (g * dx).to(DY.dtype.element_ty), mask=mask)
+        acc_g += tl.sum(dx * tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32),
+                        axis=0)
+    return acc_g
+
+
+@triton.jit
+def _bwd_vectors(W, BIAS, SCALE, sscale, G, sg, b, cols, cmask, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """A tile's per-channel weight and bias, and its sample's 1 + scale and gate (the neutral scalar if absent)."""
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    scale1 = 1.0 + tl.load(SCALE + b * sscale + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_SCALE else 1.0
+    g = tl.load(G + b * sg + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_RES else 0.0
+    return w, bias, scale1, g
+
+
+@triton.jit
+def _store_partials(p, cols, cmask, PW, PB, PSHIFT, PSCALE, PG, acc_w, acc_b, acc_shift, acc_scale, acc_g,
+                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    if HAS_W:
+        tl.store(PW + p + cols, acc_w, mask=cmask)
+    if HAS_BIAS:
+        tl.store(PB + p + cols, acc_b, mask=cmask)
+    if HAS_SHIFT:
+        tl.store(PSHIFT + p + cols, acc_shift, mask=cmask)
+    if HAS_SCALE:
+        tl.store(PSCALE + p + cols, acc_scale, mask=cmask)
+    if HAS_RES:
+        tl.store(PG + p + cols, acc_g, mask=cmask)
 
 
 @triton.jit
@@ -118,79 +273,80 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
                      N, C, R,
                      HAS_RES: tl.constexpr, HAS_DH: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # One pass per program over its R rows (one sample's), BLOCK_M rows at a time: dx (and dy) written row by row,
-    # the per-channel (weight, bias) and per-sample (shift, scale, gate) grads summed in fp32 registers and written
-    # once as this program's row of partial sums; torch then sums those rows (one small reduction per grad).
-    b = tl.program_id(0).to(tl.int64)
+                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # One pass per program over its R rows (one sample's), BLOCK_M rows at a time, each row as tiles A and B: dx
+    # (and dy) written row by row, the per-channel (weight, bias) and per-sample (shift, scale, gate) grads summed
+    # in fp32 registers and written once as this program's row of partial sums; torch then sums those rows (one
+    # small reduction per grad).
+    b = tl.program_id(0)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_W else 1.0
-    bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    scale1 = 1.0 + tl.load(SCALE + b * sscale + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_SCALE else 1.0
-    g = tl.load(G + b * sg + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_RES else 0.0
-    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    start = b * N + chunk * R
-    end = tl.minimum(start + R, b * N + N)
+    # the program's rows from scalar 64-bit bases; offsets inside them (R rows) in 32 bits
+    start = chunk * R
+    end = tl.minimum(start + R, N)
+    first = (b * N).to(tl.int64)
+    DOUT += first * C
+    DH += first * C
+    XIN += first * C
+    DX += first * C
+    DY += first * C
+    Y += first * sy
+    MEAN += first
+    RSTD += first
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    cma = ca < BLOCK_A  # all true (BLOCK_A <= C)
+    cmb = cb < C
+    w_a, bias_a, scale1_a, g_a = _bwd_vectors(W, BIAS, SCALE, sscale, G, sg, b, ca, cma, HAS_RES, HAS_W, HAS_BIAS,
+                                              HAS_SCALE)
+    w_b, bias_b, scale1_b, g_b = _bwd_vectors(W, BIAS, SCALE, sscale, G, sg, b, cb, cmb, HAS_RES, HAS_W, HAS_BIAS,
+                                              HAS_SCALE)
+    acc_wa = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_ba = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_sha = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_sca = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_ga = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_wb = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_bb = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_shb = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_scb = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_gb = tl.zeros([BLOCK_B], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
         row = r0 + tl.arange(0, BLOCK_M)
         rmask = row < end
-        mask = rmask[:, None] & cmask[None, :]
-        offs = row[:, None] * C + cols[None, :]
-        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(XIN + offs, mask=mask, other=0.0).to(tl.float32)
+        ma = rmask[:, None] & cma[None, :]
+        mb = rmask[:, None] & cmb[None, :]
+        offs_a = row[:, None] * C + ca[None, :]
+        offs_b = row[:, None] * C + cb[None, :]
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0)[:, None]
-        if IS_RMS:
-            xhat = x * rstd
-        else:
-            xhat = tl.where(mask, (x - tl.load(MEAN + row, mask=rmask, other=0.0)[:, None]) * rstd, 0.0)
-        dn = dout
-        if HAS_SHIFT:
-            acc_shift += tl.sum(dout, axis=0)
-        if HAS_SCALE:
-            acc_scale += tl.sum(dout * (xhat * w + bias), axis=0)
-            dn = dout * scale1
-        if HAS_BIAS:
-            acc_b += tl.sum(dn, axis=0)
-        if HAS_W:
-            acc_w += tl.sum(dn * xhat, axis=0)
-        dxhat = dn * w
-        if IS_RMS:
-            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / C)[:, None])
-        else:
-            dx = rstd * (dxhat - (tl.sum(dxhat, axis=1) / C)[:, None]
-                         - xhat * (tl.sum(dxhat * xhat, axis=1) / C)[:, None])
-        if HAS_DH:
-            dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_RES:
-            tl.store(DY + offs, (g * dx).to(DY.dtype.element_ty), mask=mask)
-            acc_g += tl.sum(dx * tl.load(Y + row[:, None] * sy + cols[None, :], mask=mask, other=0.0).to(tl.float32),
-                            axis=0)
-    p = (b * n_chunks + chunk) * C + cols
-    if HAS_W:
-        tl.store(PW + p, acc_w, mask=cmask)
-    if HAS_BIAS:
-        tl.store(PB + p, acc_b, mask=cmask)
-    if HAS_SHIFT:
-        tl.store(PSHIFT + p, acc_shift, mask=cmask)
-    if HAS_SCALE:
-        tl.store(PSCALE + p, acc_scale, mask=cmask)
-    if HAS_RES:
-        tl.store(PG + p, acc_g, mask=cmask)
+        mean = rstd if IS_RMS else tl.load(MEAN + row, mask=rmask, other=0.0)[:, None]
+        xhat_a, dxhat_a, acc_wa, acc_ba, acc_sha, acc_sca = _bwd_tile_in(
+            DOUT, XIN, offs_a, ma, mean, rstd, w_a, bias_a, scale1_a, acc_wa, acc_ba, acc_sha, acc_sca,
+            IS_RMS, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
+        xhat_b, dxhat_b, acc_wb, acc_bb, acc_shb, acc_scb = _bwd_tile_in(
+            DOUT, XIN, offs_b, mb, mean, rstd, w_b, bias_b, scale1_b, acc_wb, acc_bb, acc_shb, acc_scb,
+            IS_RMS, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
+        # dh and y are loaded after the layout fence in program order; ptxas schedules them (the fence is one
+        # register move in the PTX), the loop's SASS is the smaller with them here (sm90_check)
+        c2 = _triton.layout_fence(tl.sum(dxhat_a * xhat_a, axis=1)) + tl.sum(dxhat_b * xhat_b, axis=1)
+        c2 = (c2 / C)[:, None]
+        c1 = c2 if IS_RMS else ((tl.sum(dxhat_a, axis=1) + tl.sum(dxhat_b, axis=1)) / C)[:, None]
+        acc_ga = _bwd_tile_out(xhat_a, dxhat_a, rstd, c1, c2, DH, DX, DY, Y, sy, g_a, row, ca, offs_a, ma, acc_ga,
+                               IS_RMS, HAS_DH, HAS_RES)
+        acc_gb = _bwd_tile_out(xhat_b, dxhat_b, rstd, c1, c2, DH, DX, DY, Y, sy, g_b, row, cb, offs_b, mb, acc_gb,
+                               IS_RMS, HAS_DH, HAS_RES)
+    p = (b * n_chunks + chunk).to(tl.int64) * C
+    _store_partials(p, ca, cma, PW, PB, PSHIFT, PSCALE, PG, acc_wa, acc_ba, acc_sha, acc_sca, acc_ga,
+                    HAS_RES, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
+    _store_partials(p, cb, cmb, PW, PB, PSHIFT, PSCALE, PG, acc_wb, acc_bb, acc_shb, acc_scb, acc_gb,
+                    HAS_RES, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
 
 
 # Every output (dx, dy, each program's partial-sum row) is written whole by each run, so configs can be timed on the
 # real buffers. BLOCK_M = 1 is the row-at-a-time loop this replaced.
 _norm_bwd_tuned = triton.autotune(configs=_tile_configs(),
                                   key=_FLAGS[:2] + ["HAS_DH"] + _FLAGS[2:],
-                                  prune_configs_by={"early_config_prune": _prune_tiles_bwd})(_norm_bwd_kernel)
+                                  prune_configs_by={"early_config_prune": _prune_split_tiles_bwd})(_norm_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- shapes shared by every backend
@@ -287,7 +443,7 @@ def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     if rows == 0:
         return h, out, mean, rstd
     x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
-    BLOCK_C = _triton.block_size(C)
+    BLOCK_A, BLOCK_B = _triton.row_split(C)
     dummy = x2  # pointer for an absent input: never read (its HAS_* flag is off)
     args = (
         x2, x2.stride(0), g if g is not None else dummy, g.stride(0) if g is not None else 0,
@@ -298,7 +454,8 @@ def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
         h if g is not None else out, out, mean if not rms else rstd, rstd,
         rows, N, C, eps)
     flags = dict(HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-                 HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, BLOCK_C=BLOCK_C)
+                 HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, ONE_SAMPLE=N % ONE_SAMPLE_ROWS == 0,
+                 BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B)
     if _triton.interpreting():
         _norm_fwd_kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, **flags, BLOCK_M=INTERPRET_BLOCK_M,
                                                                    num_warps=4)
@@ -323,7 +480,7 @@ def _bwd_triton(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rs
     if rows:
         dout2, dh2, xin2, g, y2, sc = _bwd_inputs(dout, dh, xin, gate, y, scale)
         pw, pb, psh, psc, pg = partials
-        BLOCK_C = _triton.block_size(C)
+        BLOCK_A, BLOCK_B = _triton.row_split(C)
         d = dout2  # pointer for an absent input: never read
         args = (
             dout2, dh2 if dh2 is not None else d, xin2, g if g is not None else d, g.stride(0) if g is not None else 0,
@@ -332,7 +489,8 @@ def _bwd_triton(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rs
             mean if not rms else rstd, rstd, dx, dy if g is not None else dx, pw, pb, psh, psc, pg,
             N, C, R)
         flags = dict(HAS_RES=g is not None, HAS_DH=dh is not None, IS_RMS=rms, HAS_W=weight is not None,
-                     HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_C=BLOCK_C)
+                     HAS_BIAS=bias is not None, HAS_SHIFT=has_shift, HAS_SCALE=scale is not None, BLOCK_A=BLOCK_A,
+                     BLOCK_B=BLOCK_B)
         if _triton.interpreting():
             _norm_bwd_kernel[(B, chunks)](*args, **flags, BLOCK_M=INTERPRET_BLOCK_M, num_warps=4)
         else:

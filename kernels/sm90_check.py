@@ -87,22 +87,23 @@ def _norm_variants() -> list[Variant]:
                "DX": "*fp32", "DY": "*bf16", "PW": "*fp32", "PB": "*fp32", "PSHIFT": "*fp32", "PSCALE": "*fp32",
                "PG": "*fp32", "N": "i32", "C": "i32", "R": "i32"}
     cases = {  # name: (C, forward flags, backward flags)
-        "grnm": (1152, dict(HAS_RES=True, IS_RMS=True, HAS_W=True, HAS_BIAS=False, HAS_SHIFT=True, HAS_SCALE=True),
+        "grnm": (1152, dict(HAS_RES=True, IS_RMS=True, HAS_W=True, HAS_BIAS=False, HAS_SHIFT=True, HAS_SCALE=True,
+                            ONE_SAMPLE=True),  # 256 tokens a sample
                  dict(HAS_RES=True, HAS_DH=True, IS_RMS=True, HAS_W=True, HAS_BIAS=False, HAS_SHIFT=True,
                       HAS_SCALE=True)),
         "qk layer_norm": (72, dict(HAS_RES=False, IS_RMS=False, HAS_W=True, HAS_BIAS=True, HAS_SHIFT=False,
-                                   HAS_SCALE=False),
+                                   HAS_SCALE=False, ONE_SAMPLE=True),
                           dict(HAS_RES=False, HAS_DH=False, IS_RMS=False, HAS_W=True, HAS_BIAS=True, HAS_SHIFT=False,
                                HAS_SCALE=False)),
     }
     out = []
     for name, (C, fflags, bflags) in cases.items():
-        block_c = _triton.block_size(C)
+        block_a, block_b = _triton.row_split(C)  # the row as two tiles (1024 + 128, 64 + 8)
         for which, kernel, sig, flags, prune in (
-                ("fwd", fused_norm._norm_fwd_kernel, fwd_sig, fflags, fused_norm._prune_tiles),
-                ("bwd", fused_norm._norm_bwd_kernel, bwd_sig, bflags, fused_norm._prune_tiles_bwd)):
-            for cfg in prune(fused_norm._tile_configs(), {}, BLOCK_C=block_c):
-                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_C": block_c}
+                ("fwd", fused_norm._norm_fwd_kernel, fwd_sig, fflags, fused_norm._prune_split_tiles),
+                ("bwd", fused_norm._norm_bwd_kernel, bwd_sig, bflags, fused_norm._prune_split_tiles_bwd)):
+            for cfg in prune(fused_norm._tile_configs(), {}, BLOCK_A=block_a, BLOCK_B=block_b):
+                const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_A": block_a, "BLOCK_B": block_b}
                 div = [k for k, t in sig.items() if t.startswith("*")] + (
                     [k for k in ("sx", "sy", "sg", "sshift", "sscale", "rows", "N", "C") if k in sig] if C % 16 == 0
                     else [])

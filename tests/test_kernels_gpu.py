@@ -35,14 +35,16 @@ def _reset():
 @pytest.mark.parametrize("dtypes", [("bf16", "bf16", None), ("fp32", "bf16", None), ("fp32", "bf16", "bf16"),
                                     ("fp32", "fp32", None)])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_norm_family_on_gpu(backend, dtypes, kind):
+@pytest.mark.parametrize("B, N", [(4, 257), (3, 256)])
+def test_norm_family_on_gpu(backend, dtypes, kind, B, N):
     """x, y/vectors and (third) the out_dtype asked for: ("fp32", "bf16", "bf16") is the model under autocast (fp32
     residual stream, bf16 branch and adaLN vectors, the normalised output written in bf16 for the next GEMM and its
-    gradient arriving in bf16: the CUDA extension's out_tv / dout_tv)."""
+    gradient arriving in bf16: the CUDA extension's out_tv / dout_tv). 257 tokens: tiles straddle samples; 256
+    (XL/1's): each Triton forward tile's rows are one sample's (ONE_SAMPLE: the adaLN vectors loaded once a tile)."""
     _need(backend)
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}
     tx, tv, to = dt[dtypes[0]], dt[dtypes[1]], dt[dtypes[2]]
-    B, N, C = 4, 257, 1152
+    C = 1152
     x = torch.randn(B, N, C, device="cuda", dtype=tx, requires_grad=True)
     y = torch.randn(B, N, C, device="cuda", dtype=tv, requires_grad=True)
     w = (torch.rand(C, device="cuda", dtype=tx) + 0.5).requires_grad_() if kind == "rms" else None

@@ -57,8 +57,15 @@ def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ())
         if "qkv_rope" in name or "C=1152" in name:  # rows of 144 B / 4.6 KB: whole-row 16-byte vectors
             assert r["vector_loads"] > 0 and r["vector_stores"] > 0, (name, r)
             # per-row statistics / per-column weights only: 1 fp32 a thread (qk-norm's two weights, qkv_rope's bias:
-            # one load per q, k, v part)
-            assert r["scalar_loads"] <= 4 + 3 * ("qkv_rope" in name), (name, r)
+            # one load per q, k, v part); the norms' 128-wide second tile of 1152 (1024 + 128) holds one element a
+            # thread at 1 row over 4 warps or 2 over 8: one load per tensor it reads (6 forward, 8 backward)
+            norm_tile_b = 8 if name.startswith("norm ") else 0
+            assert r["scalar_loads"] <= 4 + 3 * ("qkv_rope" in name) + norm_tile_b, (name, r)
+        if name.startswith("norm ") and "C=1152" in name:
+            # the row as two exact tiles, 32-bit offsets inside a program's rows, the layout fence on the row sums:
+            # the one 2048-wide tile issued 49-70 SASS instructions per real element forward, 83-87 backward (static
+            # counts, Triton 3.9 and 3.6); now 31-46 and 61-62
+            assert r["sass_per_element"] <= (48 if " fwd " in name else 70), (name, r)
 
 
 def test_kernels_compile_for_sm90_without_spills():
