@@ -37,21 +37,6 @@ elif tl is not None:
                                          is_pure=True, pack=1)
 
 
-# An identity on fp32 that Triton's layout pass cannot look through (a non-pure inline asm `mov`, one instruction;
-# under the interpreter plain identity). Where two tensors of different register layouts meet (a row held as two
-# tiles, kernels/fused_norm.py), the pass may move the larger tensor into the other's layout through shared memory
-# to save converting the small one; a row sum passed through the fence makes it convert the row sums instead. Being
-# side-effecting to LLVM, loads placed after it in program order stay after it: load what follows it before it.
-if tl is not None and interpreting():
-    @triton.jit
-    def layout_fence(x):
-        return x
-elif tl is not None:
-    @triton.jit
-    def layout_fence(x):
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
-
-
 def runs_on(x: torch.Tensor) -> bool:
     """Can the Triton kernels run on x's device (a GPU, or the CPU under TRITON_INTERPRET=1)?"""
     return triton is not None and (x.is_cuda or interpreting())

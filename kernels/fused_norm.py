@@ -35,12 +35,11 @@ ROWS_PER_PROGRAM = 32  # backward: rows one program reduces before writing its p
 
 # A row of C channels is held as two power-of-two tiles (kernels._triton.row_split: 1152 = 1024 + 128, 72 = 64 + 8):
 # one next-power-of-two tile (2048, 128) idled 44% of its lanes. Tile A (BLOCK_A <= C) has no masked column; tile B
-# masks the columns past C where C - BLOCK_A is not a power of two. The two tiles get different register layouts,
-# so a row statistic summed over both needs one of its two halves moved into the other's layout: Triton's layout
-# pass moved tile A itself (a (BLOCK_M, 1024) shuffle through shared memory) unless tile A's row sums pass through
-# kernels._triton.layout_fence, so the 1-8 per-row sums move instead. sm_90 (kernels.sm90_check), hidden 1152, per
-# real element: the forward 51 -> 30 SASS instructions (4 rows, 8 warps), the backward's row loop 42 -> 29 (1 row,
-# 4 warps), also from 32-bit offsets inside a program's rows and one load of the per-sample vectors per tile.
+# masks the columns past C where C - BLOCK_A is not a power of two. With 32-bit offsets inside a program's rows and
+# the adaLN vectors loaded once per forward tile (ONE_SAMPLE), sm_90's static SASS per real element of hidden 1152
+# went from 49-51 to 31-32 forward (4 rows, 8 warps) and from 42 to 29-30 in the backward's row loop (1 row, 4 warps),
+# Triton 3.9 and 3.6 (kernels.sm90_check): the forward moves 12 bytes an element, and at ~50 instructions an element
+# it spent about half its time issuing at the H200's rate.
 
 
 @triton.jit
@@ -74,7 +73,7 @@ def _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, cols, cmask, mask, HA
                  HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
                  ONE_SAMPLE: tl.constexpr):
     """A tile's weight, bias, 1 + scale and shift in fp32 (the neutral scalar where absent), loaded before the row
-    statistics so their latency overlaps the tile's (the layout fence keeps loads from moving across it)."""
+    statistics in program order, so their latency can overlap the tile's."""
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else 1.0
     bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
     scale1 = 1.0 + _per_sample(SCALE, sscale, b, cols, cmask, mask, ONE_SAMPLE) if HAS_SCALE else 1.0
@@ -138,7 +137,7 @@ def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale,
         xa = xa - mean[:, None]
         xb = tl.where(mb, xb - mean[:, None], 0.0)
         tl.store(MEAN + row, mean, mask=rmask)
-    rstd = 1.0 / tl.sqrt((_triton.layout_fence(tl.sum(xa * xa, axis=1)) + tl.sum(xb * xb, axis=1)) / C + eps)
+    rstd = 1.0 / tl.sqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / C + eps)
     tl.store(RSTD + row, rstd, mask=rmask)
     _fwd_tile_out(xa * rstd[:, None], wa, bias_a, scale1_a, shift_a, OUT, row, ca, ma, C, HAS_W, HAS_BIAS,
                   HAS_SHIFT, HAS_SCALE)
@@ -326,10 +325,9 @@ def _norm_bwd_kernel(DOUT, DH, XIN, G, sg, Y, sy, W, BIAS, SCALE, sscale, MEAN, 
         xhat_b, dxhat_b, acc_wb, acc_bb, acc_shb, acc_scb = _bwd_tile_in(
             DOUT, XIN, offs_b, mb, mean, rstd, w_b, bias_b, scale1_b, acc_wb, acc_bb, acc_shb, acc_scb,
             IS_RMS, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
-        # dh and y are loaded after the layout fence in program order; ptxas schedules them (the fence is one
-        # register move in the PTX), the loop's SASS is the smaller with them here (sm90_check)
-        c2 = _triton.layout_fence(tl.sum(dxhat_a * xhat_a, axis=1)) + tl.sum(dxhat_b * xhat_b, axis=1)
-        c2 = (c2 / C)[:, None]
+        # dh and y are loaded after the row sums (ptxas schedules them; loaded with dout and x above they took 210
+        # registers instead of 142 and 325-328 instructions a row loop instead of 268-274, sm90_check)
+        c2 = ((tl.sum(dxhat_a * xhat_a, axis=1) + tl.sum(dxhat_b * xhat_b, axis=1)) / C)[:, None]
         c1 = c2 if IS_RMS else ((tl.sum(dxhat_a, axis=1) + tl.sum(dxhat_b, axis=1)) / C)[:, None]
         acc_ga = _bwd_tile_out(xhat_a, dxhat_a, rstd, c1, c2, DH, DX, DY, Y, sy, g_a, row, ca, offs_a, ma, acc_ga,
                                IS_RMS, HAS_DH, HAS_RES)
