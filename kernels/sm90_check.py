@@ -7,6 +7,7 @@ specialisation the JIT applies at XL/1 shapes (pointers and sizes divisible by 1
 -v on the PTX. Run it without TRITON_INTERPRET (the interpreter replaces the JIT functions):
 
     python -m kernels.sm90_check           # one line per kernel variant: registers, spill bytes, vector ld/st
+    python -m kernels.sm90_check --loops --only "norm bwd"   # and each loop body's instructions per element
 
 tests/test_kernels_sm90_compile.py runs it in a subprocess and requires every variant to compile without spills,
 with vectorised global loads.
@@ -286,7 +287,23 @@ def _tile_elements_per_thread(v: Variant) -> float:
     return rows * cols * v.tiles_per_iteration / (32 * v.num_warps)
 
 
-def compile_variant(v: Variant) -> dict:
+def loop_sass(cubin: str) -> list[int]:
+    """Instructions in each loop body of the cubin's SASS (from a backward branch's target to the branch), read from
+    cuobjdump's listing: for a kernel that walks its rows in a loop, the loop body over the elements a thread handles
+    per iteration is what it issues per element (the static count also holds the prologue and epilogue, run once)."""
+    cuobjdump = os.path.join(os.path.dirname(_ptxas()), "cuobjdump")
+    listing = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", listing)]
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            loops.append(sum(1 for a, _ in ins if start <= a <= addr))
+    return loops
+
+
+def compile_variant(v: Variant, loops: bool = False) -> dict:
     """{"registers", "spill_bytes", "vector_loads", "scalar_loads", "vector_stores", "sass_per_element"} of v
     compiled for sm_90. sass_per_element: the kernel's SASS instructions (static) over the tile elements each
     thread handles in one pass of its body (masked lanes included): about the instructions issued per element where
@@ -307,6 +324,7 @@ def compile_variant(v: Variant) -> dict:
         log = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", path, "-o",
                               os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
         sass = _sass_count(os.path.join(d, "k.cubin"))
+        loop_counts = loop_sass(os.path.join(d, "k.cubin")) if loops else []
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores", log)
     ops = re.findall(r"(ld|st)\.global(\.[a-z0-9.]*)", ptx)
@@ -316,7 +334,9 @@ def compile_variant(v: Variant) -> dict:
             "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t),
             "sass_per_element": None if sass is None else round(sass / _tile_elements_per_thread(v), 1),
             "e4m3_cvt": "cvt.rn.satfinite.e4m3x2.f32" in ptx, "div_full_f32": ptx.count("div.full.f32"),
-            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx))}
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+            **({"loop_sass_per_element": [round(n / _tile_elements_per_thread(v), 1) for n in loop_counts]}
+               if loops else {})}
 
 
 def variants() -> list[Variant]:
@@ -324,14 +344,22 @@ def variants() -> list[Variant]:
             + _rope_attention_variants() + _group_norm_variants())
 
 
-def main() -> dict:
+def main(argv: Optional[list[str]] = None) -> dict:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m kernels.sm90_check")
+    ap.add_argument("--loops", action="store_true",
+                    help="also each loop body's SASS per element (a cuobjdump run per variant: slower)")
+    ap.add_argument("--only", default="", help="variants whose names start with this")
+    a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernels.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
     import triton
     results, failed = {}, []
     for v in variants():
+        if not v.name.startswith(a.only):
+            continue
         try:
-            results[v.name] = compile_variant(v)
+            results[v.name] = compile_variant(v, a.loops)
         except Exception as e:  # every variant is tried: one run names all that do not compile with this Triton
             results[v.name] = {"error": f"{type(e).__name__}: {_last_line(e)}"}
             failed.append(v.name)
@@ -341,7 +369,8 @@ def main() -> dict:
             continue
         print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  vector ld/st "
               f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
-              f"SASS/element {r['sass_per_element']}")
+              f"SASS/element {r['sass_per_element']}"
+              + (f"  loop SASS/element {r['loop_sass_per_element']}" if r.get("loop_sass_per_element") else ""))
     print(json.dumps(results))
     if failed:
         raise SystemExit(f"kernels.sm90_check: {len(failed)} of {len(results)} variants do not compile for sm_90 "
