@@ -471,11 +471,19 @@ def _fwd_cuda(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     return h, out, mean, rstd
 
 
+def _check_sample_offsets(N: int, C: int) -> None:
+    """The Triton backward indexes a sample's rows from its first in 32 bits: N * C elements must fit."""
+    if N * C >= 2 ** 31:
+        raise ValueError(f"norm backward (Triton): {N} rows x {C} channels in one sample is past 32-bit offsets "
+                         f"({N * C} elements); use kernels backend 'reference' or 'cuda' for it")
+
+
 def _bwd_triton(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
     """Returns (dx, dy, dgate, dweight, dbias, dshift, dscale); grads of absent inputs are empty.
     xin is h (with a residual) or x; dx is the grad of h/x in xin's dtype."""
     dx, dy, partials, (rows, C, N, B, R, chunks) = _bwd_buffers(xin, gate, y, weight, bias, has_shift, scale)
     if rows:
+        _check_sample_offsets(N, C)
         dout2, dh2, xin2, g, y2, sc = _bwd_inputs(dout, dh, xin, gate, y, scale)
         pw, pb, psh, psc, pg = partials
         BLOCK_A, BLOCK_B = _triton.row_split(C)

@@ -322,6 +322,14 @@ def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
             assert (tuned.best_config.kwargs["BLOCK_M"], tuned.best_config.num_warps) == chosen
 
 
+def test_norm_backward_refuses_a_sample_past_32_bit_offsets():
+    """The Triton backward's offsets inside a sample are 32-bit: a sample of 2^31 elements or more gets a one-line
+    error naming the size and the backends that take it, not wrapped addresses."""
+    fused_norm._check_sample_offsets(65536, 1152)
+    with pytest.raises(ValueError, match=r"2097152 rows x 1024 channels in one sample.*'reference' or 'cuda'"):
+        fused_norm._check_sample_offsets(2 ** 21, 1024)
+
+
 def test_norm_backward_is_one_pass_and_one_reduction_per_grad(monkeypatch):
     """The Triton backward launches its kernel once (each program one pass over its rows, writing its partial
     sums) and then sums each grad's partials once: one aten.sum per reduced grad, nothing else that reduces."""
