@@ -193,6 +193,14 @@ def build(root: Path, device: str, model_spec: Optional[dict] = None) -> dict[st
     return {**built, "model": ddp, "ema": ema, "transport": transport, "opt": opt, "update_ema": update_ema}
 
 
+def their_compile() -> str:
+    """Whether their blocks' own `@torch.compile` ran: "on", or "off" where torch.compile is disabled
+    (TORCH_COMPILE_DISABLE=1: the GPU suite's CPU smoke, where compiling their blocks cold took ~45 of the section's
+    ~50 s and measured nothing)."""
+    import torch._dynamo
+    return "off (TORCH_COMPILE_DISABLE)" if torch._dynamo.config.disable else "on"
+
+
 def their_step(parts: dict, x: torch.Tensor, y: torch.Tensor) -> float:
     """The body of their train.py loop (accelerate's backward is loss.backward() at one rank, no gradient scaler
     under bf16; their config has no max_grad_norm, so no clipping)."""
@@ -257,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {"what": "the authors' train.py step (hustvl/LightningDiT), bf16 autocast as run_train.sh launches it, "
                       "one rank", "model": parts["model_type"], "config": CONFIG,
               "authors_commit": commit.read_text().strip() if commit.is_file() else None,
-              "stand_ins": parts["stand_ins"], **r, "environment": provenance.environment(torch.device(device))}
+              "stand_ins": parts["stand_ins"], "their_torch_compile": their_compile(), **r,
+              "environment": provenance.environment(torch.device(device))}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"authors' LightningDiT step, {parts['model_type']}, batch {a.batch}: {r['img_per_s']} img/s, "

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.authors_dit import AuthorsCodeMissing, their_model
+from bench.authors_dit import AuthorsCodeMissing, their_compile, their_model
 
 CONFIG = "LightningDiT/configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_cfg.yaml"
 NULL_CLASS = 1000  # their inference.py's y_null
@@ -133,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "settings": {k: s.get(k) for k in ("sampling_method", "num_sampling_steps", "cfg_scale",
                                                   "cfg_interval_start", "timestep_shift", "atol", "rtol")},
               "authors_commit": commit.read_text().strip() if commit.is_file() else None,
-              "stand_ins": parts["stand_ins"], **r, "environment": provenance.environment(torch.device(device))}
+              "stand_ins": parts["stand_ins"], "their_torch_compile": their_compile(), **r,
+              "environment": provenance.environment(torch.device(device))}
     print(f"authors' sampler, {parts['model_type']}, batch {a.batch}: {r['img_per_s']} img/s "
           f"({r['steps_run']} points timed, scaled to {r['steps_scaled_to']}), peak {r['peak_mem_gib']} GiB", flush=True)
     if a.ours:

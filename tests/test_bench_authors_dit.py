@@ -115,6 +115,7 @@ def test_times_their_step_from_their_tree(tmp_path):
     r = json.loads(out.read_text())
     assert r["batch"] == 3 and r["steps"] == 2 and r["img_per_s"] > 0 and len(r["losses"]) == 3
     assert r["model"] == "LightningDiT-XL/1" and r["authors_commit"] == "0123abcd"
+    assert r["their_torch_compile"] == "on"  # their blocks' own @torch.compile, as they run it
     from evaluation.provenance import ENVIRONMENT_KEYS
     assert tuple(r["environment"]) == ENVIRONMENT_KEYS  # the common record: card, versions, our commit
     lines = res.stdout.splitlines()
@@ -147,6 +148,8 @@ def test_gpu_suite_section_runs_it_in_its_own_process(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     r = gpu_suite.authors_dit(True, root=make_tree(tmp_path / "authors"))
     assert r["batch"] == 2 and r["img_per_s"] > 0 and r["model"] == "custom"
+    # the CPU smoke times the harness, not their compiled code: their @torch.compile off, and the record says so
+    assert r["their_torch_compile"] == "off (TORCH_COMPILE_DISABLE)"
     assert r["environment"]["card"].startswith("cpu")  # the common record (evaluation.provenance)
     assert (tmp_path / "out" / "authors_dit.json").is_file()
     skipped = gpu_suite.authors_dit(True, root=tmp_path / "none")

@@ -107,6 +107,7 @@ def test_times_their_sampler_from_their_tree(tmp_path):
                "--repeats", "2", "--warmup", "1", "--ours", str(ours)])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     r = json.loads(out.read_text())
+    assert r["their_torch_compile"] == "on"  # their blocks' own @torch.compile, as they run it
     lines = res.stdout.splitlines()
     # their sampler at the timed grid, with their config's method, tolerances, direction and shift
     assert "their sample_ode euler 4 1e-06 0.001 False 0.3" in lines
