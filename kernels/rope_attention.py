@@ -80,6 +80,16 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _in_range(i, N, EVEN: tl.constexpr):
+    # i < N; where N is a multiple of every block the launch uses (EVEN), all true as a constant: the loads lose
+    # their row masks and the selects on padded rows fold away (XL/1: N = 256)
+    if EVEN:
+        return tl.full(i.shape, 1, tl.int1)
+    else:
+        return i < N
+
+
+@triton.jit
 def _rotate(x, c, s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
     # RoPE on pairs (2i, 2i+1), fp32 tiles: out[2i] = x[2i] c[2i] - x[2i+1] s[2i], out[2i+1] = x[2i+1] c[2i+1]
     # + x[2i] s[2i+1]; TRANSPOSE: the backward's transposed rotation
@@ -170,7 +180,8 @@ def _load_sums(rows, ok, d0, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl
 @triton.jit
 def _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr):
     # one block of BLOCK_M queries of head h: q rotated where loaded, the online softmax over every key block (k
     # rotated where loaded, or read rotated from the head's scratch KROT: K_ONCE), out and log2-sum-exp2 stored.
     # HAS_BIAS: the qkv Linear's bias added to q and k where loaded; v's is added to the output (each softmax row
@@ -178,7 +189,7 @@ def _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, st
     HD = H * D
     DP: tl.constexpr = DA + DB
     m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = m < N
+    m_ok = _in_range(m, N, EVEN)
     q_rows = QKV + (b * N + m).to(tl.int64) * s_qkv + h * D
     qa = _load_rotated(q_rows, m_ok, m, 0, COS, SIN, BIAS + h * D, D, BLOCK_M, DA, HAS_BIAS)
     if HAS_B:
@@ -190,7 +201,7 @@ def _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, st
     kr_rows = KROT + bh.to(tl.int64) * N * DP
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n_ok = _in_range(n, N, EVEN)
         k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + HD + h * D
         v_rows = k_rows + HD
         if K_ONCE:
@@ -233,7 +244,7 @@ def _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, st
 def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, N, H, BH, qk_scale,
                           D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_ONCE: tl.constexpr,
-                          HAS_BIAS: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):
     # D channels per head as tiles of DA and (HAS_B) DB channels (head_split); BH (batch x heads) only keys the
     # autotuner. Grid (query blocks, batch x heads): each program rotates its head's k where it loads it, once per
     # query block. K_ONCE, grid (1, batch x heads): the program rotates its head's k once into the scratch KROT
@@ -247,7 +258,7 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, N, H, B
         kr_rows = KROT + bh.to(tl.int64) * N * DP
         for start in range(0, N, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < N
+            n_ok = _in_range(n, N, EVEN)
             k_rows = QKV + (b * N + n).to(tl.int64) * s_qkv + H * D + h * D
             kbias = BIAS + H * D + h * D
             _store_tile(kr_rows + n * DP, n_ok, 0,
@@ -258,10 +269,10 @@ def _rope_attn_fwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, N, H, B
         tl.debug_barrier()  # the loads below may run on other threads than these stores
         for start_m in range(0, N, BLOCK_M):
             _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, start_m, N, H, qk_scale,
-                             D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS)
+                             D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS, EVEN)
     else:
         _fwd_query_block(QKV, s_qkv, COS, SIN, BIAS, O, s_o, LSE, KROT, b, h, bh, tl.program_id(0) * BLOCK_M, N, H,
-                         qk_scale, D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS)
+                         qk_scale, D, DA, DB, HAS_B, PREC, BLOCK_M, BLOCK_N, K_ONCE, HAS_BIAS, EVEN)
 
 
 @triton.jit
@@ -269,7 +280,7 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
                           N, H, BH, NBLK, qk_scale, sm_scale,
                           D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DQ_ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr):
+                          DQ_ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):
     # DQ_ATOMIC: each key block's dQ contributions are added to the scratch by fire-and-forget fp32 atomics
     # (performed in L2: the SM sends 4 bytes an element instead of reading 4 and writing 4, and the warps do not
     # wait for the read or meet at a barrier per key block); the scratch is zeroed first. Bit for bit the other
@@ -277,11 +288,14 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
     # code, the same layout), in key-block order, and same-address operations of one thread keep program order.
     # HAS_BIAS: q, k, v recomputed with the qkv Linear's bias, and each block's column sums of d q, d k, d v (fp32)
     # written to its row of PBIAS ((batch x head) x NBLK blocks x 3 x D; torch sums them into the bias's gradient).
+    # EVEN drops the row masks under DQ_ATOMIC only: the read-modify-write variant without them spilled 68 bytes
+    # under Triton 3.6 at head_dim 72 (8 with them), where the atomics' row loop lost 13% of its instructions
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     HD = H * D
     DP: tl.constexpr = DA + DB  # a scratch row: both tiles
+    ROWS_FULL: tl.constexpr = EVEN and DQ_ATOMIC
     base = (b * N).to(tl.int64)
     acc_rows = DQACC + bh.to(tl.int64) * N * DP
     qr_rows = QROT + bh.to(tl.int64) * N * DP
@@ -292,7 +306,7 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
     # and no bias (registers: at 255 with 8 warps, the rotation's temporaries there made ptxas spill)
     for start_m in range(0, N, BLOCK_M):
         m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = m < N
+        m_ok = _in_range(m, N, ROWS_FULL)
         q_rows = QKV + (base + m) * s_qkv + h * D
         _store_tile(qr_rows + m * DP, m_ok, 0,
                     _load_rotated(q_rows, m_ok, m, 0, COS, SIN, BIAS + h * D, D, BLOCK_M, DA, HAS_BIAS), DP, DA)
@@ -324,7 +338,7 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
     # 2. per key block: dK, dV over every query block; dQ's contributions summed in the scratch
     for start_n in range(0, N, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n_ok = _in_range(n, N, ROWS_FULL)
         k_rows = QKV + (base + n) * s_qkv + HD + h * D
         v_rows = k_rows + HD
         ka = _load_tile(kr_rows + n * DP, n_ok, 0, DP, BLOCK_N, DA)
@@ -338,7 +352,7 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
             dvb = tl.zeros([BLOCK_N, DB], tl.float32)
         for start_m in range(0, N, BLOCK_M):
             m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = m < N
+            m_ok = _in_range(m, N, ROWS_FULL)
             do_rows = DO + (base + m) * s_do + h * D
             qa = _load_tile(qr_rows + m * DP, m_ok, 0, DP, BLOCK_M, DA)
             doa = _load_tile(do_rows, m_ok, 0, D, BLOCK_M, DA).to(qa.dtype)
@@ -391,7 +405,7 @@ def _rope_attn_bwd_kernel(QKV, s_qkv, COS, SIN, BIAS, O, s_o, DO, s_do, LSE, DEL
     # 3. dq: the summed scratch, scaled, rotated back, into the gradient's q part
     for start_m in range(0, N, BLOCK_M):
         m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = m < N
+        m_ok = _in_range(m, N, ROWS_FULL)
         a_rows = acc_rows + m * DP
         dq_rows = DQKV + (base + m) * (3 * HD) + h * D
         p_row = p_rows + (start_m // BLOCK_M) * 3 * D
@@ -471,6 +485,11 @@ def rope_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
     return rope_attention_forward(qkv, cos, sin, num_heads, bias=bias)
 
 
+def _even(N: int, tiles) -> bool:
+    """Is N a multiple of every (BLOCK_M, BLOCK_N, ...) block in `tiles` (those the launch may run)?"""
+    return all(N % t[0] == 0 and N % t[1] == 0 for t in tiles)
+
+
 def _fwd_grid(N: int, BH: int, meta: dict) -> tuple[int, int]:
     return (1 if meta["K_ONCE"] else triton.cdiv(N, meta["BLOCK_M"]), BH)
 
@@ -490,7 +509,9 @@ def rope_attention_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int
         krot = x.new_empty((B * H, N, split["DA"] + split["DB"]))  # K_ONCE's rotated k, per (batch x head)
         args = (x, x.stride(0), cos, sin, bias if bias is not None else cos, out, H * D, lse, krot, N, H, B * H,
                 math.log2(math.e) / math.sqrt(D))
-        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=bias is not None)
+        tiles = [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])] if config is not None else (
+            [_INTERPRETER_TILE] if _triton.interpreting() else FWD_TILES)
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=bias is not None, EVEN=_even(N, tiles))
         if config is not None:
             _rope_attn_fwd_kernel[_fwd_grid(N, B * H, config.kwargs)](
                 *args, **const, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -551,7 +572,9 @@ def rope_attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
         args = (x, x.stride(0), cos, sin, bias if has_bias else cos, o, o.stride(0), do, do.stride(0), lse, delta,
                 qrot, krot, scratch, dqkv, pbias if has_bias else cos, N, H, B * H, nblk, math.log2(math.e) / math.sqrt(D),
                 1.0 / math.sqrt(D))
-        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=has_bias)
+        tiles = [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])] if config is not None else (
+            [_INTERPRETER_TILE] if _triton.interpreting() else BWD_TILES)
+        const = dict(D=D, **split, PREC=_precision(qkv.dtype), HAS_BIAS=has_bias, EVEN=_even(N, tiles))
         if config is not None:
             _rope_attn_bwd_kernel[(B * H,)](*args, **const, **config.kwargs, num_warps=config.num_warps,
                                             num_stages=config.num_stages)

@@ -203,7 +203,8 @@ def _rope_attention_variants() -> list[Variant]:
         for which, kernel, sig, configs in (("fwd", ra._rope_attn_fwd_kernel, fwd_sig, ra.FWD_CONFIGS),
                                             ("bwd", ra._rope_attn_bwd_kernel, bwd_sig, ra.BWD_CONFIGS)):
             for cfg in configs:
-                const = {"D": D, **split, "PREC": "tf32", "HAS_BIAS": True, **cfg.kwargs}
+                # XL/1's 256 tokens: a multiple of every tile (EVEN: no row masks)
+                const = {"D": D, **split, "PREC": "tf32", "HAS_BIAS": True, "EVEN": True, **cfg.kwargs}
                 tile = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
                 out.append(Variant(f"rope_attention {which} D={D} {tile} warps={cfg.num_warps} "
                                    f"stages={cfg.num_stages}", kernel, {**sig, **{k: "constexpr" for k in const}},

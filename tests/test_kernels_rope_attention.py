@@ -55,6 +55,14 @@ def run_reference(qkv, cos, sin, H, g, dtype=torch.float64):
     return out.detach(), x.grad
 
 
+def test_even_only_where_every_block_of_the_launch_divides_n():
+    """EVEN (no row masks) only where N is a multiple of every block a launch may run: XL/1's 256 tokens under the
+    autotuners (64- and 128-row tiles), not 192 (a 128-row tile would overrun), not 257."""
+    assert rope_attention._even(256, rope_attention.FWD_TILES) and rope_attention._even(256, rope_attention.BWD_TILES)
+    assert not rope_attention._even(192, rope_attention.FWD_TILES) and rope_attention._even(192, [(64, 64)])
+    assert not rope_attention._even(257, rope_attention.BWD_TILES)
+
+
 def test_head_split():
     assert [rope_attention.head_split(d) for d in (72, 64, 40, 8, 128, 96, 12)] == [
         (64, 16), (64, 0), (32, 16), (16, 0), (128, 0), (64, 32), (16, 0)]
@@ -76,12 +84,14 @@ def test_fp32_forward_backward_vs_float64(B, N, H, D):
 
 
 @pytest.mark.parametrize("k_once,dq_atomic", [(False, False), (True, True)])
-@pytest.mark.parametrize("B,N,H,D", [(2, 17, 3, 72), (1, 33, 2, 64)])
+@pytest.mark.parametrize("B,N,H,D", [(2, 17, 3, 72), (1, 33, 2, 64), (1, 32, 2, 72)])
 def test_the_linears_bias_added_and_its_gradient_summed(B, N, H, D, k_once, dq_atomic, monkeypatch):
     """The qkv Linear's bias handed to the fused kernel (the model runs the Linear without it): q's and k's added
     where they are loaded (k's once into the rotated scratch under K_ONCE), v's to the output (each softmax row sums
     to 1); the backward recomputes q, k, v with it and writes each query and key block's column sums of d q, d k, d v
-    for torch to add up. fp32 vs float64, both variants of each kernel, several ragged blocks."""
+    for torch to add up. fp32 vs float64, both variants of each kernel, several ragged blocks; and 32 tokens, a
+    multiple of the interpreter's 16-row blocks (EVEN: the forward and the atomics' backward without row masks, as
+    at XL/1's 256 tokens on a GPU)."""
     monkeypatch.setattr(rope_attention, "_INTERPRETER_K_ONCE", k_once)
     monkeypatch.setattr(rope_attention, "_INTERPRETER_DQ_ATOMIC", dq_atomic)
     torch.manual_seed(N + D)
