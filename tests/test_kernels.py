@@ -315,8 +315,9 @@ def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
                   x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"),
               lambda x, y, w, m: reference.gated_residual_norm_modulate(
                   x, m[:, 2 * C:3 * C], y, w, m[:, :C], m[:, C:2 * C], 1e-6, "rms"), [x, y, w, mod], torch.float32)
-        # a single candidate is launched without timing
-        assert tried == {which: tiles if len(tiles) > 1 else set() for which, tiles in expect.items()}
+        # a single candidate is launched without timing by Triton 3.9, timed all the same by 3.6 (the lent machine's)
+        for which, tiles in expect.items():
+            assert tried[which] == tiles or (len(tiles) == 1 and not tried[which]), (which, tried[which])
         for which, tuned in (("fwd", fused_norm._norm_fwd_tuned), ("bwd", fused_norm._norm_bwd_tuned)):
             chosen = min(expect[which], key=lambda mw: (abs(mw[0] - best), mw[1]))
             assert (tuned.best_config.kwargs["BLOCK_M"], tuned.best_config.num_warps) == chosen
