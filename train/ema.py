@@ -40,10 +40,11 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         for group in _param_groups(module, self.group_size):
             with _gathered([p for _, p in group]):
-                # shadow = shadow * decay + p * (1 - decay), as the reference, one fused launch per group
+                # the reference's shadow * decay + p * (1 - decay), written as shadow + (1 - decay) * (p - shadow):
+                # one pass over the shadows a group (read both, write one: 12 bytes a parameter where mul_ then
+                # add_ moved 20, ~1.3 ms a step at XL/1 on an H200), equal up to fp32 rounding
                 shadows = [self.shadow[name] for name, _ in group]
-                torch._foreach_mul_(shadows, self.decay)
-                torch._foreach_add_(shadows, [p.detach().float() for _, p in group], alpha=1.0 - self.decay)
+                torch._foreach_lerp_(shadows, [p.detach().float() for _, p in group], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.shadow.items()}
