@@ -233,9 +233,9 @@ def _time_block(fn: Callable[..., Tensor], qkv: Tensor, num_heads: int, reps: in
     N, D = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
     angle = torch.rand(N, D // 2, device=qkv.device).repeat_interleave(2, dim=-1)
     cos, sin = angle.cos(), angle.sin()
+    if not torch.is_grad_enabled():  # inference: the model's qkv Linear adds its own bias (linear_leaving_bias)
+        return _median_ms(lambda: fn(qkv, cos, sin, num_heads), reps)
     bias = torch.zeros(qkv.shape[2], device=qkv.device)  # the qkv Linear's (fp32), handed on as the model does
-    if not torch.is_grad_enabled():
-        return _median_ms(lambda: fn(qkv, cos, sin, num_heads, bias=bias), reps)
     qkv, bias = qkv.detach().requires_grad_(), bias.requires_grad_()
     grad = torch.randn(qkv.shape[0], N, qkv.shape[2] // 3, dtype=qkv.dtype, device=qkv.device)
     return _median_ms(lambda: fn(qkv, cos, sin, num_heads, bias=bias).backward(grad), reps)

@@ -87,9 +87,10 @@ def _rows_tables(n, rok, c, HD, COS, SIN, D: tl.constexpr, BLOCK_R: tl.constexpr
 @triton.jit
 def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, BIAS, Q, K, V, rows, N, H, eps,
                 D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_D: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                BLOCK_D: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, WITH_V: tl.constexpr = True):
     # D is a compile-time constant: the compiler then proves 16-byte alignment of each head's row (72 * 2 B = 144 B)
-    # and vectorises the loads and stores.
+    # and vectorises the loads and stores. WITH_V=False (inference without a bias, `qk_rope_op`): q and k only,
+    # v stays where the qkv GEMM wrote it (a third fewer bytes).
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     if ROWS:  # whole token rows, CHUNK channels at a time (no qk-norm)
         HD = H * D
@@ -99,10 +100,11 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, BIAS, Q, K, V, rows, N, H
             mask, ce, co, se, so = _rows_tables(n, rok, c, HD, COS, SIN, D, BLOCK_R, CHUNK)
             src = QKV + r[:, None] * s_qkv + c[None, :]
             dst = r[:, None] * HD + c[None, :]
-            v = tl.load(src + 2 * HD, mask=mask, other=0.0)
-            if HAS_BIAS:
-                v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + c, mask=c < HD, other=0.0)[None, :]
-            tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
+            if WITH_V:
+                v = tl.load(src + 2 * HD, mask=mask, other=0.0)
+                if HAS_BIAS:
+                    v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + c, mask=c < HD, other=0.0)[None, :]
+                tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
             for part in tl.static_range(2):  # q, then k
                 x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
@@ -126,10 +128,11 @@ def _qkv_rope_fwd_kernel(QKV, s_qkv, COS, SIN, QW, KW, BIAS, Q, K, V, rows, N, H
         for h in range(H):
             src = QKV + r[:, None] * s_qkv + h * D + d[None, :]
             dst = r[:, None] * HD + h * D + d[None, :]
-            v = tl.load(src + 2 * HD, mask=mask, other=0.0)  # v: a copy into the layout (+ its bias)
-            if HAS_BIAS:
-                v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + h * D + d, mask=d < D, other=0.0)[None, :]
-            tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
+            if WITH_V:
+                v = tl.load(src + 2 * HD, mask=mask, other=0.0)  # v: a copy into the layout (+ its bias)
+                if HAS_BIAS:
+                    v = v.to(tl.float32) + tl.load(BIAS + 2 * HD + h * D + d, mask=d < D, other=0.0)[None, :]
+                tl.store(V + dst, v.to(V.dtype.element_ty), mask=mask)
             for part in tl.static_range(2):  # q, then k
                 x = tl.load(src + part * HD, mask=mask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
@@ -240,7 +243,7 @@ def _qkv_rope_bwd_kernel(DQ, sqb, sqh, sqn, DK, skb, skh, skn, DV, svb, svh, svn
 
 
 # Both kernels write every output element of each run (q, k, v; d qkv), so configs are timed on the real buffers.
-_qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H"],
+_qkv_rope_fwd_tuned = triton.autotune(configs=_configs(), key=["D", "HAS_NORM", "H", "WITH_V"],
                                       prune_configs_by={"early_config_prune": _prune_rows})(_qkv_rope_fwd_kernel)
 _qkv_rope_bwd_tuned = triton.autotune(configs=_configs(),
                                       key=["D", "HAS_NORM", "H", "STRIDE_UNIT", "HEADS_ADJACENT"],
@@ -310,29 +313,34 @@ def _config_kwargs(config: "triton.Config") -> dict:
 
 def qkv_rope_forward(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
                      k_weight: Optional[Tensor] = None, eps: float = 1e-6, bias: Optional[Tensor] = None,
-                     config: Optional["triton.Config"] = None) -> tuple[Tensor, Tensor, Tensor]:
+                     config: Optional["triton.Config"] = None,
+                     with_v: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """The forward op's launch: autotuned (the interpreter's fixed tile there), or one of `_configs()` (GPU tests
-    compare every config). bias: the qkv Linear's (3*H*D,), added before the qk-norm and RoPE."""
+    compare every config). bias: the qkv Linear's (3*H*D,), added before the qk-norm and RoPE. with_v=False: q and
+    k only (v is None; without a bias: v's would be left out)."""
     B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight, bias)
+    if not with_v and bias is not None:
+        raise ValueError("qkv_rope: q and k alone only without a bias (v's would be left out)")
     q_dtype, k_dtype = _out_dtypes(qkv, q_weight, k_weight)
-    q, k, v = (_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype, qkv.dtype))
+    q, k = (_token_major(B, N, H, D, dt, qkv) for dt in (q_dtype, k_dtype))
+    v = _token_major(B, N, H, D, qkv.dtype, qkv) if with_v else None
     rows = B * N
     if rows and D:
         x = _rows(qkv)
         norm = q_weight is not None
         has_bias = bias is not None
         args = (x, x.stride(0), cos.contiguous(), sin.contiguous(), q_weight if norm else x,
-                k_weight if norm else x, bias if has_bias else x, q, k, v, rows, N, H, eps)
+                k_weight if norm else x, bias if has_bias else x, q, k, v if with_v else q, rows, N, H, eps)
+        const = dict(D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=_triton.block_size(D), WITH_V=with_v)
         if config is not None:
             _qkv_rope_fwd_kernel[(triton.cdiv(rows, config.kwargs["BLOCK_R"]),)](
-                *args, D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=_triton.block_size(D), **_config_kwargs(config))
+                *args, **const, **_config_kwargs(config))
         elif _triton.interpreting():
             _qkv_rope_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
-                *args, D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_R=BLOCK_R, BLOCK_D=_triton.block_size(D),
-                ROWS=_INTERPRETER_ROWS and not norm, CHUNK=_INTERPRETER_CHUNK, num_warps=4)
+                *args, **const, BLOCK_R=BLOCK_R, ROWS=_INTERPRETER_ROWS and not norm, CHUNK=_INTERPRETER_CHUNK,
+                num_warps=4)
         else:
-            TUNED.run("fwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args,
-                      dict(D=D, HAS_NORM=norm, HAS_BIAS=has_bias, BLOCK_D=_triton.block_size(D)))
+            TUNED.run("fwd", lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),), args, const)
     return q, k, v
 
 
@@ -434,9 +442,37 @@ def _backward(ctx, dq, dk, dv):
 qkv_rope_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("vavae::qk_rope", mutates_args=())
+def qk_rope_op(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor],
+               k_weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """Inference (no autograd): q and k of `qkv_rope_op`, without a bias; v is left in the qkv output."""
+    q, k, _ = qkv_rope_forward(qkv, cos, sin, num_heads, q_weight, k_weight, eps, with_v=False)
+    return q, k
+
+
+@qk_rope_op.register_fake
+def _(qkv, cos, sin, num_heads, q_weight, k_weight, eps):
+    B, N, H, D = _check(qkv, cos, sin, num_heads, q_weight, k_weight)
+    return tuple(_token_major(B, N, H, D, dt, qkv) for dt in _out_dtypes(qkv, q_weight, k_weight))
+
+
+def v_of(qkv: Tensor, num_heads: int) -> Tensor:
+    """v (B, H, N, D) as a view of the qkv output (B, N, 3*H*D): unit channel stride, which every SDPA kernel takes
+    (their q, k, v strides are separate arguments)."""
+    B, N, C3 = qkv.shape
+    return qkv.unflatten(-1, (3, num_heads, C3 // (3 * num_heads)))[:, :, 2].transpose(1, 2)
+
+
 def qkv_rope_triton(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, q_weight: Optional[Tensor] = None,
                     k_weight: Optional[Tensor] = None, eps: float = 1e-6,
                     bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    if bias is None and not torch.is_grad_enabled():
+        # inference (the sampler; no bias: linear_leaving_bias runs the whole Linear there): v is read by
+        # attention where the GEMM wrote it, as the reference's view -- the kernel reads and writes q and k only,
+        # 2/3 of the bytes. Training keeps v's copy: SDPA saves q, k, v for its backward, and a view of v
+        # would keep the whole qkv output alive beside q and k (5/3 of its bytes a block where 3/3 are kept now)
+        q, k = qk_rope_op(qkv, cos, sin, num_heads, q_weight, k_weight, eps)
+        return q, k, v_of(qkv, num_heads)
     return qkv_rope_op(qkv, cos, sin, num_heads, q_weight, k_weight, eps, bias)
 
 

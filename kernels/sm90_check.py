@@ -57,16 +57,22 @@ def _qkv_rope_variants() -> list[Variant]:
             tiles += [] if norm else [(r, c, w, True) for r, c, w in qkv_rope.ROW_TILES]
             for r, chunk, w, rows in tiles:
                 const = {"D": D, "HAS_NORM": norm, "HAS_BIAS": True, "BLOCK_R": r, "BLOCK_D": 128 if D == 72 else 64,
-                         "ROWS": rows, "CHUNK": chunk}
+                         "ROWS": rows, "CHUNK": chunk, "WITH_V": True}
                 tile = f"BLOCK_R={r} warps={w}" + (f" rows CHUNK={chunk}" if rows else "")
                 out.append(Variant(f"qkv_rope fwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_fwd_kernel,
                                    {**fwd_sig, **{k: "constexpr" for k in const}}, const,
                                    [k for k, t in fwd_sig.items() if t != "fp32"], w, tiles_per_iteration=3))
+                if D == 72 and not norm and (r, w) in ((16, 4), (32, 8)):  # inference's q and k only (qk_rope_op)
+                    qk = {**const, "HAS_BIAS": False, "WITH_V": False}
+                    out.append(Variant(f"qkv_rope fwd qk-only D={D} {tile}", qkv_rope._qkv_rope_fwd_kernel,
+                                       {**fwd_sig, **{k: "constexpr" for k in qk}}, qk,
+                                       [k for k, t in fwd_sig.items() if t != "fp32" and k not in ("BIAS", "V")],
+                                       w, tiles_per_iteration=2))
                 if norm and (r, w) != (qkv_rope.BLOCK_R, 4):
                     continue
                 # token-major gradients (SDPA's layout): strides (N*H*D, D, H*D) / 8 -- D / 8 = 9 is not a
                 # multiple of 16, the others are at XL/1
-                bconst = {**const, "STRIDE_UNIT": 8, "HEADS_ADJACENT": True}
+                bconst = {**{k: v for k, v in const.items() if k != "WITH_V"}, "STRIDE_UNIT": 8, "HEADS_ADJACENT": True}
                 out.append(Variant(f"qkv_rope bwd D={D} norm={norm} {tile}", qkv_rope._qkv_rope_bwd_kernel,
                                    {**bwd_sig, **{k: "constexpr" for k in bconst}}, bconst,
                                    [k for k, t in bwd_sig.items() if t != "fp32" and k not in ("sqh", "skh", "svh")],

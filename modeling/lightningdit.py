@@ -169,8 +169,9 @@ def linear_leaving_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     """(the Linear's product without its bias, the bias) for the next op to add in its own pass, whose backward then
     sums the bias gradient while it writes the product's gradient (the Linear's backward would read that gradient
     once more for it). Only a plain nn.Linear is taken apart: any other module in its place (an FP8 or Transformer
-    Engine Linear swapped in) runs whole and leaves no bias."""
-    if type(linear) is nn.Linear:
+    Engine Linear swapped in) runs whole and leaves no bias; so does any Linear where no gradient is recorded
+    (inference: nothing to sum, and the GEMM's epilogue adds the bias for free)."""
+    if type(linear) is nn.Linear and torch.is_grad_enabled():
         return F.linear(x, linear.weight), linear.bias
     return linear(x), None
 

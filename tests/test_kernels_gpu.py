@@ -511,6 +511,9 @@ def test_qkv_rope_configs_agree_bit_for_bit():
     for c, o, d in zip(configs[1:], outs[1:], dqkv[1:]):
         assert all(torch.equal(a, b) for a, b in zip(o, outs[0])), c
         assert torch.equal(d, dqkv[0]), c
+    for c in configs:  # inference's q and k only (WITH_V=False): the same q and k
+        q, k, v = qr.qkv_rope_forward(qkv, cos, sin, H, config=c, with_v=False)
+        assert v is None and torch.equal(q, outs[0][0]) and torch.equal(k, outs[0][1]), c
 
 
 @pytest.mark.parametrize("sdpa", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"])
@@ -540,6 +543,14 @@ def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):
                 assert flat.data_ptr() == out.data_ptr()
             grads = torch.autograd.grad(flat.float().square().mean(), [qkv, *ws])
             results[backend] = flat.float(), grads
+        # inference (the sampler, no bias): v read where the qkv GEMM wrote it, a strided view; the output is
+        # still token-major and the same as with v copied
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            q, k, v = ops.qkv_rope(qkv, cos, sin, H, *ws)
+            assert v._base is not None and v.stride(2) == 3 * H * D
+            out = ops.attention(q, k, v)
+            copied = ops.attention(q, k, v.transpose(1, 2).contiguous().transpose(1, 2))
+        assert out.transpose(1, 2).is_contiguous() and rel_err(out, copied) < 1e-3
     finally:
         attention.set_attention(None)
     (o1, g1), (o2, g2) = results["reference"], results["triton"]

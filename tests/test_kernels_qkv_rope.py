@@ -122,6 +122,36 @@ def test_attention_output_is_token_major_so_the_proj_input_is_a_view():
     assert flat.data_ptr() == out.data_ptr() and flat._base is not None  # a view of attention's output
 
 
+@pytest.mark.parametrize("norm,rows", [(False, False), (False, True), (True, False)])
+def test_inference_leaves_v_where_the_qkv_gemm_wrote_it(norm, rows, monkeypatch):
+    """Without autograd and without a bias (the sampler: modeling.lightningdit.linear_leaving_bias runs the whole
+    Linear there) the kernel writes q and k only, and v is the reference's own view of qkv: q, k bit for bit the
+    training path's, v the same values without a copy, attention the same output. With a bias, or recording
+    gradients, v is written token-major as before. Both kernel families (the row variant without qk-norm)."""
+    monkeypatch.setattr(qkv_rope, "_INTERPRETER_ROWS", rows)
+    D = 72
+    torch.manual_seed(3)
+    cos, sin = tables(D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV, dtype=torch.bfloat16)
+    ws = [(1 + 0.3 * torch.randn(D, device=DEV)).bfloat16() for _ in range(2)] if norm else [None, None]
+    kernels.set_backend("triton")
+    trained = ops.qkv_rope(qkv, cos, sin, H, *ws)  # recording gradients: q, k, v written
+    with torch.no_grad():
+        q, k, v = ops.qkv_rope(qkv, cos, sin, H, *ws)
+        biased = ops.qkv_rope(qkv, cos, sin, H, *ws, 1e-6, torch.zeros(3 * H * D, device=DEV))
+        assert torch.equal(reference.attention(q, k, v), reference.attention(*trained))
+    assert kernels.describe()["ops"]["qkv_rope"] == "triton"
+    for a, b, c in zip((q, k, v), trained, biased):
+        assert torch.equal(a, b) and torch.equal(c, b)
+    assert v._base is qkv and v.data_ptr() == qkv.data_ptr() + 2 * H * D * qkv.element_size()
+    assert torch.equal(v, reference.qkv_rope(qkv, cos, sin, H)[2])
+    for t in (q, k, trained[2], biased[2]):
+        assert t.transpose(1, 2).is_contiguous()
+    torch.library.opcheck(torch.ops.vavae.qk_rope.default, (qkv, cos, sin, H, *ws, 1e-6))
+    with pytest.raises(ValueError, match="q and k alone only without a bias"):
+        qkv_rope.qkv_rope_forward(qkv, cos, sin, H, bias=torch.zeros(3 * H * D, device=DEV), with_v=False)
+
+
 def test_qkv_rope_rejects_bad_shapes_with_one_line():
     cos, sin = tables(72)
     qkv = torch.randn(B, N, 3 * H * 72, device=DEV)

@@ -38,8 +38,9 @@ def test_param_counts_every_size(size):
 def test_residual_stream_is_token_major():
     """Every block Linear sees a contiguous (B, N, C) input: a channel-major residual stream (the conv's
     transposed view) would make each norm reduce over a strided axis and each qkv / w12 GEMM copy its input,
-    and compiled blocks keep their input's strides, so it would last through all blocks. (qkv and w12 run as
-    F.linear on their weights, their biases handed to the next op: their inputs are seen at the attention / MLP.)"""
+    and compiled blocks keep their input's strides, so it would last through all blocks. (Inference, as
+    here: every block Linear runs as a module; recording gradients, qkv and w12 run as F.linear on their weights,
+    their biases handed to the next op, and their inputs are the attention's / MLP's.)"""
     torch.manual_seed(0)
     m = LightningDiT(**TINY).eval()
     seen = []
@@ -49,7 +50,7 @@ def test_residual_stream_is_token_major():
             mod.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, inp[0].is_contiguous())))
     with torch.no_grad():
         m(torch.randn(3, 8, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]))
-    assert len(seen) == 2 * 5 + 1 and all(ok for _, ok in seen), [n for n, ok in seen if not ok]
+    assert len(seen) == 2 * 7 + 1 and all(ok for _, ok in seen), [n for n, ok in seen if not ok]
 
 
 def test_reference_names_accepted_and_unknown_refused():
