@@ -214,6 +214,12 @@ def test_compiled_fullgraph_on_the_cpu(tmp_path, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # inference (the compiled sampler): q and k from vavae::qk_rope, v a view of the Linear's output, one graph
+    kernels.set_backend("triton")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        inferred = torch.compile(attn_in, fullgraph=True)(x)
+    torch.testing.assert_close(inferred, ref.detach(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
