@@ -187,9 +187,13 @@ def test_scale_is_the_product_with_the_reciprocal_as_torch_computes_it_on_cuda()
     cuda_way = amax * torch.tensor(1.0, dtype=torch.float32).div(448.0)  # fp32 reciprocal, then the product
     assert not torch.equal(cuda_way, amax / 448.0)  # the two differ somewhere: this test can fail
     x = torch.cat([amax, -amax / 3, amax / 7], dim=1)  # each row's amax is its first column
-    for s in (fp8_quant.quantize_fp8(x, rowwise=True)[1], quantize_along(x, -1)[1],
-              ops.quantize_rows_fp8(x.to(DEV))[1].cpu()):
+    for s in (fp8_quant.quantize_fp8(x, rowwise=True)[1], quantize_along(x, -1)[1]):
         assert torch.equal(s, cuda_way)
+    # our kernel on the first 256 rows, 133 of them rows where the product and the quotient differ (the interpreter's
+    # time is its programs, 4 rows each: all 4,096 rows took 25 s on the 2-core CI box for nothing more)
+    n = 256
+    assert not torch.equal(cuda_way[:n], amax[:n] / 448.0)
+    assert torch.equal(ops.quantize_rows_fp8(x[:n].to(DEV))[1].cpu(), cuda_way[:n])
 
 
 def test_pow2_ceil_exact_at_the_edges():
