@@ -39,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import backend, ops, reference
 from .backend import BackendUnavailable, record
+from .qkv_rope import v_of
 from .rope_attention import rope_attention_triton
 from .registry import BenchCase, BenchShape, Op, register
 
@@ -176,9 +177,11 @@ def prime(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     B, H, N, D = shape
     choice = _forced_kernel()
     if choice is None:
-        # token-major memory ((B, N, H, D) contiguous), as kernels.ops.qkv_rope gives q/k/v: the layout the model's
-        # attention really runs on is the one timed
+        # token-major memory ((B, N, H, D) contiguous), as kernels.ops.qkv_rope gives q/k (and v in training; in
+        # inference v is a view of the qkv output): the layout the model's attention really runs on is the one timed
         q, k, v = (torch.randn((B, N, H, D), dtype=dtype, device=device).transpose(1, 2) for _ in range(3))
+        if not training:
+            v = v_of(torch.randn((B, N, 3 * H * D), dtype=dtype, device=device), H)
         with torch.set_grad_enabled(training):
             choice = _choose(q, k, v)
             if agree is not None:

@@ -559,6 +559,25 @@ def test_qkv_rope_layout_through_each_sdpa_kernel(sdpa, qk_norm):
         assert rel_err(a, b) < 5e-2
 
 
+def test_priming_times_v_in_the_layout_each_grad_mode_runs(monkeypatch):
+    """kernels.prime_attention times the SDPA candidates on v as the model hands it: token-major like q and k in
+    training, a strided view of the qkv output in inference (kernels.qkv_rope.v_of)."""
+    from kernels import attention
+    for name in ("_chosen", "_block_chosen", "_measured"):
+        monkeypatch.setattr(attention, name, {})
+    seen = {}
+    real = attention._choose
+
+    def spy(q, k, v):
+        seen.setdefault(torch.is_grad_enabled(), v.stride())
+        return real(q, k, v)
+    monkeypatch.setattr(attention, "_choose", spy)
+    H, D = 16, 72
+    for training in (False, True):
+        assert attention.prime((2, H, 256, D), torch.bfloat16, "cuda", training=training) is not None
+    assert seen[False][2] == 3 * H * D and seen[True][2] == H * D, seen
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
 @pytest.mark.parametrize("C,hw", [(128, (256, 256)), (256, (64, 64)), (512, (16, 16))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
