@@ -84,7 +84,8 @@ def _impls(op: registry.Op, device: str, smoke: bool) -> dict[str, str]:
 
 
 def _tuple(out: object) -> tuple:
-    return out if isinstance(out, tuple) else (out,)
+    """An op's outputs as a flat tuple of tensors (the FP8 norms return (h, FP8Rows(values, scale)))."""
+    return tuple(t for o in out for t in _tuple(o)) if isinstance(out, tuple) else (out,)
 
 
 def _kernel_columns(row: dict, phase: str, fn: Callable[[], object], nbytes: int,

@@ -38,14 +38,15 @@ backward. quantize_rows_cols_fp8 is a backward's: the FP8 training linear's, for
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import _triton, reference
 from ._triton import tl, triton
-from .fused_norm import _TILES, _prune_split_tiles, _tile_configs
+from .fused_norm import (INTERPRET_BLOCK_M as NORM_INTERPRET_BLOCK_M, ONE_SAMPLE_ROWS, _TILES, _dtypes, _empty,
+                         _fwd_rows, _geometry, _prune_split_tiles, _rms, _row_views, _tile_configs)
 from .registry import BenchCase, BenchShape, Op, register
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -104,6 +105,42 @@ def swiglu_fp8_colmax_reference(x12: Tensor, pow2: bool = False) -> tuple[Tensor
     h = reference.swiglu(x12)
     q, scale = quantize_rows_fp8_reference(h, pow2)
     return q, scale, h.reshape(-1, h.shape[-1]).float().abs().amax(dim=0)
+
+
+class FP8Rows(NamedTuple):
+    """Rows in e4m3 with one fp32 scale each (x ~= values * scale), as a norm hands them to the FP8 Linear that
+    reads them (modeling.fp8.FP8Linear with `input_dtype` e4m3): values (..., C), scale (..., 1)."""
+    values: Tensor
+    scale: Tensor
+
+
+def _check_e4m3(out_dtype: torch.dtype) -> None:
+    if out_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the FP8 norm ops write float8_e4m3fn rows; got out_dtype {out_dtype}")
+
+
+def _fp8_rows(out: Tensor) -> FP8Rows:
+    q, scale = quantize_fp8(out.reshape(-1, out.shape[-1]), rowwise=True)
+    return FP8Rows(q.reshape(out.shape), scale.reshape(*out.shape[:-1], 1))
+
+
+def norm_modulate_fp8_reference(x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor,
+                                eps: float = 1e-6, kind: str = "rms",
+                                out_dtype: torch.dtype = torch.float8_e4m3fn) -> FP8Rows:
+    """`reference.norm_modulate` in its own dtype (type promotion's: bf16 in the FP8 sampler's bf16 model), then
+    quantized per row (quantize_fp8): what the unfused path writes and its FP8 Linear quantizes."""
+    _check_e4m3(out_dtype)
+    return _fp8_rows(reference.norm_modulate(x, weight, shift, scale, eps, kind))
+
+
+def gated_residual_norm_modulate_fp8_reference(x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
+                                               shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
+                                               kind: str = "rms", out_dtype: torch.dtype = torch.float8_e4m3fn
+                                               ) -> tuple[Tensor, FP8Rows]:
+    """(h, out quantized per row): `reference.gated_residual_norm_modulate`, its out as norm_modulate_fp8's."""
+    _check_e4m3(out_dtype)
+    h, out = reference.gated_residual_norm_modulate(x, gate, y, weight, shift, scale, eps, kind)
+    return h, _fp8_rows(out)
 
 
 def padded_rows(rows: int, multiple: int = 16) -> int:
@@ -194,6 +231,33 @@ def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.con
     _store_e4m3(xa, inv, Q + row[:, None] * C + ca, ma)
     _store_e4m3(xb, inv, Q + row[:, None] * C + cb, mb)
     tl.store(S + row, scale, mask=row < rows)
+
+
+# The block's norms in the FP8 sampler: h = x + gate * y stored, then RMSNorm / LayerNorm, weight, modulate
+# (kernels/fused_norm.py's `_fwd_rows`: the same statistics and products as the norm's own kernel), the output
+# rounded to the dtype the unfused norm writes (ROUND: 0 fp32, 1 bf16, 2 fp16), and quantized per row: its e4m3 and
+# one scale per row are written, the 16-bit output never is. Inductor's fusion of the plain ops is a looped reduction
+# over rows of 1152 (its persistent reductions stop at 1024) with the amax a second reduction after the statistics;
+# this holds BLOCK_M whole rows in registers.
+@triton.jit
+def _norm_quant_kernel(X, sx, G, sg, Y, sy, W, SHIFT, sshift, SCALE, sscale, H, Q, S, rows, N, C, eps,
+                       HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, ONE_SAMPLE: tl.constexpr, ROUND: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    oa, ob, _, _, row, rmask, ca, cb, ma, mb = _fwd_rows(
+        X, sx, G, sg, Y, sy, W, W, SHIFT, sshift, SCALE, sscale, H, row0, rows, N, C, eps, HAS_RES, IS_RMS, HAS_W,
+        False, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE, BLOCK_M, BLOCK_A, BLOCK_B)
+    if ROUND == 1:
+        oa, ob = oa.to(tl.bfloat16).to(tl.float32), ob.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        oa, ob = oa.to(tl.float16).to(tl.float32), ob.to(tl.float16).to(tl.float32)
+    ob = tl.where(mb, ob, 0.0)  # tile B's lanes past C hold no channel
+    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(oa), axis=1), tl.max(tl.abs(ob), axis=1)), False)
+    Q += row0.to(tl.int64) * C
+    _store_e4m3(oa, inv, Q + row[:, None] * C + ca[None, :], ma)
+    _store_e4m3(ob, inv, Q + row[:, None] * C + cb[None, :], mb)
+    tl.store(S + row0 + row, scale, mask=rmask)
 
 
 @triton.jit
@@ -479,6 +543,87 @@ def _(x12, pow2=False):
     return x12.new_empty((rows, H), dtype=torch.float8_e4m3fn), x12.new_empty((rows, 1), dtype=torch.float32)
 
 
+def _prune_norm_fp8_tiles(configs, named_args, **kwargs):
+    """The norms' row tiles (_prune_split_tiles) at most 8 warps: compiled for sm_90 at hidden 1152, the 16-warp
+    tiles spill (Triton 3.9: 64-72 bytes at 8 rows; 3.6: 8 bytes at 4) or issue ~80 SASS instructions an element
+    against ~55 at 4 rows over 8 warps (kernels.sm90_check)."""
+    keep = [c for c in _prune_split_tiles(configs, named_args, **kwargs) if c.num_warps <= 8]
+    return keep or configs[:1]
+
+
+_norm_quant_tuned = triton.autotune(
+    configs=_tile_configs(), key=["C", "HAS_RES", "IS_RMS", "HAS_W", "HAS_SHIFT", "HAS_SCALE", "ONE_SAMPLE", "ROUND",
+                                  "BLOCK_A", "BLOCK_B"],
+    prune_configs_by={"early_config_prune": _prune_norm_fp8_tiles})(_norm_quant_kernel)
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def norm_fp8(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
+             shift: Optional[Tensor], scale: Optional[Tensor], eps: float, rms: bool,
+             tile: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(h (empty without the residual), e4m3 rows of x's shape, fp32 scales (..., 1)); tile: (BLOCK_M, warps)
+    instead of the autotuner's pick (the GPU tests run every candidate; the bits do not depend on it)."""
+    rows, C, N, _ = _geometry(x, gate is not None or shift is not None or scale is not None)
+    h_dtype, out_dtype = _dtypes(x, gate, y, weight, None, shift, scale)
+    if out_dtype not in _ROUND:
+        raise ValueError(f"the FP8 norm ops take fp32, bf16 or fp16 inputs; the norm's output would be {out_dtype}")
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if gate is not None else _empty(x)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return h, q, s
+    x2, g, y2, sh, sc = _row_views(x, gate, y, shift, scale)
+    block_a, block_b = row_split(C)
+    dummy = x2  # pointer for an absent input: never read (its HAS_* flag is off)
+    args = (x2, x2.stride(0), g if g is not None else dummy, g.stride(0) if g is not None else 0,
+            y2 if y2 is not None else dummy, y2.stride(0) if y2 is not None else 0,
+            weight if weight is not None else dummy, sh if sh is not None else dummy, sh.stride(0) if sh is not None else 0,
+            sc if sc is not None else dummy, sc.stride(0) if sc is not None else 0, h if g is not None else q, q, s,
+            rows, N, C, eps)
+    flags = dict(HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_SHIFT=sh is not None,
+                 HAS_SCALE=sc is not None, ONE_SAMPLE=N % ONE_SAMPLE_ROWS == 0, ROUND=_ROUND[out_dtype],
+                 BLOCK_A=block_a, BLOCK_B=block_b)
+    if tile is None and _triton.interpreting():
+        tile = (NORM_INTERPRET_BLOCK_M, 4)
+    if tile is not None:
+        _norm_quant_kernel[(triton.cdiv(rows, tile[0]),)](*args, **flags, BLOCK_M=tile[0], num_warps=tile[1])
+    else:
+        _norm_quant_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*args, **flags)
+    return h, q, s
+
+
+@torch.library.custom_op("vavae::norm_fp8", mutates_args=())
+def norm_fp8_op(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Optional[Tensor],
+                shift: Optional[Tensor], scale: Optional[Tensor], eps: float, rms: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """norm_fp8 as one opaque node for torch.compile. Inference: no autograd."""
+    return norm_fp8(x, gate, y, weight, shift, scale, eps, rms)
+
+
+@norm_fp8_op.register_fake
+def _(x, gate, y, weight, shift, scale, eps, rms):
+    h_dtype, _ = _dtypes(x, gate, y, weight, None, shift, scale)
+    h = x.new_empty(x.shape, dtype=h_dtype) if gate is not None else x.new_empty(0)
+    return h, x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def norm_modulate_fp8_triton(x: Tensor, weight: Optional[Tensor], shift: Optional[Tensor], scale: Tensor,
+                             eps: float = 1e-6, kind: str = "rms",
+                             out_dtype: torch.dtype = torch.float8_e4m3fn) -> FP8Rows:
+    _check_e4m3(out_dtype)
+    _, q, s = norm_fp8_op(x, None, None, weight, shift, scale, eps, _rms(kind))
+    return FP8Rows(q, s)
+
+
+def gated_residual_norm_modulate_fp8_triton(x: Tensor, gate: Tensor, y: Tensor, weight: Optional[Tensor],
+                                            shift: Optional[Tensor], scale: Tensor, eps: float = 1e-6,
+                                            kind: str = "rms", out_dtype: torch.dtype = torch.float8_e4m3fn
+                                            ) -> tuple[Tensor, FP8Rows]:
+    _check_e4m3(out_dtype)
+    h, q, s = norm_fp8_op(x, gate, y, weight, shift, scale, eps, _rms(kind))
+    return h, FP8Rows(q, s)
+
+
 def quantize_rows_fp8_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     return quantize_rows_fp8_op(x, pow2)
 
@@ -513,6 +658,24 @@ def _bench_rows_cols(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCas
                      shape={"rows": s.rows, "N": 3 * s.C})
 
 
+def _bench_norm_fp8(residual: bool):
+    def case(s: BenchShape, device: str, dtype: torch.dtype) -> BenchCase:
+        # the block's norms in the FP8 sampler's model (every tensor in its dtype: a bf16 copy), ahead of the qkv and
+        # w12 GEMMs: read x (and y), write (h and) e4m3 + one scale per row
+        el, E = s.rows * s.C, dtype.itemsize
+        x, y, w, mod = (torch.randn(s.B, s.N, s.C, device=device, dtype=dtype),
+                        torch.randn(s.B, s.N, s.C, device=device, dtype=dtype),
+                        torch.randn(s.C, device=device, dtype=dtype), torch.randn(s.B, 6 * s.C, device=device, dtype=dtype))
+        sh, sc, g = (lambda m: m[:, :s.C]), (lambda m: m[:, s.C:2 * s.C]), (lambda m: m[:, 2 * s.C:3 * s.C])
+        size = {"B": s.B, "N": s.N, "C": s.C}
+        if residual:
+            return BenchCase([x, y, w, mod], lambda f, x, y, w, m: f(x, g(m), y, w, sh(m), sc(m), 1e-6, "rms"),
+                             el * (3 * E + 1) + 4 * s.rows, shape=size)
+        return BenchCase([x, w, mod], lambda f, x, w, m: f(x, w, sh(m), sc(m), 1e-6, "rms"), el * (E + 1) + 4 * s.rows,
+                         shape=size)
+    return case
+
+
 # Under torch.compile, `auto` runs what kernels/compiled_choices.json says: ours (their producers, cuDNN attention
 # and our SwiGLU, are opaque to inductor, whose version is a separate looped pass) until a GPU run's ops table
 # decides (bench/compiled_choices.py); the sampling plan's fp8 entries with fp8_quant ours / inline time the whole.
@@ -529,3 +692,9 @@ register(Op(name="quantize_rows_cols_fp8", reference=quantize_rows_cols_fp8_refe
             impls={"triton": quantize_rows_cols_fp8_triton}, bench=_bench_rows_cols,
             doc="a gradient as both e4m3 operands of its Linear's backward (per row; per column, transposed, padded "
                 "to 16 rows) and its column sums, in two passes"))
+register(Op(name="norm_modulate_fp8", reference=norm_modulate_fp8_reference, impls={"triton": norm_modulate_fp8_triton},
+            bench=_bench_norm_fp8(False), doc="norm_modulate with its output quantized per row to e4m3 in the same pass "
+                                              "(FP8Rows: the FP8 sampler's qkv / w12 input)"))
+register(Op(name="gated_residual_norm_modulate_fp8", reference=gated_residual_norm_modulate_fp8_reference,
+            impls={"triton": gated_residual_norm_modulate_fp8_triton}, bench=_bench_norm_fp8(True),
+            doc="gated_residual_norm_modulate with out quantized per row to e4m3 in the same pass: (h, FP8Rows)"))

@@ -82,9 +82,9 @@ def _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, cols, cmask, mask, HA
 
 
 @triton.jit
-def _fwd_tile_out(xhat, w, bias, scale1, shift, OUT, row, cols, mask, C, HAS_W: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """One tile of the normalised rows: affine, modulate, one rounding on the store."""
+def _fwd_tile_val(xhat, w, bias, scale1, shift, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One tile of the normalised rows, affine and modulated, in fp32 (not yet rounded)."""
     out = xhat
     if HAS_W:
         out = out * w
@@ -94,20 +94,17 @@ def _fwd_tile_out(xhat, w, bias, scale1, shift, OUT, row, cols, mask, C, HAS_W: 
         out = out * scale1
     if HAS_SHIFT:
         out = out + shift
-    tl.store(OUT + row[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    return out
 
 
 @triton.jit
-def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, OUT, MEAN, RSTD,
-                     rows, N, C, eps,
-                     HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    # BLOCK_M rows per program, each row as tiles A and B: more bytes in flight per program than one row, and the
-    # per-channel vectors (weight, bias) loaded once for all of them. Row by row the arithmetic does not depend on
-    # BLOCK_M: fp32 sums over the row's C channels (tile A's, then B's added), the same products, one rounding on
-    # each store.
-    row0 = tl.program_id(0) * BLOCK_M
+def _fwd_rows(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, row0, rows, N, C, eps,
+              HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The BLOCK_M rows from row0 up to the modulated output in fp32, not yet rounded (h stored on the way, with
+    the residual): (out tile A, out tile B, mean, rstd, row, rmask, ca, cb, ma, mb). Shared by the forward kernel
+    and kernels.fp8_quant's, which quantizes the output in the same pass: the same statistics, the same bits."""
     row = tl.arange(0, BLOCK_M)  # rows of the program, from its first
     rmask = row0 + row < rows
     # the per-sample vectors' row: with ONE_SAMPLE (N a multiple of every BLOCK_M) the tile's one sample, else
@@ -123,26 +120,43 @@ def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale,
     X += row0.to(tl.int64) * sx
     Y += row0.to(tl.int64) * sy
     H += row0.to(tl.int64) * C
-    OUT += row0.to(tl.int64) * C
-    MEAN += row0
-    RSTD += row0
     xa = _fwd_tile_in(X, sx, G, sg, Y, sy, H, row, b, ca, cma, ma, C, HAS_RES, ONE_SAMPLE)
     xb = _fwd_tile_in(X, sx, G, sg, Y, sy, H, row, b, cb, cmb, mb, C, HAS_RES, ONE_SAMPLE)
     wa, bias_a, scale1_a, shift_a = _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, ca, cma, ma, HAS_W,
                                                  HAS_BIAS, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE)
     wb, bias_b, scale1_b, shift_b = _fwd_vectors(W, BIAS, SHIFT, sshift, SCALE, sscale, b, cb, cmb, mb, HAS_W,
                                                  HAS_BIAS, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE)
+    mean = 0.0
     if not IS_RMS:
         mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / C
         xa = xa - mean[:, None]
         xb = tl.where(mb, xb - mean[:, None], 0.0)
-        tl.store(MEAN + row, mean, mask=rmask)
     rstd = 1.0 / tl.sqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / C + eps)
-    tl.store(RSTD + row, rstd, mask=rmask)
-    _fwd_tile_out(xa * rstd[:, None], wa, bias_a, scale1_a, shift_a, OUT, row, ca, ma, C, HAS_W, HAS_BIAS,
-                  HAS_SHIFT, HAS_SCALE)
-    _fwd_tile_out(xb * rstd[:, None], wb, bias_b, scale1_b, shift_b, OUT, row, cb, mb, C, HAS_W, HAS_BIAS,
-                  HAS_SHIFT, HAS_SCALE)
+    oa = _fwd_tile_val(xa * rstd[:, None], wa, bias_a, scale1_a, shift_a, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
+    ob = _fwd_tile_val(xb * rstd[:, None], wb, bias_b, scale1_b, shift_b, HAS_W, HAS_BIAS, HAS_SHIFT, HAS_SCALE)
+    return oa, ob, mean, rstd, row, rmask, ca, cb, ma, mb
+
+
+@triton.jit
+def _norm_fwd_kernel(X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, OUT, MEAN, RSTD,
+                     rows, N, C, eps,
+                     HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # BLOCK_M rows per program, each row as tiles A and B: more bytes in flight per program than one row, and the
+    # per-channel vectors (weight, bias) loaded once for all of them. Row by row the arithmetic does not depend on
+    # BLOCK_M: fp32 sums over the row's C channels (tile A's, then B's added), the same products, one rounding on
+    # each store.
+    row0 = tl.program_id(0) * BLOCK_M
+    oa, ob, mean, rstd, row, rmask, ca, cb, ma, mb = _fwd_rows(
+        X, sx, G, sg, Y, sy, W, BIAS, SHIFT, sshift, SCALE, sscale, H, row0, rows, N, C, eps, HAS_RES, IS_RMS, HAS_W,
+        HAS_BIAS, HAS_SHIFT, HAS_SCALE, ONE_SAMPLE, BLOCK_M, BLOCK_A, BLOCK_B)
+    if not IS_RMS:
+        tl.store(MEAN + row0 + row, mean, mask=rmask)
+    tl.store(RSTD + row0 + row, rstd, mask=rmask)
+    OUT += row0.to(tl.int64) * C
+    tl.store(OUT + row[:, None] * C + ca[None, :], oa.to(OUT.dtype.element_ty), mask=ma)
+    tl.store(OUT + row[:, None] * C + cb[None, :], ob.to(OUT.dtype.element_ty), mask=mb)
 
 
 # (rows per program, warps) candidates; _prune_tiles keeps those that fit the row width

@@ -149,6 +149,28 @@ def _fp8_quant_variants() -> list[Variant]:
     return out
 
 
+def _norm_fp8_variants() -> list[Variant]:
+    """The FP8 sampler's block norms with their output quantized per row (kernels/fp8_quant.py `_norm_quant_kernel`)
+    at hidden 1152, every tensor bf16 as in its bf16 model: the gated one (the residual in front) and the first
+    block's, for every tile the autotuner may pick."""
+    from . import fp8_quant, fused_norm
+    sig = {"X": "*bf16", "sx": "i32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32", "W": "*bf16",
+           "SHIFT": "*bf16", "sshift": "i32", "SCALE": "*bf16", "sscale": "i32", "H": "*bf16", "Q": "*fp8e4nv",
+           "S": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
+    C = 1152
+    block_a, block_b = fp8_quant.row_split(C)
+    out = []
+    for res in (True, False):
+        flags = dict(HAS_RES=res, IS_RMS=True, HAS_W=True, HAS_SHIFT=True, HAS_SCALE=True, ONE_SAMPLE=True, ROUND=1)
+        for cfg in fp8_quant._prune_norm_fp8_tiles(fused_norm._tile_configs(), {}, BLOCK_A=block_a, BLOCK_B=block_b):
+            const = {**flags, "BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_A": block_a, "BLOCK_B": block_b}
+            out.append(Variant(f"norm_fp8 {'gated' if res else 'plain'} C={C} BLOCK_M={const['BLOCK_M']} "
+                               f"warps={cfg.num_warps}", fp8_quant._norm_quant_kernel,
+                               {**sig, **{k: "constexpr" for k in const}}, const,
+                               [k for k, t in sig.items() if t != "fp32"], cfg.num_warps))
+    return out
+
+
 def _rows_cols_variants() -> list[Variant]:
     """quantize_rows_cols_fp8's two passes over a bf16 gradient (qkv's, 3456 wide): the amax partials (its one
     tile), and the casts row-major and transposed (every tile its autotuner may pick)."""
@@ -347,8 +369,8 @@ def compile_variant(v: Variant, loops: bool = False) -> dict:
 
 
 def variants() -> list[Variant]:
-    return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants() + _rows_cols_variants()
-            + _rope_attention_variants() + _group_norm_variants())
+    return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants() + _norm_fp8_variants()
+            + _rows_cols_variants() + _rope_attention_variants() + _group_norm_variants())
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from kernels import ops, registry
 # the recipe, with its kernels
-from kernels.fp8_quant import FP8_E4M3_MAX, pad_rows, pow2_ceil, quantize_fp8, scale_inverse  # noqa: F401
+from kernels.fp8_quant import FP8_E4M3_MAX, FP8Rows, pad_rows, pow2_ceil, quantize_fp8, scale_inverse  # noqa: F401
 
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 RECIPES = {"te": ("delayed", "current", "mxfp8"), "torchao": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
@@ -138,14 +138,20 @@ class FP8Linear(nn.Module):
     product (x_q * s_x) (W_q * s_w)^T + b, which `dequantized_reference` computes in fp32.
 
     input_kernel (rowwise only): x is quantized by `kernels.ops.quantize_rows_fp8` (one pass per row) instead of
-    plain torch ops; for an input whose producer inductor cannot fuse the quantization into (attention's output)."""
+    plain torch ops; for an input whose producer inductor cannot fuse the quantization into (attention's output).
+    norm_input (rowwise only): the norm that makes x quantizes it in its own pass (the model asks `input_dtype`,
+    e4m3, and hands over kernels.fp8_quant.FP8Rows: kernels.ops.norm_modulate_fp8 and its gated variant); a plain
+    tensor is still quantized here."""
 
-    def __init__(self, linear: nn.Linear, rowwise: bool = True, input_kernel: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, rowwise: bool = True, input_kernel: bool = False,
+                 norm_input: bool = False) -> None:
         super().__init__()
-        if input_kernel and not rowwise:
-            raise ValueError("FP8Linear: input_kernel quantizes per row; it needs rowwise=True")
+        if (input_kernel or norm_input) and not rowwise:
+            raise ValueError("FP8Linear: input_kernel / norm_input quantize per row; they need rowwise=True")
         self.in_features, self.out_features, self.rowwise = linear.in_features, linear.out_features, rowwise
         self.input_kernel = input_kernel
+        # the dtype this Linear reads its input in, for the op that makes it (None: whatever it is handed)
+        self.input_dtype = torch.float8_e4m3fn if norm_input else None
         with torch.no_grad():
             w_q, w_scale = quantize_fp8(linear.weight.detach(), rowwise)
         self.register_buffer("weight_fp8", w_q)  # (N, K) row-major: its .t() is the column-major B _scaled_mm wants
@@ -164,7 +170,10 @@ class FP8Linear(nn.Module):
         return torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                 bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, FP8Rows]) -> torch.Tensor:
+        if isinstance(x, FP8Rows):  # quantized per row by the op that made it
+            y = self.matmul(x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1))
+            return y.reshape(*x.values.shape[:-1], self.out_features)
         y = self.matmul(*self.quantize_input(x.reshape(-1, self.in_features)))
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -182,21 +191,25 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scaling={'rowwise' if self.rowwise else 'tensorwise'}, bias={self.bias is not None}"
-                + (", input quantized by kernels.ops.quantize_rows_fp8" if self.input_kernel else ""))
+                + (", input quantized by kernels.ops.quantize_rows_fp8" if self.input_kernel else "")
+                + (", input quantized by the norm that makes it" if self.input_dtype is not None else ""))
 
 
 class FP8SwiGLUFFN(nn.Module):
     """The SwiGLU MLP `w3(swiglu(w12(x)))` in FP8 (rowwise), its w3 input quantized in the SwiGLU's own pass
     (`kernels.ops.swiglu_fp8`): the SwiGLU's bf16 output is never written. w12 and w3 are FP8Linear under their
-    original names, so state_dict keys are those of the FP8Linear swap."""
+    original names, so state_dict keys are those of the FP8Linear swap. norm_input: w12's (FP8Linear)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, norm_input: bool = False) -> None:
         super().__init__()
-        self.w12, self.w3 = FP8Linear(mlp.w12, rowwise=True), FP8Linear(mlp.w3, rowwise=True)
+        self.w12 = FP8Linear(mlp.w12, rowwise=True, norm_input=norm_input)
+        self.w3 = FP8Linear(mlp.w3, rowwise=True)
+        self.input_dtype = self.w12.input_dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.w3.matmul(*ops.swiglu_fp8(self.w12(x)))
-        return y.reshape(*x.shape[:-1], self.w3.out_features)
+    def forward(self, x: Union[torch.Tensor, FP8Rows]) -> torch.Tensor:
+        x12 = self.w12(x)
+        y = self.w3.matmul(*ops.swiglu_fp8(x12))
+        return y.reshape(*x12.shape[:-1], self.w3.out_features)
 
 
 def check_scaled_mm(device: Union[str, torch.device], allow_cpu: bool = False, remedy: str = TRAINER_REMEDY) -> str:
@@ -241,9 +254,10 @@ def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bo
     skip: of FP8_LAYERS, those that stay bf16 (e.g. ("attn.proj",)).
 
     quant 'inline': every activation quantized in plain torch ops (inductor fuses them into their producers).
-    'ours' (rowwise): where the producer is opaque to inductor, our one-pass kernels quantize -- each SwiGLU
-    MLP becomes an FP8SwiGLUFFN (`kernels.ops.swiglu_fp8`), attn.proj's input goes through
-    `kernels.ops.quantize_rows_fp8`; qkv and w12 keep the plain ops (inductor fuses them into norm + modulate)."""
+    'ours' (rowwise): our one-pass kernels quantize -- each SwiGLU MLP becomes an FP8SwiGLUFFN
+    (`kernels.ops.swiglu_fp8`), attn.proj's input goes through `kernels.ops.quantize_rows_fp8`, and qkv's and w12's
+    inputs are quantized by the block's norms in their own pass (norm_input: `kernels.ops.norm_modulate_fp8` and its
+    gated variant, under torch.compile too: inductor's fusion of the plain ops loops over each row three times)."""
     if recipe not in ("rowwise", "tensorwise"):
         raise FP8Unavailable(f"recipe {recipe!r} is not an FP8 inference recipe; choose rowwise or tensorwise")
     if quant not in FP8_QUANT:
@@ -262,15 +276,17 @@ def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bo
                                  f"dimensions divisible by 16. {remedy}")
     ours = quant == "ours"
     mlps = [n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".mlp.w12")] if ours else []
-    mlps = [n for n in mlps if isinstance(getattr(model.get_submodule(n), "w3", None), nn.Linear)]
+    names = {n for n, _ in targets}  # an MLP becomes FP8SwiGLUFFN only where its w3 is FP8 too (not skipped)
+    mlps = [n for n in mlps if f"{n}.w3" in names and isinstance(model.get_submodule(f"{n}.w3"), nn.Linear)]
     for name, m in targets:
         parent, child = name.rsplit(".", 1)
         if parent not in mlps:
             setattr(model.get_submodule(parent), child,
-                    FP8Linear(m, rowwise=recipe == "rowwise", input_kernel=ours and name.endswith("attn.proj")))
+                    FP8Linear(m, rowwise=recipe == "rowwise", input_kernel=ours and name.endswith("attn.proj"),
+                              norm_input=ours and name.endswith((".attn.qkv", ".mlp.w12"))))
     for name in mlps:
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, FP8SwiGLUFFN(model.get_submodule(name)))
+        setattr(model.get_submodule(parent), child, FP8SwiGLUFFN(model.get_submodule(name), norm_input=True))
     return model
 
 

@@ -6,6 +6,7 @@ CUDA extension) is chosen there, not here.
 """
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -191,7 +192,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: Optional[VisionRotaryEmbeddingFast] = None) -> torch.Tensor:
-        B, N, C = x.shape
+        # x: (B, N, C), or its rows in e4m3 with their scales (kernels.fp8_quant.FP8Rows) for an FP8 qkv Linear
         if rope is not None and (self.q_norm is None or isinstance(self.q_norm, RMSNorm)):
             # split into heads, RMSNorm qk-norm, RoPE, attention, heads merged: one op (on the fused backends
             # qkv_rope + attention, or one kernel each way from qkv to the proj's input, whichever measured faster),
@@ -203,6 +204,7 @@ class Attention(nn.Module):
                                                 bias))
         # no RoPE, or the LayerNorm qk-norm: the unfused path
         qkv = self.qkv(x)
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -243,6 +245,21 @@ def linear_input_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
+def norm_output_dtype(consumer: nn.Module, gemm: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype a norm writes its output in for the module that reads it: the module's own `input_dtype` where it
+    declares one (e4m3: an FP8 Linear whose input rows the norm quantizes in its pass, modeling.fp8), else `gemm`
+    (linear_input_dtype's)."""
+    return getattr(consumer, "input_dtype", None) or gemm
+
+
+def norm_ops(out_dtype: Optional[torch.dtype]) -> tuple[Callable, Callable]:
+    """(norm_modulate, gated_residual_norm_modulate) writing out_dtype: for e4m3 the ops that quantize the rows in
+    the same pass and return them with their scales (kernels.fp8_quant.FP8Rows); the call is the same."""
+    if out_dtype == torch.float8_e4m3fn:
+        return ops.norm_modulate_fp8, ops.gated_residual_norm_modulate_fp8
+    return ops.norm_modulate, ops.gated_residual_norm_modulate
+
+
 class LightningDiTBlock(nn.Module):
     """x += gate_msa * attn(modulate(norm1(x))); x += gate_mlp * mlp(modulate(norm2(x))).
 
@@ -272,13 +289,14 @@ class LightningDiTBlock(nn.Module):
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         n1, n2, gemm = self.norm1, self.norm2, linear_input_dtype(x)
+        to_attn, to_mlp = norm_output_dtype(self.attn.qkv, gemm), norm_output_dtype(self.mlp, gemm)
+        norm_modulate, gated_residual_norm_modulate = norm_ops(to_attn)
         if pending is None:
-            h = ops.norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, gemm)
+            h = norm_modulate(x, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, to_attn)
         else:  # the previous block's MLP residual (gate, y), added here
-            x, h = ops.gated_residual_norm_modulate(x, *pending, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind,
-                                                    gemm)
-        x, h = ops.gated_residual_norm_modulate(x, gate_msa, self.attn(h, rope), n2.weight, shift_mlp, scale_mlp,
-                                                n2.eps, n2.kind, gemm)
+            x, h = gated_residual_norm_modulate(x, *pending, n1.weight, shift_msa, scale_msa, n1.eps, n1.kind, to_attn)
+        x, h = norm_ops(to_mlp)[1](x, gate_msa, self.attn(h, rope), n2.weight, shift_mlp, scale_mlp, n2.eps, n2.kind,
+                                   to_mlp)
         y = self.mlp(h)
         return (x, (gate_mlp, y)) if defer else ops.gated_residual(x, gate_mlp, y)
 

@@ -93,9 +93,10 @@ class SamplingConfig:
     fp8_recipe: FP8Recipe = "rowwise"   # precision fp8: dynamic scales per row, or per tensor
     fp8_impl: FP8Impl = "scaled_mm"     # precision fp8: our FP8Linear (weights quantized once, one
                                         # torch._scaled_mm), or torchao's float8 training modules
-    fp8_quant: FP8Quant = "auto"        # precision fp8 with FP8Linear, rowwise: ours quantizes the SwiGLU's and
-                                        # attention's outputs in our one-pass Triton kernels (a CUDA GPU); inline:
-                                        # plain torch ops (inductor fuses what it can); auto: ours where it runs
+    fp8_quant: FP8Quant = "auto"        # precision fp8 with FP8Linear, rowwise: ours quantizes the norms',
+                                        # SwiGLU's and attention's outputs in our one-pass Triton kernels (a CUDA
+                                        # GPU); inline: plain torch ops (inductor fuses what it can); auto: ours
+                                        # where it runs
     fp8_proj_bf16: bool = False         # precision fp8: attention's output projection stays bf16 (its input,
                                         # cuDNN's output, needs a quantization pass of its own, and it is the
                                         # smallest GEMM: FP8 saves it least)
@@ -379,8 +380,9 @@ class Sampler:
                     quant = self._fp8_quant(config)
                     proj = "; attn.proj in bf16" if config.fp8_proj_bf16 else ""
                     self.fp8 = (f"{check_scaled_mm(self.device, fp8_emulation, remedy)}, {fp8_recipe} scaling, "
-                                + ("SwiGLU and attention outputs quantized by kernels.ops.swiglu_fp8 / "
-                                   "quantize_rows_fp8" if quant == "ours" else "activations quantized in torch ops")
+                                + ("norm, SwiGLU and attention outputs quantized by kernels.ops."
+                                   "norm_modulate_fp8 / swiglu_fp8 / quantize_rows_fp8" if quant == "ours"
+                                   else "activations quantized in torch ops")
                                 + proj)
                     apply_fp8_inference(model, fp8_recipe, fp8_emulation, remedy, quant=quant,
                                         skip=("attn.proj",) if config.fp8_proj_bf16 else ())

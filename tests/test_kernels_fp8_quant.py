@@ -287,6 +287,10 @@ def test_apply_fp8_inference_ours_swaps_the_mlps_and_proj_and_keeps_the_keys():
     with torch.no_grad():
         a, b = inline(x, t, y).float(), ours(x, t, y).float()
     assert torch.isfinite(b).all() and (a - b).abs().max() <= 0.05 * a.abs().max()
+    # a w3 kept in bf16 stays so: its MLP is not made an FP8SwiGLUFFN (whose w3 is FP8)
+    kept = apply_fp8_inference(_tiny_model(), "rowwise", allow_cpu=True, quant="ours", skip=("mlp.w3",))
+    assert not any(isinstance(m, FP8SwiGLUFFN) for m in kept.modules())
+    assert type(kept.blocks[0].mlp.w3) is torch.nn.Linear and isinstance(kept.blocks[0].mlp.w12, FP8Linear)
     with pytest.raises(FP8Unavailable, match="per row"):
         apply_fp8_inference(_tiny_model(), "tensorwise", allow_cpu=True, quant="ours")
     with pytest.raises(FP8Unavailable, match="choose one of"):
@@ -347,3 +351,114 @@ def test_scale_inverse_is_the_ieee_reciprocal_from_the_exponent_bits():
     assert float(scale_inverse(odd, True)[0]) == 0.0 and float(scale_inverse(odd, False)[2]) == float(1 / torch.tensor(3.0))
     traced = torch.compile(scale_inverse, backend="aot_eager", fullgraph=True)
     assert torch.equal(traced(scale, True).view(torch.int32), want.view(torch.int32))
+
+
+# ------------------------------------------------------------------ the block norms with their output in e4m3
+
+_NORM_VARIANTS = {"gated rms": ("gated", "rms", True), "rms without shift": ("plain", "rms", False),
+                  "gated layer": ("gated", "layer", True)}
+
+
+def _norm_inputs(shape, dtype, seed=3):
+    B, N, C = shape
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
+    x, y, w, mod = r(B, N, C) * 3, r(B, N, C), r(C), r(B, 6 * C)
+    return x, y, w, mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:3 * C]  # shift, scale, gate: strided, as the model's
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 257, 1152), (2, 64, 72)], ids=["hidden1152-ragged", "head72-one-sample"])
+@pytest.mark.parametrize("variant", list(_NORM_VARIANTS))
+def test_norm_fp8_is_the_norm_kernel_then_the_row_quantization(variant, shape, dtype):
+    """norm_modulate_fp8 / gated_residual_norm_modulate_fp8: h bit for bit the norm kernel's, the e4m3 rows and
+    scales bit for bit quantize_fp8 of the norm kernel's output (what the unfused path hands its FP8 Linear), and
+    within e4m3's rounding (+ the output's rounding to dtype) of the float64 norm of that h. Hidden 1152 as two tiles
+    with 257 tokens (tiles straddle samples), head_dim 72 with 64 (ONE_SAMPLE)."""
+    res, kind, with_shift = _NORM_VARIANTS[variant]
+    x, y, w, shift, scale, gate = _norm_inputs(shape, dtype)
+    w = w if kind == "rms" else None  # the block's LayerNorm has no affine
+    shift = shift if with_shift else None
+    C = shape[-1]
+    if res == "gated":
+        h, rows = ops.gated_residual_norm_modulate_fp8(x, gate, y, w, shift, scale, 1e-6, kind)
+        hu, out = ops.gated_residual_norm_modulate(x, gate, y, w, shift, scale, 1e-6, kind)
+        assert torch.equal(h, hu) and kernels.describe()["ops"]["gated_residual_norm_modulate_fp8"] == "triton"
+    else:
+        rows = ops.norm_modulate_fp8(x, w, shift, scale, 1e-6, kind)
+        out, h = ops.norm_modulate(x, w, shift, scale, 1e-6, kind), x
+        assert kernels.describe()["ops"]["norm_modulate_fp8"] == "triton"
+    assert isinstance(rows, fp8_quant.FP8Rows) and rows.values.dtype == E4M3 and rows.values.shape == shape
+    assert rows.scale.dtype == torch.float32 and rows.scale.shape == (*shape[:-1], 1)
+    qu, su = fp8_quant.quantize_fp8(out.reshape(-1, C), rowwise=True)
+    assert torch.equal(_bits(rows.values.reshape(-1, C)), _bits(qu)) and torch.equal(rows.scale.reshape(-1, 1), su)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    exact = reference.norm_modulate(d(h), d(w), d(shift), d(scale), 1e-6, kind).reshape(-1, C)
+    deq = rows.values.double().reshape(-1, C) * rows.scale.double().reshape(-1, 1)
+    rnd = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -20  # the output's rounding (the interpreter truncates)
+    s = rows.scale.double().reshape(-1, 1)
+    assert ((deq - exact).abs() <= exact.abs() * (2 ** -4 + 2 * rnd) + s * 2 ** -9 + 1e-9).all()
+
+
+def test_norm_fp8_refusals_and_no_rows():
+    x, y, w, shift, scale, gate = _norm_inputs((2, 3, 40), torch.bfloat16)
+    with pytest.raises(ValueError, match="float8_e4m3fn rows; got out_dtype torch.bfloat16"):
+        ops.norm_modulate_fp8(x, w, shift, scale, 1e-6, "rms", torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        ops.norm_modulate_fp8(x, w, shift, scale, 1e-6, "batch")
+    with pytest.raises(ValueError, match="float8_e4m3fn rows"):
+        fp8_quant.gated_residual_norm_modulate_fp8_reference(x, gate, y, w, shift, scale, 1e-6, "rms", torch.float32)
+    h, rows = ops.gated_residual_norm_modulate_fp8(x[:, :0], gate, y[:, :0], w, shift, scale)
+    assert h.shape == (2, 0, 40) and rows.values.shape == (2, 0, 40) and rows.scale.shape == (2, 0, 1)
+
+
+def test_norm_fp8_opcheck():
+    x, y, w, shift, scale, gate = _norm_inputs((2, 5, 64), torch.bfloat16)
+    for args in ((x, gate, y, w, shift, scale, 1e-6, True), (x, None, None, w, None, scale, 1e-6, False)):
+        torch.library.opcheck(fp8_quant.norm_fp8_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _randomised_tiny_model():
+    """_tiny_model with every parameter random (the zero-initialised adaLN and output layers would hide the norms)."""
+    m = _tiny_model()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m
+
+
+def test_fp8_sampler_model_with_the_norms_quantizing_is_the_unfused_model_bit_for_bit(tmp_path, monkeypatch):
+    """quant 'ours': qkv's and w12's FP8Linear declare e4m3 input, the blocks' norms hand them FP8Rows, and the
+    model's output is bit for bit the same model with those Linears quantizing the norms' bf16 output themselves,
+    eager and under torch.compile(fullgraph=True), where the fused kernel runs (spied: 2 norms a block)."""
+    from modeling.fp8 import FP8Linear, FP8SwiGLUFFN, apply_fp8_inference
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fused = apply_fp8_inference(_emulated(_randomised_tiny_model()), "rowwise", allow_cpu=True, quant="ours")
+    unfused = apply_fp8_inference(_randomised_tiny_model(), "rowwise", allow_cpu=True, quant="ours")
+    assert sorted(n for n, m in fused.named_modules() if getattr(m, "input_dtype", None) == E4M3) == \
+        [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "mlp", "mlp.w12")]
+    for m in unfused.modules():
+        if isinstance(m, (FP8Linear, FP8SwiGLUFFN)):
+            m.input_dtype = None
+    x = torch.randn(2, 4, 4, 4, device=DEV, dtype=torch.bfloat16)
+    t, y = torch.rand(2, device=DEV, dtype=torch.bfloat16), torch.tensor([0, 2], device=DEV)
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    kernel = fp8_quant._norm_quant_kernel
+    monkeypatch.setattr(fp8_quant, "_norm_quant_kernel", Spy())
+    with torch.no_grad():
+        want = unfused(x, t, y)
+        assert not launches
+        assert torch.equal(fused(x, t, y), want) and len(launches) == 4
+        torch._dynamo.reset()
+        compiled_want = torch.compile(unfused, fullgraph=True)(x, t, y)
+        kernels.set_backend("triton")  # clears what ran: the trace below records its own
+        got = torch.compile(fused, fullgraph=True)(x, t, y)
+    assert torch.equal(got, compiled_want) and len(launches) == 8
+    ran = kernels.describe()["ops"]
+    assert ran["norm_modulate_fp8"] == ran["gated_residual_norm_modulate_fp8"] == "triton"

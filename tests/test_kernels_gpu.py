@@ -272,6 +272,11 @@ def test_linear_swiglu_on_gpu(dtype):
     assert out.dtype == dtype and rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def _flat(out):
+    """An op's outputs as a flat tuple of tensors (the FP8 norms return (h, FP8Rows(values, scale)))."""
+    return tuple(t for o in out for t in _flat(o)) if isinstance(out, tuple) else (out,)
+
+
 @pytest.mark.parametrize("name", sorted(kernels.registry.registered()))
 def test_every_registered_op_on_gpu_through_kernels_ops(name):
     """Each declared op's own bench case (tiny shapes, fp32) through kernels.ops under every fused backend it
@@ -282,7 +287,7 @@ def test_every_registered_op_on_gpu_through_kernels_ops(name):
     for backend in op.impls:
         _need(backend)
         out = case.call(getattr(ops, name), *case.inputs)
-        for o, r in zip(*((t if isinstance(t, tuple) else (t,)) for t in (out, ref))):
+        for o, r in zip(_flat(out), _flat(ref)):
             assert rel_err(o, r) < 1e-4, (name, backend)
         if not op.records_itself:
             assert kernels.describe()["ops"][name] == backend
@@ -333,6 +338,36 @@ def test_fp8_quant_kernels_on_gpu():
     with torch.no_grad():
         eager, compiled = mlp(h), torch.compile(mlp, dynamic=False, fullgraph=True)(h)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
+
+
+def test_norm_fp8_every_tile_on_gpu():
+    """The FP8 sampler's block norms with the e4m3 rows, at XL/1's hidden 1152 in its bf16 model, 257 tokens (tiles
+    straddle samples) and 256 (ONE_SAMPLE), with and without the gated residual: with every candidate tile the same h
+    as the norm kernel's and the bytes and scales of quantize_fp8 on its bf16 output (what the unfused path hands its
+    FP8 Linear), bit for bit."""
+    from kernels import fp8_quant, fused_norm
+    _need("triton")
+    torch.manual_seed(0)
+    C = 1152
+    tiles = [(c.kwargs["BLOCK_M"], c.num_warps) for c in fp8_quant._prune_norm_fp8_tiles(
+        fused_norm._tile_configs(), {}, BLOCK_A=1024, BLOCK_B=128)]
+    assert len(tiles) >= 2
+    for N in (257, 256):
+        x, y = (torch.randn(2, N, C, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
+        w, mod = torch.randn(C, device="cuda", dtype=torch.bfloat16), torch.randn(2, 6 * C, device="cuda",
+                                                                                   dtype=torch.bfloat16)
+        shift, scale, gate = mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:3 * C]
+        for res in (True, False):
+            g, yy = (gate, y) if res else (None, None)
+            if res:
+                h, out = ops.gated_residual_norm_modulate(x, gate, y, w, shift, scale, 1e-6, "rms")
+            else:
+                h, out = x, ops.norm_modulate(x, w, shift, scale, 1e-6, "rms")
+            qr, sr = fp8_quant.quantize_fp8(out.reshape(-1, C), rowwise=True)
+            for tile in tiles:
+                hq, q, s = fp8_quant.norm_fp8(x, g, yy, w, shift, scale, 1e-6, True, tile)
+                assert torch.equal(q.view(torch.uint8).reshape(-1, C), qr.view(torch.uint8)), (N, res, tile)
+                assert torch.equal(s.reshape(-1, 1), sr) and (not res or torch.equal(hq, h)), (N, res, tile)
 
 
 def test_quantize_rows_cols_every_tile_on_gpu():
