@@ -21,8 +21,8 @@ CATEGORIES = (  # first match wins; lower-case substrings of kernel names
     ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa", "mha")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "scaled_mm", "float8", "triton_tem")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "vavae", "_rope", "_swiglu", "_gated", "_quant_rows", "_rows_cols",
-                           "_fwd_kernel", "_bwd_kernel")),
+    ("fused glue (ours)", ("_norm_fwd", "_norm_bwd", "_norm_quant", "vavae", "_rope", "_swiglu", "_gated", "_quant_rows",
+                           "_rows_cols", "_fwd_kernel", "_bwd_kernel")),
     ("inductor fusions", ("triton_",)),
 )
 OTHER = "other (eager elementwise, copies, reductions)"
