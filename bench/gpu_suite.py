@@ -349,7 +349,7 @@ def _if_authors(cmd: str) -> str:
 # JSON under $OUT; part B runs them (one call of its own: $OUT brings back at most 8 files).
 _PY = sys.executable
 SAMPLING_PLAN = ("fp32@64", "bf16-weights+model+graphs@128", "fp8+model+graphs@128", "fp8+inline+model+graphs@128",
-                 "fp8+fp8projbf16+model+graphs@128",
+                 "bf16-weights+fusedops+model+graphs@128", "fp8+fp8projbf16+model+graphs@128",
                  "fp8+multikernel+model+graphs@128", "fp8+refops+model+graphs@128", "fp8+model+graphs@256",
                  "fp8+tensorwise+model+graphs@128", "fp8+torchao+model+graphs@128",
                  "bf16-weights+fusedmlp+model+graphs@128", "bf16-weights+model+autotune+graphs@128")
@@ -366,12 +366,14 @@ EXTRA_COMMANDS = {
                  240, None),
     # sampling speed at the paper's settings through generate's Sampler (issue 10): fp32 first (every later
     # entry's error is measured against it), bf16 weights (4.77 img/s on an H200 at a6bea52), FP8 through
-    # FP8Linear with the SwiGLU's and attention's outputs quantized by our one-pass kernels (fp8_quant auto = ours),
-    # the same with them quantized in torch ops (inline: 5.68 at a6bea52), with inductor's multi-kernel (its
-    # reductions over 1152 / 3072 persistent where faster), with every op traced as torch ops (refops), then the
-    # variants; max-autotune last (minutes of autotuning); no entry starts after
-    # 240 s, each writes sample_throughput.partial.json; --profile: kernel time by category per entry (~5 s)
-    "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 240 --profile --plan " + ",".join(SAMPLING_PLAN)
+    # FP8Linear with the norms', SwiGLU's and attention's outputs quantized by our one-pass kernels (fp8_quant auto =
+    # ours), the same with them quantized in torch ops (inline: 5.68 at a6bea52), bf16 weights with our norm kernels
+    # instead of inductor's fusion (fusedops: the forward A/B the ops table's training-dtype rows cannot settle),
+    # attn.proj in bf16, with inductor's multi-kernel (its reductions over 1152 / 3072 persistent where faster), with
+    # every op traced as torch ops (refops), then the variants; max-autotune last (minutes of autotuning); ~60 s an
+    # entry (the whole-model compile), no entry starts after 300 s, each writes sample_throughput.partial.json;
+    # --profile: kernel time by category per entry (~5 s)
+    "sampling": (f"{_PY} -m bench.throughput --mode sample --budget-s 300 --profile --plan " + ",".join(SAMPLING_PLAN)
                  + " --out $OUT/sample_throughput", 420,
                  f"{_PY} -m bench.throughput --mode sample --model "
                  "'{\"input_size\": 4, \"patch_size\": 1, \"in_channels\": 4, \"hidden_size\": 32, \"depth\": 1, "

@@ -9,7 +9,7 @@ modeling.sampling.SamplingConfig: SPEC is a precision and '+'-joined parts, each
 SamplingConfig's how-it-is-computed fields (PLAN_TOKENS, derived from SamplingConfig: fp32 / bf16 (autocast) /
 bf16-weights / fp8, blocks / model (torch.compile of each block or of the whole forward), autotune (inductor's
 max-autotune), fusedmlp, tensorwise / torchao after fp8, graphs (each Euler step a CUDA graph)), FIELD=VALUE
-for any such field, or refops (the entry runs with kernels backend reference). It runs once to warm up
+for any such field, or refops / fusedops (the entry runs with kernels backend reference / triton). It runs once to warm up
 (compilation and graph capture, timed separately), then times one `--steps`-point run. Images per second are
 scaled to the 250-point grid by forward cost (an unguided step = 1 forward of the batch, a guided one = 2) --
 the 25- and 250-point grids guide almost the same fraction of steps (16/24 vs 168/249) -- and reported
@@ -48,8 +48,10 @@ PAPER = dict(cfg_scale=6.7, cfg_interval_start=0.125, guidance="reference", shif
 # Plan tokens that are not a SamplingConfig value spelled out.
 PLAN_ALIASES: dict[str, tuple[str, Any]] = {"graphs": ("cudagraphs", "on")}
 # Bench-only tokens: not a sampling option but the kernels backend the entry runs under ('refops': every op
-# traced as plain torch ops, what VAVAE_KERNELS=reference does for generate, so inductor can fuse them).
-KERNEL_TOKENS: dict[str, str] = {"refops": "reference"}
+# traced as plain torch ops, what VAVAE_KERNELS=reference does for generate, so inductor can fuse them;
+# 'fusedops': our Triton kernel for every op, the block norms too, which `auto` leaves to inductor under compile
+# (kernels/compiled_choices.json, measured forward + backward for training): the sampler's end-to-end A/B).
+KERNEL_TOKENS: dict[str, str] = {"refops": "reference", "fusedops": "triton"}
 
 
 def _how_fields() -> dict[str, Any]:

@@ -194,6 +194,7 @@ def test_sample_plan_tokens_come_from_sampling_config(monkeypatch):
         dict(precision="bf16-weights", compile="model", cudagraphs="on"), 128, None)
     assert parse_spec("fp8+refops+fp8_recipe=tensorwise+torchao@4") == (
         dict(precision="fp8", fp8_recipe="tensorwise", fp8_impl="torchao"), 4, "reference")
+    assert parse_spec("bf16-weights+fusedops+model@8") == (dict(precision="bf16-weights", compile="model"), 8, "triton")
     assert parse_spec("bf16-weights+fusedmlp+compile=blocks@4").sampling == dict(
         precision="bf16-weights", fused_mlp=True, compile="blocks")
     cfg = parse_spec("bf16+blocks@2").config(SamplingConfig(steps=7, cfg_scale=2.0))
