@@ -5,7 +5,9 @@
 Reads the ops table of a GPU suite result (`sections.ops`) or of `python -m bench.ops_bench` (top level): per op,
 the time of our fastest implementation (triton, cuda) and of torch.compile(reference), forward + backward where
 both were timed, else forward. An op whose kernel was faster runs ours under compile ("ours"); one where inductor's
-fusion was faster traces its reference there ("reference").
+fusion was faster traces its reference there ("reference"). An op timed both ways also gets its forward's decision
+("inference": the table times the forward under no_grad), which a trace without gradients (the sampler) follows;
+from kernel times only (a forward alone is short enough for its wall time to be the host's dispatch).
 
 The time compared is the kernels' device time (`fwd_bwd_kernel_ms`, `fwd_kernel_ms`; "timed": "fwd_bwd kernel")
 where both sides have it: inside the compiled training step the GPU is the bottleneck and each launch overlaps
@@ -28,14 +30,16 @@ TABLE = REPO / "kernels" / "compiled_choices.json"  # what kernels/registry.py r
 FUSED = ("triton", "cuda")
 
 
-def _timing(rows: dict) -> Optional[dict]:
+def _timing(rows: dict, phase: Optional[str] = None) -> Optional[dict]:
     """{"timed", "ours", "ours_ms", "inductor_ms"} from one op's rows (and "ours_wall_ms", "inductor_wall_ms" when
-    decided on kernel time), or None when they cannot be compared."""
+    decided on kernel time), or None when they cannot be compared. phase: "fwd" or "fwd_bwd"; default fwd_bwd where
+    every side has it, else fwd."""
     comp = rows.get("compiled_reference") or {}
     ours = {impl: rows[impl] for impl in FUSED if isinstance(rows.get(impl), dict) and "error" not in rows[impl]}
     if "error" in comp or not ours:
         return None
-    phase = "fwd_bwd" if "fwd_bwd_ms" in comp and all("fwd_bwd_ms" in r for r in ours.values()) else "fwd"
+    if phase is None:
+        phase = "fwd_bwd" if "fwd_bwd_ms" in comp and all("fwd_bwd_ms" in r for r in ours.values()) else "fwd"
     wall = f"{phase}_ms"
     if wall not in comp or not all(wall in r for r in ours.values()):
         return None
@@ -65,8 +69,15 @@ def choices(result: dict, source: str, base: Optional[dict] = None, note: str = 
         t = _timing(rows)
         if t is None:
             continue
-        t["under_compile"] = "ours" if t["ours_ms"] < t["inductor_ms"] else "reference"
-        table["ops"][name] = {"under_compile": t.pop("under_compile"), **t, "results": source}
+        entry = {"under_compile": "ours" if t["ours_ms"] < t["inductor_ms"] else "reference", **t}
+        # a training op's forward alone (timed under no_grad): what a trace without gradients (the sampler) runs.
+        # On kernel time only: a forward alone is 0.1-0.3 ms at XL/1, where the wall time counts the host's dispatch
+        # (bench/results/2026-12-04_h200.md), which the sampler's CUDA graphs do not pay
+        fwd = _timing(rows, "fwd") if t["timed"].startswith("fwd_bwd") else None
+        if fwd is not None and fwd["timed"] == "fwd kernel":
+            entry["inference"] = {"under_compile": "ours" if fwd["ours_ms"] < fwd["inductor_ms"] else "reference",
+                                  **fwd}
+        table["ops"][name] = {**entry, "results": source}
     table["ops"] = dict(sorted(table["ops"].items()))
     return table
 

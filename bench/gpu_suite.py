@@ -575,8 +575,10 @@ def print_table(r: dict) -> None:
         from bench.compiled_choices import choices
         from kernels.registry import compiled_choice
         new = choices({"sections": {"ops": sec["ops"]}}, "this run")["ops"]
-        flips = [f"{op}: {compiled_choice(op)} -> {e['under_compile']} ({e['ours_ms']:.3f} vs {e['inductor_ms']:.3f} ms)"
-                 for op, e in new.items() if e["under_compile"] != compiled_choice(op)]
+        flips = [f"{op}{tag}: {compiled_choice(op, inf)} -> {d['under_compile']} ({d['ours_ms']:.3f} vs "
+                 f"{d['inductor_ms']:.3f} ms)"
+                 for op, e in new.items() for tag, inf, d in (("", False, e), (" (inference)", True, e.get("inference")))
+                 if d is not None and d["under_compile"] != compiled_choice(op, inf)]
         print("under torch.compile, this run would change kernels/compiled_choices.json: " + ("; ".join(flips) or
               "nothing") + " (python -m bench.compiled_choices OUT/gpu_suite.json --write kernels/compiled_choices.json)")
     curve = sec.get("fp8_curve")

@@ -114,14 +114,18 @@ def _load_choices(path: Path = CHOICES_FILE) -> dict:
 _CHOICES = _load_choices()
 
 
-def compiled_choice(name: str) -> str:
+def compiled_choice(name: str, inference: bool = False) -> str:
     """'ours' or 'reference': what `auto` runs for op `name` inside a torch.compile trace, from
     kernels/compiled_choices.json (an entry may follow another op's measurement); an op without an entry (a new
-    op, a test's toy op) runs ours."""
+    op, a test's toy op) runs ours. inference: for a trace that records no gradients (the sampler): the entry's
+    forward-only decision where its measurement has one (`inference`: the ops table times the forward under
+    no_grad), else the entry's own."""
     entry, seen = _CHOICES["ops"].get(name, {}), {name}
     while "follows" in entry and entry["follows"] not in seen:
         seen.add(entry["follows"])
         entry = _CHOICES["ops"].get(entry["follows"], {})
+    if inference and "inference" in entry:
+        return entry["inference"]["under_compile"]
     return entry.get("under_compile", "ours")
 
 
@@ -169,7 +173,8 @@ def choice(name: str, x: torch.Tensor) -> str:
     autograd.Function's backward traced by torch.compile refuses side effects, so its forward chooses and the
     backward calls `implementation(name, chosen)`."""
     op = _OPS[name]
-    chosen, label = backend.choose(name, op.impls.keys(), name in _PREFER_REFERENCE, x)
+    prefer_reference = name in _PREFER_REFERENCE[not torch.is_grad_enabled()]  # training's choice, or inference's
+    chosen, label = backend.choose(name, op.impls.keys(), prefer_reference, x)
     if chosen == "reference" or not op.records_itself:
         backend.record(name, label)
     return chosen
@@ -198,9 +203,10 @@ def _dispatcher(op: Op) -> Callable[..., Any]:
     return dispatch
 
 
-def compiled_prefers_reference() -> frozenset[str]:
-    """The registered ops `auto` traces as their reference inside torch.compile (compiled_choices.json)."""
-    return frozenset(n for n in _OPS if n in _PREFER_REFERENCE)
+def compiled_prefers_reference(inference: bool = False) -> frozenset[str]:
+    """The registered ops `auto` traces as their reference inside torch.compile (compiled_choices.json), in a
+    trace that records gradients or (inference) in one that does not."""
+    return frozenset(n for n in _OPS if n in _PREFER_REFERENCE[inference])
 
 
 def compiled_choices() -> dict:
@@ -208,7 +214,8 @@ def compiled_choices() -> dict:
     return json.loads(json.dumps(_CHOICES))
 
 
-_PREFER_REFERENCE = frozenset(n for n in _CHOICES["ops"] if compiled_choice(n) == "reference")
+_PREFER_REFERENCE = {inference: frozenset(n for n in _CHOICES["ops"] if compiled_choice(n, inference) == "reference")
+                     for inference in (False, True)}
 
 
 def bench_cases(shape: BenchShape, device: str, dtype: torch.dtype,

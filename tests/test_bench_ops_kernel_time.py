@@ -134,11 +134,16 @@ def test_the_choice_follows_kernel_time_where_wall_time_disagrees():
     cuda = {"fwd_ms": 0.191, "fwd_bwd_ms": 0.6545, "fwd_kernel_ms": 0.08, "fwd_bwd_kernel_ms": 0.39}
     e = compiled_choices.choices(_result(triton, comp, cuda), "run.json")["ops"]["norm_modulate"]
     assert e == {"under_compile": "ours", "timed": "fwd_bwd kernel", "ours": "triton", "ours_ms": 0.37,
-                 "inductor_ms": 0.41, "ours_wall_ms": 0.7, "inductor_wall_ms": 0.598, "results": "run.json"}
-    # the other way round: faster on the wall, slower in kernel time -> the reference
+                 "inductor_ms": 0.41, "ours_wall_ms": 0.7, "inductor_wall_ms": 0.598,
+                 "inference": {"under_compile": "ours", "timed": "fwd kernel", "ours": "triton", "ours_ms": 0.075,
+                               "inductor_ms": 0.09, "ours_wall_ms": 0.241, "inductor_wall_ms": 0.142},
+                 "results": "run.json"}
+    # the other way round: faster on the wall, slower in kernel time -> the reference; the forward alone stays
+    # ours: what a trace without gradients (the sampler) runs
     comp2 = {**comp, "fwd_bwd_ms": 0.9, "fwd_bwd_kernel_ms": 0.30}
     e = compiled_choices.choices(_result(triton, comp2, cuda), "run.json")["ops"]["norm_modulate"]
     assert e["under_compile"] == "reference" and e["timed"] == "fwd_bwd kernel" and e["ours_wall_ms"] < 0.9
+    assert e["inference"]["under_compile"] == "ours"
     # an inference op: forward kernel time
     fwd = compiled_choices.choices(_result({"fwd_ms": 0.225, "fwd_kernel_ms": 0.06},
                                            {"fwd_ms": 0.186, "fwd_kernel_ms": 0.07}), "run.json")
@@ -151,10 +156,13 @@ def test_the_choice_falls_back_to_wall_time_without_kernel_times_on_every_side()
     triton = {"fwd_ms": 0.241, "fwd_bwd_ms": 0.70, "fwd_kernel_ms": 0.075, "fwd_bwd_kernel_ms": 0.37}
     e = compiled_choices.choices(_result(triton, comp), "run.json")["ops"]["norm_modulate"]
     assert e == {"under_compile": "reference", "timed": "fwd_bwd", "ours": "triton", "ours_ms": 0.7,
-                 "inductor_ms": 0.598, "results": "run.json"}
+                 "inductor_ms": 0.598, "inference": {"under_compile": "ours", "timed": "fwd kernel", "ours": "triton",
+                                                     "ours_ms": 0.075, "inductor_ms": 0.09, "ours_wall_ms": 0.241,
+                                                     "inductor_wall_ms": 0.142}, "results": "run.json"}
     # one of our backends without kernel time: wall times for all (never one's kernel time against another's wall)
     comp = {**comp, "fwd_bwd_kernel_ms": 0.41}
     cuda = {"fwd_ms": 0.191, "fwd_bwd_ms": 0.6545}
     e = compiled_choices.choices(_result(triton, comp, cuda), "run.json")["ops"]["norm_modulate"]
     assert (e["under_compile"], e["timed"], e["ours"], e["ours_ms"]) == ("reference", "fwd_bwd", "cuda", 0.6545)
-    assert "ours_wall_ms" not in e
+    # and no forward decision of its own: a forward alone on wall time is the host's dispatch
+    assert "ours_wall_ms" not in e and "inference" not in e

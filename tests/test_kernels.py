@@ -582,6 +582,37 @@ def test_auto_policy_under_compile(monkeypatch):
     assert kernels.resolve("swiglu", cuda_like) is swiglu.swiglu_triton  # no CUDA kernel: Triton
 
 
+def test_auto_under_compile_follows_the_forwards_own_decision_without_gradients(monkeypatch):
+    """An entry measured both ways carries its forward's decision (`inference`): a trace that records gradients (the
+    trainer) follows the entry's, one that does not (the sampler) the forward's; an entry without one, its own."""
+    from types import SimpleNamespace
+
+    from kernels import backend, fused_norm, registry
+    cuda_like = SimpleNamespace(is_cuda=True, device="cuda:0")
+    table = registry.compiled_choices()
+    table["ops"]["norm_modulate"] = {"under_compile": "reference", "timed": "fwd_bwd kernel", "ours": "triton",
+                                     "ours_ms": 0.5, "inductor_ms": 0.4, "inference": {
+                                         "under_compile": "ours", "timed": "fwd kernel", "ours": "triton",
+                                         "ours_ms": 0.1, "inductor_ms": 0.12}}
+    monkeypatch.setattr(registry, "_CHOICES", table)
+    monkeypatch.setattr(registry, "_PREFER_REFERENCE", {
+        mode: frozenset(n for n in table["ops"] if registry.compiled_choice(n, mode) == "reference")
+        for mode in (False, True)})
+    kernels.set_backend("auto")
+    monkeypatch.setattr(backend, "cuda_status", lambda x=None: (False, "not built"))
+    monkeypatch.setattr("kernels._triton.runs_on", lambda x: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kernels.resolve("norm_modulate", cuda_like) is reference.norm_modulate
+    assert kernels.resolve("gated_residual_norm_modulate", cuda_like) is reference.gated_residual_norm_modulate
+    with torch.no_grad():
+        assert kernels.resolve("norm_modulate", cuda_like) == fused_norm.TRITON.norm_modulate
+        assert kernels.describe()["ops"]["norm_modulate"] == "triton"
+        # no forward decision of its own: the entry's
+        assert kernels.resolve("gated_residual_norm_modulate", cuda_like) is reference.gated_residual_norm_modulate
+    assert "norm_modulate" in registry.compiled_prefers_reference()
+    assert "norm_modulate" not in registry.compiled_prefers_reference(inference=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_rope_backward_is_autograds(dtype):
     """The reference RoPE's written-out backward equals autograd of the plain formula: bitwise in fp32 and

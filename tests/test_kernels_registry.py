@@ -208,8 +208,14 @@ def test_every_op_has_a_compiled_choice_backed_by_its_measurement():
                                                                            "fwd_bwd kernel")
             assert e["timed"].endswith("kernel") == ("ours_wall_ms" in e and "inductor_wall_ms" in e), name
             assert (REPO / e["results"]).is_file(), e["results"]
+            if "inference" in e:  # the forward's own decision, on kernel time only
+                f = e["inference"]
+                assert f["timed"] == "fwd kernel" and "ours_wall_ms" in f, name
+                assert f["under_compile"] == ("ours" if f["ours_ms"] < f["inductor_ms"] else "reference"), name
     prefer = {n for n in DECLARED_OPS if registry.compiled_choice(n) == "reference"}
     assert registry.compiled_prefers_reference() == prefer
+    prefer = {n for n in DECLARED_OPS if registry.compiled_choice(n, inference=True) == "reference"}
+    assert registry.compiled_prefers_reference(inference=True) == prefer
     assert registry.compiled_choice("layer_norm") == registry.compiled_choice("rms_norm")
     assert registry.compiled_choice("no_such_op") == "ours"  # a new op runs ours until measured
 
