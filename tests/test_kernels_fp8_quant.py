@@ -469,3 +469,30 @@ def test_fp8_sampler_model_with_the_norms_quantizing_is_the_unfused_model_bit_fo
     assert torch.equal(got, compiled_want) and len(launches) == 8
     ran = kernels.describe()["ops"]
     assert ran["norm_modulate_fp8"] == ran["gated_residual_norm_modulate_fp8"] == "triton"
+
+
+def test_fp8_norm_rows_through_the_unfused_attention_and_layernorm_blocks():
+    """LayerNorm blocks (no affine) and the LayerNorm qk-norm, whose attention takes the unfused path (the qkv
+    Linear, then reshape): the e4m3 rows reach qkv there too, bit for bit the unfused model (eager)."""
+    from modeling.fp8 import FP8Linear, FP8SwiGLUFFN, apply_fp8_inference
+    from modeling.lightningdit import LightningDiT
+
+    def model():
+        torch.manual_seed(1)
+        m = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                         num_classes=3, mlp_ratio=3.0, use_qknorm=True, use_rmsnorm=False)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.2)
+        return apply_fp8_inference(_emulated(m.to(torch.bfloat16).to(DEV).eval()), "rowwise", allow_cpu=True,
+                                   quant="ours")
+    fused, unfused = model(), model()
+    for m in unfused.modules():
+        if isinstance(m, (FP8Linear, FP8SwiGLUFFN)):
+            m.input_dtype = None
+    x = torch.randn(2, 4, 4, 4, device=DEV, dtype=torch.bfloat16)
+    t, y = torch.rand(2, device=DEV, dtype=torch.bfloat16), torch.tensor([0, 2], device=DEV)
+    with torch.no_grad():
+        want = unfused(x, t, y)
+        assert torch.equal(fused(x, t, y), want) and want.abs().max() > 0.1
+    assert kernels.describe()["ops"]["gated_residual_norm_modulate_fp8"] == "triton"
