@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from kernels.glue_floor import XL1_B256, StepShape, floor_table
+from kernels.glue_floor import XL1_B256, StepShape, floor_table, sampler_glue_ops
 from modeling.lightningdit import LightningDiTConfig
 
 GLUE = ("inductor fusions", "fused glue (ours)", "other (eager elementwise, copies, reductions)")
@@ -114,12 +114,62 @@ def shortfall(row: dict, ceilings: Ceilings, shape: StepShape = XL1_B256, target
     return res
 
 
+def sampling_shortfall(entry: dict, ceilings: Ceilings, target_img_s: Optional[float] = None,
+                       model: Optional[LightningDiTConfig] = None) -> dict:
+    """The same for one profiled sampling entry (bench.sample_speed's result row: `profile.ms_per_call_by_category`
+    of one `steps_run`-point call at its batch, `ran`: precision, guided steps, model calls). The call's forwards
+    (guided steps run the batch twice) are `s.B` sample-forwards; matmul: their Linear FLOPs (a third of a training
+    step's) at the measured matmul rate (FP8's only where measured: else no floor); attention: its FLOPs at the bf16
+    rate; glue: kernels.glue_floor.sampler_glue_ops's bytes (the bf16 model; FP8's e4m3 rows where it ran FP8);
+    host: the timed call minus its kernel time. Returns shortfall's dict with "call_ms" for "step_ms", and with
+    target_img_s the call time that rate needs (`target_call_ms`, `needed_ms`)."""
+    prof, ran, st = entry["profile"], entry["ran"], entry["settings"]
+    model = model or LightningDiTConfig.from_size(st["size"], input_size=st["input_size"], in_channels=st["in_channels"])
+    forwards = entry["batch_size"] * (ran["model_calls"] + ran["guided_steps"])  # guided: cond and uncond rows
+    s = dataclasses.replace(step_shape(model, forwards), act_bytes=2)
+    cats = dict(prof["ms_per_call_by_category"])
+    call_ms = 1000 * entry["time_s"]
+    fp8 = ran.get("precision") == "fp8"
+    flops = {k: v / 3 for k, v in step_flops(s).items()}  # the forward alone
+    mm_rate, mm_name = (ceilings.fp8_tflops, "FP8") if fp8 else (ceilings.bf16_tflops, "bf16")
+    glue = sampler_glue_ops(s, fp8, proj_fp8="attn.proj in bf16" not in str(ran.get("fp8", "")))
+    glue_bytes = sum(op.step_bytes() for op in glue)
+    rows = [
+        ("matmul", cats.pop("matmul", 0.0), flops["linear"] / mm_rate / 1e9 if mm_rate else None,
+         f"{flops['linear'] / 1e12:.0f} TFLOP at the measured {mm_name} matmul {mm_rate:.0f} TFLOP/s" if mm_rate
+         else f"{flops['linear'] / 1e12:.0f} TFLOP; no measured {mm_name} matmul rate: no floor"),
+        ("attention", cats.pop("attention", 0.0), flops["attention"] / ceilings.bf16_tflops / 1e9,
+         f"{flops['attention'] / 1e12:.1f} TFLOP at the bf16 matmul rate (an upper bound of the saving)"),
+        ("glue (" + ", ".join(c.split(" (")[0] for c in GLUE) + ")", sum(cats.pop(c, 0.0) for c in GLUE),
+         glue_bytes / ceilings.copy_gbps / 1e6,
+         f"{glue_bytes / 1e9:.0f} GB (kernels.glue_floor.sampler_glue_ops{', FP8' if fp8 else ''}) at "
+         f"{ceilings.copy_gbps:.0f} GB/s"),
+        ("host (GPU idle)", max(0.0, call_ms - prof["total_kernel_ms_per_call"]), 0.0,
+         "the timed call minus its kernel time"),
+    ]
+    rows += [(c, v, 0.0, "uncategorised") for c, v in cats.items() if v]
+    out = [{"category": c, "measured_ms": m, "floor_ms": f, "excess_ms": None if f is None else m - f, "floor": why}
+           for c, m, f, why in rows]
+    out.sort(key=lambda r: -(r["excess_ms"] if r["excess_ms"] is not None else -1e30))
+    res = {"case": entry.get("name", ""), "step_ms": call_ms, "call_ms": call_ms, "rows": out,
+           "floor_ms": sum(r["floor_ms"] or 0.0 for r in out), "excess_ms": sum(r["excess_ms"] or 0.0 for r in out),
+           "sample_forwards": forwards}
+    if target_img_s:
+        # img/s scale with the call time (bench.sample_speed scales one call to the full grid by forward cost)
+        res["target_call_ms"] = call_ms * entry["img_per_s"] / target_img_s
+        res["target_step_ms"] = res["target_call_ms"]
+        res["needed_ms"] = call_ms - res["target_call_ms"]
+    return res
+
+
 def markdown(res: dict) -> str:
     """The shortfall as a Markdown table with a one-line verdict."""
     lines = [f"| category | measured ms | floor ms | excess ms | floor |", "| --- | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['category']} | {r['measured_ms']:.1f} | {r['floor_ms']:.1f} | {r['excess_ms']:.1f} | {r['floor']} |"
-              for r in res["rows"]]
-    lines.append(f"| **step** | {res['step_ms']:.1f} | {res['floor_ms']:.1f} | {res['excess_ms']:.1f} | |")
+    num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731  (no floor where no ceiling was measured)
+    lines += [f"| {r['category']} | {r['measured_ms']:.1f} | {num(r['floor_ms'])} | {num(r['excess_ms'])} | "
+              f"{r['floor']} |" for r in res["rows"]]
+    total = "call" if "call_ms" in res else "step"
+    lines.append(f"| **{total}** | {res['step_ms']:.1f} | {res['floor_ms']:.1f} | {res['excess_ms']:.1f} | |")
     if "needed_ms" in res:
         top = res["rows"][0]
         verdict = ("the target is met" if res["needed_ms"] <= 0 else
@@ -127,3 +177,37 @@ def markdown(res: dict) -> str:
                    f"excess is {top['category']} ({top['excess_ms']:.0f} ms over its floor)")
         lines += ["", f"{res['case']}: {verdict}."]
     return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    """python -m bench.shortfall --sampling SAMPLE_JSON --copy-gbps G --bf16-tflops T [--fp8-tflops T]: the table
+    for every profiled entry of a bench.throughput --mode sample result (the suite's sample_throughput.json), at the
+    ceilings a GPU run measured (the suite's part A `ceilings`: no device needed to read a run afterwards)."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m bench.shortfall", description=main.__doc__)
+    p.add_argument("--sampling", required=True, help="a bench.throughput --mode sample JSON")
+    p.add_argument("--copy-gbps", type=float, required=True)
+    p.add_argument("--bf16-tflops", type=float, required=True)
+    p.add_argument("--fp8-tflops", type=float, default=None)
+    p.add_argument("--target-img-s", type=float, default=7.0, help="the FP8 entries' target (issue 18's)")
+    p.add_argument("--target-bf16-img-s", type=float, default=5.5, help="the other entries' target (issue 18's)")
+    a = p.parse_args(argv)
+    try:
+        result = json.loads(open(a.sampling).read())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench.shortfall: {a.sampling}: {e}") from None
+    ceilings = Ceilings(a.copy_gbps, a.bf16_tflops, a.fp8_tflops)
+    target = lambda e: a.target_img_s if e["ran"].get("precision") == "fp8" else a.target_bf16_img_s  # noqa: E731
+    parts = [f"{e['name']}: {e['img_per_s']:.2f} img/s\n\n{markdown(sampling_shortfall(e, ceilings, target(e)))}"
+             for e in result.get("results", []) if isinstance(e.get("profile"), dict)
+             and "ms_per_call_by_category" in e["profile"]]
+    if not parts:
+        raise SystemExit(f"bench.shortfall: {a.sampling}: no profiled sampling entry (run with --profile)")
+    text = "\n\n".join(parts)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -195,6 +195,49 @@ def glue_ops(s: StepShape = XL1_B256) -> list[GlueOp]:
     ]
 
 
+def sampler_glue_ops(s: StepShape, fp8: bool = False, proj_fp8: bool = True) -> list[GlueOp]:
+    """The glue of one forward of the sampler's model (s.B sample-forwards): its bf16 copy (bf16-weights and fp8:
+    every activation, the residual stream and the adaLN vectors in bf16), no backward, the Linears' biases in their
+    GEMMs. fp8: the norms write qkv's and w12's input as e4m3 rows and a scale (kernels.ops.norm_modulate_fp8), the
+    SwiGLU writes w3's (swiglu_fp8), and attention's output is quantized for proj (unless proj_fp8 is False: proj in
+    bf16). Left out: the GEMMs, attention, the (B, C) adaLN and embedder ops, the final Linear and the ODE update
+    (latents: ~1% of a forward's bytes)."""
+    s = dataclasses.replace(s, res_bytes=s.act_bytes)  # the bf16 model's residual stream
+    M, C, N, B, F, a, d = s.M, s.C, s.N, s.B, s.F, s.act_bytes, s.depth
+    vec = lambda name: Move(name, "fwd", False, B * C, a)  # noqa: E731
+    gemm_in = lambda name, K: ((Move(name, "fwd", True, M * K, 1), Move(f"{name}_scale", "fwd", True, M, 4))  # noqa
+                               if fp8 else (Move(name, "fwd", True, M * K, a),))
+    norm = lambda res: ((Move("x", "fwd", False, M * C, a), Move("weight", "fwd", False, C, a), vec("shift"),  # noqa
+                         vec("scale")) + ((vec("gate"), Move("y", "fwd", False, M * C, a),
+                                           Move("h", "fwd", True, M * C, a)) if res else ()) + gemm_in("out", C))
+    ops = [
+        GlueOp("patch embed + pos_embed", "", 1, (Move("conv_out", "fwd", False, M * C, a),
+                                                   Move("pos_embed", "fwd", False, N * C, a),
+                                                   Move("x", "fwd", True, M * C, a)), "analytic only"),
+        GlueOp("norm1 + modulate (first block)", "norm_modulate_fp8" if fp8 else "norm_modulate", 1, norm(False)),
+        GlueOp("gated residual (previous block's mlp) + norm1 + modulate",
+               "gated_residual_norm_modulate_fp8" if fp8 else "gated_residual_norm_modulate", d - 1, norm(True)),
+        GlueOp("q/k RoPE (v read where the qkv GEMM wrote it)", "qkv_rope", d, (
+            Move("qk", "fwd", False, M * 2 * C, a), Move("cos", "fwd", False, N * s.D, 4),
+            Move("sin", "fwd", False, N * s.D, 4), Move("q", "fwd", True, M * C, a), Move("k", "fwd", True, M * C, a)),
+            "0 with RoPE inside the attention kernel"),
+    ]
+    if fp8 and proj_fp8:
+        ops.append(GlueOp("attention output -> proj's e4m3 rows", "quantize_rows_fp8", d,
+                          (Move("attn_out", "fwd", False, M * C, a),) + gemm_in("proj_in", C)))
+    ops += [
+        GlueOp("gated residual (attn) + norm2 + modulate",
+               "gated_residual_norm_modulate_fp8" if fp8 else "gated_residual_norm_modulate", d, norm(True)),
+        GlueOp("SwiGLU", "swiglu_fp8" if fp8 else "swiglu", d,
+               (Move("x12", "fwd", False, M * 2 * F, a),) + gemm_in("out", F)),
+        GlueOp("gated residual (last block's mlp) + final norm + modulate", "gated_residual_norm_modulate", 1,
+               (Move("x", "fwd", False, M * C, a), vec("gate"), Move("y", "fwd", False, M * C, a),
+                Move("weight", "fwd", False, C, a), vec("shift"), vec("scale"), Move("out", "fwd", True, M * C, a)),
+               "h is not used after it: not a floor"),
+    ]
+    return ops
+
+
 def floor_table(s: StepShape = XL1_B256, copy_gbps: float = CARD_COPY_GBPS,
                 measured_copy_gbps: Optional[float] = None) -> list[dict]:
     """One row per glue op: bytes of one call (fwd, bwd), calls per step, GB per step, and the ms per step at
