@@ -155,6 +155,21 @@ def run_sample_mode(a: argparse.Namespace, specs: list[str] | None, batch_sizes:
     return rows
 
 
+def sampling_shortfall_report(results: list[dict], device: torch.device) -> dict:
+    """On a GPU, after profiled sampling entries: the card's ceilings measured here (copy, bf16 and FP8 matmul: ~2 s,
+    bench.gpu_suite.ceilings) and each profiled entry's calls by category against its floors (bench.shortfall,
+    printed): {"ceilings", "shortfall"}; {} elsewhere (no ceilings to read the profile against)."""
+    if device.type != "cuda":
+        return {}
+    from bench.gpu_suite import ceilings
+    from bench.shortfall import Ceilings, markdown, sampling_shortfalls
+    ceil = ceilings(False)
+    res = sampling_shortfalls(results, Ceilings.from_suite(ceil))
+    for name, r in res.items():
+        print(f"\n{name}: against the floors at this card's measured ceilings\n{markdown(r)}")
+    return {"ceilings": ceil, "shortfall": res}
+
+
 # ----------------------------------------------------------------------------- reports and CLI
 
 def _ran(r: dict) -> str:
@@ -302,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(a.device if a.mode == "sample" else "cuda" if torch.cuda.is_available() else "cpu")
     report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak, "mode": a.mode,
               "config": a.config if a.mode == "train" else None, "results": results}
+    if a.mode == "sample" and a.profile:
+        report.update(sampling_shortfall_report(results, device))
     if int(os.environ.get("RANK", "0")) == 0:
         for f in write_report(report, a.out):
             print(f"wrote {f}")

@@ -128,3 +128,23 @@ def test_sampling_shortfall_cli_refuses_a_result_without_profiles(tmp_path):
         main(["--sampling", str(bad), "--copy-gbps", "4000", "--bf16-tflops", "700"])
     with pytest.raises(SystemExit, match="s2.json"):
         main(["--sampling", str(tmp_path / "s2.json"), "--copy-gbps", "4000", "--bf16-tflops", "700"])
+
+
+def test_a_profiled_sampling_run_on_a_gpu_reads_itself_against_its_ceilings(monkeypatch, capsys):
+    """bench.throughput --mode sample --profile: on a GPU it measures the card's ceilings after its entries and
+    tables each profiled entry against them (FP8 against 7 img/s, bf16 against 5.5); elsewhere nothing."""
+    import json
+
+    import bench.gpu_suite
+    from bench.throughput import sampling_shortfall_report
+    entries = json.loads(open(H200_SAMPLING).read())["results"]
+    assert sampling_shortfall_report(entries, torch.device("cpu")) == {}
+    ceil = {"copy_GBps": 4249.8, "bf16_matmul_TFLOPs": 791.2, "fp8_matmul_TFLOPs": 1400.0}
+    monkeypatch.setattr(bench.gpu_suite, "ceilings", lambda smoke: ceil)
+    rep = sampling_shortfall_report(entries, torch.device("cuda"))
+    assert rep["ceilings"] == ceil and len(rep["shortfall"]) == 2  # the third entry was not started
+    fp8 = rep["shortfall"]["XL/1 fp8+model+graphs@128 sample"]
+    assert fp8["target_call_ms"] == pytest.approx(fp8["call_ms"] * entries[1]["img_per_s"] / 7.0)
+    assert {r["category"]: r["floor_ms"] for r in fp8["rows"]}["matmul"] == pytest.approx(1171e12 / 1400e12 * 1e3,
+                                                                                         rel=2e-3)
+    assert capsys.readouterr().out.count("against the floors at this card's measured ceilings") == 2
