@@ -257,7 +257,8 @@ def apply_fp8_inference(model: nn.Module, recipe: str = "rowwise", allow_cpu: bo
     'ours' (rowwise): our one-pass kernels quantize -- each SwiGLU MLP becomes an FP8SwiGLUFFN
     (`kernels.ops.swiglu_fp8`), attn.proj's input goes through `kernels.ops.quantize_rows_fp8`, and qkv's and w12's
     inputs are quantized by the block's norms in their own pass (norm_input: `kernels.ops.norm_modulate_fp8` and its
-    gated variant, under torch.compile too: inductor's fusion of the plain ops loops over each row three times)."""
+    gated variant, under torch.compile too: inductor's fusion of the norm and the plain quantization took 2.5x its
+    bytes' time on the H200, bench/results/2026-12-05_fp8_norm_quant.md)."""
     if recipe not in ("rowwise", "tensorwise"):
         raise FP8Unavailable(f"recipe {recipe!r} is not an FP8 inference recipe; choose rowwise or tensorwise")
     if quant not in FP8_QUANT:
