@@ -290,11 +290,12 @@ def test_norm_rows_per_program_ragged_and_bitwise_across_tiles(C, N, monkeypatch
 def test_norm_autotuned_launchers_prune_and_run_the_chosen_tile(monkeypatch):
     """The GPU path of the norm launchers (triton.autotune over BLOCK_M and warps), run under the interpreter with
     the autotuner's timer replaced: the candidates are the pruned tiles for the row width (hidden 1152 as 1024 + 128:
-    1-8 rows forward, 1 backward; 72 as 64 + 8: 16-32 rows forward, 16 backward), none whose 128- or 8-wide tile
+    1-8 rows forward, at most 64 values a thread of the padded 2048, 1 backward; 72 as 64 + 8: 16-32 rows forward,
+    16 backward), none whose 128- or 8-wide tile
     leaves threads without an element, the fastest is launched with its grid, and the results match float64
     (forward and backward)."""
     monkeypatch.setattr(fused_norm._triton, "interpreting", lambda: False)  # the launchers take the tuned kernels
-    for C, expect in ((1152, {"fwd": {(1, 4), (2, 8), (4, 8), (4, 16), (8, 16)}, "bwd": {(1, 4)}}),
+    for C, expect in ((1152, {"fwd": {(1, 4), (2, 8), (4, 8), (4, 16), (8, 16), (4, 4), (8, 8)}, "bwd": {(1, 4)}}),
                       (72, {"fwd": {(16, 4), (32, 4), (32, 8)}, "bwd": {(16, 4)}})):
         tried = {"fwd": set(), "bwd": set()}
         best = 8 if C == 1152 else 16  # the fake timer prefers BLOCK_M closest to this, then fewer warps

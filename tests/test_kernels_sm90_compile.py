@@ -62,13 +62,15 @@ def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ())
             norm_tile_b = 8 if name.startswith(("norm ", "norm_fp8 ")) else 0
             assert r["scalar_loads"] <= 4 + 3 * ("qkv_rope" in name) + norm_tile_b, (name, r)
         if name.startswith("norm_fp8 "):
-            # the FP8 sampler's norms with the e4m3 rows: the hardware cast; ~55 SASS instructions an element at 4
-            # rows over 8 warps (7 bytes an element: about the bytes' time at the H200's issue rate), 62-83 at 1-2 rows
-            assert r["e4m3_cvt"] and r["sass_per_element"] <= (60 if "BLOCK_M=4" in name else 85), (name, r)
+            # the FP8 sampler's norms with the e4m3 rows: the hardware cast; 35-39 SASS instructions an element at 4
+            # rows over 4 warps or 8 over 8 (7 bytes an element: under the bytes' time at the H200's issue rate), ~55
+            # at 4 rows over 8 warps, 62-83 at 1-2 rows
+            limit = 42 if ("BLOCK_M=4 warps=4" in name or "BLOCK_M=8 warps=8" in name) else 85
+            assert r["e4m3_cvt"] and r["sass_per_element"] <= limit, (name, r)
         if name.startswith("norm ") and "C=1152" in name:
             # the row as two exact tiles, 32-bit offsets inside a program's rows, the adaLN vectors once a tile:
             # the one 2048-wide tile issued 49-70 SASS instructions per real element forward, 83-87 backward (static
-            # counts, Triton 3.9 and 3.6); now 31-46 and 61-62
+            # counts, Triton 3.9 and 3.6); now 31-46 and 61-62, and 20-22 forward at 4 rows over 4 warps / 8 over 8
             assert r["sass_per_element"] <= (48 if " fwd " in name else 70), (name, r)
 
 
