@@ -195,9 +195,10 @@ def main(argv: Optional[list[str]] = None) -> str:
     """python -m bench.shortfall --sampling SAMPLE_JSON --copy-gbps G --bf16-tflops T [--fp8-tflops T]: the table
     for every profiled entry of a bench.throughput --mode sample result (the suite's sample_throughput.json), at the
     ceilings a GPU run measured (the suite's part A `ceilings`: no device needed to read a run afterwards)."""
-    import argparse
     import json
-    p = argparse.ArgumentParser(prog="python -m bench.shortfall", description=main.__doc__)
+
+    from modeling.config import cli_parser
+    p = cli_parser("bench.shortfall", main.__doc__)
     p.add_argument("--sampling", required=True, help="a bench.throughput --mode sample JSON")
     p.add_argument("--copy-gbps", type=float, required=True)
     p.add_argument("--bf16-tflops", type=float, required=True)

@@ -157,11 +157,11 @@ def run_sample_mode(a: argparse.Namespace, specs: list[str] | None, batch_sizes:
 
 def sampling_shortfall_report(results: list[dict], device: torch.device) -> dict:
     """On a GPU, after profiled sampling entries: the card's ceilings measured here (copy, bf16 and FP8 matmul: ~2 s,
-    bench.gpu_suite.ceilings) and each profiled entry's calls by category against its floors (bench.shortfall,
+    bench.ceilings) and each profiled entry's calls by category against its floors (bench.shortfall,
     printed): {"ceilings", "shortfall"}; {} elsewhere (no ceilings to read the profile against)."""
     if device.type != "cuda":
         return {}
-    from bench.gpu_suite import ceilings
+    from bench.ceilings import ceilings
     from bench.shortfall import Ceilings, markdown, sampling_shortfalls
     ceil = ceilings(False)
     res = sampling_shortfalls(results, Ceilings.from_suite(ceil))

@@ -135,12 +135,12 @@ def test_a_profiled_sampling_run_on_a_gpu_reads_itself_against_its_ceilings(monk
     tables each profiled entry against them (FP8 against 7 img/s, bf16 against 5.5); elsewhere nothing."""
     import json
 
-    import bench.gpu_suite
+    import bench.ceilings
     from bench.throughput import sampling_shortfall_report
     entries = json.loads(open(H200_SAMPLING).read())["results"]
     assert sampling_shortfall_report(entries, torch.device("cpu")) == {}
     ceil = {"copy_GBps": 4249.8, "bf16_matmul_TFLOPs": 791.2, "fp8_matmul_TFLOPs": 1400.0}
-    monkeypatch.setattr(bench.gpu_suite, "ceilings", lambda smoke: ceil)
+    monkeypatch.setattr(bench.ceilings, "ceilings", lambda smoke: ceil)
     rep = sampling_shortfall_report(entries, torch.device("cuda"))
     assert rep["ceilings"] == ceil and len(rep["shortfall"]) == 2  # the third entry was not started
     fp8 = rep["shortfall"]["XL/1 fp8+model+graphs@128 sample"]
