@@ -546,7 +546,7 @@ def _(x12, pow2=False):
 def _prune_norm_fp8_tiles(configs, named_args, **kwargs):
     """The norms' row tiles (_prune_split_tiles) at most 8 warps: compiled for sm_90 at hidden 1152, the 16-warp
     tiles spill (Triton 3.9: 64-72 bytes at 8 rows; 3.6: 8 bytes at 4) or issue ~80 SASS instructions an element
-    against ~55 at 4 rows over 8 warps (kernels.sm90_check)."""
+    against 35-39 at 4 rows over 4 warps or 8 over 8 (kernels.sm90_check)."""
     keep = [c for c in _prune_split_tiles(configs, named_args, **kwargs) if c.num_warps <= 8]
     return keep or configs[:1]
 
