@@ -349,9 +349,12 @@ EXTRA_COMMANDS = {
                                    "\"num_heads\": 2, \"patch_size\": 1}' --ours $OUT/sample_throughput.json "
                                    "--out $OUT/authors_sample.json")),
     # the block's GEMMs at the sampler's rows (batch 128 guided: 65536): bf16, torch._scaled_mm per row / per
-    # tensor, FP8Linear compiled (activation quantization included), ~40 s
-    "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm --fp8 --batch 256 --out $OUT > $OUT/fp8_gemm.log 2>&1",
-                 90, f"{_PY} -m bench.profile_step --smoke --sections gemm --fp8 --out $OUT"),
+    # tensor, FP8Linear compiled (activation quantization included), ~40 s; then each GEMM of the training step
+    # (forward, dgrad, wgrad) in bf16 and as FP8TrainingLinear runs them per recipe, alone, with each recipe's GEMM
+    # ms per XL/1 step (train_gemm: why FP8 training measured no faster than bf16), ~15 s
+    "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm,train_gemm --fp8 --batch 256 --out $OUT "
+                 "> $OUT/fp8_gemm.log 2>&1",
+                 120, f"{_PY} -m bench.profile_step --smoke --sections gemm,train_gemm --fp8 --out $OUT"),
     # Nsight: the README's nsys recipe if nsys works there, else ncu over every kernel of one compiled XL/1-width
     # training step (2 blocks, batch 256) tabulated by bench.ncu_table (issues 13, 18.6), < 4 min
     "nsight": ("bash bench/nsys_check.sh", 270, None),

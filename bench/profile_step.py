@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,15 +86,14 @@ def gemm_shapes(batch: int, smoke: bool, fp8: bool = False, rows: int | None = N
         out[name] = {"ms": ms, "TFLOPs": 2 * m * k * n / ms / 1e9}
         if not fp8 or "adaLN" in name:
             continue
-        from modeling.fp8 import FP8Linear, quantize_fp8
+        from modeling.fp8 import FP8Linear, forward_mm, quantize_fp8
         for rowwise in (True, False):
             tag = "rowwise" if rowwise else "tensorwise"
             aq, sa = quantize_fp8(a, rowwise)
             wq, sw = quantize_fp8(w, rowwise)
             sw = sw.reshape(1, -1) if rowwise else sw
             try:
-                ms = _bench(lambda: torch._scaled_mm(aq, wq.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
-                                                     use_fast_accum=True), smoke)
+                ms = _bench(lambda: forward_mm(aq, sa, wq, sw, None), smoke)
                 out[f"{name} fp8 {tag} mm"] = {"ms": ms, "TFLOPs": 2 * m * k * n / ms / 1e9}
                 lin = torch.nn.Linear(k, n, bias=True, device=dev, dtype=torch.bfloat16).requires_grad_(False)
                 f = FP8Linear(lin, rowwise)
@@ -102,6 +102,93 @@ def gemm_shapes(batch: int, smoke: bool, fp8: bool = False, rows: int | None = N
                 out[f"{name} fp8 {tag} FP8Linear compiled"] = {"ms": ms, "TFLOPs": 2 * m * k * n / ms / 1e9}
             except Exception as e:  # noqa: BLE001 -- one kernel refusing must not hide the others
                 out[f"{name} fp8 {tag}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return out
+
+
+# The block's Linears at XL/1: (in, out) features; the step runs each forward, dgrad and wgrad once per block
+BLOCK_LINEARS = {"qkv": (1152, 3456), "proj": (1152, 1152), "w12": (1152, 6144), "w3": (3072, 1152)}
+SMOKE_LINEARS = {"qkv": (96, 288), "proj": (96, 96)}
+XL_DEPTH = 28
+
+
+def training_gemm_calls(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
+                        bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each GEMM of one block Linear's training step as a call on operands made here, beforehand: x (M, K) and the
+    output gradient g (M, N) in bf16, the fp32 master weight w (N, K), a bf16 bias. bf16 as autograd runs them (the
+    forward with its bias, dgrad g W, wgrad g^T x); FP8 as FP8TrainingLinear runs them (modeling.fp8's forward_mm,
+    rowwise_dgrad, wgrad_mm, tensorwise_dgrad, tensorwise_wgrad -- the last with its two transposing copies -- on
+    the trainer's own weight operands and activation quantizers: tests check the results against the trainer's
+    outputs and gradients bit for bit); and the row-wise gradient GEMMs with fast accumulation (a what-if: training
+    accumulates them in two levels)."""
+    from kernels.fp8_quant import pad_rows
+    from modeling import fp8
+
+    (n, k), dev, e4m3, bf16 = w.shape, w.device, torch.float8_e4m3fn, torch.bfloat16
+    wb = w.to(bf16)
+    # row-wise: power-of-two scales, W per output channel and W^T per input channel
+    w_q, w_s = torch.empty(n, k, dtype=e4m3, device=dev), torch.empty(1, n, device=dev)
+    wt_q, wt_s = torch.empty(k, n, dtype=e4m3, device=dev), torch.empty(k, 1, device=dev)
+    fp8.quantize_weight_rowwise(w, w_q, w_s, wt_q, wt_s)
+    x_q = fp8.quantize_along(x, -1, pow2=True)
+    g_q = fp8.quantize_along(g, -1, pow2=True)
+    gt_q = fp8.quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True)
+    xt_q = fp8.quantize_along(pad_rows(x).t().contiguous(), -1, pow2=True)
+    # tensorwise: one scale per tensor, e5m2 gradients
+    tw_q, tw_s = torch.empty(n, k, dtype=e4m3, device=dev), torch.empty((), device=dev)
+    twt_q, twt_s = torch.empty(k, n, dtype=e4m3, device=dev), torch.empty((), device=dev)
+    fp8.quantize_weight_tensorwise(w, tw_q, tw_s, twt_q, twt_s)
+    tx_q = fp8.quantize_along(x, None)
+    tg_q = fp8.quantize_along(g, None, torch.float8_e5m2)
+    return {
+        "bf16 fwd": lambda: F.linear(x, wb, bias),
+        "bf16 dgrad": lambda: g @ wb,
+        "bf16 wgrad": lambda: g.t() @ x,
+        "rowwise fwd": lambda: fp8.forward_mm(*x_q, w_q, w_s, bias),
+        "rowwise dgrad": lambda: fp8.rowwise_dgrad(g, wt_q, wt_s, g_q),
+        "rowwise wgrad": lambda: fp8.wgrad_mm(*gt_q, *xt_q),
+        "rowwise dgrad fast-accum (what-if)": lambda: fp8.rowwise_dgrad(g, wt_q, wt_s, g_q, fast_accum=True),
+        "rowwise wgrad fast-accum (what-if)": lambda: fp8.wgrad_mm(*gt_q, *xt_q, fast_accum=True),
+        "tensorwise fwd": lambda: fp8.forward_mm(*tx_q, tw_q, tw_s, bias),
+        "tensorwise dgrad": lambda: fp8.tensorwise_dgrad(*tg_q, twt_q, twt_s, bf16),
+        "tensorwise wgrad (with its transposes)": lambda: fp8.tensorwise_wgrad(*tg_q, *tx_q),
+    }
+
+
+# each recipe's three GEMMs of a Linear (rowwise_with_gw_hp: row-wise forward and dgrad, the wgrad in bf16)
+RECIPE_GEMMS = {"bf16": ("bf16 fwd", "bf16 dgrad", "bf16 wgrad"),
+                "rowwise": ("rowwise fwd", "rowwise dgrad", "rowwise wgrad"),
+                "rowwise_with_gw_hp": ("rowwise fwd", "rowwise dgrad", "bf16 wgrad"),
+                "tensorwise": ("tensorwise fwd", "tensorwise dgrad", "tensorwise wgrad (with its transposes)")}
+
+
+def training_gemms(batch: int, smoke: bool, depth: int = XL_DEPTH) -> dict:
+    """training_gemm_calls timed for each block Linear at M = batch x 256 tokens (ms and TFLOP/s per GEMM), and
+    `per_step_ms`: each recipe's GEMMs over `depth` blocks -- GEMM time alone; the quantization passes are the step
+    profile's to count. Why: on 2026-12-04 FP8 training ran no faster than bf16 through the trainer (H200, 551.4
+    vs 554.7 img/s) without a profile; this says per GEMM whether FP8 is the faster multiply at the trainer's
+    shapes (a wgrad's output is as small as the weight while its sums run over all the step's tokens)."""
+    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    M = 64 if smoke else batch * 256
+    out: dict = {"tokens": M, "depth": depth}
+    totals = dict.fromkeys(RECIPE_GEMMS, 0.0)
+    for name, (k, n) in (SMOKE_LINEARS if smoke else BLOCK_LINEARS).items():
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(M, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        g = torch.randn(M, n, device=dev, dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(n, k, device=dev, generator=gen) / math.sqrt(k)
+        bias = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)
+        rows: dict[str, object] = {}
+        for label, fn in training_gemm_calls(x, g, w, bias).items():
+            try:
+                ms = _bench(fn, smoke)
+                rows[label] = {"ms": ms, "TFLOPs": 2 * M * k * n / ms / 1e9}
+            except Exception as e:  # noqa: BLE001 -- one GEMM refusing must not hide the others
+                rows[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        out[name] = rows
+        for recipe, labels in RECIPE_GEMMS.items():
+            totals[recipe] += depth * sum(rows[lb]["ms"] if isinstance(rows[lb], dict) else float("nan")
+                                          for lb in labels)
+    out["per_step_ms"] = totals
     return out
 
 
@@ -115,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/tmp"))
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sections", default="attention,gemm,profile", help="which of attention, gemm, profile")
+    ap.add_argument("--sections", default="attention,gemm,profile",
+                    help="which of attention, gemm, train_gemm (each GEMM of the training step, bf16 and FP8), profile")
     ap.add_argument("--fp8", action="store_true", help="gemm: also the FP8 GEMMs (torch._scaled_mm, FP8Linear)")
     ap.add_argument("--rows", type=int, default=None, help="gemm: token rows (default batch * 256)")
     a = ap.parse_args(argv)
@@ -124,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"environment": environment(device)}
     sections = {"attention": lambda: attention_shapes(batch, a.smoke),
                 "gemm": lambda: gemm_shapes(batch, a.smoke, a.fp8, a.rows),
+                "train_gemm": lambda: training_gemms(batch, a.smoke),
                 "profile": lambda: profile_training("configs/dit_tiny_cpu.yaml" if a.smoke else a.config, a.spec,
                                                     batch, a.steps)}
     wanted = [x.strip() for x in a.sections.split(",") if x.strip()]
@@ -153,7 +242,23 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(res.get(sec), dict):
             for k, v in res[sec].items():
                 print(f"{sec}: {k:32s} {v}")
+    if isinstance(res.get("train_gemm"), dict):
+        print(train_gemm_table(res["train_gemm"]))
     return res
+
+
+def train_gemm_table(t: dict) -> str:
+    """training_gemms' result as a short text table: ms per GEMM and linear, then each recipe's GEMMs per step."""
+    linears = [k for k, v in t.items() if isinstance(v, dict) and k != "per_step_ms"]
+    labels = list(dict.fromkeys(lb for k in linears for lb in t[k]))
+    lines = [f"train_gemm at {t['tokens']} tokens (ms; each GEMM alone) " + " ".join(f"{k:>8s}" for k in linears)]
+    for lb in labels:
+        cells = [t[k].get(lb) for k in linears]
+        lines.append(f"  {lb:40s} " + " ".join(f"{c['ms']:8.3f}" if isinstance(c, dict) else f"{'error':>8s}"
+                                                 for c in cells))
+    lines.append(f"  GEMMs per step ({t['depth']} blocks): " + ", ".join(f"{r} {v:.1f} ms"
+                                                                       for r, v in t["per_step_ms"].items()))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

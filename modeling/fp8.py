@@ -167,8 +167,7 @@ class FP8Linear(nn.Module):
 
     def matmul(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """(rows, K) e4m3 and its scale (as quantize_input returns them) -> (rows, N) bf16."""
-        return torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return forward_mm(x_q, x_scale, self.weight_fp8, self.weight_scale, self.bias)
 
     def forward(self, x: Union[torch.Tensor, FP8Rows]) -> torch.Tensor:
         if isinstance(x, FP8Rows):  # quantized per row by the op that made it
@@ -369,6 +368,16 @@ def _add_bias(mm_dtype: torch.dtype, out_dtype: torch.dtype,
     return (bias.to(mm_dtype) if fuse else None), fuse
 
 
+def forward_mm(a_q: torch.Tensor, a_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A forward GEMM of the FP8 linears: a (M, K) e4m3 times W^T (w_fp8 (N, K) row-major, so .t() is the
+    column-major B), scales per row / per output channel (one each: tensorwise), fast accumulation, `bias` (or None)
+    added in the epilogue. Each GEMM of the FP8 linears is declared once (forward_mm, rowwise_dgrad, wgrad_mm,
+    tensorwise_dgrad, tensorwise_wgrad): the autograd functions run them, bench.profile_step times them alone."""
+    return torch._scaled_mm(a_q, w_fp8.t(), scale_a=a_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=True)
+
+
 def _bias_grad(g: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else g.sum(0, dtype=torch.float32).to(bias.dtype)
 
@@ -397,8 +406,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         else:
             x_q, x_scale = quantize_along(x, -1 if rowwise else None, pow2=rowwise)
         epilogue, fused = _add_bias(mm_dtype, x.dtype, bias)
-        y = torch._scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, bias=epilogue, out_dtype=mm_dtype,
-                             use_fast_accum=True)
+        y = forward_mm(x_q, x_scale, w_fp8, w_scale, epilogue, mm_dtype)
         if recipe == "tensorwise":  # the same tensor scale serves the wgrad: keep 1-byte x, not x
             ctx.save_for_backward(x_q, x_scale, wt_fp8, wt_scale, bias)
         elif xt is not None:  # the wgrad's x^T already quantized: 1 byte per element kept instead of x's 2
@@ -420,39 +428,53 @@ class _FP8LinearFunction(torch.autograd.Function):
         if recipe == "tensorwise":
             x_q, x_scale, wt_fp8, wt_scale, bias = ctx.saved_tensors
             g_q, g_scale = quantize_along(g, None, torch.float8_e5m2)
-            # dgrad: dy (M,N) e5m2 @ W (N,K) e4m3 (W^T stored contiguous, so .t() is the column-major B)
-            dx = torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=ctx.x_dtype)
-            # wgrad: dy^T (N,M) @ x (M,K); one scale per tensor survives the transposes
-            gt = pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
-            xt = pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
-            dw = torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
+            dx = tensorwise_dgrad(g_q, g_scale, wt_fp8, wt_scale, ctx.x_dtype)
+            dw = tensorwise_wgrad(g_q, g_scale, x_q, x_scale)
             return dx, dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None, None, None
         x, wt_fp8, wt_scale, bias = ctx.saved_tensors[:4]  # (x: x^T in e4m3 where x_transposed)
         xt = (x, ctx.saved_tensors[4]) if ctx.x_transposed else None
         if ctx.grad_quant:  # dy from an op of ours (opaque): both its quantizations and its sum in two passes
             quantize = registry.implementation("quantize_rows_cols_fp8", ctx.grad_quant)
             g_q, g_scale, gt_q, gt_scale, g_sum = quantize(g, pow2=True)
-            dx = _rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
-            dw = _rowwise_wgrad(g, x, recipe, (gt_q, gt_scale), xt)
+            dx = rowwise_dgrad(g, wt_fp8, wt_scale, (g_q, g_scale))
+            dw = rowwise_wgrad(g, x, recipe, (gt_q, gt_scale), xt)
             db = None if bias is None else g_sum.to(bias.dtype)
         else:
-            dx, dw = _rowwise_dgrad(g, wt_fp8, wt_scale), _rowwise_wgrad(g, x, recipe, x_quantized_t=xt)
+            dx, dw = rowwise_dgrad(g, wt_fp8, wt_scale), rowwise_wgrad(g, x, recipe, x_quantized_t=xt)
             db = _bias_grad(g, bias)
         return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), db, None, None, None, None, None, None, None
 
 
-def _rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor,
-                   quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def tensorwise_dgrad(g_q: torch.Tensor, g_scale: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """dgrad of the tensorwise recipe: dy (M, N) e5m2 @ W (N, K) e4m3 (W^T stored contiguous, so .t() is the
+    column-major B), one scale each."""
+    return torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=out_dtype)
+
+
+def tensorwise_wgrad(g_q: torch.Tensor, g_scale: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """wgrad of the tensorwise recipe: dy^T (N, M) @ x (M, K) in fp32 from the forward's and dgrad's own e4m3 / e5m2
+    operands (one scale per tensor survives the transposes), each transposed by a copy (_scaled_mm takes A
+    row-major and B column-major), the tokens padded to a multiple of 16."""
+    gt = pad_rows(g_q.view(torch.uint8)).view(torch.float8_e5m2).t().contiguous()
+    xt = pad_rows(x_q.view(torch.uint8)).view(torch.float8_e4m3fn).t().contiguous()
+    return torch._scaled_mm(gt, xt.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
+
+
+def rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor,
+                  quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None, fast_accum: bool = False) -> torch.Tensor:
     """dy (M, N) -> dx (M, K) bf16 for the row-wise recipes: dy in e4m3 with one power-of-two scale per token
-    (`quantized`: already so), W^T (K, N) stored contiguous with one scale per input channel."""
+    (`quantized`: already so), W^T (K, N) stored contiguous with one scale per input channel. The gradient GEMMs
+    accumulate in two levels (fast_accum False: the tensor cores' partial sums promoted to fp32 as they go); the
+    forward's do not. fast_accum=True is bench.profile_step's what-if, not a training setting."""
     g_q, g_scale = quantized if quantized is not None else quantize_along(g, -1, pow2=True)
     return torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale.reshape(1, -1),
-                            out_dtype=torch.bfloat16)
+                            out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
-def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str,
-                   quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                   x_quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str,
+                  quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                  x_quantized_t: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """dW (N, K) = dy^T x for the row-wise recipes: in bf16 (rowwise_with_gw_hp), or dy^T (N, M) scaled per output
     channel and x^T (K, M) per input channel, both over the tokens (padded to a multiple of 16) in e4m3
     (`quantized_t` / `x_quantized_t`: dy^T / x^T already so; x is then not read)."""
@@ -462,8 +484,16 @@ def _rowwise_wgrad(g: torch.Tensor, x: torch.Tensor, recipe: str,
                       else quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True))
     xt_q, xt_scale = (x_quantized_t if x_quantized_t is not None
                       else quantize_along(pad_rows(x).t().contiguous(), -1, pow2=True))
+    return wgrad_mm(gt_q, gt_scale, xt_q, xt_scale)
+
+
+def wgrad_mm(gt_q: torch.Tensor, gt_scale: torch.Tensor, xt_q: torch.Tensor, xt_scale: torch.Tensor,
+             fast_accum: bool = False) -> torch.Tensor:
+    """The row-wise recipe's wgrad GEMM: dy^T (N, Mp) e4m3 per output channel times x^T (K, Mp) e4m3 per input
+    channel, both contiguous over the padded tokens (.t() makes x^T the column-major B), bf16 out; its sums run over
+    every token of the step (two-level accumulation; fast_accum as rowwise_dgrad's)."""
     return torch._scaled_mm(gt_q, xt_q.t(), scale_a=gt_scale, scale_b=xt_scale.reshape(1, -1),
-                            out_dtype=torch.bfloat16)
+                            out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 def swiglu_recomputed(x12: torch.Tensor) -> torch.Tensor:
@@ -496,8 +526,7 @@ class _FP8SwiGLUOutFunction(torch.autograd.Function):
         else:
             h_q, h_scale, col_amax = ops.swiglu_fp8_colmax(x12, pow2=True)
         epilogue, fused = _add_bias(torch.bfloat16, x12.dtype, bias)
-        y = torch._scaled_mm(h_q, w_fp8.t(), scale_a=h_scale, scale_b=w_scale, bias=epilogue,
-                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        y = forward_mm(h_q, h_scale, w_fp8, w_scale, epilogue)
         ctx.save_for_backward(x12, col_amax, wt_fp8, wt_scale, bias)
         ctx.recipe, ctx.w_dtype = recipe, weight.dtype
         y = y.to(x12.dtype)
@@ -507,15 +536,14 @@ class _FP8SwiGLUOutFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x12, col_amax, wt_fp8, wt_scale, bias = ctx.saved_tensors
         g = grad_out.contiguous()
-        dh = _rowwise_dgrad(g, wt_fp8, wt_scale).to(x12.dtype)
+        dh = rowwise_dgrad(g, wt_fp8, wt_scale).to(x12.dtype)
         h = swiglu_recomputed(x12)
         if ctx.recipe == "rowwise_with_gw_hp":
-            dw = _rowwise_wgrad(g, h, ctx.recipe)
-        else:  # as _rowwise_wgrad, h^T scaled by the column maxima the forward took
+            dw = rowwise_wgrad(g, h, ctx.recipe)
+        else:  # as rowwise_wgrad, h^T scaled by the column maxima the forward took
             gt_q, gt_scale = quantize_along(pad_rows(g).t().contiguous(), -1, pow2=True)
             ht_q, ht_scale = quantize_by_amax(pad_rows(h).t(), col_amax.reshape(-1, 1), pow2=True)
-            dw = torch._scaled_mm(gt_q, ht_q.contiguous().t(), scale_a=gt_scale, scale_b=ht_scale.reshape(1, -1),
-                                  out_dtype=torch.bfloat16)
+            dw = wgrad_mm(gt_q, gt_scale, ht_q.contiguous(), ht_scale)
         return _swiglu_backward(dh, x12), dw.to(ctx.w_dtype), _bias_grad(g, bias), None, None, None, None, None
 
 

@@ -659,3 +659,29 @@ def test_trainer_fp8_quant_from_config(tmp_path):
     assert sum(isinstance(m, FP8TrainingSwiGLUFFN) for m in trainer.model.modules()) == 2
     with pytest.raises(ConfigError, match="quant ours.*row-wise recipe"):
         _trainer(tmp_path / "c", "fp8.backend=scaled_mm", "fp8.recipe=tensorwise", "fp8.quant=ours")
+
+
+@pytest.mark.parametrize("recipe", SCALED_MM_RECIPES)
+def test_the_gemm_table_times_the_trainers_own_gemms(recipe):
+    """bench.profile_step's train_gemm section times each GEMM of the step alone, on operands it makes beforehand: its
+    forward, dgrad and wgrad give FP8TrainingLinear's output and gradients bit for bit (ragged tokens: the wgrad's
+    padding), and its bf16 rows autograd's of the bf16 Linear -- the table times the trainer's multiplies, not
+    stand-ins."""
+    from bench.profile_step import RECIPE_GEMMS, training_gemm_calls
+    torch.manual_seed(0)
+    M, K, N = 37, 48, 80
+    lin = nn.Linear(K, N)  # the fp32 master weight
+    x = (2 * torch.randn(M, K)).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(M, N).to(torch.bfloat16)
+    y = FP8TrainingLinear(lin, recipe)(x)
+    y.backward(g)
+    calls = training_gemm_calls(x.detach(), g, lin.weight.detach(), lin.bias.detach().to(torch.bfloat16))
+    fwd, dgrad, wgrad = (calls[label]() for label in RECIPE_GEMMS[recipe])
+    assert torch.equal(fwd, y) and torch.equal(dgrad, x.grad) and torch.equal(wgrad.float(), lin.weight.grad)
+    assert y.abs().max() > 0 and x.grad.abs().max() > 0 and lin.weight.grad.abs().max() > 0
+    xb, wb = x.detach().requires_grad_(), lin.weight.detach().to(torch.bfloat16).requires_grad_()
+    yb = nn.functional.linear(xb, wb, lin.bias.detach().to(torch.bfloat16))
+    yb.backward(g)
+    fwd, dgrad, wgrad = (calls[label]() for label in RECIPE_GEMMS["bf16"])
+    assert torch.equal(fwd, yb) and torch.equal(dgrad, xb.grad) and torch.equal(wgrad, wb.grad)
+    assert all(callable(c) for c in calls.values()) and len(calls) == 11  # with the fast-accumulation what-ifs
