@@ -355,6 +355,11 @@ EXTRA_COMMANDS = {
     "fp8_gemm": (f"{_PY} -m bench.profile_step --sections gemm,train_gemm --fp8 --batch 256 --out $OUT "
                  "> $OUT/fp8_gemm.log 2>&1",
                  120, f"{_PY} -m bench.profile_step --smoke --sections gemm,train_gemm --fp8 --out $OUT"),
+    # the VA-VAE step with torch.compile of its blocks (train.compile=blocks) beside bf16 channels_last eager, at
+    # batch 8 with the fastest one's profile: the step was 1.47x the authors' img/s on 2026-12-04 (2.5x asked), and
+    # compile was never measured there; minutes of compiling, so its own section, run by name (--only)
+    "vae_step_compile": (f"{_PY} -m bench.vae_step --modes fp32,bf16_cl,bf16_cl_compile --max-batch 0 "
+                         "--extract-batch 0 --budget-s 200 --out $OUT/vae_step_compile.json", 300, None),
     # Nsight: the README's nsys recipe if nsys works there, else ncu over every kernel of one compiled XL/1-width
     # training step (2 blocks, batch 256) tabulated by bench.ncu_table (issues 13, 18.6), < 4 min
     "nsight": ("bash bench/nsys_check.sh", 270, None),

@@ -60,10 +60,12 @@ INTERPRET_BLOCK_M = 4  # does not divide the tests' row counts: the ragged last 
 def pow2_ceil(scale: Tensor) -> Tensor:
     """The smallest power of two >= each (positive, normal) fp32 scale, from its bits: the scale itself when its
     mantissa is zero, else the next exponent up. Exact, unlike exp2(ceil(log2(s))), whose log2 rounds to an integer
-    for s within an ulp or two above a power of two; the Triton kernels do the same bit operation."""
+    for s within an ulp or two above a power of two; the Triton kernels do the same bit operation. A NaN scale (from
+    a NaN amax) stays NaN: the next exponent up of its bits is the sign bit, -0.0, a finite scale that would let
+    the NaN row quantize to finite values."""
     bits = scale.view(torch.int32)
     up = ((bits >> 23) + 1) << 23
-    return torch.where((bits & 0x7FFFFF) == 0, bits, up).view(torch.float32)
+    return torch.where(((bits & 0x7FFFFF) == 0) | torch.isnan(scale), bits, up).view(torch.float32)
 
 
 def scale_inverse(scale: Tensor, pow2: bool) -> Tensor:
@@ -186,23 +188,40 @@ def _e4m3_rne(v):
 _EMULATE_E4M3 = tl.constexpr(_triton.interpreting())
 
 
+# NaN in, NaN out, as torch: tl.maximum / tl.minimum and tl.max take the other operand of a NaN by default (the
+# hardware's max.f32), so a row's amax skipped its NaN and the clamp turned the NaN into -448: a NaN activation or
+# gradient came out finite (-448 x the row's scale) and the step's non-finite guard could not see it. Every max and
+# clamp of these kernels propagates NaN (max.NaN.f32: the same one instruction on sm_80+).
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along `axis`, NaN where any element is NaN (torch's amax)."""
+    return tl.reduce(tl.abs(x), axis, _max_nan)
+
+
 @triton.jit
 def _row_scale(amax, POW2: tl.constexpr):
     """Each row's scale from its amax (the recipe's product; pow2: rounded up to a power of two, from the bits as
-    pow2_ceil) and its reciprocal (one IEEE division per row)."""
-    scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # FP8_E4M3_INV: the recipe's product, as torch's
+    pow2_ceil, NaN kept) and its reciprocal (one IEEE division per row)."""
+    scale = _max_nan(amax, 1e-12) * (1.0 / 448.0)  # FP8_E4M3_INV: the recipe's product, as torch's
     if POW2:  # pow2_ceil: the scale, or the next power of two up when its mantissa is not zero
         bits = scale.to(tl.int32, bitcast=True)
-        scale = tl.where((bits & 0x7FFFFF) == 0, bits, ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(((bits & 0x7FFFFF) == 0) | (scale != scale), bits,
+                         ((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
     return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit
 def _to_e4m3(v):
-    """v (fp32, already times its scale's reciprocal) clamped to e4m3's range and cast, as quantize_fp8."""
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    if _EMULATE_E4M3:
-        v = _e4m3_rne(v)
+    """v (fp32, already times its scale's reciprocal) clamped to e4m3's range (NaN kept) and cast, as quantize_fp8."""
+    v = tl.minimum(_max_nan(v, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL)
+    if _EMULATE_E4M3:  # (and the interpreter casts NaN to 384, 0x7C: e4m3's NaN is 0x7F, as cvt and torch write it)
+        nan = tl.full(v.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+        return tl.where(v != v, nan, _e4m3_rne(v).to(tl.float8e4nv))
     return v.to(tl.float8e4nv)
 
 
@@ -227,7 +246,7 @@ def _quant_rows_kernel(X, sx, Q, S, rows, C, POW2: tl.constexpr, BLOCK_M: tl.con
     mb = rmask & (cb < C)
     xa = tl.load(X + row[:, None] * sx + ca, mask=ma, other=0.0).to(tl.float32)
     xb = tl.load(X + row[:, None] * sx + cb, mask=mb, other=0.0).to(tl.float32)
-    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1)), POW2)
+    scale, inv = _row_scale(_max_nan(_amax(xa, 1), _amax(xb, 1)), POW2)
     _store_e4m3(xa, inv, Q + row[:, None] * C + ca, ma)
     _store_e4m3(xb, inv, Q + row[:, None] * C + cb, mb)
     tl.store(S + row, scale, mask=row < rows)
@@ -253,7 +272,7 @@ def _norm_quant_kernel(X, sx, G, sg, Y, sy, W, SHIFT, sshift, SCALE, sscale, H, 
     elif ROUND == 2:
         oa, ob = oa.to(tl.float16).to(tl.float32), ob.to(tl.float16).to(tl.float32)
     ob = tl.where(mb, ob, 0.0)  # tile B's lanes past C hold no channel
-    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(oa), axis=1), tl.max(tl.abs(ob), axis=1)), False)
+    scale, inv = _row_scale(_max_nan(_amax(oa, 1), _amax(ob, 1)), False)
     Q += row0.to(tl.int64) * C
     _store_e4m3(oa, inv, Q + row[:, None] * C + ca[None, :], ma)
     _store_e4m3(ob, inv, Q + row[:, None] * C + cb[None, :], mb)
@@ -283,7 +302,7 @@ def _swiglu_tile(X12, sx, Q, S, rows, C, start, POW2: tl.constexpr, BLOCK_M: tl.
     mb = rmask & (cb < C)
     ha = _swiglu_part(X12, sx, row, ca, ma, C)
     hb = _swiglu_part(X12, sx, row, cb, mb, C)
-    scale, inv = _row_scale(tl.maximum(tl.max(tl.abs(ha), axis=1), tl.max(tl.abs(hb), axis=1)), POW2)
+    scale, inv = _row_scale(_max_nan(_amax(ha, 1), _amax(hb, 1)), POW2)
     _store_e4m3(ha, inv, Q + row[:, None] * C + ca, ma)
     _store_e4m3(hb, inv, Q + row[:, None] * C + cb, mb)
     tl.store(S + row, scale, mask=row < rows)
@@ -304,8 +323,8 @@ def _swiglu_quant_kernel(X12, sx, Q, S, rows, C, CA, span, POW2: tl.constexpr, C
         max_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         for r in range(0, span, BLOCK_M):
             ha, hb = _swiglu_tile(X12, sx, Q, S, rows, C, start + r, POW2, BLOCK_M, BLOCK_A, BLOCK_B)
-            max_a = tl.maximum(max_a, tl.max(tl.abs(ha), axis=0))
-            max_b = tl.maximum(max_b, tl.max(tl.abs(hb), axis=0))
+            max_a = _max_nan(max_a, _amax(ha, 0))
+            max_b = _max_nan(max_b, _amax(hb, 0))
         tl.atomic_max(CA + ca, max_a.to(tl.int32, bitcast=True), mask=ca < C)
         tl.atomic_max(CA + cb, max_b.to(tl.int32, bitcast=True), mask=cb < C)
     else:
@@ -334,9 +353,8 @@ def _rows_cols_amax_kernel(G, sg, RA, CA, CS, M, N, span, BLOCK_M: tl.constexpr,
         rmask = rows < M
         g = tl.load(G + rows[:, None] * sg + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
-        a = tl.abs(g)
-        tl.store(RA + pid_n * M + rows, tl.max(a, axis=1), mask=rmask)
-        col_max = tl.maximum(col_max, tl.max(a, axis=0))
+        tl.store(RA + pid_n * M + rows, _amax(g, 1), mask=rmask)
+        col_max = _max_nan(col_max, _amax(g, 0))
         col_sum += tl.sum(g, axis=0)
     tl.store(CA + tl.program_id(0) * N + cols, col_max, mask=cmask)
     tl.store(CS + tl.program_id(0) * N + cols, col_sum, mask=cmask)

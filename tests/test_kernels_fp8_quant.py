@@ -208,6 +208,64 @@ def test_pow2_ceil_exact_at_the_edges():
     assert fp8_quant.pow2_ceil(floor) >= floor and fp8_quant.pow2_ceil(floor) < 2 * floor
 
 
+def _same_or_both_nan(q, qr):
+    """e4m3 bytes equal where the reference's are not NaN, NaN where they are (a NaN's sign bit is the device's:
+    torch on the CPU writes inf * 0 as a negative NaN, the GPU's cvt and torch on CUDA as 0x7F)."""
+    nan = qr.float().isnan()
+    return torch.equal(q.float().isnan(), nan) and torch.equal(_bits(q)[~nan], _bits(qr)[~nan])
+
+
+def _same_scales(s, sr):
+    return torch.equal(s.isnan(), sr.isnan()) and torch.equal(s[~s.isnan()], sr[~sr.isnan()])
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_a_nan_or_inf_stays_non_finite_as_in_torch(pow2):
+    """A NaN or an infinity in a row (or column) comes out of every FP8 kernel as torch's quantizer gives it: a NaN
+    amax makes the row's scale NaN and its values NaN, an infinite one an infinite scale. Before, the kernels' max
+    and clamp took the other operand of a NaN (the hardware's max.f32, which the interpreter follows): the amax
+    skipped it and the clamp turned the NaN into -448, a finite value, so the step's non-finite guard could not see
+    it; and pow2_ceil made a NaN scale -0.0. Rows with no NaN keep their bytes bit for bit."""
+    def spoil(t):
+        t = t.clone()
+        flat = t.view(-1, t.shape[-1])
+        flat[1, 5], flat[2, 7], flat[3, 9] = float("nan"), float("inf"), float("-inf")
+        return t
+    x = spoil(_rows((37, 1152), torch.float32))
+    q, s = ops.quantize_rows_fp8(x, pow2=pow2)
+    qr, sr = fp8_quant.quantize_rows_fp8_reference(x, pow2=pow2)
+    assert _same_or_both_nan(q, qr) and _same_scales(s, sr)
+    assert s[1].isnan() and q[1].float().isnan().all() and s[2].isinf() and s[3].isinf()
+    x12 = spoil(torch.randn(6, 2 * 72, generator=torch.Generator().manual_seed(1)).to(DEV))
+    q, s = ops.swiglu_fp8(x12, pow2=pow2)
+    qr, sr = fp8_quant.quantize_rows_fp8_reference(swiglu_triton(x12), pow2=pow2)  # the unfused kernels' path
+    assert _same_or_both_nan(q, qr) and _same_scales(s, sr) and s[1].isnan()
+    q, s, colmax = ops.swiglu_fp8_colmax(x12, pow2=pow2)
+    assert _same_or_both_nan(q, qr) and _same_scales(s, sr)
+    assert colmax[5].isnan() and colmax[7].isinf() and colmax.isfinite().sum() == 72 - 3
+    if pow2:  # the training recipe's: the gradient both ways, and its column sums
+        g = spoil(_rows((37, 160), torch.float32))
+        out = ops.quantize_rows_cols_fp8(g, pow2=True)
+        ref = fp8_quant.quantize_rows_cols_fp8_reference(g, pow2=True)
+        assert _same_or_both_nan(out[0], ref[0]) and _same_or_both_nan(out[2], ref[2])
+        assert all(_same_scales(a, b) for a, b in zip(out[1::2], ref[1::2])) and out[3][5].isnan()
+        assert torch.equal(out[4].isnan(), ref[4].isnan()) and out[4][5].isnan()
+    else:  # the sampler's block norms: a NaN in the residual stream spoils its rows
+        xn, y, w, shift, scale, gate = _norm_inputs((2, 64, 72), torch.float32)
+        rows = ops.norm_modulate_fp8(spoil(xn), w, shift, scale, 1e-6, "rms")
+        qu, su = fp8_quant.quantize_fp8(ops.norm_modulate(spoil(xn), w, shift, scale, 1e-6, "rms").reshape(-1, 72),
+                                        rowwise=True)  # the unfused path: the norm kernel, then the quantization
+        assert _same_or_both_nan(rows.values.reshape(-1, 72), qu) and _same_scales(rows.scale.reshape(-1, 1), su)
+        assert rows.scale.reshape(-1)[1].isnan() and rows.scale.isfinite().sum() == 128 - 3
+
+
+def test_pow2_ceil_keeps_nan():
+    """pow2_ceil's next exponent up of a NaN's bits would be the sign bit: -0.0, a finite scale."""
+    s = torch.tensor([float("nan"), float("inf"), 3.0, 0.25])
+    assert torch.equal(fp8_quant.pow2_ceil(s)[1:], torch.tensor([float("inf"), 4.0, 0.25]))
+    assert fp8_quant.pow2_ceil(s)[0].isnan()
+
+
 def test_empty_inputs_and_bad_packing():
     q, s = ops.quantize_rows_fp8(torch.empty(0, 1152, device=DEV))
     assert q.shape == (0, 1152) and s.shape == (0, 1)

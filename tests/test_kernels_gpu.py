@@ -340,6 +340,48 @@ def test_fp8_quant_kernels_on_gpu():
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
 
 
+def test_fp8_kernels_keep_nan_and_inf_on_gpu():
+    """On the GPU the hardware's max.f32 takes the non-NaN operand: every FP8 kernel's amax and clamp must propagate
+    NaN (max.NaN.f32) and the cast keep it (cvt.rn.satfinite: NaN stays NaN, +-inf becomes +-448). A NaN or inf in a
+    row at the trainer's and sampler's widths comes out as torch's quantizer gives it on this device: NaN scale and
+    values, inf scale; the other rows bit for bit."""
+    from kernels import fp8_quant
+    from kernels.swiglu import swiglu_triton
+    _need("triton")
+    torch.manual_seed(0)
+
+    def spoil(t):
+        t = t.clone()
+        flat = t.view(-1, t.shape[-1])
+        flat[1, 5], flat[2, 7], flat[3, 9] = float("nan"), float("inf"), float("-inf")
+        return t
+
+    def same(q, s, qr, sr):
+        nan = qr.float().isnan()
+        return (torch.equal(q.float().isnan(), nan) and torch.equal(q.view(torch.uint8)[~nan], qr.view(torch.uint8)[~nan])
+                and torch.equal(s.isnan(), sr.isnan()) and torch.equal(s[~s.isnan()], sr[~sr.isnan()]))
+
+    x = spoil(torch.randn(4, 257, 1152, device="cuda", dtype=torch.bfloat16))
+    for pow2 in (False, True):
+        q, s = ops.quantize_rows_fp8(x, pow2=pow2)
+        assert same(q, s, *fp8_quant.quantize_rows_fp8_reference(x, pow2=pow2)) and s[1].isnan() and s[2].isinf()
+        x12 = spoil(torch.randn(4, 257, 6144, device="cuda", dtype=torch.float32))
+        q, s = ops.swiglu_fp8(x12, pow2=pow2)  # against the unfused path: our SwiGLU's output, then quantize_fp8
+        assert same(q, s, *fp8_quant.quantize_rows_fp8_reference(swiglu_triton(x12), pow2=pow2)) and s[1].isnan()
+    q, s, colmax = ops.swiglu_fp8_colmax(x12, pow2=True)
+    assert colmax[5].isnan() and colmax[7].isinf() and int(colmax.isfinite().sum()) == 3072 - 3
+    g = spoil(torch.randn(4 * 257, 3456, device="cuda", dtype=torch.bfloat16))
+    out, ref = ops.quantize_rows_cols_fp8(g, pow2=True), fp8_quant.quantize_rows_cols_fp8_reference(g, pow2=True)
+    assert same(out[0], out[1], ref[0], ref[1]) and same(out[2], out[3], ref[2], ref[3]) and out[3][5].isnan()
+    w, mod = torch.randn(1152, device="cuda", dtype=torch.bfloat16), torch.randn(4, 6 * 1152, device="cuda",
+                                                                                 dtype=torch.bfloat16)
+    rows = ops.norm_modulate_fp8(x, w, mod[:, :1152], mod[:, 1152:2304], 1e-6, "rms")
+    qr, sr = fp8_quant.quantize_fp8(ops.norm_modulate(x, w, mod[:, :1152], mod[:, 1152:2304], 1e-6, "rms")
+                                    .reshape(-1, 1152), rowwise=True)
+    assert same(rows.values.reshape(-1, 1152), rows.scale.reshape(-1, 1), qr, sr)
+    assert int(rows.scale.isfinite().sum()) == 4 * 257 - 3
+
+
 def test_norm_fp8_every_tile_on_gpu():
     """The FP8 sampler's block norms with the e4m3 rows, at XL/1's hidden 1152 in its bf16 model, 257 tokens (tiles
     straddle samples) and 256 (ONE_SAMPLE), with and without the gated residual: with every candidate tile the same h
