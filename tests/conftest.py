@@ -5,6 +5,10 @@ from pathlib import Path
 # Before torch loads: idle OpenMP threads sleep instead of spinning, so this process and the runs the tests
 # start share the cores (modeling/threads.py). The counts are set in pytest_configure.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One cache of DeepSpeed's JIT-built CPU ops (its shm comm op: ~50 CPU-seconds to build) for every test and every
+# run a test starts (they inherit the environment): the GPU suite's smoke would otherwise build its own under the
+# suite's default, /tmp/vavae_torch_ext
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

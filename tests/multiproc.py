@@ -31,9 +31,7 @@ def env():
     """The test process's environment for a child run, less any launcher variables: the repo importable, one
     OpenMP thread per rank, the shared cache of DeepSpeed's compiled ops."""
     base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-    return {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+    return {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # (TORCH_EXTENSIONS_DIR: conftest's)
 
 
 def metrics_by_step(run_dir, pick):

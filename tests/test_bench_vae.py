@@ -1,7 +1,6 @@
 """The VA-VAE benchmarks on tiny shapes (CPU): the bf16-vs-fp32 loss-curve tool and the training-step benchmark
 run through the real trainer and write what they promise."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from bench import vae_precision_compare
 from evaluation.provenance import ENVIRONMENT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.resolution=32", "model.z_channels=4", "model.embed_dim=4",
         "foundation.name=random_tiny", "foundation.input_size=null", "loss.disc_start=3", "loss.disc_ndf=8",
         "data.num_samples=16", "train.batch_per_gpu=2"]

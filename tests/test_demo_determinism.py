@@ -19,9 +19,7 @@ REPRODUCIBLE = ("headline", "per_class_sample_accuracy", "reconstruction")
 
 
 def demo(out, *extra, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache" / "torch_extensions"))}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # (TORCH_EXTENSIONS_DIR: conftest's)
     env.pop("VAVAE_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "examples.demo", "--out", str(out), *SMALL, *extra], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)

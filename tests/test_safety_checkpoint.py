@@ -242,7 +242,6 @@ def test_deepspeed_resume_loads_safely_and_refuses_code(tmp_path, zero_stage):
     from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", [
         f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}", "logging.progress_bar=false",
         "logging.tensorboard=false", "train.steps=1", "checkpoint.every=1", f"train.zero_stage={zero_stage}",

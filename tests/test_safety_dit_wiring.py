@@ -15,7 +15,6 @@ from train.dit_config import DiTTrainConfig
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
 def cfg(tmp_path, *extra):

@@ -3,7 +3,6 @@ and give the same return types: train_step(batch) -> {name: float}, fit() -> the
 are train_step's steps, and the one resume path refuses another world size in one line."""
 import dataclasses
 import json
-import os
 import typing
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from train.train_vae import VAVAETrainer
 from train.vae_config import VAVAETrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 SHARED = {"data": config_sections.DataSection, "optim": config_sections.OptimSection,
           "train": config_sections.TrainSection, "checkpoint": config_sections.CheckpointSection,
           "logging": config_sections.LoggingSection, "profile": config_sections.ProfileSection,

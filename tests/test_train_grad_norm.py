@@ -5,7 +5,6 @@ launches one norm kernel per gradient from a Python loop. DeepSpeed's own functi
 step computes its norm in the dtype asked; fp32 foreach is bit for bit fp32 through DeepSpeed's loop on the CPU
 (where _foreach_norm takes the per-tensor path), with one norm call instead of one per gradient, and fp64 agrees to
 fp32 rounding."""
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,6 @@ from train.distributed import _deepspeed_norm_direct, _foreach_grad_norm_direct,
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
 def test_set_and_restore_deepspeeds_norm_dtype_and_loop():

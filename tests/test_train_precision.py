@@ -8,7 +8,6 @@ CPU autocast, so the outer autocast survives and the bug cannot show. The fixtur
 see the CPU autocast, exactly as they see the CUDA autocast on a GPU, so the branch a GPU takes runs here.
 """
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from train.dit_config import DiTTrainConfig
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
 @pytest.fixture

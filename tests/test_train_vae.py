@@ -2,7 +2,6 @@
 substitute foundation model; resume, non-finite guard, ZeRO stages, configs and checkpoints of the first trainer,
 the CLI."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from train.train_vae import Trainer, main, train
 from train.vae_config import VAVAETrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 TINY_MODEL = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 32,
               "z_channels": 4, "embed_dim": 4}
 

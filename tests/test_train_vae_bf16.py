@@ -8,10 +8,8 @@ and fail if one computes in fp32 -- except the layers the adaptive weights diffe
 or if DeepSpeed logs anything about autocast / precision. A negative control shows the probe catches the bug.
 """
 import logging
-import os
 import re
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from modeling.config import from_dict
 from train.train_vae import FP32_LAYERS, Trainer
 from train.vae_config import VAVAETrainConfig
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -21,7 +21,6 @@ from train.dit_config import DiTTrainConfig
 from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 COPIES = {"copy_", "cat", "clone", "stack", "_to_copy"}
 ENGINE_WRAPPERS = {"forward", "backward"}  # DeepSpeed's engine calling the model: the model's own ops
 
