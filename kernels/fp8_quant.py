@@ -185,8 +185,8 @@ def _e4m3_rne(v):
 # (_e4m3_rne); compiled for the GPU the cast is one cvt.rn.satfinite.e4m3x2.f32 (round to nearest even, as torch),
 # and the written-out rounding's dozen integer ops per element are left out: the SwiGLU kernel is issue-bound
 # (~55 SASS instructions per element for sm_90 with them; tests/test_kernels_fp8_quant.py, GPU: test_kernels_gpu.py).
-_EMULATE_E4M3 = tl.constexpr(_triton.interpreting())
-_INTERPRETED = _EMULATE_E4M3
+_INTERPRETED = tl.constexpr(_triton.interpreting())
+_EMULATE_E4M3 = _INTERPRETED
 
 
 # NaN in, NaN out, as torch: tl.maximum / tl.minimum and tl.max take the other operand of a NaN by default (the
