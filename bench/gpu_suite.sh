@@ -19,7 +19,9 @@ find "$TORCH_EXTENSIONS_DIR" -name lock -mmin +15 -print -delete 2>/dev/null | s
 # the commit results name: .suite_commit (scripts/prepare_gpu_carry.sh writes it here and it is carried: a lent
 # machine's copy of .git can be older than the tree that travelled), else evaluation/provenance.py asks git
 export SUITE_COMMIT="$(cat .suite_commit 2>/dev/null || echo unknown)"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to the machine (DeepSpeed, torchao)
+# wheels carried to the machine (DeepSpeed, torchao); not for the CPU smoke: on a machine where they were prepared
+# (for the GPU machine's Python) they would put a second DeepSpeed before the venv's, whose JIT op then rebuilds
+if [[ " $* " != *" --cpu-smoke "* ]] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 \
     | grep -v "root user" ; export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
