@@ -49,11 +49,13 @@ def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: flo
 
 
 def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                        disc_weight: float, nll_grads: torch.Tensor | None = None) -> torch.Tensor:
-    """taming: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times disc_weight. nll_grads:
-    d nll / d W when the caller took it already."""
+                        disc_weight: float, nll_grads: torch.Tensor | None = None,
+                        g_grads: torch.Tensor | None = None) -> torch.Tensor:
+    """taming: ||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times disc_weight. nll_grads, g_grads:
+    d nll / d W and d g / d W when the caller took them already."""
     if nll_grads is None:
         nll_grads = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
+    if g_grads is None:
+        g_grads = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(w, 0.0, 1e4).detach() * disc_weight

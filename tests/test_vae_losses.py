@@ -110,45 +110,59 @@ def test_vf_term_adaptive_weight_and_resize():
     assert proj.weight.grad.abs().sum() > 0
 
 
-def test_both_adaptive_weights_from_one_backward_through_lpips(lpips):
-    """With the VF and GAN weights both adaptive, d nll / d (encoder's and decoder's last layers) come from one
-    autograd.grad: LPIPS's backward runs once inside the loss (it ran twice), and the loss, both weights and every
-    gradient of the step are bit for bit those of the two separate calls (the functions without nll_grads)."""
+@pytest.mark.parametrize("gan", [True, False])
+def test_lpips_and_discriminator_backward_once_a_step(lpips, gan):
+    """With the VF and GAN weights both adaptive, d nll / d (encoder's and decoder's last layers) and d nll / d recon
+    come from one autograd.grad, d g / d (decoder's last layer, recon) from another, and the step's backward starts
+    at recon: LPIPS's and the discriminator's backward run once a step (plain autograd: LPIPS 2-3 times, D twice).
+    In float64 the loss and both weights are plain autograd's (each weight's own calls, then total.backward()) bit for
+    bit, and every gradient equal to rounding."""
     from modeling.vf_loss import adaptive_vf_weight, vf_loss
 
-    def run(combined):
-        vae, loss, x = tiny_setup(perceptual_weight=1.0, disc_start=0, vf_weight=0.1, cos_margin=0.0,
-                                  distmat_margin=0.0)
+    def run(ours):
+        vae, loss, x = tiny_setup(perceptual_weight=1.0, disc_start=0 if gan else 10**9, vf_weight=0.1,
+                                  cos_margin=0.0, distmat_margin=0.0)
+        vae, loss, x = vae.double(), loss.double(), x.double()
         torch.manual_seed(1)
-        proj = torch.nn.Conv2d(4, 16, 1, bias=False)
-        aux = torch.randn(2, 16, 16, 16)  # the latent grid (no resize)
+        proj = torch.nn.Conv2d(4, 16, 1, bias=False).double()
+        aux = torch.randn(2, 16, 16, 16, dtype=torch.float64)  # the latent grid (no resize)
         post = vae.encode(x)
         z = post.sample(generator=torch.Generator().manual_seed(2))
         recon = vae.decode(z)
         enc, dec = vae.encoder.conv_out.weight, vae.decoder.conv_out.weight
-        calls = []
-        hook = loss.perceptual_loss.register_full_backward_hook(lambda *a: calls.append(1))  # noqa: B023
-        if combined:
+        calls = {"lpips": [], "disc": []}
+        hooks = [net.register_full_backward_hook(lambda *a, c=c: c.append(1))  # noqa: B023
+                 for net, c in ((loss.perceptual_loss, calls["lpips"]), (loss.discriminator, calls["disc"]))]
+        loss.discriminator.requires_grad_(False)  # as the trainer's generator step
+        if ours:
             total, logs = loss.generator_loss(x, recon, post, 0, dec, proj(z), aux, enc)
-        else:  # the two separate calls, as before
-            rec = (x - recon).abs() + loss.perceptual_loss(x, recon)
+        else:  # plain autograd: each weight's two calls, then the loss's own backward
+            rec = (x - recon).abs() + 1.0 * loss.perceptual_loss(x, recon)
             nll = (rec / torch.exp(loss.logvar) + loss.logvar).sum() / 2
             vf = vf_loss(proj(z), aux, 0.0, 0.0, loss.cos_weight, loss.distmat_weight)["loss"]
             w_vf = adaptive_vf_weight(nll, vf, enc, 0.1)
-            g = -loss.discriminator(recon).float().mean()
-            d_w = adaptive_gan_weight(nll, g, dec, loss.disc_weight)
-            total = nll + loss.kl_weight * post.kl().sum() / 2 + w_vf * vf + d_w * loss.disc_factor * g
-            logs = {"vf_weight": w_vf, "d_weight": d_w}
-        inside = len(calls)
+            total = nll + loss.kl_weight * (post.kl().sum() / 2) + w_vf * vf
+            logs = {"vf_weight": w_vf}
+            if gan:
+                g = -loss.discriminator(recon).mean()
+                d_w = adaptive_gan_weight(nll, g, dec, loss.disc_weight)
+                total, logs["d_weight"] = total + d_w * loss.disc_factor * g, d_w
+        inside = {k: len(v) for k, v in calls.items()}
         total.backward()
-        hook.remove()
+        for h in hooks:
+            h.remove()
         grads = [p.grad.clone() for p in (*vae.parameters(), proj.weight)]
-        return total.detach(), logs["vf_weight"], logs["d_weight"], grads, inside
+        return total.detach(), logs, grads, inside, {k: len(v) for k, v in calls.items()}
 
-    one, two = run(True), run(False)
-    assert one[4] == 1 and two[4] == 2  # LPIPS backward passes inside the loss
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
-    assert all(torch.equal(a, b) for a, b in zip(one[3], two[3]))
+    ours, plain = run(True), run(False)
+    assert ours[3] == {"lpips": 1, "disc": int(gan)} and ours[4] == ours[3]  # nothing more in the step's backward
+    assert plain[4] == {"lpips": 2 + int(gan), "disc": 2 * int(gan)}
+    assert torch.equal(ours[0], plain[0])
+    for k in ("vf_weight", "d_weight") if gan else ("vf_weight",):
+        assert torch.equal(ours[1][k], plain[1][k].float()), k  # the logs are fp32
+    assert len(ours[2]) == len(plain[2])
+    for a, b in zip(ours[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_lpips_term_enters_rec(lpips):

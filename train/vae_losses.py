@@ -10,6 +10,10 @@ Generator (autoencoder) step, per batch of B images x and reconstructions x':
                                                                    disc_factor = 0 before disc_start)
 Discriminator step: disc_factor * hinge(D(x), D(x')) on detached images.
 
+The adaptive weights' gradient calls also keep d nll / d x' and d g / d x'; the loss returned has the loss's value
+and a backward that starts at x' with their weighted sum, so LPIPS's and D's backward run once a step (plain autograd
+runs LPIPS's two or three times, D's twice): the same gradients, to rounding (tests/test_vae_losses.py, float64).
+
 Module names match the reference (`loss.logvar`, `loss.discriminator.main.*`,
 `loss.perceptual_loss.*`) so its checkpoints' `loss.*` entries load here.
 Like the reference optimizer, `logvar` is a parameter that the trainer does not optimise.
@@ -25,6 +29,24 @@ from modeling.lpips import LPIPS
 from modeling.vf_loss import adaptive_vf_weight, vf_loss
 
 from .vae_config import LossConfig
+
+
+def fp32_up(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 (autocast's outputs) to fp32 for the loss's sums; fp32 and float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class _ValueWithGradientOf(torch.autograd.Function):
+    """`value` (detached) forward; backward, the incoming gradient handed to `surrogate` (a scalar whose gradient
+    is the value's): the generator loss's value with a cheaper graph behind it."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
 
 
 class VAVAELoss(nn.Module):
@@ -59,13 +81,13 @@ class VAVAELoss(nn.Module):
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, logs) for the autoencoder step; logs hold detached scalars."""
         B = inputs.shape[0]
-        rec = (inputs.float() - recon.float()).abs()
+        rec = (fp32_up(inputs) - fp32_up(recon)).abs()
         if self.perceptual_loss is not None:
-            p_loss = self.perceptual_loss(inputs.contiguous(), recon.contiguous()).float()
+            p_loss = fp32_up(self.perceptual_loss(inputs.contiguous(), recon.contiguous()))
             rec = rec + self.perceptual_weight * p_loss
         nll = rec / torch.exp(self.logvar) + self.logvar
         nll_loss = nll.sum() / B
-        kl_loss = posterior.kl().float().sum() / B
+        kl_loss = fp32_up(posterior.kl()).sum() / B
         loss = nll_loss + self.kl_weight * kl_loss
         logs = {"nll": nll_loss, "rec": rec.mean(), "kl": kl_loss, "logvar": self.logvar}
         if self.perceptual_loss is not None:
@@ -74,10 +96,13 @@ class VAVAELoss(nn.Module):
         # Both adaptive weights need d nll / d (a last layer): the encoder's last conv (VF) and the decoder's (GAN).
         # One autograd.grad for both: the encoder's path runs through the decoder's last layer, so one backward
         # through LPIPS and the decoder gives both, where two calls ran LPIPS's backward twice. Same gradients.
+        # The same call keeps d nll / d recon, and the GAN weight's call d g / d recon: the step's backward starts
+        # at recon with their weighted sum (below), so LPIPS's and the discriminator's backward run once a step.
         layers = [w for w, on in ((enc_last_layer, z_proj is not None and self.adaptive_vf),
                                   (dec_last_layer, self.gan_active(global_step))) if on]
-        nll_grads = dict(zip(map(id, layers), torch.autograd.grad(nll_loss, layers, retain_graph=True))) \
-            if layers else {}
+        *layer_grads, grad_recon = torch.autograd.grad(nll_loss, [*layers, recon], retain_graph=True)
+        nll_grads = dict(zip(map(id, layers), layer_grads))
+        encoder_terms = self.kl_weight * kl_loss  # the loss's terms that do not pass through recon
         if z_proj is not None:
             if aux_feature.shape[-2:] != z_proj.shape[-2:]:  # e.g. a substitute with another stride
                 aux_feature = F.interpolate(aux_feature.float(), size=z_proj.shape[-2:], mode="bilinear",
@@ -88,21 +113,28 @@ class VAVAELoss(nn.Module):
                                        nll_grads=nll_grads[id(enc_last_layer)]) if self.adaptive_vf
                     else torch.tensor(self.vf_weight))
             loss = loss + w_vf * vf["loss"]
+            encoder_terms = encoder_terms + w_vf * vf["loss"]
             logs.update(vf=vf["loss"], vf_mcos=vf["mcos"], vf_mdms=vf["mdms"], vf_weight=w_vf)
 
         if self.gan_active(global_step):
-            g_loss = -self.discriminator(recon.contiguous()).float().mean()
+            g_loss = -fp32_up(self.discriminator(recon.contiguous())).mean()
+            g_dec, g_recon = torch.autograd.grad(g_loss, [dec_last_layer, recon], retain_graph=True)
             d_weight = adaptive_gan_weight(nll_loss, g_loss, dec_last_layer, self.disc_weight,
-                                           nll_grads=nll_grads[id(dec_last_layer)])
+                                           nll_grads=nll_grads[id(dec_last_layer)], g_grads=g_dec)
             loss = loss + d_weight * self.disc_factor * g_loss
+            grad_recon = grad_recon + (d_weight * self.disc_factor) * g_recon
             logs.update(g=g_loss, d_weight=d_weight)
         logs["loss"] = loss
-        return loss, {k: v.detach().float() for k, v in logs.items()}
+        # The loss's value, with the gradient of a function that has the loss's gradient: recon's part as the
+        # gradient just taken (linear: sum(recon * grad_recon)), the encoder's terms as they are. The backward skips
+        # LPIPS and the discriminator, whose activations are freed on return.
+        surrogate = (recon * grad_recon.detach()).sum() + encoder_terms
+        return _ValueWithGradientOf.apply(loss.detach(), surrogate), {k: v.detach().float() for k, v in logs.items()}
 
     def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
                            global_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits_real = self.discriminator(inputs.contiguous().detach()).float()
-        logits_fake = self.discriminator(recon.contiguous().detach()).float()
+        logits_real = fp32_up(self.discriminator(inputs.contiguous().detach()))
+        logits_fake = fp32_up(self.discriminator(recon.contiguous().detach()))
         factor = adopt_weight(self.disc_factor, global_step, threshold=self.disc_start)
         d_loss = factor * self.d_loss(logits_real, logits_fake)
         return d_loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
