@@ -173,6 +173,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.norm_out(self.body(x)))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the output layers (norm_out, conv_out): the part `train.compile=blocks` compiles."""
         h = self.conv_in(x)
         for i_level, level in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
@@ -181,8 +185,7 @@ class Encoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(self.norm_out(h))
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
 
 
 class Decoder(nn.Module):
@@ -208,6 +211,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.norm_out(self.body(z)))
+
+    def body(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything before the output layers (norm_out, conv_out): the part `train.compile=blocks` compiles."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
@@ -218,7 +225,7 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(self.norm_out(h))
+        return h
 
 
 class DiagonalGaussian:
