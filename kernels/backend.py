@@ -28,7 +28,20 @@ from . import _triton, cuda_ext
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 _state = {"name": os.environ.get("VAVAE_KERNELS", "auto"), "auto_as_on_gpu": False}
-_ran: dict[str, str] = {}  # op name -> what actually ran last (kernels.describe()["ops"])
+class _Ran:
+    """What ran last for one op (`what`: a backend name, attention's own choice, or None until it runs)."""
+    __slots__ = ("what",)
+
+    def __init__(self) -> None:
+        self.what: Optional[str] = None
+
+
+# op name -> _Ran (kernels.describe()["ops"]). Every registered op has its slot from registration on (`declare`) and
+# `record` sets an attribute of it: a compiled graph that records what ran (the side effect is replayed on each call)
+# then guards on no value and no length of this dict. A plain {op: what} dict made dynamo guard on its length and its
+# values, so the first graph traced (the DiT's first block, the VA-VAE's encoder body) was traced again on the next
+# step, once the other ops had run.
+_ran: dict[str, _Ran] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -40,7 +53,8 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernels backend {name!r}; choose one of {BACKENDS}")
     _state["name"] = name
-    _ran.clear()
+    for slot in _ran.values():  # the slots stay (see _ran)
+        slot.what = None
 
 
 def get_backend() -> str:
@@ -77,12 +91,20 @@ def auto_as_on_gpu() -> Iterator[None]:
 
 def record(op: str, what: str) -> None:
     """Note what ran for `op` (a backend name, or attention's own choice)."""
-    _ran[op] = what
+    if op not in _ran:  # not registered (declare gives registered ops their slot)
+        _ran[op] = _Ran()
+    _ran[op].what = what
+
+
+def declare(op: str) -> None:
+    """Give a registered op its slot (kernels.registry.register)."""
+    if op not in _ran:
+        _ran[op] = _Ran()
 
 
 def ran() -> dict[str, str]:
     """{op: what ran last} since the last set_backend."""
-    return dict(_ran)
+    return {op: slot.what for op, slot in _ran.items() if slot.what is not None}
 
 
 def forget(op: str) -> None:

@@ -136,6 +136,7 @@ def register(op: Op) -> Op:
     if hasattr(ops, op.name):
         raise ValueError(f"op {op.name!r} would shadow kernels.ops.{op.name}")
     _OPS[op.name] = op
+    backend.declare(op.name)
     setattr(ops, op.name, _dispatcher(op))
     ops.__all__.append(op.name)
     return op

@@ -185,6 +185,23 @@ def test_dispatch_through_ops_is_one_hop_under_compile():
     assert kernels.describe()["ops"]["rms_norm"] == "triton"
 
 
+def test_a_compiled_graph_is_not_traced_again_when_other_ops_first_run():
+    """What ran is recorded from inside compiled graphs (replayed on every call, so describe() stays right after a
+    set_backend) without the graph guarding on the record: another op running for the first time after the trace
+    (the DiT's final layer after its first block, the VA-VAE's decoder after its encoder body) recompiled it."""
+    torch._dynamo.reset()
+    kernels.set_backend("reference")
+    x, w = torch.randn(2, 5, 16, device=DEV), torch.randn(16, device=DEV)
+    f = torch.compile(lambda x, w: ops.rms_norm(x, w, 1e-6) * 2, backend="eager", fullgraph=True)
+    f(x, w)
+    ops.layer_norm(x, w)  # an op's first record after the trace
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        f(x, w)
+        kernels.set_backend("reference")  # clears what ran; the next call records it again
+        f(x, w)
+    assert kernels.describe()["ops"] == {"rms_norm": "reference"}
+
+
 # ------------------------------------------------------------------ what auto runs under torch.compile
 
 def test_every_op_has_a_compiled_choice_backed_by_its_measurement():
