@@ -19,6 +19,7 @@ from . import attention  # noqa: E402,F401
 from . import linear_swiglu  # noqa: E402,F401
 from . import fp8_quant  # noqa: E402,F401  quantize_rows_fp8, swiglu_fp8
 from . import group_norm  # noqa: E402,F401  group_norm_silu (the VA-VAE's GroupNorm + SiLU)
+from . import upsample_conv  # noqa: E402,F401  the VA-VAE decoder's nearest 2x + 3x3 conv
 
 # Try the optional extension now, not on the first op call: an import inside a torch.compile trace
 # would be a graph break (fullgraph=True fails on it).

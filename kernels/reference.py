@@ -154,3 +154,8 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     # kernels return x's dtype: the next conv rounds its input to bf16 either way, so the same values reach it.
     out = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(out) if silu else out
+
+
+def upsample_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # The VA-VAE decoder's Upsample: nearest 2x, then its 3x3 conv (padding 1).
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)

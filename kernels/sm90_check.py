@@ -281,6 +281,41 @@ def _group_norm_variants() -> list[Variant]:
     return out
 
 
+def _upsample_variants() -> list[Variant]:
+    """upsample_conv's phase interleave (kernels/upsample_conv.py), bf16, NCHW and channels_last, forward and
+    backward, at the decoder's widest level (128 channels, 128 -> 256 px): the unit stride of each tensor is the
+    constexpr 1 the JIT specialises it to."""
+    from . import upsample_conv as uc
+    out = []
+    for cl in (False, True):
+        layout = "channels_last" if cl else "NCHW"
+        unit = ("c",) if cl else ("w",)
+        for which, kernel, a, b, width in (("fwd", uc._interleave_fwd_kernel, ("Y", "sy"), ("OUT", "so"), 256),
+                                           ("bwd", uc._interleave_bwd_kernel, ("DOUT", "so"), ("DY", "sd"), 129)):
+            sig = {a[0]: "*bf16", b[0]: "*bf16", "C": "i32", "H": "i32", "W": "i32"}
+            if which == "bwd":
+                sig["n_cb"] = "i32"
+            const = {}
+            for prefix in (a[1], b[1]):
+                for axis in ("b", "c", "h", "w"):
+                    name = f"{prefix}_{axis}"
+                    sig[name] = "constexpr" if axis in unit else "i32"
+                    if axis in unit:
+                        const[name] = 1
+            bw, bc = uc._tile(cl, 128, width)
+            const.update(CL=cl, BLOCK_W=bw, BLOCK_C=bc)
+            sig.update({k: "constexpr" for k in ("CL", "BLOCK_W", "BLOCK_C")})
+            # what the JIT marks divisible by 16 there: the pointers, C, H, W, the 2H x 2W tensor's strides; of the
+            # (H+1) x (W+1) one's, its batch stride, and in channels_last all (multiples of 4C)
+            odd = a[1] if which == "fwd" else b[1]
+            div = [k for k, t in sig.items() if t != "constexpr" and (
+                t.startswith("*") or k in ("C", "H", "W") or (k[:2] in ("sy", "so", "sd") and (
+                    not k.startswith(odd) or cl or k.endswith("_b"))))]
+            out.append(Variant(f"upsample_conv interleave {which} {layout} BLOCK_W={bw} BLOCK_C={bc}", kernel, sig,
+                               const, div, 4, tile_elements=bw * bc))
+    return out
+
+
 def _ptxas() -> str:
     from triton.backends.nvidia.compiler import get_ptxas
     return get_ptxas(90).path
@@ -370,7 +405,7 @@ def compile_variant(v: Variant, loops: bool = False) -> dict:
 
 def variants() -> list[Variant]:
     return (_qkv_rope_variants() + _norm_variants() + _swiglu_variants() + _fp8_quant_variants() + _norm_fp8_variants()
-            + _rows_cols_variants() + _rope_attention_variants() + _group_norm_variants())
+            + _rows_cols_variants() + _rope_attention_variants() + _group_norm_variants() + _upsample_variants())
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -656,6 +656,18 @@ def test_priming_times_v_in_the_layout_each_grad_mode_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("C,hw", [(128, 128), (256, 64), (512, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_upsample_conv_at_vae_shapes(C, hw, layout, dtype):
+    """The decoder's Upsample as the 2x2 phase conv (cuDNN) + the Triton interleave compiled for the GPU, at the
+    f16d32 decoder's Upsample inputs (128 ch at 128 px -> 256, 256 at 64, 512 at 16), batch 2, both layouts: forward
+    and backward against float64 (fp32 tight with TF32 off; bf16 within 2x the reference's own bf16 error), output
+    and dx in x's layout (test_kernels_upsample_conv.check)."""
+    from test_kernels_upsample_conv import check
+    check(2, C, C, hw, hw, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
 @pytest.mark.parametrize("C,hw", [(128, (256, 256)), (256, (64, 64)), (512, (16, 16))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_group_norm_silu_at_vae_shapes(C, hw, layout, dtype):

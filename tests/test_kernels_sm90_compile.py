@@ -67,6 +67,14 @@ def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ())
             # at 4 rows over 8 warps, 62-83 at 1-2 rows
             limit = 42 if ("BLOCK_M=4 warps=4" in name or "BLOCK_M=8 warps=8" in name) else 85
             assert r["e4m3_cvt"] and r["sass_per_element"] <= limit, (name, r)
+        if name.startswith("upsample_conv interleave"):
+            # a copy is memory-bound only while it issues few instructions an element (no division by a runtime
+            # size per element): 7-10 SASS an element in channels_last with 16-byte vectors both ways, 9-27 in NCHW
+            # (its loads are strided pairs), Triton 3.9 and 3.6
+            if "channels_last" in name:
+                assert r["vector_loads"] > 0 and r["vector_stores"] > 0 and r["sass_per_element"] <= 12, (name, r)
+            else:
+                assert r["sass_per_element"] <= 30, (name, r)
         if name.startswith("norm ") and "C=1152" in name:
             # the row as two exact tiles, 32-bit offsets inside a program's rows, the adaLN vectors once a tile:
             # the one 2048-wide tile issued 49-70 SASS instructions per real element forward, 83-87 backward (static

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from modeling.config import from_dict
+from modeling.vavae import Upsample
 from train.train_vae import FP32_LAYERS, Trainer
 from train.vae_config import VAVAETrainConfig
 
@@ -62,16 +63,23 @@ def precision_complaints(records):
 
 
 class DtypeProbe:
-    """Forward hooks on every Linear / Conv of the given module trees: name -> set of output dtypes."""
+    """Forward hooks on every Linear / Conv of the given module trees: name -> set of output dtypes. The decoder's
+    Upsample computes its conv from the conv's parameters (kernels.ops.upsample_conv): it is probed at its own
+    output, under its conv's name."""
 
     def __init__(self, roots):
         self.seen, self.names, self.handles = {}, [], []
         for prefix, root in roots.items():
+            upsamples = {name for name, m in root.named_modules() if isinstance(m, Upsample)}
             for name, m in root.named_modules():
-                if isinstance(m, MATMUL_MODULES):
-                    full = f"{prefix}.{name}"
-                    self.names.append(full)
-                    self.handles.append(m.register_forward_hook(partial(self._hook, full)))
+                if name in upsamples:
+                    probed, full = m, f"{prefix}.{name}.conv"
+                elif isinstance(m, MATMUL_MODULES) and name.rpartition(".")[0] not in upsamples:
+                    probed, full = m, f"{prefix}.{name}"
+                else:
+                    continue
+                self.names.append(full)
+                self.handles.append(probed.register_forward_hook(partial(self._hook, full)))
 
     def _hook(self, name, module, inputs, output):
         self.seen.setdefault(name, set()).add(output.dtype)
