@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import ops, reference, upsample_conv  # noqa: E402
+from test_kernels_group_norm import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_FACTOR = 2.0 if DEV == "cuda" else 4.0  # the interpreter truncates fp32 -> bf16 where the GPU rounds
@@ -27,10 +28,6 @@ BF16_FACTOR = 2.0 if DEV == "cuda" else 4.0  # the interpreter truncates fp32 ->
 def _restore_backend():
     yield
     kernels.set_backend("auto")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make(B, C_in, C_out, H, W, layout, dtype, bias=True, seed=0):
