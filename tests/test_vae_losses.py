@@ -245,3 +245,16 @@ def test_random_vitl14_is_a_labelled_dinov2_shaped_substitute():
     with torch.no_grad():
         feats = fm(torch.rand(1, 3, 256, 256) * 2 - 1)
     assert feats.shape == (1, 1024, 16, 16) and torch.isfinite(feats).all() and feats.std() > 0.1
+
+
+def test_an_evaluation_under_no_grad_gets_the_value():
+    """Without gradients (an evaluation under no_grad; the adaptive weights off, the GAN not started) the loss is the
+    value alone, as the plain formula gives it."""
+    vae, loss, x = tiny_setup(disc_start=10**9)
+    with torch.no_grad():
+        post = vae.encode(x)
+        recon = vae.decode(post.mean)
+        total, logs = loss.generator_loss(x, recon, post, 0, vae.decoder.conv_out.weight)
+    expect = ((x - recon).abs() / torch.exp(loss.logvar) + loss.logvar).sum() / 2 + loss.kl_weight * post.kl().sum() / 2
+    torch.testing.assert_close(total, expect.detach())
+    assert logs["loss"] == total and not total.requires_grad

@@ -100,8 +100,11 @@ class VAVAELoss(nn.Module):
         # at recon with their weighted sum (below), so LPIPS's and the discriminator's backward run once a step.
         layers = [w for w, on in ((enc_last_layer, z_proj is not None and self.adaptive_vf),
                                   (dec_last_layer, self.gan_active(global_step))) if on]
-        *layer_grads, grad_recon = torch.autograd.grad(nll_loss, [*layers, recon], retain_graph=True)
-        nll_grads = dict(zip(map(id, layers), layer_grads))
+        tracked = recon.requires_grad and torch.is_grad_enabled()  # else (an evaluation under no_grad) the value only
+        grads = torch.autograd.grad(nll_loss, [*layers, recon] if tracked else layers, retain_graph=True) \
+            if tracked or layers else ()
+        nll_grads = dict(zip(map(id, layers), grads))
+        grad_recon = grads[-1] if tracked else None
         encoder_terms = self.kl_weight * kl_loss  # the loss's terms that do not pass through recon
         if z_proj is not None:
             if aux_feature.shape[-2:] != z_proj.shape[-2:]:  # e.g. a substitute with another stride
@@ -118,18 +121,23 @@ class VAVAELoss(nn.Module):
 
         if self.gan_active(global_step):
             g_loss = -fp32_up(self.discriminator(recon.contiguous())).mean()
-            g_dec, g_recon = torch.autograd.grad(g_loss, [dec_last_layer, recon], retain_graph=True)
+            g_dec, *g_recon = torch.autograd.grad(g_loss, [dec_last_layer, recon] if tracked else [dec_last_layer],
+                                                  retain_graph=True)
             d_weight = adaptive_gan_weight(nll_loss, g_loss, dec_last_layer, self.disc_weight,
                                            nll_grads=nll_grads[id(dec_last_layer)], g_grads=g_dec)
             loss = loss + d_weight * self.disc_factor * g_loss
-            grad_recon = grad_recon + (d_weight * self.disc_factor) * g_recon
+            if tracked:
+                grad_recon = grad_recon + (d_weight * self.disc_factor) * g_recon[0]
             logs.update(g=g_loss, d_weight=d_weight)
         logs["loss"] = loss
         # The loss's value, with the gradient of a function that has the loss's gradient: recon's part as the
         # gradient just taken (linear: sum(recon * grad_recon)), the encoder's terms as they are. The backward skips
         # LPIPS and the discriminator, whose activations are freed on return.
+        logs = {k: v.detach().float() for k, v in logs.items()}
+        if not tracked:
+            return loss, logs
         surrogate = (recon * grad_recon.detach()).sum() + encoder_terms
-        return _ValueWithGradientOf.apply(loss.detach(), surrogate), {k: v.detach().float() for k, v in logs.items()}
+        return _ValueWithGradientOf.apply(loss.detach(), surrogate), logs
 
     def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
                            global_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
