@@ -13,9 +13,10 @@ computes 16, 2.25x fewer FLOPs in the forward, the input gradient and the weight
 
 One conv computes all four phases. Weff is stacked as (4 C_out, C_in, 2, 2), phase-major, and with padding 1 the conv
 gives y (B, 4 C_out, H+1, W+1): phase (a, b)'s pixel (i, j) is its channel block at position (i+a, j+b). The
-interleave kernel gathers y into (B, C_out, 2H, 2W) in x's memory format (NCHW or channels_last). Each program walks
-the output in its memory order, so the stores are coalesced. Its backward is the reverse gather: it writes every
-element of dy once, zero where no output pixel reads it, so no separate zero fill.
+interleave kernel gathers y into (B, C_out, 2H, 2W) in x's memory format (NCHW or channels_last). A program owns one
+output row's (positions x channels) tile, long along the unit-stride axis: coalesced stores, and indexing by adds and
+parity bits (no division by a runtime size per element). Its backward is the reverse gather: it writes every element
+of dy once, zero where no output pixel reads it, so no separate zero fill.
 
 The same function up to rounding: Weff adds one to four fp32 weights before the products, and the conv's algorithm
 sums in its own order, as any conv does. Reference: `kernels.reference.upsample_conv` (the authors'
