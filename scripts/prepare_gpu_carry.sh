@@ -8,7 +8,8 @@
 #   .suite_commit  HEAD (+dirty): the commit the results name (the machine's .git can be an older snapshot)
 #   .authors/ the authors' code for bench.authors_vae and bench.authors_dit (never committed): hustvl/LightningDiT's
 #             vavae/, models/, transport/, configs/ and train.py
-#             (from $AUTHORS_GIT, a local clone or bare mirror, else cloned from GitHub) and the taming package
+#             (from $AUTHORS_GIT, a local clone or bare mirror, else the fetch tool's mirror at
+#             /work/.mirror/hustvl+LightningDiT/repo, else cloned from GitHub) and the taming package
 #             their ldm imports (taming-transformers-rom1504 0.0.6: CompVis/taming-transformers' master on PyPI)
 # All are git-ignored; carry them with the run. Then, on the machine:
 #   VAVAE_PARITY_DIR=$PWD/.parity OUT=$OUT bash bench/gpu_suite.sh --part A
@@ -32,8 +33,14 @@ $PIP wheel -q --no-deps -w .whl deepspeed==0.19.8
 rm -rf .parity && cp -r ../shared/parity .parity && chmod -R u+w .parity
 rm -rf .authors && mkdir -p .authors/LightningDiT
 src="${AUTHORS_GIT:-}"
+mirror=/work/.mirror/hustvl+LightningDiT/repo  # where the session's `fetch github:hustvl/LightningDiT` puts it
+[ -z "$src" ] && [ -d "$mirror" ] && src="$mirror"
 if [ -z "$src" ]; then
-  src="$(mktemp -d)/LightningDiT" && git clone -q --depth 1 https://github.com/hustvl/LightningDiT "$src"
+  src="$(mktemp -d)/LightningDiT"
+  git clone -q --depth 1 https://github.com/hustvl/LightningDiT "$src" 2>/dev/null || {
+    echo "prepare_gpu_carry.sh: the authors' code: no AUTHORS_GIT, no $mirror and GitHub unreachable;" \
+         "fetch github:hustvl/LightningDiT (the session's fetch tool) or set AUTHORS_GIT to a clone or bare mirror" >&2
+    exit 1; }
 fi
 # vavae/: their tokenizer trainer (bench.authors_vae); models/, transport/, configs/, train.py: their DiT trainer's
 # step (bench.authors_dit)
