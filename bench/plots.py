@@ -43,17 +43,22 @@ def _save_listing(fig, path, heading, errors, line_height):
     return _save(fig, path, rect=(0, 0.04 + line_height * len(shown), 1, 1))
 
 
-def plot_curves(path: str | Path, panels: list[tuple[str, dict[str, list[float]]]], log_y: bool = False) -> str | Path:
+def plot_curves(path: str | Path, panels: list[tuple[str, dict[str, list[float]]]], log_y: bool | list[bool] = False,
+                title: str | None = None) -> str | Path:
     """Per-step curves on the same seed, one panel per metric: panels = [(ylabel, {label: values}), ...];
-    the first series solid, the others dashed (bench.fp8_compare, bench.vae_precision_compare)."""
+    the first series solid, the others dashed (bench.fp8_compare, bench.vae_precision_compare). log_y: for every
+    panel, or one flag per panel; title: a line above the panels (small type: a run's description)."""
+    logs = log_y if isinstance(log_y, list) else [log_y] * len(panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
-    for ax, (ylabel, series) in zip(axes[0], panels):
+    for ax, (ylabel, series), log in zip(axes[0], panels, logs):
         for i, (label, values) in enumerate(series.items()):
             ax.plot(range(1, len(values) + 1), values, label=label, lw=1.2, ls="-" if i == 0 else "--")
         ax.set(xlabel="step", ylabel=ylabel)
-        if log_y:
+        if log:
             ax.set_yscale("log")
-        ax.legend()
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

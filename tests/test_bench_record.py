@@ -97,6 +97,20 @@ def test_fp8_compare_record(tmp_path, monkeypatch):
     check_environment(json.loads((tmp_path / "fp8_compare.json").read_text())["environment"])
 
 
+def test_fp8_compare_window_ratio():
+    """The plot's drift panel: FP8's mean over the last `window` steps over bf16's, minus 1; NaN before a window."""
+    import math
+
+    from bench.fp8_compare import window_ratio
+    bf16 = [1.0 + (s % 3) for s in range(10)]
+    r = window_ratio(bf16, [1.1 * v for v in bf16], window=4)
+    assert len(r) == 10 and all(math.isnan(v) for v in r[:3]) and all(abs(v - 0.1) < 1e-12 for v in r[3:])
+    r = window_ratio(bf16, bf16[:5] + [v + 1 for v in bf16[5:]], window=4)  # a step up at step 6
+    assert r[3] == r[4] == 0 and r[5] > 0 and r[8] > r[5]
+    short = window_ratio(bf16[:2], bf16[:2], window=4)  # fewer steps than a window: nothing to plot
+    assert len(short) == 2 and all(math.isnan(v) for v in short)
+
+
 def test_vae_precision_compare_record(tmp_path, monkeypatch):
     from bench import vae_precision_compare
     curves = {m: [1.0 / (s + 1) for s in range(6)] for m in ("rec", "vf", "loss")}

