@@ -38,18 +38,6 @@ def run_one(config: str | Path, out_dir: str | Path, steps: int, overrides: list
     return [losses[s] for s in sorted(losses)], trainer.fp8_desc
 
 
-def compare(bf16: list[float], fp8: list[float], rtol: float) -> dict:
-    """The two curves' tail means (last quarter of the steps) and whether they agree within `rtol`."""
-    n = min(len(bf16), len(fp8))
-    tail = max(1, n // 4)
-    mean_a, mean_b = sum(bf16[n - tail:n]) / tail, sum(fp8[n - tail:n]) / tail
-    rel = abs(mean_b - mean_a) / abs(mean_a)
-    step_rel = [abs(b - a) / abs(a) for a, b in zip(bf16[:n], fp8[:n])]
-    return {"steps": n, "tail_steps": tail, "bf16_tail_mean": mean_a, "fp8_tail_mean": mean_b,
-            "tail_rel_diff": rel, "max_step_rel_diff": max(step_rel), "first_loss": bf16[0],
-            "agree": rel <= rtol}
-
-
 WINDOW = 100  # steps per mean in the plot's ratio panel (one step's loss varies with its random time draws)
 
 
@@ -61,6 +49,21 @@ def window_ratio(bf16: list[float], fp8: list[float], window: int = WINDOW) -> l
     for i in range(window, n + 1):
         out.append(sum(fp8[i - window:i]) / sum(bf16[i - window:i]) - 1)
     return out
+
+
+def compare(bf16: list[float], fp8: list[float], rtol: float) -> dict:
+    """The two curves' tail means (last quarter of the steps), whether they agree within `rtol`, and the drift
+    panel's range and last value (FP8's WINDOW-step mean over bf16's, minus 1; None for shorter runs)."""
+    n = min(len(bf16), len(fp8))
+    tail = max(1, n // 4)
+    mean_a, mean_b = sum(bf16[n - tail:n]) / tail, sum(fp8[n - tail:n]) / tail
+    rel = abs(mean_b - mean_a) / abs(mean_a)
+    step_rel = [abs(b - a) / abs(a) for a, b in zip(bf16[:n], fp8[:n])]
+    drift = [v for v in window_ratio(bf16[:n], fp8[:n]) if v == v]  # the plot's drift panel, NaNs left out
+    return {"steps": n, "tail_steps": tail, "bf16_tail_mean": mean_a, "fp8_tail_mean": mean_b,
+            "tail_rel_diff": rel, "max_step_rel_diff": max(step_rel), "first_loss": bf16[0],
+            "drift_window": WINDOW, "drift_min": min(drift, default=None), "drift_max": max(drift, default=None),
+            "drift_last": drift[-1] if drift else None, "agree": rel <= rtol}
 
 
 def main(argv: list[str] | None = None) -> int:

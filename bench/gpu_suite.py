@@ -391,7 +391,8 @@ def fp8_curve(seed: int, smoke: bool) -> dict:
     r = json.loads(path.read_text())
     return {"command": cmd, "rc": res.returncode, "fp8": r["fp8"], "data": r["data"], "steps": r["steps"],
             "bf16_tail_mean": r["bf16_tail_mean"], "fp8_tail_mean": r["fp8_tail_mean"],
-            "tail_rel_diff": r["tail_rel_diff"], "max_step_rel_diff": r["max_step_rel_diff"]}
+            "tail_rel_diff": r["tail_rel_diff"], "max_step_rel_diff": r["max_step_rel_diff"],
+            **{k: r[k] for k in ("drift_min", "drift_max", "drift_last")}}
 
 
 def fp8_curve_verdict(sections: dict) -> dict:

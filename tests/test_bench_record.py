@@ -94,7 +94,16 @@ def test_fp8_compare_record(tmp_path, monkeypatch):
     monkeypatch.setattr(fp8_compare, "run_one", lambda config, out, steps, over: (
         [1.0 / (s + 1) for s in range(steps)], "torchao (canned)"))
     assert fp8_compare.main(["--steps", "8", "--out", str(tmp_path)]) == 0
-    check_environment(json.loads((tmp_path / "fp8_compare.json").read_text())["environment"])
+    r = json.loads((tmp_path / "fp8_compare.json").read_text())
+    check_environment(r["environment"])
+    assert r["drift_window"] == 100 and r["drift_last"] is None  # 8 steps: no window yet
+
+
+def test_fp8_compare_drift_fields():
+    from bench.fp8_compare import compare
+    bf16 = [2.0 - s / 1000 for s in range(300)]
+    r = compare(bf16, [v * (1 + s / 30000) for s, v in enumerate(bf16)], rtol=0.05)  # FP8 drifting up
+    assert 0 < r["drift_min"] < r["drift_last"] == r["drift_max"] < 0.01
 
 
 def test_fp8_compare_window_ratio():
