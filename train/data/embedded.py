@@ -6,8 +6,8 @@
 - `write_embedded` (`--data photos`): JPEG crops of scikit-image's photographs, one class per photograph
   (14 classes, a few hundred crops): a smoke-scale stand-in for ImageNet that exercises the real decode
   path on real colour JPEGs, but too few distinct images per class to learn from.
-- `write_digit_latents`: the same digits as a DiT latent store (16 x 16 pixels, space-to-depth), for DiT runs
-  that need real data without a tokenizer (bench.fp8_compare --data digits).
+- `write_digit_latents`: the same digits as a DiT latent store (16 or 32 px, space-to-depth into channels), for
+  DiT runs that need real data without a tokenizer (bench.fp8_compare --data digits).
 
 Both are deterministic for their arguments and written at run time, never committed:
 `python -m train.data embedded OUT --size 128` / `python -m train.data digits OUT --size 32`.
