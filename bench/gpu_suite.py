@@ -554,8 +554,9 @@ def print_table(r: dict) -> None:
     if curve:
         runs = {k: v for k, v in sec.items() if k.startswith("fp8_curve_seed")}
         for k, v in runs.items():
+            drift = v.get("drift_last")  # None before a 100-step window (the CPU smoke's 3 steps)
             print(f"{k}: {v['fp8']}: last-quarter loss bf16 {v['bf16_tail_mean']:.4f} vs FP8 {v['fp8_tail_mean']:.4f} "
-                  f"({v['tail_rel_diff']:.2%})")
+                  f"({v['tail_rel_diff']:.2%}" + (f"; last 100-step drift {drift:+.2%})" if drift is not None else ")"))
         print(f"FP8 vs bf16 against the seed spread: {curve}")
     cli = sec.get("trainer_cli_bs256")
     if cli:
