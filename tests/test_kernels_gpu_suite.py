@@ -178,3 +178,21 @@ def test_gpu_tests_keep_what_ran_when_they_time_out(monkeypatch):
     r = gpu_suite.gpu_tests(smoke=False)
     assert r["returncode"] == "timeout after 300 s"
     assert r["failures"] == ["FAILED tests/test_kernels_gpu.py::test_b - assert 0"] and "test_a PASSED" in r["tail"]
+
+
+def test_headline_batch_fits_the_card():
+    """An 80 GB H100 runs the headline cases, the authors' step and the CLI at 128 (at 256 the largest case peaked
+    at 96.5 GiB on the H200: every bs256 case would compile and then die out of memory); an H200 keeps 256; a
+    requested batch wins; the case list keeps its order with each (spec, batch) once."""
+    from bench.gpu_suite import TRAIN_CASES, headline_batch, predicted_peak_gib, train_cases
+    assert headline_batch(139.8)[0] == 256  # H200 (environment_extra on 2026-12-04)
+    assert headline_batch(79.2)[0] == 128  # H100 80 GB
+    assert headline_batch(48.0)[0] == 64 and headline_batch(8.0)[0] == 16
+    assert headline_batch(None) == (256, "no CUDA device: issue 18's batch")
+    assert headline_batch(79.2, requested=256) == (256, "--headline-batch")
+    assert predicted_peak_gib(256) == 96.5 and 50 < predicted_peak_gib(128) < 60  # 2026-11-26: 55.9-56.2 at 128
+    assert train_cases(256) == TRAIN_CASES
+    h100 = train_cases(128)
+    assert h100[:3] == [("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("auto+compiled+ropefused", 128)]
+    assert len(h100) == len(set(h100)) and {b for _, b in h100} == {128}
+    assert [s for s, _ in h100] == list(dict.fromkeys(s for s, _ in TRAIN_CASES))  # each spec once, in order
