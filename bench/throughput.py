@@ -48,7 +48,9 @@ from modeling.lightningdit import LIGHTNINGDIT_SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name substring.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# dense bf16 TFLOP/s from NVIDIA's datasheets, the first key in the device's name wins: the PCIe and NVL H100s are
+# slower parts than the SXM one the plain "H100" means (the lent machines' are SXM)
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0}
 
 
 def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:

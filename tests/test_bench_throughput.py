@@ -312,3 +312,16 @@ def test_profile_marks_the_trainers_phases(tmp_path):
     assert {"forward", "backward", "optimizer", "data"} <= {name for _, _, name in phases}
     assert all(b >= a for a, b, _ in phases)
     assert train.train_dit.nvtx is nvtx and train.base.nvtx is nvtx
+
+
+def test_device_peak_names_the_h100_part(monkeypatch):
+    """MFU's denominator: an SXM H100 or H200 is 989 dense bf16 TFLOP/s, a PCIe H100 756, an NVL 835; an unknown
+    card gets no peak and says so."""
+    import torch
+    from bench.throughput import device_peak_tflops
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA H100 NVL", 835.0), ("NVIDIA L4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        got, why = device_peak_tflops(torch.device("cuda"))
+        assert got == peak, (name, why)
+        assert (why.startswith("no peak known for NVIDIA L4") if peak is None else f"{peak:g} TFLOP/s" in why)
