@@ -6,6 +6,8 @@ this file under torchrun or as plain processes instead of `-m train.train_dit`):
 KILL_AT=step:N   the rank dies in optimizer step N, after its backward (the others wait in the step's collectives)
 KILL_AT=save:N   the rank dies while checkpoint N is written: its DeepSpeed files are in step_N.tmp, its own
                  rank_R.pt is not (the others wait at the checkpoint's barrier)
+KILL_AT=oom:N    the rank raises torch.OutOfMemoryError (torch 2.11's CUDA text) in optimizer step N: it ends in its
+                 own one-line error (train/errors.py), not by a signal
 Just before it dies the rank writes KILL_RECORD ({"time", "rank", "where"}). The kill is a real SIGKILL of the
 real process; only its moment is chosen here, so the test does not race the trainer.
 """
@@ -49,8 +51,21 @@ def arm(rank: int) -> None:
             return atomic_torch_save(obj, path)
 
         base.atomic_torch_save = dying_save
+    elif kind == "oom":
+        import torch
+        optimizer_step = base.Trainer.optimizer_step
+
+        def oom_optimizer_step(self, tag):
+            if self.step + 1 == step:
+                Path(os.environ["KILL_RECORD"]).write_text(json.dumps({"time": time.time(), "rank": str(rank),
+                                                                       "where": f"oom {step}"}))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 1 has a total "
+                                             "capacity of 79.19 GiB of which 1.06 GiB is free.")
+            return optimizer_step(self, tag)
+
+        base.Trainer.optimizer_step = oom_optimizer_step
     else:
-        raise SystemExit(f"KILL_AT={os.environ['KILL_AT']}: expected step:N or save:N")
+        raise SystemExit(f"KILL_AT={os.environ['KILL_AT']}: expected step:N, save:N or oom:N")
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """User mistakes vs bugs at the command line: `user_errors()` turns the errors that mean "the input is wrong"
 (a config key, a file that is missing / corrupt / unsafe, data that does not fit, a folder in use or not
-writable, a full disk) into one line on stderr and exit status 2. Anything else is a bug and keeps its
-traceback. `--debug` (or VAVAE_DEBUG=1) keeps the traceback for user mistakes too.
+writable, a full disk, a batch too large for the GPU's memory) into one line on stderr and exit status 2. Anything
+else is a bug and keeps its traceback. `--debug` (or VAVAE_DEBUG=1) keeps the traceback for user mistakes too.
 
 In a multi-rank run every line a rank prints about an error starts with its rank tag ("[rank 1/4 node 0 host-a]
 error: ..."; a traceback has it on every line), and a run that fails because a rank was lost says so in one line
@@ -88,6 +88,35 @@ def _lost_after() -> str:
     return f"{LOST_AFTER_S:g}"
 
 
+def out_of_memory_line(exc: BaseException, cfg: Any) -> str:
+    """The one line for a CUDA out-of-memory error: what the run was doing, torch's own figures (what it tried to
+    allocate, the card's capacity and what was free), the setting that sets the memory in that phase and how to
+    lower it, and the last complete checkpoint. A batch too large for the card is a setting, not a bug: XL/1 at
+    batch 256 peaks at ~88 GiB (fits an H200, not an 80 GB H100, where the shipped 128 does)."""
+    import re
+
+    from .distributed import RUN_STATE
+    phase, text = RUN_STATE["phase"], str(exc)
+    figures = [m.group(0).rstrip(".") for m in (re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", text),
+                                                 re.search(r"GPU \d+ has a total capacity of [\d.]+ [KMGT]?i?B of "
+                                                           r"which [\d.]+ [KMGT]?i?B is free", text)) if m]
+    train = getattr(cfg, "train", None)
+    if phase.startswith("evaluating") and hasattr(getattr(cfg, "eval", None), "batch_size"):
+        advice = f"lower eval.batch_size (now {cfg.eval.batch_size}; the samples drawn stay the same)"
+    elif train is not None and hasattr(train, "batch_per_gpu"):
+        gb = getattr(train, "global_batch", None)
+        advice = (f"lower train.batch_per_gpu (now {train.batch_per_gpu})"
+                  + (f"; gradient accumulation keeps train.global_batch={gb}" if gb else ""))
+        fp8 = getattr(getattr(cfg, "fp8", None), "backend", "none")
+        whole = getattr(getattr(cfg, "model", None), "use_checkpoint", False)
+        if getattr(train, "recompute", None) == "none" and fp8 == "none" and not whole:  # what recompute allows
+            advice += ", or set train.recompute=swiglu (docs/training.md, Activation memory)"
+    else:
+        advice = "lower the batch"
+    return (f"out of GPU memory while {phase} ({'; '.join(figures) or one_line(exc)[:200]}): {advice}; "
+            f"{last_checkpoint_text(RUN_STATE['checkpoint_root'])}")
+
+
 def add_debug_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
@@ -106,6 +135,7 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint."""
     import logging
 
+    import torch
     import torch.distributed as dist
 
     from modeling.config import ConfigError, add_config_args, config_from_args, dump_config
@@ -143,6 +173,14 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     except NonFiniteError as e:
         print(f"{prefix}error: {e}", file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError as e:  # the batch does not fit the card: a setting, one line, exit 2
+        if args.debug or os.environ.get("VAVAE_DEBUG") == "1":
+            raise
+        print(f"{prefix}error: {out_of_memory_line(e, cfg)}", file=sys.stderr)
+        if tag:  # the other ranks may be blocked in a collective: no teardown of the group (as _rank_failed)
+            sys.stderr.flush()
+            os._exit(2)
+        return 2
     except BaseException as e:  # noqa: BLE001 -- a rank of a multi-rank run: a lost peer, or a bug (below)
         if not tag or isinstance(e, (SystemExit, KeyboardInterrupt)):
             raise
