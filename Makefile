@@ -4,7 +4,8 @@
 #                THREADS=N sets the CPU threads, default the cores less one: modeling/threads.py; DEMO_ARGS="..." more options)
 # make parity -- recompute the reference fixtures in ../shared/parity
 # make test-lent -- the CPU suite under the lent GPU machine's torch 2.11 + Triton 3.6 (a side venv, .venv-lent,
-#                ~5 GB: requirements/lent.txt), before a device session; not CI
+#                ~5 GB: requirements/lent.txt), before a device session; not CI. Its own JIT extensions folder:
+#                DeepSpeed's CPU shm op built by the main venv's torch does not load under 2.11
 PY := .venv/bin/python
 
 .PHONY: venv test test-all test-lent demo parity
@@ -42,7 +43,7 @@ test-all: venv $(LENT_TRITON)/.installed
 	touch $@
 test-lent: .venv-lent/.installed
 	PYTHONPATH=$(CURDIR) TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.venv-lent/inductor OMP_WAIT_POLICY=PASSIVE \
-		.venv-lent/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -p no:cacheprovider \
+		TORCH_EXTENSIONS_DIR=$(CURDIR)/.venv-lent/torch_extensions .venv-lent/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -p no:cacheprovider \
 		-m "not gpu and not extended" -k "not fp8 and not test_gpu_suite_cpu_smoke" \
 		--deselect tests/test_kernels_sm90_lent_triton.py --deselect tests/test_kernels_sm90_compile.py
 
