@@ -131,16 +131,21 @@ def _comparable(settings):
 
 
 def check_settings(work: Union[str, os.PathLike], settings: dict) -> None:
-    """Write settings.json on first use; refuse to continue a run whose recorded settings differ (paths may)."""
+    """Write settings.json on first use; refuse to continue a run whose recorded settings differ (paths may). The
+    layout (ranks, batch) alone may change while no chunk exists yet: a first batch too large for the card's memory
+    leaves a settings file and nothing else, and the same command with a smaller --batch-size starts afresh."""
     path = Path(work) / SETTINGS_FILE
     if path.is_file():
-        old, settings = _comparable(json.loads(path.read_text())), _comparable(settings)
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        old, new = _comparable(json.loads(path.read_text())), _comparable(settings)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff == ["layout"] and not any(Path(work).glob("chunk_*.npz")):
+            diff = []  # nothing generated under the old layout: record the new one below
+        elif not diff:
+            return
         if diff:
             lines = "; ".join(f"{k}: recorded {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
             raise SettingsMismatchError(f"{path}: this output was started with other settings ({lines}); "
                                         "use another output path or delete the chunks folder")
-        return
     tmp = path.with_name(f"{SETTINGS_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
     os.replace(tmp, path)
@@ -206,25 +211,27 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
         d = sampler.describe()
         bar.write(f"sampler: {d['method']} {d['steps']} points, {d['precision']}, compile={d['compile']}, "
                   f"CUDA graphs {d['cudagraphs']}, batch {batch_size}, device {d['device']}")
-    for s in starts:
-        idx = mine[s:s + batch_size]
-        path = _chunk_path(work, idx[0])
-        if path.exists():  # done before a restart
+    try:  # closed on an error too: its line ends before the error's
+        for s in starts:
+            idx = mine[s:s + batch_size]
+            path = _chunk_path(work, idx[0])
+            if path.exists():  # done before a restart
+                bar.update(len(idx))
+                continue
+            gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
+            z = sample_noise(idx, shape, seed).to(device)
+            y = labels[idx].to(device)
+            x = sampler(z, y, generator=gen)
+            x = x / latent_multiplier
+            if latent_stats is not None:
+                x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
+            images = decode_images(vae, x, config.precision).cpu().numpy()
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
+            os.replace(tmp, path)
             bar.update(len(idx))
-            continue
-        gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
-        z = sample_noise(idx, shape, seed).to(device)
-        y = labels[idx].to(device)
-        x = sampler(z, y, generator=gen)
-        x = x / latent_multiplier
-        if latent_stats is not None:
-            x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
-        images = decode_images(vae, x, config.precision).cpu().numpy()
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
-        os.replace(tmp, path)
-        bar.update(len(idx))
-    bar.close()
+    finally:
+        bar.close()
     return merge_chunks(out_npz, num_samples)
 
 
@@ -294,7 +301,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
     # a bad value or file: one line naming it, exit 2 -- the cheap checks first, all before the first sample
-    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable, SettingsMismatchError)):
+    # out of GPU memory: a batch too large for the card (it happens at the first batch, before any chunk exists,
+    # and check_settings lets the layout change until one does)
+    oom = f"lower --batch-size (now {a.batch_size}) and run the same command again"
+    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable, SettingsMismatchError),
+                     out_of_memory=oom):
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
         device = check_device(a.device) if a.device else (
             check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}", "LOCAL_RANK") if cuda else torch.device("cpu"))

@@ -315,24 +315,43 @@ def one_line(exc: BaseException) -> str:
 USER_ERROR_TYPES = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = ()) -> typing.ContextManager[None]:
+def out_of_memory_figures(exc: BaseException) -> str:
+    """torch's own figures from a CUDA out-of-memory error, on one line ("Tried to allocate 2.25 GiB; GPU 0 has a
+    total capacity of 79.19 GiB of which 1.06 GiB is free"), else its message's start."""
+    import re
+    text = str(exc)
+    found = [m.group(0) for m in (re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", text),
+                                  re.search(r"GPU \d+ has a total capacity of [\d.]+ [KMGT]?i?B of which [\d.]+ "
+                                            r"[KMGT]?i?B is free", text)) if m]
+    return "; ".join(found) or one_line(exc)[:200]
+
+
+def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = (),
+                out_of_memory: typing.Optional[str] = None) -> typing.ContextManager[None]:
     """A context manager with train.errors.user_errors' semantics for the layers below train: a user mistake
     (USER_ERROR_TYPES + extra) becomes `error: <one line>` on stderr and exit status 2; anything else keeps its
-    traceback; debug=True or VAVAE_DEBUG=1 keeps the traceback for user mistakes too."""
+    traceback; debug=True or VAVAE_DEBUG=1 keeps the traceback for user mistakes too. `out_of_memory`: what to
+    lower when the GPU's memory runs out (a setting too large for the card, e.g. "lower --batch-size"); then
+    that error is a user mistake too, and its line carries torch's figures."""
     import contextlib
     import os
     import sys
 
+    import torch
+
     from .safe_load import CheckpointLoadError  # a weights file that is unsafe, corrupt or does not fit
+    oom = (torch.OutOfMemoryError,) if out_of_memory else ()
 
     @contextlib.contextmanager
     def guard():
         try:
             yield
-        except (*USER_ERROR_TYPES, CheckpointLoadError, *extra) as e:
+        except (*USER_ERROR_TYPES, CheckpointLoadError, *extra, *oom) as e:
             if debug or os.environ.get("VAVAE_DEBUG") == "1":
                 raise
-            print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+            line = (f"out of GPU memory ({out_of_memory_figures(e)}): {out_of_memory}"
+                    if oom and isinstance(e, oom) else one_line(e))
+            print(f"{prefix}: {line}", file=sys.stderr)
             raise SystemExit(2) from None
     return guard()
 

@@ -53,3 +53,39 @@ def test_released_checkpoint_to_fid(parity_dir, tmp_path, capsys):
     assert res["compared"]["samples"]["path"] == str(out) and len(res["compared"]["reference"]["sha256"]) == 64
     assert res["compared"]["sample_settings"]["sampler"]["cfg_scale"] == 6.7
     assert 0.0 <= res["precision"] <= 1.0 and samples.std() > 0
+
+
+def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(parity_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A --batch-size too large for the card: one line (exit 2) with torch's figures and the flag to lower; the
+    settings file the first try left (no chunk yet) does not refuse the smaller batch; once a chunk exists the
+    layout is part of the run again. The CUDA error is raised by hand (the CPU has no CUDA allocator)."""
+    from modeling.sampling import Sampler
+    convert_main([str(parity_dir / "lightningdit_a.pt"), str(tmp_path / "dit")])
+    convert_main([str(parity_dir / "vavae_a.pt"), str(tmp_path / "vae")])
+    out = tmp_path / "samples.npz"
+    args = [str(tmp_path / "dit"), str(tmp_path / "vae"), str(out), "--num-samples", "4", "--steps", "2",
+            "--device", "cpu", "--precision", "fp32"]
+    real = Sampler.__call__
+
+    def sample(self, z, *a, **kw):
+        if z.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 3.50 GiB is free. Including ...")
+        return real(self, z, *a, **kw)
+
+    monkeypatch.setattr(Sampler, "__call__", sample)
+    monkeypatch.delenv("VAVAE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        gen_cli.main(args + ["--batch-size", "4"])
+    err = capsys.readouterr().err.split("\r")[-1].strip().splitlines()  # after the progress bar's own lines
+    assert info.value.code == 2 and len(err) == 2 and err[0].startswith("sampling (rank 0):   0%"), err
+    assert err[1] + "\n" == ("error: out of GPU memory (Tried to allocate 9.00 GiB; GPU 0 has a total capacity of 79.19 GiB "
+                   "of which 3.50 GiB is free): lower --batch-size (now 4) and run the same command again\n")
+    assert gen_cli.main(args + ["--batch-size", "2"]) is None and out.is_file()
+    assert read_settings(out)["layout"] == {"world_size": 1, "batch_size": 2}
+    # with chunks written, another layout is refused as before
+    out.unlink()
+    with pytest.raises(SystemExit):
+        gen_cli.main(args + ["--batch-size", "1"])
+    assert "layout: recorded" in capsys.readouterr().err

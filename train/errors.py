@@ -93,13 +93,8 @@ def out_of_memory_line(exc: BaseException, cfg: Any) -> str:
     allocate, the card's capacity and what was free), the setting that sets the memory in that phase and how to
     lower it, and the last complete checkpoint. A batch too large for the card is a setting, not a bug: XL/1 at
     batch 256 peaks at ~88 GiB (fits an H200, not an 80 GB H100, where the shipped 128 does)."""
-    import re
-
     from .distributed import RUN_STATE
-    phase, text = RUN_STATE["phase"], str(exc)
-    figures = [m.group(0).rstrip(".") for m in (re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", text),
-                                                 re.search(r"GPU \d+ has a total capacity of [\d.]+ [KMGT]?i?B of "
-                                                           r"which [\d.]+ [KMGT]?i?B is free", text)) if m]
+    phase = RUN_STATE["phase"]
     train = getattr(cfg, "train", None)
     if phase.startswith("evaluating") and hasattr(getattr(cfg, "eval", None), "batch_size"):
         advice = f"lower eval.batch_size (now {cfg.eval.batch_size}; the samples drawn stay the same)"
@@ -113,7 +108,7 @@ def out_of_memory_line(exc: BaseException, cfg: Any) -> str:
             advice += ", or set train.recompute=swiglu (docs/training.md, Activation memory)"
     else:
         advice = "lower the batch"
-    return (f"out of GPU memory while {phase} ({'; '.join(figures) or one_line(exc)[:200]}): {advice}; "
+    return (f"out of GPU memory while {phase} ({config.out_of_memory_figures(exc)}): {advice}; "
             f"{last_checkpoint_text(RUN_STATE['checkpoint_root'])}")
 
 
