@@ -80,8 +80,8 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
         gen_cli.main(args + ["--batch-size", "4"])
     err = capsys.readouterr().err.split("\r")[-1].strip().splitlines()  # after the progress bar's own lines
     assert info.value.code == 2 and len(err) == 2 and err[0].startswith("sampling (rank 0):   0%"), err
-    assert err[1] + "\n" == ("error: out of GPU memory (Tried to allocate 9.00 GiB; GPU 0 has a total capacity of 79.19 GiB "
-                   "of which 3.50 GiB is free): lower --batch-size (now 4) and run the same command again\n")
+    assert err[1] == ("error: out of GPU memory (Tried to allocate 9.00 GiB; GPU 0 has a total capacity of 79.19 "
+                      "GiB of which 3.50 GiB is free): lower --batch-size (now 4) and run the same command again")
     assert gen_cli.main(args + ["--batch-size", "2"]) is None and out.is_file()
     assert read_settings(out)["layout"] == {"world_size": 1, "batch_size": 2}
     # with chunks written, another layout is refused as before

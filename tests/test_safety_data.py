@@ -366,3 +366,39 @@ def test_a_full_disk_leaves_no_tmp_file_in_the_latent_folder(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space"):
         _extract(_vae(0), files, out)
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_extract_out_of_gpu_memory_is_one_line_and_a_smaller_batch_goes_on(tmp_path, capsys, monkeypatch):
+    """A --batch-size too large for the card: one line (exit 2) with torch's figures and the flag to lower; the
+    batch is not among extract.json's settings, so the same command with a smaller one goes on from the shards
+    written. The CUDA error is raised by hand (the CPU has no CUDA allocator)."""
+    root = _images(tmp_path / "img", per_class=4)
+    vae_dir = tmp_path / "vae"
+    _vae(0).save_pretrained(vae_dir)
+    out = tmp_path / "lat"
+    base = ["extract", str(root), str(out), "--vae", str(vae_dir), "--image-size", "16", "--shard-size", "4",
+            "--workers", "0"]
+    real = AutoencoderKL.encode
+    calls = []
+
+    def encode(self, x, *a, **kw):
+        calls.append(x.shape[0])
+        if len(calls) == 2 and x.shape[0] > 4:  # the second shard's first batch (the image and its mirror)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 2.10 GiB is free. Including ...")
+        return real(self, x, *a, **kw)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    monkeypatch.delenv("VAVAE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        data_main([*base, "--batch-size", "4"])
+    err = capsys.readouterr().err.split("\r")[-1].strip().splitlines()  # after the progress bar's own lines
+    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("extract:"), err
+    line = err[1]
+    assert line == ("error: out of GPU memory (Tried to allocate 3.00 GiB; GPU 0 has a total capacity of 79.19 GiB "
+                    "of which 2.10 GiB is free): lower --batch-size (now 4) and run the same command again: the "
+                    "finished shards are kept"), line
+    assert (out / shard_name(0, 0)).is_file() and not (out / shard_name(0, 1)).exists()
+    data_main([*base, "--batch-size", "2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
+    assert LatentStore.open(out).num_samples == 8

@@ -117,10 +117,12 @@ def add_debug_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors(debug: bool = False, prefix: str = "error") -> typing.ContextManager[None]:
+def user_errors(debug: bool = False, prefix: str = "error",
+                out_of_memory: Optional[str] = None) -> typing.ContextManager[None]:
     """Exit 2 with `error: <one line>` on a user mistake (see module docstring): the one error path of every
-    command (modeling.config.user_errors), with the trainers' own mistakes (data, checkpoints, locks, disks) added."""
-    return config.user_errors(debug, prefix, extra=user_error_types())
+    command (modeling.config.user_errors, whose `out_of_memory` names what to lower when the GPU's memory runs out),
+    with the trainers' own mistakes (data, checkpoints, locks, disks) added."""
+    return config.user_errors(debug, prefix, extra=user_error_types(), out_of_memory=out_of_memory)
 
 
 def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[Any], Any],

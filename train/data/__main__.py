@@ -87,7 +87,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    with user_errors(args.debug):  # a user mistake: one line naming the file or flag, exit 2
+    # out of GPU memory in extract / compare: a batch too large for the card (the batch is not among the settings an
+    # extraction folder records, so a smaller one goes on from the shards already written)
+    oom = None
+    if hasattr(args, "batch_size"):
+        oom = f"lower --batch-size (now {args.batch_size}) and run the same command again" + (
+            ": the finished shards are kept" if args.cmd == "extract" else "")
+    with user_errors(args.debug, out_of_memory=oom):  # a user mistake: one line naming the file or flag, exit 2
         _check_args(args)
         if args.cmd == "embedded":
             from .embedded import write_embedded

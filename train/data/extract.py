@@ -172,40 +172,42 @@ def extract_latents(vae: torch.nn.Module, files: FileList, out_dir: Union[str, P
 
         bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="extract", unit="img", dynamic_ncols=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext())
-    for s in todo:
-        idx = shards[s]
-        sub = FileList(files.root, [files.paths[i] for i in idx], [files.labels[i] for i in idx], files.classes)
-        gen = torch.Generator(device).manual_seed(shard_seed(seed, rank, s))
-        lat, lat_flip, labels = [], [], []
-        t0, n = time.perf_counter(), 0
-        for x, y in _image_loader(sub, image_size, batch_size, backend, dali_device, num_workers):
-            x, y = x[: len(idx) - n], y[: len(idx) - n]  # the wrapped tail of the last batch
-            x = x.to(device, non_blocking=True)
-            with autocast:
-                z = vae.encode(torch.cat([x, torch.flip(x, dims=[3])])).sample(generator=gen)
-            finite = torch.isfinite(z.float().flatten(1)).all(dim=1)
-            if not finite.all():
-                bad = sorted({int(j) % len(x) for j in torch.nonzero(~finite).flatten().tolist()})
-                names = [sub.abspath(n + j) for j in bad[:3]]
-                raise DataError(f"the tokenizer gave non-finite latents for {len(bad)} image(s): {', '.join(names)}"
-                                f"{' ...' if len(bad) > 3 else ''}; nothing was written for shard {s}")
-            z = z.float().to(STORE_DTYPES[store_dtype]).cpu()
-            lat.append(z[: len(x)])
-            lat_flip.append(z[len(x):])
-            labels.append(y.long().cpu())
-            n += len(x)
-            if bar is not None:
-                bar.update(len(x))
-            if n >= len(idx):
-                break
-        lat = torch.cat(lat)
-        _write_shard(out_dir / shard_name(rank, s), lat, torch.cat(lat_flip), torch.cat(labels),
-                     torch.from_numpy(idx.astype(np.int64)), seed)
-        dt = time.perf_counter() - t0
-        log.info("extract rank %d shard %d: %d images (x2 with the mirror) in %.1fs, %.1f img/s", rank, s, n, dt,
-                 n / dt)
-    if bar is not None:
-        bar.close()
+    try:  # the bar closed on an error too: its line ends before the error's
+        for s in todo:
+            idx = shards[s]
+            sub = FileList(files.root, [files.paths[i] for i in idx], [files.labels[i] for i in idx], files.classes)
+            gen = torch.Generator(device).manual_seed(shard_seed(seed, rank, s))
+            lat, lat_flip, labels = [], [], []
+            t0, n = time.perf_counter(), 0
+            for x, y in _image_loader(sub, image_size, batch_size, backend, dali_device, num_workers):
+                x, y = x[: len(idx) - n], y[: len(idx) - n]  # the wrapped tail of the last batch
+                x = x.to(device, non_blocking=True)
+                with autocast:
+                    z = vae.encode(torch.cat([x, torch.flip(x, dims=[3])])).sample(generator=gen)
+                finite = torch.isfinite(z.float().flatten(1)).all(dim=1)
+                if not finite.all():
+                    bad = sorted({int(j) % len(x) for j in torch.nonzero(~finite).flatten().tolist()})
+                    names = [sub.abspath(n + j) for j in bad[:3]]
+                    raise DataError(f"the tokenizer gave non-finite latents for {len(bad)} image(s): {', '.join(names)}"
+                                    f"{' ...' if len(bad) > 3 else ''}; nothing was written for shard {s}")
+                z = z.float().to(STORE_DTYPES[store_dtype]).cpu()
+                lat.append(z[: len(x)])
+                lat_flip.append(z[len(x):])
+                labels.append(y.long().cpu())
+                n += len(x)
+                if bar is not None:
+                    bar.update(len(x))
+                if n >= len(idx):
+                    break
+            lat = torch.cat(lat)
+            _write_shard(out_dir / shard_name(rank, s), lat, torch.cat(lat_flip), torch.cat(labels),
+                         torch.from_numpy(idx.astype(np.int64)), seed)
+            dt = time.perf_counter() - t0
+            log.info("extract rank %d shard %d: %d images (x2 with the mirror) in %.1fs, %.1f img/s", rank, s, n, dt,
+                     n / dt)
+    finally:
+        if bar is not None:
+            bar.close()
     stats = finalize_stats(out_dir, len(files), world_size, shard_size, recompute=bool(todo))
     return {"written": len(todo), "skipped": len(shards) - len(todo), "stats": stats is not None}
 
