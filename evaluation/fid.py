@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                 "the samples' generation settings)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
-    with user_errors(a.debug):
+    with user_errors(a.debug, out_of_memory=f"lower --batch-size (now {a.batch_size})"):
         _check_args(a)
         res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size, a.metrics)
         for k, v in res.items():

@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = p.parse_args(argv)
-    with user_errors(a.debug):
+    with user_errors(a.debug, out_of_memory=f"lower --batch-size (now {a.batch_size})"):
         if a.batch_size < 1 or (a.limit is not None and a.limit < 1):
             raise ConfigError(f"--batch-size {a.batch_size} / --limit {a.limit}: each must be at least 1")
         if str(a.device).startswith("cuda") and not torch.cuda.is_available():

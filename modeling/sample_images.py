@@ -162,7 +162,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
     # a bad file or value: one line naming it, exit 2 -- the cheap checks first, all before sampling
-    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable)):
+    with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable),
+                     out_of_memory=f"fewer --labels at once (now {len(a.labels)}: one batch)"):
         device = check_device(a.device)
         if not 0 <= a.seed <= MAX_SEED:
             raise ValueError(f"--seed {a.seed}: must be in 0..{MAX_SEED} (torch.Generator's range)")

@@ -67,6 +67,27 @@ def test_user_errors_are_one_line_exit_2_unless_debug(capsys):
             1 / 0
 
 
+def test_out_of_memory_is_a_user_mistake_only_where_the_command_says_what_to_lower(capsys, monkeypatch):
+    """The GPU commands (generate, sample_images, fid, tokenizer_metrics, train.data) name the flag to lower; a
+    command that does not keeps torch's traceback (it would have nothing to advise)."""
+    import torch
+    monkeypatch.delenv("VAVAE_DEBUG", raising=False)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 0.98 GiB is free. Including non-PyTorch memory, ...")
+    with pytest.raises(SystemExit) as e:
+        with user_errors(out_of_memory="lower --batch-size (now 64)"):
+            raise oom
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: out of GPU memory (Tried to allocate 1.50 GiB; GPU 0 has a total "
+                                       "capacity of 79.19 GiB of which 0.98 GiB is free): lower --batch-size (now 64)\n")
+    with pytest.raises(torch.OutOfMemoryError):
+        with user_errors():
+            raise oom
+    with pytest.raises(torch.OutOfMemoryError):
+        with user_errors(debug=True, out_of_memory="lower --batch-size"):
+            raise oom
+
+
 def test_metrics_jsonl_torn_tail_is_dropped_before_appending(tmp_path):
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
