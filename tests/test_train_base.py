@@ -148,3 +148,27 @@ def test_fit_runs_train_steps_and_resume_refuses_another_world(tmp_path):
     again = DiTTrainer(dit_cfg(tmp_path / "fit", "train.steps=3"))
     assert again.step == 2 and again.images_seen == 2 * again.global_batch
     again.close()
+
+
+def test_a_log_without_a_terminal_gets_one_metrics_line_per_record(tmp_path):
+    """A SLURM log (stderr not a terminal) or progress_bar false: one INFO line per metrics record (the bar would
+    write carriage returns into the file); an evaluation record shows its eval/* values."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "train.train_dit", "--config", "configs/dit_tiny_cpu.yaml",
+                          "train.steps=4", "logging.every=2", f"logging.dir={run}", f"checkpoint.dir={run}/ckpt",
+                          "train.zero_stage=0", "logging.tensorboard=false", "checkpoint.export_reference=false"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)  # progress_bar: true, no terminal
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln.split(" train INFO ", 1)[1] for ln in res.stderr.splitlines() if " train INFO step " in ln]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len(records) == 2 and "\r" not in res.stderr, res.stderr[-2000:]
+    for ln, rec in zip(lines, records):
+        assert ln.startswith(f"step {rec['step']}/4 | loss {rec['loss']:.5g} | grad_norm ") and \
+            f"| {rec['img_per_s']:.1f} img/s |" in ln and " | eta " in ln, ln
+    from train.logging_utils import metrics_line
+    assert metrics_line(500, 80000, {"eval/fid": 12.345678, "wall_clock_s": 9.0, "images_seen": 10}) == \
+        "step 500/80000 | eval/fid 12.35"
+    assert metrics_line(7, None, {"loss": 0.5, "skipped_steps": 2, "eta_s": 3725.0, "peak_mem_gib": 87.79}) == \
+        "step 7 | loss 0.5 | peak 87.8 GiB | 2 non-finite steps skipped | eta 1h02m"

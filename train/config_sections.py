@@ -128,7 +128,8 @@ class LoggingSection:
     dir: str = "runs/train"             # metrics.jsonl, tensorboard/, config.yaml, exports
     every: int = 10                     # steps between metric lines
     tensorboard: bool = True            # also write TensorBoard events under LOGGING_DIR/tensorboard
-    progress_bar: bool = True           # a tqdm bar on rank 0
+    progress_bar: bool = True           # a tqdm bar on rank 0 where stderr is a terminal; else (a SLURM log, or
+                                        # false) one log line per metrics record: step, loss, img/s, TFLOP/s, eta
     wandb: bool = False                 # also log to Weights & Biases (needs the wandb package)
     wandb_project: str = "vavae-lightningdit"   # the W&B project
     wandb_mode: Literal["offline", "online"] = "offline"   # offline: written under logging.dir, sync later

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, ContextManager, Optional, Union
@@ -102,8 +103,36 @@ class WandbLogger:
         self.run.finish()
 
 
+# What the console line of a metrics record shows, in this order (every value is in metrics.jsonl)
+_LINE_FIELDS = (("loss", "loss {:.5g}"), ("grad_norm", "grad_norm {:.3g}"), ("lr", "lr {:.2e}"),
+                ("img_per_s", "{:.1f} img/s"), ("tflops_per_gpu", "{:.4g} TFLOP/s/GPU"),
+                ("peak_mem_gib", "peak {:.1f} GiB"), ("peak_rss_gib", "RSS {:.1f} GiB"))
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def metrics_line(step: int, total_steps: Optional[int], metrics: dict) -> str:
+    """One line of a metrics record for a log: "step 100/80000 | loss 0.5123 | ... | eta 11h02m"; an evaluation
+    record shows its eval/* values instead."""
+    parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
+    evals = {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if evals:
+        parts += [f"{k} {v:.4g}" for k, v in evals.items()]
+    else:
+        parts += [fmt.format(metrics[k]) for k, fmt in _LINE_FIELDS if isinstance(metrics.get(k), (int, float))]
+        if metrics.get("skipped_steps"):
+            parts.append(f"{metrics['skipped_steps']} non-finite steps skipped")
+        if isinstance(metrics.get("eta_s"), (int, float)):
+            parts.append(f"eta {_duration(metrics['eta_s'])}")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
-    """metrics.jsonl (always), TensorBoard, W&B and a progress bar, written by rank 0 (`enabled`).
+    """metrics.jsonl (always), TensorBoard, W&B and, on the console, a progress bar (`progress_bar` and a
+    terminal) or else one log line per record (a SLURM log, `progress_bar: false`), written by rank 0 (`enabled`).
 
     wandb: False (off) or True; wandb_project / wandb_mode ("offline" | "online") / wandb_config (the
     resolved config as a dict, stored with the run) go to `WandbLogger`."""
@@ -112,7 +141,7 @@ class MetricsLogger:
                  progress_bar: bool = True, total_steps: Optional[int] = None, initial_step: int = 0,
                  wandb: bool = False, wandb_project: str = "vavae-lightningdit", wandb_mode: str = "offline",
                  wandb_config: Optional[dict] = None) -> None:
-        self.enabled = enabled
+        self.enabled, self.total_steps = enabled, total_steps
         self.tb = self.bar = self.jsonl = self.wandb = None
         if wandb:
             _require_wandb()  # every rank refuses, not only the one that writes
@@ -127,7 +156,7 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(directory / "tensorboard"))
         if wandb:
             self.wandb = WandbLogger(directory, wandb_project, wandb_mode, config=wandb_config)
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():  # a bar in a log file is one line of carriage returns
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -145,6 +174,8 @@ class MetricsLogger:
         if self.bar is not None and "img_per_s" in metrics:
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                  img_s=f"{metrics['img_per_s']:.1f}", refresh=False)
+        elif self.bar is None:
+            log.info("%s", metrics_line(step, self.total_steps, metrics))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
