@@ -40,7 +40,7 @@ def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[Pa
                  log: Optional[Callable[[str], Any]] = print) -> dict[str, Any]:
     """The selected metrics for two npz batches (arr_0 = uint8 NHWC images); a metric these inputs cannot give
     (IS without the softmax layer) is reported as None, with the reason logged."""
-    from tqdm import tqdm
+    from modeling.progress import progress
 
     from .batches import read_batch_labels, read_image_batch, read_reference_batch
     from .inception import load_inception
@@ -65,7 +65,7 @@ def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[Pa
     if ref_feats_needed or sam_feats_needed:
         model, backend = load_inception(inception, device=device)
         total = len(sample_images) * sam_feats_needed + (len(ref_images) if ref_feats_needed else 0)
-        with tqdm(total=total, desc="inception", unit="img", disable=log is None) as bar:
+        with progress(total, "inception", "img", enabled=log is not None) as bar:
             if ref_feats_needed:
                 ref_feats = compute_activations(model, ref_images, batch_size, device, bar)
             if sam_feats_needed:

@@ -167,8 +167,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     Returns the path of the merged npz, or None while other ranks still have chunks to write.
     Every argument is checked before the first sample (a bad one: ValueError / ConfigError naming it).
     """
-    from tqdm import tqdm
-
+    from modeling.progress import progress as progress_bar
     from modeling.sample_images import check_latent_stats
     from modeling.sampling import Sampler, decode_images
 
@@ -206,7 +205,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     # indices r + world * (k * batch_size + j).
     mine = list(range(rank, num_samples, world_size))
     starts = list(range(0, len(mine), batch_size))
-    bar = tqdm(total=len(mine), desc=f"sampling (rank {rank})", unit="img", disable=not progress)
+    bar = progress_bar(len(mine), f"sampling (rank {rank})", "img", enabled=progress)
     if progress and rank == 0:
         d = sampler.describe()
         bar.write(f"sampler: {d['method']} {d['steps']} points, {d['precision']}, compile={d['compile']}, "

@@ -392,9 +392,10 @@ def test_extract_out_of_gpu_memory_is_one_line_and_a_smaller_batch_goes_on(tmp_p
     monkeypatch.delenv("VAVAE_DEBUG", raising=False)
     with pytest.raises(SystemExit) as e:
         data_main([*base, "--batch-size", "4"])
-    err = capsys.readouterr().err.split("\r")[-1].strip().splitlines()  # after the progress bar's own lines
-    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("extract:"), err
-    line = err[1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[:-1] == ["extract: 4/8 img (50%), " + err[0].split(", ", 1)[1]], err
+    assert err[0].endswith(" img/s, stopped after 0m00s"), err  # the progress line closed before the error
+    line = err[-1]
     assert line == ("error: out of GPU memory (Tried to allocate 3.00 GiB; GPU 0 has a total capacity of 79.19 GiB "
                     "of which 2.10 GiB is free): lower --batch-size (now 4) and run the same command again: the "
                     "finished shards are kept"), line

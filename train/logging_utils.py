@@ -24,6 +24,7 @@ from typing import Any, ContextManager, Optional, Union
 import torch
 
 from modeling.config import ConfigError
+from modeling.progress import format_duration
 
 log = logging.getLogger("train")
 
@@ -109,11 +110,6 @@ _LINE_FIELDS = (("loss", "loss {:.5g}"), ("grad_norm", "grad_norm {:.3g}"), ("lr
                 ("peak_mem_gib", "peak {:.1f} GiB"), ("peak_rss_gib", "RSS {:.1f} GiB"))
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def metrics_line(step: int, total_steps: Optional[int], metrics: dict) -> str:
     """One line of a metrics record for a log: "step 100/80000 | loss 0.5123 | ... | eta 11h02m"; an evaluation
     record shows its eval/* values instead."""
@@ -126,7 +122,7 @@ def metrics_line(step: int, total_steps: Optional[int], metrics: dict) -> str:
         if metrics.get("skipped_steps"):
             parts.append(f"{metrics['skipped_steps']} non-finite steps skipped")
         if isinstance(metrics.get("eta_s"), (int, float)):
-            parts.append(f"eta {_duration(metrics['eta_s'])}")
+            parts.append(f"eta {format_duration(metrics['eta_s'])}")
     return " | ".join(parts)
 
 

@@ -168,9 +168,9 @@ def extract_latents(vae: torch.nn.Module, files: FileList, out_dir: Union[str, P
              image_size, store_dtype, device, f", autocast {amp}" if amp else "")
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        from modeling.progress import progress as progress_bar
 
-        bar = tqdm(total=sum(len(shards[s]) for s in todo), desc="extract", unit="img", dynamic_ncols=True)
+        bar = progress_bar(sum(len(shards[s]) for s in todo), "extract", "img", dynamic_ncols=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext())
     try:  # the bar closed on an error too: its line ends before the error's
         for s in todo:

@@ -336,6 +336,6 @@ def _atomic_write(path, text):
 
 
 def _progress(total, desc):
-    from tqdm import tqdm
+    from modeling.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return progress(total, desc, "img", dynamic_ncols=True)
