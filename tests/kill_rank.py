@@ -52,15 +52,14 @@ def arm(rank: int) -> None:
 
         base.atomic_torch_save = dying_save
     elif kind == "oom":
-        import torch
         optimizer_step = base.Trainer.optimizer_step
 
         def oom_optimizer_step(self, tag):
             if self.step + 1 == step:
                 Path(os.environ["KILL_RECORD"]).write_text(json.dumps({"time": time.time(), "rank": str(rank),
                                                                        "where": f"oom {step}"}))
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 1 has a total "
-                                             "capacity of 79.19 GiB of which 1.06 GiB is free.")
+                from oom import cuda_oom
+                raise cuda_oom(gpu=1)
             return optimizer_step(self, tag)
 
         base.Trainer.optimizer_step = oom_optimizer_step

@@ -61,6 +61,7 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
     settings file the first try left (no chunk yet) does not refuse the smaller batch; once a chunk exists the
     layout is part of the run again. The CUDA error is raised by hand (the CPU has no CUDA allocator)."""
     from modeling.sampling import Sampler
+    from oom import cuda_oom
     convert_main([str(parity_dir / "lightningdit_a.pt"), str(tmp_path / "dit")])
     convert_main([str(parity_dir / "vavae_a.pt"), str(tmp_path / "vae")])
     out = tmp_path / "samples.npz"
@@ -70,8 +71,7 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
 
     def sample(self, z, *a, **kw):
         if z.shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total "
-                                         "capacity of 79.19 GiB of which 3.50 GiB is free. Including ...")
+            raise cuda_oom("9.00 GiB", "3.50 GiB")
         return real(self, z, *a, **kw)
 
     monkeypatch.setattr(Sampler, "__call__", sample)

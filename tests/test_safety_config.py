@@ -71,9 +71,10 @@ def test_out_of_memory_is_a_user_mistake_only_where_the_command_says_what_to_low
     """The GPU commands (generate, sample_images, fid, tokenizer_metrics, train.data) name the flag to lower; a
     command that does not keeps torch's traceback (it would have nothing to advise)."""
     import torch
+
+    from oom import cuda_oom
     monkeypatch.delenv("VAVAE_DEBUG", raising=False)
-    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of "
-                                 "79.19 GiB of which 0.98 GiB is free. Including non-PyTorch memory, ...")
+    oom = cuda_oom("1.50 GiB", "0.98 GiB")
     with pytest.raises(SystemExit) as e:
         with user_errors(out_of_memory="lower --batch-size (now 64)"):
             raise oom

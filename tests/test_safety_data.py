@@ -372,6 +372,7 @@ def test_extract_out_of_gpu_memory_is_one_line_and_a_smaller_batch_goes_on(tmp_p
     """A --batch-size too large for the card: one line (exit 2) with torch's figures and the flag to lower; the
     batch is not among extract.json's settings, so the same command with a smaller one goes on from the shards
     written. The CUDA error is raised by hand (the CPU has no CUDA allocator)."""
+    from oom import cuda_oom
     root = _images(tmp_path / "img", per_class=4)
     vae_dir = tmp_path / "vae"
     _vae(0).save_pretrained(vae_dir)
@@ -384,8 +385,7 @@ def test_extract_out_of_gpu_memory_is_one_line_and_a_smaller_batch_goes_on(tmp_p
     def encode(self, x, *a, **kw):
         calls.append(x.shape[0])
         if len(calls) == 2 and x.shape[0] > 4:  # the second shard's first batch (the image and its mirror)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total "
-                                         "capacity of 79.19 GiB of which 2.10 GiB is free. Including ...")
+            raise cuda_oom("3.00 GiB", "2.10 GiB")
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(AutoencoderKL, "encode", encode)

@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from oom import cuda_oom
 from train import errors
 from train.distributed import RUN_STATE
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_TEXT = ("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
-              "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the "
-              "allocated memory 75.3 GiB is allocated by PyTorch, and 1.9 GiB is reserved by PyTorch but "
-              "unallocated. If reserved but unallocated memory is large try setting "
-              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
 
 
 def args(run: Path, *extra: str) -> list[str]:
@@ -35,7 +32,7 @@ def test_out_of_memory_mid_run_is_one_line_exit_2_and_the_run_resumes(tmp_path, 
 
     def step_then_oom(self, batch):
         if self.step == 3:
-            raise torch.OutOfMemoryError(TORCH_TEXT)
+            raise cuda_oom()
         return real(self, batch)
 
     monkeypatch.setattr(train_dit.DiTTrainer, "step_on_device", step_then_oom)
@@ -63,7 +60,7 @@ def test_out_of_memory_line_names_the_key_of_its_phase(monkeypatch):
     from train.vae_config import VAVAETrainConfig
     monkeypatch.setitem(RUN_STATE, "checkpoint_root", None)
     dit = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", ["eval.batch_size=32"])
-    oom = torch.OutOfMemoryError(TORCH_TEXT)
+    oom = cuda_oom()
     monkeypatch.setitem(RUN_STATE, "phase", "evaluating at step 500")
     line = errors.out_of_memory_line(oom, dit)
     assert line.startswith("out of GPU memory while evaluating at step 500 (Tried to allocate 2.25 GiB; ") and \
@@ -82,7 +79,7 @@ def test_debug_keeps_the_out_of_memory_traceback(monkeypatch):
     from train.dit_config import DiTTrainConfig
 
     def run(cfg):
-        raise torch.OutOfMemoryError(TORCH_TEXT)
+        raise cuda_oom()
 
     monkeypatch.delenv("VAVAE_DEBUG", raising=False)
     with pytest.raises(torch.OutOfMemoryError):
@@ -120,7 +117,7 @@ def test_recompute_is_advised_only_where_the_config_allows_it(monkeypatch):
     from train.dit_config import DiTTrainConfig
     monkeypatch.setitem(RUN_STATE, "checkpoint_root", None)
     monkeypatch.setitem(RUN_STATE, "phase", "training step 1")
-    oom = torch.OutOfMemoryError(TORCH_TEXT)
+    oom = cuda_oom()
     for extra, advised in (([], True), (["fp8.backend=scaled_mm"], False), (["model.use_checkpoint=true"], False),
                            (["train.recompute=swiglu"], False)):
         cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", extra)
