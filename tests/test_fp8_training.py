@@ -406,6 +406,17 @@ def test_trainer_zero3_refused(tmp_path):
         trainer.train_step(trainer.next_batch())
 
 
+def test_fp8_training_exports_the_models_keys_only(tmp_path):
+    """The exported reference checkpoint of an FP8 run: its "ema" has the model's keys, as "model" does, not the FP8
+    linears' per-step weight operands (non-persistent buffers: 32 float8 / scale keys reached it before)."""
+    trainer = _trainer(tmp_path, "fp8.backend=scaled_mm", "fp8.allow_cpu=true", "train.zero_stage=0")
+    trainer.train_step(trainer.next_batch())
+    ref = torch.load(trainer.export()["reference"], weights_only=True)
+    model_keys = {k[len("module."):] for k in ref["model"]}
+    assert set(ref["ema"]) == model_keys and not any("fp8" in k for k in model_keys)
+    assert all(v.dtype == torch.float32 for v in ref["ema"].values())
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_trainer_quantizes_once_per_step_with_accumulation(tmp_path, zero):
     """Through the trainer: 4 micro-batches per step, the weights quantized once per step and the cache always

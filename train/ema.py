@@ -58,8 +58,12 @@ class EMA:
             self.shadow[k].copy_(v)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """EMA weights plus the model's buffers (pos_embed, rope tables): a loadable model state dict."""
+        """EMA weights plus the model's persistent buffers (pos_embed, rope tables): a loadable model state dict.
+        Not the non-persistent ones: FP8 training's per-step weight operands (weight_fp8, weight_t_fp8 and their
+        scales) are not part of the model and would reach the exported checkpoint's "ema" as float8 keys."""
         sd = {k: v.clone() for k, v in self.shadow.items()}
+        persistent = module.state_dict(keep_vars=True)
         for name, b in module.named_buffers():
-            sd.setdefault(name, b.detach().clone())
+            if name in persistent:
+                sd.setdefault(name, b.detach().clone())
         return sd
