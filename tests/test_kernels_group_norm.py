@@ -79,8 +79,10 @@ def check(C, hw, layout, dtype, silu, affine="both", shift=0.0):
             if a is not None:
                 torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
         return
-    # bf16: the reference run in bf16 (fp32 parameters, as under autocast) sets the scale of the rounding error
-    leaves16 = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
+    # bf16: the reference run in bf16 sets the scale of the rounding error; its parameters in bf16 too (CUDA's
+    # GroupNorm refuses bf16 input with fp32 parameters, "expected scalar type BFloat16 but found Float"; the CPU's
+    # takes them)
+    leaves16 = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
     ref16, ref16_grads = run(reference.group_norm_silu, *leaves16, silu, gout)
     pairs = [("out", out, ref16, ref)] + [(f"grad {i}", a, a16, r) for i, (a, a16, r)
                                           in enumerate(zip(grads, ref16_grads, ref_grads)) if a is not None]
