@@ -42,15 +42,18 @@ from ._triton import tl, triton
 # backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: of the tiles
 # tried only 64 x 64 at 8 warps does not spill (244-255 registers; the pipeliner stages the query-side loads in
 # shared memory): at 4 warps 80-292 bytes, 128 x 64 32-128, 64 x 128 450+. Its last field, DQ_ATOMIC, is how dQ is
-# summed over key blocks (the same sums bit for bit): read-modify-write of an fp32 scratch with a barrier per key
-# block, or fire-and-forget atomics performed in L2 (half the bytes through the SM, no barrier). Which is faster
+# summed over key blocks: read-modify-write of an fp32 scratch with a barrier per key block, or fire-and-forget
+# atomics performed in L2 (half the bytes through the SM, no barrier). The same sums, but not the same rounding on a
+# GPU: there Triton folds the read-modify-write's add into the matmul (the running dQ becomes the MMA's
+# accumulator, `tt.dot(ds, k, dq)`), where the atomics add each block's product to it; under the interpreter they
+# agree bit for bit. Each is deterministic (one program owns a head's dQ rows). Which is faster
 # depends on the card's L2, so the autotuner times both. Stages: the read-modify-write spills 8-12 bytes at 1-2,
 # the atomics 20 at 3, and (since the qkv Linear's bias and its gradient's sums moved into these kernels, k rotated
 # once into an L2 scratch like q) 20-28 at 4; 8 bytes remain under Triton 3.6 at head_dim 72. The forward's last field, K_ONCE: each program rotates k where it loads it (once per query
 # block), or one program per head rotates k once into an L2 scratch and runs all its query blocks (fewer programs,
 # no rotation in the softmax loop, which without it compiles to 12% (128 x 64) to 19% (64 x 64) fewer SASS
 # instructions). The autotuner times both.
-FWD_TILES = ((64, 64, 4, 3, False), (128, 64, 8, 3, False), (64, 128, 4, 3, False), (128, 128, 8, 3, False),
+FWD_TILES = ((64, 64, 4, 3, False), (128, 64, 8, 3, False), (64, 128, 4, 2, False), (128, 128, 8, 2, False),
              (64, 64, 4, 3, True), (128, 64, 8, 3, True))
 BWD_TILES = ((64, 64, 8, 3, False), (64, 64, 8, 2, True))
 _INTERPRETER_TILE = (16, 16)  # the interpreter: small tiles, several blocks in the tests' ragged sizes

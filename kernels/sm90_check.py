@@ -6,11 +6,11 @@ kernels ahead of time with Triton's own toolchain for `GPUTarget("cuda", 90, 32)
 specialisation the JIT applies at XL/1 shapes (pointers and sizes divisible by 16), then runs Triton's ptxas with
 -v on the PTX. Run it without TRITON_INTERPRET (the interpreter replaces the JIT functions):
 
-    python -m kernels.sm90_check           # one line per kernel variant: registers, spill bytes, vector ld/st
+    python -m kernels.sm90_check           # one line per kernel variant: registers, spill, shared memory, vector ld/st
     python -m kernels.sm90_check --loops --only "norm bwd"   # and each loop body's instructions per element
 
 tests/test_kernels_sm90_compile.py runs it in a subprocess and requires every variant to compile without spills,
-with vectorised global loads.
+with vectorised global loads, within the shared memory a block may have (SM90_SHARED_LIMIT).
 """
 from __future__ import annotations
 
@@ -393,6 +393,7 @@ def compile_variant(v: Variant, loops: bool = False) -> dict:
     spill = re.search(r"(\d+) bytes spill stores", log)
     ops = re.findall(r"(ld|st)\.global(\.[a-z0-9.]*)", ptx)
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
+            "shared_bytes": k.metadata.shared,
             "vector_loads": sum(1 for op, t in ops if op == "ld" and ".v" in t),
             "scalar_loads": sum(1 for op, t in ops if op == "ld" and ".v" not in t),
             "vector_stores": sum(1 for op, t in ops if op == "st" and ".v" in t),
@@ -401,6 +402,12 @@ def compile_variant(v: Variant, loops: bool = False) -> dict:
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
             **({"loop_sass_per_element": [round(n / _tile_elements_per_thread(v), 1) for n in loop_counts]}
                if loops else {})}
+
+
+# The most shared memory one block may use on sm_90 (227 KiB: CUDA's sharedMemPerBlockOptin on an H100 / H200).
+# Triton checks a compiled kernel's `shared` against it at launch and raises OutOfResources there: an explicit
+# config over it fails, an autotuner skips it (timed as inf) after compiling it for nothing.
+SM90_SHARED_LIMIT = 232448
 
 
 def variants() -> list[Variant]:
@@ -431,8 +438,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if "error" in r:
             print(f"{name:55s} DOES NOT COMPILE (Triton {triton.__version__}): {r['error']}")
             continue
-        print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  vector ld/st "
-              f"{r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
+        print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  shared {r['shared_bytes']:>6} B  "
+              f"vector ld/st {r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
               f"SASS/element {r['sass_per_element']}"
               + (f"  loop SASS/element {r['loop_sass_per_element']}" if r.get("loop_sass_per_element") else ""))
     print(json.dumps(results))
