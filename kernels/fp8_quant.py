@@ -586,7 +586,8 @@ def norm_fp8(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Opt
              shift: Optional[Tensor], scale: Optional[Tensor], eps: float, rms: bool,
              tile: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(h (empty without the residual), e4m3 rows of x's shape, fp32 scales (..., 1)); tile: (BLOCK_M, warps)
-    instead of the autotuner's pick (the GPU tests run every candidate; the bits do not depend on it)."""
+    instead of the autotuner's pick (the GPU tests run every candidate: the bits are the norm kernel's at the same
+    tile; across tiles the row sums' order, hence a last bit of the statistics, follows the tile's layout)."""
     rows, C, N, _ = _geometry(x, gate is not None or shift is not None or scale is not None)
     h_dtype, out_dtype = _dtypes(x, gate, y, weight, None, shift, scale)
     if out_dtype not in _ROUND:

@@ -12,8 +12,11 @@ in fp32 partial sums, one row of partials per program, summed by torch afterward
 Triton: the forward holds BLOCK_M rows per program, each row as two power-of-two tiles (1152 = 1024 + 128: no
 masked lane), the backward walks its R rows BLOCK_M at a time; on a GPU BLOCK_M and the warps are autotuned per op
 variant and width (BLOCK_M = 1 among the candidates: the one-row kernels these replaced), under the interpreter a
-fixed 4. Row by row the arithmetic does not depend on BLOCK_M (the forward is bitwise the same for every BLOCK_M;
-tests/test_kernels.py checks it).
+fixed 4. Row by row the operations do not depend on BLOCK_M: under the interpreter the forward is bitwise the same
+for every BLOCK_M (tests/test_kernels.py checks it); on a GPU the order in which `tl.sum` adds a row follows the
+tile's register layout (elements per thread, warps per row), so the mean / rstd of a row can differ in the last
+bit between tiles, and the outputs by a rounding step (tests/test_kernels_gpu.py compares at equal tiles, and
+across tiles within that).
 
 Each backend has its own launcher pair (`_fwd_triton`/`_bwd_triton`, `_fwd_cuda`/`_bwd_cuda`), registered as its
 own custom ops (`vavae::norm_fwd_triton`, `vavae::norm_fwd_cuda`, and their `norm_bwd_*`), so no function here
@@ -455,8 +458,9 @@ def _bwd_reduce(partials, dout, xin, gate, weight, bias, has_shift, scale, B, C)
 
 # ----------------------------------------------------------------------------- launchers (one per backend)
 
-def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
-    """Returns (h, out, mean, rstd)."""
+def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype, tile=None):
+    """Returns (h, out, mean, rstd). tile: (BLOCK_M, warps) instead of the autotuner's pick (the GPU tests compare
+    the FP8 norm with this one at the same tile: on a GPU the row sums' order follows the tile's layout)."""
     (h, out, mean, rstd), (rows, C, N) = _fwd_outputs(x, gate, y, weight, bias, shift, scale, rms, out_dtype)
     if rows == 0:
         return h, out, mean, rstd
@@ -474,9 +478,10 @@ def _fwd_triton(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
     flags = dict(HAS_RES=g is not None, IS_RMS=rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
                  HAS_SHIFT=sh is not None, HAS_SCALE=sc is not None, ONE_SAMPLE=N % ONE_SAMPLE_ROWS == 0,
                  BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B)
-    if _triton.interpreting():
-        _norm_fwd_kernel[(triton.cdiv(rows, INTERPRET_BLOCK_M),)](*args, **flags, BLOCK_M=INTERPRET_BLOCK_M,
-                                                                   num_warps=4)
+    if tile is None and _triton.interpreting():
+        tile = (INTERPRET_BLOCK_M, 4)
+    if tile is not None:
+        _norm_fwd_kernel[(triton.cdiv(rows, tile[0]),)](*args, **flags, BLOCK_M=tile[0], num_warps=tile[1])
     else:
         _norm_fwd_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*args, **flags)
     return h, out, mean, rstd
