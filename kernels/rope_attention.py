@@ -12,7 +12,8 @@ Backward, one program per (batch x head): the rows' dO.O sums and q rotated once
 in L2), then for each key block the dK/dV accumulators in registers over every query block (recomputing P from the
 saved log-sum-exp), the dQ contributions summed in an fp32 scratch, also L2-resident, that only this program
 touches: either read back and rewritten per key block, or added by atomics performed in L2 (in key-block order by
-the one thread that holds each element: deterministic, and the same sums bit for bit; the autotuner times both);
+the one thread that holds each element: deterministic; the same sums, bit for bit under the interpreter, to rounding
+on a GPU, where the read-modify-write's add is folded into the MMA's accumulator; the autotuner times both);
 dq, dk (with the transposed rotation) and dv are written straight into the gradient of the qkv output: the qkv
 GEMM's backward reads it as is.
 
