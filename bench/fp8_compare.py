@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.plots import plot_curves
@@ -23,16 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_one(config: str | Path, out_dir: str | Path, steps: int, overrides: list[str]) -> tuple[list[float], str]:
-    """One trainer run of `steps` steps; returns its loss per step and the trainer's FP8 description."""
+    """One trainer run of `steps` steps; returns its loss per step and the trainer's FP8 description. The run's
+    last checkpoint (the trainer always saves one) goes to a temporary folder, removed after: B/1's is 2.5 GB, which
+    in out_dir would be packed with the results (and cannot come back from a lent machine)."""
     from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
     from train.train_dit import Trainer
-    cfg = load_config(DiTTrainConfig, config, [
-        f"train.steps={steps}", f"checkpoint.dir={out_dir}/ckpt", f"checkpoint.every={steps}",
-        "checkpoint.resume=never", "checkpoint.export_reference=false", f"logging.dir={out_dir}",
-        "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false", *overrides])
-    trainer = Trainer(cfg)
-    trainer.fit()
+    with tempfile.TemporaryDirectory(prefix="fp8_compare_ckpt_") as ckpt:
+        cfg = load_config(DiTTrainConfig, config, [
+            f"train.steps={steps}", f"checkpoint.dir={ckpt}", f"checkpoint.every={steps}",
+            "checkpoint.resume=never", "checkpoint.export_reference=false", f"logging.dir={out_dir}",
+            "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false", *overrides])
+        trainer = Trainer(cfg)
+        trainer.fit()
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     return [losses[s] for s in sorted(losses)], trainer.fp8_desc
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", choices=["config", "digits"], default="config",
                     help="config: the config's data (synthetic Gaussian latents in the tiny and B/1 configs: nothing "
                          "to learn past their per-channel moments); digits: the 5,000 MNIST digits as latents "
-                         "(train.data.embedded.write_digit_latents, written under OUT/digits), 10 classes")
+                         "(train.data.embedded.write_digit_latents, into a temporary folder), 10 classes")
     ap.add_argument("--digits-side", type=int, choices=[16, 32], default=16, help="the digits' side in pixels")
     ap.add_argument("--digits-factor", type=int, default=4,
                     help="space-to-depth: side 16, factor 4 -> 16 channels on 4 x 4 tokens (CPU-sized); side 32, "
@@ -95,19 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     # 96 wide on 8x8 latents, under 1 s here. torch 2.13's runs at 60-76 GFLOP/s on one thread (1024 x 144 x 432,
     # per-tensor / row-wise scales): 2,000 steps of a 144-wide, 4-block model on the digits in ~12 minutes
     tiny = ["model.hidden_size=48", "model.input_size=4"] if a.config.endswith("dit_tiny_cpu.yaml") else []
-    data = []
-    if a.data == "digits":
-        from train.data.embedded import write_digit_latents
-        channels, side = write_digit_latents(out / "digits", a.digits_side, a.digits_factor)
-        data = ["data.source=latents", f"data.path={out / 'digits'}", f"model.in_channels={channels}",
-                f"model.input_size={side}", "model.num_classes=10"]
-    common = ["train.precision=bf16", *tiny, *data, *a.set]
     fp8_extra = [f"fp8.backend={a.fp8_backend}", *([f"fp8.recipe={a.fp8_recipe}"] if a.fp8_recipe else []),
                  f"fp8.quant={a.fp8_quant}"]
     if not torch.cuda.is_available():
         fp8_extra.append("fp8.allow_cpu=true")
-    bf16, _ = run_one(a.config, out / "bf16", a.steps, common)
-    fp8, desc = run_one(a.config, out / "fp8", a.steps, common + fp8_extra)
+    # the digit latents in a temporary folder, removed after both runs (20 MB at 32 px: not results, and in OUT they
+    # would be packed into the archive a lent machine returns, whose limit is 16 MiB)
+    with tempfile.TemporaryDirectory(prefix="fp8_compare_data_") as tmp:
+        data = []
+        if a.data == "digits":
+            from train.data.embedded import write_digit_latents
+            channels, side = write_digit_latents(Path(tmp) / "digits", a.digits_side, a.digits_factor)
+            data = ["data.source=latents", f"data.path={Path(tmp) / 'digits'}", f"model.in_channels={channels}",
+                    f"model.input_size={side}", "model.num_classes=10"]
+        common = ["train.precision=bf16", *tiny, *data, *a.set]
+        bf16, _ = run_one(a.config, out / "bf16", a.steps, common)
+        fp8, desc = run_one(a.config, out / "fp8", a.steps, common + fp8_extra)
     res = {**compare(bf16, fp8, a.rtol), "fp8": desc,
            "environment": environment("cuda" if torch.cuda.is_available() else "cpu"), "config": a.config,
            "data": a.data if a.data == "config" else f"digits ({a.digits_side} px, space-to-depth {a.digits_factor})",

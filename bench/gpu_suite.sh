@@ -33,7 +33,8 @@ if [[ " $* " != *" --cpu-smoke "* ]] && [[ " $* " != *" --part C "* ]]; then  # 
   export SUITE_BUILD_BG=1
 fi
 limit=450; [[ " $* " == *" --part C "* ]] && limit=590  # part C: two 2,000-step pairs (a call's 10 minutes)
-timeout "${SUITE_TIMEOUT:-$limit}" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
+export SUITE_DEADLINE_S="${SUITE_TIMEOUT:-$limit}"  # the suite cuts each section's own timeout to what is left of it
+timeout "$SUITE_DEADLINE_S" "$PY" bench/gpu_suite.py --out "$OUT" "$@"
 rc=$?
 wait
 exit $rc

@@ -90,6 +90,36 @@ def test_pack_out_keeps_the_results_and_archives_the_rest(tmp_path):
         assert sorted(t.getnames()) == packed and t.extractfile("trace/y.json").read() == b"trace/y.json"
 
 
+def test_files_too_large_to_come_back_are_removed_before_packing(tmp_path):
+    """A file over the lent machine's 16 MiB return limit (a checkpoint, a trace) is removed and named, not gzipped
+    for minutes into an archive that could not come back either; gpu_suite.json always stays."""
+    from bench.gpu_suite import drop_unreturnable
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt" / "model.pt").write_bytes(b"\0" * 3000)
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}")
+    (tmp_path / "gpu_suite.json").write_bytes(b" " * 3000)
+    assert drop_unreturnable(tmp_path, limit=2048) == ["run/ckpt/model.pt (0 MiB)"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["gpu_suite.json", "run/metrics.jsonl"]
+
+
+def test_a_section_never_outlives_the_shells_limit(monkeypatch, tmp_path):
+    """gpu_suite.sh kills the suite at its limit (SUITE_DEADLINE_S): each subprocess's own timeout is cut to what
+    is left less the packing margin, and no section starts with less than MIN_SECTION_S left, so the suite still
+    writes its JSON, packs and prints (2026-12-05 review: vae_step or sampling could start at ~350 s with a 240-420 s
+    timeout under a 450 s limit)."""
+    from bench import gpu_suite as gs
+    monkeypatch.setattr(gs, "DEADLINE_S", None)
+    assert gs.within_deadline(420) == 420 and gs.seconds_left() is None
+    monkeypatch.setattr(gs, "DEADLINE_S", 450.0)
+    monkeypatch.setattr(gs, "T0", gs.time.time() - 350)  # 350 s into a 450 s call: 70 s left before the margin
+    assert 69 <= gs.within_deadline(420) <= 70 and gs.within_deadline(30) == 30
+    monkeypatch.setattr(gs, "T0", gs.time.time() - 410)  # 10 s left
+    s = gs.Suite(str(tmp_path), budget=1000, smoke=True)
+    assert s.section("vae_step", lambda: {"ran": True}) is None and s.result["skipped_for_time"] == ["vae_step"]
+    assert s.section("shortfall", lambda: {"rows": []}) == {"rows": []}  # arithmetic: runs regardless
+
+
 def test_sampling_plan_parses_and_fp32_comes_first():
     """The suite's sampling entries are only ever parsed on the GPU machine: parse them here. fp32 runs first, so
     every later entry gets its error against fp32 on the same noise."""
@@ -130,6 +160,10 @@ def test_gpu_suite_part_c_fp8_curve_smoke(tmp_path):
     import tarfile  # the plots travel in the archive (a lent machine returns at most 8 files)
     packed = tarfile.open(out / "more_results.tar.gz").getnames()
     assert {"fp8_compare_seed0/fp8_compare.png", "fp8_compare_seed1/fp8_compare.png"} <= set(packed), packed
+    # no run's checkpoint in $OUT (B/1's is 2.5 GB a run on the GPU: packing it took minutes and it could not come
+    # back): fp8_compare writes them to a temporary folder
+    assert not any("ckpt" in p or p.endswith((".pt", ".safetensors")) for p in packed), packed
+    assert r["left_out"] == []
     v = sec["fp8_curve"]
     assert v["seed_spread"] >= 0 and set(v["tail_rel_diff"]) == {"fp8_curve_seed0", "fp8_curve_seed1"}
     assert isinstance(v["within_spread"], bool) and "FP8 vs bf16 against the seed spread" in res.stdout
