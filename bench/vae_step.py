@@ -597,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
               "foundation": "random_vitl14 (DINOv2 ViT-L/14 shape, random weights, bf16 under precision=bf16)",
               "per_gpu_batch": a.batch, "cudnn": cudnn_settings(), "groupnorm_probe": groupnorm_probe(device),
               "modes": {}, "skipped": []}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial() -> None:
+        """The JSON so far ("partial": true), after every measurement: a call stopped by its timeout keeps them."""
+        out.write_text(json.dumps({**result, "partial": True, **({"authors": authors} if authors else {})},
+                                  indent=1, default=str))
 
     def over_budget(what):
         if time.time() - t_ours > a.budget_s:
@@ -635,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "cudnn_benchmark": torch.backends.cudnn.benchmark}
             print(f"{mode:16s} batch {a.batch:4d}: {r}", flush=True)
             trainers[mode] = trainer
+            save_partial()
 
         timed = {m: v[f"batch_{a.batch}"].get("img_per_s", 0) for m, v in result["modes"].items()}
         ours = max((m for m in timed if m != "fp32"), key=lambda m: timed[m], default=None)
@@ -648,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                 add_phase_tflops(p, by_phase, a.batch)
             result["modes"][ours]["profile"] = p
             print(f"profile {ours} batch {a.batch}: {profile_summary(p)}", flush=True)
+            save_partial()
 
         # the largest batch that fits, for the authors' precision and for ours (doubling)
         for mode in [m for m in ("fp32", ours) if m in trainers]:
@@ -675,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                 best, b = r, b * 2
             if "img_per_s" in best:
                 result["modes"][mode]["largest"] = best
+                save_partial()
 
         add_tflops(result, result.get("tflop_per_image", 0) * 1e12)
         b8 = {m: result["modes"][m][f"batch_{a.batch}"].get("img_per_s") for m in result["modes"]}
@@ -704,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     free_after_oom(trainers["fp32"])
                     result["extraction"][name] = {"batch": a.extract_batch, "error": "out of memory"}
+                save_partial()
                 r = dict(result["extraction"][name])
                 p = r.pop("profile", None)
                 print(f"extraction {name:7s}: {r}", flush=True)
@@ -720,8 +731,6 @@ def main(argv: list[str] | None = None) -> int:
                 result[f"vs_authors_{key}"] = round(mine / theirs, 2)
     result["wall_s"] = round(time.time() - t_start, 1)
     result["environment"] = provenance.environment(device)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"fastest {ours}: {result.get(f'speedup_batch_{a.batch}')}x fp32 at batch {a.batch}, "
           f"{result.get('speedup_largest')}x at the largest batches; {result['wall_s']} s -> {out}")

@@ -56,10 +56,22 @@ def test_step_benchmark_on_tiny_shapes(tmp_path, capsys):
             "model.attn_resolutions=[16]", "foundation.name=random_tiny", "foundation.input_size=null",
             "loss.disc_ndf=8", "loss.perceptual_weight=0.0"]  # LPIPS: see test_train_vae_bf16 (slow in CPU bf16)
     out = tmp_path / "vae_step.json"
-    rc = vae_step.main(["--out", str(out), "--modes", "fp32,bf16_cl", "--batch", "2", "--max-batch", "4",
-                        "--warmup", "1", "--steps", "1", "--extract-batch", "2", "--budget-s", "1000",
-                        "--profile", "on", "--profile-calls", "1", *sum([["--set", s] for s in tiny], [])])
+    partial = []  # what a timeout would have left: the JSON after every measurement
+    real_save = vae_step.Path.write_text
+
+    def spy(self, text, *args, **kw):
+        if self == out:
+            partial.append(json.loads(text))
+        return real_save(self, text, *args, **kw)
+
+    from unittest import mock
+    with mock.patch.object(vae_step.Path, "write_text", spy):
+        rc = vae_step.main(["--out", str(out), "--modes", "fp32,bf16_cl", "--batch", "2", "--max-batch", "4",
+                            "--warmup", "1", "--steps", "1", "--extract-batch", "2", "--budget-s", "1000",
+                            "--profile", "on", "--profile-calls", "1", *sum([["--set", s] for s in tiny], [])])
     assert rc == 0
+    assert len(partial) >= 6 and all(p["partial"] for p in partial[:-1]) and "partial" not in partial[-1]
+    assert list(partial[0]["modes"]) == ["fp32"] and partial[0]["modes"]["fp32"]["batch_2"]["img_per_s"] > 0
     res = json.loads(out.read_text())
     assert tuple(res["environment"]) == ENVIRONMENT_KEYS and res["environment"]["card"].startswith("cpu")
     assert res["lpips_weights"] in ("file", "random") and set(res["cudnn"]) >= {"benchmark", "allow_tf32"}
