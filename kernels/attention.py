@@ -70,9 +70,14 @@ def _forced_kernel() -> Optional[str]:
     return None if forced == FUSED_BLOCK else forced
 
 
+# Looked up once, at import: _candidates runs inside compiled blocks (an unprimed key: q/k in fp32 after a qk-norm
+# under autocast), and torch 2.11's dynamo refuses to trace importlib's find_spec (fullgraph: the step fails).
+_INSTALLED = {"fa3": importlib.util.find_spec("flash_attn_interface") is not None,
+              "fa2": importlib.util.find_spec("flash_attn") is not None}
+
+
 def installed() -> dict[str, bool]:
-    return {"fa3": importlib.util.find_spec("flash_attn_interface") is not None,
-            "fa2": importlib.util.find_spec("flash_attn") is not None}
+    return dict(_INSTALLED)
 
 
 def measurements() -> dict[str, dict]:

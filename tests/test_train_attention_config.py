@@ -108,3 +108,21 @@ def test_the_cli_says_it_in_one_line(tmp_path, capsys):
                "train.zero_stage=0", "eval.every=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "train.attention: sdpa-flash cannot run here" in err and "Traceback" not in err, err
+
+
+def test_an_unprimed_choice_traces_inside_a_compiled_block():
+    """A key the trainer did not prime (q/k in fp32 after a qk-norm under autocast) reaches attention's chooser
+    inside the compiled blocks (fullgraph): its fallback must trace. It looked FlashAttention up with importlib's
+    find_spec there, which torch 2.11's dynamo refuses ("Attempted to call function marked as skipped"; the first
+    compiled step of such a model failed on the lent GPU's torch); now that is looked up once, at import."""
+    import torch
+
+    from kernels import attention
+    q = torch.randn(1, 2, 8, 16)
+
+    def pick(q):
+        return q * 2 if attention._choose(q, q, q) == "sdpa" else q
+
+    compiled = torch.compile(pick, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q), q * 2)  # the fallback without FlashAttention: PyTorch's SDPA
+    assert attention.installed() == attention._INSTALLED and attention.installed() is not attention._INSTALLED
