@@ -46,6 +46,10 @@ def norm_fwd(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], weight: Opt
              mean: Tensor, rstd: Tensor, N: int, eps: float, rms: bool) -> None:
     """The fused norm forward of kernels/csrc/fused_norm.cu into the preallocated h, out, mean, rstd (the contract
     of fused_norm._fwd_triton; rows of x and y are (rows, C) views)."""
+    if gate is None and shift is None and scale is None and out.dtype == torch.float32 and x.dtype != out.dtype:
+        # a plain norm of 16-bit x with fp32 weight / bias (the qk-norm under autocast) writes fp32: read x as fp32
+        # (exact), as the reference's upcast does; the kernel has no 16-bit-in, fp32-out variant
+        x = x.float()
     # Weight/bias are per-channel vectors: cast them to x's dtype (tiny) so one kernel covers autocast.
     weight = weight.to(x.dtype) if weight is not None else None
     bias = bias.to(x.dtype) if bias is not None else None

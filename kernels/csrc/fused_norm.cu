@@ -251,6 +251,15 @@ int threads_for(int nvec, int maxv) {
   return std::max(32, std::min(1024, (t + 31) / 32 * 32));
 }
 
+// The threads a launch of `kernel` may use: its registers per thread can cap it below 1024 (the backward at 74-127
+// registers: ~512-885 threads), which the width check must know before launching.
+template <typename K>
+int max_threads(K kernel) {
+  cudaFuncAttributes attr;
+  TORCH_CHECK(cudaFuncGetAttributes(&attr, kernel) == cudaSuccess, "vavae CUDA fused_norm: cudaFuncGetAttributes");
+  return attr.maxThreadsPerBlock;
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "vavae CUDA ", what, " launch failed: ", cudaGetErrorString(err));
@@ -296,8 +305,9 @@ void norm_fwd_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& gate, c
   VAVAE_DISPATCH(x.scalar_type(), tv, [&] {
     constexpr int VEC = 16 / sizeof(TX), MAXV = 4;
     const int nvec = C / VEC;
-    TORCH_CHECK(C % VEC == 0 && nvec <= 1024 * MAXV, "vavae CUDA fused_norm: C=", C, " must be a multiple of ",
-                VEC, " and at most ", 1024 * MAXV * VEC);
+    const int most = max_threads(norm_fwd_kernel<TX, TV, VEC, MAXV>) / 32 * 32;
+    TORCH_CHECK(C % VEC == 0 && nvec <= most * MAXV, "vavae CUDA fused_norm: C=", C, " must be a multiple of ",
+                VEC, " and at most ", most * MAXV * VEC, " (the kernel's registers allow ", most, " threads)");
     norm_fwd_kernel<TX, TV, VEC, MAXV><<<rows, threads_for(nvec, MAXV), 0, stream>>>(a);
     check_launch("norm_fwd");
   });
@@ -324,8 +334,12 @@ void norm_bwd_cuda(const at::Tensor& dout, const c10::optional<at::Tensor>& dh, 
   VAVAE_DISPATCH(xin.scalar_type(), tv, [&] {
     constexpr int VEC = 16 / sizeof(TX), MAXV = 1;  // 5 fp32 accumulators per element: keep registers low
     const int nvec = C / VEC;
-    TORCH_CHECK(C % VEC == 0 && nvec <= 1024 * MAXV, "vavae CUDA fused_norm: C=", C, " must be a multiple of ",
-                VEC, " and at most ", 1024 * MAXV * VEC);
+    const int most = max_threads(norm_bwd_kernel<TX, TV, VEC, MAXV>) / 32 * 32;
+    TORCH_CHECK(C % VEC == 0 && nvec <= most * MAXV, "vavae CUDA fused_norm backward: C=", C, " must be a multiple of ",
+                VEC, " and at most ", most * MAXV * VEC, " (the kernel's registers allow ", most,
+                " threads); use the triton backend");
+    TORCH_CHECK(chunks <= 65535, "vavae CUDA fused_norm backward: ", chunks, " row chunks per sample, over the grid's "
+                "65535; use the triton backend");
     norm_bwd_kernel<TX, TV, VEC, MAXV><<<dim3(B, chunks), threads_for(nvec, MAXV), 0, stream>>>(a);
     check_launch("norm_bwd");
   });
