@@ -169,7 +169,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     """
     from modeling.progress import progress as progress_bar
     from modeling.sample_images import check_latent_stats
-    from modeling.sampling import Sampler, decode_images
+    from modeling.sampling import Sampler, decode_images, on_device
 
     config = (config or SamplingConfig()).replace(**options)
     check_arguments(num_samples, batch_size, seed, latent_multiplier, rank, world_size)
@@ -210,52 +210,65 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
         d = sampler.describe()
         bar.write(f"sampler: {d['method']} {d['steps']} points, {d['precision']}, compile={d['compile']}, "
                   f"CUDA graphs {d['cudagraphs']}, batch {batch_size}, device {d['device']}")
-    try:  # closed on an error too: its line ends before the error's
-        for s in starts:
-            idx = mine[s:s + batch_size]
-            path = _chunk_path(work, idx[0])
-            if path.exists():  # done before a restart
+    with on_device(device):  # our kernels and the decode on this rank's GPU, whatever device is current
+        try:  # closed on an error too: its line ends before the error's
+            for s in starts:
+                idx = mine[s:s + batch_size]
+                path = _chunk_path(work, idx[0])
+                if path.exists():  # done before a restart
+                    bar.update(len(idx))
+                    continue
+                gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
+                z = sample_noise(idx, shape, seed).to(device)
+                y = labels[idx].to(device)
+                x = sampler(z, y, generator=gen)
+                x = x / latent_multiplier
+                if latent_stats is not None:
+                    x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
+                images = decode_images(vae, x, config.precision).cpu().numpy()
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
+                os.replace(tmp, path)
                 bar.update(len(idx))
-                continue
-            gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
-            z = sample_noise(idx, shape, seed).to(device)
-            y = labels[idx].to(device)
-            x = sampler(z, y, generator=gen)
-            x = x / latent_multiplier
-            if latent_stats is not None:
-                x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
-            images = decode_images(vae, x, config.precision).cpu().numpy()
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, images=images, labels=y.cpu().numpy(), indices=np.asarray(idx))
-            os.replace(tmp, path)
-            bar.update(len(idx))
-    finally:
-        bar.close()
+        finally:
+            bar.close()
     return merge_chunks(out_npz, num_samples)
 
 
 def merge_chunks(out_npz: Union[str, os.PathLike], num_samples: int) -> Optional[Path]:
-    """Merge chunk files into out_npz if they cover every index; None otherwise."""
+    """Merge chunk files into out_npz if they cover every index; None otherwise. Every rank that finishes calls it:
+    coverage is counted from the chunks' indices alone (each rank read every chunk's images first: ~10 GB at 50k
+    samples of 256 px, per rank); an out_npz already merged from these chunks is returned as it is (a rerun of a
+    finished run); ranks that find the chunks complete together each write a temporary file of their own, the
+    last rename wins (one shared name made all but one of 8 ranks fail with FileNotFoundError)."""
     out_npz = Path(out_npz)
     work = out_npz.with_suffix(".chunks")
-    loaded = []
-    for c in sorted(work.glob("chunk_*.npz")):
-        if not c.name.endswith(".tmp.npz"):
-            with np.load(c) as z:
-                loaded.append({k: z[k] for k in z.files})
-    covered = sum(len(c["indices"]) for c in loaded)
+    chunks = [c for c in sorted(work.glob("chunk_*.npz")) if not c.name.endswith(".tmp.npz")]
+    covered = 0
+    for c in chunks:
+        with np.load(c) as z:
+            covered += len(z["indices"])
     if covered < num_samples:
         return None
-    first = loaded[0]["images"]
-    images = np.empty((num_samples, *first.shape[1:]), dtype=np.uint8)
-    labels = np.empty(num_samples, dtype=np.int64)
-    for c in loaded:
-        images[c["indices"]] = c["images"]
-        labels[c["indices"]] = c["labels"]
     settings = (work / SETTINGS_FILE).read_text() if (work / SETTINGS_FILE).is_file() else "{}"
-    tmp = out_npz.with_suffix(".tmp.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels, settings=np.array(settings))
-    os.replace(tmp, out_npz)
+    if out_npz.is_file():
+        with np.load(out_npz) as z:
+            if "settings" in z.files and str(z["settings"]) == settings and len(z["arr_1"]) == num_samples:
+                return out_npz
+    images = labels = None
+    for c in chunks:
+        with np.load(c) as z:
+            if images is None:
+                images = np.empty((num_samples, *z["images"].shape[1:]), dtype=np.uint8)
+                labels = np.empty(num_samples, dtype=np.int64)
+            images[z["indices"]] = z["images"]
+            labels[z["indices"]] = z["labels"]
+    tmp = out_npz.with_name(f"{out_npz.stem}.tmp{os.getpid()}.npz")
+    try:
+        np.savez(tmp, arr_0=images, arr_1=labels, settings=np.array(settings))
+        os.replace(tmp, out_npz)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_npz
 
 
@@ -308,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
         device = check_device(a.device) if a.device else (
             check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}", "LOCAL_RANK") if cuda else torch.device("cpu"))
+        if device.type == "cuda":  # this rank's GPU current for the whole run (model loading, FP8 weights, kernels)
+            torch.cuda.set_device(device)
         check_arguments(a.num_samples, a.batch_size, a.seed, a.latent_multiplier, rank, world, cli=True)
         check_output(a.out_npz, "out_npz")
         config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)

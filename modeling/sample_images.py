@@ -21,7 +21,7 @@ from .checkpoint import CheckpointMismatchError
 from .hub import STATS_NAME, model_folder, stored_metadata
 from .hub import load_latent_stats as _read_stats
 from .lightningdit import LightningDiT, LightningDiTConfig
-from .sampling import Sampler, SamplerUnavailable, SamplingConfig, decode_images
+from .sampling import Sampler, SamplerUnavailable, SamplingConfig, decode_images, on_device
 from .vavae import AutoencoderKL
 from .config import console_entry
 
@@ -114,7 +114,8 @@ def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean:
     sampler = Sampler(dit, config, device=device)
     x = sampler(z, y, generator=g, progress=progress)
     latents = x * std.to(device) / latent_multiplier + mean.to(device)
-    images = decode_images(vae, latents, config.precision)
+    with on_device(device):  # our kernels on `device`, whatever device is current
+        images = decode_images(vae, latents, config.precision)
     return (images, sampler) if return_sampler else images
 
 
@@ -165,6 +166,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable),
                      out_of_memory=f"fewer --labels at once (now {len(a.labels)}: one batch)"):
         device = check_device(a.device)
+        if device.type == "cuda":  # the GPU asked for current for the whole run (our kernels use the current one)
+            torch.cuda.set_device(device)
         if not 0 <= a.seed <= MAX_SEED:
             raise ValueError(f"--seed {a.seed}: must be in 0..{MAX_SEED} (torch.Generator's range)")
         check_latent_multiplier(a.latent_multiplier, "--latent-multiplier")

@@ -467,7 +467,12 @@ class Sampler:
     def __call__(self, z: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None,
                  progress: bool = False) -> torch.Tensor:
         """Final latents for noise z (B, C, H, W) and labels y (B,); progress: a tqdm bar over the steps;
-        generator: for stochastic integrators (Euler-Maruyama)."""
+        generator: for stochastic integrators (Euler-Maruyama). Runs with this sampler's device current."""
+        with on_device(self.device):
+            return self._sample(z, y, generator, progress)
+
+    def _sample(self, z: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator],
+                progress: bool) -> torch.Tensor:
         if not self._logged:
             log.info("sampler: %s", self.describe())
             self._logged = True
@@ -634,6 +639,15 @@ def config_from_args(args: argparse.Namespace, stored: Optional[dict] = None,
                  if source == "stored with the model" else source)
         raise SamplingConfigError(e.field, f"{where}: {e}") from None
     return config, sources
+
+
+def on_device(device: Union[str, torch.device]) -> typing.ContextManager:
+    """`device` made the current CUDA device for the block (a null context for any other device). Triton kernels,
+    the CUDA extension, a CUDA graph's capture stream and the attention chooser's timing events all use the current
+    device, not the tensors': on cuda:N with cuda:0 current, ours would read cuda:N's memory from cuda:0 and a
+    captured graph would record nothing (torchrun's ranks 1-7 of `generate`)."""
+    d = torch.device(device)
+    return torch.cuda.device(d) if d.type == "cuda" else contextlib.nullcontext()
 
 
 def check_device(device: Union[str, torch.device], flag: str = "--device") -> torch.device:

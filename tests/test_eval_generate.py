@@ -133,3 +133,66 @@ def test_library_generate_checks_its_arguments(tmp_path):
         with pytest.raises(ValueError, match=match):
             generate(dit, vae, tmp_path / "x.npz", **args)
     assert not (tmp_path / "x.chunks").exists()
+
+
+def test_sampling_runs_with_its_device_current(monkeypatch, tmp_path):
+    """Our Triton kernels, the CUDA extension, a CUDA graph's capture stream and the attention timing use the
+    current CUDA device, not the tensors': under torchrun every rank of `generate` but rank 0 ran them on cuda:0
+    with cuda:N's memory (a review, 2026-12-05). The Sampler's calls and generate's decode now run inside
+    on_device(device), and the CLIs make the rank's GPU current (torch.cuda.set_device)."""
+    import contextlib
+
+    import torch
+
+    from modeling import sampling
+    d = sampling.on_device(torch.device("cuda", 3))
+    assert isinstance(d, torch.cuda.device) and d.idx == 3
+    assert isinstance(sampling.on_device("cpu"), contextlib.nullcontext)
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(str(torch.device(device)))
+        yield
+
+    monkeypatch.setattr(sampling, "on_device", spy)
+    from modeling.lightningdit import LightningDiT, LightningDiTConfig
+    dit = LightningDiT(LightningDiTConfig(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1,
+                                          num_heads=2, num_classes=3))
+    sampler = sampling.Sampler(dit, sampling.SamplingConfig(steps=2, precision="fp32"), device="cpu")
+    sampler(torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
+    assert entered == ["cpu"]
+
+
+def _merge(args):
+    from evaluation.generate import merge_chunks
+    return str(merge_chunks(*args))
+
+
+def test_ranks_finishing_together_each_merge_safely(tmp_path):
+    """Every rank that finds the chunks complete merges (a rerun of a finished run: all at once). Each writes a
+    temporary file of its own; the shared name made 7 of 8 ranks fail with FileNotFoundError (a review,
+    2026-12-05). A merged output of these chunks is returned as it is."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from evaluation.generate import SETTINGS_FILE, merge_chunks, read_settings
+    out = tmp_path / "samples.npz"
+    work = out.with_suffix(".chunks")
+    work.mkdir()
+    (work / SETTINGS_FILE).write_text('{"seed": 0}')
+    rng = np.random.default_rng(0)
+    for start in range(0, 64, 8):
+        idx = np.arange(start, start + 8)
+        np.savez(work / f"chunk_{start:08d}.npz", images=rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8),
+                 labels=idx % 10, indices=idx)
+    assert merge_chunks(out, 65) is None  # one index short
+    with mp.get_context("fork").Pool(8) as pool:
+        assert pool.map(_merge, [(out, 64)] * 8) == [str(out)] * 8
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (64, 16, 16, 3) and (z["arr_1"] == np.arange(64) % 10).all()
+    assert read_settings(out) == {"seed": 0} and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["samples.chunks", "samples.npz"]
+    before = out.stat().st_mtime_ns
+    assert merge_chunks(out, 64) == out and out.stat().st_mtime_ns == before  # merged already: not rewritten
