@@ -48,6 +48,27 @@ def test_old_rng_format_still_resumes_but_nothing_else_is_admitted(tmp_path):
     assert _draws() == expected
 
 
+def test_cuda_rng_is_the_ranks_own_and_an_older_list_restores_on_fewer_gpus(monkeypatch):
+    """The CUDA RNG state saved is this rank's device's (format 3), restored on its device: a resume with fewer GPUs
+    per node (2 x 8 -> 4 x 4, same world size) restored every saved device's state by index and failed with an
+    IndexError (a review, 2026-12-05). An older checkpoint's per-device list restores this device's entry where
+    the saving node had it. (No GPU here: torch.cuda's RNG calls are recorded.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    state = rng_state()
+    assert state["format"] == 3 and torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
+    set_rng_state(state)
+    assert calls == [7]
+    old = {**state, "format": 2, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    set_rng_state(old)  # saved on an 8-GPU node, this rank on device 2
+    assert calls == [7, 2]
+    set_rng_state({**old, "cuda": old["cuda"][:2]})  # saved on a 2-GPU node: nothing for device 2
+    assert calls == [7, 2]
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)

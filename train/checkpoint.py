@@ -205,14 +205,15 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every host-side RNG this process uses (python, numpy, torch CPU, all CUDA devices), as tensors and
-    plain types only, so that it loads with torch.load(weights_only=True)."""
+    """Every RNG this process uses (python, numpy, torch CPU, and its CUDA device's: the rank's own, so that a
+    resume on another number of GPUs per node restores each rank's stream), as tensors and plain types only, so
+    that it loads with torch.load(weights_only=True)."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"format": 2, "python": random.getstate(),
+    return {"format": 3, "python": random.getstate(),
             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                       "gauss": float(gauss)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -226,8 +227,15 @@ def set_rng_state(s: dict[str, Any]) -> None:
     else:
         np.random.set_state(n)
     torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, torch.Tensor):  # format 3: this rank's device
+        torch.cuda.set_rng_state(cuda)
+    else:  # format 2: every device of the saving node, by index; restoring all of them failed (IndexError) on a
+        dev = torch.cuda.current_device()  # node with fewer GPUs: this device's, where the node had it
+        if dev < len(cuda):
+            torch.cuda.set_rng_state(cuda[dev])
 
 
 def load_state(path: Union[str, Path], what: str = "resume state") -> Any:
