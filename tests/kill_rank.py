@@ -8,6 +8,7 @@ KILL_AT=save:N   the rank dies while checkpoint N is written: its DeepSpeed file
                  rank_R.pt is not (the others wait at the checkpoint's barrier)
 KILL_AT=oom:N    the rank raises torch.OutOfMemoryError (torch 2.11's CUDA text) in optimizer step N: it ends in its
                  own one-line error (train/errors.py), not by a signal
+KILL_AT=data:N   the rank raises a DataError (a user mistake only it sees: its shard of the data) in optimizer step N
 Just before it dies the rank writes KILL_RECORD ({"time", "rank", "where"}). The kill is a real SIGKILL of the
 real process; only its moment is chosen here, so the test does not race the trainer.
 """
@@ -51,20 +52,23 @@ def arm(rank: int) -> None:
             return atomic_torch_save(obj, path)
 
         base.atomic_torch_save = dying_save
-    elif kind == "oom":
+    elif kind in ("oom", "data"):
         optimizer_step = base.Trainer.optimizer_step
 
-        def oom_optimizer_step(self, tag):
+        def failing_optimizer_step(self, tag):
             if self.step + 1 == step:
                 Path(os.environ["KILL_RECORD"]).write_text(json.dumps({"time": time.time(), "rank": str(rank),
-                                                                       "where": f"oom {step}"}))
+                                                                       "where": f"{kind} {step}"}))
+                if kind == "data":
+                    from train.data import DataError
+                    raise DataError(f"shard_{rank:05d}.safetensors: a corrupt record (rank {rank} only)")
                 from oom import cuda_oom
                 raise cuda_oom(gpu=1)
             return optimizer_step(self, tag)
 
-        base.Trainer.optimizer_step = oom_optimizer_step
+        base.Trainer.optimizer_step = failing_optimizer_step
     else:
-        raise SystemExit(f"KILL_AT={os.environ['KILL_AT']}: expected step:N, save:N or oom:N")
+        raise SystemExit(f"KILL_AT={os.environ['KILL_AT']}: expected step:N, save:N, oom:N or data:N")
 
 
 def main() -> int:

@@ -122,3 +122,28 @@ def test_recompute_is_advised_only_where_the_config_allows_it(monkeypatch):
                            (["train.recompute=swiglu"], False)):
         cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", extra)
         assert ("train.recompute=swiglu" in errors.out_of_memory_line(oom, cfg)) == advised, extra
+
+
+@pytest.mark.extended  # CI: the one-rank paths; this is rank 1 of 2 under torchrun
+def test_a_user_error_on_one_rank_ends_that_rank_at_once(tmp_path):
+    """A mistake only one rank sees (its data) while the other waits in a collective: that rank prints its line
+    and exits 2 at once, without tearing the process group down (under NCCL the destroy is itself a collective and
+    can block the failing rank); torchrun then stops the other."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from multiproc import env, free_port
+    run, record = tmp_path / "run", tmp_path / "err.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(REPO / "tests" / "kill_rank.py"), "train.train_dit",
+           *[a.replace("train.zero_stage=0", "train.zero_stage=2") for a in args(run, "dist.timeout_s=60")]]
+    p = subprocess.run(cmd, cwd=REPO, env={**env(), "KILL_RANK": "1", "KILL_AT": "data:3", "KILL_RECORD": str(record)},
+                       capture_output=True, text=True, timeout=600)
+    ended = time.time()
+    assert p.returncode != 0 and record.exists(), p.stderr[-3000:]
+    assert ended - json.loads(record.read_text())["time"] < 45, p.stderr[-3000:]  # well inside dist.timeout_s
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[rank 1/2 ") and " error: " in ln]
+    assert len(lines) == 1 and "shard_00001.safetensors: a corrupt record" in lines[0], p.stderr[-3000:]
+    assert "Traceback" not in "\n".join(ln for ln in p.stderr.splitlines() if ln.startswith("[rank 1/2 "))

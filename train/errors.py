@@ -166,6 +166,8 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
         if args.debug or os.environ.get("VAVAE_DEBUG") == "1":
             raise
         print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
+        if tag:  # one rank's mistake (its data, its disk) while the others may wait in a collective: no teardown
+            _exit_now(2)  # of the group (under NCCL its destroy is itself a collective and can block this rank)
         return 2
     except NonFiniteError as e:
         print(f"{prefix}error: {e}", file=sys.stderr)
@@ -175,8 +177,7 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
             raise
         print(f"{prefix}error: {out_of_memory_line(e, cfg)}", file=sys.stderr)
         if tag:  # the other ranks may be blocked in a collective: no teardown of the group (as _rank_failed)
-            sys.stderr.flush()
-            os._exit(2)
+            _exit_now(2)
         return 2
     except BaseException as e:  # noqa: BLE001 -- a rank of a multi-rank run: a lost peer, or a bug (below)
         if not tag or isinstance(e, (SystemExit, KeyboardInterrupt)):
@@ -191,6 +192,14 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     if failed is not None:
         _rank_failed(failed, prefix)
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """End this rank at once, its output flushed: no interpreter clean-up, no process-group teardown (the launcher
+    stops the other ranks, which name this one as lost)."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _rank_failed(exc: BaseException, prefix: str) -> None:
@@ -211,6 +220,4 @@ def _rank_failed(exc: BaseException, prefix: str) -> None:
         status = 1
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         print("".join(f"{prefix}{ln}\n" for ln in text.rstrip("\n").split("\n")), end="", file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(status)
+    _exit_now(status)
