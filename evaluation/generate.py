@@ -8,7 +8,7 @@ DIT / VAE: our folders, hub repo ids, or the released .pt files (architecture re
 released DiT file named as the authors' (or a folder converted from one) samples with the authors'
 settings for it unless a flag says otherwise; --preset names them. On CUDA the default is the fast path
 (bf16 autocast, each Euler step a CUDA graph; add --compile blocks for torch.compile); --precision fp32
---cudagraphs off is the exact fp32 path.
+--cudagraphs off is the exact fp32 path (on a GPU with TF32 off: torch leaves cuDNN's on by default).
 
 Sample i of the run always gets the same label and the same noise (seeded by (seed, i)), whatever
 the number of ranks, the batch size, or how often the job was restarted. Each rank takes the
@@ -169,7 +169,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     """
     from modeling.progress import progress as progress_bar
     from modeling.sample_images import check_latent_stats
-    from modeling.sampling import Sampler, decode_images, on_device
+    from modeling.sampling import Sampler, decode_images, on_device, tf32_flags
 
     config = (config or SamplingConfig()).replace(**options)
     check_arguments(num_samples, batch_size, seed, latent_multiplier, rank, world_size)
@@ -195,6 +195,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     }
     check_settings(work, settings)
     run = {"rank": rank, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(device),
+           "tf32": tf32_flags(),
            "device": str(device), "sampler": sampler.describe()}
     with open(work / f"runs_rank{rank:05d}.jsonl", "a") as f:  # execution path per (re)start: recorded, not compared
         f.write(json.dumps(run) + "\n")
@@ -292,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from modeling.config import cli_parser, user_errors
     from modeling.hub import load_latent_stats, stored_metadata
     from modeling.sample_images import default_stats_path
-    from modeling.sampling import SamplerUnavailable, add_sampling_args, check_device, config_from_args
+    from modeling.sampling import SamplerUnavailable, add_sampling_args, check_device, config_from_args, exact_fp32
 
     cuda = torch.cuda.is_available()
     p = cli_parser("evaluation.generate", __doc__)
@@ -326,6 +327,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_arguments(a.num_samples, a.batch_size, a.seed, a.latent_multiplier, rank, world, cli=True)
         check_output(a.out_npz, "out_npz")
         config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
+        exact_fp32(config, device)  # --precision fp32 on a GPU: no TF32 in its convolutions either
         stats_path = a.latent_stats or default_stats_path(a.dit)
         stats = load_latent_stats(stats_path) if stats_path else None
         if stats is not None:

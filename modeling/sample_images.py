@@ -140,7 +140,7 @@ MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
 
 def main(argv: Optional[list[str]] = None) -> None:
     from .config import check_output_path, cli_parser, user_errors
-    from .sampling import add_sampling_args, check_device, config_from_args
+    from .sampling import add_sampling_args, check_device, config_from_args, exact_fp32
 
     ap = cli_parser("modeling.sample_images", __doc__)
     ap.add_argument("--dit", required=True, help="our folder, a hub repo id, or a released .pt")
@@ -173,6 +173,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_latent_multiplier(a.latent_multiplier, "--latent-multiplier")
         _check_image_path(a.out, check_output_path)
         config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
+        exact_fp32(config, device)  # --precision fp32 on a GPU: no TF32 in its convolutions either
         dit = load_dit(a.dit, a.size, a.input_size, a.in_channels, a.num_classes, a.weights)
         vae = load_vae(a.vae)
         stats = a.stats if a.stats is not None else default_stats_path(a.dit)

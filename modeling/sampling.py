@@ -641,6 +641,20 @@ def config_from_args(args: argparse.Namespace, stored: Optional[dict] = None,
     return config, sources
 
 
+def exact_fp32(config: "SamplingConfig", device: torch.device) -> None:
+    """For the commands' `--precision fp32` on a GPU: TF32 off for cuDNN's convolutions (torch's default leaves it on:
+    the patch embedding and every decoder convolution would round their inputs to 10-bit mantissas) and for
+    matmuls (off by default), so that fp32 is the exact path the commands promise. Process-wide: a command's."""
+    if config.precision == "fp32" and device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def tf32_flags() -> dict[str, bool]:
+    """What a run record says about TF32 (cuDNN convolutions, CUDA matmuls)."""
+    return {"cudnn": bool(torch.backends.cudnn.allow_tf32), "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
 def on_device(device: Union[str, torch.device]) -> typing.ContextManager:
     """`device` made the current CUDA device for the block (a null context for any other device). Triton kernels,
     the CUDA extension, a CUDA graph's capture stream and the attention chooser's timing events all use the current

@@ -196,3 +196,22 @@ def test_ranks_finishing_together_each_merge_safely(tmp_path):
         ["samples.chunks", "samples.npz"]
     before = out.stat().st_mtime_ns
     assert merge_chunks(out, 64) == out and out.stat().st_mtime_ns == before  # merged already: not rewritten
+
+
+def test_the_exact_fp32_path_turns_tf32_off_on_a_gpu():
+    """`--precision fp32` promises the exact fp32 path; torch leaves cuDNN's TF32 on by default (the patch embedding
+    and every decoder convolution would round to 10-bit mantissas on a GPU): the commands turn it off for fp32 on a
+    GPU, and generate's run record says what was on."""
+    import torch
+
+    from modeling.sampling import SamplingConfig, exact_fp32, tf32_flags
+    saved = tf32_flags()  # (torch.backends.cuda.matmul's attributes are not monkeypatch's: set and restored here)
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        exact_fp32(SamplingConfig(precision="bf16"), torch.device("cuda"))
+        exact_fp32(SamplingConfig(precision="fp32"), torch.device("cpu"))
+        assert tf32_flags() == {"cudnn": True, "matmul": True}  # another precision, or no GPU: untouched
+        exact_fp32(SamplingConfig(precision="fp32"), torch.device("cuda"))
+        assert tf32_flags() == {"cudnn": False, "matmul": False}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved["cudnn"], saved["matmul"]
