@@ -10,7 +10,7 @@ import torch
 from modeling.checkpoint import load_dit_checkpoint
 from modeling.lightningdit import LightningDiT
 from train.checkpoint import CheckpointManager
-from modeling.config import load_config
+from modeling.config import ConfigError, load_config
 from train.dit_config import DiTTrainConfig
 from train.train_dit import NonFiniteError, Trainer
 
@@ -153,6 +153,19 @@ def test_eval_needs_a_reference_batch(tmp_path, capsys):
                f"checkpoint.dir={tmp_path}/ckpt"])
     err = capsys.readouterr().err
     assert rc == 2 and "eval.ref_batch" in err and "Traceback" not in err
+
+
+def test_eval_needs_a_sample_per_rank(tmp_path, monkeypatch):
+    """With fewer evaluation samples than ranks a rank would gather no features and every rank's merge would fail
+    at the first evaluation (a review, 2026-12-05): refused when the hook is built, in one line."""
+    from train.train_dit import build_eval
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"")
+    cfg = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml",
+                      ["eval.every=5", f"eval.ref_batch={ref}", "eval.num_samples=4"])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match="eval.num_samples 4: at least one per rank \\(8 ranks\\)"):
+        build_eval(cfg)
 
 
 def test_torch_trace_and_wandb_from_the_config(tmp_path):

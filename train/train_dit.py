@@ -305,6 +305,9 @@ def build_eval(cfg: DiTTrainConfig) -> Optional[EvalFn]:
         return None
     if cfg.eval.ref_batch is None:
         raise ConfigError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz), or eval.every=0")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.eval.num_samples < world:  # a rank with no sample would gather no features and fail the merge
+        raise ConfigError(f"eval.num_samples {cfg.eval.num_samples}: at least one per rank ({world} ranks)")
     from evaluation.train_eval import build_eval_fn
     stats = cfg.eval.latent_stats
     if stats is None and cfg.data.source == "latents":
