@@ -90,6 +90,9 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
         return t
 
     with _kernels(kernels_backend):  # one backend block for forward and backward: what ran stays on record
+        # attention's kernel timed at this shape, as the trainer primes it before its compiled blocks run (unprimed,
+        # the trace falls back to the split path where the trainer may run the fused one; a no-op on the CPU)
+        kernels.prime_attention(model.attention_shape(batch), torch.bfloat16, device, training=True)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = block(x, c, model.feat_rope)
