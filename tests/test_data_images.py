@@ -92,6 +92,36 @@ def test_dali_and_pil_center_views_agree_roughly(embedded):
     assert 0 < diff.mean() * 127.5 < 6 and diff.max() < 1
 
 
+def _center(files, size, backend):
+    kw = {"num_workers": 0} if backend == "pil" else {"dali_device": "cpu"}
+    loader = build_image_loader(files, size, len(files), backend=backend, view="center", shuffle=False,
+                                drop_last=False, **kw)
+    return torch.cat([x for x, _ in loader]) * 127.5  # in 8-bit levels
+
+
+def test_dali_center_view_on_shapes_the_square_test_hides(tmp_path):
+    """What square test images cannot show (a review, 2026-12-05, with DALI 2.4.0): an odd leftover after the
+    resize (DALI's crop_pos 0.5 rounded the offset up where the reference's (W - S) // 2 rounds down: a 1-px shift,
+    ~8 levels on average), a fractional resized side (DALI kept the exact scale and shifted its grid: 1-3 levels),
+    an EXIF orientation tag (DALI rotated the image, PIL does not). Now: no resize, bit for bit; a fractional size,
+    within rounding; a tagged JPEG, PIL's pixels (to the normalisations' float rounding)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (64, 85, 3), dtype=np.uint8)).save(root / "a" / "odd.png")  # leftover 21
+    Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(root / "a" / "frac.png")  # 85.3 px wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(root / "a" / "tagged.jpg", exif=exif)
+    files = image_folder(root)
+    names = [p.split("/")[-1] for p in files.paths]
+    pil, dal = _center(files, 64, "pil"), _center(files, 64, "dali")
+    diff = {n: (pil[i] - dal[i]).abs() for i, n in enumerate(names)}
+    assert diff["odd.png"].max() < 1e-3, diff["odd.png"].mean()  # the same pixels (the two [-1, 1] scalings: 1e-5)
+    assert diff["frac.png"].mean() < 0.5, diff["frac.png"].mean()
+    assert diff["tagged.jpg"].mean() < 1.0, diff["tagged.jpg"].mean()  # rotated, it was ~56 levels off
+
+
 def test_dali_device_requests(monkeypatch, embedded):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):

@@ -1,9 +1,11 @@
 """DALI image pipeline: JPEG decode on the GPU ("mixed") or, without a GPU, DALI's CPU mode.
 
 The sample order, flips and crop positions come from Python (`EpochSampler`, `crop_params`) through an
-external source, so a DALI run reads exactly what the PIL loader reads and resumes the same way. Only
-the resize filter differs from PIL (see docs/data.md). One undecodable file stops a DALI pipeline:
-feed it the clean list written by `python -m train.data scan`.
+external source, so a DALI run reads exactly what the PIL loader reads and resumes the same way. Decoding
+(EXIF orientation ignored, libjpeg's chroma upsampling), the resized size and the crop offset are the PIL path's;
+what differs is the reference's BOX pre-pass for images at least twice the size, which DALI has no filter for
+(see docs/data.md). One undecodable file stops a DALI pipeline: feed it the clean list written by
+`python -m train.data scan`.
 """
 import logging
 import os
@@ -56,11 +58,19 @@ def build_pipeline(source: Iterable[tuple], size: int, view: str, device: str, b
         jpegs, labels, pos_x, pos_y, mirror = fn.external_source(
             source=source, num_outputs=5, batch=True,
             dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-        # Short side -> size with an antialiased bicubic filter (PIL's BICUBIC is antialiased too).
-        images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        # As PIL decodes: EXIF orientation ignored (PIL's Image.open, as the reference, does not apply it; DALI's
+        # default rotates tagged images), and the GPU decoder's chroma upsampling the CPU's (libjpeg's "fancy" one)
+        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False, jpeg_fancy_upsampling=True)
+        # Short side -> size with an antialiased bicubic filter (PIL's BICUBIC is antialiased too), the other side to
+        # its rounded size at that size's own scale, as PIL resizes (DALI's default keeps the exact fractional scale
+        # and shifts its sampling grid by up to a quarter of a pixel)
+        images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True,
+                           subpixel_scale=False)
+        # the crop's pixel offset: the reference's (W - S) // 2 for the center view, round(u * (W - S)) for training
         images = fn.crop_mirror_normalize(
             images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+            rounding="truncate" if view == "center" else "round",
             mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout="CHW")
         return images, labels
 
