@@ -103,8 +103,9 @@ def test_dali_center_view_on_shapes_the_square_test_hides(tmp_path):
     """What square test images cannot show (a review, 2026-12-05, with DALI 2.4.0): an odd leftover after the
     resize (DALI's crop_pos 0.5 rounded the offset up where the reference's (W - S) // 2 rounds down: a 1-px shift,
     ~8 levels on average), a fractional resized side (DALI kept the exact scale and shifted its grid: 1-3 levels),
-    an EXIF orientation tag (DALI rotated the image, PIL does not). Now: no resize, bit for bit; a fractional size,
-    within rounding; a tagged JPEG, PIL's pixels (to the normalisations' float rounding)."""
+    an EXIF orientation tag (DALI rotated the image, PIL does not), a GIF named .jpg (DALI stopped: no GIF decoder).
+    Now: no resize, bit for bit; a fractional size, within rounding; a tagged JPEG and the GIF, PIL's pixels (to the
+    normalisations' float rounding)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "img"
     (root / "a").mkdir(parents=True)
@@ -113,6 +114,8 @@ def test_dali_center_view_on_shapes_the_square_test_hides(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(root / "a" / "tagged.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).convert("P").save(root / "a" / "gif.jpg",
+                                                                                          format="GIF")
     files = image_folder(root)
     names = [p.split("/")[-1] for p in files.paths]
     pil, dal = _center(files, 64, "pil"), _center(files, 64, "dali")
@@ -120,6 +123,7 @@ def test_dali_center_view_on_shapes_the_square_test_hides(tmp_path):
     assert diff["odd.png"].max() < 1e-3, diff["odd.png"].mean()  # the same pixels (the two [-1, 1] scalings: 1e-5)
     assert diff["frac.png"].mean() < 0.5, diff["frac.png"].mean()
     assert diff["tagged.jpg"].mean() < 1.0, diff["tagged.jpg"].mean()  # rotated, it was ~56 levels off
+    assert diff["gif.jpg"].max() < 1e-3  # a GIF named .jpg (the scan keeps it): DALI has no GIF decoder
 
 
 def test_dali_device_requests(monkeypatch, embedded):

@@ -4,8 +4,8 @@ The sample order, flips and crop positions come from Python (`EpochSampler`, `cr
 external source, so a DALI run reads exactly what the PIL loader reads and resumes the same way. Decoding
 (EXIF orientation ignored, libjpeg's chroma upsampling), the resized size and the crop offset are the PIL path's;
 what differs is the reference's BOX pre-pass for images at least twice the size, which DALI has no filter for
-(see docs/data.md). One undecodable file stops a DALI pipeline: feed it the clean list written by
-`python -m train.data scan`.
+(see docs/data.md). A GIF (DALI has no decoder for it) is handed over as a PNG of its first frame. One
+undecodable file stops a DALI pipeline: feed it the clean list written by `python -m train.data scan`.
 """
 import logging
 import os
@@ -77,6 +77,21 @@ def build_pipeline(source: Iterable[tuple], size: int, view: str, device: str, b
     return pipe()
 
 
+def _decodable(data: bytes) -> bytes:
+    """The file's bytes, or for a GIF (which the scan keeps: PIL reads it, "GIF-in-jpg" in its notes) its first frame
+    as a PNG: DALI has no GIF decoder and one such file stopped the pipeline. PNG keeps the palette and its
+    transparency, so DALI's RGB is PIL's."""
+    if not data.startswith((b"GIF87a", b"GIF89a")):
+        return data
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as im:
+        im.save(out, format="PNG")
+    return out.getvalue()
+
+
 class DALIImageLoader(ResumableLoader):
     """Same interface and sample plan as PILImageLoader; decodes with DALI."""
 
@@ -104,7 +119,7 @@ class DALIImageLoader(ResumableLoader):
             for i in idx:
                 require_regular_file(self.files.abspath(i))  # a FIFO would block the pipeline forever
                 with open(self.files.abspath(i), "rb") as f:
-                    enc.append(np.frombuffer(f.read(), dtype=np.uint8))
+                    enc.append(np.frombuffer(_decodable(f.read()), dtype=np.uint8))
                 u = crop_params(self.seed, self.epoch, i) if self.view == "train" else (0.5, 0.5)
                 pos_x.append(np.float32(u[0]))
                 pos_y.append(np.float32(u[1]))
