@@ -116,12 +116,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             check_extract_settings(vae, args.image_size, args.batch_size, args.rank, args.world_size,
                                    args.shard_size, args.workers, flags=EXTRACT_FLAGS)
             device = args.device
-            if device is None and args.world_size > 1:
-                import torch
-
-                if torch.cuda.is_available():
-                    device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
-                    torch.cuda.set_device(device)
+            import torch
+            if device is None and args.world_size > 1 and torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
+            if device is not None and torch.device(device).type == "cuda":  # current: DALI's decoder and our
+                torch.cuda.set_device(device)                                  # kernels run on the current GPU
             result = extract_latents(vae, load_file_list(args.data), args.out,
                                      image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
                                      world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
