@@ -80,7 +80,7 @@ def test_clean_list_feeds_dali_and_pil(dirty, tmp_path):
         batches[backend] = list(loader)
     for (xp, yp), (xd, yd) in zip(batches["pil"], batches["dali"]):
         assert torch.equal(yp, yd) and xp.shape == xd.shape == (8, 3, 32, 32)
-        assert (xp - xd).abs().mean() < 0.05  # same crops and flips; only the resize filter differs
+        assert (xp - xd).abs().mean() < 0.05  # same crops and flips; the resize rounds differently
     # the unscanned listing makes DALI stop with a message that points at the scan
     raw = image_folder(dirty)
     with pytest.raises(RuntimeError, match="scan"):
