@@ -665,8 +665,9 @@ def on_device(device: Union[str, torch.device]) -> typing.ContextManager:
 
 
 def check_device(device: Union[str, torch.device], flag: str = "--device") -> torch.device:
-    """`device` as a torch.device, or a ValueError naming `flag` where it cannot run here (not a device name, CUDA
-    or MPS absent, a CUDA index past the last GPU) -- before any model is loaded."""
+    """`device` as a torch.device (a bare "cuda" with the current GPU's index), or a ValueError naming `flag` where
+    it cannot run here (not a device name, CUDA or MPS absent, a CUDA index past the last GPU) -- before any model
+    is loaded."""
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -678,6 +679,8 @@ def check_device(device: Union[str, torch.device], flag: str = "--device") -> to
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise ValueError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA device(s) "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if d.index is None:  # "cuda": the current GPU, by its index (torch.cuda.set_device refuses a bare "cuda")
+            d = torch.device("cuda", torch.cuda.current_device())
     elif d.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"{flag} {device}: MPS is not available here")

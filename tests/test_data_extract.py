@@ -102,6 +102,32 @@ def _cli(base, out, *extra):
             "--shard-size", "4", "--workers", "0", *extra]
 
 
+def _one_fake_gpu(monkeypatch) -> list:
+    """torch believes one GPU is here, current index 0; the driver's set-device call is recorded instead (torch's
+    own argument check runs before it)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", calls.append, raising=False)  # absent from CPU builds
+    return calls
+
+
+def test_extract_device_cuda_makes_the_current_gpu_current(setup, tmp_path, monkeypatch, capsys):
+    """`--device cuda` (no index): torch.cuda.set_device refuses a bare "cuda", so the command died with a
+    traceback (a review, 2026-12-05). It is the current GPU, by its index, handed to the extraction as cuda:0."""
+    import train.data.extract as extract
+    from train.data.__main__ import main
+    base, _, _ = setup
+    calls, seen = _one_fake_gpu(monkeypatch), []
+    monkeypatch.setattr(extract, "extract_latents", lambda *a, **kw: seen.append(kw["device"]) or {})
+    main(_cli(base, tmp_path / "lat", "--device", "cuda")[3:])
+    assert calls == [0] and seen == [torch.device("cuda", 0)]
+    with pytest.raises(SystemExit) as e:  # an index past the last GPU: one line naming the flag, exit 2
+        main(_cli(base, tmp_path / "lat", "--device", "cuda:3")[3:])
+    assert e.value.code == 2 and "--device cuda:3: there are 1 CUDA device(s)" in capsys.readouterr().err
+
+
 def test_resume_after_kill_is_identical(setup, tmp_path):
     base, files, vae = setup
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -1,5 +1,6 @@
 """Sharded, resumable sample generation and the tokenizer metrics on tiny models."""
 import numpy as np
+import pytest
 import torch
 
 from evaluation.generate import generate, sample_labels
@@ -162,6 +163,32 @@ def test_sampling_runs_with_its_device_current(monkeypatch, tmp_path):
     sampler = sampling.Sampler(dit, sampling.SamplingConfig(steps=2, precision="fp32"), device="cpu")
     sampler(torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
     assert entered == ["cpu"]
+
+
+@pytest.mark.parametrize("command", ["sample_images", "generate"])
+def test_bare_cuda_device_is_the_current_gpu(monkeypatch, tmp_path, capsys, command):
+    """`--device cuda` (sample_images' default on a GPU machine, the README's command): torch.cuda.set_device
+    refuses a bare "cuda", and both commands stopped there with its ValueError (a review, 2026-12-05). check_device
+    now gives the current GPU's index, which is made current; these runs then stop at the missing checkpoint."""
+
+    from modeling.sampling import check_device
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", calls.append, raising=False)  # absent from CPU builds
+    assert check_device("cuda") == torch.device("cuda", 1)
+    missing = tmp_path / "missing.pt"
+    if command == "sample_images":
+        from modeling.sample_images import main
+        argv = ["--dit", str(missing), "--vae", str(missing), "--labels", "1"]  # --device: "cuda" by default here
+    else:
+        from evaluation.generate import main
+        argv = [str(missing), str(missing), str(tmp_path / "out.npz"), "--num-samples", "8", "--device", "cuda"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and calls == [1] and "missing.pt" in err and "index" not in err, err
 
 
 def _merge(args):

@@ -117,10 +117,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                    args.shard_size, args.workers, flags=EXTRACT_FLAGS)
             device = args.device
             import torch
+
+            from modeling.config import ConfigError
+            from modeling.sampling import check_device
             if device is None and args.world_size > 1 and torch.cuda.is_available():
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', args.rank % torch.cuda.device_count()))}"
-            if device is not None and torch.device(device).type == "cuda":  # current: DALI's decoder and our
-                torch.cuda.set_device(device)                                  # kernels run on the current GPU
+            if device is not None:
+                try:
+                    device = check_device(device)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                if device.type == "cuda":  # current: DALI's decoder and our kernels run on the current GPU
+                    torch.cuda.set_device(device)
             result = extract_latents(vae, load_file_list(args.data), args.out,
                                      image_size=args.image_size, batch_size=args.batch_size, rank=args.rank,
                                      world_size=args.world_size, seed=args.seed, shard_size=args.shard_size,
