@@ -53,6 +53,41 @@ def test_out_of_memory_mid_run_is_one_line_exit_2_and_the_run_resumes(tmp_path, 
     assert steps[-1] == 6 and json.loads((run / "ckpt" / "latest.json").read_text())["step"] == 6
 
 
+def test_vae_out_of_memory_advice_is_a_command_that_resumes(tmp_path, monkeypatch, capsys):
+    """The VA-VAE trainer refuses another batch on resume unless resharded (its data order depends on it): the
+    advice said "lower train.batch_per_gpu ... run the same command to resume", which then failed (a review,
+    2026-12-05). It now says checkpoint.reshard=true, and that command resumes."""
+    from train import train_vae
+    monkeypatch.delenv("VAVAE_DEBUG", raising=False)
+    monkeypatch.setitem(RUN_STATE, "phase", "starting")
+    monkeypatch.setitem(RUN_STATE, "checkpoint_root", None)
+    run = tmp_path / "run"
+
+    def vae_args(batch: int, *extra: str) -> list[str]:
+        return ["--config", str(REPO / "configs/vavae_tiny_cpu.yaml"), "model.ch=32", "model.ch_mult=[1,2]",
+                "model.resolution=32", "model.z_channels=4", "model.embed_dim=4", "foundation.name=random_tiny",
+                "foundation.input_size=null", "loss.disc_ndf=8", "data.num_samples=8", f"train.batch_per_gpu={batch}",
+                "train.steps=4", "train.zero_stage=0", "checkpoint.every=2", f"checkpoint.dir={run}/ckpt",
+                f"logging.dir={run}", "logging.every=1", "logging.progress_bar=false", "logging.tensorboard=false",
+                "logging.reconstructions=false", "checkpoint.export_reference=false", *extra]
+
+    real = train_vae.VAVAETrainer.step_on_device
+
+    def step_then_oom(self, batch):
+        if self.step == 3:
+            raise cuda_oom()
+        return real(self, batch)
+
+    monkeypatch.setattr(train_vae.VAVAETrainer, "step_on_device", step_then_oom)
+    assert train_vae.main(vae_args(4)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lower train.batch_per_gpu (now 4) with checkpoint.reshard=true" in line, line
+    monkeypatch.setattr(train_vae.VAVAETrainer, "step_on_device", real)
+    monkeypatch.setitem(RUN_STATE, "phase", "starting")
+    assert train_vae.main(vae_args(2, "checkpoint.reshard=true")) == 0
+    assert json.loads((run / "ckpt" / "latest.json").read_text())["step"] == 4
+
+
 def test_out_of_memory_line_names_the_key_of_its_phase(monkeypatch):
     """Evaluating: the eval batch; a VA-VAE run (no train.recompute): the batch alone; --debug keeps the traceback."""
     from modeling.config import load_config

@@ -88,10 +88,12 @@ def _lost_after() -> str:
     return f"{LOST_AFTER_S:g}"
 
 
-def out_of_memory_line(exc: BaseException, cfg: Any) -> str:
+def out_of_memory_line(exc: BaseException, cfg: Any, resume_refuse: tuple[str, ...] = ()) -> str:
     """The one line for a CUDA out-of-memory error: what the run was doing, torch's own figures (what it tried to
     allocate, the card's capacity and what was free), the setting that sets the memory in that phase and how to
-    lower it, and the last complete checkpoint. A batch too large for the card is a setting, not a bug: XL/1 at
+    lower it, and the last complete checkpoint. `resume_refuse`: the trainer's RESUME_REFUSE; where it holds the
+    batch (the VA-VAE's data order depends on it) the advice says that resuming at a lower one needs
+    checkpoint.reshard=true. A batch too large for the card is a setting, not a bug: XL/1 at
     batch 256 peaks at ~88 GiB (fits an H200, not an 80 GB H100, where the shipped 128 does)."""
     from .distributed import RUN_STATE
     phase = RUN_STATE["phase"]
@@ -106,6 +108,8 @@ def out_of_memory_line(exc: BaseException, cfg: Any) -> str:
         whole = getattr(getattr(cfg, "model", None), "use_checkpoint", False)
         if getattr(train, "recompute", None) == "none" and fp8 == "none" and not whole:  # what recompute allows
             advice += ", or set train.recompute=swiglu (docs/training.md, Activation memory)"
+        if "train.batch_per_gpu" in resume_refuse:
+            advice += " with checkpoint.reshard=true (a checkpoint resumes at another batch only resharded)"
     else:
         advice = "lower the batch"
     return (f"out of GPU memory while {phase} ({config.out_of_memory_figures(exc)}): {advice}; "
@@ -126,10 +130,12 @@ def user_errors(debug: bool = False, prefix: str = "error",
 
 
 def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[Any], Any],
-                 argv: Optional[list[str]] = None, extra_user_errors: tuple[type[BaseException], ...] = ()) -> int:
+                 argv: Optional[list[str]] = None, extra_user_errors: tuple[type[BaseException], ...] = (),
+                 resume_refuse: tuple[str, ...] = ()) -> int:
     """The command line both trainers share (`python -m train.train_dit` / `train.train_vae`): the config from
     YAML + overrides (a mistake: one line, exit 2), --print-config, --debug, then `run(cfg)`. A user mistake
-    while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint."""
+    while running exits 2 in one line; too many non-finite steps (NonFiniteError) exits 1 after its checkpoint.
+    `resume_refuse`: the trainer's RESUME_REFUSE, for the out-of-memory advice (out_of_memory_line)."""
     import logging
 
     import torch
@@ -175,7 +181,7 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     except torch.OutOfMemoryError as e:  # the batch does not fit the card: a setting, one line, exit 2
         if args.debug or os.environ.get("VAVAE_DEBUG") == "1":
             raise
-        print(f"{prefix}error: {out_of_memory_line(e, cfg)}", file=sys.stderr)
+        print(f"{prefix}error: {out_of_memory_line(e, cfg, resume_refuse)}", file=sys.stderr)
         if tag:  # the other ranks may be blocked in a collective: no teardown of the group (as _rank_failed)
             _exit_now(2)
         return 2

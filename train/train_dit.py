@@ -325,7 +325,8 @@ def train(cfg: DiTTrainConfig, eval_fn: Optional[EvalFn] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return trainer_main("train.train_dit", __doc__, DiTTrainConfig, lambda cfg: train(cfg, eval_fn=build_eval(cfg)),
-                        argv, extra_user_errors=(fp8_lib.FP8Unavailable, kernels.BackendUnavailable))
+                        argv, extra_user_errors=(fp8_lib.FP8Unavailable, kernels.BackendUnavailable),
+                        resume_refuse=DiTTrainer.RESUME_REFUSE)
 
 
 cli = console_entry(__name__)  # the `vavae-train-dit` console script (setup.py)
