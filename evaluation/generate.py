@@ -206,7 +206,10 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     # indices r + world * (k * batch_size + j).
     mine = list(range(rank, num_samples, world_size))
     starts = list(range(0, len(mine), batch_size))
-    bar = progress_bar(len(mine), f"sampling (rank {rank})", "img", enabled=progress)
+    done = sum(len(mine[s:s + batch_size]) for s in starts if _chunk_path(work, mine[s]).exists())
+    # the chunks done before a restart start the bar (initial): counted as updates, they made the rate and eta of
+    # a log line (LogProgress: since the start) as if they had been sampled in the first instant
+    bar = progress_bar(len(mine), f"sampling (rank {rank})", "img", enabled=progress, initial=done)
     if progress and rank == 0:
         d = sampler.describe()
         bar.write(f"sampler: {d['method']} {d['steps']} points, {d['precision']}, compile={d['compile']}, "
@@ -216,8 +219,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
             for s in starts:
                 idx = mine[s:s + batch_size]
                 path = _chunk_path(work, idx[0])
-                if path.exists():  # done before a restart
-                    bar.update(len(idx))
+                if path.exists():  # done before a restart (counted in the bar's start)
                     continue
                 gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
                 z = sample_noise(idx, shape, seed).to(device)
