@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from evaluation.provenance import environment
+from bench import processes
 from bench.ceilings import ceilings
 
 T0 = time.time()
@@ -217,7 +218,7 @@ def gpu_tests(smoke: bool) -> dict:
         cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-rfE", "-m", "gpu", "tests/test_kernels_gpu.py",
                "tests/test_kernels.py", "tests/test_train_gpu.py", "-p", "no:cacheprovider"]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=within_deadline(300), cwd=REPO)
+        res = processes.run(cmd, timeout=within_deadline(300), cwd=REPO)
         rc, out, err = res.returncode, res.stdout, res.stderr
     except subprocess.TimeoutExpired as e:  # keep what ran (-v: a line per test) instead of losing the section; the
         # first uses of the fused attention autotune its tiles (2026-12-04: 240 s was the limit before they existed)
@@ -239,8 +240,8 @@ def parity_on_gpu(smoke: bool) -> dict:
     runs = {"reference": [], "triton": [], "cuda": [], "auto": [], "triton+rope-fused": ["--attention", "rope-fused"]}
     for label, extra in runs.items() if not smoke else (("reference", []),):
         backend = label.split("+")[0]
-        res = subprocess.run([sys.executable, "-m", "bench.parity", pdir, "--device", dev, "--backend", backend,
-                              *extra], capture_output=True, text=True, timeout=within_deadline(120), cwd=REPO)
+        res = processes.run([sys.executable, "-m", "bench.parity", pdir, "--device", dev, "--backend", backend,
+                             *extra], timeout=within_deadline(120), cwd=REPO)
         lines = (res.stdout + res.stderr).strip().splitlines()
         out[label] = {"returncode": res.returncode, "verdict": [l for l in lines if l.startswith("all within")
                                                                 or " outside rtol" in l or "mismatch" in l.lower()][-1:],
@@ -283,7 +284,7 @@ def authors_dit(smoke: bool, batch: int = 256, root: Optional[Path] = None) -> d
     # the CPU smoke checks the harness, not their compiled code's CPU speed: their blocks' @torch.compile off there
     # (compiling them cold took ~45 of the section's ~50 s); the record says so (their_torch_compile)
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"} if smoke else None
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=within_deadline(300), env=env)
+    res = processes.run(cmd, timeout=within_deadline(300), cwd=REPO, env=env)
     if res.returncode:
         raise RuntimeError(f"bench.authors_dit rc {res.returncode}: " + (res.stdout + res.stderr)[-1500:])
     return json.loads(out.read_text())
@@ -326,7 +327,7 @@ def trainer_cli(smoke: bool, batch: int = 256, steps: int = 20) -> dict:
                                                             "MASTER_PORT")}
     t = time.time()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=within_deadline(400), cwd=REPO, env=env)
+        res = processes.run(cmd, timeout=within_deadline(400), cwd=REPO, env=env)
         wall = time.time() - t
         log = (res.stdout + res.stderr).splitlines()
         warnings = [l for l in log if "WARNING" in l or "warn" in l.lower()]
@@ -351,8 +352,8 @@ def command(name: str, cmd: str | None, timeout: float, smoke_cmd: str | None = 
     if cmd is None:
         return {"status": "no CPU smoke for this command"}
     t = time.time()
-    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=within_deadline(timeout), cwd=REPO,
-                         env={**os.environ, "OUT": os.environ.get("OUT", "bench/results/tmp")})
+    res = processes.run(cmd, shell=True, timeout=within_deadline(timeout), cwd=REPO,
+                        env={**os.environ, "OUT": os.environ.get("OUT", "bench/results/tmp")})
     tail = (res.stdout + res.stderr).strip().splitlines()[-25:]
     if res.returncode:
         raise RuntimeError(f"{name}: rc {res.returncode}\n" + "\n".join(tail))
@@ -445,8 +446,8 @@ FP8_CURVE_SMOKE = ("{py} -m bench.fp8_compare --steps 3 --fp8-backend scaled_mm 
 def fp8_curve(seed: int, smoke: bool) -> dict:
     """One seed's bf16 vs FP8 pair (bench.fp8_compare: its JSON and plot under $OUT/fp8_compare_seed<seed>)."""
     cmd = (FP8_CURVE_SMOKE if smoke else FP8_CURVE).format(py=_PY, seed=seed)
-    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=within_deadline(560), cwd=REPO,
-                         env={**os.environ, "OUT": os.environ.get("OUT", "bench/results/tmp")})
+    res = processes.run(cmd, shell=True, timeout=within_deadline(560), cwd=REPO,
+                        env={**os.environ, "OUT": os.environ.get("OUT", "bench/results/tmp")})
     path = Path(os.environ.get("OUT", "bench/results/tmp")) / f"fp8_compare_seed{seed}" / "fp8_compare.json"
     if not path.is_file():
         raise RuntimeError(f"fp8_compare seed {seed}: rc {res.returncode}: " + (res.stdout + res.stderr)[-1500:])

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from bench import processes
 from bench.train_case import build_trainer, parse_spec, peak_memory, saved_for_backward_gib, time_trainer_steps
 from evaluation.provenance import environment
 from modeling.config import console_entry
@@ -112,7 +113,7 @@ def run_train_case_subprocess(config: str | Path, spec: str, batch_size: int,
             # a fresh single process: no rank / rendezvous variables inherited from this one
             env = {k: v for k, v in os.environ.items()
                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+            res = processes.run(cmd, timeout=timeout, cwd=REPO, env=env)
         except subprocess.TimeoutExpired:
             return {"name": f"{spec} bs{batch_size} train", "backend": spec, "batch_size": batch_size,
                     "error": f"timed out after {timeout} s"}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import processes
 from evaluation.provenance import ENVIRONMENT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +119,39 @@ def test_a_section_never_outlives_the_shells_limit(monkeypatch, tmp_path):
     s = gs.Suite(str(tmp_path), budget=1000, smoke=True)
     assert s.section("vae_step", lambda: {"ran": True}) is None and s.result["skipped_for_time"] == ["vae_step"]
     assert s.section("shortfall", lambda: {"rows": []}) == {"rows": []}  # arithmetic: runs regardless
+
+
+def _running(pid: int) -> bool:
+    """Alive after 5 s and not a zombie (a container's init may never reap an orphan). A killed process closes its
+    pipes before it turns zombie: it may still read as running for a moment after the caller's wait returned."""
+    import time
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_timed_out_section_ends_with_everything_it_started(monkeypatch, tmp_path):
+    """A section's timeout ends its whole process tree: subprocess.run's killed only the shell of a `sh -c` command,
+    and the benchmark under it went on holding the GPU and writing into $OUT while the suite packed it (a review,
+    2026-12-05). What the command printed before comes back with the timeout."""
+    from bench import gpu_suite as gs
+    monkeypatch.setattr(gs, "DEADLINE_S", None)
+    pid = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired) as e:  # the section's command: a shell and a benchmark under it
+        gs.command("probe", f"echo started; sleep 60 & echo $! > {pid}; wait", timeout=2)
+    assert pid.exists() and not _running(int(pid.read_text())), "the command's own child outlived its timeout"
+    assert "started" in e.value.output
+    inner = tmp_path / "inner"  # two levels down (a python benchmark's compile workers, a launcher's ranks)
+    with pytest.raises(subprocess.TimeoutExpired):
+        processes.run(["bash", "-c", f"bash -c 'sleep 60 & echo $! > {inner}; wait' & wait"], timeout=2)
+    assert inner.exists() and not _running(int(inner.read_text()))
+    assert processes.run([sys.executable, "-c", "print(6 * 7)"], timeout=60).stdout == "42\n"
 
 
 def test_sampling_plan_parses_and_fp32_comes_first():
