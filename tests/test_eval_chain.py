@@ -89,3 +89,15 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
     with pytest.raises(SystemExit):
         gen_cli.main(args + ["--batch-size", "1"])
     assert "layout: recorded" in capsys.readouterr().err
+    # out of memory once chunks exist (a busier card on a restart): a smaller batch would be refused, and the line
+    # no longer advises one (a review, 2026-12-05)
+    sorted(out.with_suffix(".chunks").glob("chunk_*.npz"))[-1].unlink()
+
+    def always_oom(self, z, *a, **kw):
+        raise cuda_oom("9.00 GiB", "3.50 GiB")
+
+    monkeypatch.setattr(Sampler, "__call__", always_oom)
+    with pytest.raises(SystemExit):
+        gen_cli.main(args + ["--batch-size", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "free the GPU's memory and run the same command again (--batch-size 2 is fixed once chunks exist" in err
