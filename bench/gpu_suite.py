@@ -534,7 +534,7 @@ def main() -> None:
             s.section(f"fp8_curve_seed{seed}", fp8_curve, seed, smoke)
         s.result["sections"]["fp8_curve"] = fp8_curve_verdict(s.result["sections"])
     s.result["environment"] = environment()  # again after the in-process sections: the kernels they ran
-    s.result["left_out"] = drop_unreturnable(a.out)
+    s.result["left_out"] = set_aside_large(a.out)
     s.save()
     packed = pack_out(a.out)
     if packed:
@@ -552,20 +552,29 @@ PACK_NAME = "more_results.tar.gz"
 RETURN_FILE_LIMIT = 16 * 2 ** 20  # bytes: a file over it does not come back from a lent machine
 
 
-def drop_unreturnable(out: str | Path, limit: int = RETURN_FILE_LIMIT) -> list[str]:
-    """Remove the files under `out` that could not come back (over `limit` bytes: a checkpoint, a trace) before
-    they are packed (gzip of gigabytes takes minutes of device time); returns "path (N MiB)" for each."""
-    dropped = []
+def set_aside_large(out: str | Path, limit: int = RETURN_FILE_LIMIT) -> list[str]:
+    """Move the files under `out` that could not come back (over `limit` bytes: a checkpoint, a trace) to the
+    sibling folder `<out>.large` before the rest is packed (gzip of gigabytes takes minutes of device time); on a
+    machine of one's own they stay there (they were deleted until a review, 2026-12-05). Returns "path (N MiB)"
+    for each."""
+    out = Path(out)
+    aside, moved = out.with_name(out.name + ".large"), []
     for d, _, fs in os.walk(out):
         for f in fs:
-            path = os.path.join(d, f)
-            size = os.path.getsize(path)
-            if size > limit and f != "gpu_suite.json":
-                os.remove(path)
-                dropped.append(f"{os.path.relpath(path, out)} ({size / 2 ** 20:.0f} MiB)")
-    if dropped:
-        print(f"[suite] removed from $OUT, too large to come back: {', '.join(dropped)}", flush=True)
-    return sorted(dropped)
+            path = Path(d) / f
+            if path.is_symlink() or f == "gpu_suite.json" or path.stat().st_size <= limit:
+                continue
+            rel, size = path.relative_to(out), path.stat().st_size
+            try:
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, aside / rel)  # a rename: the sibling is on the same file system
+            except OSError:  # $OUT's parent not writable (a lent machine's): it could not come back anyway
+                path.unlink()
+                rel = f"{rel}, removed"
+            moved.append(f"{rel} ({size / 2 ** 20:.0f} MiB)")
+    if moved:
+        print(f"[suite] set aside in {aside}, too large to come back: {', '.join(moved)}", flush=True)
+    return sorted(moved)
 
 
 def pack_out(out: str | Path, limit: int = OUT_FILE_LIMIT) -> list[str]:

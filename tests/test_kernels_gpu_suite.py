@@ -91,17 +91,20 @@ def test_pack_out_keeps_the_results_and_archives_the_rest(tmp_path):
         assert sorted(t.getnames()) == packed and t.extractfile("trace/y.json").read() == b"trace/y.json"
 
 
-def test_files_too_large_to_come_back_are_removed_before_packing(tmp_path):
-    """A file over the lent machine's 16 MiB return limit (a checkpoint, a trace) is removed and named, not gzipped
-    for minutes into an archive that could not come back either; gpu_suite.json always stays."""
-    from bench.gpu_suite import drop_unreturnable
-    (tmp_path / "run" / "ckpt").mkdir(parents=True)
-    (tmp_path / "run" / "ckpt" / "model.pt").write_bytes(b"\0" * 3000)
-    (tmp_path / "run" / "metrics.jsonl").write_text("{}")
-    (tmp_path / "gpu_suite.json").write_bytes(b" " * 3000)
-    assert drop_unreturnable(tmp_path, limit=2048) == ["run/ckpt/model.pt (0 MiB)"]
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+def test_files_too_large_to_come_back_are_set_aside_before_packing(tmp_path):
+    """A file over the lent machine's 16 MiB return limit (a checkpoint, a trace) is moved out of $OUT and named,
+    not gzipped for minutes into an archive that could not come back either, nor deleted (a run on one's own
+    machine keeps it: <out>.large); gpu_suite.json always stays."""
+    from bench.gpu_suite import set_aside_large
+    out = tmp_path / "out"
+    (out / "run" / "ckpt").mkdir(parents=True)
+    (out / "run" / "ckpt" / "model.pt").write_bytes(b"\1" * 3000)
+    (out / "run" / "metrics.jsonl").write_text("{}")
+    (out / "gpu_suite.json").write_bytes(b" " * 3000)
+    assert set_aside_large(out, limit=2048) == ["run/ckpt/model.pt (0 MiB)"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
         ["gpu_suite.json", "run/metrics.jsonl"]
+    assert (tmp_path / "out.large" / "run" / "ckpt" / "model.pt").read_bytes() == b"\1" * 3000
 
 
 def test_a_section_never_outlives_the_shells_limit(monkeypatch, tmp_path):
