@@ -194,7 +194,7 @@ def measure_sampling(size: str = "XL/1", plan: list[str] | tuple[str, ...] = DEF
     """
     from modeling.lightningdit import LightningDiT, build_lightningdit
     from modeling.guidance import is_guided
-    from modeling.sampling import time_grid
+    from modeling.sampling import sampling_grid
     from modeling.vavae import VAVAE_F16D32, AutoencoderKL
 
     log = log or (lambda *_: None)
@@ -208,8 +208,8 @@ def measure_sampling(size: str = "XL/1", plan: list[str] | tuple[str, ...] = DEF
     model = LightningDiT(**kw) if size == "custom" else build_lightningdit(size, **kw)
     model = randomize_weights(model, seed).to(device).eval()
     vae = AutoencoderKL(**(vae_config or VAVAE_F16D32)).to(device).eval() if decode else None
-    grid_run = time_grid(steps, shift, dtype=torch.float64).tolist()[:-1]
-    grid_full = time_grid(scale_to, shift, dtype=torch.float64).tolist()[:-1]
+    grid_run = sampling_grid(steps, shift)[:-1]
+    grid_full = sampling_grid(scale_to, shift)[:-1]
     guided_run = [is_guided(t, cfg_scale, cfg_interval_start) for t in grid_run]
     guided_full = [is_guided(t, cfg_scale, cfg_interval_start) for t in grid_full]
     scale = forward_units(guided_full) / forward_units(guided_run)

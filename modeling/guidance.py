@@ -3,8 +3,10 @@
 Every sampler (`sampling.sample`, `sampling.Sampler`, `LightningDiT.forward_with_cfg`) and the speed benchmark's
 cost model call these two functions, so the rule and the mix cannot drift apart.
 
-- `is_guided(t, cfg_scale, cfg_interval_start)`: guidance runs where the scale is not 1 and t >= the interval
-  start. Below it (or with scale 1) the unconditional half is not computed at all.
+- `is_guided(t, cfg_scale, cfg_interval_start)`: guidance runs where the scale is above 1 and t >= the interval
+  start, both as the authors' code decides: `cfg_scale > 1` (inference.py: a scale <= 1 samples conditionally)
+  and the comparison in float32 (their times are float32 tensors). Elsewhere the unconditional half is not
+  computed at all.
 - `cfg_velocity(out, cfg_scale, guidance)`: from the model outputs of a [conditional; unconditional] batch,
   the guided velocity of the conditional half. guidance="all" mixes every channel (standard CFG);
   "reference" mixes latent channels 0..2 only, as the authors' forward_with_cfg does (a leftover of
@@ -12,6 +14,7 @@ cost model call these two functions, so the rule and the mix cannot drift apart.
 """
 from typing import Literal, Optional, Union
 
+import numpy as np
 import torch
 
 Guidance = Literal["all", "reference"]
@@ -20,13 +23,14 @@ REFERENCE_CHANNELS = 3  # the authors' code guides latent channels 0..2 only
 
 
 def is_guided(t: Union[float, torch.Tensor], cfg_scale: float, cfg_interval_start: float) -> Union[bool, torch.Tensor]:
-    """Whether guidance applies at time t: cfg_scale != 1 and t >= cfg_interval_start.
+    """Whether guidance applies at time t: cfg_scale > 1 and t >= cfg_interval_start in float32 (the reference's
+    rule, module docstring; a scale below 1 mixed the halves until a review, 2026-12-05).
 
     t: a host float (a grid time: no device synchronisation) -> bool; or a tensor of per-sample times ->
     a bool tensor of the same shape."""
     if isinstance(t, torch.Tensor):
-        return (t >= cfg_interval_start) & (cfg_scale != 1.0)
-    return cfg_scale != 1.0 and t >= cfg_interval_start
+        return (t.float() >= float(np.float32(cfg_interval_start))) & (cfg_scale > 1.0)
+    return cfg_scale > 1.0 and bool(np.float32(t) >= np.float32(cfg_interval_start))
 
 
 def guided_channels(guidance: str, channels: int) -> int:

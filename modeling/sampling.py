@@ -58,6 +58,14 @@ def time_grid(steps: int, shift: float = 1.0, device: Union[str, torch.device, N
     return timestep_shift(t, shift) if shift != 1.0 else t
 
 
+def sampling_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """The samplers' grid as host floats: the float32 grid the authors' transport/integrators.py computes (their
+    linspace and shift in float32: the fixture `grid250_shift0.3` bit for bit), so the model sees their times and
+    the guidance interval switches at their step. A float64 grid differed from theirs by an ulp at 140 of the 250
+    paper points, and could move the interval's start by a step (a review, 2026-12-05)."""
+    return time_grid(steps, shift, dtype=torch.float32).double().tolist()
+
+
 # ----------------------------------------------------------------------------- the one config
 
 class SamplingConfigError(ConfigError):
@@ -82,7 +90,7 @@ class SamplingConfig:
                                         # or one registered with register_integrator
     steps: int = 250                    # time grid points (steps - 1 Euler model calls)
     shift: float = 0.3                  # timestep shift s*t/(1+(s-1)*t) of the grid (1.0 = uniform)
-    cfg_scale: float = 1.0              # classifier-free guidance scale (1.0 = no guidance)
+    cfg_scale: float = 1.0              # classifier-free guidance scale (<= 1: no guidance, as the reference)
     cfg_interval_start: float = 0.0     # guidance only for grid times t >= this (below it: no unconditional pass)
     guidance: Guidance = "all"          # reference: the authors' guidance of latent channels 0..2 only (their cfg
                                         # scales were tuned for it); all: every channel (needs its own cfg scale)
@@ -278,7 +286,7 @@ def sample(model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, steps: int 
                    cfg_interval_start=cfg_interval_start, guidance=guidance).validate()
     integrator = make_integrator(method, diffusion_norm=diffusion_norm, atol=atol, rtol=rtol)
     v = GuidedVelocity(model, y, cfg_scale, cfg_interval_start, guidance)
-    grid = time_grid(steps, shift, dtype=torch.float64).tolist()
+    grid = sampling_grid(steps, shift)
     traj = [z] if return_trajectory else None
     x = integrator.integrate(v, z, grid, generator=generator, trajectory=traj)
     return (x, torch.stack(traj)) if return_trajectory else x
@@ -403,7 +411,7 @@ class Sampler:
         else:
             self.forward = model
         self.model = model
-        grid = time_grid(config.steps, config.shift, dtype=torch.float64).tolist()
+        grid = sampling_grid(config.steps, config.shift)
         self.grid = grid
         self.guided = [is_guided(t, config.cfg_scale, config.cfg_interval_start) for t in grid[:-1]]
         self._grid_dev = torch.tensor(grid[:-1], dtype=torch.float32, device=self.device)

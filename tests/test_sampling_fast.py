@@ -377,12 +377,12 @@ def test_a_registered_integrator_runs_everywhere(midpoint):
     import argparse
 
     from modeling.guidance import is_guided
-    from modeling.sampling import GuidedVelocity, add_sampling_args, config_from_args, time_grid
+    from modeling.sampling import GuidedVelocity, add_sampling_args, config_from_args, sampling_grid
     m = _tiny()
     z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
     kw = dict(steps=4, cfg_scale=2.0, cfg_interval_start=0.3)
     v = GuidedVelocity(m, y, 2.0, 0.3)
-    x, grid = z, time_grid(4, 0.3, dtype=torch.float64).tolist()
+    x, grid = z, sampling_grid(4, 0.3)
     with torch.no_grad():
         for t0, t1 in zip(grid[:-1], grid[1:]):
             h = t1 - t0
@@ -454,3 +454,22 @@ def test_compile_settings_for_autotune_and_multi_kernel():
     both = compile_settings(True, True)["options"]
     assert both == {**torch._inductor.list_mode_options("max-autotune-no-cudagraphs"), "triton.multi_kernel": 1}
     assert both["max_autotune"] is True
+
+
+def test_the_grid_and_the_guidance_switch_are_the_references(parity_dir):
+    """The grid is the authors' float32 one (the fixture bit for bit; the float64 grid differed by an ulp at 140 of
+    250 points) and guidance switches where theirs does: their `t < cfg_interval_start` on float32 times, and no
+    guidance at a scale <= 1 (inference.py: `using_cfg = cfg_scale > 1.0`). A review, 2026-12-05: at 7 points,
+    shift 1, start float32(1/6) the float64 grid guided one step less; a scale of 0.5 mixed the halves."""
+    from modeling.sampling import sampling_grid, time_grid
+    io = torch.load(parity_dir / "lightningdit_a_io.pt", weights_only=True)
+    assert torch.equal(torch.tensor(sampling_grid(250, 0.3), dtype=torch.float32), io["grid250_shift0.3"])
+    start = float(np.float32(1 / 6))
+    theirs = [not bool(t < start) for t in time_grid(7, 1.0)[:-1]]  # their forward_with_cfg, t a float32 tensor
+    m = _tiny()
+    ours = Sampler(m, SamplingConfig(steps=7, shift=1.0, cfg_scale=4.0, cfg_interval_start=start)).guided
+    assert ours == theirs == [False, True, True, True, True, True]
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 2])
+    for scale in (0.5, 0.0):  # conditional, as with no guidance
+        assert not any(Sampler(m, SamplingConfig(steps=4, cfg_scale=scale)).guided)
+        assert torch.equal(sample(m, z, y, steps=4, cfg_scale=scale), sample(m, z, y, steps=4))

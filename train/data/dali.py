@@ -47,6 +47,11 @@ def resolve_device(device: str = "auto") -> str:
     return "gpu" if device == "gpu" or (device == "auto" and has_gpu) else "cpu"
 
 
+# DALI's wording for an allocation it could not make (its CUDA allocators: "CUDA allocation failed"; the host's
+# std::bad_alloc): raised as torch's out-of-memory error, whose one line names the batch to lower, not the images
+OUT_OF_MEMORY_WORDS = ("allocation failed", "out of memory", "bad_alloc")
+
+
 def build_pipeline(source: Iterable[tuple], size: int, view: str, device: str, batch_size: int, num_threads: int,
                    seed: int) -> "Pipeline":
     """source yields (encoded bytes, labels, crop_pos_x, crop_pos_y, mirror) lists, one batch at a time."""
@@ -136,6 +141,8 @@ class DALIImageLoader(ResumableLoader):
             try:
                 images, labels = pipe.run()
             except RuntimeError as e:
+                if any(k in str(e).lower() for k in OUT_OF_MEMORY_WORDS):  # the card, not the data: a setting
+                    raise torch.OutOfMemoryError(f"DALI's pipeline: {' '.join(str(e).split())[:300]}") from e
                 raise RuntimeError(f"DALI failed to decode a batch ({e}); feed the clean list of "
                                    "`python -m train.data scan ROOT`") from e
             images = images.as_tensor()
