@@ -320,7 +320,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     # and check_settings lets the layout change until one does)
     oom = f"lower --batch-size (now {a.batch_size}) and run the same command again"
     work = Path(a.out_npz).with_suffix(".chunks")
-    if any(work.glob("chunk_*.npz")):  # the layout is fixed once a chunk exists (check_settings)
+    try:
+        started = any(work.glob("chunk_*.npz"))
+    except OSError:  # a path the checks below name
+        started = False
+    if started:  # the layout is fixed once a chunk exists (check_settings)
         oom = (f"free the GPU's memory and run the same command again (--batch-size {a.batch_size} is fixed once "
                f"chunks exist: a smaller one starts over in another output, or after removing {work})")
     with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable, SettingsMismatchError),
