@@ -25,7 +25,7 @@ def tiny_data(out, **overrides):
     data = {
         "model": dict(TINY_MODEL),
         "foundation": {"name": "random_tiny", "allow_substitute": True},
-        "loss": {"disc_start": 2, "disc_ndf": 8, "perceptual_weight": 0.0},
+        "loss": {"disc_start": 3, "disc_ndf": 8, "perceptual_weight": 0.0},
         "data": {"source": "skimage", "num_samples": 6, "num_workers": 0},
         "train": {"batch_per_gpu": 2, "steps": 4},
         "checkpoint": {"every": 2},
@@ -62,7 +62,9 @@ def test_runs_resumes_bit_exact_and_exports(tmp_path):
     assert not any(k.startswith("loss.perceptual_loss.") for k in a)
     load_vavae_checkpoint(str(tmp_path / "a" / "tokenizer.pt"), AutoencoderKL(VAVAEModelConfig(**TINY_MODEL)))
     logs_a, logs_b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert "g" not in logs_a[1] and "g" in logs_a[2] and "d_loss" in logs_a[2]   # GAN from disc_start = 2
+    # disc_start 3 in the reference's global_step (two a batch): the discriminator's loss is 0 at batch 0 and
+    # trains from batch 1; its term enters the autoencoder's loss from batch 2
+    assert [("g" in r, r["d_loss"] > 0) for r in logs_a[:3]] == [(False, False), (False, True), (True, True)]
     assert all(r["vf_weight"] > 0 and r["lpips"] > 0 for r in logs_a)
     keys = [k for k in logs_a[3] if k not in ("time", "img_per_s", "eta_s", "peak_rss_gib")]
     assert [r["loss"] for r in logs_a] == [r["loss"] for r in logs_b]
@@ -93,7 +95,7 @@ def test_nonfinite_step_is_skipped_and_counted_bf16(tmp_path, monkeypatch, zero_
 
     def poisoned(self, inputs, recon, posterior, global_step, *a, **kw):
         loss, logs = orig(self, inputs, recon, posterior, global_step, *a, **kw)
-        return (loss * float("nan") if global_step == 1 else loss), logs
+        return (loss * float("nan") if global_step == 2 else loss), logs  # batch 1 (reference_steps)
 
     monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss", poisoned)
     res = train(tiny_cfg(tmp_path, **{"train.steps": 3, "train.precision": "bf16", "train.zero_stage": zero_stage,
@@ -119,6 +121,21 @@ def test_skipped_step_changes_nothing(tmp_path, monkeypatch):
     assert not trainer.engine_ae.optimizer.state  # Adam never stepped
 
 
+def test_discriminator_steps_before_disc_start_as_the_reference(tmp_path):
+    """Before disc_start the reference steps the discriminator's Adam on a loss multiplied by 0: the weights stay,
+    its step count advances (the bias correction of its first real update: 1.5x a fresh Adam's), which skipping the
+    step lost (a review, 2026-12-05). The losses see the reference's global_step: two a batch (Lightning 2.4)."""
+    assert [train_vae.reference_steps(b) for b in range(3)] == [(0, 1), (2, 3), (4, 5)]
+    trainer = Trainer(tiny_cfg(tmp_path, **{"loss.disc_start": 10**9}))
+    before = {k: v.clone() for k, v in trainer_state(trainer).items() if k.startswith("d.")}
+    for _ in range(2):
+        out = trainer.train_step(trainer.next_batch())
+    assert out["applied"] == 1.0 and out["d_loss"] == 0.0
+    after = trainer_state(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {int(s["step"]) for s in trainer.engine_d.optimizer.state.values()} == {2}
+
+
 def trainer_state(trainer):
     """Every trained parameter (BatchNorm statistics move in any forward, as in the reference)."""
     sd = {f"ae.{k}": v.detach() for k, v in trainer.engine_ae.module.named_parameters()}
@@ -131,7 +148,7 @@ def test_repeated_nonfinite_aborts_with_checkpoint_intact(tmp_path, monkeypatch)
 
     def poisoned(self, inputs, recon, posterior, global_step, *a, **kw):
         loss, logs = orig(self, inputs, recon, posterior, global_step, *a, **kw)
-        return (loss * float("nan") if global_step >= 2 else loss), logs
+        return (loss * float("nan") if global_step >= 4 else loss), logs  # from batch 2 (reference_steps)
 
     monkeypatch.setattr(train_vae.VAVAELoss, "generator_loss", poisoned)
     with pytest.raises(NonFiniteError, match="in a row"):
@@ -151,10 +168,14 @@ def test_shipped_configs_are_the_paper_recipe():
     stages = [load_config(VAVAETrainConfig, REPO / f"configs/vavae_f16d32_stage{i}.yaml") for i in (1, 2, 3)]
     assert [(s.loss.vf_weight, s.loss.cos_margin, s.loss.distmat_margin, s.train.epochs) for s in stages] == \
         [(0.5, 0.0, 0.0, 100), (0.1, 0.0, 0.0, 15), (0.1, 0.5, 0.25, 15)]
+    # their f16d32_vfdinov2_long.yaml: disc_start "5001 -> 1 -> 1"; 8 images per GPU (a review, 2026-12-05: the
+    # stages had 5001 throughout and 16 per GPU, which the discriminator's BatchNorm and the adaptive weights see)
+    assert [s.loss.disc_start for s in stages] == [5001, 1, 1]
     for s in stages:
-        assert (s.optim.lr, s.optim.betas, s.loss.kl_weight, s.loss.disc_start) == (1e-4, (0.5, 0.9), 1e-6, 5001)
+        assert (s.optim.lr, s.optim.betas, s.loss.kl_weight) == (1e-4, (0.5, 0.9), 1e-6)
         assert (s.loss.disc_loss, s.loss.perceptual_weight, s.foundation.name) == ("hinge", 1.0, "dinov2_vitl14")
-        assert s.model.to_dict() == VAVAEModelConfig().to_dict() and s.train.precision == "fp32" and s.train.batch_per_gpu == 16
+        assert s.model.to_dict() == VAVAEModelConfig().to_dict() and s.train.precision == "fp32"
+        assert s.train.batch_per_gpu == 8 and s.data.flip_prob == 0.0
     assert stages[1].train.init_from.endswith("stage1/tokenizer.pt")
     tiny = load_config(VAVAETrainConfig, REPO / "configs/vavae_tiny_cpu.yaml")
     assert tiny.foundation.allow_substitute and tiny.foundation.name == "efficientnet_lite0"

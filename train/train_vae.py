@@ -11,8 +11,9 @@ this rank's `batch_per_gpu` images (global batch = batch_per_gpu x world size):
 2. the autoencoder engine's forward: encode, sample z, decode, the generator objective of VAVAELoss with the
    adaptive VF and GAN weights (gradient norms on this rank's batch, taken by torch.autograd.grad inside the
    forward, as the reference under data-parallel DDP); backward, all-reduce, Adam step;
-3. from `loss.disc_start` on, the discriminator engine's forward on the images and the detached
-   reconstructions, backward, Adam step.
+3. the discriminator engine's forward on the images and the detached reconstructions, backward, Adam step; its
+   loss is multiplied by 0 before `loss.disc_start`, as the reference's (counted in the reference's global_step,
+   two a batch: reference_steps).
 A step whose loss or gradient norm is not finite on any rank is skipped by every rank (train/guard.py).
 Mixed precision (`train.precision=bf16`) is DeepSpeed's `torch_autocast` inside each engine's forward;
 the layers the adaptive weights differentiate (encoder.conv_out, quant_conv, decoder.conv_out) and the GroupNorm +
@@ -147,7 +148,7 @@ def build_loader(cfg: VAVAETrainConfig, rank: int, world_size: int, device: torc
     try:
         return build_image_loader(files, res, t.batch_per_gpu, backend=backend, view="train",
                                   dali_device=dali_device, seed=t.seed, rank=rank, world_size=world_size,
-                                  num_workers=d.num_workers)
+                                  num_workers=d.num_workers, flip_prob=d.flip_prob)
     except RuntimeError as e:  # DALI asked for but unusable
         raise ConfigError(str(e)) from None
 
@@ -190,6 +191,15 @@ class AutoencoderStep(nn.Module):
         finally:
             loss_fn.discriminator.requires_grad_(True)
         return loss, logs, recon.detach()
+
+
+def reference_steps(batch: int) -> tuple[int, int]:
+    """The `global_step` the reference's losses see at batch `batch` (0 = the first): (autoencoder's,
+    discriminator's). Their pytorch-lightning 2.4 (vavae_requirements.txt) counts every optimizer step under manual
+    optimization, so global_step advances by two a batch, between the two losses. With disc_start 5001 their
+    discriminator trains from batch 2500 and its term enters the autoencoder's loss from batch 2501 (checked with
+    Lightning 2.4.0 running their training_step's calls; a review, 2026-12-05: both ran from batch 5001 here)."""
+    return 2 * batch, 2 * batch + 1
 
 
 class DiscriminatorStep(nn.Module):
@@ -378,23 +388,26 @@ class VAVAETrainer(TrainerBase):
         return self.foundation(x)
 
     def optimize(self, x: torch.Tensor) -> StepOutput:
-        """The autoencoder update, then (from disc_start) the discriminator update, on this rank's images x.
-        Metrics: the loss terms, adaptive weights and gradient norms (detached 0-dim tensors on the device)."""
-        step = self.step
+        """The autoencoder update, then the discriminator update, on this rank's images x, each loss at its
+        reference step (reference_steps). Metrics: the loss terms, adaptive weights and gradient norms (detached
+        0-dim tensors on the device)."""
+        ae_step, d_step = reference_steps(self.step)
         with nvtx("foundation"):
             aux = self.features(x)
         with nvtx("forward"):
-            g_loss, logs, recon = self.engine_ae(x, aux, step, self.generator)
+            g_loss, logs, recon = self.engine_ae(x, aux, ae_step, self.generator)
         self._probe.check()
         with nvtx("backward"):
             self.engine_ae.backward(poison(g_loss))
         with nvtx("optimizer"):
             applied, grad_norm = self.optimizer_step("autoencoder")
         logs["grad_norm"] = grad_norm
-        # The same decision on every rank: `applied` comes from the all-reduced gradients.
-        if applied and self.loss_fn.gan_active(step):
+        # The same decision on every rank: `applied` comes from the all-reduced gradients. Before disc_start the
+        # step runs as the reference's does, its loss multiplied by 0: Adam's update is then exactly 0, but its step
+        # count advances, which sets the bias correction of the first real update (1.5x larger than a fresh Adam's)
+        if applied:
             with nvtx("disc_forward"):
-                d_loss, d_logs = self.engine_d(x, recon, step)
+                d_loss, d_logs = self.engine_d(x, recon, d_step)
             with nvtx("disc_backward"):
                 self.engine_d.backward(poison(d_loss))
             with nvtx("disc_optimizer"):

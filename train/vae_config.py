@@ -43,7 +43,9 @@ class FoundationConfig:
 @dataclass
 class LossConfig:
     """train/vae_losses.VAVAELoss is built from this section (`VAVAELoss(cfg.loss)`)."""
-    disc_start: int = 5001                 # first step with the GAN terms (both optimizers)
+    disc_start: int = 5001                 # first reference global_step with the GAN terms; it counts two a batch
+    #                                        (Lightning 2.4, both optimizers): 5001 trains the discriminator from
+    #                                        batch 2500 and adds its term to the autoencoder's loss from batch 2501
     kl_weight: float = 1e-6                # KL of the posterior to N(0, 1)
     disc_weight: float = 0.5               # times the adaptive GAN weight
     disc_factor: float = 1.0               # GAN terms' factor once active (0 = no GAN)
@@ -85,10 +87,12 @@ class DataConfig(DataSection):
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"   # where DALI decodes (auto: the GPU when there is one)
     num_samples: int = 512                 # skimage / synthetic: images per epoch
     num_workers: int = 4                   # PIL decode workers per rank
+    flip_prob: float = 0.0                 # folder: horizontal flip of a training image (the reference: none)
 
     def validate(self) -> None:
         require(self.source != "folder" or self.root, "data.root is required for data.source=folder")
         require(self.num_samples > 0 and self.num_workers >= 0, "num_samples must be > 0, num_workers >= 0")
+        require(0.0 <= self.flip_prob <= 1.0, "data.flip_prob must be in [0, 1]")
 
 
 @dataclass

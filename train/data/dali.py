@@ -67,11 +67,13 @@ def build_pipeline(source: Iterable[tuple], size: int, view: str, device: str, b
         # default rotates tagged images), and the GPU decoder's chroma upsampling the CPU's (libjpeg's "fancy" one)
         images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
                                    adjust_orientation=False, jpeg_fancy_upsampling=True)
-        # Short side -> size with an antialiased bicubic filter (PIL's BICUBIC is antialiased too), the other side to
-        # its rounded size at that size's own scale, as PIL resizes (DALI's default keeps the exact fractional scale
-        # and shifts its sampling grid by up to a quarter of a pixel)
-        images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True,
-                           subpixel_scale=False)
+        # Short side -> size, the other side to its rounded size at that size's own scale, as PIL resizes (DALI's
+        # default keeps the exact fractional scale and shifts its sampling grid by up to a quarter of a pixel). The
+        # center view (ADM's): an antialiased bicubic, as PIL's BICUBIC; the VA-VAE training view: the reference's
+        # OpenCV bilinear, not antialiased (transforms.resize_bilinear)
+        train = view == "train"
+        interp = types.INTERP_LINEAR if train else types.INTERP_CUBIC
+        images = fn.resize(images, resize_shorter=size, interp_type=interp, antialias=not train, subpixel_scale=False)
         # the crop's pixel offset: the reference's (W - S) // 2 for the center view, round(u * (W - S)) for training
         images = fn.crop_mirror_normalize(
             images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
@@ -108,7 +110,7 @@ class DALIImageLoader(ResumableLoader):
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         self.device = resolve_device(device)
-        flip_prob = (0.5 if view == "train" else 0.0) if flip_prob is None else flip_prob
+        flip_prob = 0.0 if flip_prob is None else flip_prob  # the reference's VA-VAE view has no flip
         super().__init__(EpochSampler(len(files), batch_size, seed, rank, world_size, drop_last, shuffle,
                                       flip_prob))
         self.files, self.size, self.view, self.seed = files, size, view, seed

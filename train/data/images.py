@@ -5,7 +5,8 @@ positions drawn per sample from (seed, epoch, index), and yield (images float32 
 labels int64 (B,)). Views:
 - "center": the reference's extraction view. PIL: ADM `center_crop_arr` exactly. DALI: bicubic
   antialiased resize of the short side + center crop, which is close but not bit-equal (docs/data.md).
-- "train": the VA-VAE training view: short side -> S, random S x S crop, random horizontal flip.
+- "train": the VA-VAE training view, the reference's: short side -> S (OpenCV's bilinear), random S x S crop; a
+  horizontal flip only with flip_prob > 0 (the reference has none).
 `build_image_loader(..., backend="auto")` picks DALI when installed, else PIL, and logs which ran.
 """
 import logging
@@ -57,7 +58,7 @@ class PILImageLoader(ResumableLoader):
     def __init__(self, files: FileList, size: int, batch_size: int, view: str = "train", seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 4, drop_last: bool = True, shuffle: bool = True,
                  flip_prob: Optional[float] = None) -> None:
-        flip_prob = (0.5 if view == "train" else 0.0) if flip_prob is None else flip_prob
+        flip_prob = 0.0 if flip_prob is None else flip_prob  # the reference's VA-VAE view has no flip
         super().__init__(EpochSampler(len(files), batch_size, seed, rank, world_size, drop_last, shuffle,
                                       flip_prob))
         self.dataset = ImageDataset(files, size, view, seed)

@@ -2,8 +2,9 @@
 
 - `center_crop_arr`: the ADM center crop LightningDiT's extraction uses (BOX halving while the short side
   is >= 2x the target, BICUBIC to the target short side, center crop with floor offsets).
-- `resize_shorter_random_crop`: the VA-VAE training view (short side to `size`, random `size` crop,
-  random horizontal flip), with the randomness passed in so a loader can seed it per sample.
+- `resize_shorter_random_crop`: the VA-VAE training view, as the authors' (albumentations SmallestMaxSize +
+  RandomCrop: short side to `size` by OpenCV's bilinear, random `size` crop, no flip unless asked), with the
+  randomness passed in so a loader can seed it per sample.
 - `to_tensor`: uint8 HWC -> float CHW in [-1, 1] = Normalize(0.5, 0.5) after ToTensor.
 """
 from pathlib import Path
@@ -93,12 +94,23 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
+def resize_bilinear(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3) as OpenCV's INTER_LINEAR (what albumentations' resize calls): bilinear
+    on half-pixel centres, edges clamped, no antialiasing when shrinking; in float32 and rounded half up, where
+    OpenCV's fixed point (11-bit weights) can differ by one level."""
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float()  # a copy: PIL's array is read-only
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].permute(1, 2, 0).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
 def resize_shorter_random_crop(pil_image: Image.Image, size: int, u_x: float, u_y: float, flip: bool) -> np.ndarray:
-    """Short side -> size (BICUBIC), crop at fractions (u_x, u_y) of the slack, optional mirror."""
+    """The reference's VA-VAE training view (taming/data/base.py ImagePaths: SmallestMaxSize, RandomCrop): short
+    side -> size (resize_bilinear: their filter; this was an antialiased bicubic until 2026-12-05), crop at
+    fractions (u_x, u_y) of the slack, optional mirror (theirs has none)."""
     w, h = pil_image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    arr = np.asarray(pil_image.resize((nw, nh), resample=Image.BICUBIC))
+    arr = resize_bilinear(np.asarray(pil_image), nw, nh)
     x0, y0 = round(u_x * (nw - size)), round(u_y * (nh - size))  # DALI's crop_pos convention
     arr = arr[y0: y0 + size, x0: x0 + size]
     return arr[:, ::-1] if flip else arr
