@@ -390,7 +390,7 @@ def reconstructions(vae: torch.nn.Module, images: np.ndarray, labels: np.ndarray
     # an evenly spread subset: LPIPS' VGG16 is the slow part on a CPU
     keep = np.unique(np.linspace(0, len(images) - 1, min(max_images, len(images))).astype(int))
     images, labels = images[keep], labels[keep]
-    metrics, rec = reconstruction_metrics(vae, images, batch_size=64, lpips=lp, progress=False)
+    metrics, rec = reconstruction_metrics(vae, images, batch_size=64, lpips=lp, progress=False, posterior="mode")
     if lp is None:
         metrics["lpips"] = why
     metrics["classifier accuracy on reconstructions"] = score(["classifier"], images=rec, labels=labels,

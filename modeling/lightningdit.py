@@ -325,7 +325,9 @@ class FinalLayer(nn.Module):
 class LightningDiTConfig:
     """Every architecture setting of LightningDiT, written once: the constructor, `model.config`, the DiT
     trainer's `model:` section (train/dit_config.py extends it with a size preset) and config.json of our saved
-    folders all use this. Defaults are the reference constructor's; `from_size("XL/1", ...)` applies a preset."""
+    folders all use this. Defaults are the paper's LightningDiT (SwiGLU, RoPE, RMSNorm on, as every config of the
+    authors sets them); the authors' constructor defaults those three to False (a plain DiT), so a model section
+    of theirs that leaves them out means False. `from_size("XL/1", ...)` applies a preset."""
     input_size: int = 32                # latent side in tokens x patch (256 px through an f16 tokenizer: 16)
     patch_size: int = 2
     in_channels: int = 32               # latent channels

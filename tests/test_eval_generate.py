@@ -17,6 +17,33 @@ def _tiny():
     return dit, vae
 
 
+def test_reconstruction_metrics_draw_the_posterior_as_the_authors(tmp_path, capsys):
+    """The authors' evaluate_tokenizer.py reconstructs from `posterior.sample()`; ours took the mean (a review,
+    2026-12-05). Now a seeded draw per image (the same for any batch size), or the mean with posterior="mode". The
+    CLI refuses images the tokenizer cannot take and a --json it could not write, before any metric."""
+    from evaluation.tokenizer_metrics import main, reconstruction_metrics
+    _, vae = _tiny()
+    with torch.no_grad():  # a posterior wide enough to move the decoded pixels
+        vae.quant_conv.bias[4:].fill_(2.0)
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8).numpy()
+    kw = dict(inception=None, progress=False)
+    (r3, rec3), (r5, rec5) = (reconstruction_metrics(vae, images, batch_size=b, **kw) for b in (3, 5))
+    _, mode = reconstruction_metrics(vae, images, posterior="mode", **kw)
+    _, other = reconstruction_metrics(vae, images, seed=1, **kw)
+    assert np.array_equal(rec3, rec5) and r3["posterior"] == "sample" and r3["psnr"] == r5["psnr"]
+    assert not np.array_equal(rec3, mode) and not np.array_equal(rec3, other)
+    np.savez(tmp_path / "odd.npz", torch.randint(0, 256, (2, 9, 9, 3), dtype=torch.uint8).numpy())
+    vae.save_pretrained(tmp_path / "vae")
+    for argv, says in (([str(tmp_path / "vae"), str(tmp_path / "odd.npz"), "--no-rfid", "--no-lpips"],
+                        "multiples of 2"),
+                       ([str(tmp_path / "vae"), str(tmp_path / "odd.npz"), "--json", str(tmp_path / "no" / "m.json")],
+                        "--json")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
+
+
 def test_labels_class_balanced():
     y = sample_labels(10, 3, seed=1)
     assert sorted(np.bincount(y.numpy()).tolist()) == [3, 3, 4]
