@@ -274,14 +274,10 @@ class HubMixin(_HFBase):
         if local == "file":
             model, _ = build_released(cls, model_kind(cls), src, weights=weights, **overrides)
             return model.to(device).eval()
-        if not HAVE_HF:
-            raise FileNotFoundError(f"{src}: no such folder or file (hub ids need huggingface_hub)")
-        if src.startswith((".", "/", "~")) or src.endswith((".pt", ".pth", ".safetensors", ".ckpt")):
-            raise FileNotFoundError(f"{src}: no such folder or file")
-        dl = dict(repo_id=src, revision=revision, cache_dir=cache_dir, force_download=force_download,
+        dl = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                   local_files_only=local_files_only, token=token)
-        config_file = _hf_hub_download(filename=CONFIG_NAME, **dl)
-        _hf_hub_download(filename=WEIGHTS_NAME, **dl)
+        config_file = hub_download(src, CONFIG_NAME, **dl)
+        hub_download(src, WEIGHTS_NAME, **dl)
         return load_folder(cls, Path(config_file).parent, device=device, **overrides)
 
     # the hub mixin calls these from its own helpers; keep them consistent with the methods above
@@ -297,6 +293,30 @@ class HubMixin(_HFBase):
                                    **overrides)
 
 
+def looks_local(src: str) -> bool:
+    """A path rather than a hub repo id ("owner/name"): it starts with . / ~, has a file suffix or more than one
+    slash. Such a source that does not exist is not looked up on the Hub."""
+    return src.startswith((".", "/", "~")) or src.endswith((".pt", ".pth", ".safetensors", ".ckpt", ".bin")) \
+        or src.count("/") > 1 or os.sep != "/" and os.sep in src
+
+
+def hub_download(src: str, filename: str, **hub_kwargs: Any) -> str:
+    """hf_hub_download(repo_id=src, filename) for a source that is neither a local folder nor a file. A missing
+    local path, or a repo the Hub does not give (not there, offline, not a valid id), is one FileNotFoundError
+    naming `src`: a mistyped path printed 13 lines of the Hub's retries and an error that never named it (a
+    review, 2026-12-05)."""
+    if not HAVE_HF:
+        raise FileNotFoundError(f"{src}: no such folder or file (hub ids need huggingface_hub)")
+    if looks_local(src):
+        raise FileNotFoundError(f"{src}: no such folder or file")
+    try:
+        return _hf_hub_download(repo_id=src, filename=filename, **hub_kwargs)
+    except Exception as e:  # noqa: BLE001 -- the Hub's errors (not found, offline, invalid id, network): name src
+        reason = " ".join(str(e).split())[:200]
+        raise FileNotFoundError(f"{src}: no such local folder or file, and the Hugging Face Hub gave no {filename} "
+                                f"for it ({type(e).__name__}: {reason})") from None
+
+
 def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
     """config.json of a saved folder or hub repo (cache / download), or {} for a released file, whose
     sampling settings are then those of the preset named like the file (if any)."""
@@ -308,9 +328,9 @@ def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]
     if local == "file":
         name = preset_for_name(src)
         return {"sampling": {"preset": name, **SAMPLING_PRESETS[name]["settings"]}} if name else {}
-    if not HAVE_HF:
+    if not HAVE_HF and not looks_local(src):
         return {}
-    return read_config(Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent)
+    return read_config(Path(hub_download(src, CONFIG_NAME, **hub_kwargs)).parent)
 
 
 def model_folder(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
@@ -319,9 +339,9 @@ def model_folder(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
     local = local_kind(src)
     if local == "folder":
         return Path(src)
-    if local == "file" or not HAVE_HF:
+    if local == "file" or not HAVE_HF and not looks_local(src):
         return None
-    return Path(_hf_hub_download(repo_id=src, filename=CONFIG_NAME, **hub_kwargs)).parent
+    return Path(hub_download(src, CONFIG_NAME, **hub_kwargs)).parent
 
 
 # ----------------------------------------------------------------------------- latent statistics

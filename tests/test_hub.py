@@ -175,3 +175,29 @@ def test_folder_that_does_not_fit_is_refused_with_the_keys(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointMismatchError, match="missing key.*blocks.2"):
         LightningDiT.from_pretrained(tmp_path / "d")
+
+
+def test_a_missing_path_is_named_and_never_looked_up(monkeypatch, tmp_path, capsys):
+    """A mistyped path (missing.pt, runs/x/pretrained_ema) went to the Hub as a repo id: 26 s of retries and an
+    error that never named it (a review, 2026-12-05). Now one line naming it, without a lookup; a repo id the Hub
+    does not give is one line naming it too."""
+    from modeling import hub
+    from modeling.sample_images import main
+
+    def no_lookup(**kw):
+        raise AssertionError(f"looked up {kw['repo_id']} on the Hub")
+
+    monkeypatch.setattr(hub, "_hf_hub_download", no_lookup)
+    for src in ("missing.pt", "runs/x/pretrained_ema", "./dit", str(tmp_path / "gone")):
+        with pytest.raises(SystemExit) as e:
+            main(["--dit", src, "--vae", src, "--labels", "1", "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err == f"error: {src}: no such folder or file", err
+
+    def not_there(**kw):
+        raise OSError("404 Client Error.\nRepository Not Found for url: https://huggingface.co/api/models/...")
+
+    monkeypatch.setattr(hub, "_hf_hub_download", not_there)
+    with pytest.raises(FileNotFoundError, match=r"^owner/model: no such local folder or file, and the Hugging Face "
+                                                r"Hub gave no config.json for it \(OSError: 404 Client Error"):
+        hub.stored_metadata("owner/model")
