@@ -245,3 +245,26 @@ def test_a_measured_choice_is_rank0s_on_every_rank(tmp_path):
                                    "MASTER_PORT": port, "OUT_DIR": str(tmp_path)}) for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["sdpa-cudnn", "sdpa-cudnn"]
+
+
+def test_the_export_carries_the_latent_statistics(tmp_path):
+    """pretrained_ema is what users sample: without the latents' statistics beside it, sample_images / generate
+    decoded unnormalised latents and said only "latent stats none" (a review, 2026-12-05)."""
+    from safetensors.torch import save_file
+
+    from modeling.sample_images import default_stats_path
+    from modeling.hub import load_latent_stats
+    from train.data.latents import LatentStore, shard_name
+    data = tmp_path / "latents"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(32, 4, 4, 4, generator=g) * 3 + 1
+    save_file({"latents": lat, "latents_flip": lat.flip(3), "labels": torch.arange(32) % 10},
+              str(data / shard_name(0, 0)))
+    cfg = tiny_cfg(tmp_path, "data.source=latents", f"data.path={data}", "model.in_channels=4", "model.input_size=4",
+                   "train.steps=1", "train.zero_stage=0", "train.global_batch=16", "train.batch_per_gpu=16")
+    report = Trainer(cfg).fit()
+    folder = Path(report["exports"]["pretrained_ema"])
+    mean, std = LatentStore.open(data).stats
+    stored = load_latent_stats(default_stats_path(folder))
+    assert torch.equal(stored["mean"], mean.float()) and torch.equal(stored["std"], std.float())

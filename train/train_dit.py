@@ -25,6 +25,7 @@ from modeling import fp8 as fp8_lib
 from modeling.checkpoint import save_pretrained, to_reference_dit_format
 from modeling.config import ConfigError, console_entry
 from modeling.flow import flow_loss
+from modeling.hub import STATS_NAME, save_latent_stats
 from modeling.lightningdit import LightningDiT
 
 from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
@@ -290,6 +291,12 @@ class DiTTrainer(TrainerBase):
             model = LightningDiT(self.cfg.model.architecture())
             model.load_state_dict({k: v for k, v in ema_state.items() if k in model.state_dict()})
             save_pretrained(model, model.config.to_dict(), out / "pretrained_ema")
+            if self.cfg.data.source != "synthetic":  # the latents' statistics beside the weights, as convert
+                # --latent-stats does: sample_images / generate find them there (without, they sampled with none)
+                save_latent_stats(out / "pretrained_ema" / STATS_NAME, self.mean.cpu(), self.std.cpu())
+            if self.cfg.data.latent_multiplier != 1.0:
+                log.warning("sample %s with --latent-multiplier %g (data.latent_multiplier)", out / "pretrained_ema",
+                            self.cfg.data.latent_multiplier)
             log.info("exported %s and %s", out / "final_reference.pt", out / "pretrained_ema")
         barrier()
         return paths
