@@ -85,7 +85,8 @@ def _gather(obj, world):
 def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, device: Any = None,
                   latent_multiplier: float = 1.0, features: Optional[Callable] = None, reference: Any = None,
                   scorers: tuple = (), out_dir: Optional[Union[str, Path]] = None,
-                  log: Optional[Callable[[str], Any]] = print, extras: Optional[dict] = None) -> Callable:
+                  log: Optional[Callable[[str], Any]] = print, extras: Optional[dict] = None,
+                  latent_channels: Optional[int] = None) -> Callable:
     """eval_fn(ema_model, step) -> dict of floats: the registered metrics settings.metrics names, then scorers'.
 
     settings: EvalSettings or any object with its fields (the trainer's cfg.eval).
@@ -96,7 +97,8 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
     a reference). scorers: callables (images uint8 numpy, labels numpy) -> dict, run on the gathered samples.
     extras: objects by name that selected metrics need (evaluation.metrics EvalInputs.extras, e.g. a
     "classifier"). out_dir: where the grid goes. An unknown metric, or one needing something this hook cannot
-    give, is a MetricError (a ConfigError) here, before training.
+    give, is a MetricError (a ConfigError) here, before training. latent_channels: the DiT's; a tokenizer or
+    statistics of other channels is a ConfigError here too.
     """
     from modeling import AutoencoderKL
     from modeling.hub import load_latent_stats
@@ -127,6 +129,14 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
         latent_stats = s.latent_stats
     if isinstance(latent_stats, (str, Path)):
         latent_stats = load_latent_stats(latent_stats)
+    if latent_channels is not None:  # the DiT's (model.in_channels): refused now, not at the first evaluation
+        from modeling.config import ConfigError
+        if vae.config.embed_dim != latent_channels:
+            raise ConfigError(f"eval.vae {s.vae}: a tokenizer of {vae.config.embed_dim} latent channels; "
+                              f"model.in_channels is {latent_channels}")
+        if latent_stats is not None and latent_stats["mean"].numel() != latent_channels:
+            raise ConfigError(f"eval.latent_stats {s.latent_stats}: statistics of {latent_stats['mean'].numel()} "
+                              f"channels; model.in_channels is {latent_channels}")
     if features is None and ("features" in needs or (reference is None and "reference" in needs)):
         features = inception_features(s.inception, device, s.batch_size)
     if reference is None and "reference" in needs:

@@ -77,6 +77,21 @@ def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, source: Union[str,
                          f"have {std.flatten()[bad[:8]].tolist()}")
 
 
+def check_pairing(dit: LightningDiT, vae: AutoencoderKL, stats: Optional[dict] = None,
+                  sources: Optional[dict] = None) -> None:
+    """ValueError naming the files where the DiT's latent channels are not the tokenizer's or the statistics'
+    (a 16-channel tokenizer for a 32-channel DiT): checked before sampling, where the decode failed with a
+    traceback after the first batch (a review, 2026-12-05). `sources`: {"dit", "vae", "latent_stats"} names."""
+    src = {"dit": "the DiT", "vae": "the VA-VAE", "latent_stats": "the latent statistics", **(sources or {})}
+    c = dit.in_channels
+    if vae.config.embed_dim != c:
+        raise ValueError(f"{src['vae']}: a tokenizer of {vae.config.embed_dim} latent channels; {src['dit']} "
+                         f"samples {c}")
+    if stats is not None and stats["mean"].numel() != c:
+        raise ValueError(f"{src['latent_stats']}: statistics of {stats['mean'].numel()} channels; {src['dit']} "
+                         f"samples {c}")
+
+
 def check_latent_multiplier(value: float, name: str = "latent_multiplier") -> float:
     """The trainer's data.latent_multiplier must be a finite number > 0 (samples are divided by it)."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -94,11 +109,12 @@ def default_stats_path(dit_src: PathOrId) -> Optional[Path]:
 def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean: torch.Tensor, std: torch.Tensor,
              config: Optional[SamplingConfig] = None, *, seed: int = 0, latent_multiplier: float = 1.0,
              device: Union[str, torch.device] = "cpu", progress: bool = False, return_sampler: bool = False,
-             **options: Any) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
+             sources: Optional[dict] = None, **options: Any) -> Union[torch.Tensor, tuple[torch.Tensor, Sampler]]:
     """uint8 images (B, H, W, 3) for class `labels`, through the Sampler that evaluation.generate uses.
 
     config: the SamplingConfig (default: SamplingConfig()); options: SamplingConfig fields over it, e.g.
-    generate(dit, vae, [1, 2], mean, std, steps=4, cfg_scale=2.0)."""
+    generate(dit, vae, [1, 2], mean, std, steps=4, cfg_scale=2.0). sources: {"dit", "vae", "latent_stats"}: the
+    names a mismatch of latent channels gives (check_pairing)."""
     config = (config or SamplingConfig()).replace(**options)
     bad = [int(v) for v in labels if not 0 <= int(v) < dit.num_classes]
     if bad:
@@ -106,6 +122,7 @@ def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean:
                          "null class used by guidance, not a class)")
     check_latent_multiplier(latent_multiplier)
     check_latent_stats(mean, std, "given")
+    check_pairing(dit, vae, {"mean": mean, "std": std}, sources)
     dit, vae = dit.to(device).eval(), vae.to(device).eval()
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     c, s = dit.in_channels, dit.config.input_size
@@ -152,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a released DiT")
     ap.add_argument("--vae", required=True, help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
     ap.add_argument("--stats", default=None, help="latents_stats .pt / .safetensors (default: the one stored beside "
-                                                  "a converted DiT; none: unnormalised latents)")
+                                                  "a converted DiT or an exported pretrained_ema, else none: "
+                                                  "unnormalised latents)")
     ap.add_argument("--latent-multiplier", type=float, default=1.0, help="the trainer's data.latent_multiplier")
     ap.add_argument("--labels", type=int, nargs="+", required=True)
     add_sampling_args(ap)
@@ -180,7 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         mean, std = load_latent_stats(stats, dit.in_channels)
         images, sampler = generate(dit, vae, a.labels, mean, std, config, seed=a.seed,
                                    latent_multiplier=a.latent_multiplier, device=device,
-                                   progress=not a.no_progress, return_sampler=True)
+                                   progress=not a.no_progress, return_sampler=True,
+                                   sources={"dit": a.dit, "vae": a.vae, "latent_stats": str(stats)})
         save_grid(images, a.out)
     d, settings = sampler.describe(), config.settings()
     print(f"wrote {a.out} ({len(a.labels)} images; " + ", ".join(

@@ -101,3 +101,26 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
         gen_cli.main(args + ["--batch-size", "2"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "free the GPU's memory and run the same command again (--batch-size 2 is fixed once chunks exist" in err
+
+
+def test_a_tokenizer_of_other_latent_channels_is_refused_before_sampling(parity_dir, tmp_path, capsys):
+    """A 4-channel tokenizer (or statistics) for the 32-channel DiT: one line naming the file, before any sample
+    and before the chunks folder records settings (the decode failed with a traceback after the first batch, and
+    the corrected command was then refused as "other settings": a review, 2026-12-05)."""
+    from modeling.sample_images import main as sample_main
+    from modeling.vavae import AutoencoderKL
+    convert_main([str(parity_dir / "lightningdit_a.pt"), str(tmp_path / "dit")])
+    AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, z_channels=4,
+                  embed_dim=4).save_pretrained(tmp_path / "vae4")
+    out = tmp_path / "s.npz"
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main([str(tmp_path / "dit"), str(tmp_path / "vae4"), str(out), "--num-samples", "2", "--steps", "2",
+                      "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == (f"error: {tmp_path / 'vae4'}: a tokenizer of 4 latent channels; "
+                                             f"{tmp_path / 'dit'} samples 32"), err
+    assert not out.with_suffix(".chunks").exists()
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--dit", str(tmp_path / "dit"), "--vae", str(tmp_path / "vae4"), "--labels", "1", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert e.value.code == 2 and "a tokenizer of 4 latent channels" in capsys.readouterr().err

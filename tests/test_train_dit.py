@@ -268,3 +268,23 @@ def test_the_export_carries_the_latent_statistics(tmp_path):
     mean, std = LatentStore.open(data).stats
     stored = load_latent_stats(default_stats_path(folder))
     assert torch.equal(stored["mean"], mean.float()) and torch.equal(stored["std"], std.float())
+
+
+def test_eval_tokenizer_of_other_channels_is_refused_before_training(tmp_path, parity_dir, capsys):
+    """eval.vae of 32 latent channels for a 4-channel DiT: one line before training; it crashed at the first
+    evaluation, which runs before that step's checkpoint (a review, 2026-12-05)."""
+    import numpy as np
+
+    from modeling.convert import main as convert_main
+    from train.train_dit import main
+    convert_main([str(parity_dir / "vavae_a.pt"), str(tmp_path / "vae")])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    capsys.readouterr()
+    rc = main(["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), f"checkpoint.dir={tmp_path}/ckpt",
+               f"logging.dir={tmp_path}/run", "logging.progress_bar=false", "model.in_channels=4", "eval.every=2",
+               f"eval.vae={tmp_path}/vae", f"eval.ref_batch={ref}", "eval.num_samples=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (f"error: eval.vae {tmp_path}/vae: a tokenizer of 32 latent channels; "
+                                   "model.in_channels is 4"), err
+    assert not (tmp_path / "ckpt").exists()

@@ -322,7 +322,7 @@ def build_eval(cfg: DiTTrainConfig) -> Optional[EvalFn]:
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
               else torch.device("cpu"))
     return build_eval_fn(cfg.eval, latent_stats=stats, device=device, latent_multiplier=cfg.data.latent_multiplier,
-                         out_dir=cfg.logging.dir, log=log.info)
+                         out_dir=cfg.logging.dir, log=log.info, latent_channels=cfg.model.in_channels)
 
 
 def train(cfg: DiTTrainConfig, eval_fn: Optional[EvalFn] = None) -> dict:
