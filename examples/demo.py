@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from modeling.config import console_entry, exit_status  # noqa: E402
+from modeling.config import CONFIGS_DIR, console_entry, exit_status  # noqa: E402
 
 if TYPE_CHECKING:  # (annotations only: these modules load lazily, inside the stages)
     from evaluation.adm_metrics import FIDStatistics
@@ -139,7 +139,8 @@ def vae_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     from train.train_vae import VAVAEConfig
 
     # the architecture the stage trained: the config file plus any --vae-set model.* override
-    m = load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", [o for o in a.vae_set if o.startswith("model.")]).model
+    m = load_config(VAVAEConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml",
+                    [o for o in a.vae_set if o.startswith("model.")]).model
     return dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), resolution=a.image_size)
 
@@ -167,7 +168,7 @@ def stage_vae(a: argparse.Namespace, out: Path, data_root: Path) -> torch.nn.Mod
                      "optim.betas=[0.9,0.99]", *a.vae_set]
         # (the single-process group it starts stays up for the DiT trainer, which reuses it: DeepSpeed caches
         # its groups per process, so a destroyed and re-created group breaks the second engine)
-        train(load_config(VAVAEConfig, "configs/vavae_tiny_cpu.yaml", overrides))
+        train(load_config(VAVAEConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml", overrides))
     return _reuse("VA-VAE tokenizer", vae_dir / "tokenizer.pt", lambda: load_vae(a, vae_dir))
 
 
@@ -271,7 +272,7 @@ def dit_config(a: argparse.Namespace, out: Path, lat: Path, num_classes: int) ->
     from modeling.config import load_config
     from train.dit_config import DiTTrainConfig
 
-    return load_config(DiTTrainConfig, "configs/dit_tiny_cpu.yaml", [
+    return load_config(DiTTrainConfig, CONFIGS_DIR / "dit_tiny_cpu.yaml", [
         "data.source=latents", f"data.path={lat}", f"model.num_classes={num_classes}",
         f"model.input_size={a.image_size // 16}", f"model.hidden_size={a.dit_hidden}", f"model.depth={a.dit_depth}",
         f"train.steps={a.dit_steps}", f"train.global_batch={a.dit_batch}", f"train.batch_per_gpu={a.dit_batch}",
@@ -516,6 +517,10 @@ def run_demo(a: argparse.Namespace) -> dict[str, Any]:
                         stream=sys.stdout)
     out = Path(a.out)
     if a.fresh and out.exists():
+        # only a demo's own folder: --fresh --out with another folder deleted it (a review, 2026-12-05)
+        if not out.is_dir() or any(out.iterdir()) and not (out / "settings.json").is_file():
+            raise ConfigError(f"--fresh: {out} is not a demo run's folder (no settings.json): not deleting it; "
+                              "use another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"

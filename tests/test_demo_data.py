@@ -86,3 +86,18 @@ def test_demo_presets_fill_only_unset_options():
     assert a.data == "digits" and a.image_size == PRESETS["digits"]["image_size"] and a.flip is False
     b = parse_args(["--data", "photos", "--dit-steps", "7"])
     assert b.image_size == 128 and b.flip is True and b.dit_steps == 7 and b.per_class == 24
+
+
+def test_fresh_deletes_only_a_demo_folder(tmp_path, capsys, monkeypatch):
+    """`--fresh --out X` deleted whatever X was (a review, 2026-12-05); now only a demo run's folder (its
+    settings.json), and the configs are found from any working directory (the `vavae-demo` script)."""
+    from examples.demo import main
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "important.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", str(precious), "--fresh"]) == 2
+    assert "not a demo run's folder" in capsys.readouterr().err
+    assert (precious / "important.txt").read_text() == "keep" and (precious / "sub").is_dir()
+    from examples import demo
+    assert demo.CONFIGS_DIR.is_absolute() and (demo.CONFIGS_DIR / "dit_tiny_cpu.yaml").is_file()
