@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from .released import build_released, check_config_fits, load_state_dict_strict
-from .safe_load import CheckpointLoadError, NotAFileError, describe_path, load_safetensors, safetensors_shapes
+from .safe_load import (CheckpointLoadError, NotAFileError, describe_path, load_safetensors, safetensors_shapes,
+                        save_safetensors)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -155,13 +156,12 @@ def save_folder(model: torch.nn.Module, directory: str | os.PathLike, arch: Any 
                 parity: str | None = None, source: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors + config.json (+ README.md where huggingface_hub is installed) atomically."""
-    from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kind = model_kind(model)
     arch = _jsonable(arch if arch is not None else model.config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_safetensors(state, p, metadata={"format": "pt"}))
     meta = {"kind": kind, **arch, "training_config": _jsonable(training_config),
             "parity": parity or DEFAULT_PARITY}
     if source is not None:
@@ -352,14 +352,13 @@ STATS_NAME = "latents_stats.safetensors"
 def save_latent_stats(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor) -> Path:
     """{"mean", "std"} float32 (1, C, 1, 1) as safetensors."""
     import torch
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     st = {"mean": torch.as_tensor(mean).float().reshape(1, -1, 1, 1).contiguous(),
           "std": torch.as_tensor(std).float().reshape(1, -1, 1, 1).contiguous()}
     if st["mean"].shape != st["std"].shape:
         raise ValueError(f"latent stats: mean {tuple(st['mean'].shape)} and std {tuple(st['std'].shape)} differ")
-    _write_atomic(path, lambda p: save_file(st, str(p)))
+    _write_atomic(path, lambda p: save_safetensors(st, p))
     return path
 
 

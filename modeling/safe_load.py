@@ -303,6 +303,17 @@ def safetensors_shapes(path: str | os.PathLike, what: str = "safetensors file") 
     return {k: torch.Size(v["shape"]) for k, v in header.items()}
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the usual permissions (0666 & ~umask): save_file creates its file 0600, so a
+    teammate could not read a converted model, its statistics or a latent shard (a review, 2026-12-05)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def load_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, after `read_safetensors_header` checked it; one-line errors naming it."""
     from safetensors.torch import load_file

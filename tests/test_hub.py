@@ -201,3 +201,21 @@ def test_a_missing_path_is_named_and_never_looked_up(monkeypatch, tmp_path, caps
     with pytest.raises(FileNotFoundError, match=r"^owner/model: no such local folder or file, and the Hugging Face "
                                                 r"Hub gave no config.json for it \(OSError: 404 Client Error"):
         hub.stored_metadata("owner/model")
+
+
+def test_written_files_have_the_usual_permissions(tmp_path):
+    """safetensors' save_file makes its file 0600: a converted model, its statistics and the latent shards were
+    unreadable to a teammate (a review, 2026-12-05). They get 0666 & ~umask, as the checkpoints."""
+    import os
+
+    from modeling.hub import save_latent_stats
+    from modeling.lightningdit import LightningDiT
+    old = os.umask(0o022)
+    try:
+        LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                     num_classes=3).save_pretrained(tmp_path / "dit")
+        save_latent_stats(tmp_path / "dit" / "latents_stats.safetensors", torch.zeros(4), torch.ones(4))
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "latents_stats.safetensors", "config.json"):
+        assert (tmp_path / "dit" / name).stat().st_mode & 0o777 == 0o644, name

@@ -133,7 +133,7 @@ def write_digit_latents(out: Union[str, Path], side: int = 16, factor: int = 4) 
     latents_stats.pt; returns (channels, tokens per side)."""
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
+    from modeling.safe_load import save_safetensors
 
     from .latents import LatentStore, compute_stats, save_stats, shard_name
     if side not in (16, 32) or factor < 1 or side % factor:
@@ -146,7 +146,7 @@ def write_digit_latents(out: Union[str, Path], side: int = 16, factor: int = 4) 
         x = F.avg_pool2d(x, 2)
     lat = F.pixel_unshuffle(x, factor).contiguous()
     labels = torch.from_numpy(np.ascontiguousarray(labels)).long()  # a column of the CSV's table: strided
-    save_file({"latents": lat, "latents_flip": lat.clone(), "labels": labels}, str(out / shard_name(0, 0)))
+    save_safetensors({"latents": lat, "latents_flip": lat.clone(), "labels": labels}, out / shard_name(0, 0))
     save_stats(compute_stats(LatentStore.open(out)), out / "latents_stats.pt")
     log.info("digit latents: %d samples %s (MNIST at %d px, space-to-depth %d) in %s", len(lat),
              tuple(lat.shape[1:]), side, factor, out)

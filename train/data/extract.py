@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from modeling.safe_load import safe_torch_load
+from modeling.safe_load import safe_torch_load, save_safetensors
 
 from . import DataError
 from .files import FileList
@@ -213,11 +213,9 @@ def extract_latents(vae: torch.nn.Module, files: FileList, out_dir: Union[str, P
 
 
 def _write_shard(path, latents, latents_flip, labels, indices, seed):
-    from safetensors.torch import save_file
-
     tmp = str(path) + ".tmp"
     try:
-        save_file({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels,
+        save_safetensors({"latents": latents.contiguous(), "latents_flip": latents_flip.contiguous(), "labels": labels,
                    "indices": indices}, tmp,
                   metadata={"total_size": f"{latents.shape[0]}", "dtype": f"{latents.dtype}", "device": "cpu",
                             "seed": f"{seed}"})
