@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .checkpoint import class_for_kind
-from .hub import STATS_NAME, load_latent_stats, save_latent_stats
+from .hub import CONFIG_NAME, STATS_NAME, load_latent_stats, read_config, save_latent_stats
 from .released import (CheckpointMismatchError, build_released, detect_kind, dit_size_name,  # noqa: F401
                        infer_dit_config, infer_vavae_config, read_checkpoint)  # (re-exported: public helpers)
 from .safe_load import CheckpointLoadError, require_file
@@ -73,6 +73,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
     DiT / tokenizer -> folder `out` (model.safetensors, config.json, README.md); latent statistics ->
     `out` as a .safetensors file (or out/latents_stats.safetensors when `out` is a folder)."""
     src, out = Path(src), Path(out)
+    if out.exists() and not out.is_dir() and out.suffix != ".safetensors":
+        raise FileExistsError(f"{out}: a file is there (a model is written as a folder)")
     ckpt = read_checkpoint(src)
     found = detect_kind(ckpt, str(src))
     del ckpt
@@ -83,6 +85,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
         st = load_latent_stats(src)
         target = out / STATS_NAME if out.is_dir() or out.suffix != ".safetensors" else out
         return save_latent_stats(target, st["mean"], st["std"])
+    if (out / CONFIG_NAME).is_file():  # another model there: replaced, its statistics would stay beside this one
+        there = read_config(out).get("source") or {}
+        if there.get("sha256") != source["sha256"]:
+            raise FileExistsError(f"{out}: holds a model converted from {there.get('file', 'another file')}; "
+                                  "convert into a new folder")
+    # the statistics read before anything is written: a missing file left a complete-looking model without them
+    stats = load_latent_stats(latent_stats) if latent_stats is not None else None
     model, info = load_released(src, kind=found, weights=weights, **overrides)
     sampling, training = None, info.get("train_config")
     if found == "lightningdit":
@@ -97,9 +106,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
             source["size"] = info["size"]
     training = training or f"not recorded in {src.name} (converted from a released-format checkpoint)"
     model.save_pretrained(out, training_config=training, source=source, sampling=sampling)
-    if latent_stats is not None:
-        st = load_latent_stats(latent_stats)
-        save_latent_stats(out / STATS_NAME, st["mean"], st["std"])
+    if stats is not None:
+        save_latent_stats(out / STATS_NAME, stats["mean"], stats["std"])
     return out
 
 
@@ -125,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = convert(a.src, a.out, kind=a.kind, weights=a.weights, latent_stats=a.latent_stats, preset=a.preset,
                       **extra)
-    except (FileNotFoundError, CheckpointLoadError, CheckpointMismatchError, ValueError) as e:
-        # a file that is missing, unsafe, corrupt or not what was asked for: the user's input, exit 2
+    except (OSError, CheckpointLoadError, CheckpointMismatchError, ValueError) as e:
+        # a file that is missing, unsafe, corrupt or not what was asked for, an output that cannot be written
+        # (a read-only or missing folder, a file in the way): the user's input, exit 2
         if a.debug or os.environ.get("VAVAE_DEBUG") == "1":
             raise
         from .config import one_line

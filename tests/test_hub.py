@@ -219,3 +219,29 @@ def test_written_files_have_the_usual_permissions(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "latents_stats.safetensors", "config.json"):
         assert (tmp_path / "dit" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_convert_checks_before_it_writes_and_keeps_other_models(parity_dir, tmp_path, capsys):
+    """convert wrote the model before reading --latent-stats (a missing file left a complete-looking model without
+    them), replaced another model's weights in an existing folder (its statistics stayed), and a file in the
+    output's way was a traceback (a review, 2026-12-05). The same conversion again is fine."""
+    from modeling.convert import main as convert_main
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as e:
+            convert_main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    dit, vae = parity_dir / "lightningdit_a.pt", parity_dir / "vavae_a.pt"
+    assert "missing.pt" in refused(dit, tmp_path / "c1", "--latent-stats", tmp_path / "missing.pt")
+    assert not (tmp_path / "c1").exists()
+    convert_main([str(vae), str(tmp_path / "vae")])
+    before = (tmp_path / "vae" / "model.safetensors").read_bytes()
+    assert "holds a model converted from vavae_a.pt" in refused(dit, tmp_path / "vae")
+    assert (tmp_path / "vae" / "model.safetensors").read_bytes() == before
+    convert_main([str(vae), str(tmp_path / "vae")])  # the same conversion again
+    (tmp_path / "ok.png").write_bytes(b"x")
+    assert "ok.png" in refused(dit, tmp_path / "ok.png" / "c4")
+    assert "ok.png" in refused(dit, tmp_path / "ok.png")
