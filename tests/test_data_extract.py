@@ -173,3 +173,14 @@ def test_compare_paths_reports_small_moves(setup):
     d, b = res["dali_vs_pil"], res["bf16_vs_fp32"]
     assert 0 < d["latent_rel_l2_diff_mean"] < 0.2 and d["std_max_rel_diff"] < 0.1  # 48px -> 32px: resized
     assert 0 < b["latent_rel_l2_diff_max"] < 5e-3 and b["mean_max_abs_diff"] < 1e-3
+
+
+def test_extract_reads_the_tokenizers_architecture_from_its_weights(setup, tmp_path):
+    """A tokenizer of another width than the default f16d32 (a trainer's tokenizer.pt from the tiny config) needed
+    --vae-config, and without it the error was a 2 KB line naming neither the file nor the flag (a review,
+    2026-12-05). The architecture is now read from the weights, as from_pretrained does."""
+    from train.data.__main__ import _vae
+    base, _, vae = setup
+    got = _vae(str(base / "vae.pt"), None)
+    assert got.config.ch == TINY["ch"] and tuple(got.config.ch_mult) == tuple(TINY["ch_mult"])
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), vae.state_dict().values()))

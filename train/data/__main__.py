@@ -14,12 +14,21 @@ def _vae(path, config_json):
     if os.path.isdir(path):
         return load_pretrained(path)
     from modeling.config import ConfigError
+    from modeling.safe_load import CheckpointLoadError
+    if not config_json:  # the architecture read from the weights, as from_pretrained does (a tokenizer of another
+        try:             # width than the default f16d32 was a 2 KB line naming neither the file nor --vae-config)
+            return AutoencoderKL.from_pretrained(path)
+        except (ValueError, RuntimeError, CheckpointLoadError) as e:
+            raise ConfigError(f"--vae {path}: {' '.join(str(e).split())[:300]} (--vae-config gives the "
+                              "architecture)") from None
     try:
-        config = json.loads(config_json) if config_json else {}
-        model = AutoencoderKL(**config)
+        model = AutoencoderKL(**json.loads(config_json))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"--vae-config {config_json!r}: {e}") from None
-    return load_vavae_checkpoint(path, model)
+    try:
+        return load_vavae_checkpoint(path, model)
+    except (ValueError, RuntimeError, CheckpointLoadError) as e:
+        raise ConfigError(f"--vae {path} with --vae-config {config_json}: {' '.join(str(e).split())[:300]}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
