@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .safe_load import load_safetensors, safe_torch_load
+from .safe_load import CheckpointLoadError, load_safetensors, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def load_vit(name: str, path: str) -> VisionTransformer:
     model = VisionTransformer(**VIT_SPECS[name])
     sd = _read_weights(path)
     if any(k.startswith("register_tokens") for k in sd):
-        raise ValueError(f"{path}: a DINOv2 with registers; the reference uses the register-free dinov2_vitl14")
+        raise CheckpointLoadError(f"{path}: a DINOv2 with registers; the reference uses the register-free "
+                                  "dinov2_vitl14")
     # training-only entries of the official files: the MAE decoder, DINOv2's mask token, timm's heads
     sd = {k: v for k, v in sd.items()
           if not k.startswith(("decoder", "mask_token", "head", "fc_norm"))}
@@ -167,8 +168,9 @@ def load_vit(name: str, path: str) -> VisionTransformer:
     unexpected = sorted(set(sd) - set(expected))
     bad = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
     if missing or unexpected or bad:
-        raise ValueError(f"{path} is not a {name} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"mis-shaped {bad[:5]}")
+        # a user's file: one line from every command (CheckpointLoadError is a ValueError, as this was)
+        raise CheckpointLoadError(f"{path} is not a {name} state dict: missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}, mis-shaped {bad[:5]}")
     model.load_state_dict(sd)
     return model
 

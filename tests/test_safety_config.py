@@ -134,3 +134,41 @@ def test_a_duplicate_yaml_key_is_refused_naming_the_file_key_and_lines(tmp_path,
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "appears twice" in err and err.count("\n") == 1
+
+
+def test_explicit_requests_that_cannot_run_here_are_one_line(tmp_path, capsys):
+    """Asked for by name, a backend this machine cannot run is one line and exit 2, before anything is written (a
+    review, 2026-12-05: nccl without a GPU was torch's AttributeError, train.kernels=cuda in the VA-VAE trainer a
+    BackendUnavailable traceback, extract's DALI on a GPU-less machine a traceback after extract.json was written,
+    a foundation-model file of the wrong network a ValueError traceback)."""
+    from pathlib import Path
+
+    import torch
+
+    from train import train_dit, train_vae
+    from train.data.__main__ import main as data_main
+    repo = Path(__file__).resolve().parents[1]
+    if torch.cuda.is_available():
+        pytest.skip("the refusals are of a machine without CUDA")  # CI's machines have none: never skipped there
+    base = ["logging.progress_bar=false", f"logging.dir={tmp_path}/run", f"checkpoint.dir={tmp_path}/ckpt"]
+    assert train_dit.main(["--config", str(repo / "configs/dit_tiny_cpu.yaml"), "dist.backend=nccl", *base]) == 2
+    assert "dist.backend: nccl needs CUDA GPUs" in capsys.readouterr().err
+    vae = ["--config", str(repo / "configs/vavae_tiny_cpu.yaml"), *base]
+    assert train_vae.main([*vae, "train.kernels=cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuda" in err[0], err
+    torch.save({"blocks.0.weight": torch.zeros(1)}, tmp_path / "not_dino.pt")
+    assert train_vae.main([*vae, "foundation.name=dinov2_vitl14", f"foundation.weights={tmp_path}/not_dino.pt",
+                           "foundation.allow_substitute=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not_dino.pt is not a dinov2_vitl14 state dict" in err[0], err
+    from train.data.embedded import write_embedded
+    write_embedded(tmp_path / "images", size=32, per_class=1)
+    from modeling.vavae import AutoencoderKL
+    AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=32, z_channels=4,
+                  embed_dim=4).save_pretrained(tmp_path / "vae")
+    with pytest.raises(SystemExit) as e:
+        data_main(["extract", str(tmp_path / "images"), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae"),
+                   "--image-size", "32", "--backend", "dali", "--dali-device", "gpu", "--workers", "0"])
+    assert e.value.code == 2 and "--dali-device gpu" in capsys.readouterr().err
+    assert not (tmp_path / "lat" / "extract.json").exists()

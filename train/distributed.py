@@ -285,6 +285,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available():  # asked for by name (dist.backend): say so, not torch's AttributeError
+            from modeling.config import ConfigError
+            raise ConfigError("dist.backend: nccl needs CUDA GPUs and none is visible here; use dist.backend: gloo "
+                              "(or auto)")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -500,7 +500,8 @@ def train(cfg: VAVAETrainConfig) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return trainer_main("train.train_vae", __doc__, VAVAETrainConfig, train, argv,
-                        extra_user_errors=(FoundationModelUnavailable,), resume_refuse=VAVAETrainer.RESUME_REFUSE)
+                        extra_user_errors=(FoundationModelUnavailable, kernels.BackendUnavailable),
+                        resume_refuse=VAVAETrainer.RESUME_REFUSE)
 
 
 cli = console_entry(__name__)  # the `vavae-train-vae` console script (setup.py)

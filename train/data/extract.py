@@ -150,6 +150,14 @@ def extract_latents(vae: torch.nn.Module, files: FileList, out_dir: Union[str, P
     check_extract_settings(vae, image_size, batch_size, rank, world_size, shard_size, num_workers)
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if backend == "dali":  # a DALI that cannot run here (not installed, no GPU for "gpu"): before any file is written
+        from modeling.config import ConfigError
+
+        from .dali import resolve_device
+        try:
+            resolve_device(dali_device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"--backend dali --dali-device {dali_device}: {e}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
