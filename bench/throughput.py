@@ -241,7 +241,8 @@ def common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train mode: the trainer config the cases start from")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="train mode: extra trainer config override for every case (repeatable)")
-    p.add_argument("--model", default="XL/1", help="sample mode: a size (XL/1, B/2, ...) or a JSON dict of kwargs")
+    p.add_argument("--model", default=None, help="sample mode: a size (XL/1, B/2, ...) or a JSON dict of kwargs "
+                                                 "(default XL/1; train mode takes the model from --config)")
     p.add_argument("--sample-steps", type=int, default=25, help="sample mode: grid points run (then scaled)")
     p.add_argument("--scale-to", type=int, default=250, help="sample mode: img/s reported for this many grid points")
     p.add_argument("--cfg-scale", type=float, default=None, help="sample mode: guidance scale (default 6.7)")
@@ -298,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         row = run_train_case(**kw)
         Path(a.case_out).write_text(json.dumps(row, default=str))
         return row
+    if a.mode == "train" and a.model is not None:  # it was ignored: the XL/1 of --config ran whatever it named
+        p.error(f"--model {a.model}: train mode benchmarks the trainer's model, from --config (configs/dit_*.yaml; "
+                "--set model.size=...)")
+    a.model = a.model or "XL/1"
+    if a.mode == "sample" and str(a.device).startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here (use --device cpu)")
     peak, peak_desc = peak_for(a)
     results = []
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]

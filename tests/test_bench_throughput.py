@@ -325,3 +325,18 @@ def test_device_peak_names_the_h100_part(monkeypatch):
         got, why = device_peak_tflops(torch.device("cuda"))
         assert got == peak, (name, why)
         assert (why.startswith("no peak known for NVIDIA L4") if peak is None else f"{peak:g} TFLOP/s" in why)
+
+
+def test_train_mode_refuses_model_and_sample_mode_a_missing_gpu(capsys):
+    """`--model XL/9` in train mode was ignored and the config's XL/1 benchmarked (the README's command said
+    --model); --device cuda without CUDA was torch's AssertionError (a review, 2026-12-05)."""
+    import torch
+
+    from bench.throughput import main
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "XL/9", "--out", "/nonexistent/x"])
+    assert e.value.code == 2 and "train mode benchmarks the trainer's model, from --config" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main(["--mode", "sample", "--device", "cuda", "--out", "/nonexistent/x"])
+        assert e.value.code == 2 and "--device cuda: no CUDA device here" in capsys.readouterr().err
