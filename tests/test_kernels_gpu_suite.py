@@ -267,3 +267,12 @@ def test_headline_batch_fits_the_card():
     assert h100[:3] == [("auto+compiled", 128), ("auto+compiled+fp8mm", 128), ("auto+compiled+ropefused", 128)]
     assert len(h100) == len(set(h100)) and {b for _, b in h100} == {128}
     assert [s for s, _ in h100] == list(dict.fromkeys(s for s, _ in TRAIN_CASES))  # each spec once, in order
+
+
+def test_the_suite_runs_every_gpu_test_file():
+    """A `gpu`-marked test outside the suite's files runs nowhere (CI skips them): test_tracking.py's did (a
+    review, 2026-12-05)."""
+    from bench.gpu_suite import GPU_TEST_FILES
+    marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
+              if re.search(r"pytest\.mark\.gpu\b", p.read_text())}
+    assert marked == set(GPU_TEST_FILES) and all((REPO / f).is_file() for f in GPU_TEST_FILES)
