@@ -276,3 +276,13 @@ def test_the_suite_runs_every_gpu_test_file():
     marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
               if re.search(r"pytest\.mark\.gpu\b", p.read_text())}
     assert marked == set(GPU_TEST_FILES) and all((REPO / f).is_file() for f in GPU_TEST_FILES)
+
+
+def test_the_compile_section_runs_only_by_name():
+    """vae_step_compile (minutes of compiling) ran in a plain `--part B` after fp8_gemm, where the docs say it runs
+    by name only (a review, 2026-12-05)."""
+    from bench import gpu_suite as gs
+    s = gs.Suite(str(REPO / "bench/results/tmp_never_written"), budget=1000, smoke=True)
+    assert s.selected("vae_step") and not s.selected("vae_step_compile")
+    s.only = ["vae_step_compile"]
+    assert s.selected("vae_step_compile") and not s.selected("vae_step") and s.selected("build_ext")
