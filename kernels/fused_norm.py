@@ -12,7 +12,7 @@ in fp32 partial sums, one row of partials per program, summed by torch afterward
 Triton: the forward holds BLOCK_M rows per program, each row as two power-of-two tiles (1152 = 1024 + 128: no
 masked lane), the backward walks its R rows BLOCK_M at a time; on a GPU BLOCK_M and the warps are autotuned per op
 variant and width (BLOCK_M = 1 among the candidates: the one-row kernels these replaced), under the interpreter a
-fixed 4. Row by row the operations do not depend on BLOCK_M: under the interpreter the forward is bitwise the same
+fixed 16 (INTERPRET_BLOCK_M). Row by row the operations do not depend on BLOCK_M: under the interpreter the forward is bitwise the same
 for every BLOCK_M (tests/test_kernels.py checks it); on a GPU the order in which `tl.sum` adds a row follows the
 tile's register layout (elements per thread, warps per row), so the mean / rstd of a row can differ in the last
 bit between tiles, and the outputs by a rounding step (tests/test_kernels_gpu.py compares at equal tiles, and
