@@ -241,11 +241,11 @@ def test_gpu_tests_keep_what_ran_when_they_time_out(monkeypatch):
     of losing the section to the timeout."""
     from bench import gpu_suite
 
-    def timeout(cmd, **kw):
-        assert "-v" in cmd and kw["timeout"] == 300
-        raise subprocess.TimeoutExpired(cmd, 300, output=b"tests/test_kernels_gpu.py::test_a PASSED\n"
-                                                          b"FAILED tests/test_kernels_gpu.py::test_b - assert 0\n")
-    monkeypatch.setattr(subprocess, "run", timeout)
+    def timeout(cmd, timeout, **kw):  # what bench.processes.run raises: the output as text
+        assert "-v" in cmd and timeout == 300
+        raise subprocess.TimeoutExpired(cmd, 300, output="tests/test_kernels_gpu.py::test_a PASSED\n"
+                                                         "FAILED tests/test_kernels_gpu.py::test_b - assert 0\n")
+    monkeypatch.setattr(processes, "run", timeout)
     r = gpu_suite.gpu_tests(smoke=False)
     assert r["returncode"] == "timeout after 300 s"
     assert r["failures"] == ["FAILED tests/test_kernels_gpu.py::test_b - assert 0"] and "test_a PASSED" in r["tail"]
