@@ -678,6 +678,37 @@ def test_attention_choice_per_grad_mode_and_primed_for_compile(monkeypatch):
     assert kernels.prime_attention((2, 4, 16, 72), torch.bfloat16, "cpu", training=True) is None
 
 
+def _attention_float64(q, k, v):
+    """softmax(q k^T / sqrt(D)) v written out in float64: the contract every attention kernel is held to."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+    return out, (q, k, v)
+
+
+@pytest.mark.parametrize("forced", [None, "sdpa-math"])
+def test_attention_forward_and_backward_against_float64(forced):
+    """kernels.ops.attention at head_dim 72, 37 tokens, in the model's token-major layout (q/k/v as transposed
+    views of (B, N, H, D)), forward and backward against float64 (a review, 2026-12-05: only the fp32 forward was
+    compared, and against the fp32 reference). On the CPU: SDPA's own pick, and sdpa-math forced; the GPU test
+    does every candidate."""
+    from kernels import attention
+    torch.manual_seed(0)
+    B, N, H, D = 2, 37, 3, 72
+    q, k, v = (torch.randn(B, N, H, D).transpose(1, 2).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, N, D)
+    attention.set_attention(forced)
+    try:
+        out = ops.attention(q, k, v)
+    finally:
+        attention.set_attention(None)
+    ref, leaves = _attention_float64(q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_reports_its_choice():
     q, k, v = (torch.randn(1, 2, 37, 72) for _ in range(3))
     out = ops.attention(q, k, v)

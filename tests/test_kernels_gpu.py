@@ -285,10 +285,17 @@ def _flat(out):
 @pytest.mark.parametrize("name", sorted(kernels.registry.registered()))
 def test_every_registered_op_on_gpu_through_kernels_ops(name):
     """Each declared op's own bench case (tiny shapes, fp32) through kernels.ops under every fused backend it
-    declares, against its reference: what resolve hands the models on a GPU."""
+    declares, against its reference in float64, forward and (where the op has one) backward: what resolve hands the
+    models on a GPU (a review, 2026-12-05: the backward was not run here)."""
     op = kernels.registry.get(name)
     case = op.bench(kernels.registry.TINY, "cuda", torch.float32)
-    ref = case.call(op.reference, *[t.detach().double() for t in case.inputs])
+    d_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in case.inputs]
+    ref = case.call(op.reference, *d_inputs)
+    ref_outs = [o for o in _flat(ref) if o.requires_grad]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gouts = [torch.randn(o.shape, generator=gen, device="cuda") for o in ref_outs]
+    want = torch.autograd.grad(ref_outs, [t for t in d_inputs if t.requires_grad], [g.double() for g in gouts],
+                               allow_unused=True) if case.backward else ()
     for backend in op.impls:
         _need(backend)
         out = case.call(getattr(ops, name), *case.inputs)
@@ -296,6 +303,11 @@ def test_every_registered_op_on_gpu_through_kernels_ops(name):
             assert rel_err(o, r) < 1e-4, (name, backend)
         if not op.records_itself:
             assert kernels.describe()["ops"][name] == backend
+        if case.backward:
+            outs = [o for o in _flat(out) if o.requires_grad]
+            got = torch.autograd.grad(outs, [t for t in case.inputs if t.requires_grad], gouts, allow_unused=True)
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert (g is None) == (w is None) and (w is None or rel_err(g, w) < 1e-4), (name, backend, i)
 
 
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
@@ -605,6 +617,72 @@ def test_qkv_rope_configs_agree_bit_for_bit():
     for c in configs:  # inference's q and k only (WITH_V=False): the same q and k
         q, k, v = qr.qkv_rope_forward(qkv, cos, sin, H, config=c, with_v=False)
         assert v is None and torch.equal(q, outs[0][0]) and torch.equal(k, outs[0][1]), c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [72, 1152])
+def test_plain_norms_on_head_views_against_float64(backend, dtype, D):
+    """rms_norm and layer_norm (with its bias) through kernels.ops on each fused backend, on the strided head view
+    the model's qk-norm reads (head_dim 72) and on rows of 1152, 37 tokens, forward and backward against float64:
+    the CUDA extension's plain norms and its bias path were held to nothing but a tiny forward (a review,
+    2026-12-05)."""
+    _need(backend)
+    torch.manual_seed(0)
+    B, H, N = 2, 3, 37
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.2 * torch.randn(D, device="cuda", dtype=dtype)).requires_grad_()
+    b = (0.1 * torch.randn(D, device="cuda", dtype=dtype)).requires_grad_()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for kind in ("rms", "layer"):
+        leaves = (qkv, w) if kind == "rms" else (qkv, w, b)
+
+        def run(impl, qkv, w, b=None):
+            x = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, N, D), strided, as in Attention
+            return impl.rms_norm(x, w, 1e-6) if kind == "rms" else impl.layer_norm(x, w, b, 1e-5)
+        out = run(ops, *leaves)
+        assert kernels.describe()["ops"][f"{kind}_norm"] == backend
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, grad)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        ref = run(reference, *leaves64)
+        want = torch.autograd.grad(ref, leaves64, grad.double())
+        assert out.dtype == dtype and rel_err(out, ref) < tol, (kind, rel_err(out, ref))
+        for g, r in zip(got, want):
+            assert rel_err(g, r) < 10 * tol, kind
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_attention_candidate_against_float64(dtype):
+    """Each attention implementation the chooser can pick (FA3 / FA2 where installed, SDPA's cuDNN, flash,
+    efficient, math), forced in turn, forward and backward at head_dim 72 and 257 tokens in the model's token-major
+    layout, against float64 (a review, 2026-12-05: nothing held fa2/fa3 or the chooser's picks to float64). A
+    kernel that does not take this dtype or head_dim is named, and at least math and one fused kernel must run."""
+    from kernels import attention
+    torch.manual_seed(0)
+    B, N, H, D = 2, 257, 4, 72
+    q, k, v = (torch.randn(B, N, H, D, device="cuda").transpose(1, 2).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax(q64 @ k64.transpose(-1, -2) / D ** 0.5, dim=-1) @ v64
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = (2e-2, 4e-2) if dtype == torch.bfloat16 else (1e-3, 2e-3)  # (forward, backward) relative errors
+    ran, refused = [], {}
+    for choice in attention._candidates(q):
+        attention.set_attention(choice)
+        try:
+            out = ops.attention(q, k, v)
+            got = torch.autograd.grad(out, (q, k, v), grad)
+        except RuntimeError as e:  # e.g. flash with fp32, or a head_dim a kernel does not take
+            refused[choice] = str(e).splitlines()[0][:120]
+            continue
+        finally:
+            attention.set_attention(None)
+        assert rel_err(out, ref) < tol[0], choice
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < tol[1], choice
+        ran.append(choice)
+    assert "sdpa-math" in ran and len(ran) >= 2, (ran, refused)
 
 
 @pytest.mark.parametrize("sdpa", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"])
