@@ -329,19 +329,19 @@ class LightningDiTConfig:
     authors sets them); the authors' constructor defaults those three to False (a plain DiT), so a model section
     of theirs that leaves them out means False. `from_size("XL/1", ...)` applies a preset."""
     input_size: int = 32                # latent side in tokens x patch (256 px through an f16 tokenizer: 16)
-    patch_size: int = 2
+    patch_size: int = 2                 # latent tokens of patch_size x patch_size (XL/1: 1, 256 tokens at 16x16)
     in_channels: int = 32               # latent channels
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
+    hidden_size: int = 1152             # the width of every block (XL: 1152)
+    depth: int = 28                     # blocks
+    num_heads: int = 16                 # attention heads (head_dim = hidden_size / num_heads: XL's 72)
     mlp_ratio: float = 4.0              # MLP width / hidden (SwiGLU uses 2/3 of it, as the reference)
     class_dropout_prob: float = 0.1     # label dropout in training; > 0 adds the null-class embedding row
-    num_classes: int = 1000
+    num_classes: int = 1000             # class labels; index num_classes is the null class of guidance
     learn_sigma: bool = False           # doubles the output channels (only the first half is returned)
-    use_qknorm: bool = False
-    use_swiglu: bool = True
-    use_rope: bool = True
-    use_rmsnorm: bool = True
+    use_qknorm: bool = False            # normalise q and k per head before RoPE (RMSNorm, or LayerNorm without RMSNorm)
+    use_swiglu: bool = True             # SwiGLU MLP (hidden 2/3 of mlp_ratio x width); false: GELU(tanh) MLP
+    use_rope: bool = True               # 2D rotary position embedding on q and k (the sin-cos pos_embed stays)
+    use_rmsnorm: bool = True            # RMSNorm with a weight; false: LayerNorm without affine parameters
     wo_shift: bool = False              # adaLN without shift (4 instead of 6 modulation vectors)
     use_checkpoint: bool = False        # activation checkpointing per block in training (memory, not architecture)
 
@@ -379,7 +379,7 @@ class LightningDiT(nn.Module, HubMixin):
     `LightningDiT(**LIGHTNINGDIT_SIZES["XL/1"], input_size=16)`) are a shorthand for the same dataclass.
     `model.config` is the dataclass."""
 
-    def __init__(self, config: LightningDiTConfig = None, /, **kwargs: Any) -> None:
+    def __init__(self, config: Optional[LightningDiTConfig] = None, /, **kwargs: Any) -> None:
         super().__init__()
         self.config = c = build_config(LightningDiTConfig, config, kwargs)
         input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size

@@ -6,7 +6,7 @@ Encoder/decoder layout and names follow the authors' code (taming / LDM), so the
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -26,11 +26,11 @@ class VAVAEModelConfig:
     num_res_blocks: int = 2                       # per encoder level (decoder levels have one more)
     attn_resolutions: tuple[int, ...] = (16,)     # feature sides with an attention block after each resblock
     resolution: int = 256                         # training image side (decides where attention goes)
-    z_channels: int = 32
+    z_channels: int = 32                          # the encoder's output channels (x2: mean and logvar)
     embed_dim: int = 32                           # latent channels after quant_conv
-    in_channels: int = 3
-    out_ch: int = 3
-    dropout: float = 0.0
+    in_channels: int = 3                          # image channels in
+    out_ch: int = 3                               # image channels out
+    dropout: float = 0.0                          # in the resblocks (the reference trains with 0)
 
     def __post_init__(self):  # lists from YAML / JSON -> tuples (hashable, comparable)
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
@@ -255,7 +255,7 @@ class AutoencoderKL(nn.Module, HubMixin):
     """`AutoencoderKL(VAVAEModelConfig(...))`. Keyword arguments (`AutoencoderKL(**VAVAE_F16D32)`, the fields of
     VAVAEModelConfig) are accepted as a shorthand for the same dataclass; `model.config` is the dataclass."""
 
-    def __init__(self, config: VAVAEModelConfig = None, /, **kwargs: Any) -> None:
+    def __init__(self, config: Optional[VAVAEModelConfig] = None, /, **kwargs: Any) -> None:
         super().__init__()
         self.config = c = build_config(VAVAEModelConfig, config, kwargs)
         self.encoder = Encoder(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.resolution, c.in_channels,
