@@ -61,14 +61,17 @@ def test_spec_part_ropefused():
     assert "train.attention=rope-fused" in parse_spec("auto+compiled+fp8mm+ropefused")
 
 
-def test_set_kernels_applies_the_train_section(monkeypatch):
-    from train.train_dit import set_kernels
+def test_the_train_section_sets_the_kernels_and_attention(monkeypatch, tmp_path):
+    """train.kernels is applied by the base trainer (both trainers' key), train.attention by the DiT trainer."""
+    from train.train_dit import Trainer, set_attention
     calls = []
     monkeypatch.setattr(kernels, "set_attention", lambda name: calls.append(("attention", name)))
+    set_attention(TrainConfig(attention="rope-fused"))
+    set_attention(TrainConfig())
+    assert calls == [("attention", "rope-fused"), ("attention", None)]
     monkeypatch.setattr(kernels, "set_backend", lambda name: calls.append(("backend", name)))
-    set_kernels(TrainConfig(kernels="triton", attention="rope-fused"))
-    set_kernels(TrainConfig())
-    assert calls == [("backend", "triton"), ("attention", "rope-fused"), ("backend", "auto"), ("attention", None)]
+    Trainer(tiny_cfg(tmp_path, "train.kernels=reference", "train.steps=1", "model.depth=1"))
+    assert calls[2:4] == [("backend", "reference"), ("attention", None)]
 
 
 def test_the_trainer_runs_the_forced_fused_kernel_and_says_so(tmp_path):

@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+import kernels
+
 from modeling.config import ConfigError, dump_config, from_dict, to_dict
 from modeling.threads import configure_threads
 
@@ -203,7 +205,11 @@ class Trainer:
         RUN_STATE["checkpoint_root"] = str(self.ckpt.root)  # (named by the error line of a lost rank)
         set_nvtx(cfg.profile.nvtx)
 
-        self.build_model()  # initial weights from train.seed: identical on every rank
+        # this process's kernels.ops backend (train.kernels, both trainers' key), then the initial weights from
+        # train.seed: identical on every rank
+        kernels.set_backend(t.kernels)
+        torch.manual_seed(t.seed)
+        self.build_model()
         # Every later random draw differs by rank and comes from state a checkpoint stores per rank: the global
         # RNGs and this generator (noise, time, label dropout, posterior samples), so resume is exact.
         seed_rank_rngs(t.seed, self.info.rank)

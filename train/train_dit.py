@@ -82,15 +82,14 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- kernels
 
-def set_kernels(train: TrainConfig) -> None:
-    """The `train` section's kernel switches, for this process: the kernels.ops backend (train.kernels) and
-    attention's implementation (train.attention: auto = timed later by kernels.prime_attention, else forced; like
-    train.kernels over VAVAE_KERNELS, the config's value wins over VAVAE_ATTENTION)."""
+def set_attention(train: TrainConfig) -> None:
+    """attention's implementation for this process, from train.attention (auto = timed later by
+    kernels.prime_attention, else forced; like train.kernels over VAVAE_KERNELS, which the base trainer applies,
+    the config's value wins over VAVAE_ATTENTION)."""
     forced = None if train.attention == "auto" else train.attention
     env = os.environ.get("VAVAE_ATTENTION") or None
     if env is not None and env != forced:
         log.warning("VAVAE_ATTENTION=%s is overridden by train.attention: %s", env, train.attention)
-    kernels.set_backend(train.kernels)
     kernels.set_attention(forced)
 
 
@@ -138,8 +137,7 @@ class DiTTrainer(TrainerBase):
 
     def build_model(self) -> None:
         cfg = self.cfg
-        set_kernels(cfg.train)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        set_attention(cfg.train)
         model = LightningDiT(cfg.model.architecture()).to(self.device)
         self.fp8_desc = "off"
         if cfg.fp8.backend != "none":

@@ -228,8 +228,8 @@ def keep_fp32(module: nn.Module) -> nn.Module:
 
 
 def build_models(cfg: VAVAETrainConfig) -> tuple[AutoencoderKL, Optional[nn.Module], Optional[nn.Module], VAVAELoss]:
-    """(vae, foundation or None, linear_proj or None, loss) on the CPU, initial weights from train.seed."""
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    """(vae, foundation or None, linear_proj or None, loss), their initial weights drawn from the global RNG (the
+    trainer seeds it with train.seed first: identical on every rank)."""
     vae = AutoencoderKL(cfg.model)
     f = cfg.foundation
     foundation = linear_proj = None
@@ -295,7 +295,6 @@ class VAVAETrainer(TrainerBase):
 
     def build_model(self) -> None:
         cfg, t, device = self.cfg, self.cfg.train, self.device
-        kernels.set_backend(t.kernels)  # the VA-VAE's GroupNorm + SiLU (kernels.ops.group_norm_silu)
         with torch.device(device):  # built where they run (a ViT-L initialises far faster on a GPU than on a CPU)
             vae, foundation, linear_proj, loss_fn = build_models(cfg)
         if t.init_from:
