@@ -288,3 +288,14 @@ def test_eval_tokenizer_of_other_channels_is_refused_before_training(tmp_path, p
     assert rc == 2 and err[-1] == (f"error: eval.vae {tmp_path}/vae: a tokenizer of 32 latent channels; "
                                    "model.in_channels is 4"), err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_failed_start_gives_the_lock_back(tmp_path):
+    """A start that fails after taking the checkpoint folder's lock (here: a latent folder that is not there, found
+    after the model and engines are built) released nothing: the next start took the lock over as stale, warning
+    that a run had ended without releasing it (a review, 2026-12-05)."""
+    from train.checkpoint import LOCK_FILE
+    with pytest.raises(Exception, match="missing_latents"):
+        Trainer(tiny_cfg(tmp_path, "data.source=latents", f"data.path={tmp_path}/missing_latents", "train.steps=1"))
+    lock = tmp_path / "ckpt" / LOCK_FILE
+    assert lock.is_file() and lock.read_text() == "", lock.read_text()  # released: no owner left on record

@@ -203,37 +203,42 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume)
         self.ckpt.prepare(self.info.is_main, writable=[cfg.logging.dir])
         RUN_STATE["checkpoint_root"] = str(self.ckpt.root)  # (named by the error line of a lost rank)
-        set_nvtx(cfg.profile.nvtx)
+        try:  # a start that fails (a bad setting, a missing file, out of memory) gives the folder's lock back: the
+            #     next start took it over as a stale lock, with a warning that a run had ended without releasing it
+            set_nvtx(cfg.profile.nvtx)
 
-        # this process's kernels.ops backend (train.kernels, both trainers' key), then the initial weights from
-        # train.seed: identical on every rank
-        kernels.set_backend(t.kernels)
-        torch.manual_seed(t.seed)
-        self.build_model()
-        # Every later random draw differs by rank and comes from state a checkpoint stores per rank: the global
-        # RNGs and this generator (noise, time, label dropout, posterior samples), so resume is exact.
-        seed_rank_rngs(t.seed, self.info.rank)
-        self.generator = torch.Generator(self.device).manual_seed(t.seed * 100_003 + self.info.rank)
+            # this process's kernels.ops backend (train.kernels, both trainers' key), then the initial weights from
+            # train.seed: identical on every rank
+            kernels.set_backend(t.kernels)
+            torch.manual_seed(t.seed)
+            self.build_model()
+            # Every later random draw differs by rank and comes from state a checkpoint stores per rank: the global
+            # RNGs and this generator (noise, time, label dropout, posterior samples), so resume is exact.
+            seed_rank_rngs(t.seed, self.info.rank)
+            self.generator = torch.Generator(self.device).manual_seed(t.seed * 100_003 + self.info.rank)
 
-        self.global_batch: int = self.global_batch_of(dataclasses.asdict(t), self.info.world_size)
-        self.ds_config = deepspeed_config(cfg, self.info.world_size, self.global_batch)
-        self.grad_accum: int = self.ds_config["gradient_accumulation_steps"]
-        self.engines: dict[str, Any] = {}       # checkpoint tag -> DeepSpeed engine
-        self._optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.build_engines()
+            self.global_batch: int = self.global_batch_of(dataclasses.asdict(t), self.info.world_size)
+            self.ds_config = deepspeed_config(cfg, self.info.world_size, self.global_batch)
+            self.grad_accum: int = self.ds_config["gradient_accumulation_steps"]
+            self.engines: dict[str, Any] = {}       # checkpoint tag -> DeepSpeed engine
+            self._optimizers: dict[str, torch.optim.Optimizer] = {}
+            self.build_engines()
 
-        self.loader = self.build_loader()
-        self.batches: Optional[Iterator] = None  # the endless stream over self.loader (made on first use)
-        self._prefetched: Optional[tuple[Batch, dict]] = None  # (next step's batch, loader state before it)
-        self.total_steps: int = self.planned_steps()
-        self.step, self.images_seen = 0, 0
-        self.guard = NonFiniteGuard(t.max_bad_steps)
-        self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
-        log.info("%s", self.describe())
-        if self.info.world_size == 1 and t.zero_stage > 0 and self.info.is_main:
-            log.info(zero_on_one_rank(t.zero_stage))
-        if cfg.checkpoint.resume == "auto":
-            self.resume()
+            self.loader = self.build_loader()
+            self.batches: Optional[Iterator] = None  # the endless stream over self.loader (made on first use)
+            self._prefetched: Optional[tuple[Batch, dict]] = None  # (next step's batch, loader state before it)
+            self.total_steps: int = self.planned_steps()
+            self.step, self.images_seen = 0, 0
+            self.guard = NonFiniteGuard(t.max_bad_steps)
+            self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
+            log.info("%s", self.describe())
+            if self.info.world_size == 1 and t.zero_stage > 0 and self.info.is_main:
+                log.info(zero_on_one_rank(t.zero_stage))
+            if cfg.checkpoint.resume == "auto":
+                self.resume()
+        except BaseException:
+            self.ckpt.release()
+            raise
 
     # ------------------------------------------------------------------ what a subclass builds
 
