@@ -250,7 +250,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     except (UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{path}: cannot read the config ({' '.join(str(e).split())})") from None
-    data = data or {}
+    # an empty file (or only comments) is a mistake, not "all defaults": a truncated copy, the wrong file
+    require(data is not None, f"{path}: the config file is empty (no settings); give a config with its sections")
     require(isinstance(data, dict), f"{path}: the top level must be a mapping")
     return data
 

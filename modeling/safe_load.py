@@ -31,6 +31,7 @@ import pickle
 import re
 import stat
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -126,7 +127,10 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint",
     """
     path = require_file(path, what)
     try:
-        with torch.serialization.safe_globals(list(allow)) if allow else contextlib.nullcontext():
+        with torch.serialization.safe_globals(list(allow)) if allow else contextlib.nullcontext(), \
+                warnings.catch_warnings():
+            # torch's note on a plain (non-zip) pickle's protocol: two lines before ours, which names the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return _torch_load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)

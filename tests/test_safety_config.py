@@ -35,9 +35,16 @@ def test_an_omitted_section_is_validated(tmp_path):
     assert load_config(Outer, None, ["other.size=2"]).inner.size == 3  # a valid default section passes
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    # the DiT schema from an empty YAML: refused at once (it used to build XL/1 for 34 s, then a TypeError)
-    with pytest.raises(ConfigError, match="data.*needs data.path"):
+    # an empty YAML: refused at once, naming the file (it used to build XL/1 for 34 s, then a TypeError; then it
+    # read as every default, and the error was data.path's)
+    with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
         load_config(DiTTrainConfig, empty)
+    empty.write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="the config file is empty"):
+        load_config(DiTTrainConfig, empty)
+    from train.vae_config import VAVAETrainConfig
+    with pytest.raises(ConfigError, match="data.backend: dali decodes the files of data.source=folder"):
+        load_config(VAVAETrainConfig, None, ["data.source=skimage", "data.backend=dali"])
 
 
 def test_interval_fields(tmp_path):

@@ -93,6 +93,8 @@ class DataConfig(DataSection):
         require(self.source != "folder" or self.root, "data.root is required for data.source=folder")
         require(self.num_samples > 0 and self.num_workers >= 0, "num_samples must be > 0, num_workers >= 0")
         require(0.0 <= self.flip_prob <= 1.0, "data.flip_prob must be in [0, 1]")
+        require(self.source == "folder" or self.backend == "auto",  # it was ignored without a word
+                f"data.backend: {self.backend} decodes the files of data.source=folder; data.source is {self.source}")
 
 
 @dataclass
