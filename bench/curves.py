@@ -33,9 +33,12 @@ def load_run(run_dir: str | Path) -> list[dict]:
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:  # only the last line may be torn (a killed run): keep the rest
+            except json.JSONDecodeError as e:  # only the last line may be torn (a killed run): keep the rest
                 if n != len(lines):
-                    raise
+                    raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); only a torn last line is skipped") \
+                        from None
+    if not records:
+        raise ValueError(f"{path}: no metrics records (an empty or torn file)")
     return records
 
 
@@ -134,21 +137,25 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--metric", default="eval/fd", help="the eval metric to plot (as logged: eval/<name>)")
     p.add_argument("--out", default="runs/curves/report.html")
     a = p.parse_args(argv)
-    runs = {_label(r): load_run(r) for r in a.runs}
-    out = Path(a.out)
-    tvc = throughput_vs_convergence(runs, a.metric, out.with_suffix(".png"))
-    loss = loss_curves(runs, ("loss",), out.with_name(out.stem + "_loss.png"))
-    rows = []
-    for label, rec in runs.items():
-        _, ips = series(rec, "img_per_s")
-        _, met = series(rec, a.metric)
-        rows.append([label, max(ips) if ips else "-", met[-1] if met else "-", len(met)])
-    html_report("Throughput vs convergence", [
-        ("Summary", table_html(rows, ["run", "best img/s", f"last {a.metric}", "evals"])),
-        ("Throughput and convergence", img_tag(tvc, "throughput vs convergence")),
-        ("Training loss", img_tag(loss, "loss")),
-    ], out)
+    from modeling.config import check_output_path, user_errors
+    with user_errors(extra=(ValueError,)):  # a run folder, a metrics file or an output that will not do: one line
+        runs = {_label(r): load_run(r) for r in a.runs}
+        out = Path(a.out)
+        check_output_path(out, "--out")
+        tvc = throughput_vs_convergence(runs, a.metric, out.with_suffix(".png"))
+        loss = loss_curves(runs, ("loss",), out.with_name(out.stem + "_loss.png"))
+        rows = []
+        for label, rec in runs.items():
+            _, ips = series(rec, "img_per_s")
+            _, met = series(rec, a.metric)
+            rows.append([label, max(ips) if ips else "-", met[-1] if met else "-", len(met)])
+        html_report("Throughput vs convergence", [
+            ("Summary", table_html(rows, ["run", "best img/s", f"last {a.metric}", "evals"])),
+            ("Throughput and convergence", img_tag(tvc, "throughput vs convergence")),
+            ("Training loss", img_tag(loss, "loss")),
+        ], out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    return out
 
 
 

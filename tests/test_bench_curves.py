@@ -39,3 +39,30 @@ def test_curves_report_is_self_contained(tmp_path):
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         load_run(tmp_path)
+
+
+def test_bad_runs_and_outputs_are_one_line(tmp_path, capsys):
+    """A folder that is not a run, a metrics file with a broken line in the middle or none at all, and an --out in
+    a file's place were tracebacks (and an empty metrics file gave an empty report with exit 0): a review,
+    2026-12-05."""
+    import pytest
+
+    from bench.curves import main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "img_per_s": 3.0}\n')
+    (tmp_path / "file").write_text("x")
+    for argv, says in (([str(tmp_path / "nothing")], "is nothing a training run directory"),
+                       ([str(run)], "no metrics records"), ([str(bad)], "line 2 is not JSON"),
+                       ([str(good), "--out", str(tmp_path / "file" / "r.html")], "is not a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says.replace(
+            "is nothing", f"is {tmp_path / 'nothing'}") in err[0], err
