@@ -233,7 +233,9 @@ def set_rng_state(s: dict[str, Any]) -> None:
     if isinstance(cuda, torch.Tensor):  # format 3: this rank's device
         torch.cuda.set_rng_state(cuda)
     else:  # format 2: every device of the saving node, by index; restoring all of them failed (IndexError) on a
-        dev = torch.cuda.current_device()  # node with fewer GPUs: this device's, where the node had it
+        # node with fewer GPUs. The same node layout: this rank's own state. Another layout: the state of the
+        # device with this index on the saving node, not this rank's (its CUDA stream then resumes inexactly)
+        dev = torch.cuda.current_device()
         if dev < len(cuda):
             torch.cuda.set_rng_state(cuda[dev])
 
