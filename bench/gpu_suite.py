@@ -30,12 +30,15 @@ from evaluation.provenance import environment
 from bench import processes
 from bench.ceilings import ceilings
 
-T0 = time.time()
+# When the shell's clock started (gpu_suite.sh exports SUITE_START before `timeout`): torch's import and the wheels'
+# install count against the limit too; else now.
+T0 = float(os.environ.get("SUITE_START") or time.time())
 # The shell's hard limit on this process (gpu_suite.sh: `timeout LIMIT python bench/gpu_suite.py`, LIMIT exported as
-# SUITE_DEADLINE_S). A section whose own timeout would run past it gets what is left less PACK_MARGIN_S: it then ends
-# in its own recorded error, and the suite still writes its JSON, packs $OUT and prints its table (killed by the
-# shell, it would have done none of them). None where the suite runs without the script (tests, by hand).
-DEADLINE_S = float(os.environ.get("SUITE_DEADLINE_S") or 0) or None
+# SUITE_DEADLINE_S, in seconds with or without `timeout`'s "s"). A section whose own timeout would run past it gets
+# what is left less PACK_MARGIN_S: it then ends in its own recorded error, and the suite still writes its JSON, packs
+# $OUT and prints its table (killed by the shell, it would have done none of them). None where the suite runs
+# without the script (tests, by hand).
+DEADLINE_S = float((os.environ.get("SUITE_DEADLINE_S") or "0").removesuffix("s")) or None
 PACK_MARGIN_S = 30.0
 MIN_SECTION_S = 20.0  # no section starts with less than this left before the margin
 
@@ -160,9 +163,12 @@ class Suite:
         return self.result["sections"].get(name)
 
     def save(self) -> None:
+        """gpu_suite.json, whole or not at all (renamed over: the shell's kill mid-write kept the last whole one)."""
         os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, "gpu_suite.json"), "w") as f:
+        path = os.path.join(self.out, "gpu_suite.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(self.result, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- sections

@@ -7,6 +7,7 @@
 # and prints a short table last. `--cpu-smoke` runs every section on the CPU with tiny shapes (CI).
 set -u
 cd "$(dirname "$0")/.."
+export SUITE_START="$(date +%s)"  # the suite's clock: the wheels' install and torch's import count against its limit
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export OUT="${OUT:-bench/results/tmp}"
 mkdir -p "$OUT"

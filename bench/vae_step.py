@@ -602,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_partial() -> None:
         """The JSON so far ("partial": true), after every measurement: a call stopped by its timeout keeps them."""
-        out.write_text(json.dumps({**result, "partial": True, **({"authors": authors} if authors else {})},
+        tmp = out.with_name(out.name + ".tmp")  # whole or not at all: a kill mid-write kept the last one
+        tmp.write_text(json.dumps({**result, "partial": True, **({"authors": authors} if authors else {})},
                                   indent=1, default=str))
+        os.replace(tmp, out)
 
     def over_budget(what):
         if time.time() - t_ours > a.budget_s:
