@@ -101,3 +101,13 @@ def test_fresh_deletes_only_a_demo_folder(tmp_path, capsys, monkeypatch):
     assert (precious / "important.txt").read_text() == "keep" and (precious / "sub").is_dir()
     from examples import demo
     assert demo.CONFIGS_DIR.is_absolute() and (demo.CONFIGS_DIR / "dit_tiny_cpu.yaml").is_file()
+
+
+def test_digits_are_not_written_into_another_image_folder(tmp_path):
+    """`train.data digits` into an ImageFolder of other classes mixed its ten classes into that data set (a
+    review, 2026-12-05); a folder of digits (a rerun) is fine."""
+    from train.data import DataError
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(DataError, match="holds cats, which are not digit classes"):
+        write_digits(tmp_path, size=16, per_class=1)
+    assert write_digits(tmp_path / "d", size=16, per_class=1) == write_digits(tmp_path / "d", size=16, per_class=1)

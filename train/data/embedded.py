@@ -103,6 +103,12 @@ def write_digits(out: Union[str, Path], size: int = 64, per_class: Optional[int]
     as RGB JPEGs. `per_class`: N of each class, picked by `seed` (None: all 500); no mirroring (a mirrored
     digit is another symbol)."""
     out = Path(out)
+    others = sorted(p.name for p in out.iterdir() if p.name not in DIGIT_CLASSES and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if others:  # an ImageFolder's classes are its subfolders: the digits would join another data set's
+        from . import DataError
+        raise DataError(f"{out}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which are not "
+                        "digit classes; write the digits into an empty folder")
     images, labels = load_mnist_5k()
     rng = np.random.default_rng(seed)
     n = 0
