@@ -175,7 +175,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
     check_arguments(num_samples, batch_size, seed, latent_multiplier, rank, world_size)
     if latent_stats is not None:
         check_latent_stats(latent_stats["mean"], latent_stats["std"], (sources or {}).get("latent_stats") or "given")
-    check_pairing(dit, vae, latent_stats, {k: v for k, v in (sources or {}).items() if v})
+    check_pairing(dit.in_channels, vae, latent_stats, {k: v for k, v in (sources or {}).items() if v})
     out_npz = check_output(out_npz)
     work = out_npz.with_suffix(".chunks")
     work.mkdir(parents=True, exist_ok=True)

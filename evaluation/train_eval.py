@@ -131,12 +131,12 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
         latent_stats = load_latent_stats(latent_stats)
     if latent_channels is not None:  # the DiT's (model.in_channels): refused now, not at the first evaluation
         from modeling.config import ConfigError
-        if vae.config.embed_dim != latent_channels:
-            raise ConfigError(f"eval.vae {s.vae}: a tokenizer of {vae.config.embed_dim} latent channels; "
-                              f"model.in_channels is {latent_channels}")
-        if latent_stats is not None and latent_stats["mean"].numel() != latent_channels:
-            raise ConfigError(f"eval.latent_stats {s.latent_stats}: statistics of {latent_stats['mean'].numel()} "
-                              f"channels; model.in_channels is {latent_channels}")
+        from modeling.sample_images import check_pairing
+        try:
+            check_pairing(latent_channels, vae, latent_stats, {"dit": "model.in_channels", "vae": f"eval.vae {s.vae}",
+                                                               "latent_stats": f"eval.latent_stats {s.latent_stats}"})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if features is None and ("features" in needs or (reference is None and "reference" in needs)):
         features = inception_features(s.inception, device, s.batch_size)
     if reference is None and "reference" in needs:

@@ -77,19 +77,19 @@ def check_latent_stats(mean: torch.Tensor, std: torch.Tensor, source: Union[str,
                          f"have {std.flatten()[bad[:8]].tolist()}")
 
 
-def check_pairing(dit: LightningDiT, vae: AutoencoderKL, stats: Optional[dict] = None,
+def check_pairing(channels: int, vae: AutoencoderKL, stats: Optional[dict] = None,
                   sources: Optional[dict] = None) -> None:
-    """ValueError naming the files where the DiT's latent channels are not the tokenizer's or the statistics'
+    """ValueError naming the files where the DiT's latent `channels` are not the tokenizer's or the statistics'
     (a 16-channel tokenizer for a 32-channel DiT): checked before sampling, where the decode failed with a
-    traceback after the first batch (a review, 2026-12-05). `sources`: {"dit", "vae", "latent_stats"} names."""
+    traceback after the first batch (a review, 2026-12-05). `sources`: {"dit", "vae", "latent_stats"}: how the
+    message names each (files for the commands, config keys for the trainer)."""
     src = {"dit": "the DiT", "vae": "the VA-VAE", "latent_stats": "the latent statistics", **(sources or {})}
-    c = dit.in_channels
-    if vae.config.embed_dim != c:
-        raise ValueError(f"{src['vae']}: a tokenizer of {vae.config.embed_dim} latent channels; {src['dit']} "
-                         f"samples {c}")
-    if stats is not None and stats["mean"].numel() != c:
+    if vae.config.embed_dim != channels:
+        raise ValueError(f"{src['vae']}: a tokenizer of {vae.config.embed_dim} latent channels; {src['dit']} has "
+                         f"{channels}")
+    if stats is not None and stats["mean"].numel() != channels:
         raise ValueError(f"{src['latent_stats']}: statistics of {stats['mean'].numel()} channels; {src['dit']} "
-                         f"samples {c}")
+                         f"has {channels}")
 
 
 def check_latent_multiplier(value: float, name: str = "latent_multiplier") -> float:
@@ -122,7 +122,7 @@ def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean:
                          "null class used by guidance, not a class)")
     check_latent_multiplier(latent_multiplier)
     check_latent_stats(mean, std, "given")
-    check_pairing(dit, vae, {"mean": mean, "std": std}, sources)
+    check_pairing(dit.in_channels, vae, {"mean": mean, "std": std}, sources)
     dit, vae = dit.to(device).eval(), vae.to(device).eval()
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     c, s = dit.in_channels, dit.config.input_size

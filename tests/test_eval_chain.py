@@ -118,7 +118,7 @@ def test_a_tokenizer_of_other_latent_channels_is_refused_before_sampling(parity_
                       "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1] == (f"error: {tmp_path / 'vae4'}: a tokenizer of 4 latent channels; "
-                                             f"{tmp_path / 'dit'} samples 32"), err
+                                             f"{tmp_path / 'dit'} has 32"), err
     assert not out.with_suffix(".chunks").exists()
     with pytest.raises(SystemExit) as e:
         sample_main(["--dit", str(tmp_path / "dit"), "--vae", str(tmp_path / "vae4"), "--labels", "1", "--steps", "2",

@@ -286,7 +286,7 @@ def test_eval_tokenizer_of_other_channels_is_refused_before_training(tmp_path, p
                f"eval.vae={tmp_path}/vae", f"eval.ref_batch={ref}", "eval.num_samples=2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == (f"error: eval.vae {tmp_path}/vae: a tokenizer of 32 latent channels; "
-                                   "model.in_channels is 4"), err
+                                   "model.in_channels has 4"), err
     assert not (tmp_path / "ckpt").exists()
 
 
