@@ -402,3 +402,20 @@ def test_compiled_blocks_leave_the_adaptive_weights_layers_eager(tmp_path):
     assert compiled[3].keys() == eager[3].keys() and len(eager[3]) > 0
     for n in eager[3]:
         torch.testing.assert_close(compiled[3][n], eager[3][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_checkpoint_from_when_disc_start_counted_batches_says_so(tmp_path, caplog):
+    """loss.disc_start counts the reference's global step since 2026-12-05 (two a batch): a run checkpointed before
+    resumes on the new schedule, and its log says where the GAN now starts."""
+    import logging
+
+    from train.checkpoint import load_state
+    train(tiny_cfg(tmp_path, **{"train.steps": 2}))
+    path = tmp_path / "checkpoints" / "step_0000002" / "trainer.pt"
+    state = load_state(path)
+    assert state["disc_start_counts"] == "reference_global_step"
+    state.pop("disc_start_counts")  # as written before
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING, logger="train_vae"):
+        train(tiny_cfg(tmp_path, **{"train.steps": 3, "loss.disc_start": 5001}))
+    assert "the discriminator trains from batch 2500 and its term enters the loss from batch 2501" in caplog.text

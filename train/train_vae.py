@@ -435,7 +435,9 @@ class VAVAETrainer(TrainerBase):
         return {"disc_buffers": {k: v.detach().cpu().clone() for k, v in self.loss_fn.discriminator.named_buffers()}}
 
     def extra_trainer_state(self) -> dict:
-        return {"logvar": self.loss_fn.logvar.detach().cpu()}
+        # disc_start_counts: what loss.disc_start counted when this was written (reference_steps; before 2026-12-05
+        # it counted batches, and a checkpoint without the key is told so on resume)
+        return {"logvar": self.loss_fn.logvar.detach().cpu(), "disc_start_counts": "reference_global_step"}
 
     def read_trainer_state(self, path: Path) -> dict:
         if not (path / "trainer.pt").is_file() and (path / "state.pt").is_file():
@@ -449,6 +451,12 @@ class VAVAETrainer(TrainerBase):
             for k, v in self.loss_fn.discriminator.named_buffers():
                 v.copy_(rank_state["disc_buffers"][k])
             self.loss_fn.logvar.copy_(state["logvar"])
+        if state.get("disc_start_counts") != "reference_global_step":
+            start = self.cfg.loss.disc_start
+            log.warning("this checkpoint was written when loss.disc_start counted batches (GAN from batch %d); it "
+                        "now counts the reference's global step, two a batch, as the authors' Lightning 2.4 does: "
+                        "the discriminator trains from batch %d and its term enters the loss from batch %d",
+                        start, max(0, math.ceil((start - 1) / 2)), max(0, math.ceil(start / 2)))
 
     def final_evaluation(self) -> dict:
         """PSNR of the reconstructions of 8 training images, and LOGGING_DIR/reconstructions.png (rank 0)."""
