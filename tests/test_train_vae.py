@@ -404,6 +404,15 @@ def test_compiled_blocks_leave_the_adaptive_weights_layers_eager(tmp_path):
         torch.testing.assert_close(compiled[3][n], eager[3][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _rewrite_trainer_state(path, state):
+    """trainer.pt rewritten as an older trainer wrote it, its size in the step's COMPLETE.json updated to match."""
+    from train.checkpoint import MANIFEST
+    torch.save(state, path)
+    manifest = json.loads((path.parent / MANIFEST).read_text())
+    manifest["files"]["trainer.pt"] = path.stat().st_size
+    (path.parent / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_a_checkpoint_from_when_disc_start_counted_batches_says_so(tmp_path, caplog):
     """loss.disc_start counts the reference's global step since 2026-12-05 (two a batch): a run checkpointed before
     resumes on the new schedule, and its log says where the GAN now starts."""
@@ -415,7 +424,29 @@ def test_a_checkpoint_from_when_disc_start_counted_batches_says_so(tmp_path, cap
     state = load_state(path)
     assert state["disc_start_counts"] == "reference_global_step"
     state.pop("disc_start_counts")  # as written before
-    torch.save(state, path)
+    _rewrite_trainer_state(path, state)
     with caplog.at_level(logging.WARNING, logger="train_vae"):
         train(tiny_cfg(tmp_path, **{"train.steps": 3, "loss.disc_start": 5001}))
     assert "the discriminator trains from batch 2500 and its term enters the loss from batch 2501" in caplog.text
+
+
+def test_a_checkpoint_of_the_former_flipping_view_resumes_with_its_flips(tmp_path, caplog):
+    """Until 2026-12-05 the folder loader flipped at p 0.5 and its checkpoints record that in the loader state, but
+    their config has no data.flip_prob: resumed under the new default (0.0) they failed with a traceback (the data
+    order would not continue). Now the run continues with the flips, says so, and records them."""
+    import logging
+
+    from train.checkpoint import load_state
+    from train.data.embedded import write_embedded
+    write_embedded(tmp_path / "images", size=48, per_class=2)
+    folder = {"data.source": "folder", "data.root": str(tmp_path / "images"), "data.backend": "pil",
+              "data.num_workers": 0}
+    train(tiny_cfg(tmp_path, **folder, **{"data.flip_prob": 0.5, "train.steps": 2}))  # as the former view ran
+    path = tmp_path / "checkpoints" / "step_0000002" / "trainer.pt"
+    state = load_state(path)
+    del state["config"]["data"]["flip_prob"]  # as it was written then
+    _rewrite_trainer_state(path, state)
+    with caplog.at_level(logging.WARNING, logger="train_vae"):
+        res = train(tiny_cfg(tmp_path, **folder, **{"train.steps": 4}))
+    assert res["step"] == 4 and "continues its data order with the flips (data.flip_prob 0.5)" in caplog.text
+    assert load_state(tmp_path / "checkpoints" / "step_0000004" / "trainer.pt")["config"]["data"]["flip_prob"] == 0.5

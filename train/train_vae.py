@@ -439,6 +439,18 @@ class VAVAETrainer(TrainerBase):
         # it counted batches, and a checkpoint without the key is told so on resume)
         return {"logvar": self.loss_fn.logvar.detach().cpu(), "disc_start_counts": "reference_global_step"}
 
+    def check_resumable(self, state: dict, path: Path) -> bool:
+        """The base's checks, after adopting the old training view's flips for a checkpoint written before
+        data.flip_prob existed: its folder loader flipped at p 0.5 (and resized bicubic), and its recorded data
+        order continues only with them (a review, 2026-12-05: such a run could not be resumed)."""
+        data = state["config"].get("data", {})
+        if data.get("source", "folder") == "folder" and "flip_prob" not in data and self.cfg.data.flip_prob == 0.0:
+            self.cfg.data.flip_prob = self.loader.sampler.flip_prob = 0.5  # recorded again by the next checkpoint
+            log.warning("%s was written with the former training view (horizontal flips at p 0.5, a bicubic "
+                        "resize): the run continues its data order with the flips (data.flip_prob 0.5); the resize "
+                        "is now the reference's bilinear. A new run trains on the reference's view (no flips)", path)
+        return super().check_resumable(state, path)
+
     def read_trainer_state(self, path: Path) -> dict:
         if not (path / "trainer.pt").is_file() and (path / "state.pt").is_file():
             raise ConfigError(f"{path} was written by the first (single-process) VA-VAE trainer and cannot be "

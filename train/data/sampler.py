@@ -82,13 +82,14 @@ class ResumableLoader:
                 "drop_last": s.drop_last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from modeling.config import ConfigError  # a setting changed since the checkpoint: one line (a ValueError)
         s = self.sampler
         for key in ("seed", "num_samples", "flip_prob", "shuffle", "drop_last"):
             if state[key] != getattr(s, key):
-                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {getattr(s, key)!r}: "
-                                 "the data order would not continue")
+                raise ConfigError(f"loader state has {key}={state[key]!r}, this loader {getattr(s, key)!r}: "
+                                  "the data order would not continue")
         g, rest = divmod(state["samples_in_epoch"], s.global_batch)
         if rest:
-            raise ValueError(f"saved position {state['samples_in_epoch']} is not a multiple of the global "
+            raise ConfigError(f"saved position {state['samples_in_epoch']} is not a multiple of the global "
                              f"batch {s.global_batch} (batch size x world size changed)")
         self.epoch, self.batch_in_epoch = state["epoch"], g
