@@ -319,15 +319,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     # a bad value or file: one line naming it, exit 2 -- the cheap checks first, all before the first sample
     # out of GPU memory: a batch too large for the card (it happens at the first batch, before any chunk exists,
     # and check_settings lets the layout change until one does)
-    oom = f"lower --batch-size (now {a.batch_size}) and run the same command again"
-    work = Path(a.out_npz).with_suffix(".chunks")
-    try:
-        started = any(work.glob("chunk_*.npz"))
-    except OSError:  # a path the checks below name
-        started = False
-    if started:  # the layout is fixed once a chunk exists (check_settings)
-        oom = (f"free the GPU's memory and run the same command again (--batch-size {a.batch_size} is fixed once "
-               f"chunks exist: a smaller one starts over in another output, or after removing {work})")
+    def oom() -> str:  # decided when the error comes: the layout is fixed once a chunk exists (check_settings)
+        try:
+            work = Path(a.out_npz).with_suffix(".chunks")
+            started = any(work.glob("chunk_*.npz"))
+        except (OSError, ValueError):  # a path the argument checks name
+            started = False
+        if not started:
+            return f"lower --batch-size (now {a.batch_size}) and run the same command again"
+        return (f"free the GPU's memory and run the same command again (--batch-size {a.batch_size} is fixed once "
+                f"chunks exist: a smaller one starts over in another output, or after removing {work})")
     with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable, SettingsMismatchError),
                      out_of_memory=oom):
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)

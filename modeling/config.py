@@ -328,12 +328,13 @@ def out_of_memory_figures(exc: BaseException) -> str:
 
 
 def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = (),
-                out_of_memory: typing.Optional[str] = None) -> typing.ContextManager[None]:
+                out_of_memory: typing.Union[str, typing.Callable[[], str], None] = None) -> typing.ContextManager[None]:
     """A context manager with train.errors.user_errors' semantics for the layers below train: a user mistake
     (USER_ERROR_TYPES + extra) becomes `error: <one line>` on stderr and exit status 2; anything else keeps its
     traceback; debug=True or VAVAE_DEBUG=1 keeps the traceback for user mistakes too. `out_of_memory`: what to
-    lower when the GPU's memory runs out (a setting too large for the card, e.g. "lower --batch-size"); then
-    that error is a user mistake too, and its line carries torch's figures."""
+    lower when the GPU's memory runs out (a setting too large for the card, e.g. "lower --batch-size"), or a
+    function giving it when the error comes (advice that depends on what the run wrote by then); then that error
+    is a user mistake too, and its line carries torch's figures."""
     import contextlib
     import os
     import sys
@@ -350,7 +351,8 @@ def user_errors(debug: bool = False, prefix: str = "error", extra: tuple = (),
         except (*USER_ERROR_TYPES, CheckpointLoadError, *extra, *oom) as e:
             if debug or os.environ.get("VAVAE_DEBUG") == "1":
                 raise
-            line = (f"out of GPU memory ({out_of_memory_figures(e)}): {out_of_memory}"
+            advice = out_of_memory() if callable(out_of_memory) else out_of_memory
+            line = (f"out of GPU memory ({out_of_memory_figures(e)}): {advice}"
                     if oom and isinstance(e, oom) else one_line(e))
             print(f"{prefix}: {line}", file=sys.stderr)
             raise SystemExit(2) from None

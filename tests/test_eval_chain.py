@@ -101,6 +101,24 @@ def test_generate_out_of_memory_is_one_line_and_a_smaller_batch_starts_afresh(pa
         gen_cli.main(args + ["--batch-size", "2"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "free the GPU's memory and run the same command again (--batch-size 2 is fixed once chunks exist" in err
+    # ... and when this very run wrote the first chunk before running out (the advice is decided at the error)
+    calls = []
+
+    def second_call_oom(self, z, *a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            raise cuda_oom("9.00 GiB", "3.50 GiB")
+        return real(self, z, *a, **kw)
+
+    monkeypatch.setattr(Sampler, "__call__", second_call_oom)
+    fresh = args[:2] + [str(tmp_path / "fresh.npz")] + args[3:]
+    with pytest.raises(SystemExit):
+        gen_cli.main(fresh + ["--batch-size", "2"])
+    assert "--batch-size 2 is fixed once chunks exist" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as info:  # an output path with no name: one line, as before
+        gen_cli.main(args[:2] + ["/"] + args[3:])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
 
 
 def test_a_tokenizer_of_other_latent_channels_is_refused_before_sampling(parity_dir, tmp_path, capsys):
