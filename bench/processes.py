@@ -11,6 +11,9 @@ import subprocess
 from typing import Any, Sequence, Union
 
 
+AFTER_KILL_S = 3.0  # the wait for the pipes to close after the kill: what the tree printed last, not longer
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below `pid` (Linux /proc), parents before their children."""
     children: dict[int, list[int]] = {}
@@ -48,7 +51,11 @@ def run(cmd: Union[str, Sequence[str]], timeout: float, **kw: Any) -> subprocess
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(p.pid)
-            out, err = p.communicate()
+            try:
+                out, err = p.communicate(timeout=AFTER_KILL_S)
+            except subprocess.TimeoutExpired as e:  # a process outside the tree (re-parented) still holds the pipes
+                out, err = (b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                            for b in (e.output, e.stderr))
             raise subprocess.TimeoutExpired(p.args, timeout, output=out, stderr=err) from None
         except BaseException:
             kill_tree(p.pid)

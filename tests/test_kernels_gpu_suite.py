@@ -155,6 +155,12 @@ def test_a_timed_out_section_ends_with_everything_it_started(monkeypatch, tmp_pa
         processes.run(["bash", "-c", f"bash -c 'sleep 60 & echo $! > {inner}; wait' & wait"], timeout=2)
     assert inner.exists() and not _running(int(inner.read_text()))
     assert processes.run([sys.executable, "-c", "print(6 * 7)"], timeout=60).stdout == "42\n"
+    # a process that left the tree (its parent exited: re-parented) and holds the pipes does not hold the caller
+    import time
+    t = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        processes.run(["sh", "-c", "echo before; (sleep 20 &); sleep 30"], timeout=1)
+    assert time.monotonic() - t < 1 + processes.AFTER_KILL_S + 3 and "before" in e.value.output
 
 
 def test_sampling_plan_parses_and_fp32_comes_first():
