@@ -571,7 +571,7 @@ def set_aside_large(out: str | Path, limit: int = RETURN_FILE_LIMIT) -> list[str
     sibling folder `<out>.large` before the rest is packed (gzip of gigabytes takes minutes of device time); on a
     machine of one's own they stay there (they were deleted until a review, 2026-12-05). Returns "path (N MiB)"
     for each."""
-    out = Path(out)
+    out = Path(out).resolve()  # (`.` has no name to extend)
     aside, moved = out.with_name(out.name + ".large"), []
     for d, _, fs in os.walk(out):
         for f in fs:

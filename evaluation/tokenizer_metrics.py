@@ -53,9 +53,10 @@ def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: 
         dist = vae.encode(x)
         if posterior == "mode":
             z = dist.mode()
-        else:  # one generator per image: its draw does not depend on the batch it falls in
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(seed + i + j))
-                                 for j in range(len(x))])
+        else:  # one generator per image: its draw does not depend on the batch it falls in, and (seed, image)
+            #    pairs are mixed (seed + index would make seed 1 the seed-0 draws shifted by one image)
+            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+                int(np.random.SeedSequence([seed, i + j]).generate_state(1)[0]))) for j in range(len(x))])
             z = dist.mean + dist.std * noise.to(dist.mean)
         recons.append(vae.decode_to_images(z).cpu())
     recons = torch.cat(recons).numpy()

@@ -461,7 +461,7 @@ class LightningDiT(nn.Module, HubMixin):
         guidance="reference": the authors' behaviour, guiding latent channels 0..2 only (channels 3.. keep
         the plain conditional / unconditional outputs). guidance="all": standard guidance on every channel.
         Guidance is off (the conditional output is returned for both halves' guided channels) where
-        modeling.guidance.is_guided says so (cfg_scale 1, or t < cfg_interval_start); t is taken per sample, so
+        modeling.guidance.is_guided says so (cfg_scale <= 1, or t < cfg_interval_start); t is taken per sample, so
         no host synchronisation happens here. The mix is modeling.guidance.cfg_velocity, as in the Sampler.
         """
         k = guided_channels(guidance, self.in_channels)  # (an unknown guidance is refused before the forward)
