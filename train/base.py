@@ -44,13 +44,13 @@ import torch
 
 import kernels
 
-from modeling.config import ConfigError, dump_config, from_dict, to_dict
+from modeling.config import ConfigError, dump_config, from_dict, one_line, to_dict
 from modeling.threads import configure_threads
 
 from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
                          rng_state, set_rng_state)
 from .config_sections import TrainerConfig
-from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, init_distributed, set_phase,
+from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, import_deepspeed, init_distributed, set_phase,
                           set_zero_grad_norm_dtype)
 from .guard import NonFiniteGuard, engine_step
 from .logging_utils import MetricsLogger, ProfileWindow, nvtx, peak_memory, set_nvtx
@@ -125,8 +125,80 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int, global_batch: int) -> 
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    ds.update(t.deepspeed)
+    if t.deepspeed:
+        ds = merge_deepspeed_overrides(ds, t.deepspeed)
+        check_deepspeed_config(ds, t.deepspeed)
     return ds
+
+
+# DeepSpeed keys the trainer derives from its own settings: overridden, the trainer would count, clip, schedule or
+# cast one way and DeepSpeed another (e.g. zero_optimization.stage against train.zero_stage, which the guard, the
+# EMA and the checkpoints follow). -> where to set it instead
+TRAINER_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.batch_per_gpu (and train.global_batch in the DiT trainer)",
+    "train_micro_batch_size_per_gpu": "train.batch_per_gpu",
+    "gradient_accumulation_steps": "train.global_batch and train.batch_per_gpu (the DiT trainer derives it)",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "optimizer": "optim (the trainer builds its own optimizers)",
+    "scheduler": "optim.lr and optim.warmup_steps (the trainer sets the learning rate)",
+    "fp16": "train.precision", "bf16": "train.precision",
+}
+
+
+def merge_deepspeed_overrides(ds: dict, overrides: dict, path: str = "train.deepspeed") -> dict:
+    """`ds` with `overrides` merged key by key into its sections (a section given in part keeps the trainer's other
+    keys: `zero_optimization: {offload_optimizer: ...}` keeps the stage); a trainer-owned key is a ConfigError."""
+    out = dict(ds)
+    for key, value in overrides.items():
+        dotted = f"{path}.{key}"
+        owner = TRAINER_OWNED_DEEPSPEED_KEYS.get(dotted.removeprefix("train.deepspeed."))
+        if owner is not None:
+            raise ConfigError(f"{dotted}: the trainer sets this DeepSpeed key from its own config; set {owner}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_deepspeed_overrides(out[key], value, dotted)
+        else:
+            out[key] = value
+    return out
+
+
+class _ReadKeys(dict):
+    """A dict that notes which keys are read (DeepSpeed's config parser reads each key it knows with get/[];
+    its shallow copy shares `read`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def check_deepspeed_config(ds: dict, overrides: dict) -> None:
+    """Parse `ds` as the engines will (DeepSpeedConfig) before anything is built, so a refused value is one line
+    naming train.deepspeed rather than a traceback from deepspeed.initialize, and a top-level key of `overrides`
+    that DeepSpeed never reads (a misspelling: DeepSpeed ignores it) is a ConfigError instead of a silent no-op."""
+    deepspeed = import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+    seen = _ReadKeys(copy.deepcopy(ds))
+    try:
+        DeepSpeedConfig(seen)
+    except Exception as e:  # pydantic's ValidationError, DeepSpeedConfigError, AssertionError ...
+        errors = getattr(e, "errors", None)  # pydantic: the section (its model's title), then each key's problem
+        text = (f"{e.title}: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors())
+                if callable(errors) and hasattr(e, "title") else one_line(e))
+        raise ConfigError(f"train.deepspeed: DeepSpeed {deepspeed.__version__} refuses the config: {text}") from None
+    if "train_batch_size" not in seen.read:  # this DeepSpeed reads its config otherwise: nothing to learn here
+        return
+    unread = sorted(set(overrides) - seen.read)
+    if unread:
+        raise ConfigError(f"train.deepspeed.{unread[0]}: not a key DeepSpeed {deepspeed.__version__} reads "
+                          f"(misspelt? it would be ignored); its top-level keys are in its config docs")
 
 
 @dataclass
@@ -207,6 +279,10 @@ class Trainer:
             #     next start took it over as a stale lock, with a warning that a run had ended without releasing it
             set_nvtx(cfg.profile.nvtx)
 
+            # the engines' DeepSpeed config, checked before anything big is built
+            self.global_batch: int = self.global_batch_of(dataclasses.asdict(t), self.info.world_size)
+            self.ds_config = deepspeed_config(cfg, self.info.world_size, self.global_batch)
+            self.grad_accum: int = self.ds_config["gradient_accumulation_steps"]
             # this process's kernels.ops backend (train.kernels, both trainers' key), then the initial weights from
             # train.seed: identical on every rank
             kernels.set_backend(t.kernels)
@@ -217,9 +293,6 @@ class Trainer:
             seed_rank_rngs(t.seed, self.info.rank)
             self.generator = torch.Generator(self.device).manual_seed(t.seed * 100_003 + self.info.rank)
 
-            self.global_batch: int = self.global_batch_of(dataclasses.asdict(t), self.info.world_size)
-            self.ds_config = deepspeed_config(cfg, self.info.world_size, self.global_batch)
-            self.grad_accum: int = self.ds_config["gradient_accumulation_steps"]
             self.engines: dict[str, Any] = {}       # checkpoint tag -> DeepSpeed engine
             self._optimizers: dict[str, torch.optim.Optimizer] = {}
             self.build_engines()

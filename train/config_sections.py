@@ -73,7 +73,10 @@ class TrainSection:
     # reduction compiled both persistent (the row in registers, read once) and looped, the faster kept by timing
     # it on its first call (inductor's own default loops over rows wider than 1024, such as hidden 1152)
     compile_options: dict = field(default_factory=dict)
-    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config merged last (expert use)
+    # extra DeepSpeed config (expert use), merged into the trainer's own sections key by key and parsed by DeepSpeed
+    # at start-up: a key DeepSpeed does not read, or one the trainer sets (batch sizes, zero_optimization.stage,
+    # gradient_clipping, optimizer, scheduler, fp16/bf16) is refused naming the key to set (train/base.py)
+    deepspeed: dict = field(default_factory=dict)
 
     def compile_desc(self) -> str:
         """For the start-up line: none, or blocks (backend[, the inductor options])."""
