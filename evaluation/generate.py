@@ -31,7 +31,7 @@ import torch
 
 from evaluation.provenance import environment
 from modeling.config import console_entry
-from modeling.sampling import SamplingConfig
+from modeling.sampling import TIME_GRID_DTYPE, SamplingConfig
 
 SETTINGS_FILE = "settings.json"
 
@@ -190,6 +190,8 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
             "sha256": tensor_sha256(latent_stats["mean"], latent_stats["std"])},
         "latent_multiplier": latent_multiplier, "num_samples": num_samples, "class_balanced": class_balanced,
         "seed": seed, "sampler": config.settings(),
+        # (chunks from before 2026-12-05 were sampled on a float64 grid, an ulp apart in t: not resumed into)
+        "time_grid": str(TIME_GRID_DTYPE).removeprefix("torch."),
         "precision": config.precision if config.precision != "fp8" else "fp8 ({})".format(", ".join(
             [config.fp8_recipe] + (["torchao"] if config.fp8_impl == "torchao" else []))),
         "layout": {"world_size": world_size, "batch_size": batch_size},

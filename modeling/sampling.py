@@ -58,12 +58,15 @@ def time_grid(steps: int, shift: float = 1.0, device: Union[str, torch.device, N
     return timestep_shift(t, shift) if shift != 1.0 else t
 
 
+TIME_GRID_DTYPE = torch.float32  # the dtype sampling_grid computes in (generate's settings file records it)
+
+
 def sampling_grid(steps: int, shift: float = 1.0) -> list[float]:
     """The samplers' grid as host floats: the float32 grid the authors' transport/integrators.py computes (their
     linspace and shift in float32: the fixture `grid250_shift0.3` bit for bit), so the model sees their times and
     the guidance interval switches at their step. A float64 grid differed from theirs by an ulp at 140 of the 250
     paper points, and could move the interval's start by a step (a review, 2026-12-05)."""
-    return time_grid(steps, shift, dtype=torch.float32).double().tolist()
+    return time_grid(steps, shift, dtype=TIME_GRID_DTYPE).double().tolist()
 
 
 # ----------------------------------------------------------------------------- the one config

@@ -29,6 +29,11 @@ def test_released_checkpoint_to_fid(parity_dir, tmp_path, capsys):
     assert settings["sampler"] == {"method": "euler", "steps": 3, "shift": 0.3, "cfg_scale": 6.7,
                                    "cfg_interval_start": 0.125, "guidance": "reference"}
     assert settings["precision"] == "fp32" and len(settings["dit"]["weights_sha256"]) == 64
+    assert settings["time_grid"] == "float32"  # the authors' grid; chunks sampled on the old float64 one are not
+    old = {k: v for k, v in settings.items() if k != "time_grid"}  # continued, the refusal names the grid
+    (tmp_path / "old_run").mkdir()
+    with pytest.raises(SettingsMismatchError, match="time_grid: recorded None, now 'float32'"):
+        gen_cli.check_settings(tmp_path / "old_run", old) or gen_cli.check_settings(tmp_path / "old_run", settings)
     assert settings["latent_stats"]["source"].endswith("latents_stats.safetensors")
     with np.load(out) as z:
         assert z["arr_0"].shape == (4, 128, 128, 3) and z["arr_0"].dtype == np.uint8 and len(z["arr_1"]) == 4
