@@ -37,7 +37,7 @@ def build(root: Path, device: str, steps: int, model_spec: Optional[dict] = None
     """Their model (eval, fp32, on device) and their ODE sampler of `steps` grid points from their config."""
     built = their_model(root, CONFIG, model_spec)
     from transport import Sampler, create_transport
-    cfg, tr, s = built["config"], built["config"]["transport"], built["config"]["sample"]
+    tr, s = built["config"]["transport"], built["config"]["sample"]
     transport = create_transport(tr["path_type"], tr["prediction"], tr["loss_weight"], tr["train_eps"],
                                  tr["sample_eps"], use_cosine_loss=tr["use_cosine_loss"], use_lognorm=tr["use_lognorm"])
     sample_fn = Sampler(transport).sample_ode(sampling_method=s["sampling_method"], num_steps=steps, atol=s["atol"],

@@ -86,7 +86,9 @@ def gemm_shapes(batch: int, smoke: bool, fp8: bool = False, rows: int | None = N
         out[name] = {"ms": ms, "TFLOPs": 2 * m * k * n / ms / 1e9}
         if not fp8 or "adaLN" in name:
             continue
-        from modeling.fp8 import FP8Linear, forward_mm, quantize_fp8
+        from kernels.fp8_linear import forward_mm
+        from kernels.fp8_quant import quantize_fp8
+        from modeling.fp8 import FP8Linear
         for rowwise in (True, False):
             tag = "rowwise" if rowwise else "tensorwise"
             aq, sa = quantize_fp8(a, rowwise)
@@ -115,13 +117,13 @@ def training_gemm_calls(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                         bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """Each GEMM of one block Linear's training step as a call on operands made here, beforehand: x (M, K) and the
     output gradient g (M, N) in bf16, the fp32 master weight w (N, K), a bf16 bias. bf16 as autograd runs them (the
-    forward with its bias, dgrad g W, wgrad g^T x); FP8 as FP8TrainingLinear runs them (modeling.fp8's forward_mm,
+    forward with its bias, dgrad g W, wgrad g^T x); FP8 as FP8TrainingLinear runs them (kernels.fp8_linear's forward_mm,
     rowwise_dgrad, wgrad_mm, tensorwise_dgrad, tensorwise_wgrad -- the last with its two transposing copies -- on
     the trainer's own weight operands and activation quantizers: tests check the results against the trainer's
     outputs and gradients bit for bit); and the row-wise gradient GEMMs with fast accumulation (a what-if: training
     accumulates them in two levels)."""
+    from kernels import fp8_linear as fp8
     from kernels.fp8_quant import pad_rows
-    from modeling import fp8
 
     (n, k), dev, e4m3, bf16 = w.shape, w.device, torch.float8_e4m3fn, torch.bfloat16
     wb = w.to(bf16)

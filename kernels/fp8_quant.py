@@ -16,7 +16,7 @@ a gradient both ways in two passes (the FP8 training linear's backward).
                                       wider than 1024, the column amax, the transposed cast); for gradients that come
                                       out of an opaque kernel (ours), into which inductor cannot fuse
 
-pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (modeling.fp8).
+pow2: each scale rounded up to a power of two (`pow2_ceil`), the FP8 training recipe's (kernels/fp8_linear.py).
 
 The recipe is `quantize_fp8` below: one scale per row, its amax times the fp32 reciprocal of 448 (a power of two
 above it with pow2), and the row times the scale's reciprocal (exactly the division for a power-of-two scale; in
@@ -160,7 +160,7 @@ def pad_rows(t: Tensor, multiple: int = 16) -> Tensor:
 def quantize_rows_cols_fp8_reference(g: Tensor, pow2: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """g (..., N) as (M, N) -> (q e4m3 (M, N), scale fp32 (M, 1)) per row, (qt e4m3 (N, Mp), scale fp32 (N, 1)) per
     column of g padded with zero rows to Mp = padded_rows(M) and transposed, and each column's sum in fp32 (N,):
-    `quantize_fp8` both ways, as the FP8 training linear's backward takes its gradient (modeling.fp8)."""
+    `quantize_fp8` both ways, as the FP8 training linear's backward takes its gradient (kernels/fp8_linear.py)."""
     g2 = g.reshape(-1, g.shape[-1])
     q, scale = quantize_fp8(g2, rowwise=True, pow2=pow2)
     qt, scale_t = quantize_fp8(pad_rows(g2).t().contiguous(), rowwise=True, pow2=pow2)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modeling.fp8 import FP8_E4M3_MAX, FP8Linear, FP8Unavailable, apply_fp8_inference, quantize_fp8
+from kernels.fp8_quant import FP8_E4M3_MAX, quantize_fp8
+from modeling.fp8 import FP8Linear, FP8Unavailable, apply_fp8_inference
 
 
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])

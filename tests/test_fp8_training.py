@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modeling.fp8 import (FP8TrainingLinear, FP8TrainingSwiGLUFFN, FP8Unavailable, SCALED_MM_RECIPES, apply_fp8,
-                          apply_fp8_training, check_fp8, quantize_along, refresh_fp8_weights, training_quant)
+from kernels.fp8_linear import SCALED_MM_RECIPES, quantize_along
+from modeling.fp8 import (FP8TrainingLinear, FP8TrainingSwiGLUFFN, FP8Unavailable, apply_fp8, apply_fp8_training,
+                          check_fp8, refresh_fp8_weights, training_quant)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 LAYERS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
@@ -216,7 +217,7 @@ def test_weight_operands_are_written_in_place_by_one_traceable_function(monkeypa
     fp8.rowwise_weight_quantizer (compiled on a GPU, where the plain ops are ~35 launches per weight); the function
     traces as one graph (fullgraph) and gives quantize_along's bits, here through AOT autograd (inductor's on the
     GPU: tests/test_kernels_gpu.py)."""
-    from modeling import fp8
+    from kernels import fp8_linear as fp8
     used = []
     real = fp8.rowwise_weight_quantizer
     monkeypatch.setattr(fp8, "rowwise_weight_quantizer", lambda device: used.append(device.type) or real(device))
@@ -242,7 +243,7 @@ def test_weight_operands_are_written_in_place_by_one_traceable_function(monkeypa
 def test_tensorwise_weight_operands_are_quantize_alongs_and_cast_in_one_traceable_function():
     """tensorwise: one scale (its IEEE reciprocal in plain ops: not a power of two) and the two casts of W by
     fp8.cast_both_ways (compiled on a GPU); quantize_along(w, None)'s bits, W^T the same bytes transposed."""
-    from modeling import fp8
+    from kernels import fp8_linear as fp8
     torch.manual_seed(0)
     m = FP8TrainingLinear(make_linear(80, 48, True, 3), "tensorwise")
     m.refresh_weight()

@@ -98,9 +98,9 @@ def test_swiglu_fp8_against_float64_and_the_unfused_kernels(H, dtype):
 @pytest.mark.parametrize("shape", [(2, 17, 72), (37, 1152), (5, 3072)])
 def test_pow2_scales_bitwise_the_training_quantizer(shape):
     """pow2=True (the FP8 training recipe's scales): both kernels give the bytes and scales of
-    modeling.fp8.quantize_along(x, -1, pow2=True), the trainer's own quantizer, on ragged rows; the scales are
+    kernels.fp8_linear.quantize_along(x, -1, pow2=True), the trainer's own quantizer, on ragged rows; the scales are
     powers of two >= amax / 448."""
-    from modeling.fp8 import quantize_along
+    from kernels.fp8_linear import quantize_along
     x = _rows(shape, torch.bfloat16, seed=5)
     q, s = ops.quantize_rows_fp8(x, pow2=True)
     qt, st = quantize_along(x.reshape(-1, shape[-1]), -1, pow2=True)
@@ -143,7 +143,7 @@ def test_quantize_rows_cols_bitwise_the_trainers_quantizer(shape, dtype):
     trainer's own quantize_along(g, -1, pow2); per column, those of quantize_along(pad_rows(g).t(), -1, pow2) -- the
     padding to 16 rows included (rows 37, 34, 130, 3, 16; tiles of 4 x 16 under the interpreter, ragged); the column
     sums within fp32 rounding of float64's. Rows and columns of very different magnitudes, a zero row, an outlier."""
-    from modeling.fp8 import quantize_along
+    from kernels.fp8_linear import quantize_along
     g = _rows(shape, dtype, seed=4) * torch.exp(2 * torch.randn(shape[-1])).to(dtype).to(DEV)
     q, s, qt, st, col_sum = ops.quantize_rows_cols_fp8(g, pow2=True)
     assert kernels.describe()["ops"]["quantize_rows_cols_fp8"] == "triton"
@@ -181,7 +181,7 @@ def test_scale_is_the_product_with_the_reciprocal_as_torch_computes_it_on_cuda()
     """The recipe's scale is amax * fp32(1 / 448): what torch on CUDA computes for `amax / 448` (a * (1 / b) for a
     Python divisor), where the CPU divides. The H200 suite found the kernel (then dividing) an ulp off eager CUDA
     torch in some rows; the product is the same on the CPU, the GPU, under inductor and in our kernels."""
-    from modeling.fp8 import quantize_along
+    from kernels.fp8_linear import quantize_along
     g = torch.Generator().manual_seed(3)
     amax = torch.rand(4096, 1, generator=g) * 100 + 1e-3
     cuda_way = amax * torch.tensor(1.0, dtype=torch.float32).div(448.0)  # fp32 reciprocal, then the product

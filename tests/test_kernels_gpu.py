@@ -445,7 +445,8 @@ def test_quantize_rows_cols_every_tile_on_gpu():
     float64's and the same bits whatever the cast's tile; attn.qkv with grad_kernel is the plain FP8 linear bit for
     bit but for its bias gradient (that sum's order)."""
     from kernels import fp8_quant
-    from modeling.fp8 import FP8TrainingLinear, quantize_along
+    from kernels.fp8_linear import quantize_along
+    from modeling.fp8 import FP8TrainingLinear
     _need("triton")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.fail("the GPU suite runs on an FP8 GPU (H100/H200)")
@@ -485,7 +486,7 @@ def test_fp8_weight_operands_compiled_on_gpu_are_the_eager_bits():
     """FP8TrainingLinear's per-step weight quantization runs compiled on a GPU (fp8.weight_quantizer): at XL/1's four
     weight shapes the e4m3 operands and scales are the eager ops' bytes and quantize_along's, row-wise and
     tensorwise."""
-    from modeling import fp8
+    from kernels import fp8_linear as fp8
     quantize = fp8.rowwise_weight_quantizer(torch.device("cuda"))
     assert quantize is not fp8.quantize_weight_rowwise
     torch.manual_seed(0)
@@ -518,7 +519,8 @@ def test_fp8_training_swiglu_mlp_on_gpu():
     (fullgraph, as the trainer's blocks) agree with each other and with the inline path within FP8's rounding."""
     import copy
     from kernels.swiglu import swiglu_triton
-    from modeling.fp8 import FP8TrainingSwiGLUFFN, apply_fp8_training, quantize_along, refresh_fp8_weights
+    from kernels.fp8_linear import quantize_along
+    from modeling.fp8 import FP8TrainingSwiGLUFFN, apply_fp8_training, refresh_fp8_weights
     from modeling.lightningdit import SwiGLUFFN
     _need("triton")
     if torch.cuda.get_device_capability() < (8, 9):
