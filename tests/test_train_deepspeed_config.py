@@ -45,6 +45,7 @@ def test_keys_the_trainer_sets_are_refused_naming_its_own_key(override, named, o
     ("zero_optimization.stag=2", "DeepSpeedZeroConfig: stag: Extra inputs are not permitted"),
     ("communication_data_type=fp33", "Got: fp33"),
     ("amp.enabled=true", "Apex AMP integration has been removed"),
+    ("zero_optimization=null", "train.deepspeed.zero_optimization: expected a mapping"),
 ])
 def test_what_deepspeed_would_refuse_or_ignore_is_one_line_before_anything_is_built(override, says):
     with pytest.raises(ConfigError) as e:

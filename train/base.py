@@ -155,7 +155,9 @@ def merge_deepspeed_overrides(ds: dict, overrides: dict, path: str = "train.deep
         owner = TRAINER_OWNED_DEEPSPEED_KEYS.get(dotted.removeprefix("train.deepspeed."))
         if owner is not None:
             raise ConfigError(f"{dotted}: the trainer sets this DeepSpeed key from its own config; set {owner}")
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(out.get(key), dict):  # a section the trainer writes: merged, never replaced
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping (merged into the trainer's section), got {value!r}")
             out[key] = merge_deepspeed_overrides(out[key], value, dotted)
         else:
             out[key] = value
