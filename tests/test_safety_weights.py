@@ -271,6 +271,19 @@ def test_a_folder_with_a_bad_config_is_exit_2_at_the_command_line(tmp_path, caps
     _one_line_naming(err, vae / "config.json")
 
 
+def test_extract_given_a_dit_folder_as_vae_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Was a traceback (the DiT has no encode) after extract.json recorded the DiT's hash, which then refused the
+    corrected command."""
+    from train.data.__main__ import main
+    LightningDiT(**DIT).save_pretrained(tmp_path / "dit")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        main(["extract", str(tmp_path / "images"), str(tmp_path / "lat"), "--vae", str(tmp_path / "dit")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "holds a 'lightningdit' model, not a 'vavae'" in err and "\n" not in err
+    assert not (tmp_path / "lat").exists()
+
+
 # ----------------------------------------------------------------------------- odd paths
 
 @pytest.fixture

@@ -8,19 +8,20 @@ from modeling.config import console_entry
 
 
 def _vae(path, config_json):
-    from modeling.checkpoint import load_pretrained, load_vavae_checkpoint
-    from modeling.vavae import AutoencoderKL
-
-    if os.path.isdir(path):
-        return load_pretrained(path)
+    from modeling.checkpoint import load_vavae_checkpoint
     from modeling.config import ConfigError
     from modeling.safe_load import CheckpointLoadError
-    if not config_json:  # the architecture read from the weights, as from_pretrained does (a tokenizer of another
-        try:             # width than the default f16d32 was a 2 KB line naming neither the file nor --vae-config)
+    from modeling.vavae import AutoencoderKL
+
+    # A folder (a tokenizer's: another model's folder is refused here, before extract writes anything), or a
+    # checkpoint with the architecture read from its weights (a tokenizer of another width than the default f16d32
+    # was a 2 KB line naming neither the file nor --vae-config)
+    if not config_json or os.path.isdir(path):
+        try:
             return AutoencoderKL.from_pretrained(path)
         except (ValueError, RuntimeError, CheckpointLoadError) as e:
-            raise ConfigError(f"--vae {path}: {' '.join(str(e).split())[:300]} (--vae-config gives the "
-                              "architecture)") from None
+            hint = "" if os.path.isdir(path) else " (--vae-config gives the architecture)"
+            raise ConfigError(f"--vae {path}: {' '.join(str(e).split())[:300]}{hint}") from None
     try:
         model = AutoencoderKL(**json.loads(config_json))
     except (ValueError, TypeError) as e:
