@@ -70,6 +70,18 @@ def test_scan_resumes_from_partial(dirty, tmp_path):
     assert len([ln for ln in lines if ln.startswith("{") and ln.endswith("}")]) == counts["files"]
 
 
+def test_a_file_changed_since_its_verdict_is_checked_again(tmp_path):
+    """The partial results were keyed on the path alone: a file truncated after its scan stayed 'ok' on every rerun,
+    and extract then failed on it while advising the scan that had just passed it."""
+    root = tmp_path / "images"
+    write_embedded(root, size=32, per_class=1)
+    assert scan(root, tmp_path / "scan", workers=1, progress=False)["bad"] == 0
+    victim = root / "brick" / "brick_0000.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])
+    counts = scan(root, tmp_path / "scan", workers=1, progress=False)
+    assert counts["bad"] == 1 and "brick/brick_0000.jpg" not in FileList.read(tmp_path / "scan").paths
+
+
 def test_clean_list_feeds_dali_and_pil(dirty, tmp_path):
     scan(dirty, tmp_path / "scan", workers=2, progress=False)
     clean = FileList.read(tmp_path / "scan")

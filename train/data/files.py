@@ -230,10 +230,20 @@ def check_image(path: str, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX
     return "ok", ",".join(notes)
 
 
+def _stamp(path: str) -> Optional[list[int]]:
+    """[size, mtime_ns] of a file as the scan checked it (None: gone): a rerun checks again what changed since."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _check(args):
     rel, path, max_pixels, max_aspect = args
+    stamp = _stamp(path)  # before the decode: a file rewritten during it is checked again next time
     status, note = check_image(path, max_pixels, max_aspect)
-    return rel, status, note
+    return rel, status, note, stamp
 
 
 def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, workers: Optional[int] = None,
@@ -243,8 +253,9 @@ def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, wor
 
     Images with more than `max_pixels` pixels or a long side above `max_aspect` short sides are bad (listed in
     bad.tsv with the reason, never decoded). Symlink loops and duplicate links are not followed twice
-    (skipped.tsv). Resumable: results are appended to out_dir/scan.partial.jsonl as they come; a rerun checks
-    only the files not in it (a torn last line is ignored; changed limits start over). Returns a dict of counts.
+    (skipped.tsv). Resumable: results are appended to out_dir/scan.partial.jsonl as they come, with each file's
+    size and modification time; a rerun checks only the files not in it or changed since (a torn last line is
+    ignored; changed limits start over). Returns a dict of counts.
     """
     from modeling.config import ConfigError
     for name, value, low in (("workers", workers, 1), ("max_pixels", max_pixels, 1), ("max_aspect", max_aspect, 1),
@@ -267,6 +278,13 @@ def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, wor
         partial.unlink()
     _atomic_write(settings_file, json.dumps(settings))
     done = _read_partial(partial)
+    changed = [p for p in listing.paths if p in done and done[p][2] is not None
+               and done[p][2] != _stamp(os.path.join(root, p))]
+    for p in changed:  # rewritten, truncated or replaced since its verdict
+        del done[p]
+    if changed:
+        log.info("scan %s: %d files changed since they were checked (size or modification time), e.g. %s",
+                 root, len(changed), changed[0])
     todo = [(p, os.path.join(root, p), max_pixels, max_aspect) for p in listing.paths if p not in done]
     log.info("scan %s: %d files, %d already checked, %d to check", root, len(listing), len(done), len(todo))
     if todo:
@@ -274,9 +292,9 @@ def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, wor
         bar = _progress(len(todo), "scan") if progress else None
         _end_with_newline(partial)
         with open(partial, "a") as f, get_context("fork").Pool(workers) as pool:
-            for i, (rel, status, note) in enumerate(pool.imap_unordered(_check, todo, chunksize=chunksize)):
-                done[rel] = (status, note)
-                f.write(json.dumps({"path": rel, "status": status, "note": note}) + "\n")
+            for i, (rel, status, note, stamp) in enumerate(pool.imap_unordered(_check, todo, chunksize=chunksize)):
+                done[rel] = (status, note, stamp)
+                f.write(json.dumps({"path": rel, "status": status, "note": note, "stamp": stamp}) + "\n")
                 if i % 256 == 0:
                     f.flush()
                 if bar is not None:
@@ -312,7 +330,7 @@ def _read_partial(path):
                 r = json.loads(line)
             except json.JSONDecodeError:  # torn write of a killed run: that file is simply checked again
                 continue
-            done[r["path"]] = (r["status"], r["note"])
+            done[r["path"]] = (r["status"], r["note"], r.get("stamp"))  # (no stamp: an older scan's line, trusted)
     return done
 
 
