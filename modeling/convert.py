@@ -27,7 +27,7 @@ from .hub import CONFIG_NAME, STATS_NAME, load_latent_stats, read_config, save_l
 from .released import (CheckpointMismatchError, build_released, detect_kind, dit_size_name,  # noqa: F401
                        infer_dit_config, infer_vavae_config, read_checkpoint)  # (re-exported: public helpers)
 from .safe_load import CheckpointLoadError, require_file
-from .sampling import SAMPLING_PRESETS, preset_for_name
+from .sampling import PRESET_ALIASES, SAMPLING_PRESETS, preset_for_name
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -84,7 +84,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
     if found == "stats":
         st = load_latent_stats(src)
         target = out / STATS_NAME if out.is_dir() or out.suffix != ".safetensors" else out
+        if target.exists():
+            raise FileExistsError(f"{target}: latent statistics are already there; write into a new file (or "
+                                  "delete that one first)")
         return save_latent_stats(target, st["mean"], st["std"])
+    if out.is_dir() and not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
+        first = sorted(p.name for p in out.iterdir())[0]
+        raise FileExistsError(f"{out}: holds other files ({first}, ...), not a converted model; convert into a new "
+                              "or empty folder")
     if (out / CONFIG_NAME).is_file():  # another model there: replaced, its statistics would stay beside this one
         there = read_config(out).get("source") or {}
         if there.get("sha256") != source["sha256"]:
@@ -97,9 +104,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
     if found == "lightningdit":
         source["weights"] = weights
         name = preset_for_name(src.name) if preset == "auto" else (None if preset in (None, "none") else preset)
+        name = PRESET_ALIASES.get(name, name)  # 800ep / 64ep, as sample_images and generate take them
         if name is not None:
             if name not in SAMPLING_PRESETS:
-                raise ValueError(f"unknown preset {name!r}; known: {sorted(SAMPLING_PRESETS)}")
+                raise ValueError(f"unknown preset {name!r}; known: {sorted(SAMPLING_PRESETS) + sorted(PRESET_ALIASES)}")
             sampling = {"preset": name, **SAMPLING_PRESETS[name]["settings"]}
             training = training or SAMPLING_PRESETS[name]["training_config"]
         if info.get("size"):
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {out}")
+    kept = Path(out) / STATS_NAME
+    if a.latent_stats is None and Path(out).is_dir() and kept.is_file():  # (re-converted into its own folder)
+        print(f"kept {kept} from the earlier conversion (--latent-stats replaces it)")
 
 
 if __name__ == "__main__":

@@ -245,3 +245,19 @@ def test_convert_checks_before_it_writes_and_keeps_other_models(parity_dir, tmp_
     (tmp_path / "ok.png").write_bytes(b"x")
     assert "ok.png" in refused(dit, tmp_path / "ok.png" / "c4")
     assert "ok.png" in refused(dit, tmp_path / "ok.png")
+    # a folder of other things (a training run's), statistics already there: one line, nothing written (a review of
+    # the documented commands, 2026-12-05: both were written into, the second a raw "[Errno 17]")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    assert "holds other files (metrics.jsonl" in refused(dit, tmp_path / "run")
+    assert sorted(q.name for q in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+    torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": torch.ones(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
+    convert_main([str(tmp_path / "latents_stats.pt"), str(tmp_path / "s.safetensors")])
+    assert "already there" in refused(tmp_path / "latents_stats.pt", tmp_path / "s.safetensors")
+    # the short preset names sample_images and generate take; re-converting without --latent-stats says it kept them
+    capsys.readouterr()
+    stats = str(tmp_path / "latents_stats.pt")
+    convert_main([str(dit), str(tmp_path / "d"), "--preset", "800ep", "--latent-stats", stats])
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["sampling"]["cfg_scale"] == 6.7
+    convert_main([str(dit), str(tmp_path / "d"), "--preset", "800ep"])
+    assert "kept " + str(tmp_path / "d" / "latents_stats.safetensors") in capsys.readouterr().out
