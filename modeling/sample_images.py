@@ -148,6 +148,7 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike],
     for i, im in enumerate(imgs):
         r, c = divmod(i, ncol)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # (checked writable before sampling: check_output_path)
     Image.fromarray(grid).save(path)
     return path
 

@@ -61,14 +61,14 @@ def test_released_file_samples_with_the_authors_settings(parity_dir, parity_conf
     released = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"
     released.write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
     main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "3", "--steps", "4",
-          "--seed", "2", "--no-progress", "--out", str(tmp_path / "g.png")])
-    said = capsys.readouterr().out
+          "--seed", "2", "--no-progress", "--out", str(tmp_path / "new" / "g.png")])  # (its folder made, as
+    said = capsys.readouterr().out                                                   # generate does)
     assert "cfg_scale=6.7 (stored with the model)" in said and "guidance=reference (stored with the model)" in said
     assert "steps=4 (given)" in said and "cfg_interval_start=0.125" in said
     mean, std = torch.zeros(1, 32, 1, 1), torch.ones(1, 32, 1, 1)
     want = generate(dit, vae, [3], mean, std, steps=4, shift=0.3, cfg_scale=6.7, cfg_interval_start=0.125,
                     guidance="reference", seed=2)
-    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "g.png"))), want[0])
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "new" / "g.png"))), want[0])
     with pytest.raises(SystemExit):
         main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "10",
               "--out", str(tmp_path / "x.png")])
