@@ -18,9 +18,9 @@ import torch
 
 import kernels
 from bench.throughput import REPO, peak_for, write_report
-from bench.train_case import build_trainer, parse_spec, time_trainer_steps
+from bench.train_case import bench_user_errors, build_trainer, parse_spec, time_trainer_steps
 from evaluation.provenance import environment
-from modeling.config import console_entry
+from modeling.config import console_entry, read_yaml
 
 
 def _row(name, spec, trainer, batch, times, peak, env):
@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     peak, peak_desc = peak_for(a)
-    res = compare(a.config, a.a, a.b, a.batch_size, a.rounds, a.iters, a.warmup, a.overrides, peak)
+    with bench_user_errors():  # a spec, a config or a backend that cannot run here: one line, exit 2
+        read_yaml(a.config)
+        parse_spec(a.a), parse_spec(a.b)
+        res = compare(a.config, a.a, a.b, a.batch_size, a.rounds, a.iters, a.warmup, a.overrides, peak)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"environment": environment(device), "peak": peak_desc, "peak_tflops": peak,
               "results": [res["a"], res["b"]], "ratio_b_over_a": res["ratio_b_over_a"],

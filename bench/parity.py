@@ -250,8 +250,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown --attention {args.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}",
               file=sys.stderr)
         sys.exit(2)
+    try:
+        probe = torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # no such device here
+        print(f"error: --device {args.device}: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     if args.backend:
         kernels.set_backend(args.backend)
+        status = {"triton": kernels.backend.triton_status, "cuda": kernels.backend.cuda_status}.get(args.backend)
+        usable, why = status(probe) if status else (True, "")
+        if not usable:  # every fixture would be an ERROR row, summed as "outside rtol": it could not run at all
+            print(f"error: --backend {args.backend} cannot run on {args.device}: {why}", file=sys.stderr)
+            sys.exit(2)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
         torch.backends.cudnn.allow_tf32 = False

@@ -42,9 +42,10 @@ from pathlib import Path
 import torch
 
 from bench import processes
-from bench.train_case import build_trainer, parse_spec, peak_memory, saved_for_backward_gib, time_trainer_steps
+from bench.train_case import (bench_user_errors, build_trainer, parse_spec, peak_memory, saved_for_backward_gib,
+                              time_trainer_steps)
 from evaluation.provenance import environment
-from modeling.config import console_entry
+from modeling.config import console_entry, read_yaml
 from modeling.lightningdit import LIGHTNINGDIT_SIZES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict:
         for r in results:
             print(f"{r['name']} bs{r['batch_size']}: " + (f"{r['img_per_s']:.2f} img/s (scaled to {a.scale_to} points)"
                                                          if "img_per_s" in r else str(r.get("error") or r.get("skipped"))))
+    if a.mode == "train":  # before the first case: a missing config or an unknown spec is one line, exit 2
+        with bench_user_errors():
+            read_yaml(a.config)
+            for spec in (a.backends or "auto+compiled").split(","):
+                parse_spec(spec)
     for backend in (a.backends or "auto+compiled").split(",") if a.mode == "train" else ():
         for bs in batch_sizes:
             if a.in_process:
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         for f in write_report(report, a.out):
             print(f"wrote {f}")
+    if results and not any("img_per_s" in r for r in results):  # nothing measured: not a success for a script
+        print(f"error: none of the {len(results)} cases ran (each row above says why)", file=sys.stderr)
+        raise SystemExit(1)
     return report
 
 

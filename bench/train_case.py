@@ -10,11 +10,13 @@ import os
 import resource
 import time
 from pathlib import Path
+import typing
 from typing import TYPE_CHECKING
 
 import torch
 
 import kernels
+from modeling.config import ConfigError
 
 if TYPE_CHECKING:  # the trainer is imported only when a case is built (it pulls in DeepSpeed)
     from train.base import StepOutput
@@ -47,12 +49,20 @@ SPEC_PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def bench_user_errors() -> typing.ContextManager[None]:
+    """The trainers' user mistakes (train.errors) plus a backend or FP8 that cannot run here: one line, exit 2."""
+    from modeling.config import user_errors
+    from modeling.fp8 import FP8Unavailable
+    from train.errors import user_error_types
+    return user_errors(extra=(*user_error_types(), kernels.BackendUnavailable, FP8Unavailable))
+
+
 def parse_spec(spec: str) -> list[str]:
-    """'auto+compiled+fp8' -> trainer config overrides (ValueError on an unknown part)."""
+    """'auto+compiled+fp8' -> trainer config overrides (ConfigError, a ValueError, on an unknown part)."""
     parts = spec.split("+")
     bad = [p for p in parts if p not in SPEC_PARTS]
     if bad:
-        raise ValueError(f"unknown backend part(s) {bad} in {spec!r}; join any of {sorted(SPEC_PARTS)} with '+'")
+        raise ConfigError(f"unknown backend part(s) {bad} in {spec!r}; join any of {sorted(SPEC_PARTS)} with '+'")
     overrides = [o for p in parts for o in SPEC_PARTS[p]]
     if "fused" in parts:
         overrides.append("train.kernels=" + ("cuda" if kernels.backend.cuda_status()[0] else "triton"))

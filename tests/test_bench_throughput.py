@@ -340,3 +340,23 @@ def test_train_mode_refuses_model_and_sample_mode_a_missing_gpu(capsys):
         with pytest.raises(SystemExit) as e:
             main(["--mode", "sample", "--device", "cuda", "--out", "/nonexistent/x"])
         assert e.value.code == 2 and "--device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_bench_commands_refuse_bad_specs_and_configs_up_front_and_fail_when_nothing_ran(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """bench.compare printed tracebacks for a misspelt spec or a missing config; bench.throughput exited 0 when
+    every case failed (a review of the documented commands, 2026-12-05)."""
+    from bench.compare import main as compare_main
+    for main in (compare_main, throughput_main):
+        for args, says in ((["--b" if main is compare_main else "--backends", "eagre"], "unknown backend part"),
+                           (["--config", str(tmp_path / "nothere.yaml")], "config file not found")):
+            with pytest.raises(SystemExit) as e:
+                main([*args, "--out", str(tmp_path / "x")])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and says in err and err.count("\n") == 1, err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton cannot run on the CPU: the only case fails
+    with pytest.raises(SystemExit) as e:
+        throughput_main(["--config", TINY_CFG, "--batch-sizes", "2", "--backends", "triton", "--warmup", "0",
+                         "--iters", "1", "--out", str(tmp_path / "s")])
+    assert e.value.code == 1 and "none of the 1 cases ran" in capsys.readouterr().err
+    assert "error:" in (tmp_path / "s.md").read_text()  # the report is still written

@@ -215,6 +215,17 @@ def test_parity_tool_fails_where_the_forced_fused_attention_does_not_run(parity_
     assert e.value.code == 2 and "unknown --attention 'flash'" in err and err.count("\n") == 1
 
 
+def test_parity_tool_refuses_a_backend_that_cannot_run_on_the_device(parity_dir, capsys):
+    """Was an ERROR row per fixture, summed as "3 outside rtol" as if the numbers had been compared."""
+    try:
+        with pytest.raises(SystemExit) as e:
+            parity.main([str(parity_dir), "--backend", "cuda", "--device", "cpu"])
+    finally:
+        kernels.set_backend("auto")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --backend cuda cannot run on cpu") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("layout", ["channels_last"])  # NCHW: tests/test_kernels_group_norm.py (the CI's minutes)
 def test_vavae_fused_group_norm(parity_dir, parity_configs, layout):
     """The VA-VAE fixture through our fused GroupNorm (+ SiLU) kernels (kernels.ops.group_norm_silu, the triton
