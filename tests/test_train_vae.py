@@ -450,3 +450,21 @@ def test_a_checkpoint_of_the_former_flipping_view_resumes_with_its_flips(tmp_pat
         res = train(tiny_cfg(tmp_path, **folder, **{"train.steps": 4}))
     assert res["step"] == 4 and "continues its data order with the flips (data.flip_prob 0.5)" in caplog.text
     assert load_state(tmp_path / "checkpoints" / "step_0000004" / "trainer.pt")["config"]["data"]["flip_prob"] == 0.5
+
+
+def test_a_checkpoint_of_the_other_trainer_or_of_another_batch_split_says_what_to_do(tmp_path):
+    """The DiT trainer on a VA-VAE checkpoint folder was a 1 KB line of every model key "-> '<absent>'", never
+    naming the trainer; the VA-VAE's refusal of another batch_per_gpu did not name checkpoint.reshard (a review of
+    the documented commands, 2026-12-05)."""
+    from train.checkpoint import ResumeConfigError
+    from train.dit_config import DiTTrainConfig
+    from train.train_dit import DiTTrainer
+    train(tiny_cfg(tmp_path / "v", **{"train.steps": 2}))
+    with pytest.raises(ResumeConfigError, match=r"batch_per_gpu: 2 -> 3; set checkpoint.reshard=true"):
+        train(tiny_cfg(tmp_path / "v", **{"train.batch_per_gpu": 3}))
+    dit = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", [
+        f"checkpoint.dir={tmp_path / 'v' / 'checkpoints'}", f"logging.dir={tmp_path / 'd'}",
+        "logging.progress_bar=false", "logging.tensorboard=false"])
+    with pytest.raises(ResumeConfigError) as e:
+        DiTTrainer(dit)
+    assert "written by the VA-VAE trainer (engines autoencoder, discriminator), not the DiT trainer" in str(e.value)

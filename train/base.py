@@ -47,8 +47,8 @@ import kernels
 from modeling.config import ConfigError, dump_config, from_dict, one_line, to_dict
 from modeling.threads import configure_threads
 
-from .checkpoint import (CheckpointManager, atomic_torch_save, check_resume_config, deepspeed_safe_load, load_state,
-                         rng_state, set_rng_state)
+from .checkpoint import (CheckpointManager, ResumeConfigError, atomic_torch_save, check_resume_config,
+                         deepspeed_safe_load, load_state, rng_state, set_rng_state)
 from .config_sections import TrainerConfig
 from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, import_deepspeed, init_distributed, set_phase,
                           set_zero_grad_norm_dtype)
@@ -559,7 +559,8 @@ class Trainer:
                                "loader": self.loader_state(), **self.extra_rank_state()},
                               tmp / f"rank_{info.rank:05d}.pt")
             if info.is_main:
-                atomic_torch_save({"step": self.step, "images_seen": self.images_seen, "config": to_dict(self.cfg),
+                atomic_torch_save({"trainer": self.NAME, "step": self.step, "images_seen": self.images_seen,
+                                   "config": to_dict(self.cfg),
                                    "world_size": info.world_size, "global_batch": self.global_batch,
                                    "guard": self.guard.state_dict(), **self.extra_trainer_state()},
                                   tmp / "trainer.pt")
@@ -613,10 +614,19 @@ class Trainer:
         """The checkpoint's config against this run's (RESUME_REFUSE: one-line error, but for RESHARDABLE keys
         under checkpoint.reshard; RESUME_WARN: a warning per changed key), and the world it was written by
         (check_same_world). Returns True when it is to be resumed elastically (load_resharded)."""
+        written_by = state.get("trainer")  # (older checkpoints: their engines' folders say whose they are)
+        if written_by != self.NAME and (written_by is not None or not all((path / t).is_dir() for t in self.engines)):
+            held = sorted(p.name for p in path.iterdir() if p.is_dir())
+            who = f"the {written_by}" if written_by else "another"
+            raise ResumeConfigError(f"cannot resume from {path}: written by {who} trainer (engines "
+                                    f"{', '.join(held) or 'none'}), not the {self.NAME} trainer; give this run its "
+                                    "own checkpoint.dir")
         saved, now = self.saved_config(state["config"]), to_dict(self.cfg)
         reshard = self.cfg.checkpoint.reshard
         refuse = tuple(k for k in self.RESUME_REFUSE if not (reshard and k in self.RESHARDABLE))
-        check_resume_config(saved, now, path, refuse=refuse, ignore=self.RESUME_IGNORE)
+        remedy = "set checkpoint.reshard=true to continue it with this batch split (elastic resume)"
+        check_resume_config(saved, now, path, refuse=refuse, ignore=self.RESUME_IGNORE,
+                            remedies={} if reshard else dict.fromkeys(self.RESHARDABLE, remedy))
         elastic = not self.check_same_world(state, saved, path)
         check_resume_config(saved, now, path, warn=self.RESUME_WARN, ignore=self.RESUME_IGNORE)
         return elastic

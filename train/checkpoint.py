@@ -473,15 +473,18 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def check_resume_config(saved: dict, current: dict, path: Union[str, Path], refuse: Sequence[str] = (),
-                        warn: Sequence[str] = (), ignore: Sequence[str] = ()) -> list[str]:
+                        warn: Sequence[str] = (), ignore: Sequence[str] = (),
+                        remedies: Optional[dict[str, str]] = None) -> list[str]:
     """Compare the config stored in checkpoint `path` with this run's. A change under a `refuse` prefix
-    raises ResumeConfigError listing every change; under a `warn` prefix it is logged as a WARNING (each
-    key: old -> new) and returned. Keys under `ignore` (e.g. "checkpoint.", "logging.") are not reported."""
+    raises ResumeConfigError listing every change (and the remedy of each `remedies` prefix a change falls under);
+    under a `warn` prefix it is logged as a WARNING (each key: old -> new) and returned. Keys under `ignore` (e.g.
+    "checkpoint.", "logging.") are not reported."""
     changes = [c for c in config_changes(saved, current) if not any(c.startswith(p) for p in ignore)]
     hard = [c for c in changes if any(c.startswith(p) for p in refuse)]
     if hard:
+        fixes = dict.fromkeys(fix for p, fix in (remedies or {}).items() if any(c.startswith(p) for c in hard))
         raise ResumeConfigError(f"cannot resume from {path}: settings changed since it was written: "
-                                + "; ".join(hard))
+                                + "; ".join(hard) + "".join(f"; {fix}" for fix in fixes))
     soft = [c for c in changes if any(c.startswith(p) for p in warn)]
     for c in soft:
         log.warning("resuming %s with a changed setting: %s (the run continues with the new value; resume is "
