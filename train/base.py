@@ -330,10 +330,8 @@ class Trainer:
         """A DeepSpeed engine of `module` and `optimizer` (self.ds_config); `tag` names it in checkpoints."""
         import deepspeed
         if self.cfg.train.zero_stage > 0:  # ZeRO computes the gradient norm (stage 0: train/guard, in fp32)
-            said = hasattr(self, "grad_norm_desc")  # (once a trainer, not once an engine)
+            # (said once, in the start-up line: describe)
             self.grad_norm_desc = set_zero_grad_norm_dtype(self.cfg.train.grad_norm_dtype)
-            if not said:
-                log.info("ZeRO gradient norms: %s", self.grad_norm_desc)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         if self.info.world_size == 1 and self.cfg.train.zero_stage == 0:
             # one rank has nothing to all-reduce, and DeepSpeed's stage-0 reduction would still flatten every
