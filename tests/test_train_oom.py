@@ -182,3 +182,27 @@ def test_a_user_error_on_one_rank_ends_that_rank_at_once(tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[rank 1/2 ") and " error: " in ln]
     assert len(lines) == 1 and "shard_00001.safetensors: a corrupt record" in lines[0], p.stderr[-3000:]
     assert "Traceback" not in "\n".join(ln for ln in p.stderr.splitlines() if ln.startswith("[rank 1/2 "))
+
+
+def test_sigterm_to_one_process_is_a_line_naming_where_it_stopped(monkeypatch, capsys):
+    """A single-process run (a one-GPU SLURM job's SIGTERM, `kill`) ended with status 143 and printed nothing; under
+    torchrun every rank says where it stopped. Now the one process does too, and gives the caller's handler back."""
+    import os
+    import signal
+    import time
+
+    from train.dit_config import DiTTrainConfig
+    monkeypatch.setitem(RUN_STATE, "checkpoint_root", None)
+
+    def run(cfg):
+        monkeypatch.setitem(RUN_STATE, "phase", "training step 7")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    status = errors.trainer_main("train.train_dit", None, DiTTrainConfig, run,
+                                 ["--config", str(REPO / "configs/dit_tiny_cpu.yaml")])
+    err = capsys.readouterr().err
+    assert status == 143 and err == "error: stopped by SIGTERM while training step 7; no checkpoint folder yet\n"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -163,8 +163,10 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
     # INFO from rank 0 only (the other ranks would repeat it); warnings and errors from every rank, tagged
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s")
-    if tag:
-        _raise_on_sigterm()
+    import threading
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
+        _raise_on_sigterm()  # one process too: a scheduler's SIGTERM (SLURM, kill) ends in a line saying so
     failed = None
     try:
         run(cfg)
@@ -185,11 +187,21 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
         if tag:  # the other ranks may be blocked in a collective: no teardown of the group (as _rank_failed)
             _exit_now(2)
         return 2
+    except LauncherStop as e:
+        if tag:  # a rank of a multi-rank run: which rank was lost, if one was (_rank_failed)
+            failed = e
+        else:
+            from .distributed import RUN_STATE
+            print(f"error: stopped by SIGTERM while {RUN_STATE['phase']}; "
+                  f"{last_checkpoint_text(RUN_STATE['checkpoint_root'])}", file=sys.stderr)
+            return 128 + signal.SIGTERM
     except BaseException as e:  # noqa: BLE001 -- a rank of a multi-rank run: a lost peer, or a bug (below)
         if not tag or isinstance(e, (SystemExit, KeyboardInterrupt)):
             raise
         failed = e
     finally:
+        if not tag and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_sigterm)  # (main() called in-process: the caller's again)
         if failed is None:
             from .distributed import stop_heartbeat
             stop_heartbeat()
