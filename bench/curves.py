@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     p = cli_parser("bench.curves", __doc__)
     p.add_argument("runs", nargs="+", help="training run directories (with metrics.jsonl)")
-    p.add_argument("--metric", default="eval/fd", help="the eval metric to plot (as logged: eval/<name>)")
+    p.add_argument("--metric", default="eval/fd", help="the eval metric to plot, as logged: eval/<name> (the demo's classifier: "
+                                                         "eval/fd; eval.metrics fid: eval/fid)")
     p.add_argument("--out", default="runs/curves/report.html")
     a = p.parse_args(argv)
     from modeling.config import check_output_path, user_errors
@@ -142,6 +144,12 @@ def main(argv: list[str] | None = None) -> Path:
         runs = {_label(r): load_run(r) for r in a.runs}
         out = Path(a.out)
         check_output_path(out, "--out")
+        if not any(series(rec, a.metric)[1] for rec in runs.values()):  # a misspelt or the wrong run kind's metric
+            logged = sorted({k for rec in runs.values() for r in rec for k in r if k.startswith("eval/")})
+            if logged:
+                raise ValueError(f"--metric {a.metric}: no run logged it; they logged {', '.join(logged)}")
+            print(f"note: no run logged an eval metric ({a.metric}): the report has throughput and loss only",
+                  file=sys.stderr)
         tvc = throughput_vs_convergence(runs, a.metric, out.with_suffix(".png"))
         loss = loss_curves(runs, ("loss",), out.with_name(out.stem + "_loss.png"))
         rows = []

@@ -66,3 +66,16 @@ def test_bad_runs_and_outputs_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says.replace(
             "is nothing", f"is {tmp_path / 'nothing'}") in err[0], err
+
+
+def test_a_metric_no_run_logged_is_refused_naming_the_logged_ones(tmp_path, capsys):
+    """--metric eval/fd (the default: the demo's classifier metric) on runs that logged eval/fid drew an empty
+    curve and exited 0 (a review of the documented commands, 2026-12-05)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "img_per_s": 3.0}\n{"step": 1, "eval/fid": 9.0}\n')
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--metric", "eval/fdd", "--out", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--metric eval/fdd: no run logged it; they logged eval/fid" in err
+    main([str(run), "--metric", "eval/fid", "--out", str(tmp_path / "r.html")])
