@@ -108,3 +108,14 @@ def test_scan_cli(dirty, tmp_path):
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     assert counts["bad"] == 4 and (out / "files.tsv").is_file()
     assert np.all(np.diff([int(line.split("\t")[1]) for line in (out / "files.tsv").read_text().splitlines()]) >= 0)
+
+
+def test_debug_is_taken_after_the_subcommand_too(tmp_path, capsys):
+    """`python -m train.data scan X --debug` was "unrecognized arguments"; before the subcommand it worked."""
+    from train.data.__main__ import main
+    for argv in (["--debug", "scan", str(tmp_path / "none")], ["scan", str(tmp_path / "none"), "--debug"]):
+        with pytest.raises(FileNotFoundError, match="image folder not found"):
+            main(argv)
+    with pytest.raises(SystemExit) as e:
+        main(["scan", str(tmp_path / "none")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: image folder not found")

@@ -1,4 +1,5 @@
 """python -m train.data {embedded,digits,scan,extract,compare,stats} ... -- see docs/data.md."""
+import argparse
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     st = sub.add_parser("stats", help="(re)compute latents_stats.pt of a latent folder as the reference does")
     st.add_argument("dir")
 
+    for sp in sub.choices.values():  # also after the subcommand (SUPPRESS: not given there keeps the top level's)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     # out of GPU memory in extract / compare: a batch too large for the card (the batch is not among the settings an
