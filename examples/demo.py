@@ -525,8 +525,11 @@ def run_demo(a: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"
     mine = {k: v for k, v in vars(a).items() if k not in ("fresh", "out", "debug")}
-    if settings.exists() and json.loads(settings.read_text()) != json.loads(json.dumps(mine)):
-        raise ConfigError(f"{out} holds a demo run with other settings ({settings}); use --fresh or another --out")
+    old, new = (json.loads(settings.read_text()) if settings.exists() else None), json.loads(json.dumps(mine))
+    if old is not None and old != new:
+        diff = "; ".join(f"{k}: recorded {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
+        raise ConfigError(f"{out} holds a demo run with other settings ({diff}); use --fresh or another --out")
     if not settings.exists() and any((out / d).exists() for d in ("data", "vae", "latents", "dit")):
         raise ConfigError(f"{out} holds a demo run whose settings were not recorded; use --fresh or another --out")
     settings.write_text(json.dumps(mine, indent=1))

@@ -96,3 +96,4 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(two_runs):
     run = two_runs[1][0]
     res = demo(run, "--seed", "1")
     assert res.returncode == 2 and "other settings" in res.stderr and "Traceback" not in res.stderr
+    assert "seed: recorded 0, now 1" in res.stderr  # each difference named, as generate and extract name them
