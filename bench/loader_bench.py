@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reference-reads", type=int, default=2000)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    from train.errors import user_errors
+    with user_errors(), tempfile.TemporaryDirectory() as tmp:  # a missing or foreign --dir: one line, exit 2
         directory = args.dir
         if directory is None:
             directory = tmp

@@ -81,6 +81,9 @@ def test_loader_bench_record(capsys):
                 "--reference-reads", "16"])
     check_environment(res["environment"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["environment"]["commit"] == _head()
+    with pytest.raises(SystemExit) as e:  # a folder without shards was a traceback
+        main(["--dir", "/nonexistent/latents"])
+    assert e.value.code == 2 and "no *.safetensors latent shards in /nonexistent/latents" in capsys.readouterr().err
 
 
 def test_ops_bench_record(tmp_path):
