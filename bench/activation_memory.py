@@ -50,7 +50,8 @@ def _kernels(name: str) -> Iterator[None]:
 
 
 def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str = "none",
-                       compile_backend: Optional[str] = "inductor", batch: int = 2, kernels_backend: str = "auto",
+                       compile_backend: Optional[str] = "inductor", batch: Optional[int] = None,
+                       kernels_backend: str = "auto",
                        fp8: str = "none", fp8_quant: str = "inline", device: str = "cpu",
                        **model_overrides) -> dict:
     """Run one block of a LightningDiT `size` forward (bf16 autocast, `batch` samples, the kernels backend
@@ -78,6 +79,8 @@ def saved_for_backward(size: str = "XL/1", input_size: int = 16, recompute: str 
     n_tok = model.x_embedder.num_patches
     dims = {d for p in model.parameters() for d in p.shape}
     from kernels.fp8_quant import padded_rows
+    if batch is None:  # the bytes per token do not depend on it: the smallest batch whose sizes no weight has
+        batch = next(b for b in range(2, 1 << 20) if b not in dims and not {b * n_tok, padded_rows(b * n_tok)} & dims)
     token_dims = {batch * n_tok, padded_rows(batch * n_tok)}  # padded: FP8's x^T (K, tokens padded to 16)
     if batch < 2 or batch in dims or token_dims & dims:  # a weight's saved cast must not pass as an activation
         raise ValueError(f"batch {batch}: pick one >= 2 that is no parameter dimension ({sorted(dims)})")
