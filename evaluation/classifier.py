@@ -107,7 +107,7 @@ def train_classifier(images: Any, labels: Any, num_classes: int, steps: int = 20
 
     Returns (classifier, {"holdout_acc", "train_images", "holdout_images", "holdout_indices"}).
     """
-    from tqdm import tqdm
+    from modeling.progress import tracked
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -120,7 +120,7 @@ def train_classifier(images: Any, labels: Any, num_classes: int, steps: int = 20
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     clf.train()
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+    for _ in tracked(range(steps), "classifier", "step", enabled=progress):
         idx = train[torch.randint(len(train), (batch_size,), generator=g)]
         loss = F.cross_entropy(clf(_augment(x_all[idx], g, flip)), labels[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)

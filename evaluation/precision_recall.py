@@ -22,8 +22,8 @@ def _pairwise_sq_dists(u, v):
 
 
 def _bar(total, desc, progress):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="block", disable=not progress, leave=False)
+    from modeling.progress import progress as progress_bar  # (a bar on a terminal, lines in a log file)
+    return progress_bar(total, desc, "block", enabled=progress, leave=False)
 
 
 def manifold_radii(features: Any, k: int = 3, row_batch: int = 10000, col_batch: int = 10000, device: Any = "cpu",

@@ -38,7 +38,7 @@ def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: 
     callable uint8 (B, H, W, 3) tensor -> {"pool": (B, D)}) or None (no rFID). Returns a dict of floats (and
     the number of images) and the reconstructions, uint8.
     """
-    from tqdm import tqdm
+    from modeling.progress import tracked
 
     from .adm_metrics import compute_activations
 
@@ -47,7 +47,7 @@ def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: 
     vae = vae.eval().to(device)
     images = np.asarray(images)
     recons = []
-    for i in tqdm(range(0, len(images), batch_size), desc="tokenizer metrics", disable=not progress):
+    for i in tracked(range(0, len(images), batch_size), "tokenizer metrics", "batch", enabled=progress):
         real = torch.as_tensor(images[i:i + batch_size]).to(device)
         x = real.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         dist = vae.encode(x)

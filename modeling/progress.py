@@ -3,7 +3,9 @@ else one line on stderr at most every `every_s` seconds and one at the end. In a
 is a single line of carriage returns that `less` and most log viewers show as one garbled line."""
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional, Sized, TypeVar
+
+T = TypeVar("T")
 
 
 def format_duration(seconds: float) -> str:
@@ -83,3 +85,12 @@ def progress(total: Optional[int], desc: str, unit: str = "it", enabled: bool = 
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, **tqdm_kw)
     return LogProgress(total, desc, unit, initial=tqdm_kw.get("initial", 0))
+
+
+def tracked(items: Iterable[T], desc: str, unit: str = "it", enabled: bool = True) -> Iterator[T]:
+    """`items` (a sized iterable), counted by `progress` as they are taken: a bar on a terminal, lines in a log."""
+    total = len(items) if isinstance(items, Sized) else None
+    with progress(total, desc, unit, enabled=enabled, leave=False) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

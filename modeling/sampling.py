@@ -501,9 +501,9 @@ class Sampler:
                 raise ValueError(f"batch {n} is larger than this sampler's static batch {self.static_batch}")
         self._prime_attention(len(z))
         steps = range(len(self.grid) - 1)
-        if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+        if progress:  # (a bar on a terminal, a line every 30 s in a log file)
+            from .progress import tracked
+            steps = tracked(steps, "sampling", "step")
         if self.use_graphs:
             x = self._run_graphed(z, y, steps)
         else:

@@ -48,3 +48,18 @@ def test_the_kind_follows_the_terminal_and_the_switch(monkeypatch):
     bar = prog.progress(3, "x", "img", disable=True)
     assert isinstance(bar, tqdm)
     bar.close()
+
+
+def test_the_sampler_and_the_metrics_bars_are_lines_in_a_log(capsys):
+    """sample_images, tokenizer_metrics and the precision/recall of evaluation.fid drew tqdm's carriage-return bars
+    into a log file (a review of the documented commands, 2026-12-05); they go through `progress` now."""
+    import numpy as np
+
+    from evaluation.precision_recall import precision_recall
+    assert list(prog.tracked(range(3), "sampling", "step")) == [0, 1, 2]
+    assert list(prog.tracked(range(3), "off", enabled=False)) == [0, 1, 2]
+    feats = np.random.default_rng(0).standard_normal((12, 4))
+    precision_recall(feats, feats, row_batch=4, col_batch=4, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "sampling: 3/3 step (100%)" in err and "precision/recall: 3/3 block" in err
+    assert "off" not in err
