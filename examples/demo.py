@@ -526,6 +526,8 @@ def run_demo(a: argparse.Namespace) -> dict[str, Any]:
     settings = out / "settings.json"
     mine = {k: v for k, v in vars(a).items() if k not in ("fresh", "out", "debug")}
     old, new = (json.loads(settings.read_text()) if settings.exists() else None), json.loads(json.dumps(mine))
+    if old is not None and not isinstance(old, dict):
+        raise ConfigError(f"{settings}: not a demo's settings (a JSON object); use --fresh or another --out")
     if old is not None and old != new:
         diff = "; ".join(f"{k}: recorded {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
                          if old.get(k) != new.get(k))

@@ -85,11 +85,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, kind: str | None = N
         st = load_latent_stats(src)
         target = out / STATS_NAME if out.is_dir() or out.suffix != ".safetensors" else out
         if target.exists():
-            raise FileExistsError(f"{target}: latent statistics are already there; write into a new file (or "
-                                  "delete that one first)")
+            beside = " (a model's: convert its DiT again with --latent-stats to replace them)" if out.is_dir() else ""
+            raise FileExistsError(f"{target}: latent statistics are already there{beside}; write into a new file "
+                                  "(or delete that one first)")
         return save_latent_stats(target, st["mean"], st["std"])
-    if out.is_dir() and not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
-        first = sorted(p.name for p in out.iterdir())[0]
+    others = sorted(p.name for p in out.iterdir() if p.name != STATS_NAME) if out.is_dir() else []
+    if others and not (out / CONFIG_NAME).is_file():  # (statistics converted into it first are its own)
+        first = others[0]
         raise FileExistsError(f"{out}: holds other files ({first}, ...), not a converted model; convert into a new "
                               "or empty folder")
     if (out / CONFIG_NAME).is_file():  # another model there: replaced, its statistics would stay beside this one

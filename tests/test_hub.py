@@ -254,6 +254,9 @@ def test_convert_checks_before_it_writes_and_keeps_other_models(parity_dir, tmp_
     torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": torch.ones(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
     convert_main([str(tmp_path / "latents_stats.pt"), str(tmp_path / "s.safetensors")])
     assert "already there" in refused(tmp_path / "latents_stats.pt", tmp_path / "s.safetensors")
+    convert_main([str(tmp_path / "latents_stats.pt"), str(tmp_path / "m")])  # statistics first, then their DiT
+    convert_main([str(dit), str(tmp_path / "m")])
+    assert "--latent-stats to replace them" in refused(tmp_path / "latents_stats.pt", tmp_path / "m")
     # the short preset names sample_images and generate take; re-converting without --latent-stats says it kept them
     capsys.readouterr()
     stats = str(tmp_path / "latents_stats.pt")

@@ -22,7 +22,8 @@ def test_a_section_given_in_part_keeps_the_trainers_keys(cls):
     # was dict.update: the offload setting replaced the whole section and DeepSpeed ran ZeRO stage 0 while the
     # trainer (guard, EMA, checkpoints) believed stage 2
     ds = ds_of(cls, "train.zero_stage=2", "train.deepspeed.zero_optimization.offload_optimizer.device=cpu",
-               "train.deepspeed.steps_per_print=7")
+               "train.deepspeed.steps_per_print=7", "train.deepspeed.flops_profiler.enabled=true",
+               "train.deepspeed.data_types.grad_accum_dtype=fp32")
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     assert ds["steps_per_print"] == 7 and "enabled" in ds["torch_autocast"]
 
@@ -33,6 +34,8 @@ def test_a_section_given_in_part_keeps_the_trainers_keys(cls):
     ("gradient_clipping=1.0", "train.deepspeed.gradient_clipping", "optim.grad_clip"),
     ("bf16.enabled=true", "train.deepspeed.bf16", "train.precision"),
     ("optimizer.type=Adam", "train.deepspeed.optimizer", "optim"),
+    ("bfloat16.enabled=true", "train.deepspeed.bfloat16", "train.precision"),  # DeepSpeed's older spelling
+    ("torch_autocast.enabled=false", "train.deepspeed.torch_autocast", "train.precision"),
 ])
 def test_keys_the_trainer_sets_are_refused_naming_its_own_key(override, named, owner):
     with pytest.raises(ConfigError) as e:
@@ -46,6 +49,10 @@ def test_keys_the_trainer_sets_are_refused_naming_its_own_key(override, named, o
     ("communication_data_type=fp33", "Got: fp33"),
     ("amp.enabled=true", "Apex AMP integration has been removed"),
     ("zero_optimization=null", "train.deepspeed.zero_optimization: expected a mapping"),
+    # inside a section DeepSpeed reads key by key (pydantic refuses them in its own sections, above)
+    ("activation_checkpointing.partition_activatons=true",
+     "train.deepspeed.activation_checkpointing.partition_activatons: not a key DeepSpeed"),
+    ("flops_profiler.enabeld=true", "train.deepspeed.flops_profiler.enabeld: not a key DeepSpeed"),
 ])
 def test_what_deepspeed_would_refuse_or_ignore_is_one_line_before_anything_is_built(override, says):
     with pytest.raises(ConfigError) as e:

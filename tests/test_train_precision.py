@@ -111,10 +111,15 @@ def test_fp32_precision_stays_fp32(tmp_path, gpu_autocast_semantics):
     assert set(seen.values()) == {torch.float32}
 
 
-def test_engine_without_autocast_is_refused(tmp_path, gpu_autocast_semantics):
-    """Negative control: a DeepSpeed override that switches the engine's autocast off trains in fp32; the
-    trainer's own probe stops it at the first step instead of training silently in fp32."""
-    trainer = Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "train.zero_stage=2",
-                               'train.deepspeed={"torch_autocast": {"enabled": false}}'))
+def test_engine_without_autocast_is_refused(tmp_path, gpu_autocast_semantics, monkeypatch):
+    """Negative control: an engine whose autocast is off trains in fp32; the trainer's own probe stops it at the
+    first step instead of training silently in fp32. (A train.deepspeed override that would do it is refused
+    before anything is built: tests/test_train_deepspeed_config.py; here the engine's setting is switched off.)"""
+    from modeling.config import ConfigError
+    with pytest.raises(ConfigError, match="train.deepspeed.torch_autocast: .* set train.precision"):
+        Trainer(tiny_cfg(tmp_path / "refused", "train.precision=bf16",
+                         'train.deepspeed={"torch_autocast": {"enabled": false}}'))
+    trainer = Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "train.zero_stage=2"))
+    monkeypatch.setattr(trainer.engine._config, "torch_autocast_enabled", False)
     with pytest.raises(RuntimeError, match="computed in torch.float32 inside the DeepSpeed engine"):
         trainer.train_step(trainer.next_batch())

@@ -460,12 +460,25 @@ def test_a_checkpoint_of_the_other_trainer_or_of_another_batch_split_says_what_t
     from train.checkpoint import ResumeConfigError
     from train.dit_config import DiTTrainConfig
     from train.train_dit import DiTTrainer
+    from train.checkpoint import load_state
     train(tiny_cfg(tmp_path / "v", **{"train.steps": 2}))
     with pytest.raises(ResumeConfigError, match=r"batch_per_gpu: 2 -> 3; set checkpoint.reshard=true"):
         train(tiny_cfg(tmp_path / "v", **{"train.batch_per_gpu": 3}))
+    with pytest.raises(ResumeConfigError) as e:  # with a change no elastic resume continues: no such remedy
+        train(tiny_cfg(tmp_path / "v", **{"train.batch_per_gpu": 3, "model.z_channels": 8}))
+    assert "model.z_channels: 4 -> 8" in str(e.value) and "reshard" not in str(e.value)
     dit = load_config(DiTTrainConfig, REPO / "configs/dit_tiny_cpu.yaml", [
         f"checkpoint.dir={tmp_path / 'v' / 'checkpoints'}", f"logging.dir={tmp_path / 'd'}",
         "logging.progress_bar=false", "logging.tensorboard=false"])
     with pytest.raises(ResumeConfigError) as e:
         DiTTrainer(dit)
     assert "written by the VA-VAE trainer (engines autoencoder, discriminator), not the DiT trainer" in str(e.value)
+    # a checkpoint from before trainer.pt named its trainer: told apart by its engines' folders
+    state_path = tmp_path / "v" / "checkpoints" / "step_0000002" / "trainer.pt"
+    state = load_state(state_path, "trainer state")
+    del state["trainer"]
+    _rewrite_trainer_state(state_path, state)
+    with pytest.raises(ResumeConfigError) as e:
+        DiTTrainer(dit)
+    assert "written by another trainer (engines autoencoder, discriminator), not the DiT trainer" in str(e.value)
+    train(tiny_cfg(tmp_path / "v", **{"train.steps": 3}))  # and its own trainer still resumes it

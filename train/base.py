@@ -48,7 +48,7 @@ from modeling.config import ConfigError, dump_config, from_dict, one_line, to_di
 from modeling.threads import configure_threads
 
 from .checkpoint import (CheckpointManager, ResumeConfigError, atomic_torch_save, check_resume_config,
-                         deepspeed_safe_load, load_state, rng_state, set_rng_state)
+                         config_changes, deepspeed_safe_load, load_state, rng_state, set_rng_state)
 from .config_sections import TrainerConfig
 from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, import_deepspeed, init_distributed, set_phase,
                           set_zero_grad_norm_dtype)
@@ -142,7 +142,11 @@ TRAINER_OWNED_DEEPSPEED_KEYS = {
     "zero_optimization.stage": "train.zero_stage",
     "optimizer": "optim (the trainer builds its own optimizers)",
     "scheduler": "optim.lr and optim.warmup_steps (the trainer sets the learning rate)",
-    "fp16": "train.precision", "bf16": "train.precision",
+    # bf16 / fp16: DeepSpeed's own mixed precision (bf16 weights and its optimizer wrapper); torch_autocast: the
+    # autocast the trainer writes for train.precision, gradients kept in fp32 (train/precision.py; its guard
+    # would catch a change only at the first step)
+    "fp16": "train.precision", "bf16": "train.precision", "bfloat16": "train.precision",
+    "torch_autocast": "train.precision",
 }
 
 
@@ -154,7 +158,7 @@ def merge_deepspeed_overrides(ds: dict, overrides: dict, path: str = "train.deep
         dotted = f"{path}.{key}"
         owner = TRAINER_OWNED_DEEPSPEED_KEYS.get(dotted.removeprefix("train.deepspeed."))
         if owner is not None:
-            raise ConfigError(f"{dotted}: the trainer sets this DeepSpeed key from its own config; set {owner}")
+            raise ConfigError(f"{dotted}: the trainer decides this DeepSpeed key from its own config; set {owner}")
         if isinstance(out.get(key), dict):  # a section the trainer writes: merged, never replaced
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping (merged into the trainer's section), got {value!r}")
@@ -165,11 +169,12 @@ def merge_deepspeed_overrides(ds: dict, overrides: dict, path: str = "train.deep
 
 
 class _ReadKeys(dict):
-    """A dict that notes which keys are read (DeepSpeed's config parser reads each key it knows with get/[];
-    its shallow copy shares `read`)."""
+    """A dict that notes which keys are read (DeepSpeed's config parser reads each key it knows with get/[]; its
+    shallow copy shares `read`), its sections wrapped the same way. A section unpacked whole into a pydantic model
+    (`**section`: zero_optimization, ...) records no reads: pydantic refuses unknown keys there itself."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, data: dict) -> None:
+        super().__init__({k: _ReadKeys(v) if isinstance(v, dict) else v for k, v in data.items()})
         self.read: set = set()
 
     def get(self, key, *default):
@@ -180,27 +185,46 @@ class _ReadKeys(dict):
         self.read.add(key)
         return super().__getitem__(key)
 
+    def unread(self, keys: dict, path: str) -> list[str]:
+        """The dotted paths of `keys` (the user's overrides, nested as this dict) that DeepSpeed did not read."""
+        if not self.read:  # a section it never reads key by key (pydantic, or not read at all: see the top level)
+            return []
+        out = []
+        for k, v in keys.items():
+            if k not in self.read:
+                out.append(f"{path}.{k}")
+            elif isinstance(v, dict) and isinstance(dict.get(self, k), _ReadKeys):
+                out += dict.get(self, k).unread(v, f"{path}.{k}")
+        return out
+
 
 def check_deepspeed_config(ds: dict, overrides: dict) -> None:
     """Parse `ds` as the engines will (DeepSpeedConfig) before anything is built, so a refused value is one line
-    naming train.deepspeed rather than a traceback from deepspeed.initialize, and a top-level key of `overrides`
-    that DeepSpeed never reads (a misspelling: DeepSpeed ignores it) is a ConfigError instead of a silent no-op."""
+    naming train.deepspeed rather than a traceback from deepspeed.initialize, and a key of `overrides` that
+    DeepSpeed never reads (a misspelling: DeepSpeed ignores it) is a ConfigError instead of a silent no-op. Keys
+    inside the sections DeepSpeed validates with pydantic (zero_optimization, ...) are refused by pydantic."""
     deepspeed = import_deepspeed()
+    from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
     seen = _ReadKeys(copy.deepcopy(ds))
+    # DeepSpeed counts the ranks of its own process group (1 where it has none yet: a caller that set up
+    # torch.distributed itself); the batch sizes are the trainer's, checked already: made consistent with that
+    world = comm.get_world_size() if comm.is_initialized() else 1
+    seen["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     try:
         DeepSpeedConfig(seen)
     except Exception as e:  # pydantic's ValidationError, DeepSpeedConfigError, AssertionError ...
         errors = getattr(e, "errors", None)  # pydantic: the section (its model's title), then each key's problem
         text = (f"{e.title}: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors())
                 if callable(errors) and hasattr(e, "title") else one_line(e))
-        raise ConfigError(f"train.deepspeed: DeepSpeed {deepspeed.__version__} refuses the config: {text}") from None
+        raise ConfigError(f"train.deepspeed: DeepSpeed {deepspeed.__version__} refuses the config with these "
+                          f"overrides: {text}") from None
     if "train_batch_size" not in seen.read:  # this DeepSpeed reads its config otherwise: nothing to learn here
         return
-    unread = sorted(set(overrides) - seen.read)
+    unread = seen.unread(overrides, "train.deepspeed")
     if unread:
-        raise ConfigError(f"train.deepspeed.{unread[0]}: not a key DeepSpeed {deepspeed.__version__} reads "
-                          f"(misspelt? it would be ignored); its top-level keys are in its config docs")
+        raise ConfigError(f"{unread[0]}: not a key DeepSpeed {deepspeed.__version__} reads (misspelt? it would be "
+                          f"ignored); its keys are in its config docs")
 
 
 @dataclass
@@ -624,9 +648,13 @@ class Trainer:
         saved, now = self.saved_config(state["config"]), to_dict(self.cfg)
         reshard = self.cfg.checkpoint.reshard
         refuse = tuple(k for k in self.RESUME_REFUSE if not (reshard and k in self.RESHARDABLE))
+        # the remedy of a batch split that changed, where that is all that changed among the refused keys
+        refused = [c for c in config_changes(saved, now) if any(c.startswith(k) for k in refuse)
+                   and not any(c.startswith(k) for k in self.RESUME_IGNORE)]
+        only_split = refused and all(any(c.startswith(k) for k in self.RESHARDABLE) for c in refused)
         remedy = "set checkpoint.reshard=true to continue it with this batch split (elastic resume)"
         check_resume_config(saved, now, path, refuse=refuse, ignore=self.RESUME_IGNORE,
-                            remedies={} if reshard else dict.fromkeys(self.RESHARDABLE, remedy))
+                            remedies=dict.fromkeys(self.RESHARDABLE, remedy) if only_split and not reshard else {})
         elastic = not self.check_same_world(state, saved, path)
         check_resume_config(saved, now, path, warn=self.RESUME_WARN, ignore=self.RESUME_IGNORE)
         return elastic

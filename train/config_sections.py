@@ -75,7 +75,8 @@ class TrainSection:
     compile_options: dict = field(default_factory=dict)
     # extra DeepSpeed config (expert use), merged into the trainer's own sections key by key and parsed by DeepSpeed
     # at start-up: a key DeepSpeed does not read, or one the trainer sets (batch sizes, zero_optimization.stage,
-    # gradient_clipping, optimizer, scheduler, fp16/bf16) is refused naming the key to set (train/base.py)
+    # gradient_clipping, optimizer, scheduler, fp16/bf16, torch_autocast) is refused naming the key to set
+    # (train/base.py); keys inside the sections DeepSpeed validates itself (zero_optimization, ...) it refuses
     deepspeed: dict = field(default_factory=dict)
 
     def compile_desc(self) -> str:

@@ -200,8 +200,9 @@ def trainer_main(module: str, doc: Optional[str], schema: type, run: Callable[[A
             raise
         failed = e
     finally:
-        if not tag and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous_sigterm)  # (main() called in-process: the caller's again)
+        if not tag and previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_sigterm)  # (main() called in-process: the caller's again; None:
+            #                                                   a handler set from C, which Python cannot restore)
         if failed is None:
             from .distributed import stop_heartbeat
             stop_heartbeat()

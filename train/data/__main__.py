@@ -76,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     x.add_argument("--backend", choices=["pil", "dali"], default="pil",
                    help="pil = the reference's exact center crop (default); dali = GPU/CPU decode, approximate")
     x.add_argument("--dali-device", choices=["auto", "gpu", "cpu"], default="auto")
-    x.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    x.add_argument("--workers", type=int, default=min(4, cpus),
                    help="decode processes (default: 4, or the CPU count where that is lower)")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--amp", choices=["bf16"], default=None, help="encode under autocast (default fp32)")

@@ -230,6 +230,9 @@ def check_image(path: str, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX
     return "ok", ",".join(notes)
 
 
+_UNSTAMPED = "unstamped"  # a verdict from a scan before stamps (its file's size and time unknown)
+
+
 def _stamp(path: str) -> Optional[list[int]]:
     """[size, mtime_ns] of a file as the scan checked it (None: gone): a rerun checks again what changed since."""
     try:
@@ -278,13 +281,19 @@ def scan(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, wor
         partial.unlink()
     _atomic_write(settings_file, json.dumps(settings))
     done = _read_partial(partial)
-    changed = [p for p in listing.paths if p in done and done[p][2] is not None
-               and done[p][2] != _stamp(os.path.join(root, p))]
+    # a verdict stands while its file has the size and modification time it was checked at (a file gone at its
+    # check has no stamp: checked again); lines of an older scan have none recorded: trusted, and said so
+    legacy = [p for p in listing.paths if p in done and done[p][2] == _UNSTAMPED]
+    changed = [p for p in listing.paths if p in done and done[p][2] != _UNSTAMPED
+               and (done[p][2] is None or done[p][2] != _stamp(os.path.join(root, p)))]
     for p in changed:  # rewritten, truncated or replaced since its verdict
         del done[p]
     if changed:
         log.info("scan %s: %d files changed since they were checked (size or modification time), e.g. %s",
                  root, len(changed), changed[0])
+    if legacy:
+        log.info("scan %s: %d verdicts from a scan that recorded no file sizes or times are kept; delete %s to check "
+                 "those files again", root, len(legacy), partial)
     todo = [(p, os.path.join(root, p), max_pixels, max_aspect) for p in listing.paths if p not in done]
     log.info("scan %s: %d files, %d already checked, %d to check", root, len(listing), len(done), len(todo))
     if todo:
@@ -330,7 +339,7 @@ def _read_partial(path):
                 r = json.loads(line)
             except json.JSONDecodeError:  # torn write of a killed run: that file is simply checked again
                 continue
-            done[r["path"]] = (r["status"], r["note"], r.get("stamp"))  # (no stamp: an older scan's line, trusted)
+            done[r["path"]] = (r["status"], r["note"], r.get("stamp", _UNSTAMPED))
     return done
 
 
