@@ -167,9 +167,8 @@ def zero_traffic(params: list[Param], stage: int, world: int, grad_accum: int = 
     - stage 3: per micro-step the forward all-gathers the partitioned parameters (numel > persistence
       threshold; at XL/1's 675M < max_live_parameters 1e9 they stay gathered through the backward), the backward
       reduce-scatters every gradient; after the step the persistent (small) parameters are all-gathered again.
-      The trainer's EMA (train/ema.py) gathers every partitioned parameter once per step, and leaving its
-      GatheredParameters re-partitions the persistent ones too, so the step's first forward gathers ALL
-      parameters (the later micro-steps the partitioned ones only).
+      The trainer's EMA (train/ema.py) gathers every partitioned parameter once per step (the persistent ones,
+      already whole, it reads as they are: they stay whole, and every forward gathers the partitioned ones only).
     Small scalars (the gradient norm: 4 or 8 bytes) are left out; tests/test_scaling.py accounts for them.
     """
     ds = {**DS_DEFAULTS, **(ds or {})}
@@ -194,8 +193,7 @@ def zero_traffic(params: list[Param], stage: int, world: int, grad_accum: int = 
     persistent = [p for p in params if p.numel <= threshold]
     part_elems = sum(p.numel for p in partitioned)
     pers_elems = sum(p.numel for p in persistent)
-    # the first micro-step also gathers the persistent ones the EMA re-partitioned; they then stay whole
-    fwd_elems = part_elems * grad_accum + (pers_elems if ema else 0)
+    fwd_elems = part_elems * grad_accum  # (the persistent ones stay whole: DeepSpeed's and the EMA's gathers)
     pb = int(ds["stage3_prefetch_bucket_size"])
     out.append(Collective("all_gather", "parameters (forward)", "forward", fwd_elems * param_bytes,
                           max(1, math.ceil(part_elems / pb)) * grad_accum, min(part_elems, pb)))

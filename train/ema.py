@@ -13,10 +13,16 @@ import torch.nn as nn
 
 
 def _gathered(params):
-    """Context that materialises ZeRO-3 partitioned parameters (a no-op for ordinary tensors)."""
-    if any(hasattr(p, "ds_id") for p in params):
+    """Context that materialises ZeRO-3 partitioned parameters (a no-op for ordinary tensors). Only those that are
+    partitioned now: one already whole (ZeRO-3's persistent small parameters, which DeepSpeed keeps whole on every
+    rank and gathers again after each step) is read as it is, because leaving GatheredParameters partitions every
+    parameter it was given. A re-partitioned persistent parameter cost a gather in the next forward, and it broke
+    DeepSpeed's prefetch trace when a resumed run recorded that trace with them whole: a ZeRO-3 run resumed from
+    its checkpoint failed at its second step ("tracing error")."""
+    partitioned = [p for p in params if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if partitioned:
         import deepspeed
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     return contextlib.nullcontext()
 
 
