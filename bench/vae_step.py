@@ -61,7 +61,7 @@ largest batch that fits; the JSON then holds it under "authors" and our fastest 
 
 JSON: the environment block (evaluation.provenance.environment: card, versions, commit, kernels), cuDNN's settings,
 `groupnorm_probe`, `tflop_per_image` (one training step, counted by torch's FlopCounterMode over the step itself:
-1.80 TFLOP at the paper's f16d32 / 256 px with the VF loss), every mode's img/s / step ms / peak memory / achieved
+1.75 TFLOP at the paper's f16d32 / 256 px with the VF loss), every mode's img/s / step ms / peak memory / achieved
 TFLOP/s per batch (our fastest mode's with its `profile`), the
 speedups, extraction img/s per variant (each with its `profile`), and anything skipped (the --budget-s wall-clock
 budget, an out-of-memory batch; a profile that failed has its error in place of the profile).

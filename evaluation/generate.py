@@ -7,7 +7,8 @@
 DIT / VAE: our folders, hub repo ids, or the released .pt files (architecture read from the weights). A
 released DiT file named as the authors' (or a folder converted from one) samples with the authors'
 settings for it unless a flag says otherwise; --preset names them. On CUDA the default is the fast path
-(bf16 autocast, each Euler step a CUDA graph; add --compile blocks for torch.compile); --precision fp32
+(--precision bf16-weights: a bf16 copy of the model; CUDA graphs where the sampler can use them, --cudagraphs
+auto; add --compile blocks for torch.compile); --precision fp32
 --cudagraphs off is the exact fp32 path (on a GPU with TF32 off: torch leaves cuDNN's on by default).
 
 Sample i of the run always gets the same label and the same noise (seeded by (seed, i)), whatever

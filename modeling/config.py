@@ -1,6 +1,6 @@
 """One config system for every trainer: dataclass schemas, YAML files, dotted command-line overrides.
 
-A schema is a (nested) dataclass. `load_config(Schema, "configs/x.yaml", ["train.lr=1e-4"])` reads the
+A schema is a (nested) dataclass. `load_config(Schema, "configs/x.yaml", ["optim.lr=1e-4"])` reads the
 YAML, applies the overrides, and builds the dataclass while checking every key and value; anything
 wrong raises `ConfigError` with the dotted path of the offending key, before a trainer starts. A
 dataclass may define `validate(self)` for value checks (ranges, choices, cross-field rules) and calls

@@ -22,6 +22,7 @@ def test_a_section_given_in_part_keeps_the_trainers_keys(cls):
     # was dict.update: the offload setting replaced the whole section and DeepSpeed ran ZeRO stage 0 while the
     # trainer (guard, EMA, checkpoints) believed stage 2
     ds = ds_of(cls, "train.zero_stage=2", "train.deepspeed.zero_optimization.offload_optimizer.device=cpu",
+               "train.deepspeed.zero_force_ds_cpu_optimizer=false",
                "train.deepspeed.steps_per_print=7", "train.deepspeed.flops_profiler.enabled=true",
                "train.deepspeed.data_types.grad_accum_dtype=fp32")
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
@@ -49,6 +50,8 @@ def test_keys_the_trainer_sets_are_refused_naming_its_own_key(override, named, o
     ("communication_data_type=fp33", "Got: fp33"),
     ("amp.enabled=true", "Apex AMP integration has been removed"),
     ("zero_optimization=null", "train.deepspeed.zero_optimization: expected a mapping"),
+    # deepspeed.initialize refused it after the model was built (ZeRO-Offload with a client optimizer)
+    ("zero_optimization.offload_optimizer.device=cpu", "add train.deepspeed.zero_force_ds_cpu_optimizer=false"),
     # inside a section DeepSpeed reads key by key (pydantic refuses them in its own sections, above)
     ("activation_checkpointing.partition_activatons=true",
      "train.deepspeed.activation_checkpointing.partition_activatons: not a key DeepSpeed"),

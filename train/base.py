@@ -203,6 +203,13 @@ def check_deepspeed_config(ds: dict, overrides: dict) -> None:
     naming train.deepspeed rather than a traceback from deepspeed.initialize, and a key of `overrides` that
     DeepSpeed never reads (a misspelling: DeepSpeed ignores it) is a ConfigError instead of a silent no-op. Keys
     inside the sections DeepSpeed validates with pydantic (zero_optimization, ...) are refused by pydantic."""
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
+        # (deepspeed.initialize would raise ZeRORuntimeException after the model is built, on every rank)
+        raise ConfigError(f"train.deepspeed.zero_optimization.offload_optimizer.device {offload}: DeepSpeed offloads "
+                          "its own CPU Adam only, and the trainer builds torch's AdamW; add "
+                          "train.deepspeed.zero_force_ds_cpu_optimizer=false to offload torch's AdamW (its step then "
+                          "runs on the CPU)")
     deepspeed = import_deepspeed()
     from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
