@@ -91,3 +91,20 @@ def test_zero2_on_one_rank_copies_every_gradient_five_times_and_says_so(tmp_path
     assert 5 * grads <= total < 5.1 * grads, (counted.bytes, grads)  # (+ the flatten's alignment padding)
     assert "5 passes a step" in zero_on_one_rank(2) and "5 passes" not in zero_on_one_rank(3)
 
+
+
+def test_a_stale_build_lock_of_deepspeeds_cpu_op_is_removed(tmp_path, monkeypatch, capsys):
+    """A process killed while DeepSpeed JIT-built its CPU shared-memory op left the build's `lock`, and every later
+    gloo start waited on it for ever, printing nothing (a review of the launch paths, 2026-12-05)."""
+    import os
+    import time
+
+    from train.distributed import clear_stale_extension_locks
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "deepspeed_shm_comm" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_extension_locks() == [str(old)]  # a build under way (a fresh lock) is left alone
+    assert not old.exists() and fresh.exists() and "removed the stale build lock" in capsys.readouterr().err

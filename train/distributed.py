@@ -301,6 +301,8 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
         distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        if backend == "gloo":  # (DeepSpeed JIT-builds its CPU shared-memory op when the group starts)
+            clear_stale_extension_locks()
         deepspeed = import_deepspeed()
         _forget_deepspeed_groups()
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -311,6 +313,30 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     start_heartbeat(timeout_s)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+STALE_LOCK_S = 15 * 60  # a JIT build of DeepSpeed's CPU op takes a minute or two: a lock this old is a dead one's
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove the build locks of DeepSpeed's CPU shared-memory op (torch's JIT extension folder) older than
+    `max_age_s`: a process killed during that build leaves its `lock`, and every later process that starts a
+    gloo group waits on it for ever, silently. Returns the removed paths (each logged)."""
+    import glob
+    import sys
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "deepspeed_shm_comm", "lock")) + \
+            glob.glob(os.path.join(root, "deepspeed_shm_comm", "lock")):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                print(f"removed the stale build lock {lock} (left by a process killed while building DeepSpeed's "
+                      f"CPU op; it would have blocked this start for ever)", file=sys.stderr)
+        except OSError:  # gone meanwhile, or not ours to remove: DeepSpeed's own wait then decides
+            pass
+    return removed
 
 
 def _forget_deepspeed_groups():
