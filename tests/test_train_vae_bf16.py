@@ -156,8 +156,11 @@ def test_probe_catches_an_outer_autocast_that_deepspeed_switches_off(tmp_path, g
                                                                     deepspeed_records, monkeypatch):
     """Negative control: the old way (an autocast opened around engine(...), no torch_autocast section) trains
     in fp32 on a GPU. With the GPU branch emulated, the probe, the trainer's own PrecisionProbe and the
-    DeepSpeed-warning check all see it."""
-    trainer = Trainer(bf16_cfg(tmp_path, deepspeed={"torch_autocast": {"enabled": False}}))
+    DeepSpeed-warning check all see it. (The engines' autocast switched off on the built trainer: a train.deepspeed
+    override of torch_autocast is refused before anything is built.)"""
+    trainer = Trainer(bf16_cfg(tmp_path))
+    for engine in trainer.engines.values():
+        monkeypatch.setattr(engine._config, "torch_autocast_enabled", False)
     probe = probe_for(trainer)
     step = trainer.optimize
 
