@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     p = cli_parser("bench.curves", __doc__)
     p.add_argument("runs", nargs="+", help="training run directories (with metrics.jsonl)")
-    p.add_argument("--metric", default="eval/fd", help="the eval metric to plot, as logged: eval/<name> (the demo's classifier: "
-                                                         "eval/fd; eval.metrics fid: eval/fid)")
+    p.add_argument("--metric", default="eval/fd",
+                   help="the eval metric to plot, as logged: eval/<name> (the demo's classifier: eval/fd; eval.metrics "
+                        "fid: eval/fid)")
     p.add_argument("--out", default="runs/curves/report.html")
     a = p.parse_args(argv)
     from modeling.config import check_output_path, user_errors

@@ -155,7 +155,8 @@ def tensorwise_dgrad(g_q: torch.Tensor, g_scale: torch.Tensor, wt_fp8: torch.Ten
     return torch._scaled_mm(g_q, wt_fp8.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=out_dtype)
 
 
-def tensorwise_wgrad(g_q: torch.Tensor, g_scale: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+def tensorwise_wgrad(g_q: torch.Tensor, g_scale: torch.Tensor, x_q: torch.Tensor,
+                     x_scale: torch.Tensor) -> torch.Tensor:
     """wgrad of the tensorwise recipe: dy^T (N, M) @ x (M, K) in fp32 from the forward's and dgrad's own e4m3 / e5m2
     operands (one scale per tensor survives the transposes), each transposed by a copy (_scaled_mm takes A
     row-major and B column-major), the tokens padded to a multiple of 16."""
@@ -165,7 +166,8 @@ def tensorwise_wgrad(g_q: torch.Tensor, g_scale: torch.Tensor, x_q: torch.Tensor
 
 
 def rowwise_dgrad(g: torch.Tensor, wt_fp8: torch.Tensor, wt_scale: torch.Tensor,
-                  quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None, fast_accum: bool = False) -> torch.Tensor:
+                  quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                  fast_accum: bool = False) -> torch.Tensor:
     """dy (M, N) -> dx (M, K) bf16 for the row-wise recipes: dy in e4m3 with one power-of-two scale per token
     (`quantized`: already so), W^T (K, N) stored contiguous with one scale per input channel. The gradient GEMMs
     accumulate in two levels (fast_accum False: the tensor cores' partial sums promoted to fp32 as they go); the

@@ -9,7 +9,8 @@ from train.vae_config import VAVAETrainConfig
 
 pytest.importorskip("deepspeed")
 
-BASE = {DiTTrainConfig: ["data.path=/nowhere", "train.steps=1"], VAVAETrainConfig: ["data.root=/nowhere", "train.steps=1"]}
+BASE = {DiTTrainConfig: ["data.path=/nowhere", "train.steps=1"],
+        VAVAETrainConfig: ["data.root=/nowhere", "train.steps=1"]}
 
 
 def ds_of(cls, *overrides):

@@ -358,13 +358,15 @@ class VAVAETrainer(TrainerBase):
 
     def describe(self) -> str:
         t, vae = self.cfg.train, self.vae
+        cudnn_benchmark = (("on" if torch.backends.cudnn.benchmark else "off") if self.device.type == "cuda"
+                           else "n/a (CPU)")
         return (f"VA-VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params, discriminator "
                 f"{sum(p.numel() for p in self.loss_fn.discriminator.parameters()) / 1e6:.1f}M, foundation "
                 f"{self.foundation.name if self.foundation is not None else 'none (no VF loss)'} "
                 f"({self.foundation_dtype}), world {self.info.world_size} x batch {t.batch_per_gpu}, ZeRO "
                 f"{t.zero_stage}, grad norm {getattr(self, 'grad_norm_desc', 'fp32 (train/guard)')}, precision "
                 f"{t.precision}, channels_last {t.channels_last}, cuDNN benchmark "
-                f"{('on' if torch.backends.cudnn.benchmark else 'off') if self.device.type == 'cuda' else 'n/a (CPU)'}, "
+                f"{cudnn_benchmark}, "
                 f"compile {t.compile_desc()}, "
                 f"kernels {t.kernels} (group_norm_silu: {self._group_norm_ran()}), data {self.loader.backend}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
                 f"{self.threads} CPU threads")
