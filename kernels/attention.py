@@ -7,8 +7,8 @@ candidate that runs (forward + backward with grad enabled, forward only under no
 median of a few) and keeps the fastest; head_dim 72 is padded internally by some of them, which is why this
 is measured rather than assumed. Nothing can be timed inside a torch.compile trace, so the trainer and the
 sampler call `prime(shape, ...)` before their first compiled call; an unmeasured shape under compile gets
-FlashAttention if installed, else plain SDPA ("sdpa": PyTorch picks its kernel per call, after autocast's
-cast, FlashAttention first -- on an H200 at XL/1 shapes cuDNN was 20% faster, fwd+bwd). Force one with
+FlashAttention if installed and q is 16-bit, else plain SDPA ("sdpa": PyTorch picks its kernel per call, after
+autocast's cast, FlashAttention first -- on an H200 at XL/1 shapes cuDNN was 20% faster, fwd+bwd). Force one with
 VAVAE_ATTENTION=<name> or `set_attention(name)`; a forced choice that cannot run raises BackendUnavailable.
 `kernels.describe()["ops"]["attention"]` says which one ran, `measurements()` what was timed.
 

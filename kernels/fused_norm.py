@@ -552,10 +552,10 @@ def _fwd_fake(x, gate, y, weight, bias, shift, scale, eps, rms, out_dtype):
 def _bwd_fake(dout, dh, xin, gate, y, weight, bias, has_shift, scale, mean, rstd, rms):
     per_sample = gate is not None or has_shift or scale is not None
     _, C, _, B = _geometry(xin, per_sample)
-    e = xin.new_empty(0)
-    like = lambda t: t.new_empty(t.shape) if t is not None else e  # noqa: E731  (contiguous, as the kernels write)
-    dy = y.new_empty(y.shape) if gate is not None else e
-    dshift = xin.new_empty((B, C), dtype=dout.dtype) if has_shift else e
+    e = lambda: xin.new_empty(0)  # noqa: E731  a fresh one per absent gradient: outputs never alias each other
+    like = lambda t: t.new_empty(t.shape) if t is not None else e()  # noqa: E731  (contiguous, as the kernels write)
+    dy = y.new_empty(y.shape) if gate is not None else e()
+    dshift = xin.new_empty((B, C), dtype=dout.dtype) if has_shift else e()
     return (xin.new_empty(xin.shape), dy, like(gate), like(weight), like(bias), dshift, like(scale))
 
 

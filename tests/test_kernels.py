@@ -5,6 +5,8 @@ Shapes are small (the interpreter is slow) but awkward: hidden 1152, head_dim 72
 not a multiple of the kernels' blocks (37), batch 1.
 """
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -452,6 +454,17 @@ def _opcheck_cases():
         (torch.ops.vavae.rope_qk.default, (q, k, r(4, 8), r(4, 8), False)),
         (torch.ops.vavae.linear_swiglu.default, (r(B, N, C).requires_grad_(), r(2 * C, C).requires_grad_(),
                                                  r(2 * C).requires_grad_())),
+        # the backward ops, called by the forward ops' autograd (no autograd of their own: plain inputs);
+        # the statistics as the forward writes them (rms: no mean, one rstd per row)
+        (torch.ops.vavae.norm_bwd_triton.default,
+         (r(B, N, C), r(B, N, C), *(t.detach() for t in (x, g, y, w)), None, True, sc.detach(), r(0),
+          r(B * N).abs() + 0.5, True)),
+        (torch.ops.vavae.norm_bwd_triton.default,
+         (r(B, N, C), None, x.detach(), None, None, None, None, False, sc.detach(), r(B * N), r(B * N).abs() + 0.5,
+          False)),
+        (torch.ops.vavae.gated_residual_bwd.default, (r(B, N, C), g.detach(), y.detach())),
+        (torch.ops.vavae.swiglu_bwd.default, (r(B, N, C), r(B, N, 2 * C), None)),
+        (torch.ops.vavae.swiglu_bwd.default, (r(B, N, C), r(B, N, 2 * C), r(2 * C))),
     ]
 
 
@@ -459,6 +472,40 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+# where each custom op's opcheck lives (a GPU-only op: in the GPU tests); a new op must be added here with one
+OPCHECKED_IN = {
+    "test_kernels.py": ("norm_fwd_triton", "norm_bwd_triton", "gated_residual", "gated_residual_bwd", "swiglu",
+                        "swiglu_bwd", "rope_qk", "linear_swiglu"),
+    "test_kernels_gpu.py": ("norm_fwd_cuda", "norm_bwd_cuda"),
+    "test_kernels_qkv_rope.py": ("qk_rope", "qkv_rope", "qkv_rope_bwd"),
+    "test_kernels_rope_attention.py": ("rope_attention", "rope_attention_bwd"),
+    "test_kernels_fp8_quant.py": ("quantize_rows_fp8", "swiglu_fp8", "swiglu_fp8_colmax", "quantize_rows_cols_fp8",
+                                  "norm_fp8"),
+    "test_kernels_group_norm.py": ("group_norm_silu", "group_norm_silu_bwd"),
+    "test_kernels_upsample_conv.py": ("phase_interleave", "phase_interleave_bwd"),
+}
+
+
+def test_every_custom_op_is_opchecked():
+    """Every op registered under vavae:: has an opcheck (its schema, fake implementation and AOT dispatch against
+    what it computes): the table above names the test file, and that file calls opcheck on it."""
+    import importlib
+    import pkgutil
+    for m in pkgutil.iter_modules(kernels.__path__):
+        if not m.name.startswith("_") and m.name not in ("build_ext", "sm90_check"):  # scripts, not op modules
+            importlib.import_module(f"kernels.{m.name}")
+    registered = {name for name in dir(torch.ops.vavae) if hasattr(getattr(torch.ops.vavae, name), "default")}
+    listed = {op for ops_ in OPCHECKED_IN.values() for op in ops_}
+    assert registered == listed, (sorted(registered - listed), sorted(listed - registered))
+    here_cases = {op.name().split("::")[1].split(".")[0] for op, _ in _opcheck_cases()}
+    assert here_cases == set(OPCHECKED_IN["test_kernels.py"]), here_cases
+    for file, ops_ in OPCHECKED_IN.items():
+        text = (Path(__file__).parent / file).read_text()
+        assert "torch.library.opcheck(" in text, file
+        for op in ops_:  # torch.ops.vavae.<op>.default, module.<op>_op, or "<op>" in an opcheck's parametrisation
+            assert re.search(rf"\b{op}(\.default\b|_op\b|\")", text), f"{file} has no opcheck of {op}"
 
 
 # ----------------------------------------------------------------------------- w12 GEMM + SwiGLU (inference)

@@ -73,6 +73,23 @@ def test_norm_family_on_gpu(backend, dtypes, kind, B, N):
         assert torch.isfinite(a).all() and rel_err(a, b) < 2 * tol
 
 
+def test_cuda_norm_ops_opcheck():
+    """The CUDA extension's norm ops (their schema, fake implementation and AOT dispatch against what they compute),
+    as tests/test_kernels.py checks the Triton ones on the CPU: with the residual and both vectors, and plain."""
+    _need("cuda")
+    B, N, C = 2, 5, 1152
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    x, y, w, g, sh, sc = r(B, N, C), r(B, N, C), r(C), r(B, C), r(B, C), r(B, C)
+    fwd, bwd = torch.ops.vavae.norm_fwd_cuda.default, torch.ops.vavae.norm_bwd_cuda.default
+    grad = lambda *ts: [t.clone().requires_grad_() for t in ts]  # noqa: E731
+    torch.library.opcheck(fwd, (*grad(x, g, y, w), None, *grad(sh, sc), 1e-6, True, None))
+    torch.library.opcheck(fwd, (*grad(x), None, None, None, None, None, *grad(sc), 1e-6, False, torch.bfloat16))
+    _, _, mean, rstd = fwd(x, g, y, w, None, sh, sc, 1e-6, True, None)
+    torch.library.opcheck(bwd, (r(B, N, C), r(B, N, C), x, g, y, w, None, True, sc, mean, rstd, True))
+    _, _, mean, rstd = fwd(x, None, None, None, None, None, sc, 1e-6, False, None)
+    torch.library.opcheck(bwd, (r(B, N, C), None, x, None, None, None, None, False, sc, mean, rstd, False))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_elementwise_ops_on_gpu(dtype):
     _need("triton")
