@@ -476,10 +476,13 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)  # not the output: the backward recomputes it from x
     ctx.num_groups, ctx.silu = num_groups, silu
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zeros tensors filled for the statistics' (absent) gradients
 
 
 def _backward_formula(ctx, dout, dmean, drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if dout is None:  # the output unused
+        return None, None, None, None, None, None
     dx, dweight, dbias = group_norm_silu_bwd_op(dout, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
     return dx, dweight if weight is not None else None, dbias if bias is not None else None, None, None, None
 

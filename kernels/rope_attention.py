@@ -603,6 +603,7 @@ def _setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, cos, sin, bias)
     ctx.num_heads = num_heads
+    ctx.set_materialize_grads(False)  # lse never gets a gradient: no zeros tensor filled for it each backward
 
 
 def _backward(ctx, dout, _dlse):

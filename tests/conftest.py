@@ -52,6 +52,23 @@ def parity_configs(parity_dir):
     return json.loads((parity_dir / "configs.json").read_text())
 
 
+@pytest.fixture
+def record_ops():
+    """A context manager recording the name of every op dispatched inside it ("aten.zeros.default",
+    "vavae.rope_attention_bwd.default"; a custom op's own internals are not seen): `with record_ops() as ops:`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __enter__(self):
+            self.ops = []
+            return super().__enter__()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    return RecordOps
+
+
 def pytest_configure(config):
     # the shared thread choice (--threads / $VAVAE_THREADS / $OMP_NUM_THREADS / the cores), as the trainers
     # (under pytest-xdist each worker takes its share of the cores, unless a count was given)

@@ -150,6 +150,17 @@ def test_opcheck(layout):
                           (dy, x.detach(), w.detach(), b.detach(), mean, rstd, G, True))
 
 
+def test_backward_is_one_op_with_no_zeros_for_the_statistics(record_ops):
+    """mean and rstd are outputs without gradients: the backward is the one custom op, no zeros filled for them."""
+    x = torch.randn(1, 64, 3, 3, device=DEV, requires_grad=True)
+    w, b = (torch.randn(64, device=DEV, requires_grad=True) for _ in range(2))
+    out = group_norm.group_norm_silu_triton(x, w, b, G, EPS, True)
+    with record_ops() as rec:
+        out.backward(torch.randn_like(out))
+    assert [op for op in rec.ops if op.startswith("vavae.")] == ["vavae.group_norm_silu_bwd.default"], rec.ops
+    assert not [op for op in rec.ops if "zeros" in op or "fill" in op], rec.ops
+
+
 def test_bad_shapes_raise_one_line():
     x = torch.randn(2, 96, 5, 7, device=DEV)
     w = torch.ones(96, device=DEV)

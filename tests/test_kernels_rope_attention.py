@@ -219,6 +219,19 @@ def test_opcheck_custom_ops():
                           (dout, qkv.detach(), out, lse, cos, sin, H, bias.detach()))
 
 
+def test_backward_is_one_op_with_no_zeros_for_the_unused_lse_gradient(record_ops):
+    """The autograd formula asks for no materialized gradient of lse (which nothing uses): the backward is the one
+    custom op, without a zeros tensor filled for lse every step."""
+    B, N, H, D = 1, 9, 1, 72
+    cos, sin = tables(N, D)
+    qkv = torch.randn(B, N, 3 * H * D, device=DEV, requires_grad=True)
+    out = rope_attention.rope_attention_op(qkv, cos, sin, H)[0]
+    with record_ops() as rec:
+        out.backward(torch.randn_like(out))
+    assert [op for op in rec.ops if op.startswith("vavae.")] == ["vavae.rope_attention_bwd.default"], rec.ops
+    assert not [op for op in rec.ops if "zeros" in op or "fill" in op], rec.ops
+
+
 def test_bad_shapes_name_what_does_not_fit():
     cos, sin = tables(5, 8)
     with pytest.raises(ValueError, match="3\\*H\\*D"):
