@@ -42,11 +42,26 @@ def _open(path: PathLike, role: str) -> np.lib.npyio.NpzFile:
         if "pickle" in str(e):  # numpy's message suggests loading it unsafely: we never do
             raise BatchFileError(f"{role} {p}: not an npz archive (numpy would read it as a pickle, which is "
                                  "never loaded)") from None
+        if isinstance(e, zipfile.BadZipFile) and _starts_like_zip(p):
+            raise BatchFileError(f"{role} {p}: truncated (it starts as an npz archive, but its end, the zip "
+                                 f"directory, is missing: {one_line(e)}); copy or write it again") from None
         raise BatchFileError(f"{role} {p}: not a readable npz archive ({one_line(e)})") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise BatchFileError(f"{role} {p}: a single .npy array, not an npz archive "
                              "(write one with np.savez(path, arr_0=images))")
     return z
+
+
+def _starts_like_zip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def stored_statistics(path: PathLike) -> list[str]:
+    """The Inception statistics a batch stores (of mu, sigma, mu_s, sigma_s), for saying that a sample batch's
+    are not used: its statistics are computed from its images."""
+    with _open(path, "batch") as z:
+        return [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files]
 
 
 def _read(z: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:

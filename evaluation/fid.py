@@ -42,13 +42,17 @@ def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[Pa
     (IS without the softmax layer) is reported as None, with the reason logged."""
     from modeling.progress import progress
 
-    from .batches import read_batch_labels, read_image_batch, read_reference_batch
+    from .batches import read_batch_labels, read_image_batch, read_reference_batch, stored_statistics
     from .inception import load_inception
 
     chosen = resolve_metrics(metrics, "--metrics")
     needs = {n for m in chosen for n in m.needs}
     ref_images, ref_stats = read_reference_batch(ref_npz) if "reference" in needs else (None, None)
     sample_images = read_image_batch(sample_npz, "sample batch")
+    stored = stored_statistics(sample_npz)
+    if stored and log is not None:  # the ADM evaluator would take them; a sample's numbers come from its images here
+        log(f"sample batch {sample_npz} stores {', '.join(stored)}: not used, the samples' statistics are computed "
+            "from its images")
     inputs = EvalInputs(images=sample_images, device=device, batch_size=batch_size, progress=log is not None,
                         images_source=f"the images of sample batch {sample_npz}")
     if "labels" in needs:

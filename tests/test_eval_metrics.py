@@ -117,12 +117,49 @@ def test_precision_recall_matches_brute_force_with_blocking():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((53, 8)).astype(np.float32)
     sam = (rng.standard_normal((41, 8)) * 0.7 + 0.8).astype(np.float32)
-    p, r = precision_recall(ref, sam, row_batch=7, col_batch=11)
+    p, r = precision_recall(ref, sam, row_batch=7, col_batch=11, distances="fp32")
     bp, br = _brute_pr(ref.astype(np.float64), sam.astype(np.float64))
     assert (p, r) == pytest.approx((bp, br), abs=1e-12)
     assert 0 < p < 1 and 0 < r < 1
-    assert precision_recall(ref, ref) == (1.0, 1.0)
-    assert precision_recall(ref, sam + 100.0) == (0.0, 0.0)
+    for distances in ("adm", "fp32"):
+        assert precision_recall(ref, ref, distances=distances) == (1.0, 1.0)
+        assert precision_recall(ref, sam + 100.0, distances=distances) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="distances must be 'adm' or 'fp32'"):
+        precision_recall(ref, sam, distances="fp16")
+
+
+def _adm_fp16_pr(ref, sam, k=3):
+    """The ADM evaluator's TF graph in numpy float16 (each op rounds to fp16; its GPU sums and matmul accumulate
+    in fp32, here in float64: the same after the fp16 rounding at these sizes)."""
+    h = np.float16
+
+    def dists(u, v):
+        u, v = u.astype(h), v.astype(h)
+        nu = np.square(u).astype(np.float64).sum(1).astype(h)[:, None]
+        nv = np.square(v).astype(np.float64).sum(1).astype(h)[None]
+        mm = (u.astype(np.float64) @ v.astype(np.float64).T).astype(h)
+        return np.maximum((nu - h(2) * mm) + nv, h(0)).astype(np.float64)
+
+    def radii(f):
+        return np.sort(dists(f, f), 1)[:, k]
+    d = dists(ref, sam)
+    return (d <= radii(ref)[:, None]).any(0).mean(), (d <= radii(sam)[None]).any(1).mean()
+
+
+def test_precision_recall_counts_ties_as_the_adm_evaluators_fp16_distances_make_them():
+    """distances="adm" (the default) rounds as ADM's fp16 distance block: equal to the graph written in numpy
+    float16 on 2048-d features with Inception-like norms, with blocking; a point 0.0001 outside a ball's edge in
+    fp32 is on it in fp16, and `<=` counts it; a block whose fp16 values overflow is computed in fp32."""
+    rng = np.random.default_rng(1)
+    ref = (rng.gamma(0.6, 0.5, (37, 2048))).astype(np.float32)  # non-negative, ||x||^2 ~ 1,000 like pool3's
+    sam = (ref[rng.integers(0, 37, 29)] * rng.uniform(0.8, 1.2, (29, 2048))).astype(np.float32)
+    assert precision_recall(ref, sam, row_batch=8, col_batch=10) == pytest.approx(_adm_fp16_pr(ref, sam), abs=1e-12)
+    line_ref = np.arange(6, dtype=np.float32)[:, None]  # point 0's ball: its 3rd neighbour at squared distance 9
+    line_sam = np.array([[-3.0001], [100], [101], [102]], np.float32)  # -3.0001 is -3 in fp16
+    assert precision_recall(line_ref, line_sam, distances="fp32")[0] == 0.0
+    assert precision_recall(line_ref, line_sam)[0] == 0.25
+    big = line_ref * 300  # squares past fp16's 65,504: the fp32 block, as ADM's tf.cond
+    assert precision_recall(big, line_sam * 300) == precision_recall(big, line_sam * 300, distances="fp32")
 
 
 def _photo_pair():

@@ -58,7 +58,7 @@ def _write_bad(kind, path):
         np.savez(path, arr_0=_rgb(8))
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        return "not a readable npz archive"
+        return "truncated (it starts as an npz archive, but its end, the zip directory, is missing"
     if kind == "truncated member":  # the archive's directory intact, the array's bytes cut
         np.savez(path, arr_0=_rgb(8))
         data = bytearray(path.read_bytes())

@@ -220,6 +220,10 @@ def test_toy_metric_through_the_fid_command(tmp_path, capsys, toy_metrics):
     rec = json.loads(lat_free.read_text())
     assert rec["mean_brightness"] == float(images.mean()) and rec["metrics"] == ["mean_brightness"]
     assert "fid" not in rec
+    # a sample batch storing statistics (the ADM evaluator would take them): said to be unused
+    with_stats = _npz(tmp_path / "sam_stats.npz", images, mu=np.zeros(3), sigma=np.eye(3))
+    assert fid_cli.main([ref, with_stats, "--metrics", "mean_brightness", "--device", "cpu"]) == 0
+    assert f"sample batch {with_stats} stores mu, sigma: not used" in capsys.readouterr().out
     # class_histogram needs latents, which an npz batch does not carry: one line, exit 2
     with pytest.raises(SystemExit) as e:
         fid_cli.main([ref, sam, "--metrics", "class_histogram", "--device", "cpu"])
