@@ -69,8 +69,9 @@ def _read(z: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
         return z[key]
     except _READ_ERRORS as e:  # a truncated member, a CRC error, an object (pickled) array
         if "allow_pickle" in str(e):
+            hint = " (images of different sizes, saved as a list? they must share one size)" if key == "arr_0" else ""
             raise BatchFileError(f"{where}: {key} is an object (pickled) array, which is never loaded; expected "
-                                 "numbers") from None
+                                 f"numbers{hint}") from None
         raise BatchFileError(f"{where}: {key} unreadable, the file is truncated or corrupt ({one_line(e)})") from None
 
 

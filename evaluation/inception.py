@@ -9,7 +9,9 @@ evaluator reads from the TF graph:
 - `logits`:  pool_3 @ softmax/logits weight, without the bias (ADM multiplies by the weight only),
              (B, 1008), for the Inception Score.
 Preprocessing is the graph's own: TF1 bilinear resize to 299 (no half-pixel centres), then
-(x - 128) / 128 on pixel values in [0, 255].
+(x - 128) / 128 on pixel values in [0, 255]. `input_pipeline="pytorch-fid"` takes pytorch-fid's instead (what the
+authors' rFID ran, tools/calculate_fid.py): x / 255, torch's bilinear resize to 299 (half-pixel centres, no
+antialiasing), then 2 x - 1; the same network and weights.
 
 Two weight files work, from a local path (nothing is downloaded):
 - the pytorch-fid file (full graph: FID, sFID, IS, precision/recall);
@@ -200,14 +202,20 @@ class InceptionV3(nn.Module):
         self.has_logits = True
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
-        """images: uint8 (B, H, W, 3) or float pixel values in [0, 255] (B, 3, H, W)."""
+    def forward(self, images: torch.Tensor, input_pipeline: str = "adm") -> dict[str, Optional[torch.Tensor]]:
+        """images: uint8 (B, H, W, 3) or float pixel values in [0, 255] (B, 3, H, W); input_pipeline: "adm" (the
+        TF graph's) or "pytorch-fid" (the module docstring)."""
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2)
         x = images.float()
-        if x.shape[-2:] != (299, 299):
-            x = tf_resize_bilinear(x, 299)
-        x = (x - 128.0) / 128.0
+        if input_pipeline == "pytorch-fid":  # its ToTensor, then its InceptionV3's resize_input and normalize_input
+            x = 2 * F.interpolate(x / 255.0, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        elif input_pipeline == "adm":
+            if x.shape[-2:] != (299, 299):
+                x = tf_resize_bilinear(x, 299)
+            x = (x - 128.0) / 128.0
+        else:
+            raise ValueError(f"input_pipeline must be 'adm' or 'pytorch-fid', not {input_pipeline!r}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))

@@ -59,6 +59,35 @@ def ssim(a: Any, b: Any, data_range: float = 255.0, win_size: int = 11, sigma: f
     return s.flatten(2).mean(2).mean(1)
 
 
+def ssim_torchmetrics(preds: torch.Tensor, target: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)
+                      ) -> torch.Tensor:
+    """Per-image SSIM (B,) of float (B, C, H, W) images as torchmetrics' StructuralSimilarityIndexMeasure(
+    data_range=(lo, hi)) computes it (versions 1.4.2 and later; the authors' evaluate_tokenizer.py, unpinned, ran one
+    of them in 2025): both images clamped to the range, NOT shifted to it (on [-1, 1] the luminance term is taken
+    around 0, not mid-grey), C1 = (0.01 (hi - lo))^2, C2 = (0.03 (hi - lo))^2, the 11x11 Gaussian (sigma 1.5) over
+    the images reflect-padded by 5, variances clamped at 0, and the mean over every pixel of the full image (the
+    padded border included) and the channels. In float64 (theirs ran float32: ~1e-7 apart)."""
+    lo, hi = data_range
+    x = preds.double().clamp(lo, hi)
+    y = target.double().clamp(lo, hi)
+    c = x.shape[1]
+    pad = 5
+    if min(x.shape[-2:]) <= pad:  # reflect padding needs more pixels than the pad
+        raise ValueError(f"SSIM (torchmetrics) needs images larger than {pad}x{pad}, got {tuple(x.shape[-2:])}")
+    x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))
+    w = _gaussian_window(2 * pad + 1, 1.5).to(x)[None, None].repeat(c, 1, 1, 1)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mx, my = filt(x), filt(y)
+    vx, vy = (filt(x * x) - mx ** 2).clamp_min(0.0), (filt(y * y) - my ** 2).clamp_min(0.0)
+    cxy = filt(x * y) - mx * my
+    c1, c2 = (0.01 * (hi - lo)) ** 2, (0.03 * (hi - lo)) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------- the registry's metrics
 
 def _per_image_mean(fn, inputs: Any) -> float:

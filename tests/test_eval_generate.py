@@ -1,4 +1,5 @@
 """Sharded, resumable sample generation and the tokenizer metrics on tiny models."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -83,6 +84,70 @@ def test_reconstruction_metrics_tiny_vae():
     res, rec = reconstruction_metrics(vae, images, batch_size=3, inception=features, progress=False)
     assert rec.shape == images.shape and rec.dtype == np.uint8
     assert 0 < res["psnr"] < 40 and -1 < res["ssim"] < 1 and np.isfinite(res["rfid"]) and res["num_images"] == 4
+
+
+def test_tokenizer_metrics_score_as_the_authors_evaluation(tmp_path, capsys):
+    """protocol "authors": SSIM (torchmetrics on [-1, 1]) and LPIPS on the decoder's float output against the float
+    originals, PSNR and rFID on the rounded images (rFID through pytorch-fid's resize); "uint8": all on the rounded
+    images. A folder of images goes through their transform: ImageFolder's order, the short side to the size
+    (antialiased bilinear), a center crop; the CLI takes it."""
+    from PIL import Image
+
+    from evaluation.inception import InceptionV3
+    from evaluation.paired_metrics import psnr, ssim, ssim_torchmetrics
+    from evaluation.tokenizer_metrics import FolderImages, authors_transform, main, reconstruction_metrics
+    _, vae = _tiny()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] += 1.0  # red past 1 in places: clamping would show
+        decoded = torch.cat([vae.decode(vae.encode(x[i:i + 2]).mode()).float() for i in (0, 2)])
+    assert decoded.amax() > 1
+    seen = []
+
+    def lpips(a, b):  # a stand-in that records what it scores
+        seen.append((a.clone(), b.clone()))
+        return (a - b).abs().flatten(1).mean(1)
+    pipelines = []
+
+    class Inception(InceptionV3):  # records the input pipeline it is asked for; features: the pixels
+        def forward(self, images, input_pipeline="adm"):
+            pipelines.append(input_pipeline)
+            return {"pool": images.double().flatten(1)[:, ::97] + (input_pipeline == "adm")}
+    inception = Inception()
+    kw = dict(batch_size=2, progress=False, posterior="mode", lpips=lpips, inception=inception)
+    res, rec = reconstruction_metrics(vae, images, **kw)
+    u8 = reconstruction_metrics(vae, images, protocol="uint8", **kw)[0]
+    assert res["protocol"] == "authors" and u8["protocol"] == "uint8"
+    torch.testing.assert_close(torch.cat([a for a, _ in seen[:2]]), decoded)  # unclamped floats, not the rounded
+    torch.testing.assert_close(torch.cat([b for _, b in seen[:2]]), x)
+    assert res["ssim"] == pytest.approx(float(ssim_torchmetrics(decoded, x).mean()), rel=1e-12)
+    assert u8["ssim"] == pytest.approx(float(ssim(images, rec).mean()), rel=1e-12)
+    assert res["ssim"] != pytest.approx(u8["ssim"], rel=1e-3)
+    assert res["psnr"] == u8["psnr"] == pytest.approx(float(psnr(images, rec).mean()), rel=1e-12)
+    assert pipelines == ["pytorch-fid"] * 4 + ["adm"] * 4  # two batches each of the originals and reconstructions
+    assert np.isfinite(res["rfid"]) and np.isfinite(u8["rfid"])
+    # a folder: class folders in order, each image as their transform makes it
+    for c, (h, w) in (("b", (30, 40)), ("a", (16, 16))):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "val" / c / "0.png")
+    Image.new("RGB", (24, 48), (255, 0, 128)).save(tmp_path / "val" / "b" / "1.png")  # portrait, one colour
+    folder = FolderImages(tmp_path / "val", size=16)
+    assert [f.relative_to(tmp_path / "val").as_posix() for f in folder.files] == ["a/0.png", "b/0.png", "b/1.png"]
+    t = authors_transform(folder.files[1], 16)  # 30x40 -> 16x21 (antialiased), crop columns 2..17
+    assert t.shape == (3, 16, 16)
+    src = torch.as_tensor(np.array(Image.open(folder.files[1]))).permute(2, 0, 1).float() / 255
+    ref = torch.nn.functional.interpolate(src[None], size=(16, 21), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(t, (ref[:, :, 2:18] - 0.5) / 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(authors_transform(folder.files[2], 16)[:, 0, 0], torch.tensor([1.0, -1.0, 1 / 255]))
+    torch.testing.assert_close(folder.batch(0, 1)[0], torch.as_tensor(np.array(Image.open(folder.files[0]))).permute(
+        2, 0, 1).float() / 127.5 - 1)  # already 16x16: untouched
+    vae.save_pretrained(tmp_path / "vae")
+    assert main([str(tmp_path / "vae"), str(tmp_path / "val"), "--image-size", "16", "--no-rfid", "--no-lpips",
+                 "--device", "cpu", "--posterior", "mode"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_images"] == 3 and out["protocol"] == "authors" and np.isfinite(out["ssim"])
 
 
 # ----------------------------------------------------------------------------- bad input (issue 21)

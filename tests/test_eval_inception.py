@@ -18,6 +18,23 @@ def test_tf_resize_bilinear_is_tf1_legacy():
     torch.testing.assert_close(y[0, 0, :, 0], torch.tensor([0.0, 4.0, 8.0, 8.0]))
 
 
+def test_input_pipelines_what_the_first_convolution_sees():
+    """adm: the TF graph's resize and (x - 128) / 128; pytorch-fid (the authors' rFID): x / 255, torch's bilinear
+    resize (half-pixel centres, no antialiasing), 2 x - 1."""
+    net = InceptionV3()
+    seen = []
+    net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    u = images.permute(0, 3, 1, 2).float()
+    net(images)
+    net(images, input_pipeline="pytorch-fid")
+    torch.testing.assert_close(seen[0], (tf_resize_bilinear(u, 299) - 128) / 128)
+    torch.testing.assert_close(seen[1], 2 * torch.nn.functional.interpolate(u / 255, size=(299, 299), mode="bilinear",
+                                                                            align_corners=False) - 1)
+    with pytest.raises(ValueError, match="input_pipeline must be 'adm' or 'pytorch-fid'"):
+        net(images, input_pipeline="clean-fid")
+
+
 def test_pt_inception_layout_outputs(tmp_path):
     net = InceptionV3()
     for m in net.modules():  # non-trivial BN statistics so a wrong layout shows

@@ -171,6 +171,20 @@ def _photo_pair():
     return img, noisy
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 40, 37), (1, 1, 11, 6)])
+def test_ssim_torchmetrics_is_torchmetrics(shape):
+    """The authors' SSIM: torchmetrics' (the version installed here) with data_range=(-1, 1) on float images, out
+    of range values included (clamped there), per image; ragged sides, one channel, the smallest reflect pad."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    from evaluation.paired_metrics import ssim_torchmetrics
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64) * 2 - 1
+    for y in (x + 0.1 * torch.randn_like(x), 1.3 * x + 0.2, x.flip(-1)):
+        theirs = tm_ssim(y, x, data_range=(-1.0, 1.0), reduction="none")
+        torch.testing.assert_close(ssim_torchmetrics(y, x), theirs, rtol=0, atol=1e-12)
+
+
 def test_psnr_ssim_match_skimage_on_a_real_photo():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 

@@ -133,6 +133,8 @@ def test_tokenizer_metrics_images(kind, tmp_path, capsys):
     says = _write_bad(kind, bad)
     if kind == "single image":
         says = "rFID statistics (or pass --no-rfid) need at least 2"
+    if kind == "folder":  # a folder is a folder of images to the tokenizer metrics (the authors' input)
+        says = "no images (.jpg"
     # the VAE argument is never reached: the npz is checked first
     _one_line_exit_2(capsys, lambda: tok_cli.main([str(tmp_path / "vae-not-read"), str(bad), "--device", "cpu"]),
                      bad, says)
