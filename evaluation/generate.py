@@ -298,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from modeling.checkpoint import CheckpointMismatchError
     from modeling.config import cli_parser, user_errors
     from modeling.hub import load_latent_stats, stored_metadata
-    from modeling.sample_images import default_stats_path
+    from modeling.sample_images import latent_stats_source
     from modeling.sampling import SamplerUnavailable, add_sampling_args, check_device, config_from_args, exact_fp32
 
     cuda = torch.cuda.is_available()
@@ -341,9 +341,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             torch.cuda.set_device(device)
         check_arguments(a.num_samples, a.batch_size, a.seed, a.latent_multiplier, rank, world, cli=True)
         check_output(a.out_npz, "out_npz")
-        config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
+        stored_sampling = stored_metadata(a.dit).get("sampling")
+        config, sources = config_from_args(a, stored_sampling, stored_from=a.dit)
         exact_fp32(config, device)  # --precision fp32 on a GPU: no TF32 in its convolutions either
-        stats_path = a.latent_stats or default_stats_path(a.dit)
+        stats_path = latent_stats_source(a.dit, a.latent_stats, stored_sampling, "--latent-stats")
         stats = load_latent_stats(stats_path) if stats_path else None
         if stats is not None:
             from modeling.sample_images import check_latent_stats

@@ -276,7 +276,10 @@ class HubMixin(_HFBase):
             return model.to(device).eval()
         dl = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                   local_files_only=local_files_only, token=token)
-        config_file = hub_download(src, CONFIG_NAME, **dl)
+        config_file, released = hub_config_or_released(src, **dl)
+        if released is not None:  # the authors' layout: hustvl/<name> holds <name>.pt
+            model, _ = build_released(cls, model_kind(cls), released, weights=weights, **overrides)
+            return model.to(device).eval()
         hub_download(src, WEIGHTS_NAME, **dl)
         return load_folder(cls, Path(config_file).parent, device=device, **overrides)
 
@@ -317,6 +320,26 @@ def hub_download(src: str, filename: str, **hub_kwargs: Any) -> str:
                                 f"for it ({type(e).__name__}: {reason})") from None
 
 
+def released_hub_name(src: str) -> str:
+    """The file the authors' Hub repos hold their weights in: hustvl/<name> -> <name>.pt
+    (hustvl/lightningdit-xl-imagenet256-800ep, hustvl/vavae-imagenet256-f16d32-dinov2)."""
+    return src.rstrip("/").rsplit("/", 1)[-1] + ".pt"
+
+
+def hub_config_or_released(src: str, **hub_kwargs: Any) -> tuple[str | None, str | None]:
+    """(config.json, None) of a Hub repo in our layout, or (None, <name>.pt) of one in the authors' release
+    layout, as local paths (cache or download); neither: one FileNotFoundError naming src and both files."""
+    try:
+        return hub_download(src, CONFIG_NAME, **hub_kwargs), None
+    except FileNotFoundError as ours:
+        if looks_local(src) or not HAVE_HF:
+            raise
+        try:
+            return None, hub_download(src, released_hub_name(src), **hub_kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{ours}; nor {released_hub_name(src)} (the authors' release layout)") from None
+
+
 def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
     """config.json of a saved folder or hub repo (cache / download), or {} for a released file, whose
     sampling settings are then those of the preset named like the file (if any)."""
@@ -330,7 +353,10 @@ def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]
         return {"sampling": {"preset": name, **SAMPLING_PRESETS[name]["settings"]}} if name else {}
     if not HAVE_HF and not looks_local(src):
         return {}
-    return read_config(Path(hub_download(src, CONFIG_NAME, **hub_kwargs)).parent)
+    config_file, released = hub_config_or_released(src, **hub_kwargs)
+    if released is not None:
+        return stored_metadata(released)
+    return read_config(Path(config_file).parent)
 
 
 def model_folder(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
@@ -341,12 +367,14 @@ def model_folder(src: str | os.PathLike, **hub_kwargs: Any) -> Path | None:
         return Path(src)
     if local == "file" or not HAVE_HF and not looks_local(src):
         return None
-    return Path(hub_download(src, CONFIG_NAME, **hub_kwargs)).parent
+    config_file, _ = hub_config_or_released(src, **hub_kwargs)
+    return Path(config_file).parent if config_file is not None else None  # a released file has no folder
 
 
 # ----------------------------------------------------------------------------- latent statistics
 
 STATS_NAME = "latents_stats.safetensors"
+RELEASED_STATS_NAME = "latents_stats.pt"  # beside the authors' tokenizer: hustvl/vavae-imagenet256-f16d32-dinov2
 
 
 def save_latent_stats(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor) -> Path:
@@ -368,7 +396,16 @@ def load_latent_stats(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     import torch
 
     from .safe_load import safe_torch_load
+    src = str(path)
     path = Path(path)
+    if local_kind(src) is None and HAVE_HF and not looks_local(src):  # a Hub repo: ours, or the authors' .pt
+        try:
+            path = Path(hub_download(src, STATS_NAME))
+        except FileNotFoundError as ours:
+            try:
+                path = Path(hub_download(src, RELEASED_STATS_NAME))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{ours}; nor {RELEASED_STATS_NAME}") from None
     if path.is_dir():
         path = path / STATS_NAME
     if path.suffix == ".safetensors":

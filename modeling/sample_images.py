@@ -105,6 +105,20 @@ def default_stats_path(dit_src: PathOrId) -> Optional[Path]:
     return folder / STATS_NAME if folder is not None and (folder / STATS_NAME).is_file() else None
 
 
+def latent_stats_source(dit_src: PathOrId, given: Optional[PathOrId], stored_sampling: Optional[dict],
+                        flag: str) -> Optional[PathOrId]:
+    """The latent statistics to sample with: `given` (the command's flag), else those stored beside a converted
+    DiT, else None (unnormalised latents). The authors' DiT (its sampling preset known: a released file, its Hub
+    repo or a folder converted from it) samples normalised latents: without statistics it would draw 50k wrong
+    images for hours, so that is refused, naming the flag and their file."""
+    stats = given if given is not None else default_stats_path(dit_src)
+    if stats is None and (stored_sampling or {}).get("preset"):
+        raise ValueError(f"{dit_src}: the authors' DiT ({stored_sampling['preset']}) samples latents normalised by "
+                         f"their statistics; pass {flag} latents_stats.pt (in hustvl/vavae-imagenet256-f16d32-dinov2: "
+                         f"{flag} hustvl/vavae-imagenet256-f16d32-dinov2 takes it from the Hub)")
+    return stats
+
+
 @torch.no_grad()
 def generate(dit: LightningDiT, vae: AutoencoderKL, labels: Sequence[int], mean: torch.Tensor, std: torch.Tensor,
              config: Optional[SamplingConfig] = None, *, seed: int = 0, latent_multiplier: float = 1.0,
@@ -191,11 +205,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ValueError(f"--seed {a.seed}: must be in 0..{MAX_SEED} (torch.Generator's range)")
         check_latent_multiplier(a.latent_multiplier, "--latent-multiplier")
         _check_image_path(a.out, check_output_path)
-        config, sources = config_from_args(a, stored_metadata(a.dit).get("sampling"), stored_from=a.dit)
+        stored_sampling = stored_metadata(a.dit).get("sampling")
+        config, sources = config_from_args(a, stored_sampling, stored_from=a.dit)
         exact_fp32(config, device)  # --precision fp32 on a GPU: no TF32 in its convolutions either
         dit = load_dit(a.dit, a.size, a.input_size, a.in_channels, a.num_classes, a.weights)
         vae = load_vae(a.vae)
-        stats = a.stats if a.stats is not None else default_stats_path(a.dit)
+        stats = latent_stats_source(a.dit, a.stats, stored_sampling, "--stats")
         mean, std = load_latent_stats(stats, dit.in_channels)
         images, sampler = generate(dit, vae, a.labels, mean, std, config, seed=a.seed,
                                    latent_multiplier=a.latent_multiplier, device=device,

@@ -107,6 +107,49 @@ def test_previous_folder_layout_still_loads(tmp_path):
     assert _same(dit, load_pretrained(tmp_path / "old"))
 
 
+def _cached_repo(cache, repo_id, files):
+    """A Hub repo in huggingface_hub's cache layout (one snapshot, refs/main)."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_the_authors_hub_repos_load_by_id(parity_dir, tmp_path, monkeypatch, no_network):
+    """hustvl/<name> holds <name>.pt (and the tokenizer's repo latents_stats.pt): a hub id of that layout loads
+    as the released file, with its sampling preset; the latent statistics by repo id; neither layout: one line
+    naming both files."""
+    import huggingface_hub.constants as hc
+
+    from modeling.hub import stored_metadata
+    from modeling.sample_images import latent_stats_source
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    dit_id, vae_id = "hustvl/lightningdit-xl-imagenet256-800ep", "hustvl/vavae-imagenet256-f16d32-dinov2"
+    _cached_repo(tmp_path / "cache", dit_id,
+                 {"lightningdit-xl-imagenet256-800ep.pt": (parity_dir / "lightningdit_a.pt").read_bytes()})
+    stats = {"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}
+    torch.save(stats, tmp_path / "s.pt")
+    _cached_repo(tmp_path / "cache", vae_id, {"vavae-imagenet256-f16d32-dinov2.pt":
+                                              (parity_dir / "vavae_a.pt").read_bytes(),
+                                              "latents_stats.pt": (tmp_path / "s.pt").read_bytes()})
+    assert _same(LightningDiT.from_pretrained(dit_id), LightningDiT.from_pretrained(parity_dir / "lightningdit_a.pt"))
+    assert _same(AutoencoderKL.from_pretrained(vae_id), AutoencoderKL.from_pretrained(parity_dir / "vavae_a.pt"))
+    assert stored_metadata(dit_id)["sampling"]["preset"] == "lightningdit-xl-imagenet256-800ep"
+    torch.testing.assert_close(load_latent_stats(vae_id)["std"], stats["std"])
+    with pytest.raises(ValueError, match="pass --latent-stats latents_stats.pt"):
+        latent_stats_source(dit_id, None, stored_metadata(dit_id)["sampling"], "--latent-stats")
+    assert latent_stats_source(dit_id, vae_id, stored_metadata(dit_id)["sampling"], "--latent-stats") == vae_id
+    with pytest.raises(FileNotFoundError, match=r"gave no config\.json.*nor absent\.pt \(the authors' release"):
+        LightningDiT.from_pretrained("hustvl/absent")
+    with pytest.raises(FileNotFoundError, match=r"latents_stats\.safetensors.*nor latents_stats\.pt"):
+        load_latent_stats(dit_id)
+
+
 def test_released_files_load_without_a_size(parity_dir, parity_configs):
     for name in ("lightningdit_a", "lightningdit_b"):
         c = {k: v for k, v in parity_configs[name].items() if k != "kind"}

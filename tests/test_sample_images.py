@@ -60,9 +60,17 @@ def test_released_file_samples_with_the_authors_settings(parity_dir, parity_conf
     dit, vae = _fixture_models(parity_dir, parity_configs)
     released = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"
     released.write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
+    with pytest.raises(SystemExit):  # the authors' DiT without latent statistics: refused before sampling
+        main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "3", "--out",
+              str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert "samples latents normalised by their statistics; pass --stats latents_stats.pt" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+    torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, tmp_path / "latents_stats.pt")
     main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "3", "--steps", "4",
-          "--seed", "2", "--no-progress", "--out", str(tmp_path / "new" / "g.png")])  # (its folder made, as
-    said = capsys.readouterr().out                                                   # generate does)
+          "--seed", "2", "--no-progress", "--out", str(tmp_path / "new" / "g.png"),  # (its folder made, as
+          "--stats", str(tmp_path / "latents_stats.pt")])                          # generate does)
+    said = capsys.readouterr().out
     assert "cfg_scale=6.7 (stored with the model)" in said and "guidance=reference (stored with the model)" in said
     assert "steps=4 (given)" in said and "cfg_interval_start=0.125" in said
     mean, std = torch.zeros(1, 32, 1, 1), torch.ones(1, 32, 1, 1)
@@ -71,7 +79,7 @@ def test_released_file_samples_with_the_authors_settings(parity_dir, parity_conf
     assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "new" / "g.png"))), want[0])
     with pytest.raises(SystemExit):
         main(["--dit", str(released), "--vae", str(parity_dir / "vavae_a.pt"), "--labels", "10",
-              "--out", str(tmp_path / "x.png")])
+              "--out", str(tmp_path / "x.png"), "--stats", str(tmp_path / "latents_stats.pt")])
     assert "labels [10] are outside 0..9" in capsys.readouterr().err
 
 
