@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -83,19 +83,33 @@ def authors_transform(path: Path, size: int = 256) -> torch.Tensor:
 
 class FolderImages:
     """A folder's images as the authors' transform makes them, read a batch at a time (50k never in memory as
-    floats)."""
+    floats), by a few threads (PIL decodes and torch resizes outside the GIL), the next batch while the model runs
+    on this one (`batches`)."""
 
-    def __init__(self, root: Union[str, Path], size: int = 256, limit: Optional[int] = None) -> None:
+    def __init__(self, root: Union[str, Path], size: int = 256, limit: Optional[int] = None,
+                 workers: Optional[int] = None) -> None:
         self.root, self.size = Path(root), size
         self.files = image_files(root)[:limit]
         if not self.files:
             raise ConfigError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in its class folders")
+        self.workers = workers or min(8, len(os.sched_getaffinity(0)))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         return torch.stack([authors_transform(f, self.size) for f in self.files[start:stop]])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The images in order, batch_size at a time, each read while the previous one is being used."""
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.workers) as pool:
+            def submit(start: int) -> list:
+                return [pool.submit(authors_transform, f, self.size) for f in self.files[start:start + batch_size]]
+            pending = submit(0)
+            for start in range(0, len(self.files), batch_size):
+                ready, pending = pending, submit(start + batch_size)
+                yield torch.stack([f.result() for f in ready])
 
 
 def _unit_range(images: np.ndarray, start: int, stop: int) -> torch.Tensor:
@@ -131,9 +145,10 @@ def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], ba
     if folder is None:
         images = np.asarray(images)
     originals, recons, ssims, lpips_values = [], [], [], []
+    folder_batches = folder.batches(batch_size) if folder is not None else None
     for i in tracked(range(0, len(images), batch_size), "tokenizer metrics", "batch", enabled=progress):
         stop = min(i + batch_size, len(images))
-        x = (folder.batch(i, stop) if folder is not None else _unit_range(images, i, stop)).to(device)
+        x = (next(folder_batches) if folder is not None else _unit_range(images, i, stop)).to(device)
         dist = vae.encode(x)
         if posterior == "mode":
             z = dist.mode()
@@ -150,6 +165,8 @@ def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], ba
             ssims.append(ssim_torchmetrics(decoded, x).cpu())
             if lpips is not None:
                 lpips_values.append(lpips(decoded, x).flatten().double().cpu())
+    if folder_batches is not None:
+        folder_batches.close()  # its reading threads end here, not whenever the generator is collected
     recons = torch.cat(recons).numpy()
     originals = torch.cat(originals).numpy() if folder is not None else images
     on_uint8 = ("psnr", "rfid") if authors else TOKENIZER_METRICS
