@@ -11,7 +11,8 @@ settings for it unless a flag says otherwise; --preset names them. On CUDA the d
 auto; add --compile blocks for torch.compile); --precision fp32
 --cudagraphs off is the exact fp32 path (on a GPU with TF32 off: torch leaves cuDNN's on by default).
 
-Sample i of the run always gets the same label and the same noise (seeded by (seed, i)), whatever
+Sample i of the run always gets the same label (drawn i.i.d. as the authors' inference.py does, or
+--class-balanced) and the same noise (seeded by (seed, i)), whatever
 the number of ranks, the batch size, or how often the job was restarted. Each rank takes the
 indices i = rank, rank + world, ... and writes finished batches as chunk files (atomic rename), so
 a killed job resumes where it stopped. The settings (checkpoints and the SHA-256 of their weights,
@@ -20,6 +21,7 @@ OUT.chunks/settings.json; a restart with different settings is refused. Once eve
 chunks are merged, in index order, into OUT.npz with `arr_0` = uint8 (N, H, W, 3), `arr_1` = labels
 (N,) (the ADM format) and `settings` (that JSON).
 """
+import argparse
 import hashlib
 import json
 import os
@@ -37,8 +39,9 @@ from modeling.sampling import TIME_GRID_DTYPE, SamplingConfig
 SETTINGS_FILE = "settings.json"
 
 
-def sample_labels(num_samples: int, num_classes: int, seed: int = 0, class_balanced: bool = True) -> torch.Tensor:
-    """Class-balanced: every class equally often (up to one), in a seeded random order."""
+def sample_labels(num_samples: int, num_classes: int, seed: int = 0, class_balanced: bool = False) -> torch.Tensor:
+    """Seeded labels: i.i.d. uniform over the classes (the authors' inference.py draws torch.randint), or
+    class-balanced: every class equally often (up to one), in a seeded random order."""
     g = torch.Generator().manual_seed(seed)
     if class_balanced:
         labels = torch.arange(num_samples) % num_classes
@@ -155,7 +158,7 @@ def check_settings(work: Union[str, os.PathLike], settings: dict) -> None:
 @torch.no_grad()
 def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.PathLike], num_samples: int,
              latent_stats: Optional[dict] = None, batch_size: int = 32, config: Optional[SamplingConfig] = None, *,
-             class_balanced: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+             class_balanced: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
              device: Union[str, torch.device] = "cpu", progress: bool = True, latent_multiplier: float = 1.0,
              sources: Optional[dict] = None, **options) -> Optional[Path]:
     """Generate `num_samples` images into out_npz (merged by the rank that finds every chunk present).
@@ -314,7 +317,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch-size", type=int, default=256 if cuda else 16,
                    help="per rank; the Euler step of 2x this batch (guidance) is one CUDA graph")
     add_sampling_args(p, fast_default=cuda)
-    p.add_argument("--random-labels", action="store_true", help="i.i.d. labels instead of class-balanced")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--class-balanced", action="store_true",
+                        help="every class equally often (up to one) instead of the authors' i.i.d. labels")
+    labels.add_argument("--random-labels", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12-06
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA exists, else cpu")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -356,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print("settings: " + ", ".join(f"{k}={settings[k]} ({sources[k]})" for k in settings)
                   + f"; latent stats {stats_path or 'none (unnormalised latents)'}")
         out = generate(dit, vae, a.out_npz, a.num_samples, stats, a.batch_size, config,
-                       class_balanced=not a.random_labels, seed=a.seed, rank=rank, world_size=world, device=device,
+                       class_balanced=a.class_balanced, seed=a.seed, rank=rank, world_size=world, device=device,
                        latent_multiplier=a.latent_multiplier,
                        sources={"dit": str(a.dit), "vae": str(a.vae),
                                 "latent_stats": str(stats_path) if stats_path else None})

@@ -45,10 +45,13 @@ def test_reconstruction_metrics_draw_the_posterior_as_the_authors(tmp_path, caps
         assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
 
 
-def test_labels_class_balanced():
-    y = sample_labels(10, 3, seed=1)
+def test_labels_iid_as_the_authors_or_class_balanced():
+    y = sample_labels(10, 3, seed=1, class_balanced=True)
     assert sorted(np.bincount(y.numpy()).tolist()) == [3, 3, 4]
-    assert torch.equal(y, sample_labels(10, 3, seed=1))
+    assert torch.equal(y, sample_labels(10, 3, seed=1, class_balanced=True))
+    iid = sample_labels(3000, 1000, seed=1)  # the default: i.i.d. (the authors' torch.randint), seeded
+    assert torch.equal(iid, torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(1)))
+    assert np.bincount(iid.numpy(), minlength=1000).max() > 3  # not balanced
 
 
 def test_generate_sharded_resumable_matches_single_rank(tmp_path):
