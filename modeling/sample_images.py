@@ -21,7 +21,7 @@ from .checkpoint import CheckpointMismatchError
 from .hub import STATS_NAME, model_folder, stored_metadata
 from .hub import load_latent_stats as _read_stats
 from .lightningdit import LightningDiT, LightningDiTConfig
-from .sampling import Sampler, SamplerUnavailable, SamplingConfig, decode_images, on_device
+from .sampling import DEMO_LABELS, Sampler, SamplerUnavailable, SamplingConfig, decode_images, on_device
 from .vavae import AutoencoderKL
 from .config import console_entry
 
@@ -187,7 +187,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                   "a converted DiT or an exported pretrained_ema, else none: "
                                                   "unnormalised latents)")
     ap.add_argument("--latent-multiplier", type=float, default=1.0, help="the trainer's data.latent_multiplier")
-    ap.add_argument("--labels", type=int, nargs="+", required=True)
+    ap.add_argument("--labels", type=int, nargs="+", default=None,
+                    help="the classes to sample, one image each (with --preset demo: default the authors' demo "
+                         f"labels {' '.join(map(str, DEMO_LABELS))}, in their 2 x 4 grid)")
     add_sampling_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,9 +197,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", default="samples.png", help="the grid image (its extension names the format)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
+    ncol = None
+    if a.labels is None and a.preset == "demo":
+        a.labels, ncol = list(DEMO_LABELS), 4  # inference.py --demo: 2 x 4
     # a bad file or value: one line naming it, exit 2 -- the cheap checks first, all before sampling
     with user_errors(a.debug, extra=(ValueError, CheckpointMismatchError, SamplerUnavailable),
-                     out_of_memory=f"fewer --labels at once (now {len(a.labels)}: one batch)"):
+                     out_of_memory=f"fewer --labels at once (now {len(a.labels or [])}: one batch)"):
+        if a.labels is None:
+            raise ValueError("--labels: give the classes to sample (or --preset demo for the authors' demo labels)")
         device = check_device(a.device)
         if device.type == "cuda":  # the GPU asked for current for the whole run (our kernels use the current one)
             torch.cuda.set_device(device)
@@ -216,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    latent_multiplier=a.latent_multiplier, device=device,
                                    progress=not a.no_progress, return_sampler=True,
                                    sources={"dit": a.dit, "vae": a.vae, "latent_stats": str(stats)})
-        save_grid(images, a.out)
+        save_grid(images, a.out, ncol)
     d, settings = sampler.describe(), config.settings()
     print(f"wrote {a.out} ({len(a.labels)} images; " + ", ".join(
         f"{k}={settings[k]} ({sources[k]})" for k in settings) + f"; {d['precision']}, compile={d['compile']}, "

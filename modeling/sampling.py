@@ -212,9 +212,15 @@ SAMPLING_PRESETS: dict[str, dict] = {
         "settings": _PAPER.replace(cfg_scale=10.0, cfg_interval_start=0.10).settings(),
         "training_config": "hustvl/LightningDiT configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg.yaml "
                            "(64 epochs; paper FID-50k 2.11 with these settings)"},
+    # their run_fast_inference.sh (inference.py --demo): the README's demo grid, with either checkpoint
+    "demo": {
+        "settings": _PAPER.replace(shift=1.0, cfg_scale=9.0, cfg_interval_start=0.0).settings(),
+        "training_config": "hustvl/LightningDiT inference.py --demo (run_fast_inference.sh): cfg 9.0 at every step, "
+                           "no timestep shift, their config's Euler 250; labels DEMO_LABELS, one image each"},
 }
 PRESET_ALIASES: dict[str, str] = {"800ep": "lightningdit-xl-imagenet256-800ep",
                                   "64ep": "lightningdit-xl-imagenet256-64ep"}
+DEMO_LABELS: tuple[int, ...] = (975, 3, 207, 387, 388, 88, 979, 279)  # inference.py --demo's, in its 2 x 4 grid
 
 
 def preset_for_name(name: Union[str, os.PathLike]) -> Optional[str]:

@@ -96,6 +96,31 @@ def _tiny_folders(tmp_path):
     return tmp_path / "dit", tmp_path / "vae"
 
 
+def test_the_authors_demo_preset(tmp_path, capsys):
+    """--preset demo: inference.py --demo's settings (cfg 9.0 at every step, no timestep shift, Euler, guidance on
+    channels 0..2) and, without --labels, its eight labels in a 2 x 4 grid; without either, one line."""
+    import numpy as np
+    from PIL import Image
+
+    from modeling import save_pretrained
+    from modeling.sampling import DEMO_LABELS, preset_settings
+    assert preset_settings("demo") == {"method": "euler", "steps": 250, "shift": 1.0, "cfg_scale": 9.0,
+                                       "cfg_interval_start": 0.0, "guidance": "reference"}
+    torch.manual_seed(0)
+    dit = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                       num_classes=1000)
+    save_pretrained(dit, dit.config, tmp_path / "dit")
+    _, vae = _tiny_folders(tmp_path / "t")
+    main(["--dit", str(tmp_path / "dit"), "--vae", str(vae), "--preset", "demo", "--steps", "2", "--no-progress",
+          "--out", str(tmp_path / "demo.png")])
+    said = capsys.readouterr().out
+    assert "(8 images;" in said and "cfg_scale=9.0 (preset demo)" in said and "shift=1.0 (preset demo)" in said
+    assert np.array(Image.open(tmp_path / "demo.png")).shape == (2 * 4, 4 * 4, 3)  # 2 x 4 images of 4 px
+    assert len(DEMO_LABELS) == 8
+    err = _refused(capsys, main, ["--dit", str(tmp_path / "dit"), "--vae", str(vae), "--out", str(tmp_path / "x.png")])
+    assert "--labels: give the classes to sample (or --preset demo" in err
+
+
 def _refused(capsys, main, argv):
     """The command exits 2 with one line on stderr (no traceback); returns it."""
     with pytest.raises(SystemExit) as e:
