@@ -52,13 +52,21 @@ def _sq_dists_adm(u, v):
     u16, v16 = _fp16(u), _fp16(v)
     nu = _fp16(_fp16(u16 * u16).sum(1, keepdim=True))
     nv = _fp16(_fp16(v16 * v16).sum(1, keepdim=True)).t()
-    d = _fp16(_fp16(nu - 2 * _fp16(u16 @ v16.t())) + nv).clamp_min(0.0)
+    # 2 mm in fp16 too: past 65,504 it is inf, and TF's distance then -inf, clamped to 0 (accepted as finite)
+    d = _fp16(_fp16(nu - _fp16(2 * _fp16(u16 @ v16.t()))) + nv).clamp_min(0.0)
     return d if bool(torch.isfinite(d).all()) else _sq_dists_fp32(u, v)
 
 
 def _pairwise_sq_dists(u, v, distances: Distances = "adm"):
     with _exact_fp32_matmul():
         return _sq_dists_adm(u, v) if distances == "adm" else _sq_dists_fp32(u, v)
+
+
+def _as_features(features: Any, device: Any) -> torch.Tensor:
+    """(N, D) float32 on `device` from numpy or a tensor on any device (np.asarray of a CUDA tensor would fail)."""
+    if isinstance(features, torch.Tensor):
+        return features.detach().to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.asarray(features), dtype=torch.float32).to(device)
 
 
 def _bar(total, desc, progress):
@@ -69,7 +77,7 @@ def _bar(total, desc, progress):
 def manifold_radii(features: Any, k: int = 3, row_batch: int = 10000, col_batch: int = 10000, device: Any = "cpu",
                    progress: bool = False, distances: Distances = "adm") -> torch.Tensor:
     """Squared distance of each point to its k-th nearest neighbour in the same set (the ball radii)."""
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float32).to(device)
+    f = _as_features(features, device)
     radii = torch.empty(len(f), device=device)
     rows_total = range(0, len(f), row_batch)
     bar = _bar(len(rows_total), "precision/recall radii", progress)
@@ -90,8 +98,7 @@ def precision_recall(ref_features: Any, sample_features: Any, k: int = 3, row_ba
     on CUDA and the CPU give the same radii). distances: "adm" (its fp16 blocks) or "fp32" (module docstring)."""
     if distances not in ("adm", "fp32"):
         raise ValueError(f"distances must be 'adm' or 'fp32', not {distances!r}")
-    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32).to(device)
-    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32).to(device)
+    ref, sam = _as_features(ref_features, device), _as_features(sample_features, device)
     if len(ref) <= k or len(sam) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per set")
     r_ref = manifold_radii(ref, k, row_batch, col_batch, device, progress, distances)

@@ -160,6 +160,22 @@ def test_precision_recall_counts_ties_as_the_adm_evaluators_fp16_distances_make_
     assert precision_recall(line_ref, line_sam)[0] == 0.25
     big = line_ref * 300  # squares past fp16's 65,504: the fp32 block, as ADM's tf.cond
     assert precision_recall(big, line_sam * 300) == precision_recall(big, line_sam * 300, distances="fp32")
+    from evaluation.precision_recall import _pairwise_sq_dists  # 2 u.v past 65,504 but the squares not: TF's
+    u, v = torch.tensor([[244.9]]), torch.tensor([[141.4]])     # distance is -inf, clamped to 0, and kept
+    assert _pairwise_sq_dists(u, v).item() == 0.0 and _pairwise_sq_dists(u, v, "fp32").item() > 10000
+    h = np.float16  # the numpy graph agrees
+    with np.errstate(over="ignore"):
+        assert np.maximum(h(244.9) ** 2 - h(2) * (h(244.9) * h(141.4)) + h(141.4) ** 2, h(0)) == 0
+
+
+def test_precision_recall_takes_tensors_on_any_device():
+    """The registry hands features as tensors; on a GPU they live there (np.asarray of one failed: a review,
+    2026-12-06). A tensor that numpy cannot take (requires grad) stands in for a CUDA one here."""
+    rng = np.random.default_rng(2)
+    ref, sam = rng.standard_normal((30, 8)).astype(np.float32), rng.standard_normal((20, 8)).astype(np.float32)
+    want = precision_recall(ref, sam)
+    got = precision_recall(torch.from_numpy(ref).requires_grad_(), torch.from_numpy(sam).requires_grad_())
+    assert got == want
 
 
 def _photo_pair():
