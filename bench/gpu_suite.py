@@ -220,7 +220,8 @@ def wait_for_extension(smoke: bool) -> dict:
 
 # every test file with a `gpu`-marked test (a CPU test checks the list against tests/: one in test_tracking.py
 # ran nowhere)
-GPU_TEST_FILES = ("tests/test_kernels_gpu.py", "tests/test_train_gpu.py", "tests/test_tracking.py")
+GPU_TEST_FILES = ("tests/test_kernels_gpu.py", "tests/test_train_gpu.py", "tests/test_tracking.py",
+                  "tests/test_eval_gpu.py")
 
 
 def gpu_tests(smoke: bool) -> dict:
