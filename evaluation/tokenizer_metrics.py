@@ -47,17 +47,28 @@ PROTOCOLS = ("authors", "uint8")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 
 
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)  # ImageFolder's test (a file named ".png" is one)
+
+
 def image_files(root: Union[str, Path]) -> list[Path]:
     """The images of a folder in torchvision ImageFolder's order: class folders sorted, each walked (links
-    followed) with its files sorted. A folder without subfolders: its own images, sorted."""
+    followed) with its files sorted. A folder without subfolders: its own images, sorted. A folder with both
+    images and subfolders is refused: ImageFolder (the authors' reader) would score only the subfolders' images,
+    silently (a flat ImageNet val with a stray .ipynb_checkpoints would score that folder alone)."""
     root = Path(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    top = sorted(p for p in root.iterdir() if _is_image(p.name) and p.is_file())
     if not classes:
-        return sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        return top
+    if top:
+        raise ConfigError(f"{root}: {len(top)} images beside {len(classes)} subfolder(s) ({', '.join(classes[:3])}"
+                          f"{' ...' if len(classes) > 3 else ''}); the authors' ImageFolder reads only the "
+                          "subfolders' images: put every image in class folders, or move the subfolders out")
     files = []
     for c in classes:
         for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
-            files += [Path(dirpath) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+            files += [Path(dirpath) / n for n in sorted(names) if _is_image(n)]
     return files
 
 
@@ -70,7 +81,8 @@ def authors_transform(path: Path, size: int = 256) -> torch.Tensor:
         with Image.open(path) as im:
             t = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div(255)
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ConfigError(f"image {path}: unreadable ({' '.join(str(e).split())})") from None
+        raise ConfigError(f"image {path}: unreadable ({' '.join(str(e).split())}); `python -m train.data scan "
+                          "FOLDER` finds every such file first") from None
     h, w = t.shape[1:]
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
@@ -144,7 +156,11 @@ def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], ba
     folder = images if isinstance(images, FolderImages) else None
     if folder is None:
         images = np.asarray(images)
-    originals, recons, ssims, lpips_values = [], [], [], []
+    # the uint8 sets filled in place (50k at 256 px: 9.8 GB each; a list then a concatenation would hold twice that)
+    recons: Optional[np.ndarray] = None
+    originals = images if folder is None else None
+    ssims, lpips_values = [], []
+    small = False  # images of 5 px or less: no reflect padding for SSIM, and LPIPS' VGG features would be empty
     folder_batches = folder.batches(batch_size) if folder is not None else None
     for i in tracked(range(0, len(images), batch_size), "tokenizer metrics", "batch", enabled=progress):
         stop = min(i + batch_size, len(images))
@@ -158,17 +174,21 @@ def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], ba
                 int(np.random.SeedSequence([seed, i + j]).generate_state(1)[0]))) for j in range(len(x))])
             z = dist.mean + dist.std * noise.to(dist.mean)
         decoded = vae.decode(z).float()
-        recons.append(to_uint8_images(decoded).cpu())
+        rec = to_uint8_images(decoded).cpu().numpy()
+        if recons is None:
+            recons = np.empty((len(images), *rec.shape[1:]), np.uint8)
+            if folder is not None:
+                originals = np.empty_like(recons)
+        recons[i:stop] = rec
         if folder is not None:
-            originals.append(to_uint8_images(x).cpu())
-        if authors and min(x.shape[-2:]) > 5:  # theirs: on the float images, per batch (here per image)
+            originals[i:stop] = to_uint8_images(x).cpu().numpy()
+        small = min(x.shape[-2:]) <= 5
+        if authors and not small:  # theirs: on the float images, per batch (here per image)
             ssims.append(ssim_torchmetrics(decoded, x).cpu())
             if lpips is not None:
                 lpips_values.append(lpips(decoded, x).flatten().double().cpu())
     if folder_batches is not None:
         folder_batches.close()  # its reading threads end here, not whenever the generator is collected
-    recons = torch.cat(recons).numpy()
-    originals = torch.cat(originals).numpy() if folder is not None else images
     on_uint8 = ("psnr", "rfid") if authors else TOKENIZER_METRICS
     names = [n for n in on_uint8 if (n != "lpips" or lpips is not None) and (n != "rfid" or inception is not None)]
     feature_fn = None
@@ -184,11 +204,11 @@ def reconstruction_metrics(vae: Any, images: Union[np.ndarray, FolderImages], ba
                         batch_size=batch_size, extras={"lpips": lpips} if lpips is not None else {},
                         images_source="the reconstructions")
     out: dict[str, Any] = compute_metrics(names, inputs, "tokenizer metrics")
-    if authors:
-        if ssims:
-            out["ssim"] = float(torch.cat(ssims).mean())
-        else:
-            inputs.skipped["ssim"] = f"SSIM's reflect padding needs images over 5x5, these are {recons.shape[1:3]}"
+    if authors and small:
+        for name in ("ssim",) + (("lpips",) if lpips is not None else ()):
+            inputs.skipped[name] = f"images of {recons.shape[1]}x{recons.shape[2]} px: {name} needs more than 5x5"
+    elif authors:
+        out["ssim"] = float(torch.cat(ssims).mean())
         if lpips_values:
             out["lpips"] = float(torch.cat(lpips_values).mean())
     out["num_images"], out["posterior"], out["protocol"] = int(len(originals)), posterior, protocol

@@ -153,6 +153,25 @@ def test_tokenizer_metrics_score_as_the_authors_evaluation(tmp_path, capsys):
     assert out["num_images"] == 3 and out["protocol"] == "authors" and np.isfinite(out["ssim"])
 
 
+def test_an_image_folder_is_read_as_imagefolder_or_refused(tmp_path):
+    """Class folders (ImageFolder's layout, a file named ".png" included as it includes it), or a flat folder; a
+    flat folder with a stray subfolder is refused (ImageFolder would score that subfolder's images alone)."""
+    from PIL import Image
+
+    from evaluation.tokenizer_metrics import FolderImages
+    from modeling.config import ConfigError
+    for name in ("b.png", "a.JPG", ".png", "notes.txt"):
+        if name.endswith("txt"):
+            (tmp_path / name).write_text("x")
+        else:
+            Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
+    assert [f.name for f in FolderImages(tmp_path, 8).files] == [".png", "a.JPG", "b.png"]
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".ipynb_checkpoints" / "b-checkpoint.png")
+    with pytest.raises(ConfigError, match="3 images beside 1 subfolder.*ImageFolder reads only the subfolders"):
+        FolderImages(tmp_path, 8)
+
+
 # ----------------------------------------------------------------------------- bad input (issue 21)
 
 def _folders(tmp_path):
