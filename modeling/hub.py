@@ -230,21 +230,29 @@ class HubMixin(_HFBase):
     # ------------------------------------------------------------------ save
     def save_pretrained(self, save_directory: str | os.PathLike, *, training_config: Any = None,
                         parity: str | None = None, source: dict[str, Any] | None = None,
-                        sampling: dict[str, Any] | None = None, config: Any = None, push_to_hub: bool = False,
+                        sampling: dict[str, Any] | None = None, config: Any = None,
+                        latent_stats: str | os.PathLike | None = None, push_to_hub: bool = False,
                         repo_id: str | None = None, **push_kwargs: Any) -> str | None:
         """model.safetensors + config.json + README.md (model card) in `save_directory`; `config` overrides
-        the constructor arguments recorded (default: the model's own)."""
+        the constructor arguments recorded (default: the model's own); `latent_stats` (a DiT's: a file, a folder
+        or a repo id) stored beside as latents_stats.safetensors, where sample_images and generate find them."""
         save_folder(self, save_directory, arch=config, training_config=training_config, parity=parity,
                     source=source, sampling=sampling)
+        if latent_stats is not None:
+            st = load_latent_stats(latent_stats)
+            save_latent_stats(Path(save_directory) / STATS_NAME, st["mean"], st["std"])
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs)
         return None
 
     def push_to_hub(self, repo_id: str, *, training_config: Any = None, parity: str | None = None,
+                    source: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None,
+                    latent_stats: str | os.PathLike | None = None,
                     commit_message: str = "Upload with vavae-lightningdit", private: bool | None = None,
                     token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
                     **_: Any) -> str:
-        """Save into a temporary folder and upload it as one commit (huggingface_hub's HfApi)."""
+        """Save into a temporary folder (save_pretrained's arguments) and upload it as one commit (huggingface_hub's
+        HfApi). A converted folder already holds all of it: `HfApi().upload_folder` uploads it as it is."""
         if not HAVE_HF:
             raise RuntimeError("push_to_hub needs huggingface_hub (pip install huggingface_hub)")
         import tempfile
@@ -253,7 +261,8 @@ class HubMixin(_HFBase):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, training_config=training_config, parity=parity)
+            self.save_pretrained(tmp, training_config=training_config, parity=parity, source=source,
+                                 sampling=sampling, latent_stats=latent_stats)
             return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
                                      commit_message=commit_message, revision=branch, create_pr=create_pr)
 
@@ -269,10 +278,11 @@ class HubMixin(_HFBase):
         constructor arguments (e.g. use_checkpoint=True)."""
         src = str(pretrained_model_name_or_path)
         local = local_kind(src)  # a FIFO / symlink loop / dangling link: refused here, naming what it is
-        if local == "folder":
+        if local == "folder" and released_in_folder(src) is None:
             return load_folder(cls, src, device=device, **overrides)
-        if local == "file":
-            model, _ = build_released(cls, model_kind(cls), src, weights=weights, **overrides)
+        if local is not None:  # a released file, or a folder holding one as the authors' repos do
+            model, _ = build_released(cls, model_kind(cls), released_in_folder(src) or src, weights=weights,
+                                      **overrides)
             return model.to(device).eval()
         dl = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                   local_files_only=local_files_only, token=token)
@@ -320,6 +330,14 @@ def hub_download(src: str, filename: str, **hub_kwargs: Any) -> str:
                                 f"for it ({type(e).__name__}: {reason})") from None
 
 
+def released_in_folder(folder: str | os.PathLike) -> Path | None:
+    """A local copy of one of the authors' Hub repos (a clone, `hf download --local-dir`): a folder without our
+    config.json holding <folder name>.pt, that file; else None (our folder)."""
+    folder = Path(folder)
+    candidate = folder / (folder.resolve().name + ".pt")
+    return candidate if not (folder / CONFIG_NAME).exists() and candidate.is_file() else None
+
+
 def released_hub_name(src: str) -> str:
     """The file the authors' Hub repos hold their weights in: hustvl/<name> -> <name>.pt
     (hustvl/lightningdit-xl-imagenet256-800ep, hustvl/vavae-imagenet256-f16d32-dinov2)."""
@@ -346,6 +364,8 @@ def stored_metadata(src: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]
     from .sampling import SAMPLING_PRESETS, preset_for_name
     src = str(src)
     local = local_kind(src)
+    if local == "folder" and released_in_folder(src) is not None:
+        return stored_metadata(released_in_folder(src))
     if local == "folder":
         return read_config(src)
     if local == "file":
@@ -406,8 +426,9 @@ def load_latent_stats(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 path = Path(hub_download(src, RELEASED_STATS_NAME))
             except FileNotFoundError:
                 raise FileNotFoundError(f"{ours}; nor {RELEASED_STATS_NAME}") from None
-    if path.is_dir():
-        path = path / STATS_NAME
+    if path.is_dir():  # ours, else the authors' (a local copy of their tokenizer's repo)
+        path = path / (RELEASED_STATS_NAME if not (path / STATS_NAME).exists() and (path / RELEASED_STATS_NAME)
+                       .is_file() else STATS_NAME)
     if path.suffix == ".safetensors":
         st = load_safetensors(path, "latent statistics")  # header checked first; FileNotFoundError by name
     else:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointMismatchError
-from .hub import STATS_NAME, model_folder, stored_metadata
+from .hub import STATS_NAME, hub_download, local_kind, model_folder, stored_metadata
 from .hub import load_latent_stats as _read_stats
 from .lightningdit import LightningDiT, LightningDiTConfig
 from .sampling import DEMO_LABELS, Sampler, SamplerUnavailable, SamplingConfig, decode_images, on_device
@@ -100,9 +100,17 @@ def check_latent_multiplier(value: float, name: str = "latent_multiplier") -> fl
 
 
 def default_stats_path(dit_src: PathOrId) -> Optional[Path]:
-    """latents_stats.safetensors stored beside a converted DiT (modeling.convert --latent-stats), or None."""
+    """latents_stats.safetensors stored beside a converted DiT (modeling.convert --latent-stats), in its folder
+    or its Hub repo (fetched into the cache then), or None."""
     folder = model_folder(dit_src)
-    return folder / STATS_NAME if folder is not None and (folder / STATS_NAME).is_file() else None
+    if folder is None:
+        return None
+    if not (folder / STATS_NAME).is_file() and local_kind(str(dit_src)) is None:  # a Hub repo: only what was fetched
+        try:
+            return Path(hub_download(str(dit_src), STATS_NAME))
+        except FileNotFoundError:
+            return None
+    return folder / STATS_NAME if (folder / STATS_NAME).is_file() else None
 
 
 def latent_stats_source(dit_src: PathOrId, given: Optional[PathOrId], stored_sampling: Optional[dict],

@@ -148,6 +148,32 @@ def test_the_authors_hub_repos_load_by_id(parity_dir, tmp_path, monkeypatch, no_
         LightningDiT.from_pretrained("hustvl/absent")
     with pytest.raises(FileNotFoundError, match=r"latents_stats\.safetensors.*nor latents_stats\.pt"):
         load_latent_stats(dit_id)
+    # a local copy of their repos (a clone, `hf download --local-dir`): the same
+    local = tmp_path / "hustvl" / "lightningdit-xl-imagenet256-800ep"
+    local.mkdir(parents=True)
+    (local / "lightningdit-xl-imagenet256-800ep.pt").write_bytes((parity_dir / "lightningdit_a.pt").read_bytes())
+    assert _same(LightningDiT.from_pretrained(local), LightningDiT.from_pretrained(dit_id))
+    assert stored_metadata(local)["sampling"]["preset"] == "lightningdit-xl-imagenet256-800ep"
+    (tmp_path / "vav").mkdir()
+    (tmp_path / "vav" / "latents_stats.pt").write_bytes((tmp_path / "s.pt").read_bytes())
+    torch.testing.assert_close(load_latent_stats(tmp_path / "vav")["mean"], stats["mean"])
+
+
+def test_a_dit_saved_with_its_statistics_samples_with_them_from_the_hub(tmp_path, monkeypatch, no_network):
+    """save_pretrained / push_to_hub(latent_stats=...) store them beside the weights; sampling by the repo's id
+    fetches them (before: only config.json and the weights were fetched, and the statistics were not used)."""
+    import huggingface_hub.constants as hc
+
+    from modeling.sample_images import default_stats_path
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    dit = _rand(LightningDiT(**TINY))
+    save_latent_stats(tmp_path / "s.safetensors", torch.zeros(4), torch.full((4,), 2.0))
+    dit.save_pretrained(tmp_path / "saved", latent_stats=tmp_path / "s.safetensors")
+    assert default_stats_path(tmp_path / "saved") == tmp_path / "saved" / "latents_stats.safetensors"
+    _cached_repo(tmp_path / "cache", "someone/dit", {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()})
+    found = default_stats_path("someone/dit")
+    assert found is not None and load_latent_stats(found)["std"].flatten().tolist() == [2.0] * 4
 
 
 def test_released_files_load_without_a_size(parity_dir, parity_configs):
