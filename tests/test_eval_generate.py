@@ -153,6 +153,23 @@ def test_tokenizer_metrics_score_as_the_authors_evaluation(tmp_path, capsys):
     assert out["num_images"] == 3 and out["protocol"] == "authors" and np.isfinite(out["ssim"])
 
 
+def test_the_authors_transform_is_torchvisions(tmp_path):
+    """authors_transform against torchvision's own ToTensor, Resize, CenterCrop, Normalize (a fixture made by
+    torchvision 0.29.1, tests/fixtures/make_torchvision_eval_transform.py: torchvision cannot be installed beside
+    this torch): landscape, portrait, odd slacks, already at size."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from evaluation.tokenizer_metrics import authors_transform
+    fx = np.load(Path(__file__).parent / "fixtures" / "torchvision_eval_transform.npz")
+    size = int(fx["size"])
+    for i in range(6):
+        Image.fromarray(fx[f"image_{i}"]).save(tmp_path / f"{i}.png")
+        got = authors_transform(tmp_path / f"{i}.png", size).numpy()
+        np.testing.assert_allclose(got, fx[f"expected_{i}"], rtol=0, atol=1e-6, err_msg=str(fx[f"image_{i}"].shape))
+
+
 def test_an_image_folder_is_read_as_imagefolder_or_refused(tmp_path):
     """Class folders (ImageFolder's layout, a file named ".png" included as it includes it), or a flat folder; a
     flat folder with a stray subfolder is refused (ImageFolder would score that subfolder's images alone)."""
