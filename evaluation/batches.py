@@ -9,6 +9,7 @@ Nothing is unpickled: np.load always runs with allow_pickle=False.
 """
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -60,6 +61,8 @@ def _starts_like_zip(p: Path) -> bool:
 def stored_statistics(path: PathLike) -> list[str]:
     """The Inception statistics a batch stores (of mu, sigma, mu_s, sigma_s), for saying that a sample batch's
     are not used: its statistics are computed from its images."""
+    if Path(path).is_dir():
+        return []
     with _open(path, "batch") as z:
         return [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files]
 
@@ -92,10 +95,54 @@ def check_images(images: np.ndarray, where: str, min_images: int = 2, why: str =
     return images
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)  # ImageFolder's test (a file named ".png" is one)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise BatchFileError(f"image {path}: unreadable ({one_line(e)})") from None
+
+
+def read_image_folder(path: PathLike, role: str = "sample batch", min_images: int = 2,
+                      why: str = "FID statistics") -> np.ndarray:
+    """A folder of sample images (the authors' inference.py writes 000000.png, 000001.png, ...), in name order, as
+    their tools/save_npz.py stacks them: each image's pixels as they are (RGB of one size; anything else is a
+    BatchFileError naming the file), read by a few threads into one uint8 (N, H, W, 3) array."""
+    from concurrent.futures import ThreadPoolExecutor
+    folder, where = Path(path), f"{role} {path}"
+    files = sorted(p for p in folder.iterdir() if is_image_name(p.name) and p.is_file())
+    if not files:
+        raise BatchFileError(f"{where}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
+    first = _read_image(files[0])
+    check_images(first[None], f"{where} ({files[0].name})", 1)
+    out = np.empty((len(files), *first.shape), np.uint8)
+
+    def put(i: int) -> None:
+        im = _read_image(files[i])
+        if im.shape != first.shape or im.dtype != np.uint8:
+            raise BatchFileError(f"{where}: {files[i].name} is {im.dtype} {im.shape}, {files[0].name} {first.dtype} "
+                                 f"{first.shape}: a batch is RGB images of one size")
+        out[i] = im
+    with ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0)))) as pool:
+        list(pool.map(put, range(len(files))))
+    return check_images(out, where, min_images, why)
+
+
 def read_image_batch(path: PathLike, role: str = "sample batch", min_images: int = 2,
                      why: str = "FID statistics") -> np.ndarray:
-    """arr_0 of an npz batch, checked: uint8 (N, H, W, 3), N >= min_images."""
+    """arr_0 of an npz batch (or a folder of images: read_image_folder), checked: uint8 (N, H, W, 3),
+    N >= min_images."""
     where = f"{role} {path}"
+    if Path(path).is_dir():
+        return read_image_folder(path, role, min_images, why)
     with _open(path, role) as z:
         if "arr_0" not in z.files:
             raise BatchFileError(f"{where}: no arr_0 (has: {', '.join(z.files) or 'nothing'}); expected "
@@ -104,8 +151,11 @@ def read_image_batch(path: PathLike, role: str = "sample batch", min_images: int
 
 
 def read_batch_labels(path: PathLike, num_images: int, role: str = "sample batch") -> Optional[np.ndarray]:
-    """arr_1 (the class of each image, as evaluation.generate writes it) or None when the batch has none."""
+    """arr_1 (the class of each image, as evaluation.generate writes it) or None when the batch has none (a
+    folder of images has none)."""
     where = f"{role} {path}"
+    if Path(path).is_dir():
+        return None
     with _open(path, role) as z:
         if "arr_1" not in z.files:
             return None

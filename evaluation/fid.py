@@ -88,16 +88,28 @@ def evaluate_npz(ref_npz: PathLike, sample_npz: PathLike, inception: Optional[Pa
     return res
 
 
-def _file_record(path: PathLike) -> dict[str, str]:
+def _file_record(path: PathLike) -> dict[str, Any]:
+    """Path and SHA-256 of a file; of a folder of images: their count and the SHA-256 of their names and
+    SHA-256s in name order (what read_image_folder read)."""
+    import hashlib
+
     from modeling.convert import file_sha256
-    return {"path": str(path), "sha256": file_sha256(path)}
+
+    from .batches import is_image_name
+    if not Path(path).is_dir():
+        return {"path": str(path), "sha256": file_sha256(path)}
+    files = sorted(p for p in Path(path).iterdir() if is_image_name(p.name) and p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
+    return {"path": str(path), "images": len(files), "sha256": h.hexdigest()}
 
 
 def comparison_record(ref_npz: PathLike, sample_npz: PathLike, inception_path: Optional[PathLike] = None) -> dict:
     """What a result compared: both files (path, SHA-256), the samples' generation settings if stored."""
     from .generate import read_settings
     rec = {"reference": _file_record(ref_npz), "samples": _file_record(sample_npz),
-           "sample_settings": read_settings(sample_npz)}
+           "sample_settings": None if Path(sample_npz).is_dir() else read_settings(sample_npz)}
     if inception_path is not None:
         rec["inception_weights"] = _file_record(inception_path)
     return rec
@@ -124,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     p = cli_parser("evaluation.fid", __doc__)
     p.add_argument("ref_batch", help="reference batch npz (arr_0 uint8 (N, H, W, 3); mu/sigma/mu_s/sigma_s if stored)")
-    p.add_argument("sample_batch", help="sample batch npz (arr_0 uint8 (N, H, W, 3), e.g. from evaluation.generate)")
+    p.add_argument("sample_batch", help="sample batch npz (arr_0 uint8 (N, H, W, 3), e.g. from evaluation.generate), "
+                                        "or a folder of sample images (as the authors' inference.py writes them)")
     p.add_argument("--metrics", default=",".join(SAMPLE_METRICS),
                    help=f"comma-separated registered metrics (evaluation.metrics): {', '.join(sorted(METRICS))}")
     p.add_argument("--inception", default=None, help="pt_inception-2015-12-05 .pth or fid-helper default_1.pt "

@@ -39,16 +39,12 @@ import torch.nn.functional as F
 
 from modeling.config import ConfigError, console_entry
 
+from .batches import IMAGE_EXTENSIONS, is_image_name
 from .metrics import TOKENIZER_METRICS, EvalInputs, compute_metrics
 from .paired_metrics import psnr, ssim, ssim_torchmetrics  # noqa: F401  (psnr, ssim importable from here too)
 
 Protocol = Literal["authors", "uint8"]
 PROTOCOLS = ("authors", "uint8")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)  # ImageFolder's test (a file named ".png" is one)
 
 
 def image_files(root: Union[str, Path]) -> list[Path]:
@@ -58,7 +54,7 @@ def image_files(root: Union[str, Path]) -> list[Path]:
     silently (a flat ImageNet val with a stray .ipynb_checkpoints would score that folder alone)."""
     root = Path(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    top = sorted(p for p in root.iterdir() if _is_image(p.name) and p.is_file())
+    top = sorted(p for p in root.iterdir() if is_image_name(p.name) and p.is_file())
     if not classes:
         return top
     if top:
@@ -68,7 +64,7 @@ def image_files(root: Union[str, Path]) -> list[Path]:
     files = []
     for c in classes:
         for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
-            files += [Path(dirpath) / n for n in sorted(names) if _is_image(n)]
+            files += [Path(dirpath) / n for n in sorted(names) if is_image_name(n)]
     return files
 
 

@@ -99,6 +99,8 @@ def test_fid_sample_batch(kind, tmp_path, capsys):
     np.savez(ref, arr_0=_rgb(5, seed=1))
     bad = tmp_path / "samples.npz"
     says = _write_bad(kind, bad)
+    if kind == "folder":  # a folder is a folder of sample images to the fid command (the authors' output)
+        says = "a folder without images (.jpg"
     _one_line_exit_2(capsys, lambda: fid_cli.main([str(ref), str(bad), "--device", "cpu"]), bad, says)
 
 

@@ -236,6 +236,33 @@ def test_toy_metric_through_the_fid_command(tmp_path, capsys, toy_metrics):
     assert "mean_brightness" in err and err.count("\n") == 1
 
 
+def test_a_folder_of_sample_images_is_a_sample_batch(tmp_path, capsys, toy_metrics):
+    """The authors' inference.py writes 000000.png, ...; their save_npz stacks them in that order: the fid command
+    reads such a folder as the same batch (its record: the images' count and a hash of them), and refuses one
+    whose images differ in size or are not RGB, naming the file."""
+    import json
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ref = _npz(tmp_path / "ref.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "samples").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "samples" / f"{i:06d}.png")
+    as_npz = _npz(tmp_path / "sam.npz", images)
+    for sam in (as_npz, str(tmp_path / "samples")):
+        assert fid_cli.main([ref, sam, "--metrics", "mean_brightness", "--device", "cpu", "--json",
+                             str(tmp_path / "r.json")]) == 0
+        assert f"mean_brightness: {float(images.mean())}" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "r.json").read_text())["compared"]["samples"]
+    assert rec["path"] == str(tmp_path / "samples") and rec["images"] == 4 and len(rec["sha256"]) == 64
+    Image.fromarray(images[0][:8]).save(tmp_path / "samples" / "000004.png")
+    with pytest.raises(SystemExit) as e:
+        fid_cli.main([ref, str(tmp_path / "samples"), "--metrics", "mean_brightness", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "000004.png is uint8 (8, 16, 3)" in err and err.count("\n") == 1
+
+
 def test_fid_command_refuses_samples_of_another_size(tmp_path, capsys):
     """Issue 21: FID of 16 px samples against a 32 px reference batch used to print a number. Now: one line
     naming both files and sizes, exit 2, before any network is loaded."""
