@@ -52,6 +52,12 @@ def sample_labels(num_samples: int, num_classes: int, seed: int = 0, class_balan
 SEED_STRIDE = 1_000_003  # sample i's noise generator is seeded with seed * SEED_STRIDE + i
 
 
+def batch_generator(seed: int, first_index: int, device: Union[str, torch.device]) -> torch.Generator:
+    """The generator of a stochastic sampler's noise for the batch whose first sample is `first_index` (the same
+    at every call: the training-time evaluation uses it too)."""
+    return torch.Generator(device=device).manual_seed(seed * 7919 + first_index)
+
+
 def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """Noise for the given global sample indices, independent of batching: one generator per sample."""
     out = torch.empty((len(indices), *shape))
@@ -228,7 +234,7 @@ def generate(dit: torch.nn.Module, vae: torch.nn.Module, out_npz: Union[str, os.
                 path = _chunk_path(work, idx[0])
                 if path.exists():  # done before a restart (counted in the bar's start)
                     continue
-                gen = torch.Generator(device=device).manual_seed(seed * 7919 + idx[0])  # for stochastic samplers
+                gen = batch_generator(seed, idx[0], device)
                 z = sample_noise(idx, shape, seed).to(device)
                 y = labels[idx].to(device)
                 x = sampler(z, y, generator=gen)

@@ -103,7 +103,7 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
     from modeling import AutoencoderKL
     from modeling.hub import load_latent_stats
 
-    from .generate import sample_labels, sample_noise
+    from .generate import batch_generator, sample_labels, sample_noise
     from .metrics import SAMPLE_METRICS, EvalInputs, FIDStatistics, check_needs, compute_metrics, resolve_metrics
 
     s = settings
@@ -158,10 +158,11 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
         state.update(labels=labels, mine=mine, noise=noise)
         config = SamplingConfig.of(s)  # the sampling fields of eval.*
         state["make_sampler"] = lambda m: Sampler(m, config, device=device, static_batch=min(s.batch_size, len(mine)))
+        state["config"] = config
 
     @torch.no_grad()
     def eval_fn(model, step):
-        from modeling.sampling import decode_images
+        from modeling.sampling import decode_images, exact_fp32_within
         t0 = time.time()
         if not state:
             setup(model)
@@ -173,10 +174,12 @@ def build_eval_fn(settings: Any, vae: Any = None, latent_stats: Any = None, devi
         for i in range(0, len(mine), s.batch_size):
             z = state["noise"][i:i + s.batch_size].to(device)
             y = labels[mine[i:i + s.batch_size]].to(device)
-            x = sampler(z, y) / latent_multiplier
-            if latent_stats is not None:
-                x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
-            im = decode_images(vae, x, s.precision).cpu().numpy()
+            # precision fp32: no TF32 while sampling and decoding (as generate --precision fp32), restored after
+            with exact_fp32_within(state["config"], device):
+                x = sampler(z, y, generator=batch_generator(s.seed, mine[i], device)) / latent_multiplier
+                if latent_stats is not None:
+                    x = x * latent_stats["std"].to(x) + latent_stats["mean"].to(x)
+                im = decode_images(vae, x, s.precision).cpu().numpy()
             images.append(im)
             if "features" in needs:  # one Inception pass per batch, shared by every metric
                 feats.append(features(im))

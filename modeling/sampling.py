@@ -667,6 +667,18 @@ def exact_fp32(config: "SamplingConfig", device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@contextlib.contextmanager
+def exact_fp32_within(config: "SamplingConfig", device: torch.device) -> typing.Iterator[None]:
+    """exact_fp32 for the block only, the flags restored after: the trainer's evaluation with precision fp32
+    samples as `generate --precision fp32` does, and its training keeps its own flags."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    exact_fp32(config, device)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def tf32_flags() -> dict[str, bool]:
     """What a run record says about TF32 (cuDNN convolutions, CUDA matmuls)."""
     return {"cudnn": bool(torch.backends.cudnn.allow_tf32), "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}

@@ -167,6 +167,23 @@ def test_toy_metric_through_the_trainer_hook(tmp_path, toy_metrics):
     assert 0.0 <= clf["class_acc"] <= 1.0
 
 
+def test_trainer_hook_draws_a_stochastic_samplers_noise_the_same_at_every_evaluation(tmp_path, toy_metrics):
+    """Euler-Maruyama's noise comes from a generator seeded per batch as evaluation.generate seeds it: the same
+    model evaluated twice gives the same numbers (before: the global generator, another FID each time)."""
+    from evaluation.train_eval import EvalSettings, build_eval_fn, reference_from_npz
+    features = _pixel_features([])
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+    reference = reference_from_npz(tmp_path / "ref.npz", features)
+    s = EvalSettings(every=10, num_samples=6, batch_size=4, steps=6, precision="fp32", grid=0,
+                     ref_batch=str(tmp_path / "ref.npz"), metrics=["fid", "mean_brightness"],
+                     method="euler_maruyama")  # (6 points: its middle steps draw noise)
+    fn = build_eval_fn(s, vae=_tiny_vae(), device="cpu", features=features, reference=reference, log=None)
+    m = _tiny_dit()
+    first = {k: v for k, v in fn(m, 10).items() if k != "eval_seconds"}
+    torch.manual_seed(123)  # whatever the global generator holds
+    assert {k: v for k, v in fn(m, 20).items() if k != "eval_seconds"} == first
+
+
 def test_trainer_hook_refuses_bad_metrics_before_sampling(tmp_path):
     from evaluation.train_eval import EvalSettings, build_eval_fn
     from modeling.config import ConfigError

@@ -317,3 +317,31 @@ def test_zero3_resumes_from_its_checkpoint_exactly(tmp_path):
     Trainer(tiny_cfg(tmp_path / "b", *args, "train.steps=5")).fit()  # resumes at step 2
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == [1, 2, 3, 4, 5] and all(a[s] == b[s] for s in (3, 4, 5)), (a, b)
+
+
+def test_eval_records_after_a_resume_from_an_earlier_checkpoint(tmp_path):
+    """Resumed from a checkpoint older than the run's last records: those records move to
+    metrics.superseded.jsonl (the steps run again write their own, none twice), and the evaluations' training
+    clock (wall_clock_s, what bench.curves plots) continues from the checkpoint's instead of restarting at 0.
+    The checkpoint of a step is written before its evaluation (an evaluation that fails loses no training)."""
+    import json
+    import shutil
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "eval.every=2", "train.zero_stage=0")
+    saved_before_eval = []
+
+    def eval_fn(model, step):
+        saved_before_eval.append(CheckpointManager(cfg.checkpoint.dir).latest()[0] == step)
+        return {"fake_fid": float(step)}
+    Trainer(cfg, eval_fn=eval_fn).fit()
+    assert saved_before_eval == [True, True, True]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first_clock = {r["step"]: r["wall_clock_s"] for r in records if "eval/fake_fid" in r}
+    shutil.rmtree(CheckpointManager(cfg.checkpoint.dir).step_dir(6))
+    Trainer(cfg, eval_fn=eval_fn).fit()  # resumes at step 4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["wall_clock_s"]) for r in records if "eval/fake_fid" in r]
+    losses = [r["step"] for r in records if "loss" in r]
+    assert [s for s, _ in evals] == [2, 4, 6] and losses == [1, 2, 3, 4, 5, 6]
+    assert evals[1][1] == first_clock[4] and evals[2][1] > first_clock[4]  # the clock went on from step 4's
+    moved = [json.loads(line)["step"] for line in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert sorted(set(moved)) == [5, 6]

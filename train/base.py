@@ -335,6 +335,9 @@ class Trainer:
             self._prefetched: Optional[tuple[Batch, dict]] = None  # (next step's batch, loader state before it)
             self.total_steps: int = self.planned_steps()
             self.step, self.images_seen = 0, 0
+            # seconds of training (evaluation and checkpoints left out) before this process: eval records'
+            # wall_clock_s continues across resumes (trainer.pt's "training_s")
+            self.training_s = 0.0
             self.guard = NonFiniteGuard(t.max_bad_steps)
             self.eval_every: int = cfg.eval.every if eval_fn is not None else 0
             log.info("%s", self.describe())
@@ -496,11 +499,13 @@ class Trainer:
             saved_at, stopped_by = None, None
             start = t0 = time.time()
             paused, paused_t0, window_start = 0.0, 0.0, self.step  # paused: seconds of evaluation and checkpoints
+            resumed_s = self.training_s  # the training time of the steps a checkpoint brought
             while self.step < self.total_steps:
                 set_phase(f"training step {self.step + 1}")
                 profile.before_step(self.step)
                 out = self.step_on_device(self.next_batch())
                 profile.after_step(self.step - 1)
+                self.training_s = resumed_s + time.time() - start - paused
                 window.add(out)
                 self.guard.update(out.applied, self.step, on_stop=self.save, where=self.ckpt.step_dir(self.step))
                 metrics.advance()
@@ -509,11 +514,13 @@ class Trainer:
                     last_line = self.log_metrics(metrics, window, dt, self.step - window_start)
                     t0, paused_t0, window_start = time.time(), paused, self.step
                 paused_from = time.time()
-                if self.eval_every and self.step % self.eval_every == 0:
-                    last_eval = self.log_evaluation(metrics, training_s=paused_from - start - paused)
+                # the checkpoint before the evaluation: an evaluation that fails (out of memory beside the
+                # training state) then loses no training
                 if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
                     self.save()
                     saved_at = self.step
+                if self.eval_every and self.step % self.eval_every == 0:
+                    last_eval = self.log_evaluation(metrics, training_s=self.training_s)
                 if self.step < self.total_steps and stop.agreed(self.step):  # (train/preempt.py)
                     path = self.ckpt.step_dir(self.step) if saved_at == self.step else self.save()
                     stopped_by = stop.name
@@ -591,7 +598,7 @@ class Trainer:
                               tmp / f"rank_{info.rank:05d}.pt")
             if info.is_main:
                 atomic_torch_save({"trainer": self.NAME, "step": self.step, "images_seen": self.images_seen,
-                                   "config": to_dict(self.cfg),
+                                   "training_s": self.training_s, "config": to_dict(self.cfg),
                                    "world_size": info.world_size, "global_batch": self.global_batch,
                                    "guard": self.guard.state_dict(), **self.extra_trainer_state()},
                                   tmp / "trainer.pt")
@@ -632,6 +639,7 @@ class Trainer:
         self.guard.load_state_dict(state.get("guard", state))  # (DiT checkpoints kept the guard's keys at the top)
         self.step = step
         self.images_seen = int(state.get("images_seen", step * self.global_batch))
+        self.training_s = float(state.get("training_s", 0.0))
         self.load_extra_state(state, mine)
         log.info("resumed from %s at step %d", path, step)
         return step
@@ -726,6 +734,7 @@ class Trainer:
         self.generator.manual_seed(seed * 100_003 + self.info.rank)
         self.step = step
         self.images_seen = int(state.get("images_seen", step * old_batch))
+        self.training_s = float(state.get("training_s", 0.0))
         loader_state, where = self.reshard_loader_state(rank0["loader"], self.images_seen)
         self.loader.load_state_dict(loader_state)
         self.batches, self._prefetched = None, None

@@ -126,6 +126,31 @@ def metrics_line(step: int, total_steps: Optional[int], metrics: dict) -> str:
     return " | ".join(parts)
 
 
+def supersede_records(path: Union[str, Path], step: int) -> int:
+    """Records of steps after `step` (a run resumed from an earlier checkpoint than its last records: they would
+    appear twice, and curves would double back) moved from `path` to <name>.superseded.jsonl, nothing dropped.
+    Returns how many moved."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            later = int(json.loads(line).get("step", -1)) > step
+        except (ValueError, AttributeError, TypeError):
+            later = False  # not a record of ours: kept where it is
+        (moved if later else keep).append(line)
+    if moved:
+        with open(path.with_suffix(".superseded.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+        log.warning("%s: %d records of steps after %d (the step this run resumed from) moved to %s: the steps "
+                    "run again write their own", path, len(moved), step, path.with_suffix(".superseded.jsonl").name)
+    return len(moved)
+
+
 class MetricsLogger:
     """metrics.jsonl (always), TensorBoard, W&B and, on the console, a progress bar (`progress_bar` and a
     terminal) or else one log line per record (a SLURM log, `progress_bar: false`), written by rank 0 (`enabled`).
@@ -146,6 +171,7 @@ class MetricsLogger:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         repair_jsonl(directory / "metrics.jsonl")  # a run killed mid-line: drop the torn tail before appending
+        supersede_records(directory / "metrics.jsonl", initial_step)  # resumed from an earlier checkpoint
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
