@@ -489,7 +489,7 @@ class Trainer:
         try:
             metrics = MetricsLogger(run_dir, info.is_main, lg.tensorboard, lg.progress_bar, self.total_steps,
                                     self.step, wandb=lg.wandb, wandb_project=lg.wandb_project,
-                                    wandb_mode=lg.wandb_mode, wandb_config=to_dict(cfg))
+                                    wandb_mode=lg.wandb_mode, wandb_config=to_dict(cfg), supersede_after=self.step)
             profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps,
                                     torch_trace=cfg.profile.torch_trace, trace_dir=run_dir / "traces", rank=info.rank)
             self.restart_batches()

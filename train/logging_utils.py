@@ -156,12 +156,13 @@ class MetricsLogger:
     terminal) or else one log line per record (a SLURM log, `progress_bar: false`), written by rank 0 (`enabled`).
 
     wandb: False (off) or True; wandb_project / wandb_mode ("offline" | "online") / wandb_config (the
-    resolved config as a dict, stored with the run) go to `WandbLogger`."""
+    resolved config as a dict, stored with the run) go to `WandbLogger`. supersede_after: the step a trainer
+    starts from; records of later steps (a resume from an earlier checkpoint) move aside (supersede_records)."""
 
     def __init__(self, directory: Union[str, Path], enabled: bool = True, tensorboard: bool = True,
                  progress_bar: bool = True, total_steps: Optional[int] = None, initial_step: int = 0,
                  wandb: bool = False, wandb_project: str = "vavae-lightningdit", wandb_mode: str = "offline",
-                 wandb_config: Optional[dict] = None) -> None:
+                 wandb_config: Optional[dict] = None, supersede_after: Optional[int] = None) -> None:
         self.enabled, self.total_steps = enabled, total_steps
         self.tb = self.bar = self.jsonl = self.wandb = None
         if wandb:
@@ -171,7 +172,8 @@ class MetricsLogger:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         repair_jsonl(directory / "metrics.jsonl")  # a run killed mid-line: drop the torn tail before appending
-        supersede_records(directory / "metrics.jsonl", initial_step)  # resumed from an earlier checkpoint
+        if supersede_after is not None:  # a trainer at this step: later records are of steps it runs again
+            supersede_records(directory / "metrics.jsonl", supersede_after)
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
