@@ -154,8 +154,12 @@ def check_settings(work: Union[str, os.PathLike], settings: dict) -> None:
             return
         if diff:
             lines = "; ".join(f"{k}: recorded {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            # the labels' default changed on 2026-12-06 (class-balanced -> i.i.d.): a run started before resumes
+            # with the flag
+            hint = ("; add --class-balanced to continue it" if diff == ["class_balanced"] and old.get(diff[0])
+                    else "")
             raise SettingsMismatchError(f"{path}: this output was started with other settings ({lines}); "
-                                        "use another output path or delete the chunks folder")
+                                        f"use another output path or delete the chunks folder{hint}")
     tmp = path.with_name(f"{SETTINGS_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
     os.replace(tmp, path)

@@ -45,6 +45,15 @@ def test_reconstruction_metrics_draw_the_posterior_as_the_authors(tmp_path, caps
         assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
 
 
+def test_a_run_started_with_class_balanced_labels_is_told_the_flag(tmp_path):
+    """The labels' default changed (class-balanced -> i.i.d., as the authors): continuing an output started with
+    the former default names the flag that continues it."""
+    from evaluation.generate import SettingsMismatchError, check_settings
+    check_settings(tmp_path, {"num_samples": 8, "class_balanced": True})
+    with pytest.raises(SettingsMismatchError, match="class_balanced: recorded True, now False.*add --class-balanced"):
+        check_settings(tmp_path, {"num_samples": 8, "class_balanced": False})
+
+
 def test_labels_iid_as_the_authors_or_class_balanced():
     y = sample_labels(10, 3, seed=1, class_balanced=True)
     assert sorted(np.bincount(y.numpy()).tolist()) == [3, 3, 4]
