@@ -11,7 +11,7 @@ TFLOP/s), each row is a category's kernel ms per step, the least it could take, 
 - attention: its FLOPs (the model's own accounting, training = 3x forward) at the same dense bf16 matmul rate: no
   attention kernel gets there (FlashAttention-3 reaches ~75% of it at long sequences), so its excess is an upper bound
   of what a better kernel saves;
-- glue (inductor's fusions, our kernels, other elementwise/copies): one row, their sum against kernels.glue_floor's
+- glue (inductor's fusions, our kernels, other elementwise/copies): one row, their sum against bench.glue_floor's
   bytes at the measured copy bandwidth (the categories split the same ops differently from one backend to the next;
   for FP8 cases the floor is the bf16 step's, so the activation and gradient quantization passes are in the excess);
 - optimizer: Adam's fp32 state (read p, g, m, v; write p, m, v: 28 bytes per parameter) and the EMA (read the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from kernels.glue_floor import XL1_B256, StepShape, floor_table, sampler_glue_ops
+from bench.glue_floor import XL1_B256, StepShape, floor_table, sampler_glue_ops
 from modeling.lightningdit import LightningDiTConfig
 
 GLUE = ("inductor fusions", "fused glue (ours)", "other (eager elementwise, copies, reductions)")
@@ -35,7 +35,7 @@ EMA_BYTES_PER_PARAM = 12   # fp32 parameter and average read, average written
 
 
 def step_shape(model: LightningDiTConfig, batch: int) -> StepShape:
-    """kernels.glue_floor's StepShape of a LightningDiT (SwiGLU, no learned sigma) training at `batch` samples."""
+    """bench.glue_floor's StepShape of a LightningDiT (SwiGLU, no learned sigma) training at `batch` samples."""
     n = (model.input_size // model.patch_size) ** 2
     p2 = model.patch_size ** 2
     return StepShape(B=batch, N=n, C=model.hidden_size, H=model.num_heads, D=model.hidden_size // model.num_heads,
@@ -96,7 +96,7 @@ def shortfall(row: dict, ceilings: Ceilings, shape: StepShape = XL1_B256, target
         ("attention", cats.pop("attention", 0.0), flops["attention"] / ceilings.bf16_tflops / 1e9,
          f"{flops['attention'] / 1e12:.1f} TFLOP at the bf16 matmul rate (an upper bound of the saving)"),
         ("glue (" + ", ".join(c.split(" (")[0] for c in GLUE) + ")", sum(cats.pop(c, 0.0) for c in GLUE),
-         ms(glue_bytes), f"{glue_bytes / 1e9:.1f} GB (kernels.glue_floor) at {ceilings.copy_gbps:.0f} GB/s"
+         ms(glue_bytes), f"{glue_bytes / 1e9:.1f} GB (bench.glue_floor) at {ceilings.copy_gbps:.0f} GB/s"
          + (" (the bf16 step's glue: FP8's quantization passes count in the excess)" if fp8 else "")),
         ("optimizer", cats.pop("optimizer", 0.0), ms(params * (ADAM_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM)),
          f"{params / 1e6:.0f}M parameters x {ADAM_BYTES_PER_PARAM + EMA_BYTES_PER_PARAM} B (Adam + EMA)"),
@@ -120,7 +120,7 @@ def sampling_shortfall(entry: dict, ceilings: Ceilings, target_img_s: Optional[f
     of one `steps_run`-point call at its batch, `ran`: precision, guided steps, model calls). The call's forwards
     (guided steps run the batch twice) are `s.B` sample-forwards; matmul: their Linear FLOPs (a third of a training
     step's) at the measured matmul rate (FP8's only where measured: else no floor); attention: its FLOPs at the bf16
-    rate; glue: kernels.glue_floor.sampler_glue_ops's bytes (the bf16 model; FP8's e4m3 rows where it ran FP8);
+    rate; glue: bench.glue_floor.sampler_glue_ops's bytes (the bf16 model; FP8's e4m3 rows where it ran FP8);
     host: the timed call minus its kernel time. Returns shortfall's dict with "call_ms" for "step_ms", and with
     target_img_s the call time that rate needs (`target_call_ms`, `needed_ms`)."""
     prof, ran, st = entry["profile"], entry["ran"], entry["settings"]
@@ -142,7 +142,7 @@ def sampling_shortfall(entry: dict, ceilings: Ceilings, target_img_s: Optional[f
          f"{flops['attention'] / 1e12:.1f} TFLOP at the bf16 matmul rate (an upper bound of the saving)"),
         ("glue (" + ", ".join(c.split(" (")[0] for c in GLUE) + ")", sum(cats.pop(c, 0.0) for c in GLUE),
          glue_bytes / ceilings.copy_gbps / 1e6,
-         f"{glue_bytes / 1e9:.0f} GB (kernels.glue_floor.sampler_glue_ops{', FP8' if fp8 else ''}) at "
+         f"{glue_bytes / 1e9:.0f} GB (bench.glue_floor.sampler_glue_ops{', FP8' if fp8 else ''}) at "
          f"{ceilings.copy_gbps:.0f} GB/s"),
         ("host (GPU idle)", max(0.0, call_ms - prof["total_kernel_ms_per_call"]), 0.0,
          "the timed call minus its kernel time"),

@@ -25,7 +25,7 @@ def interpreting() -> bool:
 # The approximate fp32 division (div.approx.f32: a MUFU reciprocal and a multiply, 2 ulp) written as PTX, so every
 # Triton emits the same instruction: tl.fdiv(approx=True) is Triton 3.9's spelling, Triton 3.6 (the lent H200's) has
 # no such argument and its plain fdiv is div.full.f32 (~8-10 more SASS instructions per element in the GroupNorm
-# kernels). kernels.sm90_check under both Tritons is what found it. The interpreter runs no PTX: numpy divides.
+# kernels). bench.sm90_check under both Tritons is what found it. The interpreter runs no PTX: numpy divides.
 if tl is not None and interpreting():
     @triton.jit
     def approx_div(x, y):
@@ -50,7 +50,7 @@ def row_split(C: int) -> tuple[int, int]:
     """(BLOCK_A, BLOCK_B): a row of C held as two power-of-two tiles, BLOCK_A the largest power of two below C (half
     of C where C is one) and BLOCK_B the next power of two at or above the rest: no masked lane for C = 2^a + 2^b
     (1152 = 1024 + 128, 3072 = 2048 + 1024, 72 = 64 + 8), where one next-power-of-two tile idles 44% / 25% / 44% of
-    its lanes: row kernels that are short of issue slots (kernels.sm90_check counts them) use it."""
+    its lanes: row kernels that are short of issue slots (bench.sm90_check counts them) use it."""
     a = triton.next_power_of_2(C)
     a = a // 2 if a > 1 else 1
     return a, triton.next_power_of_2(max(C - a, 1))

@@ -480,7 +480,7 @@ _quant_rows_tuned = triton.autotune(configs=_tile_configs(), key=["C", "BLOCK_A"
                                     prune_configs_by={"early_config_prune": _prune_split_tiles})(_quant_rows_kernel)
 def _prune_swiglu_tiles(configs, named_args, **kwargs):
     """The norm family's tiles; with COLMAX at most 8 warps: the column max's fp32 vector sits beside the tile, and
-    at 16 warps (128 registers a thread) 4 rows of 3072 spill (kernels/sm90_check.py)."""
+    at 16 warps (128 registers a thread) 4 rows of 3072 spill (bench/sm90_check.py)."""
     keep = _prune_split_tiles(configs, named_args, **kwargs)
     if named_args.get("COLMAX", kwargs.get("COLMAX")):
         keep = [c for c in keep if c.num_warps <= 8] or keep[:1]
@@ -570,7 +570,7 @@ def _(x12, pow2=False):
 def _prune_norm_fp8_tiles(configs, named_args, **kwargs):
     """The norms' row tiles (_prune_split_tiles) at most 8 warps: compiled for sm_90 at hidden 1152, the 16-warp
     tiles spill (Triton 3.9: 64-72 bytes at 8 rows; 3.6: 8 bytes at 4) or issue ~80 SASS instructions an element
-    against 35-39 at 4 rows over 4 warps or 8 over 8 (kernels.sm90_check)."""
+    against 35-39 at 4 rows over 4 warps or 8 over 8 (bench.sm90_check)."""
     keep = [c for c in _prune_split_tiles(configs, named_args, **kwargs) if c.num_warps <= 8]
     return keep or configs[:1]
 

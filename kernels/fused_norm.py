@@ -41,7 +41,7 @@ ROWS_PER_PROGRAM = 32  # backward: rows one program reduces before writing its p
 # masks the columns past C where C - BLOCK_A is not a power of two. With 32-bit offsets inside a program's rows and
 # the adaLN vectors loaded once per forward tile (ONE_SAMPLE), sm_90's static SASS per real element of hidden 1152
 # went from 49-51 to 31-32 forward (4 rows, 8 warps) and from 42 to 29-30 in the backward's row loop (1 row, 4 warps),
-# Triton 3.9 and 3.6 (kernels.sm90_check): the forward moves 12 bytes an element, and at ~50 instructions an element
+# Triton 3.9 and 3.6 (bench.sm90_check): the forward moves 12 bytes an element, and at ~50 instructions an element
 # it spent about half its time issuing at the H200's rate.
 
 
@@ -185,7 +185,7 @@ def _prune_split_tiles(configs, named_args, **kwargs):
     conversions are shared by more elements: the norm forward issues 21.6 SASS instructions an element there against
     32.4 at 4 rows over 8 warps, Triton 3.6), less the tiles whose smaller part leaves threads without an element
     (128 columns of 1152 over 8 warps and 1 row: 57 SASS instructions per element against 21 at 4 rows in the FP8
-    row quantization, kernels/sm90_check.py)."""
+    row quantization, bench/sm90_check.py)."""
     keep = _prune_tiles(configs, named_args, max_values=64,
                         BLOCK_C=triton.next_power_of_2(kwargs["BLOCK_A"] + kwargs["BLOCK_B"]))
     full = [c for c in keep if c.kwargs["BLOCK_M"] * kwargs["BLOCK_B"] >= 32 * c.num_warps]
@@ -197,7 +197,7 @@ def _prune_split_tiles_bwd(configs, named_args, **kwargs):
     fp32 accumulators per tile beside its tiles (at 16 warps, 128 registers a thread, or more values a thread they
     spill or nearly), and at 8 warps its narrow tile B (128 of 1152) lands in a layout of its own whose conversions
     doubled the row loop: 613 SASS instructions for 2 rows at 8 warps against 268 for 1 row at 4 under Triton 3.6
-    (ptxas for sm_90, kernels/sm90_check.py). Hidden 1152 keeps 1 row, head_dim 72 16 rows."""
+    (ptxas for sm_90, bench/sm90_check.py). Hidden 1152 keeps 1 row, head_dim 72 16 rows."""
     width = kwargs["BLOCK_A"] + kwargs["BLOCK_B"]
     keep = [c for c in _prune_split_tiles(configs, named_args, **kwargs)
             if c.num_warps <= 4 and c.kwargs["BLOCK_M"] * width // (32 * c.num_warps) <= 16]

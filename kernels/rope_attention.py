@@ -39,7 +39,7 @@ from . import _triton
 from ._triton import tl, triton
 
 # (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages): the autotuners' candidates on a GPU, each
-# compiled for sm_90 with its matmuls as wgmma and without spills (kernels.sm90_check, Triton 3.9's ptxas). The
+# compiled for sm_90 with its matmuls as wgmma and without spills (bench.sm90_check, Triton 3.9's ptxas). The
 # backward holds dK and dV of its key block (fp32) and the key block itself across the query loop: of the tiles
 # tried only 64 x 64 at 8 warps does not spill (244-255 registers; the pipeliner stages the query-side loads in
 # shared memory): at 4 warps 80-292 bytes, 128 x 64 32-128, 64 x 128 450+. Its last field, DQ_ATOMIC, is how dQ is

@@ -23,7 +23,7 @@ BLOCK = 1024  # the forward's columns per program (one row per program)
 # The backward's tiles, timed by the autotuner on the first call per width on a GPU: (rows per program, rows per
 # iteration, columns, warps). With the bias each program sums its rows' gradients into one fp32 row of partials, so a
 # program owns many rows (at 64 the partials add 1/32 of the gradient's bytes, written and read once); compiled for
-# sm_90 (kernels.sm90_check) these hold 16 elements a thread per tensor in ~96-130 registers, no spills, ~21-23 SASS
+# sm_90 (bench.sm90_check) these hold 16 elements a thread per tensor in ~96-130 registers, no spills, ~21-23 SASS
 # instructions per element (4-8 rows x 1024 at 4 warps took 230: two programs an SM). Without the bias the one-row
 # tile (the only one before the bias moved here: the copy bandwidth on the H200, 2026-12-04) is timed too.
 BWD_TILES = ((64, 2, 1024, 4), (128, 2, 1024, 4), (128, 4, 1024, 8), (64, 1, 2048, 8))

@@ -7,7 +7,7 @@ import torch
 
 from bench.shortfall import (ADAM_BYTES_PER_PARAM, EMA_BYTES_PER_PARAM, Ceilings, markdown, model_params, shortfall,
                              step_flops, step_shape)
-from kernels.glue_floor import XL1_B256, floor_table
+from bench.glue_floor import XL1_B256, floor_table
 from modeling.lightningdit import LightningDiT, LightningDiTConfig
 
 
@@ -73,7 +73,7 @@ def test_sampler_glue_is_the_forward_in_the_bf16_model():
     """Per token row and block, the sampler's glue floor: two norms (read x and y, write h and the GEMM input), q/k
     RoPE (v stays where the GEMM wrote it), the SwiGLU; in FP8 the GEMM inputs as e4m3 rows and a scale, and
     attention's output quantized for proj unless proj stays bf16. The first block's norm has no residual."""
-    from kernels.glue_floor import sampler_glue_ops
+    from bench.glue_floor import sampler_glue_ops
     s = dataclasses.replace(XL1_B256, B=64)
     C, F, M, N = s.C, s.F, s.M, s.N
     per_row = lambda ops, name: next(o for o in ops if o.name.startswith(name)).bytes() / M  # noqa: E731

@@ -1,5 +1,5 @@
 """The new Triton kernels compile for an H100/H200 (sm_90) with Triton's own toolchain, no GPU needed
-(kernels/sm90_check.py, in a subprocess without TRITON_INTERPRET): qkv_rope forward/backward (head_dim 72 and 64,
+(bench/sm90_check.py, in a subprocess without TRITON_INTERPRET): qkv_rope forward/backward (head_dim 72 and 64,
 with and without qk-norm), the fused RoPE attention (its matmuls as wgmma) and the norm family's forward/backward at
 every tile its autotuner may pick. ptxas must
 report no register spills, and the row loads of hidden 1152 / head_dim 72-64 must be 16-byte vectors (what the
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sm90_check(pythonpath: str = "", args: tuple[str, ...] = ()) -> dict:
-    """kernels.sm90_check's JSON, run in a subprocess without TRITON_INTERPRET (with `pythonpath` first on the path:
+    """bench.sm90_check's JSON, run in a subprocess without TRITON_INTERPRET (with `pythonpath` first on the path:
     another Triton). Fails in CI, skips elsewhere, where that Triton's NVIDIA backend or its ptxas is missing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if pythonpath:
@@ -28,7 +28,7 @@ def sm90_check(pythonpath: str = "", args: tuple[str, ...] = ()) -> dict:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    res = subprocess.run([sys.executable, "-m", "kernels.sm90_check", *args], cwd=REPO, env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "bench.sm90_check", *args], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=1200)
     failed = [ln for ln in res.stdout.splitlines() if "DOES NOT COMPILE" in ln]
     assert res.returncode == 0, "\n".join(failed[:10]) + "\n" + res.stderr[-3000:]
@@ -40,7 +40,7 @@ def assert_fit_for_sm90(results: dict, spills: tuple[tuple[str, int], ...] = ())
     bytes) and within the shared memory a block may have on sm_90 (over it the launch raises OutOfResources: the
     fused attention's 128-key tiles at 3 stages needed 293-303 KB); the FP8 kernels use the hardware cast within
     their instruction budget, the attention's matmuls wgmma, the row kernels 16-byte vectors."""
-    from kernels.sm90_check import SM90_SHARED_LIMIT
+    from bench.sm90_check import SM90_SHARED_LIMIT
     assert len(results) >= 20 and any(k.startswith("qkv_rope bwd") for k in results)
     for name, r in results.items():
         allowed = max([b for prefix, b in spills if name.startswith(prefix)], default=0)

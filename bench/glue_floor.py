@@ -19,8 +19,8 @@ What counts as the floor of an op (and is assumed of a fused kernel):
 What it leaves out: the GEMMs and attention themselves (compute-bound), the optimizer, the EMA, and the few-MB
 ops on (B, C) vectors (the adaLN SiLU, the timestep/label embedders).
 
-`python -m kernels.glue_floor [--copy-gbps MEASURED]` prints the table for LightningDiT-XL/1 at batch 256;
-docs/kernels.md and bench/results/2026-12-03_glue_floor.md hold it. tests/test_kernels_glue_floor.py checks the
+`python -m bench.glue_floor [--copy-gbps MEASURED]` prints the table for LightningDiT-XL/1 at batch 256;
+docs/kernels.md and bench/results/2026-12-03_glue_floor.md hold it. tests/test_bench_glue_floor.py checks the
 arithmetic on a tiny model by recording the real tensors its reference ops read and write under autocast.
 """
 from __future__ import annotations
@@ -306,7 +306,7 @@ def markdown(s: StepShape = XL1_B256, copy_gbps: float = CARD_COPY_GBPS,
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m kernels.glue_floor", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.glue_floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--copy-gbps", type=float, default=None,
                    help="a measured copy bandwidth (GB/s, read + write) for an extra column")
     p.add_argument("--batch", type=int, default=XL1_B256.B, help="samples per step (default 256)")

@@ -6,8 +6,8 @@ kernels ahead of time with Triton's own toolchain for `GPUTarget("cuda", 90, 32)
 specialisation the JIT applies at XL/1 shapes (pointers and sizes divisible by 16), then runs Triton's ptxas with
 -v on the PTX. Run it without TRITON_INTERPRET (the interpreter replaces the JIT functions):
 
-    python -m kernels.sm90_check           # one line per kernel variant: registers, spill, shared memory, vector ld/st
-    python -m kernels.sm90_check --loops --only "norm bwd"   # and each loop body's instructions per element
+    python -m bench.sm90_check           # one line per kernel variant: registers, spill, shared memory, vector ld/st
+    python -m bench.sm90_check --loops --only "norm bwd"   # and each loop body's instructions per element
 
 tests/test_kernels_sm90_compile.py runs it in a subprocess and requires every variant to compile without spills,
 with vectorised global loads, within the shared memory a block may have (SM90_SHARED_LIMIT).
@@ -39,7 +39,7 @@ class Variant:
 
 
 def _qkv_rope_variants() -> list[Variant]:
-    from . import qkv_rope
+    from kernels import qkv_rope
     # with the qkv Linear's bias (fp32), as the model runs it
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "QW": "*fp32", "KW": "*fp32",
                "BIAS": "*fp32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "rows": "i32", "N": "i32", "H": "i32",
@@ -85,7 +85,7 @@ def _norm_variants() -> list[Variant]:
     bf16 training step runs it in (fp32 residual stream and weight, bf16 branch and adaLN vectors, out written in
     bf16 for the next GEMM and its gradient read in bf16: out_dtype), and the qk-norm's layer_norm at 72, for every
     tile the autotuner may pick."""
-    from . import _triton, fused_norm
+    from kernels import _triton, fused_norm
     fwd_sig = {"X": "*fp32", "sx": "i32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32", "W": "*fp32",
                "BIAS": "*fp32", "SHIFT": "*bf16", "sshift": "i32", "SCALE": "*bf16", "sscale": "i32", "H": "*fp32",
                "OUT": "*bf16", "MEAN": "*fp32", "RSTD": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
@@ -124,7 +124,7 @@ def _fp8_quant_variants() -> list[Variant]:
     """quantize_rows_fp8 at hidden 1152 (attention's output) and swiglu_fp8 at 3072 (w12's output), bf16 in, for
     every tile the autotuner may pick: the sampler's scales, the FP8 training recipe's powers of two, and (the
     SwiGLU) with the column maxima the training MLP's weight gradient takes."""
-    from . import _triton, fp8_quant, fused_norm
+    from kernels import _triton, fp8_quant, fused_norm
     sig = {"X": "*bf16", "sx": "i32", "Q": "*fp8e4nv", "S": "*fp32", "rows": "i32", "C": "i32"}
     cases = {  # name: (kernel, its autotuner's pruning, width, runtime arguments after C, constexpr flag settings)
         "quantize_rows_fp8": (fp8_quant._quant_rows_kernel, fp8_quant._prune_split_tiles, 1152, {},
@@ -153,7 +153,7 @@ def _norm_fp8_variants() -> list[Variant]:
     """The FP8 sampler's block norms with their output quantized per row (kernels/fp8_quant.py `_norm_quant_kernel`)
     at hidden 1152, every tensor bf16 as in its bf16 model: the gated one (the residual in front) and the first
     block's, for every tile the autotuner may pick."""
-    from . import fp8_quant, fused_norm
+    from kernels import fp8_quant, fused_norm
     sig = {"X": "*bf16", "sx": "i32", "G": "*bf16", "sg": "i32", "Y": "*bf16", "sy": "i32", "W": "*bf16",
            "SHIFT": "*bf16", "sshift": "i32", "SCALE": "*bf16", "sscale": "i32", "H": "*bf16", "Q": "*fp8e4nv",
            "S": "*fp32", "rows": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
@@ -174,7 +174,7 @@ def _norm_fp8_variants() -> list[Variant]:
 def _rows_cols_variants() -> list[Variant]:
     """quantize_rows_cols_fp8's two passes over a bf16 gradient (qkv's, 3456 wide): the amax partials (its one
     tile), and the casts row-major and transposed (every tile its autotuner may pick)."""
-    from . import fp8_quant
+    from kernels import fp8_quant
     amax_sig = {"G": "*bf16", "sg": "i32", "RA": "*fp32", "CA": "*fp32", "CS": "*fp32", "M": "i32", "N": "i32",
                 "span": "i32"}
     quant_sig = {"G": "*bf16", "sg": "i32", "RINV": "*fp32", "CINV": "*fp32", "Q": "*fp8e4nv", "QT": "*fp8e4nv",
@@ -196,7 +196,7 @@ def _rows_cols_variants() -> list[Variant]:
 def _swiglu_variants() -> list[Variant]:
     """The SwiGLU (kernels/swiglu.py) at XL/1's width (3072), bf16, with w12's bias: the forward, and the backward
     in every tile its autotuner may pick (with the bias's partial sums; the one-row tile only without them)."""
-    from . import swiglu
+    from kernels import swiglu
     H = 3072
     fwd_sig = {"X12": "*bf16", "sx": "i32", "BIAS": "*fp32", "OUT": "*bf16", "H": "i32"}
     bwd_sig = {"DOUT": "*bf16", "X12": "*bf16", "sx": "i32", "BIAS": "*fp32", "DX12": "*bf16", "PART": "*fp32",
@@ -217,7 +217,7 @@ def _swiglu_variants() -> list[Variant]:
 def _rope_attention_variants() -> list[Variant]:
     """The fused RoPE attention (kernels/rope_attention.py) at head_dim 72 (64 + 16) and 64, bf16, for every tile
     its autotuners may pick: its matmuls must become Hopper's wgmma, without spills."""
-    from . import rope_attention as ra
+    from kernels import rope_attention as ra
     # with the qkv Linear's bias (fp32), as the model runs it
     fwd_sig = {"QKV": "*bf16", "s_qkv": "i32", "COS": "*fp32", "SIN": "*fp32", "BIAS": "*fp32", "O": "*bf16",
                "s_o": "i32", "LSE": "*fp32", "KROT": "*bf16", "N": "i32", "H": "i32", "BH": "i32", "qk_scale": "fp32"}
@@ -245,7 +245,7 @@ def _group_norm_variants() -> list[Variant]:
     """group_norm_silu (kernels/group_norm.py), bf16 activations, NCHW and channels_last, for every tile its
     autotuners may pick at C=128 and C=512 (C is a runtime argument: a tile compiles the same for both, so each
     compiles once), with weight, bias and SiLU; the finalize kernel at 4, 8 and 16 channels per group."""
-    from . import group_norm as gn
+    from kernels import group_norm as gn
     stats = {"X": "*bf16", "PMEAN": "*fp32", "PM2": "*fp32", "C": "i32", "L": "i32", "CHUNK": "i32"}
     vec = {"W": "*fp32", "B": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32"}
     norm = {"X": "*bf16", **vec, "OUT": "*bf16", "C": "i32", "L": "i32", "CHUNK": "i32", "G": "i32", "Cg": "i32"}
@@ -285,7 +285,7 @@ def _upsample_variants() -> list[Variant]:
     """upsample_conv's phase interleave (kernels/upsample_conv.py), bf16, NCHW and channels_last, forward and
     backward, at the decoder's widest level (128 channels, 128 -> 256 px): the unit stride of each tensor is the
     constexpr 1 the JIT specialises it to."""
-    from . import upsample_conv as uc
+    from kernels import upsample_conv as uc
     out = []
     for cl in (False, True):
         layout = "channels_last" if cl else "NCHW"
@@ -417,13 +417,13 @@ def variants() -> list[Variant]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m kernels.sm90_check")
+    ap = argparse.ArgumentParser(prog="python -m bench.sm90_check")
     ap.add_argument("--loops", action="store_true",
                     help="also each loop body's SASS per element (a cuobjdump run per variant: slower)")
     ap.add_argument("--only", default="", help="variants whose names start with this")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("kernels.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
+        raise SystemExit("bench.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
     import triton
     results, failed = {}, []
     for v in variants():
@@ -444,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               + (f"  loop SASS/element {r['loop_sass_per_element']}" if r.get("loop_sass_per_element") else ""))
     print(json.dumps(results))
     if failed:
-        raise SystemExit(f"kernels.sm90_check: {len(failed)} of {len(results)} variants do not compile for sm_90 "
+        raise SystemExit(f"bench.sm90_check: {len(failed)} of {len(results)} variants do not compile for sm_90 "
                          f"with Triton {triton.__version__} (first: {failed[0]})")
     return results
 

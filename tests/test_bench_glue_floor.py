@@ -1,4 +1,4 @@
-"""kernels.glue_floor: the floor's arithmetic checked against the real tensors of a tiny LightningDiT's training
+"""bench.glue_floor: the floor's arithmetic checked against the real tensors of a tiny LightningDiT's training
 step. The model runs forward + backward under bf16 autocast on the reference ops; every kernels.ops call of a glue
 op is recorded (its inputs, outputs, and through hooks the gradients of both), and each of the floor's moves must
 name a tensor of that call with the floor's element count and element size (the fp32 residual stream, bf16 branch
@@ -12,8 +12,9 @@ import torch
 
 import kernels
 from kernels import attention as attention_mod
-from kernels import glue_floor, ops, registry
-from kernels.glue_floor import StepShape
+from bench import glue_floor
+from kernels import ops, registry
+from bench.glue_floor import StepShape
 
 OUTPUTS = {"norm_modulate": ("out",), "gated_residual_norm_modulate": ("h", "out"), "gated_residual": ("out",),
            "qkv_rope": ("q", "k", "v"), "swiglu": ("out",)}
