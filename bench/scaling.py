@@ -26,7 +26,6 @@ sitecustomize.py that calls it (tests/test_scaling.py writes one), so the traine
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import dataclasses
 import functools
@@ -115,9 +114,9 @@ def param_inventory(model: str = "XL/1", **overrides) -> list[Param]:
     import torch
 
     from modeling.lightningdit import LightningDiT
-    from train.dit_config import ModelConfig
+    from train.dit_config import DiTModelSection
 
-    cfg = ModelConfig(size=model, **overrides)
+    cfg = DiTModelSection(size=model, **overrides)
     cfg.validate()
     with torch.device("meta"):
         net = LightningDiT(cfg.architecture())
@@ -128,9 +127,9 @@ def flops_per_image(model: str = "XL/1", **overrides) -> float:
     import torch
 
     from modeling.lightningdit import LightningDiT
-    from train.dit_config import ModelConfig
+    from train.dit_config import DiTModelSection
 
-    cfg = ModelConfig(size=model, **overrides)
+    cfg = DiTModelSection(size=model, **overrides)
     cfg.validate()
     with torch.device("meta"):
         return LightningDiT(cfg.architecture()).flops_per_sample(train=True)

@@ -28,7 +28,7 @@ from modeling.sampling import CudagraphMode, Precision, SamplingConfig
 
 @dataclass
 class EvalSettings(SamplingConfig):
-    """The `eval.*` keys of the DiT trainer's config (train/dit_config.py EvalConfig): every SamplingConfig field
+    """The `eval.*` keys of the DiT trainer's config (train/dit_config.py DiTEvalSection): every SamplingConfig field
     (method, steps, ..., cudagraphs: modeling/sampling.py documents them; the trainer samples in bf16 with CUDA
     graphs where it can) and what the evaluation itself needs."""
     precision: Precision = "bf16"       # sampler and decode precision (the trainer's default: bf16 autocast)

@@ -136,10 +136,10 @@ def _workers(a):
 
 def vae_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     from modeling.config import load_config
-    from train.train_vae import VAVAEConfig
+    from train.vae_config import VAVAETrainConfig
 
     # the architecture the stage trained: the config file plus any --vae-set model.* override
-    m = load_config(VAVAEConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml",
+    m = load_config(VAVAETrainConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml",
                     [o for o in a.vae_set if o.startswith("model.")]).model
     return dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), resolution=a.image_size)
@@ -147,7 +147,8 @@ def vae_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 def stage_vae(a: argparse.Namespace, out: Path, data_root: Path) -> torch.nn.Module:
     from modeling.config import load_config
-    from train.train_vae import VAVAEConfig, train
+    from train.train_vae import train
+    from train.vae_config import VAVAETrainConfig
 
     vae_dir = out / "vae"
     if not (vae_dir / "tokenizer.pt").exists():
@@ -168,7 +169,7 @@ def stage_vae(a: argparse.Namespace, out: Path, data_root: Path) -> torch.nn.Mod
                      "optim.betas=[0.9,0.99]", *a.vae_set]
         # (the single-process group it starts stays up for the DiT trainer, which reuses it: DeepSpeed caches
         # its groups per process, so a destroyed and re-created group breaks the second engine)
-        train(load_config(VAVAEConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml", overrides))
+        train(load_config(VAVAETrainConfig, CONFIGS_DIR / "vavae_tiny_cpu.yaml", overrides))
     return _reuse("VA-VAE tokenizer", vae_dir / "tokenizer.pt", lambda: load_vae(a, vae_dir))
 
 

@@ -10,7 +10,7 @@ import kernels
 from bench.train_case import parse_spec
 from kernels.attention import CHOICES, FUSED_BLOCK
 from modeling.config import ConfigError, load_config
-from train.dit_config import DiTTrainConfig, TrainConfig
+from train.dit_config import DiTTrainConfig, DiTTrainSection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ def tiny_cfg(tmp_path, *overrides):
 
 
 def test_the_literal_lists_auto_and_every_forcible_name():
-    assert typing.get_args(typing.get_type_hints(TrainConfig)["attention"]) == ("auto", *CHOICES)
-    assert TrainConfig().attention == "auto" and FUSED_BLOCK in CHOICES
+    assert typing.get_args(typing.get_type_hints(DiTTrainSection)["attention"]) == ("auto", *CHOICES)
+    assert DiTTrainSection().attention == "auto" and FUSED_BLOCK in CHOICES
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -66,8 +66,8 @@ def test_the_train_section_sets_the_kernels_and_attention(monkeypatch, tmp_path)
     from train.train_dit import Trainer, set_attention
     calls = []
     monkeypatch.setattr(kernels, "set_attention", lambda name: calls.append(("attention", name)))
-    set_attention(TrainConfig(attention="rope-fused"))
-    set_attention(TrainConfig())
+    set_attention(DiTTrainSection(attention="rope-fused"))
+    set_attention(DiTTrainSection())
     assert calls == [("attention", "rope-fused"), ("attention", None)]
     monkeypatch.setattr(kernels, "set_backend", lambda name: calls.append(("backend", name)))
     Trainer(tiny_cfg(tmp_path, "train.kernels=reference", "train.steps=1", "model.depth=1"))

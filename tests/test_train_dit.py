@@ -12,7 +12,8 @@ from modeling.lightningdit import LightningDiT
 from train.checkpoint import CheckpointManager
 from modeling.config import ConfigError, load_config
 from train.dit_config import DiTTrainConfig
-from train.train_dit import NonFiniteError, Trainer
+from train.guard import NonFiniteError
+from train.train_dit import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

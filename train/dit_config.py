@@ -14,7 +14,7 @@ from .config_sections import (CheckpointSection, DataSection, DistSection, Loggi
 
 
 @dataclass
-class ModelConfig(LightningDiTConfig):
+class DiTModelSection(LightningDiTConfig):
     """The `model:` section: LightningDiTConfig (modeling/lightningdit.py documents every field) with a size
     preset and the trainer's defaults (XL/1 on 16x16 latents). With a size, hidden_size/depth/num_heads/
     patch_size come from LIGHTNINGDIT_SIZES (set them only with size: custom)."""
@@ -51,7 +51,7 @@ class ModelConfig(LightningDiTConfig):
 
 
 @dataclass
-class DataConfig(DataSection):
+class DiTDataSection(DataSection):
     source: Literal["latents", "synthetic"] = "latents"   # latents: a folder of extracted latents; synthetic: random
     path: Optional[str] = None          # latent folder written by the extraction tool (source: latents)
     flip_prob: float = 0.5              # horizontal flip of latents (the reference stores both)
@@ -65,7 +65,7 @@ class DataConfig(DataSection):
 
 
 @dataclass
-class OptimConfig(OptimSection):
+class DiTOptimSection(OptimSection):
     """AdamW (the shared Adam keys, the paper's defaults) with weight decay."""
     lr: float = 2e-4                    # peak learning rate (the paper's, constant)
     betas: tuple[float, float] = (0.9, 0.95)   # AdamW betas (the paper's)
@@ -77,7 +77,7 @@ class OptimConfig(OptimSection):
 
 
 @dataclass
-class TrainConfig(TrainSection):
+class DiTTrainSection(TrainSection):
     steps: int = 80_000                 # optimizer steps
     global_batch: int = 1024            # images per optimizer step, all ranks together
     batch_per_gpu: int = 32             # micro-batch per rank; accumulation makes up the difference
@@ -112,7 +112,7 @@ class TrainConfig(TrainSection):
 
 
 @dataclass
-class FP8Config:
+class FP8Section:
     # FP8 training of the block linears: scaled_mm (ours, modeling.fp8.FP8TrainingLinear; docs/fp8.md), torchao,
     # te (Transformer Engine)
     backend: Literal["none", "scaled_mm", "te", "torchao"] = "none"
@@ -137,18 +137,18 @@ class FP8Config:
 
 
 @dataclass
-class CheckpointConfig(CheckpointSection):
+class DiTCheckpointSection(CheckpointSection):
     every: int = 5000                   # steps between checkpoints (the last step is always saved)
 
 
 @dataclass
-class LoggingConfig(LoggingSection):
+class DiTLoggingSection(LoggingSection):
     dir: str = "runs/dit"               # metrics.jsonl, tensorboard/, config.yaml, final_reference.pt, pretrained_ema/
     every: int = 50                     # steps between metric lines
 
 
 @dataclass
-class EvalConfig(EvalSettings):
+class DiTEvalSection(EvalSettings):
     """The `eval:` section: FID (and precision/recall) of fixed-seed, class-balanced EMA samples every
     `eval.every` steps, against an ADM reference batch; evaluation/train_eval.py documents every field."""
 
@@ -168,14 +168,14 @@ DistConfig = DistSection
 
 @dataclass
 class DiTTrainConfig(TrainerConfig):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    fp8: FP8Config = field(default_factory=FP8Config)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: DiTModelSection = field(default_factory=DiTModelSection)
+    data: DiTDataSection = field(default_factory=DiTDataSection)
+    optim: DiTOptimSection = field(default_factory=DiTOptimSection)
+    train: DiTTrainSection = field(default_factory=DiTTrainSection)
+    fp8: FP8Section = field(default_factory=FP8Section)
+    checkpoint: DiTCheckpointSection = field(default_factory=DiTCheckpointSection)
+    logging: DiTLoggingSection = field(default_factory=DiTLoggingSection)
+    eval: DiTEvalSection = field(default_factory=DiTEvalSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     dist: DistSection = field(default_factory=DistSection)
 

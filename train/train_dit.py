@@ -28,14 +28,14 @@ from modeling.flow import flow_loss
 from modeling.hub import STATS_NAME, save_latent_stats
 from modeling.lightningdit import LightningDiT
 
-from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
+from .base import EvalFn, StepOutput, Trainer as TrainerBase
 from .base import host_to_device
 from .checkpoint import atomic_torch_save
 from .distributed import barrier, from_rank0
-from .dit_config import DiTTrainConfig, TrainConfig
+from .dit_config import DiTTrainConfig, DiTTrainSection
 from .ema import EMA, _gathered
 from .errors import trainer_main
-from .guard import NonFiniteError, poison  # noqa: F401 (NonFiniteError: re-exported)
+from .guard import poison
 from .logging_utils import nvtx
 from .precision import PrecisionProbe
 from .recompute import apply_recompute
@@ -82,7 +82,7 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- kernels
 
-def set_attention(train: TrainConfig) -> None:
+def set_attention(train: DiTTrainSection) -> None:
     """attention's implementation for this process, from train.attention (auto = timed later by
     kernels.prime_attention, else forced; like train.kernels over VAVAE_KERNELS, which the base trainer applies,
     the config's value wins over VAVAE_ATTENTION)."""

@@ -37,17 +37,17 @@ from modeling.foundation import FoundationModelUnavailable, build_foundation
 from modeling.vavae import AutoencoderKL
 from modeling.vf_loss import make_linear_proj
 
-from .base import EvalFn, StepOutput, Trainer as TrainerBase, forever  # noqa: F401 (forever: re-exported)
+from .base import EvalFn, StepOutput, Trainer as TrainerBase
 from .base import host_to_device
 from .checkpoint import atomic_torch_save, load_state
 from .data import DataError
 from .data.sampler import EpochSampler, ResumableLoader
 from .distributed import barrier
 from .errors import one_line, trainer_main
-from .guard import NonFiniteError, poison  # noqa: F401 (NonFiniteError: re-exported)
+from .guard import poison
 from .logging_utils import nvtx
 from .precision import PrecisionProbe
-from .vae_config import VAVAEConfig, VAVAETrainConfig  # noqa: F401 (VAVAEConfig: the first trainer's name)
+from .vae_config import VAVAETrainConfig
 from .vae_losses import VAVAELoss
 
 log = logging.getLogger("train_vae")

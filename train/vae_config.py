@@ -19,7 +19,7 @@ log = logging.getLogger("train")
 
 
 @dataclass
-class ModelConfig(VAVAEModelConfig):
+class VAVAEModelSection(VAVAEModelConfig):
     """The tokenizer architecture: exactly modeling.vavae.VAVAEModelConfig (defaults: the released f16d32)."""
 
     def validate(self) -> None:
@@ -30,7 +30,7 @@ class ModelConfig(VAVAEModelConfig):
 
 
 @dataclass
-class FoundationConfig:
+class FoundationSection:
     name: Literal["dinov2_vitl14", "mae_vitl16", "efficientnet_lite0", "random_tiny", "random_vitl14",
                   "none"] = "dinov2_vitl14"  # the frozen model the latent is aligned to (none: no VF loss)
     weights: Optional[str] = None          # local .pth/.safetensors (timm or official layout)
@@ -41,7 +41,7 @@ class FoundationConfig:
 
 
 @dataclass
-class LossConfig:
+class VAVAELossSection:
     """train/vae_losses.VAVAELoss is built from this section (`VAVAELoss(cfg.loss)`)."""
     disc_start: int = 5001                 # first reference global_step with the GAN terms; it counts two a batch
     #                                        (Lightning 2.4, both optimizers): 5001 trains the discriminator from
@@ -69,13 +69,13 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig(OptimSection):
+class VAVAEOptimSection(OptimSection):
     """Adam (the shared keys, the reference's defaults): one for the autoencoder + linear_proj, one for the
     discriminator."""
 
 
 @dataclass
-class DataConfig(DataSection):
+class VAVAEDataSection(DataSection):
     source: Literal["folder", "skimage", "synthetic"] = "folder"   # folder: images under data.root;
                                                                    # skimage: crops of scikit-image's photos
                                                                    # (demo, tests); synthetic: seeded random
@@ -98,7 +98,7 @@ class DataConfig(DataSection):
 
 
 @dataclass
-class TrainConfig(TrainSection):
+class VAVAETrainSection(TrainSection):
     epochs: Optional[float] = None         # train for epochs of the data instead: steps = ceil(epochs x batches/epoch)
     max_bad_steps: int = 20                # non-finite steps in a row before stopping (with a checkpoint)
     init_from: Optional[str] = None        # tokenizer.pt of the previous stage (reference format), or a
@@ -118,7 +118,7 @@ class TrainConfig(TrainSection):
 
 
 @dataclass
-class LoggingConfig(LoggingSection):
+class VAVAELoggingSection(LoggingSection):
     dir: str = "runs/vavae"                # metrics.jsonl, tensorboard/, config.yaml, tokenizer.pt
     reconstructions: bool = True           # reconstructions.png + PSNR of 8 training images at the end
 
@@ -140,14 +140,14 @@ LEGACY_KEYS = {
 
 @dataclass
 class VAVAETrainConfig(TrainerConfig):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    foundation: FoundationConfig = field(default_factory=FoundationConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: VAVAEModelSection = field(default_factory=VAVAEModelSection)
+    foundation: FoundationSection = field(default_factory=FoundationSection)
+    loss: VAVAELossSection = field(default_factory=VAVAELossSection)
+    optim: VAVAEOptimSection = field(default_factory=VAVAEOptimSection)
+    data: VAVAEDataSection = field(default_factory=VAVAEDataSection)
+    train: VAVAETrainSection = field(default_factory=VAVAETrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: VAVAELoggingSection = field(default_factory=VAVAELoggingSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     dist: DistSection = field(default_factory=DistSection)
 
@@ -179,4 +179,3 @@ class VAVAETrainConfig(TrainerConfig):
         return TrainerConfig.upgrade(data)
 
 
-VAVAEConfig = VAVAETrainConfig  # the name the first trainer used

@@ -28,7 +28,7 @@ from modeling.discriminator import NLayerDiscriminator, adaptive_gan_weight, ado
 from modeling.lpips import LPIPS
 from modeling.vf_loss import adaptive_vf_weight, vf_loss
 
-from .vae_config import LossConfig
+from .vae_config import VAVAELossSection
 
 
 def fp32_up(t: torch.Tensor) -> torch.Tensor:
@@ -50,15 +50,15 @@ class _ValueWithGradientOf(torch.autograd.Function):
 
 
 class VAVAELoss(nn.Module):
-    """`VAVAELoss(cfg.loss)`: built from the `loss:` config section (train/vae_config.LossConfig), whose fields
+    """`VAVAELoss(cfg.loss)`: built from the `loss:` config section (train/vae_config.VAVAELossSection), whose fields
     are also accepted as keyword arguments (`VAVAELoss(disc_start=0, perceptual_weight=0.0)`)."""
 
-    def __init__(self, config: Optional[LossConfig] = None, /, **kwargs: Any) -> None:
+    def __init__(self, config: Optional[VAVAELossSection] = None, /, **kwargs: Any) -> None:
         super().__init__()
         if config is None:
-            config = LossConfig(**kwargs)
+            config = VAVAELossSection(**kwargs)
         elif kwargs:
-            raise TypeError("pass either a LossConfig or keyword arguments, not both")
+            raise TypeError("pass either a VAVAELossSection or keyword arguments, not both")
         if config.disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {config.disc_loss!r}")
         self.config = c = config
