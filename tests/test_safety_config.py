@@ -96,7 +96,7 @@ def test_out_of_memory_is_a_user_mistake_only_where_the_command_says_what_to_low
             raise oom
 
 
-def test_metrics_jsonl_torn_tail_is_dropped_before_appending(tmp_path):
+def test_metrics_jsonl_torn_tail_moves_aside_before_appending(tmp_path):
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
     path.write_text("\n".join(good) + '\n{"step": 4, "lo')  # killed mid-write
@@ -105,10 +105,23 @@ def test_metrics_jsonl_torn_tail_is_dropped_before_appending(tmp_path):
     logger.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    # a torn line that did get its newline (two writers interleaved) is dropped too; clean files are untouched
-    path.write_text(good[0] + "\n" + '{"step": 2, "lo{"step": 2}\n')
-    assert repair_jsonl(path) > 0 and path.read_text() == good[0] + "\n"
+    assert (tmp_path / "metrics.jsonl.torn").read_text() == '{"step": 4, "lo\n'  # moved, not deleted
+    # a whole record that lost only its newline keeps its place; a clean file is untouched
+    path.write_text(good[0] + "\n" + good[1])
+    assert repair_jsonl(path) == 0 and path.read_text() == good[0] + "\n" + good[1] + "\n"
     assert repair_jsonl(path) == 0 and repair_jsonl(tmp_path / "absent.jsonl") == 0
+
+
+def test_metrics_jsonl_of_other_lines_loses_none(tmp_path):
+    """A file that is not our JSON lines (a user's CSV, a note added by hand) is appended to, never cut down: the
+    repair once walked back over every line that did not parse and emptied such a file."""
+    path = tmp_path / "metrics.jsonl"
+    text = "step,loss\n1,0.5\n2,0.4\n# a note\n"
+    path.write_text(text)
+    assert repair_jsonl(path) == 0 and path.read_text() == text
+    path.write_text(text + "last note")
+    assert repair_jsonl(path) == len("last note") and path.read_text() == text
+    assert (tmp_path / "metrics.jsonl.torn").read_text() == "last note\n"
 
 
 def test_train_data_debug_flag_shows_the_traceback(tmp_path, capsys):

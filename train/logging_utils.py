@@ -30,32 +30,38 @@ log = logging.getLogger("train")
 
 
 def repair_jsonl(path: Union[str, Path]) -> int:
-    """Drop a torn tail (a last line without its newline, or that does not parse: a run killed mid-write)
-    from a JSON-lines file, so appending continues on a clean line. Returns the number of bytes dropped."""
+    """Make a JSON-lines file end on a whole line before appending. A last line without its newline is what a run
+    killed mid-write leaves: a whole record gets its newline; anything else is moved (appended) to <name>.torn
+    and cut off. Every other line stays as it is, ours or not (nothing is deleted). Returns the bytes cut off."""
     path = Path(path)
     if not path.is_file():
         return 0
     with open(path, "rb+") as f:
         data = f.read()
-        keep = len(data)
-        while keep:
-            start = data.rfind(b"\n", 0, keep - 1) + 1
-            line = data[start:keep]
-            if line.endswith(b"\n") and line.strip():
-                try:
-                    json.loads(line)
-                    break
-                except ValueError:
-                    pass
-            elif line.endswith(b"\n"):  # an empty line
-                break
-            keep = start  # torn (no newline) or unparsable: drop it and look at the line before
-        if keep < len(data):
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-            log.warning("%s: dropped a torn last record (%d bytes) left by an interrupted run", path, len(data) - keep)
-    return len(data) - keep
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        if not tail:
+            return 0
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            f.write(b"\n")
+        else:
+            side = path.with_name(path.name + ".torn")
+            with open(side, "ab") as s:
+                s.write(tail + b"\n")
+                s.flush()
+                os.fsync(s.fileno())
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    if whole:
+        log.warning("%s: its last record had no newline (an interrupted run); added one", path)
+        return 0
+    log.warning("%s: moved a torn last line (%d bytes, an interrupted run) to %s", path, len(tail), side)
+    return len(tail)
 
 
 class LoggerUnavailable(ConfigError):
@@ -171,7 +177,7 @@ class MetricsLogger:
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        repair_jsonl(directory / "metrics.jsonl")  # a run killed mid-line: drop the torn tail before appending
+        repair_jsonl(directory / "metrics.jsonl")  # a run killed mid-line: its torn tail moves aside
         if supersede_after is not None:  # a trainer at this step: later records are of steps it runs again
             supersede_records(directory / "metrics.jsonl", supersede_after)
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
