@@ -242,6 +242,42 @@ def test_a_kill_during_pruning_never_leaves_a_half_checkpoint(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_0000003"]
 
 
+def test_a_broken_newer_checkpoint_never_costs_the_good_ones(tmp_path):
+    """A run resumed from step 2 because step 4 is broken, saving step 3 with keep_last 1: the pruning counted the
+    broken step 4 as the newest and deleted steps 2 and 3, leaving latest.json at a folder that was gone."""
+    first = CheckpointManager(tmp_path, keep_last=2)
+    _save(first, 2), _save(first, 4)
+    (tmp_path / "step_0000004" / "trainer.pt").write_bytes(b"\0" * 100)
+    resumed = CheckpointManager(tmp_path, keep_last=1)
+    assert resumed.latest_valid()[0] == 2
+    _save(resumed, 3)
+    assert resumed.steps() == [3, 4] and resumed.latest_valid()[0] == 3  # step 4 waits to be saved again
+    _save(resumed, 4)
+    assert resumed.steps() == [4] and resumed.latest_valid()[0] == 4
+
+
+def test_a_kill_while_a_step_is_saved_again_keeps_a_copy(tmp_path, monkeypatch):
+    """Saving a step that exists (the final save after a periodic one) moves the old copy aside and deletes it after
+    the new one is in place; killed between the two renames, the next start puts the old copy back."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    _save(mgr, 5)
+    real_replace = ck.os.replace
+
+    def killed_after_moving_aside(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(ck.REPLACED):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ck.os, "replace", killed_after_moving_aside)
+    with pytest.raises(KeyboardInterrupt):
+        _save(mgr, 5)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert mgr.steps() == []  # the window: no step_5 ...
+    CheckpointManager(tmp_path, keep_last=1).prepare().release()  # ... until the next start puts it back
+    assert mgr.latest_valid()[0] == 5 and not list(tmp_path.glob("*" + ck.REPLACED))
+    _save(mgr, 5)  # a normal re-save leaves no copy behind
+    assert mgr.latest_valid()[0] == 5 and not list(tmp_path.glob("*" + ck.REPLACED))
+
+
 def test_resume_config_changes_are_refused_or_warned_by_key(caplog):
     saved = {"model": {"depth": 2}, "train": {"seed": 0, "steps": 10}, "data": {"path": "a"},
              "optim": {"lr": 1e-4}, "logging": {"dir": "x"}}

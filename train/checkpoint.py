@@ -65,6 +65,7 @@ log = logging.getLogger("train")
 
 POINTER = "latest.json"
 MANIFEST = "COMPLETE.json"
+REPLACED = ".replaced"  # suffix of a re-saved step's old copy while the new one moves in (commit)
 LOCK_FILE = "run.lock"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -530,9 +531,27 @@ class CheckpointManager:
         """What a trainer calls before building anything big: the folder (and `writable`) checked writable, its
         RunLock taken by rank 0 and, with resume="never", the folder checked free of checkpoints; the outcome
         shared with every rank (see acquire_run_lock)."""
-        check = self.check_fresh_start if self.resume == "never" else None
+        def check() -> None:
+            self.recover_replaced()
+            if self.resume == "never":
+                self.check_fresh_start()
         self.lock = acquire_run_lock(self.root, is_main, writable, check=check)
         return self.lock
+
+    def recover_replaced(self) -> None:
+        """A re-saved step's old copy (`step_N.replaced`, see commit) is put back when the run was killed between
+        moving it aside and moving the new one in, and deleted when the new one is in place."""
+        for old in sorted(self.root.glob("step_*" + REPLACED)):
+            final = old.with_name(old.name[:-len(REPLACED)])
+            if not _STEP_DIR.match(final.name) or old.is_symlink():
+                continue
+            if final.exists() or os.path.islink(final):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+                _fsync_dir(self.root)
+                log.warning("checkpoint folder %s: %s was being replaced by a new save of its step when the run "
+                            "stopped; the old copy is back", self.root, final.name)
 
     def check_fresh_start(self) -> None:
         """For checkpoint.resume=never: ResumeConfigError naming the folder and how to start fresh when it already
@@ -606,12 +625,18 @@ class CheckpointManager:
         except BaseException:
             self._discard(tmp)
             raise
-        if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
-            self._delete(final)
+        replaced = None
+        if final.exists():  # re-saving a step (e.g. the final save after a periodic one): the old copy is moved
+            replaced = final.with_name(final.name + REPLACED)  # out of the way, deleted only once the new one is
+            if replaced.exists():  # in place (a kill between the two renames: prepare() puts the old one back)
+                shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         atomic_write_bytes(self.root / POINTER, json.dumps({"step": step, "dir": final.name}).encode())
-        self._prune()
+        self._prune(step)
         return final
 
     def verify(self, path: Union[str, Path]) -> Optional[str]:
@@ -749,10 +774,14 @@ class CheckpointManager:
         _fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def _prune(self):
+    def _prune(self, committed: int) -> None:
+        """Keep the `keep_last` newest checkpoints up to the one just committed. Folders of later steps (a run
+        resumed from before a broken or unpointed newer checkpoint) are neither counted nor deleted: counted, a
+        broken newer folder took the place of the checkpoint just written, and with keep_last 1 every good one
+        was deleted. The run replaces each of them when it saves that step again."""
         for leftover in self.root.glob("step_*.deleting"):
             shutil.rmtree(leftover, ignore_errors=True)
         if self.keep_last is None:
             return
-        for step in self.steps()[:-self.keep_last]:
+        for step in [s for s in self.steps() if s <= committed][:-self.keep_last]:
             self._delete(self.step_dir(step))
