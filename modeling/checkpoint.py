@@ -39,7 +39,8 @@ def class_for_kind(kind: str) -> type[LightningDiT | AutoencoderKL]:
 def load_dit_checkpoint(path_or_dict: str | os.PathLike | dict, model: torch.nn.Module,
                         weights: str = "ema") -> torch.nn.Module:
     """Load released LightningDiT weights into `model` ("ema" preferred; "model" strips `module.`)."""
-    sd = dit_state_dict(read_checkpoint(path_or_dict, "LightningDiT checkpoint"), weights)
+    what = "LightningDiT checkpoint" + ("" if isinstance(path_or_dict, dict) else f" {path_or_dict}")
+    sd = dit_state_dict(read_checkpoint(path_or_dict, "LightningDiT checkpoint"), weights, what)
     return load_state_dict_strict(model, sd, f"LightningDiT checkpoint ({weights})")
 
 

@@ -91,18 +91,23 @@ def read_checkpoint(path_or_dict: str | os.PathLike | dict, what: str = "checkpo
     return ckpt
 
 
-def dit_state_dict(ckpt: dict, weights: str = "ema") -> dict[str, torch.Tensor]:
-    """Extract the DiT weights from a released-format dict ("ema" or "model"), or accept a bare state dict."""
+def dit_state_dict(ckpt: dict, weights: str = "ema", what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Extract the DiT weights from a released-format dict ("ema" or "model"), or accept a bare state dict. `what`
+    names the file in errors."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if "ema" in ckpt or "model" in ckpt:
         if weights not in ckpt:
-            raise CheckpointMismatchError(f"checkpoint has no {weights!r} entry (has: {sorted(ckpt)[:10]})")
+            raise CheckpointMismatchError(f"{what} has no {weights!r} entry (has: {sorted(map(str, ckpt))[:10]})")
         sd = ckpt[weights]
     else:
         sd = ckpt
     if not isinstance(sd, dict):
-        raise CheckpointMismatchError(f"checkpoint entry {weights!r} is a {type(sd).__name__}, not a state dict")
+        raise CheckpointMismatchError(f"{what}: entry {weights!r} is a {type(sd).__name__}, not a state dict")
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointMismatchError(f"{what}: entry {weights!r} has the key {bad!r} ({type(bad).__name__}); "
+                                      "a state dict's keys are parameter names")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -137,11 +142,17 @@ def _block_indices(sd, prefix):
 
 
 def _need(sd, key, what, ndim):
+    """The shape of `sd[key]`, which must have `ndim` dimensions, none of them 0 (the sizes are divided by)."""
     if key not in sd:
         raise CheckpointMismatchError(f"{what}: key {key!r} missing; cannot infer the architecture")
-    shape = tuple(_shape(sd[key]))
+    value = sd[key]
+    if not isinstance(value, (torch.Tensor, torch.Size, tuple, list)):
+        raise CheckpointMismatchError(f"{what}: {key!r} holds a {type(value).__name__}, not a tensor")
+    shape = tuple(_shape(value))
     if len(shape) != ndim:
         raise CheckpointMismatchError(f"{what}: {key!r} has shape {shape}, expected {ndim} dimensions")
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise CheckpointMismatchError(f"{what}: {key!r} has shape {shape}; every dimension must be > 0")
     return shape
 
 
@@ -294,7 +305,7 @@ def build_released(cls: type[torch.nn.Module], kind: str, path: str | os.PathLik
         raise CheckpointMismatchError(f"{path}: holds a {found!r} checkpoint, not a {kind!r} one")
     info = {"kind": found, "file": Path(path).name}
     if found == "lightningdit":
-        sd = dit_state_dict(ckpt, weights)
+        sd = dit_state_dict(ckpt, weights, str(path))
         cfg = {**infer_dit_config(sd, overrides.pop("num_heads", None), f"LightningDiT weights {path}"), **overrides}
         info.update(weights=weights, size=dit_size_name(cfg),
                     train_config=ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None)
@@ -303,10 +314,12 @@ def build_released(cls: type[torch.nn.Module], kind: str, path: str | os.PathLik
         sd = vavae_state_dict(ckpt)
         cfg = {**infer_vavae_config(sd, overrides.pop("resolution", 256), f"VA-VAE weights {path}"), **overrides}
         what = str(path)
-    try:
-        model = cls(**cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointLoadError(f"{path}: the architecture read from its weights is invalid "
-                                  f"({' '.join(str(e).split())})") from None
+    not_tensor = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if not_tensor is not None:
+        raise CheckpointMismatchError(f"{what}: {not_tensor!r} holds a {type(sd[not_tensor]).__name__}, not a tensor")
+    # the architecture read from the weights, checked on the meta device against every tensor before anything is
+    # allocated: a small file whose keys describe thousands of blocks is refused, not built
+    check_config_fits(cls, kind, cfg, {k: v.shape for k, v in sd.items()}, path, what)
+    model = cls(**cfg)
     load_state_dict_strict(model, sd, what)
     return model.eval(), info

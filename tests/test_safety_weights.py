@@ -335,6 +335,44 @@ def test_convert_refusing_a_malicious_file_exits_2(tmp_path, capsys):
     assert e.value.code == 2 and "absent.pt" in capsys.readouterr().err
 
 
+def test_crafted_released_files_are_one_line_and_never_built(tmp_path, monkeypatch):
+    """A released-format .pt is read for its architecture: zero-sized dimensions (divided by), a number where a
+    tensor belongs, non-string keys, and a small file whose keys describe 300 XL-wide blocks (stride-0 tensors) gave
+    tracebacks, or built the model before checking it against the weights."""
+    from modeling.released import build_released
+    real = LightningDiT(**DIT).state_dict()
+    built = []
+    init = LightningDiT.__init__
+
+    def init_outside_meta_refused(self, *args, **kwargs):
+        if torch.empty(0).device.type != "meta":
+            built.append(kwargs.get("depth"))
+            assert kwargs.get("depth", 0) < 100, "built before the weights were checked"
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(LightningDiT, "__init__", init_outside_meta_refused)
+    wide = {k: torch.zeros(()).expand(*[1152 if d == 32 else d for d in v.shape]) for k, v in real.items()}
+    cases = {"zero": ({"ema": {**real, "x_embedder.proj.weight": torch.zeros(0, 4, 1, 1)}}, "every dimension"),
+             "patch0": ({"ema": {**real, "x_embedder.proj.weight": torch.zeros(32, 4, 0, 0)}}, "every dimension"),
+             "number": ({"ema": {"x_embedder.proj.weight": 5}}, "not a tensor"),
+             "intkey": ({"ema": {1: torch.zeros(1)}}, "parameter names"),
+             "mixed": ({"model": {}, 1: 2}, "no 'ema' entry"),
+             "deep": ({"ema": {**wide, **{f"blocks.{i}.x": torch.zeros(()) for i in range(300)}}}, "missing key")}
+    for name, (content, says) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(content, path)
+        with pytest.raises(CheckpointMismatchError, match=says) as e:
+            build_released(LightningDiT, "lightningdit", path)
+        _one_line_naming(e.value, path)
+    assert built == []
+    vae = tmp_path / "vae.pt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)}}, vae)
+    with pytest.raises(CheckpointMismatchError, match="every dimension") as e:
+        build_released(AutoencoderKL, "vavae", vae)
+    _one_line_naming(e.value, vae)
+    torch.save({"ema": real}, tmp_path / "good.pt")  # and a real one still loads
+    assert build_released(LightningDiT, "lightningdit", tmp_path / "good.pt")[0].config.depth == 2 and built == [2]
+
+
 def test_a_mismatch_is_one_line():
     m = LightningDiT(**DIT)
     sd = {k: v for k, v in m.state_dict().items() if not k.startswith("blocks.1.")}
