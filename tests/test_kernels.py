@@ -119,9 +119,11 @@ def test_norm_out_dtype_is_the_next_linears_input_dtype():
         h, out = fused_norm.TRITON.gated_residual_norm_modulate(x, mod[:, 2 * C:3 * C], y, w, mod[:, :C],
                                                                 mod[:, C:2 * C], 1e-6, "rms", to)
         out2 = fused_norm.TRITON.norm_modulate(h, w, mod[:, 3 * C:4 * C], mod[:, 4 * C:5 * C], 1e-6, "rms", to)
-        return h, out.to(torch.bfloat16), out2.to(torch.bfloat16)  # the Linear's autocast cast (a no-op for bf16)
+        return h, out, out2
     low, full = run(torch.bfloat16), run(None)
-    assert low[1].dtype == low[2].dtype == torch.bfloat16 and low[0].dtype == torch.float32
+    assert low[1].dtype == low[2].dtype == torch.bfloat16 and low[0].dtype == torch.float32  # as written
+    assert full[1].dtype == full[2].dtype == torch.float32
+    full = (full[0], full[1].to(torch.bfloat16), full[2].to(torch.bfloat16))  # the Linear's autocast cast
     for a, b in zip(low, full):
         if DEV == "cuda" or a.dtype == torch.float32:
             assert torch.equal(a, b)
