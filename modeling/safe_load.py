@@ -420,9 +420,10 @@ class _TorchScriptUnpickler(pickle._Unpickler):  # the Python unpickler: its BUI
                 ("torch.jit._pickle", "build_boollist"): _list_of,
                 ("torch.jit._pickle", "build_tensorlist"): _list_of}
 
-    def __init__(self, f, archive, prefix):
+    def __init__(self, f, archive, prefix, max_bytes):
         super().__init__(f)
         self._archive, self._prefix, self._storages = archive, prefix, {}
+        self.max_bytes = self.budget = max_bytes  # of all storages together
 
     def load_build(self):
         # BUILD sets the state of the object below it; only a scripted module's holder takes one (a tensor's
@@ -450,13 +451,19 @@ class _TorchScriptUnpickler(pickle._Unpickler):  # the Python unpickler: its BUI
         _, kind, key, _, numel = pid
         if key not in self._storages:
             try:
-                raw = self._archive.read(f"{self._prefix}data/{key}")
+                info = self._archive.getinfo(f"{self._prefix}data/{key}")
             except KeyError:
                 raise pickle.UnpicklingError(f"storage data/{key} is missing from the archive") from None
-            item = torch.empty((), dtype=kind.dtype).element_size()
-            if len(raw) < numel * item:
-                raise pickle.UnpicklingError(f"storage data/{key} holds {len(raw)} bytes, {numel * item} needed")
-            buf = bytearray(memoryview(raw)[: numel * item])  # writable, so the tensor owns its memory
+            need = numel * torch.empty((), dtype=kind.dtype).element_size()
+            self.budget -= need
+            if self.budget < 0:
+                raise pickle.UnpicklingError(f"storage data/{key}: the storages need more than the "
+                                             f"{self.max_bytes} bytes accepted")
+            with self._archive.open(info) as f:  # only the bytes the tensor needs: a compressed member may
+                raw = f.read(need)  # declare gigabytes more (a zip bomb in a small file)
+            if len(raw) < need:
+                raise pickle.UnpicklingError(f"storage data/{key} holds {len(raw)} bytes, {need} needed")
+            buf = bytearray(raw)  # writable, so the tensor owns its memory
             self._storages[key] = (torch.frombuffer(buf, dtype=kind.dtype) if numel
                                    else torch.empty(0, dtype=kind.dtype))
         return self._storages[key]
@@ -476,8 +483,8 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
         any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
 
 
-def load_torchscript_tensors(path: str | os.PathLike, what: str = "TorchScript archive",
-                             max_pickle_bytes: int = 1 << 30) -> dict[str, torch.Tensor]:
+def load_torchscript_tensors(path: str | os.PathLike, what: str = "TorchScript archive", max_pickle_bytes: int = 1 << 30,
+                             max_tensor_bytes: int = 1 << 32) -> dict[str, torch.Tensor]:
     """{dotted attribute name: tensor} of every tensor attribute of a TorchScript archive's module tree (its
     parameters and buffers, named as `torch.jit.load(path).state_dict()` names them), read without running
     any of the archive's code: data.pkl is unpickled with only tensor rebuilding admitted (a scripted class
@@ -495,7 +502,8 @@ def load_torchscript_tensors(path: str | os.PathLike, what: str = "TorchScript a
                 raise CorruptCheckpointError(f"{what} {path}: data.pkl declares {info.file_size} bytes, more "
                                              f"than the {max_pickle_bytes} accepted")
             import io
-            root = _TorchScriptUnpickler(io.BytesIO(z.read(info)), z, pkl[0][: -len("data.pkl")]).load()
+            root = _TorchScriptUnpickler(io.BytesIO(z.read(info)), z, pkl[0][: -len("data.pkl")],
+                                         max_tensor_bytes).load()
     except CheckpointLoadError:
         raise
     except pickle.UnpicklingError as e:

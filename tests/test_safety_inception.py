@@ -119,6 +119,22 @@ def test_malformed_archives_and_weight_files_are_one_line(hostile_archive, tmp_p
             dst.writestr(info, data)
     with pytest.raises(CorruptCheckpointError, match="lying.pt"):
         load_torchscript_tensors(lying)
+    # a storage deflated from far more bytes than its tensor needs (a zip bomb): only the tensor's bytes are read
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if "/data/" in info.filename and not info.filename.endswith("/"):
+                data += bytes(256 << 20)
+            dst.writestr(info, data, zipfile.ZIP_DEFLATED)
+    import tracemalloc
+    tracemalloc.start()
+    tensors = load_torchscript_tensors(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20 and {k: v.shape for k, v in tensors.items()} == {"weight": (2, 2), "bias": (2,)}
+    with pytest.raises(CorruptCheckpointError, match=r"bomb\.pt.*more than the 16 bytes"):
+        load_torchscript_tensors(bomb, max_tensor_bytes=16)
     # a .pth of the wrong network, and one with code in it
     wrong = tmp_path / "wrong.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
