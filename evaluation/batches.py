@@ -107,7 +107,7 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BatchFileError(f"image {path}: unreadable ({one_line(e)})") from None
 
 

@@ -68,6 +68,9 @@ def image_files(root: Union[str, Path]) -> list[Path]:
     return files
 
 
+MAX_ASPECT = 64.0  # long side / short side of an image the authors' transform is asked to resize
+
+
 def authors_transform(path: Path, size: int = 256) -> torch.Tensor:
     """evaluate_tokenizer.py's transform (torchvision 0.17 on a tensor): ToTensor, Resize(size) (bilinear,
     antialiased, the short side to `size`, the long side int(size * long / short)), CenterCrop(size) (offsets
@@ -75,8 +78,15 @@ def authors_transform(path: Path, size: int = 256) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if max(w, h) > MAX_ASPECT * min(w, h):  # the short side to `size` makes the long one huge (1 x 20000:
+                raise ConfigError(f"image {path}: {w}x{h} pixels, more than {MAX_ASPECT:g} times as long as it is "
+                                  f"wide; resized to {size} on its short side it would be "  # 4 GB of floats)
+                                  f"{int(size * max(w, h) / max(min(w, h), 1)):,} long")
             t = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div(255)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except ConfigError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise ConfigError(f"image {path}: unreadable ({' '.join(str(e).split())}); `python -m train.data scan "
                           "FOLDER` finds every such file first") from None
     h, w = t.shape[1:]

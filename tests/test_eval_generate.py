@@ -198,6 +198,29 @@ def test_an_image_folder_is_read_as_imagefolder_or_refused(tmp_path):
         FolderImages(tmp_path, 8)
 
 
+def test_image_bombs_are_one_line_before_they_are_decoded(tmp_path):
+    """A 24 KB PNG of 14000 x 14000 pixels (PIL's DecompressionBombError was a traceback in both commands), and a
+    157-byte 1 x 20000 one that the authors' transform would resize to 256 x 5,120,000 (4 GB of floats)."""
+    from PIL import Image
+
+    from evaluation.batches import BatchFileError, read_image_folder
+    from evaluation.tokenizer_metrics import authors_transform
+    from modeling.config import ConfigError
+    (tmp_path / "bomb").mkdir()
+    for i in range(2):
+        Image.new("1", (14000, 14000)).save(tmp_path / "bomb" / f"{i}.png")
+    Image.new("RGB", (1, 20000)).save(tmp_path / "thin.png")
+    with pytest.raises(BatchFileError, match=r"bomb/0\.png: unreadable.*decompression bomb") as e:
+        read_image_folder(tmp_path / "bomb")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"0\.png: unreadable.*decompression bomb"):
+        authors_transform(tmp_path / "bomb" / "0.png")
+    with pytest.raises(ConfigError, match=r"thin\.png: 1x20000 pixels.*5,120,000 long"):
+        authors_transform(tmp_path / "thin.png")
+    Image.new("RGB", (64, 1)).save(tmp_path / "wide.png")  # 64 times: still the authors' transform
+    assert authors_transform(tmp_path / "wide.png", 4).shape == (3, 4, 4)
+
+
 # ----------------------------------------------------------------------------- bad input (issue 21)
 
 def _folders(tmp_path):
