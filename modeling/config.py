@@ -17,6 +17,7 @@ dict (free-form, e.g. extra DeepSpeed settings) and nested dataclasses.
 """
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -98,6 +99,7 @@ def _coerce(value, tp, path):
                 pass
         require(isinstance(value, (int, float)) and not isinstance(value, bool),
                 f"{path}: expected a number, got {value!r}")
+        require(math.isfinite(value), f"{path}: expected a finite number, got {value!r}")  # lr=inf trains NaNs
         return float(value)
     if tp is str:
         require(isinstance(value, str), f"{path}: expected a string, got {value!r}")
@@ -209,8 +211,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_YAML_VALUES = 100_000  # a config is hundreds; aliases of aliases ("billion laughs") expand to billions
+
+
+class _TooLarge(yaml.YAMLError):
+    pass
+
+
 def _yaml_load(text):
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+    data = yaml.load(text, Loader=_UniqueKeyLoader)
+    # aliases are shared, not copied, by the loader; every later step (checking, printing, DeepSpeed's JSON) would
+    # expand them: count the values as expanded, stopping at the limit
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise _TooLarge(f"it expands to more than {MAX_YAML_VALUES:,} values (anchors repeating anchors)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], typing.Any]:

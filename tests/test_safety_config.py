@@ -156,6 +156,31 @@ def test_a_duplicate_yaml_key_is_refused_naming_the_file_key_and_lines(tmp_path,
     assert "appears twice" in err and err.count("\n") == 1
 
 
+def test_numbers_that_cannot_train_and_yaml_that_expands_without_end_are_refused(tmp_path, capsys):
+    """optim.lr=inf trained five NaN steps and saved NaN weights; a seed of -5 or 2**32 passed validation and failed
+    after start-up in numpy; a 315-character override of anchors repeating anchors hung, growing by gigabytes."""
+    from train.vae_config import VAVAETrainConfig
+    for key in ("optim.lr", "optim.eps", "optim.weight_decay", "data.latent_multiplier"):
+        for value in ("inf", "-.inf", ".nan", "1e400"):
+            with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+                load_config(DiTTrainConfig, None, ["data.source=synthetic", f"{key}={value}"])
+    with pytest.raises(ConfigError, match="loss.disc_weight: expected a finite number"):
+        load_config(VAVAETrainConfig, None, ["loss.disc_weight=.nan"])
+    for seed in (-5, 2 ** 32):
+        with pytest.raises(ConfigError, match=rf"seed must be in \[0, 2\*\*31\).*got {seed}"):
+            load_config(DiTTrainConfig, None, ["data.source=synthetic", f"train.seed={seed}"])
+    assert load_config(DiTTrainConfig, None, ["data.source=synthetic", f"train.seed={2 ** 31 - 1}",
+                                              "optim.lr=1e-4"]).train.seed == 2 ** 31 - 1
+    laughs = "{a: &a [x,x,x,x,x,x,x,x,x]" + "".join(
+        f", {n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in zip("abcdef", "bcdefg")) + "}"
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        load_config(DiTTrainConfig, None, ["train.deepspeed=" + laughs])
+    path = tmp_path / "laughs.yaml"
+    path.write_text("x: " + laughs + "\n")
+    with pytest.raises(ConfigError, match=f"{path}.*expands to more than 100,000 values"):
+        load_config(DiTTrainConfig, path)
+
+
 def test_explicit_requests_that_cannot_run_here_are_one_line(tmp_path, capsys):
     """Asked for by name, a backend this machine cannot run is one line and exit 2, before anything is written (a
     review, 2026-12-05: nccl without a GPU was torch's AttributeError, train.kernels=cuda in the VA-VAE trainer a

@@ -103,6 +103,8 @@ class TrainSection:
         require(self.steps is None or self.steps > 0, "steps must be > 0")
         require(self.batch_per_gpu >= 1, "batch_per_gpu must be >= 1")
         require(self.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+        require(0 <= self.seed < 2 ** 31, f"seed must be in [0, 2**31) (numpy seeds each rank with seed + rank "
+                                          f"< 2**32), got {self.seed}")
 
 
 @dataclass
