@@ -156,6 +156,11 @@ def save_folder(model: torch.nn.Module, directory: str | os.PathLike, arch: Any 
                 parity: str | None = None, source: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors + config.json (+ README.md where huggingface_hub is installed) atomically."""
+    if sampling is not None:
+        from .sampling import STORED_KEYS
+        unknown = sorted(set(sampling) - STORED_KEYS, key=str)
+        if unknown:  # refused before writing, not by every command that reads the folder later
+            raise ValueError(f"sampling: unknown key(s) {unknown}; the stored settings are {sorted(STORED_KEYS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kind = model_kind(model)

@@ -195,6 +195,7 @@ class SamplerUnavailable(RuntimeError):
 
 _HINTS = typing.get_type_hints(SamplingConfig)
 SETTING_KEYS: tuple[str, ...] = ("method", "steps", "shift", "cfg_scale", "cfg_interval_start", "guidance")
+STORED_KEYS = frozenset(SETTING_KEYS) | {"preset"}  # what config.json's "sampling" may hold (and preset: its name)
 DEFAULT_SETTINGS: dict = SamplingConfig().settings()
 
 # ----------------------------------------------------------------------------- presets: partial configs
@@ -641,6 +642,11 @@ def config_from_args(args: argparse.Namespace, stored: Optional[dict] = None,
     if stored is not None and not isinstance(stored, dict):
         raise SamplingConfigError("sampling", f"the sampling settings stored with {stored_from} (config.json "
                                               f"\"sampling\") must be a mapping, got {type(stored).__name__}")
+    unknown = sorted(set(stored or {}) - STORED_KEYS, key=str)
+    if unknown:  # a misspelt "cfg_sacle" sampled without guidance, silently
+        raise SamplingConfigError("sampling", f"the sampling settings stored with {stored_from} (config.json "
+                                              f"\"sampling\") have unknown key(s) {unknown}; known: "
+                                              f"{sorted(STORED_KEYS)}")
     try:
         settings, sources = resolve_settings({k: getattr(args, k) for k in SETTING_KEYS}, args.preset, stored)
     except ValueError as e:

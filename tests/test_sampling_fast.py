@@ -325,7 +325,7 @@ def test_sampling_options_are_declared_once():
     assert SETTING_KEYS == tuple(fields)[:6]
     # eval.* keys stay flat and are checked by SamplingConfig.validate (through the config system)
     assert from_dict(EvalSettings, {"method": "heun", "steps": 5}).method == "heun"
-    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+    with pytest.raises(ValueError, match="cfg_scale: expected a finite number, got nan"):
         from_dict(EvalSettings, {"cfg_scale": float("nan")})
     with pytest.raises(ValueError, match="method must be a registered integrator"):
         from_dict(EvalSettings, {"method": "rk99"})
@@ -354,6 +354,18 @@ def test_sampling_options_are_declared_once():
         config_from_args(p.parse_args([]), {"steps": "many"})
     with pytest.raises(SamplingConfigError, match="^--preset: unknown sampling preset 'x'"):
         config_from_args(p.parse_args(["--preset", "x"]))
+    # a misspelt stored key sampled without guidance, silently
+    with pytest.raises(SamplingConfigError, match=r"stored with m\.pt .*unknown key\(s\) \['cfg_sacle'\]"):
+        config_from_args(p.parse_args([]), {"cfg_sacle": 4.0, "steps": 3}, stored_from="m.pt")
+
+
+def test_save_pretrained_refuses_sampling_keys_no_command_reads(tmp_path):
+    from modeling.lightningdit import LightningDiT
+    m = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['cfg_sacle'\]"):
+        m.save_pretrained(tmp_path / "m", sampling={"cfg_sacle": 4.0})
+    assert not (tmp_path / "m").exists()
+    m.save_pretrained(tmp_path / "m", sampling={"cfg_scale": 4.0, "steps": 3})
 
 
 @pytest.fixture
