@@ -12,6 +12,7 @@ CLI (the ADM evaluator's report, in-process):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -105,11 +106,18 @@ def _file_record(path: PathLike) -> dict[str, Any]:
     return {"path": str(path), "images": len(files), "sha256": h.hexdigest()}
 
 
-def comparison_record(ref_npz: PathLike, sample_npz: PathLike, inception_path: Optional[PathLike] = None) -> dict:
-    """What a result compared: both files (path, SHA-256), the samples' generation settings if stored."""
+def sample_settings(sample_npz: PathLike) -> Optional[dict]:
+    """The generation settings stored with a sample batch (None for a folder or an npz without them)."""
     from .generate import read_settings
+    return None if Path(sample_npz).is_dir() else read_settings(sample_npz)
+
+
+def comparison_record(ref_npz: PathLike, sample_npz: PathLike, inception_path: Optional[PathLike] = None,
+                      settings: Optional[dict] = None) -> dict:
+    """What a result compared: both files (path, SHA-256), the samples' generation settings if stored (`settings`:
+    as sample_settings read them)."""
     rec = {"reference": _file_record(ref_npz), "samples": _file_record(sample_npz),
-           "sample_settings": None if Path(sample_npz).is_dir() else read_settings(sample_npz)}
+           "sample_settings": settings if settings is not None else sample_settings(sample_npz)}
     if inception_path is not None:
         rec["inception_weights"] = _file_record(inception_path)
     return rec
@@ -151,16 +159,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     with user_errors(a.debug, out_of_memory=f"lower --batch-size (now {a.batch_size})"):
         _check_args(a)
+        settings = sample_settings(a.sample_batch) if a.json else None  # refused before the metrics, not after
         res = evaluate_npz(a.ref_batch, a.sample_batch, a.inception, a.device, a.batch_size, a.metrics)
         for k, v in res.items():
             print(f"{k}: {v}")
         if a.json:
             record = {**res, "metrics": [m.strip() for m in a.metrics.split(",") if m.strip()],
                       "compared": comparison_record(a.ref_batch, a.sample_batch,
-                                                    a.inception if res["inception_backend"] else None),
+                                                    a.inception if res["inception_backend"] else None, settings),
                       "device": a.device, "batch_size": a.batch_size}
-            with open(a.json, "w") as f:
-                json.dump(record, f, indent=2)
+            tmp = Path(f"{a.json}.tmp{os.getpid()}")  # a failed write leaves the former file whole
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, a.json)
     return 0
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -146,7 +147,15 @@ def check_settings(work: Union[str, os.PathLike], settings: dict) -> None:
     leaves a settings file and nothing else, and the same command with a smaller --batch-size starts afresh."""
     path = Path(work) / SETTINGS_FILE
     if path.is_file():
-        old, new = _comparable(json.loads(path.read_text())), _comparable(settings)
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            recorded = f"unreadable ({' '.join(str(e).split())})"
+        if not isinstance(recorded, dict):
+            raise SettingsMismatchError(f"{path}: the settings this output was started with are "
+                                        f"{recorded if isinstance(recorded, str) else 'not a JSON object'}; use "
+                                        "another output path, or delete the chunks folder to start it afresh")
+        old, new = _comparable(recorded), _comparable(settings)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff == ["layout"] and not any(Path(work).glob("chunk_*.npz")):
             diff = []  # nothing generated under the old layout: record the new one below
@@ -266,8 +275,7 @@ def merge_chunks(out_npz: Union[str, os.PathLike], num_samples: int) -> Optional
     chunks = [c for c in sorted(work.glob("chunk_*.npz")) if not c.name.endswith(".tmp.npz")]
     covered = 0
     for c in chunks:
-        with np.load(c) as z:
-            covered += len(z["indices"])
+        covered += len(_read_chunk(c, ("indices",))["indices"])
     if covered < num_samples:
         return None
     settings = (work / SETTINGS_FILE).read_text() if (work / SETTINGS_FILE).is_file() else "{}"
@@ -277,12 +285,12 @@ def merge_chunks(out_npz: Union[str, os.PathLike], num_samples: int) -> Optional
                 return out_npz
     images = labels = None
     for c in chunks:
-        with np.load(c) as z:
-            if images is None:
-                images = np.empty((num_samples, *z["images"].shape[1:]), dtype=np.uint8)
-                labels = np.empty(num_samples, dtype=np.int64)
-            images[z["indices"]] = z["images"]
-            labels[z["indices"]] = z["labels"]
+        z = _read_chunk(c, ("indices", "images", "labels"))
+        if images is None:
+            images = np.empty((num_samples, *z["images"].shape[1:]), dtype=np.uint8)
+            labels = np.empty(num_samples, dtype=np.int64)
+        images[z["indices"]] = z["images"]
+        labels[z["indices"]] = z["labels"]
     tmp = out_npz.with_name(f"{out_npz.stem}.tmp{os.getpid()}.npz")
     try:
         np.savez(tmp, arr_0=images, arr_1=labels, settings=np.array(settings))
@@ -292,10 +300,37 @@ def merge_chunks(out_npz: Union[str, os.PathLike], num_samples: int) -> Optional
     return out_npz
 
 
+def _read_chunk(path: Path, keys: Sequence[str]) -> dict:
+    """A chunk's arrays (numeric only); a chunk that is truncated or lacks one is a one-line error naming it (chunks
+    are written whole and renamed: such a file is a disk's or a copy's doing)."""
+    from modeling.safe_load import CheckpointLoadError, load_npz
+    try:
+        return load_npz(path, "generated chunk", keys)
+    except CheckpointLoadError as e:
+        raise SettingsMismatchError(f"{e}; delete it and run the same command again: its samples are drawn again, "
+                                    "the same as before") from None
+
+
 def read_settings(npz_path: Union[str, os.PathLike]) -> Optional[dict]:
-    """The generation settings stored in a merged npz (None for an npz without them)."""
-    with np.load(npz_path) as z:
-        return json.loads(str(z["settings"])) if "settings" in z.files else None
+    """The generation settings stored in a merged npz (None for an npz without them); a record that is not the JSON
+    object generate writes is a one-line error naming the file."""
+    from modeling.safe_load import CheckpointLoadError, load_npz
+
+    from .batches import BatchFileError
+    try:
+        with np.load(npz_path) as z:
+            if "settings" not in z.files:
+                return None
+        text = str(load_npz(npz_path, "sample batch", ("settings",))["settings"])
+        settings = json.loads(text)
+    except CheckpointLoadError as e:
+        raise BatchFileError(str(e)) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BatchFileError(f"sample batch {npz_path}: its 'settings' record is unreadable "
+                                    f"({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(settings, dict):
+        raise BatchFileError(f"sample batch {npz_path}: its 'settings' record is not a JSON object")
+    return settings
 
 
 def _env_int(name: str, default: int) -> int:

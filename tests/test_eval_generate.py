@@ -84,6 +84,49 @@ def test_generate_sharded_resumable_matches_single_rank(tmp_path):
         assert len({a["arr_0"][i].tobytes() for i in range(7)}) == 7  # distinct noise per sample
 
 
+def test_broken_run_records_are_one_line_naming_the_file(tmp_path, capsys):
+    """A truncated or foreign settings.json, a truncated chunk, a sample batch whose settings record is not JSON (found
+    by `fid --json` after every metric was computed: the results were lost), extract.json holding a list: each was a
+    traceback (JSONDecodeError, AttributeError, BadZipFile)."""
+    from evaluation.batches import BatchFileError
+    from evaluation.fid import main as fid_main
+    from evaluation.generate import SettingsMismatchError, check_settings, merge_chunks, read_settings
+    from train.data import DataError
+    from train.data.latents import LatentStore
+    work = tmp_path / "out.chunks"
+    work.mkdir()
+    for text in ('{"seed": 3', "[1]"):
+        (work / "settings.json").write_text(text)
+        with pytest.raises(SettingsMismatchError, match=r"settings\.json: the settings this output was started with"
+                                                        r".*delete the chunks folder") as e:
+            check_settings(work, {"seed": 3})
+        assert "\n" not in str(e.value)
+    np.savez(work / "chunk_00000.npz", indices=np.arange(2), images=np.zeros((2, 4, 4, 3), np.uint8),
+             labels=np.zeros(2, np.int64))
+    (work / "chunk_00002.npz").write_bytes((work / "chunk_00000.npz").read_bytes()[:100])
+    with pytest.raises(SettingsMismatchError, match=r"chunk_00002\.npz is truncated.*delete it and run the same"):
+        merge_chunks(tmp_path / "out.npz", 4)
+    bad = tmp_path / "samples.npz"
+    np.savez(bad, arr_0=np.zeros((2, 4, 4, 3), np.uint8), settings=np.array("{not json"))
+    with pytest.raises(BatchFileError, match=r"samples\.npz: its 'settings' record is unreadable"):
+        read_settings(bad)
+    with pytest.raises(SystemExit) as e:  # before any metric
+        fid_main([str(bad), str(bad), "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 2
+    assert "its 'settings' record is unreadable" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    np.savez(bad, arr_0=np.zeros((2, 4, 4, 3), np.uint8), settings=np.array("[1]"))
+    with pytest.raises(BatchFileError, match="not a JSON object"):
+        read_settings(bad)
+    lat = tmp_path / "latents"
+    lat.mkdir()
+    from safetensors.numpy import save_file
+    save_file({"latents": np.zeros((2, 4, 2, 2), np.float32), "labels": np.zeros(2, np.int64)},
+              str(lat / "shard_00000.safetensors"))
+    (lat / "extract.json").write_text("[1]")
+    with pytest.raises(DataError, match=r"extract\.json: the extraction manifest holds a JSON list"):
+        LatentStore.open(lat)
+
+
 def test_reconstruction_metrics_tiny_vae():
     from evaluation.tokenizer_metrics import reconstruction_metrics
 

@@ -89,6 +89,9 @@ def _check_run_config(out_dir, config):
             old = json.loads(path.read_text())
         except ValueError as e:
             raise DataError(f"{path}: unreadable extraction manifest ({e}); use a new output folder") from None
+        if not isinstance(old, dict):
+            raise DataError(f"{path}: the extraction manifest holds a JSON {type(old).__name__}, not the object "
+                            "extract writes; use a new output folder")
         diff = [_describe_diff(k, old.get(k), v) for k, v in config.items() if old.get(k) != v]
         if diff:
             raise DataError(f"{out_dir} holds an extraction with other settings (recorded vs now: "

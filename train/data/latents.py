@@ -122,6 +122,9 @@ class LatentStore:
             manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         except (OSError, ValueError) as e:
             raise DataError(f"{manifest_path}: unreadable extraction manifest ({e})") from None
+        if manifest is not None and not isinstance(manifest, dict):
+            raise DataError(f"{manifest_path}: the extraction manifest holds a JSON {type(manifest).__name__}, not "
+                            "the object `python -m train.data extract` writes")
         expected = expected_shards(manifest) if manifest is not None else None
         if expected is not None:
             _check_shard_names(directory, files, expected, manifest)
