@@ -9,9 +9,11 @@ tests/test_train_vae_resume.py.
 Why the DiT's loss tolerance: after an elastic resume the random draws (noise, flow time, label dropout) and each
 rank's share of a batch differ from the uninterrupted run's, as a run with another train.seed differs. Measured
 on this config (2 ranks, train.seed 0 vs 1, steps 1-12): the per-step loss differs by up to 0.030, 0.011 on
-average. DIT_TOL / DIT_MEAN_TOL allow about 1.7x / 2x that; a restart would not pass: the loss falls by ~0.08 over
-these 12 steps, and the first step from the initial weights has a gradient norm near 2e7 (the zero-initialised
-output layer), the resumed ones below 20. The VA-VAE's tolerance: test_vae_2_to_1_rank_continues_with_both_engines.
+average; the elastic run's gaps measured 0.015 / 0.0085 (2026-12-06, synthetic batches that differ per step).
+DIT_TOL / DIT_MEAN_TOL allow about 1.7x / 2x the seeds' spread. A restart would not pass: the first step from the
+initial weights has a gradient norm near 2e7 (the zero-initialised output layer), the resumed ones below 20. (The
+loss itself hardly moves in 12 steps of fresh synthetic batches: a former check that it fell by 0.04 held only
+while every synthetic batch was the same one.) The VA-VAE's tolerance: test_vae_2_to_1_rank_continues_with_both_engines.
 """
 import math
 import shutil
@@ -95,7 +97,6 @@ def test_dit_2_to_1_to_3_ranks_continues_the_loss_curve(dit_runs):
     assert max(gaps) < DIT_TOL and sum(gaps) / len(gaps) < DIT_MEAN_TOL, list(zip(sorted(b), gaps))
     # not from scratch: the first step from the initial weights has a huge gradient norm, the continued ones don't
     assert a[1][1] > 1e5 and all(b[s][1] < 1e3 for s in b), (a[1], b)
-    assert sum(b[s][0] for s in range(9, 13)) / 4 < sum(a[s][0] for s in range(1, 5)) / 4 - 0.04
     # the step, images seen and the learning-rate schedule (warmup over 8 steps) went on
     seen_a, seen_b = (metrics_by_step(run, lambda r: (r["images_seen"], r["lr"])) for run in (straight, elastic))
     assert all(seen_b[s] == seen_a[s] == (48 * s, 1e-3 * min(1, s / 8)) for s in seen_b), seen_b

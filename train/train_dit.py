@@ -58,7 +58,7 @@ class SyntheticLatents:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.position)) & (2 ** 62))
+            g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.position)) & (2 ** 62 - 1))  # all 62 bits
             mean, std = self.stats
             lat = torch.randn(self.shape, generator=g) * std + mean
             lab = torch.randint(0, self.num_classes, (self.shape[0],), generator=g)
