@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--rtol", type=float, default=1e-4)
     ap.add_argument("--atol", type=float, default=1e-5)
-    ap.add_argument("--backend", default=None, help="kernels backend to force (reference, triton, cuda, auto)")
+    ap.add_argument("--backend", default=None, choices=kernels.backend.BACKENDS, help="kernels backend to force")
     ap.add_argument("--device", default="cpu", help="run the models on this device (fp32), e.g. cuda")
     ap.add_argument("--attention", default=None, metavar="NAME",
                     help=f"attention implementation to force, one of {', '.join(ATTENTION_CHOICES)} (default: the "

@@ -106,9 +106,18 @@ def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
+            if im.mode not in ("RGB", "L"):  # L: the batch check says grayscale; the rest by their PIL mode
+                raise BatchFileError(f"image {path}: PIL mode {im.mode}{_MODES.get(im.mode, '')}; sample images "
+                                     "are RGB (as the authors' inference.py saves them)")
             return np.asarray(im)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, BatchFileError):
+            raise
         raise BatchFileError(f"image {path}: unreadable ({one_line(e)})") from None
+
+
+_MODES = {"P": " (a palette image)", "RGBA": " (RGB with alpha)", "LA": " (grayscale with alpha)", "1": " (1-bit)",
+          "CMYK": " (CMYK)", "I;16": " (16-bit grayscale)", "I": " (32-bit integer)", "F": " (32-bit float)"}
 
 
 def read_image_folder(path: PathLike, role: str = "sample batch", min_images: int = 2,

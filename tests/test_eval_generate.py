@@ -262,6 +262,26 @@ def test_image_bombs_are_one_line_before_they_are_decoded(tmp_path):
         authors_transform(tmp_path / "thin.png")
     Image.new("RGB", (64, 1)).save(tmp_path / "wide.png")  # 64 times: still the authors' transform
     assert authors_transform(tmp_path / "wide.png", 4).shape == (3, 4, 4)
+    (tmp_path / "palette").mkdir()  # a palette image was called grayscale
+    for i in range(2):
+        Image.new("P", (8, 8)).save(tmp_path / "palette" / f"{i}.png")
+    with pytest.raises(BatchFileError, match=r"0\.png: PIL mode P \(a palette image\); sample images are RGB"):
+        read_image_folder(tmp_path / "palette")
+
+
+def test_an_unlistable_latent_folder_says_so(tmp_path, monkeypatch):
+    """The shard glob finds nothing in a folder it may not read: that said "no latent shards" (checked for real
+    without the capability to override permissions; the root CI stands in for it here)."""
+    import train.data.latents as latents
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(latents.os, "listdir", denied)
+    with pytest.raises(PermissionError, match=r"cannot list the latent folder \(Permission denied\)"):
+        latents.LatentStore.open(tmp_path)
+    monkeypatch.setattr(latents.os, "listdir", lambda p: [])
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors latent shards"):
+        latents.LatentStore.open(tmp_path)
 
 
 # ----------------------------------------------------------------------------- bad input (issue 21)

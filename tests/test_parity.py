@@ -194,6 +194,13 @@ def test_parity_cli_with_the_fused_attention(parity_dir, tmp_path, capsys):
     assert "lightningdit_b     attention: split" in text and "cannot run this model (qk-norm is not fused)" in text
 
 
+def test_parity_tool_refuses_an_unknown_backend_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parity.main([str(tmp_path), "--backend", "bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'bogus'" in err and "Traceback" not in err
+
+
 def test_parity_tool_fails_where_the_forced_fused_attention_does_not_run(parity_dir, tmp_path, capsys):
     """Forced rope-fused under the reference backend (which never runs it) is no silent pass: the fixture it could
     run fails, and so does the run where it ran on no fixture; an unknown --attention name is one line, exit 2."""

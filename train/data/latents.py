@@ -116,6 +116,12 @@ class LatentStore:
         directory = Path(directory)
         files = sorted(directory.glob(SHARD_GLOB))
         if not files:
+            try:
+                os.listdir(directory)  # the glob finds nothing in a folder it may not read: say which it is
+            except PermissionError as e:
+                raise PermissionError(f"{directory}: cannot list the latent folder ({e.strerror})") from None
+            except OSError:
+                pass
             raise FileNotFoundError(f"no *.safetensors latent shards in {directory}")
         manifest_path = directory / "extract.json"
         try:
