@@ -189,3 +189,26 @@ def test_each_rank_draws_its_own_noise(tmp_path):
     from train.checkpoint import load_state
     r0, r1 = (load_state(tmp_path / "ckpt" / "step_0000001" / f"rank_0000{r}.pt") for r in (0, 1))
     assert not torch.equal(r0["generator"], r1["generator"])
+
+
+def test_a_trainer_state_without_its_config_is_a_broken_checkpoint(tmp_path, caplog):
+    """A trainer.pt holding no run config (damaged, or another program's) was a KeyError traceback at resume; it is a
+    broken checkpoint now, and the previous one is resumed."""
+    import json
+
+    from train.checkpoint import MANIFEST, load_state
+    from train.train_dit import main
+    args = ["--config", str(REPO / "configs/dit_tiny_cpu.yaml"), "train.zero_stage=0", "checkpoint.every=1",
+            f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}", "logging.progress_bar=false",
+            "logging.tensorboard=false", "checkpoint.export_reference=false"]
+    assert main([*args, "train.steps=2"]) == 0
+    path = tmp_path / "ckpt" / "step_0000002" / "trainer.pt"
+    state = load_state(path)
+    del state["config"]
+    torch.save(state, path)
+    manifest = json.loads((path.parent / MANIFEST).read_text())
+    manifest["files"]["trainer.pt"] = path.stat().st_size
+    (path.parent / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level("INFO"):
+        assert main([*args, "train.steps=3"]) == 0
+    assert "holds no run config" in caplog.text and "step_0000001 at step 1" in caplog.text

@@ -47,8 +47,8 @@ import kernels
 from modeling.config import ConfigError, dump_config, from_dict, one_line, to_dict
 from modeling.threads import configure_threads
 
-from .checkpoint import (CheckpointManager, ResumeConfigError, atomic_torch_save, check_resume_config,
-                         config_changes, deepspeed_safe_load, load_state, rng_state, set_rng_state)
+from .checkpoint import (CheckpointManager, CorruptCheckpointError, ResumeConfigError, atomic_torch_save,
+                         check_resume_config, config_changes, deepspeed_safe_load, load_state, rng_state, set_rng_state)
 from .config_sections import TrainerConfig
 from .distributed import (RUN_STATE, DistInfo, all_reduce_mean, import_deepspeed, init_distributed, set_phase,
                           set_zero_grad_norm_dtype)
@@ -660,6 +660,9 @@ class Trainer:
             raise ResumeConfigError(f"cannot resume from {path}: written by {who} trainer (engines "
                                     f"{', '.join(held) or 'none'}), not the {self.NAME} trainer; give this run its "
                                     "own checkpoint.dir")
+        if not isinstance(state.get("config"), dict):  # every trainer.pt records its run's config
+            raise CorruptCheckpointError(f"{path / 'trainer.pt'} holds no run config (a trainer.pt of this project "
+                                         "records one); not this project's checkpoint, or damaged")
         saved, now = self.saved_config(state["config"]), to_dict(self.cfg)
         reshard = self.cfg.checkpoint.reshard
         refuse = tuple(k for k in self.RESUME_REFUSE if not (reshard and k in self.RESHARDABLE))
