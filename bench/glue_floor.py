@@ -25,7 +25,6 @@ arithmetic on a tiny model by recording the real tensors its reference ops read 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Optional
 
@@ -306,10 +305,11 @@ def markdown(s: StepShape = XL1_B256, copy_gbps: float = CARD_COPY_GBPS,
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m bench.glue_floor", description=__doc__.split("\n\n")[0])
+    from modeling.config import cli_parser
+    p = cli_parser("bench.glue_floor", __doc__.split("\n\n")[0])
     p.add_argument("--copy-gbps", type=float, default=None,
                    help="a measured copy bandwidth (GB/s, read + write) for an extra column")
-    p.add_argument("--batch", type=int, default=XL1_B256.B, help="samples per step (default 256)")
+    p.add_argument("--batch", type=int, default=XL1_B256.B, help="samples per step")
     a = p.parse_args(argv)
     if a.batch < 1 or (a.copy_gbps is not None and a.copy_gbps <= 0):
         p.error("--batch and --copy-gbps must be positive")

@@ -124,7 +124,7 @@ def _fp8_quant_variants() -> list[Variant]:
     """quantize_rows_fp8 at hidden 1152 (attention's output) and swiglu_fp8 at 3072 (w12's output), bf16 in, for
     every tile the autotuner may pick: the sampler's scales, the FP8 training recipe's powers of two, and (the
     SwiGLU) with the column maxima the training MLP's weight gradient takes."""
-    from kernels import _triton, fp8_quant, fused_norm
+    from kernels import fp8_quant, fused_norm
     sig = {"X": "*bf16", "sx": "i32", "Q": "*fp8e4nv", "S": "*fp32", "rows": "i32", "C": "i32"}
     cases = {  # name: (kernel, its autotuner's pruning, width, runtime arguments after C, constexpr flag settings)
         "quantize_rows_fp8": (fp8_quant._quant_rows_kernel, fp8_quant._prune_split_tiles, 1152, {},
@@ -416,15 +416,16 @@ def variants() -> list[Variant]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m bench.sm90_check")
+    from modeling.config import cli_parser
+    ap = cli_parser("bench.sm90_check", __doc__.split("\n\n")[0])
     ap.add_argument("--loops", action="store_true",
                     help="also each loop body's SASS per element (a cuobjdump run per variant: slower)")
     ap.add_argument("--only", default="", help="variants whose names start with this")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench.sm90_check: unset TRITON_INTERPRET (the interpreter replaces the JIT kernels)")
-    import triton
+    import kernels
+    triton_version = kernels.describe()["triton"]  # the Triton imported (PYTHONPATH may put the lent one first)
     results, failed = {}, []
     for v in variants():
         if not v.name.startswith(a.only):
@@ -436,7 +437,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             failed.append(v.name)
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:55s} DOES NOT COMPILE (Triton {triton.__version__}): {r['error']}")
+            print(f"{name:55s} DOES NOT COMPILE (Triton {triton_version}): {r['error']}")
             continue
         print(f"{name:55s} regs {r['registers']:>4} spill {r['spill_bytes']:>4} B  shared {r['shared_bytes']:>6} B  "
               f"vector ld/st {r['vector_loads']}/{r['vector_stores']}  scalar ld {r['scalar_loads']}  "
@@ -445,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(json.dumps(results))
     if failed:
         raise SystemExit(f"bench.sm90_check: {len(failed)} of {len(results)} variants do not compile for sm_90 "
-                         f"with Triton {triton.__version__} (first: {failed[0]})")
+                         f"with Triton {triton_version} (first: {failed[0]})")
     return results
 
 

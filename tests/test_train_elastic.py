@@ -97,6 +97,13 @@ def test_dit_2_to_1_to_3_ranks_continues_the_loss_curve(dit_runs):
     assert max(gaps) < DIT_TOL and sum(gaps) / len(gaps) < DIT_MEAN_TOL, list(zip(sorted(b), gaps))
     # not from scratch: the first step from the initial weights has a huge gradient norm, the continued ones don't
     assert a[1][1] > 1e5 and all(b[s][1] < 1e3 for s in b), (a[1], b)
+    # the data position moved to each world: the synthetic stream counts batches per rank, so 1 rank at step 8 has
+    # read 8 x 48 / 8 batches, and each of 3 ranks at step 12 has read 12 x 48 / 24
+    from train.checkpoint import load_state
+    for step, ranks, per_read in ((8, 1, 8), (12, 3, 24)):
+        for r in range(ranks):
+            state = load_state(elastic / "ckpt" / f"step_{step:07d}" / f"rank_{r:05d}.pt")
+            assert state["loader"] == {"position": step * 48 // per_read}, (step, r, state["loader"])
     # the step, images seen and the learning-rate schedule (warmup over 8 steps) went on
     seen_a, seen_b = (metrics_by_step(run, lambda r: (r["images_seen"], r["lr"])) for run in (straight, elastic))
     assert all(seen_b[s] == seen_a[s] == (48 * s, 1e-3 * min(1, s / 8)) for s in seen_b), seen_b
