@@ -169,8 +169,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     a.inception if res["inception_backend"] else None, settings),
                       "device": a.device, "batch_size": a.batch_size}
             tmp = Path(f"{a.json}.tmp{os.getpid()}")  # a failed write leaves the former file whole
-            tmp.write_text(json.dumps(record, indent=2))
-            os.replace(tmp, a.json)
+            try:
+                tmp.write_text(json.dumps(record, indent=2))
+                os.replace(tmp, a.json)
+            finally:
+                tmp.unlink(missing_ok=True)
     return 0
 
 

@@ -316,11 +316,11 @@ def read_settings(npz_path: Union[str, os.PathLike]) -> Optional[dict]:
     object generate writes is a one-line error naming the file."""
     from modeling.safe_load import CheckpointLoadError, load_npz
 
-    from .batches import BatchFileError
+    from .batches import BatchFileError, _open
+    with _open(npz_path, "sample batch") as z:  # a .npy, a FIFO, a truncated file: the batch checks' own lines
+        if "settings" not in z.files:
+            return None
     try:
-        with np.load(npz_path) as z:
-            if "settings" not in z.files:
-                return None
         text = str(load_npz(npz_path, "sample batch", ("settings",))["settings"])
         settings = json.loads(text)
     except CheckpointLoadError as e:

@@ -52,6 +52,10 @@ class EvalSettings(SamplingConfig):
             raise ValueError("eval: every >= 0, num_samples >= 2, batch_size >= 1 and grid >= 0 needed")
         if self.every and self.ref_batch is None:
             raise ValueError("eval.every > 0 needs eval.ref_batch (an ADM-format reference npz)")
+        from .generate import max_seed
+        if not 0 <= self.seed <= max_seed(self.num_samples):  # else the first evaluation fails, hours in
+            raise ValueError(f"eval.seed {self.seed}: must be in 0..{max_seed(self.num_samples)} (each sample's "
+                             "generator seed, seed * stride + index, is 64 bits)")
         return self
 
 

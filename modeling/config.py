@@ -99,8 +99,12 @@ def _coerce(value, tp, path):
                 pass
         require(isinstance(value, (int, float)) and not isinstance(value, bool),
                 f"{path}: expected a number, got {value!r}")
+        try:
+            value = float(value)  # an int of 400 digits overflows here
+        except OverflowError:
+            value = math.inf
         require(math.isfinite(value), f"{path}: expected a finite number, got {value!r}")  # lr=inf trains NaNs
-        return float(value)
+        return value
     if tp is str:
         require(isinstance(value, str), f"{path}: expected a string, got {value!r}")
         return value

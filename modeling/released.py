@@ -317,6 +317,12 @@ def build_released(cls: type[torch.nn.Module], kind: str, path: str | os.PathLik
     not_tensor = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
     if not_tensor is not None:
         raise CheckpointMismatchError(f"{what}: {not_tensor!r} holds a {type(sd[not_tensor]).__name__}, not a tensor")
+    for k, v in sd.items():  # stored weights hold their numbers: an expanded or overlapping view of a small storage
+        held = v.untyped_storage().nbytes() - v.storage_offset() * v.element_size()  # would build a huge model
+        if v.numel() and (held < v.numel() * v.element_size() or any(s == 0 and n > 1 for s, n in
+                                                                     zip(v.stride(), v.shape))):
+            raise CheckpointMismatchError(f"{what}: {k!r} of shape {tuple(v.shape)} is a view of {max(held, 0):,} "
+                                          "bytes (expanded or overlapping), not stored weights")
     # the architecture read from the weights, checked on the meta device against every tensor before anything is
     # allocated: a small file whose keys describe thousands of blocks is refused, not built
     check_config_fits(cls, kind, cfg, {k: v.shape for k, v in sd.items()}, path, what)

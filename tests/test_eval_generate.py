@@ -84,7 +84,7 @@ def test_generate_sharded_resumable_matches_single_rank(tmp_path):
         assert len({a["arr_0"][i].tobytes() for i in range(7)}) == 7  # distinct noise per sample
 
 
-def test_broken_run_records_are_one_line_naming_the_file(tmp_path, capsys):
+def test_broken_run_records_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     """A truncated or foreign settings.json, a truncated chunk, a sample batch whose settings record is not JSON (found
     by `fid --json` after every metric was computed: the results were lost), extract.json holding a list: each was a
     traceback (JSONDecodeError, AttributeError, BadZipFile)."""
@@ -110,9 +110,17 @@ def test_broken_run_records_are_one_line_naming_the_file(tmp_path, capsys):
     np.savez(bad, arr_0=np.zeros((2, 4, 4, 3), np.uint8), settings=np.array("{not json"))
     with pytest.raises(BatchFileError, match=r"samples\.npz: its 'settings' record is unreadable"):
         read_settings(bad)
-    with pytest.raises(SystemExit) as e:  # before any metric
+    import evaluation.fid
+
+    def no_metrics_before_the_record_is_read(*a, **k):
+        raise AssertionError("the metrics ran before the samples' settings were read")
+    monkeypatch.setattr(evaluation.fid, "evaluate_npz", no_metrics_before_the_record_is_read)
+    with pytest.raises(SystemExit) as e:
         fid_main([str(bad), str(bad), "--json", str(tmp_path / "r.json")])
     assert e.value.code == 2
+    np.save(tmp_path / "single.npy", np.zeros((2, 4, 4, 3), np.uint8))  # the batch checks' own line, not a TypeError
+    with pytest.raises(BatchFileError, match=r"single\.npy: a single \.npy array, not an npz archive"):
+        read_settings(tmp_path / "single.npy")
     assert "its 'settings' record is unreadable" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
     np.savez(bad, arr_0=np.zeros((2, 4, 4, 3), np.uint8), settings=np.array("[1]"))
     with pytest.raises(BatchFileError, match="not a JSON object"):

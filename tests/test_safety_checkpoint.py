@@ -206,6 +206,10 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp
     # a missing file is caught too (COMPLETE.json lists every file)
     (tmp_path / "step_0000020" / "rank_00000.pt").unlink()
     assert mgr.latest_valid()[0] == 10
+    # a manifest that is not the one a save writes (a list, files as a list): broken, not an AttributeError
+    for text in ("[]", '{"files": [1]}', "7"):
+        (tmp_path / "step_0000020" / "COMPLETE.json").write_text(text)
+        assert mgr.latest_valid()[0] == 10
     # every one broken: refused, not silently restarted
     (tmp_path / "step_0000010" / "trainer.pt").write_bytes(b"\0" * 10)
     with pytest.raises(CorruptCheckpointError, match="no complete checkpoint"):

@@ -122,6 +122,8 @@ def test_metrics_jsonl_of_other_lines_loses_none(tmp_path):
     path.write_text(text + "last note")
     assert repair_jsonl(path) == len("last note") and path.read_text() == text
     assert (tmp_path / "metrics.jsonl.torn").read_text() == "last note\n"
+    path.write_text(text + "[" * 200_000)  # deep enough for the JSON parser's recursion limit
+    assert repair_jsonl(path) == 200_000 and path.read_text() == text
 
 
 def test_train_data_debug_flag_shows_the_traceback(tmp_path, capsys):
@@ -161,7 +163,7 @@ def test_numbers_that_cannot_train_and_yaml_that_expands_without_end_are_refused
     after start-up in numpy; a 315-character override of anchors repeating anchors hung, growing by gigabytes."""
     from train.vae_config import VAVAETrainConfig
     for key in ("optim.lr", "optim.eps", "optim.weight_decay", "data.latent_multiplier"):
-        for value in ("inf", "-.inf", ".nan", "1e400"):
+        for value in ("inf", "-.inf", ".nan", "1e400", "1" + "0" * 400):
             with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
                 load_config(DiTTrainConfig, None, ["data.source=synthetic", f"{key}={value}"])
     with pytest.raises(ConfigError, match="loss.disc_weight: expected a finite number"):
@@ -169,6 +171,8 @@ def test_numbers_that_cannot_train_and_yaml_that_expands_without_end_are_refused
     for seed in (-5, 2 ** 32):
         with pytest.raises(ConfigError, match=rf"seed must be in \[0, 2\*\*31\).*got {seed}"):
             load_config(DiTTrainConfig, None, ["data.source=synthetic", f"train.seed={seed}"])
+    with pytest.raises(ConfigError, match=r"eval.seed 4611686018427387904: must be in 0\.\."):  # (failed hours in)
+        load_config(DiTTrainConfig, None, ["data.source=synthetic", f"eval.seed={2 ** 62}"])
     assert load_config(DiTTrainConfig, None, ["data.source=synthetic", f"train.seed={2 ** 31 - 1}",
                                               "optim.lr=1e-4"]).train.seed == 2 ** 31 - 1
     laughs = "{a: &a [x,x,x,x,x,x,x,x,x]" + "".join(

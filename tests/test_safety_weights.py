@@ -337,8 +337,9 @@ def test_convert_refusing_a_malicious_file_exits_2(tmp_path, capsys):
 
 def test_crafted_released_files_are_one_line_and_never_built(tmp_path, monkeypatch):
     """A released-format .pt is read for its architecture: zero-sized dimensions (divided by), a number where a
-    tensor belongs, non-string keys, and a small file whose keys describe 300 XL-wide blocks (stride-0 tensors) gave
-    tracebacks, or built the model before checking it against the weights."""
+    tensor belongs, non-string keys, and a small file whose keys describe 300 blocks gave tracebacks, or built the
+    model before checking it against the weights; a file of stride-0 or overlapping views with every shape right
+    passed that check and was built whole (a 361 KB file, 27 GiB of parameters)."""
     from modeling.released import build_released
     real = LightningDiT(**DIT).state_dict()
     built = []
@@ -356,7 +357,12 @@ def test_crafted_released_files_are_one_line_and_never_built(tmp_path, monkeypat
              "number": ({"ema": {"x_embedder.proj.weight": 5}}, "not a tensor"),
              "intkey": ({"ema": {1: torch.zeros(1)}}, "parameter names"),
              "mixed": ({"model": {}, 1: 2}, "no 'ema' entry"),
-             "deep": ({"ema": {**wide, **{f"blocks.{i}.x": torch.zeros(()) for i in range(300)}}}, "missing key")}
+             "deep": ({"ema": {**real, **{f"blocks.{i}.x": torch.zeros(()) for i in range(300)}}}, "missing key"),
+             "wide": ({"ema": {**wide, **{f"blocks.{i}.x": torch.zeros(()) for i in range(300)}}}, "not stored"),
+             # every shape right, every tensor a stride-0 view: the meta check passes it, the real build would not
+             "expanded": ({"ema": {k: torch.zeros(()).expand(v.shape) for k, v in real.items()}}, "not stored"),
+             "overlapping": ({"ema": {**real, "pos_embed": torch.zeros(48).as_strided((1, 16, 32), (512, 1, 1))}},
+                             "not stored")}
     for name, (content, says) in cases.items():
         path = tmp_path / f"{name}.pt"
         torch.save(content, path)

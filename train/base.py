@@ -732,7 +732,7 @@ class Trainer:
         rank0 = load_state(path / "rank_00000.pt", f"{self.NAME} rank state")
         source = self.info.rank % old_world
         mine = rank0 if source == 0 else load_state(path / f"rank_{source:05d}.pt", f"{self.NAME} rank state")
-        seed = int(np.random.SeedSequence([self.cfg.train.seed, step]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([self.cfg.train.seed, step]).generate_state(1)[0]) >> 1  # + rank < 2**32
         seed_rank_rngs(seed, self.info.rank)
         self.generator.manual_seed(seed * 100_003 + self.info.rank)
         self.step = step

@@ -648,10 +648,13 @@ class CheckpointManager:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             manifest = None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             return f"{path / MANIFEST} is unreadable ({e})"
         if manifest is not None:
-            for rel, size in manifest.get("files", {}).items():
+            files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+            if not isinstance(files, dict) or not all(isinstance(n, str) and type(s) is int for n, s in files.items()):
+                return f"{path / MANIFEST} is not the manifest a save writes ({{\"files\": {{name: bytes}}}})"
+            for rel, size in files.items():
                 f = path / rel
                 if not f.is_file():
                     return f"{f} is missing"

@@ -162,8 +162,6 @@ class DiTEvalSection(EvalSettings):
         require(self.every >= 0, "eval.every must be >= 0")
 
 
-ProfileConfig = ProfileSection  # the shared sections, under the names this module always had
-DistConfig = DistSection
 
 
 @dataclass

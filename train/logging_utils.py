@@ -44,7 +44,7 @@ def repair_jsonl(path: Union[str, Path]) -> int:
             return 0
         try:
             whole = isinstance(json.loads(tail), dict)
-        except ValueError:
+        except (ValueError, RecursionError):  # (200,000 "[": the parser's recursion)
             whole = False
         if whole:
             f.write(b"\n")
@@ -140,17 +140,17 @@ def supersede_records(path: Union[str, Path], step: int) -> int:
     if not path.is_file():
         return 0
     keep, moved = [], []
-    for line in path.read_text().splitlines(keepends=True):
+    for line in path.read_bytes().splitlines(keepends=True):  # bytes: a line that is not UTF-8 is kept as it is
         try:
             later = int(json.loads(line).get("step", -1)) > step
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             later = False  # not a record of ours: kept where it is
         (moved if later else keep).append(line)
     if moved:
-        with open(path.with_suffix(".superseded.jsonl"), "a") as f:
+        with open(path.with_suffix(".superseded.jsonl"), "ab") as f:
             f.writelines(moved)
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep))
+        tmp.write_bytes(b"".join(keep))
         os.replace(tmp, path)
         log.warning("%s: %d records of steps after %d (the step this run resumed from) moved to %s: the steps "
                     "run again write their own", path, len(moved), step, path.with_suffix(".superseded.jsonl").name)

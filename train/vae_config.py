@@ -123,9 +123,6 @@ class VAVAELoggingSection(LoggingSection):
     reconstructions: bool = True           # reconstructions.png + PSNR of 8 training images at the end
 
 
-CheckpointConfig = CheckpointSection  # the shared sections, under the names this module always had
-DistConfig = DistSection
-
 # keys of the first VA-VAE trainer -> their name now
 LEGACY_KEYS = {
     ("train", "out_dir"): ("logging", "dir"),
