@@ -25,6 +25,7 @@ HubMixin); modeling.checkpoint.class_for_kind maps a kind to its class.
 """
 import json
 import os
+import secrets
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -32,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from .released import build_released, check_config_fits, load_state_dict_strict
-from .safe_load import (CheckpointLoadError, NotAFileError, describe_path, load_safetensors, safetensors_shapes,
-                        save_safetensors)
+from .safe_load import (CheckpointLoadError, NotAFileError, describe_path, load_safetensors, read_safetensors_header,
+                        safetensors_shapes, save_safetensors)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,7 +46,7 @@ DEFAULT_PARITY = ("architecture and every loader are checked against fixtures ma
                   "code (python -m bench.parity ../shared/parity: fp32, rtol 1e-4, atol 1e-5); the weights "
                   "themselves were not re-evaluated by this export")
 # keys of config.json that are not constructor arguments
-META_KEYS = ("kind", "training_config", "parity", "source", "sampling", "format", "extra")
+META_KEYS = ("kind", "training_config", "parity", "source", "sampling", "format", "extra", "save_id")
 
 try:  # optional at import time: the GPU machines run without it
     from huggingface_hub import PyTorchModelHubMixin as _HFBase
@@ -166,9 +167,13 @@ def save_folder(model: torch.nn.Module, directory: str | os.PathLike, arch: Any 
     kind = model_kind(model)
     arch = _jsonable(arch if arch is not None else model.config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_safetensors(state, p, metadata={"format": "pt"}))
+    # one id in both files: each is replaced atomically, but not the pair; a save into an existing folder cut
+    # between the two leaves new weights beside the former config, which load_folder then refuses
+    save_id = secrets.token_hex(8)
+    _write_atomic(directory / WEIGHTS_NAME,
+                  lambda p: save_safetensors(state, p, metadata={"format": "pt", "save_id": save_id}))
     meta = {"kind": kind, **arch, "training_config": _jsonable(training_config),
-            "parity": parity or DEFAULT_PARITY}
+            "parity": parity or DEFAULT_PARITY, "save_id": save_id}
     if source is not None:
         meta["source"] = _jsonable(source)
     if sampling is not None:
@@ -215,6 +220,11 @@ def load_folder(cls: type[torch.nn.Module], directory: str | os.PathLike, config
         raise CheckpointLoadError(f"{config_path}: holds a {kind!r} model, not a {model_kind(cls)!r}")
     arch = {**architecture_of(config), **overrides}
     shapes = safetensors_shapes(weights, "model weights")  # FileNotFoundError / a lying header, by name
+    saved_with = read_safetensors_header(weights, "model weights")[1].get("save_id")
+    if config.get("save_id") is not None and saved_with != config["save_id"]:  # (folders saved before: no id)
+        raise CheckpointLoadError(f"{config_path} and {weights} were written by different saves (save_id "
+                                  f"{config['save_id']} vs {saved_with}): a save into this folder was cut between "
+                                  "its two files; save the model again")
     check_config_fits(cls, model_kind(cls), arch, shapes, config_path, weights)
     model = cls(**arch)
     load_state_dict_strict(model, load_safetensors(weights, "model weights"), str(weights))

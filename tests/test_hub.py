@@ -246,6 +246,24 @@ def test_folder_that_does_not_fit_is_refused_with_the_keys(tmp_path):
         LightningDiT.from_pretrained(tmp_path / "d")
 
 
+def test_weights_and_config_of_different_saves_are_refused(tmp_path):
+    """Each file of a save is replaced atomically, the pair is not: a re-save cut between them left new weights
+    beside the former config, which loaded as if they belonged together. Both now carry one save's id."""
+    from modeling.safe_load import CheckpointLoadError
+    dit = _rand(LightningDiT(**TINY))
+    dit.save_pretrained(tmp_path / "d")
+    before = (tmp_path / "d" / "config.json").read_text()
+    dit.save_pretrained(tmp_path / "d")  # saved again; then the former config put back, as a cut save leaves it
+    (tmp_path / "d" / "config.json").write_text(before)
+    with pytest.raises(CheckpointLoadError, match="written by different saves.*save the model again") as e:
+        LightningDiT.from_pretrained(tmp_path / "d")
+    assert "\n" not in str(e.value)
+    cfg = json.loads(before)
+    del cfg["save_id"]  # a folder saved before the ids: loads as it did
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    assert LightningDiT.from_pretrained(tmp_path / "d").config.depth == TINY["depth"]
+
+
 def test_a_missing_path_is_named_and_never_looked_up(monkeypatch, tmp_path, capsys):
     """A mistyped path (missing.pt, runs/x/pretrained_ema) went to the Hub as a repo id: 26 s of retries and an
     error that never named it (a review, 2026-12-05). Now one line naming it, without a lookup; a repo id the Hub
