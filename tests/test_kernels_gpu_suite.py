@@ -55,7 +55,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
         assert row["img_per_s"] > 0 and row["batch_size"] == 2 and row["compile"] == "blocks"
         assert row["precision"] == "bf16" and row["zero_stage"] == 0
     assert "scaled_mm" in fp8["fp8"] and head["fp8"] == "off"
-    assert set(ref["kernels_ran"].values()) <= {"reference", "reference-sdpa"}
+    assert ref["kernels_ran"] and set(ref["kernels_ran"].values()) <= {"reference", "reference-sdpa"}  # (an empty
+    # record passed the subset check)
     assert ref["environment"]["kernels_requested"] == "reference"  # each case's row: its own process's block
     assert head["profile"]["ms_per_step_by_category"]  # the headline case carries its profile
     # each profiled case read against the card's ceilings (bench.shortfall): the FP8 case's matmul floor at FP8's
